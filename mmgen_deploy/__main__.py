@@ -1,0 +1,3 @@
+from mmgen_deploy.cli.app import main
+
+main()

@@ -1,0 +1,50 @@
+"""Shared CLI plumbing: consoles, the --debug state, JSON output, stub commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from mmgen_deploy.errors import NotAvailableError
+
+# Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
+console = Console(stderr=True, highlight=False)
+stdout_console = Console(highlight=False)
+
+
+class _State:
+    debug: bool = False
+
+
+state = _State()
+
+
+def emit_json(data: Any, destination: str | None) -> None:
+    """Write `data` as JSON to a file, or to stdout when destination is "-"."""
+    if destination is None:
+        return
+    text = json.dumps(data, indent=2, default=str)
+    if destination == "-":
+        sys.stdout.write(text + "\n")
+    else:
+        from mmgen_deploy.io_utils import atomic_path
+
+        with atomic_path(destination) as tmp:
+            tmp.write_text(text + "\n")
+
+
+def add_stub(app: typer.Typer, name: str, summary: str, issue: int) -> None:
+    """Register a command that exists in the CLI but is not implemented yet.
+
+    It fails loudly (exit 1, one line) instead of silently doing nothing.
+    """
+
+    @app.command(name, help=f"{summary} [not yet available]",
+                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def _stub(ctx: typer.Context) -> None:
+        raise NotAvailableError(f"`mmgen {name}` is not yet available in this version",
+                                f"planned in issue {issue}")

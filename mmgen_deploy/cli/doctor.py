@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import typer
+from rich.table import Table
+
+from mmgen_deploy.cli.common import emit_json, stdout_console
+
+_STYLE = {"ok": "green", "warn": "yellow", "missing": "red"}
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def doctor(
+        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
+                                            help="Also write the report as JSON to FILE ('-' for stdout)."),
+    ) -> None:
+        """Report Python, torch, ONNX, ONNX Runtime providers, TensorRT / TensorRT-RTX and CUDA devices."""
+        from mmgen_deploy.doctor import as_dicts, collect
+
+        checks = collect()
+        if json_out == "-":
+            emit_json(as_dicts(checks), "-")
+            return
+        table = Table(title="mmgen doctor", show_lines=False)
+        for col in ("component", "status", "version", "detail"):
+            table.add_column(col)
+        for c in checks:
+            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.version, c.detail)
+        stdout_console.print(table)
+        emit_json(as_dicts(checks), json_out)

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from mmgen_deploy.cli.common import emit_json, stdout_console
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def info(
+        run_dir: Path = typer.Argument(..., help="Run directory to describe."),
+        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write JSON to FILE ('-' = stdout)."),
+    ) -> None:
+        """Describe a run directory: configs, parameter counts, which artifacts exist. Loads (and so
+        verifies) every weight file."""
+        from mmgen_deploy.rundir import RunDir
+
+        run = RunDir(run_dir)
+        config, vq, dit = run.load_models()
+        report = {
+            "run_dir": str(run.root),
+            "vqvae": {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
+            "dit": {"params": sum(p.numel() for p in dit.parameters() if p.requires_grad),
+                    "config": config.dit.to_dict()},
+            "class_names": list(config.class_names),
+            "artifacts": {name: (run.root / name).is_dir()
+                          for name in ("checkpoints", "onnx", "engines", "samples", "reports")},
+            "weights_sha256": run.weights_sha256(),
+        }
+        if json_out == "-":
+            emit_json(report, "-")
+            return
+        table = Table(title=f"run {run.root}")
+        table.add_column("item")
+        table.add_column("value")
+        table.add_row("VQ-VAE params", f"{report['vqvae']['params']:,}")
+        table.add_row("DiT params", f"{report['dit']['params']:,}")
+        table.add_row("image / latent", f"{config.vq.image_size}px / {config.vq.embed_dim}x"
+                      f"{config.vq.latent_size}x{config.vq.latent_size}")
+        table.add_row("codebook", f"{config.vq.n_embed} x {config.vq.embed_dim}")
+        table.add_row("DiT", f"depth {config.dit.depth}, width {config.dit.hidden_size}, "
+                      f"patch {config.dit.patch_size}, {config.dit.num_classes} classes")
+        table.add_row("artifacts", ", ".join(k for k, v in report["artifacts"].items() if v) or "-")
+        table.add_row("weights sha256", report["weights_sha256"][:16])
+        stdout_console.print(table)
+        emit_json(report, json_out)

@@ -1,0 +1,220 @@
+"""Typed, validated model configurations and presets.
+
+Every config is a frozen dataclass that round-trips through JSON (`to_dict` /
+`from_dict`); `validate()` raises `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from mmgen_deploy.errors import ConfigError
+
+T = TypeVar("T", bound="_JsonConfig")
+
+
+class _JsonConfig:
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            # JSON has no tuples; fields declared as tuples get them back.
+            if isinstance(value, list) and "tuple" in str(fields[name].type):
+                value = tuple(value)
+            kwargs[name] = value
+        try:
+            obj = cls(**kwargs)
+        except TypeError as exc:
+            raise ConfigError(f"{cls.__name__}: {exc}") from None
+        obj.validate()  # type: ignore[attr-defined]
+        return obj
+
+    def replace(self: T, **changes: Any) -> T:
+        obj = dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        obj.validate()  # type: ignore[attr-defined]
+        return obj
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class VQConfig(_JsonConfig):
+    """taming/LDM-style VQ autoencoder."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 32
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attn_resolutions: tuple[int, ...] = ()
+    z_channels: int = 4
+    embed_dim: int = 4
+    n_embed: int = 256
+    norm_groups: int = 32
+    dropout: float = 0.0
+    beta: float = 0.25
+    use_ema: bool = True
+    ema_decay: float = 0.99
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    def validate(self) -> None:
+        _require(len(self.channel_mult) >= 1, "vq.channel_mult must have at least one level")
+        _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
+                 f"vq.image_size {self.image_size} must be divisible by the downsampling factor "
+                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
+        for name in ("in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim",
+                     "n_embed", "norm_groups"):
+            _require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
+        _require(0.0 < self.ema_decay < 1.0, "vq.ema_decay must be in (0, 1)")
+        _require(self.beta >= 0, "vq.beta must be >= 0")
+
+
+@dataclass(frozen=True)
+class DiTConfig(_JsonConfig):
+    """facebookresearch/DiT, with flags for the diffusers numerical variant."""
+
+    input_size: int = 8
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 128
+    depth: int = 4
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    num_classes: int = 18
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    # diffusers variant: timestep frequencies exp(-ln(1e4) i / (half - shift)) with shift 1,
+    # and the LayerNorm before the MLP with eps 1e-5. Official DiT: shift 0, eps 1e-6.
+    timestep_freq_shift: float = 0.0
+    mlp_norm_eps: float = 1e-6
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def num_patches(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        _require(self.patch_size > 0 and self.input_size % self.patch_size == 0,
+                 f"dit.input_size {self.input_size} (the latent size) must be divisible by "
+                 f"dit.patch_size {self.patch_size}")
+        grid = self.input_size // self.patch_size
+        _require(grid > 0, "dit.input_size must be >= patch_size")
+        _require(self.hidden_size % self.num_heads == 0,
+                 f"dit.hidden_size {self.hidden_size} must be divisible by dit.num_heads {self.num_heads}")
+        # The fixed 2-D sin-cos table splits the width in four.
+        _require(self.hidden_size % 4 == 0, "dit.hidden_size must be divisible by 4")
+        _require(self.depth > 0 and self.num_classes > 0, "dit.depth and dit.num_classes must be positive")
+        _require(0.0 <= self.class_dropout_prob < 1.0, "dit.class_dropout_prob must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig(_JsonConfig):
+    """Training noise schedule (DiT: 1000 linear betas 1e-4..0.02, epsilon prediction)."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    prediction_type: str = "epsilon"
+
+    def validate(self) -> None:
+        _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2")
+        _require(0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
+        _require(self.beta_schedule in ("linear",), f"unsupported beta_schedule {self.beta_schedule!r}")
+        _require(self.prediction_type in ("epsilon",),
+                 f"unsupported prediction_type {self.prediction_type!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_JsonConfig):
+    """The whole latent model: VQ autoencoder + DiT + noise schedule + label names."""
+
+    vq: VQConfig = field(default_factory=VQConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    class_names: tuple[str, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names"})
+        if unknown:
+            raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
+        obj = cls(
+            vq=VQConfig.from_dict(data.get("vq", {})),
+            dit=DiTConfig.from_dict(data.get("dit", {})),
+            diffusion=DiffusionConfig.from_dict(data.get("diffusion", {})),
+            class_names=tuple(data.get("class_names", ())),
+        )
+        obj.validate()
+        return obj
+
+    def validate(self) -> None:
+        self.vq.validate()
+        self.dit.validate()
+        self.diffusion.validate()
+        _require(self.dit.input_size == self.vq.latent_size,
+                 f"dit.input_size {self.dit.input_size} must equal the VQ latent size "
+                 f"{self.vq.latent_size} (image_size / downsampling factor)")
+        _require(self.dit.in_channels == self.vq.embed_dim,
+                 f"dit.in_channels {self.dit.in_channels} must equal vq.embed_dim {self.vq.embed_dim}")
+        if self.class_names:
+            _require(len(self.class_names) == self.dit.num_classes,
+                     f"{len(self.class_names)} class names for dit.num_classes={self.dit.num_classes}")
+
+
+# DiT widths from the paper (mlp ratio 4): name -> (depth, hidden, heads).
+_DIT_SIZES = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16),
+              "XL": (28, 1152, 16)}
+
+
+def preset(name: str, *, image_size: int = 32, num_classes: int = 18) -> ModelConfig:
+    """Named model presets: `tiny` (trains on 2 CPU cores in minutes), `S/2`, `B/2`, ...
+
+    The VQ part is the same small f4 autoencoder for all presets unless the image is
+    large; the DiT part follows the paper's sizes.
+    """
+    if name == "tiny":
+        depth, hidden, heads = _DIT_SIZES["tiny"]
+        patch = 2
+    else:
+        size, _, patch_text = name.partition("/")
+        if size not in _DIT_SIZES or patch_text not in ("2", "4", "8"):
+            valid = ", ".join(preset_names())
+            raise ConfigError(f"unknown preset {name!r}; valid presets: {valid}")
+        depth, hidden, heads = _DIT_SIZES[size]
+        patch = int(patch_text)
+    # f4 for small images, f8 from 128 px up (LDM's VQ-f4/f8 choice).
+    mult = (1, 2, 2) if image_size < 128 else (1, 2, 2, 4)
+    vq = VQConfig(image_size=image_size, channel_mult=mult,
+                  base_channels=32 if name == "tiny" else 64)
+    dit = DiTConfig(input_size=vq.latent_size, in_channels=vq.embed_dim, patch_size=patch,
+                    hidden_size=hidden, depth=depth, num_heads=heads, num_classes=num_classes)
+    cfg = ModelConfig(vq=vq, dit=dit)
+    cfg.validate()
+    return cfg
+
+
+def preset_names() -> list[str]:
+    return ["tiny"] + [f"{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]

@@ -1,0 +1,38 @@
+"""User-facing errors: one line that says what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class MMGenError(Exception):
+    """An error the CLI reports as one line (no traceback unless --debug).
+
+    `hint` says how to fix it; `exit_code` is what the process exits with.
+    """
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.hint})" if self.hint else self.message
+
+
+class ConfigError(MMGenError):
+    """An invalid configuration value."""
+
+
+class RunDirError(MMGenError):
+    """A run directory that is missing, incomplete, corrupt or of another model."""
+
+
+class UsageError(MMGenError):
+    """Invalid command-line input (bad numbers, unknown names)."""
+
+    exit_code = 2
+
+
+class NotAvailableError(MMGenError):
+    """A feature that this version or this machine does not provide."""

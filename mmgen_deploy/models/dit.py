@@ -1,0 +1,205 @@
+"""Diffusion Transformer (Peebles & Xie), following facebookresearch/DiT `models.py`.
+
+Parameter names match the official checkpoints (`x_embedder.proj`, `t_embedder.mlp.0`,
+`blocks.{i}.adaLN_modulation.1`, ...). Differences from the original, all export-driven:
+attention uses `scaled_dot_product_attention` (one ONNX Attention pattern / SDPA), the
+class-label dropout is an explicit argument instead of hidden randomness, and unpatchify
+uses reshape + permute (TensorRT handles Einsum poorly).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmgen_deploy.config import DiTConfig
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 0.0,
+                       max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [cos(t f), sin(t f)] with f_i = exp(-ln(P) i / (dim/2 - shift)).
+
+    t*f reaches ~1000 rad, where FP16 resolves only 0.5: this stays FP32 in every export.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    )
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0) -> None:
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.freq_shift = freq_shift
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size, self.freq_shift))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row: index `num_classes` is the null (unconditional) label."""
+
+    def __init__(self, num_classes: int, hidden_size: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, labels: torch.Tensor, drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if drop_mask is not None:
+            labels = torch.where(drop_mask, torch.full_like(labels, self.num_classes), labels)
+        return self.embedding_table(labels)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int) -> None:
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: DiTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
+        self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.timestep_freq_shift)
+        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+        grid = cfg.input_size // cfg.patch_size
+        pos = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+        # A fixed table, kept as a (frozen) parameter so the official key `pos_embed` exists.
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.mlp_norm_eps) for _ in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """DiT's init: Xavier linears, and adaLN-Zero (a fresh model outputs exactly 0)."""
+
+        def _basic(module: nn.Module) -> None:
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+        self.apply(_basic)
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
+        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C) -> (B, C, H, W) with reshape + permute (no Einsum)."""
+        c, p = self.config.out_channels, self.config.patch_size
+        g = self.config.input_size // p
+        x = x.reshape(x.shape[0], g, g, p, p, c)
+        x = x.permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(x.shape[0], c, g * p, g * p)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) float timesteps, y (B,) class ids (num_classes = null)."""
+        h = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)
+        for block in self.blocks:
+            h = block(h, c)
+        return self.unpatchify(self.final_layer(h, c))
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
+    """Fixed 2-D sin-cos table (grid_size**2, dim) as in MAE/DiT: half the width per axis."""
+    coords = np.arange(grid_size, dtype=np.float64)
+    grid_w, grid_h = np.meshgrid(coords, coords)  # w varies fastest, as in DiT
+
+    def _axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    return np.concatenate([_axis(dim // 2, grid_w), _axis(dim // 2, grid_h)], axis=1).astype(np.float32)

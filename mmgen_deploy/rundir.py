@@ -1,0 +1,223 @@
+"""The run directory: one folder holds a model and everything derived from it.
+
+    RUN_DIR/
+      run.json                    format marker, noise schedule, class names, data description
+      vqvae/config.json           VQConfig
+      vqvae/model.safetensors     VQ autoencoder weights (incl. EMA codebook statistics)
+      dit/config.json             DiTConfig
+      dit/model.safetensors       DiT weights for inference (the EMA copy when trained here)
+      checkpoints/                training state for --resume
+      onnx/  engines/  samples/  reports/
+
+Everything that reads a run directory goes through `RunDir`, which refuses missing or
+corrupt pieces with a message naming the file and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, VQConfig
+from mmgen_deploy.errors import ConfigError, RunDirError
+from mmgen_deploy.io_utils import atomic_path, read_json, sha256_file, write_json
+from mmgen_deploy.models.dit import DiT
+from mmgen_deploy.models.vqvae import VQModel
+
+RUN_FORMAT = "mmgen-run"
+RUN_FORMAT_VERSION = 1
+MODEL_PARTS = ("vqvae", "dit")
+
+
+class RunDir:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+
+    # -- layout -----------------------------------------------------------------------
+    @property
+    def run_json(self) -> Path:
+        return self.root / "run.json"
+
+    def config_path(self, part: str) -> Path:
+        return self.root / part / "config.json"
+
+    def weights_path(self, part: str) -> Path:
+        return self.root / part / "model.safetensors"
+
+    @property
+    def onnx_dir(self) -> Path:
+        return self.root / "onnx"
+
+    @property
+    def engines_dir(self) -> Path:
+        return self.root / "engines"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.root / "samples"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.root / "checkpoints"
+
+    # -- state ------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.run_json.is_file()
+
+    def has_part(self, part: str) -> bool:
+        return self.config_path(part).is_file() and self.weights_path(part).is_file()
+
+    def _require_run(self) -> dict[str, Any]:
+        if not self.root.is_dir():
+            raise RunDirError(f"run directory {self.root} does not exist",
+                              "create one with `mmgen train` or `mmgen quickstart`")
+        if not self.run_json.is_file():
+            raise RunDirError(f"{self.root} is not an mmgen run directory (no run.json)",
+                              "point at a folder made by `mmgen train`, `mmgen quickstart` or `mmgen import`")
+        try:
+            meta = read_json(self.run_json)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{self.run_json} is unreadable: {exc}") from None
+        if not isinstance(meta, dict) or meta.get("format") != RUN_FORMAT:
+            raise RunDirError(f"{self.run_json} is not an mmgen run file (format != {RUN_FORMAT!r})")
+        if meta.get("format_version", 0) > RUN_FORMAT_VERSION:
+            raise RunDirError(f"{self.root} was written by a newer mmgen-deploy "
+                              f"(format {meta.get('format_version')})", "upgrade mmgen-deploy")
+        return meta
+
+    def read_meta(self) -> dict[str, Any]:
+        return self._require_run()
+
+    def update_meta(self, **fields: Any) -> None:
+        meta = self._require_run()
+        meta.update(fields)
+        write_json(self.run_json, meta)
+
+    # -- configs ----------------------------------------------------------------------
+    def load_config(self) -> ModelConfig:
+        meta = self._require_run()
+        try:
+            vq = VQConfig.from_dict(self._read_part_config("vqvae"))
+            dit = DiTConfig.from_dict(self._read_part_config("dit"))
+            diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
+            cfg = ModelConfig(vq=vq, dit=dit, diffusion=diffusion,
+                              class_names=tuple(meta.get("class_names", ())))
+            cfg.validate()
+        except ConfigError as exc:
+            raise RunDirError(f"invalid configuration in {self.root}: {exc.message}") from None
+        return cfg
+
+    def _read_part_config(self, part: str) -> dict[str, Any]:
+        path = self.config_path(part)
+        if not path.is_file():
+            raise RunDirError(f"missing {path}", f"train the {part} stage first (`mmgen train {part}`)"
+                              if part == "dit" else "train the VQ-VAE first (`mmgen train vqvae`)")
+        try:
+            data = read_json(path)
+        except (OSError, json.JSONDecodeError) as exc:
+            raise RunDirError(f"{path} is unreadable: {exc}") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{path} must hold a JSON object")
+        return data
+
+    def initialize(self, config: ModelConfig, *, data: dict[str, Any] | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+        """Write run.json and both part configs (no weights yet)."""
+        config.validate()
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {
+            "format": RUN_FORMAT,
+            "format_version": RUN_FORMAT_VERSION,
+            "diffusion": config.diffusion.to_dict(),
+            "class_names": list(config.class_names),
+            "data": data or {},
+        }
+        meta.update(extra or {})
+        write_json(self.config_path("vqvae"), config.vq.to_dict())
+        write_json(self.config_path("dit"), config.dit.to_dict())
+        write_json(self.run_json, meta)
+
+    # -- weights ----------------------------------------------------------------------
+    def save_weights(self, part: str, model: torch.nn.Module) -> None:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        with atomic_path(self.weights_path(part)) as tmp:
+            save_file(state, str(tmp), metadata={"format": RUN_FORMAT, "part": part})
+
+    def load_state(self, part: str) -> dict[str, torch.Tensor]:
+        path = self.weights_path(part)
+        if not path.is_file():
+            raise RunDirError(f"missing weight file {path}",
+                              f"train it (`mmgen train {'vqvae' if part == 'vqvae' else 'dit'}`) "
+                              "or restore the file")
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types for every kind of damage
+            raise RunDirError(f"corrupt weight file {path}: {str(exc).splitlines()[0]}",
+                              "re-train or restore the file from a backup") from None
+
+    def _load_into(self, part: str, model: torch.nn.Module) -> None:
+        state = self.load_state(part)
+        result = model.load_state_dict(state, strict=False)
+        problems = []
+        if result.missing_keys:
+            problems.append(f"missing {', '.join(result.missing_keys[:5])}")
+        if result.unexpected_keys:
+            problems.append(f"unexpected {', '.join(result.unexpected_keys[:5])}")
+        if problems:
+            raise RunDirError(f"{self.weights_path(part)} does not match its config.json: "
+                              + "; ".join(problems))
+
+    def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
+        config = config or self.load_config()
+        model = VQModel(config.vq)
+        try:
+            self._load_into("vqvae", model)
+        except RuntimeError as exc:  # shape mismatches
+            raise RunDirError(f"{self.weights_path('vqvae')} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
+        return model.eval()
+
+    def load_dit(self, config: ModelConfig | None = None) -> DiT:
+        config = config or self.load_config()
+        model = DiT(config.dit)
+        try:
+            self._load_into("dit", model)
+        except RuntimeError as exc:
+            raise RunDirError(f"{self.weights_path('dit')} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
+        return model.eval()
+
+    def load_models(self) -> tuple[ModelConfig, VQModel, DiT]:
+        config = self.load_config()
+        return config, self.load_vqvae(config), self.load_dit(config)
+
+    def weights_sha256(self) -> str:
+        """One hash over both weight files: identifies the checkpoint artifacts derive from."""
+        digest = hashlib.sha256()
+        for part in MODEL_PARTS:
+            path = self.weights_path(part)
+            if not path.is_file():
+                raise RunDirError(f"missing weight file {path}")
+            digest.update(part.encode())
+            digest.update(sha256_file(path).encode())
+        return digest.hexdigest()
+
+
+def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit: DiT,
+             data: dict[str, Any] | None = None) -> RunDir:
+    """Create (or refresh) a complete run directory from in-memory models."""
+    run = RunDir(root)
+    run.initialize(config, data=data)
+    run.save_weights("vqvae", vq)
+    run.save_weights("dit", dit)
+    return run

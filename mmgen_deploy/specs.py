@@ -1,0 +1,175 @@
+"""One declarative description per deployable component.
+
+A `ComponentSpec` says everything the rest of the pipeline needs to know about a
+component: tensor names, dtypes and shapes (only the batch axis is dynamic; spatial
+sizes come from the model config), how to make realistic dummy inputs, the batch
+profile (min/opt/max) for engines, parity tolerances per precision, and which parts
+must stay FP32 in a mixed-precision graph. Export, engine building, runtime buffer
+allocation and parity all read it; nothing else repeats these facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mmgen_deploy.config import ModelConfig
+
+BATCH = "batch"  # the symbolic name of the one dynamic axis
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32" or "int32"
+    shape: tuple[Dim, ...]  # BATCH marks the dynamic axis
+
+    def concrete_shape(self, batch: int) -> tuple[int, ...]:
+        return tuple(batch if d == BATCH else int(d) for d in self.shape)
+
+    @property
+    def dynamic_axes(self) -> dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype.startswith("float")
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Pass when relative L2 error <= rel_l2 (float outputs) or, for integer outputs,
+    when the fraction of exactly equal elements >= min_agreement."""
+
+    rel_l2: float = 1e-5
+    min_agreement: float = 1.0
+
+
+@dataclass(frozen=True)
+class BatchProfile:
+    min: int
+    opt: int
+    max: int
+
+    def __post_init__(self) -> None:
+        if not (1 <= self.min <= self.opt <= self.max):
+            raise ValueError(f"batch profile needs 1 <= min <= opt <= max, got {self}")
+
+    def scaled(self, factor: int) -> BatchProfile:
+        return BatchProfile(self.min * factor, self.opt * factor, self.max * factor)
+
+
+InputMaker = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
+
+
+@dataclass(frozen=True)
+class ComponentSpec:
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    make_inputs: InputMaker = field(repr=False)
+    # Per-sample batch profile; `batch_multiplier` > 1 for the denoiser, whose batch is
+    # doubled by classifier-free guidance (cond + uncond in one call).
+    profile: BatchProfile = BatchProfile(1, 8, 16)
+    batch_multiplier: int = 1
+    tolerances: dict[str, dict[str, Tolerance]] = field(default_factory=dict)
+    # Mixed precision: True keeps the whole graph FP32 (the quantizer: FP16 distances
+    # flip code indices). Otherwise `fp32_scopes` lists module paths (as in the PyTorch
+    # module tree, e.g. "dit.t_embedder") whose nodes stay FP32.
+    keep_fp32: bool = False
+    fp32_scopes: tuple[str, ...] = ()
+    fp32_op_types: tuple[str, ...] = ()
+
+    @property
+    def engine_profile(self) -> BatchProfile:
+        """The batch range an engine must accept (per-sample profile x multiplier)."""
+        return self.profile.scaled(self.batch_multiplier)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def tolerance(self, precision: str, output: str) -> Tolerance:
+        return self.tolerances.get(precision, {}).get(output, Tolerance())
+
+    def io(self, name: str) -> TensorSpec:
+        for tensor in (*self.inputs, *self.outputs):
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"{self.name} has no tensor named {name!r}")
+
+
+def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
+    return {"fp32": {n: Tolerance(rel_l2=fp32) for n in names},
+            "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
+
+
+def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
+    """The specs of the four components of a model with this configuration."""
+    vq, dit = config.vq, config.dit
+    img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
+    lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)
+    idx = (BATCH, vq.latent_size, vq.latent_size)
+    out = (BATCH, dit.out_channels, dit.input_size, dit.input_size)
+    num_classes = dit.num_classes
+
+    # Dummy inputs of realistic magnitude: images in [-1, 1], latents ~ N(0, 1)
+    # (a trained encoder's output scale is close to that), timesteps over the whole
+    # training range, class ids including the null label used by guidance.
+    def image_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {"image": rng.uniform(-1, 1, (b, *img[1:])).astype(np.float32)}
+
+    def latent_inputs(name: str) -> InputMaker:
+        def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            return {name: rng.standard_normal((b, *lat[1:])).astype(np.float32)}
+        return make
+
+    def denoiser_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        return {
+            "x_t": rng.standard_normal((b, *lat[1:])).astype(np.float32),
+            "t": rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
+            "class_ids": rng.integers(0, num_classes + 1, (b,)).astype(np.int32),
+        }
+
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec("image", "float32", img),),
+            outputs=(TensorSpec("h", "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol(1e-5, 1e-2, ("h",)),
+        ),
+        "quantizer": ComponentSpec(
+            name="quantizer",
+            inputs=(TensorSpec("h", "float32", lat),),
+            outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
+            make_inputs=latent_inputs("h"),
+            tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
+                        for p in ("fp32", "fp16")},
+            keep_fp32=True,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec("z_q", "float32", lat),),
+            outputs=(TensorSpec("image", "float32", img),),
+            make_inputs=latent_inputs("z_q"),
+            tolerances=_tol(1e-5, 1e-2, ("image",)),
+        ),
+        "denoiser": ComponentSpec(
+            name="denoiser",
+            inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)),
+                    TensorSpec("class_ids", "int32", (BATCH,))),
+            outputs=(TensorSpec("model_output", "float32", out),),
+            make_inputs=denoiser_inputs,
+            batch_multiplier=2,
+            tolerances=_tol(1e-5, 1e-2, ("model_output",)),
+            fp32_scopes=("dit.t_embedder",),
+        ),
+    }

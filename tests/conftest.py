@@ -1,0 +1,55 @@
+"""Shared fixtures. Everything here runs for real on the CPU; nothing pretends to be a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from mmgen_deploy.config import ModelConfig, preset
+from mmgen_deploy.models import DiT, VQModel, rerandomize_
+
+# Two cores: keep torch from oversubscribing them in the test process.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def _has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _has_tensorrt() -> bool:
+    for name in ("tensorrt", "tensorrt_rtx"):
+        try:
+            module = __import__(name)
+        except Exception:
+            continue
+        if hasattr(module, "Builder"):
+            return True
+    return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is visible to torch")
+    skip_trt = pytest.mark.skip(reason="needs TensorRT or TensorRT-RTX; neither is importable")
+    cuda, trt = _has_cuda(), _has_tensorrt()
+    for item in items:
+        if "gpu" in item.keywords and not cuda:
+            item.add_marker(skip_gpu)
+        if "tensorrt" in item.keywords and not trt:
+            item.add_marker(skip_trt)
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> ModelConfig:
+    return preset("tiny")
+
+
+@pytest.fixture()
+def random_models(tiny_config: ModelConfig) -> tuple[ModelConfig, VQModel, DiT]:
+    """Tiny models with re-randomised weights (a fresh DiT outputs exactly zero)."""
+    torch.manual_seed(0)
+    vq, dit = VQModel(tiny_config.vq), DiT(tiny_config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    return tiny_config, vq.eval(), dit.eval()
