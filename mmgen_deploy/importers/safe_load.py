@@ -14,6 +14,7 @@ import argparse
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -32,9 +33,15 @@ class CheckpointError(MMGenError):
     """A checkpoint that cannot be imported (unsafe, unreadable or of an unknown layout)."""
 
 
-def _refused_global(message: str) -> str | None:
+def _refused_construct(message: str) -> str:
+    """What the restricted unpickler refused, from its (long, multi-line) message."""
     match = re.search(r"GLOBAL ([\w.]+)", message)
-    return match.group(1) if match else None
+    if match:
+        return f"the class or function `{match.group(1)}`"
+    match = re.search(r"Unsupported operand (\d+)", message)
+    if match:
+        return f"pickle instruction {match.group(1)}, which torch.save never writes"
+    return "a pickle construct that is not plain data"
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> Any:
@@ -53,11 +60,12 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
     import torch
 
     try:
-        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)):
+        with torch.serialization.safe_globals(list(ALLOWED_GLOBALS)), warnings.catch_warnings():
+            # torch warns about pickle protocols it did not write itself; the refusal below says enough.
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        name = _refused_global(str(exc))
-        what = f"the class or function `{name}`" if name else "a pickle construct that is not plain data"
+        what = _refused_construct(str(exc))
         raise CheckpointError(
             f"refused to load {path}: it needs {what}, and loading it could run code from the file "
             "(only tensors, containers and argparse.Namespace are allowed)",
