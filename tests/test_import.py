@@ -470,3 +470,17 @@ def _plain_export(run: RunDir) -> dict[str, Path]:
                           output_names=spec.output_names, opset_version=17, dynamo=False,
                           dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)})
     return paths
+
+
+def test_ldm_ema_copy_is_preferred(tmp_path: Path) -> None:
+    """latent-diffusion's LitEma stores `model_ema.<name without dots>`; those weights are the ones imported."""
+    torch.manual_seed(0)
+    vq = rerandomize_(VQModel(TAMING_CFG), seed=6).eval()
+    state = {k: v for k, v in vq.state_dict().items() if not k.startswith("quantize.ema_")}
+    ema = {f"model_ema.{k.replace('.', '')}": v + 0.5 for k, v in state.items()}
+    ema |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)}
+    torch.save({"state_dict": state | ema}, tmp_path / "ema.ckpt")
+    arch = read_source(tmp_path / "ema.ckpt").vq
+    assert arch is not None and any("EMA copy" in note for note in arch.notes)
+    _, imported = arch.build(32)
+    assert torch.equal(imported.encoder.conv_in.weight, vq.encoder.conv_in.weight + 0.5)

@@ -94,13 +94,15 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
         if label.startswith("--dit") and part.dit is None:
             raise UsageError(f"{label} holds no DiT", "point --dit at a DiT directory or official DiT checkpoint")
     vq, dit, found_scheduler, vq_from, dit_from = _merge(found)
+    source_notes = [note for _, part in found for note in part.notes]
     if dit is None:
         raise UsageError("a run directory needs a DiT as well as the VQ model", "add --dit PATH")
     if vq is None:
         why = (" (official DiT checkpoints were trained on Stable Diffusion KL-f8 latents; pairing them with a "
                "VQ model only makes sense for a DiT trained on that VQ model's latents)"
                if dit.layout.startswith("official") else "")
-        raise UsageError(f"a run directory needs a VQ model to pair with the DiT{why}", "add --vq PATH")
+        skipped = "".join(f"; {note}" for note in source_notes)
+        raise UsageError(f"a run directory needs a VQ model to pair with the DiT{why}{skipped}", "add --vq PATH")
 
     # The image size is not stored in VQ weights: the DiT's latent size fixes it.
     factor = 2 ** (len(vq.channel_mult) - 1)
@@ -115,7 +117,7 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
                          "pair a DiT trained on this VQ model's latents")
     vq_config, vq_model = vq.build(paired_size)
 
-    notes = [*vq.notes, *dit.notes]
+    notes = [*source_notes, *vq.notes, *dit.notes]
     scheduler_file = Path(scheduler_path) if scheduler_path is not None else found_scheduler
     scheduler_info: dict[str, Any] | None = None
     if scheduler_file is not None:

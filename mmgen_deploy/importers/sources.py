@@ -96,14 +96,18 @@ def _pipeline_folder(folder: Path) -> Found:
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
         sub = folder / name
-        if spec[1] in VQ_CLASSES + DIT_CLASSES + ("AutoencoderKL",):
+        if spec[1] == "AutoencoderKL":
+            # DiT pipelines ship Stable Diffusion's KL VAE; the transformer is still usable with --vq.
+            found.notes.append(f"skipped {name}/ (AutoencoderKL: a KL autoencoder, not a VQ model)")
+        elif spec[1] in VQ_CLASSES + DIT_CLASSES:
             part = _model_folder(sub)
             found.vq = part.vq or found.vq
             found.dit = part.dit or found.dit
         elif (sub / "scheduler_config.json").is_file():
             found.scheduler = sub
     if found.vq is None and found.dit is None:
-        raise CheckpointError(f"pipeline {folder} holds no VQModel or DiT transformer")
+        raise CheckpointError(f"pipeline {folder} holds no VQModel or DiT transformer"
+                              + (f" ({'; '.join(found.notes)})" if found.notes else ""))
     return found
 
 

@@ -85,6 +85,17 @@ def unwrap_taming(state: StateDict, source: str) -> tuple[StateDict, list[str]]:
         if others:
             notes.append(f"kept the {len(state)} first_stage_model.* tensors, ignored {others} others "
                          "(the rest of the latent-diffusion model)")
+    ema = {k[len("model_ema."):]: v for k, v in state.items() if k.startswith("model_ema.")}
+    if ema:
+        # latent-diffusion's LitEma keeps a copy of every parameter under its name without dots.
+        state = {k: v for k, v in state.items() if not k.startswith("model_ema.")}
+        replaced = 0
+        for key in state:
+            flat = key.replace(".", "")
+            if flat in ema and ema[flat].shape == state[key].shape:
+                state[key] = ema[flat]
+                replaced += 1
+        notes.append(f"using the EMA copy (model_ema.*) of {replaced} tensors")
     dropped = [k for k in state if k.startswith("loss.")]
     if dropped:
         state = {k: v for k, v in state.items() if not k.startswith("loss.")}
