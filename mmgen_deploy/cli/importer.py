@@ -42,13 +42,15 @@ def register(app: typer.Typer) -> None:
         json_out: str | None = typer.Option(None, "--json", metavar="FILE",
                                             help="Write the import report as JSON to FILE ('-' = stdout)."),
     ) -> None:
-        """Turn an existing PyTorch model into a run directory that export, build-engine, generate and
-        parity accept unchanged.
+        """Turn an existing PyTorch model into a run directory that export, build-engine, generate and parity accept.
 
-        A run directory needs both a VQ model and a DiT whose latent (channels x size) matches the VQ
-        model's. Give a diffusers pipeline as SOURCE, or the parts with --vq and --dit (SOURCE may
-        stand for one of them). Files are loaded safely: safetensors, or torch.load(weights_only=True)
-        allowing only argparse.Namespace beyond tensors; anything else is refused unexecuted.
+        A run directory needs a VQ model and a DiT whose latent (channels, size) matches the VQ model's.
+
+        Give a diffusers pipeline as SOURCE, or the two parts with --vq and --dit.
+
+        Loading is safe: safetensors, or torch.load(weights_only=True) with only argparse.Namespace allowed.
+
+        A file that needs anything else is refused without running any of it.
         """
         from mmgen_deploy.importers import import_run
 
