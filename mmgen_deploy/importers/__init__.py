@@ -81,6 +81,8 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     from mmgen_deploy.rundir import RunDir
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file", "give a directory path for the run")
     if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
         raise UsageError(f"{out} already exists and is not empty", "choose a new --out or pass --force to replace it")
     paths = [(label, Path(p)) for label, p in (("SOURCE", source), ("--vq", vq_path), ("--dit", dit_path))
@@ -150,7 +152,7 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
         run.initialize(config, data={"source": "import"}, extra={"imported": imported})
         run.save_weights("vqvae", vq_model)
         run.save_weights("dit", dit.model)
-    RunDir(out).load_models()  # read back through the normal path: what export etc. will see
+        run.load_models()  # read back through the normal path (what export etc. will see) before the rename
     return {"run_dir": str(out), "config": config.to_dict(), "imported": imported,
             "params": {"vqvae": sum(p.numel() for p in vq_model.parameters()),
                        "dit": sum(p.numel() for p in dit.model.parameters() if p.requires_grad)}}

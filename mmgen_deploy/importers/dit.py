@@ -223,12 +223,15 @@ def import_diffusers_dit(cfg: dict[str, Any], state: StateDict, source: str) -> 
     r.move("pos_embed.proj", "x_embedder.proj")
     for i in range(config.depth):
         src, dst = f"transformer_blocks.{i}.", f"blocks.{i}."
-        q, k, v = (r.get(f"{src}attn1.to_{n}.weight") for n in "qkv")
-        qb, kb, vb = (r.get(f"{src}attn1.to_{n}.bias") for n in "qkv")
-        if q is not None and k is not None and v is not None:
-            r.out[dst + "attn.qkv.weight"] = torch.cat([q, k, v], dim=0)
-        if qb is not None and kb is not None and vb is not None:
-            r.out[dst + "attn.qkv.bias"] = torch.cat([qb, kb, vb], dim=0)
+        for suffix in ("weight", "bias"):
+            pieces = [r.get(f"{src}attn1.to_{n}.{suffix}") for n in "qkv"]
+            present = [p for p in pieces if p is not None]
+            if len(present) < 3:
+                continue
+            if len({tuple(p.shape) for p in present}) != 1:
+                shapes = ", ".join(f"to_{n} {tuple(p.shape)}" for n, p in zip("qkv", present, strict=True))
+                raise CheckpointError(f"{source}: {src}attn1 q/k/v {suffix}s differ in shape ({shapes})")
+            r.out[f"{dst}attn.qkv.{suffix}"] = torch.cat(present, dim=0)
         r.move(src + "attn1.to_out.0", dst + "attn.proj")
         r.move(src + "ff.net.0.proj", dst + "mlp.fc1")
         r.move(src + "ff.net.2", dst + "mlp.fc2")

@@ -63,6 +63,10 @@ def _diffusers_weights(folder: Path) -> StateDict:
             for shard in sorted(set(weight_map.values())):
                 state.update(tensor_state(load_checkpoint(folder / shard), str(folder / shard)))
             return state
+    # Only a precision variant (e.g. diffusion_pytorch_model.fp16.safetensors): fine, it is cast to FP32.
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    if len(variants) == 1:
+        return tensor_state(load_checkpoint(variants[0]), str(variants[0]))
     raise CheckpointError(f"{folder} has a config.json but no weights ({', '.join(_WEIGHT_NAMES)})",
                           "save the model with save_pretrained() or copy the weight file next to config.json")
 
