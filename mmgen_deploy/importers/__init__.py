@@ -120,6 +120,9 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     vq_config, vq_model = vq.build(paired_size)
 
     notes = [*source_notes, *vq.notes, *dit.notes]
+    if vq.default_image_size is not None and vq.default_image_size != paired_size:
+        notes.append(f"the VQ config's sample_size {vq.default_image_size} is replaced by {paired_size}, the image "
+                     f"size whose latent is the DiT's {dit.config.input_size}x{dit.config.input_size}")
     scheduler_file = Path(scheduler_path) if scheduler_path is not None else found_scheduler
     scheduler_info: dict[str, Any] | None = None
     if scheduler_file is not None:
