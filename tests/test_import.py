@@ -445,31 +445,11 @@ def test_exported_onnx_of_imported_pipeline_matches_diffusers(tmp_path: Path) ->
 
 
 def _export_fp32(run: RunDir) -> dict[str, Path]:
-    """FP32 ONNX of every component: the project's exporter when present, else a plain torch export."""
-    try:
-        from mmgen_deploy.export import export_run, onnx_path
-    except ImportError:
-        return _plain_export(run)
-    export_run(run.root, precisions=("fp32",))
+    """FP32 ONNX of the components through the project's exporter, as `mmgen export` does it."""
+    from mmgen_deploy.export import export_run, onnx_path
+
+    export_run(run.root, precisions=("fp32",), components=("encoder", "decoder", "denoiser"))
     return {name: Path(onnx_path(run.root, "fp32", name)) for name in ("encoder", "decoder", "denoiser")}
-
-
-def _plain_export(run: RunDir) -> dict[str, Path]:
-    from mmgen_deploy.specs import component_specs
-
-    config, vq, dit = run.load_models()
-    comps, specs = build_components(vq, dit), component_specs(config)
-    paths = {}
-    rng = np.random.default_rng(1)
-    for name in ("encoder", "decoder", "denoiser"):
-        spec = specs[name]
-        inputs = tuple(torch.from_numpy(v) for v in spec.make_inputs(2, rng).values())
-        paths[name] = run.onnx_dir / f"{name}.fp32.onnx"
-        paths[name].parent.mkdir(parents=True, exist_ok=True)
-        torch.onnx.export(comps[name], inputs, str(paths[name]), input_names=spec.input_names,
-                          output_names=spec.output_names, opset_version=17, dynamo=False,
-                          dynamic_axes={t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)})
-    return paths
 
 
 def test_ldm_ema_copy_is_preferred(tmp_path: Path) -> None:
