@@ -464,3 +464,23 @@ def test_ldm_ema_copy_is_preferred(tmp_path: Path) -> None:
     assert arch is not None and any("EMA copy" in note for note in arch.notes)
     _, imported = arch.build(32)
     assert torch.equal(imported.encoder.conv_in.weight, vq.encoder.conv_in.weight + 0.5)
+
+
+def test_dit_pipeline_with_kl_vae_pairs_with_given_vq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DiTPipeline folder ships a KL VAE: it is skipped (with a note) and --vq supplies the VQ model."""
+    pipe = tmp_path / "dit-pipeline"
+    _diffusers_dit().save_pretrained(pipe / "transformer")
+    # Older pipelines name the transformer class Transformer2DModel (same weights, ada_norm_zero).
+    config_file = pipe / "transformer" / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": "Transformer2DModel"}))
+    (pipe / "vae").mkdir()
+    (pipe / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "vae": ["diffusers", "AutoencoderKL"],
+        "transformer": ["diffusers", "Transformer2DModel"]}))
+    code, output = _cli(["import", str(pipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "AutoencoderKL" in output and "--vq PATH" in output
+    _diffusers_vq().save_pretrained(tmp_path / "vq")
+    code, output = _cli(["import", str(pipe), "--vq", str(tmp_path / "vq"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, output
+    assert RunDir(tmp_path / "run").load_config().dit.timestep_freq_shift == 1.0
