@@ -83,6 +83,7 @@ class OrtRunner:
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
+        self._check_not_stale()
         if providers is None:
             if device.startswith("cuda"):
                 if not cuda_provider_usable():
@@ -95,6 +96,26 @@ class OrtRunner:
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
         self._sessions: dict[str, _Session] = {}
+
+    def _check_not_stale(self) -> None:
+        """Refuse ONNX files exported from other weights than the run's current ones.
+
+        The manifest is read directly (not through mmgen_deploy.export, which imports torch).
+        """
+        from mmgen_deploy.io_utils import read_json
+
+        path = self.run_dir.onnx_dir / "manifest.json"
+        if not path.is_file():
+            return  # hand-made ONNX files: nothing recorded to check against
+        try:
+            exported_from = read_json(path).get("source_weights_sha256")
+        except (OSError, ValueError, AttributeError):
+            raise RunDirError(f"{path} is unreadable",
+                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`") from None
+        if exported_from and exported_from != self.run_dir.weights_sha256():
+            raise RunDirError(f"the ONNX files in {self.run_dir.onnx_dir} were exported from other weights "
+                              f"({str(exported_from)[:12]}) than the run's current ones",
+                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`")
 
     def _session(self, component: str) -> _Session:
         item = self._sessions.get(component)
