@@ -484,3 +484,17 @@ def test_dit_pipeline_with_kl_vae_pairs_with_given_vq(tmp_path: Path, capsys: py
     code, output = _cli(["import", str(pipe), "--vq", str(tmp_path / "vq"), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
     assert RunDir(tmp_path / "run").load_config().dit.timestep_freq_shift == 1.0
+
+
+def test_diffusers_vq_problems_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _diffusers_vq().save_pretrained(tmp_path / "vq")
+    weights = tmp_path / "vq" / "diffusion_pytorch_model.safetensors"
+    original = load_file(str(weights))
+    save_file(original | {"decoder.conv_out.bias": torch.zeros(4)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_out\.bias: file \(4,\) vs model \(3,\)"):
+        read_source(tmp_path / "vq").vq.build(16)  # type: ignore[union-attr]
+    save_file(original | {"encoder.extra_head.weight": torch.zeros(2)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"not part of a diffusers VQModel: encoder\.extra_head\.weight"):
+        read_source(tmp_path / "vq")
