@@ -498,3 +498,11 @@ def test_diffusers_vq_problems_are_named(tmp_path: Path) -> None:
     save_file(original | {"encoder.extra_head.weight": torch.zeros(2)}, str(weights))
     with pytest.raises(CheckpointError, match=r"not part of a diffusers VQModel: encoder\.extra_head\.weight"):
         read_source(tmp_path / "vq")
+
+
+def test_truncated_checkpoint_is_reported_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")
+    data = (tmp_path / "DiT.pt").read_bytes()
+    (tmp_path / "DiT.pt").write_bytes(data[: len(data) // 2])
+    code, output = _cli(["import", "--dit", str(tmp_path / "DiT.pt"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "not a readable PyTorch checkpoint" in output and len(output.strip().splitlines()) == 1

@@ -40,7 +40,7 @@ def _refused_construct(message: str) -> str:
         return f"the class or function `{match.group(1)}`"
     match = re.search(r"Unsupported operand (\d+)", message)
     if match:
-        return f"pickle instruction {match.group(1)}, which torch.save never writes"
+        return f"pickle instruction {match.group(1)}, which the restricted loader does not accept"
     return "a pickle construct that is not plain data"
 
 
