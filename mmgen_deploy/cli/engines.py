@@ -46,7 +46,7 @@ def parse_batch(text: str) -> Any:
 def _pick_runtime(requested: str) -> str:
     if requested != "auto":
         return requested
-    from mmgen_deploy.engines.flavour import installed_flavours, install_hint
+    from mmgen_deploy.engines.flavour import install_hint, installed_flavours
     from mmgen_deploy.engines.manifest import current_gpu
     from mmgen_deploy.errors import NotAvailableError
 

@@ -170,7 +170,7 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     config = builder.create_builder_config()
     profile = builder.create_optimization_profile()
     for name, shapes in _profile_shapes(spec, options.batch).items():
-        profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+        profile.set_shape(name, trt_mod.Dims(shapes["min"]), trt_mod.Dims(shapes["opt"]), trt_mod.Dims(shapes["max"]))
     config.add_optimization_profile(profile)
     if options.workspace_bytes:
         config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, options.workspace_bytes)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from mmgen_deploy.errors import NotAvailableError, UsageError
 
 if TYPE_CHECKING:  # the stubs describe `tensorrt`; TensorRT-RTX has the same API under `tensorrt_rtx`
-    import tensorrt as trt
+    import tensorrt
 
 RUNTIMES = ("tensorrt", "tensorrt-rtx")
 _MODULES = {"tensorrt": "tensorrt", "tensorrt-rtx": "tensorrt_rtx"}
@@ -100,7 +100,7 @@ class Flavour:
         # 10.x needs the flag for FP16 ONNX to stay FP16-as-written; 11.x and RTX are always strongly typed.
         return not self.is_rtx and self.version_tuple[:1] < (11,)
 
-    def logger(self, verbose: bool = False) -> trt.ILogger:
+    def logger(self, verbose: bool = False) -> tensorrt.ILogger:
         trt_mod = self.trt
         return trt_mod.Logger(trt_mod.Logger.VERBOSE if verbose else trt_mod.Logger.WARNING)  # type: ignore[no-any-return]
 
@@ -122,7 +122,7 @@ class Flavour:
                              f"choose from {', '.join(k.lower() for k in known)} (Hopper / SM90 is not supported)")
         return getattr(self.trt.ComputeCapability, key)
 
-    def configure_timing_cache(self, config: trt.IBuilderConfig, cache_bytes: bytes) -> bool:
+    def configure_timing_cache(self, config: tensorrt.IBuilderConfig, cache_bytes: bytes) -> bool:
         """Attach a timing cache (possibly empty); False when this flavour has none."""
         if not self.has_timing_cache:
             return False
@@ -130,13 +130,13 @@ class Flavour:
         config.set_timing_cache(cache, ignore_mismatch=False)
         return True
 
-    def serialized_timing_cache(self, config: trt.IBuilderConfig) -> bytes | None:
+    def serialized_timing_cache(self, config: tensorrt.IBuilderConfig) -> bytes | None:
         if not self.has_timing_cache:
             return None
         cache = config.get_timing_cache()
         return bytes(cache.serialize()) if cache is not None else None
 
-    def set_compute_capabilities(self, config: trt.IBuilderConfig, names: list[str]) -> list[str]:
+    def set_compute_capabilities(self, config: tensorrt.IBuilderConfig, names: list[str]) -> list[str]:
         """Target these GPUs (RTX); returns the canonical names recorded in the manifest."""
         if not names:
             return []
@@ -148,13 +148,13 @@ class Flavour:
         return [v.name.lower() for v in values]
 
     # -- run ------------------------------------------------------------------------
-    def device_memory_size(self, engine: trt.ICudaEngine) -> int:
+    def device_memory_size(self, engine: tensorrt.ICudaEngine) -> int:
         if hasattr(engine, "device_memory_size_v2"):
             return int(engine.device_memory_size_v2)
         return int(engine.device_memory_size)
 
-    def create_context(self, engine: trt.ICudaEngine, *, user_managed_memory: bool,
-                       runtime_cache: Any = None) -> trt.IExecutionContext:
+    def create_context(self, engine: tensorrt.ICudaEngine, *, user_managed_memory: bool,
+                       runtime_cache: Any = None) -> tensorrt.IExecutionContext:
         """A context, optionally without its own activation memory (we hand it a shared block)."""
         trt_mod = self.trt
         strategy = (trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED if user_managed_memory
@@ -173,13 +173,14 @@ class Flavour:
                                     "the GPU may be out of memory; close other GPU programs")
         return context
 
-    def set_device_memory(self, context: trt.IExecutionContext, address: int, size: int) -> None:
+    def set_device_memory(self, context: tensorrt.IExecutionContext, address: int, size: int) -> None:
         if hasattr(context, "set_device_memory"):
             context.set_device_memory(address, size)
-        else:  # TRT 10.0: only the v1 property
-            context.device_memory = address
+        else:  # TRT 10.0: only the v1 property (absent from the 10.13 stubs)
+            legacy: Any = context
+            legacy.device_memory = address
 
-    def new_runtime_cache(self, engine: trt.ICudaEngine, cache_bytes: bytes | None) -> Any:
+    def new_runtime_cache(self, engine: tensorrt.ICudaEngine, cache_bytes: bytes | None) -> Any:
         if not self.has_runtime_cache:
             return None
         runtime_config: Any = engine.create_runtime_config()
@@ -188,7 +189,7 @@ class Flavour:
             cache.deserialize(cache_bytes)
         return cache
 
-    def plan_validity(self, runtime: trt.Runtime, plan: bytes) -> str | None:
+    def plan_validity(self, runtime: tensorrt.Runtime, plan: bytes) -> str | None:
         """RTX can check a plan before deserializing (needs a GPU): None = valid or unknown, else why not."""
         check = getattr(runtime, "get_engine_validity", None)
         if check is None:
