@@ -1,0 +1,249 @@
+"""Engine building on the CPU machine: real ahead-of-time TensorRT-RTX builds of the tiny model,
+the manifest, reuse on rebuild, and the refusal of stale or damaged engine sets.
+
+Nothing here runs an engine (that needs a GPU: see test_engines_gpu.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import preset
+from mmgen_deploy.engines.manifest import MANIFEST_NAME, CorruptEngineError, StaleEngineError, check_engine_dir
+from mmgen_deploy.errors import NotAvailableError
+from mmgen_deploy.io_utils import read_json, sha256_file, write_json
+from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
+from mmgen_deploy.rundir import RunDir, save_run
+from mmgen_deploy.specs import component_specs
+
+tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (dev extra)")
+pytestmark = pytest.mark.tensorrt
+
+RTX_DIR = f"tensorrt-rtx-{tensorrt_rtx.__version__}-aot"
+
+
+def export_onnx_set(run: RunDir, precision: str = "fp16") -> None:
+    """Stand-in for `mmgen_deploy.export` until it lands: plain FP32 graphs under the spec's names.
+
+    A strongly typed build takes the graph's own types, so these build like the real set.
+    """
+    config = run.load_config()
+    vq, dit = run.load_vqvae(config), run.load_dit(config)
+    components = build_components(vq, dit)
+    target = run.onnx_dir / precision
+    target.mkdir(parents=True, exist_ok=True)
+    for name, spec in component_specs(config).items():
+        feeds = spec.make_inputs(2, np.random.default_rng(0))
+        args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
+        dynamic = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(components[name], args, str(target / f"{name}.onnx"), input_names=spec.input_names,
+                              output_names=spec.output_names, dynamic_axes=dynamic, opset_version=17, dynamo=False)
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def built_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    """A tiny run with its ONNX set and one real AOT RTX build (shared; tests copy it before damaging it)."""
+    config = preset("tiny")
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.vq), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    run = save_run(tmp_path_factory.mktemp("engines") / "run", config, vq.eval(), dit.eval())
+    export_onnx_set(run)
+    with pytest.raises(SystemExit) as info:
+        main(["build-engine", str(run.root), "--runtime", "tensorrt-rtx", "--opt-level", "0",
+              "--json", str(run.root / "build.json")])
+    assert info.value.code in (0, None)
+    return run
+
+
+@pytest.fixture()
+def run_copy(built_run: RunDir, tmp_path: Path) -> RunDir:
+    shutil.copytree(built_run.root, tmp_path / "run")
+    return RunDir(tmp_path / "run")
+
+
+def _rtx():
+    from mmgen_deploy.engines.flavour import load_flavour
+
+    return load_flavour("tensorrt-rtx")
+
+
+def test_aot_build_writes_all_plans_and_a_complete_manifest(built_run: RunDir) -> None:
+    directory = built_run.engines_dir / RTX_DIR
+    manifest = read_json(directory / MANIFEST_NAME)
+    assert manifest["runtime"] == "tensorrt-rtx" and manifest["module"] == "tensorrt_rtx"
+    assert manifest["version"] == tensorrt_rtx.__version__ and manifest["target"] == "aot"
+    assert manifest["options"]["strongly_typed"] is True and manifest["build_machine"]["python"]
+    assert manifest["weights_sha256"] == built_run.weights_sha256()
+    specs = component_specs(built_run.load_config())
+    assert set(manifest["components"]) == set(specs)
+    for name, entry in manifest["components"].items():
+        plan = directory / entry["plan"]
+        assert plan.stat().st_size == entry["plan_bytes"] > 100_000  # a real serialized engine
+        assert sha256_file(plan) == entry["plan_sha256"]
+        assert entry["onnx_sha256"] == sha256_file(built_run.onnx_dir / "fp16" / f"{name}.onnx")
+        assert [i["name"] for i in entry["inputs"]] == specs[name].input_names
+        profile = specs[name].engine_profile
+        first = entry["profile"][specs[name].input_names[0]]
+        assert (first["min"][0], first["opt"][0], first["max"][0]) == (profile.min, profile.opt, profile.max)
+    # classifier-free guidance doubles the denoiser's batch: spec 1:8:16 -> engine 2:16:32
+    assert manifest["components"]["denoiser"]["profile"]["x_t"]["max"][0] == 2 * specs["denoiser"].profile.max
+    report = read_json(built_run.root / "build.json")
+    assert all(not c["reused"] and c["build_seconds"] > 0 for c in report["components"].values())
+    engine_set = check_engine_dir(built_run, _rtx())
+    assert engine_set.directory == directory and sorted(engine_set.components) == sorted(specs)
+
+
+def test_rebuild_reuses_unchanged_plans_and_rebuilds_a_changed_one(run_copy: RunDir, capsys) -> None:
+    code, out, _ = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
+                         "--json", "-"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert all(c["reused"] for c in report["components"].values())
+    # Re-export the decoder with other weights: only it is rebuilt, and the set checks out again.
+    onnx_file = run_copy.onnx_dir / "fp16" / "decoder.onnx"
+    model = onnx.load(str(onnx_file))
+    model.doc_string = "re-exported"
+    onnx.save(model, str(onnx_file))
+    code, out, _ = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
+                         "--json", "-"], capsys)
+    assert code == 0
+    report = json.loads(out)
+    assert {n for n, c in report["components"].items() if not c["reused"]} == {"decoder"}
+    check_engine_dir(run_copy, _rtx())
+    # Different options (a static batch) must not reuse plans built for another profile.
+    code, out, _ = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
+                         "--batch", "4", "-c", "encoder", "--json", "-"], capsys)
+    assert code == 0 and not json.loads(out)["components"]["encoder"]["reused"]
+    manifest = read_json(run_copy.engines_dir / RTX_DIR / MANIFEST_NAME)
+    assert manifest["components"]["encoder"]["profile"]["image"]["min"][0] == 4
+    assert set(manifest["components"]) == {"encoder", "quantizer", "decoder", "denoiser"}
+
+
+def test_tampered_onnx_makes_loading_refuse_as_stale(run_copy: RunDir, capsys) -> None:
+    onnx_file = run_copy.onnx_dir / "fp16" / "denoiser.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\x00")
+    with pytest.raises(StaleEngineError, match=r"onnx/fp16/denoiser.onnx changed since the build") as info:
+        check_engine_dir(run_copy, _rtx())
+    assert "mmgen build-engine" in str(info.value) and "--runtime tensorrt-rtx" in str(info.value)
+    # The runner performs the same check before touching CUDA, so it reports staleness on a CPU machine too.
+    from mmgen_deploy.engines.runner import TensorRTRunner
+
+    with pytest.raises(StaleEngineError, match="stale engines"):
+        TensorRTRunner.from_run_dir(run_copy.root, precision="fp16")
+    onnx_file.unlink()
+    with pytest.raises(StaleEngineError, match="is gone"):
+        check_engine_dir(run_copy, _rtx())
+
+
+def test_truncated_or_corrupt_plan_gives_a_clear_error(run_copy: RunDir) -> None:
+    from mmgen_deploy.engines.runner import TensorRTRunner
+
+    plan = run_copy.engines_dir / RTX_DIR / "decoder.plan"
+    data = plan.read_bytes()
+    plan.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CorruptEngineError, match=r"decoder.plan is truncated or corrupt"):
+        check_engine_dir(run_copy, _rtx())
+    with pytest.raises(CorruptEngineError, match="truncated"):
+        TensorRTRunner.from_run_dir(run_copy.root)
+    flipped = bytearray(data)
+    flipped[len(flipped) // 2] ^= 0xFF
+    plan.write_bytes(bytes(flipped))
+    with pytest.raises(CorruptEngineError, match="sha256 differs"):
+        check_engine_dir(run_copy, _rtx())
+    (run_copy.engines_dir / RTX_DIR / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(CorruptEngineError, match="unreadable"):
+        check_engine_dir(run_copy, _rtx())
+
+
+def test_engines_from_another_runtime_version_are_refused(run_copy: RunDir) -> None:
+    directory = run_copy.engines_dir / RTX_DIR
+    manifest = read_json(directory / MANIFEST_NAME)
+    manifest["version"] = "1.0.0.1"
+    write_json(directory / MANIFEST_NAME, manifest)
+    with pytest.raises(StaleEngineError, match=r"built with tensorrt-rtx 1.0.0.1, installed is tensorrt-rtx"):
+        check_engine_dir(run_copy, _rtx())
+    directory.rename(run_copy.engines_dir / "tensorrt-rtx-1.0.0.1-aot")
+    with pytest.raises(StaleEngineError, match=r"found only tensorrt-rtx-1.0.0.1-aot"):
+        check_engine_dir(run_copy, _rtx())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_valid_engines_without_gpu_say_so(built_run: RunDir) -> None:
+    from mmgen_deploy.engines.runner import TensorRTRunner
+
+    with pytest.raises(NotAvailableError, match="up to date, but running them needs a CUDA device"):
+        TensorRTRunner.from_run_dir(built_run.root, precision="fp16")
+
+
+def test_unsupported_op_reports_the_node_and_keeps_old_engines(run_copy: RunDir, capsys) -> None:
+    directory = run_copy.engines_dir / RTX_DIR
+    before = (directory / MANIFEST_NAME).read_bytes()
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("NoSuchOp", ["image"], ["h"], name="mystery_node", domain="example.custom")],
+        "bad", [onnx.helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [onnx.helper.make_tensor_value_info("h", onnx.TensorProto.FLOAT, ["batch", 4, 8, 8])])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17),
+                                                         onnx.helper.make_opsetid("example.custom", 1)])
+    onnx.save(model, str(run_copy.onnx_dir / "fp16" / "encoder.onnx"))
+    code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "cannot parse encoder.onnx" in err and "mystery_node" in err
+    assert (directory / MANIFEST_NAME).read_bytes() == before  # the failed build changed nothing
+    assert not [p for p in run_copy.engines_dir.iterdir() if p.name.startswith(".")]  # no temp leftovers
+
+
+def test_cli_input_errors_are_one_line(run_copy: RunDir, tmp_path: Path, capsys) -> None:
+    cases = [
+        (["--batch", "3:2:1"], 2, "invalid --batch"),
+        (["--workspace", "lots"], 2, "invalid --workspace"),
+        (["--compute-capability", "sm90"], 2, "unknown compute capability 'sm90'"),
+        (["-c", "vae"], 2, "unknown component(s) vae"),
+    ]
+    for extra, expected_code, message in cases:
+        code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", *extra], capsys)
+        assert code == expected_code and message in err and "Traceback" not in err, (extra, err)
+    shutil.rmtree(run_copy.onnx_dir)
+    code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx"], capsys)
+    assert code == 1 and "missing ONNX file" in err and "mmgen export" in err
+    code, _, err = _cli(["build-engine", str(tmp_path / "nowhere"), "-r", "tensorrt-rtx"], capsys)
+    assert code == 1 and "does not exist" in err
+
+
+def test_missing_classic_tensorrt_names_the_package(run_copy: RunDir, capsys) -> None:
+    from mmgen_deploy.engines.flavour import installed_flavours
+
+    if any(f.runtime == "tensorrt" for f in installed_flavours()):
+        pytest.skip("classic TensorRT is installed here")
+    code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt"], capsys)
+    assert code == 1 and "pip install tensorrt" in err
+
+
+def test_size_and_batch_parsing() -> None:
+    from mmgen_deploy.cli.engines import parse_batch, parse_size
+
+    assert parse_size("512MiB") == 512 * 2**20 and parse_size("2G") == 2 * 2**30
+    assert parse_size(str(2**24)) == 2**24
+    profile = parse_batch("1:4:8")
+    assert (profile.min, profile.opt, profile.max) == (1, 4, 8)
+    static = parse_batch("2")
+    assert (static.min, static.opt, static.max) == (2, 2, 2)
