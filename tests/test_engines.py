@@ -8,47 +8,24 @@ from __future__ import annotations
 
 import json
 import shutil
-import warnings
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
 import torch
+from engine_helpers import make_tiny_run
 
 from mmgen_deploy.cli.app import main
-from mmgen_deploy.config import preset
 from mmgen_deploy.engines.manifest import MANIFEST_NAME, CorruptEngineError, StaleEngineError, check_engine_dir
 from mmgen_deploy.errors import NotAvailableError
 from mmgen_deploy.io_utils import read_json, sha256_file, write_json
-from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
-from mmgen_deploy.rundir import RunDir, save_run
+from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import component_specs
 
 tensorrt_rtx = pytest.importorskip("tensorrt_rtx", reason="tensorrt-rtx-cu13 is not installed (dev extra)")
 pytestmark = pytest.mark.tensorrt
 
 RTX_DIR = f"tensorrt-rtx-{tensorrt_rtx.__version__}-aot"
-
-
-def export_onnx_set(run: RunDir, precision: str = "fp16") -> None:
-    """Stand-in for `mmgen_deploy.export` until it lands: plain FP32 graphs under the spec's names.
-
-    A strongly typed build takes the graph's own types, so these build like the real set.
-    """
-    config = run.load_config()
-    vq, dit = run.load_vqvae(config), run.load_dit(config)
-    components = build_components(vq, dit)
-    target = run.onnx_dir / precision
-    target.mkdir(parents=True, exist_ok=True)
-    for name, spec in component_specs(config).items():
-        feeds = spec.make_inputs(2, np.random.default_rng(0))
-        args = tuple(torch.from_numpy(feeds[n]) for n in spec.input_names)
-        dynamic = {t.name: t.dynamic_axes for t in (*spec.inputs, *spec.outputs)}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(components[name], args, str(target / f"{name}.onnx"), input_names=spec.input_names,
-                              output_names=spec.output_names, dynamic_axes=dynamic, opset_version=17, dynamo=False)
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -61,13 +38,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str,
 @pytest.fixture(scope="module")
 def built_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
     """A tiny run with its ONNX set and one real AOT RTX build (shared; tests copy it before damaging it)."""
-    config = preset("tiny")
-    torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
-    rerandomize_(vq, seed=1)
-    rerandomize_(dit, seed=2)
-    run = save_run(tmp_path_factory.mktemp("engines") / "run", config, vq.eval(), dit.eval())
-    export_onnx_set(run)
+    run = make_tiny_run(tmp_path_factory.mktemp("engines") / "run")
     with pytest.raises(SystemExit) as info:
         main(["build-engine", str(run.root), "--runtime", "tensorrt-rtx", "--opt-level", "0",
               "--json", str(run.root / "build.json")])
