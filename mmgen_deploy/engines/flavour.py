@@ -154,14 +154,19 @@ class Flavour:
         return int(engine.device_memory_size)
 
     def create_context(self, engine: tensorrt.ICudaEngine, *, user_managed_memory: bool,
-                       runtime_cache: Any = None) -> tensorrt.IExecutionContext:
-        """A context, optionally without its own activation memory (we hand it a shared block)."""
+                       runtime_cache: Any = None) -> tuple[tensorrt.IExecutionContext, Any]:
+        """A context, optionally without its own activation memory (we hand it a shared block).
+
+        Returns (context, keepalive): the RTX runtime config must outlive the context, so the
+        caller holds it (None on classic TensorRT).
+        """
         trt_mod = self.trt
+        runtime_config: Any = None
         strategy = (trt_mod.ExecutionContextAllocationStrategy.USER_MANAGED if user_managed_memory
                     else trt_mod.ExecutionContextAllocationStrategy.STATIC)
         if self.is_rtx:
             # RTX compiles kernels here (JIT); the runtime cache keeps them for the next start.
-            runtime_config: Any = engine.create_runtime_config()
+            runtime_config = engine.create_runtime_config()
             runtime_config.set_execution_context_allocation_strategy(strategy)
             if runtime_cache is not None:
                 runtime_config.set_runtime_cache(runtime_cache)
@@ -171,7 +176,7 @@ class Flavour:
         if context is None:
             raise NotAvailableError(f"{self.label} could not create an execution context",
                                     "the GPU may be out of memory; close other GPU programs")
-        return context
+        return context, runtime_config
 
     def set_device_memory(self, context: tensorrt.IExecutionContext, address: int, size: int) -> None:
         if hasattr(context, "set_device_memory"):
@@ -180,14 +185,19 @@ class Flavour:
             legacy: Any = context
             legacy.device_memory = address
 
-    def new_runtime_cache(self, engine: tensorrt.ICudaEngine, cache_bytes: bytes | None) -> Any:
+    def new_runtime_cache(self, engine: tensorrt.ICudaEngine, cache_bytes: bytes | None) -> tuple[Any, Any]:
+        """One JIT-kernel cache shared by every context of the set (RTX); returns (cache, its config to keep).
+
+        A cache from another GPU, driver or RTX version is rejected by `deserialize` (returns False),
+        leaving the cache empty: it then fills anew and overwrites the old file on close.
+        """
         if not self.has_runtime_cache:
-            return None
+            return None, None
         runtime_config: Any = engine.create_runtime_config()
         cache = runtime_config.create_runtime_cache()
         if cache_bytes:
             cache.deserialize(cache_bytes)
-        return cache
+        return cache, runtime_config
 
     def plan_validity(self, runtime: tensorrt.Runtime, plan: bytes) -> str | None:
         """RTX can check a plan before deserializing (needs a GPU): None = valid or unknown, else why not."""

@@ -98,6 +98,7 @@ class TensorRTRunner:
         self.cuda_graph = cuda_graph
         self.share_memory = share_memory
         self._torch_device = torch.device(self.device)
+        torch.cuda.set_device(self._torch_device)  # TensorRT creates its objects on the current device
         self._stream = torch.cuda.Stream(device=self._torch_device)
         self._logger = flavour.logger(verbose)
         self._runtime: trt.Runtime = flavour.trt.Runtime(self._logger)
@@ -108,21 +109,24 @@ class TensorRTRunner:
         loaded: dict[str, trt.ICudaEngine] = {}
         for name in engine_set.components:
             loaded[name] = self._deserialize(name, engine_set.plan_path(name))
-        self._runtime_cache = None
+        self._runtime_cache: Any = None
+        self._keepalive: list[Any] = []  # RTX runtime configs: must outlive the cache and the contexts
         if flavour.has_runtime_cache:
             cache_path = engine_set.runtime_cache_path
             cache_bytes = cache_path.read_bytes() if cache_path.is_file() else None
             first = next(iter(loaded.values()))
             try:
-                self._runtime_cache = flavour.new_runtime_cache(first, cache_bytes)
+                self._runtime_cache, owner = flavour.new_runtime_cache(first, cache_bytes)
             except Exception:  # a damaged cache only costs JIT time: start from an empty one
-                self._runtime_cache = flavour.new_runtime_cache(first, None)
+                self._runtime_cache, owner = flavour.new_runtime_cache(first, None)
+            self._keepalive.append(owner)
         if share_memory:
             block_size = max(flavour.device_memory_size(e) for e in loaded.values())
             self._activation_block = torch.empty(max(block_size, 1), dtype=torch.uint8, device=self._torch_device)
         for name, engine in loaded.items():
-            context = flavour.create_context(engine, user_managed_memory=share_memory,
-                                             runtime_cache=self._runtime_cache)
+            context, keepalive = flavour.create_context(engine, user_managed_memory=share_memory,
+                                                        runtime_cache=self._runtime_cache)
+            self._keepalive.append(keepalive)
             if self._activation_block is not None:
                 flavour.set_device_memory(context, self._activation_block.data_ptr(),
                                           self._activation_block.numel())
@@ -285,9 +289,11 @@ class TensorRTRunner:
             except Exception:  # the cache is an optimisation; never fail a finished run over it
                 pass
             self._runtime_cache = None
+        # Release in dependency order: graphs and contexts before the memory and configs they use.
         for item in self._engines.values():
             item.graphs.clear()
         self._engines.clear()
+        self._keepalive.clear()
         self._activation_block = None
 
     def __enter__(self) -> TensorRTRunner:
