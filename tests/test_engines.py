@@ -218,3 +218,21 @@ def test_size_and_batch_parsing() -> None:
     assert (profile.min, profile.opt, profile.max) == (1, 4, 8)
     static = parse_batch("2")
     assert (static.min, static.opt, static.max) == (2, 2, 2)
+
+
+def test_gpu_targets_are_checked_against_the_device_that_would_load(run_copy: RunDir) -> None:
+    """The check takes the GPU as data, so RTX target rules are verifiable without one."""
+    from mmgen_deploy.engines.manifest import GpuInfo
+
+    rtx = _rtx()
+    check_engine_dir(run_copy, rtx, gpu=GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24 * 2**30))
+    with pytest.raises(StaleEngineError, match=r"default targets \(Ampere and later\).*sm75"):
+        check_engine_dir(run_copy, rtx, gpu=GpuInfo("NVIDIA GeForce RTX 2080 Ti", "7.5", 11 * 2**30))
+    with pytest.raises(StaleEngineError, match="sm90"):
+        check_engine_dir(run_copy, rtx, gpu=GpuInfo("NVIDIA H100", "9.0", 80 * 2**30))
+    path = run_copy.engines_dir / RTX_DIR / MANIFEST_NAME
+    manifest = read_json(path)
+    manifest["options"]["compute_capabilities"] = ["sm86"]
+    write_json(path, manifest)
+    with pytest.raises(StaleEngineError, match=r"built for sm86, this GPU is .*\(sm89\).*--compute-capability sm86"):
+        check_engine_dir(run_copy, rtx, gpu=GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24 * 2**30))

@@ -76,7 +76,8 @@ def register(app: typer.Typer) -> None:
             help="Builder optimization level 0-5 (TensorRT's default 3; lower builds faster, higher may run faster)."),
         compute_capability: list[str] = typer.Option(
             [], "--compute-capability", "--cc",
-            help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: all supported)."),
+            help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: Ampere and "
+                 "later, i.e. sm80/sm86/sm89/sm120; Turing needs sm75)."),
         component: list[str] = typer.Option(
             [], "--component", "-c", help="Build only these components (repeatable); others keep their plans."),
         precision: str = typer.Option("fp16", "--precision", help="Which ONNX set to build from: fp16 or fp32."),
@@ -86,9 +87,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Build strongly typed engines, one per component, with a manifest that later loads check.
 
-        Engines go to RUN_DIR/engines/<runtime>-<version>-<gpu or aot>/. A component whose ONNX and
-        options have not changed reuses its plan; TensorRT's timing cache is kept between builds.
-        """
+        Engines go to RUN_DIR/engines/<runtime>-<version>-<gpu or aot>/. A component whose ONNX and options have not changed reuses its plan; TensorRT's timing cache is kept between builds. TensorRT-RTX builds ahead of time on any machine, even without a GPU.
+        """  # noqa: E501 (one line per paragraph: the help formatter keeps hard line breaks)
         from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
         from rich.table import Table
 
@@ -121,13 +121,14 @@ def register(app: typer.Typer) -> None:
 
             result = build_engines(run, options, progress=on_progress)
 
-        table = Table(title=f"{result.manifest['runtime']} {result.manifest['version']} -> {result.directory}",
-                      title_justify="left")
+        table = Table(title=f"{result.manifest['runtime']} {result.manifest['version']} "
+                            f"({result.manifest['target']})", title_justify="left")
         for column in ("component", "plan size", "build time", ""):
             table.add_column(column, justify="right" if column in ("plan size", "build time") else "left")
         for item in result.components:
             table.add_row(item.name, f"{item.plan_bytes / 2**20:.2f} MiB",
                           "-" if item.reused else f"{item.build_seconds:.2f} s", "reused" if item.reused else "built")
         console.print(table)
-        console.print(f"total {result.total_seconds:.2f} s")
+        console.print(f"total {result.total_seconds:.2f} s; engines and manifest in {result.directory}",
+                      soft_wrap=True)
         emit_json(result.to_dict(), json_out)

@@ -36,6 +36,7 @@ MANIFEST_NAME = "manifest.json"
 TIMING_CACHE_NAME = "timing.cache"
 RUNTIME_CACHE_NAME = "runtime.cache"
 AOT_TARGET = "aot"
+RTX_UNSUPPORTED = ("sm90",)  # TensorRT-RTX has no Hopper support
 
 
 class StaleEngineError(RunDirError):
@@ -208,6 +209,10 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
                            f"this GPU is {gpu.name} (sm {gpu.compute_capability})")
         if flavour.is_rtx and targets and gpu.sm not in targets:
             changes.append(f"built for {', '.join(targets)}, this GPU is {gpu.name} ({gpu.sm})")
+        if flavour.is_rtx and not targets and (gpu.sm in RTX_UNSUPPORTED or int(gpu.sm[2:]) < 80):
+            # RTX's default targets are Ampere and later (8.0, 8.6, 8.9, 12.x); Turing must be named.
+            changes.append(f"built for TensorRT-RTX's default targets (Ampere and later), this GPU is "
+                           f"{gpu.name} ({gpu.sm})")
 
     wanted = components or tuple(manifest.get("components", {}))
     entries = manifest.get("components", {})
