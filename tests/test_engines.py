@@ -236,3 +236,20 @@ def test_gpu_targets_are_checked_against_the_device_that_would_load(run_copy: Ru
     write_json(path, manifest)
     with pytest.raises(StaleEngineError, match=r"built for sm86, this GPU is .*\(sm89\).*--compute-capability sm86"):
         check_engine_dir(run_copy, rtx, gpu=GpuInfo("NVIDIA GeForce RTX 4090", "8.9", 24 * 2**30))
+
+
+@pytest.mark.slow
+def test_real_fp16_export_builds_and_the_manifest_records_its_converter(tmp_path: Path, capsys) -> None:
+    """The whole CPU path: `mmgen export` (AutoCast mixed-precision FP16) -> RTX AOT build of all four."""
+    run = make_tiny_run(tmp_path / "run", real_export=True)
+    code, out, _ = _cli(["build-engine", str(run.root), "-r", "tensorrt-rtx", "--opt-level", "0", "--json", "-"],
+                        capsys)
+    assert code == 0
+    assert set(json.loads(out)["components"]) == {"encoder", "quantizer", "decoder", "denoiser"}
+    manifest = read_json(run.engines_dir / RTX_DIR / MANIFEST_NAME)
+    records = manifest["onnx_export"]
+    assert records["denoiser"]["converter"]["name"].startswith("modelopt.onnx.autocast")
+    assert records["quantizer"]["keep_fp32"] is True
+    for name, entry in manifest["components"].items():
+        assert entry["onnx_sha256"] == records[name]["export_sha256"]  # built from exactly what was exported
+    check_engine_dir(run, _rtx())

@@ -51,18 +51,23 @@ def _build(run: RunDir, runtime: str, *extra: str) -> dict:
     return read_json(run.root / "build.json")
 
 
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
+    """The real FP16 export (AutoCast) of a re-randomised tiny model, shared by both runtimes' builds."""
+    return make_tiny_run(tmp_path_factory.mktemp("gpu") / "run", real_export=True)
+
+
 @pytest.fixture(scope="module", params=RUNTIMES)
-def engine_run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, RunDir]:
+def engine_run(request: pytest.FixtureRequest, exported_run: RunDir) -> tuple[str, RunDir]:
     runtime = request.param
     _require(runtime)
-    run = make_tiny_run(tmp_path_factory.mktemp(f"gpu-{runtime}") / "run")
-    _build(run, runtime)
-    return runtime, run
+    _build(exported_run, runtime)  # each runtime has its own engines/<runtime>-<version>-<target>/
+    return runtime, exported_run
 
 
 def test_build_with_classic_tensorrt_targets_this_gpu_and_keeps_a_timing_cache(tmp_path) -> None:
     _require("tensorrt")
-    run = make_tiny_run(tmp_path / "run")
+    run = make_tiny_run(tmp_path / "run", real_export=True)
     first = _build(run, "tensorrt", "--workspace", "512MiB")
     gpu = current_gpu()
     assert gpu is not None and first["target"] == gpu.sm

@@ -33,7 +33,7 @@ from mmgen_deploy.engines.manifest import (
     source_onnx,
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
-from mmgen_deploy.io_utils import atomic_dir, read_json, sha256_file, write_json
+from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models.components import COMPONENT_NAMES
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import BatchProfile, ComponentSpec, component_specs
@@ -197,23 +197,20 @@ def _build_key(flavour: Flavour, options: BuildOptions, onnx_sha: str, shapes: d
             "options": {k: v for k, v in options.recorded().items() if k != "batch"}}
 
 
-def _fp16_conversion_record(run: RunDir) -> Any:
-    """How the FP16 ONNX set was made, as the export step recorded it (None when unknown)."""
+def _export_records(run: RunDir, precision: str) -> dict[str, Any]:
+    """Per component, how its ONNX was made (exporter, opset, FP16 converter and arguments), as the
+    export step recorded it; empty when there is no readable export manifest (hand-made ONNX files)."""
     try:
         from mmgen_deploy.export import read_manifest as read_export_manifest
-    except ImportError:
-        path = run.onnx_dir / "manifest.json"
-        try:
-            return read_json(path).get("fp16") if path.is_file() else None
-        except Exception:
-            return None
-    try:
+
         export_manifest = read_export_manifest(run)
-    except Exception:
-        return None
-    if isinstance(export_manifest, dict):
-        return export_manifest.get("fp16") or export_manifest.get("conversion")
-    return getattr(export_manifest, "fp16", None)
+        files = export_manifest["files"][precision]
+    except Exception:  # no export manifest, or one of another layout: the ONNX hashes still bind the plans
+        return {}
+    return {name: {"exporter": export_manifest.get("exporter"), "opset": entry.get("opset"),
+                   "export_sha256": entry.get("sha256"), "keep_fp32": entry.get("keep_fp32"),
+                   "converter": entry.get("converter")}
+            for name, entry in files.items() if isinstance(entry, dict)}
 
 
 def _old_manifest(directory: Path) -> dict[str, Any] | None:
@@ -331,7 +328,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
             "build_machine": machine_record(gpu),
             "options": options.recorded(),
             "weights_sha256": _weights_sha(run),
-            "fp16_conversion": _fp16_conversion_record(run),
+            "onnx_export": _export_records(run, options.precision),
             "timing_cache": TIMING_CACHE_NAME if flavour.has_timing_cache and timing_cache else None,
             "runtime_cache": RUNTIME_CACHE_NAME if flavour.has_runtime_cache else None,
             "components": entries,

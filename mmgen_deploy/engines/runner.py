@@ -32,6 +32,7 @@ from mmgen_deploy.engines.manifest import (
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_path
 from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.runtime.base import check_feeds
 from mmgen_deploy.specs import ComponentSpec, component_specs
 
 if TYPE_CHECKING:
@@ -266,8 +267,8 @@ class TensorRTRunner:
         import torch
 
         spec = self._engine(component).spec
-        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()
-                   if name in spec.input_names}
+        check_feeds(spec, feeds)  # names, dtypes and shapes, with a message naming the tensor
+        tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
         outputs = self.run_torch(component, tensors)
         return {name: outputs[name].cpu().numpy().astype(spec.io(name).dtype, copy=False)
                 for name in spec.output_names}
