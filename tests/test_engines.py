@@ -253,3 +253,13 @@ def test_real_fp16_export_builds_and_the_manifest_records_its_converter(tmp_path
     for name, entry in manifest["components"].items():
         assert entry["onnx_sha256"] == records[name]["export_sha256"]  # built from exactly what was exported
     check_engine_dir(run, _rtx())
+
+
+def test_generate_with_tensorrt_reports_stale_engines_before_any_gpu_work(run_copy: RunDir, capsys) -> None:
+    onnx_file = run_copy.onnx_dir / "fp16" / "denoiser.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes() + b"\x00")
+    code, _, err = _cli(["generate", str(run_copy.root), "--backend", "tensorrt", "-n", "1", "--steps", "2",
+                         "--out", str(run_copy.root / "samples" / "x")], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "stale engines" in err and "denoiser.onnx changed since the build" in err and "mmgen build-engine" in err
+    assert not (run_copy.root / "samples" / "x").exists()
