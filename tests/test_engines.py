@@ -263,3 +263,23 @@ def test_generate_with_tensorrt_reports_stale_engines_before_any_gpu_work(run_co
     assert code == 1 and "Traceback" not in err
     assert "stale engines" in err and "denoiser.onnx changed since the build" in err and "mmgen build-engine" in err
     assert not (run_copy.root / "samples" / "x").exists()
+
+
+@pytest.mark.filterwarnings("ignore:.*Timing cache operations are no-ops:DeprecationWarning")
+def test_classic_flavour_build_calls_are_valid_tensorrt_api(built_run: RunDir) -> None:
+    """Classic TensorRT cannot build without a GPU, but its extra calls (timing cache in and out,
+    STRONGLY_TYPED flag, workspace cap) go through the same Python API that TensorRT-RTX implements
+    (there as no-ops), so running them on the RTX library catches misspelt or mis-typed calls."""
+    from mmgen_deploy.engines.builder import BuildOptions, build_component
+    from mmgen_deploy.engines.flavour import Flavour
+
+    jetpack6 = Flavour("tensorrt", tensorrt_rtx, "10.3.0")
+    assert jetpack6.has_timing_cache and jetpack6.strongly_typed_flag_required and jetpack6.needs_gpu_to_build
+    assert not Flavour("tensorrt", tensorrt_rtx, "11.2.0").strongly_typed_flag_required
+    spec = component_specs(built_run.load_config())["quantizer"]
+    onnx_file = built_run.onnx_dir / "fp16" / "quantizer.onnx"
+    options = BuildOptions(runtime="tensorrt", opt_level=0, workspace_bytes=256 * 2**20)
+    plan, cache = build_component(jetpack6, spec, onnx_file, options, b"")
+    assert len(plan) > 10_000 and cache is not None
+    plan_again, _ = build_component(jetpack6, spec, onnx_file, options, cache)  # a cache from a previous build
+    assert len(plan_again) > 10_000

@@ -228,7 +228,9 @@ class TensorRTRunner:
 
         context = item.context
         for name, tensor in inputs.items():
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise UsageError(f"the {item.spec.name} engine rejects input {name} of shape {tuple(tensor.shape)}",
+                                 "rebuild with a --batch range that covers it")
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for tensor_spec in item.spec.outputs:
