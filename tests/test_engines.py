@@ -76,6 +76,7 @@ def test_aot_build_writes_all_plans_and_a_complete_manifest(built_run: RunDir) -
         profile = specs[name].engine_profile
         first = entry["profile"][specs[name].input_names[0]]
         assert (first["min"][0], first["opt"][0], first["max"][0]) == (profile.min, profile.opt, profile.max)
+    assert manifest["components"]["quantizer"]["tf32"] is False and manifest["components"]["decoder"]["tf32"]
     # classifier-free guidance doubles the denoiser's batch: spec 1:8:16 -> engine 2:16:32
     assert manifest["components"]["denoiser"]["profile"]["x_t"]["max"][0] == 2 * specs["denoiser"].profile.max
     report = read_json(built_run.root / "build.json")

@@ -176,6 +176,8 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
         config.set_memory_pool_limit(trt_mod.MemoryPoolType.WORKSPACE, options.workspace_bytes)
     if options.opt_level is not None:
         config.builder_optimization_level = options.opt_level
+    if spec.keep_fp32:
+        flavour.disable_tf32(config)
     flavour.configure_timing_cache(config, timing_cache)
     flavour.set_compute_capabilities(config, list(options.compute_capabilities))
 
@@ -191,9 +193,11 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     return bytes(memoryview(plan)), flavour.serialized_timing_cache(config)
 
 
-def _build_key(flavour: Flavour, options: BuildOptions, onnx_sha: str, shapes: dict[str, Any]) -> dict[str, Any]:
+def _build_key(flavour: Flavour, options: BuildOptions, onnx_sha: str, shapes: dict[str, Any],
+               keep_fp32: bool) -> dict[str, Any]:
     """Everything that decides a plan's bytes: equal keys -> the old plan can be reused."""
     return {"runtime": flavour.runtime, "version": flavour.version, "onnx_sha256": onnx_sha, "profile": shapes,
+            "tf32": not keep_fp32,
             "options": {k: v for k, v in options.recorded().items() if k != "batch"}}
 
 
@@ -273,7 +277,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
             onnx = onnx_files[name]
             onnx_sha = sha256_file(onnx)
             shapes = _profile_shapes(spec, options.batch)
-            key = _build_key(flavour, options, onnx_sha, shapes)
+            key = _build_key(flavour, options, onnx_sha, shapes, spec.keep_fp32)
             plan_name = f"{name}.plan"
             previous = old_entries.get(name)
             if progress:
@@ -304,6 +308,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
                 "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
                 "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
                 "fp32_graph": spec.keep_fp32,
+                "tf32": not spec.keep_fp32,  # the FP32-typed quantizer is built with TF32 off
                 "build_seconds": round(build_seconds, 4),
                 "build_key": key,
             }

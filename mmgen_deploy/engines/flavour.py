@@ -122,6 +122,15 @@ class Flavour:
                              f"choose from {', '.join(k.lower() for k in known)} (Hopper / SM90 is not supported)")
         return getattr(self.trt.ComputeCapability, key)
 
+    def disable_tf32(self, config: tensorrt.IBuilderConfig) -> bool:
+        """Keep FP32 layers in true FP32. TF32 (on by default in every flavour) rounds matmul/conv inputs to a
+        10-bit mantissa, like FP16, which flips the quantizer's argmin between near-equal codes."""
+        flag = getattr(self.trt.BuilderFlag, "TF32", None)
+        if flag is None:
+            return False
+        config.clear_flag(flag)
+        return True
+
     def configure_timing_cache(self, config: tensorrt.IBuilderConfig, cache_bytes: bytes) -> bool:
         """Attach a timing cache (possibly empty); False when this flavour has none."""
         if not self.has_timing_cache:
