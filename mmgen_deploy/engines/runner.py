@@ -123,7 +123,13 @@ class TensorRTRunner:
             self._keepalive.append(owner)
         if share_memory:
             block_size = max(flavour.device_memory_size(e) for e in loaded.values())
-            self._activation_block = torch.empty(max(block_size, 1), dtype=torch.uint8, device=self._torch_device)
+            try:
+                self._activation_block = torch.empty(max(block_size, 1), dtype=torch.uint8,
+                                                     device=self._torch_device)
+            except torch.cuda.OutOfMemoryError:
+                raise NotAvailableError(f"not enough GPU memory for the engines' {block_size / 2**20:.0f} MiB "
+                                        "activation block",
+                                        "rebuild with a smaller --batch range, or close other GPU programs") from None
         for name, engine in loaded.items():
             context, keepalive = flavour.create_context(engine, user_managed_memory=share_memory,
                                                         runtime_cache=self._runtime_cache)
