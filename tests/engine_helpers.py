@@ -25,7 +25,7 @@ def export_onnx_set(run: RunDir, precision: str = "fp16", real: bool = False) ->
     if real:
         from mmgen_deploy.export import export_run
 
-        export_run(run, precisions=("fp32", precision) if precision != "fp32" else ("fp32",))
+        export_run(run, precisions=(precision,))
         return
     config = run.load_config()
     components = build_components(run.load_vqvae(config), run.load_dit(config))
