@@ -94,7 +94,7 @@ def test_every_engine_matches_pytorch_within_fp16_tolerances(engine_run) -> None
     with TensorRTRunner.from_run_dir(run.root, precision="fp16", runtime=runtime) as runner:
         assert runner.backend == "tensorrt" and runner.precision == "fp16" and runner.device.startswith("cuda")
         memory = runner.device_memory_bytes()
-        assert memory["shared_block"] == max(v for k, v in memory.items() if k != "shared_block")
+        assert memory["shared_block"] >= max(v for k, v in memory.items() if k != "shared_block")
         for name, spec in specs.items():
             for batch in sorted({spec.engine_profile.min, spec.engine_profile.opt}):
                 feeds = spec.make_inputs(batch, rng)
@@ -187,6 +187,10 @@ def test_cuda_graph_replay_equals_eager(engine_run) -> None:
         got = [graphed.run("denoiser", feeds)["model_output"] for feeds in inputs]
         assert batch in graphed._engines["denoiser"].graphs
         again = graphed.run("denoiser", inputs[0])["model_output"]
-    for e, g in zip(expected, got, strict=True):
-        np.testing.assert_array_equal(g, e)
-    np.testing.assert_array_equal(again, expected[0])
+    if runtime == "tensorrt":  # same plan, same kernels, same inputs: bit for bit
+        for e, g in zip(expected, got, strict=True):
+            np.testing.assert_array_equal(g, e)
+        np.testing.assert_array_equal(again, expected[0])
+    else:  # RTX may swap in shape-specialised JIT kernels between calls: equal up to FP16 rounding
+        for e, g in zip([*expected, expected[0]], [*got, again], strict=True):
+            assert tensor_diff(e, g).rel_l2 <= 1e-3
