@@ -10,7 +10,6 @@ from mmgen_deploy.engines.manifest import (
     EngineSet,
     StaleEngineError,
     check_engine_dir,
-    engines_match_machine,
 )
 
 __all__ = [
@@ -20,7 +19,6 @@ __all__ = [
     "Flavour",
     "StaleEngineError",
     "check_engine_dir",
-    "engines_match_machine",
     "install_hint",
     "installed_flavours",
     "load_flavour",

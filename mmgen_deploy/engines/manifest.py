@@ -246,27 +246,3 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
             if sha256_file(plan) != entry.get("plan_sha256"):
                 raise CorruptEngineError(f"engine plan {plan} is corrupt (sha256 differs from the manifest)", rebuild)
     return EngineSet(directory=directory, manifest=manifest)
-
-
-def engines_match_machine(run: RunDir) -> str | None:
-    """For `--backend auto`: the runtime whose engines match this machine, or None.
-
-    Needs an installed flavour and a GPU; never raises.
-    """
-    from mmgen_deploy.engines.flavour import installed_flavours
-
-    try:
-        gpu = current_gpu()
-    except Exception:
-        return None
-    if gpu is None:
-        return None
-    for flavour in installed_flavours():
-        try:
-            check_engine_dir(run, flavour, gpu=gpu)
-        except RunDirError:
-            continue
-        return flavour.runtime
-    return None
-
-
