@@ -284,3 +284,13 @@ def test_classic_flavour_build_calls_are_valid_tensorrt_api(built_run: RunDir) -
     assert len(plan) > 10_000 and cache is not None
     plan_again, _ = build_component(jetpack6, spec, onnx_file, options, cache)  # a cache from a previous build
     assert len(plan_again) > 10_000
+
+
+def test_a_build_failing_for_lack_of_workspace_says_so_and_keeps_old_engines(run_copy: RunDir, capsys) -> None:
+    directory = run_copy.engines_dir / RTX_DIR
+    before = {p.name: p.read_bytes() for p in directory.iterdir()}
+    code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
+                         "--workspace", "1MiB", "-c", "denoiser"], capsys)
+    assert code == 1 and "Traceback" not in err
+    assert "failed to build denoiser" in err and "--workspace cap of 1 MiB is too small" in err
+    assert {p.name: p.read_bytes() for p in directory.iterdir()} == before

@@ -139,8 +139,11 @@ def _profile_shapes(spec: ComponentSpec, batch: BatchProfile | None) -> dict[str
                      "max": list(t.concrete_shape(profile.max))} for t in spec.inputs}
 
 
-def _oom_hint(messages: list[str]) -> str | None:
+def _oom_hint(messages: list[str], workspace_bytes: int | None) -> str | None:
     text = " ".join(messages).lower()
+    if workspace_bytes and "workspace" in text:
+        return (f"the --workspace cap of {workspace_bytes / 2**20:.0f} MiB is too small for this component: "
+                "raise it or leave it out")
     if any(k in text for k in ("out of memory", "outofmemory", "memoryallocation", "failed to allocate",
                                "insufficient memory")):
         return "the build ran out of memory: cap it with a smaller --workspace (e.g. 512MiB) or a smaller --batch"
@@ -189,7 +192,8 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     if plan is None or plan.nbytes == 0:
         errors = [m for m in messages if not m.startswith("[WARNING]")] or messages
         raise EngineBuildError(f"TensorRT failed to build {spec.name}: {' | '.join(errors[-3:]) or 'no message'}",
-                               _oom_hint(messages) or "run with --verbose for the full TensorRT log")
+                               _oom_hint(messages, options.workspace_bytes)
+                               or "run with --verbose for the full TensorRT log")
     return bytes(memoryview(plan)), flavour.serialized_timing_cache(config)
 
 
