@@ -50,7 +50,8 @@ def bench(run_dir: Path, *, steps: int, batch_size: int, sampler: str, cfg_scale
     torch.set_num_threads(threads)
     config = RunDir(run_dir).load_config()
     classes = [i % config.dit.num_classes for i in range(batch_size)]
-    settings = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=0, batch_size=batch_size)
+    settings: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=0,
+                                    batch_size=batch_size)
     rows: dict[str, Any] = {}
     backends = [("torch", "fp32")] + [("onnxruntime", p) for p in precisions]
     for backend, precision in backends:
