@@ -59,6 +59,29 @@ def _set_shape(value: onnx.ValueInfoProto, tensor: TensorSpec) -> None:
             entry.dim_value = int(dim)
 
 
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn `Constant` nodes into initializers (a third of the TorchScript exporter's nodes).
+
+    Same computation, fewer nodes: graph tools that scan the node list per node (ModelOpt
+    AutoCast's clean-up is quadratic in the node count) get much faster.
+    """
+    graph = model.graph
+    kept, moved = [], 0
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and len(node.output) == 1 and "value" in attrs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attrs["value"].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return moved
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> None:
     """One file, or graph + `<name>.data` when the weights are too big for protobuf."""
     size = sum(init.ByteSize() for init in model.graph.initializer)
@@ -101,6 +124,7 @@ def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: in
         _set_shape(value, tensor)
     for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
         _set_shape(value, tensor)
+    constants_to_initializers(model)
     # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
     del model.graph.value_info[:]
     model.producer_name = "mmgen-deploy"
