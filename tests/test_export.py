@@ -161,9 +161,14 @@ def test_export_run_writes_manifest_and_refuses_foreign_checkpoint(tmp_path, ran
 
 
 def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models, capsys, monkeypatch) -> None:
+    from mmgen_deploy.data import DataSpec
+
     config, vq, dit = random_models
-    run = save_run(tmp_path / "run", config, vq, dit)
-    export_run(run, precisions=("fp32",), components=("decoder", "denoiser"))
+    run = save_run(tmp_path / "run", config, vq, dit, data=DataSpec(name="shapes").to_dict())
+    manifest = export_run(run, precisions=("fp32",), components=("decoder", "denoiser"))
+    # Without --calibration, real inputs come from the run's own dataset.
+    assert manifest["calibration"]["source"].startswith("dataset images (shapes validation split, 16 samples)")
+    assert manifest["files"]["fp32"]["decoder"]["validation"]["worst"][-1]["inputs"] == "real"
     manifest_before = (run.onnx_dir / "manifest.json").read_bytes()
     graph_before = onnx_path(run, "fp32", "denoiser").read_bytes()
 
