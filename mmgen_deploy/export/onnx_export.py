@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.export.fold import fold_static_shapes
 from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 MIN_OPSET = 17  # native LayerNormalization for TensorRT
@@ -125,6 +126,7 @@ def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: in
     for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
         _set_shape(value, tensor)
     constants_to_initializers(model)
+    model, _ = fold_static_shapes(model)
     # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
     del model.graph.value_info[:]
     model.producer_name = "mmgen-deploy"
