@@ -137,7 +137,7 @@ def test_tiny_export_fp32_and_fp16_match_pytorch(tiny_export) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("MMGEN_SLOW") != "1",
-                    reason="S/2 export + AutoCast takes ~1.5-2.5 min on 2 shared cores; run with MMGEN_SLOW=1")
+                    reason="S/2 export + AutoCast + parity takes ~70 s on 2 shared cores; run with MMGEN_SLOW=1")
 def test_larger_preset_fp32_and_fp16_match_pytorch(tmp_path) -> None:
     """S/2 (depth 12, width 384, 33 M parameters): same tolerances at batch 1, 3 and 16."""
     config = preset("S/2")
