@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -61,9 +63,22 @@ def _independent_parity(config: ModelConfig, vq: VQModel, dit: DiT, folder, prec
     modules = build_components(vq, dit)
     worst: dict[str, float] = {}
     rng = np.random.default_rng(123)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # one thread is far faster on the shared 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _parity_loop(specs, modules, folder, precision, batches, rng, options, worst)
+    finally:
+        torch.set_num_threads(threads)
+    return worst
+
+
+def _parity_loop(specs, modules, folder, precision, batches, rng, options, worst) -> None:
     for name in COMPONENT_NAMES:
         spec = specs[name]
-        session = ort.InferenceSession(str(folder / precision / f"{name}.onnx"), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(folder / precision / f"{name}.onnx"), options,
+                                       providers=["CPUExecutionProvider"])
         for batch in batches:
             inputs = spec.make_inputs(batch, rng)
             with torch.no_grad():
@@ -78,14 +93,21 @@ def _independent_parity(config: ModelConfig, vq: VQModel, dit: DiT, folder, prec
                     worst[key] = max(worst.get(key, 0.0), _rel_l2(r_np, o))
                 else:
                     np.testing.assert_array_equal(o, r_np)  # quantizer indices identical
-    return worst
 
 
-def test_tiny_export_fp32_and_fp16_match_pytorch(tmp_path, tiny_config) -> None:
-    vq, dit = _models(tiny_config)
-    images = _images(tiny_config)
-    result = export_models(tiny_config, vq, dit, tmp_path,
-                           calibration=CalibrationData(images=images, labels=np.arange(8, dtype=np.int32)))
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory):
+    """One tiny export (FP32 + FP16, calibrated on image-like data) shared by several tests."""
+    config = preset("tiny")
+    vq, dit = _models(config)
+    folder = tmp_path_factory.mktemp("tiny-export")
+    result = export_models(config, vq, dit, folder,
+                           calibration=CalibrationData(images=_images(config), labels=np.arange(8, dtype=np.int32)))
+    return config, vq, dit, folder, result
+
+
+def test_tiny_export_fp32_and_fp16_match_pytorch(tiny_export) -> None:
+    tiny_config, vq, dit, tmp_path, result = tiny_export
     worst32 = _independent_parity(tiny_config, vq, dit, tmp_path, "fp32")
     assert max(worst32.values()) <= 1e-5, worst32
     worst16 = _independent_parity(tiny_config, vq, dit, tmp_path, "fp16")
@@ -96,6 +118,9 @@ def test_tiny_export_fp32_and_fp16_match_pytorch(tmp_path, tiny_config) -> None:
     assert fp16["quantizer"]["fp16_nodes"] == 0 and fp16["quantizer"]["keep_fp32"]
     kept = fp16["denoiser"]["kept_fp32_nodes"]
     assert any(n.startswith("/dit/t_embedder/") and n.endswith("Cos") for n in kept)
+    # Static shape arithmetic is folded, so AutoCast sees no integer "overflow" (chunk offsets
+    # such as 640) and keeps nothing but the timestep embedding FP32 in the denoiser.
+    assert all(n.startswith("/dit/t_embedder/") for n in kept), kept
     assert any("InstanceNormalization" in n for n in fp16["decoder"]["kept_fp32_nodes"])
     graph16 = onnx.load(str(tmp_path / "fp16" / "denoiser.onnx"))
     assert any(init.data_type == onnx.TensorProto.FLOAT16 for init in graph16.graph.initializer)
@@ -111,8 +136,10 @@ def test_tiny_export_fp32_and_fp16_match_pytorch(tmp_path, tiny_config) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("MMGEN_SLOW") != "1",
+                    reason="S/2 export + AutoCast + parity takes ~70 s on 2 shared cores; run with MMGEN_SLOW=1")
 def test_larger_preset_fp32_and_fp16_match_pytorch(tmp_path) -> None:
-    """S/2 (depth 12, width 384): same tolerances at batch 1, 3 and 16."""
+    """S/2 (depth 12, width 384, 33 M parameters): same tolerances at batch 1, 3 and 16."""
     config = preset("S/2")
     vq, dit = _models(config, seed=3)
     export_models(config, vq, dit, tmp_path, calibration=_images(config))
@@ -161,9 +188,14 @@ def test_export_run_writes_manifest_and_refuses_foreign_checkpoint(tmp_path, ran
 
 
 def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models, capsys, monkeypatch) -> None:
+    from mmgen_deploy.data import DataSpec
+
     config, vq, dit = random_models
-    run = save_run(tmp_path / "run", config, vq, dit)
-    export_run(run, precisions=("fp32",), components=("decoder", "denoiser"))
+    run = save_run(tmp_path / "run", config, vq, dit, data=DataSpec(name="shapes").to_dict())
+    manifest = export_run(run, precisions=("fp32",), components=("decoder", "denoiser"))
+    # Without --calibration, real inputs come from the run's own dataset.
+    assert manifest["calibration"]["source"].startswith("dataset images (shapes validation split, 16 samples)")
+    assert manifest["files"]["fp32"]["decoder"]["validation"]["worst"][-1]["inputs"] == "real"
     manifest_before = (run.onnx_dir / "manifest.json").read_bytes()
     graph_before = onnx_path(run, "fp32", "denoiser").read_bytes()
 
@@ -211,3 +243,33 @@ def test_bad_arguments_are_one_line_errors(tmp_path, random_models, capsys) -> N
         read_manifest(run.root)
     with pytest.raises(UsageError):
         export_run(run, precisions=("int8",))
+
+
+@pytest.mark.tensorrt
+@pytest.mark.slow
+def test_fp16_graphs_build_with_tensorrt_rtx_ahead_of_time(tiny_export) -> None:
+    """TensorRT-RTX builds ahead of time without a GPU: every FP16 graph must parse and build
+    as a strongly typed network with the spec's batch profile (plain tensorrt_rtx calls: the
+    engines package is not on main yet)."""
+    trt = pytest.importorskip("tensorrt_rtx")
+    config, _, _, folder, _ = tiny_export
+    logger = trt.Logger(trt.Logger.ERROR)
+    for name, spec in component_specs(config).items():
+        builder = trt.Builder(logger)
+        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+        parser = trt.OnnxParser(network, logger)
+        parsed = parser.parse_from_file(str(folder / "fp16" / f"{name}.onnx"))
+        assert parsed, [parser.get_error(i).desc() for i in range(parser.num_errors)]
+        build_config = builder.create_builder_config()
+        profile = builder.create_optimization_profile()
+        batches = spec.engine_profile
+        for tensor in spec.inputs:
+            profile.set_shape(tensor.name, tensor.concrete_shape(batches.min), tensor.concrete_shape(batches.opt),
+                              tensor.concrete_shape(batches.max))
+        build_config.add_optimization_profile(profile)
+        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 28)
+        plan = builder.build_serialized_network(network, build_config)
+        assert plan is not None and plan.nbytes > 0, f"{name}: TensorRT-RTX build failed"
+        inputs = {network.get_input(i).name: network.get_input(i).dtype for i in range(network.num_inputs)}
+        expected = {t.name: trt.int32 if t.dtype == "int32" else trt.float32 for t in spec.inputs}
+        assert inputs == expected  # I/O stays FP32 / INT32 in the FP16 graphs

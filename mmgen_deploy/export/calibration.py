@@ -11,15 +11,16 @@ Without images, the spec's dummy inputs stand in (and the manifest says so).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.errors import UsageError
+from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.specs import ComponentSpec
 
 CALIBRATION_SAMPLES = 16  # enough for the activation range check, cheap on 2 cores
@@ -80,6 +81,28 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
                            labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source)
 
 
+def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, str]:
+    """The first images of the run's validation split (run.json `data`), or None and why not."""
+    described = meta.get("data") or {}
+    if not isinstance(described, dict) or "name" not in described:
+        return None, "the run records no dataset"
+    from mmgen_deploy.data import DataSpec, load_split
+
+    spec = DataSpec.from_dict(described)
+    if spec.name == "shapes":  # generated: ask for just the samples needed (same deterministic stream)
+        spec = replace(spec, num_val=CALIBRATION_SAMPLES)
+    try:
+        data = load_split(spec, "val")
+    except (MMGenError, OSError, ValueError) as exc:
+        return None, f"dataset unavailable: {exc}"
+    if len(data) == 0:
+        return None, "the dataset's validation split is empty"
+    count = min(len(data), CALIBRATION_SAMPLES)
+    images = np.ascontiguousarray(data.images[:count].transpose(0, 3, 1, 2))  # NHWC uint8 -> NCHW
+    return CalibrationData(images=images, labels=np.asarray(data.labels[:count]),
+                           source=f"{spec.name} validation split"), ""
+
+
 def alphas_cumprod(config: ModelConfig) -> np.ndarray:
     d = config.diffusion
     betas = np.linspace(d.beta_start, d.beta_end, d.num_train_timesteps, dtype=np.float64)
@@ -87,12 +110,13 @@ def alphas_cumprod(config: ModelConfig) -> np.ndarray:
 
 
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
-                     modules: dict[str, nn.Module], seed: int = 0) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+                     modules: dict[str, nn.Module], seed: int = 0,
+                     why_no_data: str = "no images given") -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Per-component real inputs, and a word saying where they came from."""
     rng = np.random.default_rng(seed)
     if data is None:
         n = CALIBRATION_SAMPLES
-        return {name: spec.make_inputs(n, rng) for name, spec in specs.items()}, "spec dummy inputs (no images given)"
+        return {name: spec.make_inputs(n, rng) for name, spec in specs.items()}, f"spec dummy inputs ({why_no_data})"
     images = data.images
     n = images.shape[0]
     with torch.no_grad():

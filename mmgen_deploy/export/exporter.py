@@ -19,7 +19,12 @@ from typing import Any
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
-from mmgen_deploy.export.calibration import CalibrationSource, component_inputs, load_calibration
+from mmgen_deploy.export.calibration import (
+    CalibrationSource,
+    component_inputs,
+    dataset_calibration,
+    load_calibration,
+)
 from mmgen_deploy.export.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
@@ -85,7 +90,8 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
 def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
                   precisions: Sequence[str] = PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
-                  progress: ProgressCallback | None = None) -> dict[str, Any]:
+                  progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
+                  ) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
 
     Returns the manifest's `files` and `calibration` parts. Raises
@@ -94,18 +100,19 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
     """
     with _torch_threads(1):
         return _export_models(config, vq, dit, Path(out_dir), precisions=precisions, components=components,
-                              opset=opset, calibration=calibration, progress=progress)
+                              opset=opset, calibration=calibration, progress=progress,
+                              why_no_calibration=why_no_calibration)
 
 
 def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
-                   progress: ProgressCallback | None) -> dict[str, Any]:
+                   progress: ProgressCallback | None, why_no_calibration: str) -> dict[str, Any]:
     check_opset(opset)
     chosen_precisions, chosen = normalize_selection(precisions, components)
     specs = component_specs(config)
     modules = build_components(vq.eval(), dit.eval())
     data = load_calibration(calibration, config)
-    real_inputs, real_source = component_inputs(data, config, specs, modules)
+    real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration)
     real_kind = "real" if data is not None else "dummy"
     steps_per = 2 + (2 if "fp16" in chosen_precisions else 0)
     total, done = steps_per * len(chosen), 0
@@ -195,6 +202,10 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     chosen_precisions, chosen = normalize_selection(precisions, components)
     config, vq, dit = run.load_models()
     weights_sha = run.weights_sha256()
+    why_no_calibration = "no images given"
+    if calibration is None:
+        # Real data by default: the first validation images of the dataset the run was trained on.
+        calibration, why_no_calibration = dataset_calibration(run.read_meta())
     previous = _check_existing(run, weights_sha, overwrite)
     started = time.perf_counter()
     with atomic_dir(run.onnx_dir) as tmp:
@@ -215,7 +226,8 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
                             shutil.copy2(data_file, target.with_name(data_file.name))
                         files.setdefault(precision, {})[component] = entry
         result = export_models(config, vq, dit, tmp, precisions=chosen_precisions, components=chosen,
-                               opset=opset, calibration=calibration, progress=progress)
+                               opset=opset, calibration=calibration, progress=progress,
+                               why_no_calibration=why_no_calibration)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.export.fold import fold_static_shapes
 from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 MIN_OPSET = 17  # native LayerNormalization for TensorRT
@@ -57,6 +58,29 @@ def _set_shape(value: onnx.ValueInfoProto, tensor: TensorSpec) -> None:
             entry.dim_param = dim
         else:
             entry.dim_value = int(dim)
+
+
+def constants_to_initializers(model: onnx.ModelProto) -> int:
+    """Turn `Constant` nodes into initializers (a third of the TorchScript exporter's nodes).
+
+    Same computation, fewer nodes: graph tools that scan the node list per node (ModelOpt
+    AutoCast's clean-up is quadratic in the node count) get much faster.
+    """
+    graph = model.graph
+    kept, moved = [], 0
+    for node in graph.node:
+        attrs = {a.name: a for a in node.attribute}
+        if node.op_type == "Constant" and len(node.output) == 1 and "value" in attrs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(attrs["value"].t)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            moved += 1
+        else:
+            kept.append(node)
+    del graph.node[:]
+    graph.node.extend(kept)
+    return moved
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:
@@ -101,6 +125,8 @@ def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: in
         _set_shape(value, tensor)
     for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
         _set_shape(value, tensor)
+    constants_to_initializers(model)
+    model, _ = fold_static_shapes(model)
     # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
     del model.graph.value_info[:]
     model.producer_name = "mmgen-deploy"
