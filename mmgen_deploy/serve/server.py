@@ -287,7 +287,7 @@ class TritonServer:
         self._workdir = Path(tempfile.mkdtemp(prefix="mmgen-triton-"))
         backends = prepare_backends(self.install, self._workdir)
         env = server_environment(self.install, self.python_paths, prepare_stub_python(self.install, self._workdir))
-        self.process = subprocess.Popen(  # noqa: S603 - fixed binary, arguments built here
+        self.process = subprocess.Popen(
             self.command(backends), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._read_output, name="tritonserver-log", daemon=True)
