@@ -38,6 +38,8 @@ _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py"
 _STUB_NAME = "triton_python_backend_stub"
 PYTHONPATH_VARIABLE = "MMGEN_PYTHONPATH"
 NUMPY1_VARIABLE = "MMGEN_TRITON_NUMPY1"
+# Error lines every CPU-only start prints; they never explain a failure.
+_NOISE = ("CudaDriverHelper has not been initialized", "Unable to allocate pinned system memory")
 
 
 class ServerError(MMGenError):
@@ -224,11 +226,16 @@ def summarize_failure(lines: list[str]) -> str:
                     text += " " + " ".join(c for c in cont if c)
                 else:
                     break
+            # The Python backend appends the Python stack ("At: file(line): fn ..."): drop it.
+            text = text.split(" At: ")[0].split("  At:")[0].strip()
             found.append(f"model {cells[0]}: {text}" if cells else text)
         elif line.startswith("error:"):
             found.append(line.strip())
     if not found:
-        found = [line.strip() for line in lines if line[:1] == "E" and line[1:5].isdigit()][-3:]
+        # glog error lines: "E1124 14:23:33.151539 13283 main.cc:257] \"message\"".
+        messages = [line.split("] ", 1)[-1].strip().strip('"').strip() for line in lines
+                    if line[:1] == "E" and line[1:5].isdigit()]
+        found = [m for m in messages if not any(noise in m for noise in _NOISE)][-2:]
     return "; ".join(dict.fromkeys(found)) or "tritonserver exited without an error message"
 
 
