@@ -13,9 +13,11 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mmgen_deploy.cli.app import main
@@ -259,3 +261,127 @@ def test_serve_reports_a_busy_port_in_one_line(tmp_path, random_models) -> None:
                                 capture_output=True, text=True, env=_env(), timeout=120)
     assert result.returncode == 1, result.stderr
     assert f"127.0.0.1:{port}' already in use" in result.stderr and "CudaDriverHelper" not in result.stderr
+
+
+# -- end to end: mmgen serve + concurrent clients vs in-process generation ------------------------
+def _open_runner_missing() -> str | None:
+    try:
+        from mmgen_deploy.runtime import open_runner  # noqa: F401
+    except ImportError:
+        return "needs mmgen_deploy.runtime.open_runner (the sampling runtime) on this branch"
+    return None
+
+
+def _generate_cli_image(run_root: Path, out: Path, class_id: int, seed: int, steps: int, capsys) -> np.ndarray:
+    """`mmgen generate --seed S --n 1`, run through the real entry point; returns its one PNG."""
+    from PIL import Image
+
+    code, text = _cli(["generate", str(run_root), "--class", str(class_id), "--n", "1", "--seed", str(seed),
+                       "--steps", str(steps), "--backend", "onnxruntime", "--precision", "fp32",
+                       "--threads", "1", "--out", str(out)], capsys)
+    assert code == 0, text
+    pngs = sorted(p for p in out.glob("*.png") if p.name != "grid.png")
+    assert len(pngs) == 1, pngs
+    return np.asarray(Image.open(pngs[0]).convert("RGB"))
+
+
+@pytest.mark.slow
+@needs_triton
+def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_models, capsys) -> None:
+    missing = _open_runner_missing()
+    if missing:
+        pytest.skip(missing)
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError, batch_sizes_executed
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    export_run(run.root, precisions=["fp32"], components=["denoiser", "quantizer", "decoder"])
+    steps = 4
+    ports = [_free_port() for _ in range(3)]
+    endpoints_file = tmp_path / "endpoints.json"
+    # A long queue delay makes the dynamic batcher merge the concurrent requests reliably.
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "mmgen_deploy", "serve", str(run.root), "--port", str(ports[0]), "--grpc-port",
+         str(ports[1]), "--metrics-port", str(ports[2]), "--backend", "onnxruntime", "--precision", "fp32",
+         "--threads", "1", "--max-batch", "8", "--max-queue-delay-us", "300000", "--json", str(endpoints_file)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while not endpoints_file.is_file():
+            assert serve.poll() is None, f"mmgen serve exited early: {serve.communicate()[1]}"
+            assert time.monotonic() < deadline, "mmgen serve not ready within 120 s"
+            time.sleep(0.2)
+        endpoints = json.loads(endpoints_file.read_text())
+        server_pid = int(endpoints["pid"])
+        url = endpoints["http"]
+        assert url == f"http://127.0.0.1:{ports[0]}"
+
+        # Several client threads at once; one request carries two images.
+        jobs = [ImageRequest(seeds=[100 + i], class_ids=[(3 * i) % config.dit.num_classes], steps=steps)
+                for i in range(6)]
+        jobs.append(ImageRequest(seeds=[7, 8], class_ids=[1, 2], steps=steps))
+        barrier = threading.Barrier(len(jobs))
+        results: dict[int, np.ndarray | BaseException] = {}
+
+        def worker(index: int) -> None:
+            client = GenerateClient(url, timeout_s=120)
+            try:
+                barrier.wait(timeout=30)
+                results[index] = client.generate(jobs[index])
+            except BaseException as exc:
+                results[index] = exc
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=180)
+        for index, job in enumerate(jobs):
+            images = results[index]
+            assert isinstance(images, np.ndarray), f"request {index} failed: {images!r}"
+            assert images.shape == (len(job.seeds), 32, 32, 3) and images.dtype == np.uint8
+
+        # Each served image equals `mmgen generate` with the same class, seed and steps.
+        checks = [(0, 0), (len(jobs) - 1, 0), (len(jobs) - 1, 1)]
+        for job_index, row in checks:
+            job = jobs[job_index]
+            assert job.class_ids is not None
+            reference = _generate_cli_image(run.root, tmp_path / f"gen{job_index}_{row}", job.class_ids[row],
+                                            job.seeds[row], steps, capsys)
+            served = results[job_index]
+            assert isinstance(served, np.ndarray)
+            assert psnr(reference, served[row]) >= 40.0
+
+        # The dynamic batcher merged requests into executions of more than one image.
+        client = GenerateClient(url, timeout_s=60)
+        try:
+            executed = batch_sizes_executed(client.statistics())
+            assert max(executed) > 1, executed
+            # A malformed request gets an error; the server keeps serving.
+            with pytest.raises(RemoteError, match="out of range"):
+                client.generate(ImageRequest(seeds=[0], class_ids=[config.dit.num_classes + 5], steps=steps))
+            with pytest.raises(RemoteError, match="steps 0 is out of range"):
+                client.generate(ImageRequest(seeds=[0], class_ids=[0], steps=0))
+            again = client.generate(ImageRequest(seeds=[100], class_ids=[0], steps=steps))
+            first = results[0]
+            assert isinstance(first, np.ndarray) and np.array_equal(again, first)
+        finally:
+            client.close()
+    finally:
+        if serve.poll() is None:
+            serve.send_signal(signal.SIGINT)  # what Ctrl-C does
+            try:
+                serve.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+                serve.wait()
+        if server_pid is not None and not _wait_gone(server_pid, 20):
+            os.killpg(server_pid, signal.SIGKILL)
+            pytest.fail("tritonserver outlived `mmgen serve`")
+    assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""
+    assert server_pid is not None and not _pid_alive(server_pid)

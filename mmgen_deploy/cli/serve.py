@@ -15,12 +15,12 @@ from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
 
 _BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-_PRECISIONS = ("fp32", "fp16")
+_PRECISIONS = ("auto", "fp32", "fp16")
 
 
 def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_delay_us: int, backend: str,
                   precision: str, steps: int, guidance: float, max_steps: int, artifacts: str,
-                  layout: str) -> object:
+                  layout: str, threads: int) -> object:
     from mmgen_deploy.serve.repository import RepositoryOptions
 
     if backend not in _BACKENDS:
@@ -30,7 +30,7 @@ def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_dela
     options = RepositoryOptions(max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
                                 max_queue_delay_us=queue_delay_us, backend=backend, precision=precision,
                                 default_steps=steps, default_guidance=guidance, max_steps=max_steps,
-                                artifacts=artifacts, layout=layout)
+                                artifacts=artifacts, layout=layout, threads=threads)
     options.validate()
     return options
 
@@ -55,7 +55,9 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend",
                                     help="Inference backend inside the server: auto (TensorRT engines, else ONNX "
                                          "Runtime CUDA, else ONNX Runtime CPU), tensorrt, onnxruntime, torch."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 exported models."),
+        precision: str = typer.Option("auto", "--precision",
+                                      help="auto (fp16 on GPUs, fp32 on CPUs), fp32 or fp16 exported models."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
         steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
         guidance: float = typer.Option(4.0, "--guidance", help="Default guidance scale when a request sends none."),
         max_steps: int = typer.Option(250, "--max-steps", help="Requests asking for more steps are refused."),
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
 
         options = _repo_options(max_batch, instances, instance_kind, queue_delay_us, backend, precision, steps,
-                                guidance, max_steps, artifacts, layout)
+                                guidance, max_steps, artifacts, layout, threads)
         assert isinstance(options, RepositoryOptions)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
@@ -95,7 +97,8 @@ def register(app: typer.Typer) -> None:
         instances: int = typer.Option(1, "--instances", help="Model instances."),
         queue_delay_us: int = typer.Option(20000, "--max-queue-delay-us", help="Dynamic batcher wait."),
         backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or torch."),
-        precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16."),
+        precision: str = typer.Option("auto", "--precision", help="auto, fp32 or fp16."),
+        threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", help="Seconds to wait for the models to load."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo the server log."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
@@ -124,7 +127,7 @@ def register(app: typer.Typer) -> None:
                 repository = target
             else:
                 options = _repo_options(max_batch, instances, "cpu", queue_delay_us, backend, precision, 50, 4.0,
-                                        250, "reference", "python")
+                                        250, "reference", "python", threads)
                 assert isinstance(options, RepositoryOptions)
                 repository = Path(scratch) / "repository"
                 write_repository(target, repository, RepositoryOptions(**{**options.__dict__,

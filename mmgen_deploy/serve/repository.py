@@ -37,7 +37,8 @@ class RepositoryOptions:
     instance_kind: str = "cpu"
     max_queue_delay_us: int = 20_000
     backend: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
+    threads: int = 0
     sampler: str = "ddim"
     default_steps: int = 50
     default_guidance: float = 4.0
@@ -54,6 +55,7 @@ class RepositoryOptions:
             (self.instance_kind in INSTANCE_KINDS,
              f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}"),
             (self.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
+            (self.threads >= 0, f"--threads must be >= 0 (0 = the backend's default), got {self.threads}"),
             (self.artifacts in ARTIFACT_MODES,
              f"--artifacts must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
             (1 <= self.default_steps <= self.max_steps,
@@ -83,6 +85,7 @@ def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOpt
         "run_dir": run_dir,
         "backend": options.backend,
         "precision": options.precision,
+        "threads": str(options.threads),
         "sampler": options.sampler,
         "default_steps": str(options.default_steps),
         "default_guidance": repr(float(options.default_guidance)),

@@ -61,23 +61,32 @@ class TritonPythonModel:
         run = RunDir(run_dir)
         self.config = run.load_config()
         run.load_models()
+        self.num_classes = self.config.dit.num_classes
+        self.class_index = {name.lower(): i for i, name in enumerate(self.config.class_names)}
+
+        import inspect
 
         from mmgen_deploy.runtime import open_runner
         from mmgen_deploy.sampling import sample
 
-        self.num_classes = self.config.dit.num_classes
-        self.class_index = {name: i for i, name in enumerate(self.config.class_names)}
         self.sampler = params.get("sampler", "ddim")
         self.default_steps = int(params.get("default_steps", "50"))
         self.default_guidance = float(params.get("default_guidance", "4.0"))
         self.max_steps = int(params.get("max_steps", "250"))
         self.max_guidance = float(params.get("max_guidance", "50"))
         self.batch_size = max(1, int(model_config.get("max_batch_size", 16)))
-        self.runner = open_runner(run_dir, params.get("backend", "auto"), params.get("precision", "fp32"))
+        precision = params.get("precision", "auto")
+        threads = int(params.get("threads", "0"))
+        self.runner = open_runner(run_dir, params.get("backend", "auto"), None if precision == "auto" else precision,
+                                  threads=threads or None)
         self._sample = sample
-        backend_name = getattr(self.runner, "backend", params.get("backend", "auto"))
-        pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}, backend {backend_name}, "
-                                 f"{self.num_classes} classes, sampler {self.sampler}")
+        # With per-image seeds, one call samples a whole group; without (an older sample()), each
+        # image is sampled alone with its seed, which gives the same image, just unbatched.
+        self._per_image_seeds = "seeds" in inspect.signature(sample).parameters
+        choice = getattr(self.runner, "choice", None)
+        described = choice.describe() if choice is not None else getattr(self.runner, "backend", "?")
+        pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}; {described}; {self.num_classes} classes; "
+                                 f"sampler {self.sampler}; batched seeds: {self._per_image_seeds}")
 
     # -- parsing ----------------------------------------------------------------------
     def _rows(self, request: Any) -> list[tuple[int, int, int, float]]:
@@ -93,10 +102,10 @@ class TritonPythonModel:
             classes = []
             for raw in prompts.reshape(-1):
                 name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if name not in self.class_index:
+                if name.lower() not in self.class_index:
                     known = ", ".join(self.config.class_names) or "none: this model has no class names"
                     raise RequestError(f"unknown class name {name!r} (known: {known})")
-                classes.append(self.class_index[name])
+                classes.append(self.class_index[name.lower()])
         n = len(classes)
         if n == 0:
             raise RequestError("the request has no images (empty batch)")
@@ -144,10 +153,7 @@ class TritonPythonModel:
 
         for (steps, guidance), members in groups.items():
             try:
-                result = self._sample(self.runner, self.config, [m[2] for m in members], steps=steps,
-                                      sampler=self.sampler, cfg_scale=guidance, seeds=[m[3] for m in members],
-                                      batch_size=self.batch_size)
-                batch = np.asarray(result.images, dtype=np.uint8)
+                batch = self._generate([m[2] for m in members], [m[3] for m in members], steps, guidance)
                 if len(batch) != len(members):
                     raise RuntimeError(f"sample() returned {len(batch)} images for {len(members)}")
             except Exception as exc:  # a failing group fails its own requests only
@@ -165,6 +171,15 @@ class TritonPythonModel:
                 stacked = np.ascontiguousarray(np.stack(rows))  # type: ignore[arg-type]
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", stacked)])
         return responses
+
+    def _generate(self, class_ids: list[int], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
+        """uint8 images, image i from (class_ids[i], seeds[i]) exactly as `mmgen generate --seed` makes it."""
+        common = {"steps": steps, "sampler": self.sampler, "cfg_scale": guidance, "batch_size": self.batch_size}
+        if self._per_image_seeds:
+            result = self._sample(self.runner, self.config, class_ids, seeds=seeds, **common)
+            return np.asarray(result.images, dtype=np.uint8)
+        return np.concatenate([np.asarray(self._sample(self.runner, self.config, [c], seed=s, **common).images,
+                                          dtype=np.uint8) for c, s in zip(class_ids, seeds, strict=True)])
 
     def finalize(self) -> None:
         close = getattr(getattr(self, "runner", None), "close", None)
