@@ -41,7 +41,11 @@ def _check_port(name: str, port: int) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    @app.command("triton-repo")
+    @app.command("triton-repo", help=(
+        "Write a Triton Inference Server model repository for a run: model `mmgen_generate` (class ids or class "
+        "names, seed, steps, guidance in; uint8 images out), its config.pbtxt (dynamic batching, instance groups, "
+        "max batch), the run's artifacts, and a README saying how to serve it with the official Triton container "
+        "on a GPU host."))
     def triton_repo(
         run_dir: Path = typer.Argument(..., help="Run directory to serve."),
         out: Path = typer.Option(..., "--out", "-o", help="Repository directory to write (replaced atomically)."),
@@ -69,10 +73,6 @@ def register(app: typer.Typer) -> None:
                                         "ensemble: per-component models + BLS loop (not implemented yet)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write a summary as JSON."),
     ) -> None:
-        """Write a Triton Inference Server model repository for a run: model `mmgen_generate`
-        (class ids or class names, seed, steps, guidance in; uint8 images out), its config.pbtxt
-        (dynamic batching, instance groups, max batch), the run's artifacts and a README saying
-        how to serve it with the official Triton container on a GPU host."""
         from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
 
         options = _repo_options(max_batch, instances, instance_kind, queue_delay_us, backend, precision, steps,
@@ -84,7 +84,12 @@ def register(app: typer.Typer) -> None:
                       f"or the container command in {out / 'README.md'}")
         emit_json(summary, json_out)
 
-    @app.command("serve")
+    @app.command("serve", help=(
+        "Start a real Triton Inference Server on the run (loopback by default) and block until Ctrl-C.\n\n"
+        "Uses a system-wide tritonserver if there is one, else the binary and Python backend inside the "
+        "nvidia-pytriton wheel (pip install 'mmgen-deploy\\[serve]'). Ready only once the model is loaded; exits "
+        "non-zero with the server's own error line if the repository does not load. The server is stopped on "
+        "Ctrl-C, SIGTERM, or when this process dies."))
     def serve(
         target: Path = typer.Argument(..., metavar="RUN_DIR",
                                       help="Run directory (a repository is written to a temp dir) or a "
@@ -105,12 +110,6 @@ def register(app: typer.Typer) -> None:
         json_out: str | None = typer.Option(None, "--json", metavar="FILE",
                                             help="Once ready, write endpoints and the server pid as JSON."),
     ) -> None:
-        """Start a real Triton Inference Server on the run and block until Ctrl-C.
-
-        Uses a system-wide tritonserver if there is one, else the binary and Python backend inside
-        the nvidia-pytriton wheel (pip install 'mmgen-deploy[serve]'). Exits non-zero with the
-        server's own error line if the repository does not load. The server is stopped on Ctrl-C,
-        SIGTERM, or if this process dies."""
         from mmgen_deploy.serve import MODEL_NAME
         from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
         from mmgen_deploy.serve.server import ServerError, TritonServer
@@ -168,7 +167,9 @@ def register(app: typer.Typer) -> None:
         console.print("tritonserver stopped")
         sys.exit(0)
 
-    @app.command("client")
+    @app.command("client", help=(
+        "Request images from a running `mmgen serve` (or any Triton serving an `mmgen triton-repo` repository) "
+        "and write them as PNGs. All images go in one request; image i uses seed SEED+i."))
     def client(
         url: str = typer.Argument("http://127.0.0.1:8000", help="HTTP endpoint of `mmgen serve` / Triton."),
         class_ids: list[int] = typer.Option(None, "--class", "-c", help="Class id (repeat for several; cycled)."),
@@ -181,9 +182,8 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the server."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write what was written as JSON."),
     ) -> None:
-        """Request images from a running `mmgen serve` (or any Triton serving this repository) and
-        write them as PNGs. All images go in one request; the server batches them."""
         from PIL import Image
+        from PIL.PngImagePlugin import PngInfo
 
         from mmgen_deploy.io_utils import atomic_path
         from mmgen_deploy.serve.client import GenerateClient, ImageRequest
@@ -213,8 +213,13 @@ def register(app: typer.Typer) -> None:
         written = []
         for i, (image, label, image_seed) in enumerate(zip(images, labels, seeds, strict=True)):
             path = out / f"{i:04d}_class{label}_seed{image_seed}.png"
+            info = PngInfo()  # the same kind of text chunks as `mmgen generate` writes
+            for key, value in (("class", label), ("seed", image_seed), ("steps", steps), ("guidance", guidance),
+                               ("server", url)):
+                if value is not None:
+                    info.add_text(key, str(value))
             with atomic_path(path) as tmp:
-                Image.fromarray(image).save(tmp, format="PNG")
+                Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
             written.append(str(path))
         console.print(f"wrote {len(written)} image(s) to {out} in {elapsed:.2f} s from {url}")
         emit_json({"url": url, "files": written, "seconds": elapsed, "seeds": seeds, "labels": labels}, json_out)
