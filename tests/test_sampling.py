@@ -107,3 +107,120 @@ def test_bad_numbers_are_refused(random_models, torch_runner: TorchRunner, kwarg
         sample(torch_runner, random_models[0], [0], **kwargs)
     with pytest.raises(UsageError, match="out of range"):
         sample(torch_runner, random_models[0], [18])
+
+
+# -- ONNX Runtime against PyTorch ------------------------------------------------------------------
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from mmgen_deploy.parity.metrics import psnr
+
+    return psnr(a, b)
+
+
+def test_ort_runner_components_match_torch(exported_tiny_run) -> None:
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.specs import component_specs
+
+    config = exported_tiny_run.load_config()
+    ort_runner = open_runner(exported_tiny_run.root, "onnxruntime", "fp32", threads=1)
+    torch_runner = open_runner(exported_tiny_run.root, "torch")
+    assert isinstance(ort_runner, Runner)
+    assert (ort_runner.backend, ort_runner.precision, ort_runner.device) == ("onnxruntime", "fp32", "cpu")
+    rng = np.random.default_rng(0)
+    for name in ("denoiser", "quantizer", "decoder"):
+        spec = component_specs(config)[name]
+        for batch in (1, 3):  # the dynamic batch axis, and a rebinding of the preallocated outputs
+            feeds = spec.make_inputs(batch, rng)
+            got, want = ort_runner.run(name, feeds), torch_runner.run(name, feeds)
+            for out in spec.output_names:
+                assert got[out].shape == want[out].shape and got[out].dtype == want[out].dtype
+                if out == "indices":
+                    assert np.array_equal(got[out], want[out])
+                else:
+                    rel = np.linalg.norm(got[out] - want[out]) / np.linalg.norm(want[out])
+                    assert rel < 1e-5, (name, out, rel)
+    ort_runner.close()
+
+
+def test_torch_and_ort_fp32_images_agree(exported_tiny_run) -> None:
+    """Same seed on both backends: PSNR >= 40 dB (re-randomised tiny model; the trained figure is in the README)."""
+    from mmgen_deploy.runtime import open_runner
+
+    config = exported_tiny_run.load_config()
+    kwargs = dict(steps=5, sampler="ddim", cfg_scale=4.0, seed=7, batch_size=4)
+    ref = sample(open_runner(exported_tiny_run.root, "torch"), config, [0, 4, 9, 17], **kwargs)
+    ort = sample(open_runner(exported_tiny_run.root, "onnxruntime", "fp32"), config, [0, 4, 9, 17], **kwargs)
+    assert ort.backend == "onnxruntime" and ref.backend == "torch"
+    assert _psnr(ref.images, ort.images) >= 40.0
+    assert (ref.indices == ort.indices).mean() >= 0.99
+
+
+def test_auto_backend_prefers_onnx_runtime_when_exported(exported_tiny_run, tmp_path, random_models) -> None:
+    from mmgen_deploy.rundir import save_run
+    from mmgen_deploy.runtime import resolve_backend
+
+    choice = resolve_backend("auto", exported_tiny_run.root)
+    assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")
+    assert any(s.startswith("tensorrt") for s in choice.skipped)
+    config, vq, dit = random_models
+    bare = save_run(tmp_path / "bare", config, vq, dit)
+    fallback = resolve_backend("auto", bare.root)
+    assert fallback.backend == "torch" and "nothing exported" in fallback.reason
+    with pytest.raises(UsageError, match="FP32 only"):
+        resolve_backend("torch", bare.root, "fp16")
+    with pytest.raises(UsageError, match="unknown backend"):
+        resolve_backend("tvm", bare.root)
+
+
+def test_ort_path_does_not_import_torch(exported_tiny_run) -> None:
+    """The deployment path (NumPy loop + ONNX Runtime) must run where torch is not installed."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from mmgen_deploy.runtime import open_runner\n"
+            "from mmgen_deploy.sampling import sample\n"
+            f"r = open_runner({str(exported_tiny_run.root)!r}, 'onnxruntime', 'fp32', threads=1)\n"
+            "sample(r, r.config, [1], steps=2, cfg_scale=4.0)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_stale_onnx_is_refused(exported_tiny_run, tmp_path) -> None:
+    import shutil
+
+    from mmgen_deploy.errors import RunDirError
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+
+    copy = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, copy)
+    weights = copy / "dit" / "model.safetensors"
+    from mmgen_deploy.rundir import RunDir
+
+    dit = RunDir(copy).load_dit()
+    with torch.no_grad():
+        dit.final_layer.linear.bias.add_(1.0)
+    RunDir(copy).save_weights("dit", dit)
+    assert weights.is_file()
+    with pytest.raises(RunDirError, match="exported from other weights"):
+        OrtRunner(copy, "fp32")
+
+
+@pytest.mark.slow
+def test_fp16_onnx_images_close_to_torch_fp32(exported_tiny_run, tmp_path) -> None:
+    """FP16 ONNX (ModelOpt AutoCast) vs torch FP32 with the same seed: PSNR >= 30 dB."""
+    import shutil
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.runtime import open_runner
+
+    copy = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, copy)
+    export_run(copy, precisions=("fp16",), components=("denoiser", "quantizer", "decoder"))
+    config = exported_tiny_run.load_config()
+    kwargs = dict(steps=5, sampler="ddim", cfg_scale=4.0, seed=7, batch_size=4)
+    ref = sample(open_runner(copy, "torch"), config, [0, 4, 9, 17], **kwargs)
+    fp16 = sample(open_runner(copy, "onnxruntime", "fp16"), config, [0, 4, 9, 17], **kwargs)
+    assert fp16.precision == "fp16"
+    assert _psnr(ref.images, fp16.images) >= 30.0

@@ -1,11 +1,366 @@
+"""`mmgen train vqvae|dit|all`, `mmgen quickstart` and `mmgen eval`."""
+
 from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import typer
 
-from mmgen_deploy.cli.common import add_stub
+from mmgen_deploy.cli.common import console, emit_json, stdout_console
+from mmgen_deploy.errors import UsageError
+
+train_app = typer.Typer(
+    name="train",
+    help="Train the VQ-VAE and the DiT on built-in (`shapes`) or user data (a folder of images).\n\n"
+         "Stage 1 `vqvae`, stage 2 `dit` (on the stage-1 latents), or `all` for both. Progress bars "
+         "show loss and speed; checkpoints land in RUN_DIR/checkpoints (resume with --resume; Ctrl-C "
+         "keeps the last complete one); reconstruction/sample grids in RUN_DIR/samples.",
+    no_args_is_help=True,
+)
+
+_OUT_HELP = "Run directory to create or continue."
+_JSON_HELP = "Write the results as JSON to FILE ('-' = stdout)."
+
+
+def _positive(name: str, value: int | None) -> None:
+    if value is not None and value <= 0:
+        raise UsageError(f"{name} must be positive, got {value}")
+
+
+def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData)
+    from mmgen_deploy.data import load_split
+
+    with console.status(f"loading data ({spec.name})"):
+        return load_split(spec, "train"), load_split(spec, "val")
+
+
+def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
+             overwrite: bool, resume: bool) -> tuple[Any, Any, Any]:
+    """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model."""
+    from mmgen_deploy.config import preset
+    from mmgen_deploy.data import DataSpec
+    from mmgen_deploy.training import prepare_run
+
+    spec = DataSpec.parse(data, image_size=image_size, seed=seed)
+    if num_train is not None:
+        if spec.name != "shapes":
+            raise UsageError("--num-train applies to `shapes` only (a folder has the images it has)")
+        spec = DataSpec(**{**spec.to_dict(), "num_train": num_train})
+    train, val = _load_data(spec)
+    config = preset(preset_name, image_size=image_size, num_classes=len(train.class_names))
+    config = config.replace(class_names=tuple(train.class_names))
+    run = prepare_run(out, config, spec.to_dict(), overwrite=overwrite, resume=resume)
+    return run, train, val
+
+
+def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int,
+                 gan: bool) -> Any:
+    from mmgen_deploy.training.vqvae import VQTrainSettings
+
+    _positive("--vq-steps", steps)
+    _positive("--vq-batch-size", batch_size)
+    defaults = VQTrainSettings()
+    return VQTrainSettings(steps=steps or recipe.vq_steps, batch_size=batch_size or defaults.batch_size,
+                           lr=lr or defaults.lr, seed=seed, gan=gan,
+                           checkpoint_every=min(defaults.checkpoint_every, steps or recipe.vq_steps))
+
+
+def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int) -> Any:
+    from mmgen_deploy.training.dit import DiTTrainSettings
+
+    _positive("--dit-steps", steps)
+    _positive("--dit-batch-size", batch_size)
+    defaults = DiTTrainSettings()
+    return DiTTrainSettings(steps=steps or recipe.dit_steps, batch_size=batch_size or defaults.batch_size,
+                            lr=lr or defaults.lr, seed=seed,
+                            checkpoint_every=min(defaults.checkpoint_every, steps or recipe.dit_steps))
+
+
+def _print_vq(result: dict[str, Any]) -> None:
+    console.print(f"VQ-VAE: {result['steps']} steps in {result['train_seconds']:.0f} s; validation PSNR "
+                  f"[bold]{result['psnr_db']:.2f} dB[/], codebook {result['codes_used']}/{result['codebook_size']} "
+                  f"in use ({100 * result['codebook_usage']:.0f}%), perplexity {result['perplexity']:.1f}")
+
+
+def _print_dit(result: dict[str, Any]) -> None:
+    console.print(f"DiT: {result['steps']} steps in {result['train_seconds']:.0f} s; final loss "
+                  f"{result['final_loss']:.4f}" + (f"; samples in {result['sample_grid']}"
+                                                   if result.get("sample_grid") else ""))
+
+
+def _stage_dit(run: Any, train: Any, settings: Any, resume: bool) -> dict[str, Any]:
+    from mmgen_deploy.training.common import set_threads
+    from mmgen_deploy.training.dit import train_dit
+
+    set_threads()
+    result = train_dit(run, train, settings, resume=resume)
+    _print_dit(result)
+    return result
+
+
+def _stage_vq(run: Any, train: Any, val: Any, settings: Any, resume: bool) -> dict[str, Any]:
+    from mmgen_deploy.training.common import set_threads
+    from mmgen_deploy.training.vqvae import train_vqvae
+
+    set_threads()
+    result = train_vqvae(run, train, val, settings, resume=resume)
+    _print_vq(result)
+    return result
+
+
+# -- options shared by several commands -------------------------------------------------
+_data_opt = typer.Option("shapes", "--data", help="`shapes` (built in, procedural) or a folder of images: class "
+                         "sub-folders and/or a metadata.jsonl with file_name/text.")
+_preset_opt = typer.Option("tiny", "--preset", help="Model preset (tiny, S/2, B/2, ...).")
+_size_opt = typer.Option(32, "--image-size", help="Image side in pixels (images are resized and centre-cropped).")
+_seed_opt = typer.Option(0, "--seed", help="Seed for data, initialisation and batches: same seed, same model.")
+_resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
+_overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
+_num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
+
+
+@train_app.command("vqvae")
+def train_vqvae_cmd(
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
+    steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 64)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
+    gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
+    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+) -> None:
+    """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
+    Reports validation PSNR and codebook usage/perplexity."""
+    from mmgen_deploy.training import recipe_for
+
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    result = _stage_vq(run, train, val, _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan),
+                       resume)
+    console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
+    emit_json(result, json_out)
+
+
+@train_app.command("dit")
+def train_dit_cmd(
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory with a trained VQ-VAE."),
+    steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Latents per step (default 128)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 1e-3)."),
+    seed: int = _seed_opt, resume: bool = _resume_opt,
+    preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+) -> None:
+    """Stage 2: train the DiT on the VQ-VAE's pre-quantization latents (cached once): epsilon
+    prediction, linear betas 1e-4..0.02 over 1000 steps, label dropout for classifier-free guidance,
+    AdamW, EMA weights saved for inference."""
+    from mmgen_deploy.data import DataSpec, load_split
+    from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.training import recipe_for
+
+    run = RunDir(out)
+    meta = run.read_meta()
+    run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
+    if not meta.get("data"):
+        raise UsageError(f"{run.run_json} does not describe its training data",
+                         "train the VQ-VAE of this run with `mmgen train vqvae` first")
+    with console.status("loading data"):
+        train = load_split(DataSpec.from_dict(meta["data"]), "train")
+    result = _stage_dit(run, train, _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed), resume)
+    console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.reports_dir / 'train_dit.json'}")
+    emit_json(result, json_out)
+
+
+@train_app.command("all")
+def train_all_cmd(
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
+    vq_steps: int | None = typer.Option(None, "--vq-steps", help="VQ-VAE steps (default: the preset's recipe)."),
+    dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
+    gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
+    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+) -> None:
+    """Both stages: the VQ-VAE, then the DiT on its latents. With --resume, a finished stage is skipped
+    and an unfinished one continues from its checkpoint."""
+    from mmgen_deploy.training import recipe_for
+
+    recipe = recipe_for(preset_name)
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    results = _train_both(run, train, val, _vq_settings(recipe, vq_steps, None, None, seed, gan),
+                          _dit_settings(recipe, dit_steps, None, None, seed), resume)
+    console.print(f"run directory: {run.root}")
+    emit_json(results, json_out)
+
+
+def _stage_done(run: Any, part: str, steps: int) -> bool:
+    report = run.reports_dir / f"train_{part}.json"
+    if not (run.has_part(part) and report.is_file()):
+        return False
+    from mmgen_deploy.io_utils import read_json
+
+    return int(read_json(report).get("steps", -1)) == steps
+
+
+def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
+                resume: bool) -> dict[str, Any]:
+    from mmgen_deploy.io_utils import read_json
+
+    results: dict[str, Any] = {}
+    vq_checkpoint = run.checkpoints_dir / "vqvae.pt"
+    if resume and _stage_done(run, "vqvae", vq_settings.steps):
+        console.print("VQ-VAE already trained; skipping to the DiT")
+        results["vqvae"] = read_json(run.reports_dir / "train_vqvae.json")
+    else:
+        results["vqvae"] = _stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file())
+        resume = False  # a new VQ-VAE makes any DiT checkpoint stale
+    dit_checkpoint = run.checkpoints_dir / "dit.pt"
+    results["dit"] = _stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file())
+    return results
+
+
+# -- quickstart -------------------------------------------------------------------------
+
+@dataclass
+class QuickstartContext:
+    """What the quickstart stages share; later stages (export, generate, parity) read `run`."""
+
+    run: Any  # RunDir
+    train: Any
+    val: Any
+    seed: int
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+# A stage does its work and returns one line saying where its outputs went.
+QuickstartStage = tuple[str, Callable[[QuickstartContext], str]]
+
+
+def _qs_vqvae(ctx: QuickstartContext) -> str:
+    from mmgen_deploy.training import recipe_for
+
+    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny"), None, None, None, ctx.seed,
+                                                                  False), False)
+    ctx.results["vqvae"] = result
+    return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
+
+
+def _qs_dit(ctx: QuickstartContext) -> str:
+    from mmgen_deploy.training import recipe_for
+
+    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny"), None, None, None, ctx.seed), False)
+    ctx.results["dit"] = result
+    return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
+                                               if result.get("sample_grid") else "")
+
+
+def _qs_eval(ctx: QuickstartContext) -> str:
+    report = _run_eval(ctx.run, _eval_settings(10, 50, 4.0, ctx.seed, True, "torch", "fp32"))
+    ctx.results["eval"] = report
+    return str(ctx.run.reports_dir / "eval.json")
+
+
+# Ordered; the lead appends export / generate / parity stages here as they land.
+QUICKSTART_STAGES: list[QuickstartStage] = [
+    ("train VQ-VAE", _qs_vqvae),
+    ("train DiT", _qs_dit),
+    ("evaluate", _qs_eval),
+]
+
+
+def quickstart_cmd(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
+    seed: int = _seed_opt, overwrite: bool = _overwrite_opt,
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+) -> None:
+    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores), evaluate
+    it, then run every later pipeline stage that exists, printing where each output went."""
+    from mmgen_deploy.io_utils import write_json
+
+    started = time.perf_counter()
+    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False)
+    if run.has_part("vqvae") or run.has_part("dit"):
+        raise UsageError(f"{out} already holds a trained model", "pass --overwrite to train it again")
+    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed)
+    timings: dict[str, float] = {}
+    for index, (name, stage) in enumerate(QUICKSTART_STAGES, start=1):
+        console.rule(f"[bold]{index}/{len(QUICKSTART_STAGES)} {name}")
+        stage_start = time.perf_counter()
+        where = stage(ctx)
+        timings[name] = round(time.perf_counter() - stage_start, 1)
+        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s -> {where}")
+    summary = {"run_dir": str(run.root), "stage_seconds": timings,
+               "total_seconds": round(time.perf_counter() - started, 1), **ctx.results}
+    write_json(run.reports_dir / "quickstart.json", summary)
+    console.print(f"quickstart finished in {summary['total_seconds']:.0f} s; everything is in {run.root} "
+                  f"(summary: {run.reports_dir / 'quickstart.json'})")
+    emit_json(summary, json_out)
+
+
+# -- eval -------------------------------------------------------------------------------
+
+def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
+                   precision: str) -> Any:
+    from mmgen_deploy.evaluation.evaluate import EvalSettings
+
+    _positive("--samples-per-class", per_class)
+    _positive("--steps", steps)
+    return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
+                        generate=generate, backend=backend, precision=precision)
+
+
+def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
+    from mmgen_deploy.evaluation.evaluate import evaluate_run
+    from mmgen_deploy.io_utils import write_json
+
+    with console.status("evaluating"):
+        report = evaluate_run(run, settings)
+    write_json(run.reports_dir / "eval.json", report)
+    vq = report["vqvae"]
+    console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
+                  f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
+                  f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
+    gen = report.get("generation")
+    if gen and "accuracy" in gen:
+        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
+                      f"{gen['num_samples']} samples): requested colour AND shape in [bold]"
+                      f"{100 * gen['accuracy']:.1f}%[/] (colour {100 * gen['colour_accuracy']:.1f}%, shape "
+                      f"{100 * gen['shape_accuracy']:.1f}%); grid in {gen['grid']}")
+    elif gen:
+        console.print(f"generation: {gen['skipped']}")
+    return report
+
+
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory to measure."),
+    samples_per_class: int = typer.Option(10, "--samples-per-class", help="Generated images per class."),
+    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
+    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
+    backend: str = typer.Option("torch", "--backend", help="Sampling backend (see `mmgen generate`)."),
+    precision: str = typer.Option("fp32", "--precision", help="Backend precision."),
+    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+) -> None:
+    """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
+    `shapes`, how often generated images show the requested colour and shape (judged by a checker
+    that reads pixels). Writes RUN_DIR/reports/eval.json."""
+    from mmgen_deploy.rundir import RunDir
+
+    report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
+                                                       backend, precision))
+    if json_out == "-":
+        emit_json(report, "-")
+    else:
+        emit_json(report, json_out)
+        stdout_console.print(f"report: {Path(run_dir) / 'reports' / 'eval.json'}")
 
 
 def register(app: typer.Typer) -> None:
-    add_stub(app, "train", "Train the VQ-VAE and the DiT on built-in or user data.", 3)
-    add_stub(app, "quickstart", "Train the tiny preset on `shapes`, then export, generate and check parity.", 3)
-    add_stub(app, "eval", "Measure a run: reconstruction PSNR, codebook usage, conditional accuracy.", 3)
+    app.add_typer(train_app, name="train")
+    app.command("quickstart")(quickstart_cmd)
+    app.command("eval")(eval_cmd)

@@ -1,0 +1,49 @@
+"""Reconstruction and codebook measurements of a VQ autoencoder."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmgen_deploy.models.vqvae import VQModel
+
+
+def psnr_per_image(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
+    """PSNR in dB of each uint8 (N, H, W, 3) pair (peak 255); identical images give 100 dB."""
+    diff = reference.astype(np.float64) - reconstruction.astype(np.float64)
+    mse = (diff * diff).reshape(len(reference), -1).mean(axis=1)
+    return np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
+
+
+@torch.no_grad()
+def reconstruct(vq: VQModel, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images -> (uint8 reconstructions through the quantizer, code indices (N, h, w))."""
+    from mmgen_deploy.training.common import to_uint8
+
+    vq.eval()
+    outputs, codes = [], []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        z_q, indices = vq.quantize.quantize(vq.encode(batch))
+        outputs.append(to_uint8(vq.decode(z_q)))
+        codes.append(indices.numpy())
+    return np.concatenate(outputs), np.concatenate(codes)
+
+
+def codebook_usage(indices: np.ndarray, n_embed: int) -> dict[str, float]:
+    """Fraction of the codebook used at least once, and the perplexity of code use."""
+    counts = np.bincount(indices.reshape(-1).astype(np.int64), minlength=n_embed).astype(np.float64)
+    probs = counts / max(counts.sum(), 1.0)
+    nonzero = probs[probs > 0]
+    return {"codebook_usage": float((counts > 0).mean()), "codes_used": int((counts > 0).sum()),
+            "codebook_size": int(n_embed), "perplexity": float(np.exp(-(nonzero * np.log(nonzero)).sum()))}
+
+
+def vq_metrics(vq: VQModel, images: np.ndarray) -> dict[str, Any]:
+    """Mean per-image PSNR (uint8 round trip, as a user sees it) and codebook use on `images`."""
+    recon, indices = reconstruct(vq, images)
+    psnr = psnr_per_image(images, recon)
+    return {"psnr_db": float(psnr.mean()), "psnr_db_min": float(psnr.min()), "num_images": len(images),
+            **codebook_usage(indices, vq.config.n_embed)}

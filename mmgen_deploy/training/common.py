@@ -1,0 +1,157 @@
+"""Pieces shared by both training stages: checkpoints, RNG state, schedules, EMA, grids, progress."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmgen_deploy.errors import MMGenError, RunDirError
+from mmgen_deploy.io_utils import atomic_path
+
+# Called after every optimisation step with (step, metrics); it may raise KeyboardInterrupt,
+# which is how tests simulate Ctrl-C.
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Use one torch thread per core (more only fight each other on a small CPU)."""
+    count = threads or os.cpu_count() or 1
+    torch.set_num_threads(count)
+    return count
+
+
+def lr_at(step: int, *, base_lr: float, warmup: int, total: int, final_fraction: float = 0.1) -> float:
+    """Linear warm-up, then cosine decay to `final_fraction` of the base rate at `total` steps."""
+    if warmup > 0 and step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base_lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    for ema_param, param in zip(ema.parameters(), model.parameters(), strict=True):
+        ema_param.lerp_(param.detach(), 1.0 - decay)
+    for ema_buf, buf in zip(ema.buffers(), model.buffers(), strict=True):
+        ema_buf.copy_(buf)
+
+
+def ema_decay_at(step: int, target: float) -> float:
+    """EMA warm-up (as in many diffusion codebases): early weights are not averaged in for long."""
+    return min(target, (1.0 + step) / (10.0 + step))
+
+
+# -- checkpoints ------------------------------------------------------------------------
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Atomic: Ctrl-C or a crash mid-write leaves the previous checkpoint intact."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors and plain containers only (weights_only): a checkpoint cannot run code."""
+    if not path.is_file():
+        raise RunDirError(f"no checkpoint to resume from at {path}", "train without --resume first")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for damaged or foreign files
+        raise RunDirError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}",
+                          "delete it and train again without --resume") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise RunDirError(f"{path} is not an mmgen training checkpoint", "delete it and train without --resume")
+    return state
+
+
+def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    return {"global": torch.get_rng_state(), "batches": generator.get_state()}
+
+
+def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["global"])
+    generator.set_state(state["batches"])
+
+
+# -- images -----------------------------------------------------------------------------
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
+    pixels = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_grid(images: np.ndarray, path: Path, *, columns: int = 8, upscale: int = 2) -> Path:
+    """Tile (N, H, W, 3) uint8 images into one PNG (written atomically)."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    rows = math.ceil(n / columns)
+    grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), np.uint8)
+    grid[...] = 40  # thin grey lines between tiles
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = image
+    picture = Image.fromarray(grid)
+    if upscale > 1:
+        picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.Resampling.NEAREST)
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+    return path
+
+
+# -- progress ---------------------------------------------------------------------------
+
+@contextmanager
+def progress_bar(description: str, total: int, start: int, enabled: bool) -> Iterator[Callable[..., None]]:
+    """Yield `advance(**fields)`; a rich bar on stderr with loss and speed when enabled."""
+    if not enabled:
+        yield lambda **_: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+        task = progress.add_task(description, total=total, completed=start, info="")
+
+        def advance(**fields: float) -> None:
+            info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+            speed = progress.tasks[0].speed
+            if speed:
+                info += f"  {speed:.1f} it/s"
+            progress.update(task, advance=1, info=info)
+
+        yield advance
+
+
+class TrainingInterrupted(MMGenError):
+    """Ctrl-C during training: the last complete checkpoint is intact."""
+
+    exit_code = 130
+
+
+def interrupted(stage: str, checkpoint: Path, step: int | None) -> TrainingInterrupted:
+    where = f"the last complete checkpoint (step {step}) is {checkpoint}" if step else "no checkpoint was written yet"
+    return TrainingInterrupted(f"{stage} training interrupted; {where}",
+                               "continue with the same command plus --resume" if step else None)

@@ -1,0 +1,188 @@
+"""Stage 2: the DiT on cached VQ latents (epsilon prediction, label dropout, AdamW, EMA)."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mmgen_deploy.config import DiffusionConfig, ModelConfig
+from mmgen_deploy.data.dataset import ImageData
+from mmgen_deploy.errors import RunDirError
+from mmgen_deploy.io_utils import write_json
+from mmgen_deploy.models.dit import DiT
+from mmgen_deploy.models.vqvae import VQModel
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.training.common import (
+    StepCallback,
+    ema_decay_at,
+    ema_update,
+    interrupted,
+    load_checkpoint,
+    lr_at,
+    progress_bar,
+    restore_rng,
+    rng_state,
+    save_checkpoint,
+    save_grid,
+    set_lr,
+)
+
+
+@dataclass(frozen=True)
+class DiTTrainSettings:
+    steps: int = 3000
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup: int = 100
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    seed: int = 0
+    checkpoint_every: int = 250
+    sample_every: int = 1000  # sample grid PNG every N steps (0: only at the end)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def alphas_cumprod(diffusion: DiffusionConfig) -> torch.Tensor:
+    """Cumulative products of (1 - beta) for the linear training schedule (float64 for accuracy)."""
+    betas = torch.linspace(diffusion.beta_start, diffusion.beta_end, diffusion.num_train_timesteps,
+                           dtype=torch.float64)
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+@torch.no_grad()
+def encode_latents(vq: VQModel, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """Pre-quantization latents h of uint8 images (what the DiT learns to generate)."""
+    vq.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        out.append(vq.encode(batch))
+    return torch.cat(out)
+
+
+def cached_latents(run: RunDir, vq: VQModel, data: ImageData) -> torch.Tensor:
+    """Encode once per VQ checkpoint: the cache is keyed by the VQ weights' hash and the images."""
+    from mmgen_deploy.io_utils import sha256_file
+
+    path = run.checkpoints_dir / "dit_latents.pt"
+    key = f"{sha256_file(run.weights_path('vqvae'))}:{len(data)}:{int(data.images[:64].sum())}"
+    if path.is_file():
+        try:
+            cache = torch.load(path, map_location="cpu", weights_only=True)
+            if cache.get("key") == key:
+                return cache["latents"]
+        except Exception:  # a damaged cache is simply rebuilt
+            pass
+    latents = encode_latents(vq, data.images)
+    save_checkpoint(path, {"key": key, "latents": latents, "step": 0})
+    return latents
+
+
+def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
+              callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
+    """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference."""
+    config = run.load_config()
+    vq = run.load_vqvae(config)
+    latents = cached_latents(run, vq, train)
+    labels = torch.from_numpy(train.labels).long()
+    if int(labels.max()) >= config.dit.num_classes:
+        raise RunDirError(f"the data has class ids up to {int(labels.max())} but the DiT has "
+                          f"{config.dit.num_classes} classes", "train this run on the data it was created for")
+    alpha_bar = alphas_cumprod(config.diffusion).float()
+    num_t = config.diffusion.num_train_timesteps
+    torch.manual_seed(settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    dit = DiT(config.dit)
+    ema = copy.deepcopy(dit).eval().requires_grad_(False)
+    trainable = [p for p in dit.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    checkpoint = run.checkpoints_dir / "dit.pt"
+    start = 0
+    if resume:
+        state = load_checkpoint(checkpoint)
+        if state.get("config") != config.dit.to_dict():
+            raise RunDirError(f"{checkpoint} belongs to a different DiT configuration",
+                              "train without --resume (add --overwrite to replace the run)")
+        saved = dict(state.get("settings", {}))
+        if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in settings.to_dict().items()
+                                                               if k != "steps"}:
+            raise RunDirError(f"{checkpoint} was trained with other settings ({saved})",
+                              "resume with the same options (only --steps may grow)")
+        dit.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"], generator)
+        start = int(state["step"])
+    last_saved = start if resume else None
+    metrics: dict[str, float] = {}
+    started = time.perf_counter()
+    c = config.dit.in_channels
+    try:
+        with progress_bar("DiT", settings.steps, start, show_progress) as advance:
+            for step in range(start, settings.steps):
+                dit.train()
+                set_lr(optimizer, lr_at(step, base_lr=settings.lr, warmup=settings.warmup, total=settings.steps))
+                pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator)
+                x0, y = latents[pick], labels[pick]
+                t = torch.randint(0, num_t, (settings.batch_size,), generator=generator)
+                noise = torch.randn(x0.shape, generator=generator)
+                drop = torch.rand(settings.batch_size, generator=generator) < config.dit.class_dropout_prob
+                a = alpha_bar[t].view(-1, 1, 1, 1)
+                x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                # With learn_sigma the extra channels get no loss here (plain epsilon MSE).
+                prediction = dit(x_t, t.float(), y, drop_labels=drop)[:, :c]
+                loss = F.mse_loss(prediction, noise)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                ema_update(ema, dit, ema_decay_at(step, settings.ema_decay))
+                metrics = {"loss": loss.item()}
+                done = step + 1
+                if done % settings.checkpoint_every == 0 or done == settings.steps:
+                    save_checkpoint(checkpoint, {
+                        "step": done, "model": dit.state_dict(), "ema": ema.state_dict(),
+                        "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+                        "config": config.dit.to_dict(), "settings": settings.to_dict()})
+                    last_saved = done
+                if settings.sample_every and done % settings.sample_every == 0 and done != settings.steps:
+                    sample_grid(vq, ema, config, run.samples_dir / "train" / f"dit_step{done:06d}.png", steps=25)
+                advance(loss=metrics["loss"])
+                if callback is not None:
+                    callback(done, metrics)
+    except KeyboardInterrupt:
+        raise interrupted("DiT", checkpoint, last_saved) from None
+    train_seconds = time.perf_counter() - started
+    run.save_weights("dit", ema)
+    grid = sample_grid(vq, ema, config, run.samples_dir / "dit_samples.png")
+    result = {"stage": "dit", "steps": settings.steps, "resumed_from": start if resume else None,
+              "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
+              "final_loss": metrics.get("loss"), "num_latents": len(latents),
+              "sample_grid": str(grid) if grid else None, "settings": settings.to_dict()}
+    write_json(run.reports_dir / "train_dit.json", result)
+    training = dict(run.read_meta().get("training", {}))
+    training["dit"] = {k: result[k] for k in ("steps", "train_seconds", "final_loss")}
+    run.update_meta(training=training)
+    return result
+
+
+def sample_grid(vq: VQModel, dit: DiT, config: ModelConfig, path: Path, *, steps: int = 50,
+                per_class: int = 2, cfg_scale: float = 4.0) -> Path | None:
+    """A grid with `per_class` samples of every class (one column per class), if sampling is available."""
+    try:
+        from mmgen_deploy.runtime.torch_runner import TorchRunner
+        from mmgen_deploy.sampling import sample
+    except ImportError:  # the sampling package is optional at this stage of the project
+        return None
+    classes = [k for _ in range(per_class) for k in range(config.dit.num_classes)]
+    result = sample(TorchRunner(vq.eval(), dit.eval()), config, classes, steps=steps, sampler="ddim",
+                    cfg_scale=cfg_scale, seed=0, batch_size=64)
+    return save_grid(np.asarray(result.images), path, columns=config.dit.num_classes)

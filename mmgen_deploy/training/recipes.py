@@ -1,0 +1,82 @@
+"""Default step counts per preset, and creating (or refusing to reuse) a run directory."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.rundir import RunDir
+
+# What a run directory may contain; --overwrite removes exactly these names.
+_RUN_ENTRIES = ("run.json", "vqvae", "dit", "checkpoints", "onnx", "engines", "samples", "reports")
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """Default training lengths. The tiny numbers fit the quickstart's 8-minute CPU budget."""
+
+    vq_steps: int
+    dit_steps: int
+
+
+_RECIPES = {"tiny": TrainRecipe(vq_steps=600, dit_steps=3000)}
+_DEFAULT = TrainRecipe(vq_steps=20000, dit_steps=100000)
+
+
+def recipe_for(preset_name: str) -> TrainRecipe:
+    return _RECIPES.get(preset_name, _DEFAULT)
+
+
+def _describe_difference(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str | None:
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            found = _describe_difference(a, b, f"{prefix}{key}.")
+            if found:
+                return found
+        elif (list(a) if isinstance(a, (list, tuple)) else a) != (list(b) if isinstance(b, (list, tuple)) else b):
+            return f"{prefix}{key}: {a!r} there, {b!r} requested"
+    return None
+
+
+def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwrite: bool,
+                resume: bool = False) -> RunDir:
+    """A run directory for `config` trained on `data`.
+
+    An existing run of the same model and data is reused (to resume, or to train the
+    next stage); one of another model is refused unless `overwrite`, and then only the
+    run's own entries are removed. A non-empty folder that is not a run is never touched.
+    """
+    run = RunDir(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{out} exists and is not a folder", "choose another --out")
+    if run.exists():
+        existing_config = run.load_config() if not overwrite else None
+        existing_data = run.read_meta().get("data", {})
+        if existing_config is not None:
+            difference = _describe_difference(
+                {"model": existing_config.to_dict(), "data": existing_data},
+                {"model": config.to_dict(), "data": data})
+            if difference is None:
+                return run
+            raise RunDirError(f"{out} already holds a different model ({difference})",
+                              "pass --overwrite to replace it, or choose another --out")
+        if resume:
+            raise UsageError("--resume and --overwrite contradict each other", "use one of them")
+        for name in _RUN_ENTRIES:
+            path = out / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+    elif out.is_dir() and any(out.iterdir()):
+        raise RunDirError(f"{out} is a non-empty folder that is not an mmgen run directory",
+                          "choose an empty or new folder for --out")
+    elif resume:
+        raise RunDirError(f"nothing to resume in {out}", "train without --resume first")
+    run.initialize(config, data=data)
+    return run
