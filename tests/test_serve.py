@@ -125,8 +125,9 @@ def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, ca
     run = save_run(tmp_path / "run", config, vq, dit)
     with pytest.raises(UsageError, match="--max-batch"):
         RepositoryOptions(max_batch_size=0).validate()
-    with pytest.raises(UsageError, match="not implemented"):
-        RepositoryOptions(layout="ensemble").validate()
+    with pytest.raises(UsageError, match="mmgen export"):  # the ensemble layout needs exported ONNX
+        write_repository(run.root, tmp_path / "ens", RepositoryOptions(layout="ensemble"))
+    assert not (tmp_path / "ens").exists()
     # An existing directory that is not an mmgen repository is never replaced.
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -387,3 +388,46 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
             pytest.fail("tritonserver outlived `mmgen serve`")
     assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""
     assert server_pid is not None and not _pid_alive(server_pid)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random_models) -> None:
+    """--layout ensemble: denoiser/quantizer/decoder are Triton models (here the Python ONNX Runtime
+    wrapper, since the wheel's server has no onnxruntime backend) and the loop calls them via BLS."""
+    missing = _open_runner_missing()
+    if missing:
+        pytest.skip(missing)
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling import sample
+    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
+    from mmgen_deploy.serve.server import running_server
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    export_run(run.root, precisions=["fp32"], components=["denoiser", "quantizer", "decoder"])
+    repo = tmp_path / "repo"
+    summary = write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python",
+                                                                 threads=1))
+    assert set(summary["components"]) == {"denoiser", "quantizer", "decoder"}
+    assert not (repo / MODEL_NAME / "1" / "run" / "dit" / "model.safetensors").exists()  # weights are in the ONNX
+    pbtxt = (repo / "mmgen_denoiser" / "config.pbtxt").read_text()
+    assert "max_batch_size: 32" in pbtxt and 'name: "t" data_type: TYPE_FP32 dims: [ 1 ] reshape' in pbtxt
+
+    with running_server(repo, http_port=_free_port(), grpc_port=_free_port(), metrics_port=None,
+                        python_paths=[REPO_ROOT]) as server:
+        client = GenerateClient(server.http_url, timeout_s=120)
+        try:
+            served = client.generate(ImageRequest(seeds=[5], class_ids=[3], steps=3))
+            denoiser_stats = dict(client.client.get_inference_statistics("mmgen_denoiser"))
+        finally:
+            client.close()
+    # 3 steps -> 3 denoiser executions of batch 2 (conditional + unconditional), all through Triton.
+    assert batch_sizes_executed(denoiser_stats) == {2: 3}
+    runner = open_runner(run.root, "onnxruntime", "fp32", threads=1)
+    try:
+        reference = sample(runner, config, [3], steps=3, seed=5).images
+    finally:
+        runner.close()
+    assert np.array_equal(served, reference)

@@ -20,7 +20,7 @@ _PRECISIONS = ("auto", "fp32", "fp16")
 
 def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_delay_us: int, backend: str,
                   precision: str, steps: int, guidance: float, max_steps: int, artifacts: str,
-                  layout: str, threads: int) -> object:
+                  layout: str, threads: int, component_backend: str = "onnxruntime") -> object:
     from mmgen_deploy.serve.repository import RepositoryOptions
 
     if backend not in _BACKENDS:
@@ -30,7 +30,8 @@ def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_dela
     options = RepositoryOptions(max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
                                 max_queue_delay_us=queue_delay_us, backend=backend, precision=precision,
                                 default_steps=steps, default_guidance=guidance, max_steps=max_steps,
-                                artifacts=artifacts, layout=layout, threads=threads)
+                                artifacts=artifacts, layout=layout, threads=threads,
+                                component_backend=component_backend)
     options.validate()
     return options
 
@@ -69,14 +70,19 @@ def register(app: typer.Typer) -> None:
                                       help="copy: the run's weights/ONNX/engines go into the repository "
                                            "(self-contained, for containers); reference: absolute path to RUN_DIR."),
         layout: str = typer.Option("python", "--layout",
-                                   help="python: one Python-backend model with the sampling loop. "
-                                        "ensemble: per-component models + BLS loop (not implemented yet)."),
+                                   help="python: one Python-backend model runs the whole sampling loop. "
+                                        "ensemble: also the denoiser, quantizer and decoder as Triton models "
+                                        "(exported ONNX), which the loop calls as BLS requests."),
+        component_backend: str = typer.Option("onnxruntime", "--component-backend",
+                                              help="Ensemble components on Triton's onnxruntime backend (official "
+                                                   "container), or python: an ONNX Runtime wrapper for servers "
+                                                   "without it (the nvidia-pytriton wheel)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write a summary as JSON."),
     ) -> None:
         from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
 
         options = _repo_options(max_batch, instances, instance_kind, queue_delay_us, backend, precision, steps,
-                                guidance, max_steps, artifacts, layout, threads)
+                                guidance, max_steps, artifacts, layout, threads, component_backend)
         assert isinstance(options, RepositoryOptions)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "

@@ -8,6 +8,12 @@
         1/run/                          the run's config, weights, ONNX and engines (copy mode)
         1/mmgen_deploy/                 the exact mmgen_deploy source this repo was written with
 
+With `layout="ensemble"` the three components the sampling loop calls (denoiser, quantizer,
+decoder) also become Triton models `mmgen_<component>` (ONNX for Triton's onnxruntime backend,
+or a Python-backend ONNX Runtime wrapper where that backend is missing), and `mmgen_generate`
+drives them as a BLS model: the same `sample()` loop, with every component call going through
+Triton, so Triton schedules (and can batch across instances) the component executions itself.
+
 The repository is written into a temporary directory and renamed over REPO only when
 complete, so a failure never leaves a half-written repository (or damages an old one).
 """
@@ -17,17 +23,25 @@ from __future__ import annotations
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.serve import MODEL_NAME
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 # What of a run directory the server needs: configs, inference weights, exported models.
 RUN_ARTIFACTS = ("run.json", "vqvae", "dit", "onnx", "engines")
 INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
+COMPONENT_BACKENDS = ("onnxruntime", "python")
+ENSEMBLE_COMPONENTS = ("denoiser", "quantizer", "decoder")  # what sample() calls
+COMPONENT_PREFIX = "mmgen_"
+_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +60,7 @@ class RepositoryOptions:
     max_guidance: float = 50.0
     artifacts: str = "copy"
     layout: str = "python"
+    component_backend: str = "onnxruntime"
     vendor_source: bool = True
 
     def validate(self) -> None:
@@ -68,9 +83,9 @@ class RepositoryOptions:
                 raise UsageError(message, "see `mmgen triton-repo --help`")
         if self.layout not in LAYOUTS:
             raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
-        if self.layout == "ensemble":
-            raise UsageError("--layout ensemble (per-component Triton models driven by a BLS loop) is not "
-                             "implemented yet", "use the default --layout python")
+        if self.component_backend not in COMPONENT_BACKENDS:
+            raise UsageError(f"--component-backend must be one of {', '.join(COMPONENT_BACKENDS)}, "
+                             f"got {self.component_backend!r}")
 
 
 def _pbtxt_string(value: str) -> str:
@@ -91,6 +106,8 @@ def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOpt
         "default_guidance": repr(float(options.default_guidance)),
         "max_steps": str(options.max_steps),
         "max_guidance": repr(float(options.max_guidance)),
+        "runner": "bls" if options.layout == "ensemble" else "local",
+        "component_prefix": COMPONENT_PREFIX,
     }
     params = "\n".join(f"parameters: {{ key: {_pbtxt_string(k)} value: {{ string_value: {_pbtxt_string(v)} }} }}"
                        for k, v in parameters.items())
@@ -115,9 +132,85 @@ instance_group [ {{ kind: {kind} count: {options.instances} }} ]
 """
 
 
-def _copy_run(run_root: Path, dest: Path) -> list[str]:
+def component_config_pbtxt(spec: ComponentSpec, max_batch_size: int, options: RepositoryOptions) -> str:
+    """config.pbtxt of one component model (batch axis first and implicit, as Triton wants it)."""
+    def tensor(t: TensorSpec) -> str:
+        dims = [int(d) for d in t.shape[1:]]
+        # A per-sample scalar (shape [batch]) is declared [1] and reshaped to [] for the model.
+        shape = f"dims: [ {', '.join(map(str, dims))} ]" if dims else "dims: [ 1 ] reshape: { shape: [ ] }"
+        return f'  {{ name: "{t.name}" data_type: {_TRITON_DTYPES[t.dtype]} {shape} }}'
+
+    if options.component_backend == "python":
+        engine = 'backend: "python"'
+    else:
+        engine = 'platform: "onnxruntime_onnx"'
+    kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
+    inputs = ",\n".join(tensor(t) for t in spec.inputs)
+    outputs = ",\n".join(tensor(t) for t in spec.outputs)
+    return f"""# Written by `mmgen triton-repo --layout ensemble`: called by mmgen_generate's sampling loop.
+name: "{COMPONENT_PREFIX}{spec.name}"
+{engine}
+max_batch_size: {max_batch_size}
+input [
+{inputs}
+]
+output [
+{outputs}
+]
+dynamic_batching {{ }}
+instance_group [ {{ kind: {kind} count: 1 }} ]
+parameters: {{ key: "threads" value: {{ string_value: "{options.threads}" }} }}
+"""
+
+
+def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
+    from mmgen_deploy.export import onnx_path
+
+    def complete(precision: str) -> bool:
+        return all(onnx_path(run_root, precision, c).is_file() for c in ENSEMBLE_COMPONENTS)
+
+    if options.precision != "auto":
+        if not complete(options.precision):
+            raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
+                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {run_root / 'onnx'}",
+                             f"run `mmgen export {run_root}` first")
+        return options.precision
+    # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
+    order = ("fp32", "fp16") if options.component_backend == "python" else ("fp16", "fp32")
+    for precision in order:
+        if complete(precision):
+            return precision
+    raise UsageError(f"--layout ensemble needs an exported ONNX set in {run_root / 'onnx'}",
+                     f"run `mmgen export {run_root}` first")
+
+
+def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
+    from mmgen_deploy.export import onnx_path
+    from mmgen_deploy.specs import component_specs
+
+    precision = _ensemble_precision(run_root, options)
+    specs = component_specs(config)
+    written = {}
+    for name in ENSEMBLE_COMPONENTS:
+        spec = specs[name]
+        version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
+        version_dir.mkdir(parents=True)
+        source = onnx_path(run_root, precision, name)
+        shutil.copy2(source, version_dir / "model.onnx")
+        external = source.with_name(source.name + ".data")
+        if external.is_file():  # weights stored beside the graph keep their recorded file name
+            shutil.copy2(external, version_dir / external.name)
+        if options.component_backend == "python":
+            shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
+        max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
+        (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
+        written[name] = f"{precision}/{name}.onnx"
+    return written
+
+
+def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS) -> list[str]:
     copied = []
-    for name in RUN_ARTIFACTS:
+    for name in names:
         source = run_root / name
         if source.is_dir():
             shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns(".*"))
@@ -152,8 +245,16 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
     with atomic_dir(out) as tmp:
         version_dir = tmp / MODEL_NAME / "1"
         version_dir.mkdir(parents=True)
+        components: dict[str, str] = {}
+        if options.layout == "ensemble":
+            components = _write_components(run_root, tmp, config, options)
         if options.artifacts == "copy":
-            artifacts = _copy_run(run_root, version_dir / "run")
+            # The BLS loop needs only the configs: the weights live in the component models.
+            names = ("run.json", "vqvae", "dit") if options.layout == "ensemble" else RUN_ARTIFACTS
+            artifacts = _copy_run(run_root, version_dir / "run", names)
+            if options.layout == "ensemble":
+                for part in ("vqvae", "dit"):
+                    (version_dir / "run" / part / "model.safetensors").unlink(missing_ok=True)
             run_ref = "run"
         else:
             artifacts = []
@@ -172,6 +273,8 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             "run_dir": str(run_root),
             "artifacts": options.artifacts,
             "copied": artifacts,
+            "layout": options.layout,
+            "components": components,
             "image_shape": list(image_shape),
             "num_classes": config.dit.num_classes,
             "class_names": list(config.class_names),
@@ -180,6 +283,14 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
         (tmp / "README.md").write_text(repository_readme(summary))
         write_json(tmp / "mmgen_repository.json", summary)
     return summary
+
+
+def _layout_note(summary: dict[str, Any]) -> str:
+    if summary["layout"] != "ensemble":
+        return ""
+    parts = ", ".join(f"`{COMPONENT_PREFIX}{name}` ({path})" for name, path in summary["components"].items())
+    return (f"Ensemble layout: {parts} are Triton models of their own, and `{MODEL_NAME}` runs the sampling "
+            "loop as a BLS model whose every component call is a Triton inference request.\n")
 
 
 def repository_readme(summary: dict[str, Any]) -> str:
@@ -203,6 +314,7 @@ batch (max {opts["max_batch_size"]} images); {opts["instances"]} instance(s) of 
 {opts["instance_kind"]}; backend `{opts["backend"]}` (auto = TensorRT engines, else ONNX Runtime CUDA,
 else ONNX Runtime CPU), precision {opts["precision"]}.
 
+{_layout_note(summary)}
 ## Serve on a GPU host with the official Triton container
 
 The Python backend runs `1/model.py` with the container's Python, so install mmgen's

@@ -46,6 +46,40 @@ def _optional(request: Any, name: str) -> np.ndarray | None:
     return None if tensor is None else tensor.as_numpy()
 
 
+class TritonComponentRunner:
+    """A `Runner` whose components are other models of this Triton server (BLS requests).
+
+    The ensemble layout's sampling loop: `sample()` is unchanged, but each denoiser, quantizer and
+    decoder call is an inference request that Triton schedules on the component model.
+    """
+
+    backend = "triton-bls"
+    precision = "as exported"
+    device = "triton"
+
+    def __init__(self, specs: dict[str, Any], prefix: str) -> None:
+        self.specs = specs
+        self.prefix = prefix
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[component]
+        inputs = []
+        for tensor in spec.inputs:
+            array = np.ascontiguousarray(feeds[tensor.name])
+            if array.ndim == 1:  # declared [1] + reshape [] in config.pbtxt: send [batch, 1]
+                array = array.reshape(-1, 1)
+            inputs.append(pb_utils.Tensor(tensor.name, array))
+        request = pb_utils.InferenceRequest(model_name=self.prefix + component, inputs=inputs,
+                                            requested_output_names=spec.output_names)
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self.prefix}{component}: {response.error().message()}")
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in spec.output_names}
+
+    def close(self) -> None:
+        pass
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
@@ -60,7 +94,9 @@ class TritonPythonModel:
         # Load (and so verify) the run first: a broken run fails the load with RunDir's message.
         run = RunDir(run_dir)
         self.config = run.load_config()
-        run.load_models()
+        use_bls = params.get("runner", "local") == "bls"
+        if not use_bls:
+            run.load_models()
         self.num_classes = self.config.dit.num_classes
         self.class_index = {name.lower(): i for i, name in enumerate(self.config.class_names)}
 
@@ -77,8 +113,13 @@ class TritonPythonModel:
         self.batch_size = max(1, int(model_config.get("max_batch_size", 16)))
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
-        self.runner = open_runner(run_dir, params.get("backend", "auto"), None if precision == "auto" else precision,
-                                  threads=threads or None)
+        if use_bls:
+            from mmgen_deploy.specs import component_specs
+
+            self.runner = TritonComponentRunner(component_specs(self.config), params.get("component_prefix", "mmgen_"))
+        else:
+            self.runner = open_runner(run_dir, params.get("backend", "auto"),
+                                      None if precision == "auto" else precision, threads=threads or None)
         self._sample = sample
         # With per-image seeds, one call samples a whole group; without (an older sample()), each
         # image is sampled alone with its seed, which gives the same image, just unbatched.
