@@ -113,6 +113,7 @@ class TritonPythonModel:
         self.batch_size = max(1, int(model_config.get("max_batch_size", 16)))
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
+        self.runner: Any
         if use_bls:
             from mmgen_deploy.specs import component_specs
 
@@ -120,7 +121,7 @@ class TritonPythonModel:
         else:
             self.runner = open_runner(run_dir, params.get("backend", "auto"),
                                       None if precision == "auto" else precision, threads=threads or None)
-        self._sample = sample
+        self._sample: Any = sample  # Any: `seeds=` is only passed where sample() accepts it
         # With per-image seeds, one call samples a whole group; without (an older sample()), each
         # image is sampled alone with its seed, which gives the same image, just unbatched.
         self._per_image_seeds = "seeds" in inspect.signature(sample).parameters
@@ -207,9 +208,9 @@ class TritonPythonModel:
                 if index in images:
                     images[index][row] = image
 
-        for index, rows in images.items():
-            if responses[index] is None and all(r is not None for r in rows):
-                stacked = np.ascontiguousarray(np.stack(rows))  # type: ignore[arg-type]
+        for index, done in images.items():
+            if responses[index] is None and all(image is not None for image in done):
+                stacked = np.ascontiguousarray(np.stack(done))  # type: ignore[arg-type]
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", stacked)])
         return responses
 
