@@ -174,7 +174,10 @@ def prepare_stub_python(install: TritonInstall, workdir: Path) -> Path:
     (env_dir / "pyvenv.cfg").write_text(f"home = {base_home}\ninclude-system-site-packages = false\n"
                                         f"version = {'.'.join(map(str, sys.version_info[:3]))}\n")
     parent_sites = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
-    (site_packages / "mmgen_stub_paths.pth").write_text("\n".join([str(numpy1), *parent_sites]) + "\n")
+    # numpy 1 first; then this environment's site dirs through site.addsitedir, so that their own
+    # .pth files (editable installs and the like) are processed as in this interpreter.
+    lines = [str(numpy1)] + [f"import site; site.addsitedir({p!r})" for p in parent_sites]
+    (site_packages / "mmgen_stub_paths.pth").write_text("\n".join(lines) + "\n")
     return env_dir / "bin"
 
 
