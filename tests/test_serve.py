@@ -372,7 +372,8 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
                 client.generate(ImageRequest(seeds=[0], class_ids=[0], steps=0))
             again = client.generate(ImageRequest(seeds=[100], class_ids=[0], steps=steps))
             first = results[0]
-            assert isinstance(first, np.ndarray) and np.array_equal(again, first)
+            # Same image alone as when it was batched with others (float kernels may differ by batch size).
+            assert isinstance(first, np.ndarray) and psnr(first[0], again[0]) >= 40.0
         finally:
             client.close()
     finally:
