@@ -39,6 +39,9 @@ def generate(
                                               "GPUs, fp32 on CPUs)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what the backend prefers)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / torch."),
+    cuda_graph: bool = typer.Option(False, "--cuda-graph",
+                                    help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "
+                                         "replay it every step."),
     json_out: str | None = typer.Option(None, "--json",
                                         help="Write settings, files and timings as JSON ('-' = stdout)."),
 ) -> None:
@@ -83,7 +86,8 @@ def generate(
     target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
     _check_output_dir(target)
 
-    runner = open_runner(run_dir, backend, precision, device=device, threads=threads)
+    runner = open_runner(run_dir, backend, precision, device=device, threads=threads,
+                         **({"cuda_graph": True} if cuda_graph else {}))
     choice = runner.choice  # type: ignore[attr-defined]
     console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
     for line in choice.skipped:

@@ -1,0 +1,25 @@
+"""TensorRT / TensorRT-RTX engines: build, manifest and staleness checks, runner.
+
+Importing this package does not import TensorRT or touch CUDA; the submodules
+`builder` and `runner` do so only when called.
+"""
+
+from mmgen_deploy.engines.flavour import RUNTIMES, Flavour, install_hint, installed_flavours, load_flavour
+from mmgen_deploy.engines.manifest import (
+    CorruptEngineError,
+    EngineSet,
+    StaleEngineError,
+    check_engine_dir,
+)
+
+__all__ = [
+    "RUNTIMES",
+    "CorruptEngineError",
+    "EngineSet",
+    "Flavour",
+    "StaleEngineError",
+    "check_engine_dir",
+    "install_hint",
+    "installed_flavours",
+    "load_flavour",
+]

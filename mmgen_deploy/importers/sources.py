@@ -1,0 +1,195 @@
+"""Find out what a path holds and read it with the right importer.
+
+A path can be
+- a diffusers model directory (config.json + diffusion_pytorch_model.safetensors/.bin,
+  possibly sharded) whose `_class_name` is VQModel or DiTTransformer2DModel (older DiT
+  pipelines call it Transformer2DModel with norm_type ada_norm_zero);
+- a diffusers pipeline directory (model_index.json) holding such models and a scheduler;
+- a checkpoint file (.pt/.pth/.ckpt/.bin/.safetensors): an official DiT state dict or
+  train.py dict, or a taming/LDM VQ Lightning checkpoint. The layout is recognised from
+  the tensor names.
+"""
+
+from __future__ import annotations
+
+import json
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmgen_deploy.config import DiffusionConfig
+from mmgen_deploy.errors import ConfigError
+from mmgen_deploy.importers.dit import ImportedDiT, import_diffusers_dit, import_official_dit
+from mmgen_deploy.importers.safe_load import CheckpointError, load_checkpoint
+from mmgen_deploy.importers.statedict import StateDict, tensor_state
+from mmgen_deploy.importers.vq import DEFAULT_NORM_GROUPS, VQArchitecture, import_diffusers_vq, import_taming_vq
+
+VQ_CLASSES = ("VQModel",)
+DIT_CLASSES = ("DiTTransformer2DModel", "Transformer2DModel")
+_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors",
+                 "diffusion_pytorch_model.bin", "pytorch_model.bin")
+
+
+@dataclass
+class Found:
+    """What one path turned out to hold."""
+
+    vq: VQArchitecture | None = None
+    dit: ImportedDiT | None = None
+    scheduler: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
+def _diffusers_weights(folder: Path) -> StateDict:
+    """All tensors of a diffusers model folder (single file or sharded with an index)."""
+    for name in _WEIGHT_NAMES:
+        if (folder / name).is_file():
+            return tensor_state(load_checkpoint(folder / name), str(folder / name))
+        index = folder / f"{name}.index.json"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map", {})
+            state: StateDict = {}
+            for shard in sorted(set(weight_map.values())):
+                state.update(tensor_state(load_checkpoint(folder / shard), str(folder / shard)))
+            return state
+    # Only a precision variant (e.g. diffusion_pytorch_model.fp16.safetensors): fine, it is cast to FP32.
+    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
+    if len(variants) == 1:
+        return tensor_state(load_checkpoint(variants[0]), str(variants[0]))
+    raise CheckpointError(f"{folder} has a config.json but no weights ({', '.join(_WEIGHT_NAMES)})",
+                          "save the model with save_pretrained() or copy the weight file next to config.json")
+
+
+def _model_folder(folder: Path) -> Found:
+    cfg = _read_json(folder / "config.json")
+    cls = cfg.get("_class_name", "")
+    source = str(folder)
+    if cls in VQ_CLASSES:
+        return Found(vq=import_diffusers_vq(cfg, _diffusers_weights(folder), source))
+    if cls in DIT_CLASSES:
+        if cls == "Transformer2DModel" and (cfg.get("norm_type") != "ada_norm_zero" or not cfg.get("patch_size")):
+            raise CheckpointError(f"{folder}: a Transformer2DModel that is not a class-conditional DiT "
+                                  "(needs norm_type 'ada_norm_zero' and a patch_size)")
+        found = Found(dit=import_diffusers_dit(cfg, _diffusers_weights(folder), source))
+        sibling = folder.parent / "scheduler"
+        if (sibling / "scheduler_config.json").is_file():
+            found.scheduler = sibling
+        return found
+    if cls == "AutoencoderKL":
+        raise CheckpointError(f"{folder} is a KL autoencoder (AutoencoderKL), not a VQ model",
+                              "mmgen deploys VQ latent models: import a VQModel")
+    raise CheckpointError(f"{folder}/config.json describes a {cls or 'model of unknown class'}; "
+                          f"expected one of {', '.join(VQ_CLASSES + DIT_CLASSES)}")
+
+
+def _pipeline_folder(folder: Path) -> Found:
+    index = _read_json(folder / "model_index.json")
+    found = Found()
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
+            continue
+        sub = folder / name
+        if spec[1] == "AutoencoderKL":
+            # DiT pipelines ship Stable Diffusion's KL VAE; the transformer is still usable with --vq.
+            found.notes.append(f"skipped {name}/ (AutoencoderKL: a KL autoencoder, not a VQ model)")
+        elif spec[1] in VQ_CLASSES + DIT_CLASSES:
+            part = _model_folder(sub)
+            found.vq = part.vq or found.vq
+            found.dit = part.dit or found.dit
+        elif (sub / "scheduler_config.json").is_file():
+            found.scheduler = sub
+    if found.vq is None and found.dit is None:
+        raise CheckpointError(f"pipeline {folder} holds no VQModel or DiT transformer"
+                              + (f" ({'; '.join(found.notes)})" if found.notes else ""))
+    return found
+
+
+def _unwrap_checkpoint(obj: Any, source: str) -> tuple[StateDict, Namespace | None, list[str]]:
+    """Lightning / train.py wrappers -> (state dict, train.py args, notes)."""
+    notes: list[str] = []
+    args = None
+    if isinstance(obj, dict):
+        if isinstance(obj.get("args"), Namespace):
+            args = obj["args"]
+        if isinstance(obj.get("state_dict"), dict):
+            notes.append("Lightning checkpoint: using its state_dict")
+            obj = obj["state_dict"]
+        elif isinstance(obj.get("ema"), dict):
+            notes.append("train.py checkpoint: using the EMA weights ('ema'), as DiT's sample.py does")
+            obj = obj["ema"]
+        elif isinstance(obj.get("model"), dict):
+            notes.append("train.py checkpoint without 'ema': using 'model'")
+            obj = obj["model"]
+    state = tensor_state(obj, source)
+    # DistributedDataParallel wraps every name in `module.`.
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+        notes.append("stripped the DistributedDataParallel 'module.' prefix")
+    return state, args, notes
+
+
+def _checkpoint_file(path: Path, *, num_heads: int | None, norm_groups: int | None) -> Found:
+    source = str(path)
+    state, args, notes = _unwrap_checkpoint(load_checkpoint(path), source)
+    keys = set(state)
+    if "x_embedder.proj.weight" in keys:
+        dit = import_official_dit(state, source, num_heads=num_heads, args=args)
+        dit.notes = notes + dit.notes
+        return Found(dit=dit)
+    if any(k.startswith(("encoder.conv_in.", "first_stage_model.encoder.conv_in.")) for k in keys):
+        vq = import_taming_vq(state, source, norm_groups=norm_groups or DEFAULT_NORM_GROUPS)
+        vq.notes = notes + vq.notes
+        return Found(vq=vq)
+    if any(k.startswith(("transformer_blocks.", "encoder.down_blocks.")) for k in keys):
+        raise CheckpointError(f"{path} holds diffusers weights without their config.json",
+                              "pass the model directory (config.json + weights), not the weight file")
+    sample = ", ".join(sorted(keys)[:5])
+    raise CheckpointError(f"{path}: unrecognised tensor names (e.g. {sample})",
+                          "expected an official DiT state dict or a taming/LDM VQ checkpoint")
+
+
+def read_source(path: str | Path, *, num_heads: int | None = None, norm_groups: int | None = None) -> Found:
+    """Import whatever `path` holds (see the module docstring)."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _pipeline_folder(path)
+        if (path / "config.json").is_file():
+            return _model_folder(path)
+        raise CheckpointError(f"{path} is a directory without config.json or model_index.json",
+                              "point at a diffusers model/pipeline directory or a checkpoint file")
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist")
+    return _checkpoint_file(path, num_heads=num_heads, norm_groups=norm_groups)
+
+
+def read_scheduler(path: Path) -> tuple[DiffusionConfig, dict[str, Any]]:
+    """A diffusers scheduler_config.json (or its folder) -> the noise schedule, refusing what differs."""
+    file = path / "scheduler_config.json" if path.is_dir() else path
+    cfg = _read_json(file)
+    if cfg.get("trained_betas") is not None:
+        raise CheckpointError(f"{file}: explicit trained_betas are not supported (only a linear schedule)")
+    schedule = cfg.get("beta_schedule", "linear")
+    prediction = cfg.get("prediction_type", "epsilon")
+    try:
+        diffusion = DiffusionConfig(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
+                                    beta_start=float(cfg.get("beta_start", 1e-4)),
+                                    beta_end=float(cfg.get("beta_end", 0.02)),
+                                    beta_schedule=schedule, prediction_type=prediction)
+        diffusion.validate()
+    except ConfigError as exc:
+        raise CheckpointError(f"{file}: {exc.message}",
+                              "the samplers here support a linear beta schedule with epsilon prediction") from None
+    return diffusion, {"path": str(file), "class": cfg.get("_class_name"),
+                       "variance_type": cfg.get("variance_type")}

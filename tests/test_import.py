@@ -1,0 +1,508 @@
+"""`mmgen import`: diffusers, official DiT and taming VQ layouts against their own forward passes.
+
+Every model here is built offline with random weights; layers that start at zero
+(adaLN-Zero, codebooks) are re-randomised so that a passing comparison means something.
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import json
+import math
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import DiTConfig, VQConfig
+from mmgen_deploy.importers import CheckpointError, import_official_dit, import_run, official_dit_keys, read_source
+from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
+from mmgen_deploy.models.dit import sincos_pos_embed_2d
+from mmgen_deploy.rundir import RunDir
+
+diffusers = pytest.importorskip("diffusers")
+
+# Acceptance threshold from the issue: native vs the layout's own forward pass.
+REL_L2 = 1e-5
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+# -- diffusers fixtures ---------------------------------------------------------------------------------------
+
+NUM_CLASSES = 5
+
+
+@torch.no_grad()
+def _diffusers_dit(seed: int = 0, in_channels: int = 4) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    dit = diffusers.DiTTransformer2DModel(
+        sample_size=8, patch_size=2, in_channels=in_channels, out_channels=2 * in_channels, num_layers=2,
+        num_attention_heads=2, attention_head_dim=16, num_embeds_ada_norm=NUM_CLASSES)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for param in dit.parameters():
+        if torch.count_nonzero(param) == 0:
+            param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    # diffusers initialises each block's embedder copy independently; a converted DiT has them equal.
+    shared = dit.transformer_blocks[0].norm1.emb.state_dict()
+    for block in dit.transformer_blocks[1:]:
+        block.norm1.emb.load_state_dict(shared)
+    return dit.eval()
+
+
+@torch.no_grad()
+def _diffusers_vq(seed: int = 0, embed_dim: int = 4) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    vq = diffusers.VQModel(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), block_out_channels=(32, 64),
+        layers_per_block=1, latent_channels=4, vq_embed_dim=embed_dim, sample_size=16, num_vq_embeddings=64,
+        norm_num_groups=32)
+    # A trained-looking codebook: well-separated codes, roughly the scale of the encoder's output.
+    vq.quantize.embedding.weight.copy_(torch.randn(64, embed_dim, generator=torch.Generator().manual_seed(seed)))
+    return vq.eval()
+
+
+def _diffusers_pipeline(root: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A pipeline-shaped folder: vqvae/, transformer/, scheduler/ and model_index.json."""
+    vq, dit = _diffusers_vq(), _diffusers_dit()
+    vq.save_pretrained(root / "vqvae")
+    dit.save_pretrained(root / "transformer")
+    diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=2e-4, beta_end=0.03,
+                            variance_type="learned_range").save_pretrained(root / "scheduler")
+    (root / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "vqvae": ["diffusers", "VQModel"],
+        "transformer": ["diffusers", "DiTTransformer2DModel"], "scheduler": ["diffusers", "DDPMScheduler"]}))
+    return vq, dit
+
+
+@torch.no_grad()
+def _compare_with_diffusers(run: RunDir, vq: torch.nn.Module, dit: torch.nn.Module) -> dict[str, float]:
+    _, native_vq, native_dit = run.load_models()
+    comps = build_components(native_vq, native_dit)
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1
+    h_ref = vq.encode(image).latents
+    h = comps["encoder"](image)
+    z_q, indices = comps["quantizer"](h_ref)
+    z_q_ref, _, (_, _, indices_ref) = vq.quantize(h_ref)
+    x_t = torch.randn(4, 4, 8, 8, generator=gen)
+    t = torch.tensor([0.0, 17.0, 500.0, 999.0])
+    y = torch.tensor([0, 2, 4, NUM_CLASSES])  # includes the null label used by guidance
+    errors = {
+        "encoder": rel_l2(h, h_ref),
+        "quantizer": rel_l2(z_q, z_q_ref),
+        "decoder": rel_l2(comps["decoder"](z_q_ref), vq.decode(h_ref).sample),
+        "denoiser": rel_l2(comps["denoiser"](x_t, t, y.int()), dit(x_t, timestep=t, class_labels=y).sample),
+    }
+    assert torch.equal(indices.reshape(-1).long(), indices_ref.reshape(-1).long())
+    return errors
+
+
+def test_diffusers_pipeline_import_matches_diffusers(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    vq, dit = _diffusers_pipeline(tmp_path / "pipe")
+    code, output = _cli(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run"),
+                         "--json", str(tmp_path / "report.json")], capsys)
+    assert code == 0, output
+    run = RunDir(tmp_path / "run")
+    config = run.load_config()
+    assert config.dit.timestep_freq_shift == 1.0 and config.dit.mlp_norm_eps == 1e-5
+    assert config.dit.learn_sigma and config.vq.attn_resolutions == (8,)
+    assert config.class_names == tuple(f"class {i}" for i in range(NUM_CLASSES))
+    # The scheduler next to the transformer was read (these betas are not the defaults).
+    assert (config.diffusion.beta_start, config.diffusion.beta_end) == (2e-4, 0.03)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["imported"]["vqvae"]["scaling_factor"] == pytest.approx(0.18215)
+    errors = _compare_with_diffusers(run, vq, dit)
+    print("diffusers pipeline rel L2:", errors)
+    assert all(err <= REL_L2 for err in errors.values()), errors
+
+
+def test_diffusers_flags_are_needed_for_parity(tmp_path: Path) -> None:
+    """Without diffusers' timestep shift and MLP eps the outputs differ: the flags are doing the work."""
+    dit = _diffusers_dit()
+    dit.save_pretrained(tmp_path / "dit")
+    imported = read_source(tmp_path / "dit").dit
+    assert imported is not None
+    plain = DiT(imported.config.replace(timestep_freq_shift=0.0, mlp_norm_eps=1e-6)).eval()
+    plain.load_state_dict(imported.model.state_dict())
+    x_t, t, y = torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), torch.tensor([1, 3])
+    with torch.no_grad():
+        ref = dit(x_t, timestep=t, class_labels=y).sample
+        assert rel_l2(imported.model(x_t, t, y), ref) <= REL_L2
+        assert rel_l2(plain(x_t, t, y), ref) > 1e-4
+
+
+def test_diffusers_dit_with_different_block_embedders_is_refused(tmp_path: Path) -> None:
+    dit = _diffusers_dit()
+    with torch.no_grad():
+        dit.transformer_blocks[1].norm1.emb.class_embedder.embedding_table.weight.add_(0.01)
+    dit.save_pretrained(tmp_path / "dit")
+    with pytest.raises(CheckpointError, match=r"embedder of block 1 .*differs from block 0"):
+        read_source(tmp_path / "dit")
+
+
+# -- official DiT layout, built from the key list ------------------------------------------------------------
+
+def _official_shapes(cfg: DiTConfig) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of facebookresearch/DiT models.py, written out from the paper's architecture."""
+    d, p, c = cfg.hidden_size, cfg.patch_size, cfg.in_channels
+    mlp = int(d * cfg.mlp_ratio)
+    out = p * p * (2 * c if cfg.learn_sigma else c)
+    shapes: dict[str, tuple[int, ...]] = {
+        "pos_embed": (1, cfg.num_patches, d), "x_embedder.proj.weight": (d, c, p, p), "x_embedder.proj.bias": (d,),
+        "t_embedder.mlp.0.weight": (d, 256), "t_embedder.mlp.0.bias": (d,), "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,), "y_embedder.embedding_table.weight": (cfg.num_classes + 1, d),
+        "final_layer.linear.weight": (out, d), "final_layer.linear.bias": (out,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d), "final_layer.adaLN_modulation.1.bias": (2 * d,)}
+    for i in range(cfg.depth):
+        for name, (rows, cols) in {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (mlp, d),
+                                   "mlp.fc2": (d, mlp), "adaLN_modulation.1": (6 * d, d)}.items():
+            shapes[f"blocks.{i}.{name}.weight"] = (rows, cols)
+            shapes[f"blocks.{i}.{name}.bias"] = (rows,)
+    return shapes
+
+
+def _official_state(cfg: DiTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    shapes = _official_shapes(cfg)
+    assert list(shapes) != [] and set(shapes) == set(official_dit_keys(cfg.depth))
+    state = {k: torch.randn(s, generator=gen) * (0.3 / math.sqrt(s[-1])) for k, s in shapes.items()}
+    grid = cfg.input_size // cfg.patch_size
+    state["pos_embed"] = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).unsqueeze(0)
+    return state
+
+
+def _official_reference(state: dict[str, torch.Tensor], cfg: DiTConfig, x: torch.Tensor, t: torch.Tensor,
+                        y: torch.Tensor) -> torch.Tensor:
+    """DiT's forward written directly from models.py with functional ops on the state dict (the oracle)."""
+    s, d, p, heads = state, cfg.hidden_size, cfg.patch_size, cfg.num_heads
+
+    def linear(h: torch.Tensor, name: str) -> torch.Tensor:
+        return F.linear(h, s[f"{name}.weight"], s[f"{name}.bias"])
+
+    def modulate(h: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return h * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+    h = F.conv2d(x, s["x_embedder.proj.weight"], s["x_embedder.proj.bias"], stride=p).flatten(2).transpose(1, 2)
+    h = h + s["pos_embed"]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128, dtype=torch.float32) / 128)
+    args = t[:, None].float() * freqs[None]
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    c = linear(F.silu(linear(t_freq, "t_embedder.mlp.0")), "t_embedder.mlp.2")
+    c = c + s["y_embedder.embedding_table.weight"][y]
+    b, n, _ = h.shape
+    for i in range(cfg.depth):
+        pre = f"blocks.{i}."
+        mods = linear(F.silu(c), pre + "adaLN_modulation.1").chunk(6, dim=1)
+        a = modulate(F.layer_norm(h, (d,), eps=1e-6), mods[0], mods[1])
+        qkv = linear(a, pre + "attn.qkv").reshape(b, n, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
+        att = (qkv[0] @ qkv[1].transpose(-2, -1)) * (d // heads) ** -0.5
+        out = (att.softmax(-1) @ qkv[2]).transpose(1, 2).reshape(b, n, d)
+        h = h + mods[2].unsqueeze(1) * linear(out, pre + "attn.proj")
+        m = modulate(F.layer_norm(h, (d,), eps=1e-6), mods[3], mods[4])
+        m = linear(F.gelu(linear(m, pre + "mlp.fc1"), approximate="tanh"), pre + "mlp.fc2")
+        h = h + mods[5].unsqueeze(1) * m
+    shift, scale = linear(F.silu(c), "final_layer.adaLN_modulation.1").chunk(2, dim=1)
+    h = linear(modulate(F.layer_norm(h, (d,), eps=1e-6), shift, scale), "final_layer.linear")
+    g, co = cfg.input_size // p, cfg.out_channels
+    h = h.reshape(b, g, g, p, p, co)
+    return torch.einsum("nhwpqc->nchpwq", h).reshape(b, co, g * p, g * p)
+
+
+OFFICIAL_CFG = DiTConfig(input_size=8, in_channels=4, patch_size=2, hidden_size=96, depth=2, num_heads=12,
+                         num_classes=NUM_CLASSES, learn_sigma=True)
+
+
+def test_native_dit_keys_are_the_official_key_list() -> None:
+    assert list(DiT(OFFICIAL_CFG).state_dict()) == official_dit_keys(OFFICIAL_CFG.depth)
+
+
+def test_official_train_checkpoint_matches_reference_forward(tmp_path: Path) -> None:
+    ema, model = _official_state(OFFICIAL_CFG, seed=1), _official_state(OFFICIAL_CFG, seed=2)
+    # train.py's dict: model, ema, optimizer state and the argparse.Namespace of its arguments.
+    ckpt = {"model": model, "ema": ema, "opt": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]},
+            "args": argparse.Namespace(model="DiT-B/2", image_size=64, num_classes=NUM_CLASSES, global_seed=0)}
+    torch.save(ckpt, tmp_path / "0000100.pt")
+    found = read_source(tmp_path / "0000100.pt")
+    assert found.dit is not None and found.dit.config == OFFICIAL_CFG  # heads from args.model "DiT-B"
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([3.0, 250.0, 999.0])
+    y = torch.tensor([0, 4, NUM_CLASSES])
+    with torch.no_grad():
+        error = rel_l2(found.dit.model(x, t, y), _official_reference(ema, OFFICIAL_CFG, x, t, y))
+    print("official DiT (ema) rel L2:", error)
+    assert error <= REL_L2
+    assert any("EMA" in note for note in found.dit.notes)
+
+
+def test_official_raw_state_dict_needs_heads_when_width_is_unusual(tmp_path: Path) -> None:
+    cfg = OFFICIAL_CFG.replace(hidden_size=64, num_heads=4)
+    torch.save(_official_state(cfg), tmp_path / "DiT-custom.pt")
+    with pytest.raises(CheckpointError, match="--num-heads"):
+        read_source(tmp_path / "DiT-custom.pt")
+    found = read_source(tmp_path / "DiT-custom.pt", num_heads=4)
+    assert found.dit is not None and found.dit.config == cfg
+
+
+def test_official_layout_problems_are_named() -> None:
+    state = _official_state(OFFICIAL_CFG)
+    bad_pos = dict(state, pos_embed=state["pos_embed"] + 0.01)
+    with pytest.raises(CheckpointError, match="pos_embed differs from the 2-D sin-cos table"):
+        import_official_dit(bad_pos, "bad.pt", num_heads=12)
+    shaped = dict(state)
+    shaped["blocks.1.mlp.fc2.weight"] = torch.zeros(96, 100)
+    with pytest.raises(CheckpointError, match=r"blocks\.1\.mlp\.fc2\.weight: file \(96, 100\) vs model \(96, 384\)"):
+        import_official_dit(shaped, "shaped.pt", num_heads=12)
+    keys = dict(state, extra_head=torch.zeros(1))
+    del keys["blocks.0.attn.proj.bias"]
+    with pytest.raises(CheckpointError, match=r"missing keys blocks\.0\.attn\.proj\.bias; unknown keys extra_head"):
+        import_official_dit(keys, "keys.pt", num_heads=12)
+
+
+# -- taming / LDM VQ ------------------------------------------------------------------------------------------
+
+TAMING_CFG = VQConfig(image_size=32, base_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                      attn_resolutions=(16,), z_channels=4, embed_dim=4, n_embed=128, use_ema=False)
+
+
+def _taming_ckpt(path: Path, vq: VQModel) -> None:
+    """An LDM-style Lightning checkpoint: first_stage_model.* weights, loss.* tensors, other modules."""
+    state = {f"first_stage_model.{k}": v for k, v in vq.state_dict().items() if not k.startswith("quantize.ema_")}
+    state["first_stage_model.loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    state["first_stage_model.loss.logvar"] = torch.zeros(())
+    state["model.diffusion_model.input_blocks.0.0.weight"] = torch.randn(8, 4, 3, 3)
+    torch.save({"state_dict": state, "epoch": 3, "global_step": 1200, "pytorch-lightning_version": "1.4.2"}, path)
+
+
+def test_taming_ckpt_round_trips_and_pairs_with_official_dit(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    vq = rerandomize_(VQModel(TAMING_CFG), seed=5).eval()
+    _taming_ckpt(tmp_path / "vq-f4.ckpt", vq)
+    torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"thing {i}\n" for i in range(NUM_CLASSES)))
+    code, output = _cli(["import", "--vq", str(tmp_path / "vq-f4.ckpt"), "--dit", str(tmp_path / "DiT.pt"),
+                         "--class-names", str(names), "--num-heads", "12", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, output
+    config, vq2, _ = RunDir(tmp_path / "run").load_models()
+    assert config.vq == TAMING_CFG  # architecture (incl. attention placement) read back from shapes
+    assert config.class_names[-1] == f"thing {NUM_CLASSES - 1}"
+    assert "dropped 2 loss.* tensors" in output
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(vq2.decode(vq2.quantize.quantize(vq2.encode(image))[0]),
+                           vq.decode(vq.quantize.quantize(vq.encode(image))[0]))
+
+
+def test_taming_layout_matches_diffusers_vq(tmp_path: Path) -> None:
+    """A diffusers VQModel's weights written in the taming layout import to the same forward pass."""
+    dvq = _diffusers_vq(seed=4)
+    dvq.save_pretrained(tmp_path / "vq")
+    arch = read_source(tmp_path / "vq").vq
+    assert arch is not None
+    _, via_diffusers = arch.build(16)
+    _taming_ckpt(tmp_path / "taming.ckpt", via_diffusers)
+    taming = read_source(tmp_path / "taming.ckpt").vq
+    assert taming is not None
+    _, native = taming.build(16)
+    image = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        h_ref = dvq.encode(image).latents
+        errors = {"encode": rel_l2(native.encode(image), h_ref),
+                  "decode": rel_l2(native.decode(native.quantize.quantize(h_ref)[0]), dvq.decode(h_ref).sample)}
+    print("taming-layout VQ vs diffusers rel L2:", errors)
+    assert all(err <= REL_L2 for err in errors.values()), errors
+
+
+def test_kl_autoencoder_is_refused(tmp_path: Path) -> None:
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}}, tmp_path / "kl.ckpt")
+    with pytest.raises(CheckpointError, match="KL autoencoder"):
+        read_source(tmp_path / "kl.ckpt")
+
+
+# -- pairing and bad input -----------------------------------------------------------------------------------
+
+def test_pairing_mismatch_is_refused_without_damage(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _diffusers_vq(embed_dim=3).save_pretrained(tmp_path / "vq3")
+    _diffusers_dit().save_pretrained(tmp_path / "dit")
+    code, output = _cli(["import", "--vq", str(tmp_path / "vq3"), "--dit", str(tmp_path / "dit"),
+                         "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "4-channel latents" in output and "3-channel" in output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+    # An existing run survives a failed --force import untouched.
+    _diffusers_vq().save_pretrained(tmp_path / "vq4")
+    assert _cli(["import", "--vq", str(tmp_path / "vq4"), "--dit", str(tmp_path / "dit"),
+                 "--out", str(tmp_path / "run")], capsys)[0] == 0
+    before = RunDir(tmp_path / "run").weights_sha256()
+    code, output = _cli(["import", "--vq", str(tmp_path / "vq3"), "--dit", str(tmp_path / "dit"),
+                         "--out", str(tmp_path / "run"), "--force"], capsys)
+    assert code == 2 and RunDir(tmp_path / "run").weights_sha256() == before
+    code, output = _cli(["import", "--vq", str(tmp_path / "vq4"), "--dit", str(tmp_path / "dit"),
+                         "--out", str(tmp_path / "run"), "--image-size", "64", "--force"], capsys)
+    assert code == 2 and "--image-size 16" in output
+
+
+def test_lone_official_dit_asks_for_a_vq_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")
+    code, output = _cli(["import", str(tmp_path / "DiT.pt"), "--num-heads", "12", "--out", str(tmp_path / "run")],
+                        capsys)
+    assert code == 2 and "--vq PATH" in output and "KL-f8" in output
+
+
+class _Payload:
+    """Unpickling this runs code: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return builtins.exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle protocol 2", "pickle protocol 5"])
+def test_malicious_pickle_is_refused_and_not_executed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      writer: str) -> None:
+    marker = tmp_path / "marker"
+    path = tmp_path / "DiT-XL-2-256x256.pt"
+    payload = {"model": _Payload(marker), "ema": {"pos_embed": torch.zeros(1)}}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=int(writer[-1])))
+    code, output = _cli(["import", "--dit", str(path), "--vq", str(path), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "refused to load" in output, output
+    # Protocol 5 framing is refused before the payload is even reached; otherwise the global is named.
+    assert ("exec`" in output) if writer != "pickle protocol 5" else ("pickle instruction" in output), output
+    assert len(output.strip().splitlines()) == 1
+    assert not marker.exists() and not (tmp_path / "run").exists()
+    # The file really is malicious: an unrestricted load runs the payload (the check above can fail).
+    pickle.loads(pickle.dumps(_Payload(marker)))
+    assert marker.read_text() == "pwned"
+
+
+def test_only_namespace_is_allowed_beyond_tensors(tmp_path: Path) -> None:
+    state = _official_state(OFFICIAL_CFG)
+    torch.save({"ema": state, "args": argparse.Namespace(model="DiT-B/2", results_dir=Path("/x"))},
+               tmp_path / "ckpt.pt")
+    with pytest.raises(CheckpointError, match="pathlib"):
+        read_source(tmp_path / "ckpt.pt")
+
+
+def test_wrong_class_name_count_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _diffusers_pipeline(tmp_path / "pipe")
+    (tmp_path / "names.txt").write_text("cat\ndog\n")
+    code, output = _cli(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run"),
+                         "--class-names", str(tmp_path / "names.txt")], capsys)
+    assert code == 2 and "2 class names but the DiT has 5 classes" in output
+
+
+# -- the exported ONNX of an imported model ------------------------------------------------------------------
+
+def test_exported_onnx_of_imported_pipeline_matches_diffusers(tmp_path: Path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    vq, dit = _diffusers_pipeline(tmp_path / "pipe")
+    import_run(tmp_path / "run", source=tmp_path / "pipe")
+    run = RunDir(tmp_path / "run")
+    paths = _export_fp32(run)
+    rng = np.random.default_rng(0)
+    image = rng.uniform(-1, 1, (2, 3, 16, 16)).astype(np.float32)
+    x_t = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    t = np.array([5.0, 700.0], dtype=np.float32)
+    y = np.array([1, NUM_CLASSES], dtype=np.int32)
+
+    def session(name: str) -> object:
+        return ort.InferenceSession(str(paths[name]), providers=["CPUExecutionProvider"])
+
+    with torch.no_grad():
+        h_ref = vq.encode(torch.from_numpy(image)).latents
+        z_q_ref = vq.quantize(h_ref)[0]
+        errors = {
+            "encoder": rel_l2(torch.from_numpy(session("encoder").run(None, {"image": image})[0]), h_ref),
+            "decoder": rel_l2(torch.from_numpy(session("decoder").run(None, {"z_q": z_q_ref.numpy()})[0]),
+                              vq.decode(h_ref).sample),
+            "denoiser": rel_l2(torch.from_numpy(session("denoiser").run(
+                None, {"x_t": x_t, "t": t, "class_ids": y})[0]),
+                dit(torch.from_numpy(x_t), timestep=torch.from_numpy(t),
+                    class_labels=torch.from_numpy(y).long()).sample),
+        }
+    print("exported ONNX FP32 vs diffusers rel L2:", errors)
+    assert all(err <= REL_L2 for err in errors.values()), errors
+
+
+def _export_fp32(run: RunDir) -> dict[str, Path]:
+    """FP32 ONNX of the components through the project's exporter, as `mmgen export` does it."""
+    from mmgen_deploy.export import export_run, onnx_path
+
+    export_run(run.root, precisions=("fp32",), components=("encoder", "decoder", "denoiser"))
+    return {name: Path(onnx_path(run.root, "fp32", name)) for name in ("encoder", "decoder", "denoiser")}
+
+
+def test_ldm_ema_copy_is_preferred(tmp_path: Path) -> None:
+    """latent-diffusion's LitEma stores `model_ema.<name without dots>`; those weights are the ones imported."""
+    torch.manual_seed(0)
+    vq = rerandomize_(VQModel(TAMING_CFG), seed=6).eval()
+    state = {k: v for k, v in vq.state_dict().items() if not k.startswith("quantize.ema_")}
+    ema = {f"model_ema.{k.replace('.', '')}": v + 0.5 for k, v in state.items()}
+    ema |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)}
+    torch.save({"state_dict": state | ema}, tmp_path / "ema.ckpt")
+    arch = read_source(tmp_path / "ema.ckpt").vq
+    assert arch is not None and any("EMA copy" in note for note in arch.notes)
+    _, imported = arch.build(32)
+    assert torch.equal(imported.encoder.conv_in.weight, vq.encoder.conv_in.weight + 0.5)
+
+
+def test_dit_pipeline_with_kl_vae_pairs_with_given_vq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A DiTPipeline folder ships a KL VAE: it is skipped (with a note) and --vq supplies the VQ model."""
+    pipe = tmp_path / "dit-pipeline"
+    _diffusers_dit().save_pretrained(pipe / "transformer")
+    # Older pipelines name the transformer class Transformer2DModel (same weights, ada_norm_zero).
+    config_file = pipe / "transformer" / "config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": "Transformer2DModel"}))
+    (pipe / "vae").mkdir()
+    (pipe / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    (pipe / "model_index.json").write_text(json.dumps({
+        "_class_name": "DiTPipeline", "vae": ["diffusers", "AutoencoderKL"],
+        "transformer": ["diffusers", "Transformer2DModel"]}))
+    code, output = _cli(["import", str(pipe), "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "AutoencoderKL" in output and "--vq PATH" in output
+    _diffusers_vq().save_pretrained(tmp_path / "vq")
+    code, output = _cli(["import", str(pipe), "--vq", str(tmp_path / "vq"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, output
+    assert RunDir(tmp_path / "run").load_config().dit.timestep_freq_shift == 1.0
+
+
+def test_diffusers_vq_problems_are_named(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    _diffusers_vq().save_pretrained(tmp_path / "vq")
+    weights = tmp_path / "vq" / "diffusion_pytorch_model.safetensors"
+    original = load_file(str(weights))
+    save_file(original | {"decoder.conv_out.bias": torch.zeros(4)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"decoder\.conv_out\.bias: file \(4,\) vs model \(3,\)"):
+        read_source(tmp_path / "vq").vq.build(16)  # type: ignore[union-attr]
+    save_file(original | {"encoder.extra_head.weight": torch.zeros(2)}, str(weights))
+    with pytest.raises(CheckpointError, match=r"not part of a diffusers VQModel: encoder\.extra_head\.weight"):
+        read_source(tmp_path / "vq")
+
+
+def test_truncated_checkpoint_is_reported_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")
+    data = (tmp_path / "DiT.pt").read_bytes()
+    (tmp_path / "DiT.pt").write_bytes(data[: len(data) // 2])
+    code, output = _cli(["import", "--dit", str(tmp_path / "DiT.pt"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 1 and "not a readable PyTorch checkpoint" in output and len(output.strip().splitlines()) == 1
