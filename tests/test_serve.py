@@ -432,3 +432,17 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
     finally:
         runner.close()
     assert np.array_equal(served, reference)
+
+
+@needs_triton
+def test_missing_numpy1_for_the_wheels_stub_is_one_clear_line(tmp_path, random_models, capsys, monkeypatch) -> None:
+    from mmgen_deploy.serve.server import _numpy_major, find_triton
+
+    if find_triton().origin != "nvidia-pytriton" or _numpy_major() < 2:
+        pytest.skip("only environments with numpy 2 need the numpy 1 directory for the wheel's stub")
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    monkeypatch.setenv("MMGEN_TRITON_NUMPY1", str(tmp_path / "no-numpy-here"))
+    code, text = _cli(["serve", str(run.root), "--port", str(_free_port()), "--grpc-port", str(_free_port()),
+                       "--metrics-port", "0"], capsys)
+    assert code == 1 and "needs numpy<2" in text and "pip install --target" in text and "Traceback" not in text
