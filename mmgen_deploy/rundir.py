@@ -19,16 +19,19 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save_file
+from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, VQConfig
 from mmgen_deploy.errors import ConfigError, RunDirError
 from mmgen_deploy.io_utils import atomic_path, read_json, sha256_file, write_json
-from mmgen_deploy.models.dit import DiT
-from mmgen_deploy.models.vqvae import VQModel
+
+if TYPE_CHECKING:
+    # torch is imported only where weights are read or written: reading a run's config
+    # (what the ONNX Runtime / TensorRT backends need) must work on a machine without torch.
+    import torch
+
+    from mmgen_deploy.models.dit import DiT
+    from mmgen_deploy.models.vqvae import VQModel
 
 RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
@@ -149,11 +152,15 @@ class RunDir:
 
     # -- weights ----------------------------------------------------------------------
     def save_weights(self, part: str, model: torch.nn.Module) -> None:
+        from safetensors.torch import save_file
+
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         with atomic_path(self.weights_path(part)) as tmp:
             save_file(state, str(tmp), metadata={"format": RUN_FORMAT, "part": part})
 
     def load_state(self, part: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
         path = self.weights_path(part)
         if not path.is_file():
             raise RunDirError(f"missing weight file {path}",
@@ -178,6 +185,8 @@ class RunDir:
                               + "; ".join(problems))
 
     def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
+        from mmgen_deploy.models.vqvae import VQModel
+
         config = config or self.load_config()
         model = VQModel(config.vq)
         try:
@@ -188,6 +197,8 @@ class RunDir:
         return model.eval()
 
     def load_dit(self, config: ModelConfig | None = None) -> DiT:
+        from mmgen_deploy.models.dit import DiT
+
         config = config or self.load_config()
         model = DiT(config.dit)
         try:

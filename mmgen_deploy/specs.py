@@ -106,6 +106,12 @@ class ComponentSpec:
         raise KeyError(f"{self.name} has no tensor named {name!r}")
 
 
+# GroupNorm exports as InstanceNormalization (see the export notes); its mean/variance
+# reductions over a whole group overflow or lose precision in FP16 (FP16 VAE decoders give
+# NaN / black images), so the VQ encoder and decoder keep them FP32.
+GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
+
+
 def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
     return {"fp32": {n: Tolerance(rel_l2=fp32) for n in names},
             "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
@@ -145,6 +151,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec("h", "float32", lat),),
             make_inputs=image_inputs,
             tolerances=_tol(1e-5, 1e-2, ("h",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "quantizer": ComponentSpec(
             name="quantizer",
@@ -161,6 +168,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec("image", "float32", img),),
             make_inputs=latent_inputs("z_q"),
             tolerances=_tol(1e-5, 1e-2, ("image",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "denoiser": ComponentSpec(
             name="denoiser",

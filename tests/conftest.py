@@ -53,3 +53,22 @@ def random_models(tiny_config: ModelConfig) -> tuple[ModelConfig, VQModel, DiT]:
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     return tiny_config, vq.eval(), dit.eval()
+
+
+@pytest.fixture(scope="session")
+def exported_tiny_run(tmp_path_factory: pytest.TempPathFactory):
+    """A saved run of re-randomised tiny models with its FP32 ONNX set (sampling components only).
+
+    Session-scoped: the export takes ~10 s on two busy cores, shared by the sampling and CLI tests.
+    """
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import save_run
+
+    config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.vq), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    run = save_run(tmp_path_factory.mktemp("exported") / "run", config, vq.eval(), dit.eval())
+    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
+    return run

@@ -1,9 +1,102 @@
+"""`mmgen export RUN_DIR`: ONNX FP32 and mixed-precision FP16 graphs, validated against PyTorch."""
+
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import typer
 
-from mmgen_deploy.cli.common import add_stub
+from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.errors import UsageError
+
+_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser")
+_PRECISIONS = ("fp32", "fp16")
+
+
+def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
+    """Accept repeated options and comma lists alike: --components encoder,decoder."""
+    if not values:
+        return None
+    items = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
+    if "all" in items:
+        return list(allowed)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise UsageError(f"{option}: unknown value(s) {', '.join(bad) or '(none)'}",
+                         f"choose from {', '.join(allowed)} or all")
+    return items
+
+
+def _print_summary(manifest: dict[str, Any], precisions: list[str], components: list[str]) -> None:
+    from rich.table import Table
+
+    table = Table(title="worst error vs PyTorch FP32 (ORT CPU, all batches)", min_width=100)
+    for column in ("component", "prec.", "output (inputs)", "worst", "tol.", "MB", "FP32 nodes kept"):
+        table.add_column(column, no_wrap=True)
+    for precision in precisions:
+        for component in components:
+            entry = manifest["files"].get(precision, {}).get(component)
+            if entry is None:
+                continue
+            kept = "-" if precision == "fp32" else (
+                "all (spec)" if entry.get("keep_fp32") else f"{len(entry['kept_fp32_nodes'])} of "
+                f"{len(entry['kept_fp32_nodes']) + entry['fp16_nodes']}")
+            for row in entry["validation"]["worst"]:
+                value = (f"L2 {row['value']:.1e}" if row["metric"] == "rel_l2"
+                         else f"agree {row['value']:.1%}")
+                tol = f"{row['tolerance']:.0e}" if row["metric"] == "rel_l2" else f"{row['tolerance']:.0%}"
+                table.add_row(component, precision, f"{row['output']} ({row['inputs']})", value, tol,
+                              f"{entry['bytes'] / 1e6:.2f}", kept)
+    console.print(table)
 
 
 def register(app: typer.Typer) -> None:
-    add_stub(app, "export", "Export every component to ONNX (FP32 and mixed-precision FP16), validated.", 4)
+    @app.command("export")
+    def export_cmd(
+        run_dir: Path = typer.Argument(..., help="Run directory (made by `mmgen train`, `quickstart` or `import`)."),
+        precision: list[str] = typer.Option(
+            None, "--precision", "-p",
+            help="fp32, fp16 or all (repeat or comma-separate). Default: both. FP16 = mixed precision "
+                 "by ModelOpt AutoCast, for strongly typed TensorRT builds."),
+        components: list[str] = typer.Option(
+            None, "--components", "-c",
+            help="Export only these: encoder, quantizer, decoder, denoiser (repeat or comma-separate). "
+                 "Other components of an existing export of the same checkpoint are kept."),
+        opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20); >= 17 gives TensorRT native LayerNorm."),
+        overwrite: bool = typer.Option(
+            False, "--overwrite", help="Replace an existing export even if it came from a different checkpoint."),
+        calibration: Path = typer.Option(
+            None, "--calibration",
+            help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels`: real data for the "
+                 "FP16 range analysis and the real-data validation. Default: spec dummy inputs."),
+        json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
+    ) -> None:
+        """Export every component to ONNX (FP32 and mixed-precision FP16), validated against PyTorch.
+
+        Writes RUN_DIR/onnx/{fp32,fp16}/<component>.onnx and RUN_DIR/onnx/manifest.json. Each graph is
+        run in ONNX Runtime CPU at batch 1, 3 and the engine profile's max, on random and real inputs,
+        and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
+        leaves the previous RUN_DIR/onnx untouched.
+        """
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from mmgen_deploy.export import export_run
+        from mmgen_deploy.export.onnx_export import check_opset
+
+        check_opset(opset)  # before the progress bar starts
+        precisions = _split(precision, _PRECISIONS, "--precision") or list(_PRECISIONS)
+        chosen = _split(components, _COMPONENTS, "--components")
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=console, transient=False) as bar:
+            task = bar.add_task("export", total=None)
+
+            def progress(message: str, done: int, total: int) -> None:
+                bar.update(task, description=message, completed=done, total=total)
+
+            manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
+                                  overwrite=overwrite, calibration=calibration, progress=progress)
+        _print_summary(manifest, precisions, chosen or list(_COMPONENTS))
+        console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
+                      f"(calibration: {manifest['calibration']['source']})")
+        emit_json(manifest, json_out)

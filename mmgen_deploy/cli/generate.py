@@ -1,9 +1,130 @@
+"""`mmgen generate`: sample images on PyTorch, ONNX Runtime or TensorRT."""
+
 from __future__ import annotations
+
+import math
+from pathlib import Path
 
 import typer
 
-from mmgen_deploy.cli.common import add_stub
+from mmgen_deploy.cli.common import console, emit_json, stdout_console
 
 
 def register(app: typer.Typer) -> None:
-    add_stub(app, "generate", "Sample images on PyTorch, ONNX Runtime or TensorRT.", 5)
+    app.command("generate")(generate)
+
+
+def generate(
+    run_dir: Path = typer.Argument(..., help="Run directory (from `mmgen train`, `quickstart` or `import`)."),
+    classes: list[str] = typer.Option(
+        [], "--class", "-c",
+        help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class."),
+    n: int = typer.Option(4, "--n", "-n", help="Images per class (18 classes with --n 10 give 180 images)."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b",
+                                   help="Images per denoiser call (guidance doubles the model batch)."),
+    steps: int = typer.Option(50, "--steps", help="Denoising steps (respaced from the training schedule)."),
+    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M)."),
+    cfg_scale: float = typer.Option(4.0, "--cfg-scale",
+                                    help="Classifier-free guidance scale; 1 disables guidance, 0 is unconditional."),
+    eta: float = typer.Option(0.0, "--eta", help="DDIM noise (0 = deterministic, 1 = DDPM-like)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: same seed, same noise on every backend."),
+    out: Path | None = typer.Option(None, "--out", "-o",
+                                    help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"
+                                         "<steps>steps-seed<seed>). A previous `generate` folder is replaced."),
+    backend: str = typer.Option("auto", "--backend",
+                                help="auto, torch, onnxruntime or tensorrt. auto picks the fastest available: "
+                                     "TensorRT engines, then ONNX Runtime CUDA, then ONNX Runtime CPU."),
+    precision: str | None = typer.Option(None, "--precision",
+                                         help="fp32 or fp16: which exported ONNX set to run (default: fp16 on "
+                                              "GPUs, fp32 on CPUs)."),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what the backend prefers)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / torch."),
+    json_out: str | None = typer.Option(None, "--json",
+                                        help="Write settings, files and timings as JSON ('-' = stdout)."),
+) -> None:
+    """Sample images: noise -> denoising loop -> quantizer -> decoder -> PNGs.
+
+    Writes one PNG per image (text chunks: class, seed, steps, sampler, cfg_scale, backend,
+    precision), a grid.png and samples.json into the output folder, and prints images/s.
+    """
+    from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.schedulers import SAMPLERS
+
+    # Refuse bad numbers before touching any file or model.
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"--cfg-scale must be >= 0, got {cfg_scale}", "1 disables guidance; 4.0 is DiT's choice")
+    if eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {eta}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+
+    from mmgen_deploy.io_utils import atomic_dir, write_json
+    from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.runtime import open_runner, resolve_backend
+    from mmgen_deploy.sampling import sample
+    from mmgen_deploy.sampling.loop import validate_sampling_args
+    from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
+
+    run = RunDir(run_dir)
+    config = run.load_config()
+    class_ids = [resolve_class(config, c) for c in classes] if classes else list(range(config.dit.num_classes))
+    per_image = [c for c in class_ids for _ in range(n)]
+    validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                           batch_size=batch_size, eta=eta)
+    choice = resolve_backend(backend, run_dir, precision, device=device)
+    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
+    _check_output_dir(target)
+
+    runner = open_runner(run_dir, backend, precision, device=device, threads=threads)
+    choice = runner.choice  # type: ignore[attr-defined]
+    console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
+    for line in choice.skipped:
+        console.print(f"  [dim]skipped {line}[/]")
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(f"sampling {len(per_image)} images", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            result = sample(runner, config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                            seed=seed, batch_size=batch_size, eta=eta, progress=advance)
+    finally:
+        runner.close()
+
+    with atomic_dir(target) as tmp:
+        sidecar = write_samples(result, config, tmp, images_per_class=n,
+                                extra={"run_dir": str(run.root), "backend_choice": choice.describe(),
+                                       "skipped_backends": choice.skipped})
+        write_json(tmp / "samples.json", sidecar)
+    timing = result.timing()
+    console.print(f"{len(per_image)} images in {result.total_seconds:.2f} s: "
+                  f"[bold]{timing['images_per_second']:.2f} images/s[/] "
+                  f"(model calls {result.model_seconds:.2f} s, loop overhead "
+                  f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")
+    stdout_console.print(f"grid: {target / 'grid.png'}", soft_wrap=True)
+    sidecar["out"] = str(target)
+    emit_json(sidecar, json_out)
+
+
+def _check_output_dir(target: Path) -> None:
+    """Replace only folders that `generate` wrote; never swallow someone's other files."""
+    from mmgen_deploy.errors import UsageError
+
+    if target.is_file():
+        raise UsageError(f"--out {target} is a file", "give a folder path")
+    if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
+        raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
+                         "choose another --out folder (generate replaces only its own output folders)")

@@ -1,0 +1,1 @@
+"""Parity (backend vs PyTorch FP32) and benchmarks."""

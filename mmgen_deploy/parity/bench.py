@@ -1,0 +1,220 @@
+"""`mmgen bench`: per-component latency and end-to-end throughput, backends side by side.
+
+All backends are measured in one process, one after another, on the same inputs, so the
+ratios between them are meaningful even on a busy machine. Device timings synchronise
+through the runner (its `run` returns host arrays, i.e. after the device finished).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.specs import component_specs
+
+
+@dataclass
+class Latency:
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass
+class BackendResult:
+    backend: str
+    precision: str
+    components: dict[str, dict[int, Latency]] = field(default_factory=dict)  # component -> batch -> latency
+    images_per_s: dict[int, float] = field(default_factory=dict)  # batch -> end-to-end throughput
+    loop_overhead: dict[int, float] = field(default_factory=dict)  # batch -> loop time outside denoiser calls
+    peak_host_mib: float | None = None
+    peak_device_mib: float | None = None
+    denoiser_gflops: dict[int, float] = field(default_factory=dict)  # batch -> achieved GFLOP/s
+    error: str | None = None
+
+
+def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Latency:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    arr = np.array(samples) * 1e3
+    return Latency(float(np.median(arr)), float(np.percentile(arr, 90)), runs)
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0) so each backend gets its own peak."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mib() -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def denoiser_flops(config: ModelConfig, batch: int) -> float:
+    """FLOPs of one denoiser call at `batch` (2 per multiply-add), counted by torch on the model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmgen_deploy.models import DiT
+
+    dit = DiT(config.dit).eval()
+    spec = component_specs(config)["denoiser"]
+    feeds = spec.make_inputs(batch, np.random.default_rng(0))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        dit(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+    return float(counter.get_total_flops())
+
+
+def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
+    """Measured FP32 matrix-multiply rate of this machine (NumPy/BLAS), the roofline to compare to."""
+    a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
+    b = a.copy()
+    a @ b  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
+                  steps: int, cfg_scale: float) -> BackendResult:
+    from mmgen_deploy.sampling import sample
+
+    result = BackendResult(backend=runner.backend, precision=runner.precision)
+    specs = component_specs(config)
+    rng = np.random.default_rng(0)
+    guided = cfg_scale != 1.0
+    reset_peak_rss()
+    for name, spec in specs.items():
+        result.components[name] = {}
+        for batch in batches:
+            # What the sampling loop really feeds: the denoiser runs cond + uncond together.
+            fed = batch * spec.batch_multiplier if guided else batch
+            feeds = spec.make_inputs(fed, rng)
+            lat = time_call(lambda n=name, f=feeds: runner.run(n, f), warmup=warmup, runs=runs)
+            result.components[name][batch] = lat
+            if name == "denoiser":
+                result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
+    for batch in batches:
+        class_ids = [i % config.dit.num_classes for i in range(batch)]
+        sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
+        res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        result.images_per_s[batch] = res.images_per_second
+        result.loop_overhead[batch] = res.loop_overhead_fraction
+    result.peak_host_mib = peak_rss_mib()
+    result.peak_device_mib = _peak_device_mib(runner)
+    return result
+
+
+def _peak_device_mib(runner: Any) -> float | None:
+    if not str(getattr(runner, "device", "cpu")).startswith("cuda"):
+        return None
+    try:
+        import torch
+
+        return float(torch.cuda.max_memory_allocated()) / 2**20
+    except Exception:
+        return None
+
+
+@dataclass
+class BenchResult:
+    run_dir: str
+    batches: list[int]
+    steps: int
+    cfg_scale: float
+    matmul_peak_gflops: float
+    backends: list[BackendResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rows(self) -> list[list[str]]:
+        """One row per (backend, precision, batch): the side-by-side view."""
+        rows = []
+        base: dict[int, float] = {}
+        for res in self.backends:
+            for batch in self.batches:
+                if res.error:
+                    rows.append([res.backend, res.precision, str(batch), "-", "-", "-", "-", "-", "-", "-",
+                                 res.error])
+                    continue
+                ips = res.images_per_s[batch]
+                base.setdefault(batch, ips)
+                lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
+                rows.append([
+                    res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
+                    lat["denoiser"], f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
+                    f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
+                ])
+        return rows
+
+    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms", "denoiser ms",
+              "images/s (vs first)", "denoiser GFLOP/s", "loop overhead", "peak host MiB")
+
+    def table(self) -> Any:
+        from rich.table import Table
+
+        table = Table(title=f"mmgen bench ({self.steps} steps, cfg {self.cfg_scale}; latencies median / p90; "
+                      f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s)")
+        for col in self.HEADER:
+            table.add_column(col)
+        for row in self.rows():
+            table.add_row(*row[: len(self.HEADER)])
+        return table
+
+    def markdown(self) -> str:
+        lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
+                 f"cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
+                 "| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
+        lines += ["| " + " | ".join(row[: len(self.HEADER)]) + " |" for row in self.rows()]
+        return "\n".join(lines) + "\n"
+
+
+def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
+              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
+    from mmgen_deploy.errors import MMGenError
+    from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.runtime import open_runner
+
+    say = progress or (lambda _msg: None)
+    run = RunDir(run_dir)
+    config = run.load_config()
+    say("measuring this machine's matrix-multiply peak")
+    result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
+    for backend in backends:
+        for precision in (["fp32"] if backend == "torch" else precisions):
+            say(f"benchmarking {backend} {precision}")
+            try:
+                runner = open_runner(run.root, backend, precision)
+            except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
+                result.backends.append(BackendResult(backend, precision, error=str(exc)))
+                continue
+            try:
+                result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
+                                                     steps=steps, cfg_scale=cfg_scale))
+            finally:
+                runner.close()
+    return result

@@ -1,0 +1,243 @@
+"""`mmgen parity`: a backend against PyTorch FP32, per component and end to end.
+
+Both sides are driven through the same runner interface, on the same inputs, so the
+numbers measure the runtime and the precision, not differences in plumbing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
+from mmgen_deploy.parity.report import Check, ParityReport
+from mmgen_deploy.specs import ComponentSpec, component_specs
+
+# End-to-end thresholds per precision. Component thresholds live in the component specs;
+# these are about the whole sampling loop (errors compound over steps, so latents get
+# looser limits than single calls). PSNR limits are the ones the generate issue sets.
+PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
+    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+}
+
+
+@dataclass
+class ToleranceOverrides:
+    """User overrides: `rel_l2` and `max_abs` per output name (or "*" for all), and
+    end-to-end thresholds. Unset values fall back to the component specs."""
+
+    rel_l2: dict[str, float] = field(default_factory=dict)
+    max_abs: dict[str, float] = field(default_factory=dict)
+    min_psnr: float | None = None
+    min_index_agreement: float | None = None
+
+    def output_rel_l2(self, output: str, default: float) -> float:
+        return self.rel_l2.get(output, self.rel_l2.get("*", default))
+
+    def output_max_abs(self, output: str) -> float | None:
+        return self.max_abs.get(output, self.max_abs.get("*"))
+
+
+class UntrainedModelError(MMGenError):
+    pass
+
+
+def ensure_trained(reference: Any, config: ModelConfig) -> None:
+    """Refuse an all-zero-output denoiser: a freshly initialised DiT (adaLN-Zero) matches
+    any backend trivially, which proves nothing."""
+    spec = component_specs(config)["denoiser"]
+    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))["model_output"]
+    if not np.any(out):
+        raise UntrainedModelError(
+            "the denoiser outputs exactly zero (a freshly initialised DiT): parity on it proves nothing",
+            "train the model first, or pass --allow-untrained",
+        )
+
+
+def real_component_inputs(reference: Any, config: ModelConfig, images: np.ndarray, labels: np.ndarray,
+                          seed: int) -> dict[str, dict[str, np.ndarray]]:
+    """Inputs drawn from real data: images, their latents and codes, and noised latents."""
+    from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
+
+    h = reference.run("encoder", {"image": images})["h"]
+    z_q = reference.run("quantizer", {"h": h})["z_q"]
+    rng = np.random.default_rng(seed)
+    a_bar = training_alphas_cumprod(config.diffusion)
+    t = rng.integers(0, len(a_bar), len(images))
+    noise = rng.standard_normal(h.shape).astype(np.float32)
+    a = a_bar[t].astype(np.float32)[:, None, None, None]
+    x_t = (np.sqrt(a) * h + np.sqrt(1 - a) * noise).astype(np.float32)
+    return {
+        "encoder": {"image": images.astype(np.float32)},
+        "quantizer": {"h": h},
+        "decoder": {"z_q": z_q},
+        "denoiser": {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)},
+    }
+
+
+def _take(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """The first `batch` samples (cycled if fewer exist)."""
+    out = {}
+    for name, value in feeds.items():
+        idx = np.arange(batch) % len(value)
+        out[name] = np.ascontiguousarray(value[idx])
+    return out
+
+
+def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any, backend: Any,
+                      feeds: dict[str, np.ndarray], label: str, precision: str,
+                      overrides: ToleranceOverrides, codebook: np.ndarray | None) -> None:
+    ref_out = reference.run(spec.name, feeds)
+    test_out = backend.run(spec.name, feeds)
+    for tensor in spec.outputs:
+        tol = spec.tolerance(precision, tensor.name)
+        ref, test = ref_out[tensor.name], test_out[tensor.name]
+        if tensor.is_float:
+            diff = tensor_diff(ref, test)
+            limit = overrides.output_rel_l2(tensor.name, tol.rel_l2)
+            report.add(Check(spec.name, f"{tensor.name} rel_l2 ({label})", diff.rel_l2, limit, "<=",
+                             diff.to_dict()))
+            max_abs = overrides.output_max_abs(tensor.name)
+            if max_abs is not None:
+                report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", diff.max_abs, max_abs, "<=",
+                                 diff.to_dict()))
+        else:
+            latents = feeds.get("h") if spec.name == "quantizer" else None
+            agree = index_agreement(ref, test, latents, codebook)
+            limit = overrides.min_index_agreement if overrides.min_index_agreement is not None \
+                else tol.min_agreement
+            report.add(Check(spec.name, f"{tensor.name} agreement ({label})", agree.agreement, limit, ">=",
+                             agree.to_dict()))
+
+
+def component_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
+                     *, batches: Sequence[int], seed: int, real: dict[str, dict[str, np.ndarray]] | None,
+                     overrides: ToleranceOverrides, codebook: np.ndarray | None,
+                     components: Sequence[str] | None = None) -> None:
+    specs = component_specs(config)
+    rng = np.random.default_rng(seed)
+    for name, spec in specs.items():
+        if components and name not in components:
+            continue
+        for batch in batches:
+            feeds = spec.make_inputs(batch, rng)
+            compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
+                              overrides, codebook)
+            if real is not None:
+                compare_component(report, spec, reference, backend, _take(real[name], batch),
+                                  f"real, batch {batch}", precision, overrides, codebook)
+
+
+def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
+                      *, class_ids: Sequence[int], steps: int, sampler: str, cfg_scale: float, seed: int,
+                      batch_size: int, overrides: ToleranceOverrides, codebook: np.ndarray | None) -> dict[str, Any]:
+    from mmgen_deploy.sampling import sample
+
+    kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
+                                  batch_size=batch_size, return_trajectory=True)
+    ref = sample(reference, config, list(class_ids), **kwargs)
+    test = sample(backend, config, list(class_ids), **kwargs)
+    limits = PIPELINE_TOLERANCES[precision]
+    latent = tensor_diff(ref.latents, test.latents)
+    report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
+                     latent.to_dict()))
+    agree = index_agreement(ref.indices, test.indices, ref.latents, codebook)
+    report.add(Check("end-to-end", "code index agreement", agree.agreement,
+                     overrides.min_index_agreement if overrides.min_index_agreement is not None
+                     else limits["min_index_agreement"], ">=", agree.to_dict()))
+    image_psnr = psnr(ref.images, test.images)
+    report.add(Check("end-to-end", "image PSNR (dB)", image_psnr,
+                     overrides.min_psnr if overrides.min_psnr is not None else limits["min_psnr"], ">="))
+    image_ssim = ssim(ref.images, test.images)
+    report.add(Check("end-to-end", "image SSIM", image_ssim, limits["min_ssim"], ">="))
+    drift: list[dict[str, Any]] = []
+    if ref.trajectory and test.trajectory:
+        n = len(ref.trajectory)
+        shown = sorted({0, 1, 2, n - 3, n - 2, n - 1} & set(range(n)))
+        for i in shown:
+            d = tensor_diff(ref.trajectory[i], test.trajectory[i])
+            drift.append({"step": i, "rel_l2": d.rel_l2, "max_abs": d.max_abs})
+    return {"drift": drift, "psnr": image_psnr, "ssim": image_ssim}
+
+
+@dataclass
+class ParityOptions:
+    backend: str = "onnxruntime"
+    precision: str = "fp32"
+    batches: Sequence[int] = (1, 3)
+    steps: int = 20
+    sampler: str = "ddim"
+    cfg_scale: float = 4.0
+    num_images: int = 8
+    seed: int = 0
+    rel_l2: dict[str, float] = field(default_factory=dict)
+    max_abs: dict[str, float] = field(default_factory=dict)
+    min_psnr: float | None = None
+    end_to_end: bool = True
+    allow_untrained: bool = False
+    components: Sequence[str] | None = None
+
+
+def _validation_data(run: Any, count: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Up to `count` validation images of the run's dataset as float32 NCHW in [-1, 1], with labels."""
+    from mmgen_deploy.data import DataSpec, load_split
+
+    data_meta = run.read_meta().get("data") or {}
+    if not data_meta.get("name"):
+        return None  # imported models carry no dataset
+    try:
+        data = load_split(DataSpec.from_dict(data_meta), "val")
+    except MMGenError:
+        return None  # e.g. a user folder that moved: random inputs still run
+    n = min(count, len(data))
+    images = data.images[:n].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
+    return np.ascontiguousarray(images, dtype=np.float32), data.labels[:n].astype(np.int32)
+
+
+def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+    """The whole `mmgen parity`: load, check the model is trained, compare, save the report."""
+    from mmgen_deploy.io_utils import write_json
+    from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+
+    say = progress or (lambda _msg: None)
+    run = RunDir(run_dir)
+    config, vq, dit = run.load_models()
+    reference = TorchRunner(vq, dit)
+    if not options.allow_untrained:
+        ensure_trained(reference, config)
+    backend = open_runner(run.root, options.backend, options.precision)
+    report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
+    report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
+                   "device": getattr(backend, "device", ""), "seed": options.seed}
+    overrides = ToleranceOverrides(rel_l2=dict(options.rel_l2), max_abs=dict(options.max_abs),
+                                   min_psnr=options.min_psnr)
+    codebook = vq.quantize.embedding.weight.detach().numpy().copy()
+    try:
+        real = None
+        validation = _validation_data(run, max(options.batches))
+        if validation is not None:
+            real = real_component_inputs(reference, config, *validation, seed=options.seed)
+        report.info["real_inputs"] = real is not None
+        say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
+        component_parity(report, config, reference, backend, options.precision, batches=options.batches,
+                         seed=options.seed, real=real, overrides=overrides, codebook=codebook,
+                         components=options.components)
+        if options.end_to_end:
+            say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
+            class_ids = [i % config.dit.num_classes for i in range(options.num_images)]
+            report.info["end_to_end"] = end_to_end_parity(
+                report, config, reference, backend, options.precision, class_ids=class_ids, steps=options.steps,
+                sampler=options.sampler, cfg_scale=options.cfg_scale, seed=options.seed,
+                batch_size=options.num_images, overrides=overrides, codebook=codebook)
+    finally:
+        backend.close()
+    write_json(run.reports_dir / f"parity-{options.backend}-{options.precision}.json", report.to_dict())
+    return report

@@ -1,0 +1,170 @@
+"""Interchangeable backends behind one `Runner` interface.
+
+`open_runner(run_dir, backend, precision)` opens "torch", "onnxruntime", "tensorrt" or
+"auto" (the fastest that is available and runnable here: TensorRT engines, then ONNX
+Runtime CUDA, then ONNX Runtime CPU, then PyTorch), and records why it chose it.
+Heavy modules (torch, onnxruntime, tensorrt) are imported only by the backend used.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
+from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, Runner, check_feeds
+
+COMPONENTS_FOR_SAMPLING = ("denoiser", "quantizer", "decoder")
+
+
+@dataclass
+class BackendChoice:
+    backend: str  # torch | onnxruntime | tensorrt
+    precision: str  # fp32 | fp16
+    device: str  # cpu | cuda
+    reason: str  # why this one (for auto: why the faster ones were skipped)
+    skipped: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.precision} on {self.device}: {self.reason}"
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _tensorrt_check(run_dir: str | os.PathLike[str]) -> str | None:
+    """None when a TensorRT engine set for this run is built, current and runnable here; else why not."""
+    try:
+        from mmgen_deploy.engines.manifest import current_gpu
+        from mmgen_deploy.engines.runner import select_engine_set
+    except ImportError as exc:
+        return f"TensorRT backend unavailable ({exc.name or exc})"
+    from mmgen_deploy.rundir import RunDir
+
+    try:
+        gpu = current_gpu()
+        select_engine_set(RunDir(run_dir), None, "fp16", gpu)
+    except MMGenError as exc:
+        return f"no usable TensorRT engines ({exc.message})"
+    except Exception as exc:  # an engines module of another version: do not let auto crash on it
+        return f"TensorRT check failed ({type(exc).__name__}: {exc})"
+    if gpu is None:
+        return "TensorRT engines are built but no CUDA device is visible"
+    return None
+
+
+def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: str | None = None, *,
+                    device: str | None = None, allow_tensorrt: bool = True) -> BackendChoice:
+    """Decide backend, precision and device without loading any model.
+
+    `precision` None means the backend's natural choice (fp16 for TensorRT and ONNX Runtime
+    CUDA, fp32 on CPUs, where FP16 kernels are slower). For "auto" the order is TensorRT,
+    ONNX Runtime CUDA, ONNX Runtime CPU, PyTorch.
+    """
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+    if backend == "torch":
+        if precision == "fp16":
+            raise UsageError("the torch backend runs FP32 only",
+                             "use --backend onnxruntime --precision fp16 or --backend tensorrt")
+        dev = device or ("cuda" if _torch_cuda() else "cpu")
+        return BackendChoice("torch", "fp32", dev, "requested")
+    if backend == "tensorrt":
+        if precision == "fp32":
+            raise UsageError("TensorRT engines are built from the fp16 ONNX set",
+                             "use --precision fp16 (or leave it out) with --backend tensorrt")
+        return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
+    from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
+
+    if backend == "onnxruntime":
+        cuda = device.startswith("cuda") if device else cuda_provider_usable()
+        prec = precision or ("fp16" if cuda else "fp32")
+        return BackendChoice("onnxruntime", prec, "cuda" if cuda else "cpu", "requested")
+
+    # auto
+    skipped: list[str] = []
+    if not allow_tensorrt:
+        pass  # the caller already knows why (a failed load)
+    elif precision == "fp32":
+        skipped.append("tensorrt: engines are fp16 and fp32 was asked for")
+    elif device is not None and not device.startswith("cuda"):
+        skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
+    else:
+        problem = _tensorrt_check(run_dir)
+        if problem is None:
+            return BackendChoice("tensorrt", "fp16", "cuda", "engines are built and a GPU is visible", skipped)
+        skipped.append(f"tensorrt: {problem}")
+    if device is None or device.startswith("cuda"):
+        if cuda_provider_usable():
+            prec = precision or "fp16"
+            if not missing_onnx(run_dir, prec, COMPONENTS_FOR_SAMPLING):
+                return BackendChoice("onnxruntime", prec, "cuda", "ONNX set exported and CUDA provider usable",
+                                     skipped)
+            skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
+        else:
+            skipped.append("onnxruntime cuda: onnxruntime-gpu or a GPU missing")
+    prec = precision or "fp32"
+    missing = missing_onnx(run_dir, prec, COMPONENTS_FOR_SAMPLING)
+    if not missing:
+        return BackendChoice("onnxruntime", prec, "cpu", f"fastest available here ({prec} ONNX set on CPU)",
+                             skipped)
+    skipped.append(f"onnxruntime cpu: no {prec} ONNX set (run `mmgen export`)")
+    if prec == "fp16":
+        raise NotAvailableError("no backend can run fp16 here (no engines, no fp16 ONNX set)",
+                                "run `mmgen export RUN_DIR` or use --precision fp32")
+    return BackendChoice("torch", "fp32", "cuda" if _torch_cuda() else "cpu",
+                         "nothing exported yet, using PyTorch eager", skipped)
+
+
+def open_choice(choice: BackendChoice, run_dir: str | os.PathLike[str], *, threads: int | None = None,
+                **options: Any) -> Runner:
+    if choice.backend == "torch":
+        from mmgen_deploy.runtime.torch_runner import TorchRunner
+
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
+        return TorchRunner.from_run_dir(run_dir, choice.device)
+    if choice.backend == "onnxruntime":
+        from mmgen_deploy.runtime.ort_runner import OrtRunner
+
+        return OrtRunner(run_dir, choice.precision, device=choice.device, threads=threads)
+    try:
+        from mmgen_deploy.engines.runner import TensorRTRunner
+    except ImportError as exc:
+        raise NotAvailableError(f"the TensorRT backend is not available ({exc})",
+                                "install mmgen-deploy with the TensorRT extra, or use --backend onnxruntime") from None
+    return TensorRTRunner.from_run_dir(run_dir, choice.precision, device=choice.device, **options)
+
+
+def open_runner(run_dir: str | os.PathLike[str], backend: str = "auto", precision: str | None = None, *,
+                device: str | None = None, threads: int | None = None, **options: Any) -> Runner:
+    """Open a runner for a run directory; `runner.choice` (a BackendChoice) says what was picked and why.
+
+    With "auto", a TensorRT set that passes the checks but fails to load falls back to the
+    next backend (the reason is kept in `choice.skipped`).
+    """
+    choice = resolve_backend(backend, run_dir, precision, device=device)
+    try:
+        runner = open_choice(choice, run_dir, threads=threads, **options)
+    except MMGenError as exc:
+        if backend != "auto" or choice.backend != "tensorrt":
+            raise
+        fallback = resolve_backend("auto", run_dir, precision, device=device, allow_tensorrt=False)
+        fallback.skipped.insert(0, f"tensorrt: failed to load ({exc.message})")
+        choice = fallback
+        runner = open_choice(choice, run_dir, threads=threads)
+    runner.choice = choice  # type: ignore[attr-defined]
+    return runner
+
+
+__all__ = ["BACKENDS", "PRECISIONS", "BackendChoice", "Runner", "check_feeds", "open_runner", "resolve_backend"]

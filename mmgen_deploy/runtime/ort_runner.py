@@ -1,0 +1,193 @@
+"""ONNX Runtime backend: the exported ONNX set of a run directory, CPU or CUDA.
+
+Outputs are bound to buffers preallocated per (component, batch) through IO binding,
+so a sampling step allocates nothing new: on the CPU the buffers are NumPy arrays ORT
+writes into; on CUDA they live on the device and are copied back once per call.
+No torch import here: a deployment machine may only have onnxruntime.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
+from mmgen_deploy.runtime.base import PRECISIONS, check_feeds
+from mmgen_deploy.specs import ComponentSpec, component_specs
+
+_ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
+                    "tensor(int64)": np.int64}
+
+
+def onnx_set_dir(run_dir: str | os.PathLike[str], precision: str) -> Path:
+    """RUN_DIR/onnx/<precision>: where `mmgen export` writes the ONNX files."""
+    from mmgen_deploy.rundir import RunDir
+
+    return RunDir(run_dir).onnx_dir / precision
+
+
+def missing_onnx(run_dir: str | os.PathLike[str], precision: str, components: tuple[str, ...]) -> list[Path]:
+    directory = onnx_set_dir(run_dir, precision)
+    return [directory / f"{name}.onnx" for name in components if not (directory / f"{name}.onnx").is_file()]
+
+
+def cuda_provider_usable() -> bool:
+    """onnxruntime-gpu installed and a CUDA device present (the provider is listed even without a GPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return False
+    return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
+
+
+class _Session:
+    def __init__(self, session: Any, spec: ComponentSpec, on_cuda: bool) -> None:
+        self.session = session
+        self.spec = spec
+        self.on_cuda = on_cuda
+        self.input_types = {i.name: _ORT_FLOAT_TYPES.get(i.type) for i in session.get_inputs()}
+        self.output_types = {o.name: _ORT_FLOAT_TYPES.get(o.type) for o in session.get_outputs()}
+        # batch -> (binding, {output name: (ortvalue, numpy view or None)})
+        self.bindings: dict[int, tuple[Any, dict[str, tuple[Any, np.ndarray | None]]]] = {}
+
+
+class OrtRunner:
+    """Runs the ONNX set RUN_DIR/onnx/<precision>/ with ONNX Runtime.
+
+    `device` "cpu" uses the CPU execution provider (`threads` sets intra-op threads);
+    "cuda" uses the CUDA provider when onnxruntime-gpu and a GPU are present.
+    Sessions are created on first use of each component.
+    """
+
+    backend = "onnxruntime"
+
+    def __init__(self, run_dir: str | os.PathLike[str], precision: str = "fp32", *, device: str = "cpu",
+                 threads: int | None = None, providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        from mmgen_deploy.rundir import RunDir
+
+        if precision not in PRECISIONS:
+            raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if threads is not None and threads < 1:
+            raise UsageError(f"threads must be >= 1, got {threads}")
+        self._ort = ort
+        self.run_dir = RunDir(run_dir)
+        self.config = self.run_dir.load_config()
+        self.specs = component_specs(self.config)
+        self.precision = precision
+        self.directory = onnx_set_dir(run_dir, precision)
+        if not self.directory.is_dir():
+            raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
+                                    f"export it first: `mmgen export {self.run_dir.root}`")
+        self._check_not_stale()
+        if providers is None:
+            if device.startswith("cuda"):
+                if not cuda_provider_usable():
+                    raise NotAvailableError("ONNX Runtime's CUDA provider is not usable here",
+                                            "install onnxruntime-gpu on a machine with a GPU, or use --device cpu")
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+            else:
+                providers = ["CPUExecutionProvider"]
+        self.providers = providers
+        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
+        self.threads = threads
+        self._sessions: dict[str, _Session] = {}
+
+    def _check_not_stale(self) -> None:
+        """Refuse ONNX files exported from other weights than the run's current ones.
+
+        The manifest is read directly (not through mmgen_deploy.export, which imports torch).
+        """
+        from mmgen_deploy.io_utils import read_json
+
+        path = self.run_dir.onnx_dir / "manifest.json"
+        if not path.is_file():
+            return  # hand-made ONNX files: nothing recorded to check against
+        try:
+            exported_from = read_json(path).get("source_weights_sha256")
+        except (OSError, ValueError, AttributeError):
+            raise RunDirError(f"{path} is unreadable",
+                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`") from None
+        if exported_from and exported_from != self.run_dir.weights_sha256():
+            raise RunDirError(f"the ONNX files in {self.run_dir.onnx_dir} were exported from other weights "
+                              f"({str(exported_from)[:12]}) than the run's current ones",
+                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`")
+
+    def _session(self, component: str) -> _Session:
+        item = self._sessions.get(component)
+        if item is not None:
+            return item
+        spec = self.specs.get(component)
+        if spec is None:
+            raise UsageError(f"unknown component {component!r}", f"one of {', '.join(self.specs)}")
+        path = self.directory / f"{component}.onnx"
+        if not path.is_file():
+            raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
+        options = self._ort.SessionOptions()
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads is not None:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: the FP16 sets trigger harmless optimizer warnings
+        try:
+            session = self._ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        except Exception as exc:
+            raise RunDirError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}",
+                              f"re-export: `mmgen export {self.run_dir.root}`") from None
+        names = [i.name for i in session.get_inputs()]
+        if sorted(names) != sorted(spec.input_names):
+            raise RunDirError(f"{path} has inputs {names}, expected {spec.input_names}",
+                              f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
+        item = _Session(session, spec, on_cuda=self.device == "cuda")
+        self._sessions[component] = item
+        return item
+
+    def _binding(self, item: _Session, batch: int) -> tuple[Any, dict[str, tuple[Any, np.ndarray | None]]]:
+        cached = item.bindings.get(batch)
+        if cached is not None:
+            return cached
+        ort = self._ort
+        binding = item.session.io_binding()
+        outputs: dict[str, tuple[Any, np.ndarray | None]] = {}
+        for tensor in item.spec.outputs:
+            dtype = item.output_types.get(tensor.name) or np.dtype(tensor.dtype).type
+            shape = tensor.concrete_shape(batch)
+            if item.on_cuda:
+                value = ort.OrtValue.ortvalue_from_shape_and_type(shape, dtype, "cuda", 0)
+                outputs[tensor.name] = (value, None)
+            else:
+                array = np.empty(shape, dtype=dtype)
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                outputs[tensor.name] = (value, array)
+            binding.bind_ortvalue_output(tensor.name, value)
+        # Keep few shapes alive: the sampling loop uses one or two batch sizes.
+        if len(item.bindings) >= 4:
+            item.bindings.pop(next(iter(item.bindings)))
+        item.bindings[batch] = (binding, outputs)
+        return binding, outputs
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        item = self._session(component)
+        batch = check_feeds(item.spec, feeds)
+        binding, outputs = self._binding(item, batch)
+        for name, array in feeds.items():
+            want = item.input_types.get(name)
+            if want is not None and array.dtype != want:
+                array = array.astype(want)  # an FP16 set exported without keep_io_types
+            binding.bind_cpu_input(name, np.ascontiguousarray(array))
+        item.session.run_with_iobinding(binding)
+        result: dict[str, np.ndarray] = {}
+        for tensor in item.spec.outputs:
+            value, array = outputs[tensor.name]
+            out = value.numpy() if array is None else array
+            if out.dtype != np.dtype(tensor.dtype):
+                out = out.astype(tensor.dtype)
+            result[tensor.name] = out
+        return result
+
+    def close(self) -> None:
+        self._sessions.clear()

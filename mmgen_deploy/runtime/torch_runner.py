@@ -1,0 +1,63 @@
+"""PyTorch eager backend: the reference every other backend is compared against."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmgen_deploy.errors import NotAvailableError, UsageError
+from mmgen_deploy.runtime.base import check_feeds
+from mmgen_deploy.specs import component_specs
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.models import DiT, VQModel
+
+
+class TorchRunner:
+    """Runs the four components eagerly in PyTorch, FP32, on CPU or CUDA."""
+
+    backend = "torch"
+    precision = "fp32"
+
+    def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None) -> None:
+        import torch
+
+        from mmgen_deploy.config import ModelConfig
+        from mmgen_deploy.models import build_components
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise NotAvailableError(f"device {device!r} requested but torch sees no CUDA device",
+                                    "use --device cpu")
+        if not (device == "cpu" or device.startswith("cuda")):
+            raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
+        self.device = device
+        self._torch = torch
+        self.config = config or ModelConfig(vq=vq.config, dit=dit.config)
+        self.specs = component_specs(self.config)
+        self.components = {name: module.to(device) for name, module in build_components(vq, dit).items()}
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | os.PathLike[str], device: str = "cpu") -> TorchRunner:
+        from mmgen_deploy.rundir import RunDir
+
+        config, vq, dit = RunDir(run_dir).load_models()
+        return cls(vq, dit, device, config=config)
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs.get(component)
+        if spec is None:
+            raise UsageError(f"unknown component {component!r}", f"one of {', '.join(self.specs)}")
+        check_feeds(spec, feeds)
+        torch = self._torch
+        module = self.components[component]
+        with torch.inference_mode():
+            args = [torch.from_numpy(feeds[name]).to(self.device) for name in spec.input_names]
+            result = module(*args)
+        outputs = result if isinstance(result, tuple) else (result,)
+        return {name: out.cpu().numpy() for name, out in zip(spec.output_names, outputs, strict=True)}
+
+    def close(self) -> None:
+        self.components.clear()

@@ -1,0 +1,192 @@
+"""One sampling loop for every backend: noise -> denoise loop -> quantizer -> decoder -> uint8.
+
+The loop only talks to a `Runner` (mmgen_deploy.runtime.base), so PyTorch, ONNX Runtime
+and TensorRT run exactly the same arithmetic around the model calls:
+
+- initial noise comes from a seeded NumPy generator (identical on every backend);
+- classifier-free guidance is one doubled batch: [cond; uncond] with the null label;
+- latents stay FP32 between steps, whatever precision the denoiser runs in;
+- scheduler coefficients are precomputed once; per step, only in-place array updates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmgen_deploy.errors import UsageError
+from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.runtime.base import Runner
+
+ProgressCallback = Callable[[int, int], None]  # (denoising steps done, total steps over all batches)
+
+
+@dataclass
+class SampleResult:
+    images: np.ndarray  # uint8 (N, H, W, C)
+    latents: np.ndarray  # float32 (N, C, h, w): the denoised latent h before quantization
+    indices: np.ndarray  # int32 (N, h, w): the code indices the decoder saw
+    class_ids: list[int]
+    seed: int
+    steps: int
+    sampler: str
+    cfg_scale: float
+    batch_size: int
+    backend: str = ""
+    precision: str = ""
+    device: str = ""
+    model_seconds: float = 0.0  # all runner.run calls (denoiser, quantizer, decoder)
+    denoise_seconds: float = 0.0  # wall time of the denoising loops
+    denoise_model_seconds: float = 0.0  # the denoiser calls within those loops
+    total_seconds: float = 0.0  # everything, from noise to uint8 images
+    timesteps: list[int] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.class_ids) / self.total_seconds if self.total_seconds > 0 else float("inf")
+
+    @property
+    def loop_overhead_fraction(self) -> float:
+        """Share of the denoising loop's time spent outside the denoiser calls."""
+        if self.denoise_seconds <= 0:
+            return 0.0
+        return max(0.0, 1.0 - self.denoise_model_seconds / self.denoise_seconds)
+
+    def timing(self) -> dict[str, float]:
+        return {"total_seconds": self.total_seconds, "model_seconds": self.model_seconds,
+                "denoise_seconds": self.denoise_seconds, "denoise_model_seconds": self.denoise_model_seconds,
+                "loop_overhead_fraction": self.loop_overhead_fraction,
+                "images_per_second": self.images_per_second}
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
+    scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
+    return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+
+
+def validate_sampling_args(config: ModelConfig, class_ids: list[int], *, steps: int, sampler: str,
+                           cfg_scale: float, batch_size: int, eta: float) -> None:
+    """Refuse bad numbers up front, before any model is loaded or run."""
+    if not class_ids:
+        raise UsageError("no classes to sample", "give at least one class")
+    num_classes = config.dit.num_classes
+    bad = sorted({c for c in class_ids if not 0 <= int(c) < num_classes})
+    if bad:
+        raise UsageError(f"class id(s) {bad} out of range", f"valid ids are 0..{num_classes - 1}")
+    if steps < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+    if steps > config.diffusion.num_train_timesteps:
+        raise UsageError(f"steps {steps} exceeds the {config.diffusion.num_train_timesteps} training timesteps")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"cfg scale must be a finite number >= 0, got {cfg_scale}",
+                         "1 disables guidance; DiT uses 4.0 for pictures")
+    if batch_size < 1:
+        raise UsageError(f"batch size must be >= 1, got {batch_size}")
+    if eta < 0:
+        raise UsageError(f"eta must be >= 0, got {eta}")
+
+
+def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: int = 50, sampler: str = "ddim",
+           cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
+           progress: ProgressCallback | None = None) -> SampleResult:
+    """Generate one image per entry of `class_ids` with `runner`.
+
+    Images are independent of `batch_size` for deterministic samplers (DDIM with eta 0,
+    DPM-Solver++): all initial noise is drawn up front from `default_rng(seed)`. Samplers
+    that inject noise per step (DDPM, DDIM eta > 0) draw it batch by batch from a second
+    generator, so their images also depend on the batch size.
+    `cfg_scale` 1 skips the unconditional half (plain conditional sampling).
+    """
+    class_ids = [int(c) for c in class_ids]
+    validate_sampling_args(config, class_ids, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                           batch_size=batch_size, eta=eta)
+    start_total = time.perf_counter()
+    scheduler = make_scheduler(sampler, config.diffusion, steps, eta=eta)
+    channels, size = config.dit.in_channels, config.dit.input_size
+    learned_sigma = config.dit.learn_sigma
+    null_label = config.dit.num_classes
+    guided = cfg_scale != 1.0
+    cfg = float(cfg_scale)
+
+    n = len(class_ids)
+    noise = np.random.default_rng(seed).standard_normal((n, channels, size, size), dtype=np.float32)
+    step_rng = np.random.default_rng([seed, 1])
+    latents = np.empty_like(noise)
+    indices = np.empty((n, size, size), dtype=np.int32)
+    images_f: np.ndarray | None = None
+    num_batches = (n + batch_size - 1) // batch_size
+    total_steps = num_batches * len(scheduler)
+    done = 0
+    model_s = denoise_s = denoise_model_s = 0.0
+
+    for start in range(0, n, batch_size):
+        stop = min(start + batch_size, n)
+        b = stop - start
+        mult = 2 if guided else 1
+        # Per-batch buffers, reused by every step of the batch.
+        x = noise[start:stop].copy()
+        x_in = np.empty((mult * b, channels, size, size), dtype=np.float32)
+        t_in = np.empty((mult * b,), dtype=np.float32)
+        labels = np.asarray(class_ids[start:stop] + ([null_label] * b if guided else []), dtype=np.int32)
+        eps = np.empty_like(x)
+        step_noise = np.empty_like(x) if scheduler.needs_noise else None
+        scheduler.reset()
+        feeds = {"x_t": x_in, "t": t_in, "class_ids": labels}
+
+        loop_start = time.perf_counter()
+        for i in range(len(scheduler)):
+            x_in[:b] = x
+            if guided:
+                x_in[b:] = x
+            t_in.fill(scheduler.model_timesteps[i])
+            call_start = time.perf_counter()
+            out = runner.run("denoiser", feeds)["model_output"]
+            denoise_model_s += time.perf_counter() - call_start
+            if guided:
+                # eps = eps_uncond + s (eps_cond - eps_uncond), on the noise channels only.
+                np.subtract(out[:b, :channels], out[b:, :channels], out=eps)
+                eps *= cfg
+                eps += out[b:, :channels]
+            else:
+                np.copyto(eps, out[:b, :channels])
+            # Learned sigma: the variance channels of the conditional half (as DiT does).
+            v = out[:b, channels:] if learned_sigma else None
+            if step_noise is not None:
+                step_rng.standard_normal(dtype=np.float32, out=step_noise)
+            scheduler.step(i, eps, x, v=v, noise=step_noise)
+            done += 1
+            if progress is not None:
+                progress(done, total_steps)
+        denoise_s += time.perf_counter() - loop_start
+
+        call_start = time.perf_counter()
+        quant = runner.run("quantizer", {"h": x})
+        decoded = runner.run("decoder", {"z_q": quant["z_q"]})["image"]
+        model_s += time.perf_counter() - call_start
+        if images_f is None:
+            images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
+        latents[start:stop] = x
+        indices[start:stop] = quant["indices"]
+        images_f[start:stop] = decoded
+
+    assert images_f is not None
+    images = to_uint8(images_f)
+    total_s = time.perf_counter() - start_total
+    return SampleResult(
+        images=images, latents=latents, indices=indices, class_ids=class_ids, seed=seed, steps=steps,
+        sampler=sampler, cfg_scale=cfg, batch_size=batch_size,
+        backend=getattr(runner, "backend", ""), precision=getattr(runner, "precision", ""),
+        device=getattr(runner, "device", ""), model_seconds=model_s + denoise_model_s,
+        denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
+        timesteps=[int(t) for t in scheduler.timesteps],
+    )

@@ -1,0 +1,101 @@
+"""`mmgen generate` through the real entry point, in-process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmgen_deploy.cli.app import main
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+def test_generate_writes_pngs_grid_and_sidecar(exported_tiny_run, tmp_path, capsys) -> None:
+    out = tmp_path / "samples"
+    code, stdout, stderr = _cli(["generate", str(exported_tiny_run.root), "--class", "shape 3", "-c", "11",
+                                 "--n", "2", "--batch-size", "3", "--steps", "3", "--sampler", "dpmpp-2m",
+                                 "--cfg-scale", "2.5", "--seed", "5", "--out", str(out), "--backend", "onnxruntime",
+                                 "--precision", "fp32", "--threads", "1", "--json", str(tmp_path / "g.json")], capsys)
+    assert code == 0, stderr
+    assert f"grid: {out / 'grid.png'}" in stdout
+    assert "backend: onnxruntime fp32 on cpu" in stderr and "images/s" in stderr
+    pngs = sorted(p.name for p in out.glob("0*.png"))
+    assert pngs == ["0000_shape-3.png", "0001_shape-3.png", "0002_shape-11.png", "0003_shape-11.png"]
+    with Image.open(out / "0002_shape-11.png") as image:
+        assert image.size == (32, 32) and image.mode == "RGB"
+        chunks = dict(image.text)
+    assert chunks["class"] == "shape 11" and chunks["seed"] == "5" and chunks["steps"] == "3"
+    assert chunks["sampler"] == "dpmpp-2m" and chunks["cfg_scale"] == "2.5"
+    assert chunks["backend"] == "onnxruntime" and chunks["precision"] == "fp32"
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 34 + 2, 2 * 34 + 2)  # 2 columns (--n) x 2 classes, 2 px padding
+    sidecar = json.loads((out / "samples.json").read_text())
+    assert [e["class_id"] for e in sidecar["images"]] == [3, 3, 11, 11]
+    assert sidecar["settings"]["timesteps"] == [999, 500, 0]
+    report = json.loads((tmp_path / "g.json").read_text())
+    assert report["timing"]["images_per_second"] > 0 and 0 <= report["timing"]["loop_overhead_fraction"] < 1
+    # A second run into the same folder (a previous generate output) replaces it.
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "0", "--n", "1", "--steps", "2",
+                            "--out", str(out), "--backend", "onnxruntime"], capsys)
+    assert code == 0, stderr
+    assert sorted(p.name for p in out.glob("0*.png")) == ["0000_shape-0.png"]
+
+
+def test_same_seed_same_pictures_on_torch_and_ort(exported_tiny_run, tmp_path, capsys) -> None:
+    common = ["-c", "2", "--n", "2", "--steps", "3", "--seed", "1"]
+    for backend in ("torch", "onnxruntime"):
+        code, _, stderr = _cli(["generate", str(exported_tiny_run.root), *common, "--backend", backend,
+                                "--out", str(tmp_path / backend)], capsys)
+        assert code == 0, stderr
+    for name in ("0000_shape-2.png", "0001_shape-2.png"):
+        a = np.asarray(Image.open(tmp_path / "torch" / name), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / "onnxruntime" / name), dtype=np.int16)
+        assert np.abs(a - b).max() <= 2
+
+
+def test_auto_backend_says_what_it_chose(exported_tiny_run, tmp_path, capsys) -> None:
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "1", "--n", "1", "--steps", "1",
+                            "--out", str(tmp_path / "auto")], capsys)
+    assert code == 0, stderr
+    assert "backend: onnxruntime fp32 on cpu" in stderr and "skipped tensorrt" in stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--steps", "0"], "--steps must be >= 1"),
+    (["--n", "0"], "--n must be >= 1"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--sampler", "euler"], "unknown --sampler"),
+])
+def test_bad_numbers_are_refused_up_front(tmp_path, capsys, args: list[str], message: str) -> None:
+    # The run directory does not even exist: the numbers are checked before anything is read.
+    code, _, stderr = _cli(["generate", str(tmp_path / "no-such-run"), *args], capsys)
+    assert code == 2
+    assert message in stderr and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1
+
+
+def test_unknown_class_lists_valid_ones(exported_tiny_run, capsys) -> None:
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "--class", "purple hexagon"], capsys)
+    assert code == 2
+    assert "unknown class 'purple hexagon'" in stderr and "0='shape 0'" in stderr and "17='shape 17'" in stderr
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "--class", "18"], capsys)
+    assert code == 2 and "valid ids are 0..17" in stderr
+
+
+def test_foreign_output_folder_is_left_alone(exported_tiny_run, tmp_path, capsys) -> None:
+    out = tmp_path / "precious"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "1", "--n", "1", "--steps", "1",
+                            "--out", str(out)], capsys)
+    assert code == 2 and "not written by `mmgen generate`" in stderr
+    assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"

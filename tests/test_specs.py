@@ -1,0 +1,54 @@
+"""The component specs: one consistent description per component."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen_deploy.config import preset
+from mmgen_deploy.export.onnx_export import scope_regex
+from mmgen_deploy.models import build_components
+from mmgen_deploy.specs import BATCH, component_specs
+
+
+@pytest.mark.parametrize("name", ["tiny", "S/2"])
+def test_specs_describe_the_modules_they_belong_to(name: str) -> None:
+    config = preset(name)
+    specs = component_specs(config)
+    assert list(specs) == ["encoder", "quantizer", "decoder", "denoiser"]
+    rng = np.random.default_rng(0)
+    for spec in specs.values():
+        for tensor in (*spec.inputs, *spec.outputs):
+            assert tensor.shape[0] == BATCH and BATCH not in tensor.shape[1:]  # only the batch axis is dynamic
+            assert tensor.dtype in ("float32", "int32")
+        inputs = spec.make_inputs(3, rng)
+        assert list(inputs) == spec.input_names
+        for tensor in spec.inputs:
+            assert inputs[tensor.name].shape == tensor.concrete_shape(3)
+            assert inputs[tensor.name].dtype == np.dtype(tensor.dtype)
+    assert specs["denoiser"].engine_profile.max == 2 * specs["denoiser"].profile.max
+    assert specs["quantizer"].keep_fp32 and not specs["decoder"].keep_fp32
+    assert specs["denoiser"].tolerance("fp16", "model_output").rel_l2 == 1e-2
+    assert specs["denoiser"].tolerance("fp32", "model_output").rel_l2 == 1e-5
+
+
+def test_spec_shapes_match_pytorch_outputs(random_models) -> None:
+    config, vq, dit = random_models
+    specs, modules = component_specs(config), build_components(vq, dit)
+    rng = np.random.default_rng(1)
+    for name, spec in specs.items():
+        inputs = spec.make_inputs(2, rng)
+        with torch.no_grad():
+            out = modules[name](*[torch.from_numpy(inputs[n]) for n in spec.input_names])
+        outs = out if isinstance(out, tuple) else (out,)
+        for tensor, value in zip(spec.outputs, outs, strict=True):
+            assert tuple(value.shape) == tensor.concrete_shape(2)
+            assert str(value.dtype).replace("torch.", "") == tensor.dtype
+    # Denoiser dummy inputs cover the whole timestep range and the null label.
+    big = specs["denoiser"].make_inputs(4096, rng)
+    assert big["t"].max() > 900 and big["class_ids"].max() == config.dit.num_classes
+
+
+def test_fp32_scopes_become_node_name_regexes() -> None:
+    assert scope_regex("dit.t_embedder") == "^/dit/t_embedder/"
