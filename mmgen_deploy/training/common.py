@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -143,7 +144,25 @@ def progress_bar(description: str, total: int, start: int, enabled: bool) -> Ite
 
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        # Logs and pipes get one plain line per 5% instead of a bar that only prints at the end.
+        every = max(1, total // 20)
+        state = {"step": start, "since": time.perf_counter(), "since_step": start}
+
+        def log_line(**fields: float) -> None:
+            state["step"] += 1
+            if state["step"] % every and state["step"] != total:
+                return
+            now = time.perf_counter()
+            speed = (state["step"] - state["since_step"]) / max(now - state["since"], 1e-9)
+            state["since"], state["since_step"] = now, state["step"]
+            info = "  ".join(f"{k} {v:.4g}" for k, v in fields.items())
+            console.print(f"{description} step {state['step']}/{total}  {info}  {speed:.2f} it/s", highlight=False)
+
+        yield log_line
+        return
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(description, total=total, completed=start, info="")
 
         def advance(**fields: float) -> None:
