@@ -141,9 +141,9 @@ def train_vqvae_cmd(
     Reports validation PSNR and codebook usage/perplexity."""
     from mmgen_deploy.training import recipe_for
 
+    settings = _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan)  # checked before any work
     run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
-    result = _stage_vq(run, train, val, _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan),
-                       resume, threads)
+    result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
 
@@ -166,6 +166,7 @@ def train_dit_cmd(
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.training import recipe_for
 
+    settings = _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed)
     run = RunDir(out)
     meta = run.read_meta()
     run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
@@ -174,8 +175,7 @@ def train_dit_cmd(
                          "train the VQ-VAE of this run with `mmgen train vqvae` first")
     with console.status("loading data"):
         train = load_split(DataSpec.from_dict(meta["data"]), "train")
-    result = _stage_dit(run, train, _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed), resume,
-                        threads)
+    result = _stage_dit(run, train, settings, resume, threads)
     console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.reports_dir / 'train_dit.json'}")
     emit_json(result, json_out)
 
@@ -196,9 +196,10 @@ def train_all_cmd(
     from mmgen_deploy.training import recipe_for
 
     recipe = recipe_for(preset_name)
+    vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
+    dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
-    results = _train_both(run, train, val, _vq_settings(recipe, vq_steps, None, None, seed, gan),
-                          _dit_settings(recipe, dit_steps, None, None, seed), resume, threads)
+    results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
 
