@@ -169,6 +169,8 @@ def test_cli_train_all_refuses_other_models_and_evaluates(tmp_path, capsys) -> N
     assert RunDir(out).has_part("dit")  # refused without damage
     code, text = _cli(["eval", str(out), "--no-generate", "--json", "-"], capsys)
     assert code == 0 and '"psnr_db"' in text and (out / "reports" / "eval.json").is_file()
+    code, text = _cli(["eval", str(out), "--samples-per-class", "1", "--steps", "2", "--json", "-"], capsys)
+    assert code == 0 and '"colour_accuracy"' in text and (out / "samples" / "eval_grid.png").is_file()
     code, text = _cli(["train", "all", *common, "--seed", "5", "--overwrite"], capsys)
     assert code == 0, text
 
