@@ -1,0 +1,55 @@
+"""Quickstart stages after training: the deployment path on the embedded default backend.
+
+Each stage runs the real CLI command in-process, so the quickstart shows exactly what a
+user would see running the commands one by one (and exercises the same code).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mmgen_deploy.errors import MMGenError
+
+# The backend the main job runs on: ONNX Runtime on the CPU, the embedded default.
+QUICKSTART_BACKEND = "onnxruntime"
+
+
+def invoke(args: list[str]) -> int:
+    """Run an `mmgen` command in-process; return its exit code (errors propagate as MMGenError)."""
+    from mmgen_deploy.cli.app import app
+
+    result = app(args=args, prog_name="mmgen", standalone_mode=False)
+    return int(result or 0)
+
+
+def export_stage(ctx: Any) -> str:
+    code = invoke(["export", str(ctx.run.root), "--json", str(ctx.run.reports_dir / "export.json")])
+    if code:
+        raise MMGenError(f"export failed (exit {code})", "see the validation table above")
+    return str(ctx.run.onnx_dir)
+
+
+def generate_stage(ctx: Any) -> str:
+    out = ctx.run.samples_dir / f"{QUICKSTART_BACKEND}-fp32"
+    classes: list[str] = []
+    for name in ctx.run.load_config().class_names:
+        classes += ["--class", name]
+    code = invoke(["generate", str(ctx.run.root), *classes, "--n", "2", "--steps", "50", "--sampler", "ddim",
+                   "--cfg-scale", "4", "--seed", str(ctx.seed), "--backend", QUICKSTART_BACKEND,
+                   "--precision", "fp32", "--batch-size", "18", "--out", str(out)])
+    if code:
+        raise MMGenError(f"generate failed (exit {code})")
+    return str(out / "grid.png")
+
+
+def parity_stage(ctx: Any) -> str:
+    """Parity of the backend the quickstart used, FP32 and FP16; a failure fails the quickstart."""
+    verdicts = {}
+    for precision in ("fp32", "fp16"):
+        report = ctx.run.reports_dir / f"parity-{QUICKSTART_BACKEND}-{precision}.json"
+        code = invoke(["parity", str(ctx.run.root), "--backend", QUICKSTART_BACKEND, "--precision", precision])
+        verdicts[precision] = "PASSED" if code == 0 else "FAILED"
+        ctx.results.setdefault("parity", {})[precision] = str(report)
+    if any(v == "FAILED" for v in verdicts.values()):
+        raise MMGenError(f"parity failed: {verdicts}", "see the parity tables above and RUN_DIR/reports")
+    return ", ".join(f"{p} {v}" for p, v in verdicts.items()) + f" ({ctx.run.reports_dir})"
