@@ -140,7 +140,7 @@ def register(app: typer.Typer) -> None:
             server = TritonServer(repository, host=host, http_port=port, grpc_port=grpc_port,
                                   metrics_port=metrics_port or None, log_file=log_file,
                                   python_paths=[package_root], echo=(lambda line: console.print(
-                                      line, markup=False, highlight=False)) if verbose else None)
+                                      line, markup=False, highlight=False, soft_wrap=True)) if verbose else None)
 
             def _terminate(signum: int, frame: FrameType | None) -> None:
                 raise KeyboardInterrupt
@@ -156,7 +156,7 @@ def register(app: typer.Typer) -> None:
                              "tritonserver": str(server.install.binary)}
                 console.print(f"[bold green]ready[/]: model {MODEL_NAME}  HTTP {server.http_url}  gRPC "
                               f"{server.grpc_url}" + (f"  metrics {endpoints['metrics']}" if metrics_port else "")
-                              + f"  (tritonserver pid {server.pid}; Ctrl-C stops)")
+                              + f"  (tritonserver pid {server.pid}; Ctrl-C stops)", soft_wrap=True)
                 emit_json(endpoints, json_out)
                 assert server.process is not None
                 while server.process.poll() is None:
