@@ -68,7 +68,9 @@ def test_loop_matches_an_independent_torch_reference(random_models, torch_runner
                                                       final_sigmas_type="zero")
     scheduler.alphas_cumprod = torch.from_numpy(training_alphas_cumprod(config.diffusion))
     scheduler.set_timesteps(timesteps=ours.timesteps)
-    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 4, 8, 8), dtype=np.float32))
+    # sample() gives image i its own generator default_rng([seed, i]).
+    x = torch.from_numpy(np.stack([np.random.default_rng([seed, i]).standard_normal((4, 8, 8), dtype=np.float32)
+                                   for i in range(2)]))
     y = torch.tensor(classes + [config.dit.num_classes] * 2)
     with torch.no_grad():
         for t in scheduler.timesteps:
