@@ -99,3 +99,15 @@ def test_foreign_output_folder_is_left_alone(exported_tiny_run, tmp_path, capsys
                             "--out", str(out)], capsys)
     assert code == 2 and "not written by `mmgen generate`" in stderr
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
+
+
+def test_quickstart_stage_generates_a_grid(exported_tiny_run, capsys) -> None:
+    from types import SimpleNamespace
+
+    from mmgen_deploy.cli.generate import quickstart_stage
+
+    ctx = SimpleNamespace(run=exported_tiny_run, seed=0, threads=1, results={})
+    grid = quickstart_stage(ctx)
+    assert grid.endswith("samples/quickstart/grid.png")
+    assert ctx.results["generate"]["backend"]["backend"] == "onnxruntime"
+    assert len(list((exported_tiny_run.samples_dir / "quickstart").glob("0*.png"))) == 36  # 18 classes x 2

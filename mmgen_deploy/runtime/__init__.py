@@ -86,7 +86,9 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
 
     if backend == "onnxruntime":
         cuda = device.startswith("cuda") if device else cuda_provider_usable()
-        prec = precision or ("fp16" if cuda else "fp32")
+        # FP16 on GPUs when that set was exported; CPUs have no fast FP16 kernels.
+        prec = precision or ("fp16" if cuda and not missing_onnx(run_dir, "fp16", COMPONENTS_FOR_SAMPLING)
+                             else "fp32")
         return BackendChoice("onnxruntime", prec, "cuda" if cuda else "cpu", "requested")
 
     # auto
