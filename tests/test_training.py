@@ -189,3 +189,32 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
     assert code != 0 and "does not exist" in text
     code, text = _cli(["train", "vqvae", "--out", str(tmp_path / "r2"), "--steps", "0"], capsys)
     assert code == 2 and "must be positive" in text
+
+
+@pytest.mark.slow
+def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
+    """The real quickstart loop with a 2-step recipe and a cheap evaluation stage."""
+    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.training import recipes
+
+    monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
+
+    def cheap_eval(ctx) -> str:
+        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+                                                                                     "fp32"))
+        return str(ctx.run.reports_dir / "eval.json")
+
+    real_new_run = train_cli._new_run
+    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+                        real_new_run(out, preset, data, size, seed, 128, *rest))
+    stages = [(name, cheap_eval if name == "evaluate" else fn) for name, fn in train_cli.QUICKSTART_STAGES]
+    monkeypatch.setattr(train_cli, "QUICKSTART_STAGES", stages)
+    out = tmp_path / "qs"
+    code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
+    assert code == 0, text
+    assert "1/3 train VQ-VAE" in text and "3/3 evaluate" in text and str(out) in text
+    summary = __import__("json").loads((out / "reports" / "quickstart.json").read_text())
+    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT", "evaluate"]
+    assert "accuracy" in summary["eval"]["generation"]
+    code, text = _cli(["quickstart", "--out", str(out)], capsys)
+    assert code != 0 and "--overwrite" in text

@@ -295,11 +295,12 @@ def quickstart_cmd(
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores), evaluate
     it, then run every later pipeline stage that exists, printing where each output went."""
     from mmgen_deploy.io_utils import write_json
+    from mmgen_deploy.rundir import RunDir
 
     started = time.perf_counter()
+    if RunDir(out).exists() and not overwrite:  # checked before the data is generated
+        raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
     run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False)
-    if run.has_part("vqvae") or run.has_part("dit"):
-        raise UsageError(f"{out} already holds a trained model", "pass --overwrite to train it again")
     ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads)
     timings: dict[str, float] = {}
     stages = QUICKSTART_STAGES
