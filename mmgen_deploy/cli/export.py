@@ -44,7 +44,10 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 f"{len(entry['kept_fp32_nodes'])}/{len(entry['kept_fp32_nodes']) + entry['fp16_nodes']}")
             by_output: dict[str, dict[str, str]] = {}
             for row in entry["validation"]["worst"]:
-                text = (f"{row['value']:.1e}" if row["metric"] == "rel_l2" else f"{row['value']:.0%} equal")
+                if row["metric"] == "rel_l2":
+                    text = f"{row['value']:.1e}"
+                else:  # never round 99.9 % up to "100 %": any flipped index matters
+                    text = "all equal" if row["value"] == 1.0 else f"{row['value']:.3%} equal"
                 by_output.setdefault(row["output"], {})[row["inputs"]] = text
             for output, values in by_output.items():
                 real = values.get("real", values.get("dummy", "-"))
