@@ -71,5 +71,6 @@ def test_cli_version_help_doctor(capsys) -> None:
     assert code == 0 and "mmgen-deploy" in text
     code, text = _cli(["doctor"], capsys)
     assert code == 0 and "onnxruntime" in text and "torch" in text
+    # A command called without its required argument: usage error (exit 2), no traceback.
     code, text = _cli(["serve"], capsys)
-    assert code == 1 and "not yet available" in text
+    assert code == 2 and "Missing argument" in text and "Traceback" not in text

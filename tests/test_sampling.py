@@ -38,7 +38,7 @@ def test_sample_shapes_dtypes_and_determinism(random_models, torch_runner: Torch
     assert 0 < result.denoise_model_seconds <= result.denoise_seconds <= result.total_seconds
     again = sample(torch_runner, config, [0, 5, 17], steps=4, sampler="ddim", seed=3, batch_size=2)
     assert np.array_equal(again.images, result.images)
-    # Deterministic samplers do not depend on the batch split (noise is drawn up front).
+    # Images do not depend on the batch split: every image has its own noise generator.
     one_batch = sample(torch_runner, config, [0, 5, 17], steps=4, sampler="ddim", seed=3, batch_size=8)
     np.testing.assert_allclose(one_batch.latents, result.latents, rtol=1e-4, atol=1e-4)
     other_seed = sample(torch_runner, config, [0, 5, 17], steps=4, sampler="ddim", seed=4, batch_size=2)
@@ -51,6 +51,13 @@ def test_other_samplers_run_and_are_seeded(random_models, torch_runner: TorchRun
     a = sample(torch_runner, config, [1, 2], steps=3, sampler=sampler, seed=0, batch_size=2)
     b = sample(torch_runner, config, [1, 2], steps=3, sampler=sampler, seed=0, batch_size=2)
     assert np.array_equal(a.latents, b.latents) and np.isfinite(a.latents).all()
+    # Per-step noise (DDPM) is per image too, so splitting the batch changes nothing...
+    split = sample(torch_runner, config, [1, 2], steps=3, sampler=sampler, seed=0, batch_size=1)
+    np.testing.assert_allclose(split.latents, a.latents, rtol=1e-4, atol=1e-4)
+    # ...and per-image seeds reproduce the image a single-image run with that seed makes.
+    alone = sample(torch_runner, config, [2], steps=3, sampler=sampler, seed=5, batch_size=1)
+    mixed = sample(torch_runner, config, [1, 2], steps=3, sampler=sampler, seeds=[9, 5], batch_size=2)
+    np.testing.assert_allclose(mixed.latents[1], alone.latents[0], rtol=1e-4, atol=1e-4)
 
 
 def test_loop_matches_an_independent_torch_reference(random_models, torch_runner: TorchRunner) -> None:
@@ -65,7 +72,9 @@ def test_loop_matches_an_independent_torch_reference(random_models, torch_runner
                                                       final_sigmas_type="zero")
     scheduler.alphas_cumprod = torch.from_numpy(training_alphas_cumprod(config.diffusion))
     scheduler.set_timesteps(timesteps=ours.timesteps)
-    x = torch.from_numpy(np.random.default_rng(seed).standard_normal((2, 4, 8, 8), dtype=np.float32))
+    # Each image's noise comes from its own generator, default_rng([seed, index]).
+    x = torch.from_numpy(np.stack([np.random.default_rng([seed, i]).standard_normal((4, 8, 8), dtype=np.float32)
+                                   for i in range(2)]))
     y = torch.tensor(classes + [config.dit.num_classes] * 2)
     with torch.no_grad():
         for t in scheduler.timesteps:

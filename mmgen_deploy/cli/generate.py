@@ -47,8 +47,8 @@ def generate(
 ) -> None:
     """Sample images: noise -> denoising loop -> quantizer -> decoder -> PNGs.
 
-    Writes one PNG per image (text chunks: class, seed, steps, sampler, cfg_scale, backend,
-    precision), a grid.png and samples.json into the output folder, and prints images/s.
+    Writes one PNG per image (with PNG text chunks class, seed, steps, sampler, cfg_scale, backend, precision),
+    a grid.png and samples.json into the output folder, and prints images/s.
     """
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.sampling.schedulers import SAMPLERS

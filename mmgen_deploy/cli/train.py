@@ -26,9 +26,9 @@ _OUT_HELP = "Run directory to create or continue."
 _JSON_HELP = "Write the results as JSON to FILE ('-' = stdout)."
 
 
-def _positive(name: str, value: int | None) -> None:
+def _positive(what: str, value: int | None) -> None:
     if value is not None and value <= 0:
-        raise UsageError(f"{name} must be positive, got {value}")
+        raise UsageError(f"the {what} must be positive, got {value}", "pass a number >= 1")
 
 
 def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData)
@@ -61,8 +61,8 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
                  gan: bool) -> Any:
     from mmgen_deploy.training.vqvae import VQTrainSettings
 
-    _positive("--vq-steps", steps)
-    _positive("--vq-batch-size", batch_size)
+    _positive("number of VQ-VAE steps", steps)
+    _positive("VQ-VAE batch size", batch_size)
     defaults = VQTrainSettings()
     return VQTrainSettings(steps=steps or recipe.vq_steps, batch_size=batch_size or defaults.batch_size,
                            lr=lr or defaults.lr, seed=seed, gan=gan,
@@ -72,8 +72,8 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
 def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int) -> Any:
     from mmgen_deploy.training.dit import DiTTrainSettings
 
-    _positive("--dit-steps", steps)
-    _positive("--dit-batch-size", batch_size)
+    _positive("number of DiT steps", steps)
+    _positive("DiT batch size", batch_size)
     defaults = DiTTrainSettings()
     return DiTTrainSettings(steps=steps or recipe.dit_steps, batch_size=batch_size or defaults.batch_size,
                             lr=lr or defaults.lr, seed=seed,
@@ -92,21 +92,21 @@ def _print_dit(result: dict[str, Any]) -> None:
                                                    if result.get("sample_grid") else ""))
 
 
-def _stage_dit(run: Any, train: Any, settings: Any, resume: bool) -> dict[str, Any]:
+def _stage_dit(run: Any, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.dit import train_dit
 
-    set_threads()
+    console.print(f"DiT: training on {set_threads(threads)} CPU thread(s)")
     result = train_dit(run, train, settings, resume=resume)
     _print_dit(result)
     return result
 
 
-def _stage_vq(run: Any, train: Any, val: Any, settings: Any, resume: bool) -> dict[str, Any]:
+def _stage_vq(run: Any, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.vqvae import train_vqvae
 
-    set_threads()
+    console.print(f"VQ-VAE: training on {set_threads(threads)} CPU thread(s)")
     result = train_vqvae(run, train, val, settings, resume=resume)
     _print_vq(result)
     return result
@@ -121,6 +121,8 @@ _seed_opt = typer.Option(0, "--seed", help="Seed for data, initialisation and ba
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
 _overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
+_threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: the cores idle right now; "
+                            "on a busy machine fewer threads train faster).")
 
 
 @train_app.command("vqvae")
@@ -132,15 +134,16 @@ def train_vqvae_cmd(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
     Reports validation PSNR and codebook usage/perplexity."""
     from mmgen_deploy.training import recipe_for
 
+    settings = _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan)  # checked before any work
     run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
-    result = _stage_vq(run, train, val, _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan),
-                       resume)
+    result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
 
@@ -153,6 +156,7 @@ def train_dit_cmd(
     lr: float | None = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 1e-3)."),
     seed: int = _seed_opt, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
+    threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Stage 2: train the DiT on the VQ-VAE's pre-quantization latents (cached once): epsilon
@@ -162,6 +166,7 @@ def train_dit_cmd(
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.training import recipe_for
 
+    settings = _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed)
     run = RunDir(out)
     meta = run.read_meta()
     run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
@@ -170,7 +175,7 @@ def train_dit_cmd(
                          "train the VQ-VAE of this run with `mmgen train vqvae` first")
     with console.status("loading data"):
         train = load_split(DataSpec.from_dict(meta["data"]), "train")
-    result = _stage_dit(run, train, _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed), resume)
+    result = _stage_dit(run, train, settings, resume, threads)
     console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.reports_dir / 'train_dit.json'}")
     emit_json(result, json_out)
 
@@ -183,6 +188,7 @@ def train_all_cmd(
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Both stages: the VQ-VAE, then the DiT on its latents. With --resume, a finished stage is skipped
@@ -190,9 +196,10 @@ def train_all_cmd(
     from mmgen_deploy.training import recipe_for
 
     recipe = recipe_for(preset_name)
+    vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
+    dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
-    results = _train_both(run, train, val, _vq_settings(recipe, vq_steps, None, None, seed, gan),
-                          _dit_settings(recipe, dit_steps, None, None, seed), resume)
+    results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
 
@@ -207,7 +214,7 @@ def _stage_done(run: Any, part: str, steps: int) -> bool:
 
 
 def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
-                resume: bool) -> dict[str, Any]:
+                resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.io_utils import read_json
 
     results: dict[str, Any] = {}
@@ -216,10 +223,10 @@ def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: 
         console.print("VQ-VAE already trained; skipping to the DiT")
         results["vqvae"] = read_json(run.reports_dir / "train_vqvae.json")
     else:
-        results["vqvae"] = _stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file())
+        results["vqvae"] = _stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file(), threads)
         resume = False  # a new VQ-VAE makes any DiT checkpoint stale
     dit_checkpoint = run.checkpoints_dir / "dit.pt"
-    results["dit"] = _stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file())
+    results["dit"] = _stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file(), threads)
     return results
 
 
@@ -233,6 +240,7 @@ class QuickstartContext:
     train: Any
     val: Any
     seed: int
+    threads: int | None = None
     results: dict[str, Any] = field(default_factory=dict)
 
 
@@ -244,7 +252,7 @@ def _qs_vqvae(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
     result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny"), None, None, None, ctx.seed,
-                                                                  False), False)
+                                                                  False), False, ctx.threads)
     ctx.results["vqvae"] = result
     return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
 
@@ -252,7 +260,8 @@ def _qs_vqvae(ctx: QuickstartContext) -> str:
 def _qs_dit(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny"), None, None, None, ctx.seed), False)
+    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny"), None, None, None, ctx.seed), False,
+                        ctx.threads)
     ctx.results["dit"] = result
     return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
                                                if result.get("sample_grid") else "")
@@ -274,7 +283,7 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
 
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
-    seed: int = _seed_opt, overwrite: bool = _overwrite_opt,
+    seed: int = _seed_opt, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores), evaluate
@@ -285,7 +294,7 @@ def quickstart_cmd(
     run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False)
     if run.has_part("vqvae") or run.has_part("dit"):
         raise UsageError(f"{out} already holds a trained model", "pass --overwrite to train it again")
-    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed)
+    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads)
     timings: dict[str, float] = {}
     for index, (name, stage) in enumerate(QUICKSTART_STAGES, start=1):
         console.rule(f"[bold]{index}/{len(QUICKSTART_STAGES)} {name}")
@@ -307,8 +316,8 @@ def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gene
                    precision: str) -> Any:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
 
-    _positive("--samples-per-class", per_class)
-    _positive("--steps", steps)
+    _positive("number of samples per class", per_class)
+    _positive("number of sampling steps", steps)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         generate=generate, backend=backend, precision=precision)
 

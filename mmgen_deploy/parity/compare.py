@@ -157,7 +157,7 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
     image_ssim = ssim(ref.images, test.images)
     report.add(Check("end-to-end", "image SSIM", image_ssim, limits["min_ssim"], ">="))
     drift: list[dict[str, Any]] = []
-    if ref.trajectory and test.trajectory:
+    if ref.trajectory is not None and test.trajectory is not None:
         n = len(ref.trajectory)
         shown = sorted({0, 1, 2, n - 3, n - 2, n - 1} & set(range(n)))
         for i in shown:

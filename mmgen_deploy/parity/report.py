@@ -21,11 +21,15 @@ class Check:
     direction: str  # "<=" (errors) or ">=" (PSNR, agreement)
     details: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # NumPy scalars in, plain floats out: reports must serialise to JSON.
+        self.value, self.threshold = float(self.value), float(self.threshold)
+
     @property
     def passed(self) -> bool:
         if math.isnan(self.value):
             return False
-        return self.value <= self.threshold if self.direction == "<=" else self.value >= self.threshold
+        return bool(self.value <= self.threshold if self.direction == "<=" else self.value >= self.threshold)
 
     def to_dict(self) -> dict[str, Any]:
         return {"group": self.group, "name": self.name, "value": self.value, "threshold": self.threshold,

@@ -182,8 +182,8 @@ class OrtRunner:
         item.session.run_with_iobinding(binding)
         result: dict[str, np.ndarray] = {}
         for tensor in item.spec.outputs:
-            value, array = outputs[tensor.name]
-            out = value.numpy() if array is None else array
+            value, buffer = outputs[tensor.name]
+            out: np.ndarray = value.numpy() if buffer is None else buffer
             if out.dtype != np.dtype(tensor.dtype):
                 out = out.astype(tensor.dtype)
             result[tensor.name] = out

@@ -47,6 +47,8 @@ class SampleResult:
     denoise_model_seconds: float = 0.0  # the denoiser calls within those loops
     total_seconds: float = 0.0  # everything, from noise to uint8 images
     timesteps: list[int] = field(default_factory=list)
+    # With return_trajectory: the latent after every step, (steps, N, C, h, w).
+    trajectory: np.ndarray | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -98,14 +100,17 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int], *, steps: 
 
 def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: int = 50, sampler: str = "ddim",
            cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
-           progress: ProgressCallback | None = None) -> SampleResult:
+           progress: ProgressCallback | None = None, seeds: list[int] | None = None,
+           return_trajectory: bool = False) -> SampleResult:
     """Generate one image per entry of `class_ids` with `runner`.
 
-    Images are independent of `batch_size` for deterministic samplers (DDIM with eta 0,
-    DPM-Solver++): all initial noise is drawn up front from `default_rng(seed)`. Samplers
-    that inject noise per step (DDPM, DDIM eta > 0) draw it batch by batch from a second
-    generator, so their images also depend on the batch size.
+    Every image has its own NumPy generator, `default_rng([seed, i])` for image index i (or
+    `default_rng([seeds[i], 0])` when per-image `seeds` are given), for its initial noise and
+    for any per-step noise (DDPM, DDIM eta > 0). An image therefore depends only on its seed,
+    index, class and the sampler settings: never on the batch size or on the other images
+    in the batch, on every backend alike.
     `cfg_scale` 1 skips the unconditional half (plain conditional sampling).
+    `return_trajectory` keeps the latent after every step (for parity drift reports).
     """
     class_ids = [int(c) for c in class_ids]
     validate_sampling_args(config, class_ids, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -119,8 +124,14 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
     cfg = float(cfg_scale)
 
     n = len(class_ids)
-    noise = np.random.default_rng(seed).standard_normal((n, channels, size, size), dtype=np.float32)
-    step_rng = np.random.default_rng([seed, 1])
+    if seeds is not None and len(seeds) != n:
+        raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
+    image_rngs = [np.random.default_rng([seed, i]) if seeds is None else np.random.default_rng([int(seeds[i]), 0])
+                  for i in range(n)]
+    noise = np.empty((n, channels, size, size), dtype=np.float32)
+    for i, rng in enumerate(image_rngs):
+        rng.standard_normal(dtype=np.float32, out=noise[i])
+    trajectory = np.empty((len(scheduler), *noise.shape), dtype=np.float32) if return_trajectory else None
     latents = np.empty_like(noise)
     indices = np.empty((n, size, size), dtype=np.int32)
     images_f: np.ndarray | None = None
@@ -162,8 +173,11 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
             # Learned sigma: the variance channels of the conditional half (as DiT does).
             v = out[:b, channels:] if learned_sigma else None
             if step_noise is not None:
-                step_rng.standard_normal(dtype=np.float32, out=step_noise)
+                for j in range(b):
+                    image_rngs[start + j].standard_normal(dtype=np.float32, out=step_noise[j])
             scheduler.step(i, eps, x, v=v, noise=step_noise)
+            if trajectory is not None:
+                trajectory[i, start:stop] = x
             done += 1
             if progress is not None:
                 progress(done, total_steps)
@@ -188,5 +202,5 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
         backend=getattr(runner, "backend", ""), precision=getattr(runner, "precision", ""),
         device=getattr(runner, "device", ""), model_seconds=model_s + denoise_model_s,
         denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
-        timesteps=[int(t) for t in scheduler.timesteps],
+        timesteps=[int(t) for t in scheduler.timesteps], trajectory=trajectory,
     )

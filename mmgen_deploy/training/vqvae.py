@@ -80,8 +80,15 @@ def init_codebook_from_data(vq: VQModel, images: torch.Tensor, generator: torch.
     codes = latents[pick] + 1e-3 * torch.randn(vq.config.n_embed, vq.config.embed_dim, generator=generator)
     quantizer = vq.quantize
     quantizer.embedding.weight.copy_(codes)
-    quantizer.ema_embed_sum.copy_(codes)
-    quantizer.ema_cluster_size.fill_(1.0)
+    _buffer(quantizer, "ema_embed_sum").copy_(codes)
+    _buffer(quantizer, "ema_cluster_size").fill_(1.0)
+
+
+def _buffer(module: nn.Module, name: str) -> torch.Tensor:
+    """A registered buffer, typed as a tensor (attribute access on nn.Module is untyped)."""
+    value = getattr(module, name)
+    assert isinstance(value, torch.Tensor)
+    return value
 
 
 @torch.no_grad()
@@ -98,13 +105,15 @@ def standardize_latents_(vq: VQModel, images: torch.Tensor) -> dict[str, Any]:
     scale = float((h - mean[None, :, None, None]).std())
     qc, pqc, quantizer = vq.quant_conv, vq.post_quant_conv, vq.quantize
     qc.weight.div_(scale)
+    assert qc.bias is not None and pqc.bias is not None
     qc.bias.sub_(mean).div_(scale)
     # post_quant_conv(s e' + m) = (s W) e' + (W m + b)
     pqc.bias.add_(pqc.weight[:, :, 0, 0] @ mean)
     pqc.weight.mul_(scale)
     quantizer.embedding.weight.sub_(mean).div_(scale)
     # The EMA sums are counts x codes: shift by counts x mean, then rescale.
-    quantizer.ema_embed_sum.sub_(quantizer.ema_cluster_size[:, None] * mean).div_(scale)
+    counts = _buffer(quantizer, "ema_cluster_size")
+    _buffer(quantizer, "ema_embed_sum").sub_(counts[:, None] * mean).div_(scale)
     return {"latent_mean": mean.tolist(), "latent_scale": scale}
 
 

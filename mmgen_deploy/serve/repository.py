@@ -1,0 +1,340 @@
+"""Write a Triton model repository for a run directory (`mmgen triton-repo`).
+
+    REPO/
+      README.md                         how to serve it (official container, replicas)
+      mmgen_generate/
+        config.pbtxt                    Python backend, dynamic batching, instance groups
+        1/model.py                      the sampling loop (mmgen_deploy/serve/triton_model.py)
+        1/run/                          the run's config, weights, ONNX and engines (copy mode)
+        1/mmgen_deploy/                 the exact mmgen_deploy source this repo was written with
+
+With `layout="ensemble"` the three components the sampling loop calls (denoiser, quantizer,
+decoder) also become Triton models `mmgen_<component>` (ONNX for Triton's onnxruntime backend,
+or a Python-backend ONNX Runtime wrapper where that backend is missing), and `mmgen_generate`
+drives them as a BLS model: the same `sample()` loop, with every component call going through
+Triton, so Triton schedules (and can batch across instances) the component executions itself.
+
+The repository is written into a temporary directory and renamed over REPO only when
+complete, so a failure never leaves a half-written repository (or damages an old one).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mmgen_deploy.errors import UsageError
+from mmgen_deploy.io_utils import atomic_dir, write_json
+from mmgen_deploy.serve import MODEL_NAME
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.specs import ComponentSpec, TensorSpec
+
+# What of a run directory the server needs: configs, inference weights, exported models.
+RUN_ARTIFACTS = ("run.json", "vqvae", "dit", "onnx", "engines")
+INSTANCE_KINDS = ("cpu", "gpu")
+ARTIFACT_MODES = ("copy", "reference")
+LAYOUTS = ("python", "ensemble")
+COMPONENT_BACKENDS = ("onnxruntime", "python")
+ENSEMBLE_COMPONENTS = ("denoiser", "quantizer", "decoder")  # what sample() calls
+COMPONENT_PREFIX = "mmgen_"
+_TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
+
+
+@dataclass(frozen=True)
+class RepositoryOptions:
+    max_batch_size: int = 16
+    instances: int = 1
+    instance_kind: str = "cpu"
+    max_queue_delay_us: int = 20_000
+    backend: str = "auto"
+    precision: str = "auto"
+    threads: int = 0
+    sampler: str = "ddim"
+    default_steps: int = 50
+    default_guidance: float = 4.0
+    max_steps: int = 250
+    max_guidance: float = 50.0
+    artifacts: str = "copy"
+    layout: str = "python"
+    component_backend: str = "onnxruntime"
+    vendor_source: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.max_batch_size >= 1, f"--max-batch must be >= 1, got {self.max_batch_size}"),
+            (self.instances >= 1, f"--instances must be >= 1, got {self.instances}"),
+            (self.instance_kind in INSTANCE_KINDS,
+             f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}"),
+            (self.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
+            (self.threads >= 0, f"--threads must be >= 0 (0 = the backend's default), got {self.threads}"),
+            (self.artifacts in ARTIFACT_MODES,
+             f"--artifacts must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
+            (1 <= self.default_steps <= self.max_steps,
+             f"--steps {self.default_steps} must be in 1..{self.max_steps} (--max-steps)"),
+            (0 <= self.default_guidance <= self.max_guidance,
+             f"--guidance {self.default_guidance} must be in 0..{self.max_guidance}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message, "see `mmgen triton-repo --help`")
+        if self.layout not in LAYOUTS:
+            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        if self.component_backend not in COMPONENT_BACKENDS:
+            raise UsageError(f"--component-backend must be one of {', '.join(COMPONENT_BACKENDS)}, "
+                             f"got {self.component_backend!r}")
+
+
+def _pbtxt_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOptions, run_dir: str) -> str:
+    """config.pbtxt of `mmgen_generate` (protobuf text format, read by Triton)."""
+    height, width, channels = image_shape
+    kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
+    parameters = {
+        "run_dir": run_dir,
+        "backend": options.backend,
+        "precision": options.precision,
+        "threads": str(options.threads),
+        "sampler": options.sampler,
+        "default_steps": str(options.default_steps),
+        "default_guidance": repr(float(options.default_guidance)),
+        "max_steps": str(options.max_steps),
+        "max_guidance": repr(float(options.max_guidance)),
+        "runner": "bls" if options.layout == "ensemble" else "local",
+        "component_prefix": COMPONENT_PREFIX,
+    }
+    params = "\n".join(f"parameters: {{ key: {_pbtxt_string(k)} value: {{ string_value: {_pbtxt_string(v)} }} }}"
+                       for k, v in parameters.items())
+    return f"""# Written by `mmgen triton-repo`. One request row = one image; see 1/model.py for the semantics.
+name: "{MODEL_NAME}"
+backend: "python"
+max_batch_size: {options.max_batch_size}
+input [
+  {{ name: "CLASS_ID" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "PROMPT" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
+  {{ name: "STEPS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
+  {{ name: "GUIDANCE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }}
+]
+output [
+  {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {height}, {width}, {channels} ] }}
+]
+# Requests that arrive within the delay are merged into one execute() call (one sampling batch).
+dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}
+instance_group [ {{ kind: {kind} count: {options.instances} }} ]
+{params}
+"""
+
+
+def component_config_pbtxt(spec: ComponentSpec, max_batch_size: int, options: RepositoryOptions) -> str:
+    """config.pbtxt of one component model (batch axis first and implicit, as Triton wants it)."""
+    def tensor(t: TensorSpec) -> str:
+        dims = [int(d) for d in t.shape[1:]]
+        # A per-sample scalar (shape [batch]) is declared [1] and reshaped to [] for the model.
+        shape = f"dims: [ {', '.join(map(str, dims))} ]" if dims else "dims: [ 1 ] reshape: { shape: [ ] }"
+        return f'  {{ name: "{t.name}" data_type: {_TRITON_DTYPES[t.dtype]} {shape} }}'
+
+    if options.component_backend == "python":
+        engine = 'backend: "python"'
+    else:
+        engine = 'platform: "onnxruntime_onnx"'
+    kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
+    inputs = ",\n".join(tensor(t) for t in spec.inputs)
+    outputs = ",\n".join(tensor(t) for t in spec.outputs)
+    return f"""# Written by `mmgen triton-repo --layout ensemble`: called by mmgen_generate's sampling loop.
+name: "{COMPONENT_PREFIX}{spec.name}"
+{engine}
+max_batch_size: {max_batch_size}
+input [
+{inputs}
+]
+output [
+{outputs}
+]
+dynamic_batching {{ }}
+instance_group [ {{ kind: {kind} count: 1 }} ]
+parameters: {{ key: "threads" value: {{ string_value: "{options.threads}" }} }}
+"""
+
+
+def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
+    from mmgen_deploy.export import onnx_path
+
+    def complete(precision: str) -> bool:
+        return all(onnx_path(run_root, precision, c).is_file() for c in ENSEMBLE_COMPONENTS)
+
+    if options.precision != "auto":
+        if not complete(options.precision):
+            raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
+                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {run_root / 'onnx'}",
+                             f"run `mmgen export {run_root}` first")
+        return options.precision
+    # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
+    order = ("fp32", "fp16") if options.component_backend == "python" else ("fp16", "fp32")
+    for precision in order:
+        if complete(precision):
+            return precision
+    raise UsageError(f"--layout ensemble needs an exported ONNX set in {run_root / 'onnx'}",
+                     f"run `mmgen export {run_root}` first")
+
+
+def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
+    from mmgen_deploy.export import onnx_path
+    from mmgen_deploy.specs import component_specs
+
+    precision = _ensemble_precision(run_root, options)
+    specs = component_specs(config)
+    written = {}
+    for name in ENSEMBLE_COMPONENTS:
+        spec = specs[name]
+        version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
+        version_dir.mkdir(parents=True)
+        source = onnx_path(run_root, precision, name)
+        shutil.copy2(source, version_dir / "model.onnx")
+        external = source.with_name(source.name + ".data")
+        if external.is_file():  # weights stored beside the graph keep their recorded file name
+            shutil.copy2(external, version_dir / external.name)
+        if options.component_backend == "python":
+            shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
+        max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
+        (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
+        written[name] = f"{precision}/{name}.onnx"
+    return written
+
+
+def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS) -> list[str]:
+    copied = []
+    for name in names:
+        source = run_root / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, ignore=shutil.ignore_patterns(".*"))
+            copied.append(name + "/")
+        elif source.is_file():
+            dest.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+            copied.append(name)
+    return copied
+
+
+def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None = None) -> dict[str, Any]:
+    """Write the repository for `run_dir` to `out` (atomically). Returns a summary dict."""
+    from mmgen_deploy.rundir import RunDir
+
+    options = options or RepositoryOptions()
+    options.validate()
+    run = RunDir(run_dir)
+    config = run.load_config()  # refuses a missing or foreign run directory with a clear message
+    for part in ("vqvae", "dit"):
+        if not run.has_part(part):
+            run.load_models()  # raises the precise missing/corrupt-weights error
+    run_root = run.root.resolve()
+    if out.resolve() == run_root or run_root in out.resolve().parents:
+        raise UsageError(f"--out {out} is inside the run directory", "write the repository somewhere else")
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "mmgen_repository.json").is_file())):
+        raise UsageError(f"--out {out} exists and is not an mmgen Triton repository",
+                         "pick a new or empty directory (an old mmgen repository is replaced)")
+    size = config.vq.image_size
+    image_shape = (size, size, config.vq.in_channels)
+    with atomic_dir(out) as tmp:
+        version_dir = tmp / MODEL_NAME / "1"
+        version_dir.mkdir(parents=True)
+        components: dict[str, str] = {}
+        if options.layout == "ensemble":
+            components = _write_components(run_root, tmp, config, options)
+        if options.artifacts == "copy":
+            # The BLS loop needs only the configs: the weights live in the component models.
+            names = ("run.json", "vqvae", "dit") if options.layout == "ensemble" else RUN_ARTIFACTS
+            artifacts = _copy_run(run_root, version_dir / "run", names)
+            if options.layout == "ensemble":
+                for part in ("vqvae", "dit"):
+                    (version_dir / "run" / part / "model.safetensors").unlink(missing_ok=True)
+            run_ref = "run"
+        else:
+            artifacts = []
+            run_ref = str(run_root)
+        (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config_pbtxt(image_shape, options, run_ref))
+        shutil.copy2(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
+        if options.vendor_source:
+            # The stub appends the version directory to sys.path: an installed mmgen_deploy wins,
+            # this copy is the fallback inside a container that has only the dependencies.
+            package = Path(__file__).resolve().parent.parent
+            shutil.copytree(package, version_dir / "mmgen_deploy",
+                            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        summary: dict[str, Any] = {
+            "repository": str(out),
+            "model": MODEL_NAME,
+            "run_dir": str(run_root),
+            "artifacts": options.artifacts,
+            "copied": artifacts,
+            "layout": options.layout,
+            "components": components,
+            "image_shape": list(image_shape),
+            "num_classes": config.dit.num_classes,
+            "class_names": list(config.class_names),
+            "options": asdict(options),
+        }
+        (tmp / "README.md").write_text(repository_readme(summary))
+        write_json(tmp / "mmgen_repository.json", summary)
+    return summary
+
+
+def _layout_note(summary: dict[str, Any]) -> str:
+    if summary["layout"] != "ensemble":
+        return ""
+    parts = ", ".join(f"`{COMPONENT_PREFIX}{name}` ({path})" for name, path in summary["components"].items())
+    return (f"Ensemble layout: {parts} are Triton models of their own, and `{MODEL_NAME}` runs the sampling "
+            "loop as a BLS model whose every component call is a Triton inference request.\n")
+
+
+def repository_readme(summary: dict[str, Any]) -> str:
+    opts = summary["options"]
+    return f"""# Triton model repository for an mmgen run
+
+Written by `mmgen triton-repo` from `{summary["run_dir"]}` (artifacts: {summary["artifacts"]}).
+One model, `{MODEL_NAME}` (Python backend): each request row is one image.
+
+| input | type | meaning |
+|---|---|---|
+| CLASS_ID | INT32 [1] | class index 0..{summary["num_classes"] - 1} (or send PROMPT) |
+| PROMPT | BYTES [1] | class name: {", ".join(summary["class_names"]) or "(this model has no class names)"} |
+| SEED | INT64 [1] | >= 0; same image as `mmgen generate --seed SEED --n 1` (default 0) |
+| STEPS | INT32 [1] | 1..{opts["max_steps"]} (default {opts["default_steps"]}) |
+| GUIDANCE | FP32 [1] | 0..{opts["max_guidance"]:g} (default {opts["default_guidance"]:g}) |
+| IMAGE (output) | UINT8 {summary["image_shape"]} | RGB |
+
+Dynamic batching merges requests arriving within {opts["max_queue_delay_us"]} us into one sampling
+batch (max {opts["max_batch_size"]} images); {opts["instances"]} instance(s) of kind
+{opts["instance_kind"]}; backend `{opts["backend"]}` (auto = TensorRT engines, else ONNX Runtime CUDA,
+else ONNX Runtime CPU), precision {opts["precision"]}.
+
+{_layout_note(summary)}
+## Serve on a GPU host with the official Triton container
+
+The Python backend runs `1/model.py` with the container's Python, so install mmgen's
+runtime dependencies in it first (`1/mmgen_deploy/` holds the exact mmgen source used to
+write this repository; an installed mmgen-deploy takes precedence). TensorRT engines only
+load on the TensorRT version and GPU architecture that built them: use a container whose
+TensorRT matches `engines/` or rebuild the engines inside it.
+
+```bash
+docker run --rm --gpus all --shm-size 1g -p 8000:8000 -p 8001:8001 -p 8002:8002 \\
+  -v "$PWD":/models nvcr.io/nvidia/tritonserver:24.10-py3 \\
+  bash -c "pip install torch numpy onnxruntime-gpu safetensors Pillow && \\
+           tritonserver --model-repository=/models"
+```
+
+Then `curl localhost:8000/v2/health/ready` and `mmgen client http://HOST:8000 --class 3 --n 4`.
+Without the container: `mmgen serve {summary["repository"]}` (tritonserver from the nvidia-pytriton wheel).
+
+## Scale out
+
+Run one container per GPU (or per host) and put an HTTP/gRPC load balancer in front; each
+replica is stateless, readiness is `/v2/health/ready`, metrics are on port 8002.
+"""

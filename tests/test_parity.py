@@ -1,0 +1,121 @@
+"""`mmgen parity` end to end on a (briefly) trained tiny model, and the ways it must fail."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import preset
+from mmgen_deploy.export import export_run, onnx_path
+from mmgen_deploy.models import DiT, VQModel, rerandomize_
+from mmgen_deploy.rundir import save_run
+
+pytestmark = pytest.mark.slow
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+def _cli_json(argv: list[str], capsys) -> tuple[int, dict]:
+    """Run with `--json -`: stdout holds exactly one JSON document."""
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--json", "-"])
+    return int(info.value.code or 0), json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained for a few hundred steps (real, non-zero DiT) and exported."""
+    root = tmp_path_factory.mktemp("parity") / "run"
+    with pytest.raises(SystemExit) as info:
+        main(["train", "all", "--out", str(root), "--vq-steps", "60", "--dit-steps", "120",
+              "--num-train", "512"])
+    assert info.value.code in (0, None)
+    export_run(root, precisions=("fp32", "fp16"))
+    return root
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _perturb_initializer(path, component_hint: str, fn) -> str:
+    """Apply `fn` to the largest float initializer of an ONNX file; return its name."""
+    model = onnx.load(str(path))
+    init = max((i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT),
+               key=lambda i: int(np.prod(i.dims)))
+    array = numpy_helper.to_array(init).copy()
+    init.CopyFrom(numpy_helper.from_array(fn(array), init.name))
+    onnx.save(model, str(path))
+    return init.name
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_parity_passes_on_trained_model(trained_run, precision, capsys, tmp_path) -> None:
+    report_path = tmp_path / "parity.json"
+    code, text = _cli(["parity", str(trained_run), "--precision", precision, "--steps", "8", "--images", "4",
+                       "--json", str(report_path)], capsys)
+    report = json.loads(report_path.read_text())
+    assert code == 0, text
+    assert report["passed"] and "PASSED" in text
+    groups = {c["group"] for c in report["checks"]}
+    assert groups == {"encoder", "quantizer", "decoder", "denoiser", "end-to-end"}
+    assert report["info"]["real_inputs"] is True  # validation images of the run's dataset were used
+    psnr = next(c for c in report["checks"] if c["name"].startswith("image PSNR"))
+    assert psnr["value"] >= (40 if precision == "fp32" else 30)
+    assert report["info"]["end_to_end"]["drift"], "per-step drift must be reported"
+    assert (trained_run / "reports" / f"parity-onnxruntime-{precision}.json").is_file()
+
+
+def test_parity_fails_when_one_weight_is_perturbed(trained_run, tmp_path, capsys) -> None:
+    run = _copy_run(trained_run, tmp_path / "run")
+    _perturb_initializer(onnx_path(run, "fp32", "denoiser"), "denoiser", lambda a: a * 1.05)
+    code, report = _cli_json(["parity", str(run), "--components-only", "--batch", "2"], capsys)
+    assert code == 1 and not report["passed"]
+    failed = {c["group"] for c in report["checks"] if not c["passed"]}
+    assert failed == {"denoiser"}
+    assert "FAILED" in report["verdict"] and "denoiser" in report["verdict"]
+
+
+def test_parity_fails_when_decoder_comes_from_another_model(trained_run, tmp_path, capsys) -> None:
+    run = _copy_run(trained_run, tmp_path / "run")
+    cfg = preset("tiny")
+    other = save_run(tmp_path / "other", cfg, rerandomize_(VQModel(cfg.vq), seed=7), rerandomize_(DiT(cfg.dit), 8))
+    export_run(other.root, precisions=("fp32",), components=["decoder"])
+    shutil.copy(onnx_path(other.root, "fp32", "decoder"), onnx_path(run, "fp32", "decoder"))
+    code, text = _cli(["parity", str(run), "--steps", "4", "--images", "2", "--batch", "1"], capsys)
+    assert code == 1
+    assert "FAILED" in text and "decoder" in text.split("FAILED:")[-1]
+
+
+def test_parity_fails_on_nan_from_backend(trained_run, tmp_path, capsys) -> None:
+    run = _copy_run(trained_run, tmp_path / "run")
+
+    def poison(a: np.ndarray) -> np.ndarray:
+        a.flat[0] = np.nan
+        return a
+
+    _perturb_initializer(onnx_path(run, "fp32", "decoder"), "decoder", poison)
+    code, report = _cli_json(["parity", str(run), "--components-only", "--batch", "1"], capsys)
+    assert code == 1
+    nan_checks = [c for c in report["checks"] if c["group"] == "decoder" and not c["passed"]]
+    assert nan_checks and all(c["details"]["nonfinite"] > 0 for c in nan_checks)
+
+
+def test_parity_refuses_untrained_model(tmp_path, capsys) -> None:
+    cfg = preset("tiny")
+    run = save_run(tmp_path / "fresh", cfg, VQModel(cfg.vq), DiT(cfg.dit))
+    code, text = _cli(["parity", str(run.root)], capsys)
+    assert code == 1 and "outputs exactly zero" in text and "--allow-untrained" in text
+    assert len(text.strip().splitlines()) == 1

@@ -1,0 +1,191 @@
+"""Training end to end on a shrunken tiny config: losses fall, --resume is exact, --seed determines."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import DiTConfig, ModelConfig, VQConfig
+from mmgen_deploy.data import DataSpec
+from mmgen_deploy.data.shapes import CLASS_NAMES, make_shapes
+from mmgen_deploy.errors import RunDirError
+from mmgen_deploy.models import VQModel
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.training import prepare_run
+from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint
+from mmgen_deploy.training.dit import DiTTrainSettings, train_dit
+from mmgen_deploy.training.vqvae import VQTrainSettings, standardize_latents_, train_vqvae
+
+
+def _small_config() -> ModelConfig:
+    vq = VQConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, n_embed=32)
+    dit = DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=18)
+    return ModelConfig(vq=vq, dit=dit, class_names=CLASS_NAMES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are far too small to gain from a second thread, and on a busy machine a second
+    thread makes every op wait for a free core; restore the session's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_shapes(96, seed=0), make_shapes(16, seed=0, split="val")
+
+
+def _new_run(path, seed: int = 0) -> RunDir:
+    spec = DataSpec(num_train=96, num_val=16, seed=seed)
+    return prepare_run(path, _small_config(), spec.to_dict(), overwrite=False)
+
+
+def _vq(steps: int, seed: int = 0, **kw) -> VQTrainSettings:
+    return VQTrainSettings(steps=steps, batch_size=8, warmup=2, seed=seed, checkpoint_every=1, sample_every=0, **kw)
+
+
+def _dit(steps: int, seed: int = 0) -> DiTTrainSettings:
+    return DiTTrainSettings(steps=steps, batch_size=16, warmup=2, seed=seed, checkpoint_every=1, sample_every=0)
+
+
+def _losses() -> tuple[list[float], callable]:
+    seen: list[float] = []
+    return seen, lambda step, metrics: seen.append(metrics["loss"])
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_both_stages_learn_and_write_their_outputs(tmp_path, small_data) -> None:
+    train, val = small_data
+    run = _new_run(tmp_path / "run")
+    vq_losses, record = _losses()
+    result = train_vqvae(run, train, val, _vq(40), callback=record, show_progress=False)
+    assert np.mean(vq_losses[-5:]) < 0.7 * np.mean(vq_losses[:5])
+    assert run.has_part("vqvae") and (run.samples_dir / "vqvae_reconstructions.png").is_file()
+    assert result["psnr_db"] > 10 and 0 < result["codebook_usage"] <= 1
+    dit_losses, record = _losses()
+    train_dit(run, train, _dit(40), callback=record, show_progress=False)
+    assert np.mean(dit_losses[-5:]) < 0.8 * np.mean(dit_losses[:5])
+    config, _, dit = run.load_models()
+    assert config.class_names == CLASS_NAMES
+    # The saved DiT is the EMA copy, not the raw weights of the last step.
+    raw = load_checkpoint(run.checkpoints_dir / "dit.pt")["model"]
+    assert not _same_state(raw, dit.state_dict())
+    assert (run.checkpoints_dir / "dit_latents.pt").is_file()
+    assert run.read_meta()["training"]["vqvae"]["steps"] == 40
+
+
+def test_vq_resume_after_ctrl_c_is_exact_and_seed_determines(tmp_path, small_data) -> None:
+    train, val = small_data
+    straight = _new_run(tmp_path / "straight")
+    train_vqvae(straight, train, val, _vq(6), show_progress=False)
+
+    def ctrl_c_at_3(step: int, metrics: dict) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    resumed = _new_run(tmp_path / "resumed")
+    with pytest.raises(TrainingInterrupted, match="step 3"):
+        train_vqvae(resumed, train, val, _vq(6), callback=ctrl_c_at_3, show_progress=False)
+    assert load_checkpoint(resumed.checkpoints_dir / "vqvae.pt")["step"] == 3  # intact after Ctrl-C
+    train_vqvae(resumed, train, val, _vq(6), resume=True, show_progress=False)
+    a = load_checkpoint(straight.checkpoints_dir / "vqvae.pt")["model"]
+    b = load_checkpoint(resumed.checkpoints_dir / "vqvae.pt")["model"]
+    assert _same_state(a, b)
+    assert _same_state(straight.load_vqvae().state_dict(), resumed.load_vqvae().state_dict())
+
+    other = _new_run(tmp_path / "other", seed=0)
+    train_vqvae(other, train, val, _vq(6, seed=1), show_progress=False)
+    assert not _same_state(a, load_checkpoint(other.checkpoints_dir / "vqvae.pt")["model"])
+    with pytest.raises(RunDirError, match="other settings"):
+        train_vqvae(resumed, train, val, _vq(6, lr=1e-4), resume=True, show_progress=False)
+
+
+def test_dit_resume_is_exact(tmp_path, small_data) -> None:
+    train, val = small_data
+    runs = []
+    for name in ("straight", "resumed"):
+        run = _new_run(tmp_path / name)
+        train_vqvae(run, train, val, _vq(2), show_progress=False)
+        runs.append(run)
+    straight, resumed = runs
+    train_dit(straight, train, _dit(6), show_progress=False)
+
+    def ctrl_c_at_4(step: int, metrics: dict) -> None:
+        if step == 4:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train_dit(resumed, train, _dit(6), callback=ctrl_c_at_4, show_progress=False)
+    train_dit(resumed, train, _dit(6), resume=True, show_progress=False)
+    a = load_checkpoint(straight.checkpoints_dir / "dit.pt")
+    b = load_checkpoint(resumed.checkpoints_dir / "dit.pt")
+    assert _same_state(a["model"], b["model"]) and _same_state(a["ema"], b["ema"])
+    assert _same_state(straight.load_dit().state_dict(), resumed.load_dit().state_dict())
+
+
+def test_latent_standardization_keeps_the_model_function(small_data) -> None:
+    train, _ = small_data
+    torch.manual_seed(0)
+    vq = VQModel(_small_config().vq).eval()
+    images = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        vq.quantize.embedding.weight.copy_(vq.encode(images[:8]).permute(0, 2, 3, 1).reshape(-1, 4)[:32])
+        z_q, idx = vq.quantize.quantize(vq.encode(images))
+        before = vq.decode(z_q)
+        standardize_latents_(vq, images)
+        h = vq.encode(images)
+        z_q2, idx2 = vq.quantize.quantize(h)
+        after = vq.decode(z_q2)
+    assert abs(float(h.std()) - 1.0) < 1e-3 and float(h.mean(dim=(0, 2, 3)).abs().max()) < 1e-4
+    assert torch.equal(idx, idx2)
+    assert torch.allclose(before, after, atol=1e-4)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+@pytest.mark.slow
+def test_cli_train_all_refuses_other_models_and_evaluates(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--num-train", "64", "--vq-steps", "2", "--dit-steps", "2"]
+    code, text = _cli(["train", "all", *common], capsys)
+    assert code == 0, text
+    assert RunDir(out).has_part("dit")
+    code, text = _cli(["train", "all", *common, "--seed", "5"], capsys)
+    assert code != 0 and "different model" in text and "--overwrite" in text and "Traceback" not in text
+    assert RunDir(out).has_part("dit")  # refused without damage
+    code, text = _cli(["eval", str(out), "--no-generate", "--json", "-"], capsys)
+    assert code == 0 and '"psnr_db"' in text and (out / "reports" / "eval.json").is_file()
+    code, text = _cli(["eval", str(out), "--samples-per-class", "1", "--steps", "2", "--json", "-"], capsys)
+    assert code == 0 and '"colour_accuracy"' in text and (out / "samples" / "eval_grid.png").is_file()
+    code, text = _cli(["train", "all", *common, "--seed", "5", "--overwrite"], capsys)
+    assert code == 0, text
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    code, text = _cli(["train", "vqvae", "--out", str(tmp_path / "r"), "--data", str(tmp_path / "empty")], capsys)
+    assert code == 2 and "no images found" in text and "Traceback" not in text
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "keep.txt").write_text("mine")
+    code, text = _cli(["train", "vqvae", "--out", str(tmp_path / "junk"), "--num-train", "8"], capsys)
+    assert code != 0 and "not an mmgen run directory" in text
+    assert (tmp_path / "junk" / "keep.txt").read_text() == "mine"
+    code, text = _cli(["train", "dit", "--out", str(tmp_path / "nothing")], capsys)
+    assert code != 0 and "does not exist" in text
+    code, text = _cli(["train", "vqvae", "--out", str(tmp_path / "r2"), "--steps", "0"], capsys)
+    assert code == 2 and "must be positive" in text
