@@ -246,30 +246,19 @@ def test_bad_arguments_are_one_line_errors(tmp_path, random_models, capsys) -> N
 
 
 @pytest.mark.tensorrt
-@pytest.mark.slow
 def test_fp16_graphs_build_with_tensorrt_rtx_ahead_of_time(tiny_export) -> None:
-    """TensorRT-RTX builds ahead of time without a GPU: every FP16 graph must parse and build
-    as a strongly typed network with the spec's batch profile (plain tensorrt_rtx calls: the
-    engines package is not on main yet)."""
-    trt = pytest.importorskip("tensorrt_rtx")
+    """TensorRT-RTX builds ahead of time without a GPU: every FP16 graph must parse and build as a
+    strongly typed network with the spec's batch profile, through the engines package's builder."""
+    from mmgen_deploy.engines import load_flavour
+    from mmgen_deploy.engines.builder import BuildOptions, build_component
+    from mmgen_deploy.errors import NotAvailableError
+
+    try:
+        flavour = load_flavour("tensorrt-rtx")
+    except NotAvailableError as exc:
+        pytest.skip(str(exc))
     config, _, _, folder, _ = tiny_export
-    logger = trt.Logger(trt.Logger.ERROR)
+    options = BuildOptions(runtime="tensorrt-rtx", precision="fp16", workspace_bytes=1 << 28)
     for name, spec in component_specs(config).items():
-        builder = trt.Builder(logger)
-        network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
-        parser = trt.OnnxParser(network, logger)
-        parsed = parser.parse_from_file(str(folder / "fp16" / f"{name}.onnx"))
-        assert parsed, [parser.get_error(i).desc() for i in range(parser.num_errors)]
-        build_config = builder.create_builder_config()
-        profile = builder.create_optimization_profile()
-        batches = spec.engine_profile
-        for tensor in spec.inputs:
-            profile.set_shape(tensor.name, tensor.concrete_shape(batches.min), tensor.concrete_shape(batches.opt),
-                              tensor.concrete_shape(batches.max))
-        build_config.add_optimization_profile(profile)
-        build_config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, 1 << 28)
-        plan = builder.build_serialized_network(network, build_config)
-        assert plan is not None and plan.nbytes > 0, f"{name}: TensorRT-RTX build failed"
-        inputs = {network.get_input(i).name: network.get_input(i).dtype for i in range(network.num_inputs)}
-        expected = {t.name: trt.int32 if t.dtype == "int32" else trt.float32 for t in spec.inputs}
-        assert inputs == expected  # I/O stays FP32 / INT32 in the FP16 graphs
+        plan, _ = build_component(flavour, spec, folder / "fp16" / f"{name}.onnx", options, b"")
+        assert len(plan) > 100_000, f"{name}: suspiciously small plan ({len(plan)} bytes)"

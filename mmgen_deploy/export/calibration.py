@@ -128,13 +128,12 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         z_q, _ = quantizer(h)
     h_np = h.numpy().astype(np.float32)
     a = alphas_cumprod(config)
-    t = rng.integers(0, config.diffusion.num_train_timesteps, n)
+    t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)
     scale = np.sqrt(a[t])[:, None, None, None]
     x_t = (scale * h_np + np.sqrt(1.0 - a[t])[:, None, None, None] * noise).astype(np.float32)
-    labels = data.labels
-    if labels is None:
-        labels = rng.integers(0, config.dit.num_classes + 1, n).astype(np.int32)
+    labels = np.asarray(data.labels if data.labels is not None
+                        else rng.integers(0, config.dit.num_classes + 1, size=n))
     return {
         "encoder": {"image": images},
         "quantizer": {"h": h_np},

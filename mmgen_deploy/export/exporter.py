@@ -34,7 +34,14 @@ from mmgen_deploy.export.manifest import (
     relative_onnx_path,
     tool_versions,
 )
-from mmgen_deploy.export.onnx_export import DEFAULT_OPSET, EXPORTER_NAME, check_opset, export_fp32, file_size
+from mmgen_deploy.export.onnx_export import (
+    DEFAULT_OPSET,
+    EXPORTER_NAME,
+    check_opset,
+    export_fp32,
+    file_opset,
+    file_size,
+)
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, VQModel, build_components
@@ -139,7 +146,7 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
         if "fp32" in chosen_precisions:
             files["fp32"][name] = {
                 "path": relative_onnx_path("fp32", name), "sha256": sha256_file(fp32_file),
-                "bytes": file_size(fp32_file), "precision": "fp32", "opset": opset, **_io_record(spec),
+                "bytes": file_size(fp32_file), "precision": "fp32", "opset": file_opset(fp32_file), **_io_record(spec),
                 "export_seconds": round(export_seconds, 3), "validation": summarize(checks),
             }
         if "fp16" in chosen_precisions:
@@ -156,7 +163,7 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
             fp16_nodes = converter.pop("fp16_nodes")
             files["fp16"][name] = {
                 "path": relative_onnx_path("fp16", name), "sha256": sha256_file(fp16_file),
-                "bytes": file_size(fp16_file), "precision": "fp16", "opset": opset, **_io_record(spec),
+                "bytes": file_size(fp16_file), "precision": "fp16", "opset": file_opset(fp16_file), **_io_record(spec),
                 "keep_fp32": spec.keep_fp32, "converter": converter, "convert_seconds": round(convert_seconds, 3),
                 "fp16_nodes": fp16_nodes, "kept_fp32_nodes": kept, "validation": summarize(checks16),
             }

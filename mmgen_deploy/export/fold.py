@@ -84,9 +84,9 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
               and all(name in constants for name in node.input[1:] if name)):
             # e.g. x.shape[-1] for SDPA's scale: slice the partly known shape vector.
             known = np.array([-1 if d is None else d for d in partial_shapes[node.input[0]]], dtype=np.int64)
-            picked = _evaluate(node, [known, *[constants[n] if n else None for n in node.input[1:]]], opset)[0]
-            if picked.size and (picked >= 0).all():
-                result = [picked]
+            sliced = _evaluate(node, [known, *[constants[n] if n else None for n in node.input[1:]]], opset)[0]
+            if sliced.size and (sliced >= 0).all():
+                result = [sliced]
         elif node.op_type in _FOLDABLE and all(not name or name in constants for name in node.input):
             inputs = [constants[name] if name else None for name in node.input]
             if all(a is None or a.size <= _MAX_FOLD_ELEMENTS for a in inputs):

@@ -55,7 +55,7 @@ def converter_arguments(spec: ComponentSpec) -> dict[str, Any]:
     }
 
 
-_FLOAT_TYPES = {onnx.TensorProto.FLOAT: "fp32", onnx.TensorProto.FLOAT16: "fp16"}
+_FLOAT_TYPES: dict[int, str] = {int(onnx.TensorProto.FLOAT): "fp32", int(onnx.TensorProto.FLOAT16): "fp16"}
 
 
 def node_precisions(model: onnx.ModelProto) -> dict[str, str]:
@@ -93,7 +93,8 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
     # which costs ~1 s per sample on the S/2 denoiser for the same statistics.
     calib_dir = out_path.with_name(f".{spec.name}.calibration")
     calib_dir.mkdir(exist_ok=True)
-    np.savez(calib_dir / "batch0.npz", **{name: calibration[name] for name in spec.input_names})
+    arrays: dict[str, Any] = {name: calibration[name] for name in spec.input_names}
+    np.savez(calib_dir / "batch0.npz", **arrays)
     # AutoCast logs every node at INFO; what it decided is recorded in the manifest instead.
     loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
     previous = [lg.level for lg in loggers]
