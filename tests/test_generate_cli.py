@@ -104,10 +104,11 @@ def test_foreign_output_folder_is_left_alone(exported_tiny_run, tmp_path, capsys
 def test_quickstart_stage_generates_a_grid(exported_tiny_run, capsys) -> None:
     from types import SimpleNamespace
 
-    from mmgen_deploy.cli.generate import quickstart_stage
+    from mmgen_deploy.cli.pipeline_stages import generate_stage
 
     ctx = SimpleNamespace(run=exported_tiny_run, seed=0, threads=1, results={})
-    grid = quickstart_stage(ctx)
-    assert grid.endswith("samples/quickstart/grid.png")
-    assert ctx.results["generate"]["backend"]["backend"] == "onnxruntime"
-    assert len(list((exported_tiny_run.samples_dir / "quickstart").glob("0*.png"))) == 36  # 18 classes x 2
+    grid = generate_stage(ctx)
+    assert grid.endswith("samples/onnxruntime-fp32/grid.png")
+    sidecar = json.loads((exported_tiny_run.samples_dir / "onnxruntime-fp32" / "samples.json").read_text())
+    assert sidecar["backend"]["backend"] == "onnxruntime"
+    assert len(list((exported_tiny_run.samples_dir / "onnxruntime-fp32").glob("0*.png"))) == 36  # 18 classes x 2

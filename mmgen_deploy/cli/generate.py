@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import typer
 
@@ -133,21 +132,3 @@ def _check_output_dir(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
         raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
                          "choose another --out folder (generate replaces only its own output folders)")
-
-
-def quickstart_stage(ctx: Any) -> str:
-    """`mmgen quickstart` stage (append ("generate", quickstart_stage) to QUICKSTART_STAGES after export).
-
-    Two images per class on the fastest backend available (ONNX Runtime CPU once exported),
-    into RUN_DIR/samples/quickstart; returns the grid's path.
-    """
-    from mmgen_deploy.io_utils import read_json
-
-    target = ctx.run.samples_dir / "quickstart"
-    generate(run_dir=ctx.run.root, classes=[], n=2, batch_size=16, steps=50, sampler="ddim", cfg_scale=4.0,
-             eta=0.0, seed=ctx.seed, out=target, backend="auto", precision=None, device=None,
-             threads=getattr(ctx, "threads", None), cuda_graph=False, json_out=None)
-    sidecar = read_json(target / "samples.json")
-    ctx.results["generate"] = {"grid": str(target / "grid.png"), "backend": sidecar["backend"],
-                               "timing": sidecar["timing"]}
-    return str(target / "grid.png")
