@@ -10,6 +10,7 @@ import os
 import sys
 
 import typer
+from rich.markup import escape
 
 from mmgen_deploy import __version__
 from mmgen_deploy.cli import doctor, engines, export, generate, importer, info, parity, serve, train
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     except MMGenError as exc:
         if state.debug:
             raise
-        console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+        # escape(): messages hold things like `mmgen-deploy[fp16]` that rich would eat as markup.
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # anything unexpected: still one line unless --debug
         if state.debug:
             raise
-        console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc} (run with --debug for a traceback)",
+        console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
+                      "(run with --debug for a traceback)",
                       soft_wrap=True)
         sys.exit(1)
