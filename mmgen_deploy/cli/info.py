@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -20,7 +21,7 @@ def register(app: typer.Typer) -> None:
 
         run = RunDir(run_dir)
         config, vq, dit = run.load_models()
-        report = {
+        report: dict[str, Any] = {
             "run_dir": str(run.root),
             "vqvae": {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
             "dit": {"params": sum(p.numel() for p in dit.parameters() if p.requires_grad),

@@ -10,6 +10,7 @@ uses reshape + permute (TensorRT handles Einsum poorly).
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import numpy as np
 import torch
@@ -162,15 +163,17 @@ class DiT(nn.Module):
         self.apply(_basic)
         w = self.x_embedder.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.x_embedder.proj.bias)
+        if self.x_embedder.proj.bias is not None:
+            nn.init.zeros_(self.x_embedder.proj.bias)
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        for block in self.blocks:
-            nn.init.zeros_(block.adaLN_modulation[-1].weight)
-            nn.init.zeros_(block.adaLN_modulation[-1].bias)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].weight)
-        nn.init.zeros_(self.final_layer.adaLN_modulation[-1].bias)
+        for index in (0, 2):
+            nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[index]).weight, std=0.02)
+        # adaLN-Zero: every modulation starts at zero, so each block starts as the identity.
+        modulations = [cast(DiTBlock, b).adaLN_modulation for b in self.blocks]
+        for modulation in [*modulations, self.final_layer.adaLN_modulation]:
+            linear = cast(nn.Linear, modulation[-1])
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 

@@ -7,6 +7,8 @@ Module and parameter names deliberately match taming's `Encoder`, `Decoder` and
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -82,12 +84,27 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level; a plain container so keys read `down.{i}.block.{j}`."""
+    """One resolution level; a plain container so keys read `down.{i}.block.{j}`.
+
+    `downsample` / `upsample` exist only on levels that change resolution (as in taming).
+    """
+
+    block: nn.ModuleList
+    attn: nn.ModuleList
+    downsample: Downsample
+    upsample: Upsample
 
     def __init__(self) -> None:
         super().__init__()
         self.block = nn.ModuleList()
         self.attn = nn.ModuleList()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[i](h)
+        return h
 
 
 class _Mid(nn.Module):
@@ -128,12 +145,10 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for stage in self.down:
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if hasattr(stage, "downsample"):
-                h = stage.downsample(h)
+            level = cast(_Level, stage)
+            h = level(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -167,12 +182,10 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for stage in reversed(self.up):
-            for i, block in enumerate(stage.block):
-                h = block(h)
-                if len(stage.attn) > 0:
-                    h = stage.attn[i](h)
-            if hasattr(stage, "upsample"):
-                h = stage.upsample(h)
+            level = cast(_Level, stage)
+            h = level(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -183,6 +196,9 @@ class VectorQuantizer(nn.Module):
     `forward` is the training path: it also returns the commitment loss and, in
     training mode with `use_ema`, updates the codebook and restarts dead codes.
     """
+
+    ema_cluster_size: torch.Tensor
+    ema_embed_sum: torch.Tensor
 
     def __init__(self, n_embed: int, embed_dim: int, beta: float = 0.25, use_ema: bool = True,
                  ema_decay: float = 0.99, dead_code_threshold: float = 1e-3) -> None:

@@ -8,6 +8,7 @@ through the runner (its `run` returns host arrays, i.e. after the device finishe
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -112,7 +113,7 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             # What the sampling loop really feeds: the denoiser runs cond + uncond together.
             fed = batch * spec.batch_multiplier if guided else batch
             feeds = spec.make_inputs(fed, rng)
-            lat = time_call(lambda n=name, f=feeds: runner.run(n, f), warmup=warmup, runs=runs)
+            lat = time_call(functools.partial(runner.run, name, feeds), warmup=warmup, runs=runs)
             result.components[name][batch] = lat
             if name == "denoiser":
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
