@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmgen_deploy.models.dit import DiT
-from mmgen_deploy.models.vqvae import VQModel
+from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
 
 
 class EncoderComponent(nn.Module):
@@ -88,8 +88,6 @@ def rerandomize_(model: nn.Module, seed: int = 0, std: float = 0.02) -> nn.Modul
         if torch.count_nonzero(param) == 0:
             param.copy_(torch.randn(param.shape, generator=gen) * std)
     for module in model.modules():
-        from mmgen_deploy.models.vqvae import VectorQuantizer
-
         if isinstance(module, VectorQuantizer):
             codes = torch.randn(module.embedding.weight.shape, generator=gen)
             module.embedding.weight.copy_(codes)
