@@ -13,7 +13,8 @@ from mmgen_deploy.errors import NotAvailableError
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
-stdout_console = Console(highlight=False)
+# Tables to a pipe or a log file: rich would fall back to 80 columns and squeeze them unreadably.
+stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 class _State:
