@@ -212,9 +212,15 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     out = tmp_path / "qs"
     code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, text
-    assert "1/3 train VQ-VAE" in text and "3/3 evaluate" in text and str(out) in text
+    assert "1/6 train VQ-VAE" in text and "6/6 parity vs PyTorch" in text and str(out) in text
     summary = __import__("json").loads((out / "reports" / "quickstart.json").read_text())
-    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT", "evaluate"]
+    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT", "export ONNX FP32 + FP16",
+                                              "generate (ONNX Runtime CPU)", "evaluate", "parity vs PyTorch"]
+    # The deployment half of the main job really ran on ONNX Runtime CPU.
+    assert (out / "samples" / "onnxruntime-fp32" / "grid.png").is_file()
+    for precision in ("fp32", "fp16"):
+        report = __import__("json").loads((out / "reports" / f"parity-onnxruntime-{precision}.json").read_text())
+        assert report["passed"]
     assert "accuracy" in summary["eval"]["generation"]
     code, text = _cli(["quickstart", "--out", str(out)], capsys)
     assert code != 0 and "--overwrite" in text
