@@ -21,6 +21,7 @@ from torch import nn
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.specs import ComponentSpec
 
 CALIBRATION_SAMPLES = 16  # enough for the activation range check, cheap on 2 cores
@@ -103,12 +104,6 @@ def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, s
                            source=f"{spec.name} validation split"), ""
 
 
-def alphas_cumprod(config: ModelConfig) -> np.ndarray:
-    d = config.diffusion
-    betas = np.linspace(d.beta_start, d.beta_end, d.num_train_timesteps, dtype=np.float64)
-    return np.cumprod(1.0 - betas)
-
-
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given") -> tuple[dict[str, dict[str, np.ndarray]], str]:
@@ -127,7 +122,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         h = encoder(torch.from_numpy(images))
         z_q, _ = quantizer(h)
     h_np = h.numpy().astype(np.float32)
-    a = alphas_cumprod(config)
+    a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)
     scale = np.sqrt(a[t])[:, None, None, None]

@@ -60,27 +60,6 @@ def ensure_trained(reference: Any, config: ModelConfig) -> None:
         )
 
 
-def real_component_inputs(reference: Any, config: ModelConfig, images: np.ndarray, labels: np.ndarray,
-                          seed: int) -> dict[str, dict[str, np.ndarray]]:
-    """Inputs drawn from real data: images, their latents and codes, and noised latents."""
-    from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
-
-    h = reference.run("encoder", {"image": images})["h"]
-    z_q = reference.run("quantizer", {"h": h})["z_q"]
-    rng = np.random.default_rng(seed)
-    a_bar = training_alphas_cumprod(config.diffusion)
-    t = rng.integers(0, len(a_bar), len(images))
-    noise = rng.standard_normal(h.shape).astype(np.float32)
-    a = a_bar[t].astype(np.float32)[:, None, None, None]
-    x_t = (np.sqrt(a) * h + np.sqrt(1 - a) * noise).astype(np.float32)
-    return {
-        "encoder": {"image": images.astype(np.float32)},
-        "quantizer": {"h": h},
-        "decoder": {"z_q": z_q},
-        "denoiser": {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)},
-    }
-
-
 def _take(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
     """The first `batch` samples (cycled if fewer exist)."""
     out = {}
@@ -184,20 +163,18 @@ class ParityOptions:
     components: Sequence[str] | None = None
 
 
-def _validation_data(run: Any, count: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Up to `count` validation images of the run's dataset as float32 NCHW in [-1, 1], with labels."""
-    from mmgen_deploy.data import DataSpec, load_split
+def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int) -> dict[str, dict[str, np.ndarray]] | None:
+    """Inputs drawn from the run's validation images (their latents, codes and noised latents),
+    built exactly as the export's calibration builds them; None when the run has no dataset."""
+    from mmgen_deploy.export.calibration import component_inputs, dataset_calibration, load_calibration
+    from mmgen_deploy.models import build_components
 
-    data_meta = run.read_meta().get("data") or {}
-    if not data_meta.get("name"):
-        return None  # imported models carry no dataset
-    try:
-        data = load_split(DataSpec.from_dict(data_meta), "val")
-    except MMGenError:
-        return None  # e.g. a user folder that moved: random inputs still run
-    n = min(count, len(data))
-    images = data.images[:n].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0
-    return np.ascontiguousarray(images, dtype=np.float32), data.labels[:n].astype(np.int32)
+    data, _why = dataset_calibration(run.read_meta())
+    if data is None:
+        return None  # e.g. an imported model: random inputs still run
+    inputs, _source = component_inputs(load_calibration(data, config), config, component_specs(config),
+                                       build_components(vq, dit), seed=seed)
+    return inputs
 
 
 def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
@@ -221,10 +198,7 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
                                    min_psnr=options.min_psnr)
     codebook = vq.quantize.embedding.weight.detach().numpy().copy()
     try:
-        real = None
-        validation = _validation_data(run, max(options.batches))
-        if validation is not None:
-            real = real_component_inputs(reference, config, *validation, seed=options.seed)
+        real = real_inputs(run, config, vq, dit, options.seed)
         report.info["real_inputs"] = real is not None
         say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
         component_parity(report, config, reference, backend, options.precision, batches=options.batches,

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mmgen_deploy.config import DiffusionConfig, ModelConfig
+from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.data.dataset import ImageData
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.training.common import (
     StepCallback,
     ema_decay_at,
@@ -49,13 +50,6 @@ class DiTTrainSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def alphas_cumprod(diffusion: DiffusionConfig) -> torch.Tensor:
-    """Cumulative products of (1 - beta) for the linear training schedule (float64 for accuracy)."""
-    betas = torch.linspace(diffusion.beta_start, diffusion.beta_end, diffusion.num_train_timesteps,
-                           dtype=torch.float64)
-    return torch.cumprod(1.0 - betas, dim=0)
 
 
 @torch.no_grad()
@@ -97,7 +91,8 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     if int(labels.max()) >= config.dit.num_classes:
         raise RunDirError(f"the data has class ids up to {int(labels.max())} but the DiT has "
                           f"{config.dit.num_classes} classes", "train this run on the data it was created for")
-    alpha_bar = alphas_cumprod(config.diffusion).float()
+    # The same schedule the samplers use (one definition, float64, then float32 for training).
+    alpha_bar = torch.from_numpy(training_alphas_cumprod(config.diffusion)).float()
     num_t = config.diffusion.num_train_timesteps
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
