@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -135,9 +133,7 @@ def test_tiny_export_fp32_and_fp16_match_pytorch(tiny_export) -> None:
     assert "dataset images" in result["calibration"]["source"]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("MMGEN_SLOW") != "1",
-                    reason="S/2 export + AutoCast + parity takes ~70 s on 2 shared cores; run with MMGEN_SLOW=1")
+@pytest.mark.slow  # ~40-70 s on 2 cores; part of the default suite (the issue asks for a larger preset)
 def test_larger_preset_fp32_and_fp16_match_pytorch(tmp_path) -> None:
     """S/2 (depth 12, width 384, 33 M parameters): same tolerances at batch 1, 3 and 16."""
     config = preset("S/2")
