@@ -70,8 +70,11 @@ def peak_rss_mib() -> float | None:
     return None
 
 
+@functools.lru_cache(maxsize=32)
 def denoiser_flops(config: ModelConfig, batch: int) -> float:
-    """FLOPs of one denoiser call at `batch` (2 per multiply-add), counted by torch on the model."""
+    """FLOPs of one denoiser call at `batch` (2 per multiply-add), counted by torch on the model.
+
+    Cached: it builds a DiT to count, and every backend of a bench asks for the same batches."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -57,6 +57,8 @@ class Scheduler:
 
     name: str = ""
     needs_noise: bool = False  # True when step() consumes fresh Gaussian noise
+    coef_x: list[float]  # set by the samplers that use _linear_update
+    coef_eps: list[float]
 
     def __init__(self, diffusion: DiffusionConfig, steps: int, *, timesteps: np.ndarray | None = None) -> None:
         self.diffusion = diffusion
@@ -93,6 +95,16 @@ class Scheduler:
              noise: np.ndarray | None = None) -> np.ndarray:
         raise NotImplementedError
 
+    def _linear_update(self, index: int, eps: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """x <- coef_x[i] x + coef_eps[i] eps, in place: the deterministic part of DDIM and DDPM
+        (both fold x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t) into two coefficients per step).
+        Returns the scratch buffer, free for the caller's noise term."""
+        tmp = self._buffer("eps", x)
+        np.multiply(eps, self.coef_eps[index], out=tmp)
+        x *= self.coef_x[index]
+        x += tmp
+        return tmp
+
 
 class DDIMScheduler(Scheduler):
     """DDIM: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma z,
@@ -117,10 +129,7 @@ class DDIMScheduler(Scheduler):
 
     def step(self, index: int, eps: np.ndarray, x: np.ndarray, *, v: np.ndarray | None = None,
              noise: np.ndarray | None = None) -> np.ndarray:
-        tmp = self._buffer("eps", x)
-        np.multiply(eps, self.coef_eps[index], out=tmp)
-        x *= self.coef_x[index]
-        x += tmp
+        tmp = self._linear_update(index, eps, x)
         if self.sigma[index] > 0:
             if noise is None:
                 raise ValueError("DDIM with eta > 0 needs noise")
@@ -157,10 +166,7 @@ class DDPMScheduler(Scheduler):
 
     def step(self, index: int, eps: np.ndarray, x: np.ndarray, *, v: np.ndarray | None = None,
              noise: np.ndarray | None = None) -> np.ndarray:
-        tmp = self._buffer("eps", x)
-        np.multiply(eps, self.coef_eps[index], out=tmp)
-        x *= self.coef_x[index]
-        x += tmp
+        tmp = self._linear_update(index, eps, x)
         if not self.add_noise[index]:
             return x
         if noise is None:
