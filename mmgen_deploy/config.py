@@ -106,6 +106,25 @@ class DiTConfig(_JsonConfig):
     # and the LayerNorm before the MLP with eps 1e-5. Official DiT: shift 0, eps 1e-6.
     timestep_freq_shift: float = 0.0
     mlp_norm_eps: float = 1e-6
+    # What the DiT is conditioned on: "class" (a label table, as in the paper), or text
+    # from the text encoder: "pooled" (the pooled prompt embedding added to the adaLN
+    # conditioning), "cross_attention" (every block attends to the prompt's token
+    # embeddings, as in PixArt-alpha) or "pooled+cross_attention" (both).
+    conditioning: str = "class"
+    text_dim: int = 0  # width of the text encoder's embeddings (text conditioning only)
+    text_length: int = 0  # tokens per prompt (text conditioning only)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.conditioning != "class"
+
+    @property
+    def uses_pooled_text(self) -> bool:
+        return self.conditioning in ("pooled", "pooled+cross_attention")
+
+    @property
+    def uses_cross_attention(self) -> bool:
+        return self.conditioning in ("cross_attention", "pooled+cross_attention")
 
     @property
     def out_channels(self) -> int:
@@ -127,6 +146,35 @@ class DiTConfig(_JsonConfig):
         _require(self.hidden_size % 4 == 0, "dit.hidden_size must be divisible by 4")
         _require(self.depth > 0 and self.num_classes > 0, "dit.depth and dit.num_classes must be positive")
         _require(0.0 <= self.class_dropout_prob < 1.0, "dit.class_dropout_prob must be in [0, 1)")
+        _require(self.conditioning in DIT_CONDITIONINGS,
+                 f"dit.conditioning {self.conditioning!r} is not one of {', '.join(DIT_CONDITIONINGS)}")
+        if self.uses_text:
+            _require(self.text_dim > 0 and self.text_length > 0,
+                     "text conditioning needs dit.text_dim and dit.text_length > 0")
+
+
+DIT_CONDITIONINGS = ("class", "pooled", "cross_attention", "pooled+cross_attention")
+
+
+@dataclass(frozen=True)
+class TextConfig(_JsonConfig):
+    """A small transformer text encoder over a word-level tokenizer (see mmgen_deploy.text)."""
+
+    vocab_size: int = 64
+    max_length: int = 16  # tokens per prompt, [BOS] and [EOS] included; longer prompts are truncated
+    hidden_size: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    caption_dropout_prob: float = 0.1  # training: replace the caption by "" (the unconditional prompt)
+
+    def validate(self) -> None:
+        _require(self.vocab_size >= 5, "text.vocab_size must be >= 5 (4 special tokens and a word)")
+        _require(self.max_length >= 3, "text.max_length must be >= 3 ([BOS], a word, [EOS])")
+        _require(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0,
+                 f"text.hidden_size {self.hidden_size} must be divisible by text.num_heads {self.num_heads}")
+        _require(self.depth >= 1, "text.depth must be >= 1")
+        _require(0.0 <= self.caption_dropout_prob < 1.0, "text.caption_dropout_prob must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -149,16 +197,22 @@ class DiffusionConfig(_JsonConfig):
 
 @dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
-    """The whole latent model: VQ autoencoder + DiT + noise schedule + label names."""
+    """The whole latent model: VQ autoencoder + DiT + noise schedule + label names,
+    and the text encoder when the DiT is conditioned on text."""
 
     vq: VQConfig = field(default_factory=VQConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     class_names: tuple[str, ...] = ()
+    text: TextConfig | None = None
+
+    @property
+    def uses_text(self) -> bool:
+        return self.dit.uses_text
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names"})
+        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
         obj = cls(
@@ -166,6 +220,7 @@ class ModelConfig(_JsonConfig):
             dit=DiTConfig.from_dict(data.get("dit", {})),
             diffusion=DiffusionConfig.from_dict(data.get("diffusion", {})),
             class_names=tuple(data.get("class_names", ())),
+            text=TextConfig.from_dict(data["text"]) if data.get("text") is not None else None,
         )
         obj.validate()
         return obj
@@ -174,6 +229,18 @@ class ModelConfig(_JsonConfig):
         self.vq.validate()
         self.dit.validate()
         self.diffusion.validate()
+        if self.dit.uses_text:
+            _require(self.text is not None,
+                     f"dit.conditioning {self.dit.conditioning!r} needs a text encoder configuration")
+            assert self.text is not None
+            self.text.validate()
+            _require(self.dit.text_dim == self.text.hidden_size,
+                     f"dit.text_dim {self.dit.text_dim} must equal text.hidden_size {self.text.hidden_size}")
+            _require(self.dit.text_length == self.text.max_length,
+                     f"dit.text_length {self.dit.text_length} must equal text.max_length {self.text.max_length}")
+        else:
+            _require(self.text is None, "a text encoder configuration needs a text-conditioned DiT "
+                                        "(dit.conditioning other than 'class')")
         _require(self.dit.input_size == self.vq.latent_size,
                  f"dit.input_size {self.dit.input_size} must equal the VQ latent size "
                  f"{self.vq.latent_size} (image_size / downsampling factor)")
@@ -189,11 +256,25 @@ _DIT_SIZES = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (
               "XL": (28, 1152, 16)}
 
 
+def with_text(config: ModelConfig, *, conditioning: str = "pooled+cross_attention", vocab_size: int = 64,
+              max_length: int = 16, hidden_size: int | None = None) -> ModelConfig:
+    """`config` turned into a text-to-image model: a text encoder as wide as the DiT
+    (unless `hidden_size` says otherwise) and a DiT conditioned on its output."""
+    width = hidden_size or min(config.dit.hidden_size, 256)
+    heads = next(h for h in (4, 2, 1) if width % h == 0)
+    text = TextConfig(vocab_size=vocab_size, max_length=max_length, hidden_size=width, num_heads=heads)
+    dit = config.dit.replace(conditioning=conditioning, text_dim=width, text_length=max_length)
+    out = ModelConfig(vq=config.vq, dit=dit, diffusion=config.diffusion, class_names=config.class_names, text=text)
+    out.validate()
+    return out
+
+
 def preset(name: str, *, image_size: int = 32, num_classes: int = 18) -> ModelConfig:
     """Named model presets: `tiny` (trains on 2 CPU cores in minutes), `S/2`, `B/2`, ...
 
     The VQ part is the same small f4 autoencoder for all presets unless the image is
-    large; the DiT part follows the paper's sizes.
+    large; the DiT part follows the paper's sizes. `with_text` turns any of them into a
+    text-conditioned model.
     """
     if name == "tiny":
         depth, hidden, heads = _DIT_SIZES["tiny"]

@@ -6,6 +6,8 @@
       vqvae/model.safetensors     VQ autoencoder weights (incl. EMA codebook statistics)
       dit/config.json             DiTConfig
       dit/model.safetensors       DiT weights for inference (the EMA copy when trained here)
+      text_encoder/               text-to-image models only: config.json (TextConfig),
+                                  model.safetensors, tokenizer.json (the word vocabulary)
       checkpoints/                training state for --resume
       onnx/  engines/  samples/  reports/
 
@@ -21,7 +23,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, VQConfig
+from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, TextConfig, VQConfig
 from mmgen_deploy.errors import ConfigError, RunDirError
 from mmgen_deploy.io_utils import atomic_path, read_json, sha256_file, write_json
 
@@ -31,11 +33,14 @@ if TYPE_CHECKING:
     import torch
 
     from mmgen_deploy.models.dit import DiT
+    from mmgen_deploy.models.text_encoder import TextEncoder
     from mmgen_deploy.models.vqvae import VQModel
+    from mmgen_deploy.text.tokenizer import WordTokenizer
 
 RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
 MODEL_PARTS = ("vqvae", "dit")
+TEXT_PART = "text_encoder"
 
 
 class RunDir:
@@ -52,6 +57,10 @@ class RunDir:
 
     def weights_path(self, part: str) -> Path:
         return self.root / part / "model.safetensors"
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / TEXT_PART / "tokenizer.json"
 
     @property
     def onnx_dir(self) -> Path:
@@ -113,8 +122,9 @@ class RunDir:
             vq = VQConfig.from_dict(self._read_part_config("vqvae"))
             dit = DiTConfig.from_dict(self._read_part_config("dit"))
             diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
+            text = TextConfig.from_dict(self._read_part_config(TEXT_PART)) if dit.uses_text else None
             cfg = ModelConfig(vq=vq, dit=dit, diffusion=diffusion,
-                              class_names=tuple(meta.get("class_names", ())))
+                              class_names=tuple(meta.get("class_names", ())), text=text)
             cfg.validate()
         except ConfigError as exc:
             raise RunDirError(f"invalid configuration in {self.root}: {exc.message}") from None
@@ -123,8 +133,9 @@ class RunDir:
     def _read_part_config(self, part: str) -> dict[str, Any]:
         path = self.config_path(part)
         if not path.is_file():
-            raise RunDirError(f"missing {path}", f"train the {part} stage first (`mmgen train {part}`)"
-                              if part == "dit" else "train the VQ-VAE first (`mmgen train vqvae`)")
+            hint = {"dit": "train the dit stage first (`mmgen train dit`)",
+                    TEXT_PART: "train the DiT, which trains its text encoder (`mmgen train dit`)"}
+            raise RunDirError(f"missing {path}", hint.get(part, "train the VQ-VAE first (`mmgen train vqvae`)"))
         try:
             data = read_json(path)
         except (OSError, json.JSONDecodeError) as exc:
@@ -148,6 +159,8 @@ class RunDir:
         meta.update(extra or {})
         write_json(self.config_path("vqvae"), config.vq.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())
+        if config.text is not None:
+            write_json(self.config_path(TEXT_PART), config.text.to_dict())
         write_json(self.run_json, meta)
 
     # -- weights ----------------------------------------------------------------------
@@ -208,27 +221,66 @@ class RunDir:
                               f"{str(exc).splitlines()[-1].strip()}") from None
         return model.eval()
 
+    def load_text_encoder(self, config: ModelConfig | None = None) -> TextEncoder:
+        from mmgen_deploy.models.text_encoder import TextEncoder
+
+        config = config or self.load_config()
+        if config.text is None:
+            raise RunDirError(f"{self.root} holds a class-conditioned model: it has no text encoder",
+                              "use class names (--class) instead of prompts")
+        model = TextEncoder(config.text)
+        try:
+            self._load_into(TEXT_PART, model)
+        except RuntimeError as exc:
+            raise RunDirError(f"{self.weights_path(TEXT_PART)} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
+        return model.eval()
+
+    def save_tokenizer(self, tokenizer: WordTokenizer) -> None:
+        tokenizer.save(self.tokenizer_path)
+
+    def load_tokenizer(self) -> WordTokenizer:
+        from mmgen_deploy.text.tokenizer import WordTokenizer
+
+        return WordTokenizer.load(self.tokenizer_path)
+
+    def model_parts(self, config: ModelConfig | None = None) -> tuple[str, ...]:
+        """The weight-holding parts of this run: vqvae, dit (and text_encoder for text models)."""
+        config = config or self.load_config()
+        return (*MODEL_PARTS, TEXT_PART) if config.uses_text else MODEL_PARTS
+
     def load_models(self) -> tuple[ModelConfig, VQModel, DiT]:
         config = self.load_config()
         return config, self.load_vqvae(config), self.load_dit(config)
 
     def weights_sha256(self) -> str:
-        """One hash over both weight files: identifies the checkpoint artifacts derive from."""
+        """One hash over the weight files (and tokenizer): identifies the checkpoint artifacts derive from."""
         digest = hashlib.sha256()
-        for part in MODEL_PARTS:
+        parts = self.model_parts()
+        for part in parts:
             path = self.weights_path(part)
             if not path.is_file():
                 raise RunDirError(f"missing weight file {path}")
             digest.update(part.encode())
             digest.update(sha256_file(path).encode())
+        if TEXT_PART in parts:
+            if not self.tokenizer_path.is_file():
+                raise RunDirError(f"missing tokenizer {self.tokenizer_path}")
+            digest.update(sha256_file(self.tokenizer_path).encode())
         return digest.hexdigest()
 
 
 def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit: DiT,
-             data: dict[str, Any] | None = None) -> RunDir:
+             data: dict[str, Any] | None = None, *, text_encoder: TextEncoder | None = None,
+             tokenizer: WordTokenizer | None = None) -> RunDir:
     """Create (or refresh) a complete run directory from in-memory models."""
+    if config.uses_text and (text_encoder is None or tokenizer is None):
+        raise ValueError("a text-conditioned model needs its text encoder and tokenizer")
     run = RunDir(root)
     run.initialize(config, data=data)
     run.save_weights("vqvae", vq)
     run.save_weights("dit", dit)
+    if text_encoder is not None and tokenizer is not None:
+        run.save_weights(TEXT_PART, text_encoder)
+        run.save_tokenizer(tokenizer)
     return run

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.config import DiTConfig, ModelConfig
+from mmgen_deploy.text.tokenizer import BOS, EOS, PAD
 
 BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
@@ -117,8 +118,28 @@ def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str
             "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
 
 
+# The text encoder's outputs, named as the text denoiser's inputs: the sampling loop
+# forwards them without knowing what they are.
+TEXT_OUTPUTS = ("text_embeddings", "text_mask", "text_pooled")
+
+
+def denoiser_condition_names(dit: DiTConfig) -> tuple[str, ...]:
+    """The denoiser's inputs after x_t and t, which depend on how the DiT is conditioned."""
+    if not dit.uses_text:
+        return ("class_ids",)
+    names = ("text_embeddings", "text_mask") if dit.uses_cross_attention else ()
+    return (*names, "text_pooled") if dit.uses_pooled_text else names
+
+
+def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
+    """(b, length) 1/0 masks of prompts with 2..length tokens ([BOS] + words + [EOS])."""
+    lengths = rng.integers(2, length + 1, (b,))
+    return (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
+
+
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
-    """The specs of the four components of a model with this configuration."""
+    """The specs of the components of a model with this configuration (four, or five
+    with the text encoder of a text-to-image model)."""
     vq, dit = config.vq, config.dit
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
     lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)
@@ -137,14 +158,31 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             return {name: rng.standard_normal((b, *lat[1:])).astype(np.float32)}
         return make
 
+    condition_specs: dict[str, TensorSpec] = {"class_ids": TensorSpec("class_ids", "int32", (BATCH,))}
+    if dit.uses_text:
+        length, width = dit.text_length, dit.text_dim
+        condition_specs = {
+            "text_embeddings": TensorSpec("text_embeddings", "float32", (BATCH, length, width)),
+            "text_mask": TensorSpec("text_mask", "float32", (BATCH, length)),
+            "text_pooled": TensorSpec("text_pooled", "float32", (BATCH, width)),
+        }
+    conditions = tuple(condition_specs[n] for n in denoiser_condition_names(dit))
+
     def denoiser_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {
+        feeds = {
             "x_t": rng.standard_normal((b, *lat[1:])).astype(np.float32),
             "t": rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
-            "class_ids": rng.integers(0, num_classes + 1, (b,)).astype(np.int32),
         }
+        for tensor in conditions:
+            if tensor.name == "class_ids":
+                feeds["class_ids"] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
+            elif tensor.name == "text_mask":
+                feeds["text_mask"] = _text_masks(b, dit.text_length, rng)
+            else:  # text encoder outputs end in a LayerNorm: unit-scale values
+                feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
+        return feeds
 
-    return {
+    specs = {
         "encoder": ComponentSpec(
             name="encoder",
             inputs=(TensorSpec("image", "float32", img),),
@@ -172,8 +210,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
         ),
         "denoiser": ComponentSpec(
             name="denoiser",
-            inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)),
-                    TensorSpec("class_ids", "int32", (BATCH,))),
+            inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)), *conditions),
             outputs=(TensorSpec("model_output", "float32", out),),
             make_inputs=denoiser_inputs,
             batch_multiplier=2,
@@ -181,3 +218,28 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             fp32_scopes=("dit.t_embedder",),
         ),
     }
+    text = config.text
+    if text is not None:
+        ids = (BATCH, text.max_length)
+
+        def text_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            # Real-looking prompts: [BOS] words [EOS] [PAD]..., with random lengths and words.
+            mask = _text_masks(b, text.max_length, rng)
+            ids_ = np.where(mask > 0, rng.integers(4, text.vocab_size, mask.shape), PAD).astype(np.int32)
+            lengths = mask.sum(axis=1).astype(np.int64)
+            ids_[:, 0] = BOS
+            ids_[np.arange(b), lengths - 1] = EOS
+            return {"input_ids": ids_}
+
+        specs["text_encoder"] = ComponentSpec(
+            name="text_encoder",
+            inputs=(TensorSpec("input_ids", "int32", ids),),
+            outputs=(TensorSpec("text_embeddings", "float32", (BATCH, text.max_length, text.hidden_size)),
+                     TensorSpec("text_mask", "float32", (BATCH, text.max_length)),
+                     TensorSpec("text_pooled", "float32", (BATCH, text.hidden_size))),
+            make_inputs=text_inputs,
+            # Prompts are encoded once each, plus the empty prompt: small batches.
+            profile=BatchProfile(1, 4, 16),
+            tolerances=_tol(1e-5, 1e-2, ("text_embeddings", "text_mask", "text_pooled")),
+        )
+    return specs

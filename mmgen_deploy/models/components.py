@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.models.dit import DiT
+from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
+from mmgen_deploy.specs import denoiser_condition_names
 
 
 class EncoderComponent(nn.Module):
@@ -58,17 +61,53 @@ class DenoiserComponent(nn.Module):
         return self.dit(x_t, t, class_ids)
 
 
+class TextDenoiserComponent(nn.Module):
+    """(x_t, t, *text conditions) -> model output; the conditions are the text encoder's
+    outputs this DiT uses (`denoiser_condition_names`), in that order."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__()
+        self.dit = dit
+        self.condition_names = denoiser_condition_names(dit.config)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        given = dict(zip(self.condition_names, conditions, strict=True))
+        return self.dit(x_t, t, text=given.get("text_embeddings"), text_mask=given.get("text_mask"),
+                        text_pooled=given.get("text_pooled"))
+
+
+class TextEncoderComponent(nn.Module):
+    """input_ids (B, L) int32 -> (text_embeddings (B, L, D), text_mask (B, L), text_pooled (B, D))."""
+
+    def __init__(self, text_encoder: TextEncoder) -> None:
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.text_encoder(input_ids)
+
+
 COMPONENT_NAMES = ("encoder", "quantizer", "decoder", "denoiser")
+TEXT_COMPONENT_NAMES = (*COMPONENT_NAMES, "text_encoder")
 
 
-def build_components(vq: VQModel, dit: DiT) -> dict[str, nn.Module]:
-    """All deployable components in eval mode, sharing weights with `vq` and `dit`."""
+def component_names(config: ModelConfig) -> tuple[str, ...]:
+    """The deployable components of a model: four, or five with a text encoder."""
+    return TEXT_COMPONENT_NAMES if config.uses_text else COMPONENT_NAMES
+
+
+def build_components(vq: VQModel, dit: DiT, text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
+    """All deployable components in eval mode, sharing weights with the models."""
+    if dit.config.uses_text and text_encoder is None:
+        raise ValueError("a text-conditioned DiT needs its text encoder")
     comps: dict[str, nn.Module] = {
         "encoder": EncoderComponent(vq),
         "quantizer": QuantizerComponent(vq),
         "decoder": DecoderComponent(vq),
-        "denoiser": DenoiserComponent(dit),
+        "denoiser": TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit),
     }
+    if text_encoder is not None:
+        comps["text_encoder"] = TextEncoderComponent(text_encoder)
     return {name: module.eval() for name, module in comps.items()}
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmgen_deploy.config import DiTConfig
+from mmgen_deploy.models.text_encoder import key_bias
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -84,6 +85,25 @@ class Attention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
+class CrossAttention(nn.Module):
+    """Image tokens (queries) attend to the prompt's token embeddings (keys/values)."""
+
+    def __init__(self, dim: int, context_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        heads, head_dim = self.num_heads, c // self.num_heads
+        q = self.q(x).reshape(b, n, heads, head_dim).transpose(1, 2)
+        kv = self.kv(context).reshape(b, context.shape[1], 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, kv[0], kv[1], attn_mask=bias)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int) -> None:
         super().__init__()
@@ -98,17 +118,26 @@ class Mlp(nn.Module):
 class DiTBlock(nn.Module):
     """Transformer block with adaLN-Zero conditioning."""
 
-    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float) -> None:
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, mlp_norm_eps: float,
+                 context_dim: int = 0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads)
+        if context_dim:
+            # PixArt-alpha's placement: between self-attention and MLP, outside adaLN.
+            self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)
+            self.cross_attn = CrossAttention(hidden_size, context_dim, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=mlp_norm_eps)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor | None = None,
+                context_bias: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None:
+            assert context_bias is not None
+            x = x + self.cross_attn(self.norm_cross(x), context, context_bias)
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
         return x
 
@@ -140,13 +169,20 @@ class DiT(nn.Module):
         self.config = cfg
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.timestep_freq_shift)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
+        if cfg.uses_text:
+            if cfg.uses_pooled_text:
+                self.text_pool_embedder = nn.Sequential(
+                    nn.Linear(cfg.text_dim, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, cfg.hidden_size))
+        else:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
         grid = cfg.input_size // cfg.patch_size
         pos = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
         # A fixed table, kept as a (frozen) parameter so the official key `pos_embed` exists.
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.mlp_norm_eps) for _ in range(cfg.depth)
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.mlp_norm_eps,
+                     context_dim=cfg.text_dim if cfg.uses_cross_attention else 0)
+            for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(cfg.hidden_size, cfg.patch_size, cfg.out_channels)
         self.initialize_weights()
@@ -165,7 +201,8 @@ class DiT(nn.Module):
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         if self.x_embedder.proj.bias is not None:
             nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if not self.config.uses_text:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         for index in (0, 2):
             nn.init.normal_(cast(nn.Linear, self.t_embedder.mlp[index]).weight, std=0.02)
         # adaLN-Zero: every modulation starts at zero, so each block starts as the identity.
@@ -174,6 +211,12 @@ class DiT(nn.Module):
             linear = cast(nn.Linear, modulation[-1])
             nn.init.zeros_(linear.weight)
             nn.init.zeros_(linear.bias)
+        # Cross-attention starts switched off too (zero output projection), as in PixArt.
+        for block in self.blocks:
+            cross = getattr(block, "cross_attn", None)
+            if isinstance(cross, CrossAttention):
+                nn.init.zeros_(cross.proj.weight)
+                nn.init.zeros_(cross.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
@@ -185,13 +228,31 @@ class DiT(nn.Module):
         x = x.permute(0, 5, 1, 3, 2, 4)
         return x.reshape(x.shape[0], c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                drop_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W) latents, t (B,) float timesteps, y (B,) class ids (num_classes = null)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                drop_labels: torch.Tensor | None = None, *, text: torch.Tensor | None = None,
+                text_mask: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W) latents, t (B,) float timesteps, and the condition: y (B,) class ids
+        (num_classes = null) for a class DiT; for a text DiT the text encoder's outputs:
+        text (B, L, D) and text_mask (B, L) for cross-attention, text_pooled (B, D) for adaLN.
+        """
+        cfg = self.config
         h = self.x_embedder(x) + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y, drop_labels)
+        c = self.t_embedder(t)
+        if not cfg.uses_text:
+            if y is None:
+                raise ValueError("a class-conditioned DiT needs class ids y")
+            c = c + self.y_embedder(y, drop_labels)
+        elif cfg.uses_pooled_text:
+            if text_pooled is None:
+                raise ValueError("this DiT needs text_pooled")
+            c = c + self.text_pool_embedder(text_pooled)
+        bias = None
+        if cfg.uses_cross_attention:
+            if text is None or text_mask is None:
+                raise ValueError("this DiT needs text and text_mask for cross-attention")
+            bias = key_bias(text_mask)
         for block in self.blocks:
-            h = block(h, c)
+            h = block(h, c, text if bias is not None else None, bias)
         return self.unpatchify(self.final_layer(h, c))
 
 

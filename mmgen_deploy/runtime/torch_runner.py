@@ -13,16 +13,17 @@ from mmgen_deploy.specs import component_specs
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
-    from mmgen_deploy.models import DiT, VQModel
+    from mmgen_deploy.models import DiT, TextEncoder, VQModel
 
 
 class TorchRunner:
-    """Runs the four components eagerly in PyTorch, FP32, on CPU or CUDA."""
+    """Runs the components (four, or five with a text encoder) eagerly in PyTorch, FP32, on CPU or CUDA."""
 
     backend = "torch"
     precision = "fp32"
 
-    def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None) -> None:
+    def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
+                 text_encoder: TextEncoder | None = None) -> None:
         import torch
 
         from mmgen_deploy.config import ModelConfig
@@ -35,16 +36,20 @@ class TorchRunner:
             raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
         self.device = device
         self._torch = torch
-        self.config = config or ModelConfig(vq=vq.config, dit=dit.config)
+        self.config = config or ModelConfig(vq=vq.config, dit=dit.config,
+                                            text=text_encoder.config if text_encoder is not None else None)
         self.specs = component_specs(self.config)
-        self.components = {name: module.to(device) for name, module in build_components(vq, dit).items()}
+        self.components = {name: module.to(device)
+                           for name, module in build_components(vq, dit, text_encoder).items()}
 
     @classmethod
     def from_run_dir(cls, run_dir: str | os.PathLike[str], device: str = "cpu") -> TorchRunner:
         from mmgen_deploy.rundir import RunDir
 
-        config, vq, dit = RunDir(run_dir).load_models()
-        return cls(vq, dit, device, config=config)
+        run = RunDir(run_dir)
+        config, vq, dit = run.load_models()
+        text_encoder = run.load_text_encoder(config) if config.uses_text else None
+        return cls(vq, dit, device, config=config, text_encoder=text_encoder)
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         spec = self.specs.get(component)

@@ -4,7 +4,8 @@ The loop only talks to a `Runner` (mmgen_deploy.runtime.base), so PyTorch, ONNX 
 and TensorRT run exactly the same arithmetic around the model calls:
 
 - initial noise comes from a seeded NumPy generator (identical on every backend);
-- classifier-free guidance is one doubled batch: [cond; uncond] with the null label;
+- classifier-free guidance is one doubled batch: [cond; uncond] with the null condition
+  (the null label, or the empty prompt's text encoding: see `conditioning`);
 - latents stay FP32 between steps, whatever precision the denoiser runs in;
 - scheduler coefficients are precomputed once; per step, only in-place array updates.
 """
@@ -12,13 +13,14 @@ and TensorRT run exactly the same arithmetic around the model calls:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
     latents: np.ndarray  # float32 (N, C, h, w): the denoised latent h before quantization
     indices: np.ndarray  # int32 (N, h, w): the code indices the decoder saw
-    class_ids: list[int]
+    class_ids: list[int]  # class models (empty for text models)
     seed: int
     steps: int
     sampler: str
@@ -49,10 +51,12 @@ class SampleResult:
     timesteps: list[int] = field(default_factory=list)
     # With return_trajectory: the latent after every step, (steps, N, C, h, w).
     trajectory: np.ndarray | None = None
+    prompts: list[str] = field(default_factory=list)  # text models (empty for class models)
+    text_encoder_seconds: float = 0.0  # encoding the prompts (once each), before the loops
 
     @property
     def images_per_second(self) -> float:
-        return len(self.class_ids) / self.total_seconds if self.total_seconds > 0 else float("inf")
+        return len(self.images) / self.total_seconds if self.total_seconds > 0 else float("inf")
 
     @property
     def loop_overhead_fraction(self) -> float:
@@ -74,15 +78,11 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
     return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
 
-def validate_sampling_args(config: ModelConfig, class_ids: list[int], *, steps: int, sampler: str,
+def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, steps: int, sampler: str,
                            cfg_scale: float, batch_size: int, eta: float) -> None:
-    """Refuse bad numbers up front, before any model is loaded or run."""
-    if not class_ids:
-        raise UsageError("no classes to sample", "give at least one class")
-    num_classes = config.dit.num_classes
-    bad = sorted({c for c in class_ids if not 0 <= int(c) < num_classes})
-    if bad:
-        raise UsageError(f"class id(s) {bad} out of range", f"valid ids are 0..{num_classes - 1}")
+    """Refuse bad numbers up front, before any model is loaded or run (class ids: None for prompts)."""
+    if class_ids is not None:
+        class_conditioning(config, class_ids)
     if steps < 1:
         raise UsageError(f"steps must be >= 1, got {steps}")
     if steps > config.diffusion.num_train_timesteps:
@@ -98,11 +98,13 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int], *, steps: 
         raise UsageError(f"eta must be >= 0, got {eta}")
 
 
-def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: int = 50, sampler: str = "ddim",
+def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
+           sampler: str = "ddim",
            cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
            progress: ProgressCallback | None = None, seeds: list[int] | None = None,
            return_trajectory: bool = False) -> SampleResult:
-    """Generate one image per entry of `class_ids` with `runner`.
+    """Generate one image per entry of `condition` with `runner`: class ids, or a
+    `Conditioning` (`text_conditioning(...)` for prompts).
 
     Every image has its own NumPy generator, `default_rng([seed, i])` for image index i (or
     `default_rng([seeds[i], 0])` when per-image `seeds` are given), for its initial noise and
@@ -112,18 +114,17 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
     `cfg_scale` 1 skips the unconditional half (plain conditional sampling).
     `return_trajectory` keeps the latent after every step (for parity drift reports).
     """
-    class_ids = [int(c) for c in class_ids]
-    validate_sampling_args(config, class_ids, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                           batch_size=batch_size, eta=eta)
     start_total = time.perf_counter()
+    conditioning = condition if isinstance(condition, Conditioning) else class_conditioning(config, condition)
+    validate_sampling_args(config, None, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                           batch_size=batch_size, eta=eta)
     scheduler = make_scheduler(sampler, config.diffusion, steps, eta=eta)
     channels, size = config.dit.in_channels, config.dit.input_size
     learned_sigma = config.dit.learn_sigma
-    null_label = config.dit.num_classes
     guided = cfg_scale != 1.0
     cfg = float(cfg_scale)
 
-    n = len(class_ids)
+    n = len(conditioning)
     if seeds is not None and len(seeds) != n:
         raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
     image_rngs = [np.random.default_rng([seed, i]) if seeds is None else np.random.default_rng([int(seeds[i]), 0])
@@ -148,11 +149,16 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
         x = noise[start:stop].copy()
         x_in = np.empty((mult * b, channels, size, size), dtype=np.float32)
         t_in = np.empty((mult * b,), dtype=np.float32)
-        labels = np.asarray(class_ids[start:stop] + ([null_label] * b if guided else []), dtype=np.int32)
+        feeds = {"x_t": x_in, "t": t_in}
+        for name, values in conditioning.feeds.items():  # constant over the steps of the batch
+            both = np.empty((mult * b, *values.shape[1:]), dtype=values.dtype)
+            both[:b] = values[start:stop]
+            if guided:
+                both[b:] = conditioning.null_feeds[name]
+            feeds[name] = both
         eps = np.empty_like(x)
         step_noise = np.empty_like(x) if scheduler.needs_noise else None
         scheduler.reset()
-        feeds = {"x_t": x_in, "t": t_in, "class_ids": labels}
 
         loop_start = time.perf_counter()
         for i in range(len(scheduler)):
@@ -197,10 +203,12 @@ def sample(runner: Runner, config: ModelConfig, class_ids: list[int], *, steps: 
     images = to_uint8(images_f)
     total_s = time.perf_counter() - start_total
     return SampleResult(
-        images=images, latents=latents, indices=indices, class_ids=class_ids, seed=seed, steps=steps,
+        images=images, latents=latents, indices=indices, class_ids=list(conditioning.class_ids), seed=seed,
+        steps=steps,
         sampler=sampler, cfg_scale=cfg, batch_size=batch_size,
         backend=getattr(runner, "backend", ""), precision=getattr(runner, "precision", ""),
         device=getattr(runner, "device", ""), model_seconds=model_s + denoise_model_s,
         denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
         timesteps=[int(t) for t in scheduler.timesteps], trajectory=trajectory,
+        prompts=list(conditioning.prompts), text_encoder_seconds=conditioning.encode_seconds,
     )
