@@ -10,7 +10,8 @@ import typer
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
 
-_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser")
+# The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
+_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
 _PRECISIONS = ("fp32", "fp16")
 
 
@@ -20,7 +21,7 @@ def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> l
         return None
     items = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
     if "all" in items:
-        return list(allowed)
+        return None if option == "--components" else list(allowed)  # all = every component the model has
     bad = [v for v in items if v not in allowed]
     if bad or not items:
         raise UsageError(f"{option}: unknown value(s) {', '.join(bad) or '(none)'}",
@@ -67,14 +68,16 @@ def register(app: typer.Typer) -> None:
                  "by ModelOpt AutoCast, for strongly typed TensorRT builds."),
         components: list[str] = typer.Option(
             None, "--components", "-c",
-            help="Export only these: encoder, quantizer, decoder, denoiser (repeat or comma-separate). "
+            help="Export only these: encoder, quantizer, decoder, denoiser, text_encoder (text-to-image runs) "
+                 "(repeat or comma-separate). "
                  "Other components of an existing export of the same checkpoint are kept."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20); >= 17 gives TensorRT native LayerNorm."),
         overwrite: bool = typer.Option(
             False, "--overwrite", help="Replace an existing export even if it came from a different checkpoint."),
         calibration: Path = typer.Option(
             None, "--calibration",
-            help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels`: real data for the "
+            help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels` and `captions` (text "
+                 "models): real data for the "
                  "FP16 range analysis and the real-data validation. Default: spec dummy inputs."),
         json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
     ) -> None:
@@ -102,7 +105,7 @@ def register(app: typer.Typer) -> None:
 
             manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
                                   overwrite=overwrite, calibration=calibration, progress=progress)
-        _print_summary(manifest, precisions, chosen or list(_COMPONENTS))
+        _print_summary(manifest, precisions, chosen or list(manifest.get("components", _COMPONENTS)))
         console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
                       f"(calibration: {manifest['calibration']['source']})")
         emit_json(manifest, json_out)

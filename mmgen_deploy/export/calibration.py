@@ -5,7 +5,11 @@ validation need inputs that look like deployment traffic, per component:
 encoder = images; quantizer = the encoder's latents h of those images; decoder = their
 quantized codes z_q; denoiser = h noised to random timesteps with the forward process
 x_t = sqrt(a_t) h + sqrt(1 - a_t) eps, with the images' class ids.
-Without images, the spec's dummy inputs stand in (and the manifest says so).
+Text-to-image models: the text encoder gets the images' captions tokenized by the run's
+tokenizer (every fourth one replaced by the empty prompt, the unconditional input of
+guidance), and the denoiser gets the text encoder's outputs for those same prompts.
+Without images, the spec's dummy inputs stand in (and the manifest says so); a text
+model then still gets real prompts, made from its tokenizer's vocabulary.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,18 +26,22 @@ from torch import nn
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, denoiser_condition_names
+
+if TYPE_CHECKING:
+    from mmgen_deploy.text.tokenizer import WordTokenizer
 
 CALIBRATION_SAMPLES = 16  # enough for the activation range check, cheap on 2 cores
 
 
 @dataclass(frozen=True)
 class CalibrationData:
-    """Images (N, C, H, W) float32 in [-1, 1] and optional class ids (N,)."""
+    """Images (N, C, H, W) float32 in [-1, 1], optional class ids (N,) and captions (N)."""
 
     images: np.ndarray
     labels: np.ndarray | None = None
     source: str = "images"
+    captions: tuple[str, ...] | None = None
 
 
 CalibrationSource = CalibrationData | np.ndarray | str | os.PathLike[str] | None
@@ -58,7 +66,10 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
                     raise UsageError(f"{path} has no `images` array (it has: {', '.join(npz.files) or 'nothing'})",
                                      "save it with np.savez(path, images=..., labels=...)")
                 labels = np.asarray(npz["labels"]) if "labels" in npz else None
-                data = CalibrationData(images=np.asarray(npz["images"]), labels=labels, source=str(path))
+                # Unicode arrays load without pickle; object arrays would be refused above.
+                captions = tuple(str(c) for c in npz["captions"]) if "captions" in npz else None
+                data = CalibrationData(images=np.asarray(npz["images"]), labels=labels, source=str(path),
+                                       captions=captions)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read calibration file {path}: {exc}", "pass a NumPy .npz file") from None
     vq = config.vq
@@ -78,8 +89,12 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
         labels = np.asarray(labels).astype(np.int32).reshape(-1)
         if labels.shape[0] != images.shape[0] or labels.min() < 0 or labels.max() > config.dit.num_classes:
             raise UsageError(f"calibration labels must be {images.shape[0]} ids in [0, {config.dit.num_classes}]")
+    captions = data.captions
+    if captions is not None and len(captions) != images.shape[0]:
+        raise UsageError(f"{len(captions)} calibration captions for {images.shape[0]} images", "give one per image")
     return CalibrationData(images=images[:CALIBRATION_SAMPLES],
-                           labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source)
+                           labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source,
+                           captions=None if captions is None else tuple(captions[:CALIBRATION_SAMPLES]))
 
 
 def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, str]:
@@ -101,17 +116,59 @@ def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, s
     count = min(len(data), CALIBRATION_SAMPLES)
     images = np.ascontiguousarray(data.images[:count].transpose(0, 3, 1, 2))  # NHWC uint8 -> NCHW
     return CalibrationData(images=images, labels=np.asarray(data.labels[:count]),
-                           source=f"{spec.name} validation split"), ""
+                           source=f"{spec.name} validation split",
+                           captions=tuple(str(c) for c in data.captions[:count])), ""
+
+
+def vocabulary_prompts(tokenizer: WordTokenizer, count: int) -> list[str]:
+    """`count` deterministic prompts made of the tokenizer's own words, of varied lengths
+    (1 word up to the longest prompt that fits): real token statistics when a run has no
+    captions to draw from (e.g. its dataset is not on this machine)."""
+    words = tokenizer.words or ("",)
+    room = max(1, tokenizer.max_length - 2)
+    prompts = []
+    for i in range(count):
+        length = 1 + (3 * i) % room
+        prompts.append(" ".join(words[(7 * i + 5 * j) % len(words)] for j in range(length)))
+    return prompts
+
+
+def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, tokenizer: WordTokenizer,
+                          prompts: list[str]) -> dict[str, dict[str, np.ndarray]]:
+    """Real inputs of the text encoder (tokenized prompts, every fourth one empty: the
+    unconditional input guidance feeds) and the denoiser's text conditions (the encoder's
+    outputs for the same prompts)."""
+    prompts = ["" if i % 4 == 3 else p for i, p in enumerate(prompts)]
+    input_ids = tokenizer.encode(prompts).input_ids
+    with torch.no_grad():
+        outputs = modules["text_encoder"](torch.from_numpy(input_ids))
+    named = dict(zip(TEXT_OUTPUTS, outputs, strict=True))
+    conditions = {name: named[name].numpy().astype(np.float32) for name in denoiser_condition_names(config.dit)}
+    return {"text_encoder": {"input_ids": input_ids}, "denoiser": conditions}
 
 
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
-                     why_no_data: str = "no images given") -> tuple[dict[str, dict[str, np.ndarray]], str]:
-    """Per-component real inputs, and a word saying where they came from."""
+                     why_no_data: str = "no images given", *,
+                     tokenizer: WordTokenizer | None = None) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+    """Per-component real inputs, and a word saying where they came from.
+
+    A text model's text encoder and denoiser conditions come from prompts when
+    `tokenizer` is given (and `modules` holds the text encoder): the images' captions, or
+    prompts from the tokenizer's vocabulary when there are no captions."""
     rng = np.random.default_rng(seed)
+    use_text = config.uses_text and tokenizer is not None and "text_encoder" in modules
     if data is None:
         n = CALIBRATION_SAMPLES
-        return {name: spec.make_inputs(n, rng) for name, spec in specs.items()}, f"spec dummy inputs ({why_no_data})"
+        inputs = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
+        source = f"spec dummy inputs ({why_no_data})"
+        if use_text:
+            assert tokenizer is not None
+            text = text_component_inputs(modules, config, tokenizer, vocabulary_prompts(tokenizer, n))
+            inputs["text_encoder"] = text["text_encoder"]
+            inputs["denoiser"] = {**inputs["denoiser"], **text["denoiser"]}
+            source += "; prompts from the tokenizer's vocabulary"
+        return inputs, source
     images = data.images
     n = images.shape[0]
     with torch.no_grad():
@@ -127,11 +184,30 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     noise = rng.standard_normal(h_np.shape)
     scale = np.sqrt(a[t])[:, None, None, None]
     x_t = (scale * h_np + np.sqrt(1.0 - a[t])[:, None, None, None] * noise).astype(np.float32)
-    labels = np.asarray(data.labels if data.labels is not None
-                        else rng.integers(0, config.dit.num_classes + 1, size=n))
-    return {
+    inputs = {
         "encoder": {"image": images},
         "quantizer": {"h": h_np},
         "decoder": {"z_q": z_q.numpy().astype(np.float32)},
-        "denoiser": {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)},
-    }, f"dataset images ({data.source}, {n} samples)"
+    }
+    source = f"dataset images ({data.source}, {n} samples)"
+    if not config.uses_text:
+        labels = np.asarray(data.labels if data.labels is not None
+                            else rng.integers(0, config.dit.num_classes + 1, size=n))
+        inputs["denoiser"] = {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)}
+        return inputs, source
+    denoiser = {"x_t": x_t, "t": t.astype(np.float32)}
+    if use_text:
+        assert tokenizer is not None
+        has_captions = data.captions is not None and any(c.strip() for c in data.captions)
+        prompts = list(data.captions) if has_captions and data.captions is not None \
+            else vocabulary_prompts(tokenizer, n)
+        text = text_component_inputs(modules, config, tokenizer, prompts)
+        inputs["text_encoder"] = text["text_encoder"]
+        denoiser.update(text["denoiser"])
+        source += "; their captions" if has_captions else "; prompts from the tokenizer's vocabulary"
+    else:  # no tokenizer / text encoder given: the spec's dummy text conditions stand in
+        dummy = specs["denoiser"].make_inputs(n, rng)
+        denoiser.update({k: v for k, v in dummy.items() if k not in denoiser})
+        inputs["text_encoder"] = specs["text_encoder"].make_inputs(n, rng)
+    inputs["denoiser"] = denoiser
+    return inputs, source

@@ -15,7 +15,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
@@ -44,10 +44,13 @@ from mmgen_deploy.export.onnx_export import (
 )
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models import DiT, VQModel, build_components
-from mmgen_deploy.models.components import COMPONENT_NAMES
+from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
+
+if TYPE_CHECKING:
+    from mmgen_deploy.text.tokenizer import WordTokenizer
 
 # progress(message, completed_steps, total_steps)
 ProgressCallback = Callable[[str, int, int], None]
@@ -80,26 +83,34 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
     }
 
 
-def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None) -> tuple[list[str], list[str]]:
+def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
+                        available: Sequence[str] = COMPONENT_NAMES) -> tuple[list[str], list[str]]:
+    """Check and order the requested precisions and components; `available` is the
+    model's components (`component_names(config)`: five for a text model)."""
     chosen_precisions = list(dict.fromkeys(precisions))
     bad = [p for p in chosen_precisions if p not in PRECISIONS]
     if bad or not chosen_precisions:
         raise UsageError(f"unknown precision(s) {', '.join(bad) or '(none)'}", f"choose from {', '.join(PRECISIONS)}")
-    chosen = list(dict.fromkeys(components)) if components is not None else list(COMPONENT_NAMES)
-    bad = [c for c in chosen if c not in COMPONENT_NAMES]
+    chosen = list(dict.fromkeys(components)) if components is not None else list(available)
+    bad = [c for c in chosen if c not in available]
     if bad or not chosen:
-        raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}",
-                         f"choose from {', '.join(COMPONENT_NAMES)}")
+        why = " (a class-conditioned model has no text encoder)" if "text_encoder" in bad else ""
+        raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}{why}",
+                         f"choose from {', '.join(available)}")
     # Always in pipeline order, whatever order the user typed.
-    return [p for p in PRECISIONS if p in chosen_precisions], [c for c in COMPONENT_NAMES if c in chosen]
+    return [p for p in PRECISIONS if p in chosen_precisions], [c for c in available if c in chosen]
 
 
 def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
                   precisions: Sequence[str] = PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
+                  text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
                   ) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
+
+    A text-to-image model needs its `text_encoder` (a fifth component) and `tokenizer`
+    (which turns the calibration captions into the text encoder's real inputs).
 
     Returns the manifest's `files` and `calibration` parts. Raises
     `ExportValidationError` when any graph misses its tolerance (files already written
@@ -108,18 +119,23 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
     with _torch_threads(1):
         return _export_models(config, vq, dit, Path(out_dir), precisions=precisions, components=components,
                               opset=opset, calibration=calibration, progress=progress,
-                              why_no_calibration=why_no_calibration)
+                              why_no_calibration=why_no_calibration, text_encoder=text_encoder,
+                              tokenizer=tokenizer)
 
 
 def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
-                   progress: ProgressCallback | None, why_no_calibration: str) -> dict[str, Any]:
+                   progress: ProgressCallback | None, why_no_calibration: str, text_encoder: TextEncoder | None,
+                   tokenizer: WordTokenizer | None) -> dict[str, Any]:
     check_opset(opset)
-    chosen_precisions, chosen = normalize_selection(precisions, components)
+    if config.uses_text and (text_encoder is None or tokenizer is None):
+        raise ValueError("exporting a text-to-image model needs its text encoder and tokenizer")
+    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
     specs = component_specs(config)
-    modules = build_components(vq.eval(), dit.eval())
+    modules = build_components(vq.eval(), dit.eval(), None if text_encoder is None else text_encoder.eval())
     data = load_calibration(calibration, config)
-    real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration)
+    real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
+                                                tokenizer=tokenizer)
     real_kind = "real" if data is not None else "dummy"
     steps_per = 2 + (2 if "fp16" in chosen_precisions else 0)
     total, done = steps_per * len(chosen), 0
@@ -206,8 +222,10 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     """
     run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
     check_opset(opset)
-    chosen_precisions, chosen = normalize_selection(precisions, components)
     config, vq, dit = run.load_models()
+    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
+    text_encoder = run.load_text_encoder(config) if config.uses_text else None
+    tokenizer = run.load_tokenizer() if config.uses_text else None
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
     if calibration is None:
@@ -234,7 +252,8 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
                         files.setdefault(precision, {})[component] = entry
         result = export_models(config, vq, dit, tmp, precisions=chosen_precisions, components=chosen,
                                opset=opset, calibration=calibration, progress=progress,
-                               why_no_calibration=why_no_calibration)
+                               why_no_calibration=why_no_calibration, text_encoder=text_encoder,
+                               tokenizer=tokenizer)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {
@@ -245,8 +264,11 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
             "exporter": EXPORTER_NAME,
             "tools": tool_versions(),
             "default_opset": opset,
-            "dtypes": "timesteps float32, class ids int32, code indices int32 (TensorRT has no useful int64)",
-            "files": {p: {c: files[p][c] for c in COMPONENT_NAMES if c in files[p]} for p in PRECISIONS if files[p]},
+            "dtypes": "timesteps float32, class ids int32, code indices int32, token ids int32 "
+                      "(TensorRT has no useful int64)",
+            "components": list(component_names(config)),
+            "files": {p: {c: files[p][c] for c in TEXT_COMPONENT_NAMES if c in files[p]}
+                      for p in PRECISIONS if files[p]},
             "calibration": result["calibration"],
             "last_export": {"precisions": chosen_precisions, "components": chosen,
                             "seconds": round(time.perf_counter() - started, 2)},
