@@ -79,7 +79,8 @@ def register(app: typer.Typer) -> None:
             help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: Ampere and "
                  "later, i.e. sm80/sm86/sm89/sm120; Turing needs sm75)."),
         component: list[str] = typer.Option(
-            [], "--component", "-c", help="Build only these components (repeatable); others keep their plans."),
+            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer, decoder, "
+                                        "denoiser, text_encoder for text models); others keep their plans."),
         precision: str = typer.Option("fp16", "--precision", help="Which ONNX set to build from: fp16 or fp32."),
         force: bool = typer.Option(False, "--force", help="Rebuild every engine even when its plan could be reused."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo TensorRT's log."),
@@ -93,11 +94,11 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from mmgen_deploy.engines.builder import BuildOptions, build_engines
-        from mmgen_deploy.models.components import COMPONENT_NAMES
+        from mmgen_deploy.models.components import component_names
         from mmgen_deploy.rundir import RunDir
 
         run = RunDir(run_dir)
-        run.load_config()  # fail early, with the run directory's own message
+        config = run.load_config()  # fail early, with the run directory's own message
         options = BuildOptions(
             runtime=_pick_runtime(runtime),
             precision=precision,
@@ -105,7 +106,7 @@ def register(app: typer.Typer) -> None:
             workspace_bytes=parse_size(workspace) if workspace else None,
             opt_level=opt_level,
             compute_capabilities=tuple(compute_capability),
-            components=tuple(component) or COMPONENT_NAMES,
+            components=tuple(component) or component_names(config),
             force=force,
             verbose=verbose,
         )

@@ -44,7 +44,11 @@ def register(app: typer.Typer) -> None:
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
         cfg_scale: float = typer.Option(4.0, help="Guidance scale of the end-to-end check."),
-        num_images: int = typer.Option(8, "--images", help="Images in the end-to-end check (classes cycle)."),
+        num_images: int = typer.Option(8, "--images", help="Images in the end-to-end check (classes or prompts "
+                                       "cycle)."),
+        prompt: list[str] = typer.Option([], "--prompt", help="Text-to-image runs: a prompt of the end-to-end "
+                                         "check (repeatable). Default: captions of the run's validation images, or "
+                                         "prompts made of its tokenizer's words."),
         seed: int = typer.Option(0, help="Seed for inputs and noise (identical on both sides)."),
         rtol: list[str] = typer.Option([], "--rtol", help="Relative-L2 tolerance, for all outputs (0.02) or one "
                                        "(model_output=0.02); repeatable. Defaults come from the component specs."),
@@ -75,7 +79,7 @@ def register(app: typer.Typer) -> None:
             backend=backend, precision=precision, batches=_parse_ints(batch, "--batch"), steps=steps,
             sampler=sampler, cfg_scale=cfg_scale, num_images=num_images, seed=seed,
             rel_l2=_parse_per_output(rtol, "--rtol"), max_abs=_parse_per_output(atol, "--atol"),
-            min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained,
+            min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
         )
         report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
         if json_out != "-":

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +34,7 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models.components import COMPONENT_NAMES
+from mmgen_deploy.models.components import component_names
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import BatchProfile, ComponentSpec, component_specs
 
@@ -55,7 +55,7 @@ class BuildOptions:
     workspace_bytes: int | None = None
     opt_level: int | None = None  # TensorRT's builder_optimization_level (0..5, its default is 3)
     compute_capabilities: tuple[str, ...] = ()  # TensorRT-RTX targets, e.g. ("sm86", "sm89")
-    components: tuple[str, ...] = COMPONENT_NAMES
+    components: tuple[str, ...] = ()  # empty: every component of the run (five for a text model)
     force: bool = False  # rebuild even what could be reused
     verbose: bool = False
 
@@ -246,10 +246,14 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
             flavour.compute_capability(cc)  # validates before any work
     if options.precision not in ("fp16", "fp32"):
         raise UsageError(f"unknown precision {options.precision!r}", "use fp16 (or fp32 for debugging)")
-    unknown = [c for c in options.components if c not in COMPONENT_NAMES]
-    if unknown:
-        raise UsageError(f"unknown component(s) {', '.join(unknown)}", f"choose from {', '.join(COMPONENT_NAMES)}")
     config = run.load_config()
+    available = component_names(config)
+    unknown = [c for c in options.components if c not in available]
+    if unknown:
+        why = " (a class-conditioned model has no text encoder)" if "text_encoder" in unknown else ""
+        raise UsageError(f"unknown component(s) {', '.join(unknown)}{why}", f"choose from {', '.join(available)}")
+    if not options.components:
+        options = replace(options, components=available)
     specs = component_specs(config)
     gpu = current_gpu() if flavour.needs_gpu_to_build else None
     if flavour.needs_gpu_to_build and gpu is None:

@@ -96,7 +96,10 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
     arrays: dict[str, Any] = {name: calibration[name] for name in spec.input_names}
     np.savez(calib_dir / "batch0.npz", **arrays)
     # AutoCast logs every node at INFO; what it decided is recorded in the manifest instead.
+    # Some of its notes go to the root logger (e.g. "ops not supported in float16: Not", about the
+    # text encoder's boolean padding mask, which has no float to convert anyway).
     loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
+    loggers.append(logging.getLogger())
     previous = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
 from mmgen_deploy.specs import ComponentSpec, component_specs
@@ -114,14 +114,24 @@ def component_parity(report: ParityReport, config: ModelConfig, reference: Any, 
 
 
 def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
-                      *, class_ids: Sequence[int], steps: int, sampler: str, cfg_scale: float, seed: int,
-                      batch_size: int, overrides: ToleranceOverrides, codebook: np.ndarray | None) -> dict[str, Any]:
-    from mmgen_deploy.sampling import sample
+                      *, class_ids: Sequence[int] = (), steps: int, sampler: str, cfg_scale: float, seed: int,
+                      batch_size: int, overrides: ToleranceOverrides, codebook: np.ndarray | None,
+                      prompts: Sequence[str] | None = None, tokenizer: Any = None) -> dict[str, Any]:
+    """Sample the same images on both sides and compare them. A text model samples
+    `prompts`, each side encoding them with its own text encoder (so the comparison covers
+    the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder)."""
+    from mmgen_deploy.sampling import sample, text_conditioning
 
     kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                                   batch_size=batch_size, return_trajectory=True)
-    ref = sample(reference, config, list(class_ids), **kwargs)
-    test = sample(backend, config, list(class_ids), **kwargs)
+    if config.uses_text:
+        if not prompts or tokenizer is None:
+            raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
+        ref = sample(reference, config, text_conditioning(reference, config, tokenizer, list(prompts)), **kwargs)
+        test = sample(backend, config, text_conditioning(backend, config, tokenizer, list(prompts)), **kwargs)
+    else:
+        ref = sample(reference, config, list(class_ids), **kwargs)
+        test = sample(backend, config, list(class_ids), **kwargs)
     limits = PIPELINE_TOLERANCES[precision]
     latent = tensor_diff(ref.latents, test.latents)
     report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
@@ -142,7 +152,10 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
         for i in shown:
             d = tensor_diff(ref.trajectory[i], test.trajectory[i])
             drift.append({"step": i, "rel_l2": d.rel_l2, "max_abs": d.max_abs})
-    return {"drift": drift, "psnr": image_psnr, "ssim": image_ssim}
+    result: dict[str, Any] = {"drift": drift, "psnr": image_psnr, "ssim": image_ssim}
+    if config.uses_text:
+        result["prompts"] = list(prompts or ())
+    return result
 
 
 @dataclass
@@ -161,10 +174,14 @@ class ParityOptions:
     end_to_end: bool = True
     allow_untrained: bool = False
     components: Sequence[str] | None = None
+    # Text models: the end-to-end prompts (None: `default_prompts`, from the run's own data).
+    prompts: Sequence[str] | None = None
 
 
-def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int) -> dict[str, dict[str, np.ndarray]] | None:
-    """Inputs drawn from the run's validation images (their latents, codes and noised latents),
+def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
+                tokenizer: Any = None) -> dict[str, dict[str, np.ndarray]] | None:
+    """Inputs drawn from the run's validation images (their latents, codes and noised latents;
+    for a text model their tokenized captions and the text encoder's outputs for them),
     built exactly as the export's calibration builds them; None when the run has no dataset."""
     from mmgen_deploy.export.calibration import component_inputs, dataset_calibration, load_calibration
     from mmgen_deploy.models import build_components
@@ -173,8 +190,20 @@ def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int) -> 
     if data is None:
         return None  # e.g. an imported model: random inputs still run
     inputs, _source = component_inputs(load_calibration(data, config), config, component_specs(config),
-                                       build_components(vq, dit), seed=seed)
+                                       build_components(vq, dit, text_encoder), seed=seed, tokenizer=tokenizer)
     return inputs
+
+
+def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
+    """`count` prompts for a text model's end-to-end check: the distinct captions of the run's
+    validation images, or (no dataset here) prompts made of the tokenizer's vocabulary."""
+    from mmgen_deploy.export.calibration import dataset_calibration, vocabulary_prompts
+
+    data, _why = dataset_calibration(run.read_meta())
+    captions = list(dict.fromkeys(c for c in (data.captions or ()) if c.strip())) if data is not None else []
+    if not captions:
+        return vocabulary_prompts(tokenizer, count)
+    return [captions[i % len(captions)] for i in range(count)]
 
 
 def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
@@ -187,7 +216,12 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
     say = progress or (lambda _msg: None)
     run = RunDir(run_dir)
     config, vq, dit = run.load_models()
-    reference = TorchRunner(vq, dit)
+    if options.prompts and not config.uses_text:
+        raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
+                         "leave out --prompt")
+    text_encoder = run.load_text_encoder(config) if config.uses_text else None
+    tokenizer = run.load_tokenizer() if config.uses_text else None
+    reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     if not options.allow_untrained:
         ensure_trained(reference, config)
     backend = open_runner(run.root, options.backend, options.precision)
@@ -198,7 +232,7 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
                                    min_psnr=options.min_psnr)
     codebook = vq.quantize.embedding.weight.detach().numpy().copy()
     try:
-        real = real_inputs(run, config, vq, dit, options.seed)
+        real = real_inputs(run, config, vq, dit, options.seed, text_encoder=text_encoder, tokenizer=tokenizer)
         report.info["real_inputs"] = real is not None
         say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
         component_parity(report, config, reference, backend, options.precision, batches=options.batches,
@@ -207,10 +241,17 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
         if options.end_to_end:
             say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
             class_ids = [i % config.dit.num_classes for i in range(options.num_images)]
+            prompts: list[str] | None = None
+            if tokenizer is not None:
+                given = list(options.prompts or ())
+                prompts = ([given[i % len(given)] for i in range(options.num_images)] if given
+                           else default_prompts(run, tokenizer, options.num_images))
             report.info["end_to_end"] = end_to_end_parity(
-                report, config, reference, backend, options.precision, class_ids=class_ids, steps=options.steps,
+                report, config, reference, backend, options.precision,
+                class_ids=[] if prompts is not None else class_ids, steps=options.steps,
                 sampler=options.sampler, cfg_scale=options.cfg_scale, seed=options.seed,
-                batch_size=options.num_images, overrides=overrides, codebook=codebook)
+                batch_size=options.num_images, overrides=overrides, codebook=codebook, prompts=prompts,
+                tokenizer=tokenizer)
     finally:
         backend.close()
     write_json(run.reports_dir / f"parity-{options.backend}-{options.precision}.json", report.to_dict())

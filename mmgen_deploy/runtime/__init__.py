@@ -18,6 +18,18 @@ from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, Runner, check_feeds
 COMPONENTS_FOR_SAMPLING = ("denoiser", "quantizer", "decoder")
 
 
+def sampling_components(run_dir: str | os.PathLike[str]) -> tuple[str, ...]:
+    """What `sample` runs for this run: the text encoder too for a text-to-image model
+    (an ONNX set without it cannot encode prompts)."""
+    from mmgen_deploy.rundir import RunDir
+
+    try:
+        uses_text = RunDir(run_dir).load_config().uses_text
+    except MMGenError:
+        return COMPONENTS_FOR_SAMPLING  # the backend's own loading reports the broken run
+    return (*COMPONENTS_FOR_SAMPLING, "text_encoder") if uses_text else COMPONENTS_FOR_SAMPLING
+
+
 @dataclass
 class BackendChoice:
     backend: str  # torch | onnxruntime | tensorrt
@@ -84,10 +96,11 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
         return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
     from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
 
+    needed = sampling_components(run_dir)
     if backend == "onnxruntime":
         cuda = device.startswith("cuda") if device else cuda_provider_usable()
         # FP16 on GPUs when that set was exported; CPUs have no fast FP16 kernels.
-        prec = precision or ("fp16" if cuda and not missing_onnx(run_dir, "fp16", COMPONENTS_FOR_SAMPLING)
+        prec = precision or ("fp16" if cuda and not missing_onnx(run_dir, "fp16", needed)
                              else "fp32")
         return BackendChoice("onnxruntime", prec, "cuda" if cuda else "cpu", "requested")
 
@@ -107,14 +120,14 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
     if device is None or device.startswith("cuda"):
         if cuda_provider_usable():
             prec = precision or "fp16"
-            if not missing_onnx(run_dir, prec, COMPONENTS_FOR_SAMPLING):
+            if not missing_onnx(run_dir, prec, needed):
                 return BackendChoice("onnxruntime", prec, "cuda", "ONNX set exported and CUDA provider usable",
                                      skipped)
             skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
         else:
             skipped.append("onnxruntime cuda: onnxruntime-gpu or a GPU missing")
     prec = precision or "fp32"
-    missing = missing_onnx(run_dir, prec, COMPONENTS_FOR_SAMPLING)
+    missing = missing_onnx(run_dir, prec, needed)
     if not missing:
         return BackendChoice("onnxruntime", prec, "cpu", f"fastest available here ({prec} ONNX set on CPU)",
                              skipped)
