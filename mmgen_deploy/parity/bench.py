@@ -79,13 +79,16 @@ def denoiser_flops(config: ModelConfig, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from mmgen_deploy.models import DiT
+    from mmgen_deploy.models.components import DenoiserComponent, TextDenoiserComponent
 
     dit = DiT(config.dit).eval()
+    # The deployed component (its inputs are the spec's, class ids or text conditions).
+    denoiser = TextDenoiserComponent(dit) if config.uses_text else DenoiserComponent(dit)
     spec = component_specs(config)["denoiser"]
     feeds = spec.make_inputs(batch, np.random.default_rng(0))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        dit(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+        denoiser(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
     return float(counter.get_total_flops())
 
 
@@ -102,8 +105,11 @@ def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
 
 
 def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
-                  steps: int, cfg_scale: float) -> BackendResult:
-    from mmgen_deploy.sampling import sample
+                  steps: int, cfg_scale: float, tokenizer: Any = None,
+                  prompts: Sequence[str] | None = None) -> BackendResult:
+    """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
+    the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does)."""
+    from mmgen_deploy.sampling import sample, text_conditioning
 
     result = BackendResult(backend=runner.backend, precision=runner.precision)
     specs = component_specs(config)
@@ -121,10 +127,19 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             if name == "denoiser":
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
     for batch in batches:
-        class_ids = [i % config.dit.num_classes for i in range(batch)]
-        sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-        res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
-        result.images_per_s[batch] = res.images_per_second
+        if config.uses_text:
+            if tokenizer is None or not prompts:
+                raise ValueError("benchmarking a text model needs its tokenizer and prompts")
+            chosen = [prompts[i % len(prompts)] for i in range(batch)]
+            sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=2,
+                   cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
+            res = sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=steps,
+                         cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        else:
+            class_ids = [i % config.dit.num_classes for i in range(batch)]
+            sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
+            res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
     result.peak_host_mib = peak_rss_mib()
     result.peak_device_mib = _peak_device_mib(runner)
@@ -161,15 +176,16 @@ class BenchResult:
         for res in self.backends:
             for batch in self.batches:
                 if res.error:
-                    rows.append([res.backend, res.precision, str(batch), "-", "-", "-", "-", "-", "-", "-",
-                                 res.error])
+                    dashes = ["-"] * (len(self.header) - 4)  # the error goes in the last column
+                    rows.append([res.backend, res.precision, str(batch), *dashes, res.error])
                     continue
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
+                text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
                 rows.append([
                     res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    lat["denoiser"], f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    lat["denoiser"], *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
@@ -178,22 +194,34 @@ class BenchResult:
     HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms", "denoiser ms",
               "images/s (vs first)", "denoiser GFLOP/s", "loop overhead", "peak host MiB")
 
+    @property
+    def has_text_encoder(self) -> bool:
+        return any("text_encoder" in res.components for res in self.backends)
+
+    @property
+    def header(self) -> tuple[str, ...]:
+        """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
+        if not self.has_text_encoder:
+            return self.HEADER
+        at = self.HEADER.index("denoiser ms") + 1
+        return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
+
     def table(self) -> Any:
         from rich.table import Table
 
         table = Table(title=f"mmgen bench ({self.steps} steps, cfg {self.cfg_scale}; latencies median / p90; "
                       f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s)")
-        for col in self.HEADER:
+        for col in self.header:
             table.add_column(col)
         for row in self.rows():
-            table.add_row(*row[: len(self.HEADER)])
+            table.add_row(*row[: len(self.header)])
         return table
 
     def markdown(self) -> str:
         lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
                  f"cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
-                 "| " + " | ".join(self.HEADER) + " |", "|" + "---|" * len(self.HEADER)]
-        lines += ["| " + " | ".join(row[: len(self.HEADER)]) + " |" for row in self.rows()]
+                 "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
+        lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
         return "\n".join(lines) + "\n"
 
 
@@ -206,6 +234,12 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
     say = progress or (lambda _msg: None)
     run = RunDir(run_dir)
     config = run.load_config()
+    tokenizer, prompts = None, None
+    if config.uses_text:
+        from mmgen_deploy.parity.compare import default_prompts
+
+        tokenizer = run.load_tokenizer()
+        prompts = default_prompts(run, tokenizer, max(batches))
     say("measuring this machine's matrix-multiply peak")
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
     for backend in backends:
@@ -218,7 +252,8 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
                 continue
             try:
                 result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
-                                                     steps=steps, cfg_scale=cfg_scale))
+                                                     steps=steps, cfg_scale=cfg_scale, tokenizer=tokenizer,
+                                                     prompts=prompts))
             finally:
                 runner.close()
     return result

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgen_deploy.errors import UsageError
+from mmgen_deploy.errors import NotAvailableError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.serve import MODEL_NAME
 
@@ -230,6 +230,12 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
     options.validate()
     run = RunDir(run_dir)
     config = run.load_config()  # refuses a missing or foreign run directory with a clear message
+    if config.uses_text:
+        # The served model's request schema is class ids / class names; prompts need another one.
+        raise NotAvailableError(f"Triton serving is not supported yet for text-to-image models ({run.root} is "
+                                "conditioned on prompts)",
+                                "sample with `mmgen generate RUN_DIR --prompt ...` or an ONNX Runtime / TensorRT "
+                                "runner from mmgen_deploy.runtime.open_runner")
     for part in ("vqvae", "dit"):
         if not run.has_part(part):
             run.load_models()  # raises the precise missing/corrupt-weights error
