@@ -96,6 +96,12 @@ def register(app: typer.Typer) -> None:
         check_opset(opset)  # before the progress bar starts
         precisions = _split(precision, _PRECISIONS, "--precision") or list(_PRECISIONS)
         chosen = _split(components, _COMPONENTS, "--components")
+        if chosen:  # before the progress bar: a class model has no text encoder to export
+            from mmgen_deploy.export.exporter import normalize_selection
+            from mmgen_deploy.models.components import component_names
+            from mmgen_deploy.rundir import RunDir
+
+            normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as bar:
             task = bar.add_task("export", total=None)

@@ -58,6 +58,8 @@ def register(app: typer.Typer) -> None:
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
         allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
+        torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
+                                          "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write every number as JSON "
                                             "('-' = stdout)."),
     ) -> None:
@@ -80,6 +82,7 @@ def register(app: typer.Typer) -> None:
             sampler=sampler, cfg_scale=cfg_scale, num_images=num_images, seed=seed,
             rel_l2=_parse_per_output(rtol, "--rtol"), max_abs=_parse_per_output(atol, "--atol"),
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
+            torch_threads=torch_threads or None,
         )
         report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
         if json_out != "-":

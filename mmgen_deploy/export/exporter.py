@@ -57,7 +57,7 @@ ProgressCallback = Callable[[str, int, int], None]
 
 
 @contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> Iterator[None]:
     """Run PyTorch with `count` threads, then restore. Small models on a shared 2-core
     machine run 10-100x faster on one thread than with spinning thread pools."""
     import torch
@@ -116,7 +116,7 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
     `ExportValidationError` when any graph misses its tolerance (files already written
     to `out_dir` stay there: callers export into a temporary folder).
     """
-    with _torch_threads(1):
+    with torch_threads(1):
         return _export_models(config, vq, dit, Path(out_dir), precisions=precisions, components=components,
                               opset=opset, calibration=calibration, progress=progress,
                               why_no_calibration=why_no_calibration, text_encoder=text_encoder,

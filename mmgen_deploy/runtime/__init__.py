@@ -131,7 +131,8 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
     if not missing:
         return BackendChoice("onnxruntime", prec, "cpu", f"fastest available here ({prec} ONNX set on CPU)",
                              skipped)
-    skipped.append(f"onnxruntime cpu: no {prec} ONNX set (run `mmgen export`)")
+    skipped.append(f"onnxruntime cpu: no complete {prec} ONNX set (missing {', '.join(p.name for p in missing)}; "
+                   "run `mmgen export`)")
     if prec == "fp16":
         raise NotAvailableError("no backend can run fp16 here (no engines, no fp16 ONNX set)",
                                 "run `mmgen export RUN_DIR` or use --precision fp32")
