@@ -2,7 +2,7 @@
 
 Public API (other packages code against these names):
     export_run(run_dir, *, precisions, components, opset, overwrite, calibration, progress) -> manifest
-    export_models(config, vq, dit, out_dir, ...)   in-memory models, no run directory
+    export_models(config, vq, dit, out_dir, ..., text_encoder=, tokenizer=)   in-memory models, no run directory
     onnx_path(run_dir, precision, component) -> Path
     read_manifest(run_dir) -> dict
 """
