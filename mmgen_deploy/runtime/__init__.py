@@ -61,7 +61,11 @@ def _tensorrt_check(run_dir: str | os.PathLike[str]) -> str | None:
 
     try:
         gpu = current_gpu()
-        select_engine_set(RunDir(run_dir), None, "fp16", gpu)
+        _flavour, engine_set = select_engine_set(RunDir(run_dir), None, "fp16", gpu)
+        # A set built with -c for a few components (or before the text encoder existed) cannot sample.
+        missing = [c for c in sampling_components(run_dir) if c not in engine_set.components]
+        if missing:
+            return f"the engine set has no {', '.join(missing)} engine (build it: `mmgen build-engine RUN_DIR`)"
     except MMGenError as exc:
         return f"no usable TensorRT engines ({exc.message})"
     except Exception as exc:  # an engines module of another version: do not let auto crash on it
