@@ -187,6 +187,11 @@ def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
     assert code == 0, text
     info = json.loads((tmp_path / "p.json").read_text())["info"]
     assert info["end_to_end"]["prompts"] == ["a large red circle at the top"] * 2
+    # The Python API as quickstart calls it (only the pre-text options) works for text runs too.
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    report = run_parity(text_run.root, ParityOptions(precision="fp16", batches=(1,), steps=2, num_images=2))
+    assert report.passed and len(report.info["end_to_end"]["prompts"]) == 2
 
 
 def test_bench_samples_prompts_and_triton_refuses_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
