@@ -12,7 +12,7 @@ from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
 
 # What a run directory may contain; --overwrite removes exactly these names.
-_RUN_ENTRIES = ("run.json", "vqvae", "dit", "checkpoints", "onnx", "engines", "samples", "reports")
+_RUN_ENTRIES = ("run.json", "vqvae", "dit", "text_encoder", "checkpoints", "onnx", "engines", "samples", "reports")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,10 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
     if run.exists():
         existing_config = run.load_config() if not overwrite else None
         existing_data = run.read_meta().get("data", {})
+        if existing_data:  # fields added since the run was made compare at their defaults
+            from mmgen_deploy.data import DataSpec
+
+            existing_data = DataSpec.from_dict(existing_data).to_dict()
         if existing_config is not None:
             difference = _describe_difference(
                 {"model": existing_config.to_dict(), "data": existing_data},
