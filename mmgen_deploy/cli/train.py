@@ -39,10 +39,42 @@ def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData
         return load_split(spec, "train"), load_split(spec, "val")
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How the user asked for a text-to-image model (`--text`)."""
+
+    conditioning: str = "pooled+cross_attention"
+    holdout_fraction: float = 0.0  # `shapes` only
+
+
+def _text_options(text: bool, conditioning: str, holdout_fraction: float | None) -> TextOptions | None:
+    """Checked before any work; None for a class-conditioned model."""
+    from mmgen_deploy.config import DIT_CONDITIONINGS
+
+    if not text:
+        if holdout_fraction:
+            raise UsageError("--holdout-fraction applies to text-to-image models", "add --text")
+        if conditioning != TextOptions.conditioning:
+            raise UsageError("--text-conditioning applies to text-to-image models", "add --text")
+        return None
+    modes = [m for m in DIT_CONDITIONINGS if m != "class"]
+    if conditioning not in modes:
+        raise UsageError(f"unknown --text-conditioning {conditioning!r}", f"choose one of: {', '.join(modes)}")
+    fraction = 0.0 if holdout_fraction is None else holdout_fraction
+    if not 0.0 <= fraction <= 0.5:
+        raise UsageError(f"--holdout-fraction must be in [0, 0.5], got {fraction}",
+                         "0.2 keeps a fifth of the attribute combinations out of training")
+    return TextOptions(conditioning=conditioning, holdout_fraction=fraction)
+
+
 def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
-             overwrite: bool, resume: bool) -> tuple[Any, Any, Any]:
-    """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model."""
-    from mmgen_deploy.config import preset
+             overwrite: bool, resume: bool, text: TextOptions | None = None) -> tuple[Any, Any, Any]:
+    """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model.
+
+    A text-to-image model's tokenizer is built from the training captions first, so the
+    run's config gets the vocabulary size it will have.
+    """
+    from mmgen_deploy.config import TextConfig, preset, with_text
     from mmgen_deploy.data import DataSpec
     from mmgen_deploy.training import prepare_run
 
@@ -51,9 +83,19 @@ def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int,
         if spec.name != "shapes":
             raise UsageError("--num-train applies to `shapes` only (a folder has the images it has)")
         spec = DataSpec(**{**spec.to_dict(), "num_train": num_train})
+    if text is not None and text.holdout_fraction:
+        if spec.name != "shapes":
+            raise UsageError("--holdout-fraction applies to `shapes` only (it holds out attribute combinations)")
+        spec = DataSpec(**{**spec.to_dict(), "holdout_fraction": text.holdout_fraction})
     train, val = _load_data(spec)
     config = preset(preset_name, image_size=image_size, num_classes=len(train.class_names))
     config = config.replace(class_names=tuple(train.class_names))
+    if text is not None:
+        from mmgen_deploy.training.dit import build_tokenizer
+
+        tokenizer = build_tokenizer(train.captions, TextConfig().max_length)
+        config = with_text(config, conditioning=text.conditioning, vocab_size=tokenizer.vocab_size,
+                           max_length=tokenizer.max_length)
     run = prepare_run(out, config, spec.to_dict(), overwrite=overwrite, resume=resume)
     return run, train, val
 
@@ -122,6 +164,15 @@ _seed_opt = typer.Option(0, "--seed", help="Seed for data, initialisation and ba
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
 _overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
+_text_opt = typer.Option(False, "--text", help="Train a text-to-image model: a word tokenizer built from the "
+                         "captions and a text encoder trained jointly with the DiT (prompts instead of classes).")
+_text_cond_opt = typer.Option("pooled+cross_attention", "--text-conditioning",
+                              help="With --text: how the DiT sees the prompt: pooled (adaLN), cross_attention "
+                                   "(token-level) or pooled+cross_attention.")
+_holdout_opt = typer.Option(None, "--holdout-fraction",
+                            help="With --text on `shapes`: fraction of the (colour, shape, size, position) "
+                                 "combinations kept out of training (default 0); `mmgen eval` prompts come "
+                                 "from them.")
 _threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: the cores idle right now; "
                             "on a busy machine fewer threads train faster).")
 
@@ -135,15 +186,18 @@ def train_vqvae_cmd(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
-    Reports validation PSNR and codebook usage/perplexity."""
+    Reports validation PSNR and codebook usage/perplexity. With --text the run is created as a
+    text-to-image model (the DiT stage then trains the text encoder too)."""
     from mmgen_deploy.training import recipe_for
 
     settings = _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan)  # checked before any work
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    text_options = _text_options(text, text_conditioning, holdout_fraction)
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
     result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
@@ -162,7 +216,9 @@ def train_dit_cmd(
 ) -> None:
     """Stage 2: train the DiT on the VQ-VAE's pre-quantization latents (cached once): epsilon
     prediction, linear betas 1e-4..0.02 over 1000 steps, label dropout for classifier-free guidance,
-    AdamW, EMA weights saved for inference."""
+    AdamW, EMA weights saved for inference. For a run created with --text, the word tokenizer is
+    built from the captions and saved, and the text encoder trains jointly with the DiT (caption
+    dropout to the empty prompt for guidance)."""
     from mmgen_deploy.data import DataSpec, load_split
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.training import recipe_for
@@ -189,17 +245,20 @@ def train_all_cmd(
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
-    """Both stages: the VQ-VAE, then the DiT on its latents. With --resume, a finished stage is skipped
-    and an unfinished one continues from its checkpoint."""
+    """Both stages: the VQ-VAE, then the DiT on its latents (with --text: the DiT and a text encoder,
+    jointly, on the captions). With --resume, a finished stage is skipped and an unfinished one
+    continues from its checkpoint."""
     from mmgen_deploy.training import recipe_for
 
     recipe = recipe_for(preset_name)
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    text_options = _text_options(text, text_conditioning, holdout_fraction)
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
     results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
