@@ -195,7 +195,7 @@ def train_vqvae_cmd(
     text-to-image model (the DiT stage then trains the text encoder too)."""
     from mmgen_deploy.training import recipe_for
 
-    settings = _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan)  # checked before any work
+    settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
     text_options = _text_options(text, text_conditioning, holdout_fraction)
     run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
     result = _stage_vq(run, train, val, settings, resume, threads)
@@ -227,6 +227,8 @@ def train_dit_cmd(
     run = RunDir(out)
     meta = run.read_meta()
     run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
+    if run.load_config().uses_text:  # a text-to-image run may have its own default length
+        settings = _dit_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
     if not meta.get("data"):
         raise UsageError(f"{run.run_json} does not describe its training data",
                          "train the VQ-VAE of this run with `mmgen train vqvae` first")
@@ -254,7 +256,7 @@ def train_all_cmd(
     continues from its checkpoint."""
     from mmgen_deploy.training import recipe_for
 
-    recipe = recipe_for(preset_name)
+    recipe = recipe_for(preset_name, text=text)
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     text_options = _text_options(text, text_conditioning, holdout_fraction)
@@ -302,6 +304,7 @@ class QuickstartContext:
     seed: int
     threads: int | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    text: bool = False  # `quickstart --text`: a text-to-image model
 
 
 # A stage does its work and returns one line saying where its outputs went.
@@ -311,7 +314,8 @@ QuickstartStage = tuple[str, Callable[[QuickstartContext], str]]
 def _qs_vqvae(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny"), None, None, None, ctx.seed,
+    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny", text=ctx.text), None, None, None,
+                                                                  ctx.seed,
                                                                   False), False, ctx.threads)
     ctx.results["vqvae"] = result
     return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
@@ -320,7 +324,8 @@ def _qs_vqvae(ctx: QuickstartContext) -> str:
 def _qs_dit(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny"), None, None, None, ctx.seed), False,
+    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny", text=ctx.text), None, None, None,
+                                                                   ctx.seed), False,
                         ctx.threads)
     ctx.results["dit"] = result
     return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
@@ -346,23 +351,52 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
 ]
 
 
+def _qs_eval_prompts(ctx: QuickstartContext) -> str:
+    # 200 prompts from the held-out combinations, judged on the deployed path (ONNX Runtime FP32).
+    report = _run_eval(ctx.run, _eval_settings(1, 50, 4.0, ctx.seed, True, pipeline_stages.QUICKSTART_BACKEND,
+                                                 "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
+    ctx.results["eval"] = report
+    return str(ctx.run.reports_dir / "eval.json")
+
+
+QUICKSTART_TEXT_EVAL_PROMPTS = 200
+# `shapes` attribute combinations kept out of the text quickstart's training data.
+QUICKSTART_TEXT_HOLDOUT = 0.2
+
+# `quickstart --text`: the same path with prompts instead of classes; export, generate and
+# parity include the text encoder (a fifth component).
+QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
+    ("train VQ-VAE", _qs_vqvae),
+    ("train DiT + text encoder", _qs_dit),
+    ("export ONNX FP32 + FP16", pipeline_stages.export_stage),
+    ("generate from prompts (ONNX Runtime CPU)", pipeline_stages.generate_prompts_stage),
+    ("evaluate (held-out prompts)", _qs_eval_prompts),
+    ("parity vs PyTorch", pipeline_stages.parity_stage),
+]
+
+
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
     seed: int = _seed_opt, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
+    text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
+                              "(pooled + cross-attention conditioning), trained on `shapes` captions with 20% "
+                              "of the attribute combinations held out, evaluated on prompts from those."),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
-    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores), evaluate
-    it, then run every later pipeline stage that exists, printing where each output went."""
+    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
+    a text-to-image model, about 12), evaluate it, then run every later pipeline stage that exists
+    (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
     from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
 
     started = time.perf_counter()
     if RunDir(out).exists() and not overwrite:  # checked before the data is generated
         raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
-    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False)
-    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads)
+    text_options = TextOptions(holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
+    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
+    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
     timings: dict[str, float] = {}
-    stages = QUICKSTART_STAGES
+    stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
     for index, (name, stage) in enumerate(stages, start=1):
         console.rule(f"[bold]{index}/{len(stages)} {name}")
         stage_start = time.perf_counter()

@@ -67,6 +67,15 @@ class ShapeSpec:
         return f"a {self.size} {self.colour} {self.shape} {where}"
 
 
+def parse_caption(caption: str) -> ShapeSpec:
+    """The inverse of `ShapeSpec.caption` ("a small red circle on the left" -> its ShapeSpec)."""
+    words = caption.split()
+    if len(words) < 5 or words[0] != "a" or words[1] not in SIZES or words[2] not in COLOURS \
+            or words[3] not in SHAPES or words[-1] not in POSITIONS:
+        raise ValueError(f"not a `shapes` caption: {caption!r}")
+    return ShapeSpec(words[2], words[3], words[1], words[-1])
+
+
 def _centre(position: str, half: float, size: int, jitter: np.ndarray) -> tuple[float, float]:
     """(x, y) centre in pixels; shapes keep a 1-pixel margin from the border."""
     mid = size / 2.0

@@ -23,11 +23,20 @@ class TrainRecipe:
     dit_steps: int
 
 
-_RECIPES = {"tiny": TrainRecipe(vq_steps=600, dit_steps=3000)}
+_RECIPES = {
+    "tiny": TrainRecipe(vq_steps=600, dit_steps=3000),
+    # Text-to-image on the tiny preset (`mmgen quickstart --text`, 12-minute CPU budget): the text
+    # encoder trains jointly with the DiT, so each DiT step costs a little more.
+    "tiny+text": TrainRecipe(vq_steps=600, dit_steps=3000),
+}
 _DEFAULT = TrainRecipe(vq_steps=20000, dit_steps=100000)
+TEXT_RECIPE_SUFFIX = "+text"
 
 
-def recipe_for(preset_name: str) -> TrainRecipe:
+def recipe_for(preset_name: str, *, text: bool = False) -> TrainRecipe:
+    """The default step counts of `preset_name`; a text-to-image model may have its own."""
+    if text and preset_name + TEXT_RECIPE_SUFFIX in _RECIPES:
+        return _RECIPES[preset_name + TEXT_RECIPE_SUFFIX]
     return _RECIPES.get(preset_name, _DEFAULT)
 
 
