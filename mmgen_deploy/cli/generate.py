@@ -186,11 +186,14 @@ def _read_prompts_file(path: Path) -> list[str]:
 
 def _warn_about_prompts(tokenizer: Any, prompts: list[str]) -> None:
     """One line each for words the model never saw and for prompts cut to the tokenizer's length."""
-    encoding = tokenizer.encode(list(dict.fromkeys(prompts)))
+    distinct = list(dict.fromkeys(prompts))
+    encoding = tokenizer.encode(distinct)
     if encoding.unknown_words:
         console.print(f"[yellow]warning:[/] unknown word(s) the model never saw in training, ignored as [UNK]: "
                       f"{', '.join(encoding.unknown_words)}", highlight=False, soft_wrap=True)
     if encoding.truncated:
         room = tokenizer.max_length - 2
+        named = ", ".join(repr(distinct[i] if len(distinct[i]) <= 40 else distinct[i][:37] + "...")
+                          for i in encoding.truncated)
         console.print(f"[yellow]warning:[/] {len(encoding.truncated)} prompt(s) longer than {room} words were cut "
-                      f"to their first {room} words", highlight=False, soft_wrap=True)
+                      f"to their first {room} words: {named}", highlight=False, soft_wrap=True)
