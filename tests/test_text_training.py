@@ -296,3 +296,28 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
     assert run.read_meta()["data"]["holdout_fraction"] == 0.2
     assert run.load_tokenizer().vocab_size == config.text.vocab_size
     assert summary["eval"]["generation"]["prompts_from"] == "held-out combinations"
+
+
+def test_text_model_on_a_captioned_user_folder(tmp_path, capsys) -> None:
+    """metadata.jsonl `text` is the caption: the vocabulary comes from it; no captions, no text model."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for k, (colour, word) in enumerate([((255, 0, 0), "red"), ((0, 255, 0), "green"), ((0, 0, 255), "blue")] * 2):
+        Image.new("RGB", (40, 40), colour).save(folder / f"{k}.png")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": f"a {word} Tile!"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(folder), "--out", str(out), "--steps", "1",
+                            "--batch-size", "2"], capsys)
+    assert code == 0, stderr
+    config = RunDir(out).load_config()
+    assert config.text.vocab_size == 4 + 5  # a, tile, red, green, blue
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(folder), "--out", str(tmp_path / "r2"),
+                            "--holdout-fraction", "0.2"], capsys)
+    assert code == 2 and "`shapes` only" in stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(bare / "a.png")
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(bare), "--out", str(tmp_path / "r3")], capsys)
+    assert code == 2 and "needs captions" in stderr and not (tmp_path / "r3").exists()
