@@ -158,7 +158,7 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
                               "resume with the same options (only --steps may grow)")
         dit.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
-        if text_encoder is not None and text_ema is not None:
+        if text_encoder is not None and text_ema is not None and config.text is not None:
             if "text_encoder" not in state or state.get("text_config") != config.text.to_dict():
                 raise RunDirError(f"{checkpoint} has no matching text encoder",
                                   "train without --resume (add --overwrite to replace the run)")
