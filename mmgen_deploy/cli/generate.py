@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -19,7 +20,14 @@ def generate(
     classes: list[str] = typer.Option(
         [], "--class", "-c",
         help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class."),
-    n: int = typer.Option(4, "--n", "-n", help="Images per class (18 classes with --n 10 give 180 images)."),
+    prompts: list[str] = typer.Option(
+        [], "--prompt", "-p",
+        help="Text-to-image models: a prompt, e.g. \"a large blue triangle at the top\". Repeatable."),
+    prompts_file: Path | None = typer.Option(
+        None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
+                                     "skipped); adds to --prompt."),
+    n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt (18 classes with --n 10 give 180 "
+                                               "images)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b",
                                    help="Images per denoiser call (guidance doubles the model batch)."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps (respaced from the training schedule)."),
@@ -47,8 +55,12 @@ def generate(
 ) -> None:
     """Sample images: noise -> denoising loop -> quantizer -> decoder -> PNGs.
 
-    Writes one PNG per image (with PNG text chunks class, seed, steps, sampler, cfg_scale, backend, precision),
-    a grid.png and samples.json into the output folder, and prints images/s.
+    Class models take --class; text-to-image models take --prompt / --prompts-file (the text
+    encoder runs once per distinct prompt, not per step; words it never saw in training are
+    named in a warning, and prompts longer than the tokenizer's limit are cut, also with a warning).
+
+    Writes one PNG per image (with PNG text chunks class or prompt, seed, steps, sampler, cfg_scale, backend,
+    precision), a grid.png and samples.json into the output folder, and prints images/s.
     """
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.sampling.schedulers import SAMPLERS
@@ -72,16 +84,35 @@ def generate(
     from mmgen_deploy.io_utils import atomic_dir, write_json
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner, resolve_backend
-    from mmgen_deploy.sampling import sample
+    from mmgen_deploy.sampling import sample, text_conditioning
     from mmgen_deploy.sampling.loop import validate_sampling_args
     from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
 
     run = RunDir(run_dir)
     config = run.load_config()
-    class_ids = [resolve_class(config, c) for c in classes] if classes else list(range(config.dit.num_classes))
-    per_image = [c for c in class_ids for _ in range(n)]
+    all_prompts = [*prompts, *(_read_prompts_file(prompts_file) if prompts_file is not None else [])]
+    per_image: list[int] | None = None
+    per_prompt: list[str] = []
+    tokenizer = None
+    if config.uses_text:
+        if classes:
+            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
+                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
+        if not all_prompts:
+            raise UsageError("this text-to-image model needs prompts",
+                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
+        tokenizer = run.load_tokenizer()
+        _warn_about_prompts(tokenizer, all_prompts)
+        per_prompt = [p for p in all_prompts for _ in range(n)]
+    else:
+        if all_prompts:
+            raise UsageError("this model is class-conditioned: it takes --class, not prompts",
+                             "see `mmgen info RUN_DIR` for the class names")
+        class_ids = [resolve_class(config, c) for c in classes] if classes else list(range(config.dit.num_classes))
+        per_image = [c for c in class_ids for _ in range(n)]
     validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            batch_size=batch_size, eta=eta)
+    count = len(per_prompt) if config.uses_text else len(per_image or [])
     choice = resolve_backend(backend, run_dir, precision, device=device)
     target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
     _check_output_dir(target)
@@ -98,12 +129,15 @@ def generate(
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
         with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(f"sampling {len(per_image)} images", total=None)
+            task = bar.add_task(f"sampling {count} images", total=None)
 
             def advance(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            result = sample(runner, config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+            condition: Any = per_image
+            if tokenizer is not None:
+                condition = text_conditioning(runner, config, tokenizer, per_prompt)
+            result = sample(runner, config, condition, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                             seed=seed, batch_size=batch_size, eta=eta, progress=advance)
     finally:
         runner.close()
@@ -114,7 +148,7 @@ def generate(
                                        "skipped_backends": choice.skipped})
         write_json(tmp / "samples.json", sidecar)
     timing = result.timing()
-    console.print(f"{len(per_image)} images in {result.total_seconds:.2f} s: "
+    console.print(f"{count} images in {result.total_seconds:.2f} s: "
                   f"[bold]{timing['images_per_second']:.2f} images/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
                   f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")
@@ -132,3 +166,34 @@ def _check_output_dir(target: Path) -> None:
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
         raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
                          "choose another --out folder (generate replaces only its own output folders)")
+
+
+def _read_prompts_file(path: Path) -> list[str]:
+    """One prompt per line; blank lines are skipped."""
+    from mmgen_deploy.errors import UsageError
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {path} does not exist", "give a text file with one prompt per line") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read --prompts-file {path}: {exc}", "give a UTF-8 text file") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompts-file {path} holds no prompts", "write one prompt per line")
+    return prompts
+
+
+def _warn_about_prompts(tokenizer: Any, prompts: list[str]) -> None:
+    """One line each for words the model never saw and for prompts cut to the tokenizer's length."""
+    distinct = list(dict.fromkeys(prompts))
+    encoding = tokenizer.encode(distinct)
+    if encoding.unknown_words:
+        console.print(f"[yellow]warning:[/] unknown word(s) the model never saw in training, ignored as [UNK]: "
+                      f"{', '.join(encoding.unknown_words)}", highlight=False, soft_wrap=True)
+    if encoding.truncated:
+        room = tokenizer.max_length - 2
+        named = ", ".join(repr(distinct[i] if len(distinct[i]) <= 40 else distinct[i][:37] + "...")
+                          for i in encoding.truncated)
+        console.print(f"[yellow]warning:[/] {len(encoding.truncated)} prompt(s) longer than {room} words were cut "
+                      f"to their first {room} words: {named}", highlight=False, soft_wrap=True)

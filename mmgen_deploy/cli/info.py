@@ -42,8 +42,13 @@ def register(app: typer.Typer) -> None:
         table.add_row("image / latent", f"{config.vq.image_size}px / {config.vq.embed_dim}x"
                       f"{config.vq.latent_size}x{config.vq.latent_size}")
         table.add_row("codebook", f"{config.vq.n_embed} x {config.vq.embed_dim}")
+        condition = (f"text ({config.dit.conditioning})" if config.uses_text
+                     else f"{config.dit.num_classes} classes")
         table.add_row("DiT", f"depth {config.dit.depth}, width {config.dit.hidden_size}, "
-                      f"patch {config.dit.patch_size}, {config.dit.num_classes} classes")
+                      f"patch {config.dit.patch_size}, {condition}")
+        if config.text is not None:
+            table.add_row("text encoder", f"depth {config.text.depth}, width {config.text.hidden_size}, "
+                          f"vocabulary {config.text.vocab_size}, {config.text.max_length} tokens")
         table.add_row("artifacts", ", ".join(k for k, v in report["artifacts"].items() if v) or "-")
         table.add_row("weights sha256", report["weights_sha256"][:16])
         stdout_console.print(table)

@@ -42,6 +42,22 @@ def generate_stage(ctx: Any) -> str:
     return str(out / "grid.png")
 
 
+def generate_prompts_stage(ctx: Any) -> str:
+    """A text-to-image run: two images for each of the fixed grid prompts (the training grid's)."""
+    from mmgen_deploy.training.dit import grid_prompts
+
+    out = ctx.run.samples_dir / f"{QUICKSTART_BACKEND}-fp32"
+    prompts: list[str] = []
+    for prompt in grid_prompts(ctx.train.captions):
+        prompts += ["--prompt", prompt]
+    code = invoke(["generate", str(ctx.run.root), *prompts, "--n", "2", "--steps", "50", "--sampler", "ddim",
+                   "--cfg-scale", "4", "--seed", str(ctx.seed), "--backend", QUICKSTART_BACKEND,
+                   "--precision", "fp32", "--batch-size", "18", "--out", str(out)])
+    if code:
+        raise MMGenError(f"generate failed (exit {code})")
+    return str(out / "grid.png")
+
+
 def parity_stage(ctx: Any) -> str:
     """Parity of the backend the quickstart used, FP32 and FP16; a failure fails the quickstart."""
     verdicts = {}

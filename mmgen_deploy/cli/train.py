@@ -39,10 +39,42 @@ def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData
         return load_split(spec, "train"), load_split(spec, "val")
 
 
+@dataclass(frozen=True)
+class TextOptions:
+    """How the user asked for a text-to-image model (`--text`)."""
+
+    conditioning: str = "pooled+cross_attention"
+    holdout_fraction: float = 0.0  # `shapes` only
+
+
+def _text_options(text: bool, conditioning: str, holdout_fraction: float | None) -> TextOptions | None:
+    """Checked before any work; None for a class-conditioned model."""
+    from mmgen_deploy.config import DIT_CONDITIONINGS
+
+    if not text:
+        if holdout_fraction:
+            raise UsageError("--holdout-fraction applies to text-to-image models", "add --text")
+        if conditioning != TextOptions.conditioning:
+            raise UsageError("--text-conditioning applies to text-to-image models", "add --text")
+        return None
+    modes = [m for m in DIT_CONDITIONINGS if m != "class"]
+    if conditioning not in modes:
+        raise UsageError(f"unknown --text-conditioning {conditioning!r}", f"choose one of: {', '.join(modes)}")
+    fraction = 0.0 if holdout_fraction is None else holdout_fraction
+    if not 0.0 <= fraction <= 0.5:
+        raise UsageError(f"--holdout-fraction must be in [0, 0.5], got {fraction}",
+                         "0.2 keeps a fifth of the attribute combinations out of training")
+    return TextOptions(conditioning=conditioning, holdout_fraction=fraction)
+
+
 def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
-             overwrite: bool, resume: bool) -> tuple[Any, Any, Any]:
-    """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model."""
-    from mmgen_deploy.config import preset
+             overwrite: bool, resume: bool, text: TextOptions | None = None) -> tuple[Any, Any, Any]:
+    """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model.
+
+    A text-to-image model's tokenizer is built from the training captions first, so the
+    run's config gets the vocabulary size it will have.
+    """
+    from mmgen_deploy.config import TextConfig, preset, with_text
     from mmgen_deploy.data import DataSpec
     from mmgen_deploy.training import prepare_run
 
@@ -51,9 +83,19 @@ def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int,
         if spec.name != "shapes":
             raise UsageError("--num-train applies to `shapes` only (a folder has the images it has)")
         spec = DataSpec(**{**spec.to_dict(), "num_train": num_train})
+    if text is not None and text.holdout_fraction:
+        if spec.name != "shapes":
+            raise UsageError("--holdout-fraction applies to `shapes` only (it holds out attribute combinations)")
+        spec = DataSpec(**{**spec.to_dict(), "holdout_fraction": text.holdout_fraction})
     train, val = _load_data(spec)
     config = preset(preset_name, image_size=image_size, num_classes=len(train.class_names))
     config = config.replace(class_names=tuple(train.class_names))
+    if text is not None:
+        from mmgen_deploy.training.dit import build_tokenizer
+
+        tokenizer = build_tokenizer(train.captions, TextConfig().max_length)
+        config = with_text(config, conditioning=text.conditioning, vocab_size=tokenizer.vocab_size,
+                           max_length=tokenizer.max_length)
     run = prepare_run(out, config, spec.to_dict(), overwrite=overwrite, resume=resume)
     return run, train, val
 
@@ -122,6 +164,15 @@ _seed_opt = typer.Option(0, "--seed", help="Seed for data, initialisation and ba
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
 _overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
+_text_opt = typer.Option(False, "--text", help="Train a text-to-image model: a word tokenizer built from the "
+                         "captions and a text encoder trained jointly with the DiT (prompts instead of classes).")
+_text_cond_opt = typer.Option("pooled+cross_attention", "--text-conditioning",
+                              help="With --text: how the DiT sees the prompt: pooled (adaLN), cross_attention "
+                                   "(token-level) or pooled+cross_attention.")
+_holdout_opt = typer.Option(None, "--holdout-fraction",
+                            help="With --text on `shapes`: fraction of the (colour, shape, size, position) "
+                                 "combinations kept out of training (default 0); `mmgen eval` prompts come "
+                                 "from them.")
 _threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: the cores idle right now; "
                             "on a busy machine fewer threads train faster).")
 
@@ -135,15 +186,18 @@ def train_vqvae_cmd(
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
-    Reports validation PSNR and codebook usage/perplexity."""
+    Reports validation PSNR and codebook usage/perplexity. With --text the run is created as a
+    text-to-image model (the DiT stage then trains the text encoder too)."""
     from mmgen_deploy.training import recipe_for
 
-    settings = _vq_settings(recipe_for(preset_name), steps, batch_size, lr, seed, gan)  # checked before any work
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
+    text_options = _text_options(text, text_conditioning, holdout_fraction)
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
     result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
@@ -162,7 +216,9 @@ def train_dit_cmd(
 ) -> None:
     """Stage 2: train the DiT on the VQ-VAE's pre-quantization latents (cached once): epsilon
     prediction, linear betas 1e-4..0.02 over 1000 steps, label dropout for classifier-free guidance,
-    AdamW, EMA weights saved for inference."""
+    AdamW, EMA weights saved for inference. For a run created with --text, the word tokenizer is
+    built from the captions and saved, and the text encoder trains jointly with the DiT (caption
+    dropout to the empty prompt for guidance)."""
     from mmgen_deploy.data import DataSpec, load_split
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.training import recipe_for
@@ -171,6 +227,8 @@ def train_dit_cmd(
     run = RunDir(out)
     meta = run.read_meta()
     run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
+    if run.load_config().uses_text:  # a text-to-image run may have its own default length
+        settings = _dit_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
     if not meta.get("data"):
         raise UsageError(f"{run.run_json} does not describe its training data",
                          "train the VQ-VAE of this run with `mmgen train vqvae` first")
@@ -189,17 +247,20 @@ def train_all_cmd(
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
     gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
-    """Both stages: the VQ-VAE, then the DiT on its latents. With --resume, a finished stage is skipped
-    and an unfinished one continues from its checkpoint."""
+    """Both stages: the VQ-VAE, then the DiT on its latents (with --text: the DiT and a text encoder,
+    jointly, on the captions). With --resume, a finished stage is skipped and an unfinished one
+    continues from its checkpoint."""
     from mmgen_deploy.training import recipe_for
 
-    recipe = recipe_for(preset_name)
+    recipe = recipe_for(preset_name, text=text)
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume)
+    text_options = _text_options(text, text_conditioning, holdout_fraction)
+    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
     results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
@@ -243,6 +304,7 @@ class QuickstartContext:
     seed: int
     threads: int | None = None
     results: dict[str, Any] = field(default_factory=dict)
+    text: bool = False  # `quickstart --text`: a text-to-image model
 
 
 # A stage does its work and returns one line saying where its outputs went.
@@ -252,7 +314,8 @@ QuickstartStage = tuple[str, Callable[[QuickstartContext], str]]
 def _qs_vqvae(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny"), None, None, None, ctx.seed,
+    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny", text=ctx.text), None, None, None,
+                                                                  ctx.seed,
                                                                   False), False, ctx.threads)
     ctx.results["vqvae"] = result
     return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
@@ -261,7 +324,8 @@ def _qs_vqvae(ctx: QuickstartContext) -> str:
 def _qs_dit(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny"), None, None, None, ctx.seed), False,
+    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny", text=ctx.text), None, None, None,
+                                                                   ctx.seed), False,
                         ctx.threads)
     ctx.results["dit"] = result
     return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
@@ -287,23 +351,52 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
 ]
 
 
+def _qs_eval_prompts(ctx: QuickstartContext) -> str:
+    # 200 prompts from the held-out combinations, judged on the deployed path (ONNX Runtime FP32).
+    report = _run_eval(ctx.run, _eval_settings(1, 50, 4.0, ctx.seed, True, pipeline_stages.QUICKSTART_BACKEND,
+                                                 "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
+    ctx.results["eval"] = report
+    return str(ctx.run.reports_dir / "eval.json")
+
+
+QUICKSTART_TEXT_EVAL_PROMPTS = 200
+# `shapes` attribute combinations kept out of the text quickstart's training data.
+QUICKSTART_TEXT_HOLDOUT = 0.2
+
+# `quickstart --text`: the same path with prompts instead of classes; export, generate and
+# parity include the text encoder (a fifth component).
+QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
+    ("train VQ-VAE", _qs_vqvae),
+    ("train DiT + text encoder", _qs_dit),
+    ("export ONNX FP32 + FP16", pipeline_stages.export_stage),
+    ("generate from prompts (ONNX Runtime CPU)", pipeline_stages.generate_prompts_stage),
+    ("evaluate (held-out prompts)", _qs_eval_prompts),
+    ("parity vs PyTorch", pipeline_stages.parity_stage),
+]
+
+
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
     seed: int = _seed_opt, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
+    text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
+                              "(pooled + cross-attention conditioning), trained on `shapes` captions with 20% "
+                              "of the attribute combinations held out, evaluated on prompts from those."),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
-    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores), evaluate
-    it, then run every later pipeline stage that exists, printing where each output went."""
+    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
+    a text-to-image model, about 12), evaluate it, then run every later pipeline stage that exists
+    (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
     from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
 
     started = time.perf_counter()
     if RunDir(out).exists() and not overwrite:  # checked before the data is generated
         raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
-    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False)
-    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads)
+    text_options = TextOptions(holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
+    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
+    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
     timings: dict[str, float] = {}
-    stages = QUICKSTART_STAGES
+    stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
     for index, (name, stage) in enumerate(stages, start=1):
         console.rule(f"[bold]{index}/{len(stages)} {name}")
         stage_start = time.perf_counter()
@@ -321,13 +414,14 @@ def quickstart_cmd(
 # -- eval -------------------------------------------------------------------------------
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                   precision: str) -> Any:
+                   precision: str, num_prompts: int = 200) -> Any:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
 
     _positive("number of samples per class", per_class)
     _positive("number of sampling steps", steps)
+    _positive("number of prompts", num_prompts)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                        generate=generate, backend=backend, precision=precision)
+                        generate=generate, backend=backend, precision=precision, num_prompts=num_prompts)
 
 
 def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
@@ -342,7 +436,14 @@ def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
                   f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
                   f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
     gen = report.get("generation")
-    if gen and "accuracy" in gen:
+    if gen and "position_accuracy" in gen:
+        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
+                      f"{gen['num_samples']} prompts from {gen['prompts_from']}): colour [bold]"
+                      f"{100 * gen['colour_accuracy']:.1f}%[/], shape [bold]{100 * gen['shape_accuracy']:.1f}%[/], "
+                      f"size [bold]{100 * gen['size_accuracy']:.1f}%[/], position [bold]"
+                      f"{100 * gen['position_accuracy']:.1f}%[/], all four {100 * gen['accuracy']:.1f}%; "
+                      f"grid in {gen['grid']}")
+    elif gen and "accuracy" in gen:
         console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
                       f"{gen['num_samples']} samples): requested colour AND shape in [bold]"
                       f"{100 * gen['accuracy']:.1f}%[/] (colour {100 * gen['colour_accuracy']:.1f}%, shape "
@@ -355,6 +456,9 @@ def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
 def eval_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory to measure."),
     samples_per_class: int = typer.Option(10, "--samples-per-class", help="Generated images per class."),
+    num_prompts: int = typer.Option(200, "--num-prompts",
+                                    help="Text-to-image runs: prompts drawn from the held-out attribute "
+                                         "combinations (one image each)."),
     steps: int = typer.Option(50, "--steps", help="DDIM steps."),
     cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
@@ -365,11 +469,13 @@ def eval_cmd(
 ) -> None:
     """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
     `shapes`, how often generated images show the requested colour and shape (judged by a checker
-    that reads pixels). Writes RUN_DIR/reports/eval.json."""
+    that reads pixels). For a text-to-image run: --num-prompts prompts from the attribute combinations
+    held out of training, and the accuracy of colour, shape, size and position separately and
+    together. Writes RUN_DIR/reports/eval.json."""
     from mmgen_deploy.rundir import RunDir
 
     report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
-                                                       backend, precision))
+                                                       backend, precision, num_prompts))
     if json_out == "-":
         emit_json(report, "-")
     else:

@@ -29,6 +29,9 @@ class DataSpec:
     num_val: int = 512
     val_fraction: float = 0.1  # folders only
     path: str | None = None
+    # shapes only: this fraction of the 180 (colour, shape, size, position) combinations never
+    # appears in the training split; text-to-image evaluation prompts come from them.
+    holdout_fraction: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +59,10 @@ def load_split(spec: DataSpec, split: str, progress=None) -> ImageData:
         from mmgen_deploy.data.shapes import make_shapes
 
         count = spec.num_train if split == "train" else spec.num_val
-        return make_shapes(count, seed=spec.seed, image_size=spec.image_size, split=split)
+        if not 0.0 <= spec.holdout_fraction <= 0.5:
+            raise UsageError(f"holdout fraction {spec.holdout_fraction} is out of range", "use a value in [0, 0.5]")
+        return make_shapes(count, seed=spec.seed, image_size=spec.image_size, split=split,
+                           holdout_fraction=spec.holdout_fraction)
     if spec.name == "folder":
         from mmgen_deploy.data.folder import load_folder
 

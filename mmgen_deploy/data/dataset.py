@@ -11,8 +11,8 @@ import numpy as np
 class ImageData:
     """Images (N, H, W, 3) uint8, class ids (N,), one caption per image, and the class names.
 
-    Captions are kept for a future text-conditioned model; class-conditional training
-    only reads `labels`.
+    Class-conditional training reads `labels`; a text-to-image model trains on `captions`
+    (its tokenizer is built from them).
     """
 
     images: np.ndarray

@@ -67,6 +67,15 @@ class ShapeSpec:
         return f"a {self.size} {self.colour} {self.shape} {where}"
 
 
+def parse_caption(caption: str) -> ShapeSpec:
+    """The inverse of `ShapeSpec.caption` ("a small red circle on the left" -> its ShapeSpec)."""
+    words = caption.split()
+    if len(words) < 5 or words[0] != "a" or words[1] not in SIZES or words[2] not in COLOURS \
+            or words[3] not in SHAPES or words[-1] not in POSITIONS:
+        raise ValueError(f"not a `shapes` caption: {caption!r}")
+    return ShapeSpec(words[2], words[3], words[1], words[-1])
+
+
 def _centre(position: str, half: float, size: int, jitter: np.ndarray) -> tuple[float, float]:
     """(x, y) centre in pixels; shapes keep a 1-pixel margin from the border."""
     mid = size / 2.0
@@ -116,12 +125,86 @@ def sample_specs(count: int, rng: np.random.Generator) -> list[ShapeSpec]:
     return [ShapeSpec(COLOUR_NAMES[c], SHAPES[s], SIZES[z], POSITIONS[p]) for c, s, z, p in picks]
 
 
-def make_shapes(count: int, *, seed: int = 0, image_size: int = 32, split: str = "train") -> ImageData:
-    """`count` images of the `split` ("train" or "val") stream for `seed`; deterministic."""
+# The held-out combinations come from their own random stream, so they do not move when
+# the number of images changes.
+_HOLDOUT_STREAM = 2_000_003
+# A prompt-evaluation draw uses yet another stream (distinct from both image streams).
+_EVAL_PROMPT_STREAM = 3_000_017
+MAX_HOLDOUT_FRACTION = 0.5
+
+
+def all_combinations() -> list[ShapeSpec]:
+    """Every (colour, shape, size, position) combination, in a fixed order (180 of them)."""
+    return [ShapeSpec(c, s, z, p) for c in COLOUR_NAMES for s in SHAPES for z in SIZES for p in POSITIONS]
+
+
+def holdout_combinations(fraction: float, seed: int = 0) -> tuple[ShapeSpec, ...]:
+    """The combinations kept out of the training split: round(`fraction` x 180) of them.
+
+    Deterministic in (fraction, seed). Combinations are taken in a seeded random order,
+    skipping any whose removal would leave some single attribute value (a colour, a shape,
+    a size or a position) with no training combination at all: every word of a held-out
+    caption is seen in training, only the combination is new.
+    """
+    if not 0.0 <= fraction <= MAX_HOLDOUT_FRACTION:
+        raise ValueError(f"holdout fraction must be in [0, {MAX_HOLDOUT_FRACTION}], got {fraction}")
+    combos = all_combinations()
+    wanted = round(fraction * len(combos))
+    if wanted == 0:
+        return ()
+    remaining: dict[tuple[int, str], int] = {}
+    for combo in combos:
+        for axis, value in enumerate((combo.colour, combo.shape, combo.size, combo.position)):
+            remaining[(axis, value)] = remaining.get((axis, value), 0) + 1
+    chosen: list[ShapeSpec] = []
+    for index in np.random.default_rng([seed, _HOLDOUT_STREAM]).permutation(len(combos)):
+        combo = combos[int(index)]
+        keys = list(enumerate((combo.colour, combo.shape, combo.size, combo.position)))
+        if any(remaining[key] <= 1 for key in keys):
+            continue
+        for key in keys:
+            remaining[key] -= 1
+        chosen.append(combo)
+        if len(chosen) == wanted:
+            break
+    order = {combo: k for k, combo in enumerate(combos)}
+    return tuple(sorted(chosen, key=order.__getitem__))
+
+
+def heldout_prompt_specs(count: int, *, fraction: float, seed: int = 0,
+                         draw_seed: int = 0) -> list[ShapeSpec]:
+    """`count` evaluation prompts drawn from the held-out combinations of (`fraction`, `seed`).
+
+    Every held-out combination is used equally often (up to one) before any repeats, in a
+    seeded order. With no held-out combination (fraction 0) the prompts come from all 180
+    combinations instead: the model has seen them, so the result then measures fit, not
+    generalisation.
+    """
+    pool = list(holdout_combinations(fraction, seed)) or all_combinations()
+    rng = np.random.default_rng([seed, draw_seed, _EVAL_PROMPT_STREAM])
+    picks: list[ShapeSpec] = []
+    while len(picks) < count:
+        picks.extend(pool[int(i)] for i in rng.permutation(len(pool)))
+    return picks[:count]
+
+
+def make_shapes(count: int, *, seed: int = 0, image_size: int = 32, split: str = "train",
+                holdout_fraction: float = 0.0) -> ImageData:
+    """`count` images of the `split` ("train" or "val") stream for `seed`; deterministic.
+
+    With `holdout_fraction` > 0 the training split never shows a held-out combination
+    (see `holdout_combinations`): such draws are replaced by draws from the allowed ones.
+    The validation split (used for VQ reconstruction metrics) is unaffected.
+    """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     rng = np.random.default_rng([seed, _VALIDATION_STREAM if split == "val" else 0])
     specs = sample_specs(count, rng)
+    held_out = set(holdout_combinations(holdout_fraction, seed)) if split == "train" else set()
+    if held_out:
+        allowed = [combo for combo in all_combinations() if combo not in held_out]
+        replace = rng.integers(0, len(allowed), size=count)  # drawn for every image: independent of which hit
+        specs = [allowed[int(r)] if spec in held_out else spec for spec, r in zip(specs, replace, strict=True)]
     scales = rng.uniform(0.9, 1.1, size=count)
     jitters = rng.uniform(-1.5, 1.5, size=(count, 2)) * image_size / 32
     images = np.stack([render(s, image_size, scale=float(k), jitter=(float(j[0]), float(j[1])))

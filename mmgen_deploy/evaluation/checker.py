@@ -6,6 +6,11 @@ Shape: the image's brightness is treated as a coverage map; for each candidate s
 render the ideal anti-aliased template with the same area and centroid and keep the
 shape whose template differs least (L1) from the image. This needs no thresholds tuned
 per shape and works for any size and position.
+Size: the shape's half extent follows from its lit area (coverage sum) once the shape is
+known; `small` and `large` are told apart at the midpoint of their ranges.
+Position: the centroid's offset from the image middle (for a triangle, the centre of its
+box, a third of the half extent above the centroid). Within `_CENTRE_RADIUS` of the middle
+is `center`, otherwise the dominant axis and its sign give left/right/top/bottom.
 """
 
 from __future__ import annotations
@@ -15,12 +20,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mmgen_deploy.data.shapes import COLOURS, SHAPES, SQUARE_FRACTION, coverage
+from mmgen_deploy.data.shapes import _HALF_EXTENT, COLOURS, SHAPES, SQUARE_FRACTION, coverage
 
 # A pixel takes part in the colour vote when its brightest channel is at least this.
 _LIT = 128
 # Fewer lit pixels than this: there is no shape to judge.
 _MIN_PIXELS = 4
+# Half extents (fraction of the side) are 0.135..0.165 for small and 0.243..0.297 for large
+# shapes (x0.9..1.1 scale jitter): split at the midpoint of the gap.
+_SIZE_SPLIT = (_HALF_EXTENT["small"] * 1.1 + _HALF_EXTENT["large"] * 0.9) / 2
+# Centred shapes move at most 1.5 px (of 32) from the middle; the others sit >= 5.5 px away.
+_CENTRE_RADIUS = 3.5 / 32
 _PATTERN_TO_COLOUR = {tuple(int(v > 0) for v in rgb): name for name, rgb in COLOURS.items()}
 
 
@@ -28,9 +38,14 @@ _PATTERN_TO_COLOUR = {tuple(int(v > 0) for v in rgb): name for name, rgb in COLO
 class Verdict:
     colour: str | None
     shape: str | None
+    size: str | None = None
+    position: str | None = None
 
     def matches(self, colour: str, shape: str) -> bool:
         return self.colour == colour and self.shape == shape
+
+    def matches_all(self, colour: str, shape: str, size: str, position: str) -> bool:
+        return self.matches(colour, shape) and self.size == size and self.position == position
 
 
 def judge_colour(image: np.ndarray) -> str | None:
@@ -54,14 +69,34 @@ def _half_extent_for_area(shape: str, area: float) -> float:
     return math.sqrt(area / 2.0)  # triangle: base 2h, height 2h
 
 
-def judge_shape(image: np.ndarray) -> str | None:
+@dataclass(frozen=True)
+class _Blob:
+    """The coverage map of an image's shape: its area and centroid (pixels)."""
+
+    cover: np.ndarray
+    area: float
+    cx: float
+    cy: float
+
+
+def _blob(image: np.ndarray) -> _Blob | None:
     size = image.shape[0]
     cover = image.astype(np.float64).max(axis=2) / 255.0
     if int((cover >= _LIT / 255).sum()) < _MIN_PIXELS:
         return None
     area = float(cover.sum())
     ys, xs = np.mgrid[0:size, 0:size] + 0.5
-    cx, cy = float((cover * xs).sum() / area), float((cover * ys).sum() / area)
+    return _Blob(cover, area, float((cover * xs).sum() / area), float((cover * ys).sum() / area))
+
+
+def judge_shape(image: np.ndarray) -> str | None:
+    blob = _blob(image)
+    return None if blob is None else _shape_of(blob)
+
+
+def _shape_of(blob: _Blob) -> str:
+    cover, area, cx, cy = blob.cover, blob.area, blob.cx, blob.cy
+    size = cover.shape[0]
     errors = {}
     for shape in SHAPES:
         half = _half_extent_for_area(shape, area)
@@ -71,8 +106,40 @@ def judge_shape(image: np.ndarray) -> str | None:
     return min(errors, key=errors.__getitem__)
 
 
+def _size_of(blob: _Blob, shape: str) -> str:
+    half = _half_extent_for_area(shape, blob.area) / blob.cover.shape[0]
+    return "small" if half < _SIZE_SPLIT else "large"
+
+
+def _position_of(blob: _Blob, shape: str) -> str:
+    side = blob.cover.shape[0]
+    cy = blob.cy
+    if shape == "triangle":  # the box centre lies above the centroid
+        cy -= _half_extent_for_area(shape, blob.area) / 3.0
+    dx, dy = (blob.cx - side / 2) / side, (cy - side / 2) / side
+    if max(abs(dx), abs(dy)) < _CENTRE_RADIUS:
+        return "center"
+    if abs(dx) >= abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+def judge_size(image: np.ndarray) -> str | None:
+    blob = _blob(image)
+    return None if blob is None else _size_of(blob, _shape_of(blob))
+
+
+def judge_position(image: np.ndarray) -> str | None:
+    blob = _blob(image)
+    return None if blob is None else _position_of(blob, _shape_of(blob))
+
+
 def judge(image: np.ndarray) -> Verdict:
-    """(H, W, 3) uint8 image -> the colour and shape it shows (None where it shows none)."""
+    """(H, W, 3) uint8 image -> the colour, shape, size and position it shows (None where it shows none)."""
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
         raise ValueError(f"expected a square (H, W, 3) image, got shape {image.shape}")
-    return Verdict(judge_colour(image), judge_shape(image))
+    blob = _blob(image)
+    if blob is None:
+        return Verdict(judge_colour(image), None)
+    shape = _shape_of(blob)
+    return Verdict(judge_colour(image), shape, _size_of(blob, shape), _position_of(blob, shape))

@@ -1,4 +1,10 @@
-"""`mmgen eval`: everything measured about one run directory, as one JSON-able report."""
+"""`mmgen eval`: everything measured about one run directory, as one JSON-able report.
+
+Class models on `shapes`: how often images show their class's colour and shape. Text-to-image
+models on `shapes`: prompts drawn from the held-out attribute combinations (never seen in
+training), and how often each attribute (colour, shape, size, position) is right, separately
+and all four together. Both are judged from pixels by `evaluation.checker`.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ class EvalSettings:
     backend: str = "torch"
     precision: str = "fp32"
     generate: bool = True
+    num_prompts: int = 200  # text-to-image models: prompts from the held-out combinations
 
 
 def conditional_accuracy(images: np.ndarray, class_ids: list[int]) -> dict[str, Any]:
@@ -47,6 +54,60 @@ def conditional_accuracy(images: np.ndarray, class_ids: list[int]) -> dict[str, 
     return {"accuracy": both / n, "colour_accuracy": colour_hits / n, "shape_accuracy": shape_hits / n,
             "num_samples": len(class_ids),
             "per_class": {name: hits / total for name, (hits, total) in per_class.items() if total}}
+
+
+ATTRIBUTES = ("colour", "shape", "size", "position")
+
+
+def prompt_accuracy(images: np.ndarray, specs: list[Any]) -> dict[str, Any]:
+    """Per-attribute accuracy of `shapes` images generated for the prompts of `specs` (ShapeSpecs)."""
+    hits = dict.fromkeys(ATTRIBUTES, 0)
+    all_four = 0
+    per_prompt: dict[str, list[int]] = {}
+    for image, spec in zip(images, specs, strict=True):
+        verdict = judge(image)
+        right = [getattr(verdict, name) == getattr(spec, name) for name in ATTRIBUTES]
+        for name, ok in zip(ATTRIBUTES, right, strict=True):
+            hits[name] += ok
+        all_four += all(right)
+        counts = per_prompt.setdefault(spec.caption, [0, 0])
+        counts[0] += all(right)
+        counts[1] += 1
+    n = max(len(specs), 1)
+    return {**{f"{name}_accuracy": hits[name] / n for name in ATTRIBUTES}, "accuracy": all_four / n,
+            "num_samples": len(specs),
+            "per_prompt": {caption: right / total for caption, (right, total) in sorted(per_prompt.items())}}
+
+
+def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
+                      progress: Any) -> dict[str, Any]:
+    from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.training.common import save_grid
+
+    heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
+    specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
+    tokenizer = run.load_tokenizer()
+    runner = open_runner(run.root, backend=settings.backend, precision=settings.precision)
+    try:
+        started = time.perf_counter()
+        condition = text_conditioning(runner, config, tokenizer, [s.caption for s in specs])
+        result = sample(runner, config, condition, steps=settings.steps, sampler=settings.sampler,
+                        cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,
+                        progress=progress)
+        seconds = time.perf_counter() - started
+    finally:
+        runner.close()
+    images = np.asarray(result.images)
+    grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=10)
+    return {
+        **prompt_accuracy(images, specs),
+        "prompts_from": "held-out combinations" if heldout else "all combinations (this run holds none out)",
+        "num_heldout_combinations": len(heldout), "num_distinct_prompts": len({s.caption for s in specs}),
+        "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+        "seed": settings.seed, "backend": settings.backend, "precision": settings.precision,
+        "sampling_seconds": round(seconds, 1), "grid": str(grid)}
 
 
 def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
@@ -73,6 +134,9 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
     except ImportError:
         raise NotAvailableError("sampling is not available in this version, so generated images cannot be judged",
                                 "pass --no-generate to measure the VQ-VAE only") from None
+    if config.uses_text:
+        report["generation"] = _evaluate_prompts(run, spec, config, settings, progress)
+        return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
     runner = open_runner(run.root, backend=settings.backend, precision=settings.precision)
     started = time.perf_counter()

@@ -71,16 +71,27 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
 
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
-    for k, (class_id, image) in enumerate(zip(result.class_ids, result.images, strict=True)):
-        name = class_name(config, class_id)
-        filename = f"{k:04d}_{_slug(name)}.png"
+    settings = (("seed", result.seed), ("steps", result.steps), ("sampler", result.sampler),
+                ("cfg_scale", result.cfg_scale), ("backend", result.backend), ("precision", result.precision))
+    for k, image in enumerate(result.images):
+        entry: dict[str, Any]
+        if result.prompts:  # a text model: the prompt is what the image was asked to show
+            prompt = result.prompts[k]
+            filename = f"{k:04d}_{_slug(prompt)[:60].strip('-') or 'prompt'}.png"
+            entry = {"file": filename, "index": k, "prompt": prompt}
+            condition: tuple[tuple[str, Any], ...] = (("prompt", prompt),)
+        else:
+            class_id = result.class_ids[k]
+            name = class_name(config, class_id)
+            filename = f"{k:04d}_{_slug(name)}.png"
+            entry = {"file": filename, "index": k, "class": name, "class_id": class_id}
+            condition = (("class", name), ("class_id", class_id))
         info = PngInfo()
-        for key, value in (("class", name), ("class_id", class_id), ("index", k), ("seed", result.seed),
-                           ("steps", result.steps), ("sampler", result.sampler), ("cfg_scale", result.cfg_scale),
-                           ("backend", result.backend), ("precision", result.precision)):
+        for key, value in (*condition, ("index", k), *settings):
+            # tEXt chunks; Pillow writes a UTF-8 iTXt instead for a prompt that Latin-1 cannot hold.
             info.add_text(key, str(value))
         _to_pil(image).save(directory / filename, pnginfo=info)
-        entries.append({"file": filename, "index": k, "class": name, "class_id": class_id})
+        entries.append(entry)
     columns = images_per_class if 1 < images_per_class <= 16 else math.ceil(math.sqrt(len(result.images)))
     _to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
     sidecar: dict[str, Any] = {
@@ -92,5 +103,9 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
         "images": entries,
         "grid": "grid.png",
     }
+    if result.prompts:
+        sidecar["prompts"] = list(dict.fromkeys(result.prompts))
+        sidecar["settings"]["images_per_prompt"] = sidecar["settings"].pop("images_per_class")
+        sidecar["timing"]["text_encoder_seconds"] = result.text_encoder_seconds
     sidecar.update(extra or {})
     return sidecar

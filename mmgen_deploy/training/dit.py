@@ -1,4 +1,10 @@
-"""Stage 2: the DiT on cached VQ latents (epsilon prediction, label dropout, AdamW, EMA)."""
+"""Stage 2: the DiT on cached VQ latents (epsilon prediction, label dropout, AdamW, EMA).
+
+A text-to-image run (``config.uses_text``) trains its `TextEncoder` jointly with the DiT:
+one optimizer over both, captions tokenized once, caption dropout replacing a caption by
+the empty prompt (the unconditional input of classifier-free guidance), EMA copies of both
+saved for inference, and the word tokenizer saved next to the text encoder.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +20,14 @@ import torch.nn.functional as F
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.data.dataset import ImageData
-from mmgen_deploy.errors import RunDirError
+from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.dit import DiT
+from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
+from mmgen_deploy.text.tokenizer import WordTokenizer
 from mmgen_deploy.training.common import (
     StepCallback,
     ema_decay_at,
@@ -81,14 +89,46 @@ def cached_latents(run: RunDir, vq: VQModel, data: ImageData) -> torch.Tensor:
     return latents
 
 
+# How many distinct training captions the text model's sample grid shows (2 samples each).
+GRID_PROMPTS = 9
+
+
+def build_tokenizer(captions: list[str], max_length: int) -> WordTokenizer:
+    """The word tokenizer of a text-to-image run: the vocabulary of its training captions."""
+    if not any(caption.strip() for caption in captions):
+        raise UsageError("a text-to-image model needs captions, and this data has none",
+                         'use --data shapes, or a folder with a metadata.jsonl of {"file_name": ..., '
+                         '"text": "a caption"} lines')
+    return WordTokenizer.build(captions, max_length=max_length)
+
+
+def grid_prompts(captions: list[str], count: int = GRID_PROMPTS) -> list[str]:
+    """The fixed prompts of a text model's sample grids: the first `count` distinct training captions."""
+    return [c for c in dict.fromkeys(captions) if c.strip()][:count]
+
+
 def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
               callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference."""
+    """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference.
+
+    For a text-to-image run, also builds and saves the tokenizer and trains the text encoder.
+    """
     config = run.load_config()
     vq = run.load_vqvae(config)
     latents = cached_latents(run, vq, train)
     labels = torch.from_numpy(train.labels).long()
-    if int(labels.max()) >= config.dit.num_classes:
+    tokenizer: WordTokenizer | None = None
+    if config.uses_text:
+        assert config.text is not None
+        tokenizer = build_tokenizer(train.captions, config.text.max_length)
+        if tokenizer.vocab_size != config.text.vocab_size:
+            raise RunDirError(f"the training captions give a vocabulary of {tokenizer.vocab_size} tokens but the "
+                              f"run's text encoder has {config.text.vocab_size}",
+                              "train this run on the data it was created for (or start a new run)")
+        # Tokenized once: (N, L) ids, and the empty prompt that caption dropout substitutes.
+        token_ids = torch.from_numpy(tokenizer(train.captions)).long()
+        empty_ids = torch.from_numpy(tokenizer([""])).long()
+    elif int(labels.max()) >= config.dit.num_classes:
         raise RunDirError(f"the data has class ids up to {int(labels.max())} but the DiT has "
                           f"{config.dit.num_classes} classes", "train this run on the data it was created for")
     # The same schedule the samplers use (one definition, float64, then float32 for training).
@@ -99,6 +139,10 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     dit = DiT(config.dit)
     ema = copy.deepcopy(dit).eval().requires_grad_(False)
     trainable = [p for p in dit.parameters() if p.requires_grad]
+    text_encoder = TextEncoder(config.text) if config.text is not None else None
+    text_ema = copy.deepcopy(text_encoder).eval().requires_grad_(False) if text_encoder is not None else None
+    if text_encoder is not None:
+        trainable += [p for p in text_encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     checkpoint = run.checkpoints_dir / "dit.pt"
     start = 0
@@ -114,6 +158,12 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
                               "resume with the same options (only --steps may grow)")
         dit.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
+        if text_encoder is not None and text_ema is not None and config.text is not None:
+            if "text_encoder" not in state or state.get("text_config") != config.text.to_dict():
+                raise RunDirError(f"{checkpoint} has no matching text encoder",
+                                  "train without --resume (add --overwrite to replace the run)")
+            text_encoder.load_state_dict(state["text_encoder"])
+            text_ema.load_state_dict(state["text_ema"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], generator)
         start = int(state["step"])
@@ -121,47 +171,70 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     c = config.dit.in_channels
+    drop_prob = config.text.caption_dropout_prob if config.text is not None else config.dit.class_dropout_prob
     try:
         with progress_bar("DiT", settings.steps, start, show_progress) as advance:
             for step in range(start, settings.steps):
                 dit.train()
+                if text_encoder is not None:
+                    text_encoder.train()
                 set_lr(optimizer, lr_at(step, base_lr=settings.lr, warmup=settings.warmup, total=settings.steps))
                 pick = torch.randint(0, len(latents), (settings.batch_size,), generator=generator)
                 x0, y = latents[pick], labels[pick]
                 t = torch.randint(0, num_t, (settings.batch_size,), generator=generator)
                 noise = torch.randn(x0.shape, generator=generator)
-                drop = torch.rand(settings.batch_size, generator=generator) < config.dit.class_dropout_prob
+                drop = torch.rand(settings.batch_size, generator=generator) < drop_prob
                 a = alpha_bar[t].view(-1, 1, 1, 1)
                 x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
                 # With learn_sigma the extra channels get no loss here (plain epsilon MSE).
-                prediction = dit(x_t, t.float(), y, drop_labels=drop)[:, :c]
+                if text_encoder is not None:
+                    # Caption dropout: the empty prompt, as classifier-free guidance's unconditional half.
+                    ids = torch.where(drop[:, None], empty_ids, token_ids[pick])
+                    text, text_mask, text_pooled = text_encoder(ids)
+                    prediction = dit(x_t, t.float(), text=text, text_mask=text_mask, text_pooled=text_pooled)[:, :c]
+                else:
+                    prediction = dit(x_t, t.float(), y, drop_labels=drop)[:, :c]
                 loss = F.mse_loss(prediction, noise)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 ema_update(ema, dit, ema_decay_at(step, settings.ema_decay))
+                if text_encoder is not None and text_ema is not None:
+                    ema_update(text_ema, text_encoder, ema_decay_at(step, settings.ema_decay))
                 metrics = {"loss": loss.item()}
                 done = step + 1
                 if done % settings.checkpoint_every == 0 or done == settings.steps:
-                    save_checkpoint(checkpoint, {
-                        "step": done, "model": dit.state_dict(), "ema": ema.state_dict(),
-                        "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
-                        "config": config.dit.to_dict(), "settings": settings.to_dict()})
+                    state = {"step": done, "model": dit.state_dict(), "ema": ema.state_dict(),
+                             "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
+                             "config": config.dit.to_dict(), "settings": settings.to_dict()}
+                    if text_encoder is not None and text_ema is not None and config.text is not None:
+                        state.update(text_encoder=text_encoder.state_dict(), text_ema=text_ema.state_dict(),
+                                     text_config=config.text.to_dict())
+                    save_checkpoint(checkpoint, state)
                     last_saved = done
                 if settings.sample_every and done % settings.sample_every == 0 and done != settings.steps:
-                    sample_grid(vq, ema, config, run.samples_dir / "train" / f"dit_step{done:06d}.png", steps=25)
+                    sample_grid(vq, ema, config, run.samples_dir / "train" / f"dit_step{done:06d}.png", steps=25,
+                                text_encoder=text_ema, tokenizer=tokenizer, prompts=grid_prompts(train.captions))
                 advance(loss=metrics["loss"])
                 if callback is not None:
                     callback(done, metrics)
     except KeyboardInterrupt:
         raise interrupted("DiT", checkpoint, last_saved) from None
     train_seconds = time.perf_counter() - started
+    if text_ema is not None and tokenizer is not None:
+        # Text encoder and tokenizer first: a run with DiT weights always has what conditions them.
+        run.save_tokenizer(tokenizer)
+        run.save_weights("text_encoder", text_ema)
     run.save_weights("dit", ema)
-    grid = sample_grid(vq, ema, config, run.samples_dir / "dit_samples.png")
+    grid = sample_grid(vq, ema, config, run.samples_dir / "dit_samples.png", text_encoder=text_ema,
+                       tokenizer=tokenizer, prompts=grid_prompts(train.captions))
     result = {"stage": "dit", "steps": settings.steps, "resumed_from": start if resume else None,
               "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
               "final_loss": metrics.get("loss"), "num_latents": len(latents),
               "sample_grid": str(grid) if grid else None, "settings": settings.to_dict()}
+    if tokenizer is not None:
+        result.update(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
+                      conditioning=config.dit.conditioning, grid_prompts=grid_prompts(train.captions))
     write_json(run.reports_dir / "train_dit.json", result)
     training = dict(run.read_meta().get("training", {}))
     training["dit"] = {k: result[k] for k in ("steps", "train_seconds", "final_loss")}
@@ -170,13 +243,23 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
 
 
 def sample_grid(vq: VQModel, dit: DiT, config: ModelConfig, path: Path, *, steps: int = 50,
-                per_class: int = 2, cfg_scale: float = 4.0) -> Path | None:
-    """A grid with `per_class` samples of every class (one column per class), if sampling is available."""
+                per_class: int = 2, cfg_scale: float = 4.0, text_encoder: TextEncoder | None = None,
+                tokenizer: WordTokenizer | None = None, prompts: list[str] | None = None) -> Path | None:
+    """A grid with `per_class` samples of every class (one column per class), or for a text
+    model of every prompt in `prompts` (one column per prompt), if sampling is available."""
     try:
         from mmgen_deploy.runtime.torch_runner import TorchRunner
-        from mmgen_deploy.sampling import sample
+        from mmgen_deploy.sampling import sample, text_conditioning
     except ImportError:  # the sampling package is optional at this stage of the project
         return None
+    if config.uses_text:
+        if text_encoder is None or tokenizer is None or not prompts:
+            return None
+        runner = TorchRunner(vq.eval(), dit.eval(), config=config, text_encoder=text_encoder.eval())
+        condition = text_conditioning(runner, config, tokenizer, [p for _ in range(per_class) for p in prompts])
+        result = sample(runner, config, condition, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=0,
+                        batch_size=64)
+        return save_grid(np.asarray(result.images), path, columns=len(prompts))
     classes = [k for _ in range(per_class) for k in range(config.dit.num_classes)]
     result = sample(TorchRunner(vq.eval(), dit.eval()), config, classes, steps=steps, sampler="ddim",
                     cfg_scale=cfg_scale, seed=0, batch_size=64)

@@ -12,7 +12,7 @@ from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
 
 # What a run directory may contain; --overwrite removes exactly these names.
-_RUN_ENTRIES = ("run.json", "vqvae", "dit", "checkpoints", "onnx", "engines", "samples", "reports")
+_RUN_ENTRIES = ("run.json", "vqvae", "dit", "text_encoder", "checkpoints", "onnx", "engines", "samples", "reports")
 
 
 @dataclass(frozen=True)
@@ -23,11 +23,20 @@ class TrainRecipe:
     dit_steps: int
 
 
-_RECIPES = {"tiny": TrainRecipe(vq_steps=600, dit_steps=3000)}
+_RECIPES = {
+    "tiny": TrainRecipe(vq_steps=600, dit_steps=3000),
+    # Text-to-image on the tiny preset (`mmgen quickstart --text`, 12-minute CPU budget): the text
+    # encoder trains jointly with the DiT, so each DiT step costs a little more.
+    "tiny+text": TrainRecipe(vq_steps=600, dit_steps=3000),
+}
 _DEFAULT = TrainRecipe(vq_steps=20000, dit_steps=100000)
+TEXT_RECIPE_SUFFIX = "+text"
 
 
-def recipe_for(preset_name: str) -> TrainRecipe:
+def recipe_for(preset_name: str, *, text: bool = False) -> TrainRecipe:
+    """The default step counts of `preset_name`; a text-to-image model may have its own."""
+    if text and preset_name + TEXT_RECIPE_SUFFIX in _RECIPES:
+        return _RECIPES[preset_name + TEXT_RECIPE_SUFFIX]
     return _RECIPES.get(preset_name, _DEFAULT)
 
 
@@ -57,6 +66,10 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
     if run.exists():
         existing_config = run.load_config() if not overwrite else None
         existing_data = run.read_meta().get("data", {})
+        if existing_data:  # fields added since the run was made compare at their defaults
+            from mmgen_deploy.data import DataSpec
+
+            existing_data = DataSpec.from_dict(existing_data).to_dict()
         if existing_config is not None:
             difference = _describe_difference(
                 {"model": existing_config.to_dict(), "data": existing_data},

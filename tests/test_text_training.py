@@ -1,0 +1,323 @@
+"""Text-to-image training, generation from prompts, per-attribute evaluation and `quickstart --text`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import DiTConfig, ModelConfig, VQConfig, with_text
+from mmgen_deploy.data import DataSpec, load_split
+from mmgen_deploy.data.shapes import (
+    COLOUR_NAMES,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    all_combinations,
+    heldout_prompt_specs,
+    holdout_combinations,
+    make_shapes,
+    parse_caption,
+)
+from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.evaluation.checker import judge
+from mmgen_deploy.evaluation.evaluate import prompt_accuracy
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.training import prepare_run
+from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint
+from mmgen_deploy.training.dit import DiTTrainSettings, build_tokenizer, train_dit
+from mmgen_deploy.training.vqvae import VQTrainSettings, train_vqvae
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+# -- data -------------------------------------------------------------------------------
+
+def test_holdout_combinations_never_reach_training_but_every_attribute_does() -> None:
+    held = holdout_combinations(0.2, seed=0)
+    assert len(held) == 36 and held == holdout_combinations(0.2, seed=0)
+    assert held != holdout_combinations(0.2, seed=1)
+    assert holdout_combinations(0.0) == ()
+    # Fraction 0 is today's data, image for image.
+    plain, zero = make_shapes(64, seed=2), make_shapes(64, seed=2, holdout_fraction=0.0)
+    assert np.array_equal(plain.images, zero.images) and plain.captions == zero.captions
+    train = make_shapes(1500, seed=0, holdout_fraction=0.2)
+    seen = {parse_caption(c) for c in train.captions}
+    assert not seen & set(held)
+    assert len(seen) == len(all_combinations()) - len(held)  # all the others are drawn
+    for axis, values in (("colour", COLOUR_NAMES), ("shape", SHAPES), ("size", SIZES), ("position", POSITIONS)):
+        assert {getattr(s, axis) for s in seen} == set(values)
+    # Labels and images still agree with the (replaced) captions.
+    for image, caption in zip(train.images[:40], train.captions[:40], strict=True):
+        assert judge(image).matches_all(*_attrs(parse_caption(caption)))
+    # The DataSpec carries the fraction; validation images are unaffected.
+    spec = DataSpec(num_train=32, num_val=8, holdout_fraction=0.2)
+    assert DataSpec.from_dict(spec.to_dict()) == spec
+    assert np.array_equal(load_split(spec, "val").images, make_shapes(8, seed=0, split="val").images)
+    with pytest.raises(UsageError, match="holdout"):
+        load_split(DataSpec(num_train=4, holdout_fraction=0.9), "train")
+
+
+def _attrs(spec) -> tuple[str, str, str, str]:
+    return spec.colour, spec.shape, spec.size, spec.position
+
+
+def test_heldout_prompts_are_balanced_and_deterministic() -> None:
+    held = set(holdout_combinations(0.2, seed=0))
+    prompts = heldout_prompt_specs(200, fraction=0.2, seed=0)
+    assert prompts == heldout_prompt_specs(200, fraction=0.2, seed=0) and len(prompts) == 200
+    assert set(prompts) == held  # every held-out combination is asked for
+    counts = np.unique([p.caption for p in prompts], return_counts=True)[1]
+    assert counts.min() == 5 and counts.max() == 6  # 200 over 36: as even as possible
+    # Without a holdout the prompts come from every combination.
+    assert set(heldout_prompt_specs(180, fraction=0.0)) == set(all_combinations())
+
+
+# -- checker ----------------------------------------------------------------------------
+
+def test_checker_judges_size_and_position_on_real_images() -> None:
+    data = make_shapes(600, seed=11, split="val")
+    specs = [parse_caption(c) for c in data.captions]
+    report = prompt_accuracy(data.images, specs)
+    for name in ("colour", "shape", "size", "position"):
+        assert report[f"{name}_accuracy"] >= 0.99, (name, report[f"{name}_accuracy"])
+    assert report["accuracy"] >= 0.98 and report["num_samples"] == 600
+    # Wrong answers are caught: an image flipped left-right is on the other side.
+    left = next(i for i, s in enumerate(specs) if s.position == "left" and s.shape == "circle")
+    assert judge(data.images[left][:, ::-1].copy()).position == "right"
+    assert judge(data.images[left].transpose(1, 0, 2).copy()).position == "top"  # x <-> y
+    small = next(i for i, s in enumerate(specs) if s.size == "small" and s.position == "center")
+    assert judge(np.kron(data.images[small], np.ones((2, 2, 1), np.uint8))[16:48, 16:48]).size == "large"
+    empty = judge(np.zeros((32, 32, 3), np.uint8))
+    assert empty.size is None and empty.position is None
+
+
+# -- training ---------------------------------------------------------------------------
+
+def _small_text_config(vocab_size: int) -> ModelConfig:
+    vq = VQConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, n_embed=32)
+    dit = DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=18)
+    return with_text(ModelConfig(vq=vq, dit=dit), vocab_size=vocab_size, hidden_size=32)
+
+
+def _dit(steps: int, **kw) -> DiTTrainSettings:
+    return DiTTrainSettings(steps=steps, batch_size=16, warmup=2, checkpoint_every=1, sample_every=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def text_data():
+    spec = DataSpec(num_train=96, num_val=16, holdout_fraction=0.2)
+    return spec, load_split(spec, "train"), load_split(spec, "val")
+
+
+def _text_run(path, text_data) -> RunDir:
+    spec, train, val = text_data
+    config = _small_text_config(build_tokenizer(train.captions, 16).vocab_size)
+    run = prepare_run(path, config, spec.to_dict(), overwrite=False)
+    train_vqvae(run, train, val, VQTrainSettings(steps=2, batch_size=8, warmup=1, checkpoint_every=1,
+                                                 sample_every=0), show_progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def trained_text_run(tmp_path_factory, text_data) -> RunDir:
+    run = _text_run(tmp_path_factory.mktemp("text") / "run", text_data)
+    train_dit(run, text_data[1], _dit(4), show_progress=False)
+    return run
+
+
+def test_text_training_saves_tokenizer_and_text_encoder_and_trains_both(trained_text_run, text_data) -> None:
+    run = trained_text_run
+    config = run.load_config()
+    tokenizer = run.load_tokenizer()
+    assert tokenizer.vocab_size == config.text.vocab_size and tokenizer.max_length == config.text.max_length
+    assert {"red", "triangle", "left", "large"} <= set(tokenizer.words)
+    report = json.loads((run.reports_dir / "train_dit.json").read_text())
+    assert report["vocab_size"] == tokenizer.vocab_size and len(report["grid_prompts"]) == 9
+    assert (run.samples_dir / "dit_samples.png").is_file()
+    state = load_checkpoint(run.checkpoints_dir / "dit.pt")
+    from mmgen_deploy.models import DiT, TextEncoder
+
+    torch.manual_seed(0)  # the initialisation train_dit starts from (seed 0: DiT, then text encoder)
+    DiT(config.dit)
+    fresh = TextEncoder(config.text)
+    trained = state["text_encoder"]
+    # The text encoder's weights moved (one optimizer with the DiT), and its EMA is what was saved.
+    assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items() if v.dtype.is_floating_point)
+    loaded = run.load_text_encoder()
+    for key, value in state["text_ema"].items():
+        assert torch.equal(loaded.state_dict()[key], value)
+
+
+def test_text_training_resume_is_exact(tmp_path, text_data) -> None:
+    train = text_data[1]
+    full = _text_run(tmp_path / "full", text_data)
+    train_dit(full, train, _dit(4), show_progress=False)
+    cut = _text_run(tmp_path / "cut", text_data)
+
+    def stop(step: int, _metrics) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train_dit(cut, train, _dit(4), callback=stop, show_progress=False)
+    train_dit(cut, train, _dit(4), resume=True, show_progress=False)
+    for part in ("dit", "text_encoder"):
+        a, b = full.load_state(part), cut.load_state(part)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (part, key)
+    assert full.load_tokenizer().words == cut.load_tokenizer().words
+
+
+def test_text_training_refuses_a_vocabulary_that_does_not_match(tmp_path, text_data) -> None:
+    spec, train, val = text_data
+    run = prepare_run(tmp_path / "r", _small_text_config(7), spec.to_dict(), overwrite=False)
+    train_vqvae(run, train, val, VQTrainSettings(steps=1, batch_size=8, checkpoint_every=1, sample_every=0),
+                show_progress=False)
+    with pytest.raises(RunDirError, match="vocabulary"):
+        train_dit(run, train, _dit(1), show_progress=False)
+    with pytest.raises(UsageError, match="needs captions"):
+        build_tokenizer(["", " "], 16)
+
+
+# -- generate and eval through the CLI --------------------------------------------------
+
+def test_generate_from_prompts_writes_prompt_metadata(trained_text_run, tmp_path, capsys) -> None:
+    root = str(trained_text_run.root)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a small red circle on the left\n\n  \na large cyan square at the top of a purple box\n")
+    out = tmp_path / "gen"
+    code, _, stderr = _cli(["generate", root, "--prompt", "a large blue triangle at the top",
+                                 "--prompts-file", str(prompts_file), "--n", "2", "--steps", "2",
+                                 "--backend", "torch", "--out", str(out), "--json", str(tmp_path / "g.json")],
+                                capsys)
+    assert code == 0, stderr
+    assert "unknown word(s)" in stderr and "purple, box" in stderr
+    pngs = sorted(out.glob("0*.png"))
+    assert len(pngs) == 6
+    with Image.open(pngs[2]) as image:
+        chunks = dict(image.text)
+    assert chunks["prompt"] == "a small red circle on the left" and chunks["steps"] == "2"
+    assert chunks["seed"] == "0" and chunks["sampler"] == "ddim"
+    sidecar = json.loads((tmp_path / "g.json").read_text())
+    assert sidecar["prompts"] == ["a large blue triangle at the top", "a small red circle on the left",
+                                  "a large cyan square at the top of a purple box"]
+    assert [e["prompt"] for e in sidecar["images"]][::2] == sidecar["prompts"]
+    code, _, stderr = _cli(["generate", root, "-p", " ".join(["red"] * 30), "--n", "1", "--steps", "1",
+                            "--backend", "torch", "--out", str(tmp_path / "long")], capsys)
+    assert code == 0 and "cut to their first 14 words" in stderr
+
+
+def test_wrong_kind_of_condition_is_a_one_line_error(trained_text_run, random_models, tmp_path, capsys) -> None:
+    from mmgen_deploy.rundir import save_run
+
+    class_run = save_run(tmp_path / "class", *random_models)
+    code, _, stderr = _cli(["generate", str(trained_text_run.root), "--class", "red circle"], capsys)
+    assert code == 2 and "takes prompts" in stderr and "Traceback" not in stderr
+    code, _, stderr = _cli(["generate", str(trained_text_run.root)], capsys)
+    assert code == 2 and "needs prompts" in stderr
+    code, _, stderr = _cli(["generate", str(class_run.root), "--prompt", "a red circle"], capsys)
+    assert code == 2 and "class-conditioned" in stderr and "Traceback" not in stderr
+    code, _, stderr = _cli(["generate", str(trained_text_run.root), "--prompts-file", str(tmp_path / "x")], capsys)
+    assert code == 2 and "does not exist" in stderr
+    code, _, stderr = _cli(["train", "vqvae", "--out", str(tmp_path / "r"), "--holdout-fraction", "0.2"], capsys)
+    assert code == 2 and "--text" in stderr
+    code, _, stderr = _cli(["train", "vqvae", "--out", str(tmp_path / "r"), "--text", "--text-conditioning",
+                            "telepathy"], capsys)
+    assert code == 2 and "pooled+cross_attention" in stderr and not (tmp_path / "r").exists()
+
+
+def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> None:
+    code, stdout, stderr = _cli(["eval", str(trained_text_run.root), "--num-prompts", "6", "--steps", "2",
+                                 "--json", "-"], capsys)
+    assert code == 0, stderr
+    generation = json.loads(stdout)["generation"]
+    for name in ("colour", "shape", "size", "position"):
+        assert 0.0 <= generation[f"{name}_accuracy"] <= 1.0
+    assert generation["num_samples"] == 6 and generation["prompts_from"] == "held-out combinations"
+    assert generation["num_heldout_combinations"] == 36
+    held = {s.caption for s in holdout_combinations(0.2)}
+    assert set(generation["per_prompt"]) <= held
+    assert "position" in stderr and "held-out" in stderr
+
+
+# -- quickstart --text ------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
+    """The real `quickstart --text` loop with a 2-step recipe. The ONNX stages need the text encoder's
+    export (another branch); until it lands, only the stages that run without it are run here."""
+    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.training import recipes
+
+    assert [name for name, _ in train_cli.QUICKSTART_TEXT_STAGES] == [
+        "train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
+        "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
+    monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
+
+    def cheap_eval(ctx) -> str:
+        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+                                                                                     "fp32", 4))
+        return str(ctx.run.reports_dir / "eval.json")
+
+    real_new_run = train_cli._new_run
+    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+                        real_new_run(out, preset, data, size, seed, 128, *rest))
+    runnable = [(name, cheap_eval if name.startswith("evaluate") else fn)
+                for name, fn in train_cli.QUICKSTART_TEXT_STAGES if "ONNX" not in name and "parity" not in name]
+    monkeypatch.setattr(train_cli, "QUICKSTART_TEXT_STAGES", runnable)
+    out = tmp_path / "qs"
+    code, _, stderr = _cli(["quickstart", "--text", "--out", str(out), "--threads", "1"], capsys)
+    assert code == 0, stderr
+    assert "1/3 train VQ-VAE" in stderr and "3/3 evaluate (held-out prompts)" in stderr
+    summary = json.loads((out / "reports" / "quickstart.json").read_text())
+    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT + text encoder",
+                                              "evaluate (held-out prompts)"]
+    run = RunDir(out)
+    config = run.load_config()
+    assert config.uses_text and config.dit.conditioning == "pooled+cross_attention"
+    assert run.read_meta()["data"]["holdout_fraction"] == 0.2
+    assert run.load_tokenizer().vocab_size == config.text.vocab_size
+    assert summary["eval"]["generation"]["prompts_from"] == "held-out combinations"
+
+
+def test_text_model_on_a_captioned_user_folder(tmp_path, capsys) -> None:
+    """metadata.jsonl `text` is the caption: the vocabulary comes from it; no captions, no text model."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    lines = []
+    for k, (colour, word) in enumerate([((255, 0, 0), "red"), ((0, 255, 0), "green"), ((0, 0, 255), "blue")] * 2):
+        Image.new("RGB", (40, 40), colour).save(folder / f"{k}.png")
+        lines.append(json.dumps({"file_name": f"{k}.png", "text": f"a {word} Tile!"}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(folder), "--out", str(out), "--steps", "1",
+                            "--batch-size", "2"], capsys)
+    assert code == 0, stderr
+    config = RunDir(out).load_config()
+    assert config.text.vocab_size == 4 + 5  # a, tile, red, green, blue
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(folder), "--out", str(tmp_path / "r2"),
+                            "--holdout-fraction", "0.2"], capsys)
+    assert code == 2 and "`shapes` only" in stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(bare / "a.png")
+    code, _, stderr = _cli(["train", "vqvae", "--text", "--data", str(bare), "--out", str(tmp_path / "r3")], capsys)
+    assert code == 2 and "needs captions" in stderr and not (tmp_path / "r3").exists()
