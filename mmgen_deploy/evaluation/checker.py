@@ -3,9 +3,12 @@
 Colour: every clearly lit pixel votes for the primary/secondary colour whose channels
 it lights (a channel counts when it exceeds half of the pixel's brightest channel).
 Shape: the image's brightness is treated as a coverage map; for each candidate shape we
-render the ideal anti-aliased template with the same area and centroid and keep the
-shape whose template differs least (L1) from the image. This needs no thresholds tuned
-per shape and works for any size and position.
+render the ideal anti-aliased template with the same centroid and keep the shape whose
+template differs least (L1) from the image. Each candidate is fitted at a few sizes around
+the one with the image's area (`_TEMPLATE_SCALES`): a decoded image has soft edges and
+rounded corners, which spread its coverage and shrink its bright core, so the area alone
+gives every candidate a slightly wrong size and the comparison would favour the circle.
+This needs no thresholds tuned per shape and works for any size and position.
 Size: the shape's half extent follows from its lit area (coverage sum) once the shape is
 known; `small` and `large` are told apart at the midpoint of their ranges.
 Position: the centroid's offset from the image middle (for a triangle, the centre of its
@@ -31,6 +34,8 @@ _MIN_PIXELS = 4
 _SIZE_SPLIT = (_HALF_EXTENT["small"] * 1.1 + _HALF_EXTENT["large"] * 0.9) / 2
 # Centred shapes move at most 1.5 px (of 32) from the middle; the others sit >= 5.5 px away.
 _CENTRE_RADIUS = 3.5 / 32
+# Template sizes tried per candidate shape, relative to the area-matched one.
+_TEMPLATE_SCALES = (0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)
 _PATTERN_TO_COLOUR = {tuple(int(v > 0) for v in rgb): name for name, rgb in COLOURS.items()}
 
 
@@ -99,10 +104,13 @@ def _shape_of(blob: _Blob) -> str:
     size = cover.shape[0]
     errors = {}
     for shape in SHAPES:
-        half = _half_extent_for_area(shape, area)
-        # The triangle's centroid lies a third of the half extent below its box centre.
-        box_cy = cy - half / 3.0 if shape == "triangle" else cy
-        errors[shape] = float(np.abs(cover - coverage(shape, cx, box_cy, half, size)).sum())
+        fits = []
+        for scale in _TEMPLATE_SCALES:
+            half = _half_extent_for_area(shape, area) * scale
+            # The triangle's centroid lies a third of the half extent below its box centre.
+            box_cy = cy - half / 3.0 if shape == "triangle" else cy
+            fits.append(float(np.abs(cover - coverage(shape, cx, box_cy, half, size)).sum()))
+        errors[shape] = min(fits)
     return min(errors, key=errors.__getitem__)
 
 
