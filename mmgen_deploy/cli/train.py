@@ -118,8 +118,9 @@ def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: fl
     _positive("number of DiT steps", steps)
     _positive("DiT batch size", batch_size)
     defaults = DiTTrainSettings()
-    return DiTTrainSettings(steps=steps or recipe.dit_steps, batch_size=batch_size or defaults.batch_size,
-                            lr=lr or defaults.lr, seed=seed,
+    return DiTTrainSettings(steps=steps or recipe.dit_steps,
+                            batch_size=batch_size or recipe.dit_batch_size or defaults.batch_size,
+                            lr=lr or recipe.dit_lr or defaults.lr, seed=seed,
                             checkpoint_every=min(defaults.checkpoint_every, steps or recipe.dit_steps))
 
 

@@ -143,7 +143,8 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     text_ema = copy.deepcopy(text_encoder).eval().requires_grad_(False) if text_encoder is not None else None
     if text_encoder is not None:
         trainable += [p for p in text_encoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    # Fused: one kernel per step instead of a dozen per parameter group (~10% of a tiny DiT step on CPU).
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
     checkpoint = run.checkpoints_dir / "dit.pt"
     start = 0
     if resume:
