@@ -208,8 +208,11 @@ def train_vqvae_cmd(
 def train_dit_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory with a trained VQ-VAE."),
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Latents per step (default 128)."),
-    lr: float | None = typer.Option(None, "--lr", help="Peak AdamW learning rate (default 1e-3)."),
+    batch_size: int | None = typer.Option(None, "--batch-size",
+                                          help="Latents per step (default: the preset's recipe; tiny 64, others 128)."),
+    lr: float | None = typer.Option(None, "--lr",
+                                    help="Peak AdamW learning rate (default: the preset's recipe; tiny 6e-3, "
+                                         "others 1e-3)."),
     seed: int = _seed_opt, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
     threads: int | None = _threads_opt,
