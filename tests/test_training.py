@@ -224,3 +224,18 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     assert "accuracy" in summary["eval"]["generation"]
     code, text = _cli(["quickstart", "--out", str(out)], capsys)
     assert code != 0 and "--overwrite" in text
+
+
+def test_recipe_sets_dit_batch_and_lr_unless_overridden() -> None:
+    """The tiny recipe's DiT batch size and learning rate (what reached the accuracy target) are the
+    defaults of `mmgen train dit`; command-line values win; presets without them keep the settings' defaults."""
+    from mmgen_deploy.cli.train import _dit_settings
+    from mmgen_deploy.training import recipe_for
+    from mmgen_deploy.training.dit import DiTTrainSettings
+
+    tiny = _dit_settings(recipe_for("tiny"), None, None, None, 0)
+    assert (tiny.batch_size, tiny.lr, tiny.steps) == (64, 6e-3, recipe_for("tiny").dit_steps)
+    overridden = _dit_settings(recipe_for("tiny"), 10, 32, 1e-4, 0)
+    assert (overridden.batch_size, overridden.lr, overridden.steps) == (32, 1e-4, 10)
+    other = _dit_settings(recipe_for("S/2"), None, None, None, 0)
+    assert (other.batch_size, other.lr) == (DiTTrainSettings().batch_size, DiTTrainSettings().lr)

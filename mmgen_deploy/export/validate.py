@@ -7,6 +7,7 @@ There is no "passed with a warning": the first failing check makes the export fa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +62,17 @@ def validation_batches(spec: ComponentSpec) -> tuple[int, ...]:
     return tuple(sorted({1, 3, spec.engine_profile.max}))
 
 
-def random_input_sets(spec: ComponentSpec, seed: int = 0) -> list[InputSet]:
+def random_input_sets(spec: ComponentSpec, seed: int = 0,
+                      adjust: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None
+                      = None) -> list[InputSet]:
+    """The spec's random inputs at each validation batch; `adjust` may replace some of them
+    (a text denoiser's conditions by the text encoder's outputs for random prompts)."""
     rng = np.random.default_rng(seed)
-    return [InputSet("random", b, spec.make_inputs(b, rng)) for b in validation_batches(spec)]
+    sets = []
+    for b in validation_batches(spec):
+        feeds = spec.make_inputs(b, rng)
+        sets.append(InputSet("random", b, adjust(feeds, rng) if adjust is not None else feeds))
+    return sets
 
 
 def tile_batch(tensors: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
