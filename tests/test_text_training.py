@@ -292,7 +292,7 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
                                               "evaluate (held-out prompts)"]
     run = RunDir(out)
     config = run.load_config()
-    assert config.uses_text and config.dit.conditioning == "pooled+cross_attention"
+    assert config.uses_text and config.dit.conditioning == "pooled"
     assert run.read_meta()["data"]["holdout_fraction"] == 0.2
     assert run.load_tokenizer().vocab_size == config.text.vocab_size
     assert summary["eval"]["generation"]["prompts_from"] == "held-out combinations"
