@@ -83,6 +83,10 @@ class ComponentSpec:
     keep_fp32: bool = False
     fp32_scopes: tuple[str, ...] = ()
     fp32_op_types: tuple[str, ...] = ()
+    # The component whose outputs feed this one's same-named inputs (a text denoiser's conditions
+    # are the text encoder's outputs): random inputs for it are that component's outputs on its
+    # own random inputs (see `random_feeds`).
+    upstream: str | None = None
 
     @property
     def engine_profile(self) -> BatchProfile:
@@ -137,18 +141,25 @@ def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
     return (np.arange(length)[None, :] < lengths[:, None]).astype(np.float32)
 
 
-def with_encoded_random_prompts(feeds: dict[str, np.ndarray], specs: dict[str, ComponentSpec],
-                                encode: Callable[[np.ndarray], dict[str, np.ndarray]],
-                                rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """A text denoiser's random `feeds` with its text conditions replaced by what the run's text
-    encoder (`encode`: input_ids -> named outputs) makes of random prompts (the text encoder spec's
-    random token ids). The spec's own standard-normal conditions are fine for an untrained model,
-    but a trained encoder's outputs are ~3.5x smaller (std 0.28 on `shapes`); fed the spec's values,
-    a trained text DiT leaves its training range, its activations blow up, and FP32/FP16 rounding
-    differences grow with them. Measured on the text quickstart model: denoiser rel. L2 1.8e-5 (FP32)
-    and 3.9e-2 (FP16) on the spec's values, 4.0e-7 and 3.1e-4 on encoded random prompts."""
-    batch = next(iter(feeds.values())).shape[0]
-    outputs = encode(specs["text_encoder"].make_inputs(batch, rng)["input_ids"])
+# Runs a component (by name) on named feeds and returns its named outputs.
+ComponentRunner = Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def random_feeds(spec: ComponentSpec, specs: dict[str, ComponentSpec], batch: int, rng: np.random.Generator,
+                 run_upstream: ComponentRunner | None = None) -> dict[str, np.ndarray]:
+    """Random inputs of `spec` at `batch`, for export validation and parity.
+
+    Inputs that another component produces (`spec.upstream`) are that component's outputs on its
+    own random inputs when `run_upstream` can run it. A text denoiser thus sees what its text
+    encoder makes of random prompts, not the spec's standard-normal stand-ins: those are fine for an
+    untrained model, but a trained encoder's outputs are ~3.5x smaller (std 0.28 on `shapes`), and a
+    trained text DiT fed the stand-ins leaves its training range and its activations blow up, so
+    rounding differences grow with them. Measured on a text quickstart model: denoiser rel. L2
+    1.8e-5 (FP32) and 3.9e-2 (FP16) on the stand-ins, 4.0e-7 and 3.1e-4 on encoded random prompts."""
+    feeds = spec.make_inputs(batch, rng)
+    if spec.upstream is None or run_upstream is None:
+        return feeds
+    outputs = run_upstream(spec.upstream, specs[spec.upstream].make_inputs(batch, rng))
     return {name: (np.ascontiguousarray(outputs[name], dtype=np.float32) if name in outputs else value)
             for name, value in feeds.items()}
 
@@ -232,6 +243,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             batch_multiplier=2,
             tolerances=_tol(1e-5, 1e-2, ("model_output",)),
             fp32_scopes=("dit.t_embedder",),
+            upstream="text_encoder" if dit.uses_text else None,
         ),
     }
     text = config.text

@@ -251,28 +251,31 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
 def test_random_denoiser_inputs_of_a_text_run_come_from_its_text_encoder(tmp_path: Path) -> None:
     """Export validation and parity feed a trained text DiT what its encoder makes of random prompts,
     not the spec's standard-normal stand-ins (which a trained DiT was never trained on)."""
-    from mmgen_deploy.specs import TEXT_OUTPUTS, with_encoded_random_prompts
+    from mmgen_deploy.specs import random_feeds
 
     run = make_text_run(tmp_path / "run")
     config = run.load_config()
     specs = component_specs(config)
-    text_encoder = run.load_text_encoder(config).eval()
-    seen: list[np.ndarray] = []
+    assert specs["denoiser"].upstream == "text_encoder"
+    assert component_specs(preset("tiny"))["denoiser"].upstream is None
+    reference = TorchRunner.from_run_dir(run.root)
+    seen: list[dict[str, np.ndarray]] = []
 
-    def encode(ids: np.ndarray) -> dict[str, np.ndarray]:
-        seen.append(ids)
-        with torch.no_grad():
-            outputs = text_encoder(torch.from_numpy(ids).long())
-        return {name: tensor.numpy() for name, tensor in zip(TEXT_OUTPUTS, outputs, strict=True)}
+    def run_upstream(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        seen.append(feeds)
+        return reference.run(name, feeds)
 
-    feeds = specs["denoiser"].make_inputs(5, np.random.default_rng(0))
-    adjusted = with_encoded_random_prompts(feeds, specs, encode, np.random.default_rng(1))
-    assert set(adjusted) == set(feeds) and len(seen) == 1 and seen[0].shape == (5, config.text.max_length)
-    np.testing.assert_array_equal(adjusted["x_t"], feeds["x_t"])
-    np.testing.assert_array_equal(adjusted["t"], feeds["t"])
-    expected = encode(seen[0])
+    plain = random_feeds(specs["denoiser"], specs, 5, np.random.default_rng(0))
+    adjusted = random_feeds(specs["denoiser"], specs, 5, np.random.default_rng(0), run_upstream)
+    assert set(adjusted) == set(plain) and len(seen) == 1
+    ids = seen[0]["input_ids"]
+    assert ids.shape == (5, config.text.max_length)
+    np.testing.assert_array_equal(adjusted["x_t"], plain["x_t"])
+    np.testing.assert_array_equal(adjusted["t"], plain["t"])
+    expected = reference.run("text_encoder", {"input_ids": ids})
     for name in ("text_embeddings", "text_mask", "text_pooled"):
         assert adjusted[name].dtype == np.float32 and adjusted[name].flags.c_contiguous
         np.testing.assert_array_equal(adjusted[name], expected[name])
+        assert not np.array_equal(adjusted[name], plain[name])
     # The mask marks exactly the prompt's tokens (non-padding ids).
-    np.testing.assert_array_equal(adjusted["text_mask"], (seen[0] != 0).astype(np.float32))
+    np.testing.assert_array_equal(adjusted["text_mask"], (ids != 0).astype(np.float32))

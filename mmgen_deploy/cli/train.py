@@ -368,7 +368,7 @@ QUICKSTART_TEXT_EVAL_PROMPTS = 200
 QUICKSTART_TEXT_HOLDOUT = 0.2
 # Pooled (adaLN) only: its steps are cheaper than with cross-attention, so more of them fit in the
 # 12 minutes. On held-out prompts, pooled+cross_attention at 4200 steps got 64% shape and 56.5%
-# position. Pooled at 5000 steps got 86%/38% and 92.5%/93% in two runs (README, Text-to-image).
+# position. Pooled at 5000 steps got 86%/38% (seed 0) and 85%/100% (seed 1) (README, Text-to-image).
 QUICKSTART_TEXT_CONDITIONING = "pooled"
 
 # `quickstart --text`: the same path with prompts instead of classes; export, generate and

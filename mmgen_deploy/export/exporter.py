@@ -47,11 +47,9 @@ from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, TensorSpec, component_specs, with_encoded_random_prompts
+from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
 
 if TYPE_CHECKING:
-    import numpy as np
-
     from mmgen_deploy.text.tokenizer import WordTokenizer
 
 # progress(message, completed_steps, total_steps)
@@ -83,23 +81,6 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
         "outputs": [_tensor_record(t) for t in spec.outputs],
         "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
     }
-
-
-def _random_prompts_adjuster(config: ModelConfig, specs: dict[str, ComponentSpec], modules: dict[str, Any]
-                             ) -> Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None:
-    """For a text model: the denoiser's random text conditions come from its text encoder."""
-    if not config.uses_text or "text_encoder" not in modules:
-        return None
-    import torch
-
-    encoder = modules["text_encoder"]
-
-    def encode(input_ids: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            outputs = encoder(torch.from_numpy(input_ids))
-        return {name: tensor.numpy() for name, tensor in zip(TEXT_OUTPUTS, outputs, strict=True)}
-
-    return lambda feeds, rng: with_encoded_random_prompts(feeds, specs, encode, rng)
 
 
 def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
@@ -168,11 +149,9 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
     # FP32 graphs are the FP16 converter's input, so they are made even for an fp16-only export.
     scratch = out / ".fp32-work" if "fp32" not in chosen_precisions else out / "fp32"
-    adjust = _random_prompts_adjuster(config, specs, modules)
     for name in chosen:
         spec, module = specs[name], modules[name]
-        input_sets = random_input_sets(spec, adjust=adjust if name == "denoiser" else None) \
-            + real_input_sets(spec, real_inputs[name], real_kind)
+        input_sets = random_input_sets(spec, specs, modules) + real_input_sets(spec, real_inputs[name], real_kind)
         fp32_file = scratch / f"{name}.onnx"
         step(f"{name}: exporting FP32")
         started = time.perf_counter()

@@ -7,7 +7,6 @@ There is no "passed with a warning": the first failing check makes the export fa
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from torch import nn
 
 from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.parity.metrics import tensor_diff
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import ComponentSpec, random_feeds
 
 
 class ExportValidationError(MMGenError):
@@ -62,17 +61,16 @@ def validation_batches(spec: ComponentSpec) -> tuple[int, ...]:
     return tuple(sorted({1, 3, spec.engine_profile.max}))
 
 
-def random_input_sets(spec: ComponentSpec, seed: int = 0,
-                      adjust: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]] | None
-                      = None) -> list[InputSet]:
-    """The spec's random inputs at each validation batch; `adjust` may replace some of them
-    (a text denoiser's conditions by the text encoder's outputs for random prompts)."""
+def random_input_sets(spec: ComponentSpec, specs: dict[str, ComponentSpec], modules: dict[str, nn.Module],
+                      seed: int = 0) -> list[InputSet]:
+    """The spec's random inputs at each validation batch (`random_feeds`: inputs another component
+    produces come from running its PyTorch module in `modules`)."""
+    def run_upstream(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(specs[name].output_names, torch_outputs(modules[name], specs[name], feeds), strict=True))
+
     rng = np.random.default_rng(seed)
-    sets = []
-    for b in validation_batches(spec):
-        feeds = spec.make_inputs(b, rng)
-        sets.append(InputSet("random", b, adjust(feeds, rng) if adjust is not None else feeds))
-    return sets
+    upstream = run_upstream if spec.upstream in modules else None
+    return [InputSet("random", b, random_feeds(spec, specs, b, rng, upstream)) for b in validation_batches(spec)]
 
 
 def tile_batch(tensors: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
-from mmgen_deploy.specs import ComponentSpec, component_specs, with_encoded_random_prompts
+from mmgen_deploy.specs import ComponentSpec, component_specs, random_feeds
 
 # End-to-end thresholds per precision. Component thresholds live in the component specs;
 # these are about the whole sampling loop (errors compound over steps, so latents get
@@ -105,11 +105,7 @@ def component_parity(report: ParityReport, config: ModelConfig, reference: Any, 
         if components and name not in components:
             continue
         for batch in batches:
-            feeds = spec.make_inputs(batch, rng)
-            if name == "denoiser" and config.uses_text and "text_encoder" in specs:
-                # A trained text DiT is only defined on what its encoder produces (see the helper).
-                feeds = with_encoded_random_prompts(
-                    feeds, specs, lambda ids: reference.run("text_encoder", {"input_ids": ids}), rng)
+            feeds = random_feeds(spec, specs, batch, rng, reference.run)
             compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
                               overrides, codebook)
             if real is not None:
