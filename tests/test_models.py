@@ -7,6 +7,7 @@ import torch
 from mmgen_deploy.config import ModelConfig, preset
 from mmgen_deploy.errors import ConfigError
 from mmgen_deploy.models import DiT, VQModel, build_components
+from mmgen_deploy.models.vqvae import VectorQuantizer
 from mmgen_deploy.specs import component_specs
 
 
@@ -63,6 +64,23 @@ def test_quantizer_training_path_updates_codebook_and_gives_straight_through_gra
     assert not torch.equal(before, vq.quantize.embedding.weight)  # EMA update + dead-code restart
     assert vq.encoder.conv_in.weight.grad is not None  # gradient passed through the quantizer
     assert indices.dtype == torch.int32
+
+
+def test_unused_codes_restart_within_a_short_run() -> None:
+    # Half the codebook far from every latent: those codes never win. They must be moved onto
+    # the data within a few steps (the tiny recipe trains 500), not after hundreds.
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(16, 2).train()
+    with torch.no_grad():
+        codes = torch.cat([torch.randn(8, 2), torch.full((8, 2), 100.0)])
+        quantizer.embedding.weight.copy_(codes)
+        quantizer.ema_embed_sum.copy_(codes)
+        quantizer.ema_cluster_size.fill_(1.0)
+    for _ in range(5):
+        quantizer(torch.randn(4, 2, 8, 8))
+    assert quantizer.embedding.weight.abs().max() < 10.0
+    _, indices = quantizer.quantize(torch.randn(64, 2, 8, 8))
+    assert quantizer.usage(indices)[0] > 0.9
 
 
 def test_diffusers_variant_changes_timestep_frequencies(tiny_config) -> None:
