@@ -28,7 +28,7 @@ from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.evaluate import prompt_accuracy
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.training import prepare_run
-from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint
+from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint, lr_at
 from mmgen_deploy.training.dit import DiTTrainSettings, build_tokenizer, train_dit
 from mmgen_deploy.training.vqvae import VQTrainSettings, train_vqvae
 
@@ -184,6 +184,17 @@ def test_text_training_resume_is_exact(tmp_path, text_data) -> None:
         for key in a:
             assert torch.equal(a[key], b[key]), (part, key)
     assert full.load_tokenizer().words == cut.load_tokenizer().words
+
+
+def test_text_encoder_trains_at_its_own_fraction_of_the_rate(tmp_path, text_data) -> None:
+    run = _text_run(tmp_path / "r", text_data)
+    settings = _dit(3, text_lr_scale=0.25)
+    train_dit(run, text_data[1], settings, show_progress=False)
+    dit_group, text_group = load_checkpoint(run.checkpoints_dir / "dit.pt")["optimizer"]["param_groups"]
+    expected = lr_at(2, base_lr=settings.lr, warmup=settings.warmup, total=settings.steps)  # the last step's rate
+    assert dit_group["lr"] == pytest.approx(expected)
+    assert text_group["lr"] == pytest.approx(0.25 * expected)
+    assert len(text_group["params"]) == len(list(run.load_text_encoder().parameters()))
 
 
 def test_text_training_refuses_a_vocabulary_that_does_not_match(tmp_path, text_data) -> None:

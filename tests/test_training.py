@@ -239,3 +239,6 @@ def test_recipe_sets_dit_batch_and_lr_unless_overridden() -> None:
     assert (overridden.batch_size, overridden.lr, overridden.steps) == (32, 1e-4, 10)
     other = _dit_settings(recipe_for("S/2"), None, None, None, 0)
     assert (other.batch_size, other.lr) == (DiTTrainSettings().batch_size, DiTTrainSettings().lr)
+    # Text runs of the tiny preset train their text encoder at a sixth of the DiT's rate.
+    assert _dit_settings(recipe_for("tiny", text=True), None, None, None, 0).text_lr_scale == pytest.approx(1 / 6)
+    assert tiny.text_lr_scale == other.text_lr_scale == 1.0

@@ -121,6 +121,7 @@ def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: fl
     return DiTTrainSettings(steps=steps or recipe.dit_steps,
                             batch_size=batch_size or recipe.dit_batch_size or defaults.batch_size,
                             lr=lr or recipe.dit_lr or defaults.lr, seed=seed,
+                            text_lr_scale=recipe.text_lr_scale or defaults.text_lr_scale,
                             checkpoint_every=min(defaults.checkpoint_every, steps or recipe.dit_steps))
 
 

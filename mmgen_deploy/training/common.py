@@ -49,8 +49,9 @@ def lr_at(step: int, *, base_lr: float, warmup: int, total: int, final_fraction:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every parameter group's rate to `lr` times the group's own `lr_scale` (default 1)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 @torch.no_grad()
