@@ -213,7 +213,7 @@ def train_dit_cmd(
                                           help="Latents per step (default: the preset's recipe; tiny 64, others 128)."),
     lr: float | None = typer.Option(None, "--lr",
                                     help="Peak AdamW learning rate (default: the preset's recipe; tiny 6e-3, "
-                                         "others 1e-3)."),
+                                         "others 1e-3). A tiny text run trains its text encoder at 1/6 of it."),
     seed: int = _seed_opt, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
     threads: int | None = _threads_opt,
@@ -367,9 +367,10 @@ def _qs_eval_prompts(ctx: QuickstartContext) -> str:
 QUICKSTART_TEXT_EVAL_PROMPTS = 200
 # `shapes` attribute combinations kept out of the text quickstart's training data.
 QUICKSTART_TEXT_HOLDOUT = 0.2
-# Pooled (adaLN) only: its steps are cheaper than with cross-attention, so more of them fit in the
-# 12 minutes. On held-out prompts, pooled+cross_attention at 4200 steps got 64% shape and 56.5%
-# position. Pooled at 5000 steps got 86%/38% (seed 0) and 85%/100% (seed 1) (README, Text-to-image).
+# Pooled (adaLN) only: its steps cost ~0.8x those with cross-attention too, so 5000 fit in the
+# 12 minutes. With the recipe's text encoder rate, held-out prompts got 89.5/87/93.5% shape and
+# 100/98.5/99% position for seeds 0/1/2 (README, Text-to-image). pooled+cross_attention was only
+# measured before the text encoder had its own rate (64% shape, 56.5% position at 4200 steps).
 QUICKSTART_TEXT_CONDITIONING = "pooled"
 
 # `quickstart --text`: the same path with prompts instead of classes; export, generate and
@@ -394,7 +395,7 @@ def quickstart_cmd(
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
-    a text-to-image model, about 12), evaluate it, then run every later pipeline stage that exists
+    a text-to-image model, about 11), evaluate it, then run every later pipeline stage that exists
     (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
     from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
