@@ -28,7 +28,7 @@ from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.evaluate import prompt_accuracy
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.training import prepare_run
-from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint, lr_at
+from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint, lr_at, save_checkpoint
 from mmgen_deploy.training.dit import DiTTrainSettings, build_tokenizer, train_dit
 from mmgen_deploy.training.vqvae import VQTrainSettings, train_vqvae
 
@@ -195,6 +195,20 @@ def test_text_encoder_trains_at_its_own_fraction_of_the_rate(tmp_path, text_data
     assert dit_group["lr"] == pytest.approx(expected)
     assert text_group["lr"] == pytest.approx(0.25 * expected)
     assert len(text_group["params"]) == len(list(run.load_text_encoder().parameters()))
+
+
+def test_resume_refuses_an_optimizer_state_with_one_group_in_one_line(tmp_path, text_data) -> None:
+    # Text checkpoints written before the text encoder had its own rate hold one parameter group.
+    run = _text_run(tmp_path / "r", text_data)
+    train_dit(run, text_data[1], _dit(2), show_progress=False)
+    checkpoint = run.checkpoints_dir / "dit.pt"
+    state = load_checkpoint(checkpoint)
+    dit_group, text_group = state["optimizer"]["param_groups"]
+    dit_group["params"] = dit_group["params"] + text_group["params"]
+    state["optimizer"]["param_groups"] = [dit_group]
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(RunDirError, match="older mmgen-deploy"):
+        train_dit(run, text_data[1], _dit(4), resume=True, show_progress=False)
 
 
 def test_text_training_refuses_a_vocabulary_that_does_not_match(tmp_path, text_data) -> None:

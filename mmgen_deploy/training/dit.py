@@ -172,7 +172,11 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
                                   "train without --resume (add --overwrite to replace the run)")
             text_encoder.load_state_dict(state["text_encoder"])
             text_ema.load_state_dict(state["text_ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except ValueError:  # parameter groups differ: a text checkpoint from before the text encoder had its own
+            raise RunDirError(f"{checkpoint} has an optimizer state of an older mmgen-deploy",
+                              "train without --resume (add --overwrite to replace the run)") from None
         restore_rng(state["rng"], generator)
         start = int(state["step"])
     last_saved = start if resume else None
