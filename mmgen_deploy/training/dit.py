@@ -49,11 +49,7 @@ class DiTTrainSettings:
     steps: int = 3000
     batch_size: int = 128
     lr: float = 1e-3
-    # The text encoder's rate as a fraction of `lr`. A DiT takes the tiny recipe's 6e-3, but a
-    # transformer text encoder at that rate grows its residual stream ~300x (norm ~1000 from
-    # embeddings of norm ~3), drowning single words: "top" and "bottom" then pooled to the
-    # same vector (difference 1e-3) and the model could not tell them apart.
-    text_lr_scale: float = 1.0
+    text_lr_scale: float = 1.0  # the text encoder's rate as a fraction of `lr` (why: recipes.py, tiny+text)
     warmup: int = 100
     weight_decay: float = 0.0
     ema_decay: float = 0.999
