@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,14 +80,26 @@ def register(app: typer.Typer) -> None:
             help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels` and `captions` (text "
                  "models): real data for the "
                  "FP16 range analysis and the real-data validation. Default: spec dummy inputs."),
+        external_data: bool = typer.Option(
+            False, "--external-data",
+            help="Write every graph's weights to <component>.onnx.data beside it (graphs over 2 GB always are)."),
+        calibration_images: int = typer.Option(
+            None, "--calibration-images", min=1, metavar="N",
+            help="At most N calibration samples for the FP16 range analysis and real-data validation "
+                 "(default 16; components over ~150 GFLOP per sample use fewer). Fewer = less time and memory."),
         json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
     ) -> None:
         """Export every component to ONNX (FP32 and mixed-precision FP16), validated against PyTorch.
 
         Writes RUN_DIR/onnx/{fp32,fp16}/<component>.onnx and RUN_DIR/onnx/manifest.json. Each graph is
-        run in ONNX Runtime CPU at batch 1, 3 and the engine profile's max, on random and real inputs,
-        and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
-        leaves the previous RUN_DIR/onnx untouched.
+        run in ONNX Runtime CPU on random and real inputs and compared with PyTorch FP32; any output
+        beyond the tolerance fails the export (exit 1) and leaves the previous RUN_DIR/onnx untouched.
+        Batch sizes are chosen by cost: 1, 3 and the engine profile's max for small models, two sizes
+        (1 and 2) for large ones.
+
+        Graphs over 2 GB keep their weights in <component>.onnx.data (hashed and shipped with the graph).
+        Each stage prints its time; a stage that would not fit in the available memory is refused
+        before it starts, with the estimate.
         """
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -105,12 +118,20 @@ def register(app: typer.Typer) -> None:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=console, transient=False) as bar:
             task = bar.add_task("export", total=None)
+            current: dict[str, Any] = {"step": None, "stage": "", "start": time.perf_counter()}
 
             def progress(message: str, done: int, total: int) -> None:
-                bar.update(task, description=message, completed=done, total=total)
+                # A new step prints the one that finished with its time: a log to plan with.
+                if (done, total) != current["step"]:
+                    if current["step"] is not None:
+                        bar.console.print(f"  {current['stage']}: {time.perf_counter() - current['start']:.1f} s")
+                    current.update(step=(done, total), stage=message, start=time.perf_counter())
+                bar.update(task, description=message, completed=done, total=total or None)
 
             manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
-                                  overwrite=overwrite, calibration=calibration, progress=progress)
+                                  overwrite=overwrite, calibration=calibration, progress=progress,
+                                  external_data=True if external_data else None,
+                                  calibration_images=calibration_images)
         _print_summary(manifest, precisions, chosen or list(manifest.get("components", _COMPONENTS)))
         console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
                       f"(calibration: {manifest['calibration']['source']})")

@@ -35,6 +35,7 @@ from mmgen_deploy.engines.manifest import (
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models.components import component_names
+from mmgen_deploy.onnx_files import onnx_sha256
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import BatchProfile, ComponentSpec, component_specs
 
@@ -283,7 +284,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
         for name in options.components:
             spec = specs[name]
             onnx = onnx_files[name]
-            onnx_sha = sha256_file(onnx)
+            onnx_sha = onnx_sha256(onnx)  # graph + external data file, if any
             shapes = _profile_shapes(spec, options.batch)
             key = _build_key(flavour, options, onnx_sha, shapes, spec.keep_fp32)
             plan_name = f"{name}.plan"

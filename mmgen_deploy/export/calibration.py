@@ -47,9 +47,10 @@ class CalibrationData:
 CalibrationSource = CalibrationData | np.ndarray | str | os.PathLike[str] | None
 
 
-def load_calibration(source: CalibrationSource, config: ModelConfig) -> CalibrationData | None:
+def load_calibration(source: CalibrationSource, config: ModelConfig,
+                     limit: int = CALIBRATION_SAMPLES) -> CalibrationData | None:
     """Accept a CalibrationData, an image array, or an .npz with `images` (and optionally
-    `labels`); check shapes and range against the config."""
+    `labels`); check shapes and range against the config. Keeps the first `limit` samples."""
     if source is None:
         return None
     if isinstance(source, CalibrationData):
@@ -92,9 +93,9 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
     captions = data.captions
     if captions is not None and len(captions) != images.shape[0]:
         raise UsageError(f"{len(captions)} calibration captions for {images.shape[0]} images", "give one per image")
-    return CalibrationData(images=images[:CALIBRATION_SAMPLES],
-                           labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source,
-                           captions=None if captions is None else tuple(captions[:CALIBRATION_SAMPLES]))
+    return CalibrationData(images=images[:limit],
+                           labels=None if labels is None else labels[:limit], source=data.source,
+                           captions=None if captions is None else tuple(captions[:limit]))
 
 
 def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, str]:
@@ -147,10 +148,20 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
     return {"text_encoder": {"input_ids": input_ids}, "denoiser": conditions}
 
 
+def _batched(module: nn.Module, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, ...]:
+    """Run `module` over `x` `batch` samples at a time (a 256 px encoder holds ~1 GB of
+    activations per image) and concatenate the outputs."""
+    parts = [module(x[i:i + batch]) for i in range(0, x.shape[0], batch)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+    return (torch.cat(parts),)
+
+
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given", *,
-                     tokenizer: WordTokenizer | None = None) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+                     tokenizer: WordTokenizer | None = None,
+                     samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Per-component real inputs, and a word saying where they came from.
 
     A text model's text encoder and denoiser conditions come from prompts when
@@ -159,7 +170,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     rng = np.random.default_rng(seed)
     use_text = config.uses_text and tokenizer is not None and "text_encoder" in modules
     if data is None:
-        n = CALIBRATION_SAMPLES
+        n = samples
         inputs = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
         source = f"spec dummy inputs ({why_no_data})"
         if use_text:
@@ -176,8 +187,10 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         quantizer = modules.get("quantizer")
         if encoder is None or quantizer is None:
             raise ValueError("deriving real inputs needs the encoder and quantizer modules")
-        h = encoder(torch.from_numpy(images))
-        z_q, _ = quantizer(h)
+        # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
+        batch = max(1, min(n, (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
+        (h,) = _batched(encoder, torch.from_numpy(images), batch)
+        z_q = _batched(quantizer, h, batch)[0]
     h_np = h.numpy().astype(np.float32)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))

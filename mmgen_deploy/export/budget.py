@@ -1,0 +1,151 @@
+"""What a stage will cost before it runs: FLOPs per sample, weight bytes, memory, threads.
+
+The costs are counted on a copy of the model built on torch's `meta` device (no memory, no
+arithmetic: well under a second even for a DiT-XL/2), so every decision here is a function
+of the architecture alone and the same on every machine: validation batch sizes and
+calibration sample counts (by FLOPs), and the memory check before a stage (by bytes).
+
+Memory estimates are peaks of the whole process, measured on the 2-core 24 GB machine
+with a DiT-XL/2 + 256 px VQ-f8 pair (see the README's "Large models" section) and written
+as multiples of the component's FP32 weight bytes plus a fixed base; they are meant to be
+pessimistic by ~10-20 %, so that a refusal comes before the kernel's OOM killer and not
+instead of a run that would have fit.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.errors import MMGenError
+
+GB = 1e9
+# Everything an mmgen process holds before any model: torch, onnx, onnxruntime, ModelOpt.
+BASE_BYTES = int(1.0 * GB)
+# Calibration / validation cost targets (GFLOP), see `calibration_samples` and validate.py.
+CALIBRATION_GFLOP_BUDGET = 2400.0
+MIN_CALIBRATION_SAMPLES = 4
+
+
+class InsufficientMemoryError(MMGenError):
+    """A stage would need more memory than the machine has available."""
+
+
+@dataclass(frozen=True)
+class ComponentCost:
+    name: str
+    gflop_per_sample: float  # one forward of one batch row (2 FLOPs per multiply-add)
+    weight_bytes: int  # FP32 parameters and buffers
+
+    @property
+    def heavy(self) -> bool:
+        """Worth more than one thread (a tiny component runs fastest on one)."""
+        return self.gflop_per_sample >= 1.0
+
+
+def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
+    """Per component of `config`: GFLOP per sample and FP32 weight bytes, counted on meta tensors."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+    from mmgen_deploy.specs import component_specs
+
+    with torch.device("meta"):
+        vq, dit = VQModel(config.vq), DiT(config.dit)
+        text = TextEncoder(config.text) if config.uses_text and config.text is not None else None
+    # Buffers made from NumPy tables (position embeddings) are created on the CPU: move them too.
+    vq, dit = vq.to("meta").eval(), dit.to("meta").eval()
+    if text is not None:
+        text = text.to("meta").eval()
+    modules = build_components(vq, dit, text)
+    specs = component_specs(config)
+    costs = {}
+    for name, module in modules.items():
+        spec = specs[name]
+        feeds = spec.make_inputs(1, np.random.default_rng(0))
+        args = [torch.from_numpy(feeds[n]).to("meta") for n in spec.input_names]
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            module(*args)
+        weight = sum(p.numel() * p.element_size() for p in module.parameters())
+        weight += sum(b.numel() * b.element_size() for b in module.buffers())
+        costs[name] = ComponentCost(name, counter.get_total_flops() / 1e9, int(weight))
+    return costs
+
+
+def calibration_samples(cost: ComponentCost, available: int) -> int:
+    """How many of the `available` calibration samples the FP16 range analysis of a component runs:
+    all of them for cheap components, fewer (never under 4) when that would cost over
+    CALIBRATION_GFLOP_BUDGET (a 256 px VQ decoder: 622 GFLOP per image)."""
+    if cost.gflop_per_sample <= 0:
+        return available
+    affordable = int(CALIBRATION_GFLOP_BUDGET // cost.gflop_per_sample)
+    return max(min(available, MIN_CALIBRATION_SAMPLES), min(available, affordable))
+
+
+def threads_for(cost: ComponentCost) -> int:
+    """ONNX Runtime / torch threads for a component: one for tiny graphs, every core for large ones."""
+    return max(1, min(os.cpu_count() or 1, 8)) if cost.heavy else 1
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+
+def available_bytes() -> int:
+    """Memory this process may still take: MemAvailable, capped by a cgroup limit if there is one."""
+    available = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+                break
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:
+            room = int(limit) - usage
+            available = room if available is None else min(available, room)
+        break
+    return available if available is not None else 1 << 62
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def check_memory(stage: str, need_bytes: int, hint: str) -> None:
+    """Refuse in one line when a stage's estimated peak (whole process) exceeds what this process
+    has now plus what the machine has available. `need_bytes` is the estimated process peak."""
+    have = rss_bytes() + available_bytes()
+    if need_bytes > have:
+        raise InsufficientMemoryError(
+            f"{stage} needs about {need_bytes / GB:.1f} GB, this machine has {have / GB:.1f} GB available",
+            hint)
+
+
+# Stage peaks as (multiple of the component's FP32 weights, per-sample activation bytes factor).
+# torch export: the module plus the exporter's copy of the weights during constant folding.
+EXPORT_WEIGHT_FACTOR = 2.2
+# ONNX Runtime validation: the session's weights (FP32 graph; the FP16 graph's weights are cast
+# back to FP32 by ORT's CPU provider, so about the same), the torch module already freed.
+SESSION_WEIGHT_FACTOR = 1.6
+# AutoCast: its model, the converter's deep copy, and the FP16 initializers it makes.
+AUTOCAST_WEIGHT_FACTOR = 3.0
