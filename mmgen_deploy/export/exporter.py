@@ -244,7 +244,9 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             samples = budget.calibration_samples(cost, next(iter(real_inputs[name].values())).shape[0])
             calib = {k: v[:samples] for k, v in real_inputs[name].items()}
             started = time.perf_counter()
-            converter = convert_fp16(fp32_file, spec, fp16_file, calib, external_data=external_data or external,
+            # An FP32 graph with external data gets an FP16 one with external data too (same layout).
+            converter = convert_fp16(fp32_file, spec, fp16_file, calib,
+                                     external_data=True if (external_data or external) else external_data,
                                      threads=threads, progress=detail)
             convert_seconds = time.perf_counter() - started
             del calib
