@@ -85,8 +85,12 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _tensorrt_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
-    """None when a TensorRT engine set for this run is built, current and runnable here; else why not."""
+def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> str | None:
+    """None when a TensorRT engine set for this run is built, current and runnable here; else why not.
+    `needed`: the components it must hold (default: what sampling this run needs)."""
+    run = _as_run(run_dir)
+    if needed is None:
+        needed = sampling_components(_config_or_none(run))
     try:
         from mmgen_deploy.engines.manifest import current_gpu, select_engine_set
     except ImportError as exc:
