@@ -16,8 +16,8 @@ import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.runtime.base import PRECISIONS, BaseRunner
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.specs import PRECISIONS, ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}

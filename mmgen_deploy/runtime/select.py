@@ -16,25 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, BaseRunner
+from mmgen_deploy.runtime.base import BACKENDS, BaseRunner
+from mmgen_deploy.specs import PRECISIONS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
 
-COMPONENTS_FOR_SAMPLING = ("denoiser", "quantizer", "decoder")
 RunLike = str | os.PathLike[str] | RunDir
 
 
 def _as_run(run: RunLike) -> RunDir:
     return run if isinstance(run, RunDir) else RunDir(run)
-
-
-def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
-    """What `sample` runs for a model with this config: the text encoder too for a text-to-image
-    model (an ONNX set without it cannot encode prompts). None (an unreadable run): the class set."""
-    if config is not None and config.uses_text:
-        return (*COMPONENTS_FOR_SAMPLING, "text_encoder")
-    return COMPONENTS_FOR_SAMPLING
 
 
 def _config_or_none(run: RunDir) -> ModelConfig | None:
