@@ -37,11 +37,15 @@ def data_path(path: str | os.PathLike[str]) -> Path:
 def external_locations(path: str | os.PathLike[str]) -> list[str]:
     """The distinct external-data locations the graph names (relative to its folder), in file order.
 
-    Reads the graph only (`load_external_data=False`): megabytes even for a 2.7 GB model.
+    Reads the graph only (`load_external_data=False`): megabytes even for a 2.7 GB model. A file
+    that does not parse names none (its hash is then the file's own, which differs from any recorded).
     """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a damaged graph (DecodeError): it names no data file anyone can rely on
+        return []
     locations: dict[str, None] = {}
 
     def visit(graph: onnx.GraphProto) -> None:
