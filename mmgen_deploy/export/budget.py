@@ -27,7 +27,7 @@ GB = 1e9
 # Everything an mmgen process holds before any model: torch, onnx, onnxruntime, ModelOpt.
 BASE_BYTES = int(1.0 * GB)
 # Calibration / validation cost targets (GFLOP), see `calibration_samples` and validate.py.
-CALIBRATION_GFLOP_BUDGET = 2400.0
+CALIBRATION_GFLOP_BUDGET = 1600.0
 MIN_CALIBRATION_SAMPLES = 4
 
 

@@ -214,6 +214,8 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    if threads > 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     uses_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
     if uses_external:
         # Beside the original so that the external data resolves; graph only (megabytes).

@@ -130,6 +130,8 @@ def ort_session(path: Path, threads: int = 1) -> Any:
     # One thread for small graphs: on a shared 2-core machine, spinning thread pools are 10-100x
     # slower than one. Large graphs (the exporter decides by cost) use more.
     options.intra_op_num_threads = threads
+    if threads > 1:  # no spin-waiting between ops: on a shared machine it burns the other core's time
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
