@@ -148,13 +148,13 @@ def test_batched_ranges_merge_exactly(external_run) -> None:
 
 
 def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, capsys) -> None:
-    from mmgen_deploy.export import budget
+    from mmgen_deploy import memory
 
     config = preset("tiny")
     torch.manual_seed(0)
     run = save_run(tmp_path / "run", config, VQModel(config.vq).eval(), DiT(config.dit).eval())
-    monkeypatch.setattr(budget, "available_bytes", lambda: 0)
-    monkeypatch.setattr(budget, "rss_bytes", lambda: 10**8)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 0)
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 10**8)
     with pytest.raises(SystemExit) as info:
         main(["export", str(run.root), "-p", "fp32", "-c", "denoiser"])
     text = capsys.readouterr().err

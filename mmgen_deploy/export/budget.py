@@ -16,23 +16,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.memory import GB, InsufficientMemoryError, available_bytes, check_memory, rss_bytes
 
-GB = 1e9
+__all__ = ["GB", "InsufficientMemoryError", "available_bytes", "check_memory", "rss_bytes"]
+
 # Everything an mmgen process holds before any model: torch, onnx, onnxruntime, ModelOpt.
 BASE_BYTES = int(1.0 * GB)
 # Calibration / validation cost targets (GFLOP), see `calibration_samples` and validate.py.
 CALIBRATION_GFLOP_BUDGET = 1600.0
 MIN_CALIBRATION_SAMPLES = 4
-
-
-class InsufficientMemoryError(MMGenError):
-    """A stage would need more memory than the machine has available."""
 
 
 @dataclass(frozen=True)
@@ -91,54 +87,6 @@ def calibration_samples(cost: ComponentCost, available: int) -> int:
 def threads_for(cost: ComponentCost) -> int:
     """ONNX Runtime / torch threads for a component: one for tiny graphs, every core for large ones."""
     return max(1, min(os.cpu_count() or 1, 8)) if cost.heavy else 1
-
-
-# -- memory ------------------------------------------------------------------------------------------------------
-
-def available_bytes() -> int:
-    """Memory this process may still take: MemAvailable, capped by a cgroup limit if there is one."""
-    available = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                break
-    except OSError:
-        pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = Path(limit_file).read_text().strip()
-            usage = int(Path(usage_file).read_text().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 1 << 60:
-            room = int(limit) - usage
-            available = room if available is None else min(available, room)
-        break
-    return available if available is not None else 1 << 62
-
-
-def rss_bytes() -> int:
-    """Current resident set size of this process."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def check_memory(stage: str, need_bytes: int, hint: str) -> None:
-    """Refuse in one line when a stage's estimated peak (whole process) exceeds what this process
-    has now plus what the machine has available. `need_bytes` is the estimated process peak."""
-    have = rss_bytes() + available_bytes()
-    if need_bytes > have:
-        raise InsufficientMemoryError(
-            f"{stage} needs about {need_bytes / GB:.1f} GB, this machine has {have / GB:.1f} GB available",
-            hint)
 
 
 # Stage peaks as (multiple of the component's FP32 weights, per-sample activation bytes factor).
