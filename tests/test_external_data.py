@@ -166,7 +166,7 @@ def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, cap
 
 def test_validation_and_calibration_sizes_follow_the_cost() -> None:
     """A tiny model validates at 1, 3 and the profile max; a DiT-XL/2 at 256 px at two sizes (random 1,
-    real 2; its preset VQ decoder, 91 GFLOP, at 1 and 2 on both) and calibrates on fewer samples. Costs
+    real 2; its preset VQ encoder, 31 GFLOP, at 1 and 2 on both) and calibrates on fewer samples. Costs
     are counted on meta tensors, so this allocates nothing."""
     from mmgen_deploy.export import budget
     from mmgen_deploy.export.validate import validation_batches
@@ -183,7 +183,7 @@ def test_validation_and_calibration_sizes_follow_the_cost() -> None:
     assert costs["denoiser"].weight_bytes > 2.5e9
     assert validation_batches(specs["denoiser"], costs["denoiser"].gflop_per_sample) == {
         "random": (1,), "real": (2,)}
-    assert validation_batches(specs["decoder"], costs["decoder"].gflop_per_sample) == {
+    assert validation_batches(specs["encoder"], costs["encoder"].gflop_per_sample) == {
         "random": (1, 2), "real": (1, 2)}
     assert 4 <= budget.calibration_samples(costs["denoiser"], 16) < 16
     assert budget.calibration_samples(costs["encoder"], 16) == 16
