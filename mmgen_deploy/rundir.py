@@ -198,10 +198,13 @@ class RunDir:
                               + "; ".join(problems))
 
     def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
+        from mmgen_deploy.models.fast_init import skip_weight_init
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
-        model = VQModel(config.vq)
+
+        with skip_weight_init():  # every parameter is loaded next
+            model = VQModel(config.vq)
         try:
             self._load_into("vqvae", model)
         except RuntimeError as exc:  # shape mismatches
@@ -211,9 +214,12 @@ class RunDir:
 
     def load_dit(self, config: ModelConfig | None = None) -> DiT:
         from mmgen_deploy.models.dit import DiT
+        from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
-        model = DiT(config.dit)
+
+        with skip_weight_init():  # every parameter is loaded next
+            model = DiT(config.dit)
         try:
             self._load_into("dit", model)
         except RuntimeError as exc:

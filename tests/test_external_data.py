@@ -166,14 +166,14 @@ def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, cap
 
 def test_validation_and_calibration_sizes_follow_the_cost() -> None:
     """A tiny model validates at 1, 3 and the profile max; a DiT-XL/2 at 256 px at two sizes (random 1,
-    real 2; its preset VQ encoder, 31 GFLOP, at 1 and 2 on both) and calibrates on fewer samples. Costs
-    are counted on meta tensors, so this allocates nothing."""
+    real 2) and calibrates on fewer samples, while its quantizer (small at 32x32 latents) keeps 1, 3 and
+    16. Costs are counted on meta tensors, so this allocates nothing."""
     from mmgen_deploy.export import budget
     from mmgen_deploy.export.validate import validation_batches
 
     tiny = preset("tiny")
     tiny_costs, tiny_specs = budget.component_costs(tiny), component_specs(tiny)
-    assert validation_batches(tiny_specs["denoiser"], tiny_costs["denoiser"].gflop_per_sample) == {
+    assert validation_batches(tiny_specs["denoiser"], tiny_costs["denoiser"].cost_gflop) == {
         "random": (1, 3, 32), "real": (1, 3, 32)}
     assert budget.calibration_samples(tiny_costs["decoder"], 16) == 16
     assert budget.threads_for(tiny_costs["denoiser"]) == 1
@@ -181,9 +181,9 @@ def test_validation_and_calibration_sizes_follow_the_cost() -> None:
     costs, specs = budget.component_costs(xl), component_specs(xl)
     assert 200 < costs["denoiser"].gflop_per_sample < 300  # the paper's 118.6 multiply-add GFLOPs
     assert costs["denoiser"].weight_bytes > 2.5e9
-    assert validation_batches(specs["denoiser"], costs["denoiser"].gflop_per_sample) == {
+    assert validation_batches(specs["denoiser"], costs["denoiser"].cost_gflop) == {
         "random": (1,), "real": (2,)}
-    assert validation_batches(specs["encoder"], costs["encoder"].gflop_per_sample) == {
-        "random": (1, 2), "real": (1, 2)}
+    assert validation_batches(specs["quantizer"], costs["quantizer"].cost_gflop) == {
+        "random": (1, 3, 16), "real": (1, 3, 16)}
     assert 4 <= budget.calibration_samples(costs["denoiser"], 16) < 16
-    assert budget.calibration_samples(costs["encoder"], 16) == 16
+    assert budget.calibration_samples(costs["quantizer"], 16) == 16

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -27,8 +28,13 @@ __all__ = ["GB", "InsufficientMemoryError", "available_bytes", "check_memory", "
 # Everything an mmgen process holds before any model: torch, onnx, onnxruntime, ModelOpt.
 BASE_BYTES = int(1.0 * GB)
 # Calibration / validation cost targets (GFLOP), see `calibration_samples` and validate.py.
-CALIBRATION_GFLOP_BUDGET = 1600.0
+CALIBRATION_GFLOP_BUDGET = 2000.0
 MIN_CALIBRATION_SAMPLES = 4
+
+
+# A CPU moves ~16x fewer bytes per second than it does FLOPs: a memory-bound component (the
+# quantizer's 1024 x 16384 distance table per 256 px image) costs time the FLOP count misses.
+FLOP_PER_BYTE_WRITTEN = 16.0
 
 
 @dataclass(frozen=True)
@@ -36,11 +42,17 @@ class ComponentCost:
     name: str
     gflop_per_sample: float  # one forward of one batch row (2 FLOPs per multiply-add)
     weight_bytes: int  # FP32 parameters and buffers
+    bytes_written_per_sample: int = 0  # every op's outputs of one forward of one batch row
+
+    @property
+    def cost_gflop(self) -> float:
+        """What decides batch sizes and sample counts: FLOPs plus the memory traffic, in GFLOP."""
+        return self.gflop_per_sample + FLOP_PER_BYTE_WRITTEN * self.bytes_written_per_sample / 1e9
 
     @property
     def heavy(self) -> bool:
         """Worth more than one thread (a tiny component runs fastest on one)."""
-        return self.gflop_per_sample >= 1.0
+        return self.cost_gflop >= 1.0
 
 
 def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
@@ -65,22 +77,48 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
         spec = specs[name]
         feeds = spec.make_inputs(1, np.random.default_rng(0))
         args = [torch.from_numpy(feeds[n]).to("meta") for n in spec.input_names]
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
+        counter, written = FlopCounterMode(display=False), _BytesWritten()
+        with torch.no_grad(), counter, written:
             module(*args)
         weight = sum(p.numel() * p.element_size() for p in module.parameters())
         weight += sum(b.numel() * b.element_size() for b in module.buffers())
-        costs[name] = ComponentCost(name, counter.get_total_flops() / 1e9, int(weight))
+        costs[name] = ComponentCost(name, counter.get_total_flops() / 1e9, int(weight), written.total)
     return costs
+
+
+def _bytes_written_mode() -> type:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class BytesWritten(TorchDispatchMode):  # type: ignore[misc]
+        """Sums the bytes of every op's tensor outputs (works on meta tensors)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.total = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            import torch
+
+            out = func(*args, **(kwargs or {}))
+            for tensor in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(tensor, torch.Tensor):
+                    self.total += tensor.numel() * tensor.element_size()
+            return out
+
+    return BytesWritten
+
+
+def _BytesWritten() -> Any:
+    return _bytes_written_mode()()
 
 
 def calibration_samples(cost: ComponentCost, available: int) -> int:
     """How many of the `available` calibration samples the FP16 range analysis of a component runs:
     all of them for cheap components, fewer (never under 4) when that would cost over
     CALIBRATION_GFLOP_BUDGET (a 256 px VQ decoder: 622 GFLOP per image)."""
-    if cost.gflop_per_sample <= 0:
+    if cost.cost_gflop <= 0:
         return available
-    affordable = int(CALIBRATION_GFLOP_BUDGET // cost.gflop_per_sample)
+    affordable = int(CALIBRATION_GFLOP_BUDGET // cost.cost_gflop)
     return max(min(available, MIN_CALIBRATION_SAMPLES), min(available, affordable))
 
 

@@ -200,7 +200,7 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
         spec, cost = specs[name], costs[name]
         module = modules[name]
         threads = budget.threads_for(cost)
-        batches = validation_batches(spec, cost.gflop_per_sample)
+        batches = validation_batches(spec, cost.cost_gflop)
         step(f"{name}: exporting FP32")
         budget.check_memory(f"exporting the {name}", budget.BASE_BYTES + int(budget.EXPORT_WEIGHT_FACTOR
                                                                              * cost.weight_bytes),

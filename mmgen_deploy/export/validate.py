@@ -60,10 +60,11 @@ class OutputCheck:
         return asdict(self)
 
 
-# GFLOP one validation pass (one forward over every sample of both input kinds) may cost before
-# the batch sizes shrink: a tiny model validates at 1, 3 and the profile max; a DiT-XL/2
-# (237 GFLOP per sample) or a 256 px VQ decoder (622) at two sizes, which prove the dynamic axis.
-VALIDATION_GFLOP_BUDGET = 400.0
+# GFLOP (FLOPs plus memory traffic, budget.ComponentCost.cost_gflop) one validation pass (one
+# forward over every sample of both input kinds) may cost before the batch sizes shrink: a tiny
+# model validates at 1, 3 and the profile max; a DiT-XL/2 (237 GFLOP per sample) or a 256 px VQ
+# decoder (622) at two sizes, which prove the dynamic axis.
+VALIDATION_GFLOP_BUDGET = 100.0
 
 
 def validation_batches(spec: ComponentSpec, gflop_per_sample: float | None = None) -> dict[str, tuple[int, ...]]:
