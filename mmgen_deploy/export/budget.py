@@ -122,6 +122,17 @@ def calibration_samples(cost: ComponentCost, available: int) -> int:
     return max(min(available, MIN_CALIBRATION_SAMPLES), min(available, affordable))
 
 
+CALIBRATION_ACTIVATION_BUDGET = 1 << 30  # bytes of intermediate tensors one range-analysis batch may hold
+
+
+def calibration_batch(cost: ComponentCost, most: int) -> int:
+    """Samples per range-analysis batch: as many as keep every intermediate tensor of the batch
+    (counted on the torch side: ONNX shape inference loses the spatial sizes after a GroupNorm's
+    reshape) under ~1 GB. One 256 px image for a VQ-f8 encoder or decoder."""
+    per_sample = max(1, cost.bytes_written_per_sample)
+    return max(1, min(most, CALIBRATION_ACTIVATION_BUDGET // per_sample))
+
+
 def threads_for(cost: ComponentCost) -> int:
     """ONNX Runtime / torch threads for a component: one for tiny graphs, every core for large ones."""
     return max(1, min(os.cpu_count() or 1, 8)) if cost.heavy else 1

@@ -241,6 +241,7 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             # An FP32 graph with external data gets an FP16 one with external data too (same layout).
             converter = convert_fp16(fp32_file, spec, fp16_file, calib,
                                      external_data=True if (external_data or external) else external_data,
+                                     batch_size=budget.calibration_batch(cost, spec.profile.max),
                                      threads=threads, progress=detail)
             convert_seconds = time.perf_counter() - started
             del calib
