@@ -22,7 +22,7 @@ import onnx
 from mmgen_deploy import onnx_files
 from mmgen_deploy.errors import NotAvailableError
 from mmgen_deploy.export.onnx_export import check_model, save_model, scope_regex
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import BATCH, ComponentSpec
 
 DATA_MAX = 512.0  # AutoCast's default: FP16 keeps ~3 significant digits; 65504 is the hard limit
 INIT_MAX = 65504.0  # largest finite FP16
@@ -166,21 +166,30 @@ def _float_values(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     return out
 
 
-def activation_bytes_per_sample(path: Path) -> int:
+def activation_bytes_per_sample(path: Path) -> int | None:
     """Bytes of all float intermediate tensors of one sample (batch axis = 1): what a reference
-    run that records every tensor holds per sample."""
+    run that records every tensor holds per sample; None when shape inference leaves a size
+    unknown (it does after a GroupNorm's reshape), so the graph alone cannot tell."""
     total = 0
     for dims in _float_values(_graph(path)).values():
         count = 1
         for d in dims:
-            count *= d if isinstance(d, int) and d > 0 else 1
+            if d == BATCH:
+                continue
+            if not isinstance(d, int) or d <= 0:
+                return None
+            count *= d
         total += 4 * count
     return total
 
 
 def calibration_batch_size(path: Path, spec: ComponentSpec, budget: int = _CALIBRATION_ACTIVATION_BUDGET) -> int:
-    per_sample = max(1, activation_bytes_per_sample(path))
-    return max(1, min(spec.profile.max, budget // per_sample))
+    """Samples per range-analysis batch from the graph's own shapes (the exporter passes one counted
+    on the torch side instead, see `budget.calibration_batch`); 1 when the graph cannot tell."""
+    per_sample = activation_bytes_per_sample(path)
+    if per_sample is None:
+        return 1
+    return max(1, min(spec.profile.max, budget // max(1, per_sample)))
 
 
 @dataclass
