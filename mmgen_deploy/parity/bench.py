@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import component_specs
 
 
@@ -225,14 +226,13 @@ class BenchResult:
         return "\n".join(lines) + "\n"
 
 
-def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
+def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.load_config()
     tokenizer, prompts = None, None
     if config.uses_text:
@@ -246,7 +246,7 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
         for precision in (["fp32"] if backend == "torch" else precisions):
             say(f"benchmarking {backend} {precision}")
             try:
-                runner, _choice = open_runner(run.root, backend, precision)
+                runner, _choice = open_runner(run, backend, precision)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue

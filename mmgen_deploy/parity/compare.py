@@ -16,6 +16,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
 
 
@@ -174,7 +175,7 @@ class ParityOptions:
     torch_threads: int | None = 1
 
 
-def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
+def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
                 tokenizer: Any = None) -> dict[str, dict[str, np.ndarray]] | None:
     """Inputs drawn from the run's validation images (their latents, codes and noised latents;
     for a text model their tokenized captions and the text encoder's outputs for them),
@@ -190,7 +191,7 @@ def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, 
     return inputs
 
 
-def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
+def default_prompts(run: RunDir, tokenizer: Any, count: int) -> list[str]:
     """`count` prompts for a text model's end-to-end check: the distinct captions of the run's
     validation images, or (no dataset here) prompts made of the tokenizer's vocabulary."""
     from mmgen_deploy.export.calibration import dataset_calibration, vocabulary_prompts
@@ -202,7 +203,7 @@ def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
     return [captions[i % len(captions)] for i in range(count)]
 
 
-def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     """The whole `mmgen parity`: load, check the model is trained, compare, save the report."""
     import contextlib
 
@@ -212,24 +213,22 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
         return _run_parity(run_dir, options, progress)
 
 
-def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     from mmgen_deploy.io_utils import write_json
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.runtime.torch_runner import TorchRunner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
-    config, vq, dit = run.load_models()
+    run = RunDir.of(run_dir)
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
         raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
                          "leave out --prompt")
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     if not options.allow_untrained:
         ensure_trained(reference, config)
-    backend, _choice = open_runner(run.root, options.backend, options.precision)
+    backend, _choice = open_runner(run, options.backend, options.precision)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed}
