@@ -85,9 +85,6 @@ def register(app: typer.Typer) -> None:
         and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
         leaves the previous RUN_DIR/onnx untouched.
         """
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from mmgen_deploy.export import export_run
         from mmgen_deploy.export.onnx_export import check_opset
 
         check_opset(opset)  # before the progress bar starts
@@ -100,16 +97,32 @@ def register(app: typer.Typer) -> None:
             from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
-            task = bar.add_task("export", total=None)
-
-            def progress(message: str, done: int, total: int) -> None:
-                bar.update(task, description=message, completed=done, total=total)
-
-            manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
-                                  overwrite=overwrite, calibration=calibration, progress=progress)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
-        console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
-                      f"(calibration: {manifest['calibration']['source']})")
+        manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
+                              calibration=calibration)
         emit_json(manifest, json_out)
+
+
+def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | None = None, opset: int | None = None,
+               overwrite: bool = False, calibration: Any = None) -> dict[str, Any]:
+    """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
+    and the quickstart's export stage print); returns the manifest."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    options: dict[str, Any] = {} if opset is None else {"opset": opset}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
+                              calibration=calibration, progress=progress, **options)
+    _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
+    console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
+                  f"(calibration: {manifest['calibration']['source']})")
+    return manifest

@@ -113,18 +113,15 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
     """Sample the same images on both sides and compare them. A text model samples
     `prompts`, each side encoding them with its own text encoder (so the comparison covers
     the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                                   batch_size=batch_size, return_trajectory=True)
-    if config.uses_text:
-        if not prompts or tokenizer is None:
-            raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
-        ref = sample(reference, config, text_conditioning(reference, config, tokenizer, list(prompts)), **kwargs)
-        test = sample(backend, config, text_conditioning(backend, config, tokenizer, list(prompts)), **kwargs)
-    else:
-        ref = sample(reference, config, list(class_ids), **kwargs)
-        test = sample(backend, config, list(class_ids), **kwargs)
+    if config.uses_text and (not prompts or tokenizer is None):
+        raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
+    ref, test = (sample(runner, config, make_conditioning(runner, config, class_ids=list(class_ids),
+                                                          prompts=list(prompts or ()), tokenizer=tokenizer), **kwargs)
+                 for runner in (reference, backend))
     limits = PIPELINE_TOLERANCES[precision]
     latent = tensor_diff(ref.latents, test.latents)
     report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
