@@ -84,7 +84,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.sampling.generate import generate_images
+    from mmgen_deploy.sampling.generate import generate_to_folder
 
     run = RunDir.of(run_dir)
     count = [0]
@@ -105,7 +105,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
         def advance(done: int, total: int) -> None:
             bar.update(task, description=f"sampling {count[0]} images", completed=done, total=total)
 
-        generated = generate_images(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
+        generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()

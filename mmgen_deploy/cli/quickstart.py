@@ -1,6 +1,6 @@
 """`mmgen quickstart`: train the tiny preset on `shapes`, then every later pipeline stage.
 
-Every stage calls the library (training, `export_run`, `generate_images`, `evaluate_run`,
+Every stage calls the library (training, `export_run`, `generate_to_folder`, `evaluate_run`,
 `run_parity`) through the same printing helpers its own command uses, so the quickstart shows
 what running the commands one by one would show, without the CLI calling itself back.
 """

@@ -71,7 +71,7 @@ def check_output_dir(target: Path) -> None:
                          "choose another --out folder (generate replaces only its own output folders)")
 
 
-def generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
+def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
                     progress: ProgressCallback | None = None,
                     on_backend: Callable[[BackendChoice], None] | None = None,
                     on_conditioning: Callable[[Conditioning], None] | None = None) -> Generated:

@@ -25,6 +25,7 @@ from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
+from mmgen_deploy.numerics import save_grid
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -39,7 +40,6 @@ from mmgen_deploy.training.common import (
     restore_rng,
     rng_state,
     save_checkpoint,
-    save_grid,
     set_lr,
 )
 
