@@ -18,6 +18,7 @@ train_app = typer.Typer(
          "show loss and speed; checkpoints land in RUN_DIR/checkpoints (resume with --resume; Ctrl-C "
          "keeps the last complete one); reconstruction/sample grids in RUN_DIR/samples.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 _OUT_HELP = "Run directory to create or continue."
