@@ -102,8 +102,12 @@ def register(app: typer.Typer) -> None:
             from mmgen_deploy.rundir import RunDir
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
+        from mmgen_deploy.rundir import RunDir
+
+        # The run's writer lock before the progress bar: a busy run is refused in one line.
+        with RunDir(run_dir).writing("export"), \
+                Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                         TimeElapsedColumn(), console=console, transient=False) as bar:
             task = bar.add_task("export", total=None)
 
             def progress(message: str, done: int, total: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,10 @@ def generate(
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
 
-    from mmgen_deploy.io_utils import atomic_dir, write_json
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.runtime import open_runner, resolve_backend
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.runtime import resolve_backend
     from mmgen_deploy.sampling.loop import validate_sampling_args
-    from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
+    from mmgen_deploy.sampling.pipeline import resolve_class
 
     run = RunDir(run_dir)
     config = run.load_config()
@@ -116,8 +115,27 @@ def generate(
     choice = resolve_backend(backend, run_dir, precision, device=device)
     target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
     _check_output_dir(target)
+    # Samples written into the run directory make generate a writer of it (its lock, held from
+    # here so that a busy run fails before minutes of sampling); a folder elsewhere needs none.
+    inside = target.resolve().is_relative_to(run.root.resolve())
+    with run.writing("write samples") if inside else contextlib.nullcontext():
+        _sample_and_write(run, config, target, backend=backend, precision=precision, device=device,
+                          threads=threads, cuda_graph=cuda_graph, per_image=per_image, per_prompt=per_prompt,
+                          tokenizer=tokenizer, count=count, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                          seed=seed, batch_size=batch_size, eta=eta, n=n, json_out=json_out)
 
-    runner = open_runner(run_dir, backend, precision, device=device, threads=threads,
+
+def _sample_and_write(run: Any, config: Any, target: Path, *, backend: str, precision: str | None,
+                      device: str | None, threads: int | None, cuda_graph: bool, per_image: list[int] | None,
+                      per_prompt: list[str], tokenizer: Any, count: int, steps: int, sampler: str,
+                      cfg_scale: float, seed: int, batch_size: int, eta: float, n: int,
+                      json_out: str | None) -> None:
+    from mmgen_deploy.io_utils import atomic_dir, write_json
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling.pipeline import write_samples
+
+    runner = open_runner(run.root, backend, precision, device=device, threads=threads,
                          **({"cuda_graph": True} if cuda_graph else {}))
     choice = runner.choice  # type: ignore[attr-defined]
     console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")

@@ -199,8 +199,12 @@ def train_vqvae_cmd(
 
     settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    result = _stage_vq(run, train, val, settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train the VQ-VAE", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
 
@@ -265,8 +269,12 @@ def train_all_cmd(
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
 
@@ -397,7 +405,6 @@ def quickstart_cmd(
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
     a text-to-image model, about 11), evaluate it, then run every later pipeline stage that exists
     (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
-    from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
 
     started = time.perf_counter()
@@ -405,6 +412,14 @@ def quickstart_cmd(
         raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
     text_options = TextOptions(conditioning=QUICKSTART_TEXT_CONDITIONING,
                                holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
+    with RunDir(out).writing("run the quickstart", create=True):
+        _quickstart(out, seed, overwrite, threads, text, text_options, started, json_out)
+
+
+def _quickstart(out: Path, seed: int, overwrite: bool, threads: int | None, text: bool,
+                text_options: TextOptions | None, started: float, json_out: str | None) -> None:
+    from mmgen_deploy.io_utils import write_json
+
     run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
     ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
     timings: dict[str, float] = {}

@@ -46,7 +46,7 @@ from mmgen_deploy.export.validate import random_input_sets, real_input_sets, sum
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
 
 if TYPE_CHECKING:
@@ -212,6 +212,7 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
+@writes_run("export")
 def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence[str] = PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
