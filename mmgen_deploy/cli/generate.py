@@ -83,7 +83,6 @@ def generate(
         raise UsageError(f"--threads must be >= 1, got {threads}")
 
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.runtime import resolve_backend
     from mmgen_deploy.sampling.loop import validate_sampling_args
     from mmgen_deploy.sampling.pipeline import resolve_class
 
@@ -112,20 +111,19 @@ def generate(
     validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            batch_size=batch_size, eta=eta)
     count = len(per_prompt) if config.uses_text else len(per_image or [])
-    choice = resolve_backend(backend, run_dir, precision, device=device)
-    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
-    _check_output_dir(target)
+    if out is not None:
+        _check_output_dir(out)
     # Samples written into the run directory make generate a writer of it (its lock, held from
     # here so that a busy run fails before minutes of sampling); a folder elsewhere needs none.
-    inside = target.resolve().is_relative_to(run.root.resolve())
+    inside = out is None or out.resolve().is_relative_to(run.root.resolve())
     with run.writing("write samples") if inside else contextlib.nullcontext():
-        _sample_and_write(run, config, target, backend=backend, precision=precision, device=device,
+        _sample_and_write(run, config, out, backend=backend, precision=precision, device=device,
                           threads=threads, cuda_graph=cuda_graph, per_image=per_image, per_prompt=per_prompt,
                           tokenizer=tokenizer, count=count, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                           seed=seed, batch_size=batch_size, eta=eta, n=n, json_out=json_out)
 
 
-def _sample_and_write(run: Any, config: Any, target: Path, *, backend: str, precision: str | None,
+def _sample_and_write(run: Any, config: Any, out: Path | None, *, backend: str, precision: str | None,
                       device: str | None, threads: int | None, cuda_graph: bool, per_image: list[int] | None,
                       per_prompt: list[str], tokenizer: Any, count: int, steps: int, sampler: str,
                       cfg_scale: float, seed: int, batch_size: int, eta: float, n: int,
@@ -135,9 +133,15 @@ def _sample_and_write(run: Any, config: Any, target: Path, *, backend: str, prec
     from mmgen_deploy.sampling import sample, text_conditioning
     from mmgen_deploy.sampling.pipeline import write_samples
 
-    runner = open_runner(run.root, backend, precision, device=device, threads=threads,
-                         **({"cuda_graph": True} if cuda_graph else {}))
-    choice = runner.choice  # type: ignore[attr-defined]
+    runner, choice = open_runner(run, backend, precision, device=device, threads=threads,
+                                 **({"cuda_graph": True} if cuda_graph else {}))
+    # Named after the backend that actually runs (with auto, a TensorRT load failure falls back).
+    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
+    try:
+        _check_output_dir(target)
+    except BaseException:
+        runner.close()
+        raise
     console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
     for line in choice.skipped:
         console.print(f"  [dim]skipped {line}[/]")
