@@ -105,6 +105,11 @@ def test_second_writer_in_another_process_is_refused_in_one_line(tmp_path: Path,
         assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
         with pytest.raises(RunDirBusyError, match=rf"pid {holder.pid}\b.*train the DiT"), run.writing("export"):
             pass
+        from mmgen_deploy.export import export_run
+
+        with pytest.raises(RunDirBusyError, match="cannot export"):  # the library function locks by itself
+            export_run(run, precisions=("fp32",), components=("denoiser",))
+        assert not run.onnx_dir.exists()
         code, output = _cli(["import", "--vq", "x", "--dit", "y", "--out", str(run.root), "--force"], capsys)
         lines = output.strip().splitlines()
         assert code == 75 and len(lines) == 1, output
