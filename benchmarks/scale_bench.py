@@ -87,6 +87,7 @@ class StageResult:
     stage: str
     command: list[str]
     seconds: float = 0.0
+    cpu_seconds: float = 0.0
     peak_rss_bytes: int = 0
     returncode: int | None = None
     output_bytes: int | None = None
@@ -152,6 +153,7 @@ def run_stage(stage: str, command: list[str], *, max_rss: int, log: Path, env: d
         proc.returncode = os.waitstatus_to_exitcode(status)
     result.seconds = round(time.perf_counter() - started, 1)
     result.peak_rss_bytes = usage.ru_maxrss * 1024  # Linux reports kilobytes
+    result.cpu_seconds = round(usage.ru_utime + usage.ru_stime, 1)
     result.returncode = proc.returncode
     result.load_after = os.getloadavg()[0]
     if killed_for_memory.is_set():
@@ -222,6 +224,7 @@ def _add_detail(result: StageResult, work: Path, pair: Path, run: Path) -> None:
         result.detail = {"params": info["params"]}
     elif result.stage == "import":
         result.output_bytes = sum(tree_bytes(run / part / "model.safetensors") for part in ("vqvae", "dit"))
+        result.detail = {"params": json.loads((work / "import.json").read_text())["params"]}
     elif result.stage == "export":
         result.output_bytes = tree_bytes(run / "onnx")
         manifest = json.loads((work / "export.json").read_text())
@@ -287,25 +290,27 @@ def markdown(results: dict[str, list[StageResult]], info: dict[str, Any], args: 
     lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GiB RAM; "
              f"VQ-{args.vq} at 256 px; generate: 2 images, {args.steps} DDIM steps, guidance; "
              f"step: denoiser batch {args.step_batch} on ONNX Runtime CPU.", ""]
-    lines += ["| preset | stage | seconds | peak RSS GB | output GB | load (1 min) before/after | notes |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["| preset | stage | wall s | CPU s | peak RSS GB | output GB | load before/after | notes |",
+              "|---|---|---|---|---|---|---|---|"]
     for preset, rows in results.items():
         for row in rows:
             note = _note(row)
             out = _gb(row.output_bytes or 0) if row.output_bytes is not None else "-"
             seconds = f"{row.seconds:.1f}" if row.returncode is not None else "-"
+            cpu = f"{row.cpu_seconds:.1f}" if row.returncode is not None else "-"
             load = f"{row.load_before:.1f} / {row.load_after:.1f}" if row.returncode is not None else "-"
-            lines.append(f"| {preset} | {row.stage} | {seconds} | {_gb(row.peak_rss_bytes)} | {out} | {load} | "
-                         f"{note} |")
+            lines.append(f"| {preset} | {row.stage} | {seconds} | {cpu} | {_gb(row.peak_rss_bytes)} | {out} | {load} "
+                         f"| {note} |")
     return "\n".join(lines) + "\n"
 
 
 def _note(row: StageResult) -> str:
     if row.error:
         return f"FAILED: {row.error.replace('|', '/')}"
-    if row.stage == "make":
+    if row.stage in ("make", "import"):
         params = row.detail.get("params", {})
-        return f"DiT {params.get('dit', 0) / 1e6:.0f}M + VQ {params.get('vqvae', 0) / 1e6:.0f}M params"
+        what = "diffusers (per-block embedder copies counted)" if row.stage == "make" else "native"
+        return f"{what}: DiT {params.get('dit', 0) / 1e6:.1f}M + VQ {params.get('vqvae', 0) / 1e6:.1f}M params"
     if row.stage == "export":
         sizes = row.detail.get("bytes", {})
         den = {p: sizes.get(p, {}).get("denoiser", 0) for p in ("fp32", "fp16")}

@@ -243,7 +243,7 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     engine_set = check_engine_dir(run, load_flavour("tensorrt-rtx"))  # ONNX hashes and plans match the manifest
     assert set(engine_set.components) == {"text_encoder", "denoiser"}
     # `auto` does not pick a set that cannot sample (no quantizer / decoder engines here).
-    from mmgen_deploy.runtime import _tensorrt_check
+    from mmgen_deploy.runtime.select import _tensorrt_check
 
     assert "no quantizer, decoder engine" in str(_tensorrt_check(run.root))
 

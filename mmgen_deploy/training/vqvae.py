@@ -121,7 +121,7 @@ def _checkpoint_path(run: RunDir) -> Path:
     return run.checkpoints_dir / "vqvae.pt"
 
 
-@writes_run('train the VQ-VAE')
+@writes_run("train the VQ-VAE")
 def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrainSettings, *,
                 resume: bool = False, callback: StepCallback | None = None,
                 show_progress: bool = True) -> dict[str, Any]:
