@@ -99,7 +99,8 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
         _warn_about_prompts(run, condition)
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
+    with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("sampling images", total=None)
 
         def advance(done: int, total: int) -> None:
