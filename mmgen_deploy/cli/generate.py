@@ -63,21 +63,8 @@ def generate(
     precision), a grid.png and samples.json into the output folder, and prints images/s.
     """
     from mmgen_deploy.errors import UsageError
-    from mmgen_deploy.sampling.schedulers import SAMPLERS
 
-    # Refuse bad numbers before touching any file or model.
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"--cfg-scale must be >= 0, got {cfg_scale}", "1 disables guidance; 4.0 is DiT's choice")
-    if eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {eta}")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown --sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    check_sampling_options(n=n, steps=steps, batch_size=batch_size, cfg_scale=cfg_scale, eta=eta, sampler=sampler)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
 
@@ -86,36 +73,24 @@ def generate(
     from mmgen_deploy.runtime import open_runner, resolve_backend
     from mmgen_deploy.sampling import sample, text_conditioning
     from mmgen_deploy.sampling.loop import validate_sampling_args
-    from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
+    from mmgen_deploy.sampling.pipeline import write_samples
+    from mmgen_deploy.sampling.requests import expand_conditions
 
     run = RunDir(run_dir)
     config = run.load_config()
-    all_prompts = [*prompts, *(_read_prompts_file(prompts_file) if prompts_file is not None else [])]
-    per_image: list[int] | None = None
-    per_prompt: list[str] = []
+    all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
+    per_image, prompt_rows = expand_conditions(config, classes, all_prompts, n)
+    per_prompt: list[str] = prompt_rows or []
     tokenizer = None
     if config.uses_text:
-        if classes:
-            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
-                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
-        if not all_prompts:
-            raise UsageError("this text-to-image model needs prompts",
-                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
         tokenizer = run.load_tokenizer()
-        _warn_about_prompts(tokenizer, all_prompts)
-        per_prompt = [p for p in all_prompts for _ in range(n)]
-    else:
-        if all_prompts:
-            raise UsageError("this model is class-conditioned: it takes --class, not prompts",
-                             "see `mmgen info RUN_DIR` for the class names")
-        class_ids = [resolve_class(config, c) for c in classes] if classes else list(range(config.dit.num_classes))
-        per_image = [c for c in class_ids for _ in range(n)]
+        warn_about_prompts(tokenizer, all_prompts)
     validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            batch_size=batch_size, eta=eta)
     count = len(per_prompt) if config.uses_text else len(per_image or [])
     choice = resolve_backend(backend, run_dir, precision, device=device)
     target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
-    _check_output_dir(target)
+    check_output_dir(target)
 
     runner = open_runner(run_dir, backend, precision, device=device, threads=threads,
                          **({"cuda_graph": True} if cuda_graph else {}))
@@ -157,18 +132,38 @@ def generate(
     emit_json(sidecar, json_out)
 
 
-def _check_output_dir(target: Path) -> None:
+def check_sampling_options(*, n: int, steps: int, cfg_scale: float, sampler: str, batch_size: int = 1,
+                           eta: float = 0.0) -> None:
+    """Refuse bad numbers before touching any file, model or server (`generate`, `client`, `batch`)."""
+    from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.schedulers import SAMPLERS
+
+    if n < 1:
+        raise UsageError(f"--n must be >= 1, got {n}")
+    if steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {steps}")
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"--cfg-scale must be >= 0, got {cfg_scale}", "1 disables guidance; 4.0 is DiT's choice")
+    if eta < 0:
+        raise UsageError(f"--eta must be >= 0, got {eta}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown --sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+
+
+def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
     """Replace only folders that `generate` wrote; never swallow someone's other files."""
     from mmgen_deploy.errors import UsageError
 
     if target.is_file():
         raise UsageError(f"--out {target} is a file", "give a folder path")
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
-        raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
-                         "choose another --out folder (generate replaces only its own output folders)")
+        raise UsageError(f"--out {target} exists and was not written by `{command}`",
+                         f"choose another --out folder ({command} replaces only its own output folders)")
 
 
-def _read_prompts_file(path: Path) -> list[str]:
+def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
     from mmgen_deploy.errors import UsageError
 
@@ -184,7 +179,7 @@ def _read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
-def _warn_about_prompts(tokenizer: Any, prompts: list[str]) -> None:
+def warn_about_prompts(tokenizer: Any, prompts: list[str]) -> None:
     """One line each for words the model never saw and for prompts cut to the tokenizer's length."""
     distinct = list(dict.fromkeys(prompts))
     encoding = tokenizer.encode(distinct)
