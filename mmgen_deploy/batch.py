@@ -86,6 +86,9 @@ class BatchReport:
     skipped: int  # already in the manifest
     written: int = 0
     seconds: float = 0.0
+    # Until the first batch came back: Ray start, actor start, runner loading, first batch.
+    first_batch_seconds: float = 0.0
+    first_batch_images: int = 0
     workers: int = 1
     ray: str | None = None
     out: str = ""
@@ -95,8 +98,15 @@ class BatchReport:
     def images_per_second(self) -> float:
         return self.written / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_second(self) -> float:
+        """After the first batch: what the workers sustain once started."""
+        rest = self.seconds - self.first_batch_seconds
+        return (self.written - self.first_batch_images) / rest if rest > 0 else 0.0
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "images_per_second": self.images_per_second}
+        return {**asdict(self), "images_per_second": self.images_per_second,
+                "steady_images_per_second": self.steady_images_per_second}
 
 
 def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[BatchJob]:
@@ -298,13 +308,17 @@ def columns_to_jobs(batch: dict[str, np.ndarray]) -> list[BatchJob]:
     return [BatchJob(**{name: casts.get(name, str)(batch[name][i]) for name in _COLUMNS}) for i in range(count)]
 
 
-def _append(manifest: Any, entries: Iterable[str], report: BatchReport) -> None:
+def _append(manifest: Any, entries: Iterable[str], report: BatchReport, started: float) -> None:
+    first = report.written == 0
     for line in entries:
         manifest.write(str(line) + "\n")
         report.files.append(json.loads(line)["file"])
         report.written += 1
     manifest.flush()
     os.fsync(manifest.fileno())
+    if first:
+        report.first_batch_seconds = time.perf_counter() - started
+        report.first_batch_images = report.written
 
 
 def run_batch(run_dir: Path, requests: Path, out: Path, settings: BatchSettings, *, ray_address: str | None = None,
@@ -328,12 +342,12 @@ def run_batch(run_dir: Path, requests: Path, out: Path, settings: BatchSettings,
         if ray_address is None:
             report.workers = 1
             for entries in _in_process(run.root, out, settings, todo):
-                _append(manifest, entries, report)
+                _append(manifest, entries, report, started)
                 if progress:
                     progress(report.written, len(todo))
         else:
             for entries in _with_ray(ray_address, run.root.resolve(), out.resolve(), settings, todo, workers, report):
-                _append(manifest, entries, report)
+                _append(manifest, entries, report, started)
                 if progress:
                     progress(report.written, len(todo))
     report.seconds = time.perf_counter() - started

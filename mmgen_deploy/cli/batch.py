@@ -73,6 +73,7 @@ def batch(
         console.print(f"nothing to do: all {report.total} images are already in {out / 'manifest.jsonl'}")
     else:
         console.print(f"wrote {report.written} image(s) to {out} in {report.seconds:.2f} s "
-                      f"([bold]{report.images_per_second:.2f} images/s[/], {where}); "
-                      f"{report.skipped} already done")
+                      f"([bold]{report.images_per_second:.2f} images/s[/], {where}; "
+                      f"{report.steady_images_per_second:.2f} images/s after the first batch, which came back "
+                      f"after {report.first_batch_seconds:.1f} s); {report.skipped} already done")
     emit_json(report.to_dict(), json_out)
