@@ -111,7 +111,8 @@ class BatchReport:
 
 def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[BatchJob]:
     """Expand REQUESTS.jsonl into one job per image; a bad line is refused naming its number."""
-    from mmgen_deploy.sampling.pipeline import class_name, image_entry
+    from mmgen_deploy.sampling.conditioning import class_name
+    from mmgen_deploy.sampling.files import image_entry
     from mmgen_deploy.sampling.requests import check_specs, expand_conditions
 
     try:
@@ -264,18 +265,16 @@ class ImageWriter:
         self.tokenizer = run.load_tokenizer() if self.config.uses_text else None
         self.out = Path(out)
         self.settings = settings
-        self.runner = open_runner(run_dir, settings.backend, settings.precision, threads=settings.threads)
-        choice = getattr(self.runner, "choice", None)
-        self.backend = choice.backend if choice is not None else getattr(self.runner, "backend", "")
-        self.precision = choice.precision if choice is not None else getattr(self.runner, "precision", "")
+        self.runner, choice = open_runner(run, settings.backend, settings.precision, threads=settings.threads)
+        self.backend, self.precision = choice.backend, choice.precision
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mmgen_deploy.io_utils import atomic_path
-        from mmgen_deploy.sampling.pipeline import save_png
-        from mmgen_deploy.sampling.requests import generate_images
+        from mmgen_deploy.sampling.files import save_png
+        from mmgen_deploy.sampling.requests import sample_specs
 
         jobs = columns_to_jobs(batch)
-        result = generate_images(self.runner, self.config, [job.spec() for job in jobs], tokenizer=self.tokenizer,
+        result = sample_specs(self.runner, self.config, [job.spec() for job in jobs], tokenizer=self.tokenizer,
                                  batch_size=self.settings.batch_size)
         entries = []
         for job, image in zip(jobs, result.images, strict=True):

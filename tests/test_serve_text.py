@@ -307,7 +307,7 @@ def _mixed_inputs() -> list[object]:
 @needs_triton
 def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> None:
     from mmgen_deploy.runtime import open_runner
-    from mmgen_deploy.sampling.requests import ImageSpec, generate_images
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
     from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
     from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
     from mmgen_deploy.serve.server import running_server
@@ -327,9 +327,9 @@ def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> 
             remote.close()
     # One text encoder execution for the request: the two distinct prompts and the empty one.
     assert batch_sizes_executed(encoder_stats) == {3: 1}
-    runner = open_runner(run.root, "onnxruntime", "fp32", threads=1)
+    runner, _ = open_runner(run.root, "onnxruntime", "fp32", threads=1)
     try:
-        reference = generate_images(runner, run.load_config(),
+        reference = sample_specs(runner, run.load_config(),
                                     [ImageSpec(seed=s, prompt=p, steps=2) for s, p in zip([1, 2, 3], prompts,
                                                                                           strict=True)],
                                     tokenizer=run.load_tokenizer()).images

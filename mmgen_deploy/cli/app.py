@@ -13,7 +13,20 @@ import typer
 from rich.markup import escape
 
 from mmgen_deploy import __version__
-from mmgen_deploy.cli import batch, doctor, engines, export, generate, importer, info, parity, serve, train
+from mmgen_deploy.cli import (
+    batch,
+    doctor,
+    engines,
+    evaluate,
+    export,
+    generate,
+    importer,
+    info,
+    parity,
+    quickstart,
+    serve,
+    train,
+)
 from mmgen_deploy.cli.common import console, state
 from mmgen_deploy.errors import MMGenError
 
@@ -47,7 +60,7 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, export, engines, generate, batch, parity, importer, serve):
+for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, batch, parity, importer, serve):
     _module.register(app)
 
 

@@ -44,10 +44,12 @@ def batch(
     each. A rerun skips every image already in the manifest, so an interrupted batch resumes.
     """
     from mmgen_deploy.batch import BatchSettings, run_batch
-    from mmgen_deploy.cli.generate import check_sampling_options
+    from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-    check_sampling_options(n=1, steps=steps, cfg_scale=cfg_scale, sampler=sampler, batch_size=batch_size)
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=0.0,
+                           names=CLI_NAMES)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     if workers is not None and workers < 1:

@@ -14,6 +14,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.specs import PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.sampling.loop import SampleResult
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
     from mmgen_deploy.serve.repository import RepositoryOptions
 
 _BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-_PRECISIONS = ("auto", "fp32", "fp16")
+_PRECISIONS = ("auto", *PRECISIONS)
 
 
 def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", samplers: str = "all",
@@ -224,18 +225,19 @@ def register(app: typer.Typer) -> None:
         json_out: str | None = typer.Option(None, "--json", metavar="FILE",
                                             help="Write settings and files as JSON ('-' = stdout)."),
     ) -> None:
-        from mmgen_deploy.cli.generate import (
-            check_output_dir,
-            check_sampling_options,
-            read_prompts_file,
-            warn_about_prompts,
-        )
+        from mmgen_deploy.cli.generate import CLI_NAMES, read_prompts_file, warn_about_prompts
         from mmgen_deploy.io_utils import atomic_dir, write_json
+        from mmgen_deploy.sampling.generate import check_output_dir
+        from mmgen_deploy.sampling.loop import check_sampling_numbers
         from mmgen_deploy.sampling.requests import expand_conditions
         from mmgen_deploy.serve.client import GenerateClient
 
-        check_sampling_options(n=n, steps=1 if steps is None else steps,
-                               cfg_scale=0.0 if cfg_scale is None else cfg_scale, sampler=sampler or "ddim")
+        # generate's checks and messages, before any request (None: the server's default, checked there)
+        if n < 1:
+            raise UsageError(f"--n must be >= 1, got {n}")
+        check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or "ddim",
+                               cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=0.0,
+                               names=CLI_NAMES)
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
         all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
@@ -255,13 +257,15 @@ def register(app: typer.Typer) -> None:
                                  f"it allows steps up to {served.max_steps}, cfg scale up to "
                                  f"{served.max_cfg_scale:g}")
             if served.tokenizer is not None:
-                warn_about_prompts(served.tokenizer, all_prompts)
+                distinct = list(dict.fromkeys(all_prompts))
+                encoding = served.tokenizer.encode(distinct)
+                warn_about_prompts(encoding.unknown_words, [distinct[i] for i in encoding.truncated], served.config)
             result = _request_images(remote, served, class_ids, prompt_rows, seed=seed, steps=settings[0],
                                      cfg_scale=settings[1], sampler=settings[2])
         finally:
             remote.close()
         with atomic_dir(out) as tmp:
-            from mmgen_deploy.sampling.pipeline import write_samples
+            from mmgen_deploy.sampling.files import write_samples
 
             sidecar = write_samples(result, served.config, tmp, images_per_class=n,
                                     extra={"server": url, "server_backend": served.backend})

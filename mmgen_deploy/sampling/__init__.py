@@ -1,6 +1,11 @@
 """Sampling: NumPy schedulers and one loop over any `Runner` backend."""
 
-from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning, text_conditioning
+from mmgen_deploy.sampling.conditioning import (
+    Conditioning,
+    class_conditioning,
+    make_conditioning,
+    text_conditioning,
+)
 from mmgen_deploy.sampling.loop import SampleResult, sample, to_uint8
 from mmgen_deploy.sampling.schedulers import SAMPLERS, Scheduler, make_scheduler, respaced_timesteps
 
@@ -10,6 +15,7 @@ __all__ = [
     "SampleResult",
     "Scheduler",
     "class_conditioning",
+    "make_conditioning",
     "make_scheduler",
     "respaced_timesteps",
     "sample",

@@ -2,7 +2,7 @@
 
 An `ImageSpec` is one image: its condition (a class id or a prompt), its seed and index (the
 image draws its noise from `default_rng([seed, index])`, so image k of `mmgen generate --seed S`
-is `ImageSpec(seed=S, index=k, ...)`), and its sampler settings. `generate_images` takes any
+is `ImageSpec(seed=S, index=k, ...)`), and its sampler settings. `sample_specs` takes any
 mix of specs of one model, encodes each distinct prompt once, groups the images by
 (steps, cfg_scale, sampler) and samples each group with `sample(..., seeds=, indices=)`: an
 image depends on its own spec only, never on what it was generated with.
@@ -67,10 +67,10 @@ def expand_conditions(config: ModelConfig, classes: Sequence[str | int], prompts
     (None, prompts) for a text model; a prompt for a class model, or a class for a text
     model, is refused in one line.
     """
-    from mmgen_deploy.sampling.pipeline import resolve_class
+    from mmgen_deploy.sampling.conditioning import resolve_class
 
     if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
+        raise UsageError(f"n must be >= 1, got {n}")
     if config.uses_text:
         if classes:
             raise UsageError("this model is conditioned on text: it takes prompts, not --class",
@@ -122,7 +122,7 @@ def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
                         prompts=[condition.prompts[r] for r in rows] if condition.prompts else [])
 
 
-def generate_images(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec], *,
+def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec], *,
                     tokenizer: WordTokenizer | None = None, batch_size: int = 16) -> GeneratedImages:
     """Images for `specs` (in their order): prompts encoded once each, one `sample()` per settings group."""
     check_specs(config, specs)

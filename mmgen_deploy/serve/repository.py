@@ -28,19 +28,22 @@ from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
+from mmgen_deploy.rundir import DEPLOY_ENTRIES, TEXT_PART, RunDir
 from mmgen_deploy.serve import MODEL_NAME
+from mmgen_deploy.specs import SAMPLING_COMPONENTS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 # What of a run directory the server needs: configs, inference weights, exported models.
-RUN_ARTIFACTS = ("run.json", "vqvae", "dit", "text_encoder", "onnx", "engines")
+# (The text encoder part of a text run too: its weights, config and tokenizer; absent entries are skipped.)
+RUN_ARTIFACTS = tuple(dict.fromkeys((*DEPLOY_ENTRIES, TEXT_PART)))
 INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = ("denoiser", "quantizer", "decoder")  # what sample() calls (+ text_encoder for text runs)
+ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls (specs.sampling_components adds the text encoder)
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
@@ -184,11 +187,6 @@ parameters: {{ key: "threads" value: {{ string_value: "{options.threads}" }} }}
 """
 
 
-def ensemble_components(config: ModelConfig) -> tuple[str, ...]:
-    """The components the served sampling loop calls: the text encoder too for a text run."""
-    return (*ENSEMBLE_COMPONENTS, "text_encoder") if config.uses_text else ENSEMBLE_COMPONENTS
-
-
 def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: tuple[str, ...]) -> str:
     from mmgen_deploy.export import onnx_path
 
@@ -198,7 +196,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
     if options.precision != "auto":
         if not complete(options.precision):
             raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
-                             f"{', '.join(components)} in {run_root / 'onnx'}",
+                             f"{', '.join(components)} in {RunDir(run_root).onnx_dir}",
                              f"run `mmgen export {run_root}` first")
         return options.precision
     # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
@@ -206,7 +204,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
     for precision in order:
         if complete(precision):
             return precision
-    raise UsageError(f"--layout ensemble needs an exported ONNX set in {run_root / 'onnx'}",
+    raise UsageError(f"--layout ensemble needs an exported ONNX set in {RunDir(run_root).onnx_dir}",
                      f"run `mmgen export {run_root}` first")
 
 
@@ -214,7 +212,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
     from mmgen_deploy.export import onnx_path
     from mmgen_deploy.specs import component_specs
 
-    components = ensemble_components(config)
+    components = sampling_components(config)
     precision = _ensemble_precision(run_root, options, components)
     specs = component_specs(config)
     written = {}
@@ -231,7 +229,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
             shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
         max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
         (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
-        written[name] = f"{precision}/{name}.onnx"
+        written[name] = RunDir.onnx_relpath(precision, name)
     return written
 
 
@@ -251,15 +249,13 @@ def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS
 
 def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None = None) -> dict[str, Any]:
     """Write the repository for `run_dir` to `out` (atomically). Returns a summary dict."""
-    from mmgen_deploy.rundir import RunDir
-
     options = options or RepositoryOptions()
     options.validate()
     run = RunDir(run_dir)
     config = run.load_config()  # refuses a missing or foreign run directory with a clear message
     for part in run.model_parts(config):
         if not run.has_part(part):
-            run.load_models()  # raises the precise missing/corrupt-weights error
+            run.load_deployable()  # raises the precise missing/corrupt-weights error
     if config.uses_text:
         run.load_tokenizer()  # a text run without its tokenizer cannot encode prompts
     run_root = run.root.resolve()

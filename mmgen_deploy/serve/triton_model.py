@@ -13,7 +13,7 @@ Request semantics (one row of a request = one image; a request may carry several
   -> IMAGE   UINT8 [H, W, 3]
 
 Triton's dynamic batcher hands `execute` several requests at once. All their rows go to one
-`generate_images` call: every distinct prompt is encoded once, rows are grouped by
+`sample_specs` call: every distinct prompt is encoded once, rows are grouped by
 (steps, cfg_scale, sampler), and each group is sampled in one call with one (seed, index) per
 image, so an image depends only on its own row, never on what it was batched with.
 A malformed request (a prompt sent to a class model, a class and a prompt together, a value out
@@ -105,12 +105,12 @@ class TritonPythonModel:
         self.config = run.load_config()
         use_bls = params.get("runner", "local") == "bls"
         if not use_bls:
-            run.load_models()
+            run.load_deployable()
         self.tokenizer = run.load_tokenizer() if self.config.uses_text else None
         self.num_classes = self.config.dit.num_classes
 
         from mmgen_deploy.runtime import open_runner
-        from mmgen_deploy.sampling.requests import generate_images
+        from mmgen_deploy.sampling.requests import sample_specs
 
         self.samplers = [s for s in params.get("samplers", "ddim").split(",") if s]
         self.default_sampler = params.get("default_sampler", self.samplers[0])
@@ -122,15 +122,15 @@ class TritonPythonModel:
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
         self.runner: Any
+        choice = None
         if use_bls:
             from mmgen_deploy.specs import component_specs
 
             self.runner = TritonComponentRunner(component_specs(self.config), params.get("component_prefix", "mmgen_"))
         else:
-            self.runner = open_runner(run_dir, params.get("backend", "auto"),
-                                      None if precision == "auto" else precision, threads=threads or None)
-        self._generate_images: Any = generate_images
-        choice = getattr(self.runner, "choice", None)
+            self.runner, choice = open_runner(run_dir, params.get("backend", "auto"),
+                                              None if precision == "auto" else precision, threads=threads or None)
+        self._sample_specs: Any = sample_specs
         described = choice.describe() if choice is not None else getattr(self.runner, "backend", "?")
         kind = "text prompts" if self.config.uses_text else f"{self.num_classes} classes"
         pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}; {described}; {kind}; samplers "
@@ -140,7 +140,7 @@ class TritonPythonModel:
     def _conditions(self, request: Any) -> tuple[list[int] | None, list[str] | None]:
         """(class ids, None) or (None, prompts) of one request, checked against this model."""
         from mmgen_deploy.errors import UsageError
-        from mmgen_deploy.sampling.pipeline import resolve_class
+        from mmgen_deploy.sampling.conditioning import resolve_class
 
         names = _optional(request, "CLASS")
         ids = _optional(request, "CLASS_ID")
@@ -246,10 +246,10 @@ class TritonPythonModel:
         return responses
 
     def _generate(self, specs: list[Any]) -> np.ndarray:
-        result = self._generate_images(self.runner, self.config, specs, tokenizer=self.tokenizer,
+        result = self._sample_specs(self.runner, self.config, specs, tokenizer=self.tokenizer,
                                        batch_size=self.batch_size)
         if len(result.images) != len(specs):
-            raise RuntimeError(f"generate_images returned {len(result.images)} images for {len(specs)}")
+            raise RuntimeError(f"sample_specs returned {len(result.images)} images for {len(specs)}")
         return np.asarray(result.images, dtype=np.uint8)
 
     @staticmethod

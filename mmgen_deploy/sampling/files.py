@@ -1,4 +1,4 @@
-"""From a SampleResult to files: class-name resolution, PNGs with metadata, a grid, a JSON sidecar."""
+"""From a SampleResult to files: PNGs with metadata, a grid, a JSON sidecar."""
 
 from __future__ import annotations
 
@@ -11,31 +11,8 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.errors import UsageError
+from mmgen_deploy.sampling.conditioning import class_name
 from mmgen_deploy.sampling.loop import SampleResult
-
-
-def class_name(config: ModelConfig, class_id: int) -> str:
-    return config.class_names[class_id] if config.class_names else str(class_id)
-
-
-def resolve_class(config: ModelConfig, value: str) -> int:
-    """A class given as an id ("3") or a name ("red circle", case-insensitive) -> its id."""
-    text = value.strip()
-    num_classes = config.dit.num_classes
-    if re.fullmatch(r"[+-]?\d+", text):
-        class_id = int(text)
-        if not 0 <= class_id < num_classes:
-            raise UsageError(f"class id {class_id} is out of range", f"valid ids are 0..{num_classes - 1}")
-        return class_id
-    lowered = [name.lower() for name in config.class_names]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    if not config.class_names:
-        raise UsageError(f"unknown class {value!r}: this model has no class names",
-                         f"give a class id 0..{num_classes - 1}")
-    valid = ", ".join(f"{i}={name!r}" for i, name in enumerate(config.class_names))
-    raise UsageError(f"unknown class {value!r}", f"valid classes: {valid}")
 
 
 def _slug(text: str) -> str:
