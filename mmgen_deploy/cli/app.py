@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from mmgen_deploy import __version__
 from mmgen_deploy.cli import (
+    batch,
     doctor,
     engines,
     evaluate,
@@ -59,7 +60,7 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, parity, importer, serve):
+for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, batch, parity, importer, serve):
     _module.register(app)
 
 
