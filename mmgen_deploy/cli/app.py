@@ -85,11 +85,11 @@ def _name_values(command: Any) -> Any:
     type (TEXT, INTEGER, FLOAT, PATH), where a command did not name it itself (FILE, SPEC, ...).
     (Typer's own default reads `<int>`, `<list[str]>` and `{run_dir}`.)"""
     for param in command.params:
-        if param.metavar is not None:
-            continue
         if param.param_type_name == "argument":
-            param.metavar = (param.name or "value").upper()
-        elif param.param_type_name == "option" and not param.is_flag and not param.count:
+            # Click lists an argument by its name alone ("RUN_DIR"), not "RUN_DIR <path>".
+            param.display_type_rich = _no_type
+            param.metavar = param.metavar or (param.name or "value").upper()
+        elif param.metavar is None and param.param_type_name == "option" and not param.is_flag and not param.count:
             param.metavar = _type_name(param.bare_type())
     subcommands = getattr(command, "commands", None)
     if subcommands:
@@ -98,6 +98,10 @@ def _name_values(command: Any) -> Any:
     else:
         command.collect_usage_pieces = functools.partial(_usage_pieces, command)
     return command
+
+
+def _no_type(ctx: Any = None) -> None:
+    return None
 
 
 def _usage_pieces(command: Any, ctx: Any) -> list[str]:
