@@ -287,14 +287,19 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
 
 @pytest.mark.slow
 def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
-    """The real `quickstart --text` loop with a 2-step recipe. The ONNX stages need the text encoder's
-    export (another branch); until it lands, only the stages that run without it are run here."""
+    """The real `quickstart --text` loop, all six stages, with a 2-step recipe and a cheap evaluation:
+    export (five components, FP32 + FP16), generation from the grid prompts on ONNX Runtime
+    (`generate_prompts_stage`) and parity. The 2-step DiT's near-zero tensors are re-randomised after
+    its stage, so parity compares real outputs."""
+    from quickstart_helpers import with_meaningful_dit
+
     from mmgen_deploy.cli import train as train_cli
     from mmgen_deploy.training import recipes
+    from mmgen_deploy.training.dit import grid_prompts
 
-    assert [name for name, _ in train_cli.QUICKSTART_TEXT_STAGES] == [
-        "train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
-        "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
+    names = ["train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
+             "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
+    assert [name for name, _ in train_cli.QUICKSTART_TEXT_STAGES] == names
     monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
@@ -305,22 +310,42 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
     real_new_run = train_cli._new_run
     monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    runnable = [(name, cheap_eval if name.startswith("evaluate") else fn)
-                for name, fn in train_cli.QUICKSTART_TEXT_STAGES if "ONNX" not in name and "parity" not in name]
-    monkeypatch.setattr(train_cli, "QUICKSTART_TEXT_STAGES", runnable)
+    stages = dict(train_cli.QUICKSTART_TEXT_STAGES)
+    stages["train DiT + text encoder"] = with_meaningful_dit(stages["train DiT + text encoder"])
+    stages["evaluate (held-out prompts)"] = cheap_eval
+    monkeypatch.setattr(train_cli, "QUICKSTART_TEXT_STAGES", list(stages.items()))
     out = tmp_path / "qs"
     code, _, stderr = _cli(["quickstart", "--text", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, stderr
-    assert "1/3 train VQ-VAE" in stderr and "3/3 evaluate (held-out prompts)" in stderr
+    assert "1/6 train VQ-VAE" in stderr and "6/6 parity vs PyTorch" in stderr
     summary = json.loads((out / "reports" / "quickstart.json").read_text())
-    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT + text encoder",
-                                              "evaluate (held-out prompts)"]
+    assert list(summary["stage_seconds"]) == names
     run = RunDir(out)
     config = run.load_config()
     assert config.uses_text and config.dit.conditioning == "pooled"
     assert run.read_meta()["data"]["holdout_fraction"] == 0.2
     assert run.load_tokenizer().vocab_size == config.text.vocab_size
     assert summary["eval"]["generation"]["prompts_from"] == "held-out combinations"
+    # Export: the five components at both precisions.
+    manifest = json.loads((out / "reports" / "export.json").read_text())
+    assert "text_encoder" in json.dumps(manifest)
+    for precision in ("fp32", "fp16"):
+        assert {p.name for p in (run.onnx_dir / precision).glob("*.onnx")} == {
+            "encoder.onnx", "quantizer.onnx", "decoder.onnx", "denoiser.onnx", "text_encoder.onnx"}
+    # Generation from prompts on ONNX Runtime: two images per grid prompt, each tagged with its prompt.
+    generated = out / "samples" / "onnxruntime-fp32"
+    prompts = grid_prompts(load_split(DataSpec.from_dict(run.read_meta()["data"]), "train").captions)
+    pngs = sorted(p for p in generated.glob("*.png") if p.name != "grid.png")
+    assert (generated / "grid.png").is_file() and len(pngs) == 2 * len(prompts) == 18
+    with Image.open(pngs[-1]) as image:
+        assert image.text["prompt"] == prompts[-1]
+    # Parity at both precisions, on a denoiser whose output is not negligible, with the text encoder.
+    for precision in ("fp32", "fp16"):
+        report = json.loads((out / "reports" / f"parity-onnxruntime-{precision}.json").read_text())
+        assert report["passed"] and report["meaningful"], report["verdict"]
+        assert report["info"]["denoiser_output_scale"]["ratio"] >= 0.05
+        assert "text_encoder" in {c["group"] for c in report["checks"]}
+        assert len(report["info"]["end_to_end"]["prompts"]) == 8
 
 
 def test_text_model_on_a_captioned_user_folder(tmp_path, capsys) -> None:
