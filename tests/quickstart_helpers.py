@@ -44,3 +44,19 @@ def with_meaningful_dit(train_stage: Callable[[Any], str]) -> Callable[[Any], st
         return where
 
     return stage
+
+
+def fewer_generate_steps(monkeypatch: Any, steps: int = 4) -> None:
+    """The quickstart's generate stage as written (its prompts or classes, batch, output folder),
+    sampling `steps` DDIM steps instead of 50 (CI time; parity still runs its own 20-step check)."""
+    from mmgen_deploy.cli import pipeline_stages
+
+    real_invoke = pipeline_stages.invoke
+
+    def invoke(args: list[str]) -> int:
+        if args[:1] == ["generate"] and "--steps" in args:
+            args = [*args]
+            args[args.index("--steps") + 1] = str(steps)
+        return real_invoke(args)
+
+    monkeypatch.setattr(pipeline_stages, "invoke", invoke)

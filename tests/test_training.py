@@ -196,7 +196,7 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     """The real quickstart loop with a 2-step recipe and a cheap evaluation stage. The 2-step DiT's
     near-zero tensors are re-randomised after its stage, so the parity stage compares real outputs
     (it refuses a negligible one)."""
-    from quickstart_helpers import with_meaningful_dit
+    from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
 
     from mmgen_deploy.cli import train as train_cli
     from mmgen_deploy.training import recipes
@@ -214,6 +214,7 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     replaced = {"evaluate": cheap_eval, "train DiT": with_meaningful_dit(dict(train_cli.QUICKSTART_STAGES)["train DiT"])}
     stages = [(name, replaced.get(name, fn)) for name, fn in train_cli.QUICKSTART_STAGES]
     monkeypatch.setattr(train_cli, "QUICKSTART_STAGES", stages)
+    fewer_generate_steps(monkeypatch)
     out = tmp_path / "qs"
     code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, text
