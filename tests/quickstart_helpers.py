@@ -49,14 +49,13 @@ def with_meaningful_dit(train_stage: Callable[[Any], str]) -> Callable[[Any], st
 def fewer_generate_steps(monkeypatch: Any, steps: int = 4) -> None:
     """The quickstart's generate stage as written (its prompts or classes, batch, output folder),
     sampling `steps` DDIM steps instead of 50 (CI time; parity still runs its own 20-step check)."""
-    from mmgen_deploy.cli import pipeline_stages
+    import dataclasses
 
-    real_invoke = pipeline_stages.invoke
+    from mmgen_deploy.cli import generate as generate_cli
 
-    def invoke(args: list[str]) -> int:
-        if args[:1] == ["generate"] and "--steps" in args:
-            args = [*args]
-            args[args.index("--steps") + 1] = str(steps)
-        return real_invoke(args)
+    real_run_generate = generate_cli.run_generate
 
-    monkeypatch.setattr(pipeline_stages, "invoke", invoke)
+    def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
+        return real_run_generate(run_dir, dataclasses.replace(request, steps=steps))
+
+    monkeypatch.setattr(generate_cli, "run_generate", run_generate)

@@ -339,27 +339,28 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
     its stage, so parity compares real outputs."""
     from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
 
-    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.cli import evaluate as eval_cli
+    from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
     from mmgen_deploy.training.dit import grid_prompts
 
     names = ["train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
              "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
-    assert [name for name, _ in train_cli.QUICKSTART_TEXT_STAGES] == names
+    assert [name for name, _ in qs_cli.QUICKSTART_TEXT_STAGES] == names
     monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
-        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+        ctx.results["eval"] = eval_cli._run_eval(ctx.run, eval_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
                                                                                      "fp32", 4))
         return str(ctx.run.reports_dir / "eval.json")
 
-    real_new_run = train_cli._new_run
-    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli._new_run
+    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    stages = dict(train_cli.QUICKSTART_TEXT_STAGES)
+    stages = dict(qs_cli.QUICKSTART_TEXT_STAGES)
     stages["train DiT + text encoder"] = with_meaningful_dit(stages["train DiT + text encoder"])
     stages["evaluate (held-out prompts)"] = cheap_eval
-    monkeypatch.setattr(train_cli, "QUICKSTART_TEXT_STAGES", list(stages.items()))
+    monkeypatch.setattr(qs_cli, "QUICKSTART_TEXT_STAGES", list(stages.items()))
     fewer_generate_steps(monkeypatch)
     out = tmp_path / "qs"
     code, _, stderr = _cli(["quickstart", "--text", "--out", str(out), "--threads", "1"], capsys)

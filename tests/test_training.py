@@ -198,22 +198,23 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     (it refuses a negligible one)."""
     from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
 
-    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.cli import evaluate as eval_cli
+    from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
 
     monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
-        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+        ctx.results["eval"] = eval_cli._run_eval(ctx.run, eval_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
                                                                                      "fp32"))
         return str(ctx.run.reports_dir / "eval.json")
 
-    real_new_run = train_cli._new_run
-    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli._new_run
+    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    replaced = {"evaluate": cheap_eval, "train DiT": with_meaningful_dit(dict(train_cli.QUICKSTART_STAGES)["train DiT"])}
-    stages = [(name, replaced.get(name, fn)) for name, fn in train_cli.QUICKSTART_STAGES]
-    monkeypatch.setattr(train_cli, "QUICKSTART_STAGES", stages)
+    replaced = {"evaluate": cheap_eval, "train DiT": with_meaningful_dit(dict(qs_cli.QUICKSTART_STAGES)["train DiT"])}
+    stages = [(name, replaced.get(name, fn)) for name, fn in qs_cli.QUICKSTART_STAGES]
+    monkeypatch.setattr(qs_cli, "QUICKSTART_STAGES", stages)
     fewer_generate_steps(monkeypatch)
     out = tmp_path / "qs"
     code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
