@@ -137,7 +137,7 @@ def test_ddpm_loop_matches_diffusers_ddpm_scheduler_loop(random_models, learned_
                 model_output = torch.cat([model_output, out[:2, 4:]], dim=1)
             x = scheduler.step(model_output, t, x).prev_sample
         assert taken == scheduler.timesteps.tolist()[:-1]  # every step but the last (t = 0) took its noise
-        z_q, idx = vq.quantize.quantize(x)
+        _, idx = vq.quantize.quantize(x)
     np.testing.assert_allclose(ours.latents, x.numpy(), rtol=1e-4, atol=1e-4)
     assert np.array_equal(ours.indices, idx.numpy())
 

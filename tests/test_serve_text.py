@@ -251,6 +251,7 @@ def test_text_run_served_images_equal_generate(tmp_path: Path, capsys: pytest.Ca
 def test_class_model_takes_class_names_and_refuses_prompts(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     from mmgen_deploy.parity.metrics import psnr
+
     from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError
 
     run = make_class_run(tmp_path / "run")

@@ -19,13 +19,13 @@ from mmgen_deploy.cli.app import main
 from mmgen_deploy.config import preset, with_text
 from mmgen_deploy.data import DataSpec, load_split
 from mmgen_deploy.export import read_manifest
-from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.export.calibration import (
     component_inputs,
     dataset_calibration,
     load_calibration,
     vocabulary_prompts,
 )
+from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
 from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
