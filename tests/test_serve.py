@@ -381,10 +381,9 @@ def _run_all(calls: list[Callable[[], T]], timeout_s: float = 180.0) -> list[T |
 @needs_triton
 def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_models, capsys) -> None:
     """`mmgen serve` answers concurrent clients with the images `mmgen generate` makes, and its dynamic
-    batcher merges requests that wait together. No timing is assumed: the server's queue is watched
-    (Triton's pending-request gauge) while eight requests are sent at once, one of them long (250
-    steps) so that the others queue behind it on the single model instance; requests seen waiting
-    together must have run in one execution."""
+    batcher merges requests that wait together. The merge is not left to timing: the server's queue is
+    watched (Triton's pending-request gauge) while requests queue behind a long one on the single model
+    instance, and requests seen waiting together must have run in one execution."""
     from mmgen_deploy.export import export_run
     from mmgen_deploy.numerics import psnr
     from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError, batch_sizes_executed
@@ -410,37 +409,55 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
                     client.close()
             return call
 
-        # Seven requests (one with two images) and a long one (250 steps) sent together by eight
-        # client threads, while the server's queue is watched.
+        # A long request (250 steps) occupies the single model instance; seven requests (one with two
+        # images) sent behind it by seven client threads queue meanwhile, and the queue is watched.
         jobs = [ImageRequest(seeds=[100 + i], class_ids=[(3 * i) % config.dit.num_classes], steps=steps)
                 for i in range(6)]
         jobs.append(ImageRequest(seeds=[7, 8], class_ids=[1, 2], steps=steps))
         long_job = ImageRequest(seeds=[9], class_ids=[4], steps=250)
-        outcome: list[np.ndarray | BaseException] = []
-        sender = threading.Thread(target=lambda: outcome.extend(_run_all([generate(j) for j in [*jobs, long_job]])),
-                                  daemon=True)
-        sender.start()
-        most_waiting = 0
-        while sender.is_alive():
-            most_waiting = max(most_waiting, _pending_requests(metrics))
-            time.sleep(0.02)
-        sender.join()
-        assert len(outcome) == len(jobs) + 1, "a client thread got no answer within 180 s"
-        results = dict(enumerate(outcome))
-        for index, job in enumerate([*jobs, long_job]):
+
+        def burst_behind_long_request() -> tuple[int, list[np.ndarray | BaseException]]:
+            outcome: list[np.ndarray | BaseException] = []
+            long_sender = threading.Thread(target=lambda: outcome.extend(_run_all([generate(long_job)])),
+                                           daemon=True)
+            long_sender.start()
+            time.sleep(0.3)  # a head start only; what is asserted below does not depend on it
+            burst: list[np.ndarray | BaseException] = []
+            sender = threading.Thread(target=lambda: burst.extend(_run_all([generate(j) for j in jobs])),
+                                      daemon=True)
+            sender.start()
+            most_waiting = 0
+            while sender.is_alive() or long_sender.is_alive():
+                most_waiting = max(most_waiting, _pending_requests(metrics))
+                time.sleep(0.01)
+            assert len(outcome) == 1 and len(burst) == len(jobs), "a client thread got no answer within 180 s"
+            assert isinstance(outcome[0], np.ndarray), f"the long request failed: {outcome[0]!r}"
+            return most_waiting, burst
+
+        # If the long request happened to finish before three others queued (a very busy machine),
+        # the round proves nothing either way and is sent again.
+        rounds = 0
+        while rounds < 3:
+            rounds += 1
+            most_waiting, burst = burst_behind_long_request()
+            if most_waiting >= 3:
+                break
+        assert most_waiting >= 3, f"never more than {most_waiting} requests waited together in {rounds} rounds"
+        results = dict(enumerate(burst))
+        for index, job in enumerate(jobs):
             images = results[index]
             assert isinstance(images, np.ndarray), f"request {index} failed: {images!r}"
             assert images.shape == (len(job.seeds), 32, 32, 3) and images.dtype == np.uint8
-        # Requests seen waiting together (while the single model instance was busy, e.g. with the
-        # long one) must have been merged: the batcher takes every waiting request that fits.
-        assert most_waiting >= 2, (f"at most {most_waiting} request waited at a time: the 250-step request "
-                                   "finished before the others arrived")
+        # Requests seen waiting together must have been merged: once the instance is free, the
+        # dynamic batcher takes every waiting request that fits the max batch (8 images) at once, so
+        # some execution held at least 3 images, more than any one request carries.
         client = GenerateClient(url, timeout_s=60)
         try:
             executed = batch_sizes_executed(client.statistics())
         finally:
             client.close()
-        assert max(executed) >= 2 and sum(size * count for size, count in executed.items()) == 9, executed
+        assert sum(size * count for size, count in executed.items()) == 9 * rounds, executed
+        assert max(executed) >= 3, (most_waiting, executed)
 
         # Each served image equals `mmgen generate` with the same class, seed and steps.
         checks = [(0, 0), (len(jobs) - 1, 0), (len(jobs) - 1, 1)]
