@@ -335,8 +335,8 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
 def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
     """The real `quickstart --text` loop, all six stages, with a 2-step recipe and a cheap evaluation:
     export (five components, FP32 + FP16), generation from the grid prompts on ONNX Runtime
-    (`generate_prompts_stage`) and parity. The 2-step DiT's near-zero tensors are re-randomised after
-    its stage, so parity compares real outputs."""
+    (`generate_prompts_stage`, 4 steps instead of 50) and parity. The 2-step DiT's near-zero tensors are
+    re-randomised after its stage, so parity compares real outputs."""
     from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
 
     from mmgen_deploy.cli import evaluate as eval_cli

@@ -193,9 +193,9 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
-    """The real quickstart loop with a 2-step recipe and a cheap evaluation stage. The 2-step DiT's
-    near-zero tensors are re-randomised after its stage, so the parity stage compares real outputs
-    (it refuses a negligible one)."""
+    """The real quickstart loop with a 2-step recipe, a cheap evaluation stage and 4 generation steps.
+    The 2-step DiT's near-zero tensors are re-randomised after its stage, so the parity stage compares
+    real outputs (it refuses a negligible one)."""
     from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
 
     from mmgen_deploy.cli import evaluate as eval_cli
