@@ -21,6 +21,13 @@ from mmgen_deploy.text.tokenizer import BOS, EOS, PAD
 BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
 
+# Every precision an ONNX set / engine set can have, in pipeline order. The 8-bit ones are
+# explicit Q/DQ graphs (ModelOpt post-training quantization, `mmgen_deploy.export.quantize`);
+# `mmgen export` makes them only when asked (`--precision int8,fp8` or `all`).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
+DEFAULT_EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+QUANTIZED_PRECISIONS: tuple[str, ...] = ("int8", "fp8")
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -47,6 +54,13 @@ class Tolerance:
 
     rel_l2: float = 1e-5
     min_agreement: float = 1.0
+    # The limit on random inputs when it differs (8-bit graphs: their activation ranges are
+    # calibrated on real data, and random inputs such as uniform-noise images leave them).
+    random_rel_l2: float | None = None
+
+    def limit(self, kind: str) -> float:
+        """The relative-L2 limit for inputs of this kind ("random", "real", "dummy")."""
+        return self.random_rel_l2 if kind == "random" and self.random_rel_l2 is not None else self.rel_l2
 
 
 @dataclass(frozen=True)
@@ -87,6 +101,21 @@ class ComponentSpec:
     # are the text encoder's outputs): random inputs for it are that component's outputs on its
     # own random inputs (see `random_feeds`).
     upstream: str | None = None
+    # Quantized sets (int8 / fp8): module scopes and op types that get no Q/DQ (they run in the
+    # high precision, FP16 with the FP32 scopes above), and the precision this component ships at
+    # instead when quantizing it does not pay or is not safe (None: it is quantized). The quantizer
+    # (`keep_fp32`) is never quantized: its distances decide code indices.
+    quant_exclude_scopes: tuple[str, ...] = ()
+    quant_exclude_op_types: tuple[str, ...] = ()
+    quant_fallback: dict[str, str] = field(default_factory=dict)
+
+    def shipped_precision(self, precision: str) -> str:
+        """The precision of this component's graph in the `precision` set: the FP16 and 8-bit sets
+        hold the FP32 quantizer, and an 8-bit set holds the fallback precision of components the
+        spec keeps out of quantization."""
+        if self.keep_fp32:
+            return "fp32"
+        return self.quant_fallback.get(precision, precision) if precision in QUANTIZED_PRECISIONS else precision
 
     @property
     def engine_profile(self) -> BatchProfile:
@@ -117,9 +146,14 @@ class ComponentSpec:
 GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 
 
-def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
-    return {"fp32": {n: Tolerance(rel_l2=fp32) for n in names},
-            "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
+def _tol(fp32: float, fp16: float, names: tuple[str, ...], int8: float = 5e-2, fp8: float = 8e-2,
+         random8: float = 0.25) -> dict[str, dict[str, Tolerance]]:
+    """Relative-L2 tolerances per precision. The 8-bit ones are set from measurement on the trained
+    quickstart models (see the README's "INT8 and FP8" section) with ~2x headroom; `random8` is the
+    8-bit limit on random inputs, which lie outside the calibrated activation ranges."""
+    limits = {"fp32": fp32, "fp16": fp16, "int8": int8, "fp8": fp8}
+    return {p: {n: Tolerance(rel_l2=limit, random_rel_l2=random8 if p in QUANTIZED_PRECISIONS else None)
+                for n in names} for p, limit in limits.items()}
 
 
 # The text encoder's outputs, named as the text denoiser's inputs: the sampling loop
@@ -224,7 +258,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
             make_inputs=latent_inputs("h"),
             tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
-                        for p in ("fp32", "fp16")},
+                        for p in PRECISIONS},
             keep_fp32=True,
         ),
         "decoder": ComponentSpec(

@@ -3,6 +3,7 @@
     RUN_DIR/onnx/manifest.json
     RUN_DIR/onnx/fp32/{encoder,quantizer,decoder,denoiser}.onnx
     RUN_DIR/onnx/fp16/{encoder,quantizer,decoder,denoiser}.onnx   (quantizer: FP32-typed graph)
+    RUN_DIR/onnx/{int8,fp8}/<component>.onnx                      (Q/DQ graphs; quantizer: FP32 graph)
     RUN_DIR/onnx/{fp32,fp16}/text_encoder.onnx                    (text-to-image runs only)
 
 The manifest's `components` lists the model's components (`component_names(config)`).
@@ -19,11 +20,11 @@ from typing import Any
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.io_utils import read_json
 from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.specs import PRECISIONS  # one owner of the precision list: the specs
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmgen-onnx-export"
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
 
 
 def _root(run_dir: str | os.PathLike[str] | RunDir) -> Path:

@@ -116,8 +116,9 @@ def compare(spec: ComponentSpec, precision: str, input_set: InputSet, reference:
                 "a shape was frozen during export; report this as a bug")
         if tensor.is_float:
             diff = tensor_diff(ref, got)
+            limit = tol.limit(input_set.kind)
             checks.append(OutputCheck(spec.name, precision, tensor.name, input_set.kind, input_set.batch,
-                                      "rel_l2", diff.rel_l2, tol.rel_l2, diff.max_abs, diff.rel_l2 <= tol.rel_l2))
+                                      "rel_l2", diff.rel_l2, limit, diff.max_abs, diff.rel_l2 <= limit))
         else:
             agreement = float((ref == got).mean()) if ref.size else 1.0
             max_abs = float(np.abs(ref.astype(np.int64) - got.astype(np.int64)).max(initial=0))

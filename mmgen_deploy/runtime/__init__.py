@@ -50,7 +50,7 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _tensorrt_check(run_dir: str | os.PathLike[str]) -> str | None:
+def _tensorrt_check(run_dir: str | os.PathLike[str], precision: str = "fp16") -> str | None:
     """None when a TensorRT engine set for this run is built, current and runnable here; else why not."""
     try:
         from mmgen_deploy.engines.manifest import current_gpu
@@ -61,7 +61,7 @@ def _tensorrt_check(run_dir: str | os.PathLike[str]) -> str | None:
 
     try:
         gpu = current_gpu()
-        _flavour, engine_set = select_engine_set(RunDir(run_dir), None, "fp16", gpu)
+        _flavour, engine_set = select_engine_set(RunDir(run_dir), None, precision, gpu)
         # A set built with -c for a few components (or before the text encoder existed) cannot sample.
         missing = [c for c in sampling_components(run_dir) if c not in engine_set.components]
         if missing:
@@ -88,16 +88,16 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
-        if precision == "fp16":
+        if precision not in (None, "fp32"):
             raise UsageError("the torch backend runs FP32 only",
-                             "use --backend onnxruntime --precision fp16 or --backend tensorrt")
+                             f"use --backend onnxruntime --precision {precision} or --backend tensorrt")
         dev = device or ("cuda" if _torch_cuda() else "cpu")
         return BackendChoice("torch", "fp32", dev, "requested")
     if backend == "tensorrt":
         if precision == "fp32":
-            raise UsageError("TensorRT engines are built from the fp16 ONNX set",
-                             "use --precision fp16 (or leave it out) with --backend tensorrt")
-        return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
+            raise UsageError("TensorRT engines are built from the fp16, int8 or fp8 ONNX set",
+                             "use --precision fp16 (or leave it out), int8 or fp8 with --backend tensorrt")
+        return BackendChoice("tensorrt", precision or "fp16", device or "cuda", "requested")
     from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
 
     needed = sampling_components(run_dir)
@@ -117,9 +117,10 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
     elif device is not None and not device.startswith("cuda"):
         skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
     else:
-        problem = _tensorrt_check(run_dir)
+        trt_precision = precision or "fp16"
+        problem = _tensorrt_check(run_dir, trt_precision)
         if problem is None:
-            return BackendChoice("tensorrt", "fp16", "cuda", "engines are built and a GPU is visible", skipped)
+            return BackendChoice("tensorrt", trt_precision, "cuda", "engines are built and a GPU is visible", skipped)
         skipped.append(f"tensorrt: {problem}")
     if device is None or device.startswith("cuda"):
         if cuda_provider_usable():
@@ -137,9 +138,10 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
                              skipped)
     skipped.append(f"onnxruntime cpu: no complete {prec} ONNX set (missing {', '.join(p.name for p in missing)}; "
                    "run `mmgen export`)")
-    if prec == "fp16":
-        raise NotAvailableError("no backend can run fp16 here (no engines, no fp16 ONNX set)",
-                                "run `mmgen export RUN_DIR` or use --precision fp32")
+    if prec != "fp32":
+        export = "`mmgen export RUN_DIR`" if prec == "fp16" else f"`mmgen export RUN_DIR --precision {prec}`"
+        raise NotAvailableError(f"no backend can run {prec} here (no engines, no {prec} ONNX set)",
+                                f"run {export} or use --precision fp32")
     return BackendChoice("torch", "fp32", "cuda" if _torch_cuda() else "cpu",
                          "nothing exported yet, using PyTorch eager", skipped)
 

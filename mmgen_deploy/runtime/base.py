@@ -12,10 +12,10 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 
 from mmgen_deploy.errors import MMGenError
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import PRECISIONS, ComponentSpec
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+__all__ = ["BACKENDS", "PRECISIONS", "Runner", "check_feeds"]
 
 
 @runtime_checkable
