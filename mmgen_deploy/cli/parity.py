@@ -95,8 +95,9 @@ def register(app: typer.Typer) -> None:
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
         backends: str = typer.Option("torch,onnxruntime", help="Comma-separated: torch, onnxruntime, tensorrt."),
-        precisions: str = typer.Option("fp32,fp16", help="Comma-separated precisions for ONNX Runtime / "
-                                       "TensorRT (torch always runs fp32)."),
+        precisions: str = typer.Option("auto", help="Comma-separated precisions for ONNX Runtime / TensorRT "
+                                       "(fp32, fp16, int8, fp8; torch always runs fp32). auto: every set the "
+                                       "backend has (exported ONNX sets, built engine sets)."),
         batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
                                   "with guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),

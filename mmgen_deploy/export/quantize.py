@@ -280,7 +280,9 @@ def high_precision_scopes(spec: ComponentSpec) -> tuple[list[str], list[str]]:
     """(node-name regexes, op types) that get no Q/DQ: the FP32 scopes and the quantization exclusions."""
     scopes = list(dict.fromkeys((*spec.fp32_scopes, *spec.quant_exclude_scopes)))
     ops = list(dict.fromkeys((*spec.fp32_op_types, *spec.quant_exclude_op_types)))
-    return [scope_regex(s) for s in scopes], ops
+    # A module path ("dit.final_layer"), or a regex over node names when it starts with "^"
+    # (e.g. every block's adaLN: r"^/dit/blocks\.\d+/adaLN_modulation/").
+    return [s if s.startswith("^") else scope_regex(s) for s in scopes], ops
 
 
 def quantizer_arguments(spec: ComponentSpec, mode: str, settings: QuantSettings) -> dict[str, Any]:
