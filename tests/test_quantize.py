@@ -177,7 +177,7 @@ def test_8_bit_engines_build_ahead_of_time_and_go_stale(quantized_run, tmp_path)
     run, _ = quantized_run
     copy = RunDir(shutil.copytree(run.root, tmp_path / "run"))
     # FP8 needs SM >= 8.9: refused before any work for RTX's default (Ampere) targets and for sm86.
-    with pytest.raises(UsageError, match="8.9"):
+    with pytest.raises(UsageError, match=r"8\.9"):
         build_engines(copy, BuildOptions(runtime="tensorrt-rtx", precision="fp8", components=("denoiser",)))
     with pytest.raises(UsageError, match="sm86"):
         build_engines(copy, BuildOptions(runtime="tensorrt-rtx", precision="fp8", components=("denoiser",),
@@ -196,6 +196,6 @@ def test_8_bit_engines_build_ahead_of_time_and_go_stale(quantized_run, tmp_path)
     # Re-exporting (here: changing) the INT8 graph makes only the INT8 engines stale.
     onnx_file = copy.onnx_dir / "int8" / "denoiser.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes() + b" ")
-    with pytest.raises(StaleEngineError, match="onnx/int8/denoiser.onnx changed"):
+    with pytest.raises(StaleEngineError, match=r"onnx/int8/denoiser\.onnx changed"):
         check_engine_dir(copy, flavour, precision="int8")
     check_engine_dir(copy, flavour, precision="fp8")

@@ -9,10 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-
-# The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
-_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
-_DEFAULT_PRECISIONS = ("fp32", "fp16")
+from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, PRECISIONS
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -69,7 +66,7 @@ def _component_precisions(values: list[str] | None) -> dict[str, str]:
     for value in values or []:
         for item in value.split(","):
             name, sep, choice = item.strip().partition("=")
-            if not sep or name not in _COMPONENTS or choice not in ("fp32", "fp16", "quantize"):
+            if not sep or name not in COMPONENTS or choice not in ("fp32", "fp16", "quantize"):
                 raise UsageError(f"--component-precision {item!r} is not COMPONENT=fp32|fp16|quantize",
                                  "e.g. --component-precision decoder=fp16")
             out[name] = choice
@@ -134,18 +131,18 @@ def register(app: typer.Typer) -> None:
 
         check_opset(opset)  # before the progress bar starts
         from mmgen_deploy.export.quantize import QuantSettings
-        from mmgen_deploy.specs import PRECISIONS
 
-        precisions = _split(precision, PRECISIONS, "--precision") or list(_DEFAULT_PRECISIONS)
+        precisions = _split(precision, PRECISIONS, "--precision") or list(DEFAULT_EXPORT_PRECISIONS)
         quantization = QuantSettings(calibration_size=calibration_size, timesteps=calibration_timesteps,
                                      images=calibration_images, method=calibration_method,
                                      high_precision=high_precision,
                                      component_precisions=_component_precisions(component_precision))
-        chosen = _split(components, _COMPONENTS, "--components")
+        # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
+        chosen = _split(components, COMPONENTS, "--components")
         if chosen:  # before the progress bar: a class model has no text encoder to export
             from mmgen_deploy.export.exporter import normalize_selection
-            from mmgen_deploy.models.components import component_names
             from mmgen_deploy.rundir import RunDir
+            from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -158,7 +155,7 @@ def register(app: typer.Typer) -> None:
             manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
                                   overwrite=overwrite, calibration=calibration, progress=progress,
                                   quantization=quantization)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", _COMPONENTS)))
+        _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
         console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
                       f"(calibration: {manifest['calibration']['source']})")
         emit_json(manifest, json_out)

@@ -34,9 +34,8 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models.components import component_names
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import BatchProfile, ComponentSpec, component_specs
+from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -317,8 +316,8 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
                 "onnx": str(onnx.relative_to(run.root)) if onnx.is_relative_to(run.root) else str(onnx),
                 "onnx_sha256": onnx_sha,
                 "profile": shapes,
-                "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
-                "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+                "inputs": [t.to_dict() for t in spec.inputs],
+                "outputs": [t.to_dict() for t in spec.outputs],
                 "fp32_graph": spec.keep_fp32,
                 "tf32": not spec.keep_fp32,  # the FP32-typed quantizer is built with TF32 off
                 "build_seconds": round(build_seconds, 4),
@@ -358,7 +357,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
 # FP8 GEMMs exist from Ada on (compute capability 8.9: Ada, Hopper, Blackwell). INT8 Q/DQ runs on
 # Turing and later in TensorRT 10.x/11.x; TensorRT-RTX lists INT8 among its Q/DQ types as well.
 FP8_MIN_SM = 89
-ENGINE_PRECISIONS = ("fp16", "fp32", "int8", "fp8")
+ENGINE_PRECISIONS = PRECISIONS  # fp32 for debugging; fp16, int8, fp8 for deployment
 
 
 def check_quantized_target(flavour: Flavour, options: BuildOptions, gpu: Any) -> None:

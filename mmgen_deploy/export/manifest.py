@@ -20,7 +20,7 @@ from typing import Any
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.io_utils import read_json
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import PRECISIONS  # one owner of the precision list: the specs
+from mmgen_deploy.specs import PRECISIONS
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmgen-onnx-export"
