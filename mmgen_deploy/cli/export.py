@@ -158,4 +158,10 @@ def register(app: typer.Typer) -> None:
         _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
         console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
                       f"(calibration: {manifest['calibration']['source']})")
+        quant = manifest["calibration"].get("quantization")
+        if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
+            den = quant["denoiser"]
+            console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
+                          f"timesteps {den['timesteps']}, {quant['encoder']['samples']} images "
+                          f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
         emit_json(manifest, json_out)

@@ -117,5 +117,8 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
         "path": relative_onnx_path(precision, spec.name), "sha256": sha256_file(target), "bytes": file_size(target),
         "precision": precision, "component_precision": shipped, "opset": file_opset(target), **_io_record(spec),
         "keep_fp32": spec.keep_fp32, "quantization": record, "convert_seconds": round(seconds, 3),
+        # Self-contained: a later export of other precisions replaces the manifest's top-level record.
+        "calibration": {"source": plan.description.get("source"), "settings": plan.settings.recorded(),
+                        **(plan.description.get(spec.name) or {})},
         "validation": summarize(checks),
     }
