@@ -1,12 +1,13 @@
 """Which parts of a component must stay in high precision for INT8 / FP8? Measure, don't assume.
 
 For each component and 8-bit mode, quantizes the run's FP32 graph (exported here into a temporary
-folder) with the spec's exclusions plus, one variant at a time, extra module scopes kept out of
-quantization, and prints the relative L2 error against PyTorch FP32 on real (calibration-like,
-held-out) and random inputs. Prints figures only; asserts nothing.
+folder) with, one variant at a time, a set of module scopes kept out of quantization in place of
+the spec's `quant_exclude_scopes` (the FP32 scopes, e.g. the timestep embedding, always stay out),
+and prints the relative L2 error against PyTorch FP32 on real (calibration-like, held-out) and
+random inputs. Prints figures only; asserts nothing.
 
     PYTHONPATH=$PWD python benchmarks/quant_sensitivity.py RUN_DIR [--components denoiser]
-        [--modes int8,fp8] [--variant dit.final_layer --variant dit.blocks.*.adaLN_modulation ...]
+        [--modes int8,fp8] [--variant '' --variant dit.final_layer --variant '^/dit/blocks\.\d+/attn/MatMul' ...]
         [--calibration-size 256] [--method max]
 """
 
@@ -27,8 +28,9 @@ def main() -> None:
     parser.add_argument("--components", default="encoder,decoder,denoiser")
     parser.add_argument("--modes", default="int8,fp8")
     parser.add_argument("--variant", action="append", default=[],
-                        help="extra scopes kept out of quantization, comma-separated (a module path; '*' matches "
-                             "one path element), e.g. dit.final_layer; repeatable; '' = the spec alone")
+                        help="scopes kept out of quantization instead of the spec's, comma-separated (a module "
+                             "path, or a node-name regex starting with ^), e.g. dit.final_layer; repeatable; "
+                             "'' = none beyond the FP32 scopes; 'spec' = the spec's own")
     parser.add_argument("--calibration-size", type=int, default=256)
     parser.add_argument("--timesteps", type=int, default=8)
     parser.add_argument("--method", default="max")
@@ -64,7 +66,7 @@ def main() -> None:
     # Held-out real inputs: the parity's own (other images, random timesteps), not the calibration set.
     held, _ = component_inputs(load_calibration(dataset_calibration(run.read_meta())[0], config), config, specs,
                                modules, seed=1, tokenizer=tokenizer)
-    variants = args.variant or [""]
+    variants = args.variant or ["spec"]
     with tempfile.TemporaryDirectory() as work, torch_threads(1):
         for name in args.components.split(","):
             spec, module = specs[name], modules[name]
@@ -74,8 +76,9 @@ def main() -> None:
             references = [torch_outputs(module, spec, s.tensors) for s in sets]
             for mode in args.modes.split(","):
                 for variant in variants:
-                    extra = tuple(v.strip() for v in variant.split(",") if v.strip())
-                    varied = dataclasses.replace(spec, quant_exclude_scopes=(*spec.quant_exclude_scopes, *extra))
+                    extra = spec.quant_exclude_scopes if variant == "spec" else \
+                        tuple(v.strip() for v in variant.split(",") if v.strip())
+                    varied = dataclasses.replace(spec, quant_exclude_scopes=extra)
                     out = Path(work) / f"{name}.{mode}.onnx"
                     started = time.perf_counter()
                     record = quantize_component(fp32, varied, out, mode, calib[name], settings)
@@ -89,7 +92,7 @@ def main() -> None:
                                 key = f"{tensor.name}/{s.kind}"
                                 errors[key] = max(errors.get(key, 0.0), tensor_diff(r, g).rel_l2)
                     shown = " ".join(f"{k}={v:.2e}" for k, v in errors.items())
-                    print(f"{name:13s} {mode} excl=[{variant or 'spec'}] q={record.get('quantized_nodes')} "
+                    print(f"{name:13s} {mode} excl=[{variant or 'none'}] q={record.get('quantized_nodes')} "
                           f"high={len(record.get('high_precision_compute_nodes', []))} {shown} ({seconds:.1f} s)",
                           flush=True)
     _ = np
