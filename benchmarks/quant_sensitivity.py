@@ -1,4 +1,4 @@
-"""Which parts of a component must stay in high precision for INT8 / FP8? Measure, don't assume.
+r"""Which parts of a component must stay in high precision for INT8 / FP8? Measure, don't assume.
 
 For each component and 8-bit mode, quantizes the run's FP32 graph (exported here into a temporary
 folder) with, one variant at a time, a set of module scopes kept out of quantization in place of
@@ -46,7 +46,7 @@ def main() -> None:
     from mmgen_deploy.export.quantize_export import quantization_data
     from mmgen_deploy.export.validate import ort_session, random_input_sets, real_input_sets, torch_outputs
     from mmgen_deploy.models import build_components
-    from mmgen_deploy.parity.metrics import tensor_diff
+    from mmgen_deploy.numerics import tensor_diff
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.specs import component_specs
 

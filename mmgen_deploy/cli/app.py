@@ -13,8 +13,21 @@ import typer
 from rich.markup import escape
 
 from mmgen_deploy import __version__
-from mmgen_deploy.cli import doctor, engines, export, generate, importer, info, parity, serve, train
-from mmgen_deploy.cli.common import console, state
+from mmgen_deploy.cli import (
+    batch,
+    doctor,
+    engines,
+    evaluate,
+    export,
+    generate,
+    importer,
+    info,
+    parity,
+    quickstart,
+    serve,
+    train,
+)
+from mmgen_deploy.cli.common import console, install_log_handler, state
 from mmgen_deploy.errors import MMGenError
 
 app = typer.Typer(
@@ -47,7 +60,7 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, export, engines, generate, parity, importer, serve):
+for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, batch, parity, importer, serve):
     _module.register(app)
 
 
@@ -55,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args or os.environ.get("MMGEN_DEBUG") == "1"
+    install_log_handler()
     try:
         app(args=args, prog_name="mmgen")
     except MMGenError as exc:

@@ -9,7 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, PRECISIONS
+from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, DEFAULT_REL_L2, PRECISIONS
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -57,8 +57,9 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    console.print("errors are relative L2 (tolerances per component and precision in mmgen_deploy/specs.py: FP32 1e-5, "
-                  "FP16 1e-2); indices must all be the same")
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+                       if p in DEFAULT_REL_L2)
+    console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
 
 
 def _component_precisions(values: list[str] | None) -> dict[str, str]:
@@ -124,9 +125,6 @@ def register(app: typer.Typer) -> None:
         and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
         leaves the previous RUN_DIR/onnx untouched.
         """
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from mmgen_deploy.export import export_run
         from mmgen_deploy.export.onnx_export import check_opset
 
         check_opset(opset)  # before the progress bar starts
@@ -145,23 +143,40 @@ def register(app: typer.Typer) -> None:
             from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
-            task = bar.add_task("export", total=None)
-
-            def progress(message: str, done: int, total: int) -> None:
-                bar.update(task, description=message, completed=done, total=total)
-
-            manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
-                                  overwrite=overwrite, calibration=calibration, progress=progress,
-                                  quantization=quantization)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
-        console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
-                      f"(calibration: {manifest['calibration']['source']})")
-        quant = manifest["calibration"].get("quantization")
-        if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
-            den = quant["denoiser"]
-            console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
-                          f"timesteps {den['timesteps']}, {quant['encoder']['samples']} images "
-                          f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
+        manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
+                              calibration=calibration, quantization=quantization)
         emit_json(manifest, json_out)
+
+
+def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | None = None, opset: int | None = None,
+               overwrite: bool = False, calibration: Any = None, quantization: Any = None) -> dict[str, Any]:
+    """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
+    and the quickstart's export stage print); returns the manifest."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    options: dict[str, Any] = {} if opset is None else {"opset": opset}
+    # The run's writer lock before the progress bar: a busy run is refused in one line.
+    with run.writing("export"), \
+            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
+                              calibration=calibration, progress=progress, quantization=quantization, **options)
+    _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
+    console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
+                  f"(calibration: {manifest['calibration']['source']})")
+    quant = manifest["calibration"].get("quantization")
+    if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
+        den = quant["denoiser"]
+        console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
+                      f"timesteps {den['timesteps']}, {quant['encoder']['samples']} images "
+                      f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
+    return manifest

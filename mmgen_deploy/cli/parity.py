@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, PRECISIONS
+
+if TYPE_CHECKING:
+    from mmgen_deploy.parity.compare import ParityOptions
+    from mmgen_deploy.parity.report import ParityReport
+    from mmgen_deploy.rundir import RunLike
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
@@ -33,6 +39,18 @@ def _parse_per_output(values: list[str], option: str) -> dict[str, float]:
             raise UsageError(f"{option} must be >= 0, got {item!r}")
         out[name or "*"] = value
     return out
+
+
+def run_parity_report(run_dir: RunLike, options: ParityOptions, json_out: str | None = None) -> ParityReport:
+    """`run_parity` with its progress lines and table (what `mmgen parity` and the quickstart's
+    parity stage print); returns the report (`.passed` is the verdict)."""
+    from mmgen_deploy.parity.compare import run_parity
+
+    report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    if json_out != "-":
+        report.render(stdout_console)
+    emit_json(report.to_dict(), json_out)
+    return report
 
 
 def register(app: typer.Typer) -> None:
@@ -70,7 +88,7 @@ def register(app: typer.Typer) -> None:
         runs (final latent, code indices, image PSNR/SSIM, per-step drift). Exit code 1 on any FAILED check.
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
-        from mmgen_deploy.parity.compare import ParityOptions, run_parity
+        from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import BACKENDS
 
         if backend not in BACKENDS or backend == "auto":
@@ -86,11 +104,7 @@ def register(app: typer.Typer) -> None:
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
             torch_threads=torch_threads or None,
         )
-        report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
-        if json_out != "-":
-            report.render(stdout_console)
-        emit_json(report.to_dict(), json_out)
-        if not report.passed:
+        if not run_parity_report(run_dir, options, json_out).passed:
             raise typer.Exit(1)
 
     @app.command()

@@ -46,7 +46,7 @@ from mmgen_deploy.export.quantize_export import QuantSettings, export_quantized,
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
     COMPONENTS,
     DEFAULT_EXPORT_PRECISIONS,
@@ -231,7 +231,8 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
-def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
+@writes_run("export")
+def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None,
                quantization: QuantSettings | None = None) -> dict[str, Any]:
@@ -240,12 +241,11 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
     the same checkpoint keeps the other files and their manifest entries.
     """
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run = RunDir.of(run_dir)
     check_opset(opset)
-    config, vq, dit = run.load_models()
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
     quant_data = None
