@@ -198,7 +198,7 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
         for precision in quantized:
             assert quant is not None
             files[precision][name] = export_quantized(quant, precision, spec, module, fp32_file, out, input_sets,
-                                                      real_inputs[name], step)
+                                                      real_inputs[name], step, fp32_checks=checks)
     if scratch.name == ".fp32-work":
         shutil.rmtree(scratch, ignore_errors=True)
     if progress is not None:

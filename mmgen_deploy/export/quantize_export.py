@@ -25,7 +25,7 @@ from mmgen_deploy.export.calibration import CalibrationData, CalibrationSource, 
 from mmgen_deploy.export.manifest import relative_onnx_path
 from mmgen_deploy.export.onnx_export import file_opset, file_size
 from mmgen_deploy.export.quantize import QuantSettings, quantize_component, trajectory_calibration
-from mmgen_deploy.export.validate import InputSet, summarize, validate_graph
+from mmgen_deploy.export.validate import InputSet, OutputCheck, summarize, validate_graph
 from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
@@ -89,8 +89,9 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
 
 def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, module: nn.Module, fp32_file: Path,
                      out: Path, input_sets: list[InputSet], real: dict[str, np.ndarray],
-                     step: Callable[[str], None]) -> dict[str, Any]:
-    """Write and validate `out/<precision>/<component>.onnx`; return its manifest entry."""
+                     step: Callable[[str], None], fp32_checks: list[OutputCheck] | None = None) -> dict[str, Any]:
+    """Write and validate `out/<precision>/<component>.onnx`; return its manifest entry. A component
+    shipped as its FP32 graph reuses that graph's validation (`fp32_checks`, same file, same inputs)."""
     shipped = plan.settings.shipped_precision(spec, precision)
     target = out / precision / f"{spec.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +113,10 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
         record = {"name": f"none (component kept FP32: {reason})", "qdq_pairs": 0, "quantized_nodes": 0}
     seconds = time.perf_counter() - started
     step(f"{spec.name}: validating {precision} against PyTorch FP32")
-    checks = validate_graph(target, module, spec, shipped, input_sets)
+    if shipped == "fp32" and fp32_checks is not None:
+        checks = fp32_checks
+    else:
+        checks = validate_graph(target, module, spec, shipped, input_sets)
     return {
         "path": relative_onnx_path(precision, spec.name), "sha256": sha256_file(target), "bytes": file_size(target),
         "precision": precision, "component_precision": shipped, "opset": file_opset(target), **_io_record(spec),
