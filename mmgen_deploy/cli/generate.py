@@ -47,8 +47,8 @@ def generate(
                                 help="auto, torch, onnxruntime or tensorrt. auto picks the fastest available: "
                                      "TensorRT engines, then ONNX Runtime CUDA, then ONNX Runtime CPU."),
     precision: str | None = typer.Option(None, "--precision",
-                                         help="fp32 or fp16: which exported ONNX set to run (default: fp16 on "
-                                              "GPUs, fp32 on CPUs)."),
+                                         help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) "
+                                              "to run (default: fp16 on GPUs, fp32 on CPUs)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what the backend prefers)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / torch."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph",

@@ -169,6 +169,8 @@ class BenchResult:
         """One row per (backend, precision, batch): the side-by-side view."""
         rows = []
         base: dict[int, float] = {}
+        # The denoiser's speed-up over the same backend's first precision (fp32 when measured).
+        first_denoiser: dict[tuple[str, int], float] = {}
         for res in self.backends:
             for batch in self.batches:
                 if res.error:
@@ -179,15 +181,18 @@ class BenchResult:
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
                 text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
+                den = res.components["denoiser"][batch].median_ms
+                ref = first_denoiser.setdefault((res.backend, batch), den)
                 rows.append([
                     res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    lat["denoiser"], *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    f"{lat['denoiser']} ({ref / den:.2f}x)", *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms", "denoiser ms",
+    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms",
+              "denoiser ms (vs backend's first)",
               "images/s (vs first)", "denoiser GFLOP/s", "loop overhead", "peak host MiB")
 
     @property
@@ -199,7 +204,7 @@ class BenchResult:
         """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
         if not self.has_text_encoder:
             return self.HEADER
-        at = self.HEADER.index("denoiser ms") + 1
+        at = self.HEADER.index("denoiser ms (vs backend's first)") + 1
         return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
 
     def table(self) -> Any:
@@ -221,6 +226,22 @@ class BenchResult:
         return "\n".join(lines) + "\n"
 
 
+def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
+    """`precisions`, or with ["auto"] every precision this backend has a set for: the exported ONNX
+    sets (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set)."""
+    from mmgen_deploy.specs import PRECISIONS
+
+    if list(precisions) != ["auto"]:
+        return list(precisions)
+    if backend == "tensorrt":
+        names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
+            if run.engines_dir.is_dir() else []
+        found = [p for p in PRECISIONS if p != "fp32"
+                 and any(n.endswith(f"-{p}") if p != "fp16" else not n.endswith(("-int8", "-fp8")) for n in names)]
+        return found or ["fp16"]
+    return [p for p in PRECISIONS if (run.onnx_dir / p).is_dir()] or ["fp32"]
+
+
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError
@@ -238,7 +259,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say("measuring this machine's matrix-multiply peak")
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
     for backend in backends:
-        for precision in (["fp32"] if backend == "torch" else precisions):
+        for precision in (["fp32"] if backend == "torch" else available_precisions(run, backend, precisions)):
             say(f"benchmarking {backend} {precision}")
             try:
                 runner, _choice = open_runner(run, backend, precision)

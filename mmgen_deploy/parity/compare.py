@@ -106,13 +106,16 @@ def ensure_trained(reference: Any, config: ModelConfig) -> OutputScale:
 def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any, backend: Any,
                       feeds: dict[str, np.ndarray], label: str, precision: str,
                       overrides: ToleranceOverrides, codebook: np.ndarray | None) -> None:
+    """`precision` is the precision of this component's graph (in an 8-bit set the quantizer is
+    FP32, and a component the spec keeps out of quantization FP16): its tolerances apply."""
     ref_out = reference.run(spec.name, feeds)
     test_out = backend.run(spec.name, feeds)
+    kind = label.split(",")[0]
     for tensor in spec.outputs:
         tol = spec.tolerance(precision, tensor.name)
         latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
         c = compare_output(ref_out[tensor.name], test_out[tensor.name], is_float=tensor.is_float,
-                           rel_l2=overrides.output_rel_l2(tensor.name, tol.rel_l2),
+                           rel_l2=overrides.output_rel_l2(tensor.name, tol.limit(kind)),
                            min_agreement=overrides.min_index_agreement if overrides.min_index_agreement is not None
                            else tol.min_agreement, latents=latents, codebook=codebook)
         report.add(Check(spec.name, f"{tensor.name} {c.metric} ({label})", c.value, c.limit, c.direction, c.details))
@@ -124,19 +127,37 @@ def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any,
 def component_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
                      *, batches: Sequence[int], seed: int, real: dict[str, dict[str, np.ndarray]] | None,
                      overrides: ToleranceOverrides, codebook: np.ndarray | None,
-                     components: Sequence[str] | None = None) -> None:
+                     components: Sequence[str] | None = None,
+                     component_precisions: dict[str, str] | None = None) -> None:
+    """`component_precisions` maps a component to the precision its graph has in the set (from the
+    export manifest, `shipped_precisions`); missing ones are taken to be `precision`."""
     specs = component_specs(config)
     rng = np.random.default_rng(seed)
+    shipped = component_precisions or {}
     for name, spec in specs.items():
         if components and name not in components:
             continue
+        own = shipped.get(name, spec.shipped_precision(precision))
         for batch in batches:
             feeds = random_feeds(spec, specs, batch, rng, reference.run)
-            compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
+            compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", own,
                               overrides, codebook)
             if real is not None:
                 compare_component(report, spec, reference, backend, take_batch(real[name], batch),
-                                  f"real, batch {batch}", precision, overrides, codebook)
+                                  f"real, batch {batch}", own, overrides, codebook)
+
+
+def shipped_precisions(run: Any, precision: str) -> dict[str, str]:
+    """Per component, the precision of its graph in the `precision` ONNX set, as the export
+    manifest records it (an 8-bit set may hold FP16 / FP32 components); empty without a manifest."""
+    from mmgen_deploy.io_utils import read_json
+
+    try:
+        files = read_json(run.onnx_dir / "manifest.json")["files"][precision]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: str(entry.get("component_precision", precision)) for name, entry in files.items()
+            if isinstance(entry, dict)}
 
 
 def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
@@ -275,9 +296,12 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
         real = real_inputs(run, config, vq, dit, options.seed, text_encoder=text_encoder, tokenizer=tokenizer)
         report.info["real_inputs"] = real is not None
         say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
+        shipped = shipped_precisions(run, options.precision)
+        if shipped:
+            report.info["component_precisions"] = shipped
         component_parity(report, config, reference, backend, options.precision, batches=options.batches,
                          seed=options.seed, real=real, overrides=overrides, codebook=codebook,
-                         components=options.components)
+                         components=options.components, component_precisions=shipped)
         if options.end_to_end:
             say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
             class_ids = [i % config.dit.num_classes for i in range(options.num_images)]
