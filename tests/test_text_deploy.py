@@ -26,8 +26,8 @@ from mmgen_deploy.export.calibration import (
     vocabulary_prompts,
 )
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
+from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
-from mmgen_deploy.parity.metrics import tensor_diff
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.runtime import open_runner, resolve_backend
 from mmgen_deploy.runtime.torch_runner import TorchRunner

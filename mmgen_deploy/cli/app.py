@@ -27,7 +27,7 @@ from mmgen_deploy.cli import (
     serve,
     train,
 )
-from mmgen_deploy.cli.common import console, state
+from mmgen_deploy.cli.common import console, install_log_handler, state
 from mmgen_deploy.errors import MMGenError
 
 app = typer.Typer(
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args or os.environ.get("MMGEN_DEBUG") == "1"
+    install_log_handler()
     try:
         app(args=args, prog_name="mmgen")
     except MMGenError as exc:

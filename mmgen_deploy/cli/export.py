@@ -9,7 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS
+from mmgen_deploy.specs import COMPONENTS, DEFAULT_REL_L2, PRECISIONS
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -52,7 +52,9 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    console.print("errors are relative L2 (tolerance: FP32 1e-5, FP16 1e-2); indices must all be the same")
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+                       if p in DEFAULT_REL_L2)
+    console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
 
 
 def register(app: typer.Typer) -> None:
@@ -113,8 +115,10 @@ def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | N
 
     run = RunDir.of(run_dir)
     options: dict[str, Any] = {} if opset is None else {"opset": opset}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+    # The run's writer lock before the progress bar: a busy run is refused in one line.
+    with run.writing("export"), \
+            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("export", total=None)
 
         def progress(message: str, done: int, total: int) -> None:

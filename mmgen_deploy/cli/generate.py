@@ -85,7 +85,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.sampling.generate import generate_images
+    from mmgen_deploy.sampling.generate import generate_to_folder
 
     run = RunDir.of(run_dir)
     count = [0]
@@ -101,13 +101,14 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
             warn_about_prompts(condition.unknown_words, condition.truncated_prompts, run.load_config())
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
+    with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("sampling images", total=None)
 
         def advance(done: int, total: int) -> None:
             bar.update(task, description=f"sampling {count[0]} images", completed=done, total=total)
 
-        generated = generate_images(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
+        generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()

@@ -14,7 +14,7 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
+from mmgen_deploy.numerics import compare_output, index_agreement, psnr, ssim, take_batch, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
@@ -53,15 +53,6 @@ def ensure_trained(reference: Any, config: ModelConfig) -> None:
         )
 
 
-def _take(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The first `batch` samples (cycled if fewer exist)."""
-    out = {}
-    for name, value in feeds.items():
-        idx = np.arange(batch) % len(value)
-        out[name] = np.ascontiguousarray(value[idx])
-    return out
-
-
 def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any, backend: Any,
                       feeds: dict[str, np.ndarray], label: str, precision: str,
                       overrides: ToleranceOverrides, codebook: np.ndarray | None) -> None:
@@ -69,23 +60,15 @@ def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any,
     test_out = backend.run(spec.name, feeds)
     for tensor in spec.outputs:
         tol = spec.tolerance(precision, tensor.name)
-        ref, test = ref_out[tensor.name], test_out[tensor.name]
-        if tensor.is_float:
-            diff = tensor_diff(ref, test)
-            limit = overrides.output_rel_l2(tensor.name, tol.rel_l2)
-            report.add(Check(spec.name, f"{tensor.name} rel_l2 ({label})", diff.rel_l2, limit, "<=",
-                             diff.to_dict()))
-            max_abs = overrides.output_max_abs(tensor.name)
-            if max_abs is not None:
-                report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", diff.max_abs, max_abs, "<=",
-                                 diff.to_dict()))
-        else:
-            latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
-            agree = index_agreement(ref, test, latents, codebook)
-            limit = overrides.min_index_agreement if overrides.min_index_agreement is not None \
-                else tol.min_agreement
-            report.add(Check(spec.name, f"{tensor.name} agreement ({label})", agree.agreement, limit, ">=",
-                             agree.to_dict()))
+        latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
+        c = compare_output(ref_out[tensor.name], test_out[tensor.name], is_float=tensor.is_float,
+                           rel_l2=overrides.output_rel_l2(tensor.name, tol.rel_l2),
+                           min_agreement=overrides.min_index_agreement if overrides.min_index_agreement is not None
+                           else tol.min_agreement, latents=latents, codebook=codebook)
+        report.add(Check(spec.name, f"{tensor.name} {c.metric} ({label})", c.value, c.limit, c.direction, c.details))
+        max_abs = overrides.output_max_abs(tensor.name) if tensor.is_float else None
+        if max_abs is not None:
+            report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", c.max_abs, max_abs, "<=", c.details))
 
 
 def component_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
@@ -102,7 +85,7 @@ def component_parity(report: ParityReport, config: ModelConfig, reference: Any, 
             compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
                               overrides, codebook)
             if real is not None:
-                compare_component(report, spec, reference, backend, _take(real[name], batch),
+                compare_component(report, spec, reference, backend, take_batch(real[name], batch),
                                   f"real, batch {batch}", precision, overrides, codebook)
 
 

@@ -11,31 +11,13 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.numerics import make_grid, to_pil
 from mmgen_deploy.sampling.conditioning import class_name
 from mmgen_deploy.sampling.loop import SampleResult
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "class"
-
-
-def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) image, white padding."""
-    n, h, w, c = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, columns)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[k]
-    return grid
-
-
-def _to_pil(array: np.ndarray) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def image_entry(config: ModelConfig, k: int, *, class_id: int | None = None, prompt: str | None = None,
@@ -59,7 +41,7 @@ def save_png(image: np.ndarray, path: Path, chunks: Sequence[tuple[str, Any]]) -
     for key, value in chunks:
         # tEXt chunks; Pillow writes a UTF-8 iTXt instead for a prompt that Latin-1 cannot hold.
         info.add_text(key, str(value))
-    _to_pil(image).save(path, format="PNG", pnginfo=info)
+    to_pil(image).save(path, format="PNG", pnginfo=info)
 
 
 def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *, images_per_class: int,
@@ -79,7 +61,8 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
         save_png(image, directory / entry["file"], (*condition, ("index", k), *settings))
         entries.append(entry)
     columns = images_per_class if 1 < images_per_class <= 16 else math.ceil(math.sqrt(len(result.images)))
-    _to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
+    columns = max(1, min(columns, len(result.images)))
+    to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
     sidecar: dict[str, Any] = {
         "settings": {"seed": result.seed, "steps": result.steps, "sampler": result.sampler,
                      "cfg_scale": result.cfg_scale, "batch_size": result.batch_size,

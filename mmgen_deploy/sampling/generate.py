@@ -72,15 +72,26 @@ def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
                          f"choose another --out folder ({command} replaces only its own output folders)")
 
 
-def generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
+def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
                     progress: ProgressCallback | None = None,
                     on_backend: Callable[[BackendChoice], None] | None = None,
                     on_conditioning: Callable[[Conditioning], None] | None = None) -> Generated:
     """Sample `request.n` images per class or prompt and write them (atomically) into a folder.
 
     `on_backend` hears which backend was opened (before sampling), `on_conditioning` what the
-    conditioning recorded (unknown words, cut prompts), `progress` the denoising steps.
+    conditioning recorded (unknown words, cut prompts), `progress` the denoising steps. Samples
+    written inside the run directory (the default) hold its writer lock (`RunDir.writing`).
     """
+    run = RunDir.of(run_dir)
+    with run.writing_into(request.out, "write samples"):
+        return _generate_images(run, request, names=names, progress=progress, on_backend=on_backend,
+                                on_conditioning=on_conditioning)
+
+
+def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str],
+                     progress: ProgressCallback | None,
+                     on_backend: Callable[[BackendChoice], None] | None,
+                     on_conditioning: Callable[[Conditioning], None] | None) -> Generated:
     from mmgen_deploy.io_utils import atomic_dir, write_json
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling.files import write_samples

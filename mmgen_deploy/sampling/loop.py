@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
 from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors
@@ -71,12 +72,6 @@ class SampleResult:
                 "denoise_seconds": self.denoise_seconds, "denoise_model_seconds": self.denoise_model_seconds,
                 "loop_overhead_fraction": self.loop_overhead_fraction,
                 "images_per_second": self.images_per_second}
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
-    scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
-    return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
 
 # How the sampling arguments are named in messages: as keywords of `sample` (the default) or,

@@ -25,7 +25,8 @@ from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.numerics import save_grid
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.text.tokenizer import WordTokenizer
 from mmgen_deploy.training.common import (
@@ -39,7 +40,6 @@ from mmgen_deploy.training.common import (
     restore_rng,
     rng_state,
     save_checkpoint,
-    save_grid,
     set_lr,
 )
 
@@ -108,6 +108,7 @@ def grid_prompts(captions: list[str], count: int = GRID_PROMPTS) -> list[str]:
     return [c for c in dict.fromkeys(captions) if c.strip()][:count]
 
 
+@writes_run("train the DiT")
 def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
               callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference.
