@@ -102,7 +102,7 @@ def test_bad_request_lines_are_refused_by_number(class_run: RunDir, tmp_path: Pa
 def test_batch_with_ray_local_writes_generates_images_and_resumes(class_run: RunDir, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mmgen-deploy[batch]')")
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
 
     requests = _write_requests(tmp_path / "requests.jsonl", REQUESTS)
     out = tmp_path / "ray-out"
