@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from mmgen_deploy.config import DiffusionConfig
-from mmgen_deploy.errors import ConfigError
 from mmgen_deploy.importers.dit import ImportedDiT, import_diffusers_dit, import_official_dit
 from mmgen_deploy.importers.safe_load import CheckpointError, load_checkpoint
+from mmgen_deploy.importers.scheduler import read_scheduler as _read_scheduler
 from mmgen_deploy.importers.statedict import StateDict, tensor_state
 from mmgen_deploy.importers.vq import DEFAULT_NORM_GROUPS, VQArchitecture, import_diffusers_vq, import_taming_vq
 
@@ -175,21 +175,6 @@ def read_source(path: str | Path, *, num_heads: int | None = None, norm_groups: 
 
 
 def read_scheduler(path: Path) -> tuple[DiffusionConfig, dict[str, Any]]:
-    """A diffusers scheduler_config.json (or its folder) -> the noise schedule, refusing what differs."""
-    file = path / "scheduler_config.json" if path.is_dir() else path
-    cfg = _read_json(file)
-    if cfg.get("trained_betas") is not None:
-        raise CheckpointError(f"{file}: explicit trained_betas are not supported (only a linear schedule)")
-    schedule = cfg.get("beta_schedule", "linear")
-    prediction = cfg.get("prediction_type", "epsilon")
-    try:
-        diffusion = DiffusionConfig(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-                                    beta_start=float(cfg.get("beta_start", 1e-4)),
-                                    beta_end=float(cfg.get("beta_end", 0.02)),
-                                    beta_schedule=schedule, prediction_type=prediction)
-        diffusion.validate()
-    except ConfigError as exc:
-        raise CheckpointError(f"{file}: {exc.message}",
-                              "the samplers here support a linear beta schedule with epsilon prediction") from None
-    return diffusion, {"path": str(file), "class": cfg.get("_class_name"),
-                       "variance_type": cfg.get("variance_type")}
+    """A diffusers scheduler_config.json (or its folder) -> the noise schedule and sampler flags
+    (see `importers.scheduler`)."""
+    return _read_scheduler(path)
