@@ -139,7 +139,7 @@ def test_runners_encode_prompts_like_pytorch(text_run: RunDir) -> None:
     prompts = default_prompts(text_run, tokenizer, 3)
     assert prompts == list(dict.fromkeys(load_split(DATA, "val").captions))[:3]
     reference = TorchRunner.from_run_dir(text_run.root)
-    runner = open_runner(text_run.root, "onnxruntime", "fp32")
+    runner, _choice = open_runner(text_run.root, "onnxruntime", "fp32")
     assert runner.backend == "onnxruntime"
     ref_cond = text_conditioning(reference, config, tokenizer, prompts)
     ort_cond = text_conditioning(runner, config, tokenizer, prompts)

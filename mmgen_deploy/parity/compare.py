@@ -237,7 +237,7 @@ def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> P
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     if not options.allow_untrained:
         ensure_trained(reference, config)
-    backend = open_runner(run.root, options.backend, options.precision)
+    backend, _choice = open_runner(run.root, options.backend, options.precision)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed}

@@ -2,25 +2,30 @@
 
 from __future__ import annotations
 
-import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, UsageError
-from mmgen_deploy.runtime.base import check_feeds
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.specs import ComponentSpec
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.models import DiT, TextEncoder, VQModel
+    from mmgen_deploy.rundir import RunDir
 
 
-class TorchRunner:
-    """Runs the components (four, or five with a text encoder) eagerly in PyTorch, FP32, on CPU or CUDA."""
+class TorchRunner(BaseRunner):
+    """Runs the components (four, or five with a text encoder) eagerly in PyTorch, FP32, on CPU or CUDA.
+
+    Built from in-memory models (training, parity's reference) or, like every backend, with
+    `from_run_dir(run, precision, device, threads=...)`.
+    """
 
     backend = "torch"
-    precision = "fp32"
+    precisions = ("fp32",)
+    precision_hint = "it runs FP32 only: use --backend onnxruntime --precision fp16 or --backend tensorrt"
 
     def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
                  text_encoder: TextEncoder | None = None) -> None:
@@ -34,30 +39,27 @@ class TorchRunner:
                                     "use --device cpu")
         if not (device == "cpu" or device.startswith("cuda")):
             raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
-        self.device = device
+        super().__init__(config or ModelConfig(vq=vq.config, dit=dit.config,
+                                               text=text_encoder.config if text_encoder is not None else None),
+                         "fp32", device)
         self._torch = torch
-        self.config = config or ModelConfig(vq=vq.config, dit=dit.config,
-                                            text=text_encoder.config if text_encoder is not None else None)
-        self.specs = component_specs(self.config)
-        self.components = {name: module.to(device)
-                           for name, module in build_components(vq, dit, text_encoder).items()}
+        self.modules = {name: module.to(device)
+                        for name, module in build_components(vq, dit, text_encoder).items()}
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | os.PathLike[str], device: str = "cpu") -> TorchRunner:
-        from mmgen_deploy.rundir import RunDir
+    def _open(cls, run: RunDir, precision: str, device: str, *, threads: int | None = None,
+              **_other: Any) -> TorchRunner:
+        if threads is not None:
+            import torch
 
-        run = RunDir(run_dir)
+            torch.set_num_threads(threads)
         config, vq, dit = run.load_models()
         text_encoder = run.load_text_encoder(config) if config.uses_text else None
         return cls(vq, dit, device, config=config, text_encoder=text_encoder)
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        spec = self.specs.get(component)
-        if spec is None:
-            raise UsageError(f"unknown component {component!r}", f"one of {', '.join(self.specs)}")
-        check_feeds(spec, feeds)
+    def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
-        module = self.components[component]
+        module = self.modules[spec.name]
         with torch.inference_mode():
             args = [torch.from_numpy(feeds[name]).to(self.device) for name in spec.input_names]
             result = module(*args)
@@ -65,4 +67,4 @@ class TorchRunner:
         return {name: out.cpu().numpy() for name, out in zip(spec.output_names, outputs, strict=True)}
 
     def close(self) -> None:
-        self.components.clear()
+        self.modules.clear()
