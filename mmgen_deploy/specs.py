@@ -164,9 +164,108 @@ def random_feeds(spec: ComponentSpec, specs: dict[str, ComponentSpec], batch: in
             for name, value in feeds.items()}
 
 
+Shape = tuple[Dim, ...]
+
+
+def _vq_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """VQ first stage: encoder (image -> h), quantizer (h -> z_q, indices), decoder (z_q -> image)."""
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec("image", "float32", img),),
+            outputs=(TensorSpec("h", "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol(1e-5, 1e-2, ("h",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "quantizer": ComponentSpec(
+            name="quantizer",
+            inputs=(TensorSpec("h", "float32", lat),),
+            outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
+            make_inputs=latent_inputs("h"),
+            tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
+                        for p in ("fp32", "fp16")},
+            keep_fp32=True,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec("z_q", "float32", lat),),
+            outputs=(TensorSpec("image", "float32", img),),
+            make_inputs=latent_inputs("z_q"),
+            tolerances=_tol(1e-5, 1e-2, ("image",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
+def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """KL first stage: encoder (image -> scaled latent mean), decoder (scaled latent -> image).
+
+    FP16: the GroupNorms stay FP32 as in the VQ model; beyond that, AutoCast keeps FP32 every
+    node whose calibration values exceed data_max: Stable Diffusion's VAE decoder is the textbook
+    case (its mid/up blocks reach activations beyond FP16's 65504 and decode to NaN/black in plain
+    FP16), and the manifest lists each kept node with the range that kept it."""
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec("image", "float32", img),),
+            outputs=(TensorSpec("latent", "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol(1e-5, 1e-2, ("latent",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec("latent", "float32", lat),),
+            outputs=(TensorSpec("image", "float32", img),),
+            make_inputs=latent_inputs("latent"),
+            tolerances=_tol(1e-5, 1e-2, ("image",)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
+# The deployable components of each first-stage kind (`ModelConfig.first_stage_kind`), in
+# pipeline order: image -> encoder -> (quantizer) -> latent the DiT works in; the components after
+# the encoder turn a denoised latent back into an image, each taking its predecessor's outputs by
+# name. This is the one place that knows a KL autoencoder has no quantizer.
+FIRST_STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "vq": ("encoder", "quantizer", "decoder"),
+    "kl": ("encoder", "decoder"),
+}
+# The name of the latent the encoder makes and the DiT denoises, per first-stage kind.
+FIRST_STAGE_LATENT = {"vq": "h", "kl": "latent"}
+
+
+def component_names(config: ModelConfig) -> tuple[str, ...]:
+    """The model's deployable components in pipeline order: the first stage's (three for a VQ
+    model, two for a KL autoencoder), the denoiser, and the text encoder of a text model."""
+    names = (*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser")
+    return (*names, "text_encoder") if config.uses_text else names
+
+
+def decode_components(config: ModelConfig) -> tuple[str, ...]:
+    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
+    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
+    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
+
+
+def latent_name(config: ModelConfig) -> str:
+    """The tensor name of the latent between encoder and denoiser ("h" for VQ, "latent" for KL)."""
+    return FIRST_STAGE_LATENT[config.first_stage_kind]
+
+
+def sampling_components(config: ModelConfig) -> tuple[str, ...]:
+    """The components a sampling run calls: the denoiser, the decode chain (and the text encoder)."""
+    names = ("denoiser", *decode_components(config))
+    return (*names, "text_encoder") if config.uses_text else names
+
+
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
-    """The specs of the components of a model with this configuration (four, or five
-    with the text encoder of a text-to-image model)."""
+    """The specs of the components of a model with this configuration, in pipeline order
+    (`component_names`)."""
     vq, dit = config.vq, config.dit
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
     lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)
@@ -209,32 +308,10 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
 
+    first_stage = {"vq": _vq_specs, "kl": _kl_specs}[config.first_stage_kind](img, lat, idx, image_inputs,
+                                                                               latent_inputs)
     specs = {
-        "encoder": ComponentSpec(
-            name="encoder",
-            inputs=(TensorSpec("image", "float32", img),),
-            outputs=(TensorSpec("h", "float32", lat),),
-            make_inputs=image_inputs,
-            tolerances=_tol(1e-5, 1e-2, ("h",)),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
-        "quantizer": ComponentSpec(
-            name="quantizer",
-            inputs=(TensorSpec("h", "float32", lat),),
-            outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
-            make_inputs=latent_inputs("h"),
-            tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
-                        for p in ("fp32", "fp16")},
-            keep_fp32=True,
-        ),
-        "decoder": ComponentSpec(
-            name="decoder",
-            inputs=(TensorSpec("z_q", "float32", lat),),
-            outputs=(TensorSpec("image", "float32", img),),
-            make_inputs=latent_inputs("z_q"),
-            tolerances=_tol(1e-5, 1e-2, ("image",)),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
+        **first_stage,
         "denoiser": ComponentSpec(
             name="denoiser",
             inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)), *conditions),

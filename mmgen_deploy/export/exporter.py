@@ -44,7 +44,7 @@ from mmgen_deploy.export.onnx_export import (
 )
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
@@ -101,7 +101,7 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     return [p for p in PRECISIONS if p in chosen_precisions], [c for c in available if c in chosen]
 
 
-def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
+def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out_dir: str | os.PathLike[str], *,
                   precisions: Sequence[str] = PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
@@ -123,7 +123,7 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
                               tokenizer=tokenizer)
 
 
-def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, precisions: Sequence[str],
+def _export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
                    progress: ProgressCallback | None, why_no_calibration: str, text_encoder: TextEncoder | None,
                    tokenizer: WordTokenizer | None) -> dict[str, Any]:

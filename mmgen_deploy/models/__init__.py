@@ -1,11 +1,14 @@
-"""Native PyTorch models: the VQ autoencoder, the DiT and their deployable components."""
+"""Native PyTorch models: the VQ and KL autoencoders, the DiT and their deployable components."""
 
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.components import (
     COMPONENT_NAMES,
     TEXT_COMPONENT_NAMES,
     DecoderComponent,
     DenoiserComponent,
     EncoderComponent,
+    KLDecoderComponent,
+    KLEncoderComponent,
     QuantizerComponent,
     TextDenoiserComponent,
     TextEncoderComponent,
@@ -20,10 +23,13 @@ from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
 __all__ = [
     "COMPONENT_NAMES",
     "TEXT_COMPONENT_NAMES",
+    "AutoencoderKL",
     "DecoderComponent",
     "DenoiserComponent",
     "DiT",
     "EncoderComponent",
+    "KLDecoderComponent",
+    "KLEncoderComponent",
     "QuantizerComponent",
     "TextDenoiserComponent",
     "TextEncoder",

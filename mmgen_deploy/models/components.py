@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
+from mmgen_deploy.specs import component_names as _spec_component_names
 from mmgen_deploy.specs import denoiser_condition_names
 
 
@@ -48,6 +50,29 @@ class DecoderComponent(nn.Module):
 
     def forward(self, z_q: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z_q))
+
+
+class KLEncoderComponent(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> latent (B, C, h, w): the KL posterior mean, scaled
+    ((mean - shift_factor) * scaling_factor: what the DiT denoises)."""
+
+    def __init__(self, kl: AutoencoderKL) -> None:
+        super().__init__()
+        self.kl = kl
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.kl.encode(image)
+
+
+class KLDecoderComponent(nn.Module):
+    """latent (B, C, h, w), scaled -> image (B, 3, H, W), roughly in [-1, 1]."""
+
+    def __init__(self, kl: AutoencoderKL) -> None:
+        super().__init__()
+        self.kl = kl
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.kl.decode(latent)
 
 
 class DenoiserComponent(nn.Module):
@@ -87,25 +112,30 @@ class TextEncoderComponent(nn.Module):
         return self.text_encoder(input_ids)
 
 
+# Every component name any model can have, in pipeline order (a model's own list, which follows
+# its first stage: `specs.component_names(config)`).
 COMPONENT_NAMES = ("encoder", "quantizer", "decoder", "denoiser")
 TEXT_COMPONENT_NAMES = (*COMPONENT_NAMES, "text_encoder")
 
 
 def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The deployable components of a model: four, or five with a text encoder."""
-    return TEXT_COMPONENT_NAMES if config.uses_text else COMPONENT_NAMES
+    """The deployable components of a model, in pipeline order (see `specs.component_names`)."""
+    return _spec_component_names(config)
 
 
-def build_components(vq: VQModel, dit: DiT, text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
-    """All deployable components in eval mode, sharing weights with the models."""
+def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
+                     text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
+    """All deployable components in eval mode, sharing weights with the models: the first
+    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder."""
     if dit.config.uses_text and text_encoder is None:
         raise ValueError("a text-conditioned DiT needs its text encoder")
-    comps: dict[str, nn.Module] = {
-        "encoder": EncoderComponent(vq),
-        "quantizer": QuantizerComponent(vq),
-        "decoder": DecoderComponent(vq),
-        "denoiser": TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit),
-    }
+    comps: dict[str, nn.Module]
+    if isinstance(first_stage, AutoencoderKL):
+        comps = {"encoder": KLEncoderComponent(first_stage), "decoder": KLDecoderComponent(first_stage)}
+    else:
+        comps = {"encoder": EncoderComponent(first_stage), "quantizer": QuantizerComponent(first_stage),
+                 "decoder": DecoderComponent(first_stage)}
+    comps["denoiser"] = TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit)
     if text_encoder is not None:
         comps["text_encoder"] = TextEncoderComponent(text_encoder)
     return {name: module.eval() for name, module in comps.items()}

@@ -30,11 +30,14 @@ def _as_run(run: RunLike) -> RunDir:
 
 
 def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
-    """What `sample` runs for a model with this config: the text encoder too for a text-to-image
-    model (an ONNX set without it cannot encode prompts). None (an unreadable run): the class set."""
-    if config is not None and config.uses_text:
-        return (*COMPONENTS_FOR_SAMPLING, "text_encoder")
-    return COMPONENTS_FOR_SAMPLING
+    """What `sample` runs for a model with this config (`specs.sampling_components`: the denoiser,
+    the first stage's decode chain, the text encoder of a text-to-image model). None (an
+    unreadable run): the VQ class set."""
+    if config is None:
+        return COMPONENTS_FOR_SAMPLING
+    from mmgen_deploy.specs import sampling_components as spec_sampling_components
+
+    return spec_sampling_components(config)
 
 
 def _config_or_none(run: RunDir) -> ModelConfig | None:
