@@ -94,7 +94,8 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     chosen = list(dict.fromkeys(components)) if components is not None else list(available)
     bad = [c for c in chosen if c not in available]
     if bad or not chosen:
-        why = " (a class-conditioned model has no text encoder)" if "text_encoder" in bad else ""
+        why = (" (a class-conditioned model has no text encoder)" if "text_encoder" in bad
+               else " (this model's first stage has no quantizer)" if "quantizer" in bad else "")
         raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}{why}",
                          f"choose from {', '.join(available)}")
     # Always in pipeline order, whatever order the user typed.
@@ -266,6 +267,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
             "default_opset": opset,
             "dtypes": "timesteps float32, class ids int32, code indices int32, token ids int32 "
                       "(TensorRT has no useful int64)",
+            "first_stage": config.first_stage_kind,  # vq or kl: which components there are
             "components": list(component_names(config)),
             "files": {p: {c: files[p][c] for c in TEXT_COMPONENT_NAMES if c in files[p]}
                       for p in PRECISIONS if files[p]},

@@ -67,8 +67,13 @@ def _merge(found: list[tuple[str, Found]]) -> tuple[FirstStage | None, ImportedD
     dit: ImportedDiT | None = None
     scheduler = None
     stage_from = dit_from = ""
+    # An autoencoder given with --vq / --vae replaces the one a SOURCE pipeline ships.
+    explicit = any(part.first_stage is not None for origin, part in found if origin.startswith(("--vq ", "--vae ")))
     for origin, part in found:
-        if part.first_stage is not None:
+        if part.first_stage is not None and origin.startswith("SOURCE") and explicit:
+            part.notes.append(f"the autoencoder of {origin[len('SOURCE '):]} is replaced by the one given "
+                              "with --vq/--vae")
+        elif part.first_stage is not None:
             if stage is not None:
                 raise UsageError(f"two first-stage autoencoders given ({stage_from} and {origin})",
                                  "give exactly one VQ model or KL autoencoder")
