@@ -11,10 +11,14 @@
       text_encoder/               text-to-image models only: config.json (TextConfig),
                                   model.safetensors, tokenizer.json (the word vocabulary)
       checkpoints/                training state for --resume
-      onnx/  engines/  samples/  reports/
+      onnx/manifest.json          the export manifest
+      onnx/<precision>/<component>.onnx
+      engines/<runtime>-<version>-<target>/   one engine set (plans + manifest.json)
+      samples/  reports/
 
-Everything that reads a run directory goes through `RunDir`, which refuses missing or
-corrupt pieces with a message naming the file and how to fix it.
+Everything that reads a run directory goes through `RunDir`, which owns this layout (no other
+module joins these names) and refuses missing or corrupt pieces with a message naming the file
+and how to fix it. `load_deployable()` is the one loader of what a deployment derives from.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -43,19 +48,51 @@ if TYPE_CHECKING:
 RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
 MODEL_PARTS = ("vqvae", "dit")
-# The folder that holds the first stage, per kind (`ModelConfig.first_stage_kind`).
+# The folder that holds the first stage, per kind (`ModelConfig.first_stage_kind`): a run has one.
 FIRST_STAGE_PARTS = {"vq": "vqvae", "kl": "vae"}
+KL_PART = FIRST_STAGE_PARTS["kl"]
+TEXT_PART = "text_encoder"
+ONNX_MANIFEST_NAME = "manifest.json"
+# Every top-level entry a run directory may hold (`train --overwrite` removes exactly these).
+RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
+# What of a run a deployment needs: configs, inference weights, exported models and engines.
+DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, "onnx", "engines")
 
 
 def first_stage_part(config: ModelConfig) -> str:
     """The run-directory part of the model's first stage: vqvae/ or vae/."""
     return FIRST_STAGE_PARTS[config.first_stage_kind]
-TEXT_PART = "text_encoder"
+
+
+def _checked_precision(precision: str) -> str:
+    from mmgen_deploy.specs import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+@dataclass
+class DeployableModels:
+    """What every deployed artifact derives from: the config and the inference weights
+    (plus, for a text-to-image model, its text encoder and tokenizer)."""
+
+    config: ModelConfig
+    vq: VQModel | AutoencoderKL  # the first stage, of either kind
+    dit: DiT
+    text_encoder: TextEncoder | None = None
+    tokenizer: WordTokenizer | None = None
 
 
 class RunDir:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._config_cache: tuple[tuple[Any, ...], ModelConfig] | None = None
+
+    @classmethod
+    def of(cls, run: RunLike) -> RunDir:
+        """`run` itself when it is a RunDir, else the RunDir of that path."""
+        return run if isinstance(run, RunDir) else cls(run)
 
     # -- layout -----------------------------------------------------------------------
     @property
@@ -77,8 +114,33 @@ class RunDir:
         return self.root / "onnx"
 
     @property
+    def onnx_manifest_path(self) -> Path:
+        return self.onnx_dir / ONNX_MANIFEST_NAME
+
+    @staticmethod
+    def onnx_relpath(precision: str, component: str) -> str:
+        """A graph's path inside RUN_DIR/onnx/ (as the export manifest records it)."""
+        return f"{_checked_precision(precision)}/{component}.onnx"
+
+    def onnx_set_dir(self, precision: str) -> Path:
+        """RUN_DIR/onnx/<precision>: where `mmgen export` writes that precision's graphs."""
+        return self.onnx_dir / _checked_precision(precision)
+
+    def onnx_path(self, precision: str, component: str) -> Path:
+        """Where the exported graph of `component` at `precision` lives (it may not exist yet)."""
+        return self.onnx_dir / self.onnx_relpath(precision, component)
+
+    def missing_onnx(self, precision: str, components: tuple[str, ...]) -> list[Path]:
+        """The graphs of `components` at `precision` that are not exported."""
+        return [path for path in (self.onnx_path(precision, c) for c in components) if not path.is_file()]
+
+    @property
     def engines_dir(self) -> Path:
         return self.root / "engines"
+
+    def engine_set_dir(self, name: str) -> Path:
+        """RUN_DIR/engines/<name>, name = <runtime>-<version>-<target> (see mmgen_deploy.engines)."""
+        return self.engines_dir / name
 
     @property
     def samples_dir(self) -> Path:
@@ -126,7 +188,29 @@ class RunDir:
         write_json(self.run_json, meta)
 
     # -- configs ----------------------------------------------------------------------
+    def _config_signature(self) -> tuple[Any, ...]:
+        """What the parsed config depends on: the config files' identity, size and modification time
+        (files are replaced by rename, so a rewrite is a new inode)."""
+        signature: list[Any] = []
+        for path in (self.run_json, *(self.config_path(p) for p in (*MODEL_PARTS, KL_PART, TEXT_PART))):
+            try:
+                stat = path.stat()
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
     def load_config(self) -> ModelConfig:
+        """The validated model config; parsed once per RunDir while its files stay unchanged."""
+        signature = self._config_signature()
+        if self._config_cache is not None and self._config_cache[0] == signature:
+            return self._config_cache[1]
+        config = self._parse_config()
+        self._config_cache = (signature, config)
+        return config
+
+    def _parse_config(self) -> ModelConfig:
         meta = self._require_run()
         try:
             # A KL first stage lives in vae/ (never beside a vqvae/: import writes one or the other).
@@ -289,9 +373,18 @@ class RunDir:
         return (*parts, TEXT_PART) if config.uses_text else parts
 
     def load_models(self) -> tuple[ModelConfig, VQModel | AutoencoderKL, DiT]:
-        """(config, first stage of either kind, DiT)."""
+        """The config, the first stage (of either kind) and the DiT (see `load_deployable` for everything)."""
         config = self.load_config()
         return config, self.load_first_stage(config), self.load_dit(config)
+
+    def load_deployable(self) -> DeployableModels:
+        """Load (and so verify) every part a deployment derives from: config, first stage (VQ-VAE
+        or KL autoencoder), DiT and, for a text-to-image model, the text encoder and its tokenizer."""
+        config = self.load_config()
+        text = config.uses_text
+        return DeployableModels(config, self.load_first_stage(config), self.load_dit(config),
+                                self.load_text_encoder(config) if text else None,
+                                self.load_tokenizer() if text else None)
 
     def weights_sha256(self) -> str:
         """One hash over the weight files (and tokenizer): identifies the checkpoint artifacts derive from."""
@@ -324,3 +417,6 @@ def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel | Au
         run.save_weights(TEXT_PART, text_encoder)
         run.save_tokenizer(tokenizer)
     return run
+
+
+RunLike = str | os.PathLike[str] | RunDir  # what functions taking a run accept (see RunDir.of)

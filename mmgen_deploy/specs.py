@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,74 @@ from mmgen_deploy.text.tokenizer import BOS, EOS, PAD
 
 BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
+
+# -- the lists every other module derives from -------------------------------------------
+# Every deployable component in pipeline order: the first stage's encoder -> quantizer -> decoder,
+# the denoiser that works in its latent space, then the text encoder (text-to-image models only).
+# A model has the subset its configuration says (`component_names`).
+COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
+TEXT_ONLY_COMPONENTS: tuple[str, ...] = ("text_encoder",)
+# The first stage's components per kind (`ModelConfig.first_stage_kind`), in pipeline order:
+# image -> encoder -> (quantizer) -> the latent the DiT denoises; the ones after the encoder turn
+# a denoised latent back into an image (`decode_components`), each taking its predecessor's
+# outputs by name. The one place that knows a KL autoencoder has no quantizer.
+FIRST_STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "vq": ("encoder", "quantizer", "decoder"),
+    "kl": ("encoder", "decoder"),
+}
+# What the sampling loop runs for a VQ class model (see `sampling_components` for any model).
+SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", *FIRST_STAGE_COMPONENTS["vq"][1:])
+# The precisions of the exported ONNX sets, in the order they are made (fp16 is cast from fp32).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+# Classifier-free guidance runs [cond; uncond] in one denoiser call: the denoiser's batch is doubled.
+GUIDANCE_BATCH_MULTIPLIER = 2
+
+
+def component_names(config: ModelConfig) -> tuple[str, ...]:
+    """The deployable components of a model, in pipeline order: its first stage's (VQ: encoder,
+    quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model."""
+    have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ())}
+    return tuple(c for c in COMPONENTS if c in have)
+
+
+def decode_components(config: ModelConfig) -> tuple[str, ...]:
+    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
+    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
+    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
+
+
+def latent_name(config: ModelConfig) -> str:
+    """The tensor name of the latent between encoder and denoiser (VQ: h, KL: latent)."""
+    return Tensors.LATENT if config.first_stage_kind == "kl" else Tensors.H
+
+
+def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
+    """What `sample` runs for a model with this config: the denoiser, its first stage's decode
+    chain, and the text encoder of a text-to-image model (an ONNX set without it cannot encode
+    prompts). None (an unreadable run): the VQ class set."""
+    if config is None:
+        return SAMPLING_COMPONENTS
+    names = ("denoiser", *decode_components(config))
+    return (*names, *TEXT_ONLY_COMPONENTS) if config.uses_text else names
+
+
+class Tensors:
+    """The tensor names of the component graphs (inputs and outputs), as the specs below use them."""
+
+    IMAGE = "image"  # encoder input, decoder output
+    H = "h"  # encoder output, quantizer input: the pre-quantization latent
+    Z_Q = "z_q"  # quantizer output, decoder input
+    INDICES = "indices"  # quantizer output: code indices
+    LATENT = "latent"  # KL encoder output, KL decoder input: the scaled latent (no quantizer)
+    X_T = "x_t"  # denoiser inputs: noisy latent, timestep, class label
+    T = "t"
+    CLASS_IDS = "class_ids"
+    MODEL_OUTPUT = "model_output"  # denoiser output: epsilon (and variance channels with learned sigma)
+    INPUT_IDS = "input_ids"  # text encoder input: token ids
+    TEXT_EMBEDDINGS = "text_embeddings"  # text encoder outputs = text denoiser inputs
+    TEXT_MASK = "text_mask"
+    TEXT_POOLED = "text_pooled"
 
 
 @dataclass(frozen=True)
@@ -38,6 +107,10 @@ class TensorSpec:
     @property
     def is_float(self) -> bool:
         return self.dtype.startswith("float")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record manifests keep of a tensor (export and engine manifests alike)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -117,22 +190,34 @@ class ComponentSpec:
 GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 
 
-def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
-    return {"fp32": {n: Tolerance(rel_l2=fp32) for n in names},
-            "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
+# The relative-L2 tolerance of every float output against PyTorch FP32, per precision.
+DEFAULT_REL_L2: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2}
+
+
+def _tol(names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
+    return {p: {n: Tolerance(rel_l2=DEFAULT_REL_L2[p]) for n in names} for p in PRECISIONS}
+
+
+# End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
+# FP32): errors compound over steps, so latents get looser limits than single calls.
+# PSNR limits are the ones the generate issue sets.
+PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
+    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+}
 
 
 # The text encoder's outputs, named as the text denoiser's inputs: the sampling loop
 # forwards them without knowing what they are.
-TEXT_OUTPUTS = ("text_embeddings", "text_mask", "text_pooled")
+TEXT_OUTPUTS = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK, Tensors.TEXT_POOLED)
 
 
 def denoiser_condition_names(dit: DiTConfig) -> tuple[str, ...]:
     """The denoiser's inputs after x_t and t, which depend on how the DiT is conditioned."""
     if not dit.uses_text:
-        return ("class_ids",)
-    names = ("text_embeddings", "text_mask") if dit.uses_cross_attention else ()
-    return (*names, "text_pooled") if dit.uses_pooled_text else names
+        return (Tensors.CLASS_IDS,)
+    names = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK) if dit.uses_cross_attention else ()
+    return (*names, Tensors.TEXT_POOLED) if dit.uses_pooled_text else names
 
 
 def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -170,30 +255,32 @@ Shape = tuple[Dim, ...]
 def _vq_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
               latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
     """VQ first stage: encoder (image -> h), quantizer (h -> z_q, indices), decoder (z_q -> image)."""
+    N = Tensors
     return {
         "encoder": ComponentSpec(
             name="encoder",
-            inputs=(TensorSpec("image", "float32", img),),
-            outputs=(TensorSpec("h", "float32", lat),),
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.H, "float32", lat),),
             make_inputs=image_inputs,
-            tolerances=_tol(1e-5, 1e-2, ("h",)),
+            tolerances=_tol((N.H,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "quantizer": ComponentSpec(
             name="quantizer",
-            inputs=(TensorSpec("h", "float32", lat),),
-            outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
-            make_inputs=latent_inputs("h"),
-            tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
-                        for p in ("fp32", "fp16")},
+            inputs=(TensorSpec(N.H, "float32", lat),),
+            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
+            make_inputs=latent_inputs(N.H),
+            # z_q holds codebook vectors: exact whenever the indices agree, at every precision.
+            tolerances={p: {N.Z_Q: Tolerance(rel_l2=DEFAULT_REL_L2["fp32"]), N.INDICES: Tolerance(min_agreement=1.0)}
+                        for p in PRECISIONS},
             keep_fp32=True,
         ),
         "decoder": ComponentSpec(
             name="decoder",
-            inputs=(TensorSpec("z_q", "float32", lat),),
-            outputs=(TensorSpec("image", "float32", img),),
-            make_inputs=latent_inputs("z_q"),
-            tolerances=_tol(1e-5, 1e-2, ("image",)),
+            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.Z_Q),
+            tolerances=_tol((N.IMAGE,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
     }
@@ -203,70 +290,36 @@ def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
               latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
     """KL first stage: encoder (image -> scaled latent mean), decoder (scaled latent -> image).
 
-    FP16: the GroupNorms stay FP32 as in the VQ model; beyond that, AutoCast keeps FP32 every
-    node whose calibration values exceed data_max: Stable Diffusion's VAE decoder is the textbook
-    case (its mid/up blocks reach activations beyond FP16's 65504 and decode to NaN/black in plain
-    FP16), and the manifest lists each kept node with the range that kept it."""
+    FP16: the GroupNorms stay FP32 as in the VQ model; beyond that, AutoCast keeps FP32 every node
+    whose calibration values exceed data_max. Stable Diffusion's VAE decoder is the textbook case
+    (activations beyond FP16's 65504 in its mid/up blocks: NaN/black images in plain FP16); the
+    export manifest lists every kept node with the reason (`converter.fp32_reasons`)."""
+    N = Tensors
     return {
         "encoder": ComponentSpec(
             name="encoder",
-            inputs=(TensorSpec("image", "float32", img),),
-            outputs=(TensorSpec("latent", "float32", lat),),
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.LATENT, "float32", lat),),
             make_inputs=image_inputs,
-            tolerances=_tol(1e-5, 1e-2, ("latent",)),
+            tolerances=_tol((N.LATENT,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "decoder": ComponentSpec(
             name="decoder",
-            inputs=(TensorSpec("latent", "float32", lat),),
-            outputs=(TensorSpec("image", "float32", img),),
-            make_inputs=latent_inputs("latent"),
-            tolerances=_tol(1e-5, 1e-2, ("image",)),
+            inputs=(TensorSpec(N.LATENT, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.LATENT),
+            tolerances=_tol((N.IMAGE,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
     }
 
 
-# The deployable components of each first-stage kind (`ModelConfig.first_stage_kind`), in
-# pipeline order: image -> encoder -> (quantizer) -> latent the DiT works in; the components after
-# the encoder turn a denoised latent back into an image, each taking its predecessor's outputs by
-# name. This is the one place that knows a KL autoencoder has no quantizer.
-FIRST_STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
-    "vq": ("encoder", "quantizer", "decoder"),
-    "kl": ("encoder", "decoder"),
-}
-# The name of the latent the encoder makes and the DiT denoises, per first-stage kind.
-FIRST_STAGE_LATENT = {"vq": "h", "kl": "latent"}
-
-
-def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The model's deployable components in pipeline order: the first stage's (three for a VQ
-    model, two for a KL autoencoder), the denoiser, and the text encoder of a text model."""
-    names = (*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser")
-    return (*names, "text_encoder") if config.uses_text else names
-
-
-def decode_components(config: ModelConfig) -> tuple[str, ...]:
-    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
-    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
-    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
-
-
-def latent_name(config: ModelConfig) -> str:
-    """The tensor name of the latent between encoder and denoiser ("h" for VQ, "latent" for KL)."""
-    return FIRST_STAGE_LATENT[config.first_stage_kind]
-
-
-def sampling_components(config: ModelConfig) -> tuple[str, ...]:
-    """The components a sampling run calls: the denoiser, the decode chain (and the text encoder)."""
-    names = ("denoiser", *decode_components(config))
-    return (*names, "text_encoder") if config.uses_text else names
-
-
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     """The specs of the components of a model with this configuration, in pipeline order
-    (`component_names`)."""
+    (`component_names`: they follow its first stage, and a text model adds its text encoder)."""
     vq, dit = config.vq, config.dit
+    N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
     lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)
     idx = (BATCH, vq.latent_size, vq.latent_size)
@@ -277,48 +330,47 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     # (a trained encoder's output scale is close to that), timesteps over the whole
     # training range, class ids including the null label used by guidance.
     def image_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"image": rng.uniform(-1, 1, (b, *img[1:])).astype(np.float32)}
+        return {N.IMAGE: rng.uniform(-1, 1, (b, *img[1:])).astype(np.float32)}
 
     def latent_inputs(name: str) -> InputMaker:
         def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             return {name: rng.standard_normal((b, *lat[1:])).astype(np.float32)}
         return make
 
-    condition_specs: dict[str, TensorSpec] = {"class_ids": TensorSpec("class_ids", "int32", (BATCH,))}
+    condition_specs: dict[str, TensorSpec] = {N.CLASS_IDS: TensorSpec(N.CLASS_IDS, "int32", (BATCH,))}
     if dit.uses_text:
         length, width = dit.text_length, dit.text_dim
         condition_specs = {
-            "text_embeddings": TensorSpec("text_embeddings", "float32", (BATCH, length, width)),
-            "text_mask": TensorSpec("text_mask", "float32", (BATCH, length)),
-            "text_pooled": TensorSpec("text_pooled", "float32", (BATCH, width)),
+            N.TEXT_EMBEDDINGS: TensorSpec(N.TEXT_EMBEDDINGS, "float32", (BATCH, length, width)),
+            N.TEXT_MASK: TensorSpec(N.TEXT_MASK, "float32", (BATCH, length)),
+            N.TEXT_POOLED: TensorSpec(N.TEXT_POOLED, "float32", (BATCH, width)),
         }
     conditions = tuple(condition_specs[n] for n in denoiser_condition_names(dit))
 
     def denoiser_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         feeds = {
-            "x_t": rng.standard_normal((b, *lat[1:])).astype(np.float32),
-            "t": rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
+            N.X_T: rng.standard_normal((b, *lat[1:])).astype(np.float32),
+            N.T: rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
         }
         for tensor in conditions:
-            if tensor.name == "class_ids":
-                feeds["class_ids"] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
-            elif tensor.name == "text_mask":
-                feeds["text_mask"] = _text_masks(b, dit.text_length, rng)
+            if tensor.name == N.CLASS_IDS:
+                feeds[N.CLASS_IDS] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
+            elif tensor.name == N.TEXT_MASK:
+                feeds[N.TEXT_MASK] = _text_masks(b, dit.text_length, rng)
             else:  # text encoder outputs end in a LayerNorm: unit-scale values
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
 
-    first_stage = {"vq": _vq_specs, "kl": _kl_specs}[config.first_stage_kind](img, lat, idx, image_inputs,
-                                                                               latent_inputs)
+    first_stage = {"vq": _vq_specs, "kl": _kl_specs}[config.first_stage_kind]
     specs = {
-        **first_stage,
+        **first_stage(img, lat, idx, image_inputs, latent_inputs),
         "denoiser": ComponentSpec(
             name="denoiser",
-            inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)), *conditions),
-            outputs=(TensorSpec("model_output", "float32", out),),
+            inputs=(TensorSpec(N.X_T, "float32", lat), TensorSpec(N.T, "float32", (BATCH,)), *conditions),
+            outputs=(TensorSpec(N.MODEL_OUTPUT, "float32", out),),
             make_inputs=denoiser_inputs,
-            batch_multiplier=2,
-            tolerances=_tol(1e-5, 1e-2, ("model_output",)),
+            batch_multiplier=GUIDANCE_BATCH_MULTIPLIER,
+            tolerances=_tol((N.MODEL_OUTPUT,)),
             fp32_scopes=("dit.t_embedder",),
             upstream="text_encoder" if dit.uses_text else None,
         ),
@@ -334,18 +386,18 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             lengths = mask.sum(axis=1).astype(np.int64)
             ids_[:, 0] = BOS
             ids_[np.arange(b), lengths - 1] = EOS
-            return {"input_ids": ids_}
+            return {N.INPUT_IDS: ids_}
 
         specs["text_encoder"] = ComponentSpec(
             name="text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ids),),
-            outputs=(TensorSpec("text_embeddings", "float32", (BATCH, text.max_length, text.hidden_size)),
-                     TensorSpec("text_mask", "float32", (BATCH, text.max_length)),
-                     TensorSpec("text_pooled", "float32", (BATCH, text.hidden_size))),
+            inputs=(TensorSpec(N.INPUT_IDS, "int32", ids),),
+            outputs=(TensorSpec(N.TEXT_EMBEDDINGS, "float32", (BATCH, text.max_length, text.hidden_size)),
+                     TensorSpec(N.TEXT_MASK, "float32", (BATCH, text.max_length)),
+                     TensorSpec(N.TEXT_POOLED, "float32", (BATCH, text.hidden_size))),
             make_inputs=text_inputs,
             # Prompts are encoded once each, plus the empty prompt: small batches.
             profile=BatchProfile(1, 4, 16),
-            tolerances=_tol(1e-5, 1e-2, ("text_embeddings", "text_mask", "text_pooled")),
+            tolerances=_tol((N.TEXT_EMBEDDINGS, N.TEXT_MASK, N.TEXT_POOLED)),
             # FP16: the matmuls go FP16; the LayerNorms (mean/variance statistics) and the attention
             # softmax stay FP32. The softmax's logits carry the -1e4 padding bias: finite in FP16, but
             # beyond AutoCast's data_max, so whether AutoCast keeps it FP32 would depend on the
@@ -355,4 +407,5 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             # (rel L2 5.5e-4 either way on shapes captions; weight rounding dominates).
             fp32_op_types=("LayerNormalization", "Softmax"),
         )
+    assert tuple(specs) == component_names(config), "component_specs must follow COMPONENTS"
     return specs

@@ -11,8 +11,7 @@ import pytest
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.runtime import BaseRunner, Runner, open_runner, runner_class
-from mmgen_deploy.runtime.base import PRECISIONS
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.specs import PRECISIONS, component_specs
 
 CONCRETE = ("torch", "onnxruntime", "tensorrt")
 

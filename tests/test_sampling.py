@@ -121,7 +121,7 @@ def test_bad_numbers_are_refused(random_models, torch_runner: TorchRunner, kwarg
 # -- ONNX Runtime against PyTorch ------------------------------------------------------------------
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
 
     return psnr(a, b)
 

@@ -295,7 +295,7 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
     if missing:
         pytest.skip(missing)
     from mmgen_deploy.export import export_run
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
     from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError, batch_sizes_executed
 
     config, vq, dit = random_models

@@ -26,8 +26,8 @@ from mmgen_deploy.export.calibration import (
     vocabulary_prompts,
 )
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
+from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
-from mmgen_deploy.parity.metrics import tensor_diff
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.runtime import open_runner, resolve_backend
 from mmgen_deploy.runtime.torch_runner import TorchRunner
@@ -243,7 +243,7 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     engine_set = check_engine_dir(run, load_flavour("tensorrt-rtx"))  # ONNX hashes and plans match the manifest
     assert set(engine_set.components) == {"text_encoder", "denoiser"}
     # `auto` does not pick a set that cannot sample (no quantizer / decoder engines here).
-    from mmgen_deploy.runtime import _tensorrt_check
+    from mmgen_deploy.runtime.select import _tensorrt_check
 
     assert "no quantizer, decoder engine" in str(_tensorrt_check(run.root))
 

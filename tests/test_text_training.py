@@ -289,25 +289,26 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
 def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
     """The real `quickstart --text` loop with a 2-step recipe. The ONNX stages need the text encoder's
     export (another branch); until it lands, only the stages that run without it are run here."""
-    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.cli import evaluate as eval_cli
+    from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
 
-    assert [name for name, _ in train_cli.QUICKSTART_TEXT_STAGES] == [
+    assert [name for name, _ in qs_cli.QUICKSTART_TEXT_STAGES] == [
         "train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
         "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
     monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
-        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+        ctx.results["eval"] = eval_cli._run_eval(ctx.run, eval_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
                                                                                      "fp32", 4))
         return str(ctx.run.reports_dir / "eval.json")
 
-    real_new_run = train_cli._new_run
-    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli._new_run
+    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
     runnable = [(name, cheap_eval if name.startswith("evaluate") else fn)
-                for name, fn in train_cli.QUICKSTART_TEXT_STAGES if "ONNX" not in name and "parity" not in name]
-    monkeypatch.setattr(train_cli, "QUICKSTART_TEXT_STAGES", runnable)
+                for name, fn in qs_cli.QUICKSTART_TEXT_STAGES if "ONNX" not in name and "parity" not in name]
+    monkeypatch.setattr(qs_cli, "QUICKSTART_TEXT_STAGES", runnable)
     out = tmp_path / "qs"
     code, _, stderr = _cli(["quickstart", "--text", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, stderr

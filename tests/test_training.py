@@ -194,21 +194,22 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
 @pytest.mark.slow
 def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
     """The real quickstart loop with a 2-step recipe and a cheap evaluation stage."""
-    from mmgen_deploy.cli import train as train_cli
+    from mmgen_deploy.cli import evaluate as eval_cli
+    from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
 
     monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
-        ctx.results["eval"] = train_cli._run_eval(ctx.run, train_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
+        ctx.results["eval"] = eval_cli._run_eval(ctx.run, eval_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
                                                                                      "fp32"))
         return str(ctx.run.reports_dir / "eval.json")
 
-    real_new_run = train_cli._new_run
-    monkeypatch.setattr(train_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli._new_run
+    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    stages = [(name, cheap_eval if name == "evaluate" else fn) for name, fn in train_cli.QUICKSTART_STAGES]
-    monkeypatch.setattr(train_cli, "QUICKSTART_STAGES", stages)
+    stages = [(name, cheap_eval if name == "evaluate" else fn) for name, fn in qs_cli.QUICKSTART_STAGES]
+    monkeypatch.setattr(qs_cli, "QUICKSTART_STAGES", stages)
     out = tmp_path / "qs"
     code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, text

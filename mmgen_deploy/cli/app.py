@@ -13,7 +13,19 @@ import typer
 from rich.markup import escape
 
 from mmgen_deploy import __version__
-from mmgen_deploy.cli import doctor, engines, export, generate, importer, info, parity, serve, train
+from mmgen_deploy.cli import (
+    doctor,
+    engines,
+    evaluate,
+    export,
+    generate,
+    importer,
+    info,
+    parity,
+    quickstart,
+    serve,
+    train,
+)
 from mmgen_deploy.cli.common import console, state
 from mmgen_deploy.errors import MMGenError
 
@@ -47,7 +59,7 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, export, engines, generate, parity, importer, serve):
+for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, parity, importer, serve):
     _module.register(app)
 
 

@@ -9,10 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-
-# The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
-_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
-_PRECISIONS = ("fp32", "fp16")
+from mmgen_deploy.specs import COMPONENTS, DEFAULT_REL_L2, PRECISIONS
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -55,7 +52,9 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    console.print("errors are relative L2 (tolerance: FP32 1e-5, FP16 1e-2); indices must all be the same")
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+                       if p in DEFAULT_REL_L2)
+    console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
 
 
 def register(app: typer.Typer) -> None:
@@ -88,30 +87,44 @@ def register(app: typer.Typer) -> None:
         and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
         leaves the previous RUN_DIR/onnx untouched.
         """
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from mmgen_deploy.export import export_run
         from mmgen_deploy.export.onnx_export import check_opset
 
         check_opset(opset)  # before the progress bar starts
-        precisions = _split(precision, _PRECISIONS, "--precision") or list(_PRECISIONS)
-        chosen = _split(components, _COMPONENTS, "--components")
+        precisions = _split(precision, PRECISIONS, "--precision") or list(PRECISIONS)
+        # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
+        chosen = _split(components, COMPONENTS, "--components")
         if chosen:  # before the progress bar: a class model has no text encoder to export
             from mmgen_deploy.export.exporter import normalize_selection
-            from mmgen_deploy.models.components import component_names
             from mmgen_deploy.rundir import RunDir
+            from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
-            task = bar.add_task("export", total=None)
-
-            def progress(message: str, done: int, total: int) -> None:
-                bar.update(task, description=message, completed=done, total=total)
-
-            manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
-                                  overwrite=overwrite, calibration=calibration, progress=progress)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", _COMPONENTS)))
-        console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
-                      f"(calibration: {manifest['calibration']['source']})")
+        manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
+                              calibration=calibration)
         emit_json(manifest, json_out)
+
+
+def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | None = None, opset: int | None = None,
+               overwrite: bool = False, calibration: Any = None) -> dict[str, Any]:
+    """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
+    and the quickstart's export stage print); returns the manifest."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    options: dict[str, Any] = {} if opset is None else {"opset": opset}
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
+                              calibration=calibration, progress=progress, **options)
+    _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
+    console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
+                  f"(calibration: {manifest['calibration']['source']})")
+    return manifest

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.specs import PIPELINE_TOLERANCES, PRECISIONS
+
+if TYPE_CHECKING:
+    from mmgen_deploy.parity.compare import ParityOptions
+    from mmgen_deploy.parity.report import ParityReport
+    from mmgen_deploy.rundir import RunLike
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
@@ -34,6 +41,18 @@ def _parse_per_output(values: list[str], option: str) -> dict[str, float]:
     return out
 
 
+def run_parity_report(run_dir: RunLike, options: ParityOptions, json_out: str | None = None) -> ParityReport:
+    """`run_parity` with its progress lines and table (what `mmgen parity` and the quickstart's
+    parity stage print); returns the report (`.passed` is the verdict)."""
+    from mmgen_deploy.parity.compare import run_parity
+
+    report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    if json_out != "-":
+        report.render(stdout_console)
+    emit_json(report.to_dict(), json_out)
+    return report
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def parity(
@@ -53,8 +72,9 @@ def register(app: typer.Typer) -> None:
         rtol: list[str] = typer.Option([], "--rtol", help="Relative-L2 tolerance, for all outputs (0.02) or one "
                                        "(model_output=0.02); repeatable. Defaults come from the component specs."),
         atol: list[str] = typer.Option([], "--atol", help="Add a max-abs-error check, for all outputs or NAME=X."),
-        min_psnr: float | None = typer.Option(None, help="Minimum end-to-end image PSNR in dB (default: 40 for "
-                                              "fp32, 30 for fp16)."),
+        min_psnr: float | None = typer.Option(None, help="Minimum end-to-end image PSNR in dB (default: "
+                                              + ", ".join(f"{t['min_psnr']:g} for {p}"
+                                                          for p, t in PIPELINE_TOLERANCES.items()) + ")."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
         allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
@@ -68,13 +88,13 @@ def register(app: typer.Typer) -> None:
         runs (final latent, code indices, image PSNR/SSIM, per-step drift). Exit code 1 on any FAILED check.
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
-        from mmgen_deploy.parity.compare import ParityOptions, run_parity
-        from mmgen_deploy.runtime import BACKENDS, PRECISIONS
+        from mmgen_deploy.parity.compare import ParityOptions
+        from mmgen_deploy.runtime import BACKENDS
 
         if backend not in BACKENDS or backend == "auto":
             raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, tensorrt or torch")
         if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", "choose fp32 or fp16")
+            raise UsageError(f"unknown precision {precision!r}", f"choose {' or '.join(PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(
@@ -84,11 +104,7 @@ def register(app: typer.Typer) -> None:
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
             torch_threads=torch_threads or None,
         )
-        report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
-        if json_out != "-":
-            report.render(stdout_console)
-        emit_json(report.to_dict(), json_out)
-        if not report.passed:
+        if not run_parity_report(run_dir, options, json_out).passed:
             raise typer.Exit(1)
 
     @app.command()

@@ -108,16 +108,12 @@ def engine_dir_name(flavour: Flavour, target: str) -> str:
 
 
 def engine_dir(run: RunDir, flavour: Flavour, gpu: GpuInfo | None) -> Path:
-    return run.engines_dir / engine_dir_name(flavour, engine_target(flavour, gpu))
+    return run.engine_set_dir(engine_dir_name(flavour, engine_target(flavour, gpu)))
 
 
 def source_onnx(run: RunDir, precision: str, component: str) -> Path:
     """Where the export step put this component's ONNX (the fp16 set holds the FP32-typed quantizer)."""
-    try:
-        from mmgen_deploy.export import onnx_path  # the export engineer's API, once merged
-    except ImportError:
-        return run.onnx_dir / precision / f"{component}.onnx"
-    return Path(onnx_path(run, precision, component))
+    return run.onnx_path(precision, component)
 
 
 def rebuild_command(run: RunDir, manifest: dict[str, Any] | None, runtime: str) -> str:

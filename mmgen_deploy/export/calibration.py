@@ -31,6 +31,7 @@ from mmgen_deploy.specs import (
     FIRST_STAGE_COMPONENTS,
     TEXT_OUTPUTS,
     ComponentSpec,
+    Tensors,
     denoiser_condition_names,
     latent_name,
 )
@@ -151,7 +152,7 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
         outputs = modules["text_encoder"](torch.from_numpy(input_ids))
     named = dict(zip(TEXT_OUTPUTS, outputs, strict=True))
     conditions = {name: named[name].numpy().astype(np.float32) for name in denoiser_condition_names(config.dit)}
-    return {"text_encoder": {"input_ids": input_ids}, "denoiser": conditions}
+    return {"text_encoder": {Tensors.INPUT_IDS: input_ids}, "denoiser": conditions}
 
 
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
@@ -179,7 +180,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     images = data.images
     n = images.shape[0]
     inputs = {}
-    produced: dict[str, torch.Tensor] = {"image": torch.from_numpy(images)}
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(images)}
     with torch.no_grad():
         for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
             module, spec = modules.get(name), specs[name]
@@ -199,9 +200,10 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     if not config.uses_text:
         labels = np.asarray(data.labels if data.labels is not None
                             else rng.integers(0, config.dit.num_classes + 1, size=n))
-        inputs["denoiser"] = {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)}
+        inputs["denoiser"] = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32),
+                              Tensors.CLASS_IDS: labels.astype(np.int32)}
         return inputs, source
-    denoiser = {"x_t": x_t, "t": t.astype(np.float32)}
+    denoiser = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32)}
     if use_text:
         assert tokenizer is not None
         has_captions = data.captions is not None and any(c.strip() for c in data.captions)

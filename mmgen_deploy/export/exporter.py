@@ -29,7 +29,6 @@ from mmgen_deploy.export.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
-    PRECISIONS,
     read_manifest,
     relative_onnx_path,
     tool_versions,
@@ -45,9 +44,8 @@ from mmgen_deploy.export.onnx_export import (
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
-from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
+from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -70,21 +68,17 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _tensor_record(tensor: TensorSpec) -> dict[str, Any]:
-    return {"name": tensor.name, "dtype": tensor.dtype, "shape": list(tensor.shape)}
-
-
 def _io_record(spec: ComponentSpec) -> dict[str, Any]:
     profile = spec.engine_profile
     return {
-        "inputs": [_tensor_record(t) for t in spec.inputs],
-        "outputs": [_tensor_record(t) for t in spec.outputs],
+        "inputs": [t.to_dict() for t in spec.inputs],
+        "outputs": [t.to_dict() for t in spec.outputs],
         "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
     }
 
 
 def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
-                        available: Sequence[str] = COMPONENT_NAMES) -> tuple[list[str], list[str]]:
+                        available: Sequence[str]) -> tuple[list[str], list[str]]:
     """Check and order the requested precisions and components; `available` is the
     model's components (`component_names(config)`: five for a text model)."""
     chosen_precisions = list(dict.fromkeys(precisions))
@@ -213,7 +207,7 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
-def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence[str] = PRECISIONS,
+def export_run(run_dir: RunLike, *, precisions: Sequence[str] = PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
     """Export a run's components to `RUN_DIR/onnx/` atomically; returns the manifest.
@@ -221,12 +215,11 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
     the same checkpoint keeps the other files and their manifest entries.
     """
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run = RunDir.of(run_dir)
     check_opset(opset)
-    config, vq, dit = run.load_models()
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
     if calibration is None:
@@ -269,7 +262,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
                       "(TensorRT has no useful int64)",
             "first_stage": config.first_stage_kind,  # vq or kl: which components there are
             "components": list(component_names(config)),
-            "files": {p: {c: files[p][c] for c in TEXT_COMPONENT_NAMES if c in files[p]}
+            "files": {p: {c: files[p][c] for c in COMPONENTS if c in files[p]}
                       for p in PRECISIONS if files[p]},
             "calibration": result["calibration"],
             "last_export": {"precisions": chosen_precisions, "components": chosen,

@@ -189,7 +189,7 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
         run.initialize(config, data={"source": "import"}, extra={"imported": imported})
         run.save_weights(part_name, stage_model)
         run.save_weights("dit", dit.model)
-        run.load_models()  # read back through the normal path (what export etc. will see) before the rename
+        run.load_deployable()  # read back through the normal path (what export etc. will see) before the rename
     return {"run_dir": str(out), "config": config.to_dict(), "imported": imported,
             "params": {part_name: sum(p.numel() for p in stage_model.parameters()),
                        "dit": sum(p.numel() for p in dit.model.parameters() if p.requires_grad)}}

@@ -2,8 +2,6 @@
 
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.components import (
-    COMPONENT_NAMES,
-    TEXT_COMPONENT_NAMES,
     DecoderComponent,
     DenoiserComponent,
     EncoderComponent,
@@ -13,7 +11,6 @@ from mmgen_deploy.models.components import (
     TextDenoiserComponent,
     TextEncoderComponent,
     build_components,
-    component_names,
     rerandomize_,
 )
 from mmgen_deploy.models.dit import DiT
@@ -21,8 +18,6 @@ from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
 
 __all__ = [
-    "COMPONENT_NAMES",
-    "TEXT_COMPONENT_NAMES",
     "AutoencoderKL",
     "DecoderComponent",
     "DenoiserComponent",
@@ -37,6 +32,5 @@ __all__ = [
     "VQModel",
     "VectorQuantizer",
     "build_components",
-    "component_names",
     "rerandomize_",
 ]

@@ -1,4 +1,4 @@
-"""The four deployable components as separate modules with plain tensor I/O.
+"""The deployable components (`specs.COMPONENTS`) as separate modules with plain tensor I/O.
 
 These wrappers are what gets exported, built and compared: each takes and returns
 tensors only (no configs, no tuples of optional things), in the dtypes TensorRT wants
@@ -10,13 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
-from mmgen_deploy.specs import component_names as _spec_component_names
-from mmgen_deploy.specs import denoiser_condition_names
+from mmgen_deploy.specs import Tensors, denoiser_condition_names
 
 
 class EncoderComponent(nn.Module):
@@ -97,8 +95,8 @@ class TextDenoiserComponent(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         given = dict(zip(self.condition_names, conditions, strict=True))
-        return self.dit(x_t, t, text=given.get("text_embeddings"), text_mask=given.get("text_mask"),
-                        text_pooled=given.get("text_pooled"))
+        return self.dit(x_t, t, text=given.get(Tensors.TEXT_EMBEDDINGS), text_mask=given.get(Tensors.TEXT_MASK),
+                        text_pooled=given.get(Tensors.TEXT_POOLED))
 
 
 class TextEncoderComponent(nn.Module):
@@ -110,17 +108,6 @@ class TextEncoderComponent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.text_encoder(input_ids)
-
-
-# Every component name any model can have, in pipeline order (a model's own list, which follows
-# its first stage: `specs.component_names(config)`).
-COMPONENT_NAMES = ("encoder", "quantizer", "decoder", "denoiser")
-TEXT_COMPONENT_NAMES = (*COMPONENT_NAMES, "text_encoder")
-
-
-def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The deployable components of a model, in pipeline order (see `specs.component_names`)."""
-    return _spec_component_names(config)
 
 
 def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,

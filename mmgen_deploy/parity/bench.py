@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import component_specs
 
 
@@ -109,7 +110,7 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
                   prompts: Sequence[str] | None = None) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
     the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     result = BackendResult(backend=runner.backend, precision=runner.precision)
     specs = component_specs(config)
@@ -126,19 +127,14 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             result.components[name][batch] = lat
             if name == "denoiser":
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
+    if config.uses_text and (tokenizer is None or not prompts):
+        raise ValueError("benchmarking a text model needs its tokenizer and prompts")
     for batch in batches:
-        if config.uses_text:
-            if tokenizer is None or not prompts:
-                raise ValueError("benchmarking a text model needs its tokenizer and prompts")
-            chosen = [prompts[i % len(prompts)] for i in range(batch)]
-            sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=2,
-                   cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=steps,
-                         cfg_scale=cfg_scale, seed=0, batch_size=batch)
-        else:
-            class_ids = [i % config.dit.num_classes for i in range(batch)]
-            sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        chosen = [prompts[i % len(prompts)] for i in range(batch)] if config.uses_text and prompts else []
+        class_ids = [] if config.uses_text else [i % config.dit.num_classes for i in range(batch)]
+        for run_steps in (2, steps):  # a warm-up, then the measured run
+            condition = make_conditioning(runner, config, class_ids=class_ids, prompts=chosen, tokenizer=tokenizer)
+            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
     result.peak_host_mib = peak_rss_mib()
@@ -225,14 +221,13 @@ class BenchResult:
         return "\n".join(lines) + "\n"
 
 
-def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
+def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.load_config()
     tokenizer, prompts = None, None
     if config.uses_text:
@@ -246,7 +241,7 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
         for precision in (["fp32"] if backend == "torch" else precisions):
             say(f"benchmarking {backend} {precision}")
             try:
-                runner, _choice = open_runner(run.root, backend, precision)
+                runner, _choice = open_runner(run, backend, precision)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue

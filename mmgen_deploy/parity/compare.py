@@ -14,17 +14,10 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
+from mmgen_deploy.numerics import compare_output, index_agreement, psnr, ssim, take_batch, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
-from mmgen_deploy.specs import ComponentSpec, component_specs, random_feeds
-
-# End-to-end thresholds per precision. Component thresholds live in the component specs;
-# these are about the whole sampling loop (errors compound over steps, so latents get
-# looser limits than single calls). PSNR limits are the ones the generate issue sets.
-PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
-    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
-}
+from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
 
 
 @dataclass
@@ -52,21 +45,12 @@ def ensure_trained(reference: Any, config: ModelConfig) -> None:
     """Refuse an all-zero-output denoiser: a freshly initialised DiT (adaLN-Zero) matches
     any backend trivially, which proves nothing."""
     spec = component_specs(config)["denoiser"]
-    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))["model_output"]
+    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))[Tensors.MODEL_OUTPUT]
     if not np.any(out):
         raise UntrainedModelError(
             "the denoiser outputs exactly zero (a freshly initialised DiT): parity on it proves nothing",
             "train the model first, or pass --allow-untrained",
         )
-
-
-def _take(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The first `batch` samples (cycled if fewer exist)."""
-    out = {}
-    for name, value in feeds.items():
-        idx = np.arange(batch) % len(value)
-        out[name] = np.ascontiguousarray(value[idx])
-    return out
 
 
 def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any, backend: Any,
@@ -76,23 +60,15 @@ def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any,
     test_out = backend.run(spec.name, feeds)
     for tensor in spec.outputs:
         tol = spec.tolerance(precision, tensor.name)
-        ref, test = ref_out[tensor.name], test_out[tensor.name]
-        if tensor.is_float:
-            diff = tensor_diff(ref, test)
-            limit = overrides.output_rel_l2(tensor.name, tol.rel_l2)
-            report.add(Check(spec.name, f"{tensor.name} rel_l2 ({label})", diff.rel_l2, limit, "<=",
-                             diff.to_dict()))
-            max_abs = overrides.output_max_abs(tensor.name)
-            if max_abs is not None:
-                report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", diff.max_abs, max_abs, "<=",
-                                 diff.to_dict()))
-        else:
-            latents = feeds.get(spec.input_names[0])  # the latents an index output was computed from
-            agree = index_agreement(ref, test, latents, codebook)
-            limit = overrides.min_index_agreement if overrides.min_index_agreement is not None \
-                else tol.min_agreement
-            report.add(Check(spec.name, f"{tensor.name} agreement ({label})", agree.agreement, limit, ">=",
-                             agree.to_dict()))
+        latents = feeds.get(spec.input_names[0])  # what an index output was computed from
+        c = compare_output(ref_out[tensor.name], test_out[tensor.name], is_float=tensor.is_float,
+                           rel_l2=overrides.output_rel_l2(tensor.name, tol.rel_l2),
+                           min_agreement=overrides.min_index_agreement if overrides.min_index_agreement is not None
+                           else tol.min_agreement, latents=latents, codebook=codebook)
+        report.add(Check(spec.name, f"{tensor.name} {c.metric} ({label})", c.value, c.limit, c.direction, c.details))
+        max_abs = overrides.output_max_abs(tensor.name) if tensor.is_float else None
+        if max_abs is not None:
+            report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", c.max_abs, max_abs, "<=", c.details))
 
 
 def component_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
@@ -109,7 +85,7 @@ def component_parity(report: ParityReport, config: ModelConfig, reference: Any, 
             compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
                               overrides, codebook)
             if real is not None:
-                compare_component(report, spec, reference, backend, _take(real[name], batch),
+                compare_component(report, spec, reference, backend, take_batch(real[name], batch),
                                   f"real, batch {batch}", precision, overrides, codebook)
 
 
@@ -120,18 +96,15 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
     """Sample the same images on both sides and compare them. A text model samples
     `prompts`, each side encoding them with its own text encoder (so the comparison covers
     the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                                   batch_size=batch_size, return_trajectory=True)
-    if config.uses_text:
-        if not prompts or tokenizer is None:
-            raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
-        ref = sample(reference, config, text_conditioning(reference, config, tokenizer, list(prompts)), **kwargs)
-        test = sample(backend, config, text_conditioning(backend, config, tokenizer, list(prompts)), **kwargs)
-    else:
-        ref = sample(reference, config, list(class_ids), **kwargs)
-        test = sample(backend, config, list(class_ids), **kwargs)
+    if config.uses_text and (not prompts or tokenizer is None):
+        raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
+    ref, test = (sample(runner, config, make_conditioning(runner, config, class_ids=list(class_ids),
+                                                          prompts=list(prompts or ()), tokenizer=tokenizer), **kwargs)
+                 for runner in (reference, backend))
     limits = PIPELINE_TOLERANCES[precision]
     latent = tensor_diff(ref.latents, test.latents)
     report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
@@ -183,7 +156,7 @@ class ParityOptions:
     torch_threads: int | None = 1
 
 
-def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
+def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
                 tokenizer: Any = None) -> dict[str, dict[str, np.ndarray]] | None:
     """Inputs drawn from the run's validation images (their latents, codes and noised latents;
     for a text model their tokenized captions and the text encoder's outputs for them),
@@ -199,7 +172,7 @@ def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, 
     return inputs
 
 
-def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
+def default_prompts(run: RunDir, tokenizer: Any, count: int) -> list[str]:
     """`count` prompts for a text model's end-to-end check: the distinct captions of the run's
     validation images, or (no dataset here) prompts made of the tokenizer's vocabulary."""
     from mmgen_deploy.export.calibration import dataset_calibration, vocabulary_prompts
@@ -211,7 +184,7 @@ def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
     return [captions[i % len(captions)] for i in range(count)]
 
 
-def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     """The whole `mmgen parity`: load, check the model is trained, compare, save the report."""
     import contextlib
 
@@ -221,24 +194,22 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
         return _run_parity(run_dir, options, progress)
 
 
-def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     from mmgen_deploy.io_utils import write_json
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.runtime.torch_runner import TorchRunner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
-    config, vq, dit = run.load_models()
+    run = RunDir.of(run_dir)
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
         raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
                          "leave out --prompt")
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     if not options.allow_untrained:
         ensure_trained(reference, config)
-    backend, _choice = open_runner(run.root, options.backend, options.precision)
+    backend, _choice = open_runner(run, options.backend, options.precision)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed}

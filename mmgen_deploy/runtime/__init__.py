@@ -7,8 +7,8 @@ Every backend is a `BaseRunner` subclass in this package (`torch_runner`, `ort_r
 Heavy modules (torch, onnxruntime, tensorrt) are imported only by the backend used.
 """
 
-from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, BaseRunner, Runner, check_feeds
+from mmgen_deploy.runtime.base import BACKENDS, BaseRunner, Runner, check_feeds
 from mmgen_deploy.runtime.select import BackendChoice, open_runner, resolve_backend, runner_class
 
-__all__ = ["BACKENDS", "PRECISIONS", "BackendChoice", "BaseRunner", "Runner", "check_feeds", "open_runner",
+__all__ = ["BACKENDS", "BackendChoice", "BaseRunner", "Runner", "check_feeds", "open_runner",
            "resolve_backend", "runner_class"]

@@ -28,7 +28,6 @@ if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 
 
 @runtime_checkable

@@ -10,34 +10,17 @@ tensorrt) are imported only by the backend used.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
-from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, BaseRunner
+from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.runtime.base import BACKENDS, BaseRunner
+from mmgen_deploy.specs import PRECISIONS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
 
-COMPONENTS_FOR_SAMPLING = ("denoiser", "quantizer", "decoder")
-RunLike = str | os.PathLike[str] | RunDir
-
-
-def _as_run(run: RunLike) -> RunDir:
-    return run if isinstance(run, RunDir) else RunDir(run)
-
-
-def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
-    """What `sample` runs for a model with this config (`specs.sampling_components`: the denoiser,
-    the first stage's decode chain, the text encoder of a text-to-image model). None (an
-    unreadable run): the VQ class set."""
-    if config is None:
-        return COMPONENTS_FOR_SAMPLING
-    from mmgen_deploy.specs import sampling_components as spec_sampling_components
-
-    return spec_sampling_components(config)
 
 
 def _config_or_none(run: RunDir) -> ModelConfig | None:
@@ -88,8 +71,12 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _tensorrt_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
-    """None when a TensorRT engine set for this run is built, current and runnable here; else why not."""
+def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> str | None:
+    """None when a TensorRT engine set for this run is built, current and runnable here; else why not.
+    `needed`: the components it must hold (default: what sampling this run needs)."""
+    run = RunDir.of(run_dir)
+    if needed is None:
+        needed = sampling_components(_config_or_none(run))
     try:
         from mmgen_deploy.engines.manifest import current_gpu, select_engine_set
     except ImportError as exc:
@@ -122,7 +109,7 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
-    run = _as_run(run_dir)
+    run = RunDir.of(run_dir)
     if backend == "torch":
         if precision == "fp16":
             raise UsageError("the torch backend runs FP32 only",
@@ -134,13 +121,13 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
             raise UsageError("TensorRT engines are built from the fp16 ONNX set",
                              "use --precision fp16 (or leave it out) with --backend tensorrt")
         return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
-    from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
+    from mmgen_deploy.runtime.ort_runner import cuda_provider_usable
 
     needed = sampling_components(_config_or_none(run))
     if backend == "onnxruntime":
         cuda = device.startswith("cuda") if device else cuda_provider_usable()
         # FP16 on GPUs when that set was exported; CPUs have no fast FP16 kernels.
-        prec = precision or ("fp16" if cuda and not missing_onnx(run, "fp16", needed) else "fp32")
+        prec = precision or ("fp16" if cuda and not run.missing_onnx("fp16", needed) else "fp32")
         return BackendChoice("onnxruntime", prec, "cuda" if cuda else "cpu", "requested")
 
     # auto
@@ -159,14 +146,14 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     if device is None or device.startswith("cuda"):
         if cuda_provider_usable():
             prec = precision or "fp16"
-            if not missing_onnx(run, prec, needed):
+            if not run.missing_onnx(prec, needed):
                 return BackendChoice("onnxruntime", prec, "cuda", "ONNX set exported and CUDA provider usable",
                                      skipped)
             skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
         else:
             skipped.append("onnxruntime cuda: onnxruntime-gpu or a GPU missing")
     prec = precision or "fp32"
-    missing = missing_onnx(run, prec, needed)
+    missing = run.missing_onnx(prec, needed)
     if not missing:
         return BackendChoice("onnxruntime", prec, "cpu", f"fastest available here ({prec} ONNX set on CPU)",
                              skipped)
@@ -181,7 +168,7 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
 
 def open_choice(choice: BackendChoice, run_dir: RunLike, **options: Any) -> BaseRunner:
     """Open the backend a `BackendChoice` names; options it does not take are ignored."""
-    return runner_class(choice.backend).from_run_dir(_as_run(run_dir), choice.precision, choice.device, **options)
+    return runner_class(choice.backend).from_run_dir(RunDir.of(run_dir), choice.precision, choice.device, **options)
 
 
 def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None = None, *,
@@ -192,7 +179,7 @@ def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None =
     next backend (the reason is kept in `choice.skipped`). `options` go to the backend
     (`threads=` for torch and ONNX Runtime, `cuda_graph=`, `runtime=` for TensorRT, ...).
     """
-    run = _as_run(run_dir)
+    run = RunDir.of(run_dir)
     choice = resolve_backend(backend, run, precision, device=device)
     try:
         return open_choice(choice, run, **options), choice

@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
-from mmgen_deploy.specs import component_specs, decode_components, latent_name
+from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors, component_specs, decode_components, latent_name
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -77,30 +78,42 @@ class SampleResult:
                 "images_per_second": self.images_per_second}
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
-    scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
-    return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+# How the sampling arguments are named in messages: as keywords of `sample` (the default) or,
+# from the command line, as its options (`CLI_NAMES`).
+API_NAMES = {"steps": "steps", "sampler": "sampler", "cfg_scale": "cfg scale", "batch_size": "batch size",
+             "eta": "eta"}
+CLI_NAMES = {"steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "batch_size": "--batch-size",
+             "eta": "--eta"}
+
+
+def check_sampling_numbers(*, steps: int, sampler: str, cfg_scale: float, batch_size: int, eta: float,
+                           names: dict[str, str] = API_NAMES) -> None:
+    """The model-independent checks of the sampling arguments (the CLI runs them before reading a run)."""
+    if steps < 1:
+        raise UsageError(f"{names['steps']} must be >= 1, got {steps}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown {names['sampler']} {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"{names['cfg_scale']} must be >= 0 (a finite number), got {cfg_scale}",
+                         "1 disables guidance; DiT uses 4.0 for pictures")
+    if batch_size < 1:
+        raise UsageError(f"{names['batch_size']} must be >= 1, got {batch_size}")
+    if eta < 0:
+        raise UsageError(f"{names['eta']} must be >= 0, got {eta}")
 
 
 def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, steps: int, sampler: str,
-                           cfg_scale: float, batch_size: int, eta: float) -> None:
-    """Refuse bad numbers up front, before any model is loaded or run (class ids: None for prompts)."""
+                           cfg_scale: float, batch_size: int, eta: float,
+                           names: dict[str, str] = API_NAMES) -> None:
+    """Refuse bad arguments up front, before any model is loaded or run (class ids: None for prompts).
+    The one validation of sampling arguments: `sample` runs it, and so does `generate` before loading."""
     if class_ids is not None:
         class_conditioning(config, class_ids)
-    if steps < 1:
-        raise UsageError(f"steps must be >= 1, got {steps}")
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=eta,
+                           names=names)
     if steps > config.diffusion.num_train_timesteps:
-        raise UsageError(f"steps {steps} exceeds the {config.diffusion.num_train_timesteps} training timesteps")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
-    if not np.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"cfg scale must be a finite number >= 0, got {cfg_scale}",
-                         "1 disables guidance; DiT uses 4.0 for pictures")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be >= 1, got {batch_size}")
-    if eta < 0:
-        raise UsageError(f"eta must be >= 0, got {eta}")
+        raise UsageError(f"{names['steps']} {steps} exceeds the {config.diffusion.num_train_timesteps} "
+                         "training timesteps")
 
 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
@@ -152,12 +165,12 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         b = stop - start
-        mult = 2 if guided else 1
+        mult = GUIDANCE_BATCH_MULTIPLIER if guided else 1
         # Per-batch buffers, reused by every step of the batch.
         x = noise[start:stop].copy()
         x_in = np.empty((mult * b, channels, size, size), dtype=np.float32)
         t_in = np.empty((mult * b,), dtype=np.float32)
-        feeds = {"x_t": x_in, "t": t_in}
+        feeds = {Tensors.X_T: x_in, Tensors.T: t_in}
         for name, values in conditioning.feeds.items():  # constant over the steps of the batch
             both = np.empty((mult * b, *values.shape[1:]), dtype=values.dtype)
             both[:b] = values[start:stop]
@@ -175,7 +188,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
                 x_in[b:] = x
             t_in.fill(scheduler.model_timesteps[i])
             call_start = time.perf_counter()
-            out = runner.run("denoiser", feeds)["model_output"]
+            out = runner.run("denoiser", feeds)[Tensors.MODEL_OUTPUT]
             denoise_model_s += time.perf_counter() - call_start
             if guided:
                 # eps = eps_uncond + s (eps_cond - eps_uncond), on the noise channels only.
@@ -201,14 +214,14 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         produced: dict[str, np.ndarray] = {first_input: x}
         for component, inputs in chain:  # each takes what its predecessors produced, by name
             produced.update(runner.run(component, {name: produced[name] for name in inputs}))
-        decoded = produced["image"]
+        decoded = produced[Tensors.IMAGE]
         model_s += time.perf_counter() - call_start
         if images_f is None:
             images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
-        if "indices" in produced:
+        if Tensors.INDICES in produced:
             if indices is None:
-                indices = np.empty((n, *produced["indices"].shape[1:]), dtype=np.int32)
-            indices[start:stop] = produced["indices"]
+                indices = np.empty((n, *produced[Tensors.INDICES].shape[1:]), dtype=np.int32)
+            indices[start:stop] = produced[Tensors.INDICES]
         latents[start:stop] = x
         images_f[start:stop] = decoded
 

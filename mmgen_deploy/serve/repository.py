@@ -27,19 +27,21 @@ from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import NotAvailableError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
+from mmgen_deploy.rundir import DEPLOY_ENTRIES, RunDir
 from mmgen_deploy.serve import MODEL_NAME
+from mmgen_deploy.specs import SAMPLING_COMPONENTS
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 # What of a run directory the server needs: configs, inference weights, exported models.
-RUN_ARTIFACTS = ("run.json", "vqvae", "dit", "onnx", "engines")
+RUN_ARTIFACTS = DEPLOY_ENTRIES
 INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = ("denoiser", "quantizer", "decoder")  # what sample() calls
+ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
@@ -172,7 +174,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
     if options.precision != "auto":
         if not complete(options.precision):
             raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
-                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {run_root / 'onnx'}",
+                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {RunDir(run_root).onnx_dir}",
                              f"run `mmgen export {run_root}` first")
         return options.precision
     # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
@@ -180,7 +182,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
     for precision in order:
         if complete(precision):
             return precision
-    raise UsageError(f"--layout ensemble needs an exported ONNX set in {run_root / 'onnx'}",
+    raise UsageError(f"--layout ensemble needs an exported ONNX set in {RunDir(run_root).onnx_dir}",
                      f"run `mmgen export {run_root}` first")
 
 
@@ -204,7 +206,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
             shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
         max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
         (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
-        written[name] = f"{precision}/{name}.onnx"
+        written[name] = RunDir.onnx_relpath(precision, name)
     return written
 
 
@@ -224,8 +226,6 @@ def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS
 
 def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None = None) -> dict[str, Any]:
     """Write the repository for `run_dir` to `out` (atomically). Returns a summary dict."""
-    from mmgen_deploy.rundir import RunDir
-
     options = options or RepositoryOptions()
     options.validate()
     run = RunDir(run_dir)
@@ -238,7 +238,7 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
                                 "runner from mmgen_deploy.runtime.open_runner")
     for part in ("vqvae", "dit"):
         if not run.has_part(part):
-            run.load_models()  # raises the precise missing/corrupt-weights error
+            run.load_deployable()  # raises the precise missing/corrupt-weights error
     run_root = run.root.resolve()
     if out.resolve() == run_root or run_root in out.resolve().parents:
         raise UsageError(f"--out {out} is inside the run directory", "write the repository somewhere else")

@@ -96,7 +96,7 @@ class TritonPythonModel:
         self.config = run.load_config()
         use_bls = params.get("runner", "local") == "bls"
         if not use_bls:
-            run.load_models()
+            run.load_deployable()
         self.num_classes = self.config.dit.num_classes
         self.class_index = {name.lower(): i for i, name in enumerate(self.config.class_names)}
 

@@ -9,10 +9,8 @@ from typing import Any
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.rundir import RUN_ENTRIES as _RUN_ENTRIES
 from mmgen_deploy.rundir import RunDir
-
-# What a run directory may contain; --overwrite removes exactly these names.
-_RUN_ENTRIES = ("run.json", "vqvae", "dit", "text_encoder", "checkpoints", "onnx", "engines", "samples", "reports")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""From a SampleResult to files: class-name resolution, PNGs with metadata, a grid, a JSON sidecar."""
+"""From a SampleResult to files: PNGs with metadata, a grid, a JSON sidecar."""
 
 from __future__ import annotations
 
@@ -7,57 +7,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.errors import UsageError
+from mmgen_deploy.numerics import make_grid, to_pil
+from mmgen_deploy.sampling.conditioning import class_name
 from mmgen_deploy.sampling.loop import SampleResult
-
-
-def class_name(config: ModelConfig, class_id: int) -> str:
-    return config.class_names[class_id] if config.class_names else str(class_id)
-
-
-def resolve_class(config: ModelConfig, value: str) -> int:
-    """A class given as an id ("3") or a name ("red circle", case-insensitive) -> its id."""
-    text = value.strip()
-    num_classes = config.dit.num_classes
-    if re.fullmatch(r"[+-]?\d+", text):
-        class_id = int(text)
-        if not 0 <= class_id < num_classes:
-            raise UsageError(f"class id {class_id} is out of range", f"valid ids are 0..{num_classes - 1}")
-        return class_id
-    lowered = [name.lower() for name in config.class_names]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
-    if not config.class_names:
-        raise UsageError(f"unknown class {value!r}: this model has no class names",
-                         f"give a class id 0..{num_classes - 1}")
-    valid = ", ".join(f"{i}={name!r}" for i, name in enumerate(config.class_names))
-    raise UsageError(f"unknown class {value!r}", f"valid classes: {valid}")
 
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "class"
-
-
-def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) image, white padding."""
-    n, h, w, c = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, columns)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[k]
-    return grid
-
-
-def _to_pil(array: np.ndarray) -> Any:
-    from PIL import Image
-
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
 
 
 def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *, images_per_class: int,
@@ -90,10 +47,11 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
         for key, value in (*condition, ("index", k), *settings):
             # tEXt chunks; Pillow writes a UTF-8 iTXt instead for a prompt that Latin-1 cannot hold.
             info.add_text(key, str(value))
-        _to_pil(image).save(directory / filename, pnginfo=info)
+        to_pil(image).save(directory / filename, pnginfo=info)
         entries.append(entry)
     columns = images_per_class if 1 < images_per_class <= 16 else math.ceil(math.sqrt(len(result.images)))
-    _to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
+    columns = max(1, min(columns, len(result.images)))
+    to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
     sidecar: dict[str, Any] = {
         "settings": {"seed": result.seed, "steps": result.steps, "sampler": result.sampler,
                      "cfg_scale": result.cfg_scale, "batch_size": result.batch_size,
