@@ -19,7 +19,7 @@ import torch
 from mmgen_deploy.config import DiTConfig, KLConfig, ModelConfig
 from mmgen_deploy.export import export_models
 from mmgen_deploy.models import AutoencoderKL, DiT, KLDecoderComponent, rerandomize_
-from mmgen_deploy.parity.metrics import tensor_diff
+from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.specs import component_specs
 
 pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt is not installed (fp16 extra)")

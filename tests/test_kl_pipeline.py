@@ -20,9 +20,9 @@ import torch
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.io_utils import read_json
-from mmgen_deploy.parity.metrics import psnr
+from mmgen_deploy.numerics import psnr
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.sampling.loop import to_uint8
+from mmgen_deploy.numerics import to_uint8
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt is not installed (fp16 extra)")
@@ -219,3 +219,31 @@ def test_parity_passes_without_index_checks(imported: tuple[RunDir, dict[str, An
         worst[key] = max(worst.get(key, -np.inf), c["value"]) if "PSNR" not in key and "SSIM" not in key \
             else min(worst.get(key, np.inf), c["value"])
     print(f"parity onnxruntime {precision}:", {k: f"{v:.3g}" for k, v in worst.items()})
+
+
+def test_train_dit_on_an_imported_kl_autoencoder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`mmgen train dit --data` trains the imported run's DiT architecture on the KL latents of the data;
+    the label table follows the data (2 classes of a small image folder instead of the pipeline's 5)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cats", "dogs"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    make_pipeline(tmp_path / "pipe")
+    code, out = _cli(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, out
+    code, out = _cli(["train", "dit", "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "--data" in out  # an imported run has no training data of its own
+    code, out = _cli(["train", "dit", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"), "--steps", "4",
+                      "--batch-size", "8", "--threads", "1"], capsys)
+    assert code == 0, out
+    run = RunDir(tmp_path / "run")
+    config, kl, dit = run.load_models()
+    assert config.first_stage_kind == "kl" and config.dit.num_classes == 2 and config.class_names == ("cats", "dogs")
+    assert config.dit.timestep_freq_shift == 1.0 and config.diffusion.steps_offset == 1  # architecture, schedule kept
+    assert (tmp_path / "run" / "dit" / "imported.safetensors").is_file()
+    # The latents it trained on are the KL encoder's scaled means of the images.
+    cache = torch.load(run.checkpoints_dir / "dit_latents.pt", weights_only=True)
+    assert tuple(cache["latents"].shape[1:]) == (4, 8, 8)
