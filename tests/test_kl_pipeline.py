@@ -20,9 +20,8 @@ import torch
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.io_utils import read_json
-from mmgen_deploy.numerics import psnr
+from mmgen_deploy.numerics import psnr, to_uint8
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.numerics import to_uint8
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("modelopt.onnx.autocast", reason="nvidia-modelopt is not installed (fp16 extra)")
@@ -230,7 +229,8 @@ def test_train_dit_on_an_imported_kl_autoencoder(tmp_path: Path, capsys: pytest.
     for name in ("cats", "dogs"):
         (tmp_path / "data" / name).mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "data" / name / f"{i}.png")
     make_pipeline(tmp_path / "pipe")
     code, out = _cli(["import", str(tmp_path / "pipe"), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, out
@@ -240,7 +240,7 @@ def test_train_dit_on_an_imported_kl_autoencoder(tmp_path: Path, capsys: pytest.
                       "--batch-size", "8", "--threads", "1"], capsys)
     assert code == 0, out
     run = RunDir(tmp_path / "run")
-    config, kl, dit = run.load_models()
+    config, _, _ = run.load_models()  # the trained DiT loads with its resized label table
     assert config.first_stage_kind == "kl" and config.dit.num_classes == 2 and config.class_names == ("cats", "dogs")
     assert config.dit.timestep_freq_shift == 1.0 and config.diffusion.steps_offset == 1  # architecture, schedule kept
     assert (tmp_path / "run" / "dit" / "imported.safetensors").is_file()
