@@ -41,7 +41,8 @@ INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls
+# What sample() calls for a VQ class model; any model: `specs.sampling_components(config)`.
+ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
@@ -165,16 +166,16 @@ parameters: {{ key: "threads" value: {{ string_value: "{options.threads}" }} }}
 """
 
 
-def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
+def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: tuple[str, ...]) -> str:
     from mmgen_deploy.export import onnx_path
 
     def complete(precision: str) -> bool:
-        return all(onnx_path(run_root, precision, c).is_file() for c in ENSEMBLE_COMPONENTS)
+        return all(onnx_path(run_root, precision, c).is_file() for c in components)
 
     if options.precision != "auto":
         if not complete(options.precision):
             raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
-                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {RunDir(run_root).onnx_dir}",
+                             f"{', '.join(components)} in {RunDir(run_root).onnx_dir}",
                              f"run `mmgen export {run_root}` first")
         return options.precision
     # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
@@ -188,12 +189,13 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
 
 def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
     from mmgen_deploy.export import onnx_path
-    from mmgen_deploy.specs import component_specs
+    from mmgen_deploy.specs import component_specs, sampling_components
 
-    precision = _ensemble_precision(run_root, options)
+    components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
+    precision = _ensemble_precision(run_root, options, components)
     specs = component_specs(config)
     written = {}
-    for name in ENSEMBLE_COMPONENTS:
+    for name in components:
         spec = specs[name]
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
@@ -236,7 +238,7 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
                                 "conditioned on prompts)",
                                 "sample with `mmgen generate RUN_DIR --prompt ...` or an ONNX Runtime / TensorRT "
                                 "runner from mmgen_deploy.runtime.open_runner")
-    for part in ("vqvae", "dit"):
+    for part in run.model_parts(config):
         if not run.has_part(part):
             run.load_deployable()  # raises the precise missing/corrupt-weights error
     run_root = run.root.resolve()
@@ -256,7 +258,7 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             components = _write_components(run_root, tmp, config, options)
         if options.artifacts == "copy":
             # The BLS loop needs only the configs: the weights live in the component models.
-            names = ("run.json", "vqvae", "dit") if options.layout == "ensemble" else RUN_ARTIFACTS
+            names = ("run.json", *run.model_parts(config)) if options.layout == "ensemble" else RUN_ARTIFACTS
             artifacts = _copy_run(run_root, version_dir / "run", names)
             if options.layout == "ensemble":
                 for part in ("vqvae", "dit"):
