@@ -1,5 +1,5 @@
 """The text encoder as a deployable component: export (FP32/FP16), runners, parity with prompts,
-engines (TensorRT-RTX ahead of time), and the commands that refuse text runs for now.
+engines (TensorRT-RTX ahead of time), bench and the Triton repository for text runs.
 
 One tiny text run (re-randomised weights, shapes captions) is exported once per module and
 shared; tests that change it work on a copy.
@@ -194,7 +194,7 @@ def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
     assert report.passed and len(report.info["end_to_end"]["prompts"]) == 2
 
 
-def test_bench_samples_prompts_and_triton_refuses_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
+def test_bench_samples_prompts_and_triton_takes_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
     code, text = _cli(["bench", str(text_run.root), "--backends", "onnxruntime", "--precisions", "fp32",
                        "--batch", "2", "--runs", "1", "--warmup", "0", "--steps", "2",
                        "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")], capsys)
@@ -204,9 +204,10 @@ def test_bench_samples_prompts_and_triton_refuses_text_runs(text_run: RunDir, tm
     assert backend["error"] is None and "text_encoder" in backend["components"]
     assert backend["images_per_s"]["2"] > 0
     assert "| denoiser ms | text encoder ms |" in (tmp_path / "bench.md").read_text()
+    # Triton serves text runs too (tests/test_serve_text.py runs the server).
     code, text = _cli(["triton-repo", str(text_run.root), "--out", str(tmp_path / "repo")], capsys)
-    assert code != 0 and "not supported yet for text-to-image models" in text
-    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "repo").exists()
+    assert code == 0, text
+    assert json.loads((tmp_path / "repo" / "mmgen_repository.json").read_text())["conditioning"] == "text"
 
 
 def test_class_runs_have_no_text_encoder_to_export(tmp_path: Path, random_models, capsys) -> None:

@@ -14,6 +14,7 @@ from rich.markup import escape
 
 from mmgen_deploy import __version__
 from mmgen_deploy.cli import (
+    batch,
     doctor,
     engines,
     evaluate,
@@ -26,7 +27,7 @@ from mmgen_deploy.cli import (
     serve,
     train,
 )
-from mmgen_deploy.cli.common import console, state
+from mmgen_deploy.cli.common import console, install_log_handler, state
 from mmgen_deploy.errors import MMGenError
 
 app = typer.Typer(
@@ -59,7 +60,7 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, parity, importer, serve):
+for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, batch, parity, importer, serve):
     _module.register(app)
 
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args or os.environ.get("MMGEN_DEBUG") == "1"
+    install_log_handler()
     try:
         app(args=args, prog_name="mmgen")
     except MMGenError as exc:

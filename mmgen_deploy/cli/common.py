@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -19,6 +20,23 @@ class _State:
 
 
 state = _State()
+
+
+class _ConsoleHandler(logging.Handler):
+    """The library's log lines (e.g. leftovers removed from a run directory) as `note:` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]note:[/] {escape(record.getMessage())}", soft_wrap=True)
+
+
+def install_log_handler() -> None:
+    """Show the library's warnings (logger `mmgen_deploy`) on the CLI console, once per process."""
+    logger = logging.getLogger("mmgen_deploy")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler(logging.WARNING))
+        logger.propagate = False
 
 
 def emit_json(data: Any, destination: str | None) -> None:

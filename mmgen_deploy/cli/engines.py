@@ -110,8 +110,11 @@ def register(app: typer.Typer) -> None:
             force=force,
             verbose=verbose,
         )
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                      "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        # The run's writer lock before the progress bar: a busy run is refused in one line.
+        with run.writing("build engines"), \
+                Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                         transient=True) as bar:
             task = bar.add_task(f"building {options.runtime} engines", total=len(options.components))
 
             def on_progress(name: str, event: str, detail: dict[str, Any]) -> None:

@@ -115,8 +115,10 @@ def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | N
 
     run = RunDir.of(run_dir)
     options: dict[str, Any] = {} if opset is None else {"opset": opset}
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+    # The run's writer lock before the progress bar: a busy run is refused in one line.
+    with run.writing("export"), \
+            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("export", total=None)
 
         def progress(message: str, done: int, total: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def generate(
                               precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out)
     request.check(CLI_NAMES)  # bad numbers are refused before any file or model is touched
     if prompts_file is not None:
-        request.prompts = [*request.prompts, *_read_prompts_file(prompts_file)]
+        request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
     sidecar = run_generate(run_dir, request)
     emit_json(sidecar, json_out)
 
@@ -96,10 +97,12 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
 
     def warn(condition: Any) -> None:
         count[0] = len(condition)
-        _warn_about_prompts(run, condition)
+        if condition.prompts:
+            warn_about_prompts(condition.unknown_words, condition.truncated_prompts, run.load_config())
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=True) as bar:
+    # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
+    with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("sampling images", total=None)
 
         def advance(done: int, total: int) -> None:
@@ -117,7 +120,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
     return generated.sidecar
 
 
-def _read_prompts_file(path: Path) -> list[str]:
+def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
     from mmgen_deploy.errors import UsageError
 
@@ -133,14 +136,15 @@ def _read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
-def _warn_about_prompts(run: Any, condition: Any) -> None:
+def warn_about_prompts(unknown_words: Sequence[str], truncated_prompts: Sequence[str], config: Any) -> None:
     """One line each for words the model never saw and for prompts cut to the tokenizer's length
-    (what the conditioning recorded while encoding the prompts: they are not encoded twice)."""
-    if condition.unknown_words:
+    (what the conditioning recorded while encoding the prompts: they are not encoded twice;
+    `mmgen client` passes what the served model's tokenizer says)."""
+    if unknown_words:
         console.print(f"[yellow]warning:[/] unknown word(s) the model never saw in training, ignored as [UNK]: "
-                      f"{', '.join(condition.unknown_words)}", highlight=False, soft_wrap=True)
-    if condition.truncated_prompts:
-        room = run.load_config().text.max_length - 2
-        named = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in condition.truncated_prompts)
-        console.print(f"[yellow]warning:[/] {len(condition.truncated_prompts)} prompt(s) longer than {room} words "
+                      f"{', '.join(unknown_words)}", highlight=False, soft_wrap=True)
+    if truncated_prompts:
+        room = config.text.max_length - 2
+        named = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in truncated_prompts)
+        console.print(f"[yellow]warning:[/] {len(truncated_prompts)} prompt(s) longer than {room} words "
                       f"were cut to their first {room} words: {named}", highlight=False, soft_wrap=True)

@@ -190,22 +190,23 @@ def quickstart_cmd(
         raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
     text_options = TextOptions(conditioning=QUICKSTART_TEXT_CONDITIONING,
                                holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
-    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
-    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
-    timings: dict[str, float] = {}
-    stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
-    for index, (name, stage) in enumerate(stages, start=1):
-        console.rule(f"[bold]{index}/{len(stages)} {name}")
-        stage_start = time.perf_counter()
-        where = stage(ctx)
-        timings[name] = round(time.perf_counter() - stage_start, 1)
-        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s -> {where}")
-    summary = {"run_dir": str(run.root), "stage_seconds": timings,
-               "total_seconds": round(time.perf_counter() - started, 1), **ctx.results}
-    write_json(run.reports_dir / "quickstart.json", summary)
-    console.print(f"quickstart finished in {summary['total_seconds']:.0f} s; everything is in {run.root} "
-                  f"(summary: {run.reports_dir / 'quickstart.json'})")
-    emit_json(summary, json_out)
+    with RunDir(out).writing("run the quickstart", create=True):  # one writer; nested stages share the lock
+        run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
+        ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
+        timings: dict[str, float] = {}
+        stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
+        for index, (name, stage) in enumerate(stages, start=1):
+            console.rule(f"[bold]{index}/{len(stages)} {name}")
+            stage_start = time.perf_counter()
+            where = stage(ctx)
+            timings[name] = round(time.perf_counter() - stage_start, 1)
+            console.print(f"[green]done[/] {name} in {timings[name]:.0f} s -> {where}")
+        summary = {"run_dir": str(run.root), "stage_seconds": timings,
+                   "total_seconds": round(time.perf_counter() - started, 1), **ctx.results}
+        write_json(run.reports_dir / "quickstart.json", summary)
+        console.print(f"quickstart finished in {summary['total_seconds']:.0f} s; everything is in {run.root} "
+                      f"(summary: {run.reports_dir / 'quickstart.json'})")
+        emit_json(summary, json_out)
 
 
 def register(app: typer.Typer) -> None:

@@ -196,8 +196,12 @@ def train_vqvae_cmd(
 
     settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    result = _stage_vq(run, train, val, settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train the VQ-VAE", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
 
@@ -272,8 +276,12 @@ def train_all_cmd(
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
 

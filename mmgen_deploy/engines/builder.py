@@ -34,7 +34,7 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
@@ -236,6 +236,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+@writes_run("build engines")
 def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | None = None) -> BuildResult:
     """Build (or reuse) every requested component's engine into RUN_DIR/engines/<runtime>-<version>-<target>/."""
     started = time.perf_counter()

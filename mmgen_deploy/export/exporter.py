@@ -44,7 +44,7 @@ from mmgen_deploy.export.onnx_export import (
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import COMPONENTS, PRECISIONS, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
@@ -207,6 +207,7 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
+@writes_run("export")
 def export_run(run_dir: RunLike, *, precisions: Sequence[str] = PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None) -> dict[str, Any]:

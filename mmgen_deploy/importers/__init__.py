@@ -95,13 +95,25 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     """Import a first stage (VQ model or KL autoencoder) and a DiT into the run directory `out`;
     return a report (JSON-ready). `vq_path` and `vae_path` both name the first stage (`--vq` for a
     VQ model, `--vae` for either kind)."""
-    from mmgen_deploy.rundir import RunDir, first_stage_part
+    from mmgen_deploy.rundir import RunDir
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "give a directory path for the run")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+    if not RunDir(out).is_empty() and not force:
         raise UsageError(f"{out} already exists and is not empty", "choose a new --out or pass --force to replace it")
+    with RunDir(out).writing("import", create=True):
+        return _import_run(out, source=source, vq_path=vq_path, vae_path=vae_path, dit_path=dit_path,
+                           scheduler_path=scheduler_path, class_names_file=class_names_file, image_size=image_size,
+                           num_heads=num_heads, norm_groups=norm_groups)
+
+
+def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: str | os.PathLike[str] | None,
+                vae_path: str | os.PathLike[str] | None, dit_path: str | os.PathLike[str] | None,
+                scheduler_path: str | os.PathLike[str] | None, class_names_file: str | os.PathLike[str] | None,
+                image_size: int | None, num_heads: int | None, norm_groups: int | None) -> dict[str, Any]:
+    from mmgen_deploy.rundir import RunDir, first_stage_part
+
     paths = [(label, Path(p)) for label, p in (("SOURCE", source), ("--vq", vq_path), ("--vae", vae_path),
                                                ("--dit", dit_path)) if p is not None]
     if not paths:

@@ -119,13 +119,14 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
            sampler: str = "ddim",
            cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
-           progress: ProgressCallback | None = None, seeds: list[int] | None = None,
-           return_trajectory: bool = False) -> SampleResult:
+           progress: ProgressCallback | None = None, seeds: Sequence[int] | None = None,
+           image_indices: Sequence[int] | None = None, return_trajectory: bool = False) -> SampleResult:
     """Generate one image per entry of `condition` with `runner`: class ids, or a
     `Conditioning` (`text_conditioning(...)` for prompts).
 
     Every image has its own NumPy generator, `default_rng([seed, i])` for image index i (or
-    `default_rng([seeds[i], 0])` when per-image `seeds` are given), for its initial noise and
+    `default_rng([seeds[i], image_indices[i]])` when per-image `seeds` are given, the indices defaulting to
+    0: image k of `generate --seed S` is seeds[i] = S, image_indices[i] = k), for its initial noise and
     for any per-step noise (DDPM, DDIM eta > 0). An image therefore depends only on its seed,
     index, class and the sampler settings: never on the batch size or on the other images
     in the batch, on every backend alike.
@@ -145,8 +146,13 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     n = len(conditioning)
     if seeds is not None and len(seeds) != n:
         raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
-    image_rngs = [np.random.default_rng([seed, i]) if seeds is None else np.random.default_rng([int(seeds[i]), 0])
-                  for i in range(n)]
+    if image_indices is not None and (seeds is None or len(image_indices) != n):
+        raise UsageError(f"{len(image_indices)} image indices for {n} images", "give one seed and one index per image")
+    if seeds is None:
+        image_rngs = [np.random.default_rng([seed, i]) for i in range(n)]
+    else:
+        image_rngs = [np.random.default_rng([int(seeds[i]), 0 if image_indices is None else int(image_indices[i])])
+                      for i in range(n)]
     noise = np.empty((n, channels, size, size), dtype=np.float32)
     for i, rng in enumerate(image_rngs):
         rng.standard_normal(dtype=np.float32, out=noise[i])

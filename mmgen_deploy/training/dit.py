@@ -27,7 +27,7 @@ from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.numerics import save_grid
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.text.tokenizer import WordTokenizer
 from mmgen_deploy.training.common import (
@@ -143,6 +143,7 @@ def grid_prompts(captions: list[str], count: int = GRID_PROMPTS) -> list[str]:
     return [c for c in dict.fromkeys(captions) if c.strip()][:count]
 
 
+@writes_run("train the DiT")
 def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
               callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Train the DiT of `run` on its first stage's latents (a VQ-VAE trained here, or an imported KL

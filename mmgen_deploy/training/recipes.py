@@ -98,7 +98,7 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and not run.is_empty():
         raise RunDirError(f"{out} is a non-empty folder that is not an mmgen run directory",
                           "choose an empty or new folder for --out")
     elif resume:

@@ -20,7 +20,7 @@ from mmgen_deploy.evaluation.metrics import reconstruct, vq_metrics
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.numerics import save_grid, to_uint8
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.training.common import (
     StepCallback,
     interrupted,
@@ -121,6 +121,7 @@ def _checkpoint_path(run: RunDir) -> Path:
     return run.checkpoints_dir / "vqvae.pt"
 
 
+@writes_run("train the VQ-VAE")
 def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrainSettings, *,
                 resume: bool = False, callback: StepCallback | None = None,
                 show_progress: bool = True) -> dict[str, Any]:
