@@ -247,3 +247,14 @@ def test_train_dit_on_an_imported_kl_autoencoder(tmp_path: Path, capsys: pytest.
     # The latents it trained on are the KL encoder's scaled means of the images.
     cache = torch.load(run.checkpoints_dir / "dit_latents.pt", weights_only=True)
     assert tuple(cache["latents"].shape[1:]) == (4, 8, 8)
+
+
+def test_id2label_synonyms_name_classes(imported: tuple[RunDir, dict[str, Any]]) -> None:
+    from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.conditioning import resolve_class
+
+    config = imported[0].load_config()
+    assert resolve_class(config, "Tinca tinca") == resolve_class(config, "tench") == 0
+    assert resolve_class(config, "hammerhead") == 4
+    with pytest.raises(UsageError, match="unknown class"):
+        resolve_class(config, "shark")
