@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
             help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: Ampere and "
                  "later, i.e. sm80/sm86/sm89/sm120; Turing needs sm75)."),
         component: list[str] = typer.Option(
-            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer, decoder, "
-                                        "denoiser, text_encoder for text models); others keep their plans."),
+            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer for VQ runs, "
+                                        "decoder, denoiser, text_encoder for text models); others keep their plans."),
         precision: str = typer.Option(
             "fp16", "--precision",
             help="Which ONNX set to build from: fp16, int8, fp8 (Q/DQ sets of `mmgen export --precision int8,fp8`; "

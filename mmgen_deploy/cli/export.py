@@ -88,8 +88,8 @@ def register(app: typer.Typer) -> None:
                  "on real data along the sampling trajectory; all for strongly typed TensorRT builds."),
         components: list[str] = typer.Option(
             None, "--components", "-c",
-            help="Export only these: encoder, quantizer, decoder, denoiser, text_encoder (text-to-image runs) "
-                 "(repeat or comma-separate). "
+            help="Export only these: encoder, quantizer (VQ runs), decoder, denoiser, text_encoder "
+                 "(text-to-image runs) (repeat or comma-separate). "
                  "Other components of an existing export of the same checkpoint are kept."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20); >= 17 gives TensorRT native LayerNorm."),
         overwrite: bool = typer.Option(

@@ -45,7 +45,7 @@ from mmgen_deploy.export.onnx_export import (
 from mmgen_deploy.export.quantize_export import QuantSettings, export_quantized, quant_plan, quantization_data
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
     COMPONENTS,
@@ -98,14 +98,15 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     chosen = list(dict.fromkeys(components)) if components is not None else list(available)
     bad = [c for c in chosen if c not in available]
     if bad or not chosen:
-        why = " (a class-conditioned model has no text encoder)" if "text_encoder" in bad else ""
+        why = (" (a class-conditioned model has no text encoder)" if "text_encoder" in bad
+               else " (this model's first stage has no quantizer)" if "quantizer" in bad else "")
         raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}{why}",
                          f"choose from {', '.join(available)}")
     # Always in pipeline order, whatever order the user typed.
     return [p for p in PRECISIONS if p in chosen_precisions], [c for c in available if c in chosen]
 
 
-def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
+def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out_dir: str | os.PathLike[str], *,
                   precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
@@ -132,7 +133,7 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
                               tokenizer=tokenizer, quantization=quantization, quant_data=quant_data)
 
 
-def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, precisions: Sequence[str],
+def _export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
                    progress: ProgressCallback | None, why_no_calibration: str, text_encoder: TextEncoder | None,
                    tokenizer: WordTokenizer | None, quantization: QuantSettings | None = None,
@@ -290,6 +291,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
             "default_opset": opset,
             "dtypes": "timesteps float32, class ids int32, code indices int32, token ids int32 "
                       "(TensorRT has no useful int64)",
+            "first_stage": config.first_stage_kind,  # vq or kl: which components there are
             "components": list(component_names(config)),
             "files": {p: {c: files[p][c] for c in COMPONENTS if c in files[p]}
                       for p in PRECISIONS if files[p]},

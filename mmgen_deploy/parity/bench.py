@@ -19,7 +19,7 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.specs import COMPONENTS, component_specs
 
 
 @dataclass
@@ -180,32 +180,34 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
-                text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
                 den = res.components["denoiser"][batch].median_ms
                 ref = first_denoiser.setdefault((res.backend, batch), den)
+                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" else lat.get(c, "-")
+                         for c in self.component_columns]
                 rows.append([
-                    res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    f"{lat['denoiser']} ({ref / den:.2f}x)", *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    res.backend, res.precision, str(batch), *cells, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms",
-              "denoiser ms (vs backend's first)",
-              "images/s (vs first)", "denoiser GFLOP/s", "loop overhead", "peak host MiB")
+    HEADER = ("backend", "precision", "batch", "images/s (vs first)", "denoiser GFLOP/s", "loop overhead",
+              "peak host MiB")
 
     @property
-    def has_text_encoder(self) -> bool:
-        return any("text_encoder" in res.components for res in self.backends)
+    def component_columns(self) -> tuple[str, ...]:
+        """The measured components in pipeline order (they follow the run's first stage: a KL
+        autoencoder has no quantizer; a text model adds its text encoder)."""
+        measured = {name for res in self.backends for name in res.components}
+        return tuple(c for c in COMPONENTS if c in measured)
 
     @property
     def header(self) -> tuple[str, ...]:
-        """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
-        if not self.has_text_encoder:
-            return self.HEADER
-        at = self.HEADER.index("denoiser ms (vs backend's first)") + 1
-        return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
+        """HEADER with one latency column per measured component after the batch (the denoiser's
+        also shows its speed-up over the backend's first precision)."""
+        columns = tuple("denoiser ms (vs backend's first)" if c == "denoiser" else f"{c.replace('_', ' ')} ms"
+                        for c in self.component_columns)
+        return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
     def table(self) -> Any:
         from rich.table import Table

@@ -212,7 +212,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
     from mmgen_deploy.export import onnx_path
     from mmgen_deploy.specs import component_specs
 
-    components = sampling_components(config)
+    components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
     precision = _ensemble_precision(run_root, options, components)
     specs = component_specs(config)
     written = {}
