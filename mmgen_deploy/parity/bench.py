@@ -204,9 +204,8 @@ class BenchResult:
     @property
     def header(self) -> tuple[str, ...]:
         """HEADER with one latency column per measured component after the batch (the denoiser's
-        also shows its speed-up over the backend's first precision)."""
-        columns = tuple("denoiser ms (vs backend's first)" if c == "denoiser" else f"{c.replace('_', ' ')} ms"
-                        for c in self.component_columns)
+        cells also show its speed-up over the same backend's first precision, in parentheses)."""
+        columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
         return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
     def table(self) -> Any:
@@ -222,7 +221,8 @@ class BenchResult:
 
     def markdown(self) -> str:
         lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
-                 f"cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
+                 f"cfg {self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the "
+                 "same backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
         return "\n".join(lines) + "\n"
