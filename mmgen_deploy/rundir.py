@@ -4,34 +4,58 @@
       run.json                    format marker, noise schedule, class names, data description
       vqvae/config.json           VQConfig
       vqvae/model.safetensors     VQ autoencoder weights (incl. EMA codebook statistics)
+      vae/config.json             KLConfig, instead of vqvae/ when the first stage is a KL autoencoder
+      vae/model.safetensors       (imported: Stable Diffusion's VAE and the like)
       dit/config.json             DiTConfig
       dit/model.safetensors       DiT weights for inference (the EMA copy when trained here)
       text_encoder/               text-to-image models only: config.json (TextConfig),
                                   model.safetensors, tokenizer.json (the word vocabulary)
       checkpoints/                training state for --resume
-      onnx/  engines/  samples/  reports/
+      onnx/manifest.json          the export manifest
+      onnx/<precision>/<component>.onnx
+      engines/<runtime>-<version>-<target>/   one engine set (plans + manifest.json)
+      samples/  reports/
+      .mmgen.lock                 held (flock) by the command writing into the run, if any
 
-Everything that reads a run directory goes through `RunDir`, which refuses missing or
-corrupt pieces with a message naming the file and how to fix it.
+Everything that reads a run directory goes through `RunDir`, which owns this layout (no other
+module joins these names) and refuses missing or corrupt pieces with a message naming the file
+and how to fix it. `load_deployable()` is the one loader of what a deployment derives from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, TextConfig, VQConfig
-from mmgen_deploy.errors import ConfigError, RunDirError
-from mmgen_deploy.io_utils import atomic_path, read_json, sha256_file, write_json
+from mmgen_deploy.config import DiffusionConfig, DiTConfig, KLConfig, ModelConfig, TextConfig, VQConfig
+from mmgen_deploy.errors import ConfigError, RunDirBusyError, RunDirError
+from mmgen_deploy.io_utils import (
+    Leftover,
+    LockBusy,
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    sha256_file,
+    sweep_leftovers,
+    write_json,
+)
 
 if TYPE_CHECKING:
     # torch is imported only where weights are read or written: reading a run's config
     # (what the ONNX Runtime / TensorRT backends need) must work on a machine without torch.
     import torch
 
+    from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
     from mmgen_deploy.models.dit import DiT
     from mmgen_deploy.models.text_encoder import TextEncoder
     from mmgen_deploy.models.vqvae import VQModel
@@ -40,12 +64,83 @@ if TYPE_CHECKING:
 RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
 MODEL_PARTS = ("vqvae", "dit")
+# The folder that holds the first stage, per kind (`ModelConfig.first_stage_kind`): a run has one.
+FIRST_STAGE_PARTS = {"vq": "vqvae", "kl": "vae"}
+KL_PART = FIRST_STAGE_PARTS["kl"]
 TEXT_PART = "text_encoder"
+ONNX_MANIFEST_NAME = "manifest.json"
+# Every top-level entry a run directory may hold (`train --overwrite` removes exactly these).
+RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
+# What of a run a deployment needs: configs, inference weights, exported models and engines.
+DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, "onnx", "engines")
+
+
+def first_stage_part(config: ModelConfig) -> str:
+    """The run-directory part of the model's first stage: vqvae/ or vae/."""
+    return FIRST_STAGE_PARTS[config.first_stage_kind]
+
+
+def _checked_precision(precision: str) -> str:
+    from mmgen_deploy.specs import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+@dataclass
+class DeployableModels:
+    """What every deployed artifact derives from: the config and the inference weights
+    (plus, for a text-to-image model, its text encoder and tokenizer)."""
+
+    config: ModelConfig
+    vq: VQModel | AutoencoderKL  # the first stage, of either kind
+    dit: DiT
+    text_encoder: TextEncoder | None = None
+    tokenizer: WordTokenizer | None = None
+
+LOCK_NAME = ".mmgen.lock"
+
+log = logging.getLogger("mmgen_deploy.rundir")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _command_line() -> str:
+    """This process's command line as a user typed it (`mmgen export RUN`, also for `python -m mmgen_deploy`)."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    program = Path(sys.argv[0])
+    name = "mmgen" if program.name == "__main__.py" and program.parent.name == "mmgen_deploy" else program.name
+    return shlex.join([name, *sys.argv[1:]])
+
+
+def writes_run(purpose: str, *, create: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a library function whose first argument is a run directory (path or `RunDir`) it writes
+    into: the call holds that run's writer lock (`RunDir.writing`)."""
+    import functools
+
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(func)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            target = args[0] if args else next(iter(kwargs.values()))
+            run = target if isinstance(target, RunDir) else RunDir(target)  # type: ignore[arg-type]
+            with run.writing(purpose, create=create):
+                return func(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class RunDir:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._config_cache: tuple[tuple[Any, ...], ModelConfig] | None = None
+
+    @classmethod
+    def of(cls, run: RunLike) -> RunDir:
+        """`run` itself when it is a RunDir, else the RunDir of that path."""
+        return run if isinstance(run, RunDir) else cls(run)
 
     # -- layout -----------------------------------------------------------------------
     @property
@@ -67,8 +162,33 @@ class RunDir:
         return self.root / "onnx"
 
     @property
+    def onnx_manifest_path(self) -> Path:
+        return self.onnx_dir / ONNX_MANIFEST_NAME
+
+    @staticmethod
+    def onnx_relpath(precision: str, component: str) -> str:
+        """A graph's path inside RUN_DIR/onnx/ (as the export manifest records it)."""
+        return f"{_checked_precision(precision)}/{component}.onnx"
+
+    def onnx_set_dir(self, precision: str) -> Path:
+        """RUN_DIR/onnx/<precision>: where `mmgen export` writes that precision's graphs."""
+        return self.onnx_dir / _checked_precision(precision)
+
+    def onnx_path(self, precision: str, component: str) -> Path:
+        """Where the exported graph of `component` at `precision` lives (it may not exist yet)."""
+        return self.onnx_dir / self.onnx_relpath(precision, component)
+
+    def missing_onnx(self, precision: str, components: tuple[str, ...]) -> list[Path]:
+        """The graphs of `components` at `precision` that are not exported."""
+        return [path for path in (self.onnx_path(precision, c) for c in components) if not path.is_file()]
+
+    @property
     def engines_dir(self) -> Path:
         return self.root / "engines"
+
+    def engine_set_dir(self, name: str) -> Path:
+        """RUN_DIR/engines/<name>, name = <runtime>-<version>-<target> (see mmgen_deploy.engines)."""
+        return self.engines_dir / name
 
     @property
     def samples_dir(self) -> Path:
@@ -82,9 +202,92 @@ class RunDir:
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
     # -- state ------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.run_json.is_file()
+
+    def is_empty(self) -> bool:
+        """No folder, or a folder holding nothing but (maybe) the lock file."""
+        return not self.root.exists() or (self.root.is_dir()
+                                          and all(p.name == LOCK_NAME for p in self.root.iterdir()))
+
+    # -- one writer at a time -----------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, purpose: str, *, create: bool = False) -> Iterator[list[Leftover]]:
+        """Hold the run's writer lock for the duration (`purpose`: what is written, e.g. "export").
+
+        Every command that writes into a run directory (train, import, export, build-engine,
+        generate's samples, quickstart) holds it; commands that only read do not. A second
+        writer fails at once with `RunDirBusyError` naming the command that holds it. The first
+        (outermost) holder in a process then removes what killed writers left behind (temporary
+        folders of `atomic_dir` / `atomic_path`: `.onnx.<random>.tmp/`, engine sets, samples,
+        the run folder's own siblings made by `mmgen import`), logs one line per item on the
+        `mmgen_deploy.rundir` logger, and yields that list. Nested holders in one process
+        (quickstart running export) share the lock and yield an empty list.
+
+        `create=True` (train, import) makes the folder when it is missing and removes it again
+        if nothing but the lock was put in it; a non-empty folder that is not a run directory
+        is left untouched and unlocked (those commands refuse or replace it themselves).
+        """
+        created = False
+        if create:
+            if self.root.exists() and not self.root.is_dir():
+                yield []
+                return
+            if not self.root.exists():
+                sweep_leftovers(self.root.parent, recurse=False, only_target=self.root.name)  # a set-aside copy?
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                created = True
+            elif not self.exists() and not self.is_empty():
+                yield []
+                return
+        else:
+            self._require_run()
+        holder = {"pid": os.getpid(), "purpose": purpose, "command": _command_line(),
+                  "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            with exclusive_lock(self.lock_path, holder) as outermost:
+                cleaned: list[Leftover] = []
+                if outermost:
+                    cleaned = (sweep_leftovers(self.root.parent, recurse=False, only_target=self.root.name,
+                                               ignore=frozenset({LOCK_NAME}))
+                               + sweep_leftovers(self.root, ignore=frozenset({LOCK_NAME})))
+                    for item in cleaned:
+                        log.warning("%s", item.describe())
+                yield cleaned
+        except LockBusy as busy:
+            raise RunDirBusyError(self._busy_message(purpose, busy.holder),
+                                  self._busy_hint(busy.holder)) from None
+        finally:
+            if created and self.is_empty():
+                with contextlib.suppress(OSError):
+                    self.lock_path.unlink(missing_ok=True)
+                    self.root.rmdir()
+
+    def writing_into(self, target: Path | None, purpose: str) -> contextlib.AbstractContextManager[Any]:
+        """`writing(purpose)` when `target` (None: the run's default place) lies inside the run directory;
+        no lock for a folder elsewhere."""
+        if target is None or Path(target).resolve().is_relative_to(self.root.resolve()):
+            return self.writing(purpose)
+        return contextlib.nullcontext()
+
+    def _busy_message(self, purpose: str, holder: dict[str, Any]) -> str:
+        since = str(holder.get("since", ""))
+        when = f" since {since[11:19]}" if len(since) >= 19 else ""
+        who = f"pid {holder['pid']}" if "pid" in holder else "another process"
+        command = f" `{holder['command']}`" if holder.get("command") else ""
+        return (f"cannot {purpose}: {self.root} is being written by another command ({who}{command}, "
+                f"{holder.get('purpose', 'writing')}{when})")
+
+    @staticmethod
+    def _busy_hint(holder: dict[str, Any]) -> str:
+        stop = f", or stop it (kill {holder['pid']})" if "pid" in holder else ""
+        return f"wait until it finishes{stop}; commands that only read the run can run alongside"
 
     def has_part(self, part: str) -> bool:
         return self.config_path(part).is_file() and self.weights_path(part).is_file()
@@ -116,14 +319,41 @@ class RunDir:
         write_json(self.run_json, meta)
 
     # -- configs ----------------------------------------------------------------------
+    def _config_signature(self) -> tuple[Any, ...]:
+        """What the parsed config depends on: the config files' identity, size and modification time
+        (files are replaced by rename, so a rewrite is a new inode)."""
+        signature: list[Any] = []
+        for path in (self.run_json, *(self.config_path(p) for p in (*MODEL_PARTS, KL_PART, TEXT_PART))):
+            try:
+                stat = path.stat()
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
     def load_config(self) -> ModelConfig:
+        """The validated model config; parsed once per RunDir while its files stay unchanged."""
+        signature = self._config_signature()
+        if self._config_cache is not None and self._config_cache[0] == signature:
+            return self._config_cache[1]
+        config = self._parse_config()
+        self._config_cache = (signature, config)
+        return config
+
+    def _parse_config(self) -> ModelConfig:
         meta = self._require_run()
         try:
-            vq = VQConfig.from_dict(self._read_part_config("vqvae"))
+            # A KL first stage lives in vae/ (never beside a vqvae/: import writes one or the other).
+            stage: VQConfig | KLConfig
+            if self.config_path(FIRST_STAGE_PARTS["kl"]).is_file():
+                stage = KLConfig.from_dict(self._read_part_config(FIRST_STAGE_PARTS["kl"]))
+            else:
+                stage = VQConfig.from_dict(self._read_part_config("vqvae"))
             dit = DiTConfig.from_dict(self._read_part_config("dit"))
             diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
             text = TextConfig.from_dict(self._read_part_config(TEXT_PART)) if dit.uses_text else None
-            cfg = ModelConfig(vq=vq, dit=dit, diffusion=diffusion,
+            cfg = ModelConfig(vq=stage, dit=dit, diffusion=diffusion,
                               class_names=tuple(meta.get("class_names", ())), text=text)
             cfg.validate()
         except ConfigError as exc:
@@ -157,7 +387,7 @@ class RunDir:
             "data": data or {},
         }
         meta.update(extra or {})
-        write_json(self.config_path("vqvae"), config.vq.to_dict())
+        write_json(self.config_path(first_stage_part(config)), config.vq.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())
         if config.text is not None:
             write_json(self.config_path(TEXT_PART), config.text.to_dict())
@@ -202,7 +432,9 @@ class RunDir:
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
-
+        if not isinstance(config.vq, VQConfig):
+            raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
+                              "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
         with skip_weight_init():  # every parameter is loaded next
             model = VQModel(config.vq)
         try:
@@ -211,6 +443,28 @@ class RunDir:
             raise RunDirError(f"{self.weights_path('vqvae')} does not fit its config: "
                               f"{str(exc).splitlines()[-1].strip()}") from None
         return model.eval()
+
+    def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
+        from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+        from mmgen_deploy.models.fast_init import skip_weight_init
+
+        config = config or self.load_config()
+        if not isinstance(config.vq, KLConfig):
+            raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
+        part = FIRST_STAGE_PARTS["kl"]
+        with skip_weight_init():  # every parameter is loaded next
+            model = AutoencoderKL(config.vq)
+        try:
+            self._load_into(part, model)
+        except RuntimeError as exc:
+            raise RunDirError(f"{self.weights_path(part)} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
+        return model.eval()
+
+    def load_first_stage(self, config: ModelConfig | None = None) -> VQModel | AutoencoderKL:
+        """The first stage of either kind (VQ-VAE or KL autoencoder)."""
+        config = config or self.load_config()
+        return self.load_kl(config) if config.first_stage_kind == "kl" else self.load_vqvae(config)
 
     def load_dit(self, config: ModelConfig | None = None) -> DiT:
         from mmgen_deploy.models.dit import DiT
@@ -251,13 +505,24 @@ class RunDir:
         return WordTokenizer.load(self.tokenizer_path)
 
     def model_parts(self, config: ModelConfig | None = None) -> tuple[str, ...]:
-        """The weight-holding parts of this run: vqvae, dit (and text_encoder for text models)."""
+        """The weight-holding parts of this run: vqvae (or vae), dit (and text_encoder for text models)."""
         config = config or self.load_config()
-        return (*MODEL_PARTS, TEXT_PART) if config.uses_text else MODEL_PARTS
+        parts = (first_stage_part(config), "dit")
+        return (*parts, TEXT_PART) if config.uses_text else parts
 
-    def load_models(self) -> tuple[ModelConfig, VQModel, DiT]:
+    def load_models(self) -> tuple[ModelConfig, VQModel | AutoencoderKL, DiT]:
+        """The config, the first stage (of either kind) and the DiT (see `load_deployable` for everything)."""
         config = self.load_config()
-        return config, self.load_vqvae(config), self.load_dit(config)
+        return config, self.load_first_stage(config), self.load_dit(config)
+
+    def load_deployable(self) -> DeployableModels:
+        """Load (and so verify) every part a deployment derives from: config, first stage (VQ-VAE
+        or KL autoencoder), DiT and, for a text-to-image model, the text encoder and its tokenizer."""
+        config = self.load_config()
+        text = config.uses_text
+        return DeployableModels(config, self.load_first_stage(config), self.load_dit(config),
+                                self.load_text_encoder(config) if text else None,
+                                self.load_tokenizer() if text else None)
 
     def weights_sha256(self) -> str:
         """One hash over the weight files (and tokenizer): identifies the checkpoint artifacts derive from."""
@@ -276,7 +541,7 @@ class RunDir:
         return digest.hexdigest()
 
 
-def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit: DiT,
+def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT,
              data: dict[str, Any] | None = None, *, text_encoder: TextEncoder | None = None,
              tokenizer: WordTokenizer | None = None) -> RunDir:
     """Create (or refresh) a complete run directory from in-memory models."""
@@ -284,9 +549,12 @@ def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit
         raise ValueError("a text-conditioned model needs its text encoder and tokenizer")
     run = RunDir(root)
     run.initialize(config, data=data)
-    run.save_weights("vqvae", vq)
+    run.save_weights(first_stage_part(config), vq)
     run.save_weights("dit", dit)
     if text_encoder is not None and tokenizer is not None:
         run.save_weights(TEXT_PART, text_encoder)
         run.save_tokenizer(tokenizer)
     return run
+
+
+RunLike = str | os.PathLike[str] | RunDir  # what functions taking a run accept (see RunDir.of)

@@ -60,11 +60,14 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+    from mmgen_deploy.config import KLConfig
+    from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
     from mmgen_deploy.specs import component_specs
 
     with torch.device("meta"):
-        vq, dit = VQModel(config.vq), DiT(config.dit)
+        first = config.vq
+        vq: VQModel | AutoencoderKL = AutoencoderKL(first) if isinstance(first, KLConfig) else VQModel(first)
+        dit = DiT(config.dit)
         text = TextEncoder(config.text) if config.uses_text and config.text is not None else None
     # Buffers made from NumPy tables (position embeddings) are created on the CPU: move them too.
     vq, dit = vq.to("meta").eval(), dit.to("meta").eval()

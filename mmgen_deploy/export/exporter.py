@@ -23,6 +23,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.export.calibration import (
     CALIBRATION_SAMPLES,
+    CalibrationData,
     CalibrationSource,
     component_inputs,
     dataset_calibration,
@@ -43,6 +44,7 @@ from mmgen_deploy.export.onnx_export import (
     export_fp32,
     file_opset,
 )
+from mmgen_deploy.export.quantize_export import QuantSettings, export_quantized, quant_plan, quantization_data
 from mmgen_deploy.export.validate import (
     random_input_sets,
     real_input_sets,
@@ -52,9 +54,17 @@ from mmgen_deploy.export.validate import (
     with_references,
 )
 from mmgen_deploy.io_utils import atomic_dir, write_json
-from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS, ComponentSpec, component_names, component_specs
+from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
+from mmgen_deploy.rundir import RunDir, RunLike, writes_run
+from mmgen_deploy.specs import (
+    COMPONENTS,
+    DEFAULT_EXPORT_PRECISIONS,
+    PRECISIONS,
+    QUANTIZED_PRECISIONS,
+    ComponentSpec,
+    component_names,
+    component_specs,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -97,7 +107,8 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     chosen = list(dict.fromkeys(components)) if components is not None else list(available)
     bad = [c for c in chosen if c not in available]
     if bad or not chosen:
-        why = " (a class-conditioned model has no text encoder)" if "text_encoder" in bad else ""
+        why = (" (a class-conditioned model has no text encoder)" if "text_encoder" in bad
+               else " (this model's first stage has no quantizer)" if "quantizer" in bad else "")
         raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}{why}",
                          f"choose from {', '.join(available)}")
     # Always in pipeline order, whatever order the user typed.
@@ -110,16 +121,17 @@ class _Models:
     its last graph is exported and its reference outputs are computed (one live copy of the weights
     per stage; a DiT-XL/2 is 2.7 GB)."""
 
-    vq: VQModel | None
+    vq: VQModel | AutoencoderKL | None
     dit: DiT | None
     text_encoder: TextEncoder | None = None
 
 
-def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
-                  precisions: Sequence[str] = PRECISIONS, components: Sequence[str] | None = None,
+def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out_dir: str | os.PathLike[str], *,
+                  precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
                   text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
+                  quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
                   external_data: bool | None = None, calibration_images: int | None = None,
                   ) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
@@ -130,6 +142,10 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
     2 GB need), None decides by size. `calibration_images`: at most this many calibration
     samples (default CALIBRATION_SAMPLES; expensive components use fewer, see budget.py).
 
+    INT8 / FP8 sets (`precisions` with "int8" / "fp8") are calibrated on `quant_data` (default: the
+    `calibration` images) along the sampling trajectory, as `quantization` says (see
+    `mmgen_deploy.export.quantize`).
+
     Returns the manifest's `files`, `calibration` and `stages` parts. Raises
     `ExportValidationError` when any graph misses its tolerance (files already written
     to `out_dir` stay there: callers export into a temporary folder).
@@ -137,7 +153,7 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
     return _export_models(config, _Models(vq, dit, text_encoder), Path(out_dir), precisions=precisions,
                           components=components, opset=opset, calibration=calibration, progress=progress,
                           why_no_calibration=why_no_calibration, tokenizer=tokenizer, external_data=external_data,
-                          calibration_images=calibration_images)
+                          calibration_images=calibration_images, quantization=quantization, quant_data=quant_data)
 
 
 def _memory_hint(name: str) -> str:
@@ -148,7 +164,9 @@ def _memory_hint(name: str) -> str:
 def _export_models(config: ModelConfig, models: _Models, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
                    progress: ProgressCallback | None, why_no_calibration: str, tokenizer: WordTokenizer | None,
-                   external_data: bool | None = None, calibration_images: int | None = None) -> dict[str, Any]:
+                   external_data: bool | None = None, calibration_images: int | None = None,
+                   quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
+                   ) -> dict[str, Any]:
     import gc
 
     from mmgen_deploy.export import budget
@@ -162,8 +180,9 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     assert models.vq is not None and models.dit is not None
     modules = build_components(models.vq.eval(), models.dit.eval(),
                                None if models.text_encoder is None else models.text_encoder.eval())
-    limit = calibration_images or CALIBRATION_SAMPLES
-    steps_per = 2 + (2 if "fp16" in chosen_precisions else 0)
+    limit = min(CALIBRATION_SAMPLES, calibration_images or CALIBRATION_SAMPLES)
+    quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
+    steps_per = 3 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)
     total, done = steps_per * len(chosen) + 1, 0
     stages: list[dict[str, Any]] = []
     stage_start = time.perf_counter()
@@ -192,6 +211,7 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
         real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
                                                     tokenizer=tokenizer, samples=limit)
     real_kind = "real" if data is not None else "dummy"
+    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration)
     del data
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
     # FP32 graphs are the FP16 converter's input, so they are made even for an fp16-only export.
@@ -214,8 +234,9 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             export_seconds = time.perf_counter() - started
             step(f"{name}: PyTorch reference outputs")
             input_sets = with_references(module, spec, input_sets)
-        del module
-        _release(models, modules, specs, chosen[chosen.index(name) + 1:])
+        if not quantized:  # 8-bit calibration still needs the torch module; else free it now
+            del module
+            _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         step(f"{name}: validating FP32 in ONNX Runtime")
         budget.check_memory(f"validating the {name} in ONNX Runtime",
                             budget.BASE_BYTES + int(budget.SESSION_WEIGHT_FACTOR * cost.weight_bytes),
@@ -256,14 +277,22 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
                 "keep_fp32": spec.keep_fp32, "converter": converter, "convert_seconds": round(convert_seconds, 3),
                 "fp16_nodes": fp16_nodes, "kept_fp32_nodes": kept, "validation": summarize(checks16),
             }
+        for precision in quantized:
+            assert quant is not None
+            files[precision][name] = export_quantized(quant, precision, spec, modules[name], fp32_file, out,
+                                                      input_sets, real_inputs[name], step, fp32_checks=checks)
+        if quantized:
+            _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         del input_sets
         gc.collect()
     if scratch.name == ".fp32-work":
         shutil.rmtree(scratch, ignore_errors=True)
     step("done")
     stages.pop()
-    return {"files": files, "stages": stages,
-            "calibration": {"source": real_source, "used_for": "FP16 ranges and real-data validation"}}
+    calibration_record: dict[str, Any] = {"source": real_source, "used_for": "FP16 ranges and real-data validation"}
+    if quant is not None:
+        calibration_record["quantization"] = quant.record()
+    return {"files": files, "stages": stages, "calibration": calibration_record}
 
 
 def _release(models: _Models, modules: dict[str, Any], specs: dict[str, ComponentSpec],
@@ -344,10 +373,12 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
-def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence[str] = PRECISIONS,
+@writes_run("export")
+def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None,
-               external_data: bool | None = None, calibration_images: int | None = None) -> dict[str, Any]:
+               quantization: QuantSettings | None = None, external_data: bool | None = None,
+               calibration_images: int | None = None) -> dict[str, Any]:
     """Export a run's components to `RUN_DIR/onnx/` atomically; returns the manifest.
 
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
@@ -355,7 +386,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     `calibration_images`: see `export_models`. The run's torch models are dropped as soon as
     the export no longer needs them (their memory goes to ONNX Runtime and the FP16 converter).
     """
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run = RunDir.of(run_dir)
     check_opset(opset)
     if calibration_images is not None and calibration_images < 1:
         raise UsageError(f"--calibration-images {calibration_images}: need at least 1")
@@ -364,12 +395,16 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
     _check_memory_for_models(config, chosen)
     if progress is not None:
         progress("loading the PyTorch models", 0, 0)
-    _, vq, dit = run.load_models()
-    models = _Models(vq, dit, run.load_text_encoder(config) if config.uses_text else None)
-    del vq, dit
-    tokenizer = run.load_tokenizer() if config.uses_text else None
+    parts = run.load_deployable()
+    models = _Models(parts.vq, parts.dit, parts.text_encoder)
+    tokenizer = parts.tokenizer
+    del parts  # the models live in `models` only, so the exporter can free them
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
+    quant_data = None
+    if any(p in QUANTIZED_PRECISIONS for p in chosen_precisions):
+        # More images than the FP16 range check needs: every class, a pool of latents to noise.
+        quant_data = quantization_data(calibration, run.read_meta(), config, quantization or QuantSettings())
     if calibration is None:
         # Real data by default: the first validation images of the dataset the run was trained on.
         calibration, why_no_calibration = dataset_calibration(run.read_meta())
@@ -390,7 +425,8 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
         result = _export_models(config, models, tmp, precisions=chosen_precisions, components=chosen,
                                 opset=opset, calibration=calibration, progress=progress,
                                 why_no_calibration=why_no_calibration, tokenizer=tokenizer,
-                                external_data=external_data, calibration_images=calibration_images)
+                                external_data=external_data, calibration_images=calibration_images,
+                                quantization=quantization, quant_data=quant_data)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {
@@ -403,6 +439,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
             "default_opset": opset,
             "dtypes": "timesteps float32, class ids int32, code indices int32, token ids int32 "
                       "(TensorRT has no useful int64)",
+            "first_stage": config.first_stage_kind,  # vq or kl: which components there are
             "components": list(component_names(config)),
             "files": {p: {c: files[p][c] for c in COMPONENTS if c in files[p]}
                       for p in PRECISIONS if files[p]},

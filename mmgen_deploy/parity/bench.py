@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.specs import COMPONENTS, component_specs
 
 
 @dataclass
@@ -109,7 +110,7 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
                   prompts: Sequence[str] | None = None) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
     the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     result = BackendResult(backend=runner.backend, precision=runner.precision)
     specs = component_specs(config)
@@ -126,19 +127,14 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             result.components[name][batch] = lat
             if name == "denoiser":
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
+    if config.uses_text and (tokenizer is None or not prompts):
+        raise ValueError("benchmarking a text model needs its tokenizer and prompts")
     for batch in batches:
-        if config.uses_text:
-            if tokenizer is None or not prompts:
-                raise ValueError("benchmarking a text model needs its tokenizer and prompts")
-            chosen = [prompts[i % len(prompts)] for i in range(batch)]
-            sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=2,
-                   cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=steps,
-                         cfg_scale=cfg_scale, seed=0, batch_size=batch)
-        else:
-            class_ids = [i % config.dit.num_classes for i in range(batch)]
-            sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        chosen = [prompts[i % len(prompts)] for i in range(batch)] if config.uses_text and prompts else []
+        class_ids = [] if config.uses_text else [i % config.dit.num_classes for i in range(batch)]
+        for run_steps in (2, steps):  # a warm-up, then the measured run
+            condition = make_conditioning(runner, config, class_ids=class_ids, prompts=chosen, tokenizer=tokenizer)
+            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
     result.peak_host_mib = peak_rss_mib()
@@ -173,6 +169,8 @@ class BenchResult:
         """One row per (backend, precision, batch): the side-by-side view."""
         rows = []
         base: dict[int, float] = {}
+        # The denoiser's speed-up over the same backend's first precision (fp32 when measured).
+        first_denoiser: dict[tuple[str, int], float] = {}
         for res in self.backends:
             for batch in self.batches:
                 if res.error:
@@ -182,29 +180,33 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
-                text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
+                den = res.components["denoiser"][batch].median_ms
+                ref = first_denoiser.setdefault((res.backend, batch), den)
+                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" else lat.get(c, "-")
+                         for c in self.component_columns]
                 rows.append([
-                    res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    lat["denoiser"], *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    res.backend, res.precision, str(batch), *cells, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms", "denoiser ms",
-              "images/s (vs first)", "denoiser GFLOP/s", "loop overhead", "peak host MiB")
+    HEADER = ("backend", "precision", "batch", "images/s (vs first)", "denoiser GFLOP/s", "loop overhead",
+              "peak host MiB")
 
     @property
-    def has_text_encoder(self) -> bool:
-        return any("text_encoder" in res.components for res in self.backends)
+    def component_columns(self) -> tuple[str, ...]:
+        """The measured components in pipeline order (they follow the run's first stage: a KL
+        autoencoder has no quantizer; a text model adds its text encoder)."""
+        measured = {name for res in self.backends for name in res.components}
+        return tuple(c for c in COMPONENTS if c in measured)
 
     @property
     def header(self) -> tuple[str, ...]:
-        """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
-        if not self.has_text_encoder:
-            return self.HEADER
-        at = self.HEADER.index("denoiser ms") + 1
-        return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
+        """HEADER with one latency column per measured component after the batch (the denoiser's
+        cells also show its speed-up over the same backend's first precision, in parentheses)."""
+        columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
+        return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
     def table(self) -> Any:
         from rich.table import Table
@@ -219,20 +221,36 @@ class BenchResult:
 
     def markdown(self) -> str:
         lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
-                 f"cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
+                 f"cfg {self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the "
+                 "same backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
         return "\n".join(lines) + "\n"
 
 
-def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
+def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
+    """`precisions`, or with ["auto"] every precision this backend has a set for: the exported ONNX
+    sets (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set)."""
+    from mmgen_deploy.specs import PRECISIONS
+
+    if list(precisions) != ["auto"]:
+        return list(precisions)
+    if backend == "tensorrt":
+        names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
+            if run.engines_dir.is_dir() else []
+        found = [p for p in PRECISIONS if p != "fp32"
+                 and any(n.endswith(f"-{p}") if p != "fp16" else not n.endswith(("-int8", "-fp8")) for n in names)]
+        return found or ["fp16"]
+    return [p for p in PRECISIONS if (run.onnx_dir / p).is_dir()] or ["fp32"]
+
+
+def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.load_config()
     tokenizer, prompts = None, None
     if config.uses_text:
@@ -243,10 +261,10 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
     say("measuring this machine's matrix-multiply peak")
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
     for backend in backends:
-        for precision in (["fp32"] if backend == "torch" else precisions):
+        for precision in (["fp32"] if backend == "torch" else available_precisions(run, backend, precisions)):
             say(f"benchmarking {backend} {precision}")
             try:
-                runner, _choice = open_runner(run.root, backend, precision)
+                runner, _choice = open_runner(run, backend, precision)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue
