@@ -133,7 +133,8 @@ def _set_inline(tensor: onnx.TensorProto, raw: bytes) -> None:
 
 
 def load_small_external(model: onnx.ModelProto, base_dir: Path, max_elements: int) -> int:
-    """Bring initializers of at most `max_elements` elements inline (shape vectors, scalars) so
+    """Bring initializers of at most `max_elements` elements (shape vectors, scalars) and every
+    tensor held in a node attribute (torch stores `Constant` values externally too) inline, so
     graph-only work such as shape folding can read them; the weights stay external."""
     moved = 0
     for tensor in model.graph.initializer:
@@ -141,6 +142,11 @@ def load_small_external(model: onnx.ModelProto, base_dir: Path, max_elements: in
                 and int(np.prod(tensor.dims, dtype=np.int64)) <= max_elements):
             _set_inline(tensor, _read_external(tensor, base_dir))
             moved += 1
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                _set_inline(attr.t, _read_external(attr.t, base_dir))
+                moved += 1
     return moved
 
 
@@ -226,22 +232,27 @@ def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: in
             torch.onnx.export(module.eval(), args, str(raw), input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=dynamic_axes,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw), load_external_data=False)
-        load_small_external(model, Path(scratch), _MAX_FOLD_ELEMENTS)
-        for value, tensor in zip(model.graph.input, spec.inputs, strict=True):
-            _set_shape(value, tensor)
-        for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
-            _set_shape(value, tensor)
-        constants_to_initializers(model)
-        model, _ = fold_static_shapes(model)
-        # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
-        del model.graph.value_info[:]
-        model.producer_name = "mmgen-deploy"
-        model.doc_string = f"mmgen-deploy {spec.name}, FP32, exported with {EXPORTER_NAME}"
-        external = save_model(model, path, base_dir=Path(scratch), external_data=external_data)
-    del model
+        external = finish_export(raw, spec, path, external_data=external_data)
     check_model(path)
     return external
+
+
+def finish_export(raw: Path, spec: ComponentSpec, path: Path, *, external_data: bool | None = None) -> bool:
+    """torch's output graph at `raw` (weights inline, or, over 2 GB, one file per tensor beside it)
+    -> the checked, folded graph at `path`; graph-only throughout, the weights streamed."""
+    model = onnx.load(str(raw), load_external_data=False)
+    constants_to_initializers(model)
+    load_small_external(model, raw.parent, _MAX_FOLD_ELEMENTS)
+    for value, tensor in zip(model.graph.input, spec.inputs, strict=True):
+        _set_shape(value, tensor)
+    for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
+        _set_shape(value, tensor)
+    model, _ = fold_static_shapes(model)
+    # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
+    del model.graph.value_info[:]
+    model.producer_name = "mmgen-deploy"
+    model.doc_string = f"mmgen-deploy {spec.name}, FP32, exported with {EXPORTER_NAME}"
+    return save_model(model, path, base_dir=raw.parent, external_data=external_data)
 
 
 def file_size(path: Path) -> int:
