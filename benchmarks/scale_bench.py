@@ -52,23 +52,16 @@ import json, sys, time
 import numpy as np
 import onnxruntime as ort
 from mmgen_deploy.export import onnx_path
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.specs import component_specs
 run, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = component_specs(RunDir(run).load_config())["denoiser"]
+feeds = spec.make_inputs(batch, np.random.default_rng(0))  # the spec's own inputs (names, dtypes, ranges)
 result = {}
-rng = np.random.default_rng(0)
 for precision in ("fp32", "fp16"):
-    path = onnx_path(run, precision, "denoiser")
     started = time.perf_counter()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path(run, precision, "denoiser")), providers=["CPUExecutionProvider"])
     load = time.perf_counter() - started
-    feeds = {}
-    for tensor in session.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in tensor.shape]
-        if tensor.name == "t":
-            feeds[tensor.name] = rng.uniform(0, 999, shape).astype(np.float32)
-        elif "int" in tensor.type:
-            feeds[tensor.name] = rng.integers(0, 1000, shape).astype(np.int32)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
     session.run(None, feeds)  # warm-up
     times = []
     for _ in range(repeats):
