@@ -23,29 +23,59 @@ BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
 
 # -- the lists every other module derives from -------------------------------------------
-# The deployable components in pipeline order: the VQ-VAE's encoder -> quantizer -> decoder,
+# Every deployable component in pipeline order: the first stage's encoder -> quantizer -> decoder,
 # the denoiser that works in its latent space, then the text encoder (text-to-image models only).
+# A model has the subset its configuration says (`component_names`).
 COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
 TEXT_ONLY_COMPONENTS: tuple[str, ...] = ("text_encoder",)
-# What the sampling loop runs (a text model adds its text encoder, see `sampling_components`).
-SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", "quantizer", "decoder")
+# The first stage's components per kind (`ModelConfig.first_stage_kind`), in pipeline order:
+# image -> encoder -> (quantizer) -> the latent the DiT denoises; the ones after the encoder turn
+# a denoised latent back into an image (`decode_components`), each taking its predecessor's
+# outputs by name. The one place that knows a KL autoencoder has no quantizer.
+FIRST_STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "vq": ("encoder", "quantizer", "decoder"),
+    "kl": ("encoder", "decoder"),
+}
+# What the sampling loop runs for a VQ class model (see `sampling_components` for any model).
+SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", *FIRST_STAGE_COMPONENTS["vq"][1:])
 # The precisions of the exported ONNX sets, in the order they are made (fp16 is cast from fp32).
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+# The 8-bit ones are explicit Q/DQ graphs (ModelOpt post-training quantization,
+# `mmgen_deploy.export.quantize`); `mmgen export` makes them only when asked (`--precision int8,fp8`
+# or `all`).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
+DEFAULT_EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+QUANTIZED_PRECISIONS: tuple[str, ...] = ("int8", "fp8")
 # Classifier-free guidance runs [cond; uncond] in one denoiser call: the denoiser's batch is doubled.
 GUIDANCE_BATCH_MULTIPLIER = 2
 
 
 def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The deployable components of a model, in pipeline order: four, or five with a text encoder."""
-    return tuple(c for c in COMPONENTS if config.uses_text or c not in TEXT_ONLY_COMPONENTS)
+    """The deployable components of a model, in pipeline order: its first stage's (VQ: encoder,
+    quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model."""
+    have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ())}
+    return tuple(c for c in COMPONENTS if c in have)
+
+
+def decode_components(config: ModelConfig) -> tuple[str, ...]:
+    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
+    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
+    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
+
+
+def latent_name(config: ModelConfig) -> str:
+    """The tensor name of the latent between encoder and denoiser (VQ: h, KL: latent)."""
+    return Tensors.LATENT if config.first_stage_kind == "kl" else Tensors.H
 
 
 def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
-    """What `sample` runs for a model with this config: the text encoder too for a text-to-image
-    model (an ONNX set without it cannot encode prompts). None (an unreadable run): the class set."""
-    if config is not None and config.uses_text:
-        return (*SAMPLING_COMPONENTS, *TEXT_ONLY_COMPONENTS)
-    return SAMPLING_COMPONENTS
+    """What `sample` runs for a model with this config: the denoiser, its first stage's decode
+    chain, and the text encoder of a text-to-image model (an ONNX set without it cannot encode
+    prompts). None (an unreadable run): the VQ class set."""
+    if config is None:
+        return SAMPLING_COMPONENTS
+    names = ("denoiser", *decode_components(config))
+    return (*names, *TEXT_ONLY_COMPONENTS) if config.uses_text else names
 
 
 class Tensors:
@@ -55,6 +85,7 @@ class Tensors:
     H = "h"  # encoder output, quantizer input: the pre-quantization latent
     Z_Q = "z_q"  # quantizer output, decoder input
     INDICES = "indices"  # quantizer output: code indices
+    LATENT = "latent"  # KL encoder output, KL decoder input: the scaled latent (no quantizer)
     X_T = "x_t"  # denoiser inputs: noisy latent, timestep, class label
     T = "t"
     CLASS_IDS = "class_ids"
@@ -94,6 +125,13 @@ class Tolerance:
 
     rel_l2: float = 1e-5
     min_agreement: float = 1.0
+    # The limit on random inputs when it differs (8-bit graphs: their activation ranges are
+    # calibrated on real data, and random inputs such as uniform-noise images leave them).
+    random_rel_l2: float | None = None
+
+    def limit(self, kind: str) -> float:
+        """The relative-L2 limit for inputs of this kind ("random", "real", "dummy")."""
+        return self.random_rel_l2 if kind == "random" and self.random_rel_l2 is not None else self.rel_l2
 
 
 @dataclass(frozen=True)
@@ -134,6 +172,21 @@ class ComponentSpec:
     # are the text encoder's outputs): random inputs for it are that component's outputs on its
     # own random inputs (see `random_feeds`).
     upstream: str | None = None
+    # Quantized sets (int8 / fp8): module scopes and op types that get no Q/DQ (they run in the
+    # high precision, FP16 with the FP32 scopes above), and the precision this component ships at
+    # instead when quantizing it does not pay or is not safe (None: it is quantized). The quantizer
+    # (`keep_fp32`) is never quantized: its distances decide code indices.
+    quant_exclude_scopes: tuple[str, ...] = ()
+    quant_exclude_op_types: tuple[str, ...] = ()
+    quant_fallback: dict[str, str] = field(default_factory=dict)
+
+    def shipped_precision(self, precision: str) -> str:
+        """The precision of this component's graph in the `precision` set: the FP16 and 8-bit sets
+        hold the FP32 quantizer, and an 8-bit set holds the fallback precision of components the
+        spec keeps out of quantization."""
+        if self.keep_fp32:
+            return "fp32"
+        return self.quant_fallback.get(precision, precision) if precision in QUANTIZED_PRECISIONS else precision
 
     @property
     def engine_profile(self) -> BatchProfile:
@@ -164,9 +217,20 @@ class ComponentSpec:
 GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 
 
-def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str, Tolerance]]:
-    return {"fp32": {n: Tolerance(rel_l2=fp32) for n in names},
-            "fp16": {n: Tolerance(rel_l2=fp16) for n in names}}
+# The relative-L2 tolerance of every float output against PyTorch FP32, per precision. The 8-bit
+# ones are set from measurement on the trained quickstart models (README, "INT8 and FP8"), with
+# headroom; random inputs lie outside an 8-bit graph's calibrated activation ranges and get
+# RANDOM_REL_L2_8BIT instead.
+DEFAULT_REL_L2: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2, "fp8": 8e-2}
+RANDOM_REL_L2_8BIT = 0.25
+
+
+def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Tolerance]]:
+    """Tolerances of `names` per precision: DEFAULT_REL_L2 unless `limits` says otherwise (int8=0.03)."""
+    def one(p: str) -> Tolerance:
+        return Tolerance(rel_l2=limits.get(p, DEFAULT_REL_L2[p]),
+                         random_rel_l2=RANDOM_REL_L2_8BIT if p in QUANTIZED_PRECISIONS else None)
+    return {p: {n: one(p) for n in names} for p in PRECISIONS}
 
 
 # End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
@@ -175,6 +239,11 @@ def _tol(fp32: float, fp16: float, names: tuple[str, ...]) -> dict[str, dict[str
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
     "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+    # 8-bit sets: set from measurement on the trained quickstart models (README, "INT8 and FP8"). A
+    # quantized denoiser's per-step error compounds over the loop; these bound how far one image
+    # may drift while the generated content stays the same (the accuracy check is `mmgen eval`).
+    "int8": {"latent_rel_l2": 0.25, "min_index_agreement": 0.70, "min_psnr": 20.0, "min_ssim": 0.80},
+    "fp8": {"latent_rel_l2": 0.30, "min_index_agreement": 0.65, "min_psnr": 18.0, "min_ssim": 0.75},
 }
 
 
@@ -220,9 +289,75 @@ def random_feeds(spec: ComponentSpec, specs: dict[str, ComponentSpec], batch: in
             for name, value in feeds.items()}
 
 
+Shape = tuple[Dim, ...]
+
+
+def _vq_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """VQ first stage: encoder (image -> h), quantizer (h -> z_q, indices), decoder (z_q -> image)."""
+    N = Tensors
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.H, "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol((N.H,)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "quantizer": ComponentSpec(
+            name="quantizer",
+            inputs=(TensorSpec(N.H, "float32", lat),),
+            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
+            make_inputs=latent_inputs(N.H),
+            # z_q holds codebook vectors: exact whenever the indices agree, at every precision.
+            tolerances={p: {N.Z_Q: Tolerance(rel_l2=DEFAULT_REL_L2["fp32"]), N.INDICES: Tolerance(min_agreement=1.0)}
+                        for p in PRECISIONS},
+            keep_fp32=True,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.Z_Q),
+            tolerances=_tol((N.IMAGE,)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
+def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """KL first stage: encoder (image -> scaled latent mean), decoder (scaled latent -> image).
+
+    FP16: the GroupNorms stay FP32 as in the VQ model; beyond that, AutoCast keeps FP32 every node
+    whose calibration values exceed data_max. Stable Diffusion's VAE decoder is the textbook case
+    (activations beyond FP16's 65504 in its mid/up blocks: NaN/black images in plain FP16); the
+    export manifest lists every kept node with the reason (`converter.fp32_reasons`)."""
+    N = Tensors
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.LATENT, "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol((N.LATENT,)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec(N.LATENT, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.LATENT),
+            tolerances=_tol((N.IMAGE,)),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
-    """The specs of the components of a model with this configuration (four, or five
-    with the text encoder of a text-to-image model)."""
+    """The specs of the components of a model with this configuration, in pipeline order
+    (`component_names`: they follow its first stage, and a text model adds its text encoder)."""
     vq, dit = config.vq, config.dit
     N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
@@ -266,40 +401,23 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
 
+    first_stage = {"vq": _vq_specs, "kl": _kl_specs}[config.first_stage_kind]
     specs = {
-        "encoder": ComponentSpec(
-            name="encoder",
-            inputs=(TensorSpec(N.IMAGE, "float32", img),),
-            outputs=(TensorSpec(N.H, "float32", lat),),
-            make_inputs=image_inputs,
-            tolerances=_tol(1e-5, 1e-2, (N.H,)),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
-        "quantizer": ComponentSpec(
-            name="quantizer",
-            inputs=(TensorSpec(N.H, "float32", lat),),
-            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
-            make_inputs=latent_inputs(N.H),
-            tolerances={p: {N.Z_Q: Tolerance(rel_l2=1e-5), N.INDICES: Tolerance(min_agreement=1.0)}
-                        for p in PRECISIONS},
-            keep_fp32=True,
-        ),
-        "decoder": ComponentSpec(
-            name="decoder",
-            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
-            outputs=(TensorSpec(N.IMAGE, "float32", img),),
-            make_inputs=latent_inputs(N.Z_Q),
-            tolerances=_tol(1e-5, 1e-2, (N.IMAGE,)),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
+        **first_stage(img, lat, idx, image_inputs, latent_inputs),
         "denoiser": ComponentSpec(
             name="denoiser",
             inputs=(TensorSpec(N.X_T, "float32", lat), TensorSpec(N.T, "float32", (BATCH,)), *conditions),
             outputs=(TensorSpec(N.MODEL_OUTPUT, "float32", out),),
             make_inputs=denoiser_inputs,
             batch_multiplier=GUIDANCE_BATCH_MULTIPLIER,
-            tolerances=_tol(1e-5, 1e-2, (N.MODEL_OUTPUT,)),
+            tolerances=_tol((N.MODEL_OUTPUT,)),
             fp32_scopes=("dit.t_embedder",),
+            # No Q/DQ on the final layer (its adaLN and the projection to epsilon: an error there lands
+            # in the output unattenuated) nor on the blocks' adaLN modulation (it scales every
+            # activation of its block; small GEMMs at batch x width, so keeping them costs little).
+            # Measured on a trained tiny DiT (benchmarks/quant_sensitivity.py, README "INT8 and FP8"):
+            # real-input rel. L2 INT8 3.75e-2 -> 3.16e-2, FP8 2.98e-2 -> 1.71e-2.
+            quant_exclude_scopes=("dit.final_layer", r"^/dit/blocks\.\d+/adaLN_modulation/"),
             upstream="text_encoder" if dit.uses_text else None,
         ),
     }
@@ -325,7 +443,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             make_inputs=text_inputs,
             # Prompts are encoded once each, plus the empty prompt: small batches.
             profile=BatchProfile(1, 4, 16),
-            tolerances=_tol(1e-5, 1e-2, (N.TEXT_EMBEDDINGS, N.TEXT_MASK, N.TEXT_POOLED)),
+            tolerances=_tol((N.TEXT_EMBEDDINGS, N.TEXT_MASK, N.TEXT_POOLED)),
             # FP16: the matmuls go FP16; the LayerNorms (mean/variance statistics) and the attention
             # softmax stay FP32. The softmax's logits carry the -1e4 padding bias: finite in FP16, but
             # beyond AutoCast's data_max, so whether AutoCast keeps it FP32 would depend on the

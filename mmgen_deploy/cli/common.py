@@ -1,4 +1,4 @@
-"""Shared CLI plumbing: consoles, the --debug state, JSON output, stub commands."""
+"""Shared CLI plumbing: consoles, the --debug state, JSON output."""
 
 from __future__ import annotations
 
@@ -7,10 +7,7 @@ import logging
 import sys
 from typing import Any
 
-import typer
 from rich.console import Console
-
-from mmgen_deploy.errors import NotAvailableError
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
@@ -54,16 +51,3 @@ def emit_json(data: Any, destination: str | None) -> None:
 
         with atomic_path(destination) as tmp:
             tmp.write_text(text + "\n")
-
-
-def add_stub(app: typer.Typer, name: str, summary: str, issue: int) -> None:
-    """Register a command that exists in the CLI but is not implemented yet.
-
-    It fails loudly (exit 1, one line) instead of silently doing nothing.
-    """
-
-    @app.command(name, help=f"{summary} [not yet available]",
-                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _stub(ctx: typer.Context) -> None:
-        raise NotAvailableError(f"`mmgen {name}` is not yet available in this version",
-                                f"planned in issue {issue}")

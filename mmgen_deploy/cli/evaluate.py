@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.cli.train import _JSON_HELP, _positive
+
+if TYPE_CHECKING:
+    from mmgen_deploy.evaluation.evaluate import EvalSettings
+    from mmgen_deploy.rundir import RunDir
 
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
@@ -22,17 +26,22 @@ def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gene
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts)
 
 
-def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
+def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
     from mmgen_deploy.evaluation.evaluate import evaluate_run
     from mmgen_deploy.io_utils import write_json
 
     with console.status("evaluating"):
         report = evaluate_run(run, settings)
     write_json(run.reports_dir / "eval.json", report)
-    vq = report["vqvae"]
-    console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
-                  f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
-                  f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
+    if "vqvae" in report:
+        vq = report["vqvae"]
+        console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
+                      f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
+                      f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
+    else:
+        kl = report["vae"]
+        console.print(f"KL autoencoder on {kl['num_images']} validation images: PSNR [bold]{kl['psnr_db']:.2f} dB[/] "
+                      f"(min {kl['psnr_db_min']:.1f})")
     gen = report.get("generation")
     if gen and "position_accuracy" in gen:
         console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunLike
+    from mmgen_deploy.sampling.generate import GenerateRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +47,8 @@ def generate(
                                 help="auto, torch, onnxruntime or tensorrt. auto picks the fastest available: "
                                      "TensorRT engines, then ONNX Runtime CUDA, then ONNX Runtime CPU."),
     precision: str | None = typer.Option(None, "--precision",
-                                         help="fp32 or fp16: which exported ONNX set to run (default: fp16 on "
-                                              "GPUs, fp32 on CPUs)."),
+                                         help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) "
+                                              "to run (default: fp16 on GPUs, fp32 on CPUs)."),
     device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what the backend prefers)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / torch."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
@@ -52,7 +57,7 @@ def generate(
     json_out: str | None = typer.Option(None, "--json",
                                         help="Write settings, files and timings as JSON ('-' = stdout)."),
 ) -> None:
-    """Sample images: noise -> denoising loop -> quantizer -> decoder -> PNGs.
+    """Sample images: noise -> denoising loop -> (quantizer ->) decoder -> PNGs (a KL first stage has no quantizer).
 
     Class models take --class; text-to-image models take --prompt / --prompts-file (the text
     encoder runs once per distinct prompt, not per step; words it never saw in training are
@@ -68,7 +73,7 @@ def generate(
                               precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out)
     request.check(CLI_NAMES)  # bad numbers are refused before any file or model is touched
     if prompts_file is not None:
-        request.prompts = [*request.prompts, *_read_prompts_file(prompts_file)]
+        request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
     sidecar = run_generate(run_dir, request)
     emit_json(sidecar, json_out)
 
@@ -78,13 +83,13 @@ CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale"
              "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads"}
 
 
-def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
+def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
     """Generate with a progress bar and the backend, warning and timing lines; return the sidecar.
     What `mmgen generate` and the quickstart's generate stage print."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.sampling.generate import generate_images
+    from mmgen_deploy.sampling.generate import generate_to_folder
 
     run = RunDir.of(run_dir)
     count = [0]
@@ -96,7 +101,8 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
 
     def warn(condition: Any) -> None:
         count[0] = len(condition)
-        _warn_about_prompts(run, condition)
+        if condition.prompts:
+            warn_about_prompts(condition.unknown_words, condition.truncated_prompts, run.load_config())
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
@@ -106,7 +112,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
         def advance(done: int, total: int) -> None:
             bar.update(task, description=f"sampling {count[0]} images", completed=done, total=total)
 
-        generated = generate_images(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
+        generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()
@@ -118,7 +124,7 @@ def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
     return generated.sidecar
 
 
-def _read_prompts_file(path: Path) -> list[str]:
+def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
     from mmgen_deploy.errors import UsageError
 
@@ -134,14 +140,15 @@ def _read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
-def _warn_about_prompts(run: Any, condition: Any) -> None:
+def warn_about_prompts(unknown_words: Sequence[str], truncated_prompts: Sequence[str], config: Any) -> None:
     """One line each for words the model never saw and for prompts cut to the tokenizer's length
-    (what the conditioning recorded while encoding the prompts: they are not encoded twice)."""
-    if condition.unknown_words:
+    (what the conditioning recorded while encoding the prompts: they are not encoded twice;
+    `mmgen client` passes what the served model's tokenizer says)."""
+    if unknown_words:
         console.print(f"[yellow]warning:[/] unknown word(s) the model never saw in training, ignored as [UNK]: "
-                      f"{', '.join(condition.unknown_words)}", highlight=False, soft_wrap=True)
-    if condition.truncated_prompts:
-        room = run.load_config().text.max_length - 2
-        named = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in condition.truncated_prompts)
-        console.print(f"[yellow]warning:[/] {len(condition.truncated_prompts)} prompt(s) longer than {room} words "
+                      f"{', '.join(unknown_words)}", highlight=False, soft_wrap=True)
+    if truncated_prompts:
+        room = config.text.max_length - 2
+        named = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in truncated_prompts)
+        console.print(f"[yellow]warning:[/] {len(truncated_prompts)} prompt(s) longer than {room} words "
                       f"were cut to their first {room} words: {named}", highlight=False, soft_wrap=True)

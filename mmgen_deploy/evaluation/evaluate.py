@@ -17,7 +17,8 @@ import numpy as np
 from mmgen_deploy.data import DataSpec, load_split
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.checker import judge
-from mmgen_deploy.evaluation.metrics import vq_metrics
+from mmgen_deploy.evaluation.metrics import first_stage_metrics
+from mmgen_deploy.numerics import save_grid
 from mmgen_deploy.rundir import RunDir
 
 
@@ -103,8 +104,6 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
 def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
                       progress: Any) -> dict[str, Any]:
     from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
-    from mmgen_deploy.training.common import save_grid
-
     heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
     specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
     images, seconds = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
@@ -126,9 +125,12 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
                           "evaluate a run made by `mmgen train` or `mmgen quickstart`")
     spec = DataSpec.from_dict(meta["data"])
     config = run.load_config()
-    vq = run.load_vqvae(config)
+    from mmgen_deploy.rundir import first_stage_part
+
+    first_stage = run.load_first_stage(config)
     val = load_split(spec, "val")
-    report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(), "vqvae": vq_metrics(vq, val.images)}
+    report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(),
+                              first_stage_part(config): first_stage_metrics(first_stage, val.images)}
     if not settings.generate:
         return report
     if spec.name != "shapes":
@@ -141,8 +143,6 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
         return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
     images, seconds = _sample(run, config, settings, progress, class_ids=class_ids)
-    from mmgen_deploy.training.common import save_grid
-
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=settings.samples_per_class)
     report["generation"] = {
         **conditional_accuracy(images, class_ids), "sampler": settings.sampler, "steps": settings.steps,

@@ -2,8 +2,9 @@
 
 Both the FP16 conversion (which activations overflow FP16?) and the "real data"
 validation need inputs that look like deployment traffic, per component:
-encoder = images; quantizer = the encoder's latents h of those images; decoder = their
-quantized codes z_q; denoiser = h noised to random timesteps with the forward process
+encoder = images; each next first-stage component = what its predecessor made of them (VQ:
+quantizer = the latents h, decoder = their codes z_q; KL: decoder = the scaled latents);
+denoiser = the encoder's latent noised to random timesteps with the forward process
 x_t = sqrt(a_t) h + sqrt(1 - a_t) eps, with the images' class ids.
 Text-to-image models: the text encoder gets the images' captions tokenized by the run's
 tokenizer (every fourth one replaced by the empty prompt, the unconditional input of
@@ -26,7 +27,14 @@ from torch import nn
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
-from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, Tensors, denoiser_condition_names
+from mmgen_deploy.specs import (
+    FIRST_STAGE_COMPONENTS,
+    TEXT_OUTPUTS,
+    ComponentSpec,
+    Tensors,
+    denoiser_condition_names,
+    latent_name,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -47,9 +55,10 @@ class CalibrationData:
 CalibrationSource = CalibrationData | np.ndarray | str | os.PathLike[str] | None
 
 
-def load_calibration(source: CalibrationSource, config: ModelConfig) -> CalibrationData | None:
+def load_calibration(source: CalibrationSource, config: ModelConfig,
+                     limit: int = CALIBRATION_SAMPLES) -> CalibrationData | None:
     """Accept a CalibrationData, an image array, or an .npz with `images` (and optionally
-    `labels`); check shapes and range against the config."""
+    `labels`); check shapes and range against the config; keep the first `limit` samples."""
     if source is None:
         return None
     if isinstance(source, CalibrationData):
@@ -92,13 +101,13 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
     captions = data.captions
     if captions is not None and len(captions) != images.shape[0]:
         raise UsageError(f"{len(captions)} calibration captions for {images.shape[0]} images", "give one per image")
-    return CalibrationData(images=images[:CALIBRATION_SAMPLES],
-                           labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source,
-                           captions=None if captions is None else tuple(captions[:CALIBRATION_SAMPLES]))
+    return CalibrationData(images=images[:limit],
+                           labels=None if labels is None else labels[:limit], source=data.source,
+                           captions=None if captions is None else tuple(captions[:limit]))
 
 
-def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, str]:
-    """The first images of the run's validation split (run.json `data`), or None and why not."""
+def dataset_calibration(meta: dict[str, Any], count: int = CALIBRATION_SAMPLES) -> tuple[CalibrationData | None, str]:
+    """The first `count` images of the run's validation split (run.json `data`), or None and why not."""
     described = meta.get("data") or {}
     if not isinstance(described, dict) or "name" not in described:
         return None, "the run records no dataset"
@@ -106,14 +115,14 @@ def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, s
 
     spec = DataSpec.from_dict(described)
     if spec.name == "shapes":  # generated: ask for just the samples needed (same deterministic stream)
-        spec = replace(spec, num_val=CALIBRATION_SAMPLES)
+        spec = replace(spec, num_val=count)
     try:
         data = load_split(spec, "val")
     except (MMGenError, OSError, ValueError) as exc:
         return None, f"dataset unavailable: {exc}"
     if len(data) == 0:
         return None, "the dataset's validation split is empty"
-    count = min(len(data), CALIBRATION_SAMPLES)
+    count = min(len(data), count)
     images = np.ascontiguousarray(data.images[:count].transpose(0, 3, 1, 2))  # NHWC uint8 -> NCHW
     return CalibrationData(images=images, labels=np.asarray(data.labels[:count]),
                            source=f"{spec.name} validation split",
@@ -160,7 +169,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     use_text = config.uses_text and tokenizer is not None and "text_encoder" in modules
     if data is None:
         n = CALIBRATION_SAMPLES
-        inputs = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
+        inputs: dict[str, dict[str, np.ndarray]] = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
         source = f"spec dummy inputs ({why_no_data})"
         if use_text:
             assert tokenizer is not None
@@ -171,24 +180,23 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         return inputs, source
     images = data.images
     n = images.shape[0]
+    inputs = {}
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(images)}
     with torch.no_grad():
-        encoder = modules.get("encoder")
-        quantizer = modules.get("quantizer")
-        if encoder is None or quantizer is None:
-            raise ValueError("deriving real inputs needs the encoder and quantizer modules")
-        h = encoder(torch.from_numpy(images))
-        z_q, _ = quantizer(h)
-    h_np = h.numpy().astype(np.float32)
+        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
+            module, spec = modules.get(name), specs[name]
+            if module is None:
+                raise ValueError(f"deriving real inputs needs the {name} module")
+            feeds = [produced[t] for t in spec.input_names]
+            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
+            result = module(*feeds)
+            produced.update(zip(spec.output_names, result if isinstance(result, tuple) else (result,), strict=True))
+    h_np = produced[latent_name(config)].numpy().astype(np.float32)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)
     scale = np.sqrt(a[t])[:, None, None, None]
     x_t = (scale * h_np + np.sqrt(1.0 - a[t])[:, None, None, None] * noise).astype(np.float32)
-    inputs = {
-        "encoder": {Tensors.IMAGE: images},
-        "quantizer": {Tensors.H: h_np},
-        "decoder": {Tensors.Z_Q: z_q.numpy().astype(np.float32)},
-    }
     source = f"dataset images ({data.source}, {n} samples)"
     if not config.uses_text:
         labels = np.asarray(data.labels if data.labels is not None

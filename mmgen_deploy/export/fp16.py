@@ -10,6 +10,7 @@ matching the spec's FP32 scopes / op types are forced FP32. I/O types stay FP32.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,27 @@ def node_precisions(model: onnx.ModelProto) -> dict[str, str]:
     return result
 
 
+_SKIP = re.compile(r"Skipping node (?P<node>\S+?): (?P<reason>.*)$")
+_REASONS = {"DisabledOpTypes": "op type forced FP32 by the spec (fp32_op_types)",
+            "DisabledNodeNameRegexRule": "scope forced FP32 by the spec (fp32_scopes)",
+            "InitializerRangeRule": "a weight exceeds init_max"}
+
+
+class _SkipRecorder(logging.Handler):
+    """Collects AutoCast's "Skipping node X: why" decisions: the evidence of why each node stayed FP32
+    (e.g. "reference IO out of range: ... absmax=1.2e5" on the calibration data)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.reasons: dict[str, str] = {}
+
+    def emit(self, record: logging.LogRecord) -> None:
+        match = _SKIP.match(record.getMessage())
+        if match:
+            reason = match.group("reason").strip()
+            self.reasons.setdefault(match.group("node"), _REASONS.get(reason, reason))
+
+
 def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
                  calibration: dict[str, np.ndarray]) -> dict[str, Any]:
     """Write the FP16 graph of one component; returns the manifest's converter record."""
@@ -98,16 +120,27 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
     # AutoCast logs every node at INFO; what it decided is recorded in the manifest instead.
     # Some of its notes go to the root logger (e.g. "ops not supported in float16: Not", about the
     # text encoder's boolean padding mask, which has no float to convert anyway).
-    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx", "modelopt.onnx.autocast")]
+    # Its per-node decisions are captured (not printed) by a handler on the autocast logger, which
+    # then neither propagates nor prints them.
+    loggers = [logging.getLogger(n) for n in ("modelopt", "modelopt.onnx")]
     loggers.append(logging.getLogger())
     previous = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)
+    autocast_logger = logging.getLogger("modelopt.onnx.autocast")
+    recorder = _SkipRecorder()
+    saved = (autocast_logger.level, autocast_logger.propagate, list(autocast_logger.handlers))
+    autocast_logger.handlers = [recorder]
+    autocast_logger.setLevel(logging.INFO)
+    autocast_logger.propagate = False
     try:
         model = convert(str(fp32_path), calibration_data=str(calib_dir), **arguments)
     finally:
         for lg, level in zip(loggers, previous, strict=True):
             lg.setLevel(level)
+        autocast_logger.setLevel(saved[0])
+        autocast_logger.propagate = saved[1]
+        autocast_logger.handlers = saved[2]
         shutil.rmtree(calib_dir, ignore_errors=True)
     model.producer_name = "mmgen-deploy"
     model.doc_string = f"mmgen-deploy {spec.name}, mixed-precision FP16 (ModelOpt AutoCast)"
@@ -116,6 +149,9 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
     precisions = node_precisions(onnx.load(str(out_path)))
     kept = sorted(n for n, p in precisions.items() if p != "fp16")
     return {
+        # Why each node stayed FP32, as AutoCast decided it: the spec's op types / scopes, or the
+        # calibration data's range ("reference IO out of range: ... absmax=...") beyond data_max.
+        "fp32_reasons": {n: recorder.reasons[n] for n in kept if n in recorder.reasons},
         "name": "modelopt.onnx.autocast.convert_to_mixed_precision",
         "version": converter_version(),
         "arguments": {**arguments, "calibration_samples": int(calibration[spec.input_names[0]].shape[0])},

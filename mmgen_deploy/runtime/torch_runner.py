@@ -12,12 +12,13 @@ from mmgen_deploy.specs import ComponentSpec
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
-    from mmgen_deploy.models import DiT, TextEncoder, VQModel
+    from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel
     from mmgen_deploy.rundir import RunDir
 
 
 class TorchRunner(BaseRunner):
-    """Runs the components (four, or five with a text encoder) eagerly in PyTorch, FP32, on CPU or CUDA.
+    """Runs the components (the first stage's, the denoiser, the text encoder) eagerly in PyTorch, FP32,
+    on CPU or CUDA.
 
     Built from in-memory models (training, parity's reference) or, like every backend, with
     `from_run_dir(run, precision, device, threads=...)`.
@@ -27,7 +28,7 @@ class TorchRunner(BaseRunner):
     precisions = ("fp32",)
     precision_hint = "it runs FP32 only: use --backend onnxruntime --precision fp16 or --backend tensorrt"
 
-    def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
+    def __init__(self, vq: VQModel | AutoencoderKL, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
                  text_encoder: TextEncoder | None = None) -> None:
         import torch
 

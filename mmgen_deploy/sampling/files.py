@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.numerics import make_grid, to_pil
 from mmgen_deploy.sampling.conditioning import class_name
 from mmgen_deploy.sampling.loop import SampleResult
 
@@ -18,23 +20,28 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "class"
 
 
-def make_grid(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
-    """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, columns*(W+pad)+pad, C) image, white padding."""
-    n, h, w, c = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for k in range(n):
-        r, col = divmod(k, columns)
-        y, x = pad + r * (h + pad), pad + col * (w + pad)
-        grid[y:y + h, x:x + w] = images[k]
-    return grid
+def image_entry(config: ModelConfig, k: int, *, class_id: int | None = None, prompt: str | None = None,
+                prefix: str = "") -> tuple[dict[str, Any], tuple[tuple[str, Any], ...]]:
+    """samples.json entry (file name included) and PNG condition chunks of image number k."""
+    if prompt is not None:  # a text model: the prompt is what the image was asked to show
+        filename = f"{prefix}{k:04d}_{_slug(prompt)[:60].strip('-') or 'prompt'}.png"
+        return {"file": filename, "index": k, "prompt": prompt}, (("prompt", prompt),)
+    assert class_id is not None
+    name = class_name(config, class_id)
+    filename = f"{prefix}{k:04d}_{_slug(name)}.png"
+    return ({"file": filename, "index": k, "class": name, "class_id": class_id},
+            (("class", name), ("class_id", class_id)))
 
 
-def _to_pil(array: np.ndarray) -> Any:
-    from PIL import Image
+def save_png(image: np.ndarray, path: Path, chunks: Sequence[tuple[str, Any]]) -> None:
+    """One image as PNG with `generate`'s text chunks (class or prompt, index, seed, steps, ...)."""
+    from PIL.PngImagePlugin import PngInfo
 
-    return Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    info = PngInfo()
+    for key, value in chunks:
+        # tEXt chunks; Pillow writes a UTF-8 iTXt instead for a prompt that Latin-1 cannot hold.
+        info.add_text(key, str(value))
+    to_pil(image).save(path, format="PNG", pnginfo=info)
 
 
 def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *, images_per_class: int,
@@ -44,33 +51,18 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
     Returns the sidecar's content. `directory` is expected to be a fresh temporary folder
     (the caller renames it into place), so nothing here needs to be atomic.
     """
-    from PIL.PngImagePlugin import PngInfo
-
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     settings = (("seed", result.seed), ("steps", result.steps), ("sampler", result.sampler),
                 ("cfg_scale", result.cfg_scale), ("backend", result.backend), ("precision", result.precision))
     for k, image in enumerate(result.images):
-        entry: dict[str, Any]
-        if result.prompts:  # a text model: the prompt is what the image was asked to show
-            prompt = result.prompts[k]
-            filename = f"{k:04d}_{_slug(prompt)[:60].strip('-') or 'prompt'}.png"
-            entry = {"file": filename, "index": k, "prompt": prompt}
-            condition: tuple[tuple[str, Any], ...] = (("prompt", prompt),)
-        else:
-            class_id = result.class_ids[k]
-            name = class_name(config, class_id)
-            filename = f"{k:04d}_{_slug(name)}.png"
-            entry = {"file": filename, "index": k, "class": name, "class_id": class_id}
-            condition = (("class", name), ("class_id", class_id))
-        info = PngInfo()
-        for key, value in (*condition, ("index", k), *settings):
-            # tEXt chunks; Pillow writes a UTF-8 iTXt instead for a prompt that Latin-1 cannot hold.
-            info.add_text(key, str(value))
-        _to_pil(image).save(directory / filename, pnginfo=info)
+        entry, condition = image_entry(config, k, prompt=result.prompts[k] if result.prompts else None,
+                                       class_id=None if result.prompts else result.class_ids[k])
+        save_png(image, directory / entry["file"], (*condition, ("index", k), *settings))
         entries.append(entry)
     columns = images_per_class if 1 < images_per_class <= 16 else math.ceil(math.sqrt(len(result.images)))
-    _to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
+    columns = max(1, min(columns, len(result.images)))
+    to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
     sidecar: dict[str, Any] = {
         "settings": {"seed": result.seed, "steps": result.steps, "sampler": result.sampler,
                      "cfg_scale": result.cfg_scale, "batch_size": result.batch_size,

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning, resolve_class
+from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning
 from mmgen_deploy.sampling.loop import API_NAMES, ProgressCallback, SampleResult, check_sampling_numbers, sample
 from mmgen_deploy.sampling.loop import validate_sampling_args as _validate
 
@@ -62,16 +62,17 @@ class Generated:
     conditioning: Conditioning
 
 
-def check_output_dir(target: Path) -> None:
-    """Replace only folders that `generate` wrote; never swallow someone's other files."""
+def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
+    """Replace only folders that `generate` (or `client`, which writes the same) wrote; never swallow
+    someone's other files."""
     if target.is_file():
         raise UsageError(f"--out {target} is a file", "give a folder path")
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
-        raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
-                         "choose another --out folder (generate replaces only its own output folders)")
+        raise UsageError(f"--out {target} exists and was not written by `{command}`",
+                         f"choose another --out folder ({command} replaces only its own output folders)")
 
 
-def generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
+def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
                     progress: ProgressCallback | None = None,
                     on_backend: Callable[[BackendChoice], None] | None = None,
                     on_conditioning: Callable[[Conditioning], None] | None = None) -> Generated:
@@ -94,30 +95,15 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
     from mmgen_deploy.io_utils import atomic_dir, write_json
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling.files import write_samples
+    from mmgen_deploy.sampling.requests import expand_conditions
 
     request.check(names)
     run = RunDir.of(run_dir)
     config = run.load_config()
-    prompts = [str(p) for p in request.prompts]
-    tokenizer = None
-    per_image: list[int] = []
-    per_prompt: list[str] = []
-    if config.uses_text:
-        if request.classes:
-            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
-                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
-        if not prompts:
-            raise UsageError("this text-to-image model needs prompts",
-                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
-        tokenizer = run.load_tokenizer()
-        per_prompt = [p for p in prompts for _ in range(request.n)]
-    else:
-        if prompts:
-            raise UsageError("this model is class-conditioned: it takes --class, not prompts",
-                             "see `mmgen info RUN_DIR` for the class names")
-        class_ids = ([resolve_class(config, c) for c in request.classes] if request.classes
-                     else list(range(config.dit.num_classes)))
-        per_image = [c for c in class_ids for _ in range(request.n)]
+    class_ids, prompt_rows = expand_conditions(config, request.classes, request.prompts, request.n)
+    per_image: list[int] = class_ids or []
+    per_prompt: list[str] = prompt_rows or []
+    tokenizer = run.load_tokenizer() if config.uses_text else None
     _validate(config, per_image if not config.uses_text else None, steps=request.steps, sampler=request.sampler,
               cfg_scale=request.cfg_scale, batch_size=request.batch_size, eta=request.eta, names=names)
     if request.out is not None:

@@ -1,4 +1,8 @@
-"""One sampling loop for every backend: noise -> denoise loop -> quantizer -> decoder -> uint8.
+"""One sampling loop for every backend: noise -> denoise loop -> decode chain -> uint8.
+
+The decode chain is what the specs say turns the run's latent into an image
+(`specs.decode_components`): quantizer then decoder for a VQ first stage, the decoder alone for a
+KL autoencoder; each component gets its predecessor's outputs by name.
 
 The loop only talks to a `Runner` (mmgen_deploy.runtime.base), so PyTorch, ONNX Runtime
 and TensorRT run exactly the same arithmetic around the model calls:
@@ -20,9 +24,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
-from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors
+from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors, component_specs, decode_components, latent_name
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -34,8 +39,8 @@ ProgressCallback = Callable[[int, int], None]  # (denoising steps done, total st
 @dataclass
 class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
-    latents: np.ndarray  # float32 (N, C, h, w): the denoised latent h before quantization
-    indices: np.ndarray  # int32 (N, h, w): the code indices the decoder saw
+    latents: np.ndarray  # float32 (N, C, h, w): the denoised latent (VQ: h, before quantization)
+    indices: np.ndarray | None  # int32 (N, h, w): the code indices the decoder saw (None: no quantizer)
     class_ids: list[int]  # class models (empty for text models)
     seed: int
     steps: int
@@ -45,7 +50,7 @@ class SampleResult:
     backend: str = ""
     precision: str = ""
     device: str = ""
-    model_seconds: float = 0.0  # all runner.run calls (denoiser, quantizer, decoder)
+    model_seconds: float = 0.0  # all runner.run calls (denoiser and the decode chain)
     denoise_seconds: float = 0.0  # wall time of the denoising loops
     denoise_model_seconds: float = 0.0  # the denoiser calls within those loops
     total_seconds: float = 0.0  # everything, from noise to uint8 images
@@ -71,12 +76,6 @@ class SampleResult:
                 "denoise_seconds": self.denoise_seconds, "denoise_model_seconds": self.denoise_model_seconds,
                 "loop_overhead_fraction": self.loop_overhead_fraction,
                 "images_per_second": self.images_per_second}
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
-    scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
-    return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
 
 
 # How the sampling arguments are named in messages: as keywords of `sample` (the default) or,
@@ -120,13 +119,14 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
            sampler: str = "ddim",
            cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
-           progress: ProgressCallback | None = None, seeds: list[int] | None = None,
-           return_trajectory: bool = False) -> SampleResult:
+           progress: ProgressCallback | None = None, seeds: Sequence[int] | None = None,
+           image_indices: Sequence[int] | None = None, return_trajectory: bool = False) -> SampleResult:
     """Generate one image per entry of `condition` with `runner`: class ids, or a
     `Conditioning` (`text_conditioning(...)` for prompts).
 
     Every image has its own NumPy generator, `default_rng([seed, i])` for image index i (or
-    `default_rng([seeds[i], 0])` when per-image `seeds` are given), for its initial noise and
+    `default_rng([seeds[i], image_indices[i]])` when per-image `seeds` are given, the indices defaulting to
+    0: image k of `generate --seed S` is seeds[i] = S, image_indices[i] = k), for its initial noise and
     for any per-step noise (DDPM, DDIM eta > 0). An image therefore depends only on its seed,
     index, class and the sampler settings: never on the batch size or on the other images
     in the batch, on every backend alike.
@@ -146,14 +146,22 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     n = len(conditioning)
     if seeds is not None and len(seeds) != n:
         raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
-    image_rngs = [np.random.default_rng([seed, i]) if seeds is None else np.random.default_rng([int(seeds[i]), 0])
-                  for i in range(n)]
+    if image_indices is not None and (seeds is None or len(image_indices) != n):
+        raise UsageError(f"{len(image_indices)} image indices for {n} images", "give one seed and one index per image")
+    if seeds is None:
+        image_rngs = [np.random.default_rng([seed, i]) for i in range(n)]
+    else:
+        image_rngs = [np.random.default_rng([int(seeds[i]), 0 if image_indices is None else int(image_indices[i])])
+                      for i in range(n)]
     noise = np.empty((n, channels, size, size), dtype=np.float32)
     for i, rng in enumerate(image_rngs):
         rng.standard_normal(dtype=np.float32, out=noise[i])
     trajectory = np.empty((len(scheduler), *noise.shape), dtype=np.float32) if return_trajectory else None
     latents = np.empty_like(noise)
-    indices = np.empty((n, size, size), dtype=np.int32)
+    specs = component_specs(config)
+    chain = [(name, specs[name].input_names) for name in decode_components(config)]
+    first_input = latent_name(config)
+    indices: np.ndarray | None = None
     images_f: np.ndarray | None = None
     num_batches = (n + batch_size - 1) // batch_size
     total_steps = num_batches * len(scheduler)
@@ -209,13 +217,18 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         denoise_s += time.perf_counter() - loop_start
 
         call_start = time.perf_counter()
-        quant = runner.run("quantizer", {Tensors.H: x})
-        decoded = runner.run("decoder", {Tensors.Z_Q: quant[Tensors.Z_Q]})[Tensors.IMAGE]
+        produced: dict[str, np.ndarray] = {first_input: x}
+        for component, inputs in chain:  # each takes what its predecessors produced, by name
+            produced.update(runner.run(component, {name: produced[name] for name in inputs}))
+        decoded = produced[Tensors.IMAGE]
         model_s += time.perf_counter() - call_start
         if images_f is None:
             images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
+        if Tensors.INDICES in produced:
+            if indices is None:
+                indices = np.empty((n, *produced[Tensors.INDICES].shape[1:]), dtype=np.int32)
+            indices[start:stop] = produced[Tensors.INDICES]
         latents[start:stop] = x
-        indices[start:stop] = quant[Tensors.INDICES]
         images_f[start:stop] = decoded
 
     assert images_f is not None

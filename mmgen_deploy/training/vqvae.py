@@ -13,11 +13,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen_deploy.config import VQConfig
 from mmgen_deploy.data.dataset import ImageData
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.metrics import reconstruct, vq_metrics
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.vqvae import VQModel
+from mmgen_deploy.numerics import save_grid, to_uint8
 from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.training.common import (
     StepCallback,
@@ -28,9 +30,7 @@ from mmgen_deploy.training.common import (
     restore_rng,
     rng_state,
     save_checkpoint,
-    save_grid,
     set_lr,
-    to_uint8,
 )
 
 
@@ -130,6 +130,9 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
     Returns the validation metrics (PSNR, codebook usage, perplexity) and timings.
     """
     config = run.load_config()
+    if not isinstance(config.vq, VQConfig):
+        raise RunDirError(f"{run.root} has a KL autoencoder as its first stage: there is no VQ-VAE to train",
+                          "train the DiT on it with `mmgen train dit`")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     vq = VQModel(config.vq)
@@ -234,7 +237,7 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
 def _recon_grid(vq: VQModel, images: torch.Tensor, path: Path) -> Path:
     """Originals and reconstructions in alternating rows of eight."""
     was_training = vq.training
-    originals = to_uint8(images)
+    originals = to_uint8(images.detach().cpu().numpy())
     recon, _ = reconstruct(vq, originals)
     vq.train(was_training)
     rows = []
