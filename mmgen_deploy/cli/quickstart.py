@@ -30,7 +30,7 @@ from mmgen_deploy.cli.train import (
     _vq_settings,
 )
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.specs import PRECISIONS
+from mmgen_deploy.specs import DEFAULT_EXPORT_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
@@ -80,7 +80,7 @@ def _qs_dit(ctx: QuickstartContext) -> str:
 def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
-    manifest = run_export(ctx.run, precisions=list(PRECISIONS))
+    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))
     emit_json(manifest, str(ctx.run.reports_dir / "export.json"))
     return str(ctx.run.onnx_dir)
 
@@ -115,7 +115,7 @@ def parity_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.parity.compare import ParityOptions
 
     verdicts = {}
-    for precision in PRECISIONS:
+    for precision in DEFAULT_EXPORT_PRECISIONS:
         report = ctx.run.reports_dir / f"parity-{QUICKSTART_BACKEND}-{precision}.json"
         passed = run_parity_report(ctx.run, ParityOptions(backend=QUICKSTART_BACKEND, precision=precision)).passed
         verdicts[precision] = "PASSED" if passed else "FAILED"
