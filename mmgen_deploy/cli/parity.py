@@ -58,7 +58,7 @@ def register(app: typer.Typer) -> None:
     def parity(
         run_dir: Path = typer.Argument(..., help="Run directory (trained or imported, with an ONNX export)."),
         backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, tensorrt or torch."),
-        precision: str = typer.Option("fp32", help="fp32 or fp16 (which ONNX set / engine set)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set)."),
         batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
@@ -77,7 +77,9 @@ def register(app: typer.Typer) -> None:
                                                           for p, t in PIPELINE_TOLERANCES.items()) + ")."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
-        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
+        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser output is zero or "
+                                             "negligible next to its input (RMS ratio below 0.05); the report "
+                                             "is then marked NOT MEANINGFUL."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
                                           "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write every number as JSON "
@@ -94,7 +96,7 @@ def register(app: typer.Typer) -> None:
         if backend not in BACKENDS or backend == "auto":
             raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, tensorrt or torch")
         if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", f"choose {' or '.join(PRECISIONS)}")
+            raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(
@@ -111,8 +113,9 @@ def register(app: typer.Typer) -> None:
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
         backends: str = typer.Option("torch,onnxruntime", help="Comma-separated: torch, onnxruntime, tensorrt."),
-        precisions: str = typer.Option("fp32,fp16", help="Comma-separated precisions for ONNX Runtime / "
-                                       "TensorRT (torch always runs fp32)."),
+        precisions: str = typer.Option("auto", help="Comma-separated precisions for ONNX Runtime / TensorRT "
+                                       "(fp32, fp16, int8, fp8; torch always runs fp32). auto: every set the "
+                                       "backend has (exported ONNX sets, built engine sets)."),
         batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
                                   "with guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),

@@ -3,6 +3,7 @@
     RUN_DIR/onnx/manifest.json
     RUN_DIR/onnx/fp32/{encoder,quantizer,decoder,denoiser}.onnx
     RUN_DIR/onnx/fp16/{encoder,quantizer,decoder,denoiser}.onnx   (quantizer: FP32-typed graph)
+    RUN_DIR/onnx/{int8,fp8}/<component>.onnx                      (Q/DQ graphs; quantizer: FP32 graph)
     RUN_DIR/onnx/{fp32,fp16}/text_encoder.onnx                    (text-to-image runs only)
 
 The manifest's `components` lists the model's components (`component_names(config)`).

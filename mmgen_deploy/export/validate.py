@@ -105,7 +105,8 @@ def compare(spec: ComponentSpec, precision: str, input_set: InputSet, reference:
                 f"{spec.name} {precision}: output {tensor.name!r} has shape {got.shape} in ONNX Runtime "
                 f"but {ref.shape} in PyTorch at batch {input_set.batch}",
                 "a shape was frozen during export; report this as a bug")
-        c = compare_output(ref, got, is_float=tensor.is_float, rel_l2=tol.rel_l2, min_agreement=tol.min_agreement)
+        c = compare_output(ref, got, is_float=tensor.is_float, rel_l2=tol.limit(input_set.kind),
+                           min_agreement=tol.min_agreement)
         checks.append(OutputCheck(spec.name, precision, tensor.name, input_set.kind, input_set.batch,
                                   c.metric, c.value, c.limit, c.max_abs, c.passed))
     return checks

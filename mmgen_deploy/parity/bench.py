@@ -169,6 +169,8 @@ class BenchResult:
         """One row per (backend, precision, batch): the side-by-side view."""
         rows = []
         base: dict[int, float] = {}
+        # The denoiser's speed-up over the same backend's first precision (fp32 when measured).
+        first_denoiser: dict[tuple[str, int], float] = {}
         for res in self.backends:
             for batch in self.batches:
                 if res.error:
@@ -178,9 +180,12 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
+                den = res.components["denoiser"][batch].median_ms
+                ref = first_denoiser.setdefault((res.backend, batch), den)
+                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" else lat.get(c, "-")
+                         for c in self.component_columns]
                 rows.append([
-                    res.backend, res.precision, str(batch), *(lat.get(c, "-") for c in self.component_columns),
-                    f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    res.backend, res.precision, str(batch), *cells, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
@@ -198,7 +203,8 @@ class BenchResult:
 
     @property
     def header(self) -> tuple[str, ...]:
-        """HEADER with one latency column per measured component after the batch."""
+        """HEADER with one latency column per measured component after the batch (the denoiser's
+        cells also show its speed-up over the same backend's first precision, in parentheses)."""
         columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
         return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
@@ -215,10 +221,27 @@ class BenchResult:
 
     def markdown(self) -> str:
         lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
-                 f"cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
+                 f"cfg {self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the "
+                 "same backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
         return "\n".join(lines) + "\n"
+
+
+def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
+    """`precisions`, or with ["auto"] every precision this backend has a set for: the exported ONNX
+    sets (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set)."""
+    from mmgen_deploy.specs import PRECISIONS
+
+    if list(precisions) != ["auto"]:
+        return list(precisions)
+    if backend == "tensorrt":
+        names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
+            if run.engines_dir.is_dir() else []
+        found = [p for p in PRECISIONS if p != "fp32"
+                 and any(n.endswith(f"-{p}") if p != "fp16" else not n.endswith(("-int8", "-fp8")) for n in names)]
+        return found or ["fp16"]
+    return [p for p in PRECISIONS if (run.onnx_dir / p).is_dir()] or ["fp32"]
 
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
@@ -238,7 +261,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say("measuring this machine's matrix-multiply peak")
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
     for backend in backends:
-        for precision in (["fp32"] if backend == "torch" else precisions):
+        for precision in (["fp32"] if backend == "torch" else available_precisions(run, backend, precisions)):
             say(f"benchmarking {backend} {precision}")
             try:
                 runner, _choice = open_runner(run, backend, precision)

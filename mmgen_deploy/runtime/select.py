@@ -33,7 +33,7 @@ def _config_or_none(run: RunDir) -> ModelConfig | None:
 @dataclass
 class BackendChoice:
     backend: str  # torch | onnxruntime | tensorrt
-    precision: str  # fp32 | fp16
+    precision: str  # fp32 | fp16 | int8 | fp8
     device: str  # cpu | cuda
     reason: str  # why this one (for auto: why the faster ones were skipped)
     skipped: list[str] = field(default_factory=list)
@@ -71,7 +71,7 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> str | None:
+def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None, precision: str = "fp16") -> str | None:
     """None when a TensorRT engine set for this run is built, current and runnable here; else why not.
     `needed`: the components it must hold (default: what sampling this run needs)."""
     run = RunDir.of(run_dir)
@@ -83,7 +83,7 @@ def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> 
         return f"TensorRT backend unavailable ({exc.name or exc})"
     try:
         gpu = current_gpu()
-        _flavour, engine_set = select_engine_set(run, None, "fp16", gpu)
+        _flavour, engine_set = select_engine_set(run, None, precision, gpu)
         # A set built with -c for a few components (or before the text encoder existed) cannot sample.
         missing = [c for c in needed if c not in engine_set.components]
         if missing:
@@ -111,16 +111,16 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
     run = RunDir.of(run_dir)
     if backend == "torch":
-        if precision == "fp16":
+        if precision not in (None, "fp32"):
             raise UsageError("the torch backend runs FP32 only",
-                             "use --backend onnxruntime --precision fp16 or --backend tensorrt")
+                             f"use --backend onnxruntime --precision {precision} or --backend tensorrt")
         dev = device or ("cuda" if _torch_cuda() else "cpu")
         return BackendChoice("torch", "fp32", dev, "requested")
     if backend == "tensorrt":
         if precision == "fp32":
-            raise UsageError("TensorRT engines are built from the fp16 ONNX set",
-                             "use --precision fp16 (or leave it out) with --backend tensorrt")
-        return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
+            raise UsageError("TensorRT engines are built from the fp16, int8 or fp8 ONNX set",
+                             "use --precision fp16 (or leave it out), int8 or fp8 with --backend tensorrt")
+        return BackendChoice("tensorrt", precision or "fp16", device or "cuda", "requested")
     from mmgen_deploy.runtime.ort_runner import cuda_provider_usable
 
     needed = sampling_components(_config_or_none(run))
@@ -139,9 +139,10 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     elif device is not None and not device.startswith("cuda"):
         skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
     else:
-        problem = _tensorrt_check(run, needed)
+        trt_precision = precision or "fp16"
+        problem = _tensorrt_check(run, needed, trt_precision)
         if problem is None:
-            return BackendChoice("tensorrt", "fp16", "cuda", "engines are built and a GPU is visible", skipped)
+            return BackendChoice("tensorrt", trt_precision, "cuda", "engines are built and a GPU is visible", skipped)
         skipped.append(f"tensorrt: {problem}")
     if device is None or device.startswith("cuda"):
         if cuda_provider_usable():
@@ -159,9 +160,10 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
                              skipped)
     skipped.append(f"onnxruntime cpu: no complete {prec} ONNX set (missing {', '.join(p.name for p in missing)}; "
                    "run `mmgen export`)")
-    if prec == "fp16":
-        raise NotAvailableError("no backend can run fp16 here (no engines, no fp16 ONNX set)",
-                                "run `mmgen export RUN_DIR` or use --precision fp32")
+    if prec != "fp32":
+        export = "`mmgen export RUN_DIR`" if prec == "fp16" else f"`mmgen export RUN_DIR --precision {prec}`"
+        raise NotAvailableError(f"no backend can run {prec} here (no engines, no {prec} ONNX set)",
+                                f"run {export} or use --precision fp32")
     return BackendChoice("torch", "fp32", "cuda" if _torch_cuda() else "cpu",
                          "nothing exported yet, using PyTorch eager", skipped)
 
