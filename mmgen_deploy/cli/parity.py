@@ -38,8 +38,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def parity(
         run_dir: Path = typer.Argument(..., help="Run directory (trained or imported, with an ONNX export)."),
-        backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, tensorrt or torch."),
-        precision: str = typer.Option("fp32", help="fp32 or fp16 (which ONNX set / engine set)."),
+        backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, openvino, tensorrt or "
+                                     "torch."),
+        precision: str = typer.Option("fp32", help="fp32 or fp16 (which ONNX set / engine set), or bf16 "
+                                       "(OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
         batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
@@ -54,7 +56,7 @@ def register(app: typer.Typer) -> None:
                                        "(model_output=0.02); repeatable. Defaults come from the component specs."),
         atol: list[str] = typer.Option([], "--atol", help="Add a max-abs-error check, for all outputs or NAME=X."),
         min_psnr: float | None = typer.Option(None, help="Minimum end-to-end image PSNR in dB (default: 40 for "
-                                              "fp32, 30 for fp16)."),
+                                              "fp32, 30 for fp16, 25 for bf16)."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
         allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
@@ -72,9 +74,9 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.runtime import BACKENDS, PRECISIONS
 
         if backend not in BACKENDS or backend == "auto":
-            raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, tensorrt or torch")
+            raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
         if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", "choose fp32 or fp16")
+            raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(

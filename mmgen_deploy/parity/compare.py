@@ -24,6 +24,8 @@ from mmgen_deploy.specs import ComponentSpec, component_specs, random_feeds
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
     "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding); set from measurement (README, BF16).
+    "bf16": {"latent_rel_l2": 1e-1, "min_index_agreement": 0.80, "min_psnr": 25.0, "min_ssim": 0.90},
 }
 
 

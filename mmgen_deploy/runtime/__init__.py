@@ -1,9 +1,10 @@
 """Interchangeable backends behind one `Runner` interface.
 
-`open_runner(run_dir, backend, precision)` opens "torch", "onnxruntime", "tensorrt" or
-"auto" (the fastest that is available and runnable here: TensorRT engines, then ONNX
-Runtime CUDA, then ONNX Runtime CPU, then PyTorch), and records why it chose it.
-Heavy modules (torch, onnxruntime, tensorrt) are imported only by the backend used.
+`open_runner(run_dir, backend, precision)` opens "torch", "onnxruntime", "openvino", "tensorrt"
+or "auto" (the fastest that is available and runnable here: TensorRT engines, then ONNX
+Runtime CUDA, then OpenVINO BF16 on a CPU with AMX / AVX-512 BF16, then ONNX Runtime CPU,
+then PyTorch), and records why it chose it.
+Heavy modules (torch, onnxruntime, openvino, tensorrt) are imported only by the backend used.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mmgen_deploy.cpuinfo import cpu_features
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.runtime.base import BACKENDS, PRECISIONS, Runner, check_feeds
 
@@ -32,9 +34,9 @@ def sampling_components(run_dir: str | os.PathLike[str]) -> tuple[str, ...]:
 
 @dataclass
 class BackendChoice:
-    backend: str  # torch | onnxruntime | tensorrt
-    precision: str  # fp32 | fp16
-    device: str  # cpu | cuda
+    backend: str  # torch | onnxruntime | openvino | tensorrt
+    precision: str  # fp32 | fp16 | bf16
+    device: str  # cpu | cuda (OpenVINO: cpu | gpu | npu)
     reason: str  # why this one (for auto: why the faster ones were skipped)
     skipped: list[str] = field(default_factory=list)
 
@@ -75,13 +77,43 @@ def _tensorrt_check(run_dir: str | os.PathLike[str]) -> str | None:
     return None
 
 
+def _bf16_units() -> str:
+    f = cpu_features()
+    return " and ".join(u for u, ok in (("AMX-BF16", "amx_bf16" in f.flags),
+                                        ("AVX-512 BF16", "avx512_bf16" in f.flags)) if ok) or "no BF16 units"
+
+
+def _openvino_default_precision(device: str | None) -> str:
+    """bf16 on a CPU with BF16 units, fp16 on Intel GPUs / NPUs, else fp32."""
+    if device is not None and device.lower().split(".")[0] in ("gpu", "npu"):
+        return "fp16"
+    return "bf16" if cpu_features().native_bf16 else "fp32"
+
+
+def _openvino_check(run_dir: str | os.PathLike[str], needed: tuple[str, ...]) -> str | None:
+    """None when OpenVINO can run BF16 here on this run's FP32 ONNX set; else why not."""
+    from mmgen_deploy.runtime.openvino_runner import openvino_available
+    from mmgen_deploy.runtime.ort_runner import missing_onnx
+
+    if not cpu_features().native_bf16:
+        return "this CPU has no AMX or AVX-512 BF16 (FP32 is its fastest exact path)"
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install 'mmgen-deploy[openvino]')"
+    missing = missing_onnx(run_dir, "fp32", needed)
+    if missing:
+        return f"no complete fp32 ONNX set (missing {', '.join(p.name for p in missing)}; run `mmgen export`)"
+    return None
+
+
 def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: str | None = None, *,
-                    device: str | None = None, allow_tensorrt: bool = True) -> BackendChoice:
+                    device: str | None = None, allow_tensorrt: bool = True,
+                    allow_openvino: bool = True) -> BackendChoice:
     """Decide backend, precision and device without loading any model.
 
     `precision` None means the backend's natural choice (fp16 for TensorRT and ONNX Runtime
-    CUDA, fp32 on CPUs, where FP16 kernels are slower). For "auto" the order is TensorRT,
-    ONNX Runtime CUDA, ONNX Runtime CPU, PyTorch.
+    CUDA, fp32 on CPUs, where FP16 kernels are slower; OpenVINO: bf16 on CPUs with BF16 units).
+    For "auto" the order is TensorRT, ONNX Runtime CUDA, OpenVINO BF16 (CPU with AMX or AVX-512
+    BF16, OpenVINO installed, FP32 set exported), ONNX Runtime CPU, PyTorch.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
@@ -89,15 +121,21 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
     if backend == "torch":
         if precision == "fp16":
-            raise UsageError("the torch backend runs FP32 only",
+            raise UsageError("the torch backend runs FP32 or BF16 (autocast), not FP16",
                              "use --backend onnxruntime --precision fp16 or --backend tensorrt")
         dev = device or ("cuda" if _torch_cuda() else "cpu")
-        return BackendChoice("torch", "fp32", dev, "requested")
+        return BackendChoice("torch", precision or "fp32", dev, "requested")
     if backend == "tensorrt":
-        if precision == "fp32":
+        if precision in ("fp32", "bf16"):
             raise UsageError("TensorRT engines are built from the fp16 ONNX set",
                              "use --precision fp16 (or leave it out) with --backend tensorrt")
         return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
+    if backend == "openvino":
+        return BackendChoice("openvino", precision or _openvino_default_precision(device), device or "cpu",
+                             "requested")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise UsageError("ONNX Runtime has no BF16 path for these graphs",
+                         "use --backend openvino --precision bf16 (or --backend torch --precision bf16)")
     from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
 
     needed = sampling_components(run_dir)
@@ -112,8 +150,8 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
     skipped: list[str] = []
     if not allow_tensorrt:
         pass  # the caller already knows why (a failed load)
-    elif precision == "fp32":
-        skipped.append("tensorrt: engines are fp16 and fp32 was asked for")
+    elif precision in ("fp32", "bf16"):
+        skipped.append(f"tensorrt: engines are fp16 and {precision} was asked for")
     elif device is not None and not device.startswith("cuda"):
         skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
     else:
@@ -121,7 +159,9 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
         if problem is None:
             return BackendChoice("tensorrt", "fp16", "cuda", "engines are built and a GPU is visible", skipped)
         skipped.append(f"tensorrt: {problem}")
-    if device is None or device.startswith("cuda"):
+    if precision == "bf16":
+        pass  # ONNX Runtime has no BF16 path
+    elif device is None or device.startswith("cuda"):
         if cuda_provider_usable():
             prec = precision or "fp16"
             if not missing_onnx(run_dir, prec, needed):
@@ -130,6 +170,19 @@ def resolve_backend(backend: str, run_dir: str | os.PathLike[str], precision: st
             skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
         else:
             skipped.append("onnxruntime cuda: onnxruntime-gpu or a GPU missing")
+    if precision in (None, "bf16") and (device is None or device == "cpu"):
+        problem = _openvino_check(run_dir, needed) if allow_openvino else None
+        if allow_openvino and problem is None:
+            return BackendChoice("openvino", "bf16", "cpu", f"this CPU has {_bf16_units()} and OpenVINO is "
+                                 "installed: BF16 on the FP32 ONNX set (pass --precision fp32 for FP32)", skipped)
+        if problem is not None:
+            skipped.append(f"openvino bf16: {problem}")
+        if precision == "bf16":
+            if not cpu_features().native_bf16:
+                raise NotAvailableError("bf16 was asked for but this CPU has no AMX or AVX-512 BF16",
+                                        "use --precision fp32")
+            return BackendChoice("torch", "bf16", "cpu", "BF16 asked for and OpenVINO cannot run it: PyTorch "
+                                 "autocast", skipped)
     prec = precision or "fp32"
     missing = missing_onnx(run_dir, prec, needed)
     if not missing:
@@ -153,7 +206,12 @@ def open_choice(choice: BackendChoice, run_dir: str | os.PathLike[str], *, threa
             import torch
 
             torch.set_num_threads(threads)
-        return TorchRunner.from_run_dir(run_dir, choice.device)
+        return TorchRunner.from_run_dir(run_dir, choice.device, precision=choice.precision)
+    if choice.backend == "openvino":
+        from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+        ov_options = {k: v for k, v in options.items() if k in ("batch_mode", "cache_dir")}
+        return OpenVinoRunner.from_run_dir(run_dir, choice.precision, choice.device, threads=threads, **ov_options)
     if choice.backend == "onnxruntime":
         from mmgen_deploy.runtime.ort_runner import OrtRunner
 
@@ -170,17 +228,18 @@ def open_runner(run_dir: str | os.PathLike[str], backend: str = "auto", precisio
                 device: str | None = None, threads: int | None = None, **options: Any) -> Runner:
     """Open a runner for a run directory; `runner.choice` (a BackendChoice) says what was picked and why.
 
-    With "auto", a TensorRT set that passes the checks but fails to load falls back to the
-    next backend (the reason is kept in `choice.skipped`).
+    With "auto", a TensorRT set or OpenVINO that passes the checks but fails to load falls back
+    to the next backend (the reason is kept in `choice.skipped`).
     """
     choice = resolve_backend(backend, run_dir, precision, device=device)
     try:
         runner = open_choice(choice, run_dir, threads=threads, **options)
     except MMGenError as exc:
-        if backend != "auto" or choice.backend != "tensorrt":
+        if backend != "auto" or choice.backend not in ("tensorrt", "openvino"):
             raise
-        fallback = resolve_backend("auto", run_dir, precision, device=device, allow_tensorrt=False)
-        fallback.skipped.insert(0, f"tensorrt: failed to load ({exc.message})")
+        fallback = resolve_backend("auto", run_dir, precision, device=device, allow_tensorrt=False,
+                                   allow_openvino=choice.backend != "openvino")
+        fallback.skipped.insert(0, f"{choice.backend}: failed to load ({exc.message})")
         choice = fallback
         runner = open_choice(choice, run_dir, threads=threads)
     runner.choice = choice  # type: ignore[attr-defined]

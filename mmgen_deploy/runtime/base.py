@@ -14,14 +14,16 @@ import numpy as np
 from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.specs import ComponentSpec
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "tensorrt")
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+# fp32 and fp16 name exported ONNX sets; bf16 is a runtime precision over the FP32 set (OpenVINO's
+# bf16 inference hint, torch autocast).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
 
 @runtime_checkable
 class Runner(Protocol):
-    """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "tensorrt";
-    `precision` "fp32" or "fp16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
+    """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "openvino", "tensorrt";
+    `precision` "fp32", "fp16" or "bf16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
 
     backend: str
     precision: str

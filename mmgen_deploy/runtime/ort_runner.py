@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.runtime.base import PRECISIONS, check_feeds
 from mmgen_deploy.specs import ComponentSpec, component_specs
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunDir
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
@@ -41,6 +44,26 @@ def cuda_provider_usable() -> bool:
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return False
     return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
+
+
+def check_not_stale(run: RunDir) -> None:
+    """Refuse ONNX files exported from other weights than the run's current ones (every backend
+    that reads the ONNX set calls this). The manifest is read directly (not through
+    mmgen_deploy.export, which imports torch)."""
+    from mmgen_deploy.io_utils import read_json
+
+    path = run.onnx_dir / "manifest.json"
+    if not path.is_file():
+        return  # hand-made ONNX files: nothing recorded to check against
+    try:
+        exported_from = read_json(path).get("source_weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        raise RunDirError(f"{path} is unreadable",
+                          f"re-export: `mmgen export {run.root} --overwrite`") from None
+    if exported_from and exported_from != run.weights_sha256():
+        raise RunDirError(f"the ONNX files in {run.onnx_dir} were exported from other weights "
+                          f"({str(exported_from)[:12]}) than the run's current ones",
+                          f"re-export: `mmgen export {run.root} --overwrite`")
 
 
 class _Session:
@@ -72,6 +95,9 @@ class OrtRunner:
 
         if precision not in PRECISIONS:
             raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if precision == "bf16":
+            raise UsageError("ONNX Runtime has no BF16 path for these graphs",
+                             "use --backend openvino --precision bf16 (or --backend torch --precision bf16)")
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         self._ort = ort
@@ -83,7 +109,7 @@ class OrtRunner:
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
-        self._check_not_stale()
+        check_not_stale(self.run_dir)
         if providers is None:
             if device.startswith("cuda"):
                 if not cuda_provider_usable():
@@ -96,26 +122,6 @@ class OrtRunner:
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
         self._sessions: dict[str, _Session] = {}
-
-    def _check_not_stale(self) -> None:
-        """Refuse ONNX files exported from other weights than the run's current ones.
-
-        The manifest is read directly (not through mmgen_deploy.export, which imports torch).
-        """
-        from mmgen_deploy.io_utils import read_json
-
-        path = self.run_dir.onnx_dir / "manifest.json"
-        if not path.is_file():
-            return  # hand-made ONNX files: nothing recorded to check against
-        try:
-            exported_from = read_json(path).get("source_weights_sha256")
-        except (OSError, ValueError, AttributeError):
-            raise RunDirError(f"{path} is unreadable",
-                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`") from None
-        if exported_from and exported_from != self.run_dir.weights_sha256():
-            raise RunDirError(f"the ONNX files in {self.run_dir.onnx_dir} were exported from other weights "
-                              f"({str(exported_from)[:12]}) than the run's current ones",
-                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`")
 
     def _session(self, component: str) -> _Session:
         item = self._sessions.get(component)
