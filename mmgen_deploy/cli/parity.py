@@ -96,9 +96,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
-        backends: str = typer.Option("torch,onnxruntime", help="Comma-separated: torch, onnxruntime, tensorrt."),
-        precisions: str = typer.Option("fp32,fp16", help="Comma-separated precisions for ONNX Runtime / "
-                                       "TensorRT (torch always runs fp32)."),
+        backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated: torch, onnxruntime, "
+                                     "openvino, tensorrt."),
+        precisions: str = typer.Option("fp32,fp16,bf16", help="Comma-separated precisions; each backend runs "
+                                       "those it has (torch fp32/bf16, onnxruntime fp32/fp16, openvino fp32/bf16, "
+                                       "tensorrt fp16) and the table lists the others as not run."),
         batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
                                   "with guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),
@@ -109,8 +111,9 @@ def register(app: typer.Typer) -> None:
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by
-        side in one run, with peak host memory and the denoiser's achieved GFLOP/s next to this machine's
-        measured matrix-multiply rate."""
+        side in one run, with peak host memory, where the time of a generation goes, and the denoiser's and
+        decoder's achieved GFLOP/s against this machine's matrix-multiply peak of the precision they ran
+        (FP32, BF16 and INT8 peaks are measured at the start of the same run)."""
         from mmgen_deploy.parity.bench import run_bench
 
         backend_list = [b.strip() for b in backends.split(",") if b.strip()]
