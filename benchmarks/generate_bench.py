@@ -57,7 +57,7 @@ def bench(run_dir: Path, *, steps: int, batch_size: int, sampler: str, cfg_scale
     rows: dict[str, Any] = {}
     backends = [("torch", "fp32")] + [("onnxruntime", p) for p in precisions]
     for backend, precision in backends:
-        runner = open_runner(run_dir, backend, precision, device="cpu", threads=threads)
+        runner, _choice = open_runner(run_dir, backend, precision, device="cpu", threads=threads)
         sample(runner, config, classes[: min(2, batch_size)], **{**settings, "steps": 2})  # warm-up, sessions
         results, cpu_seconds = [], []
         for _ in range(repeats):

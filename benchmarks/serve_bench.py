@@ -101,7 +101,7 @@ def in_process(run_dir: Path, backend: str, threads: int | None, steps: int, ima
     from mmgen_deploy.sampling import sample
 
     config = RunDir(run_dir).load_config()
-    runner = open_runner(run_dir, backend, None, threads=threads)
+    runner, _choice = open_runner(run_dir, backend, None, threads=threads)
     try:
         sample(runner, config, [0], steps=steps, seed=0)  # warm-up (session creation, first-call costs)
         started = time.perf_counter()

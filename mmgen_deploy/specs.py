@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -20,6 +21,53 @@ from mmgen_deploy.text.tokenizer import BOS, EOS, PAD
 
 BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
+
+# -- the lists every other module derives from -------------------------------------------
+# The deployable components in pipeline order: the VQ-VAE's encoder -> quantizer -> decoder,
+# the denoiser that works in its latent space, then the text encoder (text-to-image models only).
+COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
+TEXT_ONLY_COMPONENTS: tuple[str, ...] = ("text_encoder",)
+# What the sampling loop runs (a text model adds its text encoder, see `sampling_components`).
+SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", "quantizer", "decoder")
+# The precisions of the exported ONNX sets, in the order they are made (fp16 is cast from fp32).
+PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
+# Precisions without an ONNX set of their own: the runtime lowers an exported set (bf16 = the FP32 set
+# under OpenVINO's bf16 inference hint or torch autocast, on AMX / AVX-512 BF16 CPUs).
+RUNTIME_PRECISIONS: dict[str, str] = {"bf16": "fp32"}  # precision -> the ONNX set it runs
+# Every precision a backend can be asked for (--precision of generate, parity, bench, eval, serve).
+RUN_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *RUNTIME_PRECISIONS)
+# Classifier-free guidance runs [cond; uncond] in one denoiser call: the denoiser's batch is doubled.
+GUIDANCE_BATCH_MULTIPLIER = 2
+
+
+def component_names(config: ModelConfig) -> tuple[str, ...]:
+    """The deployable components of a model, in pipeline order: four, or five with a text encoder."""
+    return tuple(c for c in COMPONENTS if config.uses_text or c not in TEXT_ONLY_COMPONENTS)
+
+
+def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
+    """What `sample` runs for a model with this config: the text encoder too for a text-to-image
+    model (an ONNX set without it cannot encode prompts). None (an unreadable run): the class set."""
+    if config is not None and config.uses_text:
+        return (*SAMPLING_COMPONENTS, *TEXT_ONLY_COMPONENTS)
+    return SAMPLING_COMPONENTS
+
+
+class Tensors:
+    """The tensor names of the component graphs (inputs and outputs), as the specs below use them."""
+
+    IMAGE = "image"  # encoder input, decoder output
+    H = "h"  # encoder output, quantizer input: the pre-quantization latent
+    Z_Q = "z_q"  # quantizer output, decoder input
+    INDICES = "indices"  # quantizer output: code indices
+    X_T = "x_t"  # denoiser inputs: noisy latent, timestep, class label
+    T = "t"
+    CLASS_IDS = "class_ids"
+    MODEL_OUTPUT = "model_output"  # denoiser output: epsilon (and variance channels with learned sigma)
+    INPUT_IDS = "input_ids"  # text encoder input: token ids
+    TEXT_EMBEDDINGS = "text_embeddings"  # text encoder outputs = text denoiser inputs
+    TEXT_MASK = "text_mask"
+    TEXT_POOLED = "text_pooled"
 
 
 @dataclass(frozen=True)
@@ -38,6 +86,10 @@ class TensorSpec:
     @property
     def is_float(self) -> bool:
         return self.dtype.startswith("float")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record manifests keep of a tensor (export and engine manifests alike)."""
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -131,17 +183,28 @@ def _tol(fp32: float, fp16: float, bf16: float, names: tuple[str, ...]) -> dict[
 BF16_REL_L2 = {"encoder": 4e-2, "decoder": 4e-2, "denoiser": 2e-2, "text_encoder": 2e-2}
 
 
+# End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
+# FP32): errors compound over steps, so latents get looser limits than single calls.
+# PSNR limits are the ones the generate issue sets.
+PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
+    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding); set from measurement (README, BF16).
+    "bf16": {"latent_rel_l2": 1e-1, "min_index_agreement": 0.80, "min_psnr": 25.0, "min_ssim": 0.90},
+}
+
+
 # The text encoder's outputs, named as the text denoiser's inputs: the sampling loop
 # forwards them without knowing what they are.
-TEXT_OUTPUTS = ("text_embeddings", "text_mask", "text_pooled")
+TEXT_OUTPUTS = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK, Tensors.TEXT_POOLED)
 
 
 def denoiser_condition_names(dit: DiTConfig) -> tuple[str, ...]:
     """The denoiser's inputs after x_t and t, which depend on how the DiT is conditioned."""
     if not dit.uses_text:
-        return ("class_ids",)
-    names = ("text_embeddings", "text_mask") if dit.uses_cross_attention else ()
-    return (*names, "text_pooled") if dit.uses_pooled_text else names
+        return (Tensors.CLASS_IDS,)
+    names = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK) if dit.uses_cross_attention else ()
+    return (*names, Tensors.TEXT_POOLED) if dit.uses_pooled_text else names
 
 
 def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -177,6 +240,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     """The specs of the components of a model with this configuration (four, or five
     with the text encoder of a text-to-image model)."""
     vq, dit = config.vq, config.dit
+    N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
     lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)
     idx = (BATCH, vq.latent_size, vq.latent_size)
@@ -187,33 +251,33 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     # (a trained encoder's output scale is close to that), timesteps over the whole
     # training range, class ids including the null label used by guidance.
     def image_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        return {"image": rng.uniform(-1, 1, (b, *img[1:])).astype(np.float32)}
+        return {N.IMAGE: rng.uniform(-1, 1, (b, *img[1:])).astype(np.float32)}
 
     def latent_inputs(name: str) -> InputMaker:
         def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
             return {name: rng.standard_normal((b, *lat[1:])).astype(np.float32)}
         return make
 
-    condition_specs: dict[str, TensorSpec] = {"class_ids": TensorSpec("class_ids", "int32", (BATCH,))}
+    condition_specs: dict[str, TensorSpec] = {N.CLASS_IDS: TensorSpec(N.CLASS_IDS, "int32", (BATCH,))}
     if dit.uses_text:
         length, width = dit.text_length, dit.text_dim
         condition_specs = {
-            "text_embeddings": TensorSpec("text_embeddings", "float32", (BATCH, length, width)),
-            "text_mask": TensorSpec("text_mask", "float32", (BATCH, length)),
-            "text_pooled": TensorSpec("text_pooled", "float32", (BATCH, width)),
+            N.TEXT_EMBEDDINGS: TensorSpec(N.TEXT_EMBEDDINGS, "float32", (BATCH, length, width)),
+            N.TEXT_MASK: TensorSpec(N.TEXT_MASK, "float32", (BATCH, length)),
+            N.TEXT_POOLED: TensorSpec(N.TEXT_POOLED, "float32", (BATCH, width)),
         }
     conditions = tuple(condition_specs[n] for n in denoiser_condition_names(dit))
 
     def denoiser_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         feeds = {
-            "x_t": rng.standard_normal((b, *lat[1:])).astype(np.float32),
-            "t": rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
+            N.X_T: rng.standard_normal((b, *lat[1:])).astype(np.float32),
+            N.T: rng.uniform(0, config.diffusion.num_train_timesteps - 1, (b,)).astype(np.float32),
         }
         for tensor in conditions:
-            if tensor.name == "class_ids":
-                feeds["class_ids"] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
-            elif tensor.name == "text_mask":
-                feeds["text_mask"] = _text_masks(b, dit.text_length, rng)
+            if tensor.name == N.CLASS_IDS:
+                feeds[N.CLASS_IDS] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
+            elif tensor.name == N.TEXT_MASK:
+                feeds[N.TEXT_MASK] = _text_masks(b, dit.text_length, rng)
             else:  # text encoder outputs end in a LayerNorm: unit-scale values
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
@@ -221,37 +285,37 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     specs = {
         "encoder": ComponentSpec(
             name="encoder",
-            inputs=(TensorSpec("image", "float32", img),),
-            outputs=(TensorSpec("h", "float32", lat),),
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.H, "float32", lat),),
             make_inputs=image_inputs,
-            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["encoder"], ("h",)),
+            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["encoder"], (N.H,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "quantizer": ComponentSpec(
             name="quantizer",
-            inputs=(TensorSpec("h", "float32", lat),),
-            outputs=(TensorSpec("z_q", "float32", lat), TensorSpec("indices", "int32", idx)),
-            make_inputs=latent_inputs("h"),
+            inputs=(TensorSpec(N.H, "float32", lat),),
+            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
+            make_inputs=latent_inputs(N.H),
             # FP32 at every precision (keep_fp32), so FP32's tolerances at every precision.
-            tolerances={p: {"z_q": Tolerance(rel_l2=1e-5), "indices": Tolerance(min_agreement=1.0)}
-                        for p in ("fp32", "fp16", "bf16")},
+            tolerances={p: {N.Z_Q: Tolerance(rel_l2=1e-5), N.INDICES: Tolerance(min_agreement=1.0)}
+                        for p in RUN_PRECISIONS},
             keep_fp32=True,
         ),
         "decoder": ComponentSpec(
             name="decoder",
-            inputs=(TensorSpec("z_q", "float32", lat),),
-            outputs=(TensorSpec("image", "float32", img),),
-            make_inputs=latent_inputs("z_q"),
-            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["decoder"], ("image",)),
+            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.Z_Q),
+            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["decoder"], (N.IMAGE,)),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "denoiser": ComponentSpec(
             name="denoiser",
-            inputs=(TensorSpec("x_t", "float32", lat), TensorSpec("t", "float32", (BATCH,)), *conditions),
-            outputs=(TensorSpec("model_output", "float32", out),),
+            inputs=(TensorSpec(N.X_T, "float32", lat), TensorSpec(N.T, "float32", (BATCH,)), *conditions),
+            outputs=(TensorSpec(N.MODEL_OUTPUT, "float32", out),),
             make_inputs=denoiser_inputs,
-            batch_multiplier=2,
-            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["denoiser"], ("model_output",)),
+            batch_multiplier=GUIDANCE_BATCH_MULTIPLIER,
+            tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["denoiser"], (N.MODEL_OUTPUT,)),
             fp32_scopes=("dit.t_embedder",),
             upstream="text_encoder" if dit.uses_text else None,
         ),
@@ -267,19 +331,19 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             lengths = mask.sum(axis=1).astype(np.int64)
             ids_[:, 0] = BOS
             ids_[np.arange(b), lengths - 1] = EOS
-            return {"input_ids": ids_}
+            return {N.INPUT_IDS: ids_}
 
         specs["text_encoder"] = ComponentSpec(
             name="text_encoder",
-            inputs=(TensorSpec("input_ids", "int32", ids),),
-            outputs=(TensorSpec("text_embeddings", "float32", (BATCH, text.max_length, text.hidden_size)),
-                     TensorSpec("text_mask", "float32", (BATCH, text.max_length)),
-                     TensorSpec("text_pooled", "float32", (BATCH, text.hidden_size))),
+            inputs=(TensorSpec(N.INPUT_IDS, "int32", ids),),
+            outputs=(TensorSpec(N.TEXT_EMBEDDINGS, "float32", (BATCH, text.max_length, text.hidden_size)),
+                     TensorSpec(N.TEXT_MASK, "float32", (BATCH, text.max_length)),
+                     TensorSpec(N.TEXT_POOLED, "float32", (BATCH, text.hidden_size))),
             make_inputs=text_inputs,
             # Prompts are encoded once each, plus the empty prompt: small batches.
             profile=BatchProfile(1, 4, 16),
             tolerances=_tol(1e-5, 1e-2, BF16_REL_L2["text_encoder"],
-                            ("text_embeddings", "text_mask", "text_pooled")),
+                            (N.TEXT_EMBEDDINGS, N.TEXT_MASK, N.TEXT_POOLED)),
             # FP16: the matmuls go FP16; the LayerNorms (mean/variance statistics) and the attention
             # softmax stay FP32. The softmax's logits carry the -1e4 padding bias: finite in FP16, but
             # beyond AutoCast's data_max, so whether AutoCast keeps it FP32 would depend on the
@@ -289,4 +353,5 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             # (rel L2 5.5e-4 either way on shapes captions; weight rounding dominates).
             fp32_op_types=("LayerNormalization", "Softmax"),
         )
+    assert tuple(specs) == component_names(config), "component_specs must follow COMPONENTS"
     return specs

@@ -40,6 +40,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
+def cpu_auto_choice() -> tuple[str, str]:
+    """What `--backend auto` picks on this CPU for an exported run with no GPU: OpenVINO BF16 where
+    the CPU has AMX / AVX-512 BF16 and OpenVINO is installed, else ONNX Runtime FP32."""
+    from mmgen_deploy.cpuinfo import cpu_features
+
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ("onnxruntime", "fp32")
+    return ("openvino", "bf16") if cpu_features().native_bf16 else ("onnxruntime", "fp32")
+
+
 @pytest.fixture(scope="session")
 def tiny_config() -> ModelConfig:
     return preset("tiny")

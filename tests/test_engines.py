@@ -118,7 +118,7 @@ def test_tampered_onnx_makes_loading_refuse_as_stale(run_copy: RunDir, capsys) -
         check_engine_dir(run_copy, _rtx())
     assert "mmgen build-engine" in str(info.value) and "--runtime tensorrt-rtx" in str(info.value)
     # The runner performs the same check before touching CUDA, so it reports staleness on a CPU machine too.
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     with pytest.raises(StaleEngineError, match="stale engines"):
         TensorRTRunner.from_run_dir(run_copy.root, precision="fp16")
@@ -128,7 +128,7 @@ def test_tampered_onnx_makes_loading_refuse_as_stale(run_copy: RunDir, capsys) -
 
 
 def test_truncated_or_corrupt_plan_gives_a_clear_error(run_copy: RunDir) -> None:
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     plan = run_copy.engines_dir / RTX_DIR / "decoder.plan"
     data = plan.read_bytes()
@@ -161,7 +161,7 @@ def test_engines_from_another_runtime_version_are_refused(run_copy: RunDir) -> N
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_valid_engines_without_gpu_say_so(built_run: RunDir) -> None:
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     with pytest.raises(NotAvailableError, match="up to date, but running them needs a CUDA device"):
         TensorRTRunner.from_run_dir(built_run.root, precision="fp16")

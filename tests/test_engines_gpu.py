@@ -84,7 +84,7 @@ def test_build_with_classic_tensorrt_targets_this_gpu_and_keeps_a_timing_cache(t
 
 
 def test_every_engine_matches_pytorch_within_fp16_tolerances(engine_run) -> None:
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     runtime, run = engine_run
     config, vq, dit = run.load_models()
@@ -140,7 +140,7 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def test_full_generate_loop_matches_pytorch(engine_run) -> None:
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     runtime, run = engine_run
     config, vq, dit = run.load_models()
@@ -173,7 +173,7 @@ def test_full_generate_loop_matches_pytorch(engine_run) -> None:
 
 
 def test_cuda_graph_replay_equals_eager(engine_run) -> None:
-    from mmgen_deploy.engines.runner import TensorRTRunner
+    from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     runtime, run = engine_run
     spec = component_specs(run.load_config())["denoiser"]

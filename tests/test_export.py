@@ -21,9 +21,10 @@ from mmgen_deploy.export import (
 )
 from mmgen_deploy.export import onnx_export as onnx_export_module
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
-from mmgen_deploy.models.components import COMPONENT_NAMES
 from mmgen_deploy.rundir import save_run
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.specs import COMPONENTS, TEXT_ONLY_COMPONENTS, component_specs
+
+CLASS_COMPONENTS = tuple(c for c in COMPONENTS if c not in TEXT_ONLY_COMPONENTS)
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -73,7 +74,7 @@ def _independent_parity(config: ModelConfig, vq: VQModel, dit: DiT, folder, prec
 
 
 def _parity_loop(specs, modules, folder, precision, batches, rng, options, worst) -> None:
-    for name in COMPONENT_NAMES:
+    for name in CLASS_COMPONENTS:
         spec = specs[name]
         session = ort.InferenceSession(str(folder / precision / f"{name}.onnx"), options,
                                        providers=["CPUExecutionProvider"])
@@ -153,7 +154,7 @@ def test_export_run_writes_manifest_and_refuses_foreign_checkpoint(tmp_path, ran
     manifest = read_manifest(run.root)
     assert manifest["source_weights_sha256"] == run.weights_sha256()
     assert set(manifest["files"]) == {"fp32"}
-    for name in COMPONENT_NAMES:
+    for name in CLASS_COMPONENTS:
         entry = manifest["files"]["fp32"][name]
         path = onnx_path(run.root, "fp32", name)
         assert path.is_file() and entry["opset"] == 18

@@ -131,8 +131,8 @@ def test_ort_runner_components_match_torch(exported_tiny_run) -> None:
     from mmgen_deploy.specs import component_specs
 
     config = exported_tiny_run.load_config()
-    ort_runner = open_runner(exported_tiny_run.root, "onnxruntime", "fp32", threads=1)
-    torch_runner = open_runner(exported_tiny_run.root, "torch")
+    ort_runner, _ = open_runner(exported_tiny_run.root, "onnxruntime", "fp32", threads=1)
+    torch_runner, _ = open_runner(exported_tiny_run.root, "torch")
     assert isinstance(ort_runner, Runner)
     assert (ort_runner.backend, ort_runner.precision, ort_runner.device) == ("onnxruntime", "fp32", "cpu")
     rng = np.random.default_rng(0)
@@ -157,25 +157,29 @@ def test_torch_and_ort_fp32_images_agree(exported_tiny_run) -> None:
 
     config = exported_tiny_run.load_config()
     kwargs = dict(steps=5, sampler="ddim", cfg_scale=4.0, seed=7, batch_size=4)
-    ref = sample(open_runner(exported_tiny_run.root, "torch"), config, [0, 4, 9, 17], **kwargs)
-    ort = sample(open_runner(exported_tiny_run.root, "onnxruntime", "fp32"), config, [0, 4, 9, 17], **kwargs)
+    ref = sample(open_runner(exported_tiny_run.root, "torch")[0], config, [0, 4, 9, 17], **kwargs)
+    ort = sample(open_runner(exported_tiny_run.root, "onnxruntime", "fp32")[0], config, [0, 4, 9, 17], **kwargs)
     assert ort.backend == "onnxruntime" and ref.backend == "torch"
     assert _psnr(ref.images, ort.images) >= 40.0
     assert (ref.indices == ort.indices).mean() >= 0.99
 
 
 def test_auto_backend_prefers_onnx_runtime_when_exported(exported_tiny_run, tmp_path, random_models) -> None:
+    from conftest import cpu_auto_choice
+
     from mmgen_deploy.rundir import save_run
     from mmgen_deploy.runtime import resolve_backend
 
     choice = resolve_backend("auto", exported_tiny_run.root)
-    assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")
+    assert (choice.backend, choice.precision) == cpu_auto_choice()
+    fp32 = resolve_backend("auto", exported_tiny_run.root, "fp32")
+    assert (fp32.backend, fp32.precision) == ("onnxruntime", "fp32")
     assert any(s.startswith("tensorrt") for s in choice.skipped)
     config, vq, dit = random_models
     bare = save_run(tmp_path / "bare", config, vq, dit)
     fallback = resolve_backend("auto", bare.root)
     assert fallback.backend == "torch" and "nothing exported" in fallback.reason
-    with pytest.raises(UsageError, match="FP32 only"):
+    with pytest.raises(UsageError, match="runs FP32 or BF16"):
         resolve_backend("torch", bare.root, "fp16")
     with pytest.raises(UsageError, match="unknown backend"):
         resolve_backend("tvm", bare.root)
@@ -189,7 +193,7 @@ def test_ort_path_does_not_import_torch(exported_tiny_run) -> None:
     code = ("import sys\n"
             "from mmgen_deploy.runtime import open_runner\n"
             "from mmgen_deploy.sampling import sample\n"
-            f"r = open_runner({str(exported_tiny_run.root)!r}, 'onnxruntime', 'fp32', threads=1)\n"
+            f"r, _ = open_runner({str(exported_tiny_run.root)!r}, 'onnxruntime', 'fp32', threads=1)\n"
             "sample(r, r.config, [1], steps=2, cfg_scale=4.0)\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -229,7 +233,7 @@ def test_fp16_onnx_images_close_to_torch_fp32(exported_tiny_run, tmp_path) -> No
     export_run(copy, precisions=("fp16",), components=("denoiser", "quantizer", "decoder"))
     config = exported_tiny_run.load_config()
     kwargs = dict(steps=5, sampler="ddim", cfg_scale=4.0, seed=7, batch_size=4)
-    ref = sample(open_runner(copy, "torch"), config, [0, 4, 9, 17], **kwargs)
-    fp16 = sample(open_runner(copy, "onnxruntime", "fp16"), config, [0, 4, 9, 17], **kwargs)
+    ref = sample(open_runner(copy, "torch")[0], config, [0, 4, 9, 17], **kwargs)
+    fp16 = sample(open_runner(copy, "onnxruntime", "fp16")[0], config, [0, 4, 9, 17], **kwargs)
     assert fp16.precision == "fp16"
     assert _psnr(ref.images, fp16.images) >= 30.0

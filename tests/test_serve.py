@@ -426,7 +426,7 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
             client.close()
     # 3 steps -> 3 denoiser executions of batch 2 (conditional + unconditional), all through Triton.
     assert batch_sizes_executed(denoiser_stats) == {2: 3}
-    runner = open_runner(run.root, "onnxruntime", "fp32", threads=1)
+    runner, _choice = open_runner(run.root, "onnxruntime", "fp32", threads=1)
     try:
         reference = sample(runner, config, [3], steps=3, seed=5).images
     finally:

@@ -52,3 +52,33 @@ def test_spec_shapes_match_pytorch_outputs(random_models) -> None:
 
 def test_fp32_scopes_become_node_name_regexes() -> None:
     assert scope_regex("dit.t_embedder") == "^/dit/t_embedder/"
+
+
+def test_component_and_precision_lists_come_from_the_specs_module() -> None:
+    from mmgen_deploy.config import with_text
+    from mmgen_deploy.models import DiT, TextEncoder, VQModel
+    from mmgen_deploy.specs import (
+        COMPONENTS,
+        PIPELINE_TOLERANCES,
+        PRECISIONS,
+        RUN_PRECISIONS,
+        SAMPLING_COMPONENTS,
+        component_names,
+        sampling_components,
+    )
+
+    class_cfg, text_cfg = preset("tiny"), with_text(preset("tiny"))
+    assert component_names(text_cfg) == COMPONENTS and set(SAMPLING_COMPONENTS) < set(COMPONENTS)
+    for cfg in (class_cfg, text_cfg):
+        specs = component_specs(cfg)
+        assert tuple(specs) == component_names(cfg)  # in pipeline order
+        assert set(sampling_components(cfg)) <= set(specs)
+        for spec in specs.values():
+            assert set(spec.tolerances) == set(RUN_PRECISIONS)
+        text = TextEncoder(cfg.text) if cfg.text is not None else None
+        assert tuple(build_components(VQModel(cfg.vq), DiT(cfg.dit), text)) == component_names(cfg)
+    assert "text_encoder" not in component_names(class_cfg) and "text_encoder" in sampling_components(text_cfg)
+    assert set(PIPELINE_TOLERANCES) == set(RUN_PRECISIONS) and set(PRECISIONS) < set(RUN_PRECISIONS)
+    # The denoiser's engine profile covers guidance's doubled batch, the one the sampling loop sends.
+    denoiser = component_specs(class_cfg)["denoiser"]
+    assert denoiser.engine_profile.max == 2 * denoiser.profile.max

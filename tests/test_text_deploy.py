@@ -139,7 +139,7 @@ def test_runners_encode_prompts_like_pytorch(text_run: RunDir) -> None:
     prompts = default_prompts(text_run, tokenizer, 3)
     assert prompts == list(dict.fromkeys(load_split(DATA, "val").captions))[:3]
     reference = TorchRunner.from_run_dir(text_run.root)
-    runner = open_runner(text_run.root, "onnxruntime", "fp32")
+    runner, _choice = open_runner(text_run.root, "onnxruntime", "fp32")
     assert runner.backend == "onnxruntime"
     ref_cond = text_conditioning(reference, config, tokenizer, prompts)
     ort_cond = text_conditioning(runner, config, tokenizer, prompts)
@@ -243,7 +243,7 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     engine_set = check_engine_dir(run, load_flavour("tensorrt-rtx"))  # ONNX hashes and plans match the manifest
     assert set(engine_set.components) == {"text_encoder", "denoiser"}
     # `auto` does not pick a set that cannot sample (no quantizer / decoder engines here).
-    from mmgen_deploy.runtime import _tensorrt_check
+    from mmgen_deploy.runtime.select import _tensorrt_check
 
     assert "no quantizer, decoder engine" in str(_tensorrt_check(run.root))
 

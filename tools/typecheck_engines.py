@@ -1,4 +1,4 @@
-"""Type-check `mmgen_deploy/engines` against the installed `tensorrt-stubs`.
+"""Type-check `mmgen_deploy/engines` and the TensorRT runner against the installed `tensorrt-stubs`.
 
 The published stubs (10.13.0.35.1) are not usable by mypy as installed: `tensorrt/`
 has no py.typed marker, and `tensorrt_bindings/tensorrt.pyi` has Python syntax errors
@@ -67,7 +67,7 @@ def main() -> int:
                       "[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*]\nignore_errors = True\n")
     env = dict(os.environ, MYPYPATH=str(stub_dir))
     cmd = [sys.executable, "-m", "mypy", "--config-file", str(config), "--follow-imports=silent",
-           *(sys.argv[1:] or ["mmgen_deploy/engines"])]
+           *(sys.argv[1:] or ["mmgen_deploy/engines", "mmgen_deploy/runtime/tensorrt_runner.py"])]
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 

@@ -94,8 +94,8 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from mmgen_deploy.engines.builder import BuildOptions, build_engines
-        from mmgen_deploy.models.components import component_names
         from mmgen_deploy.rundir import RunDir
+        from mmgen_deploy.specs import component_names
 
         run = RunDir(run_dir)
         config = run.load_config()  # fail early, with the run directory's own message

@@ -9,10 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-
-# The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
-_COMPONENTS = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
-_PRECISIONS = ("fp32", "fp16")
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -94,12 +91,13 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.export.onnx_export import check_opset
 
         check_opset(opset)  # before the progress bar starts
-        precisions = _split(precision, _PRECISIONS, "--precision") or list(_PRECISIONS)
-        chosen = _split(components, _COMPONENTS, "--components")
+        precisions = _split(precision, PRECISIONS, "--precision") or list(PRECISIONS)
+        # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
+        chosen = _split(components, COMPONENTS, "--components")
         if chosen:  # before the progress bar: a class model has no text encoder to export
             from mmgen_deploy.export.exporter import normalize_selection
-            from mmgen_deploy.models.components import component_names
             from mmgen_deploy.rundir import RunDir
+            from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -111,7 +109,7 @@ def register(app: typer.Typer) -> None:
 
             manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
                                   overwrite=overwrite, calibration=calibration, progress=progress)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", _COMPONENTS)))
+        _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
         console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
                       f"(calibration: {manifest['calibration']['source']})")
         emit_json(manifest, json_out)

@@ -87,7 +87,7 @@ def generate(
 
     from mmgen_deploy.io_utils import atomic_dir, write_json
     from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.runtime import open_runner, resolve_backend
+    from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling import sample, text_conditioning
     from mmgen_deploy.sampling.loop import validate_sampling_args
     from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
@@ -117,13 +117,18 @@ def generate(
     validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            batch_size=batch_size, eta=eta)
     count = len(per_prompt) if config.uses_text else len(per_image or [])
-    choice = resolve_backend(backend, run_dir, precision, device=device)
-    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
-    _check_output_dir(target)
+    if out is not None:
+        _check_output_dir(out)
 
-    runner = open_runner(run_dir, backend, precision, device=device, threads=threads,
-                         **({"cuda_graph": True} if cuda_graph else {}))
-    choice = runner.choice  # type: ignore[attr-defined]
+    runner, choice = open_runner(run, backend, precision, device=device, threads=threads,
+                                 **({"cuda_graph": True} if cuda_graph else {}))
+    # Named after the backend that actually runs (with auto, a TensorRT load failure falls back).
+    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
+    try:
+        _check_output_dir(target)
+    except BaseException:
+        runner.close()
+        raise
     console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
     for line in choice.skipped:
         console.print(f"  [dim]skipped {line}[/]")

@@ -6,6 +6,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
@@ -55,8 +56,9 @@ def register(app: typer.Typer) -> None:
         rtol: list[str] = typer.Option([], "--rtol", help="Relative-L2 tolerance, for all outputs (0.02) or one "
                                        "(model_output=0.02); repeatable. Defaults come from the component specs."),
         atol: list[str] = typer.Option([], "--atol", help="Add a max-abs-error check, for all outputs or NAME=X."),
-        min_psnr: float | None = typer.Option(None, help="Minimum end-to-end image PSNR in dB (default: 40 for "
-                                              "fp32, 30 for fp16, 25 for bf16)."),
+        min_psnr: float | None = typer.Option(None, help="Minimum end-to-end image PSNR in dB (default: "
+                                              + ", ".join(f"{t['min_psnr']:g} for {p}"
+                                                          for p, t in PIPELINE_TOLERANCES.items()) + ")."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
         allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
@@ -71,12 +73,12 @@ def register(app: typer.Typer) -> None:
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
         from mmgen_deploy.parity.compare import ParityOptions, run_parity
-        from mmgen_deploy.runtime import BACKENDS, PRECISIONS
+        from mmgen_deploy.runtime import BACKENDS
 
         if backend not in BACKENDS or backend == "auto":
             raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
-        if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+        if precision not in RUN_PRECISIONS:
+            raise UsageError(f"unknown precision {precision!r}", f"choose {' or '.join(RUN_PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.specs import PRECISIONS
 
 # The backend the main job runs on: ONNX Runtime on the CPU, the embedded default.
 QUICKSTART_BACKEND = "onnxruntime"
@@ -61,7 +62,7 @@ def generate_prompts_stage(ctx: Any) -> str:
 def parity_stage(ctx: Any) -> str:
     """Parity of the backend the quickstart used, FP32 and FP16; a failure fails the quickstart."""
     verdicts = {}
-    for precision in ("fp32", "fp16"):
+    for precision in PRECISIONS:
         report = ctx.run.reports_dir / f"parity-{QUICKSTART_BACKEND}-{precision}.json"
         code = invoke(["parity", str(ctx.run.root), "--backend", QUICKSTART_BACKEND, "--precision", precision])
         verdicts[precision] = "PASSED" if code == 0 else "FAILED"

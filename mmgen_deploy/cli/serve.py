@@ -13,9 +13,10 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.specs import RUN_PRECISIONS
 
 _BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
-_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
 def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_delay_us: int, backend: str,

@@ -34,9 +34,8 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.models.components import component_names
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import BatchProfile, ComponentSpec, component_specs
+from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -244,7 +243,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
     if options.compute_capabilities:
         for cc in options.compute_capabilities:
             flavour.compute_capability(cc)  # validates before any work
-    if options.precision not in ("fp16", "fp32"):
+    if options.precision not in PRECISIONS:
         raise UsageError(f"unknown precision {options.precision!r}", "use fp16 (or fp32 for debugging)")
     config = run.load_config()
     available = component_names(config)
@@ -313,8 +312,8 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
                 "onnx": str(onnx.relative_to(run.root)) if onnx.is_relative_to(run.root) else str(onnx),
                 "onnx_sha256": onnx_sha,
                 "profile": shapes,
-                "inputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.inputs],
-                "outputs": [{"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in spec.outputs],
+                "inputs": [t.to_dict() for t in spec.inputs],
+                "outputs": [t.to_dict() for t in spec.outputs],
                 "fp32_graph": spec.keep_fp32,
                 "tf32": not spec.keep_fp32,  # the FP32-typed quantizer is built with TF32 off
                 "build_seconds": round(build_seconds, 4),

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmgen_deploy.engines.flavour import Flavour
-from mmgen_deploy.errors import RunDirError
+from mmgen_deploy.engines.flavour import Flavour, install_hint, installed_flavours, load_flavour
+from mmgen_deploy.errors import NotAvailableError, RunDirError
 from mmgen_deploy.io_utils import read_json, sha256_file
 from mmgen_deploy.rundir import RunDir
 
@@ -246,3 +246,25 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
             if sha256_file(plan) != entry.get("plan_sha256"):
                 raise CorruptEngineError(f"engine plan {plan} is corrupt (sha256 differs from the manifest)", rebuild)
     return EngineSet(directory=directory, manifest=manifest)
+
+
+def select_engine_set(run: RunDir, runtime: str | None, precision: str,
+                      gpu: GpuInfo | None) -> tuple[Flavour, EngineSet]:
+    """The installed flavour whose engines match this run and machine; raise the most useful reason if none."""
+    if runtime is not None:
+        flavour = load_flavour(runtime)
+        return flavour, check_engine_dir(run, flavour, gpu=gpu, precision=precision)
+    flavours = installed_flavours()
+    if not flavours:
+        raise NotAvailableError("neither TensorRT nor TensorRT-RTX is installed", install_hint("tensorrt"))
+    first_error: RunDirError | None = None
+    for flavour in flavours:
+        try:
+            return flavour, check_engine_dir(run, flavour, gpu=gpu, precision=precision)
+        except RunDirError as exc:
+            # Prefer the complaint about engines that exist for this flavour (stale/corrupt) over "none built".
+            has_own = run.engines_dir.is_dir() and any(run.engines_dir.glob(f"{flavour.runtime}-[0-9]*"))
+            if first_error is None or has_own:
+                first_error = exc
+    assert first_error is not None
+    raise first_error

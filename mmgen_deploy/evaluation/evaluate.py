@@ -89,7 +89,7 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
     heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
     specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
     tokenizer = run.load_tokenizer()
-    runner = open_runner(run.root, backend=settings.backend, precision=settings.precision)
+    runner, _choice = open_runner(run.root, backend=settings.backend, precision=settings.precision)
     try:
         started = time.perf_counter()
         condition = text_conditioning(runner, config, tokenizer, [s.caption for s in specs])
@@ -138,7 +138,7 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
         report["generation"] = _evaluate_prompts(run, spec, config, settings, progress)
         return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
-    runner = open_runner(run.root, backend=settings.backend, precision=settings.precision)
+    runner, _choice = open_runner(run.root, backend=settings.backend, precision=settings.precision)
     started = time.perf_counter()
     result = sample(runner, config, class_ids, steps=settings.steps, sampler=settings.sampler,
                     cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,

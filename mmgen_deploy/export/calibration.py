@@ -26,7 +26,7 @@ from torch import nn
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
-from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, denoiser_condition_names
+from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, Tensors, denoiser_condition_names
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -144,7 +144,7 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
         outputs = modules["text_encoder"](torch.from_numpy(input_ids))
     named = dict(zip(TEXT_OUTPUTS, outputs, strict=True))
     conditions = {name: named[name].numpy().astype(np.float32) for name in denoiser_condition_names(config.dit)}
-    return {"text_encoder": {"input_ids": input_ids}, "denoiser": conditions}
+    return {"text_encoder": {Tensors.INPUT_IDS: input_ids}, "denoiser": conditions}
 
 
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
@@ -185,17 +185,18 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     scale = np.sqrt(a[t])[:, None, None, None]
     x_t = (scale * h_np + np.sqrt(1.0 - a[t])[:, None, None, None] * noise).astype(np.float32)
     inputs = {
-        "encoder": {"image": images},
-        "quantizer": {"h": h_np},
-        "decoder": {"z_q": z_q.numpy().astype(np.float32)},
+        "encoder": {Tensors.IMAGE: images},
+        "quantizer": {Tensors.H: h_np},
+        "decoder": {Tensors.Z_Q: z_q.numpy().astype(np.float32)},
     }
     source = f"dataset images ({data.source}, {n} samples)"
     if not config.uses_text:
         labels = np.asarray(data.labels if data.labels is not None
                             else rng.integers(0, config.dit.num_classes + 1, size=n))
-        inputs["denoiser"] = {"x_t": x_t, "t": t.astype(np.float32), "class_ids": labels.astype(np.int32)}
+        inputs["denoiser"] = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32),
+                              Tensors.CLASS_IDS: labels.astype(np.int32)}
         return inputs, source
-    denoiser = {"x_t": x_t, "t": t.astype(np.float32)}
+    denoiser = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32)}
     if use_text:
         assert tokenizer is not None
         has_captions = data.captions is not None and any(c.strip() for c in data.captions)

@@ -29,7 +29,6 @@ from mmgen_deploy.export.manifest import (
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
-    PRECISIONS,
     read_manifest,
     relative_onnx_path,
     tool_versions,
@@ -45,9 +44,8 @@ from mmgen_deploy.export.onnx_export import (
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.models.components import COMPONENT_NAMES, TEXT_COMPONENT_NAMES, component_names
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import ComponentSpec, TensorSpec, component_specs
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -70,21 +68,17 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _tensor_record(tensor: TensorSpec) -> dict[str, Any]:
-    return {"name": tensor.name, "dtype": tensor.dtype, "shape": list(tensor.shape)}
-
-
 def _io_record(spec: ComponentSpec) -> dict[str, Any]:
     profile = spec.engine_profile
     return {
-        "inputs": [_tensor_record(t) for t in spec.inputs],
-        "outputs": [_tensor_record(t) for t in spec.outputs],
+        "inputs": [t.to_dict() for t in spec.inputs],
+        "outputs": [t.to_dict() for t in spec.outputs],
         "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
     }
 
 
 def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
-                        available: Sequence[str] = COMPONENT_NAMES) -> tuple[list[str], list[str]]:
+                        available: Sequence[str]) -> tuple[list[str], list[str]]:
     """Check and order the requested precisions and components; `available` is the
     model's components (`component_names(config)`: five for a text model)."""
     chosen_precisions = list(dict.fromkeys(precisions))
@@ -267,7 +261,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
             "dtypes": "timesteps float32, class ids int32, code indices int32, token ids int32 "
                       "(TensorRT has no useful int64)",
             "components": list(component_names(config)),
-            "files": {p: {c: files[p][c] for c in TEXT_COMPONENT_NAMES if c in files[p]}
+            "files": {p: {c: files[p][c] for c in COMPONENTS if c in files[p]}
                       for p in PRECISIONS if files[p]},
             "calibration": result["calibration"],
             "last_export": {"precisions": chosen_precisions, "components": chosen,

@@ -19,11 +19,11 @@ from typing import Any
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.io_utils import read_json
 from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.specs import PRECISIONS
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mmgen-onnx-export"
 MANIFEST_VERSION = 1
-PRECISIONS = ("fp32", "fp16")
 
 
 def _root(run_dir: str | os.PathLike[str] | RunDir) -> Path:

@@ -1,8 +1,6 @@
 """Native PyTorch models: the VQ autoencoder, the DiT and their deployable components."""
 
 from mmgen_deploy.models.components import (
-    COMPONENT_NAMES,
-    TEXT_COMPONENT_NAMES,
     DecoderComponent,
     DenoiserComponent,
     EncoderComponent,
@@ -10,7 +8,6 @@ from mmgen_deploy.models.components import (
     TextDenoiserComponent,
     TextEncoderComponent,
     build_components,
-    component_names,
     rerandomize_,
 )
 from mmgen_deploy.models.dit import DiT
@@ -18,8 +15,6 @@ from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
 
 __all__ = [
-    "COMPONENT_NAMES",
-    "TEXT_COMPONENT_NAMES",
     "DecoderComponent",
     "DenoiserComponent",
     "DiT",
@@ -31,6 +26,5 @@ __all__ = [
     "VQModel",
     "VectorQuantizer",
     "build_components",
-    "component_names",
     "rerandomize_",
 ]

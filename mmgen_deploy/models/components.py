@@ -1,4 +1,4 @@
-"""The four deployable components as separate modules with plain tensor I/O.
+"""The deployable components (`specs.COMPONENTS`) as separate modules with plain tensor I/O.
 
 These wrappers are what gets exported, built and compared: each takes and returns
 tensors only (no configs, no tuples of optional things), in the dtypes TensorRT wants
@@ -10,11 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
-from mmgen_deploy.specs import denoiser_condition_names
+from mmgen_deploy.specs import Tensors, denoiser_condition_names
 
 
 class EncoderComponent(nn.Module):
@@ -72,8 +71,8 @@ class TextDenoiserComponent(nn.Module):
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         given = dict(zip(self.condition_names, conditions, strict=True))
-        return self.dit(x_t, t, text=given.get("text_embeddings"), text_mask=given.get("text_mask"),
-                        text_pooled=given.get("text_pooled"))
+        return self.dit(x_t, t, text=given.get(Tensors.TEXT_EMBEDDINGS), text_mask=given.get(Tensors.TEXT_MASK),
+                        text_pooled=given.get(Tensors.TEXT_POOLED))
 
 
 class TextEncoderComponent(nn.Module):
@@ -85,15 +84,6 @@ class TextEncoderComponent(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.text_encoder(input_ids)
-
-
-COMPONENT_NAMES = ("encoder", "quantizer", "decoder", "denoiser")
-TEXT_COMPONENT_NAMES = (*COMPONENT_NAMES, "text_encoder")
-
-
-def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The deployable components of a model: four, or five with a text encoder."""
-    return TEXT_COMPONENT_NAMES if config.uses_text else COMPONENT_NAMES
 
 
 def build_components(vq: VQModel, dit: DiT, text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:

@@ -373,7 +373,7 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
                 continue
             say(f"benchmarking {backend} {precision}")
             try:
-                runner = open_runner(run.root, backend, precision)
+                runner, _choice = open_runner(run.root, backend, precision)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue

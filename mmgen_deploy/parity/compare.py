@@ -16,17 +16,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
-from mmgen_deploy.specs import ComponentSpec, component_specs, random_feeds
-
-# End-to-end thresholds per precision. Component thresholds live in the component specs;
-# these are about the whole sampling loop (errors compound over steps, so latents get
-# looser limits than single calls). PSNR limits are the ones the generate issue sets.
-PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
-    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
-    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding); set from measurement (README, BF16).
-    "bf16": {"latent_rel_l2": 1e-1, "min_index_agreement": 0.80, "min_psnr": 25.0, "min_ssim": 0.90},
-}
+from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
 
 
 @dataclass
@@ -54,7 +44,7 @@ def ensure_trained(reference: Any, config: ModelConfig) -> None:
     """Refuse an all-zero-output denoiser: a freshly initialised DiT (adaLN-Zero) matches
     any backend trivially, which proves nothing."""
     spec = component_specs(config)["denoiser"]
-    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))["model_output"]
+    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))[Tensors.MODEL_OUTPUT]
     if not np.any(out):
         raise UntrainedModelError(
             "the denoiser outputs exactly zero (a freshly initialised DiT): parity on it proves nothing",
@@ -89,7 +79,7 @@ def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any,
                 report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", diff.max_abs, max_abs, "<=",
                                  diff.to_dict()))
         else:
-            latents = feeds.get("h") if spec.name == "quantizer" else None
+            latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
             agree = index_agreement(ref, test, latents, codebook)
             limit = overrides.min_index_agreement if overrides.min_index_agreement is not None \
                 else tol.min_agreement
@@ -239,7 +229,7 @@ def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> P
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     if not options.allow_untrained:
         ensure_trained(reference, config)
-    backend = open_runner(run.root, options.backend, options.precision)
+    backend, _choice = open_runner(run.root, options.backend, options.precision)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed}

@@ -1,23 +1,33 @@
-"""The runner interface every backend implements (PyTorch, ONNX Runtime, TensorRT).
+"""The runner interface every backend implements (PyTorch, ONNX Runtime, OpenVINO, TensorRT), and its base.
 
 A runner executes one named component on NumPy feeds and returns NumPy outputs; the
 tensor names, dtypes and shapes are those of `mmgen_deploy.specs.component_specs`.
-The sampling loop only ever talks to this interface, so backends are interchangeable.
+The sampling loop only ever talks to the `Runner` interface, so backends are interchangeable.
+
+`BaseRunner` is what a backend subclasses (Polygraphy's `BaseRunner` is the model): the
+shared checks (precision, unknown component, feed names/dtypes/shapes) and the context
+manager live here once; a backend implements `_open` (load from a run directory), `_run`
+(one component on checked feeds) and `close`.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import os
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
-from mmgen_deploy.errors import MMGenError
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.specs import ComponentSpec, component_specs
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.rundir import RunDir
 
 BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
-# fp32 and fp16 name exported ONNX sets; bf16 is a runtime precision over the FP32 set (OpenVINO's
-# bf16 inference hint, torch autocast).
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16")
 
 
 @runtime_checkable
@@ -25,9 +35,14 @@ class Runner(Protocol):
     """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "openvino", "tensorrt";
     `precision` "fp32", "fp16" or "bf16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
 
-    backend: str
-    precision: str
-    device: str
+    @property
+    def backend(self) -> str: ...
+
+    @property
+    def precision(self) -> str: ...
+
+    @property
+    def device(self) -> str: ...
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run `component` ("encoder", "quantizer", "decoder", "denoiser") on `feeds`.
@@ -62,3 +77,82 @@ def check_feeds(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> int:
         if tuple(array.shape) != expected:
             raise MMGenError(f"{spec.name}.{tensor.name}: shape {tuple(array.shape)}, expected {expected}")
     return batch
+
+
+class BaseRunner(ABC):
+    """A backend: subclass it, set the class attributes, implement `_open`, `_run` and `close`.
+
+    Every backend is opened the same way, `Backend.from_run_dir(run, precision, device, **options)`;
+    options a backend does not take are ignored, so one call can carry `threads=` and
+    `cuda_graph=` whichever backend `auto` picks.
+    """
+
+    backend: ClassVar[str]
+    precisions: ClassVar[tuple[str, ...]]  # what this backend runs; the first is its default
+    precision_hint: ClassVar[str] = ""  # how to fix a precision it does not run
+    default_device: ClassVar[str] = "cpu"
+
+    def __init__(self, config: ModelConfig, precision: str, device: str) -> None:
+        self.check_precision(precision)
+        self.config = config
+        self.specs: dict[str, ComponentSpec] = component_specs(config)
+        self.precision = precision
+        self.device = device
+
+    # -- opening ----------------------------------------------------------------------
+    @classmethod
+    def check_precision(cls, precision: str) -> None:
+        if precision not in cls.precisions:
+            raise UsageError(f"the {cls.backend} backend runs {' or '.join(cls.precisions)}, not {precision!r}",
+                             cls.precision_hint or f"use --precision {cls.precisions[0]}")
+
+    @classmethod
+    def from_run_dir(cls, run: RunDir | str | os.PathLike[str], precision: str | None = None,
+                     device: str | None = None, **options: Any) -> Self:
+        """Open this backend on a run directory (`precision`/`device` None: the backend's default)."""
+        from mmgen_deploy.rundir import RunDir
+
+        precision = precision or cls.precisions[0]
+        cls.check_precision(precision)
+        run = run if isinstance(run, RunDir) else RunDir(run)
+        return cls._open(run, precision, device or cls.default_device, **options)
+
+    @classmethod
+    @abstractmethod
+    def _open(cls, run: RunDir, precision: str, device: str, **options: Any) -> Self:
+        """Load the backend's artifacts of `run`; take the options it knows, ignore the others."""
+
+    # -- running ----------------------------------------------------------------------
+    @property
+    def components(self) -> list[str]:
+        """The components this runner can run (a TensorRT set may hold only some)."""
+        return list(self.specs)
+
+    def spec_of(self, component: str) -> ComponentSpec:
+        """The spec of `component`, refused in one line when this runner cannot run it."""
+        spec = self.specs.get(component)
+        if spec is None or component not in self.components:
+            raise self._unknown_component(component)
+        return spec
+
+    def _unknown_component(self, component: str) -> MMGenError:
+        return UsageError(f"unknown component {component!r}", f"one of {', '.join(self.components)}")
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.spec_of(component)
+        check_feeds(spec, feeds)  # names, dtypes and shapes, with a message naming the tensor
+        return self._run(spec, feeds)
+
+    @abstractmethod
+    def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one component on feeds already checked against its spec."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release sessions, engines and device memory (idempotent)."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

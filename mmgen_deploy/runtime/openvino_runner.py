@@ -23,16 +23,20 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
-from mmgen_deploy.runtime.base import check_feeds
-from mmgen_deploy.specs import ComponentSpec, component_specs
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.specs import RUN_PRECISIONS, RUNTIME_PRECISIONS, ComponentSpec
 
-# precision -> (the ONNX set it reads, OpenVINO's INFERENCE_PRECISION_HINT)
-OPENVINO_PRECISIONS: dict[str, tuple[str, str]] = {
-    "fp32": ("fp32", "f32"),
-    "bf16": ("fp32", "bf16"),
-    "fp16": ("fp32", "f16"),
-    "int8": ("int8", "f32"),  # a quantized (Q/DQ) set: OpenVINO runs its quantized ops in INT8
-}
+# precision -> OpenVINO's INFERENCE_PRECISION_HINT. The graph is the FP32 set for fp32 and the
+# runtime precisions (bf16; fp16 too: OpenVINO lowers it itself, on GPUs and NPUs), else the set of
+# that name (a quantized Q/DQ int8 set: OpenVINO runs its quantized ops in INT8, the rest in f32).
+HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
+
+
+def onnx_set_of(precision: str) -> str:
+    """The exported ONNX set OpenVINO reads for `precision`."""
+    return "fp32" if precision == "fp16" else RUNTIME_PRECISIONS.get(precision, precision)
+
 BATCH_MODES = ("static", "dynamic")
 # Compiled batch sizes kept per component (the sampling loop uses one or two).
 _KEEP_BATCHES = 4
@@ -80,7 +84,7 @@ class _Component:
     batches: OrderedDict[int, _Compiled] = field(default_factory=OrderedDict)
 
 
-class OpenVinoRunner:
+class OpenVinoRunner(BaseRunner):
     """Runs RUN_DIR/onnx/fp32/ (or the int8 set) with OpenVINO.
 
     `device` cpu (default), gpu, gpu.N or npu, where OpenVINO finds them; `threads` sets
@@ -89,16 +93,15 @@ class OpenVinoRunner:
     """
 
     backend = "openvino"
+    precisions = tuple(p for p in RUN_PRECISIONS if p in HINTS)
+    precision_hint = "use --precision bf16 (CPUs with AMX / AVX-512 BF16) or fp32"
 
-    def __init__(self, run_dir: str | os.PathLike[str], precision: str = "fp32", *, device: str = "cpu",
+    def __init__(self, run_dir: str | os.PathLike[str] | RunDir, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, batch_mode: str = "static",
                  cache_dir: str | os.PathLike[str] | None = None) -> None:
-        from mmgen_deploy.rundir import RunDir
         from mmgen_deploy.runtime.ort_runner import check_not_stale
 
-        if precision not in OPENVINO_PRECISIONS:
-            raise UsageError(f"OpenVINO runs {', '.join(OPENVINO_PRECISIONS)}, not {precision!r}",
-                             "use --precision bf16 (CPUs with AMX / AVX-512 BF16) or fp32")
+        self.check_precision(precision)
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         if batch_mode not in BATCH_MODES:
@@ -112,12 +115,9 @@ class OpenVinoRunner:
                 and not (self.ov_device == "GPU" and any(d.startswith("GPU") for d in available)):
             raise NotAvailableError(f"OpenVINO finds no {self.ov_device} device here (it finds {', '.join(available)})",
                                     "use --device cpu, or install the device's OpenVINO driver")
-        self.device = self.ov_device.lower()
-        self.run_dir = RunDir(run_dir)
-        self.config = self.run_dir.load_config()
-        self.specs = component_specs(self.config)
-        self.precision = precision
-        onnx_set, self.hint = OPENVINO_PRECISIONS[precision]
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        super().__init__(self.run_dir.load_config(), precision, self.ov_device.lower())
+        onnx_set, self.hint = onnx_set_of(precision), HINTS[precision]
         self._check_hint_supported()
         self.directory: Path = self.run_dir.onnx_dir / onnx_set
         if not self.directory.is_dir():
@@ -131,9 +131,10 @@ class OpenVinoRunner:
         self._components: dict[str, _Component] = {}
 
     @classmethod
-    def from_run_dir(cls, run_dir: str | os.PathLike[str], precision: str = "fp32", device: str = "cpu",
-                     **options: Any) -> OpenVinoRunner:
-        return cls(run_dir, precision, device=device, **options)
+    def _open(cls, run: RunDir, precision: str, device: str, *, threads: int | None = None,
+              batch_mode: str = "static", cache_dir: str | os.PathLike[str] | None = None,
+              **_other: Any) -> OpenVinoRunner:
+        return cls(run, precision, device=device, threads=threads, batch_mode=batch_mode, cache_dir=cache_dir)
 
     def _check_hint_supported(self) -> None:
         if self.hint == "f32" or self.ov_device == "AUTO":
@@ -157,13 +158,11 @@ class OpenVinoRunner:
                 config["INFERENCE_NUM_THREADS"] = self.threads
         return config
 
-    def _component(self, component: str) -> _Component:
+    def _component(self, spec: ComponentSpec) -> _Component:
+        component = spec.name
         item = self._components.get(component)
         if item is not None:
             return item
-        spec = self.specs.get(component)
-        if spec is None:
-            raise UsageError(f"unknown component {component!r}", f"one of {', '.join(self.specs)}")
         path = self.directory / f"{component}.onnx"
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
@@ -218,9 +217,9 @@ class OpenVinoRunner:
         item.batches[batch] = entry
         return entry
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        item = self._component(component)
-        batch = check_feeds(item.spec, feeds)
+    def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        item = self._component(spec)
+        batch = int(feeds[spec.inputs[0].name].shape[0])
         entry = self._compiled(item, batch)
         ov = self._ov
         for name, port in entry.inputs.items():

@@ -10,29 +10,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
-from mmgen_deploy.runtime.base import PRECISIONS, check_feeds
-from mmgen_deploy.specs import ComponentSpec, component_specs
-
-if TYPE_CHECKING:
-    from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.specs import PRECISIONS, ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
 
 
-def onnx_set_dir(run_dir: str | os.PathLike[str], precision: str) -> Path:
+def onnx_set_dir(run_dir: str | os.PathLike[str] | RunDir, precision: str) -> Path:
     """RUN_DIR/onnx/<precision>: where `mmgen export` writes the ONNX files."""
-    from mmgen_deploy.rundir import RunDir
-
-    return RunDir(run_dir).onnx_dir / precision
+    return (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).onnx_dir / precision
 
 
-def missing_onnx(run_dir: str | os.PathLike[str], precision: str, components: tuple[str, ...]) -> list[Path]:
+def missing_onnx(run_dir: str | os.PathLike[str] | RunDir, precision: str,
+                 components: tuple[str, ...]) -> list[Path]:
     directory = onnx_set_dir(run_dir, precision)
     return [directory / f"{name}.onnx" for name in components if not (directory / f"{name}.onnx").is_file()]
 
@@ -77,7 +74,7 @@ class _Session:
         self.bindings: dict[int, tuple[Any, dict[str, tuple[Any, np.ndarray | None]]]] = {}
 
 
-class OrtRunner:
+class OrtRunner(BaseRunner):
     """Runs the ONNX set RUN_DIR/onnx/<precision>/ with ONNX Runtime.
 
     `device` "cpu" uses the CPU execution provider (`threads` sets intra-op threads);
@@ -86,26 +83,20 @@ class OrtRunner:
     """
 
     backend = "onnxruntime"
+    precisions = PRECISIONS
+    precision_hint = "for BF16 use --backend openvino --precision bf16 (or --backend torch --precision bf16)"
 
-    def __init__(self, run_dir: str | os.PathLike[str], precision: str = "fp32", *, device: str = "cpu",
+    def __init__(self, run_dir: str | os.PathLike[str] | RunDir, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
-        from mmgen_deploy.rundir import RunDir
-
-        if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
-        if precision == "bf16":
-            raise UsageError("ONNX Runtime has no BF16 path for these graphs",
-                             "use --backend openvino --precision bf16 (or --backend torch --precision bf16)")
+        self.check_precision(precision)
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         self._ort = ort
-        self.run_dir = RunDir(run_dir)
-        self.config = self.run_dir.load_config()
-        self.specs = component_specs(self.config)
-        self.precision = precision
-        self.directory = onnx_set_dir(run_dir, precision)
+        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+        self.directory = onnx_set_dir(self.run_dir, precision)
+        config = self.run_dir.load_config()
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
@@ -118,18 +109,21 @@ class OrtRunner:
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             else:
                 providers = ["CPUExecutionProvider"]
+        super().__init__(config, precision, "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu")
         self.providers = providers
-        self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.threads = threads
         self._sessions: dict[str, _Session] = {}
 
-    def _session(self, component: str) -> _Session:
+    @classmethod
+    def _open(cls, run: RunDir, precision: str, device: str, *, threads: int | None = None,
+              providers: list[str] | None = None, **_other: Any) -> OrtRunner:
+        return cls(run, precision, device=device, threads=threads, providers=providers)
+
+    def _session(self, spec: ComponentSpec) -> _Session:
+        component = spec.name
         item = self._sessions.get(component)
         if item is not None:
             return item
-        spec = self.specs.get(component)
-        if spec is None:
-            raise UsageError(f"unknown component {component!r}", f"one of {', '.join(self.specs)}")
         path = self.directory / f"{component}.onnx"
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
@@ -176,9 +170,9 @@ class OrtRunner:
         item.bindings[batch] = (binding, outputs)
         return binding, outputs
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        item = self._session(component)
-        batch = check_feeds(item.spec, feeds)
+    def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        item = self._session(spec)
+        batch = int(feeds[spec.inputs[0].name].shape[0])
         binding, outputs = self._binding(item, batch)
         for name, array in feeds.items():
             want = item.input_types.get(name)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import denoiser_condition_names
+from mmgen_deploy.specs import Tensors, denoiser_condition_names
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -57,8 +57,8 @@ def class_conditioning(config: ModelConfig, class_ids: Sequence[int]) -> Conditi
     bad = sorted({c for c in ids if not 0 <= c < num_classes})
     if bad:
         raise UsageError(f"class id(s) {bad} out of range", f"valid ids are 0..{num_classes - 1}")
-    return Conditioning(feeds={"class_ids": np.asarray(ids, dtype=np.int32)},
-                        null_feeds={"class_ids": np.asarray([num_classes], dtype=np.int32)}, class_ids=ids)
+    return Conditioning(feeds={Tensors.CLASS_IDS: np.asarray(ids, dtype=np.int32)},
+                        null_feeds={Tensors.CLASS_IDS: np.asarray([num_classes], dtype=np.int32)}, class_ids=ids)
 
 
 def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokenizer,
@@ -76,7 +76,7 @@ def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokeni
     started = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(distinct), max_batch):
-        out = runner.run("text_encoder", {"input_ids": encoding.input_ids[start:start + max_batch]})
+        out = runner.run("text_encoder", {Tensors.INPUT_IDS: encoding.input_ids[start:start + max_batch]})
         for name in names:
             parts[name].append(np.array(out[name], dtype=np.float32, copy=True))  # runners may reuse buffers
     seconds = time.perf_counter() - started

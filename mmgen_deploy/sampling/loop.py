@@ -22,6 +22,7 @@ import numpy as np
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
+from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -144,12 +145,12 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     for start in range(0, n, batch_size):
         stop = min(start + batch_size, n)
         b = stop - start
-        mult = 2 if guided else 1
+        mult = GUIDANCE_BATCH_MULTIPLIER if guided else 1
         # Per-batch buffers, reused by every step of the batch.
         x = noise[start:stop].copy()
         x_in = np.empty((mult * b, channels, size, size), dtype=np.float32)
         t_in = np.empty((mult * b,), dtype=np.float32)
-        feeds = {"x_t": x_in, "t": t_in}
+        feeds = {Tensors.X_T: x_in, Tensors.T: t_in}
         for name, values in conditioning.feeds.items():  # constant over the steps of the batch
             both = np.empty((mult * b, *values.shape[1:]), dtype=values.dtype)
             both[:b] = values[start:stop]
@@ -167,7 +168,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
                 x_in[b:] = x
             t_in.fill(scheduler.model_timesteps[i])
             call_start = time.perf_counter()
-            out = runner.run("denoiser", feeds)["model_output"]
+            out = runner.run("denoiser", feeds)[Tensors.MODEL_OUTPUT]
             denoise_model_s += time.perf_counter() - call_start
             if guided:
                 # eps = eps_uncond + s (eps_cond - eps_uncond), on the noise channels only.
@@ -190,13 +191,13 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         denoise_s += time.perf_counter() - loop_start
 
         call_start = time.perf_counter()
-        quant = runner.run("quantizer", {"h": x})
-        decoded = runner.run("decoder", {"z_q": quant["z_q"]})["image"]
+        quant = runner.run("quantizer", {Tensors.H: x})
+        decoded = runner.run("decoder", {Tensors.Z_Q: quant[Tensors.Z_Q]})[Tensors.IMAGE]
         model_s += time.perf_counter() - call_start
         if images_f is None:
             images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
         latents[start:stop] = x
-        indices[start:stop] = quant["indices"]
+        indices[start:stop] = quant[Tensors.INDICES]
         images_f[start:stop] = decoded
 
     assert images_f is not None

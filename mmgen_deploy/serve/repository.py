@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from mmgen_deploy.errors import NotAvailableError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.serve import MODEL_NAME
+from mmgen_deploy.specs import SAMPLING_COMPONENTS
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -39,7 +40,7 @@ INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = ("denoiser", "quantizer", "decoder")  # what sample() calls
+ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 

@@ -114,18 +114,18 @@ class TritonPythonModel:
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
         self.runner: Any
+        choice = None
         if use_bls:
             from mmgen_deploy.specs import component_specs
 
             self.runner = TritonComponentRunner(component_specs(self.config), params.get("component_prefix", "mmgen_"))
         else:
-            self.runner = open_runner(run_dir, params.get("backend", "auto"),
+            self.runner, choice = open_runner(run_dir, params.get("backend", "auto"),
                                       None if precision == "auto" else precision, threads=threads or None)
         self._sample: Any = sample  # Any: `seeds=` is only passed where sample() accepts it
         # With per-image seeds, one call samples a whole group; without (an older sample()), each
         # image is sampled alone with its seed, which gives the same image, just unbatched.
         self._per_image_seeds = "seeds" in inspect.signature(sample).parameters
-        choice = getattr(self.runner, "choice", None)
         described = choice.describe() if choice is not None else getattr(self.runner, "backend", "?")
         pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}; {described}; {self.num_classes} classes; "
                                  f"sampler {self.sampler}; batched seeds: {self._per_image_seeds}")

@@ -1,4 +1,4 @@
-"""Run the engine set: the TensorRT backend of the common runner interface.
+"""TensorRT / TensorRT-RTX backend: runs the engine set that `mmgen_deploy.engines` built and checked.
 
 Buffers are torch CUDA tensors (no pycuda): `set_input_shape` + `set_tensor_address`
 + `execute_async_v3` on one explicit stream. All engines run one after another on
@@ -13,27 +13,25 @@ Artifact checks (manifest, runtime version, ONNX hashes, plan integrity) all run
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from mmgen_deploy.engines.flavour import Flavour, install_hint, installed_flavours, load_flavour
+from mmgen_deploy.engines.flavour import Flavour
 from mmgen_deploy.engines.manifest import (
     CorruptEngineError,
     EngineSet,
-    GpuInfo,
-    check_engine_dir,
     current_gpu,
     rebuild_command,
+    select_engine_set,
 )
-from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
+from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.io_utils import atomic_path
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.runtime.base import check_feeds
-from mmgen_deploy.specs import ComponentSpec, component_specs
+from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.specs import ComponentSpec
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -42,28 +40,6 @@ if TYPE_CHECKING:
 # TensorRT DataType names -> torch dtype names (same names in TRT 10.x, 11.x and RTX).
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32", "INT64": "int64",
                  "INT8": "int8", "UINT8": "uint8", "BOOL": "bool"}
-
-
-def select_engine_set(run: RunDir, runtime: str | None, precision: str,
-                      gpu: GpuInfo | None) -> tuple[Flavour, EngineSet]:
-    """The installed flavour whose engines match this run and machine; raise the most useful reason if none."""
-    if runtime is not None:
-        flavour = load_flavour(runtime)
-        return flavour, check_engine_dir(run, flavour, gpu=gpu, precision=precision)
-    flavours = installed_flavours()
-    if not flavours:
-        raise NotAvailableError("neither TensorRT nor TensorRT-RTX is installed", install_hint("tensorrt"))
-    first_error: RunDirError | None = None
-    for flavour in flavours:
-        try:
-            return flavour, check_engine_dir(run, flavour, gpu=gpu, precision=precision)
-        except RunDirError as exc:
-            # Prefer the complaint about engines that exist for this flavour (stale/corrupt) over "none built".
-            has_own = run.engines_dir.is_dir() and any(run.engines_dir.glob(f"{flavour.runtime}-[0-9]*"))
-            if first_error is None or has_own:
-                first_error = exc
-    assert first_error is not None
-    raise first_error
 
 
 @dataclass
@@ -81,21 +57,23 @@ class _Engine:
     graphs: dict[int, _Graph] = field(default_factory=dict)
 
 
-class TensorRTRunner:
+class TensorRTRunner(BaseRunner):
     """Runs components on their TensorRT / TensorRT-RTX engines; numpy in, numpy out (plus a torch fast path)."""
 
     backend = "tensorrt"
+    precisions = ("fp16",)
+    precision_hint = "TensorRT engines are built from the fp16 ONNX set: use --precision fp16 with the tensorrt backend"
+    default_device = "cuda"
 
     def __init__(self, run: RunDir, flavour: Flavour, engine_set: EngineSet, *, precision: str = "fp16",
                  cuda_graph: bool = False, share_memory: bool = True, device_index: int = 0,
                  verbose: bool = False) -> None:
         import torch
 
+        super().__init__(run.load_config(), precision, f"cuda:{device_index}")
         self.run_dir = run
         self.flavour = flavour
         self.engine_set = engine_set
-        self.precision = precision
-        self.device = f"cuda:{device_index}"
         self.cuda_graph = cuda_graph
         self.share_memory = share_memory
         self._torch_device = torch.device(self.device)
@@ -103,7 +81,6 @@ class TensorRTRunner:
         self._stream = torch.cuda.Stream(device=self._torch_device)
         self._logger = flavour.logger(verbose)
         self._runtime: trt.Runtime = flavour.trt.Runtime(self._logger)
-        specs = component_specs(run.load_config())
         self._engines: dict[str, _Engine] = {}
         self._activation_block: torch.Tensor | None = None
 
@@ -137,19 +114,15 @@ class TensorRTRunner:
             if self._activation_block is not None:
                 flavour.set_device_memory(context, self._activation_block.data_ptr(),
                                           self._activation_block.numel())
-            self._engines[name] = _Engine(spec=specs[name], engine=engine, context=context)
+            self._engines[name] = _Engine(spec=self.specs[name], engine=engine, context=context)
 
     # -- construction -----------------------------------------------------------------
     @classmethod
-    def from_run_dir(cls, run_dir: str | os.PathLike[str] | RunDir, precision: str = "fp16", *,
-                     runtime: str | None = None, cuda_graph: bool = False, share_memory: bool = True,
-                     device: str = "cuda", verbose: bool = False, **_ignored: Any) -> TensorRTRunner:
+    def _open(cls, run: RunDir, precision: str, device: str, *, runtime: str | None = None,
+              cuda_graph: bool = False, share_memory: bool = True, verbose: bool = False,
+              **_other: Any) -> TensorRTRunner:
         """Check the engine set against this machine (no CUDA), then load it on the GPU."""
-        run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         run.load_config()
-        if precision != "fp16":
-            raise UsageError(f"TensorRT engines are built from the fp16 ONNX set, not {precision}",
-                             "use --precision fp16 with the tensorrt backend")
         gpu = current_gpu()  # torch.cuda.is_available(): no context is created
         flavour, engine_set = select_engine_set(run, runtime, precision, gpu)
         if gpu is None:
@@ -180,11 +153,12 @@ class TensorRTRunner:
     def components(self) -> list[str]:
         return list(self._engines)
 
+    def _unknown_component(self, component: str) -> MMGenError:
+        return UsageError(f"no {component} engine in {self.engine_set.directory}",
+                          f"available: {', '.join(self._engines)}")
+
     def _engine(self, component: str) -> _Engine:
-        if component not in self._engines:
-            raise UsageError(f"no {component} engine in {self.engine_set.directory}",
-                             f"available: {', '.join(self._engines)}")
-        return self._engines[component]
+        return self._engines[self.spec_of(component).name]
 
     def _check_batch(self, item: _Engine, batch: int) -> None:
         profile = item.spec.engine_profile
@@ -270,14 +244,12 @@ class TensorRTRunner:
         captured.graph.replay()
         return {n: t.clone() for n, t in captured.outputs.items()}
 
-    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The common runner interface: numpy in, numpy out (dtypes as in the component spec)."""
         import torch
 
-        spec = self._engine(component).spec
-        check_feeds(spec, feeds)  # names, dtypes and shapes, with a message naming the tensor
         tensors = {name: torch.from_numpy(np.ascontiguousarray(value)) for name, value in feeds.items()}
-        outputs = self.run_torch(component, tensors)
+        outputs = self.run_torch(spec.name, tensors)
         return {name: outputs[name].cpu().numpy().astype(spec.io(name).dtype, copy=False)
                 for name in spec.output_names}
 
@@ -304,9 +276,3 @@ class TensorRTRunner:
         self._engines.clear()
         self._keepalive.clear()
         self._activation_block = None
-
-    def __enter__(self) -> TensorRTRunner:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
