@@ -11,7 +11,7 @@ import pytest
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.runtime import BaseRunner, Runner, open_runner, runner_class
-from mmgen_deploy.specs import PRECISIONS, component_specs
+from mmgen_deploy.specs import RUN_PRECISIONS, component_specs
 
 CONCRETE = ("torch", "onnxruntime", "openvino", "tensorrt")
 
@@ -22,7 +22,7 @@ def test_every_backend_is_a_base_runner_with_one_constructor_shape() -> None:
         assert issubclass(cls, BaseRunner) and cls.backend == name
         # One way in: the base's from_run_dir (backends implement _open, not their own from_run_dir).
         assert cls.from_run_dir.__func__ is BaseRunner.from_run_dir.__func__  # type: ignore[attr-defined]
-        assert set(cls.precisions) <= set(PRECISIONS)
+        assert set(cls.precisions) <= set(RUN_PRECISIONS)
     params = list(inspect.signature(BaseRunner.from_run_dir).parameters)
     assert params[:3] == ["run", "precision", "device"]
     with pytest.raises(UsageError, match="unknown backend"):
