@@ -193,3 +193,40 @@ def test_auto_falls_back_cleanly_without_openvino(exported_tiny_run, tmp_path) -
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert out.returncode == 1 and len(errors) == 1 and "OpenVINO is not installed" in errors[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# -- bf16 parity: passes on the exported graph, fails on a perturbed one --------------------------
+
+def _perturb(onnx_path, initializer: str, scale: float) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    (init,) = [i for i in model.graph.initializer if i.name == initializer]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(scale), initializer))
+    onnx.save(model, str(onnx_path))
+
+
+@pytest.mark.parametrize("perturbed", [False, True], ids=["exported", "perturbed"])
+@needs_openvino
+def test_openvino_bf16_parity_passes_and_catches_a_perturbed_graph(exported_tiny_run, tmp_path,
+                                                                    perturbed: bool) -> None:
+    """The spec's bf16 tolerances are loose enough for BF16 rounding and tight enough for a real bug:
+    the patch embedding's weights scaled by 1.08 in the denoiser graph (rel. L2 ~4e-2 in FP32) fail."""
+    import shutil
+
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, run)
+    if perturbed:
+        _perturb(run / "onnx" / "fp32" / "denoiser.onnx", "dit.x_embedder.proj.weight", 1.08)
+    report = run_parity(run, ParityOptions(backend="openvino", precision="bf16", batches=(1, 3), steps=3,
+                                           num_images=2, end_to_end=not perturbed,
+                                           components=("denoiser", "quantizer", "decoder")))
+    failed = sorted({c.group for c in report.checks if not c.passed})
+    if perturbed:
+        assert not report.passed and failed == ["denoiser"], failed
+    else:
+        assert report.passed, [(c.group, c.name, c.value, c.threshold) for c in report.checks if not c.passed]
+        assert any(c.group == "end-to-end" for c in report.checks)
