@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 from mmgen_deploy.config import ModelConfig, preset
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
+
+# OpenVINO's compiled-model cache (and any other mmgen cache) goes to a temporary folder, not ~/.cache.
+os.environ["MMGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgen-test-cache-")
 
 # Two cores: keep torch from oversubscribing them in the test process.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

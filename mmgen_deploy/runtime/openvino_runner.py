@@ -43,6 +43,18 @@ _KEEP_BATCHES = 4
 _INSTALL_HINT = "pip install 'mmgen-deploy[openvino]' (or pip install openvino)"
 
 
+def default_cache_dir() -> Path | None:
+    """Where compiled models are cached across processes: $MMGEN_CACHE_DIR/openvino, else
+    $XDG_CACHE_HOME/mmgen/openvino, else ~/.cache/mmgen/openvino; MMGEN_CACHE_DIR="" turns it off.
+    OpenVINO keys each blob by the model, the device and the compile options, so a re-export or
+    another precision compiles anew."""
+    root = os.environ.get("MMGEN_CACHE_DIR")
+    if root is not None:
+        return Path(root) / "openvino" if root else None
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "mmgen" / "openvino"
+
+
 def import_openvino() -> Any:
     try:
         import openvino
@@ -89,7 +101,8 @@ class OpenVinoRunner(BaseRunner):
 
     `device` cpu (default), gpu, gpu.N or npu, where OpenVINO finds them; `threads` sets
     INFERENCE_NUM_THREADS; `batch_mode` "static" (reshape per batch) or "dynamic";
-    `cache_dir` turns on OpenVINO's compiled-model cache (later processes skip compilation).
+    `cache_dir` is OpenVINO's compiled-model cache, so later processes load instead of compiling
+    (default `default_cache_dir()`; "" turns it off).
     """
 
     backend = "openvino"
@@ -100,6 +113,8 @@ class OpenVinoRunner(BaseRunner):
                  threads: int | None = None, batch_mode: str = "static",
                  cache_dir: str | os.PathLike[str] | None = None) -> None:
         from mmgen_deploy.runtime.ort_runner import check_not_stale
+
+        cache = default_cache_dir() if cache_dir is None else (Path(cache_dir) if str(cache_dir) else None)
 
         self.check_precision(precision)
         if threads is not None and threads < 1:
@@ -126,8 +141,13 @@ class OpenVinoRunner(BaseRunner):
         check_not_stale(self.run_dir)
         self.threads = threads
         self.batch_mode = batch_mode
-        if cache_dir is not None:
-            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.cache_dir = cache
+        if cache is not None:
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+                self.core.set_property({"CACHE_DIR": str(cache)})
+            except OSError:
+                self.cache_dir = None  # a read-only home: compile every time rather than fail
         self._components: dict[str, _Component] = {}
 
     @classmethod
