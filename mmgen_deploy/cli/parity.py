@@ -109,6 +109,9 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
         steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
         cfg_scale: float = typer.Option(4.0, help="Guidance scale (> 1 doubles the denoiser batch)."),
+        components: str | None = typer.Option(None, "--components", "-c", help="Comma-separated components to "
+                                              "time one by one (default all; e.g. denoiser,quantizer,decoder skips "
+                                              "the encoder, which generation does not run)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write results as JSON."),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
     ) -> None:
@@ -122,9 +125,15 @@ def register(app: typer.Typer) -> None:
         precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
         if runs < 1 or warmup < 0 or steps < 1:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
+        from mmgen_deploy.specs import COMPONENTS
+
+        component_list = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        unknown = [c for c in component_list or () if c not in COMPONENTS]
+        if unknown:
+            raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(COMPONENTS)}")
         result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch, "--batch"), runs=runs,
                            warmup=warmup, steps=steps, cfg_scale=cfg_scale,
-                           progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+                           progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list)
         if json_out != "-":
             stdout_console.print(result.table())
         emit_json(result.to_dict(), json_out)

@@ -170,9 +170,10 @@ def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
 
 def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
                   steps: int, cfg_scale: float, tokenizer: Any = None,
-                  prompts: Sequence[str] | None = None) -> BackendResult:
+                  prompts: Sequence[str] | None = None, components: Sequence[str] | None = None) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
-    the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does)."""
+    the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does).
+    `components`: time only these per component (default all; sampling always runs what it needs)."""
     from mmgen_deploy.sampling import sample, text_conditioning
 
     result = BackendResult(backend=runner.backend, precision=runner.precision,
@@ -182,6 +183,8 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
     guided = cfg_scale != 1.0
     reset_peak_rss()
     for name, spec in specs.items():
+        if components is not None and name not in components:
+            continue
         result.components[name] = {}
         for batch in batches:
             # What the sampling loop really feeds: the denoiser runs cond + uncond together.
@@ -279,6 +282,7 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
+                lat = {n: lat.get(n, "-") for n in ("encoder", "quantizer", "decoder", "denoiser", *lat)}
                 text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
                 peak = self.peak_for(res)
                 split = res.time_split.get(batch)
@@ -345,7 +349,8 @@ def machine_description() -> str:
 
 
 def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
-              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
+              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
+              components: Sequence[str] | None = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError, UsageError
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
@@ -380,7 +385,7 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
             try:
                 result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
                                                      steps=steps, cfg_scale=cfg_scale, tokenizer=tokenizer,
-                                                     prompts=prompts))
+                                                     prompts=prompts, components=components))
             finally:
                 runner.close()
     return result
