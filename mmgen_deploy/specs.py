@@ -177,10 +177,11 @@ def _tol(fp32: float, fp16: float, bf16: float, names: tuple[str, ...]) -> dict[
 
 # BF16 (OpenVINO's bf16 hint on the FP32 graph, torch autocast) keeps 8 mantissa bits (unit roundoff
 # 2**-9 = 2e-3), rounding weights and activations of every matmul and convolution; errors add up over
-# a component's depth. Set from measurement (worst relative L2 over batches 1, 3, 16 on random and real
-# inputs, OpenVINO 2026.4 and torch 2.13 autocast, AMX CPU), with ~2x headroom:
-#   quickstart model: encoder 1.6e-2 / decoder 2.0e-2 / denoiser 7.6e-3 (re-randomised tiny: same order)
-BF16_REL_L2 = {"encoder": 4e-2, "decoder": 4e-2, "denoiser": 2e-2, "text_encoder": 2e-2}
+# a component's depth. Set from measurement with ~2x headroom: worst relative L2 over batches 1 and 3
+# on random and real inputs, OpenVINO 2026.4 bf16 (torch 2.13 autocast is within these too), AMX CPU,
+# re-randomised tiny class and text runs: encoder 1.9e-2, decoder 3.4e-2 (real codes), denoiser 8.0e-3,
+# text encoder 6.8e-3 (the quickstart figures are in the README).
+BF16_REL_L2 = {"encoder": 4e-2, "decoder": 7e-2, "denoiser": 2e-2, "text_encoder": 2e-2}
 
 
 # End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
