@@ -19,9 +19,6 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	# The stubs declare a dependency on the real tensorrt, which is not on PyPI.
 	$(BIN)/pip install -q --no-deps tensorrt-stubs
-	# The Triton Python-backend stub in nvidia-pytriton needs numpy<2; `mmgen serve` puts this
-	# private copy first on the stub's path and leaves the main environment on numpy 2.
-	$(BIN)/pip install -q --target $(VENV)/mmgen-serve/numpy1 "numpy<2"
 	touch $@
 
 demo: venv

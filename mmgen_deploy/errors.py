@@ -28,6 +28,12 @@ class RunDirError(MMGenError):
     """A run directory that is missing, incomplete, corrupt or of another model."""
 
 
+class RunDirBusyError(RunDirError):
+    """Another process is writing into the run directory. Exit code 75 (EX_TEMPFAIL): retrying later can work."""
+
+    exit_code = 75
+
+
 class UsageError(MMGenError):
     """Invalid command-line input (bad numbers, unknown names)."""
 

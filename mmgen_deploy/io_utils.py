@@ -1,4 +1,4 @@
-"""Small file helpers: atomic writes, hashing, JSON."""
+"""Small file helpers: atomic writes, hashing, JSON, leftovers of killed writers, an exclusive lock."""
 
 from __future__ import annotations
 
@@ -6,9 +6,12 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,3 +72,159 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# -- leftovers of interrupted writers -------------------------------------------------------------------------
+
+# `atomic_path` / `atomic_dir` name their temporaries `.<target>.<8 random chars>.tmp` (tempfile's
+# alphabet) and `atomic_dir` parks the replaced target as `.<target>.old` during the swap.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+_OLD_NAME = re.compile(r"^\.(?P<target>.+)\.old$")
+
+
+@dataclass(frozen=True)
+class Leftover:
+    """A temporary file or folder that an interrupted (killed) writer left behind, and what was done with it."""
+
+    path: Path
+    bytes: int
+    action: str  # "removed" or "restored"
+
+    def describe(self) -> str:
+        if self.action == "restored":
+            return (f"restored {self.path.with_name(self.path.name[1:-4])} from {self.path.name}, the copy an "
+                    "interrupted replacement had set aside")
+        return f"removed {self.path} ({format_bytes(self.bytes)}), left behind by an interrupted command"
+
+
+def format_bytes(count: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count} B"
+
+
+def tree_bytes(path: Path) -> int:
+    """Bytes of a file, or of every file under a folder (links not followed)."""
+    if path.is_symlink() or path.is_file():
+        return path.lstat().st_size
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, name)).st_size
+    return total
+
+
+def _is_absent(path: Path, ignore: frozenset[str]) -> bool:
+    return not path.exists() or (path.is_dir() and all(p.name in ignore for p in path.iterdir()))
+
+
+def sweep_leftovers(folder: Path, *, recurse: bool = True, only_target: str | None = None,
+                    ignore: frozenset[str] = frozenset()) -> list[Leftover]:
+    """Remove the temporaries of `atomic_path` / `atomic_dir` found in `folder` (and below it).
+
+    Call this only while no other writer can be working in `folder` (hold its lock): every
+    match is then the leftover of a killed process. A `.<name>.old` whose `<name>` is gone
+    (killed between the two renames of `atomic_dir`) is renamed back, so the previous
+    version returns; one whose `<name>` exists is removed. `only_target` limits the sweep
+    to temporaries of that one name (used for a run directory's own siblings);
+    entries named in `ignore` do not count when deciding that `<name>` is gone.
+    """
+    found: list[Leftover] = []
+    if not folder.is_dir():
+        return found
+    subfolders: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        temp, old = _TEMP_NAME.match(entry.name), _OLD_NAME.match(entry.name)
+        match = temp or old
+        if match is not None and (only_target is None or match.group("target") == only_target):
+            target = entry.with_name(match.group("target"))
+            if old is not None and entry.is_dir() and _is_absent(target, ignore):
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(entry, target)
+                found.append(Leftover(entry, 0, "restored"))
+                subfolders.append(target)
+                continue
+            size = tree_bytes(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            found.append(Leftover(entry, size, "removed"))
+        elif entry.is_dir() and not entry.is_symlink():
+            subfolders.append(entry)
+    if recurse:
+        for sub in subfolders:
+            found.extend(sweep_leftovers(sub, recurse=True, ignore=ignore))
+    return found
+
+
+# -- one writer at a time -------------------------------------------------------------------------------------
+
+class LockBusy(Exception):
+    """The lock is held by another process; `holder` is what that process wrote into the lock file."""
+
+    def __init__(self, path: Path, holder: dict[str, Any]) -> None:
+        super().__init__(f"{path} is held by another process")
+        self.path = path
+        self.holder = holder
+
+
+class _Held:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.depth = 0
+
+
+_held: dict[str, _Held] = {}
+_held_guard = threading.Lock()
+
+
+def read_lock_holder(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, holder: dict[str, Any]) -> Iterator[bool]:
+    """Hold an exclusive `flock` on `path` (created if missing) without waiting for it.
+
+    Re-entrant within one process (nested writers, such as `mmgen quickstart` running export,
+    share the first one's lock); yields True for the outermost holder. Another process
+    holding it raises `LockBusy` with what that process recorded (`holder`: pid, command,
+    start time). The kernel drops the lock when its process dies, even by SIGKILL, so a
+    lock file left behind never blocks anyone.
+    """
+    import fcntl
+
+    key = str(path.resolve())
+    with _held_guard:
+        held = _held.get(key)
+        if held is None:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LockBusy(path, read_lock_holder(path)) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(holder) + "\n").encode())
+            held = _held[key] = _Held(fd)
+        held.depth += 1
+        outermost = held.depth == 1
+    try:
+        yield outermost
+    finally:
+        with _held_guard:
+            held.depth -= 1
+            if held.depth == 0:
+                del _held[key]
+                os.close(held.fd)  # releases the flock

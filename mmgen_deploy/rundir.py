@@ -9,23 +9,44 @@
       text_encoder/               text-to-image models only: config.json (TextConfig),
                                   model.safetensors, tokenizer.json (the word vocabulary)
       checkpoints/                training state for --resume
-      onnx/  engines/  samples/  reports/
+      onnx/manifest.json          the export manifest
+      onnx/<precision>/<component>.onnx
+      engines/<runtime>-<version>-<target>/   one engine set (plans + manifest.json)
+      samples/  reports/
+      .mmgen.lock                 held (flock) by the command writing into the run, if any
 
-Everything that reads a run directory goes through `RunDir`, which refuses missing or
-corrupt pieces with a message naming the file and how to fix it.
+Everything that reads a run directory goes through `RunDir`, which owns this layout (no other
+module joins these names) and refuses missing or corrupt pieces with a message naming the file
+and how to fix it. `load_deployable()` is the one loader of what a deployment derives from.
 """
 
 from __future__ import annotations
 
+import contextlib
+import datetime as _dt
 import hashlib
 import json
+import logging
 import os
+import shlex
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, TextConfig, VQConfig
-from mmgen_deploy.errors import ConfigError, RunDirError
-from mmgen_deploy.io_utils import atomic_path, read_json, sha256_file, write_json
+from mmgen_deploy.errors import ConfigError, RunDirBusyError, RunDirError
+from mmgen_deploy.io_utils import (
+    Leftover,
+    LockBusy,
+    atomic_path,
+    exclusive_lock,
+    read_json,
+    sha256_file,
+    sweep_leftovers,
+    write_json,
+)
 
 if TYPE_CHECKING:
     # torch is imported only where weights are read or written: reading a run's config
@@ -41,11 +62,74 @@ RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
 MODEL_PARTS = ("vqvae", "dit")
 TEXT_PART = "text_encoder"
+ONNX_MANIFEST_NAME = "manifest.json"
+# Every top-level entry a run directory may hold (`train --overwrite` removes exactly these).
+RUN_ENTRIES = ("run.json", *MODEL_PARTS, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
+# What of a run a deployment needs: configs, inference weights, exported models and engines.
+DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, "onnx", "engines")
+
+
+def _checked_precision(precision: str) -> str:
+    from mmgen_deploy.specs import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
+@dataclass
+class DeployableModels:
+    """What every deployed artifact derives from: the config and the inference weights
+    (plus, for a text-to-image model, its text encoder and tokenizer)."""
+
+    config: ModelConfig
+    vq: VQModel
+    dit: DiT
+    text_encoder: TextEncoder | None = None
+    tokenizer: WordTokenizer | None = None
+
+LOCK_NAME = ".mmgen.lock"
+
+log = logging.getLogger("mmgen_deploy.rundir")
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _command_line() -> str:
+    """This process's command line as a user typed it (`mmgen export RUN`, also for `python -m mmgen_deploy`)."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    program = Path(sys.argv[0])
+    name = "mmgen" if program.name == "__main__.py" and program.parent.name == "mmgen_deploy" else program.name
+    return shlex.join([name, *sys.argv[1:]])
+
+
+def writes_run(purpose: str, *, create: bool = False) -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a library function whose first argument is a run directory (path or `RunDir`) it writes
+    into: the call holds that run's writer lock (`RunDir.writing`)."""
+    import functools
+
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
+        @functools.wraps(func)
+        def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            target = args[0] if args else next(iter(kwargs.values()))
+            run = target if isinstance(target, RunDir) else RunDir(target)  # type: ignore[arg-type]
+            with run.writing(purpose, create=create):
+                return func(*args, **kwargs)
+        return wrapper
+    return decorate
 
 
 class RunDir:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
+        self._config_cache: tuple[tuple[Any, ...], ModelConfig] | None = None
+
+    @classmethod
+    def of(cls, run: RunLike) -> RunDir:
+        """`run` itself when it is a RunDir, else the RunDir of that path."""
+        return run if isinstance(run, RunDir) else cls(run)
 
     # -- layout -----------------------------------------------------------------------
     @property
@@ -67,8 +151,33 @@ class RunDir:
         return self.root / "onnx"
 
     @property
+    def onnx_manifest_path(self) -> Path:
+        return self.onnx_dir / ONNX_MANIFEST_NAME
+
+    @staticmethod
+    def onnx_relpath(precision: str, component: str) -> str:
+        """A graph's path inside RUN_DIR/onnx/ (as the export manifest records it)."""
+        return f"{_checked_precision(precision)}/{component}.onnx"
+
+    def onnx_set_dir(self, precision: str) -> Path:
+        """RUN_DIR/onnx/<precision>: where `mmgen export` writes that precision's graphs."""
+        return self.onnx_dir / _checked_precision(precision)
+
+    def onnx_path(self, precision: str, component: str) -> Path:
+        """Where the exported graph of `component` at `precision` lives (it may not exist yet)."""
+        return self.onnx_dir / self.onnx_relpath(precision, component)
+
+    def missing_onnx(self, precision: str, components: tuple[str, ...]) -> list[Path]:
+        """The graphs of `components` at `precision` that are not exported."""
+        return [path for path in (self.onnx_path(precision, c) for c in components) if not path.is_file()]
+
+    @property
     def engines_dir(self) -> Path:
         return self.root / "engines"
+
+    def engine_set_dir(self, name: str) -> Path:
+        """RUN_DIR/engines/<name>, name = <runtime>-<version>-<target> (see mmgen_deploy.engines)."""
+        return self.engines_dir / name
 
     @property
     def samples_dir(self) -> Path:
@@ -82,9 +191,92 @@ class RunDir:
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
 
+    @property
+    def lock_path(self) -> Path:
+        return self.root / LOCK_NAME
+
     # -- state ------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.run_json.is_file()
+
+    def is_empty(self) -> bool:
+        """No folder, or a folder holding nothing but (maybe) the lock file."""
+        return not self.root.exists() or (self.root.is_dir()
+                                          and all(p.name == LOCK_NAME for p in self.root.iterdir()))
+
+    # -- one writer at a time -----------------------------------------------------------
+    @contextlib.contextmanager
+    def writing(self, purpose: str, *, create: bool = False) -> Iterator[list[Leftover]]:
+        """Hold the run's writer lock for the duration (`purpose`: what is written, e.g. "export").
+
+        Every command that writes into a run directory (train, import, export, build-engine,
+        generate's samples, quickstart) holds it; commands that only read do not. A second
+        writer fails at once with `RunDirBusyError` naming the command that holds it. The first
+        (outermost) holder in a process then removes what killed writers left behind (temporary
+        folders of `atomic_dir` / `atomic_path`: `.onnx.<random>.tmp/`, engine sets, samples,
+        the run folder's own siblings made by `mmgen import`), logs one line per item on the
+        `mmgen_deploy.rundir` logger, and yields that list. Nested holders in one process
+        (quickstart running export) share the lock and yield an empty list.
+
+        `create=True` (train, import) makes the folder when it is missing and removes it again
+        if nothing but the lock was put in it; a non-empty folder that is not a run directory
+        is left untouched and unlocked (those commands refuse or replace it themselves).
+        """
+        created = False
+        if create:
+            if self.root.exists() and not self.root.is_dir():
+                yield []
+                return
+            if not self.root.exists():
+                sweep_leftovers(self.root.parent, recurse=False, only_target=self.root.name)  # a set-aside copy?
+            if not self.root.exists():
+                self.root.mkdir(parents=True)
+                created = True
+            elif not self.exists() and not self.is_empty():
+                yield []
+                return
+        else:
+            self._require_run()
+        holder = {"pid": os.getpid(), "purpose": purpose, "command": _command_line(),
+                  "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+        try:
+            with exclusive_lock(self.lock_path, holder) as outermost:
+                cleaned: list[Leftover] = []
+                if outermost:
+                    cleaned = (sweep_leftovers(self.root.parent, recurse=False, only_target=self.root.name,
+                                               ignore=frozenset({LOCK_NAME}))
+                               + sweep_leftovers(self.root, ignore=frozenset({LOCK_NAME})))
+                    for item in cleaned:
+                        log.warning("%s", item.describe())
+                yield cleaned
+        except LockBusy as busy:
+            raise RunDirBusyError(self._busy_message(purpose, busy.holder),
+                                  self._busy_hint(busy.holder)) from None
+        finally:
+            if created and self.is_empty():
+                with contextlib.suppress(OSError):
+                    self.lock_path.unlink(missing_ok=True)
+                    self.root.rmdir()
+
+    def writing_into(self, target: Path | None, purpose: str) -> contextlib.AbstractContextManager[Any]:
+        """`writing(purpose)` when `target` (None: the run's default place) lies inside the run directory;
+        no lock for a folder elsewhere."""
+        if target is None or Path(target).resolve().is_relative_to(self.root.resolve()):
+            return self.writing(purpose)
+        return contextlib.nullcontext()
+
+    def _busy_message(self, purpose: str, holder: dict[str, Any]) -> str:
+        since = str(holder.get("since", ""))
+        when = f" since {since[11:19]}" if len(since) >= 19 else ""
+        who = f"pid {holder['pid']}" if "pid" in holder else "another process"
+        command = f" `{holder['command']}`" if holder.get("command") else ""
+        return (f"cannot {purpose}: {self.root} is being written by another command ({who}{command}, "
+                f"{holder.get('purpose', 'writing')}{when})")
+
+    @staticmethod
+    def _busy_hint(holder: dict[str, Any]) -> str:
+        stop = f", or stop it (kill {holder['pid']})" if "pid" in holder else ""
+        return f"wait until it finishes{stop}; commands that only read the run can run alongside"
 
     def has_part(self, part: str) -> bool:
         return self.config_path(part).is_file() and self.weights_path(part).is_file()
@@ -116,7 +308,29 @@ class RunDir:
         write_json(self.run_json, meta)
 
     # -- configs ----------------------------------------------------------------------
+    def _config_signature(self) -> tuple[Any, ...]:
+        """What the parsed config depends on: the config files' identity, size and modification time
+        (files are replaced by rename, so a rewrite is a new inode)."""
+        signature: list[Any] = []
+        for path in (self.run_json, *(self.config_path(p) for p in (*MODEL_PARTS, TEXT_PART))):
+            try:
+                stat = path.stat()
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((stat.st_ino, stat.st_mtime_ns, stat.st_size))
+        return tuple(signature)
+
     def load_config(self) -> ModelConfig:
+        """The validated model config; parsed once per RunDir while its files stay unchanged."""
+        signature = self._config_signature()
+        if self._config_cache is not None and self._config_cache[0] == signature:
+            return self._config_cache[1]
+        config = self._parse_config()
+        self._config_cache = (signature, config)
+        return config
+
+    def _parse_config(self) -> ModelConfig:
         meta = self._require_run()
         try:
             vq = VQConfig.from_dict(self._read_part_config("vqvae"))
@@ -250,8 +464,18 @@ class RunDir:
         return (*MODEL_PARTS, TEXT_PART) if config.uses_text else MODEL_PARTS
 
     def load_models(self) -> tuple[ModelConfig, VQModel, DiT]:
+        """The config and the two image-model parts (see `load_deployable` for everything)."""
         config = self.load_config()
         return config, self.load_vqvae(config), self.load_dit(config)
+
+    def load_deployable(self) -> DeployableModels:
+        """Load (and so verify) every part a deployment derives from: config, VQ-VAE, DiT and,
+        for a text-to-image model, the text encoder and its tokenizer."""
+        config = self.load_config()
+        text = config.uses_text
+        return DeployableModels(config, self.load_vqvae(config), self.load_dit(config),
+                                self.load_text_encoder(config) if text else None,
+                                self.load_tokenizer() if text else None)
 
     def weights_sha256(self) -> str:
         """One hash over the weight files (and tokenizer): identifies the checkpoint artifacts derive from."""
@@ -284,3 +508,6 @@ def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit
         run.save_weights(TEXT_PART, text_encoder)
         run.save_tokenizer(tokenizer)
     return run
+
+
+RunLike = str | os.PathLike[str] | RunDir  # what functions taking a run accept (see RunDir.of)

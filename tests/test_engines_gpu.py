@@ -21,7 +21,7 @@ from mmgen_deploy.engines.flavour import installed_flavours
 from mmgen_deploy.engines.manifest import MANIFEST_NAME, TIMING_CACHE_NAME, check_engine_dir, current_gpu
 from mmgen_deploy.io_utils import read_json
 from mmgen_deploy.models import build_components
-from mmgen_deploy.parity.metrics import psnr, tensor_diff
+from mmgen_deploy.numerics import psnr, tensor_diff
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import component_specs
 

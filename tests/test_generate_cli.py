@@ -107,7 +107,7 @@ def test_foreign_output_folder_is_left_alone(exported_tiny_run, tmp_path, capsys
 def test_quickstart_stage_generates_a_grid(exported_tiny_run, capsys) -> None:
     from types import SimpleNamespace
 
-    from mmgen_deploy.cli.pipeline_stages import generate_stage
+    from mmgen_deploy.cli.quickstart import generate_stage
 
     ctx = SimpleNamespace(run=exported_tiny_run, seed=0, threads=1, results={})
     grid = generate_stage(ctx)

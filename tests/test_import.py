@@ -506,3 +506,117 @@ def test_truncated_checkpoint_is_reported_in_one_line(tmp_path: Path, capsys: py
     (tmp_path / "DiT.pt").write_bytes(data[: len(data) // 2])
     code, output = _cli(["import", "--dit", str(tmp_path / "DiT.pt"), "--out", str(tmp_path / "run")], capsys)
     assert code == 1 and "not a readable PyTorch checkpoint" in output and len(output.strip().splitlines()) == 1
+
+
+# -- the layouts real-size models come in, in miniature (issue 16, item 6) ------------------------------------
+
+def test_sharded_diffusers_folders_import_and_match_diffusers(tmp_path: Path) -> None:
+    """save_pretrained(max_shard_size=...) writes *-0000i-of-0000n.safetensors + an index: same model as one file."""
+    vq, dit = _diffusers_vq(), _diffusers_dit()
+    vq.save_pretrained(tmp_path / "vq", max_shard_size="40KB")
+    dit.save_pretrained(tmp_path / "dit", max_shard_size="40KB")
+    for folder in ("vq", "dit"):
+        assert (tmp_path / folder / "diffusion_pytorch_model.safetensors.index.json").is_file()
+        assert len(list((tmp_path / folder).glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 2
+    import_run(tmp_path / "run", vq_path=tmp_path / "vq", dit_path=tmp_path / "dit")
+    errors = _compare_with_diffusers(RunDir(tmp_path / "run"), vq, dit)
+    assert all(err <= REL_L2 for err in errors.values()), errors
+    # A precision variant saved in shards (index.fp16.json) is the only weights: read and cast to FP32.
+    dit.save_pretrained(tmp_path / "dit16", max_shard_size="40KB", variant="fp16")
+    assert (tmp_path / "dit16" / "diffusion_pytorch_model.safetensors.index.fp16.json").is_file()
+    found = read_source(tmp_path / "dit16").dit
+    assert found is not None and found.config == read_source(tmp_path / "dit").dit.config  # type: ignore[union-attr]
+    # A missing shard is named, not reported as a missing key deep inside.
+    victim = sorted((tmp_path / "dit").glob("diffusion_pytorch_model-*-of-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=rf"1 of the \d+ shards .* missing \({victim.name}\)"):
+        read_source(tmp_path / "dit")
+
+
+# LDM's first-stage configs (latent-diffusion models/first_stage_models/vq-f8, vq-f4), narrowed to base
+# width 32 and 32 px: VQ-f8 = 4 levels, attention at the f8 resolution, 4x4 codes; VQ-f4 = 3 levels,
+# no attention outside the middle block, 3 latent channels.
+LDM_F8 = VQConfig(image_size=32, base_channels=32, channel_mult=(1, 2, 2, 4), num_res_blocks=2,
+                  attn_resolutions=(4,), z_channels=4, embed_dim=4, n_embed=256, use_ema=False)
+LDM_F4 = VQConfig(image_size=32, base_channels=32, channel_mult=(1, 2, 4), num_res_blocks=2,
+                  attn_resolutions=(), z_channels=3, embed_dim=3, n_embed=128, use_ema=False)
+
+
+def _lightning_ckpt(path: Path, vq: VQModel, *, prefix: str) -> None:
+    """A full Lightning checkpoint as taming/LDM training writes it: state_dict (with loss.* and maybe under
+    first_stage_model.), optimizer states with tensors, callbacks, loop counters."""
+    weights = {k: v for k, v in vq.state_dict().items() if not k.startswith("quantize.ema_")}
+    state = {f"{prefix}{k}": v for k, v in weights.items()}
+    state[f"{prefix}loss.perceptual_loss.net.slice1.0.weight"] = torch.randn(4, 3, 3, 3)
+    state[f"{prefix}loss.discriminator.main.0.weight"] = torch.randn(8, 3, 4, 4)
+    param_state = {i: {"step": torch.tensor(10.0), "exp_avg": torch.zeros(3)} for i in range(2)}
+    torch.save({"epoch": 7, "global_step": 120000, "pytorch-lightning_version": "1.4.2", "state_dict": state,
+                "callbacks": {"ModelCheckpoint": {"monitor": None, "best_model_score": torch.tensor(0.1),
+                                                  "best_model_path": "/logs/last.ckpt"}},
+                "optimizer_states": [{"state": param_state, "param_groups": [{"lr": 4.5e-6, "params": [0, 1]}]}],
+                "lr_schedulers": []}, path)
+
+
+@pytest.mark.parametrize("layout", ["f8", "f4"])
+def test_ldm_vq_checkpoints_import_with_their_architecture(tmp_path: Path, layout: str,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = LDM_F8 if layout == "f8" else LDM_F4
+    torch.manual_seed(0)
+    vq = rerandomize_(VQModel(cfg), seed=7).eval()
+    # LDM's own first-stage checkpoints hold the bare VQ model; an LDM holds it under first_stage_model.
+    _lightning_ckpt(tmp_path / f"vq-{layout}.ckpt", vq, prefix="" if layout == "f8" else "first_stage_model.")
+    dit_cfg = OFFICIAL_CFG.replace(input_size=cfg.latent_size, in_channels=cfg.embed_dim)
+    torch.save(_official_state(dit_cfg), tmp_path / "DiT.pt")
+    code, output = _cli(["import", "--vq", str(tmp_path / f"vq-{layout}.ckpt"), "--dit", str(tmp_path / "DiT.pt"),
+                         "--num-heads", "12", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, output
+    assert "dropped 2 loss.* tensors" in output
+    config, native, _ = RunDir(tmp_path / "run").load_models()
+    assert config.vq == cfg and config.vq.downsample_factor == (8 if layout == "f8" else 4)
+    image = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = native.encode(image)
+        assert torch.equal(h, vq.encode(image)) and h.shape == (2, cfg.embed_dim, cfg.latent_size, cfg.latent_size)
+        assert torch.equal(native.decode(native.quantize.quantize(h)[0]), vq.decode(vq.quantize.quantize(h)[0]))
+
+
+def test_official_xl_raw_state_dict_imports_exports_and_builds(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """DiT-XL/2's geometry (width 1152 = 16 heads of 72, learned sigma) as the released .pt holds it: a raw state
+    dict (here one block deep, 2x2 tokens, 4 classes). Heads come from the width; the denoiser exports (FP32 and
+    mixed FP16, validated against PyTorch) and builds with TensorRT-RTX like the other presets."""
+    xl = DiTConfig(input_size=4, in_channels=4, patch_size=2, hidden_size=1152, depth=1, num_heads=16,
+                   num_classes=4, learn_sigma=True)
+    state = _official_state(xl, seed=3)
+    torch.save(state, tmp_path / "DiT-XL-2-256x256.pt")
+    torch.manual_seed(0)
+    _lightning_ckpt(tmp_path / "vq-f8.ckpt", rerandomize_(VQModel(LDM_F8), seed=8).eval(), prefix="")
+    code, output = _cli(["import", "--vq", str(tmp_path / "vq-f8.ckpt"), "--dit", str(tmp_path / "DiT-XL-2-256x256.pt"),
+                         "--out", str(tmp_path / "run")], capsys)
+    assert code == 0, output
+    run = RunDir(tmp_path / "run")
+    config, _, native = run.load_models()
+    assert config.dit == xl and config.dit.hidden_size // config.dit.num_heads == 72
+    assert "16 heads (from the paper's configuration for width 1152)" in output
+    x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([7.0, 901.0]), torch.tensor([1, 4])
+    with torch.no_grad():
+        assert rel_l2(native(x, t, y), _official_reference(state, xl, x, t, y)) <= REL_L2
+
+    from mmgen_deploy.export import export_run, onnx_path
+
+    manifest = export_run(run, components=("denoiser",))  # raises if any batch misses its tolerance
+    assert set(manifest["files"]) == {"fp32", "fp16"}
+    assert manifest["files"]["fp16"]["denoiser"]["fp16_nodes"] > 0
+    from mmgen_deploy.engines import load_flavour
+    from mmgen_deploy.engines.builder import BuildOptions, build_component
+    from mmgen_deploy.errors import NotAvailableError
+    from mmgen_deploy.specs import component_specs
+
+    try:
+        flavour = load_flavour("tensorrt-rtx")
+    except NotAvailableError as exc:
+        pytest.skip(f"export checked; engine build skipped: {exc}")
+    spec = component_specs(config)["denoiser"]
+    plan, _ = build_component(flavour, spec, onnx_path(run.root, "fp16", "denoiser"),
+                              BuildOptions(runtime="tensorrt-rtx", precision="fp16", workspace_bytes=1 << 28), b"")
+    assert len(plan) > 20_000_000  # the FP16 weights (24M parameters) are in the plan

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
+from mmgen_deploy.numerics import index_agreement, psnr, ssim, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
 
 

@@ -74,3 +74,26 @@ def test_cli_version_help_doctor(capsys) -> None:
     # A command called without its required argument: usage error (exit 2), no traceback.
     code, text = _cli(["serve"], capsys)
     assert code == 2 and "Missing argument" in text and "Traceback" not in text
+
+
+def test_rundir_owns_the_layout_and_one_loader(tmp_path, random_models) -> None:
+    from mmgen_deploy.export import manifest_path, onnx_path
+    from mmgen_deploy.rundir import RUN_ENTRIES
+    from mmgen_deploy.specs import PRECISIONS
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    assert RunDir.of(run) is run and RunDir.of(str(run.root)).root == run.root
+    assert run.onnx_path("fp16", "decoder") == run.root / "onnx" / "fp16" / "decoder.onnx"
+    assert onnx_path(run.root, "fp16", "decoder") == run.onnx_path("fp16", "decoder")  # the export API delegates
+    assert manifest_path(run) == run.onnx_manifest_path == run.root / "onnx" / "manifest.json"
+    assert run.missing_onnx(PRECISIONS[0], ("decoder",)) == [run.onnx_path(PRECISIONS[0], "decoder")]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        run.onnx_path("fp64", "decoder")
+    assert {p.name for p in run.root.iterdir()} <= set(RUN_ENTRIES)
+    parts = run.load_deployable()
+    assert parts.config == config and parts.text_encoder is None and parts.tokenizer is None
+    # The config is parsed once per RunDir while its files are unchanged, and re-read when one is rewritten.
+    assert run.load_config() is run.load_config()
+    run.update_meta(class_names=[f"c{i}" for i in range(config.dit.num_classes)])
+    assert run.load_config().class_names[0] == "c0"

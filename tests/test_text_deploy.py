@@ -1,5 +1,5 @@
 """The text encoder as a deployable component: export (FP32/FP16), runners, parity with prompts,
-engines (TensorRT-RTX ahead of time), and the commands that refuse text runs for now.
+engines (TensorRT-RTX ahead of time), bench and the Triton repository for text runs.
 
 One tiny text run (re-randomised weights, shapes captions) is exported once per module and
 shared; tests that change it work on a copy.
@@ -25,9 +25,10 @@ from mmgen_deploy.export.calibration import (
     load_calibration,
     vocabulary_prompts,
 )
+from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
+from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
-from mmgen_deploy.parity.metrics import tensor_diff
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.runtime import open_runner, resolve_backend
 from mmgen_deploy.runtime.torch_runner import TorchRunner
@@ -182,9 +183,17 @@ def test_parity_with_prompts_passes_on_onnxruntime(text_run: RunDir, precision: 
 
 
 def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
-    code, text = _cli(["parity", str(text_run.root), "--components-only", "--batch", "1",
-                       "--prompt", "a zebra", "--json", "-"], capsys)
+    code = _main(["parity", str(text_run.root), "--components-only", "--batch", "1", "--prompt", "a zebra",
+                  "--json", "-"])
+    text = capsys.readouterr().out
     assert code == 0, text
+    # --components-only wins: the prompt (which only the end-to-end check uses) samples nothing, and
+    # every component, the text encoder included, is still compared (random and real inputs, batch 1).
+    report = json.loads(text)
+    assert report["passed"] and "end_to_end" not in report["info"]
+    assert {c["group"] for c in report["checks"]} == {"encoder", "quantizer", "decoder", "denoiser", "text_encoder"}
+    assert {c["name"] for c in report["checks"] if c["group"] == "text_encoder"} >= {
+        "text_embeddings rel_l2 (random, batch 1)", "text_embeddings rel_l2 (real, batch 1)"}
     code, text = _cli(["parity", str(text_run.root), "--steps", "2", "--images", "2", "--batch", "1",
                        "--prompt", "a large red circle at the top", "--json", str(tmp_path / "p.json")], capsys)
     assert code == 0, text
@@ -197,7 +206,7 @@ def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
     assert report.passed and len(report.info["end_to_end"]["prompts"]) == 2
 
 
-def test_bench_samples_prompts_and_triton_refuses_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
+def test_bench_samples_prompts_and_triton_takes_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
     code, text = _cli(["bench", str(text_run.root), "--backends", "onnxruntime", "--precisions", "fp32",
                        "--batch", "2", "--runs", "1", "--warmup", "0", "--steps", "2",
                        "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")], capsys)
@@ -207,9 +216,10 @@ def test_bench_samples_prompts_and_triton_refuses_text_runs(text_run: RunDir, tm
     assert backend["error"] is None and "text_encoder" in backend["components"]
     assert backend["images_per_s"]["2"] > 0
     assert "| denoiser ms | text encoder ms |" in (tmp_path / "bench.md").read_text()
+    # Triton serves text runs too (tests/test_serve_text.py runs the server).
     code, text = _cli(["triton-repo", str(text_run.root), "--out", str(tmp_path / "repo")], capsys)
-    assert code != 0 and "not supported yet for text-to-image models" in text
-    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "repo").exists()
+    assert code == 0, text
+    assert json.loads((tmp_path / "repo" / "mmgen_repository.json").read_text())["conditioning"] == "text"
 
 
 def test_class_runs_have_no_text_encoder_to_export(tmp_path: Path, random_models, capsys) -> None:
@@ -236,7 +246,14 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     directory = Path(built["directory"])
     manifest = json.loads((directory / "manifest.json").read_text())
     entry = manifest["components"]["text_encoder"]
-    assert (directory / entry["plan"]).stat().st_size == entry["plan_bytes"] > 0
+    # A real serialized engine: it carries the text encoder's weights, so it is at least as large as
+    # the FP16 graph's initializers (an empty or weightless plan is not).
+    import onnx
+
+    graph = onnx.load(str(run.onnx_dir / "fp16" / "text_encoder.onnx"))
+    weight_bytes = sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
+    assert (directory / entry["plan"]).stat().st_size == entry["plan_bytes"] >= weight_bytes > 100_000
+    assert sha256_file(directory / entry["plan"]) == entry["plan_sha256"]
     assert entry["inputs"] == [{"name": "input_ids", "dtype": "int32", "shape": ["batch", 16]}]
     assert entry["profile"]["input_ids"] == {"min": [1, 16], "opt": [4, 16], "max": [16, 16]}
     assert [o["name"] for o in entry["outputs"]] == ["text_embeddings", "text_mask", "text_pooled"]

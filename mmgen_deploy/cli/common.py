@@ -1,15 +1,13 @@
-"""Shared CLI plumbing: consoles, the --debug state, JSON output, stub commands."""
+"""Shared CLI plumbing: consoles, the --debug state, JSON output."""
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
-import typer
 from rich.console import Console
-
-from mmgen_deploy.errors import NotAvailableError
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
@@ -24,6 +22,23 @@ class _State:
 state = _State()
 
 
+class _ConsoleHandler(logging.Handler):
+    """The library's log lines (e.g. leftovers removed from a run directory) as `note:` lines on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from rich.markup import escape
+
+        console.print(f"[yellow]note:[/] {escape(record.getMessage())}", soft_wrap=True)
+
+
+def install_log_handler() -> None:
+    """Show the library's warnings (logger `mmgen_deploy`) on the CLI console, once per process."""
+    logger = logging.getLogger("mmgen_deploy")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler(logging.WARNING))
+        logger.propagate = False
+
+
 def emit_json(data: Any, destination: str | None) -> None:
     """Write `data` as JSON to a file, or to stdout when destination is "-"."""
     if destination is None:
@@ -36,16 +51,3 @@ def emit_json(data: Any, destination: str | None) -> None:
 
         with atomic_path(destination) as tmp:
             tmp.write_text(text + "\n")
-
-
-def add_stub(app: typer.Typer, name: str, summary: str, issue: int) -> None:
-    """Register a command that exists in the CLI but is not implemented yet.
-
-    It fails loudly (exit 1, one line) instead of silently doing nothing.
-    """
-
-    @app.command(name, help=f"{summary} [not yet available]",
-                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def _stub(ctx: typer.Context) -> None:
-        raise NotAvailableError(f"`mmgen {name}` is not yet available in this version",
-                                f"planned in issue {issue}")

@@ -1,4 +1,4 @@
-"""`mmgen build-engine`: FP16 ONNX set -> one TensorRT / TensorRT-RTX engine per component."""
+"""`mmgen build-engine`: FP16 / INT8 / FP8 ONNX set -> one TensorRT / TensorRT-RTX engine per component."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _pick_runtime(requested: str) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("build-engine")
     def build_engine(
-        run_dir: Path = typer.Argument(..., help="Run directory with an exported FP16 ONNX set (`mmgen export`)."),
+        run_dir: Path = typer.Argument(..., help="Run directory with an exported ONNX set (`mmgen export`)."),
         runtime: str = typer.Option(
             "auto", "--runtime", "-r",
             help="tensorrt (TensorRT 10.x/11.x, needs the target GPU), tensorrt-rtx (ahead of time, no GPU "
@@ -81,7 +81,11 @@ def register(app: typer.Typer) -> None:
         component: list[str] = typer.Option(
             [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer, decoder, "
                                         "denoiser, text_encoder for text models); others keep their plans."),
-        precision: str = typer.Option("fp16", "--precision", help="Which ONNX set to build from: fp16 or fp32."),
+        precision: str = typer.Option(
+            "fp16", "--precision",
+            help="Which ONNX set to build from: fp16, int8, fp8 (Q/DQ sets of `mmgen export --precision int8,fp8`; "
+                 "FP8 needs SM 8.9+: with tensorrt-rtx name --cc sm89/sm120) or fp32. Each precision gets its own "
+                 "engine folder."),
         force: bool = typer.Option(False, "--force", help="Rebuild every engine even when its plan could be reused."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo TensorRT's log."),
         json_out: str | None = typer.Option(None, "--json", help="Write build times and sizes as JSON (- = stdout)."),
@@ -110,8 +114,11 @@ def register(app: typer.Typer) -> None:
             force=force,
             verbose=verbose,
         )
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-                      "{task.total}"), TimeElapsedColumn(), console=console, transient=True) as bar:
+        # The run's writer lock before the progress bar: a busy run is refused in one line.
+        with run.writing("build engines"), \
+                Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                         TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(), console=console,
+                         transient=True) as bar:
             task = bar.add_task(f"building {options.runtime} engines", total=len(options.components))
 
             def on_progress(name: str, event: str, detail: dict[str, Any]) -> None:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS
+from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, DEFAULT_REL_L2, PRECISIONS
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunLike
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -30,16 +33,21 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
     from rich.table import Table
 
     table = Table(title="vs PyTorch FP32 in ONNX Runtime CPU (worst over batches)")
-    for column in ("graph", "output", "random", "real", "MB", "FP32 kept"):
+    for column in ("graph", "output", "random", "real", "MB", "FP32 kept / 8-bit"):
         table.add_column(column, no_wrap=True)
     for precision in precisions:
         for component in components:
             entry = manifest["files"].get(precision, {}).get(component)
             if entry is None:
                 continue
-            kept = "-" if precision == "fp32" else (
-                "all" if entry.get("keep_fp32") else
-                f"{len(entry['kept_fp32_nodes'])}/{len(entry['kept_fp32_nodes']) + entry['fp16_nodes']}")
+            if "quantization" in entry:  # an 8-bit set: what got Q/DQ, or which precision it ships at
+                record = entry["quantization"]
+                kept = (f"{entry['component_precision']} (not quantized)" if entry["component_precision"] != precision
+                        else f"{record['quantized_nodes']} Q/DQ, {len(record['high_precision_compute_nodes'])} high")
+            else:
+                kept = "-" if precision == "fp32" else (
+                    "all" if entry.get("keep_fp32") else
+                    f"{len(entry['kept_fp32_nodes'])}/{len(entry['kept_fp32_nodes']) + entry['fp16_nodes']}")
             by_output: dict[str, dict[str, str]] = {}
             for row in entry["validation"]["worst"]:
                 if row["metric"] == "rel_l2":
@@ -52,7 +60,21 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    console.print("errors are relative L2 (tolerance: FP32 1e-5, FP16 1e-2); indices must all be the same")
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+                       if p in DEFAULT_REL_L2)
+    console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
+
+
+def _component_precisions(values: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values or []:
+        for item in value.split(","):
+            name, sep, choice = item.strip().partition("=")
+            if not sep or name not in COMPONENTS or choice not in ("fp32", "fp16", "quantize"):
+                raise UsageError(f"--component-precision {item!r} is not COMPONENT=fp32|fp16|quantize",
+                                 "e.g. --component-precision decoder=fp16")
+            out[name] = choice
+    return out
 
 
 def register(app: typer.Typer) -> None:
@@ -61,8 +83,9 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="Run directory (made by `mmgen train`, `quickstart` or `import`)."),
         precision: list[str] = typer.Option(
             None, "--precision", "-p",
-            help="fp32, fp16 or all (repeat or comma-separate). Default: both. FP16 = mixed precision "
-                 "by ModelOpt AutoCast, for strongly typed TensorRT builds."),
+            help="fp32, fp16, int8, fp8 or all (repeat or comma-separate). Default: fp32,fp16. FP16 = mixed "
+                 "precision by ModelOpt AutoCast; INT8 / FP8 = explicit Q/DQ graphs by ModelOpt PTQ, calibrated "
+                 "on real data along the sampling trajectory; all for strongly typed TensorRT builds."),
         components: list[str] = typer.Option(
             None, "--components", "-c",
             help="Export only these: encoder, quantizer, decoder, denoiser, text_encoder (text-to-image runs) "
@@ -76,22 +99,45 @@ def register(app: typer.Typer) -> None:
             help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels` and `captions` (text "
                  "models): real data for the "
                  "FP16 range analysis and the real-data validation. Default: spec dummy inputs."),
+        calibration_size: int = typer.Option(
+            256, "--calibration-size", min=2,
+            help="INT8/FP8: denoiser calibration samples (conditional and null halves together)."),
+        calibration_timesteps: int = typer.Option(
+            8, "--calibration-timesteps", min=1,
+            help="INT8/FP8: noise levels spread over the training schedule, both ends included."),
+        calibration_images: int = typer.Option(
+            64, "--calibration-images", min=1,
+            help="INT8/FP8: real images (picked round-robin over classes) for the encoder/decoder and the "
+                 "denoiser's latents."),
+        calibration_method: str = typer.Option("max", "--calibration-method",
+                                               help="INT8/FP8 activation ranges: max or entropy."),
+        high_precision: str = typer.Option(
+            "fp16", "--high-precision",
+            help="INT8/FP8: what is not quantized runs in fp16 (TensorRT) or fp32 (ONNX Runtime CPU integer "
+                 "matmuls)."),
+        component_precision: list[str] = typer.Option(
+            None, "--component-precision",
+            help="INT8/FP8: override the spec's per-component choice, COMPONENT=fp32|fp16|quantize "
+                 "(repeatable), e.g. decoder=fp16."),
         json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
     ) -> None:
-        """Export every component to ONNX (FP32 and mixed-precision FP16), validated against PyTorch.
+        """Export every component to ONNX (FP32, mixed-precision FP16, INT8/FP8 Q/DQ), validated against PyTorch.
 
-        Writes RUN_DIR/onnx/{fp32,fp16}/<component>.onnx and RUN_DIR/onnx/manifest.json. Each graph is
+        Writes RUN_DIR/onnx/{fp32,fp16,int8,fp8}/<component>.onnx and RUN_DIR/onnx/manifest.json. Each graph is
         run in ONNX Runtime CPU at batch 1, 3 and the engine profile's max, on random and real inputs,
         and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
         leaves the previous RUN_DIR/onnx untouched.
         """
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-        from mmgen_deploy.export import export_run
         from mmgen_deploy.export.onnx_export import check_opset
 
         check_opset(opset)  # before the progress bar starts
-        precisions = _split(precision, PRECISIONS, "--precision") or list(PRECISIONS)
+        from mmgen_deploy.export.quantize import QuantSettings
+
+        precisions = _split(precision, PRECISIONS, "--precision") or list(DEFAULT_EXPORT_PRECISIONS)
+        quantization = QuantSettings(calibration_size=calibration_size, timesteps=calibration_timesteps,
+                                     images=calibration_images, method=calibration_method,
+                                     high_precision=high_precision,
+                                     component_precisions=_component_precisions(component_precision))
         # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
         chosen = _split(components, COMPONENTS, "--components")
         if chosen:  # before the progress bar: a class model has no text encoder to export
@@ -100,16 +146,41 @@ def register(app: typer.Typer) -> None:
             from mmgen_deploy.specs import component_names
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=console, transient=False) as bar:
-            task = bar.add_task("export", total=None)
-
-            def progress(message: str, done: int, total: int) -> None:
-                bar.update(task, description=message, completed=done, total=total)
-
-            manifest = export_run(run_dir, precisions=precisions, components=chosen, opset=opset,
-                                  overwrite=overwrite, calibration=calibration, progress=progress)
-        _print_summary(manifest, precisions, chosen or list(manifest.get("components", COMPONENTS)))
-        console.print(f"[green]exported[/] to {Path(run_dir) / 'onnx'} in {manifest['last_export']['seconds']:.1f} s "
-                      f"(calibration: {manifest['calibration']['source']})")
+        manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
+                              calibration=calibration, quantization=quantization)
         emit_json(manifest, json_out)
+
+
+def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str] | None = None,
+               opset: int | None = None, overwrite: bool = False, calibration: Any = None,
+               quantization: Any = None) -> dict[str, Any]:
+    """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
+    and the quickstart's export stage print); returns the manifest."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import RunDir
+
+    run = RunDir.of(run_dir)
+    options: dict[str, Any] = {} if opset is None else {"opset": opset}
+    # The run's writer lock before the progress bar: a busy run is refused in one line.
+    with run.writing("export"), \
+            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                     TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("export", total=None)
+
+        def progress(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total)
+
+        manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
+                              calibration=calibration, progress=progress, quantization=quantization, **options)
+    _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
+    console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
+                  f"(calibration: {manifest['calibration']['source']})")
+    quant = manifest["calibration"].get("quantization")
+    if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
+        den = quant["denoiser"]
+        console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
+                      f"timesteps {den['timesteps']}, {quant['encoder']['samples']} images "
+                      f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
+    return manifest

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunLike
+    from mmgen_deploy.sampling.generate import GenerateRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -44,9 +48,9 @@ def generate(
                                      "available: TensorRT engines, then ONNX Runtime CUDA, then OpenVINO BF16 (CPU "
                                      "with AMX / AVX-512 BF16), then ONNX Runtime CPU."),
     precision: str | None = typer.Option(None, "--precision",
-                                         help="fp32 or fp16: which exported ONNX set to run; bf16: the FP32 "
-                                              "set in BF16 (openvino, torch autocast). Default: fp16 on GPUs, bf16 "
-                                              "with OpenVINO on BF16 CPUs, else fp32."),
+                                         help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) "
+                                              "to run; bf16: the FP32 set in BF16 (openvino, torch autocast). "
+                                              "Default: fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32."),
     device: str | None = typer.Option(None, "--device",
                                       help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
                                            "prefers)."),
@@ -66,118 +70,65 @@ def generate(
     Writes one PNG per image (with PNG text chunks class or prompt, seed, steps, sampler, cfg_scale, backend,
     precision), a grid.png and samples.json into the output folder, and prints images/s.
     """
-    from mmgen_deploy.errors import UsageError
-    from mmgen_deploy.sampling.schedulers import SAMPLERS
+    from mmgen_deploy.sampling.generate import GenerateRequest
 
-    # Refuse bad numbers before touching any file or model.
-    if n < 1:
-        raise UsageError(f"--n must be >= 1, got {n}")
-    if steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {steps}")
-    if batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {batch_size}")
-    if not math.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"--cfg-scale must be >= 0, got {cfg_scale}", "1 disables guidance; 4.0 is DiT's choice")
-    if eta < 0:
-        raise UsageError(f"--eta must be >= 0, got {eta}")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown --sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
-    if threads is not None and threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {threads}")
+    request = GenerateRequest(classes=list(classes), prompts=list(prompts), n=n, batch_size=batch_size, steps=steps,
+                              sampler=sampler, cfg_scale=cfg_scale, eta=eta, seed=seed, backend=backend,
+                              precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out)
+    request.check(CLI_NAMES)  # bad numbers are refused before any file or model is touched
+    if prompts_file is not None:
+        request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
+    sidecar = run_generate(run_dir, request)
+    emit_json(sidecar, json_out)
 
-    from mmgen_deploy.io_utils import atomic_dir, write_json
-    from mmgen_deploy.rundir import RunDir
-    from mmgen_deploy.runtime import open_runner
-    from mmgen_deploy.sampling import sample, text_conditioning
-    from mmgen_deploy.sampling.loop import validate_sampling_args
-    from mmgen_deploy.sampling.pipeline import resolve_class, write_samples
 
-    run = RunDir(run_dir)
-    config = run.load_config()
-    all_prompts = [*prompts, *(_read_prompts_file(prompts_file) if prompts_file is not None else [])]
-    per_image: list[int] | None = None
-    per_prompt: list[str] = []
-    tokenizer = None
-    if config.uses_text:
-        if classes:
-            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
-                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
-        if not all_prompts:
-            raise UsageError("this text-to-image model needs prompts",
-                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
-        tokenizer = run.load_tokenizer()
-        _warn_about_prompts(tokenizer, all_prompts)
-        per_prompt = [p for p in all_prompts for _ in range(n)]
-    else:
-        if all_prompts:
-            raise UsageError("this model is class-conditioned: it takes --class, not prompts",
-                             "see `mmgen info RUN_DIR` for the class names")
-        class_ids = [resolve_class(config, c) for c in classes] if classes else list(range(config.dit.num_classes))
-        per_image = [c for c in class_ids for _ in range(n)]
-    validate_sampling_args(config, per_image, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                           batch_size=batch_size, eta=eta)
-    count = len(per_prompt) if config.uses_text else len(per_image or [])
-    if out is not None:
-        _check_output_dir(out)
+# How `mmgen generate` names the sampling arguments in its messages.
+CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale",
+             "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads"}
 
-    runner, choice = open_runner(run, backend, precision, device=device, threads=threads,
-                                 **({"cuda_graph": True} if cuda_graph else {}))
-    # Named after the backend that actually runs (with auto, a TensorRT load failure falls back).
-    target = out or run.samples_dir / f"{choice.backend}-{choice.precision}-{sampler}-{steps}steps-seed{seed}"
-    try:
-        _check_output_dir(target)
-    except BaseException:
-        runner.close()
-        raise
-    console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
-    for line in choice.skipped:
-        console.print(f"  [dim]skipped {line}[/]")
 
+def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
+    """Generate with a progress bar and the backend, warning and timing lines; return the sidecar.
+    What `mmgen generate` and the quickstart's generate stage print."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.sampling.generate import generate_to_folder
+
+    run = RunDir.of(run_dir)
+    count = [0]
+
+    def say_backend(choice: Any) -> None:
+        console.print(f"backend: [bold]{choice.backend}[/] {choice.precision} on {choice.device} ({choice.reason})")
+        for line in choice.skipped:
+            console.print(f"  [dim]skipped {line}[/]")
+
+    def warn(condition: Any) -> None:
+        count[0] = len(condition)
+        if condition.prompts:
+            warn_about_prompts(condition.unknown_words, condition.truncated_prompts, run.load_config())
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    try:
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task(f"sampling {count} images", total=None)
+    # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
+    with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("sampling images", total=None)
 
-            def advance(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
+        def advance(done: int, total: int) -> None:
+            bar.update(task, description=f"sampling {count[0]} images", completed=done, total=total)
 
-            condition: Any = per_image
-            if tokenizer is not None:
-                condition = text_conditioning(runner, config, tokenizer, per_prompt)
-            result = sample(runner, config, condition, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
-                            seed=seed, batch_size=batch_size, eta=eta, progress=advance)
-    finally:
-        runner.close()
-
-    with atomic_dir(target) as tmp:
-        sidecar = write_samples(result, config, tmp, images_per_class=n,
-                                extra={"run_dir": str(run.root), "backend_choice": choice.describe(),
-                                       "skipped_backends": choice.skipped})
-        write_json(tmp / "samples.json", sidecar)
+        generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
+                                    on_conditioning=warn)
+    result, target = generated.result, generated.out
     timing = result.timing()
-    console.print(f"{count} images in {result.total_seconds:.2f} s: "
+    console.print(f"{len(result.images)} images in {result.total_seconds:.2f} s: "
                   f"[bold]{timing['images_per_second']:.2f} images/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
                   f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")
     stdout_console.print(f"grid: {target / 'grid.png'}", soft_wrap=True)
-    sidecar["out"] = str(target)
-    emit_json(sidecar, json_out)
+    return generated.sidecar
 
 
-def _check_output_dir(target: Path) -> None:
-    """Replace only folders that `generate` wrote; never swallow someone's other files."""
-    from mmgen_deploy.errors import UsageError
-
-    if target.is_file():
-        raise UsageError(f"--out {target} is a file", "give a folder path")
-    if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
-        raise UsageError(f"--out {target} exists and was not written by `mmgen generate`",
-                         "choose another --out folder (generate replaces only its own output folders)")
-
-
-def _read_prompts_file(path: Path) -> list[str]:
+def read_prompts_file(path: Path) -> list[str]:
     """One prompt per line; blank lines are skipped."""
     from mmgen_deploy.errors import UsageError
 
@@ -193,16 +144,15 @@ def _read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
-def _warn_about_prompts(tokenizer: Any, prompts: list[str]) -> None:
-    """One line each for words the model never saw and for prompts cut to the tokenizer's length."""
-    distinct = list(dict.fromkeys(prompts))
-    encoding = tokenizer.encode(distinct)
-    if encoding.unknown_words:
+def warn_about_prompts(unknown_words: Sequence[str], truncated_prompts: Sequence[str], config: Any) -> None:
+    """One line each for words the model never saw and for prompts cut to the tokenizer's length
+    (what the conditioning recorded while encoding the prompts: they are not encoded twice;
+    `mmgen client` passes what the served model's tokenizer says)."""
+    if unknown_words:
         console.print(f"[yellow]warning:[/] unknown word(s) the model never saw in training, ignored as [UNK]: "
-                      f"{', '.join(encoding.unknown_words)}", highlight=False, soft_wrap=True)
-    if encoding.truncated:
-        room = tokenizer.max_length - 2
-        named = ", ".join(repr(distinct[i] if len(distinct[i]) <= 40 else distinct[i][:37] + "...")
-                          for i in encoding.truncated)
-        console.print(f"[yellow]warning:[/] {len(encoding.truncated)} prompt(s) longer than {room} words were cut "
-                      f"to their first {room} words: {named}", highlight=False, soft_wrap=True)
+                      f"{', '.join(unknown_words)}", highlight=False, soft_wrap=True)
+    if truncated_prompts:
+        room = config.text.max_length - 2
+        named = ", ".join(repr(p if len(p) <= 40 else p[:37] + "...") for p in truncated_prompts)
+        console.print(f"[yellow]warning:[/] {len(truncated_prompts)} prompt(s) longer than {room} words "
+                      f"were cut to their first {room} words: {named}", highlight=False, soft_wrap=True)

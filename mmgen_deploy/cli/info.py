@@ -20,15 +20,16 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.rundir import RunDir
 
         run = RunDir(run_dir)
-        config, vq, dit = run.load_models()
+        parts = run.load_deployable()
+        config, vq, dit = parts.config, parts.vq, parts.dit
         report: dict[str, Any] = {
             "run_dir": str(run.root),
             "vqvae": {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
             "dit": {"params": sum(p.numel() for p in dit.parameters() if p.requires_grad),
                     "config": config.dit.to_dict()},
             "class_names": list(config.class_names),
-            "artifacts": {name: (run.root / name).is_dir()
-                          for name in ("checkpoints", "onnx", "engines", "samples", "reports")},
+            "artifacts": {path.name: path.is_dir() for path in (run.checkpoints_dir, run.onnx_dir, run.engines_dir,
+                                                                run.samples_dir, run.reports_dir)},
             "weights_sha256": run.weights_sha256(),
         }
         if json_out == "-":

@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
+
+if TYPE_CHECKING:
+    from mmgen_deploy.parity.compare import ParityOptions
+    from mmgen_deploy.parity.report import ParityReport
+    from mmgen_deploy.rundir import RunLike
 
 
 def _parse_ints(text: str, option: str) -> list[int]:
@@ -35,14 +41,26 @@ def _parse_per_output(values: list[str], option: str) -> dict[str, float]:
     return out
 
 
+def run_parity_report(run_dir: RunLike, options: ParityOptions, json_out: str | None = None) -> ParityReport:
+    """`run_parity` with its progress lines and table (what `mmgen parity` and the quickstart's
+    parity stage print); returns the report (`.passed` is the verdict)."""
+    from mmgen_deploy.parity.compare import run_parity
+
+    report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+    if json_out != "-":
+        report.render(stdout_console)
+    emit_json(report.to_dict(), json_out)
+    return report
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def parity(
         run_dir: Path = typer.Argument(..., help="Run directory (trained or imported, with an ONNX export)."),
         backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, openvino, tensorrt or "
                                      "torch."),
-        precision: str = typer.Option("fp32", help="fp32 or fp16 (which ONNX set / engine set), or bf16 "
-                                       "(OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
+        precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set), or "
+                                       "bf16 (OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
         batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
@@ -61,7 +79,9 @@ def register(app: typer.Typer) -> None:
                                                           for p, t in PIPELINE_TOLERANCES.items()) + ")."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
-        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
+        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser output is zero or "
+                                             "negligible next to its input (RMS ratio below 0.05); the report "
+                                             "is then marked NOT MEANINGFUL."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
                                           "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write every number as JSON "
@@ -72,13 +92,13 @@ def register(app: typer.Typer) -> None:
         runs (final latent, code indices, image PSNR/SSIM, per-step drift). Exit code 1 on any FAILED check.
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
-        from mmgen_deploy.parity.compare import ParityOptions, run_parity
+        from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import BACKENDS
 
         if backend not in BACKENDS or backend == "auto":
             raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
         if precision not in RUN_PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", f"choose {' or '.join(RUN_PRECISIONS)}")
+            raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(
@@ -88,11 +108,7 @@ def register(app: typer.Typer) -> None:
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
             torch_threads=torch_threads or None,
         )
-        report = run_parity(run_dir, options, progress=lambda msg: console.print(f"[dim]{msg}[/]"))
-        if json_out != "-":
-            report.render(stdout_console)
-        emit_json(report.to_dict(), json_out)
-        if not report.passed:
+        if not run_parity_report(run_dir, options, json_out).passed:
             raise typer.Exit(1)
 
     @app.command()
@@ -100,9 +116,11 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
         backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated: torch, onnxruntime, "
                                      "openvino, tensorrt."),
-        precisions: str = typer.Option("fp32,fp16,bf16", help="Comma-separated precisions; each backend runs "
-                                       "those it has (torch fp32/bf16, onnxruntime fp32/fp16, openvino fp32/bf16, "
-                                       "tensorrt fp16) and the table lists the others as not run."),
+        precisions: str = typer.Option("auto", help="Comma-separated precisions (fp32, fp16, bf16, int8, fp8); "
+                                       "each backend runs those it has (torch fp32/bf16, onnxruntime its exported "
+                                       "sets, openvino fp32/bf16/int8, tensorrt its engine sets) and the table lists "
+                                       "the others as not run. auto: every one a backend has here (bf16 on CPUs "
+                                       "with BF16 units)."),
         batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
                                   "with guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),

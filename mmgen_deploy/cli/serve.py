@@ -8,6 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -15,26 +16,33 @@ from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import RUN_PRECISIONS
 
+if TYPE_CHECKING:
+    from mmgen_deploy.sampling.loop import SampleResult
+    from mmgen_deploy.serve.client import GenerateClient, ServedModel
+    from mmgen_deploy.serve.repository import RepositoryOptions
+
 _BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 _PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
-def _repo_options(max_batch: int, instances: int, instance_kind: str, queue_delay_us: int, backend: str,
-                  precision: str, steps: int, guidance: float, max_steps: int, artifacts: str,
-                  layout: str, threads: int, component_backend: str = "onnxruntime") -> object:
+def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", samplers: str = "all",
+                  **fields: object) -> RepositoryOptions:
+    from mmgen_deploy.sampling.schedulers import SAMPLERS
     from mmgen_deploy.serve.repository import RepositoryOptions
 
     if backend not in _BACKENDS:
         raise UsageError(f"--backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
     if precision not in _PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
-    options = RepositoryOptions(max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
-                                max_queue_delay_us=queue_delay_us, backend=backend, precision=precision,
-                                default_steps=steps, default_guidance=guidance, max_steps=max_steps,
-                                artifacts=artifacts, layout=layout, threads=threads,
-                                component_backend=component_backend)
+    allowed = SAMPLERS if samplers == "all" else tuple(s.strip() for s in samplers.split(",") if s.strip())
+    options = RepositoryOptions(backend=backend, precision=precision, sampler=sampler, samplers=allowed,
+                                **fields)  # type: ignore[arg-type]
     options.validate()
     return options
+
+
+_SAMPLER_HELP = "Sampler when a request names none: ddim, ddpm or dpmpp-2m."
+_SAMPLERS_HELP = "Samplers requests may ask for: all, or a comma list such as ddim,dpmpp-2m."
 
 
 def _check_port(name: str, port: int) -> None:
@@ -44,8 +52,9 @@ def _check_port(name: str, port: int) -> None:
 
 def register(app: typer.Typer) -> None:
     @app.command("triton-repo", help=(
-        "Write a Triton Inference Server model repository for a run: model `mmgen_generate` (class ids or class "
-        "names, seed, steps, guidance in; uint8 images out), its config.pbtxt (dynamic batching, instance groups, "
+        "Write a Triton Inference Server model repository for a run: model `mmgen_generate` (class names or ids, "
+        "or text prompts; seed, index, steps, cfg scale, sampler in; uint8 images out), its config.pbtxt "
+        "(dynamic batching, instance groups, "
         "max batch), the run's artifacts, and a README saying how to serve it with the official Triton container "
         "on a GPU host."))
     def triton_repo(
@@ -67,7 +76,10 @@ def register(app: typer.Typer) -> None:
                                            "fp32 or fp16 exported models, or bf16 (on the fp32 set)."),
         threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
         steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
-        guidance: float = typer.Option(4.0, "--guidance", help="Default guidance scale when a request sends none."),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",
+                                        help="Default guidance scale when a request sends none."),
+        sampler: str = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP),
+        samplers: str = typer.Option("all", "--samplers", help=_SAMPLERS_HELP),
         max_steps: int = typer.Option(250, "--max-steps", help="Requests asking for more steps are refused."),
         artifacts: str = typer.Option("copy", "--artifacts",
                                       help="copy: the run's weights/ONNX/engines go into the repository "
@@ -82,11 +94,13 @@ def register(app: typer.Typer) -> None:
                                                    "without it (the nvidia-pytriton wheel)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write a summary as JSON."),
     ) -> None:
-        from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
+        from mmgen_deploy.serve.repository import write_repository
 
-        options = _repo_options(max_batch, instances, instance_kind, queue_delay_us, backend, precision, steps,
-                                guidance, max_steps, artifacts, layout, threads, component_backend)
-        assert isinstance(options, RepositoryOptions)
+        options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
+                                max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
+                                max_queue_delay_us=queue_delay_us, default_steps=steps, default_cfg_scale=cfg_scale,
+                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=threads,
+                                component_backend=component_backend)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
                       f"artifacts {summary['artifacts']}); serve it with `mmgen serve {out}` "
@@ -96,7 +110,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve", help=(
         "Start a real Triton Inference Server on the run (loopback by default) and block until Ctrl-C.\n\n"
         "Uses a system-wide tritonserver if there is one, else the binary and Python backend inside the "
-        "nvidia-pytriton wheel (pip install 'mmgen-deploy\\[serve]'). Ready only once the model is loaded; exits "
+        "nvidia-pytriton wheel (pip install 'mmgen-deploy[serve]'). Ready only once the model is loaded; exits "
         "non-zero with the server's own error line if the repository does not load. The server is stopped on "
         "Ctrl-C, SIGTERM, or when this process dies."))
     def serve(
@@ -113,6 +127,11 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime, openvino or torch."),
         precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16 or bf16."),
         threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
+        steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
+        cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",
+                                        help="Default guidance scale when a request sends none."),
+        sampler: str = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP),
+        samplers: str = typer.Option("all", "--samplers", help=_SAMPLERS_HELP),
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", help="Seconds to wait for the models to load."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo the server log."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
@@ -120,7 +139,7 @@ def register(app: typer.Typer) -> None:
                                             help="Once ready, write endpoints and the server pid as JSON."),
     ) -> None:
         from mmgen_deploy.serve import MODEL_NAME
-        from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
+        from mmgen_deploy.serve.repository import write_repository
         from mmgen_deploy.serve.server import ServerError, TritonServer
 
         for name, value in (("--port", port), ("--grpc-port", grpc_port)):
@@ -134,12 +153,13 @@ def register(app: typer.Typer) -> None:
             if (target / MODEL_NAME / "config.pbtxt").is_file():
                 repository = target
             else:
-                options = _repo_options(max_batch, instances, "cpu", queue_delay_us, backend, precision, 50, 4.0,
-                                        250, "reference", "python", threads)
-                assert isinstance(options, RepositoryOptions)
+                options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
+                                        max_batch_size=max_batch, instances=instances,
+                                        max_queue_delay_us=queue_delay_us, default_steps=steps,
+                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=threads,
+                                        vendor_source=False)
                 repository = Path(scratch) / "repository"
-                write_repository(target, repository, RepositoryOptions(**{**options.__dict__,
-                                                                          "vendor_source": False}))
+                write_repository(target, repository, options)
             server = TritonServer(repository, host=host, http_port=port, grpc_port=grpc_port,
                                   metrics_port=metrics_port or None, log_file=log_file,
                                   python_paths=[package_root], echo=(lambda line: console.print(
@@ -177,58 +197,110 @@ def register(app: typer.Typer) -> None:
         sys.exit(0)
 
     @app.command("client", help=(
-        "Request images from a running `mmgen serve` (or any Triton serving an `mmgen triton-repo` repository) "
-        "and write them as PNGs. All images go in one request; image i uses seed SEED+i."))
+        "Request images from a running `mmgen serve` (or any Triton serving an `mmgen triton-repo` repository), "
+        "in `mmgen generate`'s words: --class NAME|ID (repeatable; default every class) or --prompt / "
+        "--prompts-file, --n per class or prompt, --seed (image i draws its noise from (SEED, i), as in generate), "
+        "--steps, --cfg-scale, --sampler. Writes the same PNGs (with generate's text chunks), grid.png and "
+        "samples.json as `mmgen generate`; a served image equals the in-process one for the same arguments."))
     def client(
         url: str = typer.Argument("http://127.0.0.1:8000", help="HTTP endpoint of `mmgen serve` / Triton."),
-        class_ids: list[int] = typer.Option(None, "--class", "-c", help="Class id (repeat for several; cycled)."),
-        prompts: list[str] = typer.Option(None, "--prompt", "-p", help="Class name instead of --class (repeatable)."),
-        n: int = typer.Option(1, "--n", "-n", help="Number of images."),
-        seed: int = typer.Option(0, "--seed", help="Image i uses seed SEED+i (= `mmgen generate --seed SEED+i`)."),
-        steps: int | None = typer.Option(None, "--steps", help="Sampling steps (server default if omitted)."),
-        guidance: float | None = typer.Option(None, "--guidance", help="Guidance scale (server default if omitted)."),
-        out: Path = typer.Option(Path("samples"), "--out", "-o", help="Directory for the PNG files."),
+        classes: list[str] = typer.Option(
+            [], "--class", "-c",
+            help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class."),
+        prompts: list[str] = typer.Option(
+            [], "--prompt", "-p",
+            help="Text-to-image models: a prompt, e.g. \"a large blue triangle at the top\". Repeatable."),
+        prompts_file: Path | None = typer.Option(
+            None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
+                                         "skipped); adds to --prompt."),
+        n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt."),
+        steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the server's, 50)."),
+        cfg_scale: float | None = typer.Option(None, "--cfg-scale",
+                                               help="Classifier-free guidance scale (default: the server's, 4.0)."),
+        sampler: str | None = typer.Option(None, "--sampler",
+                                           help="ddim, ddpm or dpmpp-2m, where the server allows it (default: "
+                                                "the server's)."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: image i uses (SEED, i), as in generate."),
+        out: Path = typer.Option(Path("samples"), "--out", "-o",
+                                 help="Output folder (a previous `generate` / `client` folder is replaced)."),
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the server."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write what was written as JSON."),
+        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
+                                            help="Write settings and files as JSON ('-' = stdout)."),
     ) -> None:
-        from PIL import Image
-        from PIL.PngImagePlugin import PngInfo
+        from mmgen_deploy.cli.generate import CLI_NAMES, read_prompts_file, warn_about_prompts
+        from mmgen_deploy.io_utils import atomic_dir, write_json
+        from mmgen_deploy.sampling.generate import check_output_dir
+        from mmgen_deploy.sampling.loop import check_sampling_numbers
+        from mmgen_deploy.sampling.requests import expand_conditions
+        from mmgen_deploy.serve.client import GenerateClient
 
-        from mmgen_deploy.io_utils import atomic_path
-        from mmgen_deploy.serve.client import GenerateClient, ImageRequest
-
+        # generate's checks and messages, before any request (None: the server's default, checked there)
         if n < 1:
             raise UsageError(f"--n must be >= 1, got {n}")
+        check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or "ddim",
+                               cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=0.0,
+                               names=CLI_NAMES)
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")
-        if bool(class_ids) == bool(prompts):
-            raise UsageError("give --class ID or --prompt NAME (one of the two)", "e.g. --class 3 --n 4")
-        seeds = [seed + i for i in range(n)]
-        if class_ids:
-            request = ImageRequest(seeds=seeds, class_ids=[class_ids[i % len(class_ids)] for i in range(n)],
-                                   steps=steps, guidance=guidance)
-        else:
-            request = ImageRequest(seeds=seeds, prompts=[prompts[i % len(prompts)] for i in range(n)],
-                                   steps=steps, guidance=guidance)
+        all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
+        check_output_dir(out, "mmgen client")
         remote = GenerateClient(url, timeout_s=timeout)
         try:
-            started = time.perf_counter()
-            images = remote.generate(request)
-            elapsed = time.perf_counter() - started
+            served = remote.model()
+            class_ids, prompt_rows = expand_conditions(served.config, classes, all_prompts, n)
+            settings = (steps or served.default_steps,
+                        served.default_cfg_scale if cfg_scale is None else cfg_scale,
+                        sampler or served.default_sampler)
+            if settings[2] not in served.samplers:
+                raise UsageError(f"the server does not allow --sampler {settings[2]}",
+                                 f"it serves {', '.join(served.samplers)}")
+            if settings[0] > served.max_steps or settings[1] > served.max_cfg_scale:
+                raise UsageError(f"--steps {settings[0]} / --cfg-scale {settings[1]:g} exceed the server's limits",
+                                 f"it allows steps up to {served.max_steps}, cfg scale up to "
+                                 f"{served.max_cfg_scale:g}")
+            if served.tokenizer is not None:
+                distinct = list(dict.fromkeys(all_prompts))
+                encoding = served.tokenizer.encode(distinct)
+                warn_about_prompts(encoding.unknown_words, [distinct[i] for i in encoding.truncated], served.config)
+            result = _request_images(remote, served, class_ids, prompt_rows, seed=seed, steps=settings[0],
+                                     cfg_scale=settings[1], sampler=settings[2])
         finally:
             remote.close()
-        labels = request.class_ids if request.class_ids is not None else request.prompts
-        assert labels is not None
-        written = []
-        for i, (image, label, image_seed) in enumerate(zip(images, labels, seeds, strict=True)):
-            path = out / f"{i:04d}_class{label}_seed{image_seed}.png"
-            info = PngInfo()  # the same kind of text chunks as `mmgen generate` writes
-            for key, value in (("class", label), ("seed", image_seed), ("steps", steps), ("guidance", guidance),
-                               ("server", url)):
-                if value is not None:
-                    info.add_text(key, str(value))
-            with atomic_path(path) as tmp:
-                Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-            written.append(str(path))
-        console.print(f"wrote {len(written)} image(s) to {out} in {elapsed:.2f} s from {url}")
-        emit_json({"url": url, "files": written, "seconds": elapsed, "seeds": seeds, "labels": labels}, json_out)
+        with atomic_dir(out) as tmp:
+            from mmgen_deploy.sampling.files import write_samples
+
+            sidecar = write_samples(result, served.config, tmp, images_per_class=n,
+                                    extra={"server": url, "server_backend": served.backend})
+            write_json(tmp / "samples.json", sidecar)
+        console.print(f"wrote {len(result.images)} image(s) to {out} in {result.total_seconds:.2f} s from {url} "
+                      f"({result.images_per_second:.2f} images/s)")
+        sidecar["out"] = str(out)
+        emit_json(sidecar, json_out)
+
+
+def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list[int] | None,
+                    prompts: list[str] | None, *, seed: int, steps: int, cfg_scale: float,
+                    sampler: str) -> SampleResult:
+    """All images, in requests of at most the server's max batch; returns a SampleResult like generate's."""
+    import numpy as np
+
+    from mmgen_deploy.sampling.loop import SampleResult
+    from mmgen_deploy.serve.client import ImageRequest
+
+    labels: list[int] | list[str] = class_ids if class_ids is not None else (prompts or [])
+    chunk = max(1, served.max_batch_size)
+    parts = []
+    started = time.perf_counter()
+    for first in range(0, len(labels), chunk):
+        rows = list(range(first, min(first + chunk, len(labels))))
+        request = ImageRequest(seeds=[seed] * len(rows), indices=rows, steps=steps, cfg_scale=cfg_scale,
+                               sampler=sampler,
+                               class_ids=[int(labels[r]) for r in rows] if class_ids is not None else None,
+                               prompts=[str(labels[r]) for r in rows] if class_ids is None else None)
+        parts.append(remote.generate(request))
+    elapsed = time.perf_counter() - started
+    images = np.concatenate(parts)
+    return SampleResult(images=images, latents=np.empty((0,), np.float32), indices=np.empty((0,), np.int32),
+                        class_ids=list(class_ids or []), seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                        batch_size=chunk, backend="triton", precision=served.precision, device=remote.url,
+                        total_seconds=elapsed, prompts=list(prompts or []))

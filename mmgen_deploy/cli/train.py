@@ -1,18 +1,18 @@
-"""`mmgen train vqvae|dit|all`, `mmgen quickstart` and `mmgen eval`."""
+"""`mmgen train vqvae|dit|all`, and the training helpers `mmgen quickstart` reuses."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli import pipeline_stages
-from mmgen_deploy.cli.common import console, emit_json, stdout_console
+from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunDir
 
 train_app = typer.Typer(
     name="train",
@@ -21,6 +21,7 @@ train_app = typer.Typer(
          "show loss and speed; checkpoints land in RUN_DIR/checkpoints (resume with --resume; Ctrl-C "
          "keeps the last complete one); reconstruction/sample grids in RUN_DIR/samples.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 _OUT_HELP = "Run directory to create or continue."
@@ -137,7 +138,7 @@ def _print_dit(result: dict[str, Any]) -> None:
                                                    if result.get("sample_grid") else ""))
 
 
-def _stage_dit(run: Any, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def _stage_dit(run: RunDir, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.dit import train_dit
 
@@ -147,7 +148,7 @@ def _stage_dit(run: Any, train: Any, settings: Any, resume: bool, threads: int |
     return result
 
 
-def _stage_vq(run: Any, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def _stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.vqvae import train_vqvae
 
@@ -199,8 +200,12 @@ def train_vqvae_cmd(
 
     settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    result = _stage_vq(run, train, val, settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train the VQ-VAE", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        result = _stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
     emit_json(result, json_out)
 
@@ -265,13 +270,17 @@ def train_all_cmd(
     vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
     dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
     text_options = _text_options(text, text_conditioning, holdout_fraction)
-    run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume, text_options)
-    results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
+    from mmgen_deploy.rundir import RunDir
+
+    with RunDir(out).writing("train", create=True):
+        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+                                   text_options)
+        results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
     emit_json(results, json_out)
 
 
-def _stage_done(run: Any, part: str, steps: int) -> bool:
+def _stage_done(run: RunDir, part: str, steps: int) -> bool:
     report = run.reports_dir / f"train_{part}.json"
     if not (run.has_part(part) and report.is_file()):
         return False
@@ -280,7 +289,7 @@ def _stage_done(run: Any, part: str, steps: int) -> bool:
     return int(read_json(report).get("steps", -1)) == steps
 
 
-def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
+def _train_both(run: RunDir, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
                 resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.io_utils import read_json
 
@@ -297,205 +306,5 @@ def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: 
     return results
 
 
-# -- quickstart -------------------------------------------------------------------------
-
-@dataclass
-class QuickstartContext:
-    """What the quickstart stages share; later stages (export, generate, parity) read `run`."""
-
-    run: Any  # RunDir
-    train: Any
-    val: Any
-    seed: int
-    threads: int | None = None
-    results: dict[str, Any] = field(default_factory=dict)
-    text: bool = False  # `quickstart --text`: a text-to-image model
-
-
-# A stage does its work and returns one line saying where its outputs went.
-QuickstartStage = tuple[str, Callable[[QuickstartContext], str]]
-
-
-def _qs_vqvae(ctx: QuickstartContext) -> str:
-    from mmgen_deploy.training import recipe_for
-
-    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny", text=ctx.text), None, None, None,
-                                                                  ctx.seed,
-                                                                  False), False, ctx.threads)
-    ctx.results["vqvae"] = result
-    return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
-
-
-def _qs_dit(ctx: QuickstartContext) -> str:
-    from mmgen_deploy.training import recipe_for
-
-    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny", text=ctx.text), None, None, None,
-                                                                   ctx.seed), False,
-                        ctx.threads)
-    ctx.results["dit"] = result
-    return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
-                                               if result.get("sample_grid") else "")
-
-
-def _qs_eval(ctx: QuickstartContext) -> str:
-    # Judged on the deployed path (ONNX Runtime, FP32 graphs), not on PyTorch.
-    report = _run_eval(ctx.run, _eval_settings(10, 50, 4.0, ctx.seed, True,
-                                                 pipeline_stages.QUICKSTART_BACKEND, "fp32"))
-    ctx.results["eval"] = report
-    return str(ctx.run.reports_dir / "eval.json")
-
-
-# Ordered: training, then the deployment path on the embedded default backend.
-QUICKSTART_STAGES: list[QuickstartStage] = [
-    ("train VQ-VAE", _qs_vqvae),
-    ("train DiT", _qs_dit),
-    ("export ONNX FP32 + FP16", pipeline_stages.export_stage),
-    ("generate (ONNX Runtime CPU)", pipeline_stages.generate_stage),
-    ("evaluate", _qs_eval),
-    ("parity vs PyTorch", pipeline_stages.parity_stage),
-]
-
-
-def _qs_eval_prompts(ctx: QuickstartContext) -> str:
-    # 200 prompts from the held-out combinations, judged on the deployed path (ONNX Runtime FP32).
-    report = _run_eval(ctx.run, _eval_settings(1, 50, 4.0, ctx.seed, True, pipeline_stages.QUICKSTART_BACKEND,
-                                                 "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
-    ctx.results["eval"] = report
-    return str(ctx.run.reports_dir / "eval.json")
-
-
-QUICKSTART_TEXT_EVAL_PROMPTS = 200
-# `shapes` attribute combinations kept out of the text quickstart's training data.
-QUICKSTART_TEXT_HOLDOUT = 0.2
-# Pooled (adaLN) only: its steps cost ~0.8x those with cross-attention too, so 5000 fit in the
-# 12 minutes. With the recipe's text encoder rate, held-out prompts got 89.5/87/93.5% shape and
-# 100/98.5/99% position for seeds 0/1/2 (README, Text-to-image); pooled+cross_attention got
-# 87%/100% (seed 0) but trained for 12.1 minutes.
-QUICKSTART_TEXT_CONDITIONING = "pooled"
-
-# `quickstart --text`: the same path with prompts instead of classes; export, generate and
-# parity include the text encoder (a fifth component).
-QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
-    ("train VQ-VAE", _qs_vqvae),
-    ("train DiT + text encoder", _qs_dit),
-    ("export ONNX FP32 + FP16", pipeline_stages.export_stage),
-    ("generate from prompts (ONNX Runtime CPU)", pipeline_stages.generate_prompts_stage),
-    ("evaluate (held-out prompts)", _qs_eval_prompts),
-    ("parity vs PyTorch", pipeline_stages.parity_stage),
-]
-
-
-def quickstart_cmd(
-    out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
-    seed: int = _seed_opt, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
-    text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
-                              "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
-                              "`shapes` captions with 20% of the attribute combinations held out, evaluated on "
-                              "prompts from those."),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
-) -> None:
-    """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
-    a text-to-image model, about 11), evaluate it, then run every later pipeline stage that exists
-    (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
-    from mmgen_deploy.io_utils import write_json
-    from mmgen_deploy.rundir import RunDir
-
-    started = time.perf_counter()
-    if RunDir(out).exists() and not overwrite:  # checked before the data is generated
-        raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
-    text_options = TextOptions(conditioning=QUICKSTART_TEXT_CONDITIONING,
-                               holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
-    run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
-    ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
-    timings: dict[str, float] = {}
-    stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
-    for index, (name, stage) in enumerate(stages, start=1):
-        console.rule(f"[bold]{index}/{len(stages)} {name}")
-        stage_start = time.perf_counter()
-        where = stage(ctx)
-        timings[name] = round(time.perf_counter() - stage_start, 1)
-        console.print(f"[green]done[/] {name} in {timings[name]:.0f} s -> {where}")
-    summary = {"run_dir": str(run.root), "stage_seconds": timings,
-               "total_seconds": round(time.perf_counter() - started, 1), **ctx.results}
-    write_json(run.reports_dir / "quickstart.json", summary)
-    console.print(f"quickstart finished in {summary['total_seconds']:.0f} s; everything is in {run.root} "
-                  f"(summary: {run.reports_dir / 'quickstart.json'})")
-    emit_json(summary, json_out)
-
-
-# -- eval -------------------------------------------------------------------------------
-
-def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                   precision: str, num_prompts: int = 200) -> Any:
-    from mmgen_deploy.evaluation.evaluate import EvalSettings
-
-    _positive("number of samples per class", per_class)
-    _positive("number of sampling steps", steps)
-    _positive("number of prompts", num_prompts)
-    return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                        generate=generate, backend=backend, precision=precision, num_prompts=num_prompts)
-
-
-def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
-    from mmgen_deploy.evaluation.evaluate import evaluate_run
-    from mmgen_deploy.io_utils import write_json
-
-    with console.status("evaluating"):
-        report = evaluate_run(run, settings)
-    write_json(run.reports_dir / "eval.json", report)
-    vq = report["vqvae"]
-    console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
-                  f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
-                  f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
-    gen = report.get("generation")
-    if gen and "position_accuracy" in gen:
-        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
-                      f"{gen['num_samples']} prompts from {gen['prompts_from']}): colour [bold]"
-                      f"{100 * gen['colour_accuracy']:.1f}%[/], shape [bold]{100 * gen['shape_accuracy']:.1f}%[/], "
-                      f"size [bold]{100 * gen['size_accuracy']:.1f}%[/], position [bold]"
-                      f"{100 * gen['position_accuracy']:.1f}%[/], all four {100 * gen['accuracy']:.1f}%; "
-                      f"grid in {gen['grid']}")
-    elif gen and "accuracy" in gen:
-        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
-                      f"{gen['num_samples']} samples): requested colour AND shape in [bold]"
-                      f"{100 * gen['accuracy']:.1f}%[/] (colour {100 * gen['colour_accuracy']:.1f}%, shape "
-                      f"{100 * gen['shape_accuracy']:.1f}%); grid in {gen['grid']}")
-    elif gen:
-        console.print(f"generation: {gen['skipped']}")
-    return report
-
-
-def eval_cmd(
-    run_dir: Path = typer.Argument(..., help="Run directory to measure."),
-    samples_per_class: int = typer.Option(10, "--samples-per-class", help="Generated images per class."),
-    num_prompts: int = typer.Option(200, "--num-prompts",
-                                    help="Text-to-image runs: prompts drawn from the held-out attribute "
-                                         "combinations (one image each)."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
-    backend: str = typer.Option("torch", "--backend", help="Sampling backend (see `mmgen generate`)."),
-    precision: str = typer.Option("fp32", "--precision", help="Backend precision."),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
-) -> None:
-    """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
-    `shapes`, how often generated images show the requested colour and shape (judged by a checker
-    that reads pixels). For a text-to-image run: --num-prompts prompts from the attribute combinations
-    held out of training, and the accuracy of colour, shape, size and position separately and
-    together. Writes RUN_DIR/reports/eval.json."""
-    from mmgen_deploy.rundir import RunDir
-
-    report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
-                                                       backend, precision, num_prompts))
-    if json_out == "-":
-        emit_json(report, "-")
-    else:
-        emit_json(report, json_out)
-        stdout_console.print(f"report: {Path(run_dir) / 'reports' / 'eval.json'}")
-
-
 def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
-    app.command("quickstart")(quickstart_cmd)
-    app.command("eval")(eval_cmd)

@@ -1,4 +1,4 @@
-"""Build one strongly typed engine per component from the FP16 ONNX set.
+"""Build one strongly typed engine per component from the FP16 (or INT8 / FP8 Q/DQ) ONNX set.
 
 Same calls on TensorRT 10.x, 11.x and TensorRT-RTX; where they differ the `Flavour`
 decides. One optimization profile per engine, taken from the component spec (the
@@ -34,7 +34,7 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
@@ -216,7 +216,9 @@ def _export_records(run: RunDir, precision: str) -> dict[str, Any]:
         return {}
     return {name: {"exporter": export_manifest.get("exporter"), "opset": entry.get("opset"),
                    "export_sha256": entry.get("sha256"), "keep_fp32": entry.get("keep_fp32"),
-                   "converter": entry.get("converter")}
+                   "converter": entry.get("converter"),
+                   **({"component_precision": entry.get("component_precision"),
+                       "quantization": entry.get("quantization")} if "quantization" in entry else {})}
             for name, entry in files.items() if isinstance(entry, dict)}
 
 
@@ -236,6 +238,7 @@ def _link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+@writes_run("build engines")
 def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | None = None) -> BuildResult:
     """Build (or reuse) every requested component's engine into RUN_DIR/engines/<runtime>-<version>-<target>/."""
     started = time.perf_counter()
@@ -243,8 +246,9 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
     if options.compute_capabilities:
         for cc in options.compute_capabilities:
             flavour.compute_capability(cc)  # validates before any work
-    if options.precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {options.precision!r}", "use fp16 (or fp32 for debugging)")
+    if options.precision not in ENGINE_PRECISIONS:
+        raise UsageError(f"unknown precision {options.precision!r}",
+                         "use fp16, int8 or fp8 (or fp32 for debugging)")
     config = run.load_config()
     available = component_names(config)
     unknown = [c for c in options.components if c not in available]
@@ -258,13 +262,14 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
     if flavour.needs_gpu_to_build and gpu is None:
         raise NotAvailableError(f"{flavour.label} needs a CUDA GPU to build engines and none is visible",
                                 "build on the target device, or build ahead of time with --runtime tensorrt-rtx")
+    check_quantized_target(flavour, options, gpu)
     onnx_files = {name: source_onnx(run, options.precision, name) for name in options.components}
     for name, path in onnx_files.items():
         if not path.is_file():
             raise RunDirError(f"missing ONNX file {path} for the {name} engine",
                               f"export first: `mmgen export {run.root}`")
 
-    directory = engine_dir(run, flavour, gpu)
+    directory = engine_dir(run, flavour, gpu, options.precision)
     old = _old_manifest(directory)
     old_entries: dict[str, Any] = (old or {}).get("components", {})
     result_components: list[ComponentResult] = []
@@ -348,6 +353,32 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
         write_json(tmp / MANIFEST_NAME, manifest)
     return BuildResult(directory=directory, manifest=manifest, components=result_components,
                        total_seconds=time.perf_counter() - started)
+
+
+# FP8 GEMMs exist from Ada on (compute capability 8.9: Ada, Hopper, Blackwell). INT8 Q/DQ runs on
+# Turing and later in TensorRT 10.x/11.x; TensorRT-RTX lists INT8 among its Q/DQ types as well.
+FP8_MIN_SM = 89
+ENGINE_PRECISIONS = PRECISIONS  # fp32 for debugging; fp16, int8, fp8 for deployment
+
+
+def check_quantized_target(flavour: Flavour, options: BuildOptions, gpu: Any) -> None:
+    """Refuse, in one line and before any work, an FP8 build for GPUs without FP8 (SM < 8.9)."""
+    if options.precision != "fp8":
+        return
+    if not flavour.is_rtx:
+        if gpu is not None and int(gpu.sm[2:]) < FP8_MIN_SM:
+            raise UsageError(f"FP8 engines need compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU "
+                             f"is {gpu.name} ({gpu.sm})",
+                             "build --precision int8 (Jetson Orin, Ampere) or fp16 instead")
+        return
+    targets = list(options.compute_capabilities)
+    if not targets:
+        raise UsageError("FP8 engines need compute capability 8.9 or newer and TensorRT-RTX's default targets "
+                         "include Ampere (sm80, sm86)", "name FP8 targets: --cc sm89 and/or --cc sm120")
+    old = [cc for cc in targets if int(cc.upper().removeprefix("SM").replace(".", "")) < FP8_MIN_SM]
+    if old:
+        raise UsageError(f"FP8 engines need compute capability 8.9 or newer; {', '.join(old)} cannot run them",
+                         "drop those targets (--cc sm89 / sm120), or build --precision int8 or fp16 for them")
 
 
 def _weights_sha(run: RunDir) -> str | None:

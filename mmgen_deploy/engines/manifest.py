@@ -103,26 +103,27 @@ def engine_target(flavour: Flavour, gpu: GpuInfo | None) -> str:
     return AOT_TARGET if flavour.is_rtx or gpu is None else gpu.sm
 
 
-def engine_dir_name(flavour: Flavour, target: str) -> str:
-    return f"{flavour.runtime}-{flavour.version}-{target}"
+def engine_dir_name(flavour: Flavour, target: str, precision: str = "fp16") -> str:
+    """`<runtime>-<version>-<target>` for the FP16 set (the default), with `-<precision>` for the
+    others, so INT8 / FP8 engines sit beside the FP16 ones instead of replacing them."""
+    suffix = "" if precision == "fp16" else f"-{precision}"
+    return f"{flavour.runtime}-{flavour.version}-{target}{suffix}"
 
 
-def engine_dir(run: RunDir, flavour: Flavour, gpu: GpuInfo | None) -> Path:
-    return run.engines_dir / engine_dir_name(flavour, engine_target(flavour, gpu))
+def engine_dir(run: RunDir, flavour: Flavour, gpu: GpuInfo | None, precision: str = "fp16") -> Path:
+    return run.engine_set_dir(engine_dir_name(flavour, engine_target(flavour, gpu), precision))
 
 
 def source_onnx(run: RunDir, precision: str, component: str) -> Path:
     """Where the export step put this component's ONNX (the fp16 set holds the FP32-typed quantizer)."""
-    try:
-        from mmgen_deploy.export import onnx_path  # the export engineer's API, once merged
-    except ImportError:
-        return run.onnx_dir / precision / f"{component}.onnx"
-    return Path(onnx_path(run, precision, component))
+    return run.onnx_path(precision, component)
 
 
-def rebuild_command(run: RunDir, manifest: dict[str, Any] | None, runtime: str) -> str:
+def rebuild_command(run: RunDir, manifest: dict[str, Any] | None, runtime: str, precision: str = "fp16") -> str:
     """The command that rebuilds this engine set with the options it was built with."""
     parts = ["mmgen", "build-engine", str(run.root), "--runtime", runtime]
+    if precision != "fp16":
+        parts += ["--precision", precision]
     options = (manifest or {}).get("options", {})
     if options.get("batch"):
         b = options["batch"]
@@ -181,9 +182,9 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
     No CUDA is touched: `gpu` is what the caller already knows (None on a CPU machine,
     where only runtime version, ONNX hashes and plan integrity can be checked).
     """
-    directory = engine_dir(run, flavour, gpu)
+    directory = engine_dir(run, flavour, gpu, precision)
     if not (directory / MANIFEST_NAME).is_file():
-        rebuild = rebuild_command(run, None, flavour.runtime)
+        rebuild = rebuild_command(run, None, flavour.runtime, precision)
         others = sorted(p.name for p in run.engines_dir.glob("*") if (p / MANIFEST_NAME).is_file()) \
             if run.engines_dir.is_dir() else []
         if others:
@@ -194,7 +195,7 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
         raise StaleEngineError(f"no engines built in {run.engines_dir}", f"build them with `{rebuild}`")
 
     manifest = read_manifest(directory)
-    rebuild = f"rebuild with `{rebuild_command(run, manifest, flavour.runtime)}`"
+    rebuild = f"rebuild with `{rebuild_command(run, manifest, flavour.runtime, precision)}`"
     changes: list[str] = []
     if manifest.get("runtime") != flavour.runtime or manifest.get("version") != flavour.version:
         changes.append(f"built with {manifest.get('runtime')} {manifest.get('version')}, "
@@ -209,6 +210,8 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
                            f"this GPU is {gpu.name} (sm {gpu.compute_capability})")
         if flavour.is_rtx and targets and gpu.sm not in targets:
             changes.append(f"built for {', '.join(targets)}, this GPU is {gpu.name} ({gpu.sm})")
+        if precision == "fp8" and int(gpu.sm[2:]) < 89:
+            changes.append(f"FP8 engines need compute capability 8.9 or newer, this GPU is {gpu.name} ({gpu.sm})")
         if flavour.is_rtx and not targets and (gpu.sm in RTX_UNSUPPORTED or int(gpu.sm[2:]) < 80):
             # RTX's default targets are Ampere and later (8.0, 8.6, 8.9, 12.x); Turing must be named.
             changes.append(f"built for TensorRT-RTX's default targets (Ampere and later), this GPU is "

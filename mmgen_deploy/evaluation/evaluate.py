@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.data import DataSpec, load_split
-from mmgen_deploy.errors import NotAvailableError, RunDirError
+from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.metrics import vq_metrics
+from mmgen_deploy.numerics import save_grid
 from mmgen_deploy.rundir import RunDir
 
 
@@ -79,27 +80,33 @@ def prompt_accuracy(images: np.ndarray, specs: list[Any]) -> dict[str, Any]:
             "per_prompt": {caption: right / total for caption, (right, total) in sorted(per_prompt.items())}}
 
 
-def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
-                      progress: Any) -> dict[str, Any]:
-    from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
+def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, class_ids: list[int] | None = None,
+            prompts: list[str] | None = None) -> tuple[np.ndarray, float]:
+    """The images to judge (one per class id or prompt) on the settings' backend, and the seconds taken."""
     from mmgen_deploy.runtime import open_runner
-    from mmgen_deploy.sampling import sample, text_conditioning
-    from mmgen_deploy.training.common import save_grid
+    from mmgen_deploy.sampling import make_conditioning, sample
 
-    heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
-    specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
-    tokenizer = run.load_tokenizer()
-    runner, _choice = open_runner(run.root, backend=settings.backend, precision=settings.precision)
+    tokenizer = run.load_tokenizer() if config.uses_text else None
+    runner, _choice = open_runner(run, backend=settings.backend, precision=settings.precision)
     try:
         started = time.perf_counter()
-        condition = text_conditioning(runner, config, tokenizer, [s.caption for s in specs])
+        condition = make_conditioning(runner, config, class_ids=class_ids or [], prompts=prompts or [],
+                                      tokenizer=tokenizer)
         result = sample(runner, config, condition, steps=settings.steps, sampler=settings.sampler,
                         cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,
                         progress=progress)
         seconds = time.perf_counter() - started
     finally:
         runner.close()
-    images = np.asarray(result.images)
+    return np.asarray(result.images), seconds
+
+
+def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
+                      progress: Any) -> dict[str, Any]:
+    from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
+    heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
+    specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
+    images, seconds = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=10)
     return {
         **prompt_accuracy(images, specs),
@@ -128,25 +135,11 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
         return report
     if not run.has_part("dit"):
         raise RunDirError(f"{run.root} has no trained DiT", "run `mmgen train dit` first, or pass --no-generate")
-    try:
-        from mmgen_deploy.runtime import open_runner
-        from mmgen_deploy.sampling import sample
-    except ImportError:
-        raise NotAvailableError("sampling is not available in this version, so generated images cannot be judged",
-                                "pass --no-generate to measure the VQ-VAE only") from None
     if config.uses_text:
         report["generation"] = _evaluate_prompts(run, spec, config, settings, progress)
         return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
-    runner, _choice = open_runner(run.root, backend=settings.backend, precision=settings.precision)
-    started = time.perf_counter()
-    result = sample(runner, config, class_ids, steps=settings.steps, sampler=settings.sampler,
-                    cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,
-                    progress=progress)
-    seconds = time.perf_counter() - started
-    images = np.asarray(result.images)
-    from mmgen_deploy.training.common import save_grid
-
+    images, seconds = _sample(run, config, settings, progress, class_ids=class_ids)
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=settings.samples_per_class)
     report["generation"] = {
         **conditional_accuracy(images, class_ids), "sampler": settings.sampler, "steps": settings.steps,

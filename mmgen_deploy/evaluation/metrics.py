@@ -8,26 +8,18 @@ import numpy as np
 import torch
 
 from mmgen_deploy.models.vqvae import VQModel
-
-
-def psnr_per_image(reference: np.ndarray, reconstruction: np.ndarray) -> np.ndarray:
-    """PSNR in dB of each uint8 (N, H, W, 3) pair (peak 255); identical images give 100 dB."""
-    diff = reference.astype(np.float64) - reconstruction.astype(np.float64)
-    mse = (diff * diff).reshape(len(reference), -1).mean(axis=1)
-    return np.where(mse > 0, 10 * np.log10(255.0**2 / np.maximum(mse, 1e-12)), 100.0)
+from mmgen_deploy.numerics import psnr_per_image, to_uint8
 
 
 @torch.no_grad()
 def reconstruct(vq: VQModel, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images -> (uint8 reconstructions through the quantizer, code indices (N, h, w))."""
-    from mmgen_deploy.training.common import to_uint8
-
     vq.eval()
     outputs, codes = [], []
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         z_q, indices = vq.quantize.quantize(vq.encode(batch))
-        outputs.append(to_uint8(vq.decode(z_q)))
+        outputs.append(to_uint8(vq.decode(z_q).cpu().numpy()))
         codes.append(indices.numpy())
     return np.concatenate(outputs), np.concatenate(codes)
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from mmgen_deploy.export.calibration import CalibrationData, CalibrationSource
 from mmgen_deploy.export.exporter import ProgressCallback, export_models, export_run
-from mmgen_deploy.export.manifest import PRECISIONS, manifest_path, onnx_path, read_manifest
+from mmgen_deploy.export.manifest import manifest_path, onnx_path, read_manifest
 from mmgen_deploy.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 from mmgen_deploy.export.validate import ExportValidationError
+from mmgen_deploy.specs import PRECISIONS  # re-exported: the one list lives in specs
 
 __all__ = [
     "DEFAULT_OPSET",

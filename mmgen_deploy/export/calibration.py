@@ -47,9 +47,10 @@ class CalibrationData:
 CalibrationSource = CalibrationData | np.ndarray | str | os.PathLike[str] | None
 
 
-def load_calibration(source: CalibrationSource, config: ModelConfig) -> CalibrationData | None:
+def load_calibration(source: CalibrationSource, config: ModelConfig,
+                     limit: int = CALIBRATION_SAMPLES) -> CalibrationData | None:
     """Accept a CalibrationData, an image array, or an .npz with `images` (and optionally
-    `labels`); check shapes and range against the config."""
+    `labels`); check shapes and range against the config; keep the first `limit` samples."""
     if source is None:
         return None
     if isinstance(source, CalibrationData):
@@ -92,13 +93,13 @@ def load_calibration(source: CalibrationSource, config: ModelConfig) -> Calibrat
     captions = data.captions
     if captions is not None and len(captions) != images.shape[0]:
         raise UsageError(f"{len(captions)} calibration captions for {images.shape[0]} images", "give one per image")
-    return CalibrationData(images=images[:CALIBRATION_SAMPLES],
-                           labels=None if labels is None else labels[:CALIBRATION_SAMPLES], source=data.source,
-                           captions=None if captions is None else tuple(captions[:CALIBRATION_SAMPLES]))
+    return CalibrationData(images=images[:limit],
+                           labels=None if labels is None else labels[:limit], source=data.source,
+                           captions=None if captions is None else tuple(captions[:limit]))
 
 
-def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, str]:
-    """The first images of the run's validation split (run.json `data`), or None and why not."""
+def dataset_calibration(meta: dict[str, Any], count: int = CALIBRATION_SAMPLES) -> tuple[CalibrationData | None, str]:
+    """The first `count` images of the run's validation split (run.json `data`), or None and why not."""
     described = meta.get("data") or {}
     if not isinstance(described, dict) or "name" not in described:
         return None, "the run records no dataset"
@@ -106,14 +107,14 @@ def dataset_calibration(meta: dict[str, Any]) -> tuple[CalibrationData | None, s
 
     spec = DataSpec.from_dict(described)
     if spec.name == "shapes":  # generated: ask for just the samples needed (same deterministic stream)
-        spec = replace(spec, num_val=CALIBRATION_SAMPLES)
+        spec = replace(spec, num_val=count)
     try:
         data = load_split(spec, "val")
     except (MMGenError, OSError, ValueError) as exc:
         return None, f"dataset unavailable: {exc}"
     if len(data) == 0:
         return None, "the dataset's validation split is empty"
-    count = min(len(data), CALIBRATION_SAMPLES)
+    count = min(len(data), count)
     images = np.ascontiguousarray(data.images[:count].transpose(0, 3, 1, 2))  # NHWC uint8 -> NCHW
     return CalibrationData(images=images, labels=np.asarray(data.labels[:count]),
                            source=f"{spec.name} validation split",

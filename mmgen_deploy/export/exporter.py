@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.export.calibration import (
+    CalibrationData,
     CalibrationSource,
     component_inputs,
     dataset_calibration,
@@ -41,11 +42,20 @@ from mmgen_deploy.export.onnx_export import (
     file_opset,
     file_size,
 )
+from mmgen_deploy.export.quantize_export import QuantSettings, export_quantized, quant_plan, quantization_data
 from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
-from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS, ComponentSpec, component_names, component_specs
+from mmgen_deploy.rundir import RunDir, RunLike, writes_run
+from mmgen_deploy.specs import (
+    COMPONENTS,
+    DEFAULT_EXPORT_PRECISIONS,
+    PRECISIONS,
+    QUANTIZED_PRECISIONS,
+    ComponentSpec,
+    component_names,
+    component_specs,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -96,15 +106,20 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
 
 
 def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.PathLike[str], *,
-                  precisions: Sequence[str] = PRECISIONS, components: Sequence[str] | None = None,
+                  precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
                   text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
+                  quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
                   ) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
 
     A text-to-image model needs its `text_encoder` (a fifth component) and `tokenizer`
     (which turns the calibration captions into the text encoder's real inputs).
+
+    INT8 / FP8 sets (`precisions` with "int8" / "fp8") are calibrated on `quant_data` (default: the
+    `calibration` images) along the sampling trajectory, as `quantization` says (see
+    `mmgen_deploy.export.quantize`).
 
     Returns the manifest's `files` and `calibration` parts. Raises
     `ExportValidationError` when any graph misses its tolerance (files already written
@@ -114,13 +129,14 @@ def export_models(config: ModelConfig, vq: VQModel, dit: DiT, out_dir: str | os.
         return _export_models(config, vq, dit, Path(out_dir), precisions=precisions, components=components,
                               opset=opset, calibration=calibration, progress=progress,
                               why_no_calibration=why_no_calibration, text_encoder=text_encoder,
-                              tokenizer=tokenizer)
+                              tokenizer=tokenizer, quantization=quantization, quant_data=quant_data)
 
 
 def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
                    progress: ProgressCallback | None, why_no_calibration: str, text_encoder: TextEncoder | None,
-                   tokenizer: WordTokenizer | None) -> dict[str, Any]:
+                   tokenizer: WordTokenizer | None, quantization: QuantSettings | None = None,
+                   quant_data: CalibrationData | None = None) -> dict[str, Any]:
     check_opset(opset)
     if config.uses_text and (text_encoder is None or tokenizer is None):
         raise ValueError("exporting a text-to-image model needs its text encoder and tokenizer")
@@ -131,7 +147,9 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
     real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
                                                 tokenizer=tokenizer)
     real_kind = "real" if data is not None else "dummy"
-    steps_per = 2 + (2 if "fp16" in chosen_precisions else 0)
+    quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
+    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration)
+    steps_per = 2 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)
     total, done = steps_per * len(chosen), 0
 
     def step(message: str) -> None:
@@ -177,11 +195,18 @@ def _export_models(config: ModelConfig, vq: VQModel, dit: DiT, out: Path, *, pre
                 "keep_fp32": spec.keep_fp32, "converter": converter, "convert_seconds": round(convert_seconds, 3),
                 "fp16_nodes": fp16_nodes, "kept_fp32_nodes": kept, "validation": summarize(checks16),
             }
+        for precision in quantized:
+            assert quant is not None
+            files[precision][name] = export_quantized(quant, precision, spec, module, fp32_file, out, input_sets,
+                                                      real_inputs[name], step, fp32_checks=checks)
     if scratch.name == ".fp32-work":
         shutil.rmtree(scratch, ignore_errors=True)
     if progress is not None:
         progress("done", total, total)
-    return {"files": files, "calibration": {"source": real_source, "used_for": "FP16 ranges and real-data validation"}}
+    calibration_record: dict[str, Any] = {"source": real_source, "used_for": "FP16 ranges and real-data validation"}
+    if quant is not None:
+        calibration_record["quantization"] = quant.record()
+    return {"files": files, "calibration": calibration_record}
 
 
 def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str, Any] | None:
@@ -206,22 +231,27 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
     return None if overwrite else manifest
 
 
-def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence[str] = PRECISIONS,
+@writes_run("export")
+def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
-               calibration: CalibrationSource = None, progress: ProgressCallback | None = None) -> dict[str, Any]:
+               calibration: CalibrationSource = None, progress: ProgressCallback | None = None,
+               quantization: QuantSettings | None = None) -> dict[str, Any]:
     """Export a run's components to `RUN_DIR/onnx/` atomically; returns the manifest.
 
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
     the same checkpoint keeps the other files and their manifest entries.
     """
-    run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+    run = RunDir.of(run_dir)
     check_opset(opset)
-    config, vq, dit = run.load_models()
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
+    quant_data = None
+    if any(p in QUANTIZED_PRECISIONS for p in chosen_precisions):
+        # More images than the FP16 range check needs: every class, a pool of latents to noise.
+        quant_data = quantization_data(calibration, run.read_meta(), config, quantization or QuantSettings())
     if calibration is None:
         # Real data by default: the first validation images of the dataset the run was trained on.
         calibration, why_no_calibration = dataset_calibration(run.read_meta())
@@ -247,7 +277,7 @@ def export_run(run_dir: str | os.PathLike[str] | RunDir, *, precisions: Sequence
         result = export_models(config, vq, dit, tmp, precisions=chosen_precisions, components=chosen,
                                opset=opset, calibration=calibration, progress=progress,
                                why_no_calibration=why_no_calibration, text_encoder=text_encoder,
-                               tokenizer=tokenizer)
+                               tokenizer=tokenizer, quantization=quantization, quant_data=quant_data)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {

@@ -3,6 +3,7 @@
     RUN_DIR/onnx/manifest.json
     RUN_DIR/onnx/fp32/{encoder,quantizer,decoder,denoiser}.onnx
     RUN_DIR/onnx/fp16/{encoder,quantizer,decoder,denoiser}.onnx   (quantizer: FP32-typed graph)
+    RUN_DIR/onnx/{int8,fp8}/<component>.onnx                      (Q/DQ graphs; quantizer: FP32 graph)
     RUN_DIR/onnx/{fp32,fp16}/text_encoder.onnx                    (text-to-image runs only)
 
 The manifest's `components` lists the model's components (`component_names(config)`).
@@ -11,45 +12,42 @@ The manifest's `components` lists the model's components (`component_names(confi
 from __future__ import annotations
 
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
 
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.io_utils import read_json
-from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.specs import PRECISIONS
+from mmgen_deploy.rundir import ONNX_MANIFEST_NAME, RunDir, RunLike
 
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = ONNX_MANIFEST_NAME
 MANIFEST_FORMAT = "mmgen-onnx-export"
 MANIFEST_VERSION = 1
 
 
-def _root(run_dir: str | os.PathLike[str] | RunDir) -> Path:
-    return run_dir.root if isinstance(run_dir, RunDir) else Path(run_dir)
+def _root(run_dir: RunLike) -> Path:
+    return RunDir.of(run_dir).root
 
 
-def onnx_dir(run_dir: str | os.PathLike[str] | RunDir) -> Path:
-    return _root(run_dir) / "onnx"
+# The layout itself is RunDir's; these keep the export package's names for it.
+def onnx_dir(run_dir: RunLike) -> Path:
+    return RunDir.of(run_dir).onnx_dir
 
 
 def relative_onnx_path(precision: str, component: str) -> str:
-    return f"{precision}/{component}.onnx"
+    return RunDir.onnx_relpath(precision, component)
 
 
-def onnx_path(run_dir: str | os.PathLike[str] | RunDir, precision: str, component: str) -> Path:
+def onnx_path(run_dir: RunLike, precision: str, component: str) -> Path:
     """Where the exported graph of `component` at `precision` lives (it may not exist yet)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return onnx_dir(run_dir) / relative_onnx_path(precision, component)
+    return RunDir.of(run_dir).onnx_path(precision, component)
 
 
-def manifest_path(run_dir: str | os.PathLike[str] | RunDir) -> Path:
-    return onnx_dir(run_dir) / MANIFEST_NAME
+def manifest_path(run_dir: RunLike) -> Path:
+    return RunDir.of(run_dir).onnx_manifest_path
 
 
-def read_manifest(run_dir: str | os.PathLike[str] | RunDir) -> dict[str, Any]:
+def read_manifest(run_dir: RunLike) -> dict[str, Any]:
     """The export manifest of a run; RunDirError when there is none or it is damaged."""
     path = manifest_path(run_dir)
     if not path.is_file():

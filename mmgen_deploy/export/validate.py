@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mmgen_deploy.errors import MMGenError
-from mmgen_deploy.parity.metrics import tensor_diff
+from mmgen_deploy.numerics import compare_output, take_batch
 from mmgen_deploy.specs import ComponentSpec, random_feeds
 
 
@@ -73,17 +73,8 @@ def random_input_sets(spec: ComponentSpec, specs: dict[str, ComponentSpec], modu
     return [InputSet("random", b, random_feeds(spec, specs, b, rng, upstream)) for b in validation_batches(spec)]
 
 
-def tile_batch(tensors: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The first `batch` samples, repeating the data if there are fewer."""
-    out = {}
-    for name, array in tensors.items():
-        reps = -(-batch // array.shape[0])
-        out[name] = np.ascontiguousarray(np.concatenate([array] * reps)[:batch])
-    return out
-
-
 def real_input_sets(spec: ComponentSpec, real: dict[str, np.ndarray], kind: str = "real") -> list[InputSet]:
-    return [InputSet(kind, b, tile_batch(real, b)) for b in validation_batches(spec)]
+    return [InputSet(kind, b, take_batch(real, b)) for b in validation_batches(spec)]
 
 
 def torch_outputs(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -114,16 +105,10 @@ def compare(spec: ComponentSpec, precision: str, input_set: InputSet, reference:
                 f"{spec.name} {precision}: output {tensor.name!r} has shape {got.shape} in ONNX Runtime "
                 f"but {ref.shape} in PyTorch at batch {input_set.batch}",
                 "a shape was frozen during export; report this as a bug")
-        if tensor.is_float:
-            diff = tensor_diff(ref, got)
-            checks.append(OutputCheck(spec.name, precision, tensor.name, input_set.kind, input_set.batch,
-                                      "rel_l2", diff.rel_l2, tol.rel_l2, diff.max_abs, diff.rel_l2 <= tol.rel_l2))
-        else:
-            agreement = float((ref == got).mean()) if ref.size else 1.0
-            max_abs = float(np.abs(ref.astype(np.int64) - got.astype(np.int64)).max(initial=0))
-            checks.append(OutputCheck(spec.name, precision, tensor.name, input_set.kind, input_set.batch,
-                                      "agreement", agreement, tol.min_agreement, max_abs,
-                                      agreement >= tol.min_agreement))
+        c = compare_output(ref, got, is_float=tensor.is_float, rel_l2=tol.limit(input_set.kind),
+                           min_agreement=tol.min_agreement)
+        checks.append(OutputCheck(spec.name, precision, tensor.name, input_set.kind, input_set.batch,
+                                  c.metric, c.value, c.limit, c.max_abs, c.passed))
     return checks
 
 

@@ -83,8 +83,20 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "give a directory path for the run")
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+    if not RunDir(out).is_empty() and not force:
         raise UsageError(f"{out} already exists and is not empty", "choose a new --out or pass --force to replace it")
+    with RunDir(out).writing("import", create=True):
+        return _import_run(out, source=source, vq_path=vq_path, dit_path=dit_path, scheduler_path=scheduler_path,
+                           class_names_file=class_names_file, image_size=image_size, num_heads=num_heads,
+                           norm_groups=norm_groups)
+
+
+def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: str | os.PathLike[str] | None,
+                dit_path: str | os.PathLike[str] | None, scheduler_path: str | os.PathLike[str] | None,
+                class_names_file: str | os.PathLike[str] | None, image_size: int | None, num_heads: int | None,
+                norm_groups: int | None) -> dict[str, Any]:
+    from mmgen_deploy.rundir import RunDir
+
     paths = [(label, Path(p)) for label, p in (("SOURCE", source), ("--vq", vq_path), ("--dit", dit_path))
              if p is not None]
     if not paths:
@@ -155,7 +167,7 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
         run.initialize(config, data={"source": "import"}, extra={"imported": imported})
         run.save_weights("vqvae", vq_model)
         run.save_weights("dit", dit.model)
-        run.load_models()  # read back through the normal path (what export etc. will see) before the rename
+        run.load_deployable()  # read back through the normal path (what export etc. will see) before the rename
     return {"run_dir": str(out), "config": config.to_dict(), "imported": imported,
             "params": {"vqvae": sum(p.numel() for p in vq_model.parameters()),
                        "dit": sum(p.numel() for p in dit.model.parameters() if p.requires_grad)}}

@@ -51,22 +51,50 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _sharded_weights(folder: Path, index: Path) -> StateDict:
+    """The tensors of a sharded save (`*.safetensors.index.json` + `*-0000i-of-0000n.safetensors`), checked
+    against the index: every shard present, every tensor it lists found in the shard it names."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index} has no weight_map", "re-save the model with save_pretrained()")
+    shards = sorted(set(weight_map.values()))
+    absent = [name for name in shards if not (folder / name).is_file()]
+    if absent:
+        raise CheckpointError(f"{folder}: {len(absent)} of the {len(shards)} shards listed in {index.name} are "
+                              f"missing ({', '.join(absent[:3])}{' ...' if len(absent) > 3 else ''})",
+                              "copy every shard next to the index (an interrupted download?)")
+    state: StateDict = {}
+    for shard in shards:
+        part = tensor_state(load_checkpoint(folder / shard), str(folder / shard))
+        listed = {key for key, name in weight_map.items() if name == shard}
+        lost = sorted(listed - set(part))
+        if lost:
+            raise CheckpointError(f"{folder / shard} lacks {len(lost)} tensor(s) that {index.name} puts there "
+                                  f"(e.g. {lost[0]})", "the shard is truncated or from another save")
+        state.update(part)
+    return state
+
+
 def _diffusers_weights(folder: Path) -> StateDict:
-    """All tensors of a diffusers model folder (single file or sharded with an index)."""
+    """All tensors of a diffusers model folder (single file or sharded with an index, or one precision variant)."""
     for name in _WEIGHT_NAMES:
         if (folder / name).is_file():
             return tensor_state(load_checkpoint(folder / name), str(folder / name))
         index = folder / f"{name}.index.json"
         if index.is_file():
-            weight_map = _read_json(index).get("weight_map", {})
-            state: StateDict = {}
-            for shard in sorted(set(weight_map.values())):
-                state.update(tensor_state(load_checkpoint(folder / shard), str(folder / shard)))
-            return state
-    # Only a precision variant (e.g. diffusion_pytorch_model.fp16.safetensors): fine, it is cast to FP32.
-    variants = sorted(folder.glob("diffusion_pytorch_model.*.safetensors"))
-    if len(variants) == 1:
+            return _sharded_weights(folder, index)
+    # Only a precision variant (e.g. diffusion_pytorch_model.fp16.safetensors, or its shards with
+    # diffusion_pytorch_model.safetensors.index.fp16.json): fine, it is cast to FP32.
+    variant_indexes = sorted(folder.glob("diffusion_pytorch_model.safetensors.index.*.json"))
+    if len(variant_indexes) == 1:
+        return _sharded_weights(folder, variant_indexes[0])
+    variants = sorted(p for p in folder.glob("diffusion_pytorch_model.*.safetensors") if "-of-" not in p.name)
+    if len(variants) == 1 and not variant_indexes:
         return tensor_state(load_checkpoint(variants[0]), str(variants[0]))
+    if len(variants) + len(variant_indexes) > 1:
+        raise CheckpointError(f"{folder} holds several precision variants "
+                              f"({', '.join(p.name for p in [*variant_indexes, *variants])}) and no default weights",
+                              "keep one variant in the folder, or save the FP32 weights with save_pretrained()")
     raise CheckpointError(f"{folder} has a config.json but no weights ({', '.join(_WEIGHT_NAMES)})",
                           "save the model with save_pretrained() or copy the weight file next to config.json")
 

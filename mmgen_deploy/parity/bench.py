@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import component_specs
 
 
@@ -174,7 +175,7 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
     the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does).
     `components`: time only these per component (default all; sampling always runs what it needs)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     result = BackendResult(backend=runner.backend, precision=runner.precision,
                            device=str(getattr(runner, "device", "cpu")))
@@ -196,19 +197,14 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
             elif name == "decoder":
                 result.decoder_gflops[batch] = component_flops(config, name) * fed / (lat.median_ms / 1e3) / 1e9
+    if config.uses_text and (tokenizer is None or not prompts):
+        raise ValueError("benchmarking a text model needs its tokenizer and prompts")
     for batch in batches:
-        if config.uses_text:
-            if tokenizer is None or not prompts:
-                raise ValueError("benchmarking a text model needs its tokenizer and prompts")
-            chosen = [prompts[i % len(prompts)] for i in range(batch)]
-            sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=2,
-                   cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, text_conditioning(runner, config, tokenizer, chosen), steps=steps,
-                         cfg_scale=cfg_scale, seed=0, batch_size=batch)
-        else:
-            class_ids = [i % config.dit.num_classes for i in range(batch)]
-            sample(runner, config, class_ids, steps=2, cfg_scale=cfg_scale, seed=0, batch_size=batch)  # warm-up
-            res = sample(runner, config, class_ids, steps=steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+        chosen = [prompts[i % len(prompts)] for i in range(batch)] if config.uses_text and prompts else []
+        class_ids = [] if config.uses_text else [i % config.dit.num_classes for i in range(batch)]
+        for run_steps in (2, steps):  # a warm-up, then the measured run
+            condition = make_conditioning(runner, config, class_ids=class_ids, prompts=chosen, tokenizer=tokenizer)
+            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
         total = res.total_seconds
@@ -273,6 +269,8 @@ class BenchResult:
         """One row per (backend, precision, batch): the side-by-side view."""
         rows = []
         base: dict[int, float] = {}
+        # The denoiser's speed-up over the same backend's first precision (fp32 when measured).
+        first_denoiser: dict[tuple[str, int], float] = {}
         for res in self.backends:
             for batch in self.batches:
                 if res.error:
@@ -286,9 +284,12 @@ class BenchResult:
                 text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
                 peak = self.peak_for(res)
                 split = res.time_split.get(batch)
+                den_ms = res.components["denoiser"][batch].median_ms if "denoiser" in res.components else None
+                ref = first_denoiser.setdefault((res.backend, batch), den_ms) if den_ms else None
                 rows.append([
                     res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    lat["denoiser"], *text, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    f"{lat['denoiser']} ({ref / den_ms:.2f}x)" if den_ms and ref else lat["denoiser"], *text,
+                    f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     _fraction(res.denoiser_gflops.get(batch), peak), _fraction(res.decoder_gflops.get(batch), peak),
                     (f"{100 * split['denoiser']:.0f} / {100 * split['quantizer+decoder']:.0f} / "
                      f"{100 * split['other']:.1f}") if split else "-",
@@ -296,9 +297,9 @@ class BenchResult:
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms", "denoiser ms",
-              "images/s (vs first)", "denoiser GFLOP/s (% of peak)", "decoder GFLOP/s (% of peak)",
-              "time % denoiser / decode / other", "peak host MiB")
+    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms",
+              "denoiser ms (vs backend's first)", "images/s (vs first)", "denoiser GFLOP/s (% of peak)",
+              "decoder GFLOP/s (% of peak)", "time % denoiser / decode / other", "peak host MiB")
 
     @property
     def has_text_encoder(self) -> bool:
@@ -309,7 +310,7 @@ class BenchResult:
         """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
         if not self.has_text_encoder:
             return self.HEADER
-        at = self.HEADER.index("denoiser ms") + 1
+        at = self.HEADER.index("denoiser ms (vs backend's first)") + 1
         return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
 
     def peaks_line(self) -> str:
@@ -348,18 +349,40 @@ def machine_description() -> str:
     return f"{features.model}, {os.cpu_count()} logical CPUs ({flags})"
 
 
-def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
+def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
+    """`precisions`, or with ["auto"] every precision this backend has here: the exported ONNX sets
+    (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set), FP32 and, on a CPU with
+    BF16 units, BF16 (torch autocast; OpenVINO on the FP32 set, plus an exported int8 set)."""
+    from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.specs import PRECISIONS
+
+    if list(precisions) != ["auto"]:
+        return list(precisions)
+    bf16 = ["bf16"] if cpu_features().native_bf16 else []
+    if backend == "torch":
+        return ["fp32", *bf16]
+    if backend == "openvino":
+        return ["fp32", *bf16, *(["int8"] if (run.onnx_dir / "int8").is_dir() else [])]
+    if backend == "tensorrt":
+        names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
+            if run.engines_dir.is_dir() else []
+        found = [p for p in PRECISIONS if p != "fp32"
+                 and any(n.endswith(f"-{p}") if p != "fp16" else not n.endswith(("-int8", "-fp8")) for n in names)]
+        return found or ["fp16"]
+    return [p for p in PRECISIONS if (run.onnx_dir / p).is_dir()] or ["fp32"]
+
+
+def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
               components: Sequence[str] | None = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError, UsageError
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
 
     unknown = [b for b in backends if b not in BACKEND_PRECISIONS]
     if unknown:
         raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(BACKEND_PRECISIONS)}")
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
+    run = RunDir.of(run_dir)
     config = run.load_config()
     tokenizer, prompts = None, None
     if config.uses_text:
@@ -372,13 +395,13 @@ def run_bench(run_dir: Any, backends: Sequence[str], precisions: Sequence[str], 
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, peaks.get("fp32", 0.0), [],
                          matmul_peaks=peaks, machine=machine_description())
     for backend in backends:
-        for precision in precisions:
+        for precision in available_precisions(run, backend, precisions):
             if precision not in BACKEND_PRECISIONS[backend]:
                 result.skipped.append(f"{backend} {precision} (not a precision of {backend})")
                 continue
             say(f"benchmarking {backend} {precision}")
             try:
-                runner, _choice = open_runner(run.root, backend, precision)
+                runner, _choice = open_runner(run, backend, precision)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue

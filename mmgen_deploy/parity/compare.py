@@ -14,8 +14,9 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.parity.metrics import index_agreement, psnr, ssim, tensor_diff
+from mmgen_deploy.numerics import compare_output, index_agreement, psnr, ssim, take_batch, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
 
 
@@ -40,69 +41,123 @@ class UntrainedModelError(MMGenError):
     pass
 
 
-def ensure_trained(reference: Any, config: ModelConfig) -> None:
-    """Refuse an all-zero-output denoiser: a freshly initialised DiT (adaLN-Zero) matches
-    any backend trivially, which proves nothing."""
-    spec = component_specs(config)["denoiser"]
-    out = reference.run("denoiser", spec.make_inputs(2, np.random.default_rng(0)))[Tensors.MODEL_OUTPUT]
-    if not np.any(out):
+# A denoiser whose output RMS is below this fraction of its noisy input's RMS is "negligible":
+# it has hardly left adaLN-Zero, so any backend matches it within tolerance whatever it computes.
+# Measured on the tiny preset (random inputs, batch 8): a fresh DiT 0, a DiT trained 2 steps (EMA)
+# 0.0034, re-randomised weights (the tests' models) 0.23; a trained epsilon predictor aims at the
+# noise itself (RMS 1).
+MIN_OUTPUT_SCALE = 0.05
+
+
+@dataclass(frozen=True)
+class OutputScale:
+    """How large the denoiser's output is next to its input, on the inputs parity compares."""
+
+    output_rms: float
+    input_rms: float
+    threshold: float = MIN_OUTPUT_SCALE
+
+    @property
+    def ratio(self) -> float:
+        return self.output_rms / self.input_rms if self.input_rms > 0 else 0.0
+
+    @property
+    def meaningful(self) -> bool:
+        return self.ratio >= self.threshold
+
+    def describe(self) -> str:
+        return (f"denoiser output RMS {self.output_rms:.3g} vs input x_t RMS {self.input_rms:.3g} "
+                f"(ratio {self.ratio:.3g}; negligible below {self.threshold:g})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"output_rms": self.output_rms, "input_rms": self.input_rms, "ratio": self.ratio,
+                "threshold": self.threshold, "meaningful": self.meaningful}
+
+
+def denoiser_output_scale(reference: Any, config: ModelConfig, *, batch: int = 8, seed: int = 0,
+                          threshold: float = MIN_OUTPUT_SCALE) -> OutputScale:
+    """The RMS of the reference denoiser's output next to that of its noisy input x_t, on random
+    inputs (a text model's conditions come from its own text encoder, as in the comparison)."""
+    specs = component_specs(config)
+    feeds = random_feeds(specs["denoiser"], specs, batch, np.random.default_rng(seed), reference.run)
+    out = np.asarray(reference.run("denoiser", feeds)[Tensors.MODEL_OUTPUT], dtype=np.float64)
+    x_t = np.asarray(feeds[Tensors.X_T], dtype=np.float64)
+    return OutputScale(output_rms=float(np.sqrt(np.mean(out ** 2))), input_rms=float(np.sqrt(np.mean(x_t ** 2))),
+                       threshold=threshold)
+
+
+def ensure_trained(reference: Any, config: ModelConfig) -> OutputScale:
+    """Refuse a denoiser whose output is zero or negligible next to its input: a freshly
+    initialised or barely trained DiT (adaLN-Zero) matches any backend trivially, which proves
+    nothing. Returns the scale it measured (for the report)."""
+    scale = denoiser_output_scale(reference, config)
+    if scale.output_rms == 0.0:
         raise UntrainedModelError(
             "the denoiser outputs exactly zero (a freshly initialised DiT): parity on it proves nothing",
-            "train the model first, or pass --allow-untrained",
-        )
-
-
-def _take(feeds: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
-    """The first `batch` samples (cycled if fewer exist)."""
-    out = {}
-    for name, value in feeds.items():
-        idx = np.arange(batch) % len(value)
-        out[name] = np.ascontiguousarray(value[idx])
-    return out
+            "train the model first, or pass --allow-untrained")
+    if not scale.meaningful:
+        raise UntrainedModelError(
+            f"the denoiser's output is negligible next to its input ({scale.describe()}): a barely trained "
+            "DiT matches any backend trivially, so parity on it proves nothing",
+            "train the model longer, or pass --allow-untrained (the report then says it is not meaningful)")
+    return scale
 
 
 def compare_component(report: ParityReport, spec: ComponentSpec, reference: Any, backend: Any,
                       feeds: dict[str, np.ndarray], label: str, precision: str,
                       overrides: ToleranceOverrides, codebook: np.ndarray | None) -> None:
+    """`precision` is the precision of this component's graph (in an 8-bit set the quantizer is
+    FP32, and a component the spec keeps out of quantization FP16): its tolerances apply."""
     ref_out = reference.run(spec.name, feeds)
     test_out = backend.run(spec.name, feeds)
+    kind = label.split(",")[0]
     for tensor in spec.outputs:
         tol = spec.tolerance(precision, tensor.name)
-        ref, test = ref_out[tensor.name], test_out[tensor.name]
-        if tensor.is_float:
-            diff = tensor_diff(ref, test)
-            limit = overrides.output_rel_l2(tensor.name, tol.rel_l2)
-            report.add(Check(spec.name, f"{tensor.name} rel_l2 ({label})", diff.rel_l2, limit, "<=",
-                             diff.to_dict()))
-            max_abs = overrides.output_max_abs(tensor.name)
-            if max_abs is not None:
-                report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", diff.max_abs, max_abs, "<=",
-                                 diff.to_dict()))
-        else:
-            latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
-            agree = index_agreement(ref, test, latents, codebook)
-            limit = overrides.min_index_agreement if overrides.min_index_agreement is not None \
-                else tol.min_agreement
-            report.add(Check(spec.name, f"{tensor.name} agreement ({label})", agree.agreement, limit, ">=",
-                             agree.to_dict()))
+        latents = feeds.get(Tensors.H) if spec.name == "quantizer" else None
+        c = compare_output(ref_out[tensor.name], test_out[tensor.name], is_float=tensor.is_float,
+                           rel_l2=overrides.output_rel_l2(tensor.name, tol.limit(kind)),
+                           min_agreement=overrides.min_index_agreement if overrides.min_index_agreement is not None
+                           else tol.min_agreement, latents=latents, codebook=codebook)
+        report.add(Check(spec.name, f"{tensor.name} {c.metric} ({label})", c.value, c.limit, c.direction, c.details))
+        max_abs = overrides.output_max_abs(tensor.name) if tensor.is_float else None
+        if max_abs is not None:
+            report.add(Check(spec.name, f"{tensor.name} max_abs ({label})", c.max_abs, max_abs, "<=", c.details))
 
 
 def component_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
                      *, batches: Sequence[int], seed: int, real: dict[str, dict[str, np.ndarray]] | None,
                      overrides: ToleranceOverrides, codebook: np.ndarray | None,
-                     components: Sequence[str] | None = None) -> None:
+                     components: Sequence[str] | None = None,
+                     component_precisions: dict[str, str] | None = None) -> None:
+    """`component_precisions` maps a component to the precision its graph has in the set (from the
+    export manifest, `shipped_precisions`); missing ones are taken to be `precision`."""
     specs = component_specs(config)
     rng = np.random.default_rng(seed)
+    shipped = component_precisions or {}
     for name, spec in specs.items():
         if components and name not in components:
             continue
+        own = shipped.get(name, spec.shipped_precision(precision))
         for batch in batches:
             feeds = random_feeds(spec, specs, batch, rng, reference.run)
-            compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", precision,
+            compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", own,
                               overrides, codebook)
             if real is not None:
-                compare_component(report, spec, reference, backend, _take(real[name], batch),
-                                  f"real, batch {batch}", precision, overrides, codebook)
+                compare_component(report, spec, reference, backend, take_batch(real[name], batch),
+                                  f"real, batch {batch}", own, overrides, codebook)
+
+
+def shipped_precisions(run: Any, precision: str) -> dict[str, str]:
+    """Per component, the precision of its graph in the `precision` ONNX set, as the export
+    manifest records it (an 8-bit set may hold FP16 / FP32 components); empty without a manifest."""
+    from mmgen_deploy.io_utils import read_json
+
+    try:
+        files = read_json(run.onnx_dir / "manifest.json")["files"][precision]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return {name: str(entry.get("component_precision", precision)) for name, entry in files.items()
+            if isinstance(entry, dict)}
 
 
 def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
@@ -112,18 +167,15 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
     """Sample the same images on both sides and compare them. A text model samples
     `prompts`, each side encoding them with its own text encoder (so the comparison covers
     the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder)."""
-    from mmgen_deploy.sampling import sample, text_conditioning
+    from mmgen_deploy.sampling import make_conditioning, sample
 
     kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
                                   batch_size=batch_size, return_trajectory=True)
-    if config.uses_text:
-        if not prompts or tokenizer is None:
-            raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
-        ref = sample(reference, config, text_conditioning(reference, config, tokenizer, list(prompts)), **kwargs)
-        test = sample(backend, config, text_conditioning(backend, config, tokenizer, list(prompts)), **kwargs)
-    else:
-        ref = sample(reference, config, list(class_ids), **kwargs)
-        test = sample(backend, config, list(class_ids), **kwargs)
+    if config.uses_text and (not prompts or tokenizer is None):
+        raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
+    ref, test = (sample(runner, config, make_conditioning(runner, config, class_ids=list(class_ids),
+                                                          prompts=list(prompts or ()), tokenizer=tokenizer), **kwargs)
+                 for runner in (reference, backend))
     limits = PIPELINE_TOLERANCES[precision]
     latent = tensor_diff(ref.latents, test.latents)
     report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
@@ -174,7 +226,7 @@ class ParityOptions:
     torch_threads: int | None = 1
 
 
-def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
+def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
                 tokenizer: Any = None) -> dict[str, dict[str, np.ndarray]] | None:
     """Inputs drawn from the run's validation images (their latents, codes and noised latents;
     for a text model their tokenized captions and the text encoder's outputs for them),
@@ -190,7 +242,7 @@ def real_inputs(run: Any, config: ModelConfig, vq: Any, dit: Any, seed: int, *, 
     return inputs
 
 
-def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
+def default_prompts(run: RunDir, tokenizer: Any, count: int) -> list[str]:
     """`count` prompts for a text model's end-to-end check: the distinct captions of the run's
     validation images, or (no dataset here) prompts made of the tokenizer's vocabulary."""
     from mmgen_deploy.export.calibration import dataset_calibration, vocabulary_prompts
@@ -202,7 +254,7 @@ def default_prompts(run: Any, tokenizer: Any, count: int) -> list[str]:
     return [captions[i % len(captions)] for i in range(count)]
 
 
-def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     """The whole `mmgen parity`: load, check the model is trained, compare, save the report."""
     import contextlib
 
@@ -212,27 +264,31 @@ def run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> Pa
         return _run_parity(run_dir, options, progress)
 
 
-def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> ParityReport:
+def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) -> ParityReport:
     from mmgen_deploy.io_utils import write_json
-    from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.runtime.torch_runner import TorchRunner
 
     say = progress or (lambda _msg: None)
-    run = RunDir(run_dir)
-    config, vq, dit = run.load_models()
+    run = RunDir.of(run_dir)
+    parts = run.load_deployable()
+    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
         raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
                          "leave out --prompt")
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
-    tokenizer = run.load_tokenizer() if config.uses_text else None
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
-    if not options.allow_untrained:
-        ensure_trained(reference, config)
-    backend, _choice = open_runner(run.root, options.backend, options.precision)
+    scale = denoiser_output_scale(reference, config) if options.allow_untrained else ensure_trained(reference,
+                                                                                                     config)
+    backend, _choice = open_runner(run, options.backend, options.precision)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
-                   "device": getattr(backend, "device", ""), "seed": options.seed}
+                   "device": getattr(backend, "device", ""), "seed": options.seed,
+                   "denoiser_output_scale": scale.to_dict()}
+    report.notes.append(f"compared at {scale.describe()}")
+    if not scale.meaningful:
+        report.meaningful = False
+        report.notes.append("NOT MEANINGFUL: the denoiser's output is negligible next to its input (an untrained "
+                            "model, compared because of --allow-untrained); any backend would match it")
     overrides = ToleranceOverrides(rel_l2=dict(options.rel_l2), max_abs=dict(options.max_abs),
                                    min_psnr=options.min_psnr)
     codebook = vq.quantize.embedding.weight.detach().numpy().copy()
@@ -240,9 +296,12 @@ def _run_parity(run_dir: Any, options: ParityOptions, progress: Any = None) -> P
         real = real_inputs(run, config, vq, dit, options.seed, text_encoder=text_encoder, tokenizer=tokenizer)
         report.info["real_inputs"] = real is not None
         say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
+        shipped = shipped_precisions(run, options.precision)
+        if shipped:
+            report.info["component_precisions"] = shipped
         component_parity(report, config, reference, backend, options.precision, batches=options.batches,
                          seed=options.seed, real=real, overrides=overrides, codebook=codebook,
-                         components=options.components)
+                         components=options.components, component_precisions=shipped)
         if options.end_to_end:
             say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
             class_ids = [i % config.dit.num_classes for i in range(options.num_images)]

@@ -8,30 +8,18 @@ No torch import here: a deployment machine may only have onnxruntime.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BaseRunner
 from mmgen_deploy.specs import PRECISIONS, ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
-
-
-def onnx_set_dir(run_dir: str | os.PathLike[str] | RunDir, precision: str) -> Path:
-    """RUN_DIR/onnx/<precision>: where `mmgen export` writes the ONNX files."""
-    return (run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)).onnx_dir / precision
-
-
-def missing_onnx(run_dir: str | os.PathLike[str] | RunDir, precision: str,
-                 components: tuple[str, ...]) -> list[Path]:
-    directory = onnx_set_dir(run_dir, precision)
-    return [directory / f"{name}.onnx" for name in components if not (directory / f"{name}.onnx").is_file()]
 
 
 def cuda_provider_usable() -> bool:
@@ -49,7 +37,7 @@ def check_not_stale(run: RunDir) -> None:
     mmgen_deploy.export, which imports torch)."""
     from mmgen_deploy.io_utils import read_json
 
-    path = run.onnx_dir / "manifest.json"
+    path = run.onnx_manifest_path
     if not path.is_file():
         return  # hand-made ONNX files: nothing recorded to check against
     try:
@@ -86,7 +74,7 @@ class OrtRunner(BaseRunner):
     precisions = PRECISIONS
     precision_hint = "for BF16 use --backend openvino --precision bf16 (or --backend torch --precision bf16)"
 
-    def __init__(self, run_dir: str | os.PathLike[str] | RunDir, precision: str = "fp32", *, device: str = "cpu",
+    def __init__(self, run_dir: RunLike, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
 
@@ -94,8 +82,8 @@ class OrtRunner(BaseRunner):
         if threads is not None and threads < 1:
             raise UsageError(f"threads must be >= 1, got {threads}")
         self._ort = ort
-        self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
-        self.directory = onnx_set_dir(self.run_dir, precision)
+        self.run_dir = RunDir.of(run_dir)
+        self.directory = self.run_dir.onnx_set_dir(precision)
         config = self.run_dir.load_config()
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
@@ -124,7 +112,7 @@ class OrtRunner(BaseRunner):
         item = self._sessions.get(component)
         if item is not None:
             return item
-        path = self.directory / f"{component}.onnx"
+        path = self.run_dir.onnx_path(self.precision, component)
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
         options = self._ort.SessionOptions()

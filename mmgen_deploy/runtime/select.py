@@ -11,24 +11,18 @@ onnxruntime, openvino, tensorrt) are imported only by the backend used.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from mmgen_deploy.cpuinfo import cpu_features
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BACKENDS, BaseRunner
 from mmgen_deploy.specs import RUN_PRECISIONS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
 
-RunLike = str | os.PathLike[str] | RunDir
-
-
-def _as_run(run: RunLike) -> RunDir:
-    return run if isinstance(run, RunDir) else RunDir(run)
 
 
 def _config_or_none(run: RunDir) -> ModelConfig | None:
@@ -41,7 +35,7 @@ def _config_or_none(run: RunDir) -> ModelConfig | None:
 @dataclass
 class BackendChoice:
     backend: str  # torch | onnxruntime | openvino | tensorrt
-    precision: str  # fp32 | fp16 | bf16
+    precision: str  # fp32 | fp16 | bf16 | int8 | fp8
     device: str  # cpu | cuda (OpenVINO: cpu | gpu | npu)
     reason: str  # why this one (for auto: why the faster ones were skipped)
     skipped: list[str] = field(default_factory=list)
@@ -83,10 +77,10 @@ def _torch_cuda() -> bool:
     return bool(torch.cuda.is_available())
 
 
-def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> str | None:
+def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None, precision: str = "fp16") -> str | None:
     """None when a TensorRT engine set for this run is built, current and runnable here; else why not.
     `needed`: the components it must hold (default: what sampling this run needs)."""
-    run = _as_run(run_dir)
+    run = RunDir.of(run_dir)
     if needed is None:
         needed = sampling_components(_config_or_none(run))
     try:
@@ -95,7 +89,7 @@ def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None) -> 
         return f"TensorRT backend unavailable ({exc.name or exc})"
     try:
         gpu = current_gpu()
-        _flavour, engine_set = select_engine_set(run, None, "fp16", gpu)
+        _flavour, engine_set = select_engine_set(run, None, precision, gpu)
         # A set built with -c for a few components (or before the text encoder existed) cannot sample.
         missing = [c for c in needed if c not in engine_set.components]
         if missing:
@@ -125,13 +119,12 @@ def _openvino_default_precision(device: str | None) -> str:
 def _openvino_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
     """None when OpenVINO can run BF16 here on this run's FP32 ONNX set; else why not."""
     from mmgen_deploy.runtime.openvino_runner import openvino_available
-    from mmgen_deploy.runtime.ort_runner import missing_onnx
 
     if not cpu_features().native_bf16:
         return "this CPU has no AMX or AVX-512 BF16 (FP32 is its fastest exact path)"
     if not openvino_available():
         return "OpenVINO is not installed (pip install 'mmgen-deploy[openvino]')"
-    missing = missing_onnx(run, "fp32", needed)
+    missing = run.missing_onnx("fp32", needed)
     if missing:
         return f"no complete fp32 ONNX set (missing {', '.join(p.name for p in missing)}; run `mmgen export`)"
     return None
@@ -146,17 +139,17 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     CUDA, fp32 on CPUs, where FP16 kernels are slower; OpenVINO: bf16 on CPUs with BF16 units).
     For "auto" the order is TensorRT, ONNX Runtime CUDA, OpenVINO BF16 (CPU with AMX or AVX-512
     BF16, OpenVINO installed, FP32 set exported), ONNX Runtime CPU, PyTorch. `--precision fp32`
-    keeps ONNX Runtime, the FP32-exact path (OpenVINO f32 measured no faster end to end).
+    keeps ONNX Runtime, the FP32-exact path.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in RUN_PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
-    run = _as_run(run_dir)
+    run = RunDir.of(run_dir)
     if backend == "torch":
-        if precision == "fp16":
-            raise UsageError("the torch backend runs FP32 or BF16 (autocast), not FP16",
-                             "use --backend onnxruntime --precision fp16 or --backend tensorrt")
+        if precision not in (None, "fp32", "bf16"):
+            raise UsageError("the torch backend runs FP32 or BF16 (autocast)",
+                             f"use --backend onnxruntime --precision {precision} or --backend tensorrt")
         dev = device or ("cuda" if _torch_cuda() else "cpu")
         return BackendChoice("torch", precision or "fp32", dev, "requested")
     if backend == "openvino":
@@ -167,16 +160,16 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
                          "use --backend openvino --precision bf16 (or --backend torch --precision bf16)")
     if backend == "tensorrt":
         if precision in ("fp32", "bf16"):
-            raise UsageError("TensorRT engines are built from the fp16 ONNX set",
-                             "use --precision fp16 (or leave it out) with --backend tensorrt")
-        return BackendChoice("tensorrt", "fp16", device or "cuda", "requested")
-    from mmgen_deploy.runtime.ort_runner import cuda_provider_usable, missing_onnx
+            raise UsageError("TensorRT engines are built from the fp16, int8 or fp8 ONNX set",
+                             "use --precision fp16 (or leave it out), int8 or fp8 with --backend tensorrt")
+        return BackendChoice("tensorrt", precision or "fp16", device or "cuda", "requested")
+    from mmgen_deploy.runtime.ort_runner import cuda_provider_usable
 
     needed = sampling_components(_config_or_none(run))
     if backend == "onnxruntime":
         cuda = device.startswith("cuda") if device else cuda_provider_usable()
         # FP16 on GPUs when that set was exported; CPUs have no fast FP16 kernels.
-        prec = precision or ("fp16" if cuda and not missing_onnx(run, "fp16", needed) else "fp32")
+        prec = precision or ("fp16" if cuda and not run.missing_onnx("fp16", needed) else "fp32")
         return BackendChoice("onnxruntime", prec, "cuda" if cuda else "cpu", "requested")
 
     # auto
@@ -184,20 +177,21 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     if not allow_tensorrt:
         pass  # the caller already knows why (a failed load)
     elif precision in ("fp32", "bf16"):
-        skipped.append(f"tensorrt: engines are fp16 and {precision} was asked for")
+        skipped.append(f"tensorrt: engines are fp16 / int8 / fp8 and {precision} was asked for")
     elif device is not None and not device.startswith("cuda"):
         skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
     else:
-        problem = _tensorrt_check(run, needed)
+        trt_precision = precision or "fp16"
+        problem = _tensorrt_check(run, needed, trt_precision)
         if problem is None:
-            return BackendChoice("tensorrt", "fp16", "cuda", "engines are built and a GPU is visible", skipped)
+            return BackendChoice("tensorrt", trt_precision, "cuda", "engines are built and a GPU is visible", skipped)
         skipped.append(f"tensorrt: {problem}")
     if precision == "bf16":
         pass  # ONNX Runtime has no BF16 path
     elif device is None or device.startswith("cuda"):
         if cuda_provider_usable():
             prec = precision or "fp16"
-            if not missing_onnx(run, prec, needed):
+            if not run.missing_onnx(prec, needed):
                 return BackendChoice("onnxruntime", prec, "cuda", "ONNX set exported and CUDA provider usable",
                                      skipped)
             skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
@@ -217,22 +211,23 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
             return BackendChoice("torch", "bf16", "cpu", "BF16 asked for and OpenVINO cannot run it: PyTorch "
                                  "autocast", skipped)
     prec = precision or "fp32"
-    missing = missing_onnx(run, prec, needed)
+    missing = run.missing_onnx(prec, needed)
     if not missing:
         return BackendChoice("onnxruntime", prec, "cpu", f"fastest available here ({prec} ONNX set on CPU)",
                              skipped)
     skipped.append(f"onnxruntime cpu: no complete {prec} ONNX set (missing {', '.join(p.name for p in missing)}; "
                    "run `mmgen export`)")
-    if prec == "fp16":
-        raise NotAvailableError("no backend can run fp16 here (no engines, no fp16 ONNX set)",
-                                "run `mmgen export RUN_DIR` or use --precision fp32")
+    if prec != "fp32":
+        export = "`mmgen export RUN_DIR`" if prec == "fp16" else f"`mmgen export RUN_DIR --precision {prec}`"
+        raise NotAvailableError(f"no backend can run {prec} here (no engines, no {prec} ONNX set)",
+                                f"run {export} or use --precision fp32")
     return BackendChoice("torch", "fp32", "cuda" if _torch_cuda() else "cpu",
                          "nothing exported yet, using PyTorch eager", skipped)
 
 
 def open_choice(choice: BackendChoice, run_dir: RunLike, **options: Any) -> BaseRunner:
     """Open the backend a `BackendChoice` names; options it does not take are ignored."""
-    return runner_class(choice.backend).from_run_dir(_as_run(run_dir), choice.precision, choice.device, **options)
+    return runner_class(choice.backend).from_run_dir(RunDir.of(run_dir), choice.precision, choice.device, **options)
 
 
 def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None = None, *,
@@ -243,7 +238,7 @@ def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None =
     to the next backend (the reason is kept in `choice.skipped`). `options` go to the backend
     (`threads=` for torch and ONNX Runtime, `cuda_graph=`, `runtime=` for TensorRT, ...).
     """
-    run = _as_run(run_dir)
+    run = RunDir.of(run_dir)
     choice = resolve_backend(backend, run, precision, device=device)
     try:
         return open_choice(choice, run, **options), choice

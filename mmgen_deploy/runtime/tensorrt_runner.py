@@ -135,7 +135,9 @@ class TensorRTRunner(BaseRunner):
 
     def _deserialize(self, name: str, path: Path) -> trt.ICudaEngine:
         plan = path.read_bytes()
-        rebuild = f"rebuild with `{rebuild_command(self.run_dir, self.engine_set.manifest, self.flavour.runtime)}`"
+        built_from = str(self.engine_set.manifest.get("precision", "fp16"))
+        command = rebuild_command(self.run_dir, self.engine_set.manifest, self.flavour.runtime, built_from)
+        rebuild = f"rebuild with `{command}`"
         problem = self.flavour.plan_validity(self._runtime, plan)
         if problem is not None:
             raise CorruptEngineError(f"{self.flavour.label} rejects engine plan {path}: {problem}", rebuild)

@@ -56,9 +56,9 @@ class TorchRunner(BaseRunner):
             import torch
 
             torch.set_num_threads(threads)
-        config, vq, dit = run.load_models()
-        text_encoder = run.load_text_encoder(config) if config.uses_text else None
-        return cls(vq, dit, device, config=config, text_encoder=text_encoder, precision=precision)
+        parts = run.load_deployable()
+        return cls(parts.vq, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder,
+                   precision=precision)
 
     def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch

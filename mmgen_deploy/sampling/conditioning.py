@@ -12,6 +12,7 @@ never inside the denoising loop.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +46,29 @@ class Conditioning:
     def labels(self) -> list[str]:
         """One human-readable condition per image (the prompt, or the class id)."""
         return list(self.prompts) if self.prompts else [str(c) for c in self.class_ids]
+
+
+def class_name(config: ModelConfig, class_id: int) -> str:
+    return config.class_names[class_id] if config.class_names else str(class_id)
+
+
+def resolve_class(config: ModelConfig, value: str) -> int:
+    """A class given as an id ("3") or a name ("red circle", case-insensitive) -> its id."""
+    text = value.strip()
+    num_classes = config.dit.num_classes
+    if re.fullmatch(r"[+-]?\d+", text):
+        class_id = int(text)
+        if not 0 <= class_id < num_classes:
+            raise UsageError(f"class id {class_id} is out of range", f"valid ids are 0..{num_classes - 1}")
+        return class_id
+    lowered = [name.lower() for name in config.class_names]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    if not config.class_names:
+        raise UsageError(f"unknown class {value!r}: this model has no class names",
+                         f"give a class id 0..{num_classes - 1}")
+    valid = ", ".join(f"{i}={name!r}" for i, name in enumerate(config.class_names))
+    raise UsageError(f"unknown class {value!r}", f"valid classes: {valid}")
 
 
 def class_conditioning(config: ModelConfig, class_ids: Sequence[int]) -> Conditioning:
@@ -88,3 +112,21 @@ def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokeni
         null_feeds={name: values[:1].copy() for name, values in table.items()},
         prompts=prompts, encode_seconds=seconds, unknown_words=encoding.unknown_words,
         truncated_prompts=tuple(distinct[i] for i in encoding.truncated))
+
+
+def make_conditioning(runner: Runner, config: ModelConfig, *, class_ids: Sequence[int] = (),
+                      prompts: Sequence[str] = (), tokenizer: WordTokenizer | None = None) -> Conditioning:
+    """What the denoiser is conditioned on, for either kind of model: `prompts` (encoded once each
+    with `runner`'s text encoder and `tokenizer`) for a text-to-image model, `class_ids` for a class
+    model. The wrong kind is refused in one line."""
+    if config.uses_text:
+        if class_ids:
+            raise UsageError("this model is conditioned on text: it takes prompts, not class ids",
+                             'give prompts, e.g. "a large blue triangle at the top"')
+        if tokenizer is None:
+            raise ValueError("a text-to-image model needs its tokenizer (RunDir.load_tokenizer())")
+        return text_conditioning(runner, config, tokenizer, prompts)
+    if prompts:
+        raise UsageError("this model is class-conditioned: it takes class ids, not prompts",
+                         "use --class (see `mmgen info RUN_DIR` for the class names)")
+    return class_conditioning(config, class_ids)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
 from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors
@@ -73,42 +74,55 @@ class SampleResult:
                 "images_per_second": self.images_per_second}
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8."""
-    scaled = np.clip((images.astype(np.float32) + 1.0) * 127.5, 0.0, 255.0)
-    return np.rint(scaled).astype(np.uint8).transpose(0, 2, 3, 1).copy()
+# How the sampling arguments are named in messages: as keywords of `sample` (the default) or,
+# from the command line, as its options (`CLI_NAMES`).
+API_NAMES = {"steps": "steps", "sampler": "sampler", "cfg_scale": "cfg scale", "batch_size": "batch size",
+             "eta": "eta"}
+CLI_NAMES = {"steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "batch_size": "--batch-size",
+             "eta": "--eta"}
+
+
+def check_sampling_numbers(*, steps: int, sampler: str, cfg_scale: float, batch_size: int, eta: float,
+                           names: dict[str, str] = API_NAMES) -> None:
+    """The model-independent checks of the sampling arguments (the CLI runs them before reading a run)."""
+    if steps < 1:
+        raise UsageError(f"{names['steps']} must be >= 1, got {steps}")
+    if sampler not in SAMPLERS:
+        raise UsageError(f"unknown {names['sampler']} {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    if not np.isfinite(cfg_scale) or cfg_scale < 0:
+        raise UsageError(f"{names['cfg_scale']} must be >= 0 (a finite number), got {cfg_scale}",
+                         "1 disables guidance; DiT uses 4.0 for pictures")
+    if batch_size < 1:
+        raise UsageError(f"{names['batch_size']} must be >= 1, got {batch_size}")
+    if eta < 0:
+        raise UsageError(f"{names['eta']} must be >= 0, got {eta}")
 
 
 def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, steps: int, sampler: str,
-                           cfg_scale: float, batch_size: int, eta: float) -> None:
-    """Refuse bad numbers up front, before any model is loaded or run (class ids: None for prompts)."""
+                           cfg_scale: float, batch_size: int, eta: float,
+                           names: dict[str, str] = API_NAMES) -> None:
+    """Refuse bad arguments up front, before any model is loaded or run (class ids: None for prompts).
+    The one validation of sampling arguments: `sample` runs it, and so does `generate` before loading."""
     if class_ids is not None:
         class_conditioning(config, class_ids)
-    if steps < 1:
-        raise UsageError(f"steps must be >= 1, got {steps}")
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=eta,
+                           names=names)
     if steps > config.diffusion.num_train_timesteps:
-        raise UsageError(f"steps {steps} exceeds the {config.diffusion.num_train_timesteps} training timesteps")
-    if sampler not in SAMPLERS:
-        raise UsageError(f"unknown sampler {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
-    if not np.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"cfg scale must be a finite number >= 0, got {cfg_scale}",
-                         "1 disables guidance; DiT uses 4.0 for pictures")
-    if batch_size < 1:
-        raise UsageError(f"batch size must be >= 1, got {batch_size}")
-    if eta < 0:
-        raise UsageError(f"eta must be >= 0, got {eta}")
+        raise UsageError(f"{names['steps']} {steps} exceeds the {config.diffusion.num_train_timesteps} "
+                         "training timesteps")
 
 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
            sampler: str = "ddim",
            cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
-           progress: ProgressCallback | None = None, seeds: list[int] | None = None,
-           return_trajectory: bool = False) -> SampleResult:
+           progress: ProgressCallback | None = None, seeds: Sequence[int] | None = None,
+           image_indices: Sequence[int] | None = None, return_trajectory: bool = False) -> SampleResult:
     """Generate one image per entry of `condition` with `runner`: class ids, or a
     `Conditioning` (`text_conditioning(...)` for prompts).
 
     Every image has its own NumPy generator, `default_rng([seed, i])` for image index i (or
-    `default_rng([seeds[i], 0])` when per-image `seeds` are given), for its initial noise and
+    `default_rng([seeds[i], image_indices[i]])` when per-image `seeds` are given, the indices defaulting to
+    0: image k of `generate --seed S` is seeds[i] = S, image_indices[i] = k), for its initial noise and
     for any per-step noise (DDPM, DDIM eta > 0). An image therefore depends only on its seed,
     index, class and the sampler settings: never on the batch size or on the other images
     in the batch, on every backend alike.
@@ -128,8 +142,13 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     n = len(conditioning)
     if seeds is not None and len(seeds) != n:
         raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
-    image_rngs = [np.random.default_rng([seed, i]) if seeds is None else np.random.default_rng([int(seeds[i]), 0])
-                  for i in range(n)]
+    if image_indices is not None and (seeds is None or len(image_indices) != n):
+        raise UsageError(f"{len(image_indices)} image indices for {n} images", "give one seed and one index per image")
+    if seeds is None:
+        image_rngs = [np.random.default_rng([seed, i]) for i in range(n)]
+    else:
+        image_rngs = [np.random.default_rng([int(seeds[i]), 0 if image_indices is None else int(image_indices[i])])
+                      for i in range(n)]
     noise = np.empty((n, channels, size, size), dtype=np.float32)
     for i, rng in enumerate(image_rngs):
         rng.standard_normal(dtype=np.float32, out=noise[i])

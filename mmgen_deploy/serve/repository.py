@@ -20,27 +20,30 @@ complete, so a failure never leaves a half-written repository (or damages an old
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mmgen_deploy.errors import NotAvailableError, UsageError
+from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
+from mmgen_deploy.rundir import DEPLOY_ENTRIES, TEXT_PART, RunDir
 from mmgen_deploy.serve import MODEL_NAME
-from mmgen_deploy.specs import SAMPLING_COMPONENTS
+from mmgen_deploy.specs import SAMPLING_COMPONENTS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 # What of a run directory the server needs: configs, inference weights, exported models.
-RUN_ARTIFACTS = ("run.json", "vqvae", "dit", "onnx", "engines")
+# (The text encoder part of a text run too: its weights, config and tokenizer; absent entries are skipped.)
+RUN_ARTIFACTS = tuple(dict.fromkeys((*DEPLOY_ENTRIES, TEXT_PART)))
 INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls
+ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls (specs.sampling_components adds the text encoder)
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
@@ -54,11 +57,12 @@ class RepositoryOptions:
     backend: str = "auto"
     precision: str = "auto"
     threads: int = 0
-    sampler: str = "ddim"
+    sampler: str = "ddim"  # the default sampler
+    samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmpp-2m")  # what requests may ask for
     default_steps: int = 50
-    default_guidance: float = 4.0
+    default_cfg_scale: float = 4.0
     max_steps: int = 250
-    max_guidance: float = 50.0
+    max_cfg_scale: float = 50.0
     artifacts: str = "copy"
     layout: str = "python"
     component_backend: str = "onnxruntime"
@@ -76,12 +80,21 @@ class RepositoryOptions:
              f"--artifacts must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
             (1 <= self.default_steps <= self.max_steps,
              f"--steps {self.default_steps} must be in 1..{self.max_steps} (--max-steps)"),
-            (0 <= self.default_guidance <= self.max_guidance,
-             f"--guidance {self.default_guidance} must be in 0..{self.max_guidance}"),
+            (0 <= self.default_cfg_scale <= self.max_cfg_scale,
+             f"--cfg-scale {self.default_cfg_scale} must be in 0..{self.max_cfg_scale}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UsageError(message, "see `mmgen triton-repo --help`")
+        from mmgen_deploy.sampling.schedulers import SAMPLERS
+
+        unknown = [s for s in (self.sampler, *self.samplers) if s not in SAMPLERS]
+        if unknown or not self.samplers:
+            raise UsageError(f"unknown sampler {unknown[0]!r}" if unknown else "--samplers is empty",
+                             f"choose from {', '.join(SAMPLERS)}")
+        if self.sampler not in self.samplers:
+            raise UsageError(f"--sampler {self.sampler} is not in --samplers {','.join(self.samplers)}",
+                             "allow the default sampler too")
         if self.layout not in LAYOUTS:
             raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.component_backend not in COMPONENT_BACKENDS:
@@ -93,8 +106,13 @@ def _pbtxt_string(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOptions, run_dir: str) -> str:
-    """config.pbtxt of `mmgen_generate` (protobuf text format, read by Triton)."""
+def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOptions, run_dir: str,
+                       metadata: dict[str, str] | None = None) -> str:
+    """config.pbtxt of `mmgen_generate` (protobuf text format, read by Triton).
+
+    `metadata` (the run's config and tokenizer as JSON) becomes parameters too: `mmgen client`
+    reads them from the server to resolve class names, warn about prompts and label its PNGs.
+    """
     height, width, channels = image_shape
     kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
     parameters = {
@@ -102,13 +120,15 @@ def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOpt
         "backend": options.backend,
         "precision": options.precision,
         "threads": str(options.threads),
-        "sampler": options.sampler,
+        "default_sampler": options.sampler,
+        "samplers": ",".join(options.samplers),
         "default_steps": str(options.default_steps),
-        "default_guidance": repr(float(options.default_guidance)),
+        "default_cfg_scale": repr(float(options.default_cfg_scale)),
         "max_steps": str(options.max_steps),
-        "max_guidance": repr(float(options.max_guidance)),
+        "max_cfg_scale": repr(float(options.max_cfg_scale)),
         "runner": "bls" if options.layout == "ensemble" else "local",
         "component_prefix": COMPONENT_PREFIX,
+        **(metadata or {}),
     }
     params = "\n".join(f"parameters: {{ key: {_pbtxt_string(k)} value: {{ string_value: {_pbtxt_string(v)} }} }}"
                        for k, v in parameters.items())
@@ -117,11 +137,14 @@ name: "{MODEL_NAME}"
 backend: "python"
 max_batch_size: {options.max_batch_size}
 input [
+  {{ name: "CLASS" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "CLASS_ID" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "PROMPT" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
   {{ name: "SEED" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
+  {{ name: "INDEX" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "STEPS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
-  {{ name: "GUIDANCE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }}
+  {{ name: "CFG_SCALE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
+  {{ name: "SAMPLER" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {height}, {width}, {channels} ] }}
@@ -164,16 +187,16 @@ parameters: {{ key: "threads" value: {{ string_value: "{options.threads}" }} }}
 """
 
 
-def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
+def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: tuple[str, ...]) -> str:
     from mmgen_deploy.export import onnx_path
 
     def complete(precision: str) -> bool:
-        return all(onnx_path(run_root, precision, c).is_file() for c in ENSEMBLE_COMPONENTS)
+        return all(onnx_path(run_root, precision, c).is_file() for c in components)
 
     if options.precision != "auto":
         if not complete(options.precision):
             raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
-                             f"{', '.join(ENSEMBLE_COMPONENTS)} in {run_root / 'onnx'}",
+                             f"{', '.join(components)} in {RunDir(run_root).onnx_dir}",
                              f"run `mmgen export {run_root}` first")
         return options.precision
     # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
@@ -181,7 +204,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions) -> str:
     for precision in order:
         if complete(precision):
             return precision
-    raise UsageError(f"--layout ensemble needs an exported ONNX set in {run_root / 'onnx'}",
+    raise UsageError(f"--layout ensemble needs an exported ONNX set in {RunDir(run_root).onnx_dir}",
                      f"run `mmgen export {run_root}` first")
 
 
@@ -189,10 +212,11 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
     from mmgen_deploy.export import onnx_path
     from mmgen_deploy.specs import component_specs
 
-    precision = _ensemble_precision(run_root, options)
+    components = sampling_components(config)
+    precision = _ensemble_precision(run_root, options, components)
     specs = component_specs(config)
     written = {}
-    for name in ENSEMBLE_COMPONENTS:
+    for name in components:
         spec = specs[name]
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
@@ -205,7 +229,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
             shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
         max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
         (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
-        written[name] = f"{precision}/{name}.onnx"
+        written[name] = RunDir.onnx_relpath(precision, name)
     return written
 
 
@@ -225,21 +249,15 @@ def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS
 
 def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None = None) -> dict[str, Any]:
     """Write the repository for `run_dir` to `out` (atomically). Returns a summary dict."""
-    from mmgen_deploy.rundir import RunDir
-
     options = options or RepositoryOptions()
     options.validate()
     run = RunDir(run_dir)
     config = run.load_config()  # refuses a missing or foreign run directory with a clear message
-    if config.uses_text:
-        # The served model's request schema is class ids / class names; prompts need another one.
-        raise NotAvailableError(f"Triton serving is not supported yet for text-to-image models ({run.root} is "
-                                "conditioned on prompts)",
-                                "sample with `mmgen generate RUN_DIR --prompt ...` or an ONNX Runtime / TensorRT "
-                                "runner from mmgen_deploy.runtime.open_runner")
-    for part in ("vqvae", "dit"):
+    for part in run.model_parts(config):
         if not run.has_part(part):
-            run.load_models()  # raises the precise missing/corrupt-weights error
+            run.load_deployable()  # raises the precise missing/corrupt-weights error
+    if config.uses_text:
+        run.load_tokenizer()  # a text run without its tokenizer cannot encode prompts
     run_root = run.root.resolve()
     if out.resolve() == run_root or run_root in out.resolve().parents:
         raise UsageError(f"--out {out} is inside the run directory", "write the repository somewhere else")
@@ -257,16 +275,20 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             components = _write_components(run_root, tmp, config, options)
         if options.artifacts == "copy":
             # The BLS loop needs only the configs: the weights live in the component models.
-            names = ("run.json", "vqvae", "dit") if options.layout == "ensemble" else RUN_ARTIFACTS
+            names = ("run.json", *run.model_parts(config)) if options.layout == "ensemble" else RUN_ARTIFACTS
             artifacts = _copy_run(run_root, version_dir / "run", names)
-            if options.layout == "ensemble":
-                for part in ("vqvae", "dit"):
+            if options.layout == "ensemble":  # configs and the tokenizer stay
+                for part in run.model_parts(config):
                     (version_dir / "run" / part / "model.safetensors").unlink(missing_ok=True)
             run_ref = "run"
         else:
             artifacts = []
             run_ref = str(run_root)
-        (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config_pbtxt(image_shape, options, run_ref))
+        metadata = {"conditioning": "text" if config.uses_text else "class",
+                    "run_config": json.dumps(config.to_dict(), separators=(",", ":"))}
+        if config.uses_text:
+            metadata["tokenizer"] = json.dumps(run.load_tokenizer().to_dict(), separators=(",", ":"))
+        (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config_pbtxt(image_shape, options, run_ref, metadata))
         shutil.copy2(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
         if options.vendor_source:
             # The stub appends the version directory to sys.path: an installed mmgen_deploy wins,
@@ -283,6 +305,7 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             "layout": options.layout,
             "components": components,
             "image_shape": list(image_shape),
+            "conditioning": metadata["conditioning"],
             "num_classes": config.dit.num_classes,
             "class_names": list(config.class_names),
             "options": asdict(options),
@@ -300,6 +323,20 @@ def _layout_note(summary: dict[str, Any]) -> str:
             "loop as a BLS model whose every component call is a Triton inference request.\n")
 
 
+def _condition_rows(summary: dict[str, Any]) -> str:
+    if summary.get("conditioning") == "text":
+        return "| PROMPT | BYTES [1] | a text prompt (this is a text-to-image model; CLASS is refused) |\n"
+    names = ", ".join(summary["class_names"]) or "(this model has no class names)"
+    return (f"| CLASS | BYTES [1] | a class name ({names}) or id 0..{summary['num_classes'] - 1} |\n"
+            f"| CLASS_ID | INT32 [1] | a class id 0..{summary['num_classes'] - 1} (instead of CLASS) |\n")
+
+
+def _client_example(summary: dict[str, Any]) -> str:
+    if summary.get("conditioning") == "text":
+        return '--prompt "a large blue triangle at the top" --n 4'
+    return f'--class "{summary["class_names"][0]}" --n 4' if summary["class_names"] else "--class 3 --n 4"
+
+
 def repository_readme(summary: dict[str, Any]) -> str:
     opts = summary["options"]
     return f"""# Triton model repository for an mmgen run
@@ -309,11 +346,11 @@ One model, `{MODEL_NAME}` (Python backend): each request row is one image.
 
 | input | type | meaning |
 |---|---|---|
-| CLASS_ID | INT32 [1] | class index 0..{summary["num_classes"] - 1} (or send PROMPT) |
-| PROMPT | BYTES [1] | class name: {", ".join(summary["class_names"]) or "(this model has no class names)"} |
-| SEED | INT64 [1] | >= 0; same image as `mmgen generate --seed SEED --n 1` (default 0) |
+{_condition_rows(summary)}| SEED | INT64 [1] | >= 0 (default 0) |
+| INDEX | INT64 [1] | >= 0 (default 0): noise from default_rng([SEED, INDEX]): image INDEX of `generate --seed SEED` |
 | STEPS | INT32 [1] | 1..{opts["max_steps"]} (default {opts["default_steps"]}) |
-| GUIDANCE | FP32 [1] | 0..{opts["max_guidance"]:g} (default {opts["default_guidance"]:g}) |
+| CFG_SCALE | FP32 [1] | 0..{opts["max_cfg_scale"]:g} (default {opts["default_cfg_scale"]:g}) |
+| SAMPLER | BYTES [1] | {", ".join(opts["samplers"])} (default {opts["sampler"]}) |
 | IMAGE (output) | UINT8 {summary["image_shape"]} | RGB |
 
 Dynamic batching merges requests arriving within {opts["max_queue_delay_us"]} us into one sampling
@@ -337,7 +374,7 @@ docker run --rm --gpus all --shm-size 1g -p 8000:8000 -p 8001:8001 -p 8002:8002 
            tritonserver --model-repository=/models"
 ```
 
-Then `curl localhost:8000/v2/health/ready` and `mmgen client http://HOST:8000 --class 3 --n 4`.
+Then `curl localhost:8000/v2/health/ready` and `mmgen client http://HOST:8000 {_client_example(summary)}`.
 Without the container: `mmgen serve {summary["repository"]}` (tritonserver from the nvidia-pytriton wheel).
 
 ## Scale out

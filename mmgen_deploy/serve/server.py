@@ -143,27 +143,70 @@ def _numpy_major() -> int:
 
 def numpy1_overlay_dir() -> Path:
     """Where a numpy<2 for the wheel's Python-backend stub is looked for ($MMGEN_TRITON_NUMPY1)."""
-    return Path(os.environ.get(NUMPY1_VARIABLE) or Path(sys.prefix) / "mmgen-serve" / "numpy1")
+    explicit = os.environ.get(NUMPY1_VARIABLE)
+    if explicit:
+        return Path(explicit)
+    beside = Path(sys.prefix) / "mmgen-serve" / "numpy1"
+    if beside.is_dir() or os.access(sys.prefix, os.W_OK):
+        return beside
+    # A read-only interpreter (a system Python): a per-user cache instead.
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "mmgen" / f"triton-numpy1-py{_python_tag()}"
 
 
-def prepare_stub_python(install: TritonInstall, workdir: Path) -> Path:
+def _has_numpy(directory: Path) -> bool:
+    return (directory / "numpy" / "__init__.py").is_file()
+
+
+def install_numpy1(target: Path, echo: Callable[[str], None] | None = None) -> None:
+    """`pip install --target TARGET 'numpy<2'` with this interpreter's pip, into a temp dir renamed into place."""
+    say = echo or (lambda line: print(line, file=sys.stderr, flush=True))
+    say(f"first use of the nvidia-pytriton server: installing numpy<2 for its Python-backend stub into {target} "
+        "(once; this environment keeps its numpy 2)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".numpy1-", dir=target.parent))
+    try:
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                                 "--no-input", "--target", str(staging), "numpy<2"],
+                                capture_output=True, text=True, timeout=900)
+        if result.returncode != 0 or not _has_numpy(staging):
+            lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+            raise NotAvailableError(
+                "the Python-backend stub shipped in nvidia-pytriton needs numpy<2, and installing it failed"
+                + (f" ({lines[-1].strip()})" if lines else ""),
+                f"pip install --target {target} 'numpy<2' (or set {NUMPY1_VARIABLE} to such a directory)")
+        try:
+            staging.rename(target)
+        except OSError:
+            if not _has_numpy(target):  # another process won the race: its copy is as good as ours
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def prepare_stub_python(install: TritonInstall, workdir: Path, echo: Callable[[str], None] | None = None,
+                        auto_install: bool = True) -> Path:
     """The directory whose `python3` the stub should find on PATH.
 
-    nvidia-pytriton 0.7's stub was built against numpy 1 (pybind11 reads numpy's dtype
-    struct directly; under numpy 2 every tensor crossing the backend is garbled), which is why
-    the wheel requires numpy<2. In an environment that has numpy 2 we give the stub a thin
+    nvidia-pytriton's stub was built against numpy 1 (pybind11 reads numpy's dtype struct
+    directly; under numpy 2 every tensor crossing the backend is garbled), which is why the
+    wheel requires numpy<2. In an environment that has numpy 2 we give the stub a thin
     virtual environment of its own: a numpy 1 directory first, then this environment's
-    site-packages (so onnxruntime, torch and mmgen_deploy are the same).
+    site-packages (so onnxruntime, torch and mmgen_deploy are the same). On first use that
+    directory is installed with pip (unless $MMGEN_TRITON_NUMPY1 names one: then it must exist).
     """
     this_env_bin = Path(sys.executable).parent
     if install.origin != "nvidia-pytriton" or _numpy_major() < 2:
         return this_env_bin
     numpy1 = numpy1_overlay_dir()
-    if not (numpy1 / "numpy" / "__init__.py").is_file():
-        raise NotAvailableError(
-            "the Python-backend stub shipped in nvidia-pytriton needs numpy<2, but this environment has numpy 2",
-            f"pip install --target {numpy1} 'numpy<2' (or set {NUMPY1_VARIABLE} to such a directory), "
-            "or install mmgen-deploy[serve] into an environment where pip resolves numpy<2")
+    if not _has_numpy(numpy1):
+        if not auto_install or os.environ.get(NUMPY1_VARIABLE):
+            raise NotAvailableError(
+                "the Python-backend stub shipped in nvidia-pytriton needs numpy<2, but this environment has "
+                f"numpy 2 and {numpy1} holds no numpy",
+                f"pip install --target {numpy1} 'numpy<2' (or set {NUMPY1_VARIABLE} to such a directory, or unset "
+                "it: `mmgen serve` then installs one on first use)")
+        install_numpy1(numpy1, echo)
     env_dir = workdir / "stub-python"
     site_packages = env_dir / "lib" / f"python{_python_tag()}" / "site-packages"
     site_packages.mkdir(parents=True)
@@ -296,7 +339,8 @@ class TritonServer:
                               "write one with `mmgen triton-repo RUN_DIR --out REPO`")
         self._workdir = Path(tempfile.mkdtemp(prefix="mmgen-triton-"))
         backends = prepare_backends(self.install, self._workdir)
-        env = server_environment(self.install, self.python_paths, prepare_stub_python(self.install, self._workdir))
+        stub_bin = prepare_stub_python(self.install, self._workdir, echo=self.echo)
+        env = server_environment(self.install, self.python_paths, stub_bin)
         self.process = subprocess.Popen(
             self.command(backends), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env=env, start_new_session=True, preexec_fn=_die_with_parent)

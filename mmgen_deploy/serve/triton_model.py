@@ -1,17 +1,23 @@
 """Triton Python-backend model `mmgen_generate`, copied as `<repo>/mmgen_generate/1/model.py`.
 
 Request semantics (one row of a request = one image; a request may carry several rows):
-  CLASS_ID  INT32 [1]  class index in [0, num_classes)      (CLASS_ID or PROMPT per request)
-  PROMPT    BYTES [1]  a class name from the run's class_names
-  SEED      INT64 [1]  >= 0; the image equals `mmgen generate --seed SEED --n 1` (default 0)
-  STEPS     INT32 [1]  sampling steps in [1, max_steps]        (default: parameter default_steps)
-  GUIDANCE  FP32  [1]  classifier-free guidance scale in [0, max_guidance] (default_guidance)
-  -> IMAGE  UINT8 [H, W, 3]
+  CLASS      BYTES [1]  class models: a class name ("red circle") or id ("3")   (CLASS, CLASS_ID or PROMPT)
+  CLASS_ID   INT32 [1]  class models: a class index in [0, num_classes)
+  PROMPT     BYTES [1]  text-to-image models: a text prompt
+  SEED       INT64 [1]  >= 0 (default 0)
+  INDEX      INT64 [1]  >= 0 (default 0): the image draws its noise from default_rng([SEED, INDEX]),
+                        so it equals image INDEX of `mmgen generate --seed SEED`
+  STEPS      INT32 [1]  sampling steps in [1, max_steps]                (default: parameter default_steps)
+  CFG_SCALE  FP32  [1]  classifier-free guidance scale in [0, max_cfg_scale] (default_cfg_scale)
+  SAMPLER    BYTES [1]  one of the parameter `samplers`                   (default_sampler)
+  -> IMAGE   UINT8 [H, W, 3]
 
-Triton's dynamic batcher hands `execute` several requests at once. Rows are grouped by
-(steps, guidance) and each group is sampled in one call with one seed per image, so an image
-depends only on its own (class, seed, steps, guidance), never on what it was batched with.
-A malformed request gets its own error response; the others in the batch are still served.
+Triton's dynamic batcher hands `execute` several requests at once. All their rows go to one
+`sample_specs` call: every distinct prompt is encoded once, rows are grouped by
+(steps, cfg_scale, sampler), and each group is sampled in one call with one (seed, index) per
+image, so an image depends only on its own row, never on what it was batched with.
+A malformed request (a prompt sent to a class model, a class and a prompt together, a value out
+of range) gets its own error response naming the problem; the others in the batch are served.
 
 This file runs inside the Triton Python-backend stub, not in mmgen's process: it only uses
 numpy, triton_python_backend_utils and mmgen_deploy's runtime/sampling API.
@@ -23,7 +29,6 @@ import json
 import math
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +85,10 @@ class TritonComponentRunner:
         pass
 
 
+def _strings(values: np.ndarray) -> list[str]:
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values.reshape(-1)]
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         model_config = json.loads(args["model_config"])
@@ -96,20 +105,19 @@ class TritonPythonModel:
         self.config = run.load_config()
         use_bls = params.get("runner", "local") == "bls"
         if not use_bls:
-            run.load_models()
+            run.load_deployable()
+        self.tokenizer = run.load_tokenizer() if self.config.uses_text else None
         self.num_classes = self.config.dit.num_classes
-        self.class_index = {name.lower(): i for i, name in enumerate(self.config.class_names)}
-
-        import inspect
 
         from mmgen_deploy.runtime import open_runner
-        from mmgen_deploy.sampling import sample
+        from mmgen_deploy.sampling.requests import sample_specs
 
-        self.sampler = params.get("sampler", "ddim")
+        self.samplers = [s for s in params.get("samplers", "ddim").split(",") if s]
+        self.default_sampler = params.get("default_sampler", self.samplers[0])
         self.default_steps = int(params.get("default_steps", "50"))
-        self.default_guidance = float(params.get("default_guidance", "4.0"))
+        self.default_cfg_scale = float(params.get("default_cfg_scale", "4.0"))
         self.max_steps = int(params.get("max_steps", "250"))
-        self.max_guidance = float(params.get("max_guidance", "50"))
+        self.max_cfg_scale = float(params.get("max_cfg_scale", "50"))
         self.batch_size = max(1, int(model_config.get("max_batch_size", 16)))
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
@@ -121,107 +129,132 @@ class TritonPythonModel:
             self.runner = TritonComponentRunner(component_specs(self.config), params.get("component_prefix", "mmgen_"))
         else:
             self.runner, choice = open_runner(run_dir, params.get("backend", "auto"),
-                                      None if precision == "auto" else precision, threads=threads or None)
-        self._sample: Any = sample  # Any: `seeds=` is only passed where sample() accepts it
-        # With per-image seeds, one call samples a whole group; without (an older sample()), each
-        # image is sampled alone with its seed, which gives the same image, just unbatched.
-        self._per_image_seeds = "seeds" in inspect.signature(sample).parameters
+                                              None if precision == "auto" else precision, threads=threads or None)
+        self._sample_specs: Any = sample_specs
         described = choice.describe() if choice is not None else getattr(self.runner, "backend", "?")
-        pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}; {described}; {self.num_classes} classes; "
-                                 f"sampler {self.sampler}; batched seeds: {self._per_image_seeds}")
+        kind = "text prompts" if self.config.uses_text else f"{self.num_classes} classes"
+        pb_utils.Logger.log_info(f"mmgen_generate: run {run_dir}; {described}; {kind}; samplers "
+                                 f"{','.join(self.samplers)} (default {self.default_sampler})")
 
     # -- parsing ----------------------------------------------------------------------
-    def _rows(self, request: Any) -> list[tuple[int, int, int, float]]:
-        """(class_id, seed, steps, guidance) for every row of one request, validated."""
-        class_ids = _optional(request, "CLASS_ID")
+    def _conditions(self, request: Any) -> tuple[list[int] | None, list[str] | None]:
+        """(class ids, None) or (None, prompts) of one request, checked against this model."""
+        from mmgen_deploy.errors import UsageError
+        from mmgen_deploy.sampling.conditioning import resolve_class
+
+        names = _optional(request, "CLASS")
+        ids = _optional(request, "CLASS_ID")
         prompts = _optional(request, "PROMPT")
-        if (class_ids is None) == (prompts is None):
-            raise RequestError("send exactly one of CLASS_ID (class index) or PROMPT (class name)")
-        if class_ids is not None:
-            classes = [int(c) for c in class_ids.reshape(-1)]
-        else:
-            assert prompts is not None
-            classes = []
-            for raw in prompts.reshape(-1):
-                name = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-                if name.lower() not in self.class_index:
-                    known = ", ".join(self.config.class_names) or "none: this model has no class names"
-                    raise RequestError(f"unknown class name {name!r} (known: {known})")
-                classes.append(self.class_index[name.lower()])
-        n = len(classes)
+        given = [name for name, value in (("CLASS", names), ("CLASS_ID", ids), ("PROMPT", prompts))
+                 if value is not None]
+        if len(given) > 1:
+            raise RequestError(f"the request mixes {' and '.join(given)}: send one of CLASS (a class name or id), "
+                               "CLASS_ID or PROMPT per request")
+        if self.config.uses_text:
+            if prompts is None:
+                raise RequestError(f"this model is text-to-image: send PROMPT (a text prompt), not {given[0]}"
+                                   if given else "send PROMPT (a text prompt): this model is text-to-image")
+            return None, _strings(prompts)
+        if prompts is not None:
+            example = ", ".join(repr(n) for n in self.config.class_names[:3]) or f"0..{self.num_classes - 1}"
+            raise RequestError(f"this model is class-conditioned: it takes CLASS (a class name or id, e.g. "
+                               f"{example}), not PROMPT")
+        if names is None and ids is None:
+            raise RequestError("send CLASS (a class name or id) or CLASS_ID: this model is class-conditioned")
+        if ids is not None:
+            classes = [int(c) for c in ids.reshape(-1)]
+            for c in classes:
+                if not 0 <= c < self.num_classes:
+                    raise RequestError(f"class id {c} is out of range: this model has classes "
+                                       f"0..{self.num_classes - 1}")
+            return classes, None
+        assert names is not None
+        try:
+            return [resolve_class(self.config, name) for name in _strings(names)], None
+        except UsageError as exc:
+            raise RequestError(f"{exc.message} ({exc.hint})" if exc.hint else exc.message) from None
+
+    def _specs(self, request: Any) -> list[Any]:
+        """One ImageSpec per row of one request, validated."""
+        from mmgen_deploy.sampling.requests import ImageSpec
+
+        class_ids, prompts = self._conditions(request)
+        labels: list[Any] = class_ids if class_ids is not None else (prompts or [])
+        n = len(labels)
         if n == 0:
             raise RequestError("the request has no images (empty batch)")
 
-        def column(name: str, default: float, cast: type) -> list[Any]:
+        def column(name: str, default: Any, cast: Any) -> list[Any]:
             values = _optional(request, name)
             if values is None:
                 return [cast(default)] * n
-            flat = values.reshape(-1)
-            if flat.size != n:
-                raise RequestError(f"{name} has {flat.size} values for {n} images")
+            flat = _strings(values) if values.dtype == np.object_ else list(values.reshape(-1))
+            if len(flat) != n:
+                raise RequestError(f"{name} has {len(flat)} values for {n} images")
             return [cast(v) for v in flat]
 
         seeds = column("SEED", 0, int)
+        indices = column("INDEX", 0, int)
         steps = column("STEPS", self.default_steps, int)
-        guidance = column("GUIDANCE", self.default_guidance, float)
-        for c in classes:
-            if not 0 <= c < self.num_classes:
-                raise RequestError(f"class id {c} is out of range: this model has classes 0..{self.num_classes - 1}")
-        for s in seeds:
-            if s < 0:
-                raise RequestError(f"seed {s} is negative: seeds must be >= 0")
+        cfg_scales = column("CFG_SCALE", self.default_cfg_scale, float)
+        samplers = column("SAMPLER", self.default_sampler, str)
+        for name, values in (("seed", seeds), ("index", indices)):
+            for v in values:
+                if v < 0:
+                    raise RequestError(f"{name} {v} is negative: seeds and indices must be >= 0")
         for s in steps:
             if not 1 <= s <= self.max_steps:
                 raise RequestError(f"steps {s} is out of range: use 1..{self.max_steps}")
-        for g in guidance:
-            if not (math.isfinite(g) and 0.0 <= g <= self.max_guidance):
-                raise RequestError(f"guidance {g} is out of range: use 0..{self.max_guidance:g}")
-        return list(zip(classes, seeds, steps, guidance, strict=True))
+        for g in cfg_scales:
+            if not (math.isfinite(g) and 0.0 <= g <= self.max_cfg_scale):
+                raise RequestError(f"cfg_scale {g} is out of range: use 0..{self.max_cfg_scale:g}")
+        for s in samplers:
+            if s not in self.samplers:
+                raise RequestError(f"sampler {s!r} is not served here: use one of {', '.join(self.samplers)}")
+        return [ImageSpec(seed=seed, index=index, class_id=None if class_ids is None else label,
+                          prompt=None if prompts is None else label, steps=st, cfg_scale=g, sampler=sm)
+                for label, seed, index, st, g, sm in zip(labels, seeds, indices, steps, cfg_scales, samplers,
+                                                         strict=True)]
 
     # -- serving ----------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        images: dict[int, list[np.ndarray | None]] = {}
-        groups: dict[tuple[int, float], list[tuple[int, int, int, int]]] = defaultdict(list)
+        parsed: dict[int, list[Any]] = {}
         for index, request in enumerate(requests):
             try:
-                rows = self._rows(request)
+                parsed[index] = self._specs(request)
             except RequestError as exc:
                 responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
-                continue
-            images[index] = [None] * len(rows)
-            for row, (class_id, seed, steps, guidance) in enumerate(rows):
-                groups[(steps, guidance)].append((index, row, class_id, seed))
-
-        for (steps, guidance), members in groups.items():
-            try:
-                batch = self._generate([m[2] for m in members], [m[3] for m in members], steps, guidance)
-                if len(batch) != len(members):
-                    raise RuntimeError(f"sample() returned {len(batch)} images for {len(members)}")
-            except Exception as exc:  # a failing group fails its own requests only
-                for index, _row, _c, _s in members:
+        if not parsed:
+            return responses
+        try:
+            # One call for the whole dynamic batch: prompts encoded once, one sample() per settings group.
+            everything = [spec for specs in parsed.values() for spec in specs]
+            images = self._generate(everything)
+            offset = 0
+            for index, specs in parsed.items():
+                responses[index] = self._images_response(images[offset:offset + len(specs)])
+                offset += len(specs)
+        except Exception:
+            # Something failed in the merged batch: each request alone, so a failure stays with its request.
+            for index, specs in parsed.items():
+                try:
+                    responses[index] = self._images_response(self._generate(specs))
+                except Exception as exc:
                     responses[index] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"generation failed: {type(exc).__name__}: {exc}"))
-                    images.pop(index, None)
-                continue
-            for (index, row, _c, _s), image in zip(members, batch, strict=True):
-                if index in images:
-                    images[index][row] = image
-
-        for index, done in images.items():
-            if responses[index] is None and all(image is not None for image in done):
-                stacked = np.ascontiguousarray(np.stack(done))  # type: ignore[arg-type]
-                responses[index] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", stacked)])
         return responses
 
-    def _generate(self, class_ids: list[int], seeds: list[int], steps: int, guidance: float) -> np.ndarray:
-        """uint8 images, image i from (class_ids[i], seeds[i]) exactly as `mmgen generate --seed` makes it."""
-        common = {"steps": steps, "sampler": self.sampler, "cfg_scale": guidance, "batch_size": self.batch_size}
-        if self._per_image_seeds:
-            result = self._sample(self.runner, self.config, class_ids, seeds=seeds, **common)
-            return np.asarray(result.images, dtype=np.uint8)
-        return np.concatenate([np.asarray(self._sample(self.runner, self.config, [c], seed=s, **common).images,
-                                          dtype=np.uint8) for c, s in zip(class_ids, seeds, strict=True)])
+    def _generate(self, specs: list[Any]) -> np.ndarray:
+        result = self._sample_specs(self.runner, self.config, specs, tokenizer=self.tokenizer,
+                                       batch_size=self.batch_size)
+        if len(result.images) != len(specs):
+            raise RuntimeError(f"sample_specs returned {len(result.images)} images for {len(specs)}")
+        return np.asarray(result.images, dtype=np.uint8)
+
+    @staticmethod
+    def _images_response(images: np.ndarray) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", np.ascontiguousarray(images))])
 
     def finalize(self) -> None:
         close = getattr(getattr(self, "runner", None), "close", None)

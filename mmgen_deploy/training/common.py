@@ -10,7 +10,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -96,33 +95,6 @@ def rng_state(generator: torch.Generator) -> dict[str, torch.Tensor]:
 def restore_rng(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
     torch.set_rng_state(state["global"])
     generator.set_state(state["batches"])
-
-
-# -- images -----------------------------------------------------------------------------
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8."""
-    pixels = ((images.detach().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def save_grid(images: np.ndarray, path: Path, *, columns: int = 8, upscale: int = 2) -> Path:
-    """Tile (N, H, W, 3) uint8 images into one PNG (written atomically)."""
-    from PIL import Image
-
-    n, h, w, _ = images.shape
-    rows = math.ceil(n / columns)
-    grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, 3), np.uint8)
-    grid[...] = 40  # thin grey lines between tiles
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + c * (w + 1): 1 + c * (w + 1) + w] = image
-    picture = Image.fromarray(grid)
-    if upscale > 1:
-        picture = picture.resize((picture.width * upscale, picture.height * upscale), Image.Resampling.NEAREST)
-    with atomic_path(path) as tmp:
-        picture.save(tmp, format="PNG")
-    return path
 
 
 # -- progress ---------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.numerics import save_grid
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.text.tokenizer import WordTokenizer
 from mmgen_deploy.training.common import (
@@ -39,7 +40,6 @@ from mmgen_deploy.training.common import (
     restore_rng,
     rng_state,
     save_checkpoint,
-    save_grid,
     set_lr,
 )
 
@@ -108,6 +108,7 @@ def grid_prompts(captions: list[str], count: int = GRID_PROMPTS) -> list[str]:
     return [c for c in dict.fromkeys(captions) if c.strip()][:count]
 
 
+@writes_run("train the DiT")
 def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
               callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference.
@@ -254,21 +255,18 @@ def sample_grid(vq: VQModel, dit: DiT, config: ModelConfig, path: Path, *, steps
                 per_class: int = 2, cfg_scale: float = 4.0, text_encoder: TextEncoder | None = None,
                 tokenizer: WordTokenizer | None = None, prompts: list[str] | None = None) -> Path | None:
     """A grid with `per_class` samples of every class (one column per class), or for a text
-    model of every prompt in `prompts` (one column per prompt), if sampling is available."""
-    try:
-        from mmgen_deploy.runtime.torch_runner import TorchRunner
-        from mmgen_deploy.sampling import sample, text_conditioning
-    except ImportError:  # the sampling package is optional at this stage of the project
+    model of every prompt in `prompts` (one column per prompt; None without them)."""
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+    from mmgen_deploy.sampling import make_conditioning, sample
+
+    if config.uses_text and (text_encoder is None or tokenizer is None or not prompts):
         return None
-    if config.uses_text:
-        if text_encoder is None or tokenizer is None or not prompts:
-            return None
-        runner = TorchRunner(vq.eval(), dit.eval(), config=config, text_encoder=text_encoder.eval())
-        condition = text_conditioning(runner, config, tokenizer, [p for _ in range(per_class) for p in prompts])
-        result = sample(runner, config, condition, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=0,
-                        batch_size=64)
-        return save_grid(np.asarray(result.images), path, columns=len(prompts))
-    classes = [k for _ in range(per_class) for k in range(config.dit.num_classes)]
-    result = sample(TorchRunner(vq.eval(), dit.eval()), config, classes, steps=steps, sampler="ddim",
-                    cfg_scale=cfg_scale, seed=0, batch_size=64)
-    return save_grid(np.asarray(result.images), path, columns=config.dit.num_classes)
+    runner = TorchRunner(vq.eval(), dit.eval(), config=config,
+                         text_encoder=text_encoder.eval() if config.uses_text and text_encoder is not None else None)
+    grid_prompts_ = [p for _ in range(per_class) for p in prompts] if config.uses_text and prompts else []
+    classes = [] if config.uses_text else [k for _ in range(per_class) for k in range(config.dit.num_classes)]
+    condition = make_conditioning(runner, config, class_ids=classes, prompts=grid_prompts_, tokenizer=tokenizer)
+    result = sample(runner, config, condition, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=0,
+                    batch_size=64)
+    columns = len(prompts or ()) if config.uses_text else config.dit.num_classes
+    return save_grid(np.asarray(result.images), path, columns=columns)

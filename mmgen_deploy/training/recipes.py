@@ -9,10 +9,8 @@ from typing import Any
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.rundir import RUN_ENTRIES as _RUN_ENTRIES
 from mmgen_deploy.rundir import RunDir
-
-# What a run directory may contain; --overwrite removes exactly these names.
-_RUN_ENTRIES = ("run.json", "vqvae", "dit", "text_encoder", "checkpoints", "onnx", "engines", "samples", "reports")
 
 
 @dataclass(frozen=True)
@@ -100,7 +98,7 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
                 shutil.rmtree(path)
             elif path.exists():
                 path.unlink()
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and not run.is_empty():
         raise RunDirError(f"{out} is a non-empty folder that is not an mmgen run directory",
                           "choose an empty or new folder for --out")
     elif resume:

@@ -18,7 +18,8 @@ from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.metrics import reconstruct, vq_metrics
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.vqvae import VQModel
-from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.numerics import save_grid, to_uint8
+from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.training.common import (
     StepCallback,
     interrupted,
@@ -28,9 +29,7 @@ from mmgen_deploy.training.common import (
     restore_rng,
     rng_state,
     save_checkpoint,
-    save_grid,
     set_lr,
-    to_uint8,
 )
 
 
@@ -121,6 +120,7 @@ def _checkpoint_path(run: RunDir) -> Path:
     return run.checkpoints_dir / "vqvae.pt"
 
 
+@writes_run("train the VQ-VAE")
 def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrainSettings, *,
                 resume: bool = False, callback: StepCallback | None = None,
                 show_progress: bool = True) -> dict[str, Any]:
@@ -233,7 +233,7 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
 def _recon_grid(vq: VQModel, images: torch.Tensor, path: Path) -> Path:
     """Originals and reconstructions in alternating rows of eight."""
     was_training = vq.training
-    originals = to_uint8(images)
+    originals = to_uint8(images.detach().cpu().numpy())
     recon, _ = reconstruct(vq, originals)
     vq.train(was_training)
     rows = []

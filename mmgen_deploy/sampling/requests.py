@@ -1,0 +1,149 @@
+"""Images described one by one, generated together: what `mmgen serve`, `mmgen client` and `mmgen batch` share.
+
+An `ImageSpec` is one image: its condition (a class id or a prompt), its seed and index (the
+image draws its noise from `default_rng([seed, index])`, so image k of `mmgen generate --seed S`
+is `ImageSpec(seed=S, index=k, ...)`), and its sampler settings. `sample_specs` takes any
+mix of specs of one model, encodes each distinct prompt once, groups the images by
+(steps, cfg_scale, sampler) and samples each group with `sample(..., seeds=, indices=)`: an
+image depends on its own spec only, never on what it was generated with.
+
+`expand_conditions` turns `generate`'s words (`--class NAME|ID` repeated, prompts, `--n`) into
+one condition per image, in generate's order; `specs_for` adds the seeds and indices.
+Only numpy and mmgen_deploy: this also runs inside the Triton Python-backend stub.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from mmgen_deploy.errors import UsageError
+from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning, text_conditioning
+from mmgen_deploy.sampling.loop import SampleResult, sample, validate_sampling_args
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
+    from mmgen_deploy.runtime.base import Runner
+    from mmgen_deploy.text.tokenizer import WordTokenizer
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """One image: class_id (class models) or prompt (text models), seed and index, sampler settings."""
+
+    seed: int
+    index: int = 0
+    class_id: int | None = None
+    prompt: str | None = None
+    steps: int = 50
+    cfg_scale: float = 4.0
+    sampler: str = "ddim"
+
+    @property
+    def settings(self) -> tuple[int, float, str]:
+        return (self.steps, self.cfg_scale, self.sampler)
+
+
+@dataclass
+class GeneratedImages:
+    images: np.ndarray  # uint8 (N, H, W, C), in the order of the specs
+    results: list[SampleResult] = field(default_factory=list)  # one per (steps, cfg_scale, sampler) group
+    text_encoder_seconds: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.total_seconds for r in self.results) + self.text_encoder_seconds
+
+
+def expand_conditions(config: ModelConfig, classes: Sequence[str | int], prompts: Sequence[str],
+                      n: int) -> tuple[list[int] | None, list[str] | None]:
+    """`generate`'s conditions, one per image: each class (name or id) or prompt `n` times, in order.
+
+    Returns (class ids, None) for a class model (every class when none is given) or
+    (None, prompts) for a text model; a prompt for a class model, or a class for a text
+    model, is refused in one line.
+    """
+    from mmgen_deploy.sampling.conditioning import resolve_class
+
+    if n < 1:
+        raise UsageError(f"n must be >= 1, got {n}")
+    if config.uses_text:
+        if classes:
+            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
+                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
+        if not prompts:
+            raise UsageError("this text-to-image model needs prompts",
+                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
+        return None, [str(p) for p in prompts for _ in range(n)]
+    if prompts:
+        raise UsageError("this model is class-conditioned: it takes --class, not prompts",
+                         "see `mmgen info RUN_DIR` for the class names")
+    class_ids = [resolve_class(config, str(c)) for c in classes] if classes else list(range(config.dit.num_classes))
+    return [c for c in class_ids for _ in range(n)], None
+
+
+def specs_for(class_ids: Sequence[int] | None, prompts: Sequence[str] | None, *, seed: int, steps: int,
+              cfg_scale: float, sampler: str, first_index: int = 0) -> list[ImageSpec]:
+    """Image i gets (seed, first_index + i): the images `mmgen generate --seed SEED` writes."""
+    common = {"seed": seed, "steps": steps, "cfg_scale": float(cfg_scale), "sampler": sampler}
+    if class_ids is not None:
+        return [ImageSpec(index=first_index + i, class_id=int(c), **common)  # type: ignore[arg-type]
+                for i, c in enumerate(class_ids)]
+    return [ImageSpec(index=first_index + i, prompt=str(p), **common)  # type: ignore[arg-type]
+            for i, p in enumerate(prompts or [])]
+
+
+def check_specs(config: ModelConfig, specs: Sequence[ImageSpec]) -> None:
+    """Refuse specs this model cannot generate, naming the first problem."""
+    if not specs:
+        raise UsageError("no images to generate")
+    for spec in specs:
+        if (spec.class_id is None) == (spec.prompt is None):
+            raise UsageError("an image needs a class or a prompt (not both)")
+        if config.uses_text and spec.prompt is None:
+            raise UsageError("this model is conditioned on text: it takes prompts, not classes")
+        if not config.uses_text and spec.class_id is None:
+            raise UsageError("this model is class-conditioned: it takes classes, not prompts")
+        if spec.seed < 0 or spec.index < 0:
+            raise UsageError(f"seed {spec.seed} / index {spec.index}: both must be >= 0")
+        validate_sampling_args(config, None if spec.class_id is None else [spec.class_id], steps=spec.steps,
+                               sampler=spec.sampler, cfg_scale=spec.cfg_scale, batch_size=1, eta=0.0)
+
+
+def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
+    pick = np.asarray(rows)
+    return Conditioning(feeds={name: np.ascontiguousarray(values[pick]) for name, values in condition.feeds.items()},
+                        null_feeds=condition.null_feeds,
+                        class_ids=[condition.class_ids[r] for r in rows] if condition.class_ids else [],
+                        prompts=[condition.prompts[r] for r in rows] if condition.prompts else [])
+
+
+def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec], *,
+                    tokenizer: WordTokenizer | None = None, batch_size: int = 16) -> GeneratedImages:
+    """Images for `specs` (in their order): prompts encoded once each, one `sample()` per settings group."""
+    check_specs(config, specs)
+    if config.uses_text:
+        if tokenizer is None:
+            raise UsageError("a text-to-image model needs its tokenizer to encode prompts")
+        condition = text_conditioning(runner, config, tokenizer, [str(s.prompt) for s in specs], max_batch=batch_size)
+    else:
+        condition = class_conditioning(config, [int(s.class_id) for s in specs])  # type: ignore[arg-type]
+    groups: dict[tuple[int, float, str], list[int]] = defaultdict(list)
+    for row, spec in enumerate(specs):
+        groups[spec.settings].append(row)
+    images: np.ndarray | None = None
+    results = []
+    for (steps, cfg_scale, sampler), rows in groups.items():
+        result = sample(runner, config, _subset(condition, rows), steps=steps, sampler=sampler, cfg_scale=cfg_scale,
+                        batch_size=batch_size, seeds=[specs[r].seed for r in rows],
+                        image_indices=[specs[r].index for r in rows])
+        if images is None:
+            images = np.empty((len(specs), *result.images.shape[1:]), dtype=np.uint8)
+        images[rows] = result.images
+        results.append(result)
+    assert images is not None
+    return GeneratedImages(images=images, results=results, text_encoder_seconds=condition.encode_seconds)

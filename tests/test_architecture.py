@@ -1,0 +1,110 @@
+"""The package structure described in docs/architecture.md, checked from the source (ast only)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import numpy as np
+
+from mmgen_deploy.numerics import compare_output, make_grid, take_batch
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS
+
+PACKAGE = Path(__file__).resolve().parents[1] / "mmgen_deploy"
+
+
+def _unit(path: Path) -> str:
+    """A subpackage ('runtime') or a top-level module ('specs') of mmgen_deploy."""
+    return path.relative_to(PACKAGE).parts[0].removesuffix(".py")
+
+
+def _imports(path: Path) -> set[str]:
+    """The mmgen_deploy modules a file imports (anywhere in it, lazily or not)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("mmgen_deploy.")}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("mmgen_deploy."):
+            found.add(str(node.module))
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return found
+
+
+def _edges() -> dict[str, dict[str, str]]:
+    """unit -> {imported unit: a file that imports it}."""
+    edges: dict[str, dict[str, str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        source = _unit(path)
+        for module in _imports(path):
+            target = module.split(".")[1]
+            if target != source:
+                edges.setdefault(source, {}).setdefault(target, str(path.relative_to(PACKAGE)))
+    return edges
+
+
+def test_no_two_packages_import_each_other() -> None:
+    edges = _edges()
+    cycles = sorted(f"{a} <-> {b} ({edges[a][b]}, {edges[b][a]})"
+                    for a in edges for b in edges[a] if a < b and a in edges.get(b, {}))
+    assert not cycles, cycles
+
+
+def test_the_import_direction_of_the_deployment_path() -> None:
+    """models -> export -> engines -> runtime -> sampling; nothing below the CLI imports it.
+    (export may use the sampling package's noise schedule and loop, for calibration.)"""
+    edges = _edges()
+    lower_than = {"export": {"engines", "runtime"}, "engines": {"runtime", "sampling"}, "runtime": {"sampling"},
+                  "specs": {"models", "export", "engines", "runtime", "sampling"}, "rundir": {"cli"}}
+    for unit, above in lower_than.items():
+        assert not set(edges.get(unit, {})) & above, (unit, edges.get(unit))
+    assert not [u for u, targets in edges.items() if "cli" in targets and u not in ("cli", "__main__")]
+
+
+def test_the_cli_never_calls_itself_back() -> None:
+    """Only the entry point knows the Typer app; commands and the quickstart call the library."""
+    for path in (PACKAGE / "cli").glob("*.py"):
+        if path.name != "app.py":
+            assert not {m for m in _imports(path) if m.startswith("mmgen_deploy.cli.app")}, path.name
+
+
+def test_component_and_precision_lists_are_spelled_out_once() -> None:
+    """No module but specs.py writes the component list or the precision list as a literal."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "specs.py":
+            continue
+        tree = ast.parse(path.read_text())
+        # A choice between two orders (serve's "fp32 first for the CPU wrapper") is a preference, not the list.
+        preferences = {id(n) for node in ast.walk(tree) if isinstance(node, ast.IfExp)
+                       for n in (node.body, node.orelse)}
+        for node in ast.walk(tree):
+            if id(node) in preferences:
+                continue
+            if isinstance(node, ast.Tuple | ast.List) and node.elts and all(
+                    isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                values = {e.value for e in node.elts}  # type: ignore[attr-defined]
+                if (len(values) >= 3 and values <= set(COMPONENTS)) or values == set(PRECISIONS):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {sorted(values)}")
+    assert not offenders, offenders
+
+
+def test_one_comparison_serves_export_validation_and_parity() -> None:
+    ref = np.array([1.0, 2.0, 3.0], dtype=np.float32)
+    close = compare_output(ref, ref * (1 + 1e-7), is_float=True, rel_l2=1e-5, min_agreement=1.0)
+    assert close.metric == "rel_l2" and close.passed and close.direction == "<="
+    far = compare_output(ref, ref + 1, is_float=True, rel_l2=1e-5, min_agreement=1.0)
+    assert not far.passed and far.max_abs == 1.0 and far.details["rel_l2"] == far.value
+    codes = compare_output(np.array([1, 2, 3, 4]), np.array([1, 2, 3, 5]), is_float=False, rel_l2=1e-5,
+                           min_agreement=0.75)
+    assert (codes.metric, codes.value, codes.max_abs, codes.passed, codes.direction) == ("agreement", 0.75, 1.0,
+                                                                                          True, ">=")
+    assert not compare_output(ref, ref * np.nan, is_float=True, rel_l2=1.0, min_agreement=1.0).passed
+
+
+def test_shared_batch_and_grid_helpers() -> None:
+    batch = take_batch({"x": np.arange(3)}, 5)["x"]
+    assert batch.tolist() == [0, 1, 2, 0, 1] and batch.flags["C_CONTIGUOUS"]
+    tiles = np.full((3, 2, 2, 3), 7, dtype=np.uint8)
+    grid = make_grid(tiles, 2, pad=1, fill=40)
+    assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
+    assert grid[1, 1, 0] == 7 and grid[0, 0, 0] == 40 and grid[4, 4, 0] == 40  # the empty fourth tile stays fill
