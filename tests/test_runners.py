@@ -128,8 +128,10 @@ def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
         OpenVinoRunner(exported_tiny_run.root, "fp32", device="npu")
     with pytest.raises(UsageError, match="unknown OpenVINO device 'tpu'"):
         OpenVinoRunner(exported_tiny_run.root, "fp32", device="tpu")
-    with pytest.raises(UsageError, match="openvino backend runs fp32 or fp16 or bf16"):
+    with pytest.raises(UsageError, match=r"openvino backend runs fp32 .*bf16, not .int4."):
         OpenVinoRunner(exported_tiny_run.root, "int4")
+    with pytest.raises(NotAvailableError, match="no int8 ONNX set"):  # quant's INT8 set, not exported here
+        OpenVinoRunner(exported_tiny_run.root, "int8")
     with pytest.raises(UsageError, match="no BF16 path"):
         open_runner(exported_tiny_run.root, "onnxruntime", "bf16")
     # A corrupt graph: refused when the component is first used, naming the file.
