@@ -206,7 +206,8 @@ GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 # a component's depth. Set from measurement with ~2x headroom: worst relative L2 over batches 1 and 3
 # on random and real inputs, OpenVINO 2026.4 bf16 (torch 2.13 autocast is within these too), AMX CPU,
 # re-randomised tiny class and text runs: encoder 1.9e-2, decoder 3.4e-2 (real codes), denoiser 8.0e-3,
-# text encoder 6.8e-3 (the quickstart figures are in the README); encoder and decoder get more below.
+# text encoder 6.8e-3; the trained quickstart model: encoder 6.7e-3, decoder 3.3e-3, denoiser 5.7e-3.
+# Encoder and decoder get more below.
 DEFAULT_REL_L2: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2, "fp8": 8e-2, "bf16": 2e-2}
 RANDOM_REL_L2_8BIT = 0.25
 
@@ -225,8 +226,12 @@ def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Toleran
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
     "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
-    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding); set from measurement (README, BF16).
-    "bf16": {"latent_rel_l2": 1e-1, "min_index_agreement": 0.80, "min_psnr": 25.0, "min_ssim": 0.90},
+    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding), and the denoiser's rounding compounds
+    # over the steps. Measured on the trained quickstart model (20 DDIM steps, 8 images, guidance 4),
+    # OpenVINO bf16 / torch autocast: final latent rel. L2 0.074 / 0.045, code agreement 0.78 / 0.88
+    # (0 near-ties: the drifted latent picks a neighbouring code), PSNR 32.7 / 37.4 dB, SSIM 0.973 /
+    # 0.989. Limits with headroom; whether the content stays the same is `mmgen eval`'s accuracy.
+    "bf16": {"latent_rel_l2": 0.15, "min_index_agreement": 0.70, "min_psnr": 25.0, "min_ssim": 0.90},
     # 8-bit sets: set from measurement on the trained quickstart models (README, "INT8 and FP8"). A
     # quantized denoiser's per-step error compounds over the loop; these bound how far one image
     # may drift while the generated content stays the same (the accuracy check is `mmgen eval`).
