@@ -37,6 +37,7 @@ def onnx_set_of(precision: str) -> str:
     """The exported ONNX set OpenVINO reads for `precision`."""
     return "fp32" if precision == "fp16" else RUNTIME_PRECISIONS.get(precision, precision)
 
+
 BATCH_MODES = ("static", "dynamic")
 # Compiled batch sizes kept per component (the sampling loop uses one or two).
 _KEEP_BATCHES = 4
@@ -46,8 +47,8 @@ _INSTALL_HINT = "pip install 'mmgen-deploy[openvino]' (or pip install openvino)"
 def default_cache_dir() -> Path | None:
     """Where compiled models are cached across processes: $MMGEN_CACHE_DIR/openvino, else
     $XDG_CACHE_HOME/mmgen/openvino, else ~/.cache/mmgen/openvino; MMGEN_CACHE_DIR="" turns it off.
-    OpenVINO keys each blob by the model, the device and the compile options, so a re-export or
-    another precision compiles anew."""
+    OpenVINO keys each blob by the model and the device, so a re-export compiles anew; each inference
+    hint gets its own subfolder (see `_compile_config`)."""
     root = os.environ.get("MMGEN_CACHE_DIR")
     if root is not None:
         return Path(root) / "openvino" if root else None
