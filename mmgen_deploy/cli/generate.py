@@ -61,7 +61,7 @@ def generate(
     json_out: str | None = typer.Option(None, "--json",
                                         help="Write settings, files and timings as JSON ('-' = stdout)."),
 ) -> None:
-    """Sample images: noise -> denoising loop -> quantizer -> decoder -> PNGs.
+    """Sample images: noise -> denoising loop -> (quantizer ->) decoder -> PNGs (a KL first stage has no quantizer).
 
     Class models take --class; text-to-image models take --prompt / --prompts-file (the text
     encoder runs once per distinct prompt, not per step; words it never saw in training are

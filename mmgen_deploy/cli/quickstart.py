@@ -30,7 +30,7 @@ from mmgen_deploy.cli.train import (
     _vq_settings,
 )
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.specs import PRECISIONS
+from mmgen_deploy.specs import DEFAULT_EXPORT_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
@@ -80,7 +80,7 @@ def _qs_dit(ctx: QuickstartContext) -> str:
 def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
-    manifest = run_export(ctx.run, precisions=list(PRECISIONS))
+    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))
     emit_json(manifest, str(ctx.run.reports_dir / "export.json"))
     return str(ctx.run.onnx_dir)
 
@@ -124,7 +124,7 @@ def parity_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.parity.compare import ParityOptions
 
     verdicts = {}
-    checks = [(QUICKSTART_BACKEND, precision) for precision in PRECISIONS]
+    checks = [(QUICKSTART_BACKEND, precision) for precision in DEFAULT_EXPORT_PRECISIONS]
     if _cpu_bf16_path():
         checks.append(("openvino", "bf16"))
     for backend, precision in checks:

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import component_specs
+from mmgen_deploy.specs import COMPONENTS, component_specs
 
 
 @dataclass
@@ -84,19 +84,27 @@ def component_flops(config: ModelConfig, component: str) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmgen_deploy.models import DiT, TextEncoder, VQModel
+    from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
     from mmgen_deploy.models import components as parts
+    from mmgen_deploy.models.fast_init import skip_weight_init
 
     module: torch.nn.Module
-    if component == "denoiser":
-        dit = DiT(config.dit)
-        module = parts.TextDenoiserComponent(dit) if config.uses_text else parts.DenoiserComponent(dit)
-    elif component == "text_encoder" and config.text is not None:
-        module = parts.TextEncoderComponent(TextEncoder(config.text))
-    else:
-        vq_part = {"encoder": parts.EncoderComponent, "quantizer": parts.QuantizerComponent,
-                   "decoder": parts.DecoderComponent}[component]
-        module = vq_part(VQModel(config.vq))
+    with skip_weight_init():  # FLOPs do not depend on the weights
+        if component == "denoiser":
+            dit = DiT(config.dit)
+            module = parts.TextDenoiserComponent(dit) if config.uses_text else parts.DenoiserComponent(dit)
+        elif component == "text_encoder" and config.text is not None:
+            module = parts.TextEncoderComponent(TextEncoder(config.text))
+        else:
+            if config.first_stage_kind == "kl":
+                from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+
+                first_stage: Any = AutoencoderKL(config.vq)  # type: ignore[arg-type]
+            else:
+                first_stage = VQModel(config.vq)  # type: ignore[arg-type]
+            dit = DiT(config.dit)
+            text = TextEncoder(config.text) if config.text is not None else None
+            module = build_components(first_stage, dit, text)[component]
     module.eval()
     spec = component_specs(config)[component]
     feeds = spec.make_inputs(1, np.random.default_rng(0))
@@ -280,16 +288,14 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
-                lat = {n: lat.get(n, "-") for n in ("encoder", "quantizer", "decoder", "denoiser", *lat)}
-                text = [lat.get("text_encoder", "-")] if self.has_text_encoder else []
+                den = res.components["denoiser"][batch].median_ms if "denoiser" in res.components else None
+                ref = first_denoiser.setdefault((res.backend, batch), den) if den else None
+                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" and den and ref else lat.get(c, "-")
+                         for c in self.component_columns]
                 peak = self.peak_for(res)
                 split = res.time_split.get(batch)
-                den_ms = res.components["denoiser"][batch].median_ms if "denoiser" in res.components else None
-                ref = first_denoiser.setdefault((res.backend, batch), den_ms) if den_ms else None
                 rows.append([
-                    res.backend, res.precision, str(batch), lat["encoder"], lat["quantizer"], lat["decoder"],
-                    f"{lat['denoiser']} ({ref / den_ms:.2f}x)" if den_ms and ref else lat["denoiser"], *text,
-                    f"{ips:.2f} ({ips / base[batch]:.2f}x)",
+                    res.backend, res.precision, str(batch), *cells, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
                     _fraction(res.denoiser_gflops.get(batch), peak), _fraction(res.decoder_gflops.get(batch), peak),
                     (f"{100 * split['denoiser']:.0f} / {100 * split['quantizer+decoder']:.0f} / "
                      f"{100 * split['other']:.1f}") if split else "-",
@@ -297,21 +303,22 @@ class BenchResult:
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "encoder ms", "quantizer ms", "decoder ms",
-              "denoiser ms (vs backend's first)", "images/s (vs first)", "denoiser GFLOP/s (% of peak)",
+    HEADER = ("backend", "precision", "batch", "images/s (vs first)", "denoiser GFLOP/s (% of peak)",
               "decoder GFLOP/s (% of peak)", "time % denoiser / decode / other", "peak host MiB")
 
     @property
-    def has_text_encoder(self) -> bool:
-        return any("text_encoder" in res.components for res in self.backends)
+    def component_columns(self) -> tuple[str, ...]:
+        """The measured components in pipeline order (they follow the run's first stage: a KL
+        autoencoder has no quantizer; a text model adds its text encoder)."""
+        measured = {name for res in self.backends for name in res.components}
+        return tuple(c for c in COMPONENTS if c in measured)
 
     @property
     def header(self) -> tuple[str, ...]:
-        """HEADER, with a text encoder column for text-to-image runs (after the denoiser's)."""
-        if not self.has_text_encoder:
-            return self.HEADER
-        at = self.HEADER.index("denoiser ms (vs backend's first)") + 1
-        return (*self.HEADER[:at], "text encoder ms", *self.HEADER[at:])
+        """HEADER with one latency column per measured component after the batch (the denoiser's
+        cells also show its speed-up over the same backend's first precision, in parentheses)."""
+        columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
+        return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
     def peaks_line(self) -> str:
         peaks = ", ".join(f"{name.upper()} {value:.0f}" for name, value in self.matmul_peaks.items())
@@ -330,8 +337,10 @@ class BenchResult:
         return table
 
     def markdown(self) -> str:
-        lines = [f"Machine: {self.machine}. {self.peaks_line()[0].upper()}{self.peaks_line()[1:]}. "
-                 f"{self.steps} steps, cfg {self.cfg_scale}; latencies median / p90 in ms.", "",
+        peaks = self.peaks_line()
+        lines = [f"Machine: {self.machine}. {peaks[0].upper()}{peaks[1:]}. {self.steps} steps, cfg "
+                 f"{self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the same "
+                 "backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
         if self.skipped:

@@ -12,14 +12,14 @@ from mmgen_deploy.specs import ComponentSpec
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
-    from mmgen_deploy.models import DiT, TextEncoder, VQModel
+    from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel
     from mmgen_deploy.rundir import RunDir
 
 
 class TorchRunner(BaseRunner):
-    """Runs the components (four, or five with a text encoder) eagerly in PyTorch on CPU or CUDA: FP32,
-    or `precision="bf16"` under `torch.autocast(device, torch.bfloat16)` (the fair eager peer of
-    OpenVINO bf16: oneDNN runs autocast's BF16 matmuls and convolutions on AMX / AVX-512 BF16).
+    """Runs the components (the first stage's, the denoiser, the text encoder) eagerly in PyTorch on CPU
+    or CUDA: FP32, or `precision="bf16"` under `torch.autocast(device, torch.bfloat16)` (the fair eager
+    peer of OpenVINO bf16: oneDNN runs autocast's BF16 matmuls and convolutions on AMX / AVX-512 BF16).
     Components the spec keeps FP32 (the quantizer) run FP32 at every precision; outputs are FP32.
 
     Built from in-memory models (training, parity's reference) or, like every backend, with
@@ -30,7 +30,7 @@ class TorchRunner(BaseRunner):
     precisions = ("fp32", "bf16")
     precision_hint = "for FP16 use --backend onnxruntime --precision fp16 or --backend tensorrt"
 
-    def __init__(self, vq: VQModel, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
+    def __init__(self, vq: VQModel | AutoencoderKL, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
                  text_encoder: TextEncoder | None = None, precision: str = "fp32") -> None:
         import torch
 
