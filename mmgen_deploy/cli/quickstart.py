@@ -80,7 +80,7 @@ def _qs_dit(ctx: QuickstartContext) -> str:
 def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
-    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))
+    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))  # what `mmgen export` makes
     emit_json(manifest, str(ctx.run.reports_dir / "export.json"))
     return str(ctx.run.onnx_dir)
 
