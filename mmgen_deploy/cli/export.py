@@ -61,7 +61,8 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+    shown = [p for p in PRECISIONS if p in precisions or p in DEFAULT_EXPORT_PRECISIONS]  # the table's, at least
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in shown
                        if p in DEFAULT_REL_L2)
     console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
 

@@ -166,6 +166,26 @@ def _batched(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> tuple
     return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
 
 
+def first_stage_inputs(images: np.ndarray, config: ModelConfig, specs: dict[str, ComponentSpec],
+                       modules: dict[str, nn.Module]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """The first stage's components' inputs for `images` (each component fed its predecessor's
+    outputs by name: VQ encoder -> quantizer -> decoder, KL encoder -> decoder), and the latent
+    the DiT denoises (the encoder's output)."""
+    inputs: dict[str, dict[str, np.ndarray]] = {}
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(np.ascontiguousarray(images))}
+    # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
+    batch = max(1, min(images.shape[0], (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
+    with torch.no_grad():
+        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
+            module, spec = modules.get(name), specs[name]
+            if module is None:
+                raise ValueError(f"deriving real inputs needs the {name} module")
+            feeds = [produced[t] for t in spec.input_names]
+            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
+            produced.update(zip(spec.output_names, _batched(module, feeds, batch), strict=True))
+    return inputs, produced[latent_name(config)].numpy().astype(np.float32)
+
+
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given", *,
@@ -191,20 +211,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         return inputs, source
     images = data.images
     n = images.shape[0]
-    inputs = {}
-    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(images)}
-    with torch.no_grad():
-        # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
-        batch = max(1, min(n, (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
-        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
-            module, spec = modules.get(name), specs[name]
-            if module is None:
-                raise ValueError(f"deriving real inputs needs the {name} module")
-            feeds = [produced[t] for t in spec.input_names]
-            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
-            result = _batched(module, feeds, batch)
-            produced.update(zip(spec.output_names, result, strict=True))
-    h_np = produced[latent_name(config)].numpy().astype(np.float32)
+    inputs, h_np = first_stage_inputs(images, config, specs, modules)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)

@@ -59,8 +59,10 @@ from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
     COMPONENTS,
     DEFAULT_EXPORT_PRECISIONS,
+    FIRST_STAGE_COMPONENTS,
     PRECISIONS,
     QUANTIZED_PRECISIONS,
+    TEXT_ONLY_COMPONENTS,
     ComponentSpec,
     component_names,
     component_specs,
@@ -295,6 +297,10 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     return {"files": files, "stages": stages, "calibration": calibration_record}
 
 
+# Every component that belongs to a first stage, of any kind.
+FIRST_STAGE_NAMES = frozenset(c for names in FIRST_STAGE_COMPONENTS.values() for c in names)
+
+
 def _release(models: _Models, modules: dict[str, Any], specs: dict[str, ComponentSpec],
              remaining: Sequence[str]) -> None:
     """Drop the torch modules and models that no remaining component needs (their weights are
@@ -305,7 +311,7 @@ def _release(models: _Models, modules: dict[str, Any], specs: dict[str, Componen
     for name in list(modules):
         if name not in remaining and name not in upstream:
             modules.pop(name)
-    if not any(c in ("encoder", "quantizer", "decoder") for c in remaining):
+    if not any(c in FIRST_STAGE_NAMES for c in remaining):  # no first-stage component (VQ or KL) left
         models.vq = None
     if "denoiser" not in remaining:
         models.dit = None
@@ -343,7 +349,9 @@ def _check_memory_for_models(config: ModelConfig, chosen: Sequence[str]) -> None
     from mmgen_deploy.export import budget
 
     costs = budget.component_costs(config)
-    models = sum(c.weight_bytes for n, c in costs.items() if n in ("encoder", "denoiser", "text_encoder"))
+    # One component per model holds its weights: the first stage's encoder, the denoiser, the text encoder.
+    per_model = {FIRST_STAGE_COMPONENTS[config.first_stage_kind][0], "denoiser", *TEXT_ONLY_COMPONENTS}
+    models = sum(c.weight_bytes for n, c in costs.items() if n in per_model)
     for name in chosen:
         cost = costs[name]
         # The run's models stay loaded until their last component is exported.
