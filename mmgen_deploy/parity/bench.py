@@ -19,7 +19,7 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import COMPONENTS, component_specs
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS, component_specs
 
 
 @dataclass
@@ -240,7 +240,7 @@ def _peak_device_mib(runner: Any) -> float | None:
 # precision a backend has and skips the others.
 BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
     "torch": ("fp32", "bf16"),
-    "onnxruntime": ("fp32", "fp16", "int8", "fp8"),
+    "onnxruntime": PRECISIONS,  # every exported set
     "openvino": ("fp32", "bf16", "int8"),
     "tensorrt": ("fp16", "int8", "fp8"),
 }
