@@ -236,14 +236,17 @@ def _peak_device_mib(runner: Any) -> float | None:
         return None
 
 
-# Precisions each backend runs (on a CPU; TensorRT on its GPU). `mmgen bench` runs every requested
-# precision a backend has and skips the others.
-BACKEND_PRECISIONS: dict[str, tuple[str, ...]] = {
-    "torch": ("fp32", "bf16"),
-    "onnxruntime": PRECISIONS,  # every exported set
-    "openvino": ("fp32", "bf16", "int8"),
-    "tensorrt": ("fp16", "int8", "fp8"),
-}
+def backend_precisions(backend: str) -> tuple[str, ...] | None:
+    """The precisions a backend runs (its runner class says), or None when the backend cannot be
+    imported here (then opening it reports why, in the table). `mmgen bench` runs every requested
+    precision a backend has and lists the others as not run."""
+    from mmgen_deploy.errors import MMGenError
+    from mmgen_deploy.runtime import runner_class
+
+    try:
+        return runner_class(backend).precisions
+    except MMGenError:
+        return None
 
 
 def _fraction(gflops: float | None, peak: float | None) -> str:
@@ -363,7 +366,6 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
     (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set), FP32 and, on a CPU with
     BF16 units, BF16 (torch autocast; OpenVINO on the FP32 set, plus an exported int8 set)."""
     from mmgen_deploy.cpuinfo import cpu_features
-    from mmgen_deploy.specs import PRECISIONS
 
     if list(precisions) != ["auto"]:
         return list(precisions)
@@ -385,11 +387,12 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
               components: Sequence[str] | None = None) -> BenchResult:
     from mmgen_deploy.errors import MMGenError, UsageError
-    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.runtime import BACKENDS, open_runner
 
-    unknown = [b for b in backends if b not in BACKEND_PRECISIONS]
+    concrete = [b for b in BACKENDS if b != "auto"]
+    unknown = [b for b in backends if b not in concrete]
     if unknown:
-        raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(BACKEND_PRECISIONS)}")
+        raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(concrete)}")
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     config = run.load_config()
@@ -404,8 +407,9 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, peaks.get("fp32", 0.0), [],
                          matmul_peaks=peaks, machine=machine_description())
     for backend in backends:
+        known = backend_precisions(backend)
         for precision in available_precisions(run, backend, precisions):
-            if precision not in BACKEND_PRECISIONS[backend]:
+            if known is not None and precision not in known:
                 result.skipped.append(f"{backend} {precision} (not a precision of {backend})")
                 continue
             say(f"benchmarking {backend} {precision}")
