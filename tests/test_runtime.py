@@ -35,7 +35,7 @@ def test_shared_checks_and_context_manager_come_from_the_base(exported_tiny_run)
     with pytest.raises(UsageError, match="onnxruntime backend runs"):
         runner_class("onnxruntime").from_run_dir(exported_tiny_run.root, "int4")
     # Refused before any engine lookup, with the fix.
-    with pytest.raises(UsageError, match="use --precision fp16"):
+    with pytest.raises(UsageError, match="built from the fp16, int8 or fp8 ONNX set"):
         runner_class("tensorrt").from_run_dir(exported_tiny_run.root, "fp32")
     specs = component_specs(exported_tiny_run.load_config())
     feeds = specs["decoder"].make_inputs(2, np.random.default_rng(0))

@@ -19,7 +19,7 @@ import numpy as np
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import COMPONENTS, component_specs
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS, component_specs
 
 
 @dataclass
@@ -366,7 +366,6 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
     (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set), FP32 and, on a CPU with
     BF16 units, BF16 (torch autocast; OpenVINO on the FP32 set, plus an exported int8 set)."""
     from mmgen_deploy.cpuinfo import cpu_features
-    from mmgen_deploy.specs import PRECISIONS
 
     if list(precisions) != ["auto"]:
         return list(precisions)

@@ -61,8 +61,8 @@ class TensorRTRunner(BaseRunner):
     """Runs components on their TensorRT / TensorRT-RTX engines; numpy in, numpy out (plus a torch fast path)."""
 
     backend = "tensorrt"
-    precisions = ("fp16",)
-    precision_hint = "TensorRT engines are built from the fp16 ONNX set: use --precision fp16 with the tensorrt backend"
+    precisions = ("fp16", "int8", "fp8")  # the sets engines are built from (resolve_backend agrees)
+    precision_hint = "TensorRT engines are built from the fp16, int8 or fp8 ONNX set: use one of those precisions"
     default_device = "cuda"
 
     def __init__(self, run: RunDir, flavour: Flavour, engine_set: EngineSet, *, precision: str = "fp16",
