@@ -408,7 +408,7 @@ def _with_ray(address: str, run_root: Path, out: Path, settings: BatchSettings, 
         results = dataset.map_batches(
             ImageWriter, fn_constructor_kwargs={"run_dir": str(run_root), "out": str(out), "settings": settings},
             batch_size=max(1, min(settings.batch_size, -(-len(todo) // count))), batch_format="numpy",
-            concurrency=count, **per_worker)
+            compute=ray.data.ActorPoolStrategy(size=count), **per_worker)
         for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
             yield list(batch["entry"])
     finally:

@@ -102,7 +102,7 @@ def test_bad_request_lines_are_refused_by_number(class_run: RunDir, tmp_path: Pa
 def test_batch_with_ray_local_writes_generates_images_and_resumes(class_run: RunDir, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install 'mmgen-deploy[batch]')")
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
 
     requests = _write_requests(tmp_path / "requests.jsonl", REQUESTS)
     out = tmp_path / "ray-out"
@@ -163,3 +163,26 @@ def test_batch_with_ray_local_writes_generates_images_and_resumes(class_run: Run
     assert code == 0, text
     assert json.loads((tmp_path / "resume.json").read_text())["files"] == [lost]
     assert np.array_equal(_images(out / "images")[Path(lost).name], served[Path(lost).name])
+
+
+def test_batch_in_process_takes_prompts_for_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from test_serve_text import PROMPT, make_text_run
+
+    from mmgen_deploy.numerics import psnr
+
+    run = make_text_run(tmp_path / "run")
+    requests = tmp_path / "prompts.jsonl"
+    requests.write_text(json.dumps({"prompt": PROMPT, "n": 2, "seed": 5, "steps": 2}) + "\n")
+    code, text = _cli(["batch", str(run.root), str(requests), "--out", str(tmp_path / "out"), "--backend", "torch"],
+                      capsys)
+    assert code == 0, text
+    code, text = _cli(["generate", str(run.root), "--prompt", PROMPT, "--n", "2", "--seed", "5", "--steps", "2",
+                       "--backend", "torch", "--out", str(tmp_path / "gen")], capsys)
+    assert code == 0, text
+    ours = _images(tmp_path / "out" / "images")
+    theirs = {name: image for name, image in _images(tmp_path / "gen").items() if name != "grid.png"}
+    assert sorted(ours) == [f"00001_{name}" for name in sorted(theirs)] and len(ours) == 2
+    for name, image in theirs.items():
+        assert psnr(image, ours[f"00001_{name}"]) >= 40.0
+    entry = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
+    assert entry["prompt"] == PROMPT and "class" not in entry

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import numpy_helper
 
 from mmgen_deploy.cli.app import main
@@ -75,6 +76,9 @@ def test_parity_passes_on_trained_model(trained_run, precision, capsys, tmp_path
     psnr = next(c for c in report["checks"] if c["name"].startswith("image PSNR"))
     assert psnr["value"] >= (40 if precision == "fp32" else 30)
     assert report["info"]["end_to_end"]["drift"], "per-step drift must be reported"
+    scale = report["info"]["denoiser_output_scale"]  # the scale the comparison ran at, stated
+    assert report["meaningful"] and scale["meaningful"] and scale["ratio"] >= scale["threshold"]
+    assert "denoiser output RMS" in text
     assert (trained_run / "reports" / f"parity-onnxruntime-{precision}.json").is_file()
 
 
@@ -119,3 +123,29 @@ def test_parity_refuses_untrained_model(tmp_path, capsys) -> None:
     code, text = _cli(["parity", str(run.root)], capsys)
     assert code == 1 and "outputs exactly zero" in text and "--allow-untrained" in text
     assert len(text.strip().splitlines()) == 1
+
+
+def _barely_trained_dit(cfg) -> DiT:
+    """What 2 training steps leave (output RMS ~0.003 of the input's): re-randomised, then the
+    final layer scaled down so the output is tiny but not zero."""
+    dit = rerandomize_(DiT(cfg.dit), seed=2)
+    with torch.no_grad():
+        for param in dit.final_layer.parameters():
+            param.mul_(1e-3)
+    return dit.eval()
+
+
+def test_parity_refuses_a_negligible_output_and_marks_an_override_not_meaningful(tmp_path, capsys) -> None:
+    cfg = preset("tiny")
+    run = save_run(tmp_path / "barely", cfg, rerandomize_(VQModel(cfg.vq), seed=1).eval(), _barely_trained_dit(cfg))
+    code, text = _cli(["parity", str(run.root), "--backend", "torch"], capsys)
+    assert code == 1 and "negligible next to its input" in text and "--allow-untrained" in text
+    assert "ratio 0.000" in text and len(text.strip().splitlines()) == 1
+    assert not (run.root / "reports").exists()  # refused before any comparison
+    # The override compares anyway, and the report says the comparison proves nothing.
+    code, report = _cli_json(["parity", str(run.root), "--backend", "torch", "--allow-untrained",
+                              "--components-only", "--batch", "1"], capsys)
+    assert code == 0 and report["passed"] and not report["meaningful"]
+    assert "NOT MEANINGFUL" in report["verdict"] and any("NOT MEANINGFUL" in n for n in report["notes"])
+    scale = report["info"]["denoiser_output_scale"]
+    assert not scale["meaningful"] and 0 < scale["ratio"] < 1e-3 and scale["input_rms"] > 0.9

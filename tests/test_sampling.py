@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.models import DiT, rerandomize_
 from mmgen_deploy.runtime import Runner
 from mmgen_deploy.runtime.torch_runner import TorchRunner
 from mmgen_deploy.sampling import sample
@@ -87,6 +88,58 @@ def test_loop_matches_an_independent_torch_reference(random_models, torch_runner
     assert np.array_equal(ours.indices, idx.numpy())
     expected = np.rint(np.clip((image.numpy() + 1) * 127.5, 0, 255)).astype(np.uint8).transpose(0, 2, 3, 1)
     assert np.abs(ours.images.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("learned_sigma", [False, True])
+def test_ddpm_loop_matches_diffusers_ddpm_scheduler_loop(random_models, learned_sigma: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A whole DDPM run (ancestral noise every step, guidance, learned sigma from the conditional half)
+    against a plain PyTorch loop driving diffusers' DDPMScheduler, fed the same per-image noise."""
+    diffusers = pytest.importorskip("diffusers")
+    import diffusers.schedulers.scheduling_ddpm as ddpm_module
+
+    config, vq, dit = random_models
+    if learned_sigma:
+        config = config.replace(dit=config.dit.replace(learn_sigma=True))
+        torch.manual_seed(0)
+        dit = rerandomize_(DiT(config.dit), seed=3).eval()
+    classes, steps, scale, seed = [3, 9], 6, 4.0, 11
+    ours = sample(TorchRunner(vq, dit, "cpu", config=config), config, classes, steps=steps, sampler="ddpm",
+                  cfg_scale=scale, seed=seed)
+
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02,
+                                        beta_schedule="linear", timestep_spacing="linspace", clip_sample=False,
+                                        variance_type="learned_range" if learned_sigma else "fixed_small")
+    scheduler.alphas_cumprod = torch.from_numpy(training_alphas_cumprod(config.diffusion))
+    scheduler.set_timesteps(steps)
+    assert scheduler.timesteps.tolist() == ours.timesteps
+    # Each image's generator, default_rng([seed, index]), gives its initial noise and then one draw
+    # per step; diffusers takes its step noise from randn_tensor, so hand it those draws.
+    rngs = [np.random.default_rng([seed, i]) for i in range(2)]
+    x = torch.from_numpy(np.stack([r.standard_normal((4, 8, 8), dtype=np.float32) for r in rngs]))
+    step_noise: list[torch.Tensor] = []
+    taken: list[int] = []
+
+    def next_noise(shape: tuple[int, ...], **_: object) -> torch.Tensor:
+        taken.append(int(t))
+        return step_noise.pop()
+
+    monkeypatch.setattr(ddpm_module, "randn_tensor", next_noise)
+    y = torch.tensor(classes + [config.dit.num_classes] * 2)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            step_noise[:] = [torch.from_numpy(np.stack([r.standard_normal((4, 8, 8), dtype=np.float32)
+                                                        for r in rngs]))]
+            out = dit(torch.cat([x, x]), torch.full((4,), float(t)), y)
+            cond, uncond = out[:2, :4], out[2:, :4]
+            model_output = uncond + scale * (cond - uncond)
+            if learned_sigma:
+                model_output = torch.cat([model_output, out[:2, 4:]], dim=1)
+            x = scheduler.step(model_output, t, x).prev_sample
+        assert taken == scheduler.timesteps.tolist()[:-1]  # every step but the last (t = 0) took its noise
+        _, idx = vq.quantize.quantize(x)
+    np.testing.assert_allclose(ours.latents, x.numpy(), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(ours.indices, idx.numpy())
 
 
 def test_cfg_scale_one_runs_a_single_batch(random_models, torch_runner: TorchRunner) -> None:

@@ -204,7 +204,7 @@ def test_client_refuses_bad_input_before_any_request(capsys: pytest.CaptureFixtu
 @pytest.mark.slow
 @needs_triton
 def test_text_run_served_images_equal_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
 
     run = make_text_run(tmp_path / "run")
     _export(run)
@@ -250,7 +250,7 @@ def test_text_run_served_images_equal_generate(tmp_path: Path, capsys: pytest.Ca
 @needs_triton
 def test_class_model_takes_class_names_and_refuses_prompts(tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    from mmgen_deploy.parity.metrics import psnr
+    from mmgen_deploy.numerics import psnr
     from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError
 
     run = make_class_run(tmp_path / "run")

@@ -25,6 +25,7 @@ from mmgen_deploy.export.calibration import (
     load_calibration,
     vocabulary_prompts,
 )
+from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
 from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
@@ -179,9 +180,17 @@ def test_parity_with_prompts_passes_on_onnxruntime(text_run: RunDir, precision: 
 
 
 def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
-    code, text = _cli(["parity", str(text_run.root), "--components-only", "--batch", "1",
-                       "--prompt", "a zebra", "--json", "-"], capsys)
+    code = _main(["parity", str(text_run.root), "--components-only", "--batch", "1", "--prompt", "a zebra",
+                  "--json", "-"])
+    text = capsys.readouterr().out
     assert code == 0, text
+    # --components-only wins: the prompt (which only the end-to-end check uses) samples nothing, and
+    # every component, the text encoder included, is still compared (random and real inputs, batch 1).
+    report = json.loads(text)
+    assert report["passed"] and "end_to_end" not in report["info"]
+    assert {c["group"] for c in report["checks"]} == {"encoder", "quantizer", "decoder", "denoiser", "text_encoder"}
+    assert {c["name"] for c in report["checks"] if c["group"] == "text_encoder"} >= {
+        "text_embeddings rel_l2 (random, batch 1)", "text_embeddings rel_l2 (real, batch 1)"}
     code, text = _cli(["parity", str(text_run.root), "--steps", "2", "--images", "2", "--batch", "1",
                        "--prompt", "a large red circle at the top", "--json", str(tmp_path / "p.json")], capsys)
     assert code == 0, text
@@ -234,7 +243,14 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     directory = Path(built["directory"])
     manifest = json.loads((directory / "manifest.json").read_text())
     entry = manifest["components"]["text_encoder"]
-    assert (directory / entry["plan"]).stat().st_size == entry["plan_bytes"] > 0
+    # A real serialized engine: it carries the text encoder's weights, so it is at least as large as
+    # the FP16 graph's initializers (an empty or weightless plan is not).
+    import onnx
+
+    graph = onnx.load(str(run.onnx_dir / "fp16" / "text_encoder.onnx"))
+    weight_bytes = sum(onnx.numpy_helper.to_array(i).nbytes for i in graph.graph.initializer)
+    assert (directory / entry["plan"]).stat().st_size == entry["plan_bytes"] >= weight_bytes > 100_000
+    assert sha256_file(directory / entry["plan"]) == entry["plan_sha256"]
     assert entry["inputs"] == [{"name": "input_ids", "dtype": "int32", "shape": ["batch", 16]}]
     assert entry["profile"]["input_ids"] == {"min": [1, 16], "opt": [4, 16], "max": [16, 16]}
     assert [o["name"] for o in entry["outputs"]] == ["text_embeddings", "text_mask", "text_pooled"]

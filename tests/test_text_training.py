@@ -137,14 +137,36 @@ def _text_run(path, text_data) -> RunDir:
 
 
 @pytest.fixture(scope="module")
-def trained_text_run(tmp_path_factory, text_data) -> RunDir:
+def trained_text(tmp_path_factory, text_data) -> tuple[RunDir, dict[str, dict[str, torch.Tensor]]]:
+    """A text run trained 4 steps, and the states its DiT and text encoder started from (recorded as
+    `train_dit` creates them, so the comparison does not depend on how it draws random numbers)."""
+    from mmgen_deploy.training import dit as dit_training
+
+    initial: dict[str, dict[str, torch.Tensor]] = {}
+
+    def recorded(cls, key: str):
+        def make(*args, **kwargs):
+            module = cls(*args, **kwargs)
+            initial[key] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return module
+        return make
+
     run = _text_run(tmp_path_factory.mktemp("text") / "run", text_data)
-    train_dit(run, text_data[1], _dit(4), show_progress=False)
-    return run
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(dit_training, "DiT", recorded(dit_training.DiT, "dit"))
+        patch.setattr(dit_training, "TextEncoder", recorded(dit_training.TextEncoder, "text_encoder"))
+        train_dit(run, text_data[1], _dit(4), show_progress=False)
+    assert set(initial) == {"dit", "text_encoder"}
+    return run, initial
 
 
-def test_text_training_saves_tokenizer_and_text_encoder_and_trains_both(trained_text_run, text_data) -> None:
-    run = trained_text_run
+@pytest.fixture(scope="module")
+def trained_text_run(trained_text) -> RunDir:
+    return trained_text[0]
+
+
+def test_text_training_saves_tokenizer_and_text_encoder_and_trains_both(trained_text, text_data) -> None:
+    run, initial = trained_text
     config = run.load_config()
     tokenizer = run.load_tokenizer()
     assert tokenizer.vocab_size == config.text.vocab_size and tokenizer.max_length == config.text.max_length
@@ -153,17 +175,25 @@ def test_text_training_saves_tokenizer_and_text_encoder_and_trains_both(trained_
     assert report["vocab_size"] == tokenizer.vocab_size and len(report["grid_prompts"]) == 9
     assert (run.samples_dir / "dit_samples.png").is_file()
     state = load_checkpoint(run.checkpoints_dir / "dit.pt")
-    from mmgen_deploy.models import DiT, TextEncoder
 
-    torch.manual_seed(0)  # the initialisation train_dit starts from (seed 0: DiT, then text encoder)
-    DiT(config.dit)
-    fresh = TextEncoder(config.text)
-    trained = state["text_encoder"]
-    # The text encoder's weights moved (one optimizer with the DiT), and its EMA is what was saved.
-    assert any(not torch.equal(trained[k], v) for k, v in fresh.state_dict().items() if v.dtype.is_floating_point)
-    loaded = run.load_text_encoder()
+    def moved(trained: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> list[str]:
+        assert trained.keys() == start.keys()
+        return [k for k, v in start.items() if v.dtype.is_floating_point and not torch.equal(trained[k], v)]
+
+    # Both models' weights moved (one optimizer, two parameter groups): every weight matrix of the
+    # text encoder, and the DiT's adaLN-Zero layers, which only training makes non-zero.
+    text_moved = moved(state["text_encoder"], initial["text_encoder"])
+    assert {k for k in initial["text_encoder"] if k.endswith("weight")} <= set(text_moved)
+    dit_moved = moved(state["model"], initial["dit"])
+    assert {"final_layer.linear.weight", "blocks.0.adaLN_modulation.1.weight"} <= set(dit_moved)
+    # What was saved for inference is the EMA copy of each (moved too, not the raw last step).
+    loaded_dit, loaded_text = run.load_dit().state_dict(), run.load_text_encoder().state_dict()
+    assert "final_layer.linear.weight" in moved(loaded_dit, initial["dit"])
+    assert moved(loaded_text, initial["text_encoder"])
     for key, value in state["text_ema"].items():
-        assert torch.equal(loaded.state_dict()[key], value)
+        assert torch.equal(loaded_text[key], value)
+    for key, value in state["ema"].items():
+        assert torch.equal(loaded_dit[key], value)
 
 
 def test_text_training_resume_is_exact(tmp_path, text_data) -> None:
@@ -274,8 +304,24 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
                                  "--json", "-"], capsys)
     assert code == 0, stderr
     generation = json.loads(stdout)["generation"]
+    # The reported accuracies are those of the images these prompts give, judged one by one: sample
+    # the same six held-out prompts here (same seed, steps, guidance) and judge them independently.
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+    from mmgen_deploy.sampling import sample, text_conditioning
+
+    run = trained_text_run
+    config = run.load_config()
+    specs = heldout_prompt_specs(6, fraction=0.2, seed=0)
+    runner = TorchRunner.from_run_dir(run.root)
+    cond = text_conditioning(runner, config, run.load_tokenizer(), [s.caption for s in specs])
+    images = sample(runner, config, cond, steps=2, cfg_scale=4.0, seed=0, batch_size=90).images
+    verdicts = [judge(image) for image in images]
     for name in ("colour", "shape", "size", "position"):
-        assert 0.0 <= generation[f"{name}_accuracy"] <= 1.0
+        right = [getattr(v, name) == getattr(s, name) for v, s in zip(verdicts, specs, strict=True)]
+        assert generation[f"{name}_accuracy"] == pytest.approx(np.mean(right)), name
+    everything = [v.matches_all(*_attrs(s)) for v, s in zip(verdicts, specs, strict=True)]
+    assert generation["accuracy"] == pytest.approx(np.mean(everything))
+
     assert generation["num_samples"] == 6 and generation["prompts_from"] == "held-out combinations"
     assert generation["num_heldout_combinations"] == 36
     held = {s.caption for s in holdout_combinations(0.2)}
@@ -287,15 +333,20 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
 
 @pytest.mark.slow
 def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
-    """The real `quickstart --text` loop with a 2-step recipe. The ONNX stages need the text encoder's
-    export (another branch); until it lands, only the stages that run without it are run here."""
+    """The real `quickstart --text` loop, all six stages, with a 2-step recipe and a cheap evaluation:
+    export (five components, FP32 + FP16), generation from the grid prompts on ONNX Runtime
+    (`generate_prompts_stage`, 4 steps instead of 50) and parity. The 2-step DiT's near-zero tensors are
+    re-randomised after its stage, so parity compares real outputs."""
+    from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
+
     from mmgen_deploy.cli import evaluate as eval_cli
     from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
+    from mmgen_deploy.training.dit import grid_prompts
 
-    assert [name for name, _ in qs_cli.QUICKSTART_TEXT_STAGES] == [
-        "train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
-        "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
+    names = ["train VQ-VAE", "train DiT + text encoder", "export ONNX FP32 + FP16",
+             "generate from prompts (ONNX Runtime CPU)", "evaluate (held-out prompts)", "parity vs PyTorch"]
+    assert [name for name, _ in qs_cli.QUICKSTART_TEXT_STAGES] == names
     monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
     def cheap_eval(ctx) -> str:
@@ -306,22 +357,43 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
     real_new_run = qs_cli._new_run
     monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    runnable = [(name, cheap_eval if name.startswith("evaluate") else fn)
-                for name, fn in qs_cli.QUICKSTART_TEXT_STAGES if "ONNX" not in name and "parity" not in name]
-    monkeypatch.setattr(qs_cli, "QUICKSTART_TEXT_STAGES", runnable)
+    stages = dict(qs_cli.QUICKSTART_TEXT_STAGES)
+    stages["train DiT + text encoder"] = with_meaningful_dit(stages["train DiT + text encoder"])
+    stages["evaluate (held-out prompts)"] = cheap_eval
+    monkeypatch.setattr(qs_cli, "QUICKSTART_TEXT_STAGES", list(stages.items()))
+    fewer_generate_steps(monkeypatch)
     out = tmp_path / "qs"
     code, _, stderr = _cli(["quickstart", "--text", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, stderr
-    assert "1/3 train VQ-VAE" in stderr and "3/3 evaluate (held-out prompts)" in stderr
+    assert "1/6 train VQ-VAE" in stderr and "6/6 parity vs PyTorch" in stderr
     summary = json.loads((out / "reports" / "quickstart.json").read_text())
-    assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT + text encoder",
-                                              "evaluate (held-out prompts)"]
+    assert list(summary["stage_seconds"]) == names
     run = RunDir(out)
     config = run.load_config()
     assert config.uses_text and config.dit.conditioning == "pooled"
     assert run.read_meta()["data"]["holdout_fraction"] == 0.2
     assert run.load_tokenizer().vocab_size == config.text.vocab_size
     assert summary["eval"]["generation"]["prompts_from"] == "held-out combinations"
+    # Export: the five components at both precisions.
+    manifest = json.loads((out / "reports" / "export.json").read_text())
+    assert "text_encoder" in json.dumps(manifest)
+    for precision in ("fp32", "fp16"):
+        assert {p.name for p in (run.onnx_dir / precision).glob("*.onnx")} == {
+            "encoder.onnx", "quantizer.onnx", "decoder.onnx", "denoiser.onnx", "text_encoder.onnx"}
+    # Generation from prompts on ONNX Runtime: two images per grid prompt, each tagged with its prompt.
+    generated = out / "samples" / "onnxruntime-fp32"
+    prompts = grid_prompts(load_split(DataSpec.from_dict(run.read_meta()["data"]), "train").captions)
+    pngs = sorted(p for p in generated.glob("*.png") if p.name != "grid.png")
+    assert (generated / "grid.png").is_file() and len(pngs) == 2 * len(prompts) == 18
+    with Image.open(pngs[-1]) as image:
+        assert image.text["prompt"] == prompts[-1]
+    # Parity at both precisions, on a denoiser whose output is not negligible, with the text encoder.
+    for precision in ("fp32", "fp16"):
+        report = json.loads((out / "reports" / f"parity-onnxruntime-{precision}.json").read_text())
+        assert report["passed"] and report["meaningful"], report["verdict"]
+        assert report["info"]["denoiser_output_scale"]["ratio"] >= 0.05
+        assert "text_encoder" in {c["group"] for c in report["checks"]}
+        assert len(report["info"]["end_to_end"]["prompts"]) == 8
 
 
 def test_text_model_on_a_captioned_user_folder(tmp_path, capsys) -> None:

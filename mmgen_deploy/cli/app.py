@@ -6,8 +6,10 @@ Each command lives in its own module with a `register(app)` function; heavy impo
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -41,7 +43,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
-    rich_markup_mode="rich",
+    # Click's own help formatter (pip's convention): "--steps INTEGER  Sampling steps ..." with the
+    # description wrapped beside the option, readable in an 80-column terminal (rich's boxed tables
+    # squeezed descriptions into a 20-character column there).
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
 )
 
 
@@ -64,13 +70,62 @@ for _module in (doctor, info, train, quickstart, evaluate, export, engines, gene
     _module.register(app)
 
 
+_TYPE_NAMES = {"int": "INTEGER", "str": "TEXT", "float": "FLOAT", "Path": "PATH", "bool": "BOOLEAN"}
+
+
+def _type_name(annotation: str) -> str:
+    """Typer's annotation label ("int", "list[str]", "Path") as Click names it (INTEGER, TEXT, PATH)."""
+    if annotation.startswith("list[") and annotation.endswith("]"):
+        annotation = annotation[5:-1]  # a repeatable option: each occurrence takes one value
+    return _TYPE_NAMES.get(annotation, annotation.upper())
+
+
+def _name_values(command: Any) -> Any:
+    """Name every value as Click and pip do: arguments by their name (RUN_DIR), options by their
+    type (TEXT, INTEGER, FLOAT, PATH), where a command did not name it itself (FILE, SPEC, ...).
+    (Typer's own default reads `<int>`, `<list[str]>` and `{run_dir}`.)"""
+    for param in command.params:
+        if param.param_type_name == "argument":
+            # Click lists an argument by its name alone ("RUN_DIR"), not "RUN_DIR <path>".
+            param.display_type_rich = _no_type
+            param.metavar = param.metavar or (param.name or "value").upper()
+        elif param.metavar is None and param.param_type_name == "option" and not param.is_flag and not param.count:
+            param.metavar = _type_name(param.bare_type())
+    subcommands = getattr(command, "commands", None)
+    if subcommands:
+        for sub in subcommands.values():
+            _name_values(sub)
+    else:
+        command.collect_usage_pieces = functools.partial(_usage_pieces, command)
+    return command
+
+
+def _no_type(ctx: Any = None) -> None:
+    return None
+
+
+def _usage_pieces(command: Any, ctx: Any) -> list[str]:
+    """Click's usage line, `mmgen parity [OPTIONS] RUN_DIR` (Typer writes `{run_dir}`)."""
+    pieces = [command.options_metavar] if command.options_metavar else []
+    for param in command.params:
+        if param.param_type_name == "argument":
+            name = param.metavar + ("..." if param.nargs != 1 else "")
+            pieces.append(name if param.required else f"[{name}]")
+    return pieces
+
+
+def command() -> Any:
+    """The `mmgen` Click command with its values named (what `main` runs)."""
+    return _name_values(typer.main.get_command(app))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: one-line errors, tracebacks only with --debug."""
     args = sys.argv[1:] if argv is None else argv
     state.debug = "--debug" in args or os.environ.get("MMGEN_DEBUG") == "1"
     install_log_handler()
     try:
-        app(args=args, prog_name="mmgen")
+        command().main(args=args, prog_name="mmgen")
     except MMGenError as exc:
         if state.debug:
             raise

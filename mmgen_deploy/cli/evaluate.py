@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.cli.train import _JSON_HELP, _positive
+
+if TYPE_CHECKING:
+    from mmgen_deploy.evaluation.evaluate import EvalSettings
+    from mmgen_deploy.rundir import RunDir
 
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
@@ -22,7 +26,7 @@ def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gene
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts)
 
 
-def _run_eval(run: Any, settings: Any) -> dict[str, Any]:
+def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
     from mmgen_deploy.evaluation.evaluate import evaluate_run
     from mmgen_deploy.io_utils import write_json
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, DEFAULT_REL_L2, PRECISIONS
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunLike
 
 
 def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> list[str] | None:
@@ -148,8 +151,9 @@ def register(app: typer.Typer) -> None:
         emit_json(manifest, json_out)
 
 
-def run_export(run_dir: Any, *, precisions: list[str], components: list[str] | None = None, opset: int | None = None,
-               overwrite: bool = False, calibration: Any = None, quantization: Any = None) -> dict[str, Any]:
+def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str] | None = None,
+               opset: int | None = None, overwrite: bool = False, calibration: Any = None,
+               quantization: Any = None) -> dict[str, Any]:
     """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
     and the quickstart's export stage print); returns the manifest."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunLike
+    from mmgen_deploy.sampling.generate import GenerateRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -79,7 +83,7 @@ CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale"
              "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads"}
 
 
-def run_generate(run_dir: Any, request: Any) -> dict[str, Any]:
+def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
     """Generate with a progress bar and the backend, warning and timing lines; return the sidecar.
     What `mmgen generate` and the quickstart's generate stage print."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -77,7 +77,9 @@ def register(app: typer.Typer) -> None:
                                                           for p, t in PIPELINE_TOLERANCES.items()) + ")."),
         end_to_end: bool = typer.Option(True, "--end-to-end/--components-only", help="Also compare whole "
                                         "sampling runs with the same seed."),
-        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser outputs zeros."),
+        allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser output is zero or "
+                                             "negligible next to its input (RMS ratio below 0.05); the report "
+                                             "is then marked NOT MEANINGFUL."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
                                           "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write every number as JSON "

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -32,6 +32,9 @@ from mmgen_deploy.cli.train import (
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.specs import PRECISIONS
 
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunDir
+
 # The backend the main job runs on: ONNX Runtime on the CPU, the embedded default.
 QUICKSTART_BACKEND = "onnxruntime"
 
@@ -40,7 +43,7 @@ QUICKSTART_BACKEND = "onnxruntime"
 class QuickstartContext:
     """What the quickstart stages share; later stages (export, generate, parity) read `run`."""
 
-    run: Any  # RunDir
+    run: RunDir
     train: Any
     val: Any
     seed: int

@@ -108,7 +108,7 @@ def register(app: typer.Typer) -> None:
     @app.command("serve", help=(
         "Start a real Triton Inference Server on the run (loopback by default) and block until Ctrl-C.\n\n"
         "Uses a system-wide tritonserver if there is one, else the binary and Python backend inside the "
-        "nvidia-pytriton wheel (pip install 'mmgen-deploy\\[serve]'). Ready only once the model is loaded; exits "
+        "nvidia-pytriton wheel (pip install 'mmgen-deploy[serve]'). Ready only once the model is loaded; exits "
         "non-zero with the server's own error line if the repository does not load. The server is stopped on "
         "Ctrl-C, SIGTERM, or when this process dies."))
     def serve(

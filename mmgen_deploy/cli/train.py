@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunDir
 
 train_app = typer.Typer(
     name="train",
@@ -18,6 +21,7 @@ train_app = typer.Typer(
          "show loss and speed; checkpoints land in RUN_DIR/checkpoints (resume with --resume; Ctrl-C "
          "keeps the last complete one); reconstruction/sample grids in RUN_DIR/samples.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
 _OUT_HELP = "Run directory to create or continue."
@@ -134,7 +138,7 @@ def _print_dit(result: dict[str, Any]) -> None:
                                                    if result.get("sample_grid") else ""))
 
 
-def _stage_dit(run: Any, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def _stage_dit(run: RunDir, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.dit import train_dit
 
@@ -144,7 +148,7 @@ def _stage_dit(run: Any, train: Any, settings: Any, resume: bool, threads: int |
     return result
 
 
-def _stage_vq(run: Any, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def _stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.vqvae import train_vqvae
 
@@ -276,7 +280,7 @@ def train_all_cmd(
     emit_json(results, json_out)
 
 
-def _stage_done(run: Any, part: str, steps: int) -> bool:
+def _stage_done(run: RunDir, part: str, steps: int) -> bool:
     report = run.reports_dir / f"train_{part}.json"
     if not (run.has_part(part) and report.is_file()):
         return False
@@ -285,7 +289,7 @@ def _stage_done(run: Any, part: str, steps: int) -> bool:
     return int(read_json(report).get("steps", -1)) == steps
 
 
-def _train_both(run: Any, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
+def _train_both(run: RunDir, train: Any, val: Any, vq_settings: Any, dit_settings: Any,
                 resume: bool, threads: int | None) -> dict[str, Any]:
     from mmgen_deploy.io_utils import read_json
 

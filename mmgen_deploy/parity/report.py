@@ -41,6 +41,10 @@ class ParityReport:
     title: str
     checks: list[Check] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    # Lines printed under the table (e.g. the output scale the comparison ran at).
+    notes: list[str] = field(default_factory=list)
+    # False when the checks cannot tell backends apart (e.g. a denoiser with negligible output).
+    meaningful: bool = True
 
     def add(self, check: Check) -> Check:
         self.checks.append(check)
@@ -55,15 +59,16 @@ class ParityReport:
         return [c for c in self.checks if not c.passed]
 
     def verdict(self) -> str:
+        caveat = "" if self.meaningful else " (NOT MEANINGFUL: see the notes)"
         if self.passed:
-            return f"PASSED: {len(self.checks)} of {len(self.checks)} checks within tolerance"
+            return f"PASSED: {len(self.checks)} of {len(self.checks)} checks within tolerance{caveat}"
         names = "; ".join(f"{c.group}: {c.name}" for c in self.failed[:3])
         more = f" (+{len(self.failed) - 3} more)" if len(self.failed) > 3 else ""
-        return f"FAILED: {len(self.failed)} of {len(self.checks)} checks: {names}{more}"
+        return f"FAILED: {len(self.failed)} of {len(self.checks)} checks: {names}{more}{caveat}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"title": self.title, "passed": self.passed, "verdict": self.verdict(), "info": self.info,
-                "checks": [c.to_dict() for c in self.checks]}
+        return {"title": self.title, "passed": self.passed, "meaningful": self.meaningful, "verdict": self.verdict(),
+                "notes": list(self.notes), "info": self.info, "checks": [c.to_dict() for c in self.checks]}
 
     def render(self, console: Console) -> None:
         table = Table(title=self.title)
@@ -73,6 +78,8 @@ class ParityReport:
             result = "[green]PASSED[/]" if c.passed else "[bold red]FAILED[/]"
             table.add_row(c.group, c.name, _fmt(c.value), f"{c.direction} {_fmt(c.threshold)}", result)
         console.print(table)
+        for note in self.notes:
+            console.print(note if self.meaningful else f"[bold yellow]{note}[/]", highlight=False)
         style = "bold green" if self.passed else "bold red"
         console.print(f"[{style}]{self.verdict()}[/]")
 
