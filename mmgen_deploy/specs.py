@@ -315,7 +315,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             inputs=(TensorSpec(N.IMAGE, "float32", img),),
             outputs=(TensorSpec(N.H, "float32", lat),),
             make_inputs=image_inputs,
-            tolerances=_tol((N.H,)),
+            tolerances=_tol((N.H,), int8=0.1, fp8=0.1),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "quantizer": ComponentSpec(
@@ -333,7 +333,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             inputs=(TensorSpec(N.Z_Q, "float32", lat),),
             outputs=(TensorSpec(N.IMAGE, "float32", img),),
             make_inputs=latent_inputs(N.Z_Q),
-            tolerances=_tol((N.IMAGE,)),
+            tolerances=_tol((N.IMAGE,), int8=0.1, fp8=0.1),
             fp32_op_types=GROUP_NORM_OP_TYPES,
         ),
         "denoiser": ComponentSpec(
@@ -342,7 +342,11 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             outputs=(TensorSpec(N.MODEL_OUTPUT, "float32", out),),
             make_inputs=denoiser_inputs,
             batch_multiplier=GUIDANCE_BATCH_MULTIPLIER,
-            tolerances=_tol((N.MODEL_OUTPUT,)),
+            # 8-bit: per-tensor activation ranges calibrated over all timesteps are coarse at some of
+            # them; measured on the trained quickstart DiT (ONNX Runtime CPU, real inputs, worst batch):
+            # INT8 up to 0.11 (batch 32), 0.045 (batches 1, 3). Whether that matters is what the
+            # end-to-end check and `mmgen eval` measure.
+            tolerances=_tol((N.MODEL_OUTPUT,), int8=0.2, fp8=0.2),
             fp32_scopes=("dit.t_embedder",),
             # No Q/DQ on the final layer (its adaLN and the projection to epsilon: an error there lands
             # in the output unattenuated) nor on the blocks' adaLN modulation (it scales every
