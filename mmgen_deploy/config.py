@@ -53,6 +53,8 @@ def _require(cond: bool, message: str) -> None:
 class VQConfig(_JsonConfig):
     """taming/LDM-style VQ autoencoder."""
 
+    kind = "vq"  # class attribute (not a field): which first stage this configures
+
     image_size: int = 32
     in_channels: int = 3
     base_channels: int = 32
@@ -86,6 +88,59 @@ class VQConfig(_JsonConfig):
             _require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
         _require(0.0 < self.ema_decay < 1.0, "vq.ema_decay must be in (0, 1)")
         _require(self.beta >= 0, "vq.beta must be >= 0")
+
+
+@dataclass(frozen=True)
+class KLConfig(_JsonConfig):
+    """LDM / diffusers `AutoencoderKL`: the VQ model's encoder and decoder, continuous latents.
+
+    The encoder outputs mean and log-variance (2 x z_channels, `quant_conv` maps them to 2 x
+    embed_dim); the DiT works on `(mean - shift_factor) * scaling_factor` (Stable Diffusion's VAE:
+    0.18215, no shift) and the decoder undoes the scaling first. There is no quantizer.
+    """
+
+    image_size: int = 32
+    in_channels: int = 3
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    z_channels: int = 4
+    embed_dim: int = 4
+    norm_groups: int = 32
+    dropout: float = 0.0
+    scaling_factor: float = 0.18215
+    shift_factor: float = 0.0
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_attention: bool = True
+
+    kind = "kl"  # class attribute (not a field): which first stage this configures
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    def validate(self) -> None:
+        _require(len(self.channel_mult) >= 1, "kl.channel_mult must have at least one level")
+        _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
+                 f"kl.image_size {self.image_size} must be divisible by the downsampling factor "
+                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
+        for name in ("in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim", "norm_groups"):
+            _require(getattr(self, name) > 0, f"kl.{name} must be positive, got {getattr(self, name)}")
+        _require(self.scaling_factor > 0, f"kl.scaling_factor must be positive, got {self.scaling_factor}")
+        if not self.use_quant_conv or not self.use_post_quant_conv:
+            _require(self.embed_dim == self.z_channels,
+                     "kl.embed_dim must equal kl.z_channels without quant_conv / post_quant_conv")
+
+
+FirstStageConfig = VQConfig | KLConfig
+# The first-stage kinds, by the name run.json and the specs use for them.
+FIRST_STAGE_KINDS = ("vq", "kl")
 
 
 @dataclass(frozen=True)
@@ -186,21 +241,54 @@ class DiffusionConfig(_JsonConfig):
     beta_end: float = 0.02
     beta_schedule: str = "linear"
     prediction_type: str = "epsilon"
+    # How samplers pick their timesteps and step between them. "respaced" is DiT's convention
+    # (t_i = round(i (T-1)/(N-1)), each step goes to the next visited timestep, the last to the
+    # clean sample). "linspace" / "leading" / "trailing" follow the diffusers scheduler that an
+    # imported pipeline came with, with its `steps_offset`, `set_alpha_to_one` (DDIM),
+    # `final_sigmas_type` (DPM-Solver++), `clip_sample` and `variance_type` (DDPM). See
+    # `mmgen_deploy.sampling.schedulers.sampler_schedule`.
+    timestep_spacing: str = "respaced"
+    steps_offset: int = 0
+    set_alpha_to_one: bool = True
+    final_sigmas_type: str = "zero"
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    # DDPM: "learned_range" uses a learned-sigma DiT's variance channels (as DiT samples);
+    # "fixed_small" (diffusers' DDPMScheduler default) / "fixed_large" ignore them.
+    variance_type: str = "learned_range"
 
     def validate(self) -> None:
         _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2")
         _require(0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
-        _require(self.beta_schedule in ("linear",), f"unsupported beta_schedule {self.beta_schedule!r}")
+        _require(self.beta_schedule in BETA_SCHEDULES, f"unsupported beta_schedule {self.beta_schedule!r} "
+                                                       f"(supported: {', '.join(BETA_SCHEDULES)})")
         _require(self.prediction_type in ("epsilon",),
                  f"unsupported prediction_type {self.prediction_type!r}")
+        _require(self.timestep_spacing in TIMESTEP_SPACINGS,
+                 f"unsupported timestep_spacing {self.timestep_spacing!r} (supported: {', '.join(TIMESTEP_SPACINGS)})")
+        _require(0 <= self.steps_offset < self.num_train_timesteps,
+                 f"diffusion.steps_offset must be in [0, {self.num_train_timesteps}), got {self.steps_offset}")
+        _require(self.final_sigmas_type in ("zero", "sigma_min"),
+                 f"unsupported final_sigmas_type {self.final_sigmas_type!r} (supported: zero, sigma_min)")
+        _require(self.clip_sample_range > 0, "diffusion.clip_sample_range must be positive")
+        _require(self.variance_type in VARIANCE_TYPES,
+                 f"unsupported variance_type {self.variance_type!r} (supported: {', '.join(VARIANCE_TYPES)})")
+
+
+BETA_SCHEDULES = ("linear", "scaled_linear")
+TIMESTEP_SPACINGS = ("respaced", "linspace", "leading", "trailing")
+VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
 
 @dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
-    """The whole latent model: VQ autoencoder + DiT + noise schedule + label names,
-    and the text encoder when the DiT is conditioned on text."""
+    """The whole latent model: first stage (VQ or KL autoencoder) + DiT + noise schedule + label
+    names, and the text encoder when the DiT is conditioned on text.
 
-    vq: VQConfig = field(default_factory=VQConfig)
+    `vq` holds the first stage of either kind (the field kept its historical name; new code reads
+    `first_stage` and `first_stage_kind`)."""
+
+    vq: FirstStageConfig = field(default_factory=VQConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     class_names: tuple[str, ...] = ()
@@ -210,13 +298,31 @@ class ModelConfig(_JsonConfig):
     def uses_text(self) -> bool:
         return self.dit.uses_text
 
+    @property
+    def first_stage(self) -> FirstStageConfig:
+        return self.vq
+
+    @property
+    def first_stage_kind(self) -> str:
+        """"vq" (encoder, quantizer, decoder) or "kl" (encoder, decoder): what the specs build on."""
+        return self.vq.kind
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["first_stage"] = self.first_stage_kind
+        return data
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text"})
+        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text", "first_stage"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
+        kind = data.get("first_stage", "vq")
+        if kind not in FIRST_STAGE_KINDS:
+            raise ConfigError(f"ModelConfig: first_stage {kind!r} is not one of {', '.join(FIRST_STAGE_KINDS)}")
+        stage_cls: type[VQConfig] | type[KLConfig] = KLConfig if kind == "kl" else VQConfig
         obj = cls(
-            vq=VQConfig.from_dict(data.get("vq", {})),
+            vq=stage_cls.from_dict(data.get("vq", {})),
             dit=DiTConfig.from_dict(data.get("dit", {})),
             diffusion=DiffusionConfig.from_dict(data.get("diffusion", {})),
             class_names=tuple(data.get("class_names", ())),
@@ -241,11 +347,12 @@ class ModelConfig(_JsonConfig):
         else:
             _require(self.text is None, "a text encoder configuration needs a text-conditioned DiT "
                                         "(dit.conditioning other than 'class')")
+        stage = self.first_stage_kind
         _require(self.dit.input_size == self.vq.latent_size,
-                 f"dit.input_size {self.dit.input_size} must equal the VQ latent size "
+                 f"dit.input_size {self.dit.input_size} must equal the {stage.upper()} latent size "
                  f"{self.vq.latent_size} (image_size / downsampling factor)")
         _require(self.dit.in_channels == self.vq.embed_dim,
-                 f"dit.in_channels {self.dit.in_channels} must equal vq.embed_dim {self.vq.embed_dim}")
+                 f"dit.in_channels {self.dit.in_channels} must equal {stage}.embed_dim {self.vq.embed_dim}")
         if self.class_names:
             _require(len(self.class_names) == self.dit.num_classes,
                      f"{len(self.class_names)} class names for dit.num_classes={self.dit.num_classes}")

@@ -4,6 +4,8 @@
       run.json                    format marker, noise schedule, class names, data description
       vqvae/config.json           VQConfig
       vqvae/model.safetensors     VQ autoencoder weights (incl. EMA codebook statistics)
+      vae/config.json             KLConfig, instead of vqvae/ when the first stage is a KL autoencoder
+      vae/model.safetensors       (imported: Stable Diffusion's VAE and the like)
       dit/config.json             DiTConfig
       dit/model.safetensors       DiT weights for inference (the EMA copy when trained here)
       text_encoder/               text-to-image models only: config.json (TextConfig),
@@ -35,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from mmgen_deploy.config import DiffusionConfig, DiTConfig, ModelConfig, TextConfig, VQConfig
+from mmgen_deploy.config import DiffusionConfig, DiTConfig, KLConfig, ModelConfig, TextConfig, VQConfig
 from mmgen_deploy.errors import ConfigError, RunDirBusyError, RunDirError
 from mmgen_deploy.io_utils import (
     Leftover,
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
     # (what the ONNX Runtime / TensorRT backends need) must work on a machine without torch.
     import torch
 
+    from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
     from mmgen_deploy.models.dit import DiT
     from mmgen_deploy.models.text_encoder import TextEncoder
     from mmgen_deploy.models.vqvae import VQModel
@@ -61,12 +64,20 @@ if TYPE_CHECKING:
 RUN_FORMAT = "mmgen-run"
 RUN_FORMAT_VERSION = 1
 MODEL_PARTS = ("vqvae", "dit")
+# The folder that holds the first stage, per kind (`ModelConfig.first_stage_kind`): a run has one.
+FIRST_STAGE_PARTS = {"vq": "vqvae", "kl": "vae"}
+KL_PART = FIRST_STAGE_PARTS["kl"]
 TEXT_PART = "text_encoder"
 ONNX_MANIFEST_NAME = "manifest.json"
 # Every top-level entry a run directory may hold (`train --overwrite` removes exactly these).
-RUN_ENTRIES = ("run.json", *MODEL_PARTS, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
+RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
 # What of a run a deployment needs: configs, inference weights, exported models and engines.
-DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, "onnx", "engines")
+DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, "onnx", "engines")
+
+
+def first_stage_part(config: ModelConfig) -> str:
+    """The run-directory part of the model's first stage: vqvae/ or vae/."""
+    return FIRST_STAGE_PARTS[config.first_stage_kind]
 
 
 def _checked_precision(precision: str) -> str:
@@ -83,7 +94,7 @@ class DeployableModels:
     (plus, for a text-to-image model, its text encoder and tokenizer)."""
 
     config: ModelConfig
-    vq: VQModel
+    vq: VQModel | AutoencoderKL  # the first stage, of either kind
     dit: DiT
     text_encoder: TextEncoder | None = None
     tokenizer: WordTokenizer | None = None
@@ -312,7 +323,7 @@ class RunDir:
         """What the parsed config depends on: the config files' identity, size and modification time
         (files are replaced by rename, so a rewrite is a new inode)."""
         signature: list[Any] = []
-        for path in (self.run_json, *(self.config_path(p) for p in (*MODEL_PARTS, TEXT_PART))):
+        for path in (self.run_json, *(self.config_path(p) for p in (*MODEL_PARTS, KL_PART, TEXT_PART))):
             try:
                 stat = path.stat()
             except OSError:
@@ -333,11 +344,16 @@ class RunDir:
     def _parse_config(self) -> ModelConfig:
         meta = self._require_run()
         try:
-            vq = VQConfig.from_dict(self._read_part_config("vqvae"))
+            # A KL first stage lives in vae/ (never beside a vqvae/: import writes one or the other).
+            stage: VQConfig | KLConfig
+            if self.config_path(FIRST_STAGE_PARTS["kl"]).is_file():
+                stage = KLConfig.from_dict(self._read_part_config(FIRST_STAGE_PARTS["kl"]))
+            else:
+                stage = VQConfig.from_dict(self._read_part_config("vqvae"))
             dit = DiTConfig.from_dict(self._read_part_config("dit"))
             diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
             text = TextConfig.from_dict(self._read_part_config(TEXT_PART)) if dit.uses_text else None
-            cfg = ModelConfig(vq=vq, dit=dit, diffusion=diffusion,
+            cfg = ModelConfig(vq=stage, dit=dit, diffusion=diffusion,
                               class_names=tuple(meta.get("class_names", ())), text=text)
             cfg.validate()
         except ConfigError as exc:
@@ -371,7 +387,7 @@ class RunDir:
             "data": data or {},
         }
         meta.update(extra or {})
-        write_json(self.config_path("vqvae"), config.vq.to_dict())
+        write_json(self.config_path(first_stage_part(config)), config.vq.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())
         if config.text is not None:
             write_json(self.config_path(TEXT_PART), config.text.to_dict())
@@ -412,10 +428,15 @@ class RunDir:
                               + "; ".join(problems))
 
     def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
+        from mmgen_deploy.models.fast_init import skip_weight_init
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
-        model = VQModel(config.vq)
+        if not isinstance(config.vq, VQConfig):
+            raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
+                              "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
+        with skip_weight_init():  # every parameter is loaded next
+            model = VQModel(config.vq)
         try:
             self._load_into("vqvae", model)
         except RuntimeError as exc:  # shape mismatches
@@ -423,11 +444,36 @@ class RunDir:
                               f"{str(exc).splitlines()[-1].strip()}") from None
         return model.eval()
 
-    def load_dit(self, config: ModelConfig | None = None) -> DiT:
-        from mmgen_deploy.models.dit import DiT
+    def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
+        from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+        from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
-        model = DiT(config.dit)
+        if not isinstance(config.vq, KLConfig):
+            raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
+        part = FIRST_STAGE_PARTS["kl"]
+        with skip_weight_init():  # every parameter is loaded next
+            model = AutoencoderKL(config.vq)
+        try:
+            self._load_into(part, model)
+        except RuntimeError as exc:
+            raise RunDirError(f"{self.weights_path(part)} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
+        return model.eval()
+
+    def load_first_stage(self, config: ModelConfig | None = None) -> VQModel | AutoencoderKL:
+        """The first stage of either kind (VQ-VAE or KL autoencoder)."""
+        config = config or self.load_config()
+        return self.load_kl(config) if config.first_stage_kind == "kl" else self.load_vqvae(config)
+
+    def load_dit(self, config: ModelConfig | None = None) -> DiT:
+        from mmgen_deploy.models.dit import DiT
+        from mmgen_deploy.models.fast_init import skip_weight_init
+
+        config = config or self.load_config()
+
+        with skip_weight_init():  # every parameter is loaded next
+            model = DiT(config.dit)
         try:
             self._load_into("dit", model)
         except RuntimeError as exc:
@@ -459,21 +505,22 @@ class RunDir:
         return WordTokenizer.load(self.tokenizer_path)
 
     def model_parts(self, config: ModelConfig | None = None) -> tuple[str, ...]:
-        """The weight-holding parts of this run: vqvae, dit (and text_encoder for text models)."""
+        """The weight-holding parts of this run: vqvae (or vae), dit (and text_encoder for text models)."""
         config = config or self.load_config()
-        return (*MODEL_PARTS, TEXT_PART) if config.uses_text else MODEL_PARTS
+        parts = (first_stage_part(config), "dit")
+        return (*parts, TEXT_PART) if config.uses_text else parts
 
-    def load_models(self) -> tuple[ModelConfig, VQModel, DiT]:
-        """The config and the two image-model parts (see `load_deployable` for everything)."""
+    def load_models(self) -> tuple[ModelConfig, VQModel | AutoencoderKL, DiT]:
+        """The config, the first stage (of either kind) and the DiT (see `load_deployable` for everything)."""
         config = self.load_config()
-        return config, self.load_vqvae(config), self.load_dit(config)
+        return config, self.load_first_stage(config), self.load_dit(config)
 
     def load_deployable(self) -> DeployableModels:
-        """Load (and so verify) every part a deployment derives from: config, VQ-VAE, DiT and,
-        for a text-to-image model, the text encoder and its tokenizer."""
+        """Load (and so verify) every part a deployment derives from: config, first stage (VQ-VAE
+        or KL autoencoder), DiT and, for a text-to-image model, the text encoder and its tokenizer."""
         config = self.load_config()
         text = config.uses_text
-        return DeployableModels(config, self.load_vqvae(config), self.load_dit(config),
+        return DeployableModels(config, self.load_first_stage(config), self.load_dit(config),
                                 self.load_text_encoder(config) if text else None,
                                 self.load_tokenizer() if text else None)
 
@@ -494,7 +541,7 @@ class RunDir:
         return digest.hexdigest()
 
 
-def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit: DiT,
+def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT,
              data: dict[str, Any] | None = None, *, text_encoder: TextEncoder | None = None,
              tokenizer: WordTokenizer | None = None) -> RunDir:
     """Create (or refresh) a complete run directory from in-memory models."""
@@ -502,7 +549,7 @@ def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel, dit
         raise ValueError("a text-conditioned model needs its text encoder and tokenizer")
     run = RunDir(root)
     run.initialize(config, data=data)
-    run.save_weights("vqvae", vq)
+    run.save_weights(first_stage_part(config), vq)
     run.save_weights("dit", dit)
     if text_encoder is not None and tokenizer is not None:
         run.save_weights(TEXT_PART, text_encoder)

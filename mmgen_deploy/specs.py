@@ -23,12 +23,21 @@ BATCH = "batch"  # the symbolic name of the one dynamic axis
 Dim = int | str
 
 # -- the lists every other module derives from -------------------------------------------
-# The deployable components in pipeline order: the VQ-VAE's encoder -> quantizer -> decoder,
+# Every deployable component in pipeline order: the first stage's encoder -> quantizer -> decoder,
 # the denoiser that works in its latent space, then the text encoder (text-to-image models only).
+# A model has the subset its configuration says (`component_names`).
 COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
 TEXT_ONLY_COMPONENTS: tuple[str, ...] = ("text_encoder",)
-# What the sampling loop runs (a text model adds its text encoder, see `sampling_components`).
-SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", "quantizer", "decoder")
+# The first stage's components per kind (`ModelConfig.first_stage_kind`), in pipeline order:
+# image -> encoder -> (quantizer) -> the latent the DiT denoises; the ones after the encoder turn
+# a denoised latent back into an image (`decode_components`), each taking its predecessor's
+# outputs by name. The one place that knows a KL autoencoder has no quantizer.
+FIRST_STAGE_COMPONENTS: dict[str, tuple[str, ...]] = {
+    "vq": ("encoder", "quantizer", "decoder"),
+    "kl": ("encoder", "decoder"),
+}
+# What the sampling loop runs for a VQ class model (see `sampling_components` for any model).
+SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", *FIRST_STAGE_COMPONENTS["vq"][1:])
 # The precisions of the exported ONNX sets, in the order they are made (fp16 is cast from fp32).
 # The 8-bit ones are explicit Q/DQ graphs (ModelOpt post-training quantization,
 # `mmgen_deploy.export.quantize`); `mmgen export` makes them only when asked (`--precision int8,fp8`
@@ -36,21 +45,42 @@ SAMPLING_COMPONENTS: tuple[str, ...] = ("denoiser", "quantizer", "decoder")
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8", "fp8")
 DEFAULT_EXPORT_PRECISIONS: tuple[str, ...] = ("fp32", "fp16")
 QUANTIZED_PRECISIONS: tuple[str, ...] = ("int8", "fp8")
+# Precisions without an ONNX set of their own: the runtime lowers an exported set (bf16 = the FP32 set
+# under OpenVINO's bf16 inference hint or torch autocast, on AMX / AVX-512 BF16 CPUs).
+RUNTIME_PRECISIONS: dict[str, str] = {"bf16": "fp32"}  # precision -> the ONNX set it runs
+# Every precision a backend can be asked for (--precision of generate, parity, bench, eval, serve).
+RUN_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *RUNTIME_PRECISIONS)
 # Classifier-free guidance runs [cond; uncond] in one denoiser call: the denoiser's batch is doubled.
 GUIDANCE_BATCH_MULTIPLIER = 2
 
 
 def component_names(config: ModelConfig) -> tuple[str, ...]:
-    """The deployable components of a model, in pipeline order: four, or five with a text encoder."""
-    return tuple(c for c in COMPONENTS if config.uses_text or c not in TEXT_ONLY_COMPONENTS)
+    """The deployable components of a model, in pipeline order: its first stage's (VQ: encoder,
+    quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model."""
+    have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ())}
+    return tuple(c for c in COMPONENTS if c in have)
+
+
+def decode_components(config: ModelConfig) -> tuple[str, ...]:
+    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
+    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
+    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
+
+
+def latent_name(config: ModelConfig) -> str:
+    """The tensor name of the latent between encoder and denoiser (VQ: h, KL: latent)."""
+    return Tensors.LATENT if config.first_stage_kind == "kl" else Tensors.H
 
 
 def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
-    """What `sample` runs for a model with this config: the text encoder too for a text-to-image
-    model (an ONNX set without it cannot encode prompts). None (an unreadable run): the class set."""
-    if config is not None and config.uses_text:
-        return (*SAMPLING_COMPONENTS, *TEXT_ONLY_COMPONENTS)
-    return SAMPLING_COMPONENTS
+    """What `sample` runs for a model with this config: the denoiser, its first stage's decode
+    chain, and the text encoder of a text-to-image model (an ONNX set without it cannot encode
+    prompts). None (an unreadable run): the VQ class set."""
+    if config is None:
+        return SAMPLING_COMPONENTS
+    names = ("denoiser", *decode_components(config))
+    return (*names, *TEXT_ONLY_COMPONENTS) if config.uses_text else names
 
 
 class Tensors:
@@ -60,6 +90,7 @@ class Tensors:
     H = "h"  # encoder output, quantizer input: the pre-quantization latent
     Z_Q = "z_q"  # quantizer output, decoder input
     INDICES = "indices"  # quantizer output: code indices
+    LATENT = "latent"  # KL encoder output, KL decoder input: the scaled latent (no quantizer)
     X_T = "x_t"  # denoiser inputs: noisy latent, timestep, class label
     T = "t"
     CLASS_IDS = "class_ids"
@@ -136,8 +167,8 @@ class ComponentSpec:
     profile: BatchProfile = BatchProfile(1, 8, 16)
     batch_multiplier: int = 1
     tolerances: dict[str, dict[str, Tolerance]] = field(default_factory=dict)
-    # Mixed precision: True keeps the whole graph FP32 (the quantizer: FP16 distances
-    # flip code indices). Otherwise `fp32_scopes` lists module paths (as in the PyTorch
+    # Mixed precision: True keeps the whole graph FP32 at every precision (the quantizer: FP16
+    # and BF16 distances flip code indices). Otherwise `fp32_scopes` lists module paths (as in the PyTorch
     # module tree, e.g. "dit.t_embedder") whose nodes stay FP32.
     keep_fp32: bool = False
     fp32_scopes: tuple[str, ...] = ()
@@ -195,7 +226,15 @@ GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 # ones are set from measurement on the trained quickstart models (README, "INT8 and FP8"), with
 # headroom; random inputs lie outside an 8-bit graph's calibrated activation ranges and get
 # RANDOM_REL_L2_8BIT instead.
-DEFAULT_REL_L2: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2, "fp8": 8e-2}
+#
+# BF16 (OpenVINO's bf16 hint on the FP32 graph, torch autocast) keeps 8 mantissa bits (unit roundoff
+# 2**-9 = 2e-3), rounding weights and activations of every matmul and convolution; errors add up over
+# a component's depth. Set from measurement with ~2x headroom: worst relative L2 over batches 1 and 3
+# on random and real inputs, OpenVINO 2026.4 bf16 (torch 2.13 autocast is within these too), AMX CPU,
+# re-randomised tiny class and text runs: encoder 1.9e-2, decoder 3.4e-2 (real codes), denoiser 8.0e-3,
+# text encoder 6.8e-3; the trained quickstart model: encoder 6.7e-3, decoder 3.3e-3, denoiser 5.7e-3.
+# Encoder and decoder get more below.
+DEFAULT_REL_L2: dict[str, float] = {"fp32": 1e-5, "fp16": 1e-2, "int8": 5e-2, "fp8": 8e-2, "bf16": 2e-2}
 RANDOM_REL_L2_8BIT = 0.25
 
 
@@ -204,7 +243,7 @@ def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Toleran
     def one(p: str) -> Tolerance:
         return Tolerance(rel_l2=limits.get(p, DEFAULT_REL_L2[p]),
                          random_rel_l2=RANDOM_REL_L2_8BIT if p in QUANTIZED_PRECISIONS else None)
-    return {p: {n: one(p) for n in names} for p in PRECISIONS}
+    return {p: {n: one(p) for n in names} for p in RUN_PRECISIONS}
 
 
 # End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
@@ -213,6 +252,12 @@ def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Toleran
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
     "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+    # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding), and the denoiser's rounding compounds
+    # over the steps. Measured on the trained quickstart model (20 DDIM steps, 8 images, guidance 4),
+    # OpenVINO bf16 / torch autocast: final latent rel. L2 0.074 / 0.045, code agreement 0.78 / 0.88
+    # (0 near-ties: the drifted latent picks a neighbouring code), PSNR 32.7 / 37.4 dB, SSIM 0.973 /
+    # 0.989. Limits with headroom; whether the content stays the same is `mmgen eval`'s accuracy.
+    "bf16": {"latent_rel_l2": 0.15, "min_index_agreement": 0.70, "min_psnr": 25.0, "min_ssim": 0.90},
     # 8-bit sets, from measurement on the trained quickstart model (ONNX Runtime CPU, 8 images, DDIM 20,
     # guidance 4): INT8 latent rel. L2 0.71, indices 18% equal, 17.2 dB, SSIM 0.77; FP8 0.27, 45%,
     # 23.2 dB, 0.90. A few per cent of error per denoiser call (the component checks) makes the
@@ -266,9 +311,76 @@ def random_feeds(spec: ComponentSpec, specs: dict[str, ComponentSpec], batch: in
             for name, value in feeds.items()}
 
 
+Shape = tuple[Dim, ...]
+
+
+def _vq_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """VQ first stage: encoder (image -> h), quantizer (h -> z_q, indices), decoder (z_q -> image)."""
+    N = Tensors
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.H, "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol((N.H,), bf16=4e-2, int8=0.1, fp8=0.1),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "quantizer": ComponentSpec(
+            name="quantizer",
+            inputs=(TensorSpec(N.H, "float32", lat),),
+            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
+            make_inputs=latent_inputs(N.H),
+            # z_q holds codebook vectors: exact whenever the indices agree, at every precision (the
+            # quantizer runs FP32 at every runtime precision too: keep_fp32).
+            tolerances={p: {N.Z_Q: Tolerance(rel_l2=DEFAULT_REL_L2["fp32"]), N.INDICES: Tolerance(min_agreement=1.0)}
+                        for p in RUN_PRECISIONS},
+            keep_fp32=True,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.Z_Q),
+            tolerances=_tol((N.IMAGE,), bf16=7e-2, int8=0.1, fp8=0.1),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
+def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
+              latent_inputs: Callable[[str], InputMaker]) -> dict[str, ComponentSpec]:
+    """KL first stage: encoder (image -> scaled latent mean), decoder (scaled latent -> image).
+
+    FP16: the GroupNorms stay FP32 as in the VQ model; beyond that, AutoCast keeps FP32 every node
+    whose calibration values exceed data_max. Stable Diffusion's VAE decoder is the textbook case
+    (activations beyond FP16's 65504 in its mid/up blocks: NaN/black images in plain FP16); the
+    export manifest lists every kept node with the reason (`converter.fp32_reasons`)."""
+    N = Tensors
+    return {
+        "encoder": ComponentSpec(
+            name="encoder",
+            inputs=(TensorSpec(N.IMAGE, "float32", img),),
+            outputs=(TensorSpec(N.LATENT, "float32", lat),),
+            make_inputs=image_inputs,
+            tolerances=_tol((N.LATENT,), bf16=4e-2),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+        "decoder": ComponentSpec(
+            name="decoder",
+            inputs=(TensorSpec(N.LATENT, "float32", lat),),
+            outputs=(TensorSpec(N.IMAGE, "float32", img),),
+            make_inputs=latent_inputs(N.LATENT),
+            tolerances=_tol((N.IMAGE,), bf16=7e-2),
+            fp32_op_types=GROUP_NORM_OP_TYPES,
+        ),
+    }
+
+
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
-    """The specs of the components of a model with this configuration (four, or five
-    with the text encoder of a text-to-image model)."""
+    """The specs of the components of a model with this configuration, in pipeline order
+    (`component_names`: they follow its first stage, and a text model adds its text encoder)."""
     vq, dit = config.vq, config.dit
     N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
@@ -312,33 +424,9 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
 
+    first_stage = {"vq": _vq_specs, "kl": _kl_specs}[config.first_stage_kind]
     specs = {
-        "encoder": ComponentSpec(
-            name="encoder",
-            inputs=(TensorSpec(N.IMAGE, "float32", img),),
-            outputs=(TensorSpec(N.H, "float32", lat),),
-            make_inputs=image_inputs,
-            tolerances=_tol((N.H,), int8=0.1, fp8=0.1),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
-        "quantizer": ComponentSpec(
-            name="quantizer",
-            inputs=(TensorSpec(N.H, "float32", lat),),
-            outputs=(TensorSpec(N.Z_Q, "float32", lat), TensorSpec(N.INDICES, "int32", idx)),
-            make_inputs=latent_inputs(N.H),
-            # z_q holds codebook vectors: exact whenever the indices agree, at every precision.
-            tolerances={p: {N.Z_Q: Tolerance(rel_l2=DEFAULT_REL_L2["fp32"]), N.INDICES: Tolerance(min_agreement=1.0)}
-                        for p in PRECISIONS},
-            keep_fp32=True,
-        ),
-        "decoder": ComponentSpec(
-            name="decoder",
-            inputs=(TensorSpec(N.Z_Q, "float32", lat),),
-            outputs=(TensorSpec(N.IMAGE, "float32", img),),
-            make_inputs=latent_inputs(N.Z_Q),
-            tolerances=_tol((N.IMAGE,), int8=0.1, fp8=0.1),
-            fp32_op_types=GROUP_NORM_OP_TYPES,
-        ),
+        **first_stage(img, lat, idx, image_inputs, latent_inputs),
         "denoiser": ComponentSpec(
             name="denoiser",
             inputs=(TensorSpec(N.X_T, "float32", lat), TensorSpec(N.T, "float32", (BATCH,)), *conditions),

@@ -329,9 +329,9 @@ def test_taming_layout_matches_diffusers_vq(tmp_path: Path) -> None:
     assert all(err <= REL_L2 for err in errors.values()), errors
 
 
-def test_kl_autoencoder_is_refused(tmp_path: Path) -> None:
+def test_kl_checkpoint_without_its_encoder_levels_is_refused_by_name(tmp_path: Path) -> None:
     torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(32, 3, 3, 3)}}, tmp_path / "kl.ckpt")
-    with pytest.raises(CheckpointError, match="KL autoencoder"):
+    with pytest.raises(CheckpointError, match="not a LDM AutoencoderKL model"):
         read_source(tmp_path / "kl.ckpt")
 
 
@@ -361,7 +361,7 @@ def test_lone_official_dit_asks_for_a_vq_model(tmp_path: Path, capsys: pytest.Ca
     torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")
     code, output = _cli(["import", str(tmp_path / "DiT.pt"), "--num-heads", "12", "--out", str(tmp_path / "run")],
                         capsys)
-    assert code == 2 and "--vq PATH" in output and "KL-f8" in output
+    assert code == 2 and "--vae PATH" in output and "KL-f8" in output
 
 
 class _Payload:
@@ -467,23 +467,23 @@ def test_ldm_ema_copy_is_preferred(tmp_path: Path) -> None:
 
 
 def test_dit_pipeline_with_kl_vae_pairs_with_given_vq(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """A DiTPipeline folder ships a KL VAE: it is skipped (with a note) and --vq supplies the VQ model."""
+    """A DiTPipeline folder ships a KL VAE; --vq replaces it (with a note) by a VQ model."""
     pipe = tmp_path / "dit-pipeline"
     _diffusers_dit().save_pretrained(pipe / "transformer")
     # Older pipelines name the transformer class Transformer2DModel (same weights, ada_norm_zero).
     config_file = pipe / "transformer" / "config.json"
     config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"_class_name": "Transformer2DModel"}))
-    (pipe / "vae").mkdir()
-    (pipe / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=["DownEncoderBlock2D"] * 2,
+                            up_block_types=["UpDecoderBlock2D"] * 2, latent_channels=4).save_pretrained(pipe / "vae")
     (pipe / "model_index.json").write_text(json.dumps({
         "_class_name": "DiTPipeline", "vae": ["diffusers", "AutoencoderKL"],
         "transformer": ["diffusers", "Transformer2DModel"]}))
-    code, output = _cli(["import", str(pipe), "--out", str(tmp_path / "run")], capsys)
-    assert code == 2 and "AutoencoderKL" in output and "--vq PATH" in output
     _diffusers_vq().save_pretrained(tmp_path / "vq")
     code, output = _cli(["import", str(pipe), "--vq", str(tmp_path / "vq"), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
-    assert RunDir(tmp_path / "run").load_config().dit.timestep_freq_shift == 1.0
+    assert "replaced by the one given with --vq/--vae" in output
+    config = RunDir(tmp_path / "run").load_config()
+    assert config.dit.timestep_freq_shift == 1.0 and config.first_stage_kind == "vq"
 
 
 def test_diffusers_vq_problems_are_named(tmp_path: Path) -> None:

@@ -79,8 +79,8 @@ def register(app: typer.Typer) -> None:
             help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: Ampere and "
                  "later, i.e. sm80/sm86/sm89/sm120; Turing needs sm75)."),
         component: list[str] = typer.Option(
-            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer, decoder, "
-                                        "denoiser, text_encoder for text models); others keep their plans."),
+            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer for VQ runs, "
+                                        "decoder, denoiser, text_encoder for text models); others keep their plans."),
         precision: str = typer.Option(
             "fp16", "--precision",
             help="Which ONNX set to build from: fp16, int8, fp8 (Q/DQ sets of `mmgen export --precision int8,fp8`; "
@@ -124,7 +124,9 @@ def register(app: typer.Typer) -> None:
             def on_progress(name: str, event: str, detail: dict[str, Any]) -> None:
                 if event == "start":
                     bar.update(task, description=f"{options.runtime}: {name}")
-                else:
+                else:  # one line per finished engine, with its time: long builds show where they are
+                    bar.console.print(f"  {name}: {event}" + (f" in {detail['seconds']:.1f} s"
+                                                               if event == "built" else ""))
                     bar.advance(task)
 
             result = build_engines(run, options, progress=on_progress)

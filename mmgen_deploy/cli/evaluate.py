@@ -33,10 +33,15 @@ def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
     with console.status("evaluating"):
         report = evaluate_run(run, settings)
     write_json(run.reports_dir / "eval.json", report)
-    vq = report["vqvae"]
-    console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
-                  f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
-                  f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
+    if "vqvae" in report:
+        vq = report["vqvae"]
+        console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
+                      f"(min {vq['psnr_db_min']:.1f}), codebook {vq['codes_used']}/{vq['codebook_size']} in use "
+                      f"({100 * vq['codebook_usage']:.0f}%), perplexity {vq['perplexity']:.1f}")
+    else:
+        kl = report["vae"]
+        console.print(f"KL autoencoder on {kl['num_images']} validation images: PSNR [bold]{kl['psnr_db']:.2f} dB[/] "
+                      f"(min {kl['psnr_db_min']:.1f})")
     gen = report.get("generation")
     if gen and "position_accuracy" in gen:
         console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "

@@ -1,4 +1,4 @@
-"""`mmgen import`: diffusers / official DiT / taming VQ checkpoints -> run directory."""
+"""`mmgen import`: diffusers / official DiT / taming VQ / LDM KL checkpoints -> run directory."""
 
 from __future__ import annotations
 
@@ -20,6 +20,9 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Run directory to create.", show_default=False),
         vq: Path | None = typer.Option(None, "--vq", help="The VQ model: diffusers VQModel directory or "
                                        "taming/LDM .ckpt.", show_default=False),
+        vae: Path | None = typer.Option(None, "--vae", help="The first stage of either kind: a diffusers "
+                                        "AutoencoderKL (e.g. sd-vae-ft-ema) or VQModel directory, or an LDM "
+                                        "first-stage .ckpt.", show_default=False),
         dit: Path | None = typer.Option(None, "--dit", help="The DiT: diffusers DiTTransformer2DModel directory "
                                         "or official DiT .pt.", show_default=False),
         scheduler: Path | None = typer.Option(None, "--scheduler", help="diffusers scheduler directory or "
@@ -44,9 +47,11 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Turn an existing PyTorch model into a run directory that export, build-engine, generate and parity accept.
 
-        A run directory needs a VQ model and a DiT whose latent (channels, size) matches the VQ model's.
+        A run directory needs a first stage (a VQ model or a KL autoencoder) and a DiT whose latent
+        (channels, size) matches the autoencoder's.
 
-        Give a diffusers pipeline as SOURCE, or the two parts with --vq and --dit.
+        Give a diffusers pipeline (e.g. a DiTPipeline folder: transformer/, vae/, scheduler/, id2label) as
+        SOURCE, or the parts with --vae (or --vq) and --dit, e.g. --dit DiT-XL-2-256.pt --vae sd-vae-ft-ema/.
 
         Loading is safe: safetensors, or torch.load(weights_only=True) with only argparse.Namespace allowed.
 
@@ -55,7 +60,7 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.importers import import_run
 
         with console.status("importing..."):
-            report = import_run(out, source=source, vq_path=vq, dit_path=dit, scheduler_path=scheduler,
+            report = import_run(out, source=source, vq_path=vq, vae_path=vae, dit_path=dit, scheduler_path=scheduler,
                                 class_names_file=class_names, image_size=image_size, num_heads=num_heads,
                                 norm_groups=norm_groups, force=force)
         if json_out == "-":
@@ -67,9 +72,12 @@ def register(app: typer.Typer) -> None:
         table.add_column("layout")
         table.add_column("architecture")
         vq_cfg, dit_cfg = cfg["vq"], cfg["dit"]
-        table.add_row("vqvae", imported["vqvae"]["layout"],
-                      f"{vq_cfg['image_size']}px, mult {tuple(vq_cfg['channel_mult'])}, codebook "
-                      f"{vq_cfg['n_embed']}x{vq_cfg['embed_dim']}, {report['params']['vqvae']:,} params")
+        part = "vae" if cfg.get("first_stage") == "kl" else "vqvae"
+        latent = (f"latent {vq_cfg['embed_dim']} channels x{vq_cfg['scaling_factor']}" if part == "vae"
+                  else f"codebook {vq_cfg['n_embed']}x{vq_cfg['embed_dim']}")
+        table.add_row(part, imported[part]["layout"],
+                      f"{vq_cfg['image_size']}px, mult {tuple(vq_cfg['channel_mult'])}, {latent}, "
+                      f"{report['params'][part]:,} params")
         table.add_row("dit", imported["dit"]["layout"],
                       f"depth {dit_cfg['depth']}, width {dit_cfg['hidden_size']}, {dit_cfg['num_heads']} heads, "
                       f"patch {dit_cfg['patch_size']}, {dit_cfg['num_classes']} classes, "

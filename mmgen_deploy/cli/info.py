@@ -20,11 +20,16 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.rundir import RunDir
 
         run = RunDir(run_dir)
+        from mmgen_deploy.config import VQConfig
+        from mmgen_deploy.rundir import first_stage_part
+
         parts = run.load_deployable()
         config, vq, dit = parts.config, parts.vq, parts.dit
+        stage_part = first_stage_part(config)
         report: dict[str, Any] = {
             "run_dir": str(run.root),
-            "vqvae": {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
+            "first_stage": config.first_stage_kind,
+            stage_part: {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
             "dit": {"params": sum(p.numel() for p in dit.parameters() if p.requires_grad),
                     "config": config.dit.to_dict()},
             "class_names": list(config.class_names),
@@ -38,11 +43,16 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"run {run.root}")
         table.add_column("item")
         table.add_column("value")
-        table.add_row("VQ-VAE params", f"{report['vqvae']['params']:,}")
+        stage_label = "VQ-VAE" if isinstance(config.vq, VQConfig) else "KL autoencoder"
+        table.add_row(f"{stage_label} params", f"{report[stage_part]['params']:,}")
         table.add_row("DiT params", f"{report['dit']['params']:,}")
         table.add_row("image / latent", f"{config.vq.image_size}px / {config.vq.embed_dim}x"
                       f"{config.vq.latent_size}x{config.vq.latent_size}")
-        table.add_row("codebook", f"{config.vq.n_embed} x {config.vq.embed_dim}")
+        if isinstance(config.vq, VQConfig):
+            table.add_row("codebook", f"{config.vq.n_embed} x {config.vq.embed_dim}")
+        else:
+            table.add_row("latent scale", f"x{config.vq.scaling_factor}"
+                          + (f", shift {config.vq.shift_factor}" if config.vq.shift_factor else ""))
         condition = (f"text ({config.dit.conditioning})" if config.uses_text
                      else f"{config.dit.num_classes} classes")
         table.add_row("DiT", f"depth {config.dit.depth}, width {config.dit.hidden_size}, "

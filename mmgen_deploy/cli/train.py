@@ -222,9 +222,14 @@ def train_dit_cmd(
     seed: int = _seed_opt, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
     threads: int | None = _threads_opt,
+    data: str | None = typer.Option(None, "--data", help="Imported runs only (`mmgen import`, e.g. a KL "
+                                    "autoencoder such as SD's VAE): `shapes` or an image folder to train the "
+                                    "run's DiT on, at the autoencoder's image size.", show_default=False),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
-    """Stage 2: train the DiT on the VQ-VAE's pre-quantization latents (cached once): epsilon
+    """Stage 2: train the DiT on the first stage's latents (cached once): the VQ-VAE's
+    pre-quantization latents, or the scaled posterior mean of a KL autoencoder imported with
+    `mmgen import` (give it --data). Epsilon
     prediction, linear betas 1e-4..0.02 over 1000 steps, label dropout for classifier-free guidance,
     AdamW, EMA weights saved for inference. For a run created with --text, the word tokenizer is
     built from the captions and saved, and the text encoder trains jointly with the DiT (caption
@@ -235,13 +240,18 @@ def train_dit_cmd(
 
     settings = _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed)
     run = RunDir(out)
+    if data is not None:
+        from mmgen_deploy.training.dit import adopt_data
+
+        adopt_data(run, data, seed)
     meta = run.read_meta()
-    run.load_vqvae()  # fails early, with a hint, when stage 1 is missing
+    run.load_first_stage()  # fails early, with a hint, when stage 1 is missing
     if run.load_config().uses_text:  # a text-to-image run may have its own default length
         settings = _dit_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
-    if not meta.get("data"):
-        raise UsageError(f"{run.run_json} does not describe its training data",
-                         "train the VQ-VAE of this run with `mmgen train vqvae` first")
+    if not meta.get("data") or meta["data"].get("source") == "import":
+        hint = ("an imported run: give the data to train its DiT on with --data (shapes or a folder)"
+                if meta.get("data") else "train the VQ-VAE of this run with `mmgen train vqvae` first")
+        raise UsageError(f"{run.run_json} does not describe its training data", hint)
     with console.status("loading data"):
         train = load_split(DataSpec.from_dict(meta["data"]), "train")
     result = _stage_dit(run, train, settings, resume, threads)

@@ -17,7 +17,7 @@ import numpy as np
 from mmgen_deploy.data import DataSpec, load_split
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.checker import judge
-from mmgen_deploy.evaluation.metrics import vq_metrics
+from mmgen_deploy.evaluation.metrics import first_stage_metrics
 from mmgen_deploy.numerics import save_grid
 from mmgen_deploy.rundir import RunDir
 
@@ -125,9 +125,12 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
                           "evaluate a run made by `mmgen train` or `mmgen quickstart`")
     spec = DataSpec.from_dict(meta["data"])
     config = run.load_config()
-    vq = run.load_vqvae(config)
+    from mmgen_deploy.rundir import first_stage_part
+
+    first_stage = run.load_first_stage(config)
     val = load_split(spec, "val")
-    report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(), "vqvae": vq_metrics(vq, val.images)}
+    report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(),
+                              first_stage_part(config): first_stage_metrics(first_stage, val.images)}
     if not settings.generate:
         return report
     if spec.name != "shapes":

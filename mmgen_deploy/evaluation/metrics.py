@@ -1,4 +1,4 @@
-"""Reconstruction and codebook measurements of a VQ autoencoder."""
+"""Reconstruction (and, for a VQ autoencoder, codebook) measurements of a first stage."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.numerics import psnr_per_image, to_uint8
 
@@ -39,3 +40,20 @@ def vq_metrics(vq: VQModel, images: np.ndarray) -> dict[str, Any]:
     psnr = psnr_per_image(images, recon)
     return {"psnr_db": float(psnr.mean()), "psnr_db_min": float(psnr.min()), "num_images": len(images),
             **codebook_usage(indices, vq.config.n_embed)}
+
+
+@torch.no_grad()
+def kl_metrics(kl: AutoencoderKL, images: np.ndarray, batch_size: int = 64) -> dict[str, Any]:
+    """Mean per-image PSNR of the uint8 round trip through a KL autoencoder (posterior mean)."""
+    kl.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        outputs.append(to_uint8(kl.decode(kl.encode(batch)).cpu().numpy()))
+    psnr = psnr_per_image(images, np.concatenate(outputs))
+    return {"psnr_db": float(psnr.mean()), "psnr_db_min": float(psnr.min()), "num_images": len(images)}
+
+
+def first_stage_metrics(model: VQModel | AutoencoderKL, images: np.ndarray) -> dict[str, Any]:
+    """`vq_metrics` or `kl_metrics`, whichever the first stage is."""
+    return kl_metrics(model, images) if isinstance(model, AutoencoderKL) else vq_metrics(model, images)

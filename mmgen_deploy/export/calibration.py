@@ -2,8 +2,9 @@
 
 Both the FP16 conversion (which activations overflow FP16?) and the "real data"
 validation need inputs that look like deployment traffic, per component:
-encoder = images; quantizer = the encoder's latents h of those images; decoder = their
-quantized codes z_q; denoiser = h noised to random timesteps with the forward process
+encoder = images; each next first-stage component = what its predecessor made of them (VQ:
+quantizer = the latents h, decoder = their codes z_q; KL: decoder = the scaled latents);
+denoiser = the encoder's latent noised to random timesteps with the forward process
 x_t = sqrt(a_t) h + sqrt(1 - a_t) eps, with the images' class ids.
 Text-to-image models: the text encoder gets the images' captions tokenized by the run's
 tokenizer (every fourth one replaced by the empty prompt, the unconditional input of
@@ -26,7 +27,14 @@ from torch import nn
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
-from mmgen_deploy.specs import TEXT_OUTPUTS, ComponentSpec, Tensors, denoiser_condition_names
+from mmgen_deploy.specs import (
+    FIRST_STAGE_COMPONENTS,
+    TEXT_OUTPUTS,
+    ComponentSpec,
+    Tensors,
+    denoiser_condition_names,
+    latent_name,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.text.tokenizer import WordTokenizer
@@ -148,10 +156,41 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
     return {"text_encoder": {Tensors.INPUT_IDS: input_ids}, "denoiser": conditions}
 
 
+def _batched(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """Run `module` over `inputs` `batch` samples at a time (a 256 px encoder holds ~1 GB of
+    activations per image) and concatenate the outputs."""
+    parts = []
+    for i in range(0, inputs[0].shape[0], batch):
+        out = module(*(x[i:i + batch] for x in inputs))
+        parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+
+
+def first_stage_inputs(images: np.ndarray, config: ModelConfig, specs: dict[str, ComponentSpec],
+                       modules: dict[str, nn.Module]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """The first stage's components' inputs for `images` (each component fed its predecessor's
+    outputs by name: VQ encoder -> quantizer -> decoder, KL encoder -> decoder), and the latent
+    the DiT denoises (the encoder's output)."""
+    inputs: dict[str, dict[str, np.ndarray]] = {}
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(np.ascontiguousarray(images))}
+    # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
+    batch = max(1, min(images.shape[0], (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
+    with torch.no_grad():
+        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
+            module, spec = modules.get(name), specs[name]
+            if module is None:
+                raise ValueError(f"deriving real inputs needs the {name} module")
+            feeds = [produced[t] for t in spec.input_names]
+            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
+            produced.update(zip(spec.output_names, _batched(module, feeds, batch), strict=True))
+    return inputs, produced[latent_name(config)].numpy().astype(np.float32)
+
+
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given", *,
-                     tokenizer: WordTokenizer | None = None) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+                     tokenizer: WordTokenizer | None = None,
+                     samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Per-component real inputs, and a word saying where they came from.
 
     A text model's text encoder and denoiser conditions come from prompts when
@@ -160,8 +199,8 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     rng = np.random.default_rng(seed)
     use_text = config.uses_text and tokenizer is not None and "text_encoder" in modules
     if data is None:
-        n = CALIBRATION_SAMPLES
-        inputs = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
+        n = samples
+        inputs: dict[str, dict[str, np.ndarray]] = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
         source = f"spec dummy inputs ({why_no_data})"
         if use_text:
             assert tokenizer is not None
@@ -172,24 +211,12 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         return inputs, source
     images = data.images
     n = images.shape[0]
-    with torch.no_grad():
-        encoder = modules.get("encoder")
-        quantizer = modules.get("quantizer")
-        if encoder is None or quantizer is None:
-            raise ValueError("deriving real inputs needs the encoder and quantizer modules")
-        h = encoder(torch.from_numpy(images))
-        z_q, _ = quantizer(h)
-    h_np = h.numpy().astype(np.float32)
+    inputs, h_np = first_stage_inputs(images, config, specs, modules)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)
     scale = np.sqrt(a[t])[:, None, None, None]
     x_t = (scale * h_np + np.sqrt(1.0 - a[t])[:, None, None, None] * noise).astype(np.float32)
-    inputs = {
-        "encoder": {Tensors.IMAGE: images},
-        "quantizer": {Tensors.H: h_np},
-        "decoder": {Tensors.Z_Q: z_q.numpy().astype(np.float32)},
-    }
     source = f"dataset images ({data.source}, {n} samples)"
     if not config.uses_text:
         labels = np.asarray(data.labels if data.labels is not None

@@ -2,12 +2,13 @@
 
 A path can be
 - a diffusers model directory (config.json + diffusion_pytorch_model.safetensors/.bin,
-  possibly sharded) whose `_class_name` is VQModel or DiTTransformer2DModel (older DiT
-  pipelines call it Transformer2DModel with norm_type ada_norm_zero);
-- a diffusers pipeline directory (model_index.json) holding such models and a scheduler;
+  possibly sharded) whose `_class_name` is VQModel, AutoencoderKL or DiTTransformer2DModel
+  (older DiT pipelines call it Transformer2DModel with norm_type ada_norm_zero);
+- a diffusers pipeline directory (model_index.json: a `DiTPipeline` with `transformer/`, `vae/`,
+  `scheduler/` and `id2label` class names) holding such models and a scheduler;
 - a checkpoint file (.pt/.pth/.ckpt/.bin/.safetensors): an official DiT state dict or
-  train.py dict, or a taming/LDM VQ Lightning checkpoint. The layout is recognised from
-  the tensor names.
+  train.py dict, or a taming/LDM VQ or LDM / Stable Diffusion KL Lightning checkpoint. The
+  layout is recognised from the tensor names.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from mmgen_deploy.config import DiffusionConfig
-from mmgen_deploy.errors import ConfigError
 from mmgen_deploy.importers.dit import ImportedDiT, import_diffusers_dit, import_official_dit
+from mmgen_deploy.importers.kl import KL_CLASSES, KLArchitecture, import_diffusers_kl, import_ldm_kl, is_ldm_kl_state
 from mmgen_deploy.importers.safe_load import CheckpointError, load_checkpoint
+from mmgen_deploy.importers.scheduler import read_scheduler as _read_scheduler
 from mmgen_deploy.importers.statedict import StateDict, tensor_state
 from mmgen_deploy.importers.vq import DEFAULT_NORM_GROUPS, VQArchitecture, import_diffusers_vq, import_taming_vq
 
@@ -36,9 +38,15 @@ class Found:
     """What one path turned out to hold."""
 
     vq: VQArchitecture | None = None
+    kl: KLArchitecture | None = None
     dit: ImportedDiT | None = None
     scheduler: Path | None = None
+    class_names: tuple[str, ...] | None = None  # a pipeline's id2label, in class-id order
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def first_stage(self) -> VQArchitecture | KLArchitecture | None:
+        return self.vq or self.kl
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -114,11 +122,26 @@ def _model_folder(folder: Path) -> Found:
         if (sibling / "scheduler_config.json").is_file():
             found.scheduler = sibling
         return found
-    if cls == "AutoencoderKL":
-        raise CheckpointError(f"{folder} is a KL autoencoder (AutoencoderKL), not a VQ model",
-                              "mmgen deploys VQ latent models: import a VQModel")
+    if cls in KL_CLASSES:
+        return Found(kl=import_diffusers_kl(cfg, _diffusers_weights(folder), source))
     raise CheckpointError(f"{folder}/config.json describes a {cls or 'model of unknown class'}; "
-                          f"expected one of {', '.join(VQ_CLASSES + DIT_CLASSES)}")
+                          f"expected one of {', '.join(VQ_CLASSES + KL_CLASSES + DIT_CLASSES)}")
+
+
+def id2label_names(index: dict[str, Any], source: str) -> tuple[str, ...] | None:
+    """A DiTPipeline's `id2label` ({"0": "tench, Tinca tinca", ...}) as class names in id order."""
+    table = index.get("id2label")
+    if table is None:
+        return None
+    if not isinstance(table, dict) or not table:
+        raise CheckpointError(f"{source}: id2label must be a non-empty object of class id -> name")
+    try:
+        ids = sorted(int(k) for k in table)
+    except ValueError:
+        raise CheckpointError(f"{source}: id2label keys must be class ids (0, 1, ...)") from None
+    if ids != list(range(len(ids))):
+        raise CheckpointError(f"{source}: id2label must name every class id 0..{len(ids) - 1} exactly once")
+    return tuple(str(table[str(i)] if str(i) in table else table[i]).strip() for i in ids)
 
 
 def _pipeline_folder(folder: Path) -> Found:
@@ -128,18 +151,20 @@ def _pipeline_folder(folder: Path) -> Found:
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
             continue
         sub = folder / name
-        if spec[1] == "AutoencoderKL":
-            # DiT pipelines ship Stable Diffusion's KL VAE; the transformer is still usable with --vq.
-            found.notes.append(f"skipped {name}/ (AutoencoderKL: a KL autoencoder, not a VQ model)")
-        elif spec[1] in VQ_CLASSES + DIT_CLASSES:
+        if spec[1] in VQ_CLASSES + KL_CLASSES + DIT_CLASSES:
             part = _model_folder(sub)
             found.vq = part.vq or found.vq
+            found.kl = part.kl or found.kl
             found.dit = part.dit or found.dit
         elif (sub / "scheduler_config.json").is_file():
             found.scheduler = sub
-    if found.vq is None and found.dit is None:
-        raise CheckpointError(f"pipeline {folder} holds no VQModel or DiT transformer"
+    if found.vq is not None and found.kl is not None:
+        raise CheckpointError(f"pipeline {folder} holds both a VQModel and an AutoencoderKL",
+                              "import the DiT with the one it was trained on (--vae PATH)")
+    if found.first_stage is None and found.dit is None:
+        raise CheckpointError(f"pipeline {folder} holds no VQModel, AutoencoderKL or DiT transformer"
                               + (f" ({'; '.join(found.notes)})" if found.notes else ""))
+    found.class_names = id2label_names(index, str(folder / "model_index.json"))
     return found
 
 
@@ -175,6 +200,10 @@ def _checkpoint_file(path: Path, *, num_heads: int | None, norm_groups: int | No
         dit = import_official_dit(state, source, num_heads=num_heads, args=args)
         dit.notes = notes + dit.notes
         return Found(dit=dit)
+    if is_ldm_kl_state(state):
+        kl = import_ldm_kl(state, source, norm_groups=norm_groups or DEFAULT_NORM_GROUPS)
+        kl.notes = notes + kl.notes
+        return Found(kl=kl)
     if any(k.startswith(("encoder.conv_in.", "first_stage_model.encoder.conv_in.")) for k in keys):
         vq = import_taming_vq(state, source, norm_groups=norm_groups or DEFAULT_NORM_GROUPS)
         vq.notes = notes + vq.notes
@@ -184,7 +213,7 @@ def _checkpoint_file(path: Path, *, num_heads: int | None, norm_groups: int | No
                               "pass the model directory (config.json + weights), not the weight file")
     sample = ", ".join(sorted(keys)[:5])
     raise CheckpointError(f"{path}: unrecognised tensor names (e.g. {sample})",
-                          "expected an official DiT state dict or a taming/LDM VQ checkpoint")
+                          "expected an official DiT state dict or a taming/LDM VQ or KL checkpoint")
 
 
 def read_source(path: str | Path, *, num_heads: int | None = None, norm_groups: int | None = None) -> Found:
@@ -203,21 +232,6 @@ def read_source(path: str | Path, *, num_heads: int | None = None, norm_groups: 
 
 
 def read_scheduler(path: Path) -> tuple[DiffusionConfig, dict[str, Any]]:
-    """A diffusers scheduler_config.json (or its folder) -> the noise schedule, refusing what differs."""
-    file = path / "scheduler_config.json" if path.is_dir() else path
-    cfg = _read_json(file)
-    if cfg.get("trained_betas") is not None:
-        raise CheckpointError(f"{file}: explicit trained_betas are not supported (only a linear schedule)")
-    schedule = cfg.get("beta_schedule", "linear")
-    prediction = cfg.get("prediction_type", "epsilon")
-    try:
-        diffusion = DiffusionConfig(num_train_timesteps=int(cfg.get("num_train_timesteps", 1000)),
-                                    beta_start=float(cfg.get("beta_start", 1e-4)),
-                                    beta_end=float(cfg.get("beta_end", 0.02)),
-                                    beta_schedule=schedule, prediction_type=prediction)
-        diffusion.validate()
-    except ConfigError as exc:
-        raise CheckpointError(f"{file}: {exc.message}",
-                              "the samplers here support a linear beta schedule with epsilon prediction") from None
-    return diffusion, {"path": str(file), "class": cfg.get("_class_name"),
-                       "variance_type": cfg.get("variance_type")}
+    """A diffusers scheduler_config.json (or its folder) -> the noise schedule and sampler flags
+    (see `importers.scheduler`)."""
+    return _read_scheduler(path)

@@ -1,9 +1,12 @@
-"""Native PyTorch models: the VQ autoencoder, the DiT and their deployable components."""
+"""Native PyTorch models: the VQ and KL autoencoders, the DiT and their deployable components."""
 
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.components import (
     DecoderComponent,
     DenoiserComponent,
     EncoderComponent,
+    KLDecoderComponent,
+    KLEncoderComponent,
     QuantizerComponent,
     TextDenoiserComponent,
     TextEncoderComponent,
@@ -15,10 +18,13 @@ from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
 
 __all__ = [
+    "AutoencoderKL",
     "DecoderComponent",
     "DenoiserComponent",
     "DiT",
     "EncoderComponent",
+    "KLDecoderComponent",
+    "KLEncoderComponent",
     "QuantizerComponent",
     "TextDenoiserComponent",
     "TextEncoder",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
@@ -49,6 +50,29 @@ class DecoderComponent(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
 
+class KLEncoderComponent(nn.Module):
+    """image (B, 3, H, W) in [-1, 1] -> latent (B, C, h, w): the KL posterior mean, scaled
+    ((mean - shift_factor) * scaling_factor: what the DiT denoises)."""
+
+    def __init__(self, kl: AutoencoderKL) -> None:
+        super().__init__()
+        self.kl = kl
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.kl.encode(image)
+
+
+class KLDecoderComponent(nn.Module):
+    """latent (B, C, h, w), scaled -> image (B, 3, H, W), roughly in [-1, 1]."""
+
+    def __init__(self, kl: AutoencoderKL) -> None:
+        super().__init__()
+        self.kl = kl
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.kl.decode(latent)
+
+
 class DenoiserComponent(nn.Module):
     """(x_t (B, C, h, w), t (B,) float32, class_ids (B,) int32) -> model output (B, C or 2C, h, w)."""
 
@@ -86,16 +110,19 @@ class TextEncoderComponent(nn.Module):
         return self.text_encoder(input_ids)
 
 
-def build_components(vq: VQModel, dit: DiT, text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
-    """All deployable components in eval mode, sharing weights with the models."""
+def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
+                     text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
+    """All deployable components in eval mode, sharing weights with the models: the first
+    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder."""
     if dit.config.uses_text and text_encoder is None:
         raise ValueError("a text-conditioned DiT needs its text encoder")
-    comps: dict[str, nn.Module] = {
-        "encoder": EncoderComponent(vq),
-        "quantizer": QuantizerComponent(vq),
-        "decoder": DecoderComponent(vq),
-        "denoiser": TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit),
-    }
+    comps: dict[str, nn.Module]
+    if isinstance(first_stage, AutoencoderKL):
+        comps = {"encoder": KLEncoderComponent(first_stage), "decoder": KLDecoderComponent(first_stage)}
+    else:
+        comps = {"encoder": EncoderComponent(first_stage), "quantizer": QuantizerComponent(first_stage),
+                 "decoder": DecoderComponent(first_stage)}
+    comps["denoiser"] = TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit)
     if text_encoder is not None:
         comps["text_encoder"] = TextEncoderComponent(text_encoder)
     return {name: module.eval() for name, module in comps.items()}

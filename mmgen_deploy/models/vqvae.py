@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmgen_deploy.config import VQConfig
+from mmgen_deploy.config import FirstStageConfig, VQConfig
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
@@ -107,11 +107,16 @@ class _Level(nn.Module):
         return h
 
 
+def _mid_attention(cfg: FirstStageConfig) -> bool:
+    # diffusers' `mid_block_add_attention=False` (some KL autoencoders); taming always has it.
+    return bool(getattr(cfg, "mid_attention", True))
+
+
 class _Mid(nn.Module):
-    def __init__(self, channels: int, groups: int, dropout: float) -> None:
+    def __init__(self, channels: int, groups: int, dropout: float, attention: bool = True) -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, groups, dropout)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = AttnBlock(channels, groups) if attention else nn.Identity()
         self.block_2 = ResnetBlock(channels, channels, groups, dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,7 +124,10 @@ class _Mid(nn.Module):
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
+    """`out_channels` defaults to z_channels; a KL autoencoder's encoder outputs mean and
+    log-variance, 2 x z_channels (LDM's `double_z`)."""
+
+    def __init__(self, cfg: FirstStageConfig, out_channels: int | None = None) -> None:
         super().__init__()
         ch, groups = cfg.base_channels, cfg.norm_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
@@ -138,9 +146,9 @@ class Encoder(nn.Module):
                 stage.downsample = Downsample(block_in)
                 resolution //= 2
             self.down.append(stage)
-        self.mid = _Mid(block_in, groups, cfg.dropout)
+        self.mid = _Mid(block_in, groups, cfg.dropout, _mid_attention(cfg))
         self.norm_out = _norm(block_in, groups)
-        self.conv_out = nn.Conv2d(block_in, cfg.z_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(block_in, out_channels or cfg.z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
@@ -154,13 +162,13 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: VQConfig) -> None:
+    def __init__(self, cfg: FirstStageConfig) -> None:
         super().__init__()
         ch, groups = cfg.base_channels, cfg.norm_groups
         block_in = ch * cfg.channel_mult[-1]
         resolution = cfg.latent_size
         self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, groups, cfg.dropout)
+        self.mid = _Mid(block_in, groups, cfg.dropout, _mid_attention(cfg))
         # Built from the lowest resolution up, stored so that `up.{i}` matches `down.{i}`.
         levels: list[_Level] = []
         for level in reversed(range(len(cfg.channel_mult))):

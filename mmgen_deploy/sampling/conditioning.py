@@ -67,7 +67,16 @@ def resolve_class(config: ModelConfig, value: str) -> int:
     if not config.class_names:
         raise UsageError(f"unknown class {value!r}: this model has no class names",
                          f"give a class id 0..{num_classes - 1}")
-    valid = ", ".join(f"{i}={name!r}" for i, name in enumerate(config.class_names))
+    # A DiTPipeline's id2label names list synonyms ("tench, Tinca tinca"): any one of them will do,
+    # as with DiTPipeline.get_label_ids, if it names one class only.
+    matches = [i for i, name in enumerate(lowered) if text.lower() in (s.strip() for s in name.split(","))]
+    if len(matches) == 1:
+        return matches[0]
+    if len(matches) > 1:
+        raise UsageError(f"class {value!r} names {len(matches)} classes: "
+                         + ", ".join(f"{i}={config.class_names[i]!r}" for i in matches), "give the class id")
+    shown = list(enumerate(config.class_names))[:20]
+    valid = ", ".join(f"{i}={name!r}" for i, name in shown) + (" ..." if len(config.class_names) > 20 else "")
     raise UsageError(f"unknown class {value!r}", f"valid classes: {valid}")
 
 

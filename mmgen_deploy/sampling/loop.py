@@ -1,4 +1,8 @@
-"""One sampling loop for every backend: noise -> denoise loop -> quantizer -> decoder -> uint8.
+"""One sampling loop for every backend: noise -> denoise loop -> decode chain -> uint8.
+
+The decode chain is what the specs say turns the run's latent into an image
+(`specs.decode_components`): quantizer then decoder for a VQ first stage, the decoder alone for a
+KL autoencoder; each component gets its predecessor's outputs by name.
 
 The loop only talks to a `Runner` (mmgen_deploy.runtime.base), so PyTorch, ONNX Runtime
 and TensorRT run exactly the same arithmetic around the model calls:
@@ -23,7 +27,7 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
-from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors
+from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors, component_specs, decode_components, latent_name
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -35,8 +39,8 @@ ProgressCallback = Callable[[int, int], None]  # (denoising steps done, total st
 @dataclass
 class SampleResult:
     images: np.ndarray  # uint8 (N, H, W, C)
-    latents: np.ndarray  # float32 (N, C, h, w): the denoised latent h before quantization
-    indices: np.ndarray  # int32 (N, h, w): the code indices the decoder saw
+    latents: np.ndarray  # float32 (N, C, h, w): the denoised latent (VQ: h, before quantization)
+    indices: np.ndarray | None  # int32 (N, h, w): the code indices the decoder saw (None: no quantizer)
     class_ids: list[int]  # class models (empty for text models)
     seed: int
     steps: int
@@ -46,7 +50,7 @@ class SampleResult:
     backend: str = ""
     precision: str = ""
     device: str = ""
-    model_seconds: float = 0.0  # all runner.run calls (denoiser, quantizer, decoder)
+    model_seconds: float = 0.0  # all runner.run calls (denoiser and the decode chain)
     denoise_seconds: float = 0.0  # wall time of the denoising loops
     denoise_model_seconds: float = 0.0  # the denoiser calls within those loops
     total_seconds: float = 0.0  # everything, from noise to uint8 images
@@ -154,7 +158,10 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         rng.standard_normal(dtype=np.float32, out=noise[i])
     trajectory = np.empty((len(scheduler), *noise.shape), dtype=np.float32) if return_trajectory else None
     latents = np.empty_like(noise)
-    indices = np.empty((n, size, size), dtype=np.int32)
+    specs = component_specs(config)
+    chain = [(name, specs[name].input_names) for name in decode_components(config)]
+    first_input = latent_name(config)
+    indices: np.ndarray | None = None
     images_f: np.ndarray | None = None
     num_batches = (n + batch_size - 1) // batch_size
     total_steps = num_batches * len(scheduler)
@@ -210,13 +217,18 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         denoise_s += time.perf_counter() - loop_start
 
         call_start = time.perf_counter()
-        quant = runner.run("quantizer", {Tensors.H: x})
-        decoded = runner.run("decoder", {Tensors.Z_Q: quant[Tensors.Z_Q]})[Tensors.IMAGE]
+        produced: dict[str, np.ndarray] = {first_input: x}
+        for component, inputs in chain:  # each takes what its predecessors produced, by name
+            produced.update(runner.run(component, {name: produced[name] for name in inputs}))
+        decoded = produced[Tensors.IMAGE]
         model_s += time.perf_counter() - call_start
         if images_f is None:
             images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
+        if Tensors.INDICES in produced:
+            if indices is None:
+                indices = np.empty((n, *produced[Tensors.INDICES].shape[1:]), dtype=np.int32)
+            indices[start:stop] = produced[Tensors.INDICES]
         latents[start:stop] = x
-        indices[start:stop] = quant[Tensors.INDICES]
         images_f[start:stop] = decoded
 
     assert images_f is not None

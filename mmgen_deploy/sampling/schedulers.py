@@ -26,10 +26,75 @@ SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp-2m")
 
 def training_alphas_cumprod(diffusion: DiffusionConfig) -> np.ndarray:
     """Cumulative alpha products of the training schedule (float64, length T)."""
-    if diffusion.beta_schedule != "linear":  # DiffusionConfig.validate already refuses others
+    T = diffusion.num_train_timesteps
+    if diffusion.beta_schedule == "linear":
+        betas = np.linspace(diffusion.beta_start, diffusion.beta_end, T, dtype=np.float64)
+    elif diffusion.beta_schedule == "scaled_linear":  # Stable Diffusion's: linear in sqrt(beta)
+        betas = np.linspace(diffusion.beta_start**0.5, diffusion.beta_end**0.5, T, dtype=np.float64) ** 2
+    else:  # DiffusionConfig.validate already refuses others
         raise UsageError(f"unsupported beta schedule {diffusion.beta_schedule!r}")
-    betas = np.linspace(diffusion.beta_start, diffusion.beta_end, diffusion.num_train_timesteps, dtype=np.float64)
     return np.cumprod(1.0 - betas)
+
+
+def _spaced(spacing: str, T: int, n: int, offset: int) -> np.ndarray:
+    """diffusers' DDIM/DDPM timesteps for `n` steps (largest first)."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64) + offset
+    return np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1  # trailing
+
+
+def _spaced_dpm(spacing: str, T: int, n: int, offset: int) -> np.ndarray:
+    """diffusers' DPMSolverMultistep timesteps (n + 1 points, the last one dropped)."""
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if spacing == "leading":
+        return (np.arange(0, n + 1) * (T // (n + 1))).round()[::-1][:-1].astype(np.int64) + offset
+    return np.arange(T, 0, -T / n).round().astype(np.int64) - 1  # trailing
+
+
+def sampler_schedule(sampler: str, diffusion: DiffusionConfig, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """(timesteps visited, largest first; the cumulative alpha each step lands on), per sampler.
+
+    "respaced" (DiT): `respaced_timesteps`, every step lands on the next visited timestep and the
+    last on the clean sample (alpha 1). The diffusers spacings reproduce that scheduler's
+    `set_timesteps` and its notion of the previous timestep:
+    - DDIM: t_prev = t - T // N (not necessarily the next visited one under "linspace"); below 0
+      the final alpha is 1 with `set_alpha_to_one`, else alpha_0;
+    - DDPM: the next visited timestep, then alpha 1;
+    - DPM-Solver++: N + 1 points with the last dropped; the next visited timestep, then sigma 0
+      (`final_sigmas_type` "zero") or sigma_min (alpha_0).
+    """
+    T = diffusion.num_train_timesteps
+    if steps < 1:
+        raise UsageError(f"steps must be >= 1, got {steps}")
+    if steps > T:
+        raise UsageError(f"steps {steps} exceeds the {T} training timesteps", f"use --steps <= {T}")
+    abar = training_alphas_cumprod(diffusion)
+    spacing, kind = diffusion.timestep_spacing, sampler_kind(sampler)
+    if spacing == "respaced":
+        timesteps = respaced_timesteps(T, steps)
+        return timesteps, np.append(abar[timesteps[1:]], 1.0)
+    if kind == "dpmpp-2m":
+        timesteps = _spaced_dpm(spacing, T, steps, diffusion.steps_offset)
+        final = 1.0 if diffusion.final_sigmas_type == "zero" else float(abar[0])
+        return timesteps, np.append(abar[timesteps[1:]], final)
+    timesteps = _spaced(spacing, T, steps, diffusion.steps_offset)
+    if kind == "ddpm":
+        return timesteps, np.append(abar[timesteps[1:]], 1.0)
+    final = 1.0 if diffusion.set_alpha_to_one else float(abar[0])
+    prev = timesteps - T // steps
+    return timesteps, np.where(prev >= 0, abar[np.maximum(prev, 0)], final)
+
+
+def sampler_kind(name: str) -> str:
+    """The canonical sampler name ("ddim", "ddpm", "dpmpp-2m") of a CLI spelling."""
+    if name in ("dpmpp-2m", "dpm++2m", "dpmpp_2m"):
+        return "dpmpp-2m"
+    if name in ("ddim", "ddpm"):
+        return name
+    raise UsageError(f"unknown sampler {name!r}", f"choose one of: {', '.join(SAMPLERS)}")
 
 
 def respaced_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
@@ -63,8 +128,9 @@ class Scheduler:
     def __init__(self, diffusion: DiffusionConfig, steps: int, *, timesteps: np.ndarray | None = None) -> None:
         self.diffusion = diffusion
         abar = training_alphas_cumprod(diffusion)
+        alpha_prev: np.ndarray | None = None
         if timesteps is None:
-            timesteps = respaced_timesteps(diffusion.num_train_timesteps, steps)
+            timesteps, alpha_prev = sampler_schedule(self.name, diffusion, steps)
         timesteps = np.asarray(timesteps, dtype=np.int64)
         if timesteps.ndim != 1 or len(timesteps) < 1 or np.any(np.diff(timesteps) >= 0):
             raise UsageError("timesteps must be a non-empty, strictly decreasing list")
@@ -74,8 +140,11 @@ class Scheduler:
         # The model takes float32 timesteps (specs.py); precomputed once.
         self.model_timesteps = timesteps.astype(np.float32)
         self.alpha_t = abar[timesteps]
-        # The cumulative alpha after each step: the next timestep's, or 1 after the last.
-        self.alpha_prev = np.append(abar[timesteps[1:]], 1.0)
+        # The cumulative alpha after each step: the next timestep's, or 1 after the last (given
+        # timesteps); `sampler_schedule` says where each step lands otherwise.
+        self.alpha_prev = np.append(abar[timesteps[1:]], 1.0) if alpha_prev is None else alpha_prev
+        # diffusers' clip_sample: x0 is clipped before it is used (then the update is not linear).
+        self.clip = float(diffusion.clip_sample_range) if diffusion.clip_sample else None
         self._scratch: dict[str, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -126,10 +195,25 @@ class DDIMScheduler(Scheduler):
         self.coef_eps = [float(c) for c in np.sqrt(np.maximum(1 - a_prev - sigma**2, 0.0))
                          - np.sqrt(a_prev) * np.sqrt(1 - a_t) / np.sqrt(a_t)]
         self.sigma = [float(s) for s in sigma]
+        # With clip_sample: x_prev = sqrt(a_prev) clip(x0) + sqrt(1 - a_prev - sigma^2) eps + sigma z.
+        self.x0_coef_x = [float(c) for c in 1 / np.sqrt(a_t)]
+        self.x0_coef_eps = [float(c) for c in -np.sqrt(1 - a_t) / np.sqrt(a_t)]
+        self.sqrt_a_prev = [float(c) for c in np.sqrt(a_prev)]
+        self.dir_eps = [float(c) for c in np.sqrt(np.maximum(1 - a_prev - sigma**2, 0.0))]
 
     def step(self, index: int, eps: np.ndarray, x: np.ndarray, *, v: np.ndarray | None = None,
              noise: np.ndarray | None = None) -> np.ndarray:
-        tmp = self._linear_update(index, eps, x)
+        if self.clip is None:
+            tmp = self._linear_update(index, eps, x)
+        else:
+            tmp = self._buffer("eps", x)
+            x *= self.x0_coef_x[index]
+            np.multiply(eps, self.x0_coef_eps[index], out=tmp)
+            x += tmp
+            np.clip(x, -self.clip, self.clip, out=x)
+            x *= self.sqrt_a_prev[index]
+            np.multiply(eps, self.dir_eps[index], out=tmp)
+            x += tmp
         if self.sigma[index] > 0:
             if noise is None:
                 raise ValueError("DDIM with eta > 0 needs noise")
@@ -158,20 +242,36 @@ class DDPMScheduler(Scheduler):
         m_x = (1 - a_prev) * np.sqrt(1 - beta) / (1 - a_t)
         self.coef_x = [float(c) for c in m_x0 * c_x0_x + m_x]
         self.coef_eps = [float(c) for c in m_x0 * c_x0_eps]
+        # With clip_sample: mean = m_x0 clip(x0) + m_x x.
+        self.x0_coef_x, self.x0_coef_eps = [float(c) for c in c_x0_x], [float(c) for c in c_x0_eps]
+        self.m_x0, self.m_x = [float(c) for c in m_x0], [float(c) for c in m_x]
         var_post = np.maximum(beta * (1 - a_prev) / (1 - a_t), 1e-20)  # diffusers' clamp for the t=0 step
-        self.std = [float(s) for s in np.sqrt(var_post)]
+        self.learned = diffusion.variance_type == "learned_range"
+        fixed = beta if diffusion.variance_type == "fixed_large" else var_post
+        self.std = [float(s) for s in np.sqrt(fixed)]
         self.log_var_post = [float(s) for s in np.log(var_post)]
         self.log_beta = [float(s) for s in np.log(beta)]
         self.add_noise = [i < len(self.timesteps) - 1 and int(t) > 0 for i, t in enumerate(self.timesteps)]
 
     def step(self, index: int, eps: np.ndarray, x: np.ndarray, *, v: np.ndarray | None = None,
              noise: np.ndarray | None = None) -> np.ndarray:
-        tmp = self._linear_update(index, eps, x)
+        if self.clip is None:
+            tmp = self._linear_update(index, eps, x)
+        else:
+            tmp = self._buffer("eps", x)
+            x0 = self._buffer("x0", x)
+            np.multiply(x, self.x0_coef_x[index], out=x0)
+            np.multiply(eps, self.x0_coef_eps[index], out=tmp)
+            x0 += tmp
+            np.clip(x0, -self.clip, self.clip, out=x0)
+            x *= self.m_x[index]
+            x0 *= self.m_x0[index]
+            x += x0
         if not self.add_noise[index]:
             return x
         if noise is None:
             raise ValueError("DDPM needs noise")
-        if v is None:
+        if v is None or not self.learned:
             np.multiply(noise, self.std[index], out=tmp)
         else:
             # std = exp(0.5 * (f log beta + (1 - f) log var_post)), f = (v + 1) / 2,
@@ -211,9 +311,13 @@ class DPMSolverPP2MScheduler(Scheduler):
         n = len(self.timesteps)
         with np.errstate(divide="ignore"):
             lam = np.log(alpha_now / sigma_now)
-        h = np.append(lam[1:] - lam[:-1], np.inf)
-        # Second order where a previous x0 exists and the step is not the last one.
-        self.second_order = [0 < i < n - 1 for i in range(n)]
+        with np.errstate(divide="ignore"):
+            lam_next = np.log(alpha_next / sigma_next)
+        h = lam_next - lam
+        # Second order where a previous x0 exists and the step is not the last one (diffusers:
+        # first order on the last step when it lands on sigma 0 or with fewer than 15 steps).
+        last_first_order = diffusion.final_sigmas_type == "zero" or n < 15 or bool(a_next[-1] >= 1.0)
+        self.second_order = [i > 0 and (i < n - 1 or not last_first_order) for i in range(n)]
         self.inv_r = [float(h[i] / h[i - 1]) if self.second_order[i] else 0.0 for i in range(n)]
         self._has_prev = False
 
@@ -249,10 +353,9 @@ class DPMSolverPP2MScheduler(Scheduler):
 def make_scheduler(name: str, diffusion: DiffusionConfig, steps: int, *, eta: float = 0.0,
                    timesteps: np.ndarray | None = None) -> Scheduler:
     """Build a sampler by CLI name: "ddim", "ddpm" or "dpmpp-2m"."""
-    if name == "ddim":
+    kind = sampler_kind(name)
+    if kind == "ddim":
         return DDIMScheduler(diffusion, steps, eta=eta, timesteps=timesteps)
-    if name == "ddpm":
+    if kind == "ddpm":
         return DDPMScheduler(diffusion, steps, timesteps=timesteps)
-    if name in ("dpmpp-2m", "dpm++2m", "dpmpp_2m"):
-        return DPMSolverPP2MScheduler(diffusion, steps, timesteps=timesteps)
-    raise UsageError(f"unknown sampler {name!r}", f"choose one of: {', '.join(SAMPLERS)}")
+    return DPMSolverPP2MScheduler(diffusion, steps, timesteps=timesteps)

@@ -22,6 +22,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.data.dataset import ImageData
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.io_utils import write_json
+from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
@@ -62,8 +63,9 @@ class DiTTrainSettings:
 
 
 @torch.no_grad()
-def encode_latents(vq: VQModel, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
-    """Pre-quantization latents h of uint8 images (what the DiT learns to generate)."""
+def encode_latents(vq: VQModel | AutoencoderKL, images: np.ndarray, batch_size: int = 256) -> torch.Tensor:
+    """The latents the DiT learns to generate, of uint8 images: a VQ model's pre-quantization h, or a
+    KL autoencoder's scaled posterior mean (deterministic, so the latents can be cached once)."""
     vq.eval()
     out = []
     for start in range(0, len(images), batch_size):
@@ -72,12 +74,14 @@ def encode_latents(vq: VQModel, images: np.ndarray, batch_size: int = 256) -> to
     return torch.cat(out)
 
 
-def cached_latents(run: RunDir, vq: VQModel, data: ImageData) -> torch.Tensor:
-    """Encode once per VQ checkpoint: the cache is keyed by the VQ weights' hash and the images."""
+def cached_latents(run: RunDir, vq: VQModel | AutoencoderKL, data: ImageData) -> torch.Tensor:
+    """Encode once per first-stage checkpoint: the cache is keyed by its weights' hash and the images."""
     from mmgen_deploy.io_utils import sha256_file
+    from mmgen_deploy.rundir import first_stage_part
 
     path = run.checkpoints_dir / "dit_latents.pt"
-    key = f"{sha256_file(run.weights_path('vqvae'))}:{len(data)}:{int(data.images[:64].sum())}"
+    key = f"{sha256_file(run.weights_path(first_stage_part(run.load_config())))}:{len(data)}:" \
+          f"{int(data.images[:64].sum())}"
     if path.is_file():
         try:
             cache = torch.load(path, map_location="cpu", weights_only=True)
@@ -88,6 +92,37 @@ def cached_latents(run: RunDir, vq: VQModel, data: ImageData) -> torch.Tensor:
     latents = encode_latents(vq, data.images)
     save_checkpoint(path, {"key": key, "latents": latents, "step": 0})
     return latents
+
+
+def adopt_data(run: RunDir, data: str, seed: int) -> None:
+    """Give an imported run (its first stage and DiT from elsewhere, no training data) the data its
+    DiT is to be trained on: `data` is `shapes` or an image folder, at the first stage's image size.
+
+    The DiT is trained from scratch, so its label table follows the data: with another number of
+    classes than the imported DiT's, `dit.num_classes` (and the class names) change to the data's;
+    the architecture (depth, width, patch, diffusers numerics) and the noise schedule stay."""
+    from mmgen_deploy.data import DataSpec, load_split
+
+    meta = run.read_meta()
+    if meta.get("data") and meta["data"].get("source") != "import":
+        raise UsageError(f"{run.root} already trains on its own data (run.json: data)",
+                         "leave out --data (it is for runs made by `mmgen import`)")
+    config = run.load_config()
+    if config.uses_text:
+        raise UsageError("--data: text-to-image runs are made by `mmgen train --text`, not imported")
+    spec = DataSpec.parse(data, image_size=config.vq.image_size, seed=seed)
+    names = tuple(load_split(spec, "train").class_names)
+    dit = config.dit if len(names) == config.dit.num_classes else config.dit.replace(num_classes=len(names))
+    new = config.replace(dit=dit, class_names=names)
+    extra = {k: v for k, v in meta.items() if k not in ("format", "format_version", "diffusion", "class_names", "data")}
+    if dit != config.dit:
+        # The imported DiT weights no longer fit the resized label table: they are what this run
+        # replaces, so keep them beside the run instead of leaving a part that cannot be loaded.
+        old = run.weights_path("dit")
+        if old.is_file():
+            old.replace(old.with_name("imported.safetensors"))
+        extra["dit_label_table"] = {"imported_classes": config.dit.num_classes, "data_classes": len(names)}
+    run.initialize(new, data=spec.to_dict(), extra=extra)
 
 
 # How many distinct training captions the text model's sample grid shows (2 samples each).
@@ -111,12 +146,13 @@ def grid_prompts(captions: list[str], count: int = GRID_PROMPTS) -> list[str]:
 @writes_run("train the DiT")
 def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resume: bool = False,
               callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
-    """Train the DiT of `run` on its VQ-VAE's latents; saves the EMA weights for inference.
+    """Train the DiT of `run` on its first stage's latents (a VQ-VAE trained here, or an imported KL
+    autoencoder); saves the EMA weights for inference.
 
     For a text-to-image run, also builds and saves the tokenizer and trains the text encoder.
     """
     config = run.load_config()
-    vq = run.load_vqvae(config)
+    vq = run.load_first_stage(config)
     latents = cached_latents(run, vq, train)
     labels = torch.from_numpy(train.labels).long()
     tokenizer: WordTokenizer | None = None
@@ -251,7 +287,7 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     return result
 
 
-def sample_grid(vq: VQModel, dit: DiT, config: ModelConfig, path: Path, *, steps: int = 50,
+def sample_grid(vq: VQModel | AutoencoderKL, dit: DiT, config: ModelConfig, path: Path, *, steps: int = 50,
                 per_class: int = 2, cfg_scale: float = 4.0, text_encoder: TextEncoder | None = None,
                 tokenizer: WordTokenizer | None = None, prompts: list[str] | None = None) -> Path | None:
     """A grid with `per_class` samples of every class (one column per class), or for a text

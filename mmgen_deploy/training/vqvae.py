@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmgen_deploy.config import VQConfig
 from mmgen_deploy.data.dataset import ImageData
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.metrics import reconstruct, vq_metrics
@@ -129,6 +130,9 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
     Returns the validation metrics (PSNR, codebook usage, perplexity) and timings.
     """
     config = run.load_config()
+    if not isinstance(config.vq, VQConfig):
+        raise RunDirError(f"{run.root} has a KL autoencoder as its first stage: there is no VQ-VAE to train",
+                          "train the DiT on it with `mmgen train dit`")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     vq = VQModel(config.vq)
