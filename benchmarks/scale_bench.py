@@ -52,23 +52,16 @@ import json, sys, time
 import numpy as np
 import onnxruntime as ort
 from mmgen_deploy.export import onnx_path
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.specs import component_specs
 run, batch, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+spec = component_specs(RunDir(run).load_config())["denoiser"]
+feeds = spec.make_inputs(batch, np.random.default_rng(0))  # the spec's own inputs (names, dtypes, ranges)
 result = {}
-rng = np.random.default_rng(0)
 for precision in ("fp32", "fp16"):
-    path = onnx_path(run, precision, "denoiser")
     started = time.perf_counter()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(onnx_path(run, precision, "denoiser")), providers=["CPUExecutionProvider"])
     load = time.perf_counter() - started
-    feeds = {}
-    for tensor in session.get_inputs():
-        shape = [batch if not isinstance(d, int) else d for d in tensor.shape]
-        if tensor.name == "t":
-            feeds[tensor.name] = rng.uniform(0, 999, shape).astype(np.float32)
-        elif "int" in tensor.type:
-            feeds[tensor.name] = rng.integers(0, 1000, shape).astype(np.int32)
-        else:
-            feeds[tensor.name] = rng.standard_normal(shape).astype(np.float32)
     session.run(None, feeds)  # warm-up
     times = []
     for _ in range(repeats):
@@ -169,15 +162,27 @@ def _mmgen(*args: str) -> list[str]:
     return [sys.executable, "-m", "mmgen_deploy", *args]
 
 
-def bench_preset(preset: str, args: argparse.Namespace, env: dict[str, str]) -> list[StageResult]:
+def bench_preset(preset: str, args: argparse.Namespace, env: dict[str, str], results: list[StageResult]) -> None:
+    """Run every stage for one preset, appending to `results` as they finish (so an interrupted run still
+    reports what it measured); the preset's folder is deleted at the end, also on Ctrl-C, unless --keep."""
     slug = preset.replace("/", "_")
     work = args.work_dir / slug
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    try:
+        _bench_stages(preset, args, env, results, work)
+    finally:
+        if args.keep:
+            print(f"[{preset}] kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _bench_stages(preset: str, args: argparse.Namespace, env: dict[str, str], results: list[StageResult],
+                  work: Path) -> None:
     pair, run = work / "pair", work / "run"
     max_rss = int(args.max_rss_gb * 1e9)
-    results: list[StageResult] = []
     plan: list[tuple[str, list[str]]] = [
         ("make", [sys.executable, str(ROOT / "benchmarks" / "large_models.py"), preset, str(pair), "--vq", args.vq,
                   "--json", str(work / "pair.json")]),
@@ -207,11 +212,6 @@ def bench_preset(preset: str, args: argparse.Namespace, env: dict[str, str]) -> 
         print(f"[{preset}] {stage}: {'ok' if result.ok else 'FAILED'} in {result.seconds:.1f} s, peak "
               f"{result.peak_rss_bytes / 1e9:.2f} GB{'' if result.ok else ' - ' + str(result.error)}",
               file=sys.stderr, flush=True)
-    if args.keep:
-        print(f"[{preset}] kept {work}", file=sys.stderr)
-    else:
-        shutil.rmtree(work, ignore_errors=True)
-    return results
 
 
 def _add_detail(result: StageResult, work: Path, pair: Path, run: Path) -> None:
@@ -282,12 +282,20 @@ def machine() -> dict[str, Any]:
             "load_average": os.getloadavg(), "versions": versions}
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _gb(value: int) -> str:
     return f"{value / 1e9:.2f}" if value else "-"
 
 
 def markdown(results: dict[str, list[StageResult]], info: dict[str, Any], args: argparse.Namespace) -> str:
-    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GiB RAM; "
+    lines = [f"Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GiB RAM; commit {info.get('commit')}; "
              f"VQ-{args.vq} at 256 px; generate: 2 images, {args.steps} DDIM steps, guidance; "
              f"step: denoiser batch {args.step_batch} on ONNX Runtime CPU.", ""]
     lines += ["| preset | stage | wall s | CPU s | peak RSS GB | output GB | load before/after | notes |",
@@ -363,12 +371,17 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
     env.setdefault("MMGEN_NO_COLOR", "1")
     info = machine()
+    commit = ROOT / "COMMIT"  # a snapshot made with `git archive` records its commit here
+    info["commit"] = commit.read_text().strip() if commit.is_file() else _git_commit()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gb']} GiB, load {info['load_average']}",
           file=sys.stderr)
     results: dict[str, list[StageResult]] = {}
     try:
         for preset in presets:
-            results[preset] = bench_preset(preset, args, env)
+            results[preset] = []
+            bench_preset(preset, args, env, results[preset])
+    except KeyboardInterrupt:
+        print("interrupted: the table has what was measured", file=sys.stderr)
     finally:
         info["load_average_end"] = os.getloadavg()
         table = markdown(results, info, args)

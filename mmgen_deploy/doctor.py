@@ -56,6 +56,7 @@ def collect() -> list[Check]:
         elif mod == "onnx":
             detail = f"max opset {module.defs.onnx_opset_version()}"  # type: ignore[attr-defined]
         checks.append(Check(label, "ok", version, detail))
+    checks += cpu_checks(torch)
     for mod, label, hint in (
         ("tensorrt", "tensorrt", "pip install 'mmgen-deploy[tensorrt]' (x86) or JetPack's python3-libnvinfer"),
         ("tensorrt_rtx", "tensorrt-rtx", "pip install 'mmgen-deploy[rtx]' (RTX PCs; builds engines without a GPU)"),
@@ -69,6 +70,57 @@ def collect() -> list[Check]:
             checks.append(Check(label, "missing", "-", hint))
         else:
             checks.append(Check(label, "ok", version))
+    return checks
+
+
+def cpu_checks(torch: object | None) -> list[Check]:
+    """The CPU's BF16 / INT8 units (the real ceiling of a CPU-class box) and the runtimes that use them."""
+    from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.runtime.openvino_runner import openvino_available
+
+    features = cpu_features()
+    checks = [Check("cpu", "ok", features.model,
+                    "flags: " + (", ".join(features.present()) or "no AVX-512 / BF16 / AMX / VNNI"))]
+    openvino, version = _module_version("openvino") if openvino_available() else (None, "")
+    ov_caps = ""
+    if openvino is not None:
+        try:
+            core = openvino.Core()  # type: ignore[attr-defined]
+            devices = list(core.available_devices)
+            caps = list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
+            ov_caps = ", ".join(caps)
+            checks.append(Check("openvino", "ok", str(openvino.get_version()).split("-")[0],  # type: ignore[attr-defined]
+                                f"devices: {', '.join(devices)}; CPU capabilities: {ov_caps}"))
+        except Exception as exc:  # a broken install: say so, do not crash the report
+            checks.append(Check("openvino", "warn", version, f"{type(exc).__name__}: {exc}"))
+    else:
+        checks.append(Check("openvino", "missing", "-", "pip install 'mmgen-deploy[openvino]' (BF16 on AMX / "
+                            "AVX-512 BF16 CPUs, Intel GPUs and NPUs)"))
+    units = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16"))
+             if flag in features.flags]
+    users = []
+    if "BF16" in ov_caps:
+        users.append("openvino (--precision bf16, what --backend auto picks)")
+    torch_bf16 = False
+    if torch is not None:
+        try:
+            torch_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # type: ignore[attr-defined]
+        except Exception:
+            torch_bf16 = False
+    if torch_bf16:
+        users.append("torch autocast (oneDNN; --backend torch --precision bf16)")
+    if units:
+        checks.append(Check("cpu bf16", "ok" if users else "warn", " + ".join(units),
+                            "used by: " + ("; ".join(users) if users else "nothing installed (install OpenVINO)")))
+    else:
+        checks.append(Check("cpu bf16", "warn", "-", "no BF16 units: FP32 is this CPU's fastest exact path"))
+    int8 = [name for name, flag in (("AMX-INT8", "amx_int8"), ("AVX-512 VNNI", "avx512_vnni"),
+                                    ("AVX VNNI", "avx_vnni")) if flag in features.flags]
+    if int8:
+        int8_users = ["onnxruntime (quantized Q/DQ graphs)"] + (["openvino"] if "INT8" in ov_caps else [])
+        checks.append(Check("cpu int8", "ok", " + ".join(int8), "used by: " + "; ".join(int8_users)))
+    else:
+        checks.append(Check("cpu int8", "warn", "-", "no VNNI / AMX-INT8: INT8 graphs gain little here"))
     return checks
 
 

@@ -428,13 +428,15 @@ class RunDir:
                               + "; ".join(problems))
 
     def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
+        from mmgen_deploy.models.fast_init import skip_weight_init
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
         if not isinstance(config.vq, VQConfig):
             raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
                               "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
-        model = VQModel(config.vq)
+        with skip_weight_init():  # every parameter is loaded next
+            model = VQModel(config.vq)
         try:
             self._load_into("vqvae", model)
         except RuntimeError as exc:  # shape mismatches
@@ -444,12 +446,14 @@ class RunDir:
 
     def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
         from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+        from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
         if not isinstance(config.vq, KLConfig):
             raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
         part = FIRST_STAGE_PARTS["kl"]
-        model = AutoencoderKL(config.vq)
+        with skip_weight_init():  # every parameter is loaded next
+            model = AutoencoderKL(config.vq)
         try:
             self._load_into(part, model)
         except RuntimeError as exc:
@@ -464,9 +468,12 @@ class RunDir:
 
     def load_dit(self, config: ModelConfig | None = None) -> DiT:
         from mmgen_deploy.models.dit import DiT
+        from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
-        model = DiT(config.dit)
+
+        with skip_weight_init():  # every parameter is loaded next
+            model = DiT(config.dit)
         try:
             self._load_into("dit", model)
         except RuntimeError as exc:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 from mmgen_deploy.config import ModelConfig, preset
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
+
+# OpenVINO's compiled-model cache (and any other mmgen cache) goes to a temporary folder, not ~/.cache.
+os.environ["MMGEN_CACHE_DIR"] = tempfile.mkdtemp(prefix="mmgen-test-cache-")
 
 # Two cores: keep torch from oversubscribing them in the test process.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -38,6 +42,18 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_gpu)
         if "tensorrt" in item.keywords and not trt:
             item.add_marker(skip_trt)
+
+
+def cpu_auto_choice() -> tuple[str, str]:
+    """What `--backend auto` picks on this CPU for an exported run with no GPU: OpenVINO BF16 where
+    the CPU has AMX / AVX-512 BF16 and OpenVINO is installed, else ONNX Runtime FP32."""
+    from mmgen_deploy.cpuinfo import cpu_features
+
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return ("onnxruntime", "fp32")
+    return ("openvino", "bf16") if cpu_features().native_bf16 else ("onnxruntime", "fp32")
 
 
 @pytest.fixture(scope="session")

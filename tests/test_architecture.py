@@ -68,7 +68,8 @@ def test_the_cli_never_calls_itself_back() -> None:
 
 
 def test_component_and_precision_lists_are_spelled_out_once() -> None:
-    """No module but specs.py writes the component list or the precision list as a literal."""
+    """No module but specs.py writes the component list or the precision list as a literal.
+    (It fails on the tree before issue 17: models/components.py and cli/export.py spelled the list out.)"""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "specs.py":
@@ -83,7 +84,9 @@ def test_component_and_precision_lists_are_spelled_out_once() -> None:
             if isinstance(node, ast.Tuple | ast.List) and node.elts and all(
                     isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
                 values = {e.value for e in node.elts}  # type: ignore[attr-defined]
-                if (len(values) >= 3 and values <= set(COMPONENTS)) or values == set(PRECISIONS):
+                # The list itself (every component, or a class model's four), not a subset with a meaning
+                # of its own such as "the VQ model's components".
+                if (len(values) >= len(COMPONENTS) - 1 and values <= set(COMPONENTS)) or values == set(PRECISIONS):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {sorted(values)}")
     assert not offenders, offenders
 

@@ -198,8 +198,8 @@ def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models
 
     real_export = onnx_export_module.export_fp32
 
-    def export_then_perturb(module, spec, path, *, opset):
-        real_export(module, spec, path, opset=opset)
+    def export_then_perturb(module, spec, path, **options):
+        external = real_export(module, spec, path, **options)
         if spec.name == "denoiser":  # nudge one weight of the final projection by 5 %
             model = onnx.load(str(path))
             node = next(n for n in model.graph.node if n.name.startswith("/dit/final_layer/linear/"))
@@ -208,6 +208,7 @@ def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models
             weights.flat[0] *= 1.05
             init.CopyFrom(onnx.numpy_helper.from_array(weights, init.name))
             onnx.save(model, str(path))
+        return external
 
     monkeypatch.setattr("mmgen_deploy.export.exporter.export_fp32", export_then_perturb)
     code, text = _cli(["export", str(run.root), "-p", "fp32", "-c", "denoiser"], capsys)

@@ -65,7 +65,10 @@ def test_auto_backend_says_what_it_chose(exported_tiny_run, tmp_path, capsys) ->
     code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "1", "--n", "1", "--steps", "1",
                             "--out", str(tmp_path / "auto")], capsys)
     assert code == 0, stderr
-    assert "backend: onnxruntime fp32 on cpu" in stderr and "skipped tensorrt" in stderr
+    from conftest import cpu_auto_choice
+
+    backend, precision = cpu_auto_choice()
+    assert f"backend: {backend} {precision} on cpu" in stderr and "skipped tensorrt" in stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

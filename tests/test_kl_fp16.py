@@ -105,3 +105,22 @@ def test_overflowing_kl_decoder_is_kept_fp32_where_needed(tmp_path: Path) -> Non
     print(f"mixed FP16 rel L2 {mixed.rel_l2:.2e}; plain FP16: finite {np.isfinite(plain_out).mean():.0%}, "
           f"rel L2 {plain_diff.rel_l2:.2e}")
     assert not (np.isfinite(plain_out).all() and plain_diff.rel_l2 <= spec.tolerance("fp16", "image").rel_l2)
+
+
+def test_8_bit_calibration_follows_the_kl_first_stage() -> None:
+    """INT8/FP8 calibration feeds a KL decoder the encoder's latents (no quantizer, no codes)."""
+    from mmgen_deploy.export.calibration import CalibrationData
+    from mmgen_deploy.export.quantize import QuantSettings, trajectory_calibration
+    from mmgen_deploy.models import build_components
+
+    config, kl, dit = _overflowing_model()
+    images = np.random.default_rng(0).uniform(-1, 1, (8, 3, 16, 16)).astype(np.float32)
+    labels = np.arange(8, dtype=np.int32) % config.dit.num_classes
+    inputs, description = trajectory_calibration(CalibrationData(images, labels, "test"), config,
+                                                 build_components(kl, dit), QuantSettings(calibration_size=16,
+                                                                                          timesteps=2, images=8))
+    assert set(inputs) == {"encoder", "decoder", "denoiser"} and "quantizer" not in description
+    with torch.no_grad():
+        latents = kl.encode(torch.from_numpy(images)).numpy()
+    np.testing.assert_allclose(inputs["decoder"]["latent"], latents, rtol=1e-5, atol=1e-6)
+    assert inputs["denoiser"]["x_t"].shape[1:] == latents.shape[1:]

@@ -11,9 +11,9 @@ import pytest
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.runtime import BaseRunner, Runner, open_runner, runner_class
-from mmgen_deploy.specs import PRECISIONS, component_specs
+from mmgen_deploy.specs import RUN_PRECISIONS, component_specs
 
-CONCRETE = ("torch", "onnxruntime", "tensorrt")
+CONCRETE = ("torch", "onnxruntime", "openvino", "tensorrt")
 
 
 def test_every_backend_is_a_base_runner_with_one_constructor_shape() -> None:
@@ -22,7 +22,7 @@ def test_every_backend_is_a_base_runner_with_one_constructor_shape() -> None:
         assert issubclass(cls, BaseRunner) and cls.backend == name
         # One way in: the base's from_run_dir (backends implement _open, not their own from_run_dir).
         assert cls.from_run_dir.__func__ is BaseRunner.from_run_dir.__func__  # type: ignore[attr-defined]
-        assert set(cls.precisions) <= set(PRECISIONS)
+        assert set(cls.precisions) <= set(RUN_PRECISIONS)
     params = list(inspect.signature(BaseRunner.from_run_dir).parameters)
     assert params[:3] == ["run", "precision", "device"]
     with pytest.raises(UsageError, match="unknown backend"):
@@ -53,10 +53,12 @@ def test_shared_checks_and_context_manager_come_from_the_base(exported_tiny_run)
 
 
 def test_open_runner_returns_the_runner_and_the_choice_it_made(exported_tiny_run) -> None:
+    from conftest import cpu_auto_choice
+
     runner, choice = open_runner(exported_tiny_run.root, "auto", device="cpu", threads=1)
     try:
         assert (runner.backend, runner.precision, runner.device) == (choice.backend, choice.precision, choice.device)
-        assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")
+        assert (choice.backend, choice.precision) == cpu_auto_choice()
         assert any(s.startswith("tensorrt") for s in choice.skipped)
     finally:
         runner.close()
@@ -74,6 +76,9 @@ def test_generate_auto_names_its_folder_after_the_backend_that_ran(exported_tiny
               "--threads", "1"])
     assert info.value.code in (0, None), capsys.readouterr().err
     folders = sorted({p.name for p in samples.iterdir()} - before)
-    assert folders == ["onnxruntime-fp32-ddim-2steps-seed0"]
+    from conftest import cpu_auto_choice
+
+    backend, precision = cpu_auto_choice()
+    assert folders == [f"{backend}-{precision}-ddim-2steps-seed0"]
     sidecar = json.loads((samples / folders[0] / "samples.json").read_text())
-    assert sidecar["backend"]["backend"] == "onnxruntime"
+    assert sidecar["backend"]["backend"] == backend

@@ -218,17 +218,21 @@ def test_torch_and_ort_fp32_images_agree(exported_tiny_run) -> None:
 
 
 def test_auto_backend_prefers_onnx_runtime_when_exported(exported_tiny_run, tmp_path, random_models) -> None:
+    from conftest import cpu_auto_choice
+
     from mmgen_deploy.rundir import save_run
     from mmgen_deploy.runtime import resolve_backend
 
     choice = resolve_backend("auto", exported_tiny_run.root)
-    assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")
+    assert (choice.backend, choice.precision) == cpu_auto_choice()
+    fp32 = resolve_backend("auto", exported_tiny_run.root, "fp32")
+    assert (fp32.backend, fp32.precision) == ("onnxruntime", "fp32")
     assert any(s.startswith("tensorrt") for s in choice.skipped)
     config, vq, dit = random_models
     bare = save_run(tmp_path / "bare", config, vq, dit)
     fallback = resolve_backend("auto", bare.root)
     assert fallback.backend == "torch" and "nothing exported" in fallback.reason
-    with pytest.raises(UsageError, match="FP32 only"):
+    with pytest.raises(UsageError, match="runs FP32 or BF16"):
         resolve_backend("torch", bare.root, "fp16")
     with pytest.raises(UsageError, match="unknown backend"):
         resolve_backend("tvm", bare.root)

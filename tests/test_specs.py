@@ -61,6 +61,7 @@ def test_component_and_precision_lists_come_from_the_specs_module() -> None:
         COMPONENTS,
         PIPELINE_TOLERANCES,
         PRECISIONS,
+        RUN_PRECISIONS,
         SAMPLING_COMPONENTS,
         component_names,
         sampling_components,
@@ -73,11 +74,11 @@ def test_component_and_precision_lists_come_from_the_specs_module() -> None:
         assert tuple(specs) == component_names(cfg)  # in pipeline order
         assert set(sampling_components(cfg)) <= set(specs)
         for spec in specs.values():
-            assert set(spec.tolerances) == set(PRECISIONS)
+            assert set(spec.tolerances) == set(RUN_PRECISIONS)
         text = TextEncoder(cfg.text) if cfg.text is not None else None
         assert tuple(build_components(VQModel(cfg.vq), DiT(cfg.dit), text)) == component_names(cfg)
     assert "text_encoder" not in component_names(class_cfg) and "text_encoder" in sampling_components(text_cfg)
-    assert set(PIPELINE_TOLERANCES) == set(PRECISIONS)
+    assert set(PIPELINE_TOLERANCES) == set(RUN_PRECISIONS) and set(PRECISIONS) < set(RUN_PRECISIONS)
     # The denoiser's engine profile covers guidance's doubled batch, the one the sampling loop sends.
     denoiser = component_specs(class_cfg)["denoiser"]
     assert denoiser.engine_profile.max == 2 * denoiser.profile.max

@@ -150,8 +150,11 @@ def test_runners_encode_prompts_like_pytorch(text_run: RunDir) -> None:
     result = sample(runner, config, ort_cond, steps=3, cfg_scale=4.0, seed=0)
     assert result.images.shape == (3, 32, 32, 3) and result.prompts == prompts
     runner.close()
-    # `auto` picks ONNX Runtime only when the text encoder is exported too.
-    assert resolve_backend("auto", text_run.root, device="cpu").backend == "onnxruntime"
+    # `auto` picks the exported path (ONNX Runtime, or OpenVINO BF16 on a BF16 CPU) only when the text
+    # encoder is exported too.
+    from conftest import cpu_auto_choice
+
+    assert resolve_backend("auto", text_run.root, device="cpu").backend == cpu_auto_choice()[0]
 
 
 def test_auto_backend_needs_the_text_encoder_graph(text_run: RunDir, tmp_path: Path) -> None:

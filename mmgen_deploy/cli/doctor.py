@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from mmgen_deploy.cli.common import emit_json, stdout_console
@@ -14,7 +15,8 @@ def register(app: typer.Typer) -> None:
         json_out: str | None = typer.Option(None, "--json", metavar="FILE",
                                             help="Also write the report as JSON to FILE ('-' for stdout)."),
     ) -> None:
-        """Report Python, torch, ONNX, ONNX Runtime providers, TensorRT / TensorRT-RTX and CUDA devices."""
+        """Report Python, torch, ONNX, ONNX Runtime providers, the CPU's BF16 / AMX / VNNI units and the runtimes
+        that use them (OpenVINO, torch autocast), TensorRT / TensorRT-RTX and CUDA devices."""
         from mmgen_deploy.doctor import as_dicts, collect
 
         checks = collect()
@@ -25,6 +27,7 @@ def register(app: typer.Typer) -> None:
         for col in ("component", "status", "version", "detail"):
             table.add_column(col)
         for c in checks:
-            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", c.version, c.detail)
+            # Details hold pip extras like 'mmgen-deploy[openvino]': not rich markup.
+            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", escape(c.version), escape(c.detail))
         stdout_console.print(table)
         emit_json(as_dicts(checks), json_out)

@@ -124,7 +124,9 @@ def register(app: typer.Typer) -> None:
             def on_progress(name: str, event: str, detail: dict[str, Any]) -> None:
                 if event == "start":
                     bar.update(task, description=f"{options.runtime}: {name}")
-                else:
+                else:  # one line per finished engine, with its time: long builds show where they are
+                    bar.console.print(f"  {name}: {event}" + (f" in {detail['seconds']:.1f} s"
+                                                               if event == "built" else ""))
                     bar.advance(task)
 
             result = build_engines(run, options, progress=on_progress)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,8 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
                               f"{entry['bytes'] / 1e6:.1f}", kept)
     console.print(table)
-    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in PRECISIONS
+    shown = [p for p in PRECISIONS if p in precisions or p in DEFAULT_EXPORT_PRECISIONS]  # the table's, at least
+    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in shown
                        if p in DEFAULT_REL_L2)
     console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
 
@@ -107,8 +109,9 @@ def register(app: typer.Typer) -> None:
             help="INT8/FP8: noise levels spread over the training schedule, both ends included."),
         calibration_images: int = typer.Option(
             64, "--calibration-images", min=1,
-            help="INT8/FP8: real images (picked round-robin over classes) for the encoder/decoder and the "
-                 "denoiser's latents."),
+            help="Calibration images. INT8/FP8: real images (picked round-robin over classes) for the "
+                 "encoder/decoder and the denoiser's latents. FP16 range analysis and real-data validation: "
+                 "at most min(N, 16), fewer for components over ~125 GFLOP per sample; fewer = less time."),
         calibration_method: str = typer.Option("max", "--calibration-method",
                                                help="INT8/FP8 activation ranges: max or entropy."),
         high_precision: str = typer.Option(
@@ -119,14 +122,21 @@ def register(app: typer.Typer) -> None:
             None, "--component-precision",
             help="INT8/FP8: override the spec's per-component choice, COMPONENT=fp32|fp16|quantize "
                  "(repeatable), e.g. decoder=fp16."),
+        external_data: bool = typer.Option(
+            False, "--external-data",
+            help="Write every graph's weights to <component>.onnx.data beside it (graphs over 2 GB always are)."),
         json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
     ) -> None:
         """Export every component to ONNX (FP32, mixed-precision FP16, INT8/FP8 Q/DQ), validated against PyTorch.
 
         Writes RUN_DIR/onnx/{fp32,fp16,int8,fp8}/<component>.onnx and RUN_DIR/onnx/manifest.json. Each graph is
-        run in ONNX Runtime CPU at batch 1, 3 and the engine profile's max, on random and real inputs,
-        and compared with PyTorch FP32; any output beyond the tolerance fails the export (exit 1) and
-        leaves the previous RUN_DIR/onnx untouched.
+        run in ONNX Runtime CPU on random and real inputs and compared with PyTorch FP32; any output beyond
+        the tolerance fails the export (exit 1) and leaves the previous RUN_DIR/onnx untouched. Batch sizes
+        are chosen by cost: 1, 3 and the engine profile's max for small models, two sizes for large ones.
+
+        Graphs over 2 GB keep their weights in <component>.onnx.data (hashed and shipped with the graph).
+        Each stage prints its time; a stage that would not fit in the available memory is refused
+        before it starts, with the estimate.
         """
         from mmgen_deploy.export.onnx_export import check_opset
 
@@ -147,15 +157,18 @@ def register(app: typer.Typer) -> None:
 
             normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
         manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
-                              calibration=calibration, quantization=quantization)
+                              calibration=calibration, quantization=quantization,
+                              external_data=True if external_data else None, calibration_images=calibration_images)
         emit_json(manifest, json_out)
 
 
 def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str] | None = None,
                opset: int | None = None, overwrite: bool = False, calibration: Any = None,
-               quantization: Any = None) -> dict[str, Any]:
+               quantization: Any = None, external_data: bool | None = None,
+               calibration_images: int | None = None) -> dict[str, Any]:
     """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
-    and the quickstart's export stage print); returns the manifest."""
+    and the quickstart's export stage print); returns the manifest. Each finished stage prints a
+    line with its time."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from mmgen_deploy.export import export_run
@@ -168,12 +181,19 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
             Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                      TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("export", total=None)
+        current: dict[str, Any] = {"step": None, "stage": "", "start": time.perf_counter()}
 
         def progress(message: str, done: int, total: int) -> None:
-            bar.update(task, description=message, completed=done, total=total)
+            # A new step prints the one that finished with its time: a log to plan with.
+            if (done, total) != current["step"]:
+                if current["step"] is not None:
+                    bar.console.print(f"  {current['stage']}: {time.perf_counter() - current['start']:.1f} s")
+                current.update(step=(done, total), stage=message, start=time.perf_counter())
+            bar.update(task, description=message, completed=done, total=total or None)
 
         manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
-                              calibration=calibration, progress=progress, quantization=quantization, **options)
+                              calibration=calibration, progress=progress, quantization=quantization,
+                              external_data=external_data, calibration_images=calibration_images, **options)
     _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
     console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
                   f"(calibration: {manifest['calibration']['source']})")

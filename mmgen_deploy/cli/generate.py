@@ -44,13 +44,17 @@ def generate(
                                     help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"
                                          "<steps>steps-seed<seed>). A previous `generate` folder is replaced."),
     backend: str = typer.Option("auto", "--backend",
-                                help="auto, torch, onnxruntime or tensorrt. auto picks the fastest available: "
-                                     "TensorRT engines, then ONNX Runtime CUDA, then ONNX Runtime CPU."),
+                                help="auto, torch, onnxruntime, openvino or tensorrt. auto picks the fastest "
+                                     "available: TensorRT engines, then ONNX Runtime CUDA, then OpenVINO BF16 (CPU "
+                                     "with AMX / AVX-512 BF16), then ONNX Runtime CPU."),
     precision: str | None = typer.Option(None, "--precision",
                                          help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) "
-                                              "to run (default: fp16 on GPUs, fp32 on CPUs)."),
-    device: str | None = typer.Option(None, "--device", help="cpu or cuda (default: what the backend prefers)."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / torch."),
+                                              "to run; bf16: the FP32 set in BF16 (openvino, torch autocast). "
+                                              "Default: fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32."),
+    device: str | None = typer.Option(None, "--device",
+                                      help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
+                                           "prefers)."),
+    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / OpenVINO / torch."),
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "
                                          "replay it every step."),

@@ -7,7 +7,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json, stdout_console
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import PIPELINE_TOLERANCES, PRECISIONS
+from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.parity.compare import ParityOptions
@@ -57,8 +57,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def parity(
         run_dir: Path = typer.Argument(..., help="Run directory (trained or imported, with an ONNX export)."),
-        backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, tensorrt or torch."),
-        precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set)."),
+        backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, openvino, tensorrt or "
+                                     "torch."),
+        precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set), or "
+                                       "bf16 (OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
         batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
@@ -94,9 +96,9 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.runtime import BACKENDS
 
         if backend not in BACKENDS or backend == "auto":
-            raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, tensorrt or torch")
-        if precision not in PRECISIONS:
-            raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(PRECISIONS)}")
+            raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
+        if precision not in RUN_PRECISIONS:
+            raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(
@@ -112,31 +114,44 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
-        backends: str = typer.Option("torch,onnxruntime", help="Comma-separated: torch, onnxruntime, tensorrt."),
-        precisions: str = typer.Option("auto", help="Comma-separated precisions for ONNX Runtime / TensorRT "
-                                       "(fp32, fp16, int8, fp8; torch always runs fp32). auto: every set the "
-                                       "backend has (exported ONNX sets, built engine sets)."),
+        backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated: torch, onnxruntime, "
+                                     "openvino, tensorrt."),
+        precisions: str = typer.Option("auto", help="Comma-separated precisions (fp32, fp16, bf16, int8, fp8); "
+                                       "each backend runs those it has (torch fp32/bf16, onnxruntime its exported "
+                                       "sets, openvino fp32/bf16/int8, tensorrt its engine sets) and the table lists "
+                                       "the others as not run. auto: every one a backend has here (bf16 on CPUs "
+                                       "with BF16 units)."),
         batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
                                   "with guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
         steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
         cfg_scale: float = typer.Option(4.0, help="Guidance scale (> 1 doubles the denoiser batch)."),
+        components: str | None = typer.Option(None, "--components", "-c", help="Comma-separated components to "
+                                              "time one by one (default all; e.g. denoiser,quantizer,decoder skips "
+                                              "the encoder, which generation does not run)."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write results as JSON."),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by
-        side in one run, with peak host memory and the denoiser's achieved GFLOP/s next to this machine's
-        measured matrix-multiply rate."""
+        side in one run, with peak host memory, where the time of a generation goes, and the denoiser's and
+        decoder's achieved GFLOP/s against this machine's matrix-multiply peak of the precision they ran
+        (FP32, BF16 and INT8 peaks are measured at the start of the same run)."""
         from mmgen_deploy.parity.bench import run_bench
 
         backend_list = [b.strip() for b in backends.split(",") if b.strip()]
         precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
         if runs < 1 or warmup < 0 or steps < 1:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
+        from mmgen_deploy.specs import COMPONENTS
+
+        component_list = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        unknown = [c for c in component_list or () if c not in COMPONENTS]
+        if unknown:
+            raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(COMPONENTS)}")
         result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch, "--batch"), runs=runs,
                            warmup=warmup, steps=steps, cfg_scale=cfg_scale,
-                           progress=lambda msg: console.print(f"[dim]{msg}[/]"))
+                           progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list)
         if json_out != "-":
             stdout_console.print(result.table())
         emit_json(result.to_dict(), json_out)

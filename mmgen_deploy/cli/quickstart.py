@@ -30,7 +30,7 @@ from mmgen_deploy.cli.train import (
     _vq_settings,
 )
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.specs import PRECISIONS
+from mmgen_deploy.specs import DEFAULT_EXPORT_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
@@ -80,7 +80,7 @@ def _qs_dit(ctx: QuickstartContext) -> str:
 def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
-    manifest = run_export(ctx.run, precisions=list(PRECISIONS))
+    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))  # what `mmgen export` makes
     emit_json(manifest, str(ctx.run.reports_dir / "export.json"))
     return str(ctx.run.onnx_dir)
 
@@ -109,17 +109,30 @@ def generate_prompts_stage(ctx: QuickstartContext) -> str:
     return _generate(ctx, prompts=grid_prompts(ctx.train.captions))
 
 
+def _cpu_bf16_path() -> bool:
+    """OpenVINO installed on a CPU with BF16 units: what `--backend auto` runs here."""
+    from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.runtime.openvino_runner import openvino_available
+
+    return cpu_features().native_bf16 and openvino_available()
+
+
 def parity_stage(ctx: QuickstartContext) -> str:
-    """Parity of the backend the quickstart used, FP32 and FP16; a failure fails the quickstart."""
+    """Parity of the backend the quickstart used, FP32 and FP16, and of OpenVINO BF16 where auto would
+    pick it (a CPU with AMX / AVX-512 BF16 and OpenVINO installed); a failure fails the quickstart."""
     from mmgen_deploy.cli.parity import run_parity_report
     from mmgen_deploy.parity.compare import ParityOptions
 
     verdicts = {}
-    for precision in PRECISIONS:
-        report = ctx.run.reports_dir / f"parity-{QUICKSTART_BACKEND}-{precision}.json"
-        passed = run_parity_report(ctx.run, ParityOptions(backend=QUICKSTART_BACKEND, precision=precision)).passed
-        verdicts[precision] = "PASSED" if passed else "FAILED"
-        ctx.results.setdefault("parity", {})[precision] = str(report)
+    checks = [(QUICKSTART_BACKEND, precision) for precision in DEFAULT_EXPORT_PRECISIONS]
+    if _cpu_bf16_path():
+        checks.append(("openvino", "bf16"))
+    for backend, precision in checks:
+        label = precision if backend == QUICKSTART_BACKEND else f"{backend} {precision}"
+        report = ctx.run.reports_dir / f"parity-{backend}-{precision}.json"
+        passed = run_parity_report(ctx.run, ParityOptions(backend=backend, precision=precision)).passed
+        verdicts[label] = "PASSED" if passed else "FAILED"
+        ctx.results.setdefault("parity", {})[label] = str(report)
     if any(v == "FAILED" for v in verdicts.values()):
         raise MMGenError(f"parity failed: {verdicts}", "see the parity tables above and RUN_DIR/reports")
     return ", ".join(f"{p} {v}" for p, v in verdicts.items()) + f" ({ctx.run.reports_dir})"

@@ -14,15 +14,15 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import PRECISIONS
+from mmgen_deploy.specs import RUN_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.sampling.loop import SampleResult
     from mmgen_deploy.serve.client import GenerateClient, ServedModel
     from mmgen_deploy.serve.repository import RepositoryOptions
 
-_BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
-_PRECISIONS = ("auto", *PRECISIONS)
+_BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
+_PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
 def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", samplers: str = "all",
@@ -69,9 +69,11 @@ def register(app: typer.Typer) -> None:
                                            help="How long the dynamic batcher waits to fill a batch."),
         backend: str = typer.Option("auto", "--backend",
                                     help="Inference backend inside the server: auto (TensorRT engines, else ONNX "
-                                         "Runtime CUDA, else ONNX Runtime CPU), tensorrt, onnxruntime, torch."),
+                                         "Runtime CUDA, else OpenVINO BF16 on BF16 CPUs, else ONNX Runtime CPU), "
+                                         "tensorrt, onnxruntime, openvino, torch."),
         precision: str = typer.Option("auto", "--precision",
-                                      help="auto (fp16 on GPUs, fp32 on CPUs), fp32 or fp16 exported models."),
+                                      help="auto (fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32), "
+                                           "fp32 or fp16 exported models, or bf16 (on the fp32 set)."),
         threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
         steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
         cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",
@@ -122,8 +124,8 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(16, "--max-batch", help="Most images merged into one sampling batch."),
         instances: int = typer.Option(1, "--instances", help="Model instances."),
         queue_delay_us: int = typer.Option(20000, "--max-queue-delay-us", help="Dynamic batcher wait."),
-        backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime or torch."),
-        precision: str = typer.Option("auto", "--precision", help="auto, fp32 or fp16."),
+        backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime, openvino or torch."),
+        precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16 or bf16."),
         threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
         steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
         cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",

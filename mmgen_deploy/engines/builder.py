@@ -34,11 +34,16 @@ from mmgen_deploy.engines.manifest import (
 )
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
+from mmgen_deploy.memory import check_extra
+from mmgen_deploy.onnx_files import onnx_bytes, onnx_sha256
 from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
 
 if TYPE_CHECKING:
     import tensorrt as trt
+
+
+BUILD_BYTES_FACTOR = 3  # estimated builder memory per byte of ONNX (graph + weights)
 
 
 class EngineBuildError(MMGenError):
@@ -153,6 +158,9 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
                     timing_cache: bytes) -> tuple[bytes, bytes | None]:
     """Parse and build one engine; returns (plan, updated timing cache or None)."""
     trt_mod = flavour.trt
+    # The parser keeps the ONNX weights, the network and the builder make their own: ~3x the file.
+    check_extra(f"building the {spec.name} engine", BUILD_BYTES_FACTOR * onnx_bytes(onnx),
+                "build fewer components at a time (--component NAME) or on a machine with more memory")
     logger, messages = _make_logger(flavour, options.verbose)
     builder: trt.Builder = trt_mod.Builder(logger)
     if builder is None:
@@ -287,7 +295,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
         for name in options.components:
             spec = specs[name]
             onnx = onnx_files[name]
-            onnx_sha = sha256_file(onnx)
+            onnx_sha = onnx_sha256(onnx)  # graph + external data file, if any
             shapes = _profile_shapes(spec, options.batch)
             key = _build_key(flavour, options, onnx_sha, shapes, spec.keep_fp32)
             plan_name = f"{name}.plan"

@@ -28,6 +28,7 @@ from typing import Any
 from mmgen_deploy.engines.flavour import Flavour, install_hint, installed_flavours, load_flavour
 from mmgen_deploy.errors import NotAvailableError, RunDirError
 from mmgen_deploy.io_utils import read_json, sha256_file
+from mmgen_deploy.onnx_files import onnx_sha256
 from mmgen_deploy.rundir import RunDir
 
 MANIFEST_FORMAT = "mmgen-engines"
@@ -228,7 +229,11 @@ def check_engine_dir(run: RunDir, flavour: Flavour, *, gpu: GpuInfo | None = Non
         if not onnx.is_file():
             changes.append(f"its source {onnx.relative_to(run.root)} is gone")
             continue
-        digest = sha256_file(onnx)
+        try:
+            digest = onnx_sha256(onnx)  # graph + external data file, if any
+        except FileNotFoundError as exc:
+            changes.append(str(exc))
+            continue
         if digest != entry.get("onnx_sha256"):
             changes.append(f"{onnx.relative_to(run.root)} changed since the build "
                            f"(sha256 {_short(entry.get('onnx_sha256'))}... -> {_short(digest)}...)")

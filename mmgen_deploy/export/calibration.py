@@ -156,10 +156,41 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
     return {"text_encoder": {Tensors.INPUT_IDS: input_ids}, "denoiser": conditions}
 
 
+def _batched(module: nn.Module, inputs: list[torch.Tensor], batch: int) -> tuple[torch.Tensor, ...]:
+    """Run `module` over `inputs` `batch` samples at a time (a 256 px encoder holds ~1 GB of
+    activations per image) and concatenate the outputs."""
+    parts = []
+    for i in range(0, inputs[0].shape[0], batch):
+        out = module(*(x[i:i + batch] for x in inputs))
+        parts.append(out if isinstance(out, tuple) else (out,))
+    return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
+
+
+def first_stage_inputs(images: np.ndarray, config: ModelConfig, specs: dict[str, ComponentSpec],
+                       modules: dict[str, nn.Module]) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
+    """The first stage's components' inputs for `images` (each component fed its predecessor's
+    outputs by name: VQ encoder -> quantizer -> decoder, KL encoder -> decoder), and the latent
+    the DiT denoises (the encoder's output)."""
+    inputs: dict[str, dict[str, np.ndarray]] = {}
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(np.ascontiguousarray(images))}
+    # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
+    batch = max(1, min(images.shape[0], (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
+    with torch.no_grad():
+        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
+            module, spec = modules.get(name), specs[name]
+            if module is None:
+                raise ValueError(f"deriving real inputs needs the {name} module")
+            feeds = [produced[t] for t in spec.input_names]
+            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
+            produced.update(zip(spec.output_names, _batched(module, feeds, batch), strict=True))
+    return inputs, produced[latent_name(config)].numpy().astype(np.float32)
+
+
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given", *,
-                     tokenizer: WordTokenizer | None = None) -> tuple[dict[str, dict[str, np.ndarray]], str]:
+                     tokenizer: WordTokenizer | None = None,
+                     samples: int = CALIBRATION_SAMPLES) -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Per-component real inputs, and a word saying where they came from.
 
     A text model's text encoder and denoiser conditions come from prompts when
@@ -168,7 +199,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     rng = np.random.default_rng(seed)
     use_text = config.uses_text and tokenizer is not None and "text_encoder" in modules
     if data is None:
-        n = CALIBRATION_SAMPLES
+        n = samples
         inputs: dict[str, dict[str, np.ndarray]] = {name: spec.make_inputs(n, rng) for name, spec in specs.items()}
         source = f"spec dummy inputs ({why_no_data})"
         if use_text:
@@ -180,18 +211,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         return inputs, source
     images = data.images
     n = images.shape[0]
-    inputs = {}
-    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(images)}
-    with torch.no_grad():
-        for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]:  # encoder first, then the decode chain
-            module, spec = modules.get(name), specs[name]
-            if module is None:
-                raise ValueError(f"deriving real inputs needs the {name} module")
-            feeds = [produced[t] for t in spec.input_names]
-            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
-            result = module(*feeds)
-            produced.update(zip(spec.output_names, result if isinstance(result, tuple) else (result,), strict=True))
-    h_np = produced[latent_name(config)].numpy().astype(np.float32)
+    inputs, h_np = first_stage_inputs(images, config, specs, modules)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)

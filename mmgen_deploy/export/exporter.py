@@ -14,12 +14,15 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.export.calibration import (
+    CALIBRATION_SAMPLES,
     CalibrationData,
     CalibrationSource,
     component_inputs,
@@ -40,18 +43,26 @@ from mmgen_deploy.export.onnx_export import (
     check_opset,
     export_fp32,
     file_opset,
-    file_size,
 )
 from mmgen_deploy.export.quantize_export import QuantSettings, export_quantized, quant_plan, quantization_data
-from mmgen_deploy.export.validate import random_input_sets, real_input_sets, summarize, validate_graph
-from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
+from mmgen_deploy.export.validate import (
+    random_input_sets,
+    real_input_sets,
+    summarize,
+    validate_graph,
+    validation_batches,
+    with_references,
+)
+from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
     COMPONENTS,
     DEFAULT_EXPORT_PRECISIONS,
+    FIRST_STAGE_COMPONENTS,
     PRECISIONS,
     QUANTIZED_PRECISIONS,
+    TEXT_ONLY_COMPONENTS,
     ComponentSpec,
     component_names,
     component_specs,
@@ -106,76 +117,137 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     return [p for p in PRECISIONS if p in chosen_precisions], [c for c in available if c in chosen]
 
 
+@dataclass
+class _Models:
+    """The torch models of one export, held in one place so the exporter can drop each as soon as
+    its last graph is exported and its reference outputs are computed (one live copy of the weights
+    per stage; a DiT-XL/2 is 2.7 GB)."""
+
+    vq: VQModel | AutoencoderKL | None
+    dit: DiT | None
+    text_encoder: TextEncoder | None = None
+
+
 def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out_dir: str | os.PathLike[str], *,
                   precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS, components: Sequence[str] | None = None,
                   opset: int = DEFAULT_OPSET, calibration: CalibrationSource = None,
                   progress: ProgressCallback | None = None, why_no_calibration: str = "no images given",
                   text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
                   quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
+                  external_data: bool | None = None, calibration_images: int | None = None,
                   ) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
 
     A text-to-image model needs its `text_encoder` (a fifth component) and `tokenizer`
     (which turns the calibration captions into the text encoder's real inputs).
+    `external_data`: True writes every graph's weights to `<name>.onnx.data` (what graphs over
+    2 GB need), None decides by size. `calibration_images`: at most this many calibration
+    samples (default CALIBRATION_SAMPLES; expensive components use fewer, see budget.py).
 
     INT8 / FP8 sets (`precisions` with "int8" / "fp8") are calibrated on `quant_data` (default: the
     `calibration` images) along the sampling trajectory, as `quantization` says (see
     `mmgen_deploy.export.quantize`).
 
-    Returns the manifest's `files` and `calibration` parts. Raises
+    Returns the manifest's `files`, `calibration` and `stages` parts. Raises
     `ExportValidationError` when any graph misses its tolerance (files already written
     to `out_dir` stay there: callers export into a temporary folder).
     """
-    with torch_threads(1):
-        return _export_models(config, vq, dit, Path(out_dir), precisions=precisions, components=components,
-                              opset=opset, calibration=calibration, progress=progress,
-                              why_no_calibration=why_no_calibration, text_encoder=text_encoder,
-                              tokenizer=tokenizer, quantization=quantization, quant_data=quant_data)
+    return _export_models(config, _Models(vq, dit, text_encoder), Path(out_dir), precisions=precisions,
+                          components=components, opset=opset, calibration=calibration, progress=progress,
+                          why_no_calibration=why_no_calibration, tokenizer=tokenizer, external_data=external_data,
+                          calibration_images=calibration_images, quantization=quantization, quant_data=quant_data)
 
 
-def _export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, out: Path, *, precisions: Sequence[str],
+def _memory_hint(name: str) -> str:
+    return (f"export fewer components at a time (--components {name}), use fewer calibration images "
+            "(--calibration-images 4), or a machine with more memory")
+
+
+def _export_models(config: ModelConfig, models: _Models, out: Path, *, precisions: Sequence[str],
                    components: Sequence[str] | None, opset: int, calibration: CalibrationSource,
-                   progress: ProgressCallback | None, why_no_calibration: str, text_encoder: TextEncoder | None,
-                   tokenizer: WordTokenizer | None, quantization: QuantSettings | None = None,
-                   quant_data: CalibrationData | None = None) -> dict[str, Any]:
+                   progress: ProgressCallback | None, why_no_calibration: str, tokenizer: WordTokenizer | None,
+                   external_data: bool | None = None, calibration_images: int | None = None,
+                   quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
+                   ) -> dict[str, Any]:
+    import gc
+
+    from mmgen_deploy.export import budget
+
     check_opset(opset)
-    if config.uses_text and (text_encoder is None or tokenizer is None):
+    if config.uses_text and (models.text_encoder is None or tokenizer is None):
         raise ValueError("exporting a text-to-image model needs its text encoder and tokenizer")
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
     specs = component_specs(config)
-    modules = build_components(vq.eval(), dit.eval(), None if text_encoder is None else text_encoder.eval())
-    data = load_calibration(calibration, config)
-    real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
-                                                tokenizer=tokenizer)
-    real_kind = "real" if data is not None else "dummy"
+    costs = budget.component_costs(config)
+    assert models.vq is not None and models.dit is not None
+    modules = build_components(models.vq.eval(), models.dit.eval(),
+                               None if models.text_encoder is None else models.text_encoder.eval())
+    limit = min(CALIBRATION_SAMPLES, calibration_images or CALIBRATION_SAMPLES)
     quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
-    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration)
-    steps_per = 2 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)
-    total, done = steps_per * len(chosen), 0
+    steps_per = 3 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)
+    total, done = steps_per * len(chosen) + 1, 0
+    stages: list[dict[str, Any]] = []
+    stage_start = time.perf_counter()
 
     def step(message: str) -> None:
-        nonlocal done
+        """Start a stage (the previous one ends): progress gets the message and the step count."""
+        nonlocal done, stage_start
+        now = time.perf_counter()
+        if stages:
+            stages[-1]["seconds"] = round(now - stage_start, 2)
+            stages[-1]["peak_rss_gb"] = round(_peak_rss() / 1e9, 2)
+        stages.append({"stage": message})
+        stage_start = now
         if progress is not None:
             progress(message, done, total)
         done += 1
 
+    def detail(message: str) -> None:
+        """Progress within the current stage (calibration batches, validation sets)."""
+        if progress is not None:
+            progress(f"{stages[-1]['stage']}: {message}", done - 1, total)
+
+    step("calibration inputs")
+    data = load_calibration(calibration, config, limit=limit)
+    with torch_threads(budget.threads_for(costs["encoder"])):
+        real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
+                                                    tokenizer=tokenizer, samples=limit)
+    real_kind = "real" if data is not None else "dummy"
+    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration)
+    del data
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
     # FP32 graphs are the FP16 converter's input, so they are made even for an fp16-only export.
     scratch = out / ".fp32-work" if "fp32" not in chosen_precisions else out / "fp32"
     for name in chosen:
-        spec, module = specs[name], modules[name]
-        input_sets = random_input_sets(spec, specs, modules) + real_input_sets(spec, real_inputs[name], real_kind)
-        fp32_file = scratch / f"{name}.onnx"
+        spec, cost = specs[name], costs[name]
+        module = modules[name]
+        threads = budget.threads_for(cost)
+        batches = validation_batches(spec, cost.cost_gflop)
         step(f"{name}: exporting FP32")
-        started = time.perf_counter()
-        export_fp32(module, spec, fp32_file, opset=opset)
-        export_seconds = time.perf_counter() - started
+        budget.check_memory(f"exporting the {name}", budget.BASE_BYTES + int(budget.EXPORT_WEIGHT_FACTOR
+                                                                             * cost.weight_bytes),
+                            _memory_hint(name))
+        with torch_threads(threads):
+            input_sets = (random_input_sets(spec, specs, modules, batches=batches["random"])
+                          + real_input_sets(spec, real_inputs[name], real_kind, batches=batches["real"]))
+            fp32_file = scratch / f"{name}.onnx"
+            started = time.perf_counter()
+            external = export_fp32(module, spec, fp32_file, opset=opset, external_data=external_data)
+            export_seconds = time.perf_counter() - started
+            step(f"{name}: PyTorch reference outputs")
+            input_sets = with_references(module, spec, input_sets)
+        if not quantized:  # 8-bit calibration still needs the torch module; else free it now
+            del module
+            _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         step(f"{name}: validating FP32 in ONNX Runtime")
-        checks = validate_graph(fp32_file, module, spec, "fp32", input_sets)
+        budget.check_memory(f"validating the {name} in ONNX Runtime",
+                            budget.BASE_BYTES + int(budget.SESSION_WEIGHT_FACTOR * cost.weight_bytes),
+                            _memory_hint(name))
+        checks = validate_graph(fp32_file, None, spec, "fp32", input_sets, threads=threads, progress=detail)
         if "fp32" in chosen_precisions:
             files["fp32"][name] = {
-                "path": relative_onnx_path("fp32", name), "sha256": sha256_file(fp32_file),
-                "bytes": file_size(fp32_file), "precision": "fp32", "opset": file_opset(fp32_file), **_io_record(spec),
+                "path": relative_onnx_path("fp32", name), **_file_record(fp32_file, scratch.parent),
+                "precision": "fp32", "opset": file_opset(fp32_file), **_io_record(spec),
                 "export_seconds": round(export_seconds, 3), "validation": summarize(checks),
             }
         if "fp16" in chosen_precisions:
@@ -183,31 +255,108 @@ def _export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, o
 
             fp16_file = out / "fp16" / f"{name}.onnx"
             step(f"{name}: converting to mixed FP16" if not spec.keep_fp32 else f"{name}: kept FP32 (spec)")
+            budget.check_memory(f"converting the {name} to FP16",
+                                budget.BASE_BYTES + int(budget.AUTOCAST_WEIGHT_FACTOR * cost.weight_bytes),
+                                _memory_hint(name))
+            samples = budget.calibration_samples(cost, next(iter(real_inputs[name].values())).shape[0])
+            calib = {k: v[:samples] for k, v in real_inputs[name].items()}
             started = time.perf_counter()
-            converter = convert_fp16(fp32_file, spec, fp16_file, real_inputs[name])
+            # An FP32 graph with external data gets an FP16 one with external data too (same layout).
+            converter = convert_fp16(fp32_file, spec, fp16_file, calib,
+                                     external_data=True if (external_data or external) else external_data,
+                                     batch_size=budget.calibration_batch(cost, spec.profile.max),
+                                     threads=threads, progress=detail)
             convert_seconds = time.perf_counter() - started
+            del calib
+            gc.collect()
             step(f"{name}: validating FP16 against PyTorch FP32")
-            checks16 = validate_graph(fp16_file, module, spec, "fp16", input_sets)
+            checks16 = validate_graph(fp16_file, None, spec, "fp16", input_sets, threads=threads, progress=detail)
             kept = converter.pop("kept_fp32_nodes")
             fp16_nodes = converter.pop("fp16_nodes")
             files["fp16"][name] = {
-                "path": relative_onnx_path("fp16", name), "sha256": sha256_file(fp16_file),
-                "bytes": file_size(fp16_file), "precision": "fp16", "opset": file_opset(fp16_file), **_io_record(spec),
+                "path": relative_onnx_path("fp16", name), **_file_record(fp16_file, out),
+                "precision": "fp16", "opset": file_opset(fp16_file), **_io_record(spec),
                 "keep_fp32": spec.keep_fp32, "converter": converter, "convert_seconds": round(convert_seconds, 3),
                 "fp16_nodes": fp16_nodes, "kept_fp32_nodes": kept, "validation": summarize(checks16),
             }
         for precision in quantized:
             assert quant is not None
-            files[precision][name] = export_quantized(quant, precision, spec, module, fp32_file, out, input_sets,
-                                                      real_inputs[name], step, fp32_checks=checks)
+            files[precision][name] = export_quantized(quant, precision, spec, modules[name], fp32_file, out,
+                                                      input_sets, real_inputs[name], step, fp32_checks=checks)
+        if quantized:
+            _release(models, modules, specs, chosen[chosen.index(name) + 1:])
+        del input_sets
+        gc.collect()
     if scratch.name == ".fp32-work":
         shutil.rmtree(scratch, ignore_errors=True)
-    if progress is not None:
-        progress("done", total, total)
+    step("done")
+    stages.pop()
     calibration_record: dict[str, Any] = {"source": real_source, "used_for": "FP16 ranges and real-data validation"}
     if quant is not None:
         calibration_record["quantization"] = quant.record()
-    return {"files": files, "calibration": calibration_record}
+    return {"files": files, "stages": stages, "calibration": calibration_record}
+
+
+# Every component that belongs to a first stage, of any kind.
+FIRST_STAGE_NAMES = frozenset(c for names in FIRST_STAGE_COMPONENTS.values() for c in names)
+
+
+def _release(models: _Models, modules: dict[str, Any], specs: dict[str, ComponentSpec],
+             remaining: Sequence[str]) -> None:
+    """Drop the torch modules and models that no remaining component needs (their weights are
+    freed before ONNX Runtime loads the graph)."""
+    import gc
+
+    upstream = {specs[c].upstream for c in remaining if specs[c].upstream}
+    for name in list(modules):
+        if name not in remaining and name not in upstream:
+            modules.pop(name)
+    if not any(c in FIRST_STAGE_NAMES for c in remaining):  # no first-stage component (VQ or KL) left
+        models.vq = None
+    if "denoiser" not in remaining:
+        models.dit = None
+    if "text_encoder" not in remaining and "text_encoder" not in upstream:
+        models.text_encoder = None
+    gc.collect()
+
+
+def _peak_rss() -> int:
+    """This process's peak resident set size so far (bytes)."""
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _file_record(path: Path, root: Path) -> dict[str, Any]:
+    """Hash and size of a graph file set; names the external data file when there is one."""
+    record: dict[str, Any] = {"sha256": onnx_files.onnx_sha256(path), "bytes": onnx_files.onnx_bytes(path)}
+    extra = onnx_files.data_files(path)
+    if extra:
+        record["external_data"] = [{"path": f.relative_to(root).as_posix(), "bytes": f.stat().st_size}
+                                   for f in extra]
+    return record
+
+
+def _unchanged(source: Path, digest: str) -> bool:
+    try:
+        return source.is_file() and onnx_files.onnx_sha256(source) == digest
+    except (OSError, ValueError):  # a data file gone, or an unreadable graph: re-export it
+        return False
+
+
+def _check_memory_for_models(config: ModelConfig, chosen: Sequence[str]) -> None:
+    """Refuse before loading anything when the largest stage cannot fit (one line, with the estimate)."""
+    from mmgen_deploy.export import budget
+
+    costs = budget.component_costs(config)
+    # One component per model holds its weights: the first stage's encoder, the denoiser, the text encoder.
+    per_model = {FIRST_STAGE_COMPONENTS[config.first_stage_kind][0], "denoiser", *TEXT_ONLY_COMPONENTS}
+    models = sum(c.weight_bytes for n, c in costs.items() if n in per_model)
+    for name in chosen:
+        cost = costs[name]
+        # The run's models stay loaded until their last component is exported.
+        need = budget.BASE_BYTES + models + int((budget.EXPORT_WEIGHT_FACTOR - 1) * cost.weight_bytes)
+        budget.check_memory(f"exporting the {name} (with the run's models loaded)", need, _memory_hint(name))
 
 
 def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str, Any] | None:
@@ -236,17 +385,28 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
 def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_PRECISIONS,
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None,
-               quantization: QuantSettings | None = None) -> dict[str, Any]:
+               quantization: QuantSettings | None = None, external_data: bool | None = None,
+               calibration_images: int | None = None) -> dict[str, Any]:
     """Export a run's components to `RUN_DIR/onnx/` atomically; returns the manifest.
 
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
-    the same checkpoint keeps the other files and their manifest entries.
+    the same checkpoint keeps the other files and their manifest entries. `external_data` and
+    `calibration_images`: see `export_models`. The run's torch models are dropped as soon as
+    the export no longer needs them (their memory goes to ONNX Runtime and the FP16 converter).
     """
     run = RunDir.of(run_dir)
     check_opset(opset)
-    parts = run.load_deployable()
-    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
+    if calibration_images is not None and calibration_images < 1:
+        raise UsageError(f"--calibration-images {calibration_images}: need at least 1")
+    config = run.load_config()
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
+    _check_memory_for_models(config, chosen)
+    if progress is not None:
+        progress("loading the PyTorch models", 0, 0)
+    parts = run.load_deployable()
+    models = _Models(parts.vq, parts.dit, parts.text_encoder)
+    tokenizer = parts.tokenizer
+    del parts  # the models live in `models` only, so the exporter can free them
     weights_sha = run.weights_sha256()
     why_no_calibration = "no images given"
     quant_data = None
@@ -267,18 +427,14 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                     if precision in chosen_precisions and component in chosen:
                         continue
                     source = run.onnx_dir / entry["path"]
-                    if source.is_file() and sha256_file(source) == entry["sha256"]:
-                        target = tmp / entry["path"]
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        shutil.copy2(source, target)
-                        data_file = source.with_name(source.name + ".data")
-                        if data_file.exists():
-                            shutil.copy2(data_file, target.with_name(data_file.name))
+                    if _unchanged(source, entry["sha256"]):
+                        onnx_files.copy_onnx(source, tmp / entry["path"], link=True)
                         files.setdefault(precision, {})[component] = entry
-        result = export_models(config, vq, dit, tmp, precisions=chosen_precisions, components=chosen,
-                               opset=opset, calibration=calibration, progress=progress,
-                               why_no_calibration=why_no_calibration, text_encoder=text_encoder,
-                               tokenizer=tokenizer, quantization=quantization, quant_data=quant_data)
+        result = _export_models(config, models, tmp, precisions=chosen_precisions, components=chosen,
+                                opset=opset, calibration=calibration, progress=progress,
+                                why_no_calibration=why_no_calibration, tokenizer=tokenizer,
+                                external_data=external_data, calibration_images=calibration_images,
+                                quantization=quantization, quant_data=quant_data)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {
@@ -297,7 +453,8 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                       for p in PRECISIONS if files[p]},
             "calibration": result["calibration"],
             "last_export": {"precisions": chosen_precisions, "components": chosen,
-                            "seconds": round(time.perf_counter() - started, 2)},
+                            "seconds": round(time.perf_counter() - started, 2), "stages": result["stages"],
+                            "peak_rss_gb": round(_peak_rss() / 1e9, 2)},
         }
         write_json(tmp / MANIFEST_NAME, manifest)
     return manifest

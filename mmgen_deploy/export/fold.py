@@ -23,7 +23,7 @@ _FOLDABLE = {
     "Equal", "Where", "Sqrt", "Floor", "Ceil", "Neg", "Abs", "Min", "Max", "Range", "ConstantOfShape",
     "Expand", "Identity", "ReduceProd", "Mod", "Less", "Greater", "Not", "And", "Or", "Shape", "Size",
 }
-_MAX_FOLD_ELEMENTS = 4096  # shape vectors and scalars, never weights
+MAX_FOLD_ELEMENTS = 4096  # shape vectors and scalars, never weights
 
 
 def _static_dims(value: onnx.ValueInfoProto) -> list[int | None] | None:
@@ -55,7 +55,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     shapes = {v.name: _static_dims(v) for v in (*inferred.graph.value_info, *inferred.graph.input)}
     constants: dict[str, np.ndarray] = {
         init.name: numpy_helper.to_array(init) for init in model.graph.initializer
-        if np.prod(init.dims, dtype=np.int64) <= _MAX_FOLD_ELEMENTS
+        if np.prod(init.dims, dtype=np.int64) <= MAX_FOLD_ELEMENTS
     }
     partial_shapes: dict[str, list[int | None]] = {}  # Shape outputs with a dynamic batch entry
     graph_outputs = {o.name for o in model.graph.output}
@@ -89,7 +89,7 @@ def fold_static_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
                 result = [sliced]
         elif node.op_type in _FOLDABLE and all(not name or name in constants for name in node.input):
             inputs = [constants[name] if name else None for name in node.input]
-            if all(a is None or a.size <= _MAX_FOLD_ELEMENTS for a in inputs):
+            if all(a is None or a.size <= MAX_FOLD_ELEMENTS for a in inputs):
                 result = _evaluate(node, inputs, opset)
         if result is None or len(result) != len(node.output):
             kept.append(node)

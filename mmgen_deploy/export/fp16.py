@@ -9,18 +9,21 @@ matching the spec's FP32 scopes / op types are forced FP32. I/O types stay FP32.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
-import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 
+from mmgen_deploy import onnx_files
 from mmgen_deploy.errors import NotAvailableError
 from mmgen_deploy.export.onnx_export import check_model, save_model, scope_regex
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import BATCH, ComponentSpec
 
 DATA_MAX = 512.0  # AutoCast's default: FP16 keeps ~3 significant digits; 65504 is the hard limit
 INIT_MAX = 65504.0  # largest finite FP16
@@ -61,7 +64,8 @@ _FLOAT_TYPES: dict[int, str] = {int(onnx.TensorProto.FLOAT): "fp32", int(onnx.Te
 
 def node_precisions(model: onnx.ModelProto) -> dict[str, str]:
     """Node name -> "fp32" / "fp16" by the float type of its tensors (nodes with no float
-    tensors, e.g. Shape arithmetic, and AutoCast's own Casts are left out)."""
+    tensors, e.g. Shape arithmetic, and AutoCast's own Casts are left out). Needs the graph
+    only: load it with `load_external_data=False`."""
     inferred = onnx.shape_inference.infer_shapes(model)
     types: dict[str, int] = {}
     for value in (*inferred.graph.input, *inferred.graph.output, *inferred.graph.value_info):
@@ -99,24 +103,34 @@ class _SkipRecorder(logging.Handler):
             self.reasons.setdefault(match.group("node"), _REASONS.get(reason, reason))
 
 
-def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
-                 calibration: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Write the FP16 graph of one component; returns the manifest's converter record."""
+def _graph(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path, calibration: dict[str, np.ndarray], *,
+                 external_data: bool | None = None, batch_size: int | None = None,
+                 threads: int = 1, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Write the FP16 graph of one component; returns the manifest's converter record.
+
+    AutoCast's range analysis is fed by `activation_ranges` (batches of `batch_size` samples,
+    ranges merged), not by its own reference run, which holds every intermediate tensor of the
+    whole calibration set at once (23 GB for 16 images through a 256 px encoder).
+    """
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if spec.keep_fp32:
         # The quantizer: FP16 distances flip code indices, so its "FP16" graph is the FP32 one.
-        shutil.copyfile(fp32_path, out_path)
-        precisions = node_precisions(onnx.load(str(out_path)))
+        onnx_files.copy_onnx(fp32_path, out_path)
+        precisions = node_precisions(_graph(out_path))
         return {"name": "none (component kept FP32: spec.keep_fp32)", "version": None, "arguments": {},
                 "kept_fp32_nodes": sorted(n for n, p in precisions.items() if p == "fp32"), "fp16_nodes": 0}
     convert = _autocast()
     arguments = converter_arguments(spec)
-    # A folder with one .npz is read as ONE batch; a bare .npz is split into batch-1 runs,
-    # which costs ~1 s per sample on the S/2 denoiser for the same statistics.
-    calib_dir = out_path.with_name(f".{spec.name}.calibration")
-    calib_dir.mkdir(exist_ok=True)
-    arrays: dict[str, Any] = {name: calibration[name] for name in spec.input_names}
-    np.savez(calib_dir / "batch0.npz", **arrays)
+    samples = int(calibration[spec.input_names[0]].shape[0])
+    batch = batch_size or calibration_batch_size(fp32_path, spec)
+    ranges = activation_ranges(fp32_path, {name: calibration[name] for name in spec.input_names}, batch,
+                               threads=threads, progress=progress)
+    if progress is not None:
+        progress("AutoCast")
     # AutoCast logs every node at INFO; what it decided is recorded in the manifest instead.
     # Some of its notes go to the root logger (e.g. "ops not supported in float16: Not", about the
     # text encoder's boolean padding mask, which has no float to convert anyway).
@@ -133,20 +147,26 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
     autocast_logger.handlers = [recorder]
     autocast_logger.setLevel(logging.INFO)
     autocast_logger.propagate = False
+    runner = _PrecomputedRanges.install(ranges)
     try:
-        model = convert(str(fp32_path), calibration_data=str(calib_dir), **arguments)
+        model = convert(str(fp32_path), calibration_data=None, **arguments)
     finally:
+        runner.uninstall()
         for lg, level in zip(loggers, previous, strict=True):
             lg.setLevel(level)
         autocast_logger.setLevel(saved[0])
         autocast_logger.propagate = saved[1]
         autocast_logger.handlers = saved[2]
-        shutil.rmtree(calib_dir, ignore_errors=True)
+    del ranges
     model.producer_name = "mmgen-deploy"
     model.doc_string = f"mmgen-deploy {spec.name}, mixed-precision FP16 (ModelOpt AutoCast)"
-    save_model(model, out_path)
+    if progress is not None:
+        progress("saving")
+    save_model(model, out_path, base_dir=fp32_path.parent, external_data=external_data)
+    del model
+    gc.collect()
     check_model(out_path)
-    precisions = node_precisions(onnx.load(str(out_path)))
+    precisions = node_precisions(_graph(out_path))
     kept = sorted(n for n, p in precisions.items() if p != "fp16")
     return {
         # Why each node stayed FP32, as AutoCast decided it: the spec's op types / scopes, or the
@@ -154,7 +174,179 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path,
         "fp32_reasons": {n: recorder.reasons[n] for n in kept if n in recorder.reasons},
         "name": "modelopt.onnx.autocast.convert_to_mixed_precision",
         "version": converter_version(),
-        "arguments": {**arguments, "calibration_samples": int(calibration[spec.input_names[0]].shape[0])},
+        "arguments": {**arguments, "calibration_samples": samples, "calibration_batch": batch,
+                      "reference_runner": "mmgen activation_ranges (batched, ranges merged)"},
+        "uncovered_tensors": runner.uncovered,
         "kept_fp32_nodes": kept,
         "fp16_nodes": sum(1 for p in precisions.values() if p == "fp16"),
     }
+
+
+# -- batched range analysis ------------------------------------------------------------------------------------
+
+_CALIBRATION_ACTIVATION_BUDGET = 1 << 30  # bytes of intermediate tensors one calibration batch may hold
+
+
+def _float_values(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """Every float tensor a node writes (and the graph inputs), with its inferred shape."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v for v in (*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output)}
+    out: dict[str, list[int | str]] = {}
+    produced = [o for node in inferred.graph.node for o in node.output if o]
+    for name in [i.name for i in inferred.graph.input] + produced:
+        value = types.get(name)
+        if value is None or value.type.tensor_type.elem_type not in _FLOAT_TYPES:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        out[name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in dims]
+    return out
+
+
+def activation_bytes_per_sample(path: Path) -> int | None:
+    """Bytes of all float intermediate tensors of one sample (batch axis = 1): what a reference
+    run that records every tensor holds per sample; None when shape inference leaves a size
+    unknown (it does after a GroupNorm's reshape), so the graph alone cannot tell."""
+    total = 0
+    for dims in _float_values(_graph(path)).values():
+        count = 1
+        for d in dims:
+            if d == BATCH:
+                continue
+            if not isinstance(d, int) or d <= 0:
+                return None
+            count *= d
+        total += 4 * count
+    return total
+
+
+def calibration_batch_size(path: Path, spec: ComponentSpec, budget: int = _CALIBRATION_ACTIVATION_BUDGET) -> int:
+    """Samples per range-analysis batch from the graph's own shapes (the exporter passes one counted
+    on the torch side instead, see `budget.calibration_batch`); 1 when the graph cannot tell."""
+    per_sample = activation_bytes_per_sample(path)
+    if per_sample is None:
+        return 1
+    return max(1, min(spec.profile.max, budget // max(1, per_sample)))
+
+
+@dataclass
+class _Stats:
+    absmax: float
+    min_val: float
+    max_val: float
+    shape: tuple[int, ...]
+
+
+def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int, *, threads: int = 1,
+                      progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """min / max / absmax of every float tensor of the FP32 graph at `path` over `inputs`, run in
+    ONNX Runtime `batch_size` samples at a time (ranges are min/max: they merge exactly).
+
+    One session, on the graph file itself (its external data is read from beside it), with every
+    float tensor made an output; each batch's tensors are reduced to three numbers and dropped.
+    Returns name -> AutoCast TensorStats.
+    """
+    import onnxruntime as ort
+    from modelopt.onnx.autocast.referencerunner import TensorStats
+
+    model = _graph(path)
+    values = _float_values(model)
+    existing = {o.name for o in model.graph.output}
+    inputs_names = {i.name for i in model.graph.input}
+    for name in values:
+        if name not in existing and name not in inputs_names:
+            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    if threads > 1:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    uses_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    if uses_external:
+        # Beside the original so that the external data resolves; graph only (megabytes).
+        probe = path.with_name(f".{path.stem}.ranges.onnx")
+        onnx.save(model, str(probe))
+        del model
+        try:
+            session = ort.InferenceSession(str(probe), options, providers=["CPUExecutionProvider"])
+        finally:
+            probe.unlink(missing_ok=True)
+    else:
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        del model
+    names = [o.name for o in session.get_outputs()]
+    stats: dict[str, _Stats] = {}
+    total = next(iter(inputs.values())).shape[0]
+
+    def merge(name: str, array: np.ndarray) -> None:
+        if array.size == 0 or not np.issubdtype(array.dtype, np.floating):
+            return
+        lo, hi = float(np.min(array)), float(np.max(array))
+        old = stats.get(name)
+        if old is None:
+            stats[name] = _Stats(max(abs(lo), abs(hi)), lo, hi, tuple(array.shape))
+        else:
+            old.min_val, old.max_val = min(old.min_val, lo), max(old.max_val, hi)
+            old.absmax = max(abs(old.min_val), abs(old.max_val))
+
+    for start in range(0, total, batch_size):
+        if progress is not None:
+            progress(f"calibration {min(start + batch_size, total)}/{total}")
+        feeds = {name: np.ascontiguousarray(array[start:start + batch_size]) for name, array in inputs.items()}
+        for name, array in feeds.items():
+            merge(name, array)
+        outputs = session.run(names, feeds)
+        for name, array in zip(names, outputs, strict=True):
+            merge(name, array)
+        del outputs
+    del session
+    gc.collect()
+    return {name: TensorStats(absmax=s.absmax, min_val=s.min_val, max_val=s.max_val, shape=s.shape)
+            for name, s in stats.items()}
+
+
+class _PrecomputedRanges:
+    """Stands in for AutoCast's ReferenceRunner during one conversion: returns the ranges
+    `activation_ranges` measured (AutoCast's NodeClassifier accepts merged TensorStats, which is
+    what its own runner returns for several calibration batches)."""
+
+    def __init__(self, ranges: dict[str, Any]) -> None:
+        self.ranges = ranges
+        self.uncovered = 0
+        self._module: Any = None
+        self._original: Any = None
+
+    @classmethod
+    def install(cls, ranges: dict[str, Any]) -> _PrecomputedRanges:
+        import modelopt.onnx.autocast.convert as autocast_convert
+
+        runner = cls(ranges)
+        owner = runner
+
+        class Runner:
+            def __init__(self, model: onnx.ModelProto, *args: Any, **kwargs: Any) -> None:
+                self.model = model
+
+            def run(self, inputs: Any = None) -> dict[str, Any]:
+                produced = {o for node in self.model.graph.node for o in node.output if o}
+                floats = _float_values_names(self.model)
+                owner.uncovered = sum(1 for name in produced & floats if name not in owner.ranges)
+                return dict(owner.ranges)
+
+        if not hasattr(autocast_convert, "ReferenceRunner"):
+            raise NotAvailableError("this ModelOpt version has no autocast.convert.ReferenceRunner to feed",
+                                    "install nvidia-modelopt 0.33 .. 0.47")
+        runner._module, runner._original = autocast_convert, autocast_convert.ReferenceRunner
+        autocast_convert.ReferenceRunner = Runner
+        return runner
+
+    def uninstall(self) -> None:
+        if self._module is not None:
+            self._module.ReferenceRunner = self._original
+            self._module = None
+
+
+def _float_values_names(model: onnx.ModelProto) -> set[str]:
+    """Names of float tensors per the value_info AutoCast has already inferred on its model."""
+    return {v.name for v in (*model.graph.value_info, *model.graph.output)
+            if v.type.tensor_type.elem_type in _FLOAT_TYPES}

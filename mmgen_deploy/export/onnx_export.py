@@ -11,6 +11,7 @@ dynamo exporter names nodes `node_cos` and keeps the module path only in metadat
 
 from __future__ import annotations
 
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -18,9 +19,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
+from mmgen_deploy import onnx_files
 from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.export.fold import MAX_FOLD_ELEMENTS as _MAX_FOLD_ELEMENTS
 from mmgen_deploy.export.fold import fold_static_shapes
 from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
@@ -30,6 +34,8 @@ DEFAULT_OPSET = 18
 EXPORTER_NAME = "torch.onnx.export (TorchScript exporter, dynamo=False)"
 # Protobuf cannot serialise a single message over 2 GiB: larger models keep weights next to the graph.
 EXTERNAL_DATA_THRESHOLD = 2_000_000_000
+_INLINE_BYTES = 1024  # smaller tensors stay inside the graph (onnx's own default threshold)
+_ALIGN = 4096
 _ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT32}
 
 
@@ -83,29 +89,129 @@ def constants_to_initializers(model: onnx.ModelProto) -> int:
     return moved
 
 
-def save_model(model: onnx.ModelProto, path: Path) -> None:
-    """One file, or graph + `<name>.data` when the weights are too big for protobuf."""
-    size = sum(init.ByteSize() for init in model.graph.initializer)
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                  location=path.name + ".data")
-    else:
+def _tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """Bytes of a tensor's data, wherever it lives (inline raw/typed fields or an external file)."""
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = {e.key: e.value for e in tensor.external_data}
+        if "length" in info:
+            return int(info["length"])
+        count = int(np.prod(tensor.dims, dtype=np.int64))
+        return count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return len(tensor.raw_data) if tensor.HasField("raw_data") else tensor.ByteSize()
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """Total bytes of the model's initializers, inline or external."""
+    return sum(_tensor_bytes(t) for t in model.graph.initializer)
+
+
+def _read_external(tensor: onnx.TensorProto, base_dir: Path) -> bytes:
+    info = {e.key: e.value for e in tensor.external_data}
+    location = base_dir / info["location"]
+    with open(location, "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        length = info.get("length")
+        return f.read(int(length)) if length is not None else f.read()
+
+
+def _raw_bytes(tensor: onnx.TensorProto, base_dir: Path | None) -> bytes:
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        if base_dir is None:
+            raise ValueError(f"tensor {tensor.name} has external data but no folder to read it from")
+        return _read_external(tensor, base_dir)
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return numpy_helper.to_array(tensor).tobytes()
+
+
+def _set_inline(tensor: onnx.TensorProto, raw: bytes) -> None:
+    dims, name, dtype = list(tensor.dims), tensor.name, tensor.data_type
+    tensor.Clear()
+    tensor.name, tensor.data_type = name, dtype
+    tensor.dims.extend(dims)
+    tensor.raw_data = raw
+
+
+def load_small_external(model: onnx.ModelProto, base_dir: Path, max_elements: int) -> int:
+    """Bring initializers of at most `max_elements` elements inline (shape vectors, scalars) so
+    graph-only work such as shape folding can read them; the weights stay external."""
+    moved = 0
+    for tensor in model.graph.initializer:
+        if (tensor.data_location == onnx.TensorProto.EXTERNAL
+                and int(np.prod(tensor.dims, dtype=np.int64)) <= max_elements):
+            _set_inline(tensor, _read_external(tensor, base_dir))
+            moved += 1
+    return moved
+
+
+def save_model(model: onnx.ModelProto, path: Path, *, base_dir: Path | None = None,
+               external_data: bool | None = None) -> bool:
+    """Write `model` to `path`: one file, or the graph plus `<name>.onnx.data` (returns True then).
+
+    `external_data` None decides by size (over EXTERNAL_DATA_THRESHOLD: protobuf's 2 GB limit);
+    True forces the two-file form (what the tests use to cover the large-model path cheaply).
+    Initializers may already live in external files relative to `base_dir` (a graph loaded with
+    `load_external_data=False`): they are streamed tensor by tensor into the one data file, so the
+    weights are never all in memory. The proto is changed in place (its tensors end up pointing
+    at the new data file, or inline).
+    """
+    total = weight_bytes(model)
+    external = total > EXTERNAL_DATA_THRESHOLD if external_data is None else external_data
+    data_file = onnx_files.data_path(path)
+    if not external:
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            for tensor in model.graph.initializer:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    _set_inline(tensor, _raw_bytes(tensor, base_dir))
+        data_file.unlink(missing_ok=True)
         onnx.save(model, str(path))
+        return False
+    partial = data_file.with_name(data_file.name + ".partial")
+    with open(partial, "wb") as out:
+        for tensor in model.graph.initializer:
+            raw = _raw_bytes(tensor, base_dir)
+            if len(raw) < _INLINE_BYTES:
+                if tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data"):
+                    _set_inline(tensor, raw)
+                continue
+            offset = -(-out.tell() // _ALIGN) * _ALIGN  # page-aligned: ONNX Runtime can map it
+            out.write(b"\0" * (offset - out.tell()))
+            out.write(raw)
+            dims, name, dtype = list(tensor.dims), tensor.name, tensor.data_type
+            tensor.Clear()
+            tensor.name, tensor.data_type = name, dtype
+            tensor.dims.extend(dims)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", data_file.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            del raw
+    os.replace(partial, data_file)
+    onnx.save(model, str(path))
+    return True
 
 
 def check_model(path: Path) -> onnx.ModelProto:
-    """onnx.checker (full) + strict shape inference; returns the model with inferred shapes."""
+    """onnx.checker (full, by path: works past 2 GB) + strict shape inference on the graph alone
+    (weights not loaded); returns the graph (external tensors unloaded) with inferred shapes."""
     try:
         onnx.checker.check_model(str(path), full_check=True)
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise MMGenError(f"{path.name} fails the ONNX checker: {str(exc).splitlines()[0]}",
                          "report this as a bug with `--debug` output") from None
 
 
-def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: int = DEFAULT_OPSET) -> None:
-    """Export one component to `path` (FP32, batch axis dynamic), then check it."""
+def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: int = DEFAULT_OPSET,
+                external_data: bool | None = None) -> bool:
+    """Export one component to `path` (FP32, batch axis dynamic), then check it.
+
+    The graph is handled without its weights throughout (torch writes the weights of a model over
+    2 GB to files of their own; they are streamed into `<name>.onnx.data`), so a model of any size
+    exports with one copy of its weights in memory: the torch module's. `external_data`: see
+    `save_model`. Returns whether the weights were written to an external data file.
+    """
     check_opset(opset)
     # Trace with batch 2: a batch of 1 invites the tracer to specialise broadcasting on it.
     example = spec.make_inputs(2, np.random.default_rng(0))
@@ -120,25 +226,27 @@ def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: in
             torch.onnx.export(module.eval(), args, str(raw), input_names=spec.input_names,
                               output_names=spec.output_names, dynamic_axes=dynamic_axes,
                               opset_version=opset, do_constant_folding=True, dynamo=False)
-        model = onnx.load(str(raw))
-    for value, tensor in zip(model.graph.input, spec.inputs, strict=True):
-        _set_shape(value, tensor)
-    for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
-        _set_shape(value, tensor)
-    constants_to_initializers(model)
-    model, _ = fold_static_shapes(model)
-    # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
-    del model.graph.value_info[:]
-    model.producer_name = "mmgen-deploy"
-    model.doc_string = f"mmgen-deploy {spec.name}, FP32, exported with {EXPORTER_NAME}"
-    save_model(model, path)
+        model = onnx.load(str(raw), load_external_data=False)
+        load_small_external(model, Path(scratch), _MAX_FOLD_ELEMENTS)
+        for value, tensor in zip(model.graph.input, spec.inputs, strict=True):
+            _set_shape(value, tensor)
+        for value, tensor in zip(model.graph.output, spec.outputs, strict=True):
+            _set_shape(value, tensor)
+        constants_to_initializers(model)
+        model, _ = fold_static_shapes(model)
+        # Drop the exporter's intermediate shapes (some carry invented axis names); re-inferred below.
+        del model.graph.value_info[:]
+        model.producer_name = "mmgen-deploy"
+        model.doc_string = f"mmgen-deploy {spec.name}, FP32, exported with {EXPORTER_NAME}"
+        external = save_model(model, path, base_dir=Path(scratch), external_data=external_data)
+    del model
     check_model(path)
+    return external
 
 
 def file_size(path: Path) -> int:
     """Bytes of the graph plus its external data file, if any."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    return onnx_files.onnx_bytes(path)
 
 
 def file_opset(path: Path) -> int:

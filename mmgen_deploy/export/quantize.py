@@ -160,8 +160,6 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     doubled batch classifier-free guidance runs. Latents are taken round-robin over the classes,
     and each timestep gets the next ones, so every class is seen. Encoder: the images; decoder:
     their codes z_q; text encoder: their captions' token ids, plus the empty prompt."""
-    import torch
-
     from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 
     rng = np.random.default_rng(settings.seed)
@@ -169,15 +167,12 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     images = np.ascontiguousarray(data.images[order])
     labels = None if data.labels is None else np.asarray(data.labels)[order].astype(np.int32)
     captions = None if data.captions is None else [data.captions[i] for i in order]
-    with torch.no_grad():
-        h = modules["encoder"](torch.from_numpy(images))
-        z_q, _ = modules["quantizer"](h)
-    h_np = h.numpy().astype(np.float32)
-    inputs: dict[str, dict[str, np.ndarray]] = {
-        "encoder": {"image": images},
-        "quantizer": {"h": h_np},
-        "decoder": {"z_q": z_q.numpy().astype(np.float32)},
-    }
+    from mmgen_deploy.export.calibration import first_stage_inputs
+    from mmgen_deploy.specs import component_specs
+
+    # The first stage's components in order, each on its predecessor's outputs (VQ: image -> h ->
+    # z_q; KL: image -> latent); h_np is the latent the DiT denoises.
+    inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules)
     timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
     per_step = max(1, settings.calibration_size // (2 * len(timesteps)))
     alphas = training_alphas_cumprod(config.diffusion)
@@ -200,9 +195,11 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
             "noised": "x_t = sqrt(a_t) h + sqrt(1 - a_t) eps, h = encoder latents of real images",
         },
         "encoder": {"samples": len(images), "inputs": "real images"},
-        "decoder": {"samples": len(images), "inputs": "codes z_q of the real images"},
-        "quantizer": {"samples": 0, "inputs": "not quantized (FP32: distances decide code indices)"},
+        "decoder": {"samples": len(images), "inputs": "codes z_q of the real images" if "quantizer" in inputs
+                    else "the encoder's latents of the real images"},
     }
+    if "quantizer" in inputs:
+        description["quantizer"] = {"samples": 0, "inputs": "not quantized (FP32: distances decide code indices)"}
     if not config.uses_text:
         num_classes = config.dit.num_classes
         own = labels if labels is not None else (np.arange(len(h_np)) % num_classes).astype(np.int32)

@@ -26,7 +26,7 @@ from mmgen_deploy.export.manifest import relative_onnx_path
 from mmgen_deploy.export.onnx_export import file_opset, file_size
 from mmgen_deploy.export.quantize import QuantSettings, quantize_component, trajectory_calibration
 from mmgen_deploy.export.validate import InputSet, OutputCheck, summarize, validate_graph
-from mmgen_deploy.io_utils import sha256_file
+from mmgen_deploy.onnx_files import onnx_sha256
 from mmgen_deploy.specs import ComponentSpec, TensorSpec
 
 if TYPE_CHECKING:
@@ -118,7 +118,7 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
     else:
         checks = validate_graph(target, module, spec, shipped, input_sets)
     return {
-        "path": relative_onnx_path(precision, spec.name), "sha256": sha256_file(target), "bytes": file_size(target),
+        "path": relative_onnx_path(precision, spec.name), "sha256": onnx_sha256(target), "bytes": file_size(target),
         "precision": precision, "component_precision": shipped, "opset": file_opset(target), **_io_record(spec),
         "keep_fp32": spec.keep_fp32, "quantization": record, "convert_seconds": round(seconds, 3),
         # Self-contained: a later export of other precisions replaces the manifest's top-level record.

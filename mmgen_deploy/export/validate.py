@@ -7,7 +7,8 @@ There is no "passed with a warning": the first failing check makes the export fa
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ class InputSet:
     kind: str  # "random" or "real" (dataset-derived) or "dummy" (spec inputs standing in for real)
     batch: int
     tensors: dict[str, np.ndarray]
+    # PyTorch FP32 outputs, computed once (`with_references`) so that the torch module can be freed
+    # before ONNX Runtime loads the graph: one live copy of the weights at a time.
+    reference: tuple[np.ndarray, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -56,13 +60,31 @@ class OutputCheck:
         return asdict(self)
 
 
-def validation_batches(spec: ComponentSpec) -> tuple[int, ...]:
-    """1, 3 and the engine profile's max (the denoiser's is doubled for guidance)."""
-    return tuple(sorted({1, 3, spec.engine_profile.max}))
+# GFLOP (FLOPs plus memory traffic, budget.ComponentCost.cost_gflop) one validation pass (one
+# forward over every sample of both input kinds) may cost before the batch sizes shrink: a tiny
+# model validates at 1, 3 and the profile max; a DiT-XL/2 (237 GFLOP per sample) or a 256 px VQ
+# decoder (622) at two sizes, which prove the dynamic axis.
+VALIDATION_GFLOP_BUDGET = 100.0
+
+
+def validation_batches(spec: ComponentSpec, gflop_per_sample: float | None = None) -> dict[str, tuple[int, ...]]:
+    """Batch sizes per input kind ("random", "real"), chosen by cost.
+
+    Cheap components: 1, 3 and the engine profile's max (the denoiser's is doubled for guidance)
+    for both kinds. Otherwise 1 and 2 for both, and when even that is over the budget, random
+    inputs at 1 and real inputs at 2: every graph still runs at two batch sizes.
+    """
+    full = tuple(sorted({1, 3, spec.engine_profile.max}))
+    cost = gflop_per_sample or 0.0
+    if 2 * sum(full) * cost <= VALIDATION_GFLOP_BUDGET:
+        return {"random": full, "real": full}
+    if 2 * 3 * cost <= VALIDATION_GFLOP_BUDGET:
+        return {"random": (1, 2), "real": (1, 2)}
+    return {"random": (1,), "real": (2,)}
 
 
 def random_input_sets(spec: ComponentSpec, specs: dict[str, ComponentSpec], modules: dict[str, nn.Module],
-                      seed: int = 0) -> list[InputSet]:
+                      seed: int = 0, batches: tuple[int, ...] | None = None) -> list[InputSet]:
     """The spec's random inputs at each validation batch (`random_feeds`: inputs another component
     produces come from running its PyTorch module in `modules`)."""
     def run_upstream(name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,11 +92,19 @@ def random_input_sets(spec: ComponentSpec, specs: dict[str, ComponentSpec], modu
 
     rng = np.random.default_rng(seed)
     upstream = run_upstream if spec.upstream in modules else None
-    return [InputSet("random", b, random_feeds(spec, specs, b, rng, upstream)) for b in validation_batches(spec)]
+    chosen = batches or validation_batches(spec)["random"]
+    return [InputSet("random", b, random_feeds(spec, specs, b, rng, upstream)) for b in chosen]
 
 
-def real_input_sets(spec: ComponentSpec, real: dict[str, np.ndarray], kind: str = "real") -> list[InputSet]:
-    return [InputSet(kind, b, take_batch(real, b)) for b in validation_batches(spec)]
+def real_input_sets(spec: ComponentSpec, real: dict[str, np.ndarray], kind: str = "real",
+                    batches: tuple[int, ...] | None = None) -> list[InputSet]:
+    chosen = batches or validation_batches(spec)["real"]
+    return [InputSet(kind, b, take_batch(real, b)) for b in chosen]
+
+
+def with_references(module: nn.Module, spec: ComponentSpec, input_sets: list[InputSet]) -> list[InputSet]:
+    """The input sets with their PyTorch FP32 outputs attached."""
+    return [replace(s, reference=tuple(torch_outputs(module, spec, s.tensors))) for s in input_sets]
 
 
 def torch_outputs(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -84,13 +114,16 @@ def torch_outputs(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.n
     return [r.detach().cpu().numpy() for r in results]
 
 
-def ort_session(path: Path) -> Any:
+def ort_session(path: Path, threads: int = 1) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
-    # One thread: on a shared 2-core machine, spinning thread pools are 10-100x slower than one.
-    options.intra_op_num_threads = 1
+    # One thread for small graphs: on a shared 2-core machine, spinning thread pools are 10-100x
+    # slower than one. Large graphs (the exporter decides by cost) use more.
+    options.intra_op_num_threads = threads
+    if threads > 1:  # no spin-waiting between ops: on a shared machine it burns the other core's time
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -112,13 +145,24 @@ def compare(spec: ComponentSpec, precision: str, input_set: InputSet, reference:
     return checks
 
 
-def validate_graph(path: Path, module: nn.Module, spec: ComponentSpec, precision: str,
-                   input_sets: list[InputSet]) -> list[OutputCheck]:
-    """All checks of one graph; raises `ExportValidationError` on the first failing input set."""
-    session = ort_session(path)
+def validate_graph(path: Path, module: nn.Module | None, spec: ComponentSpec, precision: str,
+                   input_sets: list[InputSet], *, threads: int = 1,
+                   progress: Callable[[str], None] | None = None) -> list[OutputCheck]:
+    """All checks of one graph; raises `ExportValidationError` on the first failing input set.
+
+    The PyTorch outputs come from each input set's `reference` when present, else from `module`.
+    """
+    session = ort_session(path, threads)
     checks: list[OutputCheck] = []
-    for input_set in input_sets:
-        reference = torch_outputs(module, spec, input_set.tensors)
+    for index, input_set in enumerate(input_sets):
+        if progress is not None:
+            progress(f"{input_set.kind} batch {input_set.batch} ({index + 1}/{len(input_sets)})")
+        if input_set.reference is not None:
+            reference = list(input_set.reference)
+        elif module is not None:
+            reference = torch_outputs(module, spec, input_set.tensors)
+        else:
+            raise ValueError("validate_graph needs the module or input sets with references")
         tested = session.run(spec.output_names, input_set.tensors)
         new = compare(spec, precision, input_set, reference, tested)
         checks.extend(new)

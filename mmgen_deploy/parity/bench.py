@@ -39,6 +39,10 @@ class BackendResult:
     peak_host_mib: float | None = None
     peak_device_mib: float | None = None
     denoiser_gflops: dict[int, float] = field(default_factory=dict)  # batch -> achieved GFLOP/s
+    decoder_gflops: dict[int, float] = field(default_factory=dict)  # batch -> achieved GFLOP/s
+    # batch -> share of one end-to-end run: denoiser calls, quantizer + decoder calls, everything else
+    time_split: dict[int, dict[str, float]] = field(default_factory=dict)
+    device: str = "cpu"
     error: str | None = None
 
 
@@ -72,29 +76,56 @@ def peak_rss_mib() -> float | None:
 
 
 @functools.lru_cache(maxsize=32)
-def denoiser_flops(config: ModelConfig, batch: int) -> float:
-    """FLOPs of one denoiser call at `batch` (2 per multiply-add), counted by torch on the model.
+def component_flops(config: ModelConfig, component: str) -> float:
+    """FLOPs of one call of a component at batch 1 (2 per multiply-add: matmuls, convolutions,
+    attention), counted by torch's flop counter on the deployed module; they scale linearly with batch.
 
-    Cached: it builds a DiT to count, and every backend of a bench asks for the same batches."""
+    Cached: it builds the models to count, and every backend of a bench asks for the same ones."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from mmgen_deploy.models import DiT
-    from mmgen_deploy.models.components import DenoiserComponent, TextDenoiserComponent
+    from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
+    from mmgen_deploy.models import components as parts
+    from mmgen_deploy.models.fast_init import skip_weight_init
 
-    dit = DiT(config.dit).eval()
-    # The deployed component (its inputs are the spec's, class ids or text conditions).
-    denoiser = TextDenoiserComponent(dit) if config.uses_text else DenoiserComponent(dit)
-    spec = component_specs(config)["denoiser"]
-    feeds = spec.make_inputs(batch, np.random.default_rng(0))
+    module: torch.nn.Module
+    with skip_weight_init():  # FLOPs do not depend on the weights
+        if component == "denoiser":
+            dit = DiT(config.dit)
+            module = parts.TextDenoiserComponent(dit) if config.uses_text else parts.DenoiserComponent(dit)
+        elif component == "text_encoder" and config.text is not None:
+            module = parts.TextEncoderComponent(TextEncoder(config.text))
+        else:
+            if config.first_stage_kind == "kl":
+                from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+
+                first_stage: Any = AutoencoderKL(config.vq)  # type: ignore[arg-type]
+            else:
+                first_stage = VQModel(config.vq)  # type: ignore[arg-type]
+            dit = DiT(config.dit)
+            text = TextEncoder(config.text) if config.text is not None else None
+            module = build_components(first_stage, dit, text)[component]
+    module.eval()
+    spec = component_specs(config)[component]
+    feeds = spec.make_inputs(1, np.random.default_rng(0))
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        denoiser(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
+        module(*(torch.from_numpy(feeds[n]) for n in spec.input_names))
     return float(counter.get_total_flops())
 
 
+def denoiser_flops(config: ModelConfig, batch: int) -> float:
+    """FLOPs of one denoiser call at `batch`."""
+    return component_flops(config, "denoiser") * batch
+
+
+# Which measured matmul peak a backend's precision is held against (fp16 on a CPU runs FP32
+# kernels behind casts in ONNX Runtime, so FP32 is its ceiling there).
+PEAK_OF_PRECISION = {"fp32": "fp32", "fp16": "fp32", "bf16": "bf16", "int8": "int8", "fp8": "int8"}
+
+
 def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
-    """Measured FP32 matrix-multiply rate of this machine (NumPy/BLAS), the roofline to compare to."""
+    """Measured FP32 matrix-multiply rate of this machine through NumPy/BLAS (no torch needed)."""
     a = np.random.default_rng(0).standard_normal((size, size)).astype(np.float32)
     b = a.copy()
     a @ b  # warm-up
@@ -105,19 +136,64 @@ def matmul_peak_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
 
 
+def _torch_matmul_rate(dtype_name: str, size: int, seconds: float) -> float:
+    import torch
+
+    if dtype_name == "int8":
+        a = torch.randint(-64, 64, (size, size), dtype=torch.int8)
+        b = torch.randint(-64, 64, (size, size), dtype=torch.int8)
+
+        def call() -> Any:
+            return torch._int_mm(a, b)
+    else:
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+        a = torch.randn(size, size, dtype=dtype)
+        b = torch.randn(size, size, dtype=dtype)
+
+        def call() -> Any:
+            return torch.mm(a, b)
+    call()  # warm-up (oneDNN picks its kernel: AMX tiles for bf16/int8 where present)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        call()
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
+    """This machine's measured CPU matrix-multiply rates (GFLOP/s, or GOP/s for int8), per precision:
+    torch.mm in FP32 and BF16 (oneDNN: AMX / AVX-512 BF16 where present) and torch._int_mm in INT8.
+    A precision the installed torch cannot multiply is left out."""
+    peaks: dict[str, float] = {}
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return {"fp32": matmul_peak_gflops()}
+    for name in ("fp32", "bf16", "int8"):
+        try:
+            peaks[name] = _torch_matmul_rate(name, size, seconds)
+        except (RuntimeError, NotImplementedError):
+            continue
+    return peaks
+
+
 def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
                   steps: int, cfg_scale: float, tokenizer: Any = None,
-                  prompts: Sequence[str] | None = None) -> BackendResult:
+                  prompts: Sequence[str] | None = None, components: Sequence[str] | None = None) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
-    the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does)."""
+    the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does).
+    `components`: time only these per component (default all; sampling always runs what it needs)."""
     from mmgen_deploy.sampling import make_conditioning, sample
 
-    result = BackendResult(backend=runner.backend, precision=runner.precision)
+    result = BackendResult(backend=runner.backend, precision=runner.precision,
+                           device=str(getattr(runner, "device", "cpu")))
     specs = component_specs(config)
     rng = np.random.default_rng(0)
     guided = cfg_scale != 1.0
     reset_peak_rss()
     for name, spec in specs.items():
+        if components is not None and name not in components:
+            continue
         result.components[name] = {}
         for batch in batches:
             # What the sampling loop really feeds: the denoiser runs cond + uncond together.
@@ -127,6 +203,8 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             result.components[name][batch] = lat
             if name == "denoiser":
                 result.denoiser_gflops[batch] = denoiser_flops(config, fed) / (lat.median_ms / 1e3) / 1e9
+            elif name == "decoder":
+                result.decoder_gflops[batch] = component_flops(config, name) * fed / (lat.median_ms / 1e3) / 1e9
     if config.uses_text and (tokenizer is None or not prompts):
         raise ValueError("benchmarking a text model needs its tokenizer and prompts")
     for batch in batches:
@@ -137,6 +215,11 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
             res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
+        total = res.total_seconds
+        if total > 0:
+            denoise, decode = res.denoise_model_seconds / total, (res.model_seconds - res.denoise_model_seconds) / total
+            result.time_split[batch] = {"denoiser": denoise, "quantizer+decoder": decode,
+                                        "other": max(0.0, 1.0 - denoise - decode)}
     result.peak_host_mib = peak_rss_mib()
     result.peak_device_mib = _peak_device_mib(runner)
     return result
@@ -153,17 +236,45 @@ def _peak_device_mib(runner: Any) -> float | None:
         return None
 
 
+def backend_precisions(backend: str) -> tuple[str, ...] | None:
+    """The precisions a backend runs (its runner class says), or None when the backend cannot be
+    imported here (then opening it reports why, in the table). `mmgen bench` runs every requested
+    precision a backend has and lists the others as not run."""
+    from mmgen_deploy.errors import MMGenError
+    from mmgen_deploy.runtime import runner_class
+
+    try:
+        return runner_class(backend).precisions
+    except MMGenError:
+        return None
+
+
+def _fraction(gflops: float | None, peak: float | None) -> str:
+    if gflops is None:
+        return "-"
+    return f"{gflops:.1f}" + (f" ({100 * gflops / peak:.0f}%)" if peak else "")
+
+
 @dataclass
 class BenchResult:
     run_dir: str
     batches: list[int]
     steps: int
     cfg_scale: float
-    matmul_peak_gflops: float
+    matmul_peak_gflops: float  # the FP32 one (kept for scripts that read it)
     backends: list[BackendResult]
+    matmul_peaks: dict[str, float] = field(default_factory=dict)  # precision -> GFLOP/s, measured this run
+    machine: str = ""
+    skipped: list[str] = field(default_factory=list)  # backend/precision pairs not run, and why
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def peak_for(self, res: BackendResult) -> float | None:
+        """The measured CPU peak of the precision `res` ran (None on a GPU: no GPU peak is measured)."""
+        if res.device.startswith(("cuda", "gpu", "npu")):
+            return None
+        return self.matmul_peaks.get(PEAK_OF_PRECISION.get(res.precision, "fp32"))
 
     def rows(self) -> list[list[str]]:
         """One row per (backend, precision, batch): the side-by-side view."""
@@ -180,19 +291,23 @@ class BenchResult:
                 ips = res.images_per_s[batch]
                 base.setdefault(batch, ips)
                 lat = {n: f"{v[batch].median_ms:.2f} / {v[batch].p90_ms:.2f}" for n, v in res.components.items()}
-                den = res.components["denoiser"][batch].median_ms
-                ref = first_denoiser.setdefault((res.backend, batch), den)
-                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" else lat.get(c, "-")
+                den = res.components["denoiser"][batch].median_ms if "denoiser" in res.components else None
+                ref = first_denoiser.setdefault((res.backend, batch), den) if den else None
+                cells = [f"{lat[c]} ({ref / den:.2f}x)" if c == "denoiser" and den and ref else lat.get(c, "-")
                          for c in self.component_columns]
+                peak = self.peak_for(res)
+                split = res.time_split.get(batch)
                 rows.append([
                     res.backend, res.precision, str(batch), *cells, f"{ips:.2f} ({ips / base[batch]:.2f}x)",
-                    f"{res.denoiser_gflops[batch]:.1f}", f"{100 * res.loop_overhead.get(batch, 0):.2f}%",
+                    _fraction(res.denoiser_gflops.get(batch), peak), _fraction(res.decoder_gflops.get(batch), peak),
+                    (f"{100 * split['denoiser']:.0f} / {100 * split['quantizer+decoder']:.0f} / "
+                     f"{100 * split['other']:.1f}") if split else "-",
                     f"{res.peak_host_mib:.0f}" if res.peak_host_mib else "-",
                 ])
         return rows
 
-    HEADER = ("backend", "precision", "batch", "images/s (vs first)", "denoiser GFLOP/s", "loop overhead",
-              "peak host MiB")
+    HEADER = ("backend", "precision", "batch", "images/s (vs first)", "denoiser GFLOP/s (% of peak)",
+              "decoder GFLOP/s (% of peak)", "time % denoiser / decode / other", "peak host MiB")
 
     @property
     def component_columns(self) -> tuple[str, ...]:
@@ -208,11 +323,16 @@ class BenchResult:
         columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
         return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
+    def peaks_line(self) -> str:
+        peaks = ", ".join(f"{name.upper()} {value:.0f}" for name, value in self.matmul_peaks.items())
+        return (f"matmul peaks measured in this run (GFLOP/s; INT8 in GOP/s): {peaks}; each backend's "
+                "GFLOP/s is against the peak of the precision it ran")
+
     def table(self) -> Any:
         from rich.table import Table
 
         table = Table(title=f"mmgen bench ({self.steps} steps, cfg {self.cfg_scale}; latencies median / p90; "
-                      f"matmul peak {self.matmul_peak_gflops:.1f} GFLOP/s)")
+                      f"{self.peaks_line()})")
         for col in self.header:
             table.add_column(col)
         for row in self.rows():
@@ -220,21 +340,41 @@ class BenchResult:
         return table
 
     def markdown(self) -> str:
-        lines = [f"Machine FP32 matmul peak: {self.matmul_peak_gflops:.1f} GFLOP/s; {self.steps} steps, "
-                 f"cfg {self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the "
-                 "same backend's first precision.", "",
+        peaks = self.peaks_line()
+        lines = [f"Machine: {self.machine}. {peaks[0].upper()}{peaks[1:]}. {self.steps} steps, cfg "
+                 f"{self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the same "
+                 "backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
+        if self.skipped:
+            lines += ["", "Not run: " + "; ".join(self.skipped) + "."]
         return "\n".join(lines) + "\n"
 
 
+def machine_description() -> str:
+    import os
+
+    from mmgen_deploy.cpuinfo import cpu_features
+
+    features = cpu_features()
+    flags = ", ".join(f for f in features.present() if f != "avx512f") or "no AVX-512 BF16 / AMX / VNNI"
+    return f"{features.model}, {os.cpu_count()} logical CPUs ({flags})"
+
+
 def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
-    """`precisions`, or with ["auto"] every precision this backend has a set for: the exported ONNX
-    sets (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set)."""
+    """`precisions`, or with ["auto"] every precision this backend has here: the exported ONNX sets
+    (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set), FP32 and, on a CPU with
+    BF16 units, BF16 (torch autocast; OpenVINO on the FP32 set, plus an exported int8 set)."""
+    from mmgen_deploy.cpuinfo import cpu_features
     from mmgen_deploy.specs import PRECISIONS
 
     if list(precisions) != ["auto"]:
         return list(precisions)
+    bf16 = ["bf16"] if cpu_features().native_bf16 else []
+    if backend == "torch":
+        return ["fp32", *bf16]
+    if backend == "openvino":
+        return ["fp32", *bf16, *(["int8"] if (run.onnx_dir / "int8").is_dir() else [])]
     if backend == "tensorrt":
         names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
             if run.engines_dir.is_dir() else []
@@ -245,10 +385,15 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
 
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
-              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None) -> BenchResult:
-    from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.runtime import open_runner
+              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
+              components: Sequence[str] | None = None) -> BenchResult:
+    from mmgen_deploy.errors import MMGenError, UsageError
+    from mmgen_deploy.runtime import BACKENDS, open_runner
 
+    concrete = [b for b in BACKENDS if b != "auto"]
+    unknown = [b for b in backends if b not in concrete]
+    if unknown:
+        raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(concrete)}")
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     config = run.load_config()
@@ -258,10 +403,16 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
 
         tokenizer = run.load_tokenizer()
         prompts = default_prompts(run, tokenizer, max(batches))
-    say("measuring this machine's matrix-multiply peak")
-    result = BenchResult(str(run.root), list(batches), steps, cfg_scale, matmul_peak_gflops(), [])
+    say("measuring this machine's matrix-multiply peaks (FP32, BF16, INT8)")
+    peaks = matmul_peaks()
+    result = BenchResult(str(run.root), list(batches), steps, cfg_scale, peaks.get("fp32", 0.0), [],
+                         matmul_peaks=peaks, machine=machine_description())
     for backend in backends:
-        for precision in (["fp32"] if backend == "torch" else available_precisions(run, backend, precisions)):
+        known = backend_precisions(backend)
+        for precision in available_precisions(run, backend, precisions):
+            if known is not None and precision not in known:
+                result.skipped.append(f"{backend} {precision} (not a precision of {backend})")
+                continue
             say(f"benchmarking {backend} {precision}")
             try:
                 runner, _choice = open_runner(run, backend, precision)
@@ -271,7 +422,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
             try:
                 result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
                                                      steps=steps, cfg_scale=cfg_scale, tokenizer=tokenizer,
-                                                     prompts=prompts))
+                                                     prompts=prompts, components=components))
             finally:
                 runner.close()
     return result

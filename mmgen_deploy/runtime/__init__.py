@@ -1,10 +1,10 @@
 """Interchangeable backends behind one `Runner` interface.
 
 Every backend is a `BaseRunner` subclass in this package (`torch_runner`, `ort_runner`,
-`tensorrt_runner`), opened the same way: `Backend.from_run_dir(run, precision, device, **options)`.
+`openvino_runner`, `tensorrt_runner`), opened the same way: `Backend.from_run_dir(run, precision, device, **options)`.
 `open_runner(run_dir, backend, precision)` applies the selection policy of `select`
 ("auto": the fastest that is available and runnable here) and returns `(runner, choice)`.
-Heavy modules (torch, onnxruntime, tensorrt) are imported only by the backend used.
+Heavy modules (torch, onnxruntime, openvino, tensorrt) are imported only by the backend used.
 """
 
 from mmgen_deploy.runtime.base import BACKENDS, BaseRunner, Runner, check_feeds

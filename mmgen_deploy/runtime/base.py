@@ -1,4 +1,4 @@
-"""The runner interface every backend implements (PyTorch, ONNX Runtime, TensorRT), and its base.
+"""The runner interface every backend implements (PyTorch, ONNX Runtime, OpenVINO, TensorRT), and its base.
 
 A runner executes one named component on NumPy feeds and returns NumPy outputs; the
 tensor names, dtypes and shapes are those of `mmgen_deploy.specs.component_specs`.
@@ -27,13 +27,13 @@ if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.rundir import RunDir
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "tensorrt")
+BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
 
 
 @runtime_checkable
 class Runner(Protocol):
-    """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "tensorrt";
-    `precision` "fp32" or "fp16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
+    """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "openvino", "tensorrt";
+    `precision` "fp32", "fp16" or "bf16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
 
     @property
     def backend(self) -> str: ...

@@ -31,6 +31,26 @@ def cuda_provider_usable() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
 
 
+def check_not_stale(run: RunDir) -> None:
+    """Refuse ONNX files exported from other weights than the run's current ones (every backend
+    that reads the ONNX set calls this). The manifest is read directly (not through
+    mmgen_deploy.export, which imports torch)."""
+    from mmgen_deploy.io_utils import read_json
+
+    path = run.onnx_manifest_path
+    if not path.is_file():
+        return  # hand-made ONNX files: nothing recorded to check against
+    try:
+        exported_from = read_json(path).get("source_weights_sha256")
+    except (OSError, ValueError, AttributeError):
+        raise RunDirError(f"{path} is unreadable",
+                          f"re-export: `mmgen export {run.root} --overwrite`") from None
+    if exported_from and exported_from != run.weights_sha256():
+        raise RunDirError(f"the ONNX files in {run.onnx_dir} were exported from other weights "
+                          f"({str(exported_from)[:12]}) than the run's current ones",
+                          f"re-export: `mmgen export {run.root} --overwrite`")
+
+
 class _Session:
     def __init__(self, session: Any, spec: ComponentSpec, on_cuda: bool) -> None:
         self.session = session
@@ -52,6 +72,7 @@ class OrtRunner(BaseRunner):
 
     backend = "onnxruntime"
     precisions = PRECISIONS
+    precision_hint = "for BF16 use --backend openvino --precision bf16 (or --backend torch --precision bf16)"
 
     def __init__(self, run_dir: RunLike, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, providers: list[str] | None = None) -> None:
@@ -67,7 +88,7 @@ class OrtRunner(BaseRunner):
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
-        self._check_not_stale()
+        check_not_stale(self.run_dir)
         if providers is None:
             if device.startswith("cuda"):
                 if not cuda_provider_usable():
@@ -86,26 +107,6 @@ class OrtRunner(BaseRunner):
               providers: list[str] | None = None, **_other: Any) -> OrtRunner:
         return cls(run, precision, device=device, threads=threads, providers=providers)
 
-    def _check_not_stale(self) -> None:
-        """Refuse ONNX files exported from other weights than the run's current ones.
-
-        The manifest is read directly (not through mmgen_deploy.export, which imports torch).
-        """
-        from mmgen_deploy.io_utils import read_json
-
-        path = self.run_dir.onnx_manifest_path
-        if not path.is_file():
-            return  # hand-made ONNX files: nothing recorded to check against
-        try:
-            exported_from = read_json(path).get("source_weights_sha256")
-        except (OSError, ValueError, AttributeError):
-            raise RunDirError(f"{path} is unreadable",
-                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`") from None
-        if exported_from and exported_from != self.run_dir.weights_sha256():
-            raise RunDirError(f"the ONNX files in {self.run_dir.onnx_dir} were exported from other weights "
-                              f"({str(exported_from)[:12]}) than the run's current ones",
-                              f"re-export: `mmgen export {self.run_dir.root} --overwrite`")
-
     def _session(self, spec: ComponentSpec) -> _Session:
         component = spec.name
         item = self._sessions.get(component)
@@ -120,6 +121,13 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: the FP16 sets trigger harmless optimizer warnings
+        from mmgen_deploy.memory import check_extra
+        from mmgen_deploy.onnx_files import onnx_bytes
+
+        # CPU: the weights, plus FP32 copies of FP16 weights that ORT's CPU kernels need (~3x an FP16 file).
+        factor = 3 if self.precision == "fp16" and self.device == "cpu" else 1.5
+        check_extra(f"loading {path.name} ({self.precision}) into ONNX Runtime", int(factor * onnx_bytes(path)),
+                    "close other programs, use the other precision, or a machine with more memory")
         try:
             session = self._ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
         except Exception as exc:

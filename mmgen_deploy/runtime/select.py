@@ -3,9 +3,10 @@
 `resolve_backend` decides backend, precision and device without loading any model;
 `open_runner` opens what it decided and returns the runner together with that choice.
 "auto" takes the fastest that is available and runnable here: TensorRT engines, then
-ONNX Runtime CUDA, then ONNX Runtime CPU, then PyTorch; a TensorRT set that passes the
-checks but fails to load falls back to the next one. Heavy modules (torch, onnxruntime,
-tensorrt) are imported only by the backend used.
+ONNX Runtime CUDA, then OpenVINO BF16 (a CPU with AMX or AVX-512 BF16 and OpenVINO
+installed), then ONNX Runtime CPU, then PyTorch; a TensorRT set or OpenVINO that passes
+the checks but fails to load falls back to the next one. Heavy modules (torch,
+onnxruntime, openvino, tensorrt) are imported only by the backend used.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from mmgen_deploy.cpuinfo import cpu_features
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BACKENDS, BaseRunner
-from mmgen_deploy.specs import PRECISIONS, sampling_components
+from mmgen_deploy.specs import RUN_PRECISIONS, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -32,9 +34,9 @@ def _config_or_none(run: RunDir) -> ModelConfig | None:
 
 @dataclass
 class BackendChoice:
-    backend: str  # torch | onnxruntime | tensorrt
-    precision: str  # fp32 | fp16 | int8 | fp8
-    device: str  # cpu | cuda
+    backend: str  # torch | onnxruntime | openvino | tensorrt
+    precision: str  # fp32 | fp16 | bf16 | int8 | fp8
+    device: str  # cpu | cuda (OpenVINO: cpu | gpu | npu)
     reason: str  # why this one (for auto: why the faster ones were skipped)
     skipped: list[str] = field(default_factory=list)
 
@@ -52,6 +54,10 @@ def runner_class(backend: str) -> type[BaseRunner]:
         from mmgen_deploy.runtime.ort_runner import OrtRunner
 
         return OrtRunner
+    if backend == "openvino":
+        from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+        return OpenVinoRunner
     if backend == "tensorrt":
         try:
             from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
@@ -97,27 +103,63 @@ def _tensorrt_check(run_dir: RunLike, needed: tuple[str, ...] | None = None, pre
     return None
 
 
+def _bf16_units() -> str:
+    flags = cpu_features().flags
+    units = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16")) if flag in flags]
+    return " and ".join(units) or "no BF16 units"
+
+
+def _openvino_default_precision(device: str | None) -> str:
+    """bf16 on a CPU with BF16 units, fp16 on Intel GPUs / NPUs, else fp32."""
+    if device is not None and device.lower().split(".")[0] in ("gpu", "npu"):
+        return "fp16"
+    return "bf16" if cpu_features().native_bf16 else "fp32"
+
+
+def _openvino_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
+    """None when OpenVINO can run BF16 here on this run's FP32 ONNX set; else why not."""
+    from mmgen_deploy.runtime.openvino_runner import openvino_available
+
+    if not cpu_features().native_bf16:
+        return "this CPU has no AMX or AVX-512 BF16 (FP32 is its fastest exact path)"
+    if not openvino_available():
+        return "OpenVINO is not installed (pip install 'mmgen-deploy[openvino]')"
+    missing = run.missing_onnx("fp32", needed)
+    if missing:
+        return f"no complete fp32 ONNX set (missing {', '.join(p.name for p in missing)}; run `mmgen export`)"
+    return None
+
+
 def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None, *,
-                    device: str | None = None, allow_tensorrt: bool = True) -> BackendChoice:
+                    device: str | None = None, allow_tensorrt: bool = True,
+                    allow_openvino: bool = True) -> BackendChoice:
     """Decide backend, precision and device without loading any model.
 
     `precision` None means the backend's natural choice (fp16 for TensorRT and ONNX Runtime
-    CUDA, fp32 on CPUs, where FP16 kernels are slower). For "auto" the order is TensorRT,
-    ONNX Runtime CUDA, ONNX Runtime CPU, PyTorch.
+    CUDA, fp32 on CPUs, where FP16 kernels are slower; OpenVINO: bf16 on CPUs with BF16 units).
+    For "auto" the order is TensorRT, ONNX Runtime CUDA, OpenVINO BF16 (CPU with AMX or AVX-512
+    BF16, OpenVINO installed, FP32 set exported), ONNX Runtime CPU, PyTorch. `--precision fp32`
+    keeps ONNX Runtime, the FP32-exact path.
     """
     if backend not in BACKENDS:
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(PRECISIONS)}")
+    if precision is not None and precision not in RUN_PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
     run = RunDir.of(run_dir)
     if backend == "torch":
-        if precision not in (None, "fp32"):
-            raise UsageError("the torch backend runs FP32 only",
+        if precision not in (None, "fp32", "bf16"):
+            raise UsageError("the torch backend runs FP32 or BF16 (autocast)",
                              f"use --backend onnxruntime --precision {precision} or --backend tensorrt")
         dev = device or ("cuda" if _torch_cuda() else "cpu")
-        return BackendChoice("torch", "fp32", dev, "requested")
+        return BackendChoice("torch", precision or "fp32", dev, "requested")
+    if backend == "openvino":
+        return BackendChoice("openvino", precision or _openvino_default_precision(device), device or "cpu",
+                             "requested")
+    if backend == "onnxruntime" and precision == "bf16":
+        raise UsageError("ONNX Runtime has no BF16 path for these graphs",
+                         "use --backend openvino --precision bf16 (or --backend torch --precision bf16)")
     if backend == "tensorrt":
-        if precision == "fp32":
+        if precision in ("fp32", "bf16"):
             raise UsageError("TensorRT engines are built from the fp16, int8 or fp8 ONNX set",
                              "use --precision fp16 (or leave it out), int8 or fp8 with --backend tensorrt")
         return BackendChoice("tensorrt", precision or "fp16", device or "cuda", "requested")
@@ -134,8 +176,8 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     skipped: list[str] = []
     if not allow_tensorrt:
         pass  # the caller already knows why (a failed load)
-    elif precision == "fp32":
-        skipped.append("tensorrt: engines are fp16 and fp32 was asked for")
+    elif precision in ("fp32", "bf16"):
+        skipped.append(f"tensorrt: engines are fp16 / int8 / fp8 and {precision} was asked for")
     elif device is not None and not device.startswith("cuda"):
         skipped.append(f"tensorrt: needs a GPU and --device {device} was asked for")
     else:
@@ -144,7 +186,9 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
         if problem is None:
             return BackendChoice("tensorrt", trt_precision, "cuda", "engines are built and a GPU is visible", skipped)
         skipped.append(f"tensorrt: {problem}")
-    if device is None or device.startswith("cuda"):
+    if precision == "bf16":
+        pass  # ONNX Runtime has no BF16 path
+    elif device is None or device.startswith("cuda"):
         if cuda_provider_usable():
             prec = precision or "fp16"
             if not run.missing_onnx(prec, needed):
@@ -153,6 +197,19 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
             skipped.append(f"onnxruntime cuda: no {prec} ONNX set")
         else:
             skipped.append("onnxruntime cuda: onnxruntime-gpu or a GPU missing")
+    if precision in (None, "bf16") and (device is None or device == "cpu"):
+        problem = _openvino_check(run, needed) if allow_openvino else None
+        if allow_openvino and problem is None:
+            return BackendChoice("openvino", "bf16", "cpu", f"this CPU has {_bf16_units()} and OpenVINO is "
+                                 "installed: BF16 on the FP32 ONNX set (pass --precision fp32 for FP32)", skipped)
+        if problem is not None:
+            skipped.append(f"openvino bf16: {problem}")
+        if precision == "bf16":
+            if not cpu_features().native_bf16:
+                raise NotAvailableError("bf16 was asked for but this CPU has no AMX or AVX-512 BF16",
+                                        "use --precision fp32")
+            return BackendChoice("torch", "bf16", "cpu", "BF16 asked for and OpenVINO cannot run it: PyTorch "
+                                 "autocast", skipped)
     prec = precision or "fp32"
     missing = run.missing_onnx(prec, needed)
     if not missing:
@@ -177,8 +234,8 @@ def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None =
                 device: str | None = None, **options: Any) -> tuple[BaseRunner, BackendChoice]:
     """Open a runner for a run directory; return it with the `BackendChoice` that says what ran and why.
 
-    With "auto", a TensorRT set that passes the checks but fails to load falls back to the
-    next backend (the reason is kept in `choice.skipped`). `options` go to the backend
+    With "auto", a TensorRT set or OpenVINO that passes the checks but fails to load falls back
+    to the next backend (the reason is kept in `choice.skipped`). `options` go to the backend
     (`threads=` for torch and ONNX Runtime, `cuda_graph=`, `runtime=` for TensorRT, ...).
     """
     run = RunDir.of(run_dir)
@@ -186,8 +243,9 @@ def open_runner(run_dir: RunLike, backend: str = "auto", precision: str | None =
     try:
         return open_choice(choice, run, **options), choice
     except MMGenError as exc:
-        if backend != "auto" or choice.backend != "tensorrt":
+        if backend != "auto" or choice.backend not in ("tensorrt", "openvino"):
             raise
-        fallback = resolve_backend("auto", run, precision, device=device, allow_tensorrt=False)
-        fallback.skipped.insert(0, f"tensorrt: failed to load ({exc.message})")
+        fallback = resolve_backend("auto", run, precision, device=device, allow_tensorrt=False,
+                                   allow_openvino=choice.backend != "openvino")
+        fallback.skipped.insert(0, f"{choice.backend}: failed to load ({exc.message})")
         return open_choice(fallback, run, **options), fallback

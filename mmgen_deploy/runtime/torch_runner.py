@@ -17,19 +17,21 @@ if TYPE_CHECKING:
 
 
 class TorchRunner(BaseRunner):
-    """Runs the components (the first stage's, the denoiser, the text encoder) eagerly in PyTorch, FP32,
-    on CPU or CUDA.
+    """Runs the components (the first stage's, the denoiser, the text encoder) eagerly in PyTorch on CPU
+    or CUDA: FP32, or `precision="bf16"` under `torch.autocast(device, torch.bfloat16)` (the fair eager
+    peer of OpenVINO bf16: oneDNN runs autocast's BF16 matmuls and convolutions on AMX / AVX-512 BF16).
+    Components the spec keeps FP32 (the quantizer) run FP32 at every precision; outputs are FP32.
 
     Built from in-memory models (training, parity's reference) or, like every backend, with
     `from_run_dir(run, precision, device, threads=...)`.
     """
 
     backend = "torch"
-    precisions = ("fp32",)
-    precision_hint = "it runs FP32 only: use --backend onnxruntime --precision fp16 or --backend tensorrt"
+    precisions = ("fp32", "bf16")
+    precision_hint = "for FP16 use --backend onnxruntime --precision fp16 or --backend tensorrt"
 
     def __init__(self, vq: VQModel | AutoencoderKL, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
-                 text_encoder: TextEncoder | None = None) -> None:
+                 text_encoder: TextEncoder | None = None, precision: str = "fp32") -> None:
         import torch
 
         from mmgen_deploy.config import ModelConfig
@@ -42,7 +44,7 @@ class TorchRunner(BaseRunner):
             raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
         super().__init__(config or ModelConfig(vq=vq.config, dit=dit.config,
                                                text=text_encoder.config if text_encoder is not None else None),
-                         "fp32", device)
+                         precision, device)
         self._torch = torch
         self.modules = {name: module.to(device)
                         for name, module in build_components(vq, dit, text_encoder).items()}
@@ -55,16 +57,20 @@ class TorchRunner(BaseRunner):
 
             torch.set_num_threads(threads)
         parts = run.load_deployable()
-        return cls(parts.vq, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder)
+        return cls(parts.vq, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder,
+                   precision=precision)
 
     def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         torch = self._torch
         module = self.modules[spec.name]
-        with torch.inference_mode():
+        bf16 = self.precision == "bf16" and not spec.keep_fp32
+        autocast = torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16, enabled=bf16)
+        with torch.inference_mode(), autocast:
             args = [torch.from_numpy(feeds[name]).to(self.device) for name in spec.input_names]
             result = module(*args)
         outputs = result if isinstance(result, tuple) else (result,)
-        return {name: out.cpu().numpy() for name, out in zip(spec.output_names, outputs, strict=True)}
+        return {t.name: out.to(getattr(torch, t.dtype)).cpu().numpy()
+                for t, out in zip(spec.outputs, outputs, strict=True)}
 
     def close(self) -> None:
         self.modules.clear()

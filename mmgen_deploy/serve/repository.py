@@ -210,6 +210,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
 
 def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
     from mmgen_deploy.export import onnx_path
+    from mmgen_deploy.onnx_files import copy_onnx
     from mmgen_deploy.specs import component_specs
 
     components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
@@ -221,10 +222,8 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
         source = onnx_path(run_root, precision, name)
-        shutil.copy2(source, version_dir / "model.onnx")
-        external = source.with_name(source.name + ".data")
-        if external.is_file():  # weights stored beside the graph keep their recorded file name
-            shutil.copy2(external, version_dir / external.name)
+        # Weights stored beside the graph (graphs over 2 GB) keep the file name the graph records.
+        copy_onnx(source, version_dir / "model.onnx")
         if options.component_backend == "python":
             shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
         max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch

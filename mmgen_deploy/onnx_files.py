@@ -1,0 +1,128 @@
+"""An ONNX model on disk is a graph file plus the external-data files it names.
+
+Protobuf cannot serialise one message over 2 GiB, so a large model (a DiT-XL/2 is 2.7 GB
+in FP32) keeps its weights in a file beside the graph (`denoiser.onnx.data`); the graph
+refers to it by a relative location. Everything that identifies, ships or checks a graph
+must therefore treat the set as one: its hash (export manifest, engine staleness), its
+size, and its copies (Triton repositories). This module is that one owner. It imports
+neither torch nor (until called) onnx, so runtimes and engine checks can use it.
+
+The hash of a single-file graph is the plain sha256 of the file (as before external data
+existed); a graph with external data hashes to sha256 over the graph's sha256 and each
+data file's location and sha256, so changing only the weights changes the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_path(path: str | os.PathLike[str]) -> Path:
+    """Where mmgen writes the external data of `path`: `<name>.onnx.data` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def external_locations(path: str | os.PathLike[str]) -> list[str]:
+    """The distinct external-data locations the graph names (relative to its folder), in file order.
+
+    Reads the graph only (`load_external_data=False`): megabytes even for a 2.7 GB model. A file
+    that does not parse names none (its hash is then the file's own, which differs from any recorded).
+    """
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # a damaged graph (DecodeError): it names no data file anyone can rely on
+        return []
+    locations: dict[str, None] = {}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    tensors.append(attr.t)
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    visit(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        visit(sub)
+        for tensor in tensors:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                for entry in tensor.external_data:
+                    if entry.key == "location":
+                        locations[entry.value] = None
+
+    visit(model.graph)
+    return list(locations)
+
+
+def data_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The external-data files of the graph at `path` (empty for a self-contained graph).
+
+    Raises FileNotFoundError naming a data file the graph refers to that is not there.
+    """
+    path = Path(path)
+    files = []
+    for location in external_locations(path):
+        file = path.parent / location
+        if not file.is_file():
+            raise FileNotFoundError(f"{path.name} keeps its weights in {location}, which is missing beside it")
+        files.append(file)
+    return files
+
+
+def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
+    """The graph and its external-data files: what must be copied, hashed or removed together."""
+    return [Path(path), *data_files(path)]
+
+
+def onnx_sha256(path: str | os.PathLike[str]) -> str:
+    """The identity of an ONNX model on disk: graph plus external data (see the module doc)."""
+    path = Path(path)
+    extra = data_files(path)
+    graph = _sha256(path)
+    if not extra:
+        return graph
+    digest = hashlib.sha256(f"graph {graph}\n".encode())
+    for file in extra:
+        digest.update(f"data {file.relative_to(path.parent).as_posix()} {_sha256(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def onnx_bytes(path: str | os.PathLike[str]) -> int:
+    """Bytes on disk of the graph plus its external data."""
+    return sum(f.stat().st_size for f in onnx_files(path))
+
+
+def copy_onnx(source: str | os.PathLike[str], target: str | os.PathLike[str], *, link: bool = False) -> list[Path]:
+    """Copy (or hard-link, where possible) a graph and its data files; the data files keep their names
+    (the graph refers to them by name). Returns the files written."""
+    source, target = Path(source), Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file in onnx_files(source):
+        dest = target if file == source else target.parent / file.relative_to(source.parent)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(file, dest)
+                written.append(dest)
+                continue
+            except OSError:
+                pass
+        shutil.copy2(file, dest)
+        written.append(dest)
+    return written

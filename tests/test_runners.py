@@ -1,0 +1,237 @@
+"""The runner contract, the same tests for every CPU backend and precision: the spec's output names,
+shapes and dtypes at two batch sizes, agreement with PyTorch FP32 within the spec's tolerance for
+that precision (the quantizer bit-exact at every precision), reuse of preallocated output buffers,
+and one-line errors for bad feeds. Then what is particular to OpenVINO and to `auto`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
+from mmgen_deploy.runtime import Runner, open_runner, resolve_backend
+from mmgen_deploy.specs import component_specs
+
+
+def _openvino_missing() -> str | None:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return "OpenVINO is not installed (pip install 'mmgen-deploy[openvino]')"
+    return None
+
+
+def _no_bf16_cpu() -> str | None:
+    from mmgen_deploy.cpuinfo import cpu_features
+
+    return None if cpu_features().native_bf16 else "this CPU has no AMX or AVX-512 BF16"
+
+
+needs_openvino = pytest.mark.skipif(_openvino_missing() is not None, reason=_openvino_missing() or "")
+
+# (backend, precision, preallocates outputs)
+RUNNERS = [
+    pytest.param("torch", "fp32", False, id="torch-fp32"),
+    pytest.param("torch", "bf16", False, id="torch-bf16",
+                 marks=pytest.mark.skipif(_no_bf16_cpu() is not None, reason=_no_bf16_cpu() or "")),
+    pytest.param("onnxruntime", "fp32", True, id="onnxruntime-fp32"),
+    pytest.param("openvino", "fp32", True, id="openvino-fp32", marks=needs_openvino),
+    pytest.param("openvino", "bf16", True, id="openvino-bf16",
+                 marks=[needs_openvino,
+                        pytest.mark.skipif(_no_bf16_cpu() is not None, reason=_no_bf16_cpu() or "")]),
+]
+
+
+@pytest.fixture(scope="module")
+def reference(exported_tiny_run):
+    runner, _choice = open_runner(exported_tiny_run.root, "torch", "fp32")
+    yield runner
+    runner.close()
+
+
+@pytest.mark.parametrize(("backend", "precision", "preallocates"), RUNNERS)
+def test_runner_contract(exported_tiny_run, reference, backend: str, precision: str, preallocates: bool) -> None:
+    runner, choice = open_runner(exported_tiny_run.root, backend, precision, threads=1)
+    try:
+        assert (choice.backend, choice.precision) == (backend, precision)
+        assert isinstance(runner, Runner)
+        assert (runner.backend, runner.precision, runner.device) == (backend, precision, "cpu")
+        specs = component_specs(exported_tiny_run.load_config())
+        rng = np.random.default_rng(0)
+        for name in ("denoiser", "quantizer", "decoder"):
+            spec = specs[name]
+            for batch in (1, 3):  # the dynamic batch axis, and a second set of buffers
+                feeds = spec.make_inputs(batch, rng)
+                got = runner.run(name, feeds)
+                want = reference.run(name, feeds)
+                assert sorted(got) == sorted(spec.output_names)
+                for tensor in spec.outputs:
+                    out = got[tensor.name]
+                    assert out.shape == tensor.concrete_shape(batch) and out.dtype == np.dtype(tensor.dtype)
+                    tol = spec.tolerance(precision, tensor.name)
+                    if tensor.is_float:
+                        rel = np.linalg.norm(out - want[tensor.name]) / np.linalg.norm(want[tensor.name])
+                        assert rel <= tol.rel_l2, (name, tensor.name, batch, rel)
+                    else:
+                        assert np.array_equal(out, want[tensor.name]), (name, tensor.name)
+                if preallocates:
+                    first = {k: v for k, v in got.items()}
+                    again = runner.run(name, spec.make_inputs(batch, rng))
+                    for key, value in again.items():
+                        assert value is first[key], f"{backend}: {name}.{key} not written into the same buffer"
+        # Bad feeds: one message naming the tensor, before the runtime sees them.
+        spec = specs["denoiser"]
+        feeds = spec.make_inputs(2, rng)
+        with pytest.raises(MMGenError, match=r"denoiser\.t: dtype float64"):
+            runner.run("denoiser", {**feeds, "t": feeds["t"].astype(np.float64)})
+        with pytest.raises(MMGenError, match=r"denoiser\.x_t: shape"):
+            runner.run("denoiser", {**feeds, "x_t": feeds["x_t"][:, :, :4]})
+        with pytest.raises(MMGenError, match=r"missing \['class_ids'\]"):
+            runner.run("denoiser", {k: v for k, v in feeds.items() if k != "class_ids"})
+        with pytest.raises(UsageError, match="unknown component 'vae'"):
+            runner.run("vae", feeds)
+    finally:
+        runner.close()
+
+
+# -- OpenVINO particulars -------------------------------------------------------------------------
+
+@needs_openvino
+def test_openvino_compiles_once_per_batch_and_dynamic_mode_agrees(exported_tiny_run) -> None:
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    static = OpenVinoRunner(exported_tiny_run.root, "fp32", threads=1)
+    dynamic = OpenVinoRunner(exported_tiny_run.root, "fp32", threads=1, batch_mode="dynamic")
+    spec = static.specs["denoiser"]
+    rng = np.random.default_rng(1)
+    for batch in (2, 4, 2):
+        feeds = spec.make_inputs(batch, rng)
+        a = static.run("denoiser", feeds)["model_output"].copy()
+        b = dynamic.run("denoiser", feeds)["model_output"]
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert static.compiled_batches("denoiser") == [4, 2]  # batch 2 reused, most recent last
+    # Compiled models are cached for the next process (MMGEN_CACHE_DIR, a temporary folder in tests).
+    assert static.cache_dir is not None and any((static.cache_dir / "f32").glob("*.blob"))
+    assert OpenVinoRunner(exported_tiny_run.root, "fp32", cache_dir="").cache_dir is None
+    with pytest.raises(UsageError, match="unknown batch_mode"):
+        OpenVinoRunner(exported_tiny_run.root, "fp32", batch_mode="sometimes")
+
+
+@needs_openvino
+def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    with pytest.raises(NotAvailableError, match="OpenVINO finds no NPU device here"):
+        OpenVinoRunner(exported_tiny_run.root, "fp32", device="npu")
+    with pytest.raises(UsageError, match="unknown OpenVINO device 'tpu'"):
+        OpenVinoRunner(exported_tiny_run.root, "fp32", device="tpu")
+    with pytest.raises(UsageError, match=r"openvino backend runs fp32 .*bf16, not .int4."):
+        OpenVinoRunner(exported_tiny_run.root, "int4")
+    with pytest.raises(NotAvailableError, match="no int8 ONNX set"):  # quant's INT8 set, not exported here
+        OpenVinoRunner(exported_tiny_run.root, "int8")
+    with pytest.raises(UsageError, match="no BF16 path"):
+        open_runner(exported_tiny_run.root, "onnxruntime", "bf16")
+    # A corrupt graph: refused when the component is first used, naming the file.
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, copy)
+    (copy / "onnx" / "fp32" / "decoder.onnx").write_bytes(b"not an onnx file")
+    runner = OpenVinoRunner(copy, "fp32")
+    spec = runner.specs["decoder"]
+    with pytest.raises(MMGenError, match=r"OpenVINO cannot read .*decoder\.onnx"):
+        runner.run("decoder", spec.make_inputs(1, np.random.default_rng(0)))
+
+
+# -- auto ----------------------------------------------------------------------------------------
+
+def test_auto_picks_openvino_bf16_where_it_is_fastest(exported_tiny_run) -> None:
+    choice = resolve_backend("auto", exported_tiny_run.root)
+    if _openvino_missing() or _no_bf16_cpu():
+        assert (choice.backend, choice.precision) == ("onnxruntime", "fp32")
+        assert any(s.startswith("openvino bf16: ") for s in choice.skipped)
+    else:
+        assert (choice.backend, choice.precision, choice.device) == ("openvino", "bf16", "cpu")
+        assert "AMX" in choice.reason or "AVX-512 BF16" in choice.reason
+    # Asking for FP32 keeps the FP32-exact ONNX Runtime path.
+    assert resolve_backend("auto", exported_tiny_run.root, "fp32").backend == "onnxruntime"
+
+
+_WITHOUT_OPENVINO = (
+    "import sys\n"
+    "sys.modules['openvino'] = None  # `import openvino` now raises ImportError, as where it is not installed\n"
+)
+
+
+def test_auto_falls_back_cleanly_without_openvino(exported_tiny_run, tmp_path) -> None:
+    """A Python in which `import openvino` fails: auto says why it skipped OpenVINO and samples on
+    ONNX Runtime; asking for OpenVINO is one line naming the package."""
+    root = str(exported_tiny_run.root)
+    code = _WITHOUT_OPENVINO + (
+        "from mmgen_deploy.runtime import open_runner\n"
+        "from mmgen_deploy.sampling import sample\n"
+        f"r, choice = open_runner({root!r}, 'auto', threads=1)\n"
+        "print(r.backend, r.precision)\n"
+        "print('|'.join(choice.skipped))\n"
+        "sample(r, r.config, [1], steps=2, cfg_scale=4.0)\n"
+        "try:\n"
+        f"    open_runner({root!r}, 'openvino', 'bf16')\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == "onnxruntime fp32", out.stdout
+    assert "openvino bf16: " in lines[1]
+    if not _no_bf16_cpu():
+        assert "OpenVINO is not installed" in lines[1]
+    assert lines[2].startswith("NotAvailableError OpenVINO is not installed") and "mmgen-deploy[openvino]" in lines[2]
+    # The CLI: exit 1, one line, no traceback.
+    cli = _WITHOUT_OPENVINO + ("from mmgen_deploy.cli.app import main\n"
+                               f"main(['generate', {root!r}, '-c', '1', '--n', '1', '--steps', '1', "
+                               f"'--backend', 'openvino', '--out', {str(tmp_path / 'out')!r}])\n")
+    out = subprocess.run([sys.executable, "-c", cli], capture_output=True, text=True, timeout=300)
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 1 and len(errors) == 1 and "OpenVINO is not installed" in errors[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+# -- bf16 parity: passes on the exported graph, fails on a perturbed one --------------------------
+
+def _perturb(onnx_path, initializer: str, scale: float) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(onnx_path))
+    (init,) = [i for i in model.graph.initializer if i.name == initializer]
+    init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(scale), initializer))
+    onnx.save(model, str(onnx_path))
+
+
+@pytest.mark.parametrize("perturbed", [False, True], ids=["exported", "perturbed"])
+@needs_openvino
+def test_openvino_bf16_parity_passes_and_catches_a_perturbed_graph(exported_tiny_run, tmp_path,
+                                                                    perturbed: bool) -> None:
+    """The spec's bf16 tolerances are loose enough for BF16 rounding and tight enough for a real bug:
+    the patch embedding's weights scaled by 1.08 in the denoiser graph (rel. L2 ~4e-2 in FP32) fail."""
+    import shutil
+
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, run)
+    if perturbed:
+        _perturb(run / "onnx" / "fp32" / "denoiser.onnx", "dit.x_embedder.proj.weight", 1.08)
+    report = run_parity(run, ParityOptions(backend="openvino", precision="bf16", batches=(1, 3), steps=3,
+                                           num_images=2, end_to_end=not perturbed,
+                                           components=("denoiser", "quantizer", "decoder")))
+    failed = sorted({c.group for c in report.checks if not c.passed})
+    if perturbed:
+        assert not report.passed and failed == ["denoiser"], failed
+    else:
+        assert report.passed, [(c.group, c.name, c.value, c.threshold) for c in report.checks if not c.passed]
+        assert any(c.group == "end-to-end" for c in report.checks)
