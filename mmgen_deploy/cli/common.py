@@ -7,6 +7,7 @@ import logging
 import sys
 from typing import Any
 
+import typer
 from rich.console import Console
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
@@ -51,3 +52,16 @@ def emit_json(data: Any, destination: str | None) -> None:
 
         with atomic_path(destination) as tmp:
             tmp.write_text(text + "\n")
+
+
+# The conditioning options, defined once so that `generate` and `client` (and any command that
+# takes classes or prompts) spell and explain them the same way.
+CLASS_OPTION = typer.Option(
+    [], "--class", "-c",
+    help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class.")
+PROMPT_OPTION = typer.Option(
+    [], "--prompt", "-p",
+    help="Text-to-image models: a prompt, e.g. \"a large blue triangle at the top\". Repeatable.")
+PROMPTS_FILE_OPTION = typer.Option(
+    None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
+                                 "skipped); adds to --prompt.")

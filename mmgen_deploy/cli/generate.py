@@ -8,7 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, stdout_console
+from mmgen_deploy.cli.common import (
+    CLASS_OPTION,
+    PROMPT_OPTION,
+    PROMPTS_FILE_OPTION,
+    console,
+    emit_json,
+    stdout_console,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunLike
@@ -21,15 +28,9 @@ def register(app: typer.Typer) -> None:
 
 def generate(
     run_dir: Path = typer.Argument(..., help="Run directory (from `mmgen train`, `quickstart` or `import`)."),
-    classes: list[str] = typer.Option(
-        [], "--class", "-c",
-        help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class."),
-    prompts: list[str] = typer.Option(
-        [], "--prompt", "-p",
-        help="Text-to-image models: a prompt, e.g. \"a large blue triangle at the top\". Repeatable."),
-    prompts_file: Path | None = typer.Option(
-        None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
-                                     "skipped); adds to --prompt."),
+    classes: list[str] = CLASS_OPTION,
+    prompts: list[str] = PROMPT_OPTION,
+    prompts_file: Path | None = PROMPTS_FILE_OPTION,
     n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt (18 classes with --n 10 give 180 "
                                                "images)."),
     batch_size: int = typer.Option(16, "--batch-size", "-b",

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import CLASS_OPTION, PROMPT_OPTION, PROMPTS_FILE_OPTION, console, emit_json
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import RUN_PRECISIONS
 
@@ -204,15 +204,9 @@ def register(app: typer.Typer) -> None:
         "samples.json as `mmgen generate`; a served image equals the in-process one for the same arguments."))
     def client(
         url: str = typer.Argument("http://127.0.0.1:8000", help="HTTP endpoint of `mmgen serve` / Triton."),
-        classes: list[str] = typer.Option(
-            [], "--class", "-c",
-            help="Class to sample, by name (\"red circle\") or id (3). Repeatable. Default: every class."),
-        prompts: list[str] = typer.Option(
-            [], "--prompt", "-p",
-            help="Text-to-image models: a prompt, e.g. \"a large blue triangle at the top\". Repeatable."),
-        prompts_file: Path | None = typer.Option(
-            None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
-                                         "skipped); adds to --prompt."),
+        classes: list[str] = CLASS_OPTION,
+        prompts: list[str] = PROMPT_OPTION,
+        prompts_file: Path | None = PROMPTS_FILE_OPTION,
         n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt."),
         steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the server's, 50)."),
         cfg_scale: float | None = typer.Option(None, "--cfg-scale",
