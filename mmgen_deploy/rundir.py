@@ -399,7 +399,9 @@ class RunDir:
 
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         with atomic_path(self.weights_path(part)) as tmp:
-            save_file(state, str(tmp), metadata={"format": RUN_FORMAT, "part": part})
+            # One metadata entry: safetensors writes its metadata map in a per-process random order,
+            # so two entries would make the same weights hash differently from one save to the next.
+            save_file(state, str(tmp), metadata={"mmgen": f"{RUN_FORMAT}/{part}"})
 
     def load_state(self, part: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -97,3 +97,23 @@ def test_rundir_owns_the_layout_and_one_loader(tmp_path, random_models) -> None:
     assert run.load_config() is run.load_config()
     run.update_meta(class_names=[f"c{i}" for i in range(config.dit.num_classes)])
     assert run.load_config().class_names[0] == "c0"
+
+
+def test_saving_the_same_weights_writes_the_same_bytes(tmp_path) -> None:
+    """The weight file's hash is what export manifests record as their source: saving identical
+    weights in separate processes must give identical files (safetensors orders a multi-entry
+    metadata map differently per process)."""
+    import hashlib
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch; from mmgen_deploy.rundir import RunDir; torch.manual_seed(0); "
+        "run = RunDir(sys.argv[1]); run.weights_path('dit').parent.mkdir(parents=True); "
+        "run.save_weights('dit', torch.nn.Linear(4, 3))"
+    )
+    digests = set()
+    for i in range(6):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"run{i}")], check=True)
+        digests.add(hashlib.sha256((tmp_path / f"run{i}" / "dit" / "model.safetensors").read_bytes()).hexdigest())
+    assert len(digests) == 1
