@@ -147,6 +147,36 @@ def test_batched_ranges_merge_exactly(external_run) -> None:
         assert np.isclose(stats.min_val, other.min_val, rtol=1e-6, atol=1e-7), name
 
 
+def test_in_graph_ranges_equal_the_tensors_own(external_run) -> None:
+    """The ReduceMin/ReduceMax/Shape nodes the range analysis adds give exactly what NumPy gives on
+    the tensors themselves (fetched here the memory-hungry way: every one a graph output)."""
+    import onnx
+    import onnxruntime as ort
+
+    from mmgen_deploy.export.fp16 import _float_values, activation_ranges
+
+    run, _ = external_run
+    spec = component_specs(run.load_config())["denoiser"]
+    inputs = spec.make_inputs(3, np.random.default_rng(4))
+    path = onnx_path(run, "fp32", "denoiser")
+    ranges = activation_ranges(path, inputs, 3)
+    model = onnx.load(str(path), load_external_data=False)
+    names = [n for n in _float_values(model) if n not in inputs]
+    known = {o.name for o in model.graph.output}
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names if n not in known)
+    probe = path.with_name("probe.onnx")
+    onnx.save(model, str(probe))
+    try:
+        tensors = ort.InferenceSession(str(probe), providers=["CPUExecutionProvider"]).run(names, inputs)
+    finally:
+        probe.unlink()
+    assert len(names) > 50
+    for name, tensor in zip(names, tensors, strict=True):
+        stats = ranges[name]
+        assert (stats.min_val, stats.max_val) == (float(tensor.min()), float(tensor.max())), name
+        assert tuple(stats.shape) == tensor.shape, name
+
+
 def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, capsys) -> None:
     from mmgen_deploy import memory
 

@@ -241,20 +241,29 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
     """min / max / absmax of every float tensor of the FP32 graph at `path` over `inputs`, run in
     ONNX Runtime `batch_size` samples at a time (ranges are min/max: they merge exactly).
 
-    One session, on the graph file itself (its external data is read from beside it), with every
-    float tensor made an output; each batch's tensors are reduced to three numbers and dropped.
+    The graph computes its own statistics: every float tensor gets a ReduceMin, a ReduceMax and a
+    Shape node, and only those small outputs are fetched. Making the tensors themselves outputs
+    would hold every intermediate of a forward at once, twice over (ORT's buffers and the NumPy
+    copies): 10 GB for one sample of a DiT-XL/2, where this holds what plain inference holds.
+    One session, on the graph file itself (its external data is read from beside it).
     Returns name -> AutoCast TensorStats.
     """
     import onnxruntime as ort
     from modelopt.onnx.autocast.referencerunner import TensorStats
 
     model = _graph(path)
-    values = _float_values(model)
-    existing = {o.name for o in model.graph.output}
-    inputs_names = {i.name for i in model.graph.input}
-    for name in values:
-        if name not in existing and name not in inputs_names:
-            model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    input_names = {i.name for i in model.graph.input}
+    # name -> (min, max, shape) output names, for every float tensor a node writes.
+    probes: dict[str, tuple[str, str, str]] = {}
+    for index, name in enumerate(n for n in _float_values(model) if n not in input_names):
+        outs = (f"mmgen_ranges_min_{index}", f"mmgen_ranges_max_{index}", f"mmgen_ranges_shape_{index}")
+        model.graph.node.extend([
+            onnx.helper.make_node("ReduceMin", [name], [outs[0]], name=f"{outs[0]}_node", keepdims=0),
+            onnx.helper.make_node("ReduceMax", [name], [outs[1]], name=f"{outs[1]}_node", keepdims=0),
+            onnx.helper.make_node("Shape", [name], [outs[2]], name=f"{outs[2]}_node"),
+        ])
+        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outs)
+        probes[name] = outs
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
@@ -274,17 +283,16 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
     else:
         session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         del model
-    names = [o.name for o in session.get_outputs()]
+    fetch = [o for outs in probes.values() for o in outs]
     stats: dict[str, _Stats] = {}
     total = next(iter(inputs.values())).shape[0]
 
-    def merge(name: str, array: np.ndarray) -> None:
-        if array.size == 0 or not np.issubdtype(array.dtype, np.floating):
+    def merge(name: str, lo: float, hi: float, shape: tuple[int, ...]) -> None:
+        if 0 in shape:  # an empty tensor has no range
             return
-        lo, hi = float(np.min(array)), float(np.max(array))
         old = stats.get(name)
         if old is None:
-            stats[name] = _Stats(max(abs(lo), abs(hi)), lo, hi, tuple(array.shape))
+            stats[name] = _Stats(max(abs(lo), abs(hi)), lo, hi, shape)
         else:
             old.min_val, old.max_val = min(old.min_val, lo), max(old.max_val, hi)
             old.absmax = max(abs(old.min_val), abs(old.max_val))
@@ -294,11 +302,12 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
             progress(f"calibration {min(start + batch_size, total)}/{total}")
         feeds = {name: np.ascontiguousarray(array[start:start + batch_size]) for name, array in inputs.items()}
         for name, array in feeds.items():
-            merge(name, array)
-        outputs = session.run(names, feeds)
-        for name, array in zip(names, outputs, strict=True):
-            merge(name, array)
-        del outputs
+            if array.size and np.issubdtype(array.dtype, np.floating):
+                merge(name, float(np.min(array)), float(np.max(array)), tuple(array.shape))
+        results = dict(zip(fetch, session.run(fetch, feeds), strict=True))
+        for name, (lo, hi, shape) in probes.items():
+            merge(name, float(results[lo]), float(results[hi]), tuple(int(d) for d in results[shape]))
+        del results
     del session
     gc.collect()
     return {name: TensorStats(absmax=s.absmax, min_val=s.min_val, max_val=s.max_val, shape=s.shape)
