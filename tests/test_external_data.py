@@ -177,6 +177,37 @@ def test_in_graph_ranges_equal_the_tensors_own(external_run) -> None:
         assert tuple(stats.shape) == tensor.shape, name
 
 
+def test_autocast_on_weightless_views_writes_the_same_graph(external_run, tmp_path, monkeypatch) -> None:
+    """AutoCast's shape inference and checker run on graph views without the weights (at XL size
+    they otherwise copy the weights through temp files: 15 GB peak); the FP16 graph is the same
+    byte for byte as ModelOpt's own path writes."""
+    import hashlib
+
+    from mmgen_deploy.export import fp16
+
+    run, _ = external_run
+    spec = component_specs(run.load_config())["denoiser"]
+    calibration = spec.make_inputs(4, np.random.default_rng(5))
+    source = onnx_path(run, "fp32", "denoiser")
+    fp16.convert_fp16(source, spec, tmp_path / "views" / "denoiser.onnx", calibration, external_data=True)
+
+    class ModelOptOwn:  # leaves ModelOpt's infer_shapes / check_model in place
+        @classmethod
+        def install(cls) -> ModelOptOwn:
+            return cls()
+
+        def uninstall(self) -> None:
+            pass
+
+    monkeypatch.setattr(fp16, "_WeightlessGraphChecks", ModelOptOwn)
+    fp16.convert_fp16(source, spec, tmp_path / "own" / "denoiser.onnx", calibration, external_data=True)
+    digests = {name: [hashlib.sha256((tmp_path / name / f).read_bytes()).hexdigest()
+                      for f in ("denoiser.onnx", "denoiser.onnx.data")] for name in ("views", "own")}
+    assert digests["views"] == digests["own"]
+    view, data_bytes = fp16.weightless_view(onnx.load(str(source), load_external_data=False))
+    assert data_bytes > 0 and len(view.SerializeToString()) < data_bytes  # the weights are not in the view
+
+
 def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, capsys) -> None:
     from mmgen_deploy import memory
 

@@ -148,9 +148,11 @@ def convert_fp16(fp32_path: Path, spec: ComponentSpec, out_path: Path, calibrati
     autocast_logger.setLevel(logging.INFO)
     autocast_logger.propagate = False
     runner = _PrecomputedRanges.install(ranges)
+    graph_checks = _WeightlessGraphChecks.install()
     try:
         model = convert(str(fp32_path), calibration_data=None, **arguments)
     finally:
+        graph_checks.uninstall()
         runner.uninstall()
         for lg, level in zip(loggers, previous, strict=True):
             lg.setLevel(level)
@@ -312,6 +314,100 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
     gc.collect()
     return {name: TensorStats(absmax=s.absmax, min_val=s.min_val, max_val=s.max_val, shape=s.shape)
             for name, s in stats.items()}
+
+
+# Float initializers above this many bytes are left out of the graph views below (shape arithmetic
+# reads only small integer tensors, which stay).
+_VIEW_KEEP_BYTES = 1 << 16
+
+
+def weightless_view(model: onnx.ModelProto, data_file: str = "weights.bin") -> tuple[onnx.ModelProto, int]:
+    """A copy of `model` whose large float initializers keep their name, type and dims but not
+    their values, which are external data at their own offsets in `data_file` (never written:
+    a sparse file of the returned size stands in where a checker wants one). What shape
+    inference and the checker read, at the size of the graph instead of the weights."""
+    view = onnx.ModelProto()
+    _copy_fields(model, view, skip="graph")
+    graph, target = model.graph, view.graph
+    _copy_fields(graph, target, skip="initializer")
+    offset = 0
+    for tensor in graph.initializer:
+        count = int(np.prod(tensor.dims)) if tensor.dims else 1
+        size = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if tensor.data_type not in _FLOAT_TYPES or size <= _VIEW_KEEP_BYTES:
+            target.initializer.add().CopyFrom(tensor)
+            continue
+        stub = target.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                      data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", data_file), ("offset", str(offset)), ("length", str(size))):
+            stub.external_data.add(key=key, value=value)
+        offset += size
+    return view, offset
+
+
+def _copy_fields(source: Any, target: Any, *, skip: str) -> None:
+    """Copy every set field of protobuf message `source` into `target`, except `skip`."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.message_type is not None:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
+
+
+class _WeightlessGraphChecks:
+    """During one AutoCast conversion, ModelOpt's shape inference and model checker run on
+    `weightless_view`s. On a model over protobuf's 2 GB limit each of them otherwise deep-copies
+    the model, writes it with its weights to a temporary folder and (inference) reads it all
+    back, several times per conversion: 15 GB peak RSS for a DiT-XL/2's 2.7 GB of weights.
+    Inference results (value_info, input/output types) are carried back onto the real model."""
+
+    def __init__(self) -> None:
+        self._module: Any = None
+        self._originals: dict[str, Any] = {}
+
+    @classmethod
+    def install(cls) -> _WeightlessGraphChecks:
+        import modelopt.onnx.utils as modelopt_utils
+
+        self = cls()
+        missing = [n for n in ("infer_shapes", "check_model") if not hasattr(modelopt_utils, n)]
+        if missing:
+            raise NotAvailableError(f"this ModelOpt version has no modelopt.onnx.utils.{missing[0]}",
+                                    "install nvidia-modelopt 0.47 (`pip install 'mmgen-deploy[fp16]'`)")
+        self._module = modelopt_utils
+        self._originals = {"infer_shapes": modelopt_utils.infer_shapes, "check_model": modelopt_utils.check_model}
+
+        def infer_shapes(model: onnx.ModelProto, **kwargs: Any) -> onnx.ModelProto:
+            inferred = onnx.shape_inference.infer_shapes(weightless_view(model)[0], **kwargs).graph
+            graph = model.graph
+            graph.ClearField("value_info")
+            graph.value_info.extend(inferred.value_info)
+            for mine, theirs in ((graph.input, inferred.input), (graph.output, inferred.output)):
+                for value, typed in zip(mine, theirs, strict=True):
+                    value.CopyFrom(typed)
+            return model
+
+        def check_model(model: onnx.ModelProto) -> None:
+            import tempfile
+
+            view, data_bytes = weightless_view(model)
+            with tempfile.TemporaryDirectory(prefix="mmgen-check-") as folder:
+                with open(Path(folder) / "weights.bin", "wb") as data:
+                    data.truncate(data_bytes)  # sparse: no disk, no memory
+                onnx.save(view, str(Path(folder) / "model.onnx"))
+                onnx.checker.check_model(str(Path(folder) / "model.onnx"))
+
+        modelopt_utils.infer_shapes = infer_shapes
+        modelopt_utils.check_model = check_model
+        return self
+
+    def uninstall(self) -> None:
+        for name, original in self._originals.items():
+            setattr(self._module, name, original)
 
 
 class _PrecomputedRanges:
