@@ -255,21 +255,32 @@ def activation_ranges(path: Path, inputs: dict[str, np.ndarray], batch_size: int
 
     model = _graph(path)
     input_names = {i.name for i in model.graph.input}
-    # name -> (min, max, shape) output names, for every float tensor a node writes.
-    probes: dict[str, tuple[str, str, str]] = {}
-    for index, name in enumerate(n for n in _float_values(model) if n not in input_names):
-        outs = (f"mmgen_ranges_min_{index}", f"mmgen_ranges_max_{index}", f"mmgen_ranges_shape_{index}")
-        model.graph.node.extend([
-            onnx.helper.make_node("ReduceMin", [name], [outs[0]], name=f"{outs[0]}_node", keepdims=0),
-            onnx.helper.make_node("ReduceMax", [name], [outs[1]], name=f"{outs[1]}_node", keepdims=0),
-            onnx.helper.make_node("Shape", [name], [outs[2]], name=f"{outs[2]}_node"),
-        ])
-        model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for o in outs)
-        probes[name] = outs
+    # name -> (min, max, shape) output names, for every float tensor a node writes. Each tensor's
+    # probes follow its producer in the node list, so that ONNX Runtime (which runs the nodes in
+    # that order where it can) frees the tensor as early as plain inference would.
+    floats = [n for n in _float_values(model) if n not in input_names]
+    probes = {name: (f"mmgen_ranges_min_{i}", f"mmgen_ranges_max_{i}", f"mmgen_ranges_shape_{i}")
+              for i, name in enumerate(floats)}
+    nodes = list(model.graph.node)
+    model.graph.ClearField("node")
+    for node in nodes:
+        model.graph.node.append(node)
+        for name in node.output:
+            if name in probes:
+                low, high, shape = probes[name]
+                model.graph.node.extend([
+                    onnx.helper.make_node("ReduceMin", [name], [low], name=f"{low}_node", keepdims=0),
+                    onnx.helper.make_node("ReduceMax", [name], [high], name=f"{high}_node", keepdims=0),
+                    onnx.helper.make_node("Shape", [name], [shape], name=f"{shape}_node"),
+                ])
+    model.graph.output.extend(onnx.helper.make_empty_tensor_value_info(o) for outs in probes.values() for o in outs)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # ORT's default order runs the probes late and keeps their tensors alive (4.4 GB for one image
+    # through a 256 px VQ-f8 decoder whose plain inference peaks at 0.7 GB); this one, 1.5 GB.
+    options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if threads > 1:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     uses_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
