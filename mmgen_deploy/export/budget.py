@@ -8,7 +8,7 @@ calibration sample counts (by FLOPs), and the memory check before a stage (by by
 Memory estimates are peaks of the whole process, measured on the 2-core 24 GB machine
 with a DiT-XL/2 + 256 px VQ-f8 pair (see the README's "Large models" section) and written
 as multiples of the component's FP32 weight bytes plus a fixed base; they are meant to be
-pessimistic by ~10-20 %, so that a refusal comes before the kernel's OOM killer and not
+pessimistic by ~15 %, so that a refusal comes before the kernel's OOM killer and not
 instead of a run that would have fit.
 """
 
@@ -141,11 +141,15 @@ def threads_for(cost: ComponentCost) -> int:
     return max(1, min(os.cpu_count() or 1, 8)) if cost.heavy else 1
 
 
-# Stage peaks as (multiple of the component's FP32 weights, per-sample activation bytes factor).
-# torch export: the module plus the exporter's copy of the weights during constant folding.
-EXPORT_WEIGHT_FACTOR = 2.2
+# Stage peaks as multiples of the component's FP32 weights, on top of BASE_BYTES. Fitted on the
+# DiT-XL/2 + VQ-f8 export (2.7 GB denoiser; per-stage peaks sampled once a second, README "Large
+# models") and rounded up by ~15 %, so a refusal comes before the OOM killer, not instead of a fit.
+# torch export: the module plus the exporter's copy of the weights during constant folding
+# (XL denoiser: 4.4 GB with the VQ still loaded, i.e. ~1.3x).
+EXPORT_WEIGHT_FACTOR = 1.6
 # ONNX Runtime validation: the session's weights (FP32 graph; the FP16 graph's weights are cast
 # back to FP32 by ORT's CPU provider, so about the same), the torch module already freed.
 SESSION_WEIGHT_FACTOR = 1.6
-# AutoCast: its model, the converter's deep copy, and the FP16 initializers it makes.
-AUTOCAST_WEIGHT_FACTOR = 3.0
+# AutoCast: its model, the converter's deep copy and the FP16 initializers it makes (XL denoiser:
+# 7.3 GB, i.e. ~2.3x; before its shape inference ran on weightless views, 17 GB).
+AUTOCAST_WEIGHT_FACTOR = 2.6
