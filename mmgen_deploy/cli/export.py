@@ -95,7 +95,9 @@ def register(app: typer.Typer) -> None:
                  "Other components of an existing export of the same checkpoint are kept."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20); >= 17 gives TensorRT native LayerNorm."),
         overwrite: bool = typer.Option(
-            False, "--overwrite", help="Replace an existing export even if it came from a different checkpoint."),
+            False, "--overwrite",
+            help="Start afresh: the whole existing export (every precision set) is replaced, even one made from "
+                 "a different checkpoint. Without it, the sets exported are added to an export of the same weights."),
         calibration: Path = typer.Option(
             None, "--calibration",
             help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels` and `captions` (text "
