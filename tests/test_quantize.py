@@ -199,3 +199,30 @@ def test_8_bit_engines_build_ahead_of_time_and_go_stale(quantized_run, tmp_path)
     with pytest.raises(StaleEngineError, match=r"onnx/int8/denoiser\.onnx changed"):
         check_engine_dir(copy, flavour, precision="int8")
     check_engine_dir(copy, flavour, precision="fp8")
+
+
+def test_large_components_calibrate_in_small_batches(tmp_path, random_models) -> None:
+    """The calibration batch is capped per component (`batch_limit`, from the exporter's budget), and
+    the FP16 part of an 8-bit graph gets its ranges from mmgen's bounded range analysis, not from
+    AutoCast's own reference run (which holds every tensor of the batch at once)."""
+    import onnxruntime as ort
+
+    from mmgen_deploy.export import export_run, onnx_path
+    from mmgen_deploy.export.quantize import quantize_component
+    from mmgen_deploy.rundir import save_run
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    export_run(run, precisions=("fp32",), components=("denoiser",))
+    spec = component_specs(config)["denoiser"]
+    calibration = spec.make_inputs(16, np.random.default_rng(0))
+    target = tmp_path / "int8" / "denoiser.onnx"
+    record = quantize_component(onnx_path(run, "fp32", "denoiser"), spec, target, "int8", calibration,
+                                QuantSettings(calibration_size=16, timesteps=4, batch=16), batch_limit=4)
+    assert record["arguments"]["calibration_batch"] == 4 and record["arguments"]["calibration_samples"] == 16
+    assert record["fp16_converter"]["arguments"]["reference_runner"].startswith("mmgen activation_ranges")
+    assert record["fp16_converter"]["arguments"]["calibration_batch"] == 4
+    feeds = spec.make_inputs(2, np.random.default_rng(1))
+    want = ort.InferenceSession(str(onnx_path(run, "fp32", "denoiser"))).run(None, feeds)[0]
+    got = ort.InferenceSession(str(target)).run(None, feeds)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.25

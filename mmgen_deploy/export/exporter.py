@@ -281,8 +281,9 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             }
         for precision in quantized:
             assert quant is not None
-            files[precision][name] = export_quantized(quant, precision, spec, modules[name], fp32_file, out,
-                                                      input_sets, real_inputs[name], step, fp32_checks=checks)
+            files[precision][name] = export_quantized(
+                quant, precision, spec, modules[name], fp32_file, out, input_sets, real_inputs[name], step,
+                fp32_checks=checks, batch_limit=budget.calibration_batch(cost, quant.settings.batch))
         if quantized:
             _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         del input_sets

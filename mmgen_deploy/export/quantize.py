@@ -306,10 +306,14 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
 
 
 def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mode: str,
-                       calibration: dict[str, np.ndarray], settings: QuantSettings) -> dict[str, Any]:
+                       calibration: dict[str, np.ndarray], settings: QuantSettings, *,
+                       batch_limit: int | None = None) -> dict[str, Any]:
     """Write the `mode` ("int8" / "fp8") Q/DQ graph of one component; return its manifest record.
 
-    The quantizer (spec.keep_fp32) is copied as its FP32 graph, never quantized."""
+    The quantizer (spec.keep_fp32) is copied as its FP32 graph, never quantized. `batch_limit` caps
+    the calibration batch for components whose activations are large (the exporter passes
+    `budget.calibration_batch`: one 256 px image for a VQ-f8 encoder, where ModelOpt's default
+    batch of 16 and AutoCast's reference run over it were OOM-killed at 23.4 GB)."""
     if mode not in QUANTIZED_PRECISIONS:
         raise ValueError(f"mode must be one of {QUANTIZED_PRECISIONS}, got {mode!r}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -320,7 +324,7 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
     quantize = _modelopt_quantize()
     arguments = quantizer_arguments(spec, mode, settings)
     n = int(calibration[spec.input_names[0]].shape[0])
-    batch = min(settings.batch, n)
+    batch = min(settings.batch, n, batch_limit or settings.batch)
     usable = n - n % batch  # ModelOpt splits the arrays into n / batch equal runs
     arrays = {name: np.ascontiguousarray(calibration[name][:usable]) for name in spec.input_names}
     shapes = ",".join(f"{t.name}:{'x'.join(str(d) for d in t.concrete_shape(batch))}" for t in spec.inputs)
@@ -341,7 +345,7 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
         model = onnx.load(str(qdq))
         converter: dict[str, Any] | None = None
         if settings.high_precision == "fp16":
-            model, converter = _to_fp16(qdq, spec, arrays, Path(work), batch)
+            model, converter = _to_fp16(qdq, spec, arrays, Path(work), settings.batch, range_batch=batch)
     model.producer_name = "mmgen-deploy"
     model.doc_string = (f"mmgen-deploy {spec.name}, {mode.upper()} Q/DQ (ModelOpt PTQ, {settings.method} "
                         f"calibration), high precision {settings.high_precision}")
@@ -354,19 +358,18 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
 
 
 def _to_fp16(qdq: Path, spec: ComponentSpec, arrays: dict[str, np.ndarray], work: Path,
-             batch: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """AutoCast the non-quantized part of a Q/DQ graph to FP16, keeping the spec's FP32 scopes."""
-    from mmgen_deploy.export.fp16 import _autocast, converter_arguments
+             batch: int, *, range_batch: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """AutoCast the non-quantized part of a Q/DQ graph to FP16, keeping the spec's FP32 scopes, on
+    the ranges of its first `batch` calibration samples measured `range_batch` at a time (the FP16
+    export's bounded range analysis; AutoCast's own reference run holds every tensor at once)."""
+    from mmgen_deploy.export.fp16 import convert_fp16
 
-    convert = _autocast()
-    arguments = converter_arguments(spec)
-    calib_dir = work / "autocast-calibration"
-    calib_dir.mkdir()
-    first: dict[str, Any] = {k: v[:batch] for k, v in arrays.items()}
-    np.savez(calib_dir / "batch0.npz", **first)
-    with _quiet():
-        model = convert(str(qdq), calibration_data=str(calib_dir), **arguments)
-    return model, {"name": "modelopt.onnx.autocast.convert_to_mixed_precision", "arguments": arguments}
+    first = {k: v[:batch] for k, v in arrays.items()}
+    target = work / "high-precision-fp16" / qdq.name
+    converter = convert_fp16(qdq, spec, target, first, batch_size=range_batch)
+    converter.pop("kept_fp32_nodes", None)
+    converter.pop("fp16_nodes", None)
+    return onnx.load(str(target)), converter
 
 
 def check_precision(precision: str) -> None:

@@ -89,7 +89,8 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
 
 def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, module: nn.Module, fp32_file: Path,
                      out: Path, input_sets: list[InputSet], real: dict[str, np.ndarray],
-                     step: Callable[[str], None], fp32_checks: list[OutputCheck] | None = None) -> dict[str, Any]:
+                     step: Callable[[str], None], fp32_checks: list[OutputCheck] | None = None,
+                     *, batch_limit: int | None = None) -> dict[str, Any]:
     """Write and validate `out/<precision>/<component>.onnx`; return its manifest entry. A component
     shipped as its FP32 graph reuses that graph's validation (`fp32_checks`, same file, same inputs)."""
     shipped = plan.settings.shipped_precision(spec, precision)
@@ -98,7 +99,8 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
     started = time.perf_counter()
     if shipped == precision:
         step(f"{spec.name}: quantizing to {precision.upper()} ({plan.settings.method} calibration)")
-        record = quantize_component(fp32_file, spec, target, precision, plan.inputs[spec.name], plan.settings)
+        record = quantize_component(fp32_file, spec, target, precision, plan.inputs[spec.name], plan.settings,
+                                    batch_limit=batch_limit)
     elif shipped == "fp16":
         from mmgen_deploy.export.fp16 import convert_fp16
 
