@@ -419,7 +419,11 @@ class RunDir:
 
     def _load_into(self, part: str, model: torch.nn.Module) -> None:
         state = self.load_state(part)
-        result = model.load_state_dict(state, strict=False)
+        try:
+            result = model.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # a tensor of the wrong shape
+            raise RunDirError(f"{self.weights_path(part)} does not fit its config: "
+                              f"{str(exc).splitlines()[-1].strip()}") from None
         problems = []
         if result.missing_keys:
             problems.append(f"missing {', '.join(result.missing_keys[:5])}")
@@ -439,11 +443,7 @@ class RunDir:
                               "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
         with skip_weight_init():  # every parameter is loaded next
             model = VQModel(config.vq)
-        try:
-            self._load_into("vqvae", model)
-        except RuntimeError as exc:  # shape mismatches
-            raise RunDirError(f"{self.weights_path('vqvae')} does not fit its config: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+        self._load_into("vqvae", model)
         return model.eval()
 
     def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
@@ -456,11 +456,7 @@ class RunDir:
         part = FIRST_STAGE_PARTS["kl"]
         with skip_weight_init():  # every parameter is loaded next
             model = AutoencoderKL(config.vq)
-        try:
-            self._load_into(part, model)
-        except RuntimeError as exc:
-            raise RunDirError(f"{self.weights_path(part)} does not fit its config: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+        self._load_into(part, model)
         return model.eval()
 
     def load_first_stage(self, config: ModelConfig | None = None) -> VQModel | AutoencoderKL:
@@ -476,11 +472,7 @@ class RunDir:
 
         with skip_weight_init():  # every parameter is loaded next
             model = DiT(config.dit)
-        try:
-            self._load_into("dit", model)
-        except RuntimeError as exc:
-            raise RunDirError(f"{self.weights_path('dit')} does not fit its config: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+        self._load_into("dit", model)
         return model.eval()
 
     def load_text_encoder(self, config: ModelConfig | None = None) -> TextEncoder:
@@ -491,11 +483,7 @@ class RunDir:
             raise RunDirError(f"{self.root} holds a class-conditioned model: it has no text encoder",
                               "use class names (--class) instead of prompts")
         model = TextEncoder(config.text)
-        try:
-            self._load_into(TEXT_PART, model)
-        except RuntimeError as exc:
-            raise RunDirError(f"{self.weights_path(TEXT_PART)} does not fit its config: "
-                              f"{str(exc).splitlines()[-1].strip()}") from None
+        self._load_into(TEXT_PART, model)
         return model.eval()
 
     def save_tokenizer(self, tokenizer: WordTokenizer) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import onnx
 
+from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import NotAvailableError, UsageError
 from mmgen_deploy.export.onnx_export import check_model, save_model, scope_regex
@@ -318,27 +318,25 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
         raise ValueError(f"mode must be one of {QUANTIZED_PRECISIONS}, got {mode!r}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     if spec.keep_fp32:
-        shutil.copyfile(fp32_path, out_path)
+        onnx_files.copy_onnx(fp32_path, out_path)
         return {"name": "none (component kept FP32: spec.keep_fp32, distances decide code indices)",
                 "version": None, "arguments": {}, "qdq_pairs": 0, "quantized_nodes": 0}
     quantize = _modelopt_quantize()
     arguments = quantizer_arguments(spec, mode, settings)
     n = int(calibration[spec.input_names[0]].shape[0])
-    batch = min(settings.batch, n, batch_limit or settings.batch)
+    batch = min(settings.batch, n, batch_limit or n)
     usable = n - n % batch  # ModelOpt splits the arrays into n / batch equal runs
     arrays = {name: np.ascontiguousarray(calibration[name][:usable]) for name in spec.input_names}
     shapes = ",".join(f"{t.name}:{'x'.join(str(d) for d in t.concrete_shape(batch))}" for t in spec.inputs)
     with tempfile.TemporaryDirectory(prefix=f"mmgen-{mode}-{spec.name}-") as work:
         # ModelOpt writes intermediate files beside its input: give it a private copy.
         src = Path(work) / f"{spec.name}.onnx"
-        shutil.copyfile(fp32_path, src)
-        data_file = fp32_path.with_name(fp32_path.name + ".data")
-        if data_file.exists():
-            shutil.copyfile(data_file, src.with_name(data_file.name))
+        onnx_files.copy_onnx(fp32_path, src)
+        external = bool(onnx_files.data_files(fp32_path))
         qdq = Path(work) / f"{spec.name}.qdq.onnx"
         with _quiet():
             quantize(str(src), calibration_data=arrays, calibration_shapes=shapes, output_path=str(qdq),
-                     log_level="CRITICAL", use_external_data_format=data_file.exists(), **arguments)
+                     log_level="CRITICAL", use_external_data_format=external, **arguments)
         if not qdq.is_file():
             raise NotAvailableError(f"ModelOpt wrote no quantized graph for {spec.name}",
                                     "rerun with --debug and report it")

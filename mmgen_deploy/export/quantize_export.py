@@ -10,7 +10,6 @@ stayed in high precision; runners, engines and parity read it from there.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.export.calibration import CalibrationData, CalibrationSource, dataset_calibration, load_calibration
@@ -110,7 +110,7 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
                   "qdq_pairs": 0, "quantized_nodes": 0}
     else:
         step(f"{spec.name}: kept FP32 in the {precision} set")
-        shutil.copyfile(fp32_file, target)
+        onnx_files.copy_onnx(fp32_file, target)
         reason = "spec.keep_fp32, distances decide code indices" if spec.keep_fp32 else "--component-precision"
         record = {"name": f"none (component kept FP32: {reason})", "qdq_pairs": 0, "quantized_nodes": 0}
     seconds = time.perf_counter() - started
