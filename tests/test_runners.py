@@ -113,11 +113,54 @@ def test_openvino_compiles_once_per_batch_and_dynamic_mode_agrees(exported_tiny_
         b = dynamic.run("denoiser", feeds)["model_output"]
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert static.compiled_batches("denoiser") == [4, 2]  # batch 2 reused, most recent last
-    # Compiled models are cached for the next process (MMGEN_CACHE_DIR, a temporary folder in tests).
-    assert static.cache_dir is not None and any((static.cache_dir / "f32").glob("*.blob"))
     assert OpenVinoRunner(exported_tiny_run.root, "fp32", cache_dir="").cache_dir is None
     with pytest.raises(UsageError, match="unknown batch_mode"):
         OpenVinoRunner(exported_tiny_run.root, "fp32", batch_mode="sometimes")
+
+
+@needs_openvino
+def test_openvino_blob_cache_imports_what_an_earlier_process_compiled(exported_tiny_run, tmp_path) -> None:
+    """The first runner compiles and stores a blob per shape; a later one imports it (same outputs);
+    a corrupt blob is recompiled and replaced; an edited graph gets a
+    new blob that replaces the old one instead of piling up beside it."""
+    import os
+    import shutil
+
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    run = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, run)
+    cache = tmp_path / "cache"
+    spec = OpenVinoRunner(run, "bf16", cache_dir=cache).specs["denoiser"]
+    feeds = spec.make_inputs(2, np.random.default_rng(3))
+
+    def run_once() -> tuple[str, np.ndarray]:
+        with OpenVinoRunner(run, "bf16", threads=1, cache_dir=cache) as runner:
+            out = runner.run("denoiser", feeds)["model_output"].copy()
+            return runner.compiled_origins("denoiser")[2], out
+
+    origin, first = run_once()
+    blobs = sorted(cache.glob("*-denoiser-bf16-cpu-b2-*.blob"))
+    assert origin == "compiled" and len(blobs) == 1
+    origin, again = run_once()
+    assert origin == "cache"
+    np.testing.assert_array_equal(again, first)
+    graph = run / "onnx" / "fp32" / "denoiser.onnx"
+    blobs[0].write_bytes(b"not a blob")
+    origin, recompiled = run_once()
+    assert origin == "compiled" and blobs[0].stat().st_size > 100
+    np.testing.assert_array_equal(recompiled, first)
+    # An edited graph (here: the same bytes with a new mtime) is compiled anew; its blob replaces the old.
+    stat = graph.stat()
+    os.utime(graph, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    origin, _ = run_once()
+    after = sorted(cache.glob("*-denoiser-bf16-cpu-b2-*.blob"))
+    assert origin == "compiled" and len(after) == 1 and after != blobs
+    # The f32 quantizer and a bf16 denoiser never share a blob (the hint is in the name and the key).
+    with OpenVinoRunner(run, "fp32", threads=1, cache_dir=cache) as runner:
+        runner.run("denoiser", feeds)
+        assert runner.compiled_origins("denoiser")[2] == "compiled"
+    assert len(list(cache.glob("*-denoiser-*-cpu-b2-*.blob"))) == 2
 
 
 @needs_openvino
