@@ -10,6 +10,7 @@ import re
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,50 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_root() -> Path | None:
+    """mmgen's per-user cache: $MMGEN_CACHE_DIR, else $XDG_CACHE_HOME/mmgen, else ~/.cache/mmgen;
+    MMGEN_CACHE_DIR="" turns every cache off. Nothing in it is needed: deleting it only costs time."""
+    root = os.environ.get("MMGEN_CACHE_DIR")
+    if root is not None:
+        return Path(root) if root else None
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmgen"
+
+
+# How long a file must have been left alone before its hash is remembered.
+SETTLED_NS = 2_000_000_000
+
+
+def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
+    """`sha256_file`, remembered across processes for as long as the file is provably unchanged.
+
+    The entry (in `cache_root()/sha256/`) is keyed by the file's absolute path and holds its device,
+    inode, size, mtime and ctime: any write or rename over the file changes the ctime, which no
+    copying tool can set back, so a changed file is always hashed again (and a file changed in the
+    last 2 s is not remembered at all). This spares the 1-3 s
+    that hashing a DiT's weights costs every command that checks an export against its weights.
+    """
+    path = Path(path).resolve()
+    stat = path.stat()
+    stamp = [stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    root = cache_root()
+    entry = root / "sha256" / f"{hashlib.sha256(str(path).encode()).hexdigest()[:24]}.json" if root else None
+    if entry is not None:
+        try:
+            known = read_json(entry)
+            if known.get("path") == str(path) and known.get("stat") == stamp:
+                return str(known["sha256"])
+        except (OSError, ValueError, KeyError, AttributeError):
+            pass
+    digest = sha256_file(path)
+    # Only a file that has been left alone for a while is remembered (git's "racily clean" rule):
+    # timestamps have a coarse clock, and a rewrite within the same tick could keep all of them.
+    settled = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS
+    if entry is not None and settled and path.stat().st_ctime_ns == stat.st_ctime_ns:
+        with contextlib.suppress(OSError):
+            write_json(entry, {"path": str(path), "stat": stamp, "sha256": digest})
+    return digest
 
 
 # -- leftovers of interrupted writers -------------------------------------------------------------------------

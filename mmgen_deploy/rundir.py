@@ -45,7 +45,7 @@ from mmgen_deploy.io_utils import (
     atomic_path,
     exclusive_lock,
     read_json,
-    sha256_file,
+    sha256_file_remembered,
     sweep_leftovers,
     write_json,
 )
@@ -523,11 +523,11 @@ class RunDir:
             if not path.is_file():
                 raise RunDirError(f"missing weight file {path}")
             digest.update(part.encode())
-            digest.update(sha256_file(path).encode())
+            digest.update(sha256_file_remembered(path).encode())
         if TEXT_PART in parts:
             if not self.tokenizer_path.is_file():
                 raise RunDirError(f"missing tokenizer {self.tokenizer_path}")
-            digest.update(sha256_file(self.tokenizer_path).encode())
+            digest.update(sha256_file_remembered(self.tokenizer_path).encode())
         return digest.hexdigest()
 
 

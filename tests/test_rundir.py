@@ -117,3 +117,36 @@ def test_saving_the_same_weights_writes_the_same_bytes(tmp_path) -> None:
         subprocess.run([sys.executable, "-c", script, str(tmp_path / f"run{i}")], check=True)
         digests.add(hashlib.sha256((tmp_path / f"run{i}" / "dit" / "model.safetensors").read_bytes()).hexdigest())
     assert len(digests) == 1
+
+
+def test_remembered_hashes_follow_every_change_of_the_file(tmp_path, monkeypatch) -> None:
+    """Hashes of weight files are remembered across processes only while the file is provably the
+    same: rewriting it (even with the same size and mtime put back) or replacing it is seen."""
+    import os
+
+    from mmgen_deploy import io_utils
+    from mmgen_deploy.io_utils import sha256_file, sha256_file_remembered
+
+    monkeypatch.setenv("MMGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(io_utils, "SETTLED_NS", 0)  # no 2 s wait for the file to settle
+    weights = tmp_path / "w.bin"
+    weights.write_bytes(b"a" * 4096)
+    first = sha256_file_remembered(weights)
+    assert first == sha256_file(weights)
+    assert len(list((tmp_path / "cache" / "sha256").glob("*.json"))) == 1
+    # Same size, same mtime restored: the ctime moved, so it is hashed again.
+    stat = weights.stat()
+    with open(weights, "r+b") as f:
+        f.write(b"b")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sha256_file_remembered(weights) == sha256_file(weights) != first
+    assert sha256_file_remembered(weights) == sha256_file(weights)  # from the refreshed entry
+    # A file just written is not remembered (a rewrite in the same clock tick could keep its stamp).
+    monkeypatch.setattr(io_utils, "SETTLED_NS", 2_000_000_000)
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"c")
+    sha256_file_remembered(fresh)
+    assert len(list((tmp_path / "cache" / "sha256").glob("*.json"))) == 1
+    # The cache turned off: still the right hash.
+    monkeypatch.setenv("MMGEN_CACHE_DIR", "")
+    assert sha256_file_remembered(weights) == sha256_file(weights)

@@ -54,15 +54,14 @@ _INSTALL_HINT = "pip install 'mmgen-deploy[openvino]' (or pip install openvino)"
 
 
 def default_cache_dir() -> Path | None:
-    """Where compiled models are cached across processes: $MMGEN_CACHE_DIR/openvino, else
-    $XDG_CACHE_HOME/mmgen/openvino, else ~/.cache/mmgen/openvino; MMGEN_CACHE_DIR="" turns it off.
-    Blobs are keyed by the exported graph, OpenVINO's version, the device and the compile settings
-    (see `CompiledBlobs`), so a re-export or an upgrade compiles anew."""
-    root = os.environ.get("MMGEN_CACHE_DIR")
-    if root is not None:
-        return Path(root) / "openvino" if root else None
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "mmgen" / "openvino"
+    """Where compiled models are kept across processes: `io_utils.cache_root()`/openvino
+    (~/.cache/mmgen/openvino by default; MMGEN_CACHE_DIR="" turns it off). Blobs are keyed by the
+    exported graph, OpenVINO's version, the device and the compile settings (see `CompiledBlobs`),
+    so a re-export or an upgrade compiles anew."""
+    from mmgen_deploy.io_utils import cache_root
+
+    root = cache_root()
+    return root / "openvino" if root is not None else None
 
 
 def import_openvino() -> Any:
