@@ -114,6 +114,33 @@ def test_openvino_compiles_once_per_batch_and_dynamic_mode_agrees(exported_tiny_
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert static.compiled_batches("denoiser") == [4, 2]  # batch 2 reused, most recent last
     assert OpenVinoRunner(exported_tiny_run.root, "fp32", cache_dir="").cache_dir is None
+
+
+@needs_openvino
+def test_openvino_splits_a_batch_across_streams_exactly(exported_tiny_run) -> None:
+    """Two streams take half a batch each (an odd batch pads its last half) and write one output
+    buffer: FP32 results equal one request's, row for row, and the buffer is reused."""
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    one = OpenVinoRunner(exported_tiny_run.root, "fp32", streams=1, cache_dir="")
+    two = OpenVinoRunner(exported_tiny_run.root, "fp32", streams=2, cache_dir="")
+    assert (one.streams, two.streams) == (1, 2)
+    assert OpenVinoRunner(exported_tiny_run.root, "fp32", threads=1).streams == 1
+    rng = np.random.default_rng(2)
+    for component in ("denoiser", "decoder", "quantizer"):
+        spec = two.specs[component]
+        for batch in (1, 3, 4):
+            feeds = spec.make_inputs(batch, rng)
+            want = one.run(component, feeds)
+            got = two.run(component, feeds)
+            for name, value in got.items():
+                assert value.shape == want[name].shape, (component, batch, name)
+                np.testing.assert_allclose(value, want[name], rtol=1e-5, atol=1e-6, err_msg=f"{component} {batch}")
+            again = two.run(component, spec.make_inputs(batch, rng))
+            assert all(again[name] is got[name] for name in got)
+    assert two._components["denoiser"].batches[3].chunk == 2
+    with pytest.raises(UsageError, match="streams must be >= 1"):
+        OpenVinoRunner(exported_tiny_run.root, "fp32", streams=0)
     with pytest.raises(UsageError, match="unknown batch_mode"):
         OpenVinoRunner(exported_tiny_run.root, "fp32", batch_mode="sometimes")
 
