@@ -30,8 +30,12 @@ def test_calibration_draws_the_promised_timesteps_and_both_guidance_halves(rando
     labels = np.repeat(np.arange(18), 2).astype(np.int32)  # 36 images, two per class, in class order
     images = rng.uniform(-1, 1, (36, 3, 32, 32)).astype(np.float32)
     settings = QuantSettings(calibration_size=144, timesteps=4, images=18)
+    lines: list[str] = []
     inputs, description = trajectory_calibration(CalibrationData(images, labels, "test"), config,
-                                                 build_components(vq, dit), settings)
+                                                 build_components(vq, dit), settings, progress=lines.append)
+    # Progress per batch of the first stage (a 256 px encoder takes seconds per image on a CPU).
+    assert lines[0].startswith("encoder ") and "encoder 18/18 images" in lines and "decoder 18/18 images" not in lines
+    assert lines[-1] == "quantizer 18/18 images"
     den = inputs["denoiser"]
     expected_t = calibration_timesteps(config.diffusion.num_train_timesteps, 4)
     assert list(expected_t) == [0, 333, 666, 999]  # spread over the whole schedule, both ends

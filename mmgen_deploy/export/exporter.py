@@ -211,9 +211,11 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     data = load_calibration(calibration, config, limit=limit)
     with torch_threads(budget.threads_for(costs["encoder"])):
         real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
-                                                    tokenizer=tokenizer, samples=limit)
+                                                    tokenizer=tokenizer, samples=limit,
+                                                    progress=lambda line: detail(f"validation {line}"))
     real_kind = "real" if data is not None else "dummy"
-    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration)
+    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration,
+                       progress=lambda line: detail(f"8-bit calibration {line}"))
     del data
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
     # FP32 graphs are the FP16 converter's input, so they are made even for an fp16-only export.

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -151,6 +151,7 @@ def _text_conditions(modules: dict[str, nn.Module], config: ModelConfig, tokeniz
 
 def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: dict[str, nn.Module],
                            settings: QuantSettings, *, tokenizer: WordTokenizer | None = None,
+                           progress: Callable[[str], None] | None = None,
                            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Per-component calibration inputs and a description of them for the manifest.
 
@@ -172,7 +173,7 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
 
     # The first stage's components in order, each on its predecessor's outputs (VQ: image -> h ->
     # z_q; KL: image -> latent); h_np is the latent the DiT denoises.
-    inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules)
+    inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules, progress=progress)
     timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
     per_step = max(1, settings.calibration_size // (2 * len(timesteps)))
     alphas = training_alphas_cumprod(config.diffusion)

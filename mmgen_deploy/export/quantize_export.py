@@ -66,7 +66,7 @@ def quantization_data(calibration: CalibrationSource, meta: dict[str, Any], conf
 
 def quant_plan(quantized: list[str], settings: QuantSettings | None, data: CalibrationData | None,
                config: ModelConfig, modules: dict[str, nn.Module], tokenizer: WordTokenizer | None,
-               why_no_data: str) -> QuantPlan | None:
+               why_no_data: str, progress: Callable[[str], None] | None = None) -> QuantPlan | None:
     """The calibration inputs of every component, or None when no 8-bit set is asked for."""
     if not quantized:
         return None
@@ -74,7 +74,8 @@ def quant_plan(quantized: list[str], settings: QuantSettings | None, data: Calib
         raise UsageError(f"INT8/FP8 calibration needs real images ({why_no_data})",
                          "pass --calibration FILE.npz with `images` (and `labels` / `captions`)")
     settings = settings or QuantSettings()
-    inputs, description = trajectory_calibration(data, config, modules, settings, tokenizer=tokenizer)
+    inputs, description = trajectory_calibration(data, config, modules, settings, tokenizer=tokenizer,
+                                                 progress=progress)
     return QuantPlan(settings, inputs, description)
 
 
