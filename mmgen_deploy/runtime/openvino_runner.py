@@ -137,17 +137,14 @@ class CompiledBlobs:
         return self.folder / f"{source}-{component}-{hint}-{device.lower()}-{shape}-{key}.blob"
 
     def _identity(self, onnx_path: Path, manifest_sha256: str | None) -> str:
-        files = [onnx_path] + [p for p in (onnx_path.with_name(onnx_path.name + ".data"),) if p.is_file()]
+        from mmgen_deploy.onnx_files import data_path, onnx_sha256
+
+        files = [onnx_path] + [p for p in (data_path(onnx_path),) if p.is_file()]
         stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
         if manifest_sha256 is None:  # a hand-made graph: hash its bytes (once per process)
             manifest_sha256 = self._identities.get(onnx_path)
             if manifest_sha256 is None:
-                digest = hashlib.sha256()
-                for p in files:
-                    with open(p, "rb") as f:
-                        while block := f.read(1 << 22):
-                            digest.update(block)
-                manifest_sha256 = self._identities[onnx_path] = digest.hexdigest()
+                manifest_sha256 = self._identities[onnx_path] = onnx_sha256(onnx_path)
         return f"{manifest_sha256}:{stats}"
 
     def load(self, path: Path, device: str, config: dict[str, Any]) -> tuple[Any, np.memmap] | None:
@@ -218,8 +215,8 @@ class OpenVinoRunner(BaseRunner):
     INFERENCE_NUM_THREADS (all streams together); `streams` how many requests share a CPU batch
     (default 2, 1 with one thread; GPUs and NPUs run one); `batch_mode` "static" (reshape per
     batch) or "dynamic" (one request);
-    `cache_dir` is OpenVINO's compiled-model cache, so later processes load instead of compiling
-    (default `default_cache_dir()`; "" turns it off).
+    `cache_dir` is where compiled models are kept as blobs (`CompiledBlobs`), so later processes
+    import instead of compiling (default `default_cache_dir()`; "" turns it off).
     """
 
     backend = "openvino"
