@@ -3,9 +3,9 @@
     PYTHONPATH=$PWD python benchmarks/openvino_profile.py RUN_DIR [--component denoiser]
         [--precision bf16] [--batch 2,32] [--runs 5] [--threads N]
 
-Compiles the run's FP32 ONNX graph of the component as `mmgen generate --backend openvino --threads 1`
-does (static batch, the precision's inference hint, one infer request: the default splits a batch
-across two streams, which profiles as two requests), runs it `--runs` times per batch and prints, per
+Compiles the run's FP32 ONNX graph of the component as `OpenVinoRunner(..., streams=1)` does (static
+batch, the precision's inference hint, one infer request on every thread; the runner's default splits a
+batch across two streams), runs it `--runs` times per batch and prints, per
 batch, the wall time of a call and the share of the summed operation time by operation type
 (FullyConnected / MatMul, Convolution, softmax-attention pieces, normalisations, element-wise, ...)
 with the precision OpenVINO executed each type in. Prints figures; asserts nothing.
