@@ -57,6 +57,7 @@ def collect() -> list[Check]:
             detail = f"max opset {module.defs.onnx_opset_version()}"  # type: ignore[attr-defined]
         checks.append(Check(label, "ok", version, detail))
     checks += cpu_checks(torch)
+    checks.append(cache_check())
     for mod, label, hint in (
         ("tensorrt", "tensorrt", "pip install 'mmgen-deploy[tensorrt]' (x86) or JetPack's python3-libnvinfer"),
         ("tensorrt_rtx", "tensorrt-rtx", "pip install 'mmgen-deploy[rtx]' (RTX PCs; builds engines without a GPU)"),
@@ -71,6 +72,21 @@ def collect() -> list[Check]:
         else:
             checks.append(Check(label, "ok", version))
     return checks
+
+
+def cache_check() -> Check:
+    """Where mmgen keeps what it can recompute (OpenVINO blobs, remembered hashes), and how big it is."""
+    from mmgen_deploy.io_utils import cache_root, format_bytes, tree_bytes
+    from mmgen_deploy.runtime.openvino_runner import cache_limit_bytes
+
+    root = cache_root()
+    if root is None:
+        return Check("mmgen cache", "ok", "off", "MMGEN_CACHE_DIR is empty: nothing is kept between processes")
+    blobs = sorted((root / "openvino").glob("*.blob")) if (root / "openvino").is_dir() else []
+    size = tree_bytes(root) if root.exists() else 0
+    return Check("mmgen cache", "ok", format_bytes(size),
+                 f"{root}: {len(blobs)} OpenVINO blobs (limit {format_bytes(cache_limit_bytes())}, "
+                 "MMGEN_OPENVINO_CACHE_GB); safe to delete, MMGEN_CACHE_DIR= turns it off")
 
 
 def cpu_checks(torch: object | None) -> list[Check]:

@@ -195,6 +195,34 @@ def test_openvino_blob_cache_imports_what_an_earlier_process_compiled(exported_t
 
 
 @needs_openvino
+def test_openvino_blob_folder_stays_under_its_limit(exported_tiny_run, tmp_path, monkeypatch) -> None:
+    """After each write the least recently used blobs go until the folder fits its limit; the blob
+    just written always stays; a limit that is not a number is refused in one line."""
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    cache = tmp_path / "cache"
+    rng = np.random.default_rng(4)
+
+    def compile_batches(*batches: int) -> dict[int, str]:
+        with OpenVinoRunner(exported_tiny_run.root, "fp32", threads=1, cache_dir=cache) as runner:
+            spec = runner.specs["denoiser"]
+            for batch in batches:
+                runner.run("denoiser", spec.make_inputs(batch, rng))
+            return runner.compiled_origins("denoiser")
+
+    monkeypatch.setenv("MMGEN_OPENVINO_CACHE_GB", "1e-9")  # one byte: only the newest blob fits
+    compile_batches(2, 3)
+    names = [p.name for p in cache.glob("*.blob")]
+    assert len(names) == 1 and "-denoiser-f32-cpu-b3-" in names[0], names
+    monkeypatch.setenv("MMGEN_OPENVINO_CACHE_GB", "10")
+    assert compile_batches(2, 3) == {2: "compiled", 3: "cache"}  # batch 2's blob had been evicted
+    assert len(list(cache.glob("*.blob"))) == 2
+    monkeypatch.setenv("MMGEN_OPENVINO_CACHE_GB", "lots")
+    with pytest.raises(UsageError, match="MMGEN_OPENVINO_CACHE_GB='lots' is not a number"):
+        compile_batches(2)
+
+
+@needs_openvino
 def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
     from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
 

@@ -27,6 +27,7 @@ its inference hint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -71,6 +72,22 @@ def default_cache_dir() -> Path | None:
 
     root = cache_root()
     return root / "openvino" if root is not None else None
+
+
+# The blob folder's default size limit; MMGEN_OPENVINO_CACHE_GB overrides it.
+DEFAULT_CACHE_GB = 20.0
+
+
+def cache_limit_bytes() -> int:
+    """How large the OpenVINO blob folder may grow: $MMGEN_OPENVINO_CACHE_GB, else 20 GB (a DiT-XL/2
+    denoiser blob is 2.7 GB per compiled batch size)."""
+    value = os.environ.get("MMGEN_OPENVINO_CACHE_GB")
+    try:
+        gigabytes = float(value) if value else DEFAULT_CACHE_GB
+    except ValueError:
+        raise UsageError(f"MMGEN_OPENVINO_CACHE_GB={value!r} is not a number",
+                         "set it to a size in GB, e.g. MMGEN_OPENVINO_CACHE_GB=20") from None
+    return int(gigabytes * 1e9)
 
 
 def import_openvino() -> Any:
@@ -118,13 +135,16 @@ class CompiledBlobs:
     older ones of the same source, component, hint, device and batch: one blob per compiled shape,
     however often a run is re-exported. A blob is written to a temporary name and renamed, so a
     killed process leaves none half-written; one OpenVINO cannot import is recompiled and replaced.
+    The folder is kept under `max_bytes` (default `cache_limit_bytes()`): after a write, the blobs
+    used longest ago go first (an import marks its blob used).
     """
 
-    def __init__(self, folder: Path, ov: Any, core: Any) -> None:
+    def __init__(self, folder: Path, ov: Any, core: Any, max_bytes: int | None = None) -> None:
         self.folder = folder
         self.ov = ov
         self.core = core
         self.version = str(ov.get_version())
+        self.max_bytes = cache_limit_bytes() if max_bytes is None else max_bytes
         self._identities: dict[Path, str] = {}
 
     def path(self, onnx_path: Path, manifest_sha256: str | None, component: str, hint: str, device: str,
@@ -160,6 +180,8 @@ class CompiledBlobs:
         except Exception:
             path.unlink(missing_ok=True)
             return None
+        with contextlib.suppress(OSError):
+            os.utime(path)  # used now: the last to be evicted
         return compiled, mapped
 
     def store(self, path: Path, compiled: Any) -> None:
@@ -178,8 +200,25 @@ class CompiledBlobs:
             for old in self.folder.glob(prefix + "*.blob"):
                 if old != path:
                     old.unlink(missing_ok=True)
+            self._evict(keep=path)
         except OSError:
             pass
+
+    def _evict(self, keep: Path) -> None:
+        """Remove the least recently used blobs until the folder holds at most `max_bytes` (never
+        `keep`, the blob just written, even when it alone is over the limit)."""
+        blobs = []
+        for blob in self.folder.glob("*.blob"):
+            with contextlib.suppress(OSError):
+                stat = blob.stat()
+                blobs.append((stat.st_mtime_ns, stat.st_size, blob))
+        total = sum(size for _, size, _ in blobs)
+        for _, size, blob in sorted(blobs):
+            if total <= self.max_bytes:
+                break
+            if blob != keep:
+                blob.unlink(missing_ok=True)
+                total -= size
 
 
 @dataclass
