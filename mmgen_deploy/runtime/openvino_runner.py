@@ -169,8 +169,9 @@ class CompiledBlobs:
 
     def load(self, path: Path, device: str, config: dict[str, Any]) -> tuple[Any, np.memmap] | None:
         """The compiled model stored at `path` and the mapping of its file, or None (absent, or
-        unreadable: then it is removed). The compiled model may keep reading weights from the
-        mapping, so the caller keeps both for as long as it uses the model."""
+        unreadable: then it is removed). The compiled model reads weights from the mapping in place
+        (dropping it crashed the next inference, OpenVINO 2026.4), so the caller keeps both for as
+        long as it uses the model."""
         if not path.is_file():
             return None
         try:
