@@ -243,7 +243,6 @@ class _Component:
     path: Path  # the ONNX graph
     sha256: str | None  # its identity as the export manifest records it
     hint: str
-    model: Any = None  # the ov.Model as read (dynamic batch), read only when a blob is missing
     dynamic: tuple[Any, str, Any] | None = None  # the dynamic-batch model, its origin and mapping
     batches: OrderedDict[int, _Compiled] = field(default_factory=OrderedDict)
 
@@ -356,13 +355,13 @@ class OpenVinoRunner(BaseRunner):
         return item
 
     def _read(self, item: _Component) -> Any:
-        if item.model is None:
-            try:
-                item.model = self.core.read_model(str(item.path))
-            except Exception as exc:
-                raise RunDirError(f"OpenVINO cannot read {item.path}: {str(exc).strip().splitlines()[0]}",
-                                  f"re-export: `mmgen export {self.run_dir.root}`") from None
-        return item.model
+        """The graph as read (dynamic batch). Not kept: it holds every FP32 weight (2.7 GB for a
+        DiT-XL/2), and is read again only for a shape that is neither compiled nor stored."""
+        try:
+            return self.core.read_model(str(item.path))
+        except Exception as exc:
+            raise RunDirError(f"OpenVINO cannot read {item.path}: {str(exc).strip().splitlines()[0]}",
+                              f"re-export: `mmgen export {self.run_dir.root}`") from None
 
     def _load(self, item: _Component, batch: int | None, streams: int = 1) -> tuple[Any, str, Any]:
         """The compiled model of `item` at `batch` (None: dynamic) for `streams` concurrent requests,
@@ -383,7 +382,6 @@ class OpenVinoRunner(BaseRunner):
                               f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
         what = "dynamic batch"
         if batch is not None:
-            model = model.clone()
             model.reshape({t.name: list(t.concrete_shape(batch)) for t in item.spec.inputs})
             what = f"batch {batch}"
         try:
@@ -392,6 +390,7 @@ class OpenVinoRunner(BaseRunner):
             raise RunDirError(f"OpenVINO cannot compile {item.spec.name} ({what}) for {self.ov_device}: "
                               f"{str(exc).strip().splitlines()[0]}",
                               "try --precision fp32, or another --device") from None
+        del model  # compiled: the FP32 graph is not needed any more
         if blob is not None and self.blobs is not None:
             self.blobs.store(blob, compiled)
         return compiled, "compiled", None
