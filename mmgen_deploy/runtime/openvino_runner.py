@@ -14,7 +14,7 @@ allocates nothing new. No torch import here.
 On a CPU a batch of two or more is split across `streams` (default 2) infer requests that run at
 once, each on its own threads, and write into one output buffer (OpenVINO's multi-stream
 execution). On the 2-core development machine this beat one request using both threads by
-1.05-1.5x for the DiT-B/2 denoiser at batch 4 and 1.5-1.8x for the 256 px VQ-f8 decoder at
+1.05-1.5x for the DiT-B/2 denoiser at batch 4 and 1.3-1.8x for the 256 px VQ-f8 decoder at
 batch 2 (measured side by side, alternating): two threads in lockstep wait for each other at
 every layer, two streams do not.
 
