@@ -82,7 +82,7 @@ def cache_check() -> Check:
     root = cache_root()
     if root is None:
         return Check("mmgen cache", "ok", "off", "MMGEN_CACHE_DIR is empty: nothing is kept between processes")
-    blobs = sorted((root / "openvino").glob("*.blob")) if (root / "openvino").is_dir() else []
+    blobs = list((root / "openvino").glob("*.blob")) if (root / "openvino").is_dir() else []
     size = tree_bytes(root) if root.exists() else 0
     return Check("mmgen cache", "ok", format_bytes(size),
                  f"{root}: {len(blobs)} OpenVINO blobs (limit {format_bytes(cache_limit_bytes())}, "

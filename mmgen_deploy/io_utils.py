@@ -94,8 +94,8 @@ def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
     The entry (in `cache_root()/sha256/`) is keyed by the file's absolute path and holds its device,
     inode, size, mtime and ctime: any write or rename over the file changes the ctime, which no
     copying tool can set back, so a changed file is always hashed again (and a file changed in the
-    last 2 s is not remembered at all). This spares the 1-3 s
-    that hashing a DiT's weights costs every command that checks an export against its weights.
+    last 2 s is not remembered at all). This spares the 1-3 s that hashing a DiT's weights costs
+    every command that checks an export against its weights.
     """
     path = Path(path).resolve()
     stat = path.stat()

@@ -122,6 +122,7 @@ def test_saving_the_same_weights_writes_the_same_bytes(tmp_path) -> None:
 def test_remembered_hashes_follow_every_change_of_the_file(tmp_path, monkeypatch) -> None:
     """Hashes of weight files are remembered across processes only while the file is provably the
     same: rewriting it (even with the same size and mtime put back) or replacing it is seen."""
+    import json
     import os
 
     from mmgen_deploy import io_utils
@@ -140,7 +141,12 @@ def test_remembered_hashes_follow_every_change_of_the_file(tmp_path, monkeypatch
         f.write(b"b")
     os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert sha256_file_remembered(weights) == sha256_file(weights) != first
-    assert sha256_file_remembered(weights) == sha256_file(weights)  # from the refreshed entry
+    # The refreshed entry is what answers now: an entry with the same stamp and another hash wins.
+    (entry,) = (tmp_path / "cache" / "sha256").glob("*.json")
+    known = json.loads(entry.read_text())
+    entry.write_text(json.dumps({**known, "sha256": "0" * 64}))
+    assert sha256_file_remembered(weights) == "0" * 64
+    entry.write_text(json.dumps(known))
     # A file just written is not remembered (a rewrite in the same clock tick could keep its stamp).
     monkeypatch.setattr(io_utils, "SETTLED_NS", 2_000_000_000)
     fresh = tmp_path / "fresh.bin"

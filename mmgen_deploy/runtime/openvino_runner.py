@@ -106,15 +106,13 @@ def openvino_available() -> bool:
     return True
 
 
-def _manifest_files(run: RunDir, onnx_set: str) -> dict[str, str]:
-    """component -> the graph's sha256 as the export manifest records it (empty without a manifest)."""
-    from mmgen_deploy.io_utils import read_json
-
-    try:
-        files = read_json(run.onnx_manifest_path).get("files", {}).get(onnx_set, {})
-        return {name: entry["sha256"] for name, entry in files.items() if isinstance(entry.get("sha256"), str)}
-    except (OSError, ValueError, AttributeError, TypeError):
+def _recorded_sha256(manifest: dict[str, Any], onnx_set: str) -> dict[str, str]:
+    """component -> the graph's sha256 as the export manifest records it (empty without one)."""
+    files = manifest.get("files", {}).get(onnx_set, {})
+    if not isinstance(files, dict):
         return {}
+    return {name: entry["sha256"] for name, entry in files.items()
+            if isinstance(entry, dict) and isinstance(entry.get("sha256"), str)}
 
 
 def openvino_device_name(device: str) -> str:
@@ -160,7 +158,7 @@ class CompiledBlobs:
         from mmgen_deploy.onnx_files import data_path, onnx_sha256
 
         files = [onnx_path] + [p for p in (data_path(onnx_path),) if p.is_file()]
-        stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        stats = [(p.name, s.st_size, s.st_mtime_ns) for p in files for s in (p.stat(),)]
         if manifest_sha256 is None:  # a hand-made graph: hash its bytes (once per process)
             manifest_sha256 = self._identities.get(onnx_path)
             if manifest_sha256 is None:
@@ -293,7 +291,7 @@ class OpenVinoRunner(BaseRunner):
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {onnx_set} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
-        check_not_stale(self.run_dir)
+        manifest = check_not_stale(self.run_dir)
         self.threads = threads
         self.batch_mode = batch_mode
         if self.ov_device != "CPU" or batch_mode == "dynamic":
@@ -307,7 +305,7 @@ class OpenVinoRunner(BaseRunner):
             except OSError:
                 self.cache_dir = None  # a read-only home: compile every time rather than fail
         self.blobs = CompiledBlobs(self.cache_dir, ov, self.core) if self.cache_dir is not None else None
-        self._recorded = _manifest_files(self.run_dir, onnx_set)
+        self._recorded = _recorded_sha256(manifest, onnx_set)
         self._components: dict[str, _Component] = {}
 
     @classmethod

@@ -31,17 +31,19 @@ def cuda_provider_usable() -> bool:
     return Path("/dev/nvidiactl").exists() or Path("/dev/dxg").exists()
 
 
-def check_not_stale(run: RunDir) -> None:
+def check_not_stale(run: RunDir) -> dict[str, Any]:
     """Refuse ONNX files exported from other weights than the run's current ones (every backend
-    that reads the ONNX set calls this). The manifest is read directly (not through
-    mmgen_deploy.export, which imports torch)."""
+    that reads the ONNX set calls this), and return the export manifest it read (empty for
+    hand-made ONNX files). The manifest is read directly (not through mmgen_deploy.export, which
+    imports torch)."""
     from mmgen_deploy.io_utils import read_json
 
     path = run.onnx_manifest_path
     if not path.is_file():
-        return  # hand-made ONNX files: nothing recorded to check against
+        return {}  # hand-made ONNX files: nothing recorded to check against
     try:
-        exported_from = read_json(path).get("source_weights_sha256")
+        manifest = read_json(path)
+        exported_from = manifest.get("source_weights_sha256")
     except (OSError, ValueError, AttributeError):
         raise RunDirError(f"{path} is unreadable",
                           f"re-export: `mmgen export {run.root} --overwrite`") from None
@@ -49,6 +51,7 @@ def check_not_stale(run: RunDir) -> None:
         raise RunDirError(f"the ONNX files in {run.onnx_dir} were exported from other weights "
                           f"({str(exported_from)[:12]}) than the run's current ones",
                           f"re-export: `mmgen export {run.root} --overwrite`")
+    return manifest
 
 
 class _Session:
