@@ -83,7 +83,7 @@ def main() -> None:
                     started = time.perf_counter()
                     record = quantize_component(fp32, varied, out, mode, calib[name], settings)
                     seconds = time.perf_counter() - started
-                    session = ort_session(out)
+                    session = ort_session(out, has_group_norms=spec.has_group_norms)
                     errors: dict[str, float] = {}
                     for s, ref in zip(sets, references, strict=True):
                         got = session.run(spec.output_names, s.tensors)

@@ -84,6 +84,24 @@ def cache_root() -> Path | None:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmgen"
 
 
+def evict_least_recent(folder: Path, pattern: str, max_bytes: int, keep: Path) -> None:
+    """Remove the files of `folder` matching `pattern` used longest ago (oldest mtime: readers
+    touch what they use) until they total at most `max_bytes`; never `keep`, the file just
+    written, even when it alone is over the limit."""
+    files = []
+    for path in folder.glob(pattern):
+        with contextlib.suppress(OSError):
+            stat = path.stat()
+            files.append((stat.st_mtime_ns, stat.st_size, path))
+    total = sum(size for _, size, _ in files)
+    for _, size, path in sorted(files):
+        if total <= max_bytes:
+            break
+        if path != keep:
+            path.unlink(missing_ok=True)
+            total -= size
+
+
 # How long a file must have been left alone before its hash is remembered.
 SETTLED_NS = 2_000_000_000
 

@@ -194,6 +194,12 @@ class ComponentSpec:
         return self.quant_fallback.get(precision, precision) if precision in QUANTIZED_PRECISIONS else precision
 
     @property
+    def has_group_norms(self) -> bool:
+        """Whether the graph holds GroupNorms (exported as InstanceNormalization): the first stage's
+        encoder and decoder, which ONNX Runtime's CPU provider gets rewritten (`ort_graphs`)."""
+        return any(op in GROUP_NORM_OP_TYPES for op in self.fp32_op_types)
+
+    @property
     def engine_profile(self) -> BatchProfile:
         """The batch range an engine must accept (per-sample profile x multiplier)."""
         return self.profile.scaled(self.batch_multiplier)

@@ -114,8 +114,12 @@ def torch_outputs(module: nn.Module, spec: ComponentSpec, inputs: dict[str, np.n
     return [r.detach().cpu().numpy() for r in results]
 
 
-def ort_session(path: Path, threads: int = 1) -> Any:
+def ort_session(path: Path, threads: int = 1, *, has_group_norms: bool = False) -> Any:
+    """An ONNX Runtime CPU session on `path`; a graph with GroupNorms (`spec.has_group_norms`) gets
+    them in the precise form of `ort_graphs` (the kernel's own is ~1e-4 off at 256 px)."""
     import onnxruntime as ort
+
+    from mmgen_deploy.ort_graphs import ort_cpu_model
 
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about every unused initializer
@@ -125,7 +129,9 @@ def ort_session(path: Path, threads: int = 1) -> Any:
     if threads > 1:  # no spin-waiting between ops: on a shared machine it burns the other core's time
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # Not through the cache: a graph being validated is checked once, often in a temporary folder.
+    return ort.InferenceSession(ort_cpu_model(path, has_group_norms=has_group_norms, cache_dir=None), options,
+                                providers=["CPUExecutionProvider"])
 
 
 def compare(spec: ComponentSpec, precision: str, input_set: InputSet, reference: list[np.ndarray],
@@ -152,7 +158,7 @@ def validate_graph(path: Path, module: nn.Module | None, spec: ComponentSpec, pr
 
     The PyTorch outputs come from each input set's `reference` when present, else from `module`.
     """
-    session = ort_session(path, threads)
+    session = ort_session(path, threads, has_group_norms=spec.has_group_norms)
     checks: list[OutputCheck] = []
     for index, input_set in enumerate(input_sets):
         if progress is not None:

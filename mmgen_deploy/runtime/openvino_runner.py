@@ -186,7 +186,7 @@ class CompiledBlobs:
     def store(self, path: Path, compiled: Any) -> None:
         """Write `compiled` to `path` and drop the older blobs it replaces; a read-only or full
         cache folder only costs the next process a compilation."""
-        from mmgen_deploy.io_utils import atomic_path
+        from mmgen_deploy.io_utils import atomic_path, evict_least_recent
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -199,25 +199,9 @@ class CompiledBlobs:
             for old in self.folder.glob(prefix + "*.blob"):
                 if old != path:
                     old.unlink(missing_ok=True)
-            self._evict(keep=path)
+            evict_least_recent(self.folder, "*.blob", self.max_bytes, keep=path)
         except OSError:
             pass
-
-    def _evict(self, keep: Path) -> None:
-        """Remove the least recently used blobs until the folder holds at most `max_bytes` (never
-        `keep`, the blob just written, even when it alone is over the limit)."""
-        blobs = []
-        for blob in self.folder.glob("*.blob"):
-            with contextlib.suppress(OSError):
-                stat = blob.stat()
-                blobs.append((stat.st_mtime_ns, stat.st_size, blob))
-        total = sum(size for _, size, _ in blobs)
-        for _, size, blob in sorted(blobs):
-            if total <= self.max_bytes:
-                break
-            if blob != keep:
-                blob.unlink(missing_ok=True)
-                total -= size
 
 
 @dataclass
