@@ -75,7 +75,8 @@ def collect() -> list[Check]:
 
 
 def cache_check() -> Check:
-    """Where mmgen keeps what it can recompute (OpenVINO blobs, remembered hashes), and how big it is."""
+    """Where mmgen keeps what it can recompute (OpenVINO blobs, graphs rewritten for ONNX Runtime,
+    remembered hashes), and how big it is."""
     from mmgen_deploy.io_utils import cache_root, format_bytes, tree_bytes
     from mmgen_deploy.runtime.openvino_runner import cache_limit_bytes
 
@@ -83,10 +84,12 @@ def cache_check() -> Check:
     if root is None:
         return Check("mmgen cache", "ok", "off", "MMGEN_CACHE_DIR is empty: nothing is kept between processes")
     blobs = list((root / "openvino").glob("*.blob")) if (root / "openvino").is_dir() else []
+    graphs = list((root / "onnxruntime").glob("*.onnx")) if (root / "onnxruntime").is_dir() else []
     size = tree_bytes(root) if root.exists() else 0
     return Check("mmgen cache", "ok", format_bytes(size),
                  f"{root}: {len(blobs)} OpenVINO blobs (limit {format_bytes(cache_limit_bytes())}, "
-                 "MMGEN_OPENVINO_CACHE_GB); safe to delete, MMGEN_CACHE_DIR= turns it off")
+                 f"MMGEN_OPENVINO_CACHE_GB), {len(graphs)} graphs rewritten for ONNX Runtime; safe to "
+                 "delete, MMGEN_CACHE_DIR= turns it off")
 
 
 def cpu_checks(torch: object | None) -> list[Check]:
