@@ -211,6 +211,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
 def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
     from mmgen_deploy.export import onnx_path
     from mmgen_deploy.onnx_files import copy_onnx
+    from mmgen_deploy.ort_graphs import ort_cpu_model
     from mmgen_deploy.specs import component_specs
 
     components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
@@ -222,8 +223,13 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
         source = onnx_path(run_root, precision, name)
-        # Weights stored beside the graph (graphs over 2 GB) keep the file name the graph records.
-        copy_onnx(source, version_dir / "model.onnx")
+        on_ort_cpu = options.component_backend == "python" or options.instance_kind == "cpu"
+        model = ort_cpu_model(source, has_group_norms=spec.has_group_norms, cache_dir=None) if on_ort_cpu \
+            else str(source)
+        if isinstance(model, bytes):  # ONNX Runtime's CPU kernels get the precise GroupNorms (ort_graphs)
+            (version_dir / "model.onnx").write_bytes(model)
+        else:  # weights stored beside the graph (graphs over 2 GB) keep the file name the graph records
+            copy_onnx(source, version_dir / "model.onnx")
         if options.component_backend == "python":
             shutil.copy2(Path(__file__).with_name("triton_component.py"), version_dir / "model.py")
         max_batch = options.max_batch_size * spec.batch_multiplier  # guidance doubles the denoiser batch
