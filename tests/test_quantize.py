@@ -58,6 +58,40 @@ def test_calibration_draws_the_promised_timesteps_and_both_guidance_halves(rando
     assert inputs["encoder"]["image"].shape[0] == inputs["decoder"]["z_q"].shape[0] == 18
 
 
+def test_images_validated_and_calibrated_are_encoded_once(random_models) -> None:
+    """Export validation and 8-bit calibration take overlapping images; with the export's shared
+    cache the second pass runs the encoder only on images the first did not, and gets the same
+    inputs as a pass without the cache."""
+    from mmgen_deploy.export.calibration import FirstStageCache, first_stage_inputs
+
+    config, vq, dit = random_models
+    modules = build_components(vq, dit)
+    specs = component_specs(config)
+    images = np.random.default_rng(1).uniform(-1, 1, (10, 3, 32, 32)).astype(np.float32)
+    encoded: list[int] = []
+    hook = modules["encoder"].register_forward_hook(lambda _m, args, _out: encoded.append(args[0].shape[0]))
+    try:
+        cache = FirstStageCache()
+        first_stage_inputs(images[:6], config, specs, modules, cache=cache)  # the validation set
+        assert sum(encoded) == 6 and len(cache) == 6
+        encoded.clear()
+        lines: list[str] = []
+        picked = images[[8, 2, 9, 0, 5]]  # the calibration pick: two new images among known ones
+        inputs, latent = first_stage_inputs(picked, config, specs, modules, cache=cache, progress=lines.append)
+        assert sum(encoded) == 2 and len(cache) == 8
+        assert lines[-1] == "quantizer 2/2 images (3 encoded before)"
+        encoded.clear()
+        fresh_inputs, fresh_latent = first_stage_inputs(picked, config, specs, modules)
+        assert sum(encoded) == 5  # no cache: every image runs
+    finally:
+        hook.remove()
+    # Equal up to batch-size-dependent kernel rounding (the rows were encoded in other batches).
+    np.testing.assert_allclose(latent, fresh_latent, rtol=1e-5, atol=1e-6)
+    for name, tensors in fresh_inputs.items():
+        for tensor, value in tensors.items():
+            np.testing.assert_allclose(inputs[name][tensor], value, rtol=1e-5, atol=1e-6, err_msg=f"{name}/{tensor}")
+
+
 def test_quantizer_is_never_quantized_whatever_is_asked() -> None:
     specs = component_specs(preset("tiny"))
     forced = QuantSettings(component_precisions={"quantizer": "quantize", "decoder": "fp16"})

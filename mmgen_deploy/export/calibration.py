@@ -171,41 +171,90 @@ def _batched(module: nn.Module, inputs: list[torch.Tensor], batch: int,
     return tuple(torch.cat([p[k] for p in parts]) for k in range(len(parts[0])))
 
 
+class FirstStageCache:
+    """What the first stage made of images already run in this export, keyed by each image's bytes:
+    the validation set and the 8-bit calibration set overlap (both are taken from the same images),
+    and a 256 px VQ-f8 encoder costs seconds per image on a CPU, so each image is encoded once."""
+
+    def __init__(self) -> None:
+        self._rows: dict[bytes, dict[str, np.ndarray]] = {}
+
+    @staticmethod
+    def key(image: np.ndarray) -> bytes:
+        import hashlib
+
+        return hashlib.sha256(np.ascontiguousarray(image).tobytes()).digest()
+
+    def get(self, key: bytes) -> dict[str, np.ndarray] | None:
+        return self._rows.get(key)
+
+    def put(self, key: bytes, row: dict[str, np.ndarray]) -> None:
+        self._rows[key] = row
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
 def first_stage_inputs(images: np.ndarray, config: ModelConfig, specs: dict[str, ComponentSpec],
                        modules: dict[str, nn.Module], *, progress: Callable[[str], None] | None = None,
+                       cache: FirstStageCache | None = None,
                        ) -> tuple[dict[str, dict[str, np.ndarray]], np.ndarray]:
     """The first stage's components' inputs for `images` (each component fed its predecessor's
     outputs by name: VQ encoder -> quantizer -> decoder, KL encoder -> decoder), and the latent
     the DiT denoises (the encoder's output). `progress` gets a line per batch ("encoder 3/48
-    images"): a 256 px encoder takes seconds per image on a CPU."""
-    inputs: dict[str, dict[str, np.ndarray]] = {}
-    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(np.ascontiguousarray(images))}
+    images"): a 256 px encoder takes seconds per image on a CPU. With `cache`, images it holds are
+    not run again (and the ones run are added to it)."""
+    keys = [FirstStageCache.key(image) for image in images] if cache is not None else []
+    todo = [i for i, k in enumerate(keys) if cache is not None and cache.get(k) is None] \
+        if cache is not None else list(range(images.shape[0]))
+    computed = _run_first_stage(np.ascontiguousarray(images[todo]), config, specs, modules, progress,
+                                before=images.shape[0] - len(todo)) if todo else {}
+    if cache is not None:
+        for position, index in enumerate(todo):
+            cache.put(keys[index], {t: v[position] for t, v in computed.items()})
+        rows = [row for row in (cache.get(k) for k in keys) if row is not None]
+        produced = {t: np.stack([row[t] for row in rows]) for t in (rows[0] if rows else {})}
+    else:
+        produced = computed
+    produced[Tensors.IMAGE] = np.ascontiguousarray(images)
+    inputs = {name: {t: produced[t].astype(np.float32) for t in specs[name].input_names}
+              for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]}
+    return inputs, produced[latent_name(config)].astype(np.float32)
+
+
+def _run_first_stage(images: np.ndarray, config: ModelConfig, specs: dict[str, ComponentSpec],
+                     modules: dict[str, nn.Module], progress: Callable[[str], None] | None,
+                     before: int = 0) -> dict[str, np.ndarray]:
+    """Every first-stage output some later component (or the DiT) takes, for `images`, by tensor
+    name; `before` images were taken from a cache (the progress lines say so)."""
+    produced: dict[str, torch.Tensor] = {Tensors.IMAGE: torch.from_numpy(images)}
     # Small batches at large image sizes: the encoder's activations grow with batch x pixels.
     batch = max(1, min(images.shape[0], (64 * 64 * 16) // (images.shape[2] * images.shape[3])))
     chain = FIRST_STAGE_COMPONENTS[config.first_stage_kind]  # encoder first, then the decode chain
+    cached = f" ({before} encoded before)" if before else ""
     with torch.no_grad():
         for position, name in enumerate(chain):
             module, spec = modules.get(name), specs[name]
             if module is None:
                 raise ValueError(f"deriving real inputs needs the {name} module")
-            feeds = [produced[t] for t in spec.input_names]
-            inputs[name] = {t: v.numpy().astype(np.float32) for t, v in zip(spec.input_names, feeds, strict=True)}
             # Run a component only for outputs a later one (or the DiT) takes: the decoder's images
             # are nobody's input, and a 256 px VQ-f8 decoder costs 0.6 TFLOP per image.
             wanted = {t for later in chain[position + 1:] for t in specs[later].input_names} | {latent_name(config)}
             if not wanted & set(spec.output_names):
                 continue
+            feeds = [produced[t] for t in spec.input_names]
             report = None if progress is None else (
-                lambda done, total, name=name: progress(f"{name} {done}/{total} images"))
+                lambda done, total, name=name: progress(f"{name} {done}/{total} images{cached}"))
             produced.update(zip(spec.output_names, _batched(module, feeds, batch, report), strict=True))
-    return inputs, produced[latent_name(config)].numpy().astype(np.float32)
+    del produced[Tensors.IMAGE]
+    return {t: v.numpy() for t, v in produced.items()}
 
 
 def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: dict[str, ComponentSpec],
                      modules: dict[str, nn.Module], seed: int = 0,
                      why_no_data: str = "no images given", *,
                      tokenizer: WordTokenizer | None = None, samples: int = CALIBRATION_SAMPLES,
-                     progress: Callable[[str], None] | None = None,
+                     progress: Callable[[str], None] | None = None, cache: FirstStageCache | None = None,
                      ) -> tuple[dict[str, dict[str, np.ndarray]], str]:
     """Per-component real inputs, and a word saying where they came from.
 
@@ -227,7 +276,7 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         return inputs, source
     images = data.images
     n = images.shape[0]
-    inputs, h_np = first_stage_inputs(images, config, specs, modules, progress=progress)
+    inputs, h_np = first_stage_inputs(images, config, specs, modules, progress=progress, cache=cache)
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)

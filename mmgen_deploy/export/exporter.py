@@ -25,6 +25,7 @@ from mmgen_deploy.export.calibration import (
     CALIBRATION_SAMPLES,
     CalibrationData,
     CalibrationSource,
+    FirstStageCache,
     component_inputs,
     dataset_calibration,
     load_calibration,
@@ -209,13 +210,16 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
 
     step("calibration inputs")
     data = load_calibration(calibration, config, limit=limit)
+    first_stage = FirstStageCache()  # validation and 8-bit calibration share images: encode each once
     with torch_threads(budget.threads_for(costs["encoder"])):
         real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
                                                     tokenizer=tokenizer, samples=limit,
-                                                    progress=lambda line: detail(f"validation {line}"))
+                                                    progress=lambda line: detail(f"validation {line}"),
+                                                    cache=first_stage)
     real_kind = "real" if data is not None else "dummy"
     quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration,
-                       progress=lambda line: detail(f"8-bit calibration {line}"))
+                       progress=lambda line: detail(f"8-bit calibration {line}"), cache=first_stage)
+    del first_stage
     del data
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
     # FP32 graphs are the FP16 converter's input, so they are made even for an fp16-only export.

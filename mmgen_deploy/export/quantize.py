@@ -45,7 +45,7 @@ from mmgen_deploy.specs import PRECISIONS, QUANTIZED_PRECISIONS, TEXT_OUTPUTS, C
 if TYPE_CHECKING:
     from torch import nn
 
-    from mmgen_deploy.export.calibration import CalibrationData
+    from mmgen_deploy.export.calibration import CalibrationData, FirstStageCache
     from mmgen_deploy.text.tokenizer import WordTokenizer
 
 CALIBRATION_METHODS = ("max", "entropy")
@@ -151,7 +151,7 @@ def _text_conditions(modules: dict[str, nn.Module], config: ModelConfig, tokeniz
 
 def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: dict[str, nn.Module],
                            settings: QuantSettings, *, tokenizer: WordTokenizer | None = None,
-                           progress: Callable[[str], None] | None = None,
+                           progress: Callable[[str], None] | None = None, cache: FirstStageCache | None = None,
                            ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Per-component calibration inputs and a description of them for the manifest.
 
@@ -173,7 +173,8 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
 
     # The first stage's components in order, each on its predecessor's outputs (VQ: image -> h ->
     # z_q; KL: image -> latent); h_np is the latent the DiT denoises.
-    inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules, progress=progress)
+    inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules, progress=progress,
+                                      cache=cache)
     timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
     per_step = max(1, settings.calibration_size // (2 * len(timesteps)))
     alphas = training_alphas_cumprod(config.diffusion)

@@ -21,7 +21,13 @@ import numpy as np
 from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.export.calibration import CalibrationData, CalibrationSource, dataset_calibration, load_calibration
+from mmgen_deploy.export.calibration import (
+    CalibrationData,
+    CalibrationSource,
+    FirstStageCache,
+    dataset_calibration,
+    load_calibration,
+)
 from mmgen_deploy.export.manifest import relative_onnx_path
 from mmgen_deploy.export.onnx_export import file_opset, file_size
 from mmgen_deploy.export.quantize import QuantSettings, quantize_component, trajectory_calibration
@@ -66,7 +72,8 @@ def quantization_data(calibration: CalibrationSource, meta: dict[str, Any], conf
 
 def quant_plan(quantized: list[str], settings: QuantSettings | None, data: CalibrationData | None,
                config: ModelConfig, modules: dict[str, nn.Module], tokenizer: WordTokenizer | None,
-               why_no_data: str, progress: Callable[[str], None] | None = None) -> QuantPlan | None:
+               why_no_data: str, progress: Callable[[str], None] | None = None,
+               cache: FirstStageCache | None = None) -> QuantPlan | None:
     """The calibration inputs of every component, or None when no 8-bit set is asked for."""
     if not quantized:
         return None
@@ -75,7 +82,7 @@ def quant_plan(quantized: list[str], settings: QuantSettings | None, data: Calib
                          "pass --calibration FILE.npz with `images` (and `labels` / `captions`)")
     settings = settings or QuantSettings()
     inputs, description = trajectory_calibration(data, config, modules, settings, tokenizer=tokenizer,
-                                                 progress=progress)
+                                                 progress=progress, cache=cache)
     return QuantPlan(settings, inputs, description)
 
 
