@@ -259,11 +259,15 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
     "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
     # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding), and the denoiser's rounding compounds
-    # over the steps. Measured on the trained quickstart model (20 DDIM steps, 8 images, guidance 4),
-    # OpenVINO bf16 / torch autocast: final latent rel. L2 0.074 / 0.045, code agreement 0.78 / 0.88
-    # (0 near-ties: the drifted latent picks a neighbouring code), PSNR 32.7 / 37.4 dB, SSIM 0.973 /
-    # 0.989. Limits with headroom; whether the content stays the same is `mmgen eval`'s accuracy.
-    "bf16": {"latent_rel_l2": 0.15, "min_index_agreement": 0.70, "min_psnr": 25.0, "min_ssim": 0.90},
+    # over the steps. Measured on trained quickstart models (20 DDIM steps, 8 images, guidance 4):
+    # one model, OpenVINO bf16 / torch autocast: final latent rel. L2 0.074 / 0.045, code agreement
+    # 0.78 / 0.88, PSNR 32.7 / 37.4 dB, SSIM 0.973 / 0.989; a second model (training is not bit-
+    # reproducible), OpenVINO bf16 over seeds 0-2: latent 0.20-0.31, agreement 0.62-0.77, PSNR
+    # 23.4-26.4 dB, SSIM 0.906-0.943 (torch autocast 0.028 / 0.88 / 37.2 dB), with single denoiser
+    # calls only 1.3-1.6x further from FP32 than torch's. So, as for the 8-bit sets, same-seed limits
+    # here bound gross failures (the component checks catch a 1.08x scaled patch embedding); whether
+    # the content stays the same is `mmgen eval`'s accuracy.
+    "bf16": {"latent_rel_l2": 0.5, "min_index_agreement": 0.50, "min_psnr": 20.0, "min_ssim": 0.85},
     # 8-bit sets, from measurement on the trained quickstart model (ONNX Runtime CPU, 8 images, DDIM 20,
     # guidance 4): INT8 latent rel. L2 0.71, indices 18% equal, 17.2 dB, SSIM 0.77; FP8 0.27, 45%,
     # 23.2 dB, 0.90. A few per cent of error per denoiser call (the component checks) makes the
