@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +100,19 @@ def evict_least_recent(folder: Path, pattern: str, max_bytes: int, keep: Path) -
         if path != keep:
             path.unlink(missing_ok=True)
             total -= size
+
+
+def store_in_cache(target: Path, write: Callable[[Path], object], replaces: str, max_bytes: int) -> None:
+    """Write a cache entry atomically (`write(tmp)`, then rename to `target`), remove the older
+    entries it replaces (the files of its folder matching `replaces`), and keep the folder's files
+    of its suffix under `max_bytes`. OSError propagates: callers decide what a full or read-only
+    cache costs them."""
+    with atomic_path(target) as tmp:
+        write(tmp)
+    for old in target.parent.glob(replaces):
+        if old != target:
+            old.unlink(missing_ok=True)
+    evict_least_recent(target.parent, f"*{target.suffix}", max_bytes, keep=target)
 
 
 # How long a file must have been left alone before its hash is remembered.

@@ -34,6 +34,14 @@ def data_path(path: str | os.PathLike[str]) -> Path:
     return path.with_name(path.name + ".data")
 
 
+def file_stats(path: str | os.PathLike[str]) -> list[tuple[str, int, int]]:
+    """(name, size, mtime_ns) of the graph and of the external data mmgen writes beside it: the
+    cheap identity the compiled-model and rewritten-graph caches key on (stat only, no parsing)."""
+    path = Path(path)
+    files = [path] + [p for p in (data_path(path),) if p.is_file()]
+    return [(p.name, s.st_size, s.st_mtime_ns) for p in files for s in (p.stat(),)]
+
+
 def external_locations(path: str | os.PathLike[str]) -> list[str]:
     """The distinct external-data locations the graph names (relative to its folder), in file order.
 

@@ -61,12 +61,10 @@ def ort_cpu_model(path: Path, *, has_group_norms: bool, cache_dir: Path | str | 
     Runtime that file. Without a usable cache the rewritten graph is returned as bytes."""
     if not has_group_norms:
         return str(path)
-    from mmgen_deploy.onnx_files import data_path
+    from mmgen_deploy.onnx_files import file_stats
 
-    # The graph and the external data mmgen writes beside it (stat only: parsing a graph to list
-    # its data files costs as much as the cache saves).
-    files = [path] + [p for p in (data_path(path),) if p.is_file()]
-    stats = [(p.name, s.st_size, s.st_mtime_ns) for p in files for s in (p.stat(),)]
+    # Stat only: parsing a graph to list its data files costs as much as the cache saves.
+    stats = file_stats(path)
     if sum(size for _, size, _ in stats) > _PROTOBUF_LIMIT:
         return str(path)
     folder = default_cache_dir() if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
@@ -91,15 +89,10 @@ def ort_cpu_model(path: Path, *, has_group_norms: bool, cache_dir: Path | str | 
     data = model.SerializeToString()
     if target is None:
         return data
-    from mmgen_deploy.io_utils import atomic_path, evict_least_recent
+    from mmgen_deploy.io_utils import store_in_cache
 
-    try:
-        with atomic_path(target) as tmp:
-            tmp.write_bytes(data)
-        for old in target.parent.glob(f"{source}-{path.stem}-*.onnx"):  # an earlier export of the same file
-            if old != target:
-                old.unlink(missing_ok=True)
-        evict_least_recent(target.parent, "*.onnx", CACHE_LIMIT_BYTES, keep=target)
+    try:  # replaces the entry of an earlier export of the same file
+        store_in_cache(target, lambda tmp: tmp.write_bytes(data), f"{source}-{path.stem}-*.onnx", CACHE_LIMIT_BYTES)
     except OSError:  # a read-only or full cache: this process uses the bytes
         return data
     return str(target)

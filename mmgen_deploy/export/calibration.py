@@ -204,18 +204,17 @@ def first_stage_inputs(images: np.ndarray, config: ModelConfig, specs: dict[str,
     the DiT denoises (the encoder's output). `progress` gets a line per batch ("encoder 3/48
     images"): a 256 px encoder takes seconds per image on a CPU. With `cache`, images it holds are
     not run again (and the ones run are added to it)."""
-    keys = [FirstStageCache.key(image) for image in images] if cache is not None else []
-    todo = [i for i, k in enumerate(keys) if cache is not None and cache.get(k) is None] \
-        if cache is not None else list(range(images.shape[0]))
-    computed = _run_first_stage(np.ascontiguousarray(images[todo]), config, specs, modules, progress,
-                                before=images.shape[0] - len(todo)) if todo else {}
-    if cache is not None:
+    if cache is None:
+        produced = _run_first_stage(np.ascontiguousarray(images), config, specs, modules, progress)
+    else:
+        keys = [FirstStageCache.key(image) for image in images]
+        todo = [i for i, key in enumerate(keys) if cache.get(key) is None]
+        computed = _run_first_stage(np.ascontiguousarray(images[todo]), config, specs, modules, progress,
+                                    before=len(keys) - len(todo)) if todo else {}
         for position, index in enumerate(todo):
             cache.put(keys[index], {t: v[position] for t, v in computed.items()})
-        rows = [row for row in (cache.get(k) for k in keys) if row is not None]
+        rows = [row for row in (cache.get(key) for key in keys) if row is not None]
         produced = {t: np.stack([row[t] for row in rows]) for t in (rows[0] if rows else {})}
-    else:
-        produced = computed
     produced[Tensors.IMAGE] = np.ascontiguousarray(images)
     inputs = {name: {t: produced[t].astype(np.float32) for t in specs[name].input_names}
               for name in FIRST_STAGE_COMPONENTS[config.first_stage_kind]}

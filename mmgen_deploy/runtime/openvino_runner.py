@@ -28,6 +28,7 @@ its inference hint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -155,10 +156,9 @@ class CompiledBlobs:
         return self.folder / f"{source}-{component}-{hint}-{device.lower()}-{shape}-{key}.blob"
 
     def _identity(self, onnx_path: Path, manifest_sha256: str | None) -> str:
-        from mmgen_deploy.onnx_files import data_path, onnx_sha256
+        from mmgen_deploy.onnx_files import file_stats, onnx_sha256
 
-        files = [onnx_path] + [p for p in (data_path(onnx_path),) if p.is_file()]
-        stats = [(p.name, s.st_size, s.st_mtime_ns) for p in files for s in (p.stat(),)]
+        stats = file_stats(onnx_path)
         if manifest_sha256 is None:  # a hand-made graph: hash its bytes (once per process)
             manifest_sha256 = self._identities.get(onnx_path)
             if manifest_sha256 is None:
@@ -186,20 +186,16 @@ class CompiledBlobs:
     def store(self, path: Path, compiled: Any) -> None:
         """Write `compiled` to `path` and drop the older blobs it replaces; a read-only or full
         cache folder only costs the next process a compilation."""
-        from mmgen_deploy.io_utils import atomic_path, evict_least_recent
+        from mmgen_deploy.io_utils import store_in_cache
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
             stream = io.BytesIO()  # OpenVINO exports into a BytesIO only
             compiled.export_model(stream)
-            with atomic_path(path) as tmp, open(tmp, "wb") as f:
-                f.write(stream.getbuffer())
-            del stream
             prefix = path.name[: path.name.rindex("-") + 1]
-            for old in self.folder.glob(prefix + "*.blob"):
-                if old != path:
-                    old.unlink(missing_ok=True)
-            evict_least_recent(self.folder, "*.blob", self.max_bytes, keep=path)
+            store_in_cache(path, functools.partial(Path.write_bytes, data=stream.getbuffer()), prefix + "*.blob",
+                           self.max_bytes)
+            del stream
         except OSError:
             pass
 
