@@ -156,6 +156,14 @@ class BatchProfile:
 InputMaker = Callable[[int, np.random.Generator], dict[str, np.ndarray]]
 
 
+def scope_regex(scope: str) -> str:
+    """Module path `dit.t_embedder` -> regex for the exported node names `/dit/t_embedder/...`
+    (a scope that already is a regex, starting with ^, is returned as given)."""
+    if scope.startswith("^"):
+        return scope
+    return "^/" + "/".join(part for part in scope.split(".")) + "/"
+
+
 @dataclass(frozen=True)
 class ComponentSpec:
     name: str
@@ -169,7 +177,8 @@ class ComponentSpec:
     tolerances: dict[str, dict[str, Tolerance]] = field(default_factory=dict)
     # Mixed precision: True keeps the whole graph FP32 at every precision (the quantizer: FP16
     # and BF16 distances flip code indices). Otherwise `fp32_scopes` lists module paths (as in the PyTorch
-    # module tree, e.g. "dit.t_embedder") whose nodes stay FP32.
+    # module tree, e.g. "dit.t_embedder") whose nodes stay FP32: in the FP16 and 8-bit sets, and in
+    # OpenVINO under its bf16 / f16 hint (`runtime.openvino_graphs`; its matmuls excepted).
     keep_fp32: bool = False
     fp32_scopes: tuple[str, ...] = ()
     fp32_op_types: tuple[str, ...] = ()

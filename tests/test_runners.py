@@ -337,3 +337,47 @@ def test_openvino_bf16_parity_passes_and_catches_a_perturbed_graph(exported_tiny
     else:
         assert report.passed, [(c.group, c.name, c.value, c.threshold) for c in report.checks if not c.passed]
         assert any(c.group == "end-to-end" for c in report.checks)
+
+
+@needs_openvino
+@pytest.mark.skipif(_no_bf16_cpu() is not None, reason=_no_bf16_cpu() or "")
+def test_openvino_bf16_keeps_the_timestep_path_fp32(exported_tiny_run, tmp_path) -> None:
+    """Under the bf16 hint OpenVINO rounds the timestep input itself to 8 bits (998 and 999 both
+    become 1000), unless the spec's FP32 scope is marked (`openvino_graphs`): then the runner's
+    denoiser tells neighbouring timesteps apart. The marked graph computes what the original does
+    (compared under the f32 hint), and its compiled blob is not the unmarked graph's."""
+    import openvino as ov
+
+    from mmgen_deploy.runtime.openvino_graphs import keep_scopes_fp32
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    graph = str(exported_tiny_run.onnx_dir / "fp32" / "denoiser.onnx")
+    spec = component_specs(exported_tiny_run.load_config())["denoiser"]
+    feeds = spec.make_inputs(4, np.random.default_rng(5))
+    feeds["x_t"][:] = feeds["x_t"][:1]  # one latent and class at four timesteps
+    feeds["class_ids"][:] = feeds["class_ids"][:1]
+    feeds["t"][:] = [996, 997, 998, 999]
+    core = ov.Core()
+
+    def outputs(model, hint: str) -> np.ndarray:
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint})
+        return compiled(feeds)[0].copy()
+
+    plain = outputs(core.read_model(graph), "bf16")
+    # OpenVINO's behaviour that the marks exist for: if this fails, OpenVINO keeps t in FP32 itself.
+    assert np.array_equal(plain[2], plain[3]) and np.array_equal(plain[0], plain[1])
+
+    marked_model = core.read_model(graph)
+    assert keep_scopes_fp32(ov, core, marked_model, spec.fp32_scopes) >= 4  # Reshape, Mul, Cos, Sin, ...
+    assert not [op for op in marked_model.get_ops() if op.get_type_name() == "Unsqueeze"
+                and op.get_friendly_name().startswith("/dit/t_embedder/")]
+    np.testing.assert_allclose(outputs(marked_model, "f32"), outputs(core.read_model(graph), "f32"),
+                               rtol=0, atol=1e-6)
+
+    with OpenVinoRunner(exported_tiny_run, "bf16", threads=1, cache_dir=tmp_path / "cache") as runner:
+        served = runner.run("denoiser", feeds)["model_output"]
+        assert all(not np.array_equal(served[i], served[i + 1]) for i in range(3))
+        reference, _ = open_runner(exported_tiny_run.root, "torch", "fp32")
+        expected = reference.run("denoiser", feeds)["model_output"]
+        # Nearer FP32 than the unmarked graph: the embedding of the right timestep.
+        assert np.linalg.norm(served - expected) < np.linalg.norm(plain - expected)

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from mmgen_deploy.config import preset
-from mmgen_deploy.export.onnx_export import scope_regex
 from mmgen_deploy.models import build_components
-from mmgen_deploy.specs import BATCH, component_specs
+from mmgen_deploy.specs import BATCH, component_specs, scope_regex
 
 
 @pytest.mark.parametrize("name", ["tiny", "S/2"])

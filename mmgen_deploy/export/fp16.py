@@ -22,8 +22,8 @@ import onnx
 
 from mmgen_deploy import onnx_files
 from mmgen_deploy.errors import NotAvailableError
-from mmgen_deploy.export.onnx_export import check_model, save_model, scope_regex
-from mmgen_deploy.specs import BATCH, ComponentSpec
+from mmgen_deploy.export.onnx_export import check_model, save_model
+from mmgen_deploy.specs import BATCH, ComponentSpec, scope_regex
 
 DATA_MAX = 512.0  # AutoCast's default: FP16 keeps ~3 significant digits; 65504 is the hard limit
 INIT_MAX = 65504.0  # largest finite FP16

@@ -47,11 +47,6 @@ def check_opset(opset: int) -> int:
     return opset
 
 
-def scope_regex(scope: str) -> str:
-    """Module path `dit.t_embedder` -> regex for the TorchScript node names `/dit/t_embedder/...`."""
-    return "^/" + "/".join(part for part in scope.split(".")) + "/"
-
-
 def _set_shape(value: onnx.ValueInfoProto, tensor: TensorSpec) -> None:
     """Overwrite an I/O declaration with the spec's: the exporter sometimes invents symbolic
     names for static axes (e.g. `Convh_dim_3`), which TensorRT would treat as dynamic."""

@@ -39,8 +39,8 @@ import onnx
 from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import NotAvailableError, UsageError
-from mmgen_deploy.export.onnx_export import check_model, save_model, scope_regex
-from mmgen_deploy.specs import PRECISIONS, QUANTIZED_PRECISIONS, TEXT_OUTPUTS, ComponentSpec
+from mmgen_deploy.export.onnx_export import check_model, save_model
+from mmgen_deploy.specs import PRECISIONS, QUANTIZED_PRECISIONS, TEXT_OUTPUTS, ComponentSpec, scope_regex
 
 if TYPE_CHECKING:
     from torch import nn
@@ -281,7 +281,7 @@ def high_precision_scopes(spec: ComponentSpec) -> tuple[list[str], list[str]]:
     ops = list(dict.fromkeys((*spec.fp32_op_types, *spec.quant_exclude_op_types)))
     # A module path ("dit.final_layer"), or a regex over node names when it starts with "^"
     # (e.g. every block's adaLN: r"^/dit/blocks\.\d+/adaLN_modulation/").
-    return [s if s.startswith("^") else scope_regex(s) for s in scopes], ops
+    return [scope_regex(s) for s in scopes], ops
 
 
 def quantizer_arguments(spec: ComponentSpec, mode: str, settings: QuantSettings) -> dict[str, Any]:

@@ -3,7 +3,9 @@
 OpenVINO reads ONNX directly. The precision is an inference hint on the FP32 graph, not
 another graph: `fp32` asks for f32 (FP32-exact), `bf16` for bf16 (AMX / AVX-512 BF16 on
 the CPU), `fp16` for f16 (Intel GPUs and NPUs). Components the spec keeps FP32 (the
-quantizer: BF16 distances flip code indices) are always compiled with the f32 hint.
+quantizer: BF16 distances flip code indices) are always compiled with the f32 hint, and
+under a low-precision hint the spec's FP32 scopes (the timestep embedding) are marked to
+stay FP32 before compiling (`openvino_graphs`).
 
 One compiled model per (component, batch): the graph is reshaped to the static batch and
 compiled on first use of that batch (`batch_mode="static"`, the default; measured faster
@@ -130,7 +132,8 @@ class CompiledBlobs:
     `source` names the ONNX file (a hash of its path), `key` everything the compiled model depends on:
     the graph's identity (its sha256 from the export manifest, else from its bytes, plus the size and
     mtime of the graph and its external data, so an edited file is never mistaken for the exported
-    one), OpenVINO's version, the device and the compile configuration. Writing a blob removes the
+    one), what was done to the graph before compiling it (`rewrite`), OpenVINO's version, the device
+    and the compile configuration. Writing a blob removes the
     older ones of the same source, component, hint, device and batch: one blob per compiled shape,
     however often a run is re-exported. A blob is written to a temporary name and renamed, so a
     killed process leaves none half-written; one OpenVINO cannot import is recompiled and replaced.
@@ -147,10 +150,10 @@ class CompiledBlobs:
         self._identities: dict[Path, str] = {}
 
     def path(self, onnx_path: Path, manifest_sha256: str | None, component: str, hint: str, device: str,
-             batch: int | None, streams: int, config: dict[str, Any]) -> Path:
+             batch: int | None, streams: int, config: dict[str, Any], rewrite: str = "") -> Path:
         source = hashlib.sha256(str(onnx_path.resolve()).encode()).hexdigest()[:12]
         identity = {"graph": self._identity(onnx_path, manifest_sha256), "openvino": self.version,
-                    "config": {k: str(v) for k, v in sorted(config.items())}}
+                    "config": {k: str(v) for k, v in sorted(config.items())}, "rewrite": rewrite}
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
         shape = ("dynamic" if batch is None else f"b{batch}") + (f"x{streams}" if streams > 1 else "")
         return self.folder / f"{source}-{component}-{hint}-{device.lower()}-{shape}-{key}.blob"
@@ -346,10 +349,11 @@ class OpenVinoRunner(BaseRunner):
         from the blob cache when it holds one, else compiled from the ONNX graph (and stored for the
         next process)."""
         config = self._compile_config(item.hint, streams)
+        rewrite = self._rewrite(item)
         blob = None
         if self.blobs is not None:
             blob = self.blobs.path(item.path, item.sha256, item.spec.name, item.hint, self.ov_device, batch,
-                                   streams, config)
+                                   streams, config, rewrite)
             loaded = self.blobs.load(blob, self.ov_device, config)
             if loaded is not None and self._inputs_match(loaded[0], item.spec):
                 return loaded[0], "cache", loaded[1]
@@ -358,6 +362,10 @@ class OpenVinoRunner(BaseRunner):
             found = [sorted(p.get_names()) for p in model.inputs]
             raise RunDirError(f"{item.path} has inputs {found}, expected {item.spec.input_names}",
                               f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
+        if rewrite:
+            from mmgen_deploy.runtime.openvino_graphs import keep_scopes_fp32
+
+            keep_scopes_fp32(self._ov, self.core, model, item.spec.fp32_scopes)
         what = "dynamic batch"
         if batch is not None:
             model.reshape({t.name: list(t.concrete_shape(batch)) for t in item.spec.inputs})
@@ -372,6 +380,17 @@ class OpenVinoRunner(BaseRunner):
         if blob is not None and self.blobs is not None:
             self.blobs.store(blob, compiled)
         return compiled, "compiled", None
+
+    @staticmethod
+    def _rewrite(item: _Component) -> str:
+        """What is done to the graph before it is compiled ("" for nothing): under a low-precision
+        hint the spec's FP32 scopes (the timestep embedding) are marked to stay FP32
+        (`openvino_graphs.keep_scopes_fp32`)."""
+        if item.hint == "f32" or not item.spec.fp32_scopes:
+            return ""
+        from mmgen_deploy.runtime.openvino_graphs import REWRITE_VERSION
+
+        return f"fp32_scopes:{','.join(item.spec.fp32_scopes)}:v{REWRITE_VERSION}"
 
     @staticmethod
     def _inputs_match(model: Any, spec: ComponentSpec) -> bool:
