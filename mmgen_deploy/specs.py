@@ -265,26 +265,38 @@ def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Toleran
 # FP32): errors compound over steps, so latents get looser limits than single calls.
 # PSNR limits are the ones the generate issue sets.
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
-    "fp32": {"latent_rel_l2": 1e-3, "min_index_agreement": 0.99, "min_psnr": 40.0, "min_ssim": 0.99},
-    "fp16": {"latent_rel_l2": 5e-2, "min_index_agreement": 0.90, "min_psnr": 30.0, "min_ssim": 0.95},
+    # `latent_rel_l2` is over all the images together, `median_latent_rel_l2` the median of each
+    # image's own. Guided sampling amplifies a small per-step difference at an image that sits near a
+    # boundary between two outcomes: that image ends on a nearby, different sample (a per-image
+    # latent rel. L2 of 0.1-1.3, measured under BF16) while the others stay close. One such image
+    # decides the aggregate and leaves the median alone. Where the median was not measured apart
+    # (fp32, fp16, 8-bit) its limit is the aggregate's.
+    "fp32": {"latent_rel_l2": 1e-3, "median_latent_rel_l2": 1e-3, "min_index_agreement": 0.99,
+             "min_psnr": 40.0, "min_ssim": 0.99},
+    "fp16": {"latent_rel_l2": 5e-2, "median_latent_rel_l2": 5e-2, "min_index_agreement": 0.90,
+             "min_psnr": 30.0, "min_ssim": 0.95},
     # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding), and the denoiser's rounding compounds
-    # over the steps. Measured on trained quickstart models (20 DDIM steps, 8 images, guidance 4):
-    # one model, OpenVINO bf16 / torch autocast: final latent rel. L2 0.074 / 0.045, code agreement
-    # 0.78 / 0.88, PSNR 32.7 / 37.4 dB, SSIM 0.973 / 0.989; a second model (training is not bit-
-    # reproducible), OpenVINO bf16 over seeds 0-2: latent 0.20-0.31, agreement 0.62-0.77, PSNR
-    # 23.4-26.4 dB, SSIM 0.906-0.943 (torch autocast 0.028 / 0.88 / 37.2 dB), with single denoiser
-    # calls only 1.3-1.6x further from FP32 than torch's. So, as for the 8-bit sets, same-seed limits
-    # here bound gross failures (the component checks catch a 1.08x scaled patch embedding); whether
-    # the content stays the same is `mmgen eval`'s accuracy.
-    "bf16": {"latent_rel_l2": 0.5, "min_index_agreement": 0.50, "min_psnr": 20.0, "min_ssim": 0.85},
+    # over the steps. Measured on a trained quickstart model (20 DDIM steps, 8 images, guidance 4,
+    # seeds 0-3), OpenVINO bf16 / torch autocast: final latent rel. L2 0.016-0.23 / 0.008-0.056,
+    # median image 0.016-0.047 / 0.008-0.015; the largest single images 0.44 and 1.29 / 0.14. An
+    # earlier model and seed gave agreement 0.62-0.77, PSNR 23.4-26.4 dB, SSIM 0.906-0.943 (torch
+    # autocast 0.88, 37.2 dB). Single denoiser calls are 1.3-1.8x further from FP32 under OpenVINO
+    # than under torch (OpenVINO also keeps the residual stream and the normalisations in BF16). So
+    # the aggregate limits bound gross failures, as for the 8-bit sets; the median image is held to
+    # ~3x the worst measured; the component checks catch a 1.08x scaled patch embedding; whether the
+    # content stays the same is `mmgen eval`'s accuracy.
+    "bf16": {"latent_rel_l2": 0.5, "median_latent_rel_l2": 0.15, "min_index_agreement": 0.50,
+             "min_psnr": 20.0, "min_ssim": 0.85},
     # 8-bit sets, from measurement on the trained quickstart model (ONNX Runtime CPU, 8 images, DDIM 20,
     # guidance 4): INT8 latent rel. L2 0.71, indices 18% equal, 17.2 dB, SSIM 0.77; FP8 0.27, 45%,
     # 23.2 dB, 0.90. A few per cent of error per denoiser call (the component checks) makes the
     # guided trajectory end on a nearby but different image, so same-seed pixels only bound gross
     # failures here (NaN, a wrong scale, noise); whether the images still show what was asked is
     # `mmgen eval`'s accuracy (README "INT8 and FP8": within 5 points of FP32).
-    "int8": {"latent_rel_l2": 1.0, "min_index_agreement": 0.10, "min_psnr": 14.0, "min_ssim": 0.65},
-    "fp8": {"latent_rel_l2": 0.5, "min_index_agreement": 0.30, "min_psnr": 18.0, "min_ssim": 0.80},
+    "int8": {"latent_rel_l2": 1.0, "median_latent_rel_l2": 1.0, "min_index_agreement": 0.10,
+             "min_psnr": 14.0, "min_ssim": 0.65},
+    "fp8": {"latent_rel_l2": 0.5, "median_latent_rel_l2": 0.5, "min_index_agreement": 0.30,
+            "min_psnr": 18.0, "min_ssim": 0.80},
 }
 
 

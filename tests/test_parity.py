@@ -149,3 +149,50 @@ def test_parity_refuses_a_negligible_output_and_marks_an_override_not_meaningful
     assert "NOT MEANINGFUL" in report["verdict"] and any("NOT MEANINGFUL" in n for n in report["notes"])
     scale = report["info"]["denoiser_output_scale"]
     assert not scale["meaningful"] and 0 < scale["ratio"] < 1e-3 and scale["input_rms"] > 0.9
+
+
+class _Bent:
+    """A backend that computes something else on purpose: the torch reference with its denoiser
+    output changed by `bend` (what a broken deployment would do), everything else as given."""
+
+    def __init__(self, inner, bend) -> None:
+        self.inner, self.bend = inner, bend
+        self.backend, self.precision, self.device = "bent", "bf16", "cpu"
+
+    def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.inner.run(component, feeds)
+        return {**out, "model_output": self.bend(out["model_output"].copy())} if component == "denoiser" else out
+
+
+@pytest.mark.parametrize("broken", ["one image", "every image"])
+def test_end_to_end_median_image_tolerates_one_tipped_image_not_a_systematic_error(exported_tiny_run,
+                                                                                    broken: str) -> None:
+    """One image whose trajectory ends elsewhere fails the aggregate latent check but not the median
+    image's; an error in every image fails both."""
+    from mmgen_deploy.parity.compare import ToleranceOverrides, end_to_end_parity
+    from mmgen_deploy.parity.report import ParityReport
+    from mmgen_deploy.runtime import open_runner
+
+    reference, _ = open_runner(exported_tiny_run.root, "torch", "fp32")
+    n = 8
+
+    def bend(eps: np.ndarray) -> np.ndarray:
+        if broken == "one image":  # rows 0 and n: image 0's conditional and unconditional halves
+            eps[[0, n]] += 4.0
+        else:
+            eps *= 2.5
+        return eps
+
+    report = ParityReport(title="bent")
+    end_to_end_parity(report, reference.config, reference, _Bent(reference, bend), "bf16",
+                      class_ids=list(range(n)), steps=4, sampler="ddim", cfg_scale=4.0, seed=0, batch_size=n,
+                      overrides=ToleranceOverrides(), codebook=None)
+    checks = {c.name: c for c in report.checks}
+    aggregate, median = checks["final latent rel_l2"], checks["median image latent rel_l2"]
+    per_image = median.details["per_image"]
+    assert len(per_image) == n
+    if broken == "one image":
+        assert per_image[0] > 1.0 and max(per_image[1:]) < 1e-5
+        assert not aggregate.passed and median.passed
+    else:
+        assert min(per_image) > 0.15 and not median.passed
