@@ -280,8 +280,8 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     # seeds 0-3), OpenVINO bf16 / torch autocast: final latent rel. L2 0.016-0.23 / 0.008-0.056,
     # median image 0.016-0.047 / 0.008-0.015; the largest single images 0.44 and 1.29 / 0.14. An
     # earlier model and seed gave agreement 0.62-0.77, PSNR 23.4-26.4 dB, SSIM 0.906-0.943 (torch
-    # autocast 0.88, 37.2 dB). Single denoiser calls are 1.3-1.8x further from FP32 under OpenVINO
-    # than under torch (OpenVINO also keeps the residual stream and the normalisations in BF16). So
+    # autocast 0.88, 37.2 dB). Single denoiser calls are 1.25-1.46x further from FP32 under OpenVINO
+    # than under torch (OpenVINO keeps the residual stream and the normalisations' tensors in BF16). So
     # the aggregate limits bound gross failures, as for the 8-bit sets; the median image is held to
     # ~3x the worst measured; the component checks catch a 1.08x scaled patch embedding; whether the
     # content stays the same is `mmgen eval`'s accuracy.
