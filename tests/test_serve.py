@@ -28,7 +28,7 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import save_run
 from mmgen_deploy.serve import MODEL_NAME
 from mmgen_deploy.serve.repository import RepositoryOptions, model_config_pbtxt, write_repository
-from mmgen_deploy.serve.server import summarize_failure
+from mmgen_deploy.serve.server import LONGEST_STOP_S, summarize_failure
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -488,14 +488,14 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
         if serve.poll() is None:
             serve.send_signal(signal.SIGINT)  # what Ctrl-C does
             try:
-                serve.wait(timeout=30)
+                serve.wait(timeout=LONGEST_STOP_S + 30)  # + the interpreter's exit
             except subprocess.TimeoutExpired:
                 serve.kill()
                 serve.wait()
         if server_pid is not None and not _wait_gone(server_pid, 20):
             os.killpg(server_pid, signal.SIGKILL)
             pytest.fail("tritonserver outlived `mmgen serve`")
-    assert serve.returncode == 0, serve.stderr.read() if serve.stderr else ""
+    assert serve.returncode == 0, "".join(stream.read() for stream in (serve.stdout, serve.stderr) if stream)
     assert server_pid is not None and not _pid_alive(server_pid)
 
 

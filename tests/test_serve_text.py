@@ -27,6 +27,7 @@ from mmgen_deploy.data import DataSpec, load_split
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, rerandomize_
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.serve import MODEL_NAME
+from mmgen_deploy.serve.server import LONGEST_STOP_S
 from mmgen_deploy.text import WordTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -139,7 +140,7 @@ def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=LONGEST_STOP_S + 30)  # + the interpreter's exit
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()

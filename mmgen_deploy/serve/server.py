@@ -285,6 +285,14 @@ def summarize_failure(lines: list[str]) -> str:
     return "; ".join(dict.fromkeys(found)) or "tritonserver exited without an error message"
 
 
+# How long `TritonServer.stop` waits: for tritonserver after SIGTERM (it has --exit-timeout-secs to
+# finish in-flight requests), for the process after SIGKILL, and for the thread reading its log.
+SIGTERM_GRACE_S = 15.0
+SIGKILL_WAIT_S = 10.0
+READER_JOIN_S = 5.0
+LONGEST_STOP_S = SIGTERM_GRACE_S + SIGKILL_WAIT_S + READER_JOIN_S
+
+
 class TritonServer:
     """One supervised `tritonserver` process on a model repository.
 
@@ -391,10 +399,11 @@ class TritonServer:
 
     def _join_reader(self) -> None:
         if self._reader is not None:
-            self._reader.join(timeout=5)
+            self._reader.join(timeout=READER_JOIN_S)
 
-    def stop(self, timeout_s: float = 15.0) -> int | None:
-        """SIGTERM the server's process group, SIGKILL what is left after `timeout_s`. Idempotent."""
+    def stop(self, timeout_s: float = SIGTERM_GRACE_S) -> int | None:
+        """SIGTERM the server's process group, SIGKILL what is left after `timeout_s`. Idempotent.
+        At most `LONGEST_STOP_S` with the default grace."""
         proc = self.process
         if proc is None:
             return None
@@ -406,7 +415,7 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+                proc.wait(timeout=SIGKILL_WAIT_S)
         # Stub processes of the Python backend share the group: make sure none outlives the server.
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)
