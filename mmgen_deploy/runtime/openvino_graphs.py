@@ -90,14 +90,15 @@ def keep_scopes_fp32(ov: Any, core: Any, model: Any, scopes: Sequence[str]) -> i
                 continue
             key = (node.get_name(), source.get_index())
             if key not in by_source:
-                by_source[key] = ov.opset13.parameter(source.get_partial_shape(), source.get_element_type())
+                by_source[key] = ov.opset13.parameter(source.get_partial_shape(), source.get_element_type(),
+                                                      name=f"scope_input_{len(parameters)}")
                 externals.append(source)
                 parameters.append(by_source[key])
             port.replace_source_output(by_source[key].output(0))
     # Outputs used outside the scopes (by the rest of the graph) become its results.
     boundary = [out for op in selected for out in op.outputs()
                 if any(t.get_node().get_name() not in members for t in out.get_target_inputs())]
-    results = [ov.opset13.result(out) for out in boundary]
+    results = [ov.opset13.result(out, name=f"scope_output_{i}") for i, out in enumerate(boundary)]
     scoped = ov.Model(results, parameters, "fp32_scopes")
 
     with tempfile.TemporaryDirectory(prefix="mmgen-openvino-scopes-") as folder:
@@ -112,12 +113,15 @@ def keep_scopes_fp32(ov: Any, core: Any, model: Any, scopes: Sequence[str]) -> i
             else ov.Tensor(np.zeros(0, dtype=np.uint8))
         copy = core.read_model(text, weights)
 
-    for parameter, source in zip(copy.get_parameters(), externals, strict=True):
-        for port in list(parameter.output(0).get_target_inputs()):
+    # Matched by name, not by position: the IR need not keep the order of parameters and results.
+    read_parameters = {p.get_friendly_name(): p for p in copy.get_parameters()}
+    read_results = {r.get_friendly_name(): r for r in copy.get_results()}
+    for i, source in enumerate(externals):
+        for port in list(read_parameters[f"scope_input_{i}"].output(0).get_target_inputs()):
             port.replace_source_output(source)
     old_results = {r.get_name() for r in results}
-    for result, out in zip(copy.get_results(), boundary, strict=True):
-        replacement = result.input_value(0)
+    for i, out in enumerate(boundary):
+        replacement = read_results[f"scope_output_{i}"].input_value(0)
         for port in list(out.get_target_inputs()):
             if port.get_node().get_name() not in old_results:
                 port.replace_source_output(replacement)
