@@ -337,13 +337,20 @@ def _pending_requests(metrics_url: str) -> int:
     raise AssertionError(f"no pending-request gauge for {MODEL_NAME} in {metrics_url}")
 
 
+def _ctrl_c_acts() -> None:
+    """preexec_fn: SIGINT back to its default in the child. A shell starts background commands with
+    SIGINT ignored and Python keeps it so; the suite run that way (`.ci/run &`) had `mmgen serve`
+    ignore the test's Ctrl-C until it was killed (measured: SIG_IGN in a background-started Python)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_serve(run_root: Path, endpoints_file: Path, ports: list[int]) -> subprocess.Popen[str]:
     """`mmgen serve` in the background, returned once it wrote its endpoints (ready)."""
     serve = subprocess.Popen(
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(ports[0]), "--grpc-port",
          str(ports[1]), "--metrics-port", str(ports[2]), "--backend", "onnxruntime", "--precision", "fp32",
          "--threads", "1", "--max-batch", "8", "--json", str(endpoints_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_acts)
     deadline = time.monotonic() + 120
     while not endpoints_file.is_file():
         if serve.poll() is not None:

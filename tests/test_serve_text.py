@@ -124,7 +124,9 @@ def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics), "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1",
          "--max-queue-delay-us", "1000", "--json", str(endpoints_file), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env())
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
+        # SIGINT back to its default: a background-started suite has it ignored (tests/test_serve.py).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     served = None
     try:
         deadline = time.monotonic() + 180
