@@ -248,6 +248,27 @@ def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
         runner.run("decoder", spec.make_inputs(1, np.random.default_rng(0)))
 
 
+@needs_openvino
+@pytest.mark.skipif(_no_bf16_cpu() is not None, reason=_no_bf16_cpu() or "")
+def test_openvino_says_so_when_it_cannot_keep_the_fp32_scopes(exported_tiny_run, tmp_path, monkeypatch) -> None:
+    """Where marking the FP32 scopes fails (an OpenVINO whose IR writer differs), bf16 is refused in
+    one line naming the scope and the way out, instead of running with the timestep in BF16."""
+    import openvino as ov
+
+    from mmgen_deploy.runtime.openvino_runner import OpenVinoRunner
+
+    def refuse(*_args: object, **_kwargs: object) -> None:
+        raise RuntimeError("Exception from src/core/src/pass/serialize.cpp:1\nsecond line")
+
+    monkeypatch.setattr(ov, "save_model", refuse)
+    with OpenVinoRunner(exported_tiny_run.root, "bf16", cache_dir=tmp_path / "cache") as runner:
+        feeds = runner.specs["denoiser"].make_inputs(2, np.random.default_rng(0))
+        expected = (r"cannot keep denoiser's dit\.t_embedder FP32 under the bf16 hint: "
+                    r"Exception from src/core/src/pass/serialize\.cpp:1 \(use --precision fp32")
+        with pytest.raises(NotAvailableError, match=expected):
+            runner.run("denoiser", feeds)
+
+
 # -- auto ----------------------------------------------------------------------------------------
 
 def test_auto_picks_openvino_bf16_where_it_is_fastest(exported_tiny_run) -> None:

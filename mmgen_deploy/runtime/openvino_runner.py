@@ -365,7 +365,14 @@ class OpenVinoRunner(BaseRunner):
         if rewrite:
             from mmgen_deploy.runtime.openvino_graphs import keep_scopes_fp32
 
-            keep_scopes_fp32(self._ov, self.core, model, item.spec.fp32_scopes)
+            try:
+                keep_scopes_fp32(self._ov, self.core, model, item.spec.fp32_scopes)
+            except Exception as exc:  # an OpenVINO whose IR or graph API differs from 2026.4's
+                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise NotAvailableError(
+                    f"OpenVINO {self._ov.get_version()} cannot keep {item.spec.name}'s "
+                    f"{', '.join(item.spec.fp32_scopes)} FP32 under the {item.hint} hint: {reason}",
+                    "use --precision fp32; this was built against OpenVINO 2026.4") from None
         what = "dynamic batch"
         if batch is not None:
             model.reshape({t.name: list(t.concrete_shape(batch)) for t in item.spec.inputs})
