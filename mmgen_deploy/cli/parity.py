@@ -89,7 +89,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Compare a backend with PyTorch FP32: every component on random and real inputs (max/mean abs,
         relative L2, cosine, NaN/Inf, quantizer index agreement with near-tie analysis), then whole sampling
-        runs (final latent, code indices, image PSNR/SSIM, per-step drift). Exit code 1 on any FAILED check.
+        runs (final latent over all images and for the median image, code indices, image PSNR/SSIM, per-step
+        drift). Exit code 1 on any FAILED check.
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
         from mmgen_deploy.parity.compare import ParityOptions
