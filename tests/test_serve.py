@@ -22,6 +22,7 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import pytest
+from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, free_ports, needs_triton
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.errors import UsageError
@@ -30,35 +31,11 @@ from mmgen_deploy.serve import MODEL_NAME
 from mmgen_deploy.serve.repository import RepositoryOptions, model_config_pbtxt, write_repository
 from mmgen_deploy.serve.server import LONGEST_STOP_S, summarize_failure
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _triton_missing_reason() -> str | None:
-    from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.serve.server import find_triton, prepare_stub_python
-
-    try:
-        install = find_triton()
-        if install.origin == "nvidia-pytriton":
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as scratch:
-                prepare_stub_python(install, Path(scratch))
-    except MMGenError as exc:
-        return f"no usable Triton server: {exc}"
-    return None
-
-
-TRITON_MISSING = _triton_missing_reason()
-needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
-
 
 def _free_port() -> int:
-    """A port free right now. Another process may take it before the server binds it: servers
-    started here go through `_with_free_ports`, which retries on "already in use"."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port free right now; servers started here go through `_with_free_ports`, which retries
+    when another process took it before the server bound it."""
+    return free_ports(1)[0]
 
 
 T = TypeVar("T")
@@ -108,12 +85,6 @@ def _wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
-
-
-def _env() -> dict[str, str]:
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    return env
 
 
 # -- repository writer (no server) ----------------------------------------------------------------
@@ -238,7 +209,7 @@ def test_server_serves_tensors_intact_and_dies_with_its_parent(tmp_path) -> None
             time.sleep(600)
         """)
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=_env())
+                                 text=True, env=child_env())
         line = child.stdout.readline() if child.stdout else ""
         if not line:  # the server did not start: say why (a taken port makes _with_free_ports retry)
             child.kill()
@@ -277,7 +248,7 @@ def test_serve_exits_with_the_servers_error_when_the_repository_fails_to_load(tm
     def serve(ports: list[int]) -> subprocess.CompletedProcess[str]:
         result = subprocess.run([sys.executable, "-m", "mmgen_deploy", "serve", str(repo), "--port", str(ports[0]),
                                  "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--ready-timeout",
-                                 "60"], capture_output=True, text=True, env=_env(), timeout=120)
+                                 "60"], capture_output=True, text=True, env=child_env(), timeout=120)
         if PORT_TAKEN in result.stderr:
             raise AssertionError(result.stderr)
         return result
@@ -301,7 +272,7 @@ def test_serve_reports_a_busy_port_in_one_line(tmp_path, random_models) -> None:
         def serve(ports: list[int]) -> subprocess.CompletedProcess[str]:
             result = subprocess.run([sys.executable, "-m", "mmgen_deploy", "serve", str(run.root), "--port",
                                      str(port), "--grpc-port", str(ports[0]), "--metrics-port", "0"],
-                                    capture_output=True, text=True, env=_env(), timeout=120)
+                                    capture_output=True, text=True, env=child_env(), timeout=120)
             if f":{ports[0]}' {PORT_TAKEN}" in result.stderr:  # the gRPC port, not the one held busy here
                 raise AssertionError(result.stderr)
             return result
@@ -337,20 +308,13 @@ def _pending_requests(metrics_url: str) -> int:
     raise AssertionError(f"no pending-request gauge for {MODEL_NAME} in {metrics_url}")
 
 
-def _ctrl_c_acts() -> None:
-    """preexec_fn: SIGINT back to its default in the child. A shell starts background commands with
-    SIGINT ignored and Python keeps it so; the suite run that way (`.ci/run &`) had `mmgen serve`
-    ignore the test's Ctrl-C until it was killed (measured: SIG_IGN in a background-started Python)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def _start_serve(run_root: Path, endpoints_file: Path, ports: list[int]) -> subprocess.Popen[str]:
     """`mmgen serve` in the background, returned once it wrote its endpoints (ready)."""
     serve = subprocess.Popen(
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(ports[0]), "--grpc-port",
          str(ports[1]), "--metrics-port", str(ports[2]), "--backend", "onnxruntime", "--precision", "fp32",
          "--threads", "1", "--max-batch", "8", "--json", str(endpoints_file)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), preexec_fn=_ctrl_c_acts)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(), preexec_fn=ctrl_c_acts)
     deadline = time.monotonic() + 120
     while not endpoints_file.is_file():
         if serve.poll() is not None:

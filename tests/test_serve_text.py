@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, free_ports, needs_triton
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.config import preset, with_text
@@ -30,40 +30,8 @@ from mmgen_deploy.serve import MODEL_NAME
 from mmgen_deploy.serve.server import LONGEST_STOP_S
 from mmgen_deploy.text import WordTokenizer
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a large blue triangle at the top"
 CLASS_NAMES = ("red circle", *(f"shape {i}" for i in range(1, 18)))
-
-
-def _triton_missing_reason() -> str | None:
-    import tempfile
-
-    from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.serve.server import find_triton, prepare_stub_python
-
-    try:
-        install = find_triton()
-        with tempfile.TemporaryDirectory() as scratch:
-            prepare_stub_python(install, Path(scratch))
-    except MMGenError as exc:
-        return f"no usable Triton server: {exc}"
-    return None
-
-
-TRITON_MISSING = _triton_missing_reason()
-needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
-
-
-def _ports(count: int) -> list[int]:
-    """Distinct free loopback ports (all sockets held open together, so no port is handed out twice)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -71,12 +39,6 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         main(argv)
     captured = capsys.readouterr()
     return int(info.value.code or 0), captured.out + captured.err
-
-
-def _env() -> dict[str, str]:
-    env = os.environ.copy()
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
-    return env
 
 
 def make_text_run(root: Path) -> RunDir:
@@ -118,15 +80,14 @@ class Served:
 @contextlib.contextmanager
 def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
     """`mmgen serve RUN` as a user runs it (ONNX Runtime fp32, 1 thread); stopped with SIGINT afterwards."""
-    http, grpc, metrics = _ports(3)
+    http, grpc, metrics = free_ports(3)
     endpoints_file = tmp_path / f"endpoints-{http}.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(http), "--grpc-port", str(grpc),
          "--metrics-port", str(metrics), "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1",
          "--max-queue-delay-us", "1000", "--json", str(endpoints_file), *extra],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env(),
-        # SIGINT back to its default: a background-started suite has it ignored (tests/test_serve.py).
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
+        preexec_fn=ctrl_c_acts)
     served = None
     try:
         deadline = time.monotonic() + 180
@@ -194,7 +155,7 @@ def test_text_repository_declares_prompt_and_ships_the_tokenizer(tmp_path: Path)
 
 
 def test_client_refuses_bad_input_before_any_request(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    port = _ports(1)[0]  # nothing listens there: each of these must fail before connecting
+    port = free_ports(1)[0]  # nothing listens there: each of these must fail before connecting
     for argv, expected in ((["--n", "0"], "--n must be >= 1"), (["--steps", "0"], "--steps must be >= 1"),
                            (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"), (["--sampler", "euler"], "euler"),
                            (["--seed", "-2"], "--seed must be >= 0"),
@@ -319,7 +280,7 @@ def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> 
     _export(run)
     repo = tmp_path / "repo"
     write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python", threads=1))
-    http, grpc = _ports(2)
+    http, grpc = free_ports(2)
     prompts = [PROMPT, "a small red circle", PROMPT]
     with running_server(repo, http_port=http, grpc_port=grpc, metrics_port=None, python_paths=[REPO_ROOT]) as server:
         remote = GenerateClient(server.http_url, timeout_s=120)

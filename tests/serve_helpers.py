@@ -1,0 +1,61 @@
+"""What the Triton tests share: finding a usable server, free ports, and starting `mmgen serve` as a
+user would (its own process, Ctrl-C acting)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _triton_missing_reason() -> str | None:
+    from mmgen_deploy.errors import MMGenError
+    from mmgen_deploy.serve.server import find_triton, prepare_stub_python
+
+    try:
+        install = find_triton()
+        # The wheel's server needs a Python stub built for it: building one is the real test of it.
+        if install.origin == "nvidia-pytriton":
+            with tempfile.TemporaryDirectory() as scratch:
+                prepare_stub_python(install, Path(scratch))
+    except MMGenError as exc:
+        return f"no usable Triton server: {exc}"
+    return None
+
+
+TRITON_MISSING = _triton_missing_reason()
+needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free right now (all sockets held open together, so none is
+    handed out twice). Another process may take one before a server binds it: callers that must
+    not flake retry on "already in use"."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def child_env() -> dict[str, str]:
+    """The environment of a child `python -m mmgen_deploy`: this checkout first on its path."""
+    env = os.environ.copy()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def ctrl_c_acts() -> None:
+    """preexec_fn: SIGINT back to its default in the child. A shell starts background commands with
+    SIGINT ignored and Python keeps it so; the suite run that way (`.ci/run &`) had `mmgen serve`
+    ignore the tests' Ctrl-C until it was killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
