@@ -19,8 +19,13 @@ import torch
 from mmgen_deploy.config import KLConfig
 from mmgen_deploy.errors import ConfigError
 from mmgen_deploy.importers.safe_load import CheckpointError
-from mmgen_deploy.importers.statedict import StateDict, count_indexed, fit_state, require
-from mmgen_deploy.importers.vq import DEFAULT_NORM_GROUPS, _rename_diffusers_vq_key, unwrap_taming
+from mmgen_deploy.importers.statedict import StateDict, fit_state, require
+from mmgen_deploy.importers.vq import (
+    DEFAULT_NORM_GROUPS,
+    _rename_diffusers_vq_key,
+    read_encoder_trunk,
+    unwrap_taming,
+)
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 
 LDM_KL_LAYOUT = "LDM AutoencoderKL"
@@ -89,20 +94,9 @@ def read_kl_architecture(state: StateDict, source: str, *, norm_groups: int = DE
     if "quantize.embedding.weight" in state:
         raise CheckpointError(f"{source} has a codebook (quantize.embedding.weight): it is a VQ model, "
                               "not a KL autoencoder")
-    conv_in = need("encoder.conv_in.weight")
-    base, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    levels = count_indexed(state, "encoder.down.", ".block.0.conv1.weight")
-    if levels == 0:
-        raise CheckpointError(f"{source} has no encoder.down.0.block.0.conv1.weight: not a {layout} model")
-    mult = []
-    for level in range(levels):
-        width = int(need(f"encoder.down.{level}.block.0.conv2.weight").shape[0])
-        if width % base:
-            raise CheckpointError(f"{source}: encoder level {level} has {width} channels, not a multiple of "
-                                  f"the base width {base}")
-        mult.append(width // base)
-    num_res_blocks = count_indexed(state, "encoder.down.0.block.", ".conv1.weight")
-    attn_levels = tuple(lv for lv in range(levels) if f"encoder.down.{lv}.attn.0.q.weight" in state)
+    trunk = read_encoder_trunk(state, source, layout)
+    in_channels, base, mult = trunk.in_channels, trunk.base_channels, trunk.channel_mult
+    num_res_blocks, attn_levels = trunk.num_res_blocks, trunk.attn_levels
     moments = int(need("encoder.conv_out.weight").shape[0])
     if moments % 2:
         raise CheckpointError(f"{source}: encoder.conv_out.weight has {moments} output channels; a KL "
@@ -115,11 +109,11 @@ def read_kl_architecture(state: StateDict, source: str, *, norm_groups: int = DE
         raise CheckpointError(f"{source}: post_quant_conv.weight takes {int(state['post_quant_conv.weight'].shape[1])} "
                               f"channels but quant_conv makes {embed_dim}-channel latents")
     mid_attention = "encoder.mid.attn_1.q.weight" in state
-    notes = [f"{layout}: base width {base}, channel_mult {tuple(mult)}, {num_res_blocks} res blocks per level, "
+    notes = [f"{layout}: base width {base}, channel_mult {mult}, {num_res_blocks} res blocks per level, "
              f"attention at levels {attn_levels or 'none'}{' (+ mid)' if mid_attention else ''}, "
              f"latent {embed_dim} channels (z {z_channels}), GroupNorm groups {norm_groups}, "
              f"latent scale {scaling_factor}" + (f", shift {shift_factor}" if shift_factor else "")]
-    return KLArchitecture(in_channels=in_channels, base_channels=base, channel_mult=tuple(mult),
+    return KLArchitecture(in_channels=in_channels, base_channels=base, channel_mult=mult,
                           num_res_blocks=num_res_blocks, attn_levels=attn_levels, z_channels=z_channels,
                           embed_dim=embed_dim, norm_groups=norm_groups, scaling_factor=scaling_factor,
                           shift_factor=shift_factor, use_quant_conv=use_quant_conv,

@@ -103,6 +103,37 @@ def unwrap_taming(state: StateDict, source: str) -> tuple[StateDict, list[str]]:
     return state, notes
 
 
+@dataclass(frozen=True)
+class EncoderTrunk:
+    """What the taming / LDM encoder's shapes say about the resolution levels, shared by VQ models
+    and KL autoencoders (the decoder mirrors it)."""
+
+    in_channels: int
+    base_channels: int
+    channel_mult: tuple[int, ...]
+    num_res_blocks: int
+    attn_levels: tuple[int, ...]  # levels (0 = full size) with attention besides the mid block
+
+
+def read_encoder_trunk(state: StateDict, source: str, layout: str) -> EncoderTrunk:
+    """The encoder's levels, widths, res blocks and attention, read from taming-named tensor shapes."""
+    conv_in = require(state, "encoder.conv_in.weight", source, layout)
+    base, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    levels = count_indexed(state, "encoder.down.", ".block.0.conv1.weight")
+    if levels == 0:
+        raise CheckpointError(f"{source} has no encoder.down.0.block.0.conv1.weight: not a {layout} model")
+    mult = []
+    for level in range(levels):
+        width = int(require(state, f"encoder.down.{level}.block.0.conv2.weight", source, layout).shape[0])
+        if width % base:
+            raise CheckpointError(f"{source}: encoder level {level} has {width} channels, not a multiple of "
+                                  f"the base width {base}")
+        mult.append(width // base)
+    return EncoderTrunk(in_channels=in_channels, base_channels=base, channel_mult=tuple(mult),
+                        num_res_blocks=count_indexed(state, "encoder.down.0.block.", ".conv1.weight"),
+                        attn_levels=tuple(lv for lv in range(levels) if f"encoder.down.{lv}.attn.0.q.weight" in state))
+
+
 def read_taming_architecture(state: StateDict, source: str, *, norm_groups: int = DEFAULT_NORM_GROUPS,
                              layout: str = TAMING_LAYOUT) -> VQArchitecture:
     """Architecture of a VQ model in native (taming) names, read from tensor shapes."""
@@ -113,20 +144,9 @@ def read_taming_architecture(state: StateDict, source: str, *, norm_groups: int 
         raise CheckpointError(f"{source} has an encoder but no codebook (quantize.embedding.weight): it looks "
                               "like a KL autoencoder, not a VQ model", "import a VQ (VQGAN / LDM VQ-f4/f8) model")
     codes = need("quantize.embedding.weight")
-    conv_in = need("encoder.conv_in.weight")
-    base, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
-    levels = count_indexed(state, "encoder.down.", ".block.0.conv1.weight")
-    if levels == 0:
-        raise CheckpointError(f"{source} has no encoder.down.0.block.0.conv1.weight: not a {layout} model")
-    mult = []
-    for level in range(levels):
-        width = int(need(f"encoder.down.{level}.block.0.conv2.weight").shape[0])
-        if width % base:
-            raise CheckpointError(f"{source}: encoder level {level} has {width} channels, not a multiple of "
-                                  f"the base width {base}")
-        mult.append(width // base)
-    num_res_blocks = count_indexed(state, "encoder.down.0.block.", ".conv1.weight")
-    attn_levels = tuple(lv for lv in range(levels) if f"encoder.down.{lv}.attn.0.q.weight" in state)
+    trunk = read_encoder_trunk(state, source, layout)
+    in_channels, base, mult = trunk.in_channels, trunk.base_channels, trunk.channel_mult
+    num_res_blocks, attn_levels = trunk.num_res_blocks, trunk.attn_levels
     z_channels = int(need("encoder.conv_out.weight").shape[0])
     embed_dim, quant_in = (int(s) for s in need("quant_conv.weight").shape[:2])
     if quant_in != z_channels:
@@ -136,10 +156,10 @@ def read_taming_architecture(state: StateDict, source: str, *, norm_groups: int 
     if int(codes.shape[1]) != embed_dim:
         raise CheckpointError(f"{source}: quantize.embedding.weight {tuple(codes.shape)} does not match "
                               f"quant_conv's {embed_dim} output channels")
-    notes = [f"{layout}: base width {base}, channel_mult {tuple(mult)}, {num_res_blocks} res blocks per level, "
+    notes = [f"{layout}: base width {base}, channel_mult {mult}, {num_res_blocks} res blocks per level, "
              f"attention at levels {attn_levels or 'none'} (+ mid), z {z_channels}, codebook {n_embed}x{embed_dim}, "
              f"GroupNorm groups {norm_groups}"]
-    return VQArchitecture(in_channels=in_channels, base_channels=base, channel_mult=tuple(mult),
+    return VQArchitecture(in_channels=in_channels, base_channels=base, channel_mult=mult,
                           num_res_blocks=num_res_blocks, attn_levels=attn_levels, z_channels=z_channels,
                           embed_dim=embed_dim, n_embed=n_embed, norm_groups=norm_groups, state=state,
                           layout=layout, source=source, notes=notes)
