@@ -87,6 +87,28 @@ def test_diffusers_kl_options_are_checked(tmp_path: Path) -> None:
         read_source(tmp_path / "per-channel")
 
 
+def test_diffusers_kl_config_must_match_its_weights(tmp_path: Path) -> None:
+    """config.json and the weights are read apart; where they disagree the folder is refused, naming both."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    _diffusers_kl().save_pretrained(tmp_path / "vae")
+    config_path = tmp_path / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"block_out_channels": [32, 64, 64]}))
+    with pytest.raises(CheckpointError, match=r"block_out_channels \(32, 64, 64\).*\(32, 32, 64\)"):
+        read_source(tmp_path / "vae")
+    config_path.write_text(json.dumps(config | {"layers_per_block": 2}))
+    with pytest.raises(CheckpointError, match=r"layers_per_block 2 .*\(1\)"):
+        read_source(tmp_path / "vae")
+    config_path.write_text(json.dumps(config))
+    weights = next((tmp_path / "vae").glob("*.safetensors"))
+    save_file(load_file(weights) | {"quantize.embedding.weight": torch.zeros(8, 4)}, weights)
+    with pytest.raises(CheckpointError, match=r"not part of a diffusers AutoencoderKL: quantize\.embedding\.weight"):
+        read_source(tmp_path / "vae")
+
+
 def test_kl_vae_given_as_vq_is_redirected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _diffusers_kl().save_pretrained(tmp_path / "vae")
     torch.save(_official_state(OFFICIAL_CFG), tmp_path / "DiT.pt")

@@ -10,7 +10,6 @@ codebook. The image size is not stored in either layout; the DiT it pairs with f
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,8 +21,9 @@ from mmgen_deploy.importers.safe_load import CheckpointError
 from mmgen_deploy.importers.statedict import StateDict, fit_state, require
 from mmgen_deploy.importers.vq import (
     DEFAULT_NORM_GROUPS,
-    _rename_diffusers_vq_key,
+    check_trunk_matches_config,
     read_encoder_trunk,
+    rename_diffusers_autoencoder,
     unwrap_taming,
 )
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
@@ -170,32 +170,12 @@ def _diffusers_kl_options(cfg: dict[str, Any], source: str) -> list[str]:
 def import_diffusers_kl(cfg: dict[str, Any], state: StateDict, source: str) -> KLArchitecture:
     """diffusers AutoencoderKL (config.json dict + state dict) -> architecture with LDM-named weights."""
     notes = _diffusers_kl_options(cfg, source)
-    levels = len(cfg.get("block_out_channels") or (64,))
-    renamed: StateDict = {}
-    unknown = []
-    for key, tensor in state.items():
-        new = _rename_diffusers_vq_key(key, levels)
-        if new is None or new.startswith("quantize."):
-            unknown.append(key)
-            continue
-        # diffusers' attention projections are Linear (C, C); LDM's are 1x1 convs (C, C, 1, 1).
-        if re.search(r"\.(attn_1|attn\.\d+)\.(q|k|v|proj_out)\.weight$", new) and tensor.ndim == 2:
-            tensor = tensor[:, :, None, None]
-        renamed[new] = tensor
-    if unknown:
-        raise CheckpointError(f"{source}: keys that are not part of a {DIFFUSERS_KL_LAYOUT}: "
-                              f"{', '.join(sorted(unknown)[:8])}" + (" ..." if len(unknown) > 8 else ""))
+    renamed = rename_diffusers_autoencoder(cfg, state, source, DIFFUSERS_KL_LAYOUT, codebook=False)
     scaling = float(cfg.get("scaling_factor") or SD_SCALING_FACTOR)
     shift = float(cfg.get("shift_factor") or 0.0)
     arch = read_kl_architecture(renamed, source, norm_groups=int(cfg.get("norm_num_groups", 32)),
                                 layout=DIFFUSERS_KL_LAYOUT, scaling_factor=scaling, shift_factor=shift)
-    widths = tuple(int(c) for c in cfg.get("block_out_channels") or (64,))
-    if tuple(arch.base_channels * m for m in arch.channel_mult) != widths:
-        raise CheckpointError(f"{source}: block_out_channels {widths} in config.json does not match the "
-                              f"weights ({tuple(arch.base_channels * m for m in arch.channel_mult)})")
-    if arch.num_res_blocks != int(cfg.get("layers_per_block", 1)):
-        raise CheckpointError(f"{source}: layers_per_block {cfg.get('layers_per_block')} in config.json "
-                              f"does not match the weights ({arch.num_res_blocks})")
+    check_trunk_matches_config(arch.base_channels, arch.channel_mult, arch.num_res_blocks, cfg, source)
     for flag, have in (("use_quant_conv", arch.use_quant_conv), ("use_post_quant_conv", arch.use_post_quant_conv),
                        ("mid_block_add_attention", arch.mid_attention)):
         if bool(cfg.get(flag, True)) != have:

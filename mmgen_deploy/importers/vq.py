@@ -249,15 +249,16 @@ def _diffusers_vq_options(cfg: dict[str, Any], source: str) -> list[str]:
     return notes
 
 
-def import_diffusers_vq(cfg: dict[str, Any], state: StateDict, source: str) -> VQArchitecture:
-    """diffusers VQModel (config.json dict + state dict) -> architecture with taming-named weights."""
-    notes = _diffusers_vq_options(cfg, source)
+def rename_diffusers_autoencoder(cfg: dict[str, Any], state: StateDict, source: str, layout: str, *,
+                                 codebook: bool) -> StateDict:
+    """A diffusers VQModel's or AutoencoderKL's weights in taming / LDM names (the two share their
+    encoder and decoder); a key outside the layout (a codebook where `codebook` is false) is refused."""
     levels = len(cfg.get("block_out_channels") or (64,))
     renamed: StateDict = {}
     unknown = []
     for key, tensor in state.items():
         new = _rename_diffusers_vq_key(key, levels)
-        if new is None:
+        if new is None or (new.startswith("quantize.") and not codebook):
             unknown.append(key)
             continue
         # diffusers' attention projections are Linear (C, C); taming's are 1x1 convs (C, C, 1, 1).
@@ -265,17 +266,31 @@ def import_diffusers_vq(cfg: dict[str, Any], state: StateDict, source: str) -> V
             tensor = tensor[:, :, None, None]
         renamed[new] = tensor
     if unknown:
-        raise CheckpointError(f"{source}: keys that are not part of a {DIFFUSERS_LAYOUT}: "
+        raise CheckpointError(f"{source}: keys that are not part of a {layout}: "
                               f"{', '.join(sorted(unknown)[:8])}" + (" ..." if len(unknown) > 8 else ""))
+    return renamed
+
+
+def check_trunk_matches_config(base_channels: int, channel_mult: tuple[int, ...], num_res_blocks: int,
+                               cfg: dict[str, Any], source: str) -> None:
+    """Refuse a diffusers config.json whose widths or blocks per level disagree with its weights."""
+    widths = tuple(int(c) for c in cfg.get("block_out_channels") or (64,))
+    found = tuple(base_channels * m for m in channel_mult)
+    if found != widths:
+        raise CheckpointError(f"{source}: block_out_channels {widths} in config.json does not match the "
+                              f"weights ({found})")
+    if num_res_blocks != int(cfg.get("layers_per_block", 1)):
+        raise CheckpointError(f"{source}: layers_per_block {cfg.get('layers_per_block')} in config.json "
+                              f"does not match the weights ({num_res_blocks})")
+
+
+def import_diffusers_vq(cfg: dict[str, Any], state: StateDict, source: str) -> VQArchitecture:
+    """diffusers VQModel (config.json dict + state dict) -> architecture with taming-named weights."""
+    notes = _diffusers_vq_options(cfg, source)
+    renamed = rename_diffusers_autoencoder(cfg, state, source, DIFFUSERS_LAYOUT, codebook=True)
     arch = read_taming_architecture(renamed, source, norm_groups=int(cfg.get("norm_num_groups", 32)),
                                     layout=DIFFUSERS_LAYOUT)
-    widths = tuple(int(c) for c in cfg.get("block_out_channels") or (64,))
-    if tuple(arch.base_channels * m for m in arch.channel_mult) != widths:
-        raise CheckpointError(f"{source}: block_out_channels {widths} in config.json does not match the "
-                              f"weights ({tuple(arch.base_channels * m for m in arch.channel_mult)})")
-    if arch.num_res_blocks != int(cfg.get("layers_per_block", 1)):
-        raise CheckpointError(f"{source}: layers_per_block {cfg.get('layers_per_block')} in config.json "
-                              f"does not match the weights ({arch.num_res_blocks})")
+    check_trunk_matches_config(arch.base_channels, arch.channel_mult, arch.num_res_blocks, cfg, source)
     arch.default_image_size = int(cfg["sample_size"]) if cfg.get("sample_size") else None
     arch.notes = arch.notes + notes
     arch.extras = {"scaling_factor": cfg.get("scaling_factor", 0.18215),
