@@ -49,8 +49,36 @@ def _require(cond: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class _FirstStageTrunk:
+    """What a VQ model and a KL autoencoder share: the taming / LDM encoder-decoder trunk. Its
+    subclasses are dataclasses with `kind`, `image_size`, `channel_mult` and the positive-integer
+    fields `_POSITIVE`."""
+
+    kind: str
+    image_size: int
+    channel_mult: tuple[int, ...]
+    _POSITIVE: tuple[str, ...] = ("in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim",
+                                  "norm_groups")
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // self.downsample_factor
+
+    def _validate_trunk(self) -> None:
+        _require(len(self.channel_mult) >= 1, f"{self.kind}.channel_mult must have at least one level")
+        _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
+                 f"{self.kind}.image_size {self.image_size} must be divisible by the downsampling factor "
+                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
+        for name in self._POSITIVE:
+            _require(getattr(self, name) > 0, f"{self.kind}.{name} must be positive, got {getattr(self, name)}")
+
+
 @dataclass(frozen=True)
-class VQConfig(_JsonConfig):
+class VQConfig(_FirstStageTrunk, _JsonConfig):
     """taming/LDM-style VQ autoencoder."""
 
     kind = "vq"  # class attribute (not a field): which first stage this configures
@@ -70,28 +98,16 @@ class VQConfig(_JsonConfig):
     use_ema: bool = True
     ema_decay: float = 0.99
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.downsample_factor
+    _POSITIVE = (*_FirstStageTrunk._POSITIVE, "n_embed")
 
     def validate(self) -> None:
-        _require(len(self.channel_mult) >= 1, "vq.channel_mult must have at least one level")
-        _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
-                 f"vq.image_size {self.image_size} must be divisible by the downsampling factor "
-                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
-        for name in ("in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim",
-                     "n_embed", "norm_groups"):
-            _require(getattr(self, name) > 0, f"vq.{name} must be positive, got {getattr(self, name)}")
+        self._validate_trunk()
         _require(0.0 < self.ema_decay < 1.0, "vq.ema_decay must be in (0, 1)")
         _require(self.beta >= 0, "vq.beta must be >= 0")
 
 
 @dataclass(frozen=True)
-class KLConfig(_JsonConfig):
+class KLConfig(_FirstStageTrunk, _JsonConfig):
     """LDM / diffusers `AutoencoderKL`: the VQ model's encoder and decoder, continuous latents.
 
     The encoder outputs mean and log-variance (2 x z_channels, `quant_conv` maps them to 2 x
@@ -117,21 +133,8 @@ class KLConfig(_JsonConfig):
 
     kind = "kl"  # class attribute (not a field): which first stage this configures
 
-    @property
-    def downsample_factor(self) -> int:
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
-    def latent_size(self) -> int:
-        return self.image_size // self.downsample_factor
-
     def validate(self) -> None:
-        _require(len(self.channel_mult) >= 1, "kl.channel_mult must have at least one level")
-        _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
-                 f"kl.image_size {self.image_size} must be divisible by the downsampling factor "
-                 f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
-        for name in ("in_channels", "base_channels", "num_res_blocks", "z_channels", "embed_dim", "norm_groups"):
-            _require(getattr(self, name) > 0, f"kl.{name} must be positive, got {getattr(self, name)}")
+        self._validate_trunk()
         _require(self.scaling_factor > 0, f"kl.scaling_factor must be positive, got {self.scaling_factor}")
         if not self.use_quant_conv or not self.use_post_quant_conv:
             _require(self.embed_dim == self.z_channels,
