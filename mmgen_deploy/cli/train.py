@@ -176,6 +176,7 @@ _holdout_opt = typer.Option(None, "--holdout-fraction",
                             help="With --text on `shapes`: fraction of the (colour, shape, size, position) "
                                  "combinations kept out of training (default 0); `mmgen eval` prompts come "
                                  "from them.")
+_gan_opt = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator.")
 _threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: the cores idle right now; "
                             "on a busy machine fewer threads train faster).")
 
@@ -187,7 +188,7 @@ def train_vqvae_cmd(
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 64)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
-    gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
+    gan: bool = _gan_opt,
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
@@ -265,7 +266,7 @@ def train_all_cmd(
     data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
     vq_steps: int | None = typer.Option(None, "--vq-steps", help="VQ-VAE steps (default: the preset's recipe)."),
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
-    gan: bool = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator."),
+    gan: bool = _gan_opt,
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
