@@ -166,7 +166,7 @@ def test_batch_with_ray_local_writes_generates_images_and_resumes(class_run: Run
 
 
 def test_batch_in_process_takes_prompts_for_a_text_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from test_serve_text import PROMPT, make_text_run
+    from text_helpers import PROMPT, make_text_run
 
     from mmgen_deploy.numerics import psnr
 

@@ -20,17 +20,15 @@ import numpy as np
 import pytest
 import torch
 from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, free_ports, needs_triton
+from text_helpers import PROMPT, make_text_run
 
 from mmgen_deploy.cli.app import main
-from mmgen_deploy.config import preset, with_text
-from mmgen_deploy.data import DataSpec, load_split
-from mmgen_deploy.models import DiT, TextEncoder, VQModel, rerandomize_
+from mmgen_deploy.config import preset
+from mmgen_deploy.models import DiT, VQModel, rerandomize_
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.serve import MODEL_NAME
 from mmgen_deploy.serve.server import LONGEST_STOP_S
-from mmgen_deploy.text import WordTokenizer
 
-PROMPT = "a large blue triangle at the top"
 CLASS_NAMES = ("red circle", *(f"shape {i}" for i in range(1, 18)))
 
 
@@ -39,19 +37,6 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
         main(argv)
     captured = capsys.readouterr()
     return int(info.value.code or 0), captured.out + captured.err
-
-
-def make_text_run(root: Path) -> RunDir:
-    data = DataSpec(name="shapes", num_train=64, num_val=16)
-    tokenizer = WordTokenizer.build(load_split(data, "val").captions, max_length=16)
-    config = with_text(preset("tiny"), conditioning="pooled+cross_attention", vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    vq, dit, text_encoder = VQModel(config.vq), DiT(config.dit), TextEncoder(config.text)
-    rerandomize_(vq, seed=1)
-    rerandomize_(dit, seed=2)
-    rerandomize_(text_encoder, seed=3)
-    return save_run(root, config, vq.eval(), dit.eval(), data=data.to_dict(), text_encoder=text_encoder.eval(),
-                    tokenizer=tokenizer)
 
 
 def make_class_run(root: Path) -> RunDir:

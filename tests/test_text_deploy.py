@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from text_helpers import TEXT_DATA, make_text_run
 
 from mmgen_deploy.cli.app import main
-from mmgen_deploy.config import preset, with_text
-from mmgen_deploy.data import DataSpec, load_split
+from mmgen_deploy.config import preset
+from mmgen_deploy.data import load_split
 from mmgen_deploy.export import read_manifest
 from mmgen_deploy.export.calibration import (
     component_inputs,
@@ -26,7 +27,7 @@ from mmgen_deploy.export.calibration import (
     vocabulary_prompts,
 )
 from mmgen_deploy.io_utils import sha256_file
-from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
+from mmgen_deploy.models import build_components
 from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
 from mmgen_deploy.rundir import RunDir, save_run
@@ -34,9 +35,6 @@ from mmgen_deploy.runtime import open_runner, resolve_backend
 from mmgen_deploy.runtime.torch_runner import TorchRunner
 from mmgen_deploy.sampling import sample, text_conditioning
 from mmgen_deploy.specs import component_specs
-from mmgen_deploy.text import WordTokenizer
-
-DATA = DataSpec(name="shapes", num_train=64, num_val=16)
 
 
 def _main(argv: list[str]) -> int:
@@ -49,19 +47,6 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
     code = _main(argv)
     captured = capsys.readouterr()
     return code, captured.out + captured.err
-
-
-def make_text_run(root: Path) -> RunDir:
-    """A tiny pooled+cross-attention text run with re-randomised weights and the shapes captions' tokenizer."""
-    tokenizer = WordTokenizer.build(load_split(DATA, "val").captions, max_length=16)
-    config = with_text(preset("tiny"), conditioning="pooled+cross_attention", vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(0)
-    vq, dit, text_encoder = VQModel(config.vq), DiT(config.dit), TextEncoder(config.text)
-    rerandomize_(vq, seed=1)
-    rerandomize_(dit, seed=2)
-    rerandomize_(text_encoder, seed=3)
-    return save_run(root, config, vq.eval(), dit.eval(), data=DATA.to_dict(), text_encoder=text_encoder.eval(),
-                    tokenizer=tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +81,7 @@ def test_export_writes_five_components_and_the_text_encoder_meets_the_fp32_targe
     config = text_run.load_config()
     module = build_components(*text_run.load_models()[1:], text_run.load_text_encoder(config))["text_encoder"]
     tokenizer = text_run.load_tokenizer()
-    captions = ["", *load_split(DATA, "val").captions]
+    captions = ["", *load_split(TEXT_DATA, "val").captions]
     session = ort.InferenceSession(str(text_run.onnx_dir / "fp32" / "text_encoder.onnx"),
                                    providers=["CPUExecutionProvider"])
     for batch in (1, 3, 16):
@@ -138,7 +123,7 @@ def test_runners_encode_prompts_like_pytorch(text_run: RunDir) -> None:
     config = text_run.load_config()
     tokenizer = text_run.load_tokenizer()
     prompts = default_prompts(text_run, tokenizer, 3)
-    assert prompts == list(dict.fromkeys(load_split(DATA, "val").captions))[:3]
+    assert prompts == list(dict.fromkeys(load_split(TEXT_DATA, "val").captions))[:3]
     reference = TorchRunner.from_run_dir(text_run.root)
     runner, _choice = open_runner(text_run.root, "onnxruntime", "fp32")
     assert runner.backend == "onnxruntime"
