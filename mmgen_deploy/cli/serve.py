@@ -44,6 +44,25 @@ def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", sample
 _SAMPLER_HELP = "Sampler when a request names none: ddim, ddpm or dpmpp-2m."
 _SAMPLERS_HELP = "Samplers requests may ask for: all, or a comma list such as ddim,dpmpp-2m."
 
+# The options `triton-repo` and `serve` share: one definition each, so both say the same.
+_MAX_BATCH_OPT = typer.Option(16, "--max-batch", help="Most images Triton merges into one sampling batch.")
+_INSTANCES_OPT = typer.Option(1, "--instances", help="Model instances (parallel sampling loops) per server.")
+_QUEUE_DELAY_OPT = typer.Option(20000, "--max-queue-delay-us",
+                                help="How long the dynamic batcher waits to fill a batch (microseconds).")
+_BACKEND_OPT = typer.Option("auto", "--backend",
+                            help="Inference backend inside the server: auto (TensorRT engines, else ONNX Runtime "
+                                 "CUDA, else OpenVINO BF16 on BF16 CPUs, else ONNX Runtime CPU), tensorrt, "
+                                 "onnxruntime, openvino, torch.")
+_PRECISION_OPT = typer.Option("auto", "--precision",
+                              help="auto (fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32), fp32 or fp16 "
+                                   "exported models, or bf16 (on the fp32 set).")
+_THREADS_OPT = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default).")
+_STEPS_OPT = typer.Option(50, "--steps", help="Default sampling steps when a request sends none.")
+_CFG_SCALE_OPT = typer.Option(4.0, "--cfg-scale", "--guidance",
+                              help="Default guidance scale when a request sends none.")
+_SAMPLER_OPT = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP)
+_SAMPLERS_OPT = typer.Option("all", "--samplers", help=_SAMPLERS_HELP)
+
 
 def _check_port(name: str, port: int) -> None:
     if not 1 <= port <= 65535:
@@ -60,26 +79,19 @@ def register(app: typer.Typer) -> None:
     def triton_repo(
         run_dir: Path = typer.Argument(..., help="Run directory to serve."),
         out: Path = typer.Option(..., "--out", "-o", help="Repository directory to write (replaced atomically)."),
-        max_batch: int = typer.Option(16, "--max-batch", help="Most images Triton merges into one sampling batch."),
-        instances: int = typer.Option(1, "--instances", help="Model instances (parallel sampling loops) per server."),
+        max_batch: int = _MAX_BATCH_OPT,
+        instances: int = _INSTANCES_OPT,
         instance_kind: str = typer.Option("cpu", "--instance-kind",
                                           help="cpu: instances placed by count (the model picks its device); "
                                                "gpu: one group of instances per visible GPU."),
-        queue_delay_us: int = typer.Option(20000, "--max-queue-delay-us",
-                                           help="How long the dynamic batcher waits to fill a batch."),
-        backend: str = typer.Option("auto", "--backend",
-                                    help="Inference backend inside the server: auto (TensorRT engines, else ONNX "
-                                         "Runtime CUDA, else OpenVINO BF16 on BF16 CPUs, else ONNX Runtime CPU), "
-                                         "tensorrt, onnxruntime, openvino, torch."),
-        precision: str = typer.Option("auto", "--precision",
-                                      help="auto (fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32), "
-                                           "fp32 or fp16 exported models, or bf16 (on the fp32 set)."),
-        threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
-        steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
-        cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",
-                                        help="Default guidance scale when a request sends none."),
-        sampler: str = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP),
-        samplers: str = typer.Option("all", "--samplers", help=_SAMPLERS_HELP),
+        queue_delay_us: int = _QUEUE_DELAY_OPT,
+        backend: str = _BACKEND_OPT,
+        precision: str = _PRECISION_OPT,
+        threads: int = _THREADS_OPT,
+        steps: int = _STEPS_OPT,
+        cfg_scale: float = _CFG_SCALE_OPT,
+        sampler: str = _SAMPLER_OPT,
+        samplers: str = _SAMPLERS_OPT,
         max_steps: int = typer.Option(250, "--max-steps", help="Requests asking for more steps are refused."),
         artifacts: str = typer.Option("copy", "--artifacts",
                                       help="copy: the run's weights/ONNX/engines go into the repository "
@@ -121,17 +133,16 @@ def register(app: typer.Typer) -> None:
         port: int = typer.Option(8000, "--port", help="HTTP port."),
         grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port."),
         metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (0 = off)."),
-        max_batch: int = typer.Option(16, "--max-batch", help="Most images merged into one sampling batch."),
-        instances: int = typer.Option(1, "--instances", help="Model instances."),
-        queue_delay_us: int = typer.Option(20000, "--max-queue-delay-us", help="Dynamic batcher wait."),
-        backend: str = typer.Option("auto", "--backend", help="auto, tensorrt, onnxruntime, openvino or torch."),
-        precision: str = typer.Option("auto", "--precision", help="auto, fp32, fp16 or bf16."),
-        threads: int = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default)."),
-        steps: int = typer.Option(50, "--steps", help="Default sampling steps when a request sends none."),
-        cfg_scale: float = typer.Option(4.0, "--cfg-scale", "--guidance",
-                                        help="Default guidance scale when a request sends none."),
-        sampler: str = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP),
-        samplers: str = typer.Option("all", "--samplers", help=_SAMPLERS_HELP),
+        max_batch: int = _MAX_BATCH_OPT,
+        instances: int = _INSTANCES_OPT,
+        queue_delay_us: int = _QUEUE_DELAY_OPT,
+        backend: str = _BACKEND_OPT,
+        precision: str = _PRECISION_OPT,
+        threads: int = _THREADS_OPT,
+        steps: int = _STEPS_OPT,
+        cfg_scale: float = _CFG_SCALE_OPT,
+        sampler: str = _SAMPLER_OPT,
+        samplers: str = _SAMPLERS_OPT,
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", help="Seconds to wait for the models to load."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo the server log."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
