@@ -304,6 +304,12 @@ def test_eval_on_a_text_run_reports_each_attribute(trained_text_run, capsys) -> 
                                  "--json", "-"], capsys)
     assert code == 0, stderr
     generation = json.loads(stdout)["generation"]
+    assert (generation["backend"], generation["precision"], generation["device"]) == ("torch", "fp32", "cpu")
+    # --backend auto is reported as what it chose, not as "auto".
+    code, stdout, stderr = _cli(["eval", str(trained_text_run.root), "--num-prompts", "2", "--steps", "1",
+                                 "--backend", "auto", "--json", "-"], capsys)
+    assert code == 0, stderr
+    assert json.loads(stdout)["generation"]["backend"] in ("torch", "onnxruntime", "openvino", "tensorrt")
     # The reported accuracies are those of the images these prompts give, judged one by one: sample
     # the same six held-out prompts here (same seed, steps, guidance) and judge them independently.
     from mmgen_deploy.runtime.torch_runner import TorchRunner

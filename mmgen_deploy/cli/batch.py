@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import BACKEND_OPTION, PRECISION_OPTION, console, emit_json
 
 
 def register(app: typer.Typer) -> None:
@@ -31,8 +31,8 @@ def batch(
     cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Guidance scale for lines that name none."),
     sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpmpp-2m, for lines that name none."),
     batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per denoiser call (per worker)."),
-    backend: str = typer.Option("auto", "--backend", help="auto, torch, onnxruntime or tensorrt (as in generate)."),
-    precision: str | None = typer.Option(None, "--precision", help="fp32 or fp16 (as in generate)."),
+    backend: str = BACKEND_OPTION,
+    precision: str | None = PRECISION_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
     json_out: str | None = typer.Option(None, "--json", help="Write counts, files and timing as JSON ('-' = stdout)."),
 ) -> None:

@@ -65,3 +65,15 @@ PROMPT_OPTION = typer.Option(
 PROMPTS_FILE_OPTION = typer.Option(
     None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
                                  "skipped); adds to --prompt.")
+
+
+# How a command that samples picks its backend and precision (`generate`, `batch`; `open_runner`
+# resolves both), defined once so that both accept and explain the same values.
+BACKEND_OPTION = typer.Option(
+    "auto", "--backend",
+    help="auto, torch, onnxruntime, openvino or tensorrt. auto picks the fastest available: TensorRT engines, "
+         "then ONNX Runtime CUDA, then OpenVINO BF16 (CPU with AMX / AVX-512 BF16), then ONNX Runtime CPU.")
+PRECISION_OPTION = typer.Option(
+    None, "--precision",
+    help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) to run; bf16: the FP32 set in BF16 "
+         "(openvino, torch autocast). Default: fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32.")

@@ -44,14 +44,16 @@ def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
                       f"(min {kl['psnr_db_min']:.1f})")
     gen = report.get("generation")
     if gen and "position_accuracy" in gen:
-        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
+        console.print(f"generation ({gen['backend']} {gen['precision']}, {gen['sampler']} {gen['steps']} steps, "
+                      f"guidance {gen['cfg_scale']}, "
                       f"{gen['num_samples']} prompts from {gen['prompts_from']}): colour [bold]"
                       f"{100 * gen['colour_accuracy']:.1f}%[/], shape [bold]{100 * gen['shape_accuracy']:.1f}%[/], "
                       f"size [bold]{100 * gen['size_accuracy']:.1f}%[/], position [bold]"
                       f"{100 * gen['position_accuracy']:.1f}%[/], all four {100 * gen['accuracy']:.1f}%; "
                       f"grid in {gen['grid']}")
     elif gen and "accuracy" in gen:
-        console.print(f"generation ({gen['sampler']} {gen['steps']} steps, guidance {gen['cfg_scale']}, "
+        console.print(f"generation ({gen['backend']} {gen['precision']}, {gen['sampler']} {gen['steps']} steps, "
+                      f"guidance {gen['cfg_scale']}, "
                       f"{gen['num_samples']} samples): requested colour AND shape in [bold]"
                       f"{100 * gen['accuracy']:.1f}%[/] (colour {100 * gen['colour_accuracy']:.1f}%, shape "
                       f"{100 * gen['shape_accuracy']:.1f}%); grid in {gen['grid']}")
@@ -70,8 +72,12 @@ def eval_cmd(
     cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
-    backend: str = typer.Option("torch", "--backend", help="Sampling backend (see `mmgen generate`)."),
-    precision: str = typer.Option("fp32", "--precision", help="Backend precision."),
+    backend: str = typer.Option("torch", "--backend",
+                                help="Sampling backend: torch, onnxruntime, openvino, tensorrt or auto (as in "
+                                     "`mmgen generate`)."),
+    precision: str = typer.Option("fp32", "--precision",
+                                  help="fp32, fp16, int8, fp8 or bf16, as in `mmgen generate` (which exported set, "
+                                       "or the FP32 set in BF16)."),
     json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
 ) -> None:
     """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on

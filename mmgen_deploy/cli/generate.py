@@ -9,7 +9,9 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from mmgen_deploy.cli.common import (
+    BACKEND_OPTION,
     CLASS_OPTION,
+    PRECISION_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
     console,
@@ -44,14 +46,8 @@ def generate(
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"
                                          "<steps>steps-seed<seed>). A previous `generate` folder is replaced."),
-    backend: str = typer.Option("auto", "--backend",
-                                help="auto, torch, onnxruntime, openvino or tensorrt. auto picks the fastest "
-                                     "available: TensorRT engines, then ONNX Runtime CUDA, then OpenVINO BF16 (CPU "
-                                     "with AMX / AVX-512 BF16), then ONNX Runtime CPU."),
-    precision: str | None = typer.Option(None, "--precision",
-                                         help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) "
-                                              "to run; bf16: the FP32 set in BF16 (openvino, torch autocast). "
-                                              "Default: fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32."),
+    backend: str = BACKEND_OPTION,
+    precision: str | None = PRECISION_OPTION,
     device: str | None = typer.Option(None, "--device",
                                       help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
                                            "prefers)."),

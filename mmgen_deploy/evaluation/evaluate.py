@@ -81,13 +81,15 @@ def prompt_accuracy(images: np.ndarray, specs: list[Any]) -> dict[str, Any]:
 
 
 def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, class_ids: list[int] | None = None,
-            prompts: list[str] | None = None) -> tuple[np.ndarray, float]:
-    """The images to judge (one per class id or prompt) on the settings' backend, and the seconds taken."""
+            prompts: list[str] | None = None) -> tuple[np.ndarray, float, dict[str, str]]:
+    """The images to judge (one per class id or prompt) on the settings' backend, the seconds taken,
+    and what ran them (`auto` resolved: backend, precision, device)."""
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling import make_conditioning, sample
 
     tokenizer = run.load_tokenizer() if config.uses_text else None
-    runner, _choice = open_runner(run, backend=settings.backend, precision=settings.precision)
+    runner, choice = open_runner(run, backend=settings.backend, precision=settings.precision)
+    ran_on = {"backend": choice.backend, "precision": choice.precision, "device": choice.device}
     try:
         started = time.perf_counter()
         condition = make_conditioning(runner, config, class_ids=class_ids or [], prompts=prompts or [],
@@ -98,7 +100,7 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
         seconds = time.perf_counter() - started
     finally:
         runner.close()
-    return np.asarray(result.images), seconds
+    return np.asarray(result.images), seconds, ran_on
 
 
 def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
@@ -106,15 +108,14 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
     from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
     heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
     specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
-    images, seconds = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
+    images, seconds, ran_on = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=10)
     return {
         **prompt_accuracy(images, specs),
         "prompts_from": "held-out combinations" if heldout else "all combinations (this run holds none out)",
         "num_heldout_combinations": len(heldout), "num_distinct_prompts": len({s.caption for s in specs}),
         "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
-        "seed": settings.seed, "backend": settings.backend, "precision": settings.precision,
-        "sampling_seconds": round(seconds, 1), "grid": str(grid)}
+        "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
 
 
 def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
@@ -142,10 +143,10 @@ def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> d
         report["generation"] = _evaluate_prompts(run, spec, config, settings, progress)
         return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
-    images, seconds = _sample(run, config, settings, progress, class_ids=class_ids)
+    images, seconds, ran_on = _sample(run, config, settings, progress, class_ids=class_ids)
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=settings.samples_per_class)
     report["generation"] = {
         **conditional_accuracy(images, class_ids), "sampler": settings.sampler, "steps": settings.steps,
-        "cfg_scale": settings.cfg_scale, "seed": settings.seed, "backend": settings.backend,
-        "precision": settings.precision, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
+        "cfg_scale": settings.cfg_scale, "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1),
+        "grid": str(grid)}
     return report
