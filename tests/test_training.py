@@ -167,6 +167,9 @@ def test_cli_train_all_refuses_other_models_and_evaluates(tmp_path, capsys) -> N
     code, text = _cli(["train", "all", *common, "--seed", "5"], capsys)
     assert code != 0 and "different model" in text and "--overwrite" in text and "Traceback" not in text
     assert RunDir(out).has_part("dit")  # refused without damage
+    code, text = _cli(["eval", str(out), "--backend", "onnxrt", "--no-generate"], capsys)
+    assert code == 2 and "unknown backend 'onnxrt'" in text and "Traceback" not in text
+    assert not (out / "reports" / "eval.json").exists()  # refused before any work
     code, text = _cli(["eval", str(out), "--no-generate", "--json", "-"], capsys)
     assert code == 0 and '"psnr_db"' in text and (out / "reports" / "eval.json").is_file()
     code, text = _cli(["eval", str(out), "--samples-per-class", "1", "--steps", "2", "--json", "-"], capsys)
