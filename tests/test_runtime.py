@@ -64,6 +64,27 @@ def test_open_runner_returns_the_runner_and_the_choice_it_made(exported_tiny_run
         runner.close()
 
 
+def test_device_names_are_checked_against_the_backend(exported_tiny_run) -> None:
+    """A device no backend knows, or one the chosen backend does not run on, is refused in one line
+    (`--device tpu` used to fall through to ONNX Runtime on the CPU); OpenVINO's gpu / npu under
+    auto go to OpenVINO, and names are case-insensitive."""
+    from mmgen_deploy.runtime import resolve_backend
+
+    run = exported_tiny_run.root
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        resolve_backend("auto", run, device="tpu")
+    with pytest.raises(UsageError, match="OpenVINO device"):
+        resolve_backend("onnxruntime", run, device="gpu")
+    with pytest.raises(UsageError, match="OpenVINO device"):
+        resolve_backend("torch", run, device="npu")
+    with pytest.raises(UsageError, match="not cuda"):
+        resolve_backend("openvino", run, device="cuda:0")
+    choice = resolve_backend("auto", run, device="NPU")
+    assert (choice.backend, choice.device) == ("openvino", "npu")
+    assert resolve_backend("openvino", run, device="CPU").device == "cpu"
+    assert resolve_backend("onnxruntime", run, "fp32", device="cpu").device == "cpu"
+
+
 def test_generate_auto_names_its_folder_after_the_backend_that_ran(exported_tiny_run, tmp_path, capsys) -> None:
     from mmgen_deploy.cli.app import main
 

@@ -11,6 +11,7 @@ onnxruntime, openvino, tensorrt) are imported only by the backend used.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -130,6 +131,29 @@ def _openvino_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
     return None
 
 
+# Device names: cpu and cuda[:N] (torch, ONNX Runtime, TensorRT), and OpenVINO's own gpu[.N] / npu
+# (Intel GPUs and NPUs) and auto (its device plugin picks).
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|gpu(\.\d+)?|npu|auto)$")
+_OPENVINO_ONLY = re.compile(r"^(gpu(\.\d+)?|npu|auto)$")
+
+
+def check_device(backend: str, device: str | None) -> str | None:
+    """`device` lower-cased, or a UsageError when it is no device name or not one `backend` runs on."""
+    if device is None:
+        return None
+    name = device.strip().lower()
+    if not _DEVICE.match(name):
+        raise UsageError(f"unknown device {device!r}", "use cpu or cuda (cuda:N); with --backend openvino also "
+                                                       "gpu, gpu.N or npu")
+    if _OPENVINO_ONLY.match(name) and backend not in ("openvino", "auto"):
+        raise UsageError(f"--device {name} is an OpenVINO device (Intel GPU / NPU), not one {backend} runs on",
+                         "use --backend openvino, or --device cuda for an NVIDIA GPU")
+    if name.startswith("cuda") and backend == "openvino":
+        raise UsageError("OpenVINO runs on cpu, gpu or npu, not cuda",
+                         "use --backend onnxruntime or tensorrt for an NVIDIA GPU")
+    return name
+
+
 def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None, *,
                     device: str | None = None, allow_tensorrt: bool = True,
                     allow_openvino: bool = True) -> BackendChoice:
@@ -145,7 +169,10 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
         raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
     if precision is not None and precision not in RUN_PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
+    device = check_device(backend, device)
     run = RunDir.of(run_dir)
+    if backend == "auto" and device is not None and _OPENVINO_ONLY.match(device):
+        backend = "openvino"  # only OpenVINO runs on an Intel GPU or NPU
     if backend == "torch":
         if precision not in (None, "fp32", "bf16"):
             raise UsageError("the torch backend runs FP32 or BF16 (autocast)",
