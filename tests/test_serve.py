@@ -137,9 +137,13 @@ def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, ca
     code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--instance-kind", "tpu"],
                       capsys)
     assert code == 2 and "--instance-kind" in text
+    # --threads as generate takes it: >= 1, or left out for the backend's default (the repository's 0).
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--threads", "0"], capsys)
+    assert code == 2 and "--threads must be >= 1" in text and not (tmp_path / "r").exists()
     # A second write replaces an old repository atomically.
     code, _ = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r")], capsys)
     assert code == 0
+    assert 'key: "threads" value: { string_value: "0" }' in (tmp_path / "r" / MODEL_NAME / "config.pbtxt").read_text()
     code, _ = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--max-batch", "4"], capsys)
     assert code == 0 and "max_batch_size: 4" in (tmp_path / "r" / MODEL_NAME / "config.pbtxt").read_text()
 

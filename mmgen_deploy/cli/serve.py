@@ -56,12 +56,23 @@ _BACKEND_OPT = typer.Option("auto", "--backend",
 _PRECISION_OPT = typer.Option("auto", "--precision",
                               help="auto (fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32), fp32 or fp16 "
                                    "exported models, or bf16 (on the fp32 set).")
-_THREADS_OPT = typer.Option(0, "--threads", help="CPU threads per instance (0 = backend default).")
+_THREADS_OPT = typer.Option(None, "--threads", help="CPU threads per instance, as in generate (default: the "
+                                                   "backend's).")
 _STEPS_OPT = typer.Option(50, "--steps", help="Default sampling steps when a request sends none.")
 _CFG_SCALE_OPT = typer.Option(4.0, "--cfg-scale", "--guidance",
                               help="Default guidance scale when a request sends none.")
 _SAMPLER_OPT = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP)
 _SAMPLERS_OPT = typer.Option("all", "--samplers", help=_SAMPLERS_HELP)
+
+
+def _threads(threads: int | None) -> int:
+    """--threads as `generate` takes it (unset: the backend's default; else >= 1) -> the repository's
+    field, where 0 stands for the backend's default."""
+    if threads is None:
+        return 0
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}", "leave it out for the backend's default")
+    return threads
 
 
 def _check_port(name: str, port: int) -> None:
@@ -87,7 +98,7 @@ def register(app: typer.Typer) -> None:
         queue_delay_us: int = _QUEUE_DELAY_OPT,
         backend: str = _BACKEND_OPT,
         precision: str = _PRECISION_OPT,
-        threads: int = _THREADS_OPT,
+        threads: int | None = _THREADS_OPT,
         steps: int = _STEPS_OPT,
         cfg_scale: float = _CFG_SCALE_OPT,
         sampler: str = _SAMPLER_OPT,
@@ -111,7 +122,7 @@ def register(app: typer.Typer) -> None:
         options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
                                 max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
                                 max_queue_delay_us=queue_delay_us, default_steps=steps, default_cfg_scale=cfg_scale,
-                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=threads,
+                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=_threads(threads),
                                 component_backend=component_backend)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
@@ -138,7 +149,7 @@ def register(app: typer.Typer) -> None:
         queue_delay_us: int = _QUEUE_DELAY_OPT,
         backend: str = _BACKEND_OPT,
         precision: str = _PRECISION_OPT,
-        threads: int = _THREADS_OPT,
+        threads: int | None = _THREADS_OPT,
         steps: int = _STEPS_OPT,
         cfg_scale: float = _CFG_SCALE_OPT,
         sampler: str = _SAMPLER_OPT,
@@ -167,7 +178,7 @@ def register(app: typer.Typer) -> None:
                 options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
                                         max_batch_size=max_batch, instances=instances,
                                         max_queue_delay_us=queue_delay_us, default_steps=steps,
-                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=threads,
+                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=_threads(threads),
                                         vendor_source=False)
                 repository = Path(scratch) / "repository"
                 write_repository(target, repository, options)
