@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from mmgen_deploy.cli.common import BACKEND_OPTION, PRECISION_OPTION, console, emit_json
+from mmgen_deploy.cli.common import BACKEND_OPTION, PRECISION_OPTION, console, emit_json, json_option
 
 
 def register(app: typer.Typer) -> None:
@@ -34,7 +34,7 @@ def batch(
     backend: str = BACKEND_OPTION,
     precision: str | None = PRECISION_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
-    json_out: str | None = typer.Option(None, "--json", help="Write counts, files and timing as JSON ('-' = stdout)."),
+    json_out: str | None = json_option("counts, files and timing"),
 ) -> None:
     """Generate every image a JSONL file of requests asks for, as `mmgen generate` would make it.
 

@@ -40,6 +40,12 @@ def install_log_handler() -> None:
         logger.propagate = False
 
 
+def json_option(what: str) -> Any:
+    """The `--json FILE` option of a command that writes `what` as JSON (`-`: stdout, for pipes);
+    one definition, so every command spells and explains it the same way (written by `emit_json`)."""
+    return typer.Option(None, "--json", metavar="FILE", help=f"Write {what} as JSON to FILE ('-' = stdout).")
+
+
 def emit_json(data: Any, destination: str | None) -> None:
     """Write `data` as JSON to a file, or to stdout when destination is "-"."""
     if destination is None:

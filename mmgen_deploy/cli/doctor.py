@@ -4,7 +4,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from mmgen_deploy.cli.common import emit_json, stdout_console
+from mmgen_deploy.cli.common import emit_json, json_option, stdout_console
 
 _STYLE = {"ok": "green", "warn": "yellow", "missing": "red"}
 
@@ -12,8 +12,7 @@ _STYLE = {"ok": "green", "warn": "yellow", "missing": "red"}
 def register(app: typer.Typer) -> None:
     @app.command()
     def doctor(
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
-                                            help="Also write the report as JSON to FILE ('-' for stdout)."),
+        json_out: str | None = json_option("the report"),
     ) -> None:
         """Report Python, torch, ONNX, ONNX Runtime providers, the CPU's BF16 / AMX / VNNI units and the runtimes
         that use them (OpenVINO, torch autocast), TensorRT / TensorRT-RTX and CUDA devices."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -88,7 +88,7 @@ def register(app: typer.Typer) -> None:
                  "engine folder."),
         force: bool = typer.Option(False, "--force", help="Rebuild every engine even when its plan could be reused."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo TensorRT's log."),
-        json_out: str | None = typer.Option(None, "--json", help="Write build times and sizes as JSON (- = stdout)."),
+        json_out: str | None = json_option("build times and sizes"),
     ) -> None:
         """Build strongly typed engines, one per component, with a manifest that later loads check.
 

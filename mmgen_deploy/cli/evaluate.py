@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, stdout_console
-from mmgen_deploy.cli.train import _JSON_HELP, _positive
+from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
+from mmgen_deploy.cli.train import _positive
 
 if TYPE_CHECKING:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
@@ -78,7 +78,7 @@ def eval_cmd(
     precision: str = typer.Option("fp32", "--precision",
                                   help="fp32, fp16, int8, fp8 or bf16, as in `mmgen generate` (which exported set, "
                                        "or the FP32 set in BF16)."),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+    json_out: str | None = json_option("the results"),
 ) -> None:
     """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
     `shapes`, how often generated images show the requested colour and shape (judged by a checker

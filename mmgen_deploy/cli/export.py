@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, DEFAULT_REL_L2, PRECISIONS
 
@@ -127,7 +127,7 @@ def register(app: typer.Typer) -> None:
         external_data: bool = typer.Option(
             False, "--external-data",
             help="Write every graph's weights to <component>.onnx.data beside it (graphs over 2 GB always are)."),
-        json_out: str = typer.Option(None, "--json", help="Write the manifest as JSON to FILE ('-' = stdout)."),
+        json_out: str = json_option("the manifest"),
     ) -> None:
         """Export every component to ONNX (FP32, mixed-precision FP16, INT8/FP8 Q/DQ), validated against PyTorch.
 

@@ -16,6 +16,7 @@ from mmgen_deploy.cli.common import (
     PROMPTS_FILE_OPTION,
     console,
     emit_json,
+    json_option,
     stdout_console,
 )
 
@@ -55,8 +56,7 @@ def generate(
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "
                                          "replay it every step."),
-    json_out: str | None = typer.Option(None, "--json",
-                                        help="Write settings, files and timings as JSON ('-' = stdout)."),
+    json_out: str | None = json_option("settings, files and timings"),
 ) -> None:
     """Sample images: noise -> denoising loop -> (quantizer ->) decoder -> PNGs (a KL first stage has no quantizer).
 

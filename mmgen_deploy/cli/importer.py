@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from mmgen_deploy.cli.common import console, emit_json, stdout_console
+from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
 
 
 def register(app: typer.Typer) -> None:
@@ -42,8 +42,7 @@ def register(app: typer.Typer) -> None:
                                                help="GroupNorm groups of a taming VQ checkpoint (default 32).",
                                                show_default=False),
         force: bool = typer.Option(False, "--force", help="Replace an existing non-empty --out directory."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
-                                            help="Write the import report as JSON to FILE ('-' = stdout)."),
+        json_out: str | None = json_option("the import report"),
     ) -> None:
         """Turn an existing PyTorch model into a run directory that export, build-engine, generate and parity accept.
 

@@ -6,14 +6,14 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from mmgen_deploy.cli.common import emit_json, stdout_console
+from mmgen_deploy.cli.common import emit_json, json_option, stdout_console
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def info(
         run_dir: Path = typer.Argument(..., help="Run directory to describe."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write JSON to FILE ('-' = stdout)."),
+        json_out: str | None = json_option("the run's description"),
     ) -> None:
         """Describe a run directory: configs, parameter counts, which artifacts exist. Loads (and so
         verifies) every weight file."""

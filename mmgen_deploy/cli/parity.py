@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, stdout_console
+from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
@@ -84,8 +84,7 @@ def register(app: typer.Typer) -> None:
                                              "is then marked NOT MEANINGFUL."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
                                           "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write every number as JSON "
-                                            "('-' = stdout)."),
+        json_out: str | None = json_option("every number"),
     ) -> None:
         """Compare a backend with PyTorch FP32: every component on random and real inputs (max/mean abs,
         relative L2, cosine, NaN/Inf, quantizer index agreement with near-tie analysis), then whole sampling
@@ -131,7 +130,7 @@ def register(app: typer.Typer) -> None:
         components: str | None = typer.Option(None, "--components", "-c", help="Comma-separated components to "
                                               "time one by one (default all; e.g. denoiser,quantizer,decoder skips "
                                               "the encoder, which generation does not run)."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write results as JSON."),
+        json_out: str | None = json_option("the results"),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by

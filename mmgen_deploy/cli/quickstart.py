@@ -15,10 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import console, emit_json, json_option
 from mmgen_deploy.cli.evaluate import _eval_settings, _run_eval
 from mmgen_deploy.cli.train import (
-    _JSON_HELP,
     TextOptions,
     _dit_settings,
     _new_run,
@@ -193,7 +192,7 @@ def quickstart_cmd(
                               "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
                               "`shapes` captions with 20% of the attribute combinations held out, evaluated on "
                               "prompts from those."),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+    json_out: str | None = json_option("the results"),
 ) -> None:
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
     a text-to-image model, about 11), evaluate it, then run every later pipeline stage that exists

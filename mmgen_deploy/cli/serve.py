@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import CLASS_OPTION, PROMPT_OPTION, PROMPTS_FILE_OPTION, console, emit_json
+from mmgen_deploy.cli.common import CLASS_OPTION, PROMPT_OPTION, PROMPTS_FILE_OPTION, console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import RUN_PRECISIONS
 
@@ -115,7 +115,7 @@ def register(app: typer.Typer) -> None:
                                               help="Ensemble components on Triton's onnxruntime backend (official "
                                                    "container), or python: an ONNX Runtime wrapper for servers "
                                                    "without it (the nvidia-pytriton wheel)."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE", help="Write a summary as JSON."),
+        json_out: str | None = json_option("a summary"),
     ) -> None:
         from mmgen_deploy.serve.repository import write_repository
 
@@ -240,8 +240,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(Path("samples"), "--out", "-o",
                                  help="Output folder (a previous `generate` / `client` folder is replaced)."),
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the server."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
-                                            help="Write settings and files as JSON ('-' = stdout)."),
+        json_out: str | None = json_option("settings and files"),
     ) -> None:
         from mmgen_deploy.cli.generate import CLI_NAMES, read_prompts_file, warn_about_prompts
         from mmgen_deploy.io_utils import atomic_dir, write_json

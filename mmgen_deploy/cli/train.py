@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json
+from mmgen_deploy.cli.common import console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -25,7 +25,6 @@ train_app = typer.Typer(
 )
 
 _OUT_HELP = "Run directory to create or continue."
-_JSON_HELP = "Write the results as JSON to FILE ('-' = stdout)."
 
 
 def _positive(what: str, value: int | None) -> None:
@@ -192,7 +191,7 @@ def train_vqvae_cmd(
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+    json_out: str | None = json_option("the results"),
 ) -> None:
     """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
     Reports validation PSNR and codebook usage/perplexity. With --text the run is created as a
@@ -226,7 +225,7 @@ def train_dit_cmd(
     data: str | None = typer.Option(None, "--data", help="Imported runs only (`mmgen import`, e.g. a KL "
                                     "autoencoder such as SD's VAE): `shapes` or an image folder to train the "
                                     "run's DiT on, at the autoencoder's image size.", show_default=False),
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+    json_out: str | None = json_option("the results"),
 ) -> None:
     """Stage 2: train the DiT on the first stage's latents (cached once): the VQ-VAE's
     pre-quantization latents, or the scaled posterior mean of a KL autoencoder imported with
@@ -270,7 +269,7 @@ def train_all_cmd(
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
     threads: int | None = _threads_opt,
-    json_out: str | None = typer.Option(None, "--json", metavar="FILE", help=_JSON_HELP),
+    json_out: str | None = json_option("the results"),
 ) -> None:
     """Both stages: the VQ-VAE, then the DiT on its latents (with --text: the DiT and a text encoder,
     jointly, on the captions). With --resume, a finished stage is skipped and an unfinished one
