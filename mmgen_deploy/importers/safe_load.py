@@ -11,6 +11,7 @@ with the name of that global; nothing it references is imported or called.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pickle
 import re
@@ -76,3 +77,15 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Any:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint: {first}",
                               "check that the download is complete") from None
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object (a config.json, model_index.json, shard index), or a
+    CheckpointError naming the file."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data

@@ -11,13 +11,12 @@ rather than silently ignored.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from mmgen_deploy.config import DiffusionConfig
 from mmgen_deploy.errors import ConfigError
-from mmgen_deploy.importers.safe_load import CheckpointError
+from mmgen_deploy.importers.safe_load import CheckpointError, read_json_object
 
 # The diffusers defaults of the flags we honour, per scheduler class (diffusers 0.2x-0.4x).
 _DDIM_LIKE = {"timestep_spacing": "leading", "steps_offset": 0, "set_alpha_to_one": True,
@@ -48,16 +47,6 @@ _UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "lower_order_final": ((True, None), "lower_order_final=false"),
     "variance_type": (("fixed_small", "fixed_large", "learned_range", None), "that DDPM variance type"),
 }
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
 
 
 def diffusion_from_scheduler(cfg: dict[str, Any], source: str) -> tuple[DiffusionConfig, dict[str, Any]]:
@@ -103,5 +92,5 @@ def diffusion_from_scheduler(cfg: dict[str, Any], source: str) -> tuple[Diffusio
 def read_scheduler(path: Path) -> tuple[DiffusionConfig, dict[str, Any]]:
     """A diffusers scheduler_config.json (or its folder) -> the noise schedule and sampler flags."""
     file = path / "scheduler_config.json" if path.is_dir() else path
-    diffusion, info = diffusion_from_scheduler(_read_json(file), str(file))
+    diffusion, info = diffusion_from_scheduler(read_json_object(file), str(file))
     return diffusion, {"path": str(file), **info}

@@ -13,7 +13,6 @@ A path can be
 
 from __future__ import annotations
 
-import json
 from argparse import Namespace
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 from mmgen_deploy.config import DiffusionConfig
 from mmgen_deploy.importers.dit import ImportedDiT, import_diffusers_dit, import_official_dit
 from mmgen_deploy.importers.kl import KL_CLASSES, KLArchitecture, import_diffusers_kl, import_ldm_kl, is_ldm_kl_state
-from mmgen_deploy.importers.safe_load import CheckpointError, load_checkpoint
+from mmgen_deploy.importers.safe_load import CheckpointError, load_checkpoint, read_json_object
 from mmgen_deploy.importers.scheduler import read_scheduler as _read_scheduler
 from mmgen_deploy.importers.statedict import StateDict, tensor_state
 from mmgen_deploy.importers.vq import DEFAULT_NORM_GROUPS, VQArchitecture, import_diffusers_vq, import_taming_vq
@@ -49,20 +48,10 @@ class Found:
         return self.vq or self.kl
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is not readable JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} must hold a JSON object")
-    return data
-
-
 def _sharded_weights(folder: Path, index: Path) -> StateDict:
     """The tensors of a sharded save (`*.safetensors.index.json` + `*-0000i-of-0000n.safetensors`), checked
     against the index: every shard present, every tensor it lists found in the shard it names."""
-    weight_map = _read_json(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index} has no weight_map", "re-save the model with save_pretrained()")
     shards = sorted(set(weight_map.values()))
@@ -108,7 +97,7 @@ def _diffusers_weights(folder: Path) -> StateDict:
 
 
 def _model_folder(folder: Path) -> Found:
-    cfg = _read_json(folder / "config.json")
+    cfg = read_json_object(folder / "config.json")
     cls = cfg.get("_class_name", "")
     source = str(folder)
     if cls in VQ_CLASSES:
@@ -145,7 +134,7 @@ def id2label_names(index: dict[str, Any], source: str) -> tuple[str, ...] | None
 
 
 def _pipeline_folder(folder: Path) -> Found:
-    index = _read_json(folder / "model_index.json")
+    index = read_json_object(folder / "model_index.json")
     found = Found()
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
