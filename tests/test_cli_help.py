@@ -36,3 +36,11 @@ def test_every_value_is_named() -> None:
         for param in cmd.params:
             if param.param_type_name == "argument" or not (param.is_flag or param.count):
                 assert param.metavar and not set(param.metavar) & set("<>{}"), (cmd.name, param.name)
+
+
+def test_list_options_take_repeats_and_comma_lists_alike() -> None:
+    """export, build-engine and bench read --components the same way (split_list)."""
+    from mmgen_deploy.cli.common import split_list
+
+    assert split_list(["denoiser,decoder", " quantizer ", "", "a,,b"]) == ["denoiser", "decoder", "quantizer", "a", "b"]
+    assert split_list(None) == [] and split_list([]) == []

@@ -40,6 +40,11 @@ def install_log_handler() -> None:
         logger.propagate = False
 
 
+def split_list(values: list[str] | None) -> list[str]:
+    """A repeatable option's values with comma lists split (`-c a,b -c d` = `-c a -c b -c d`), blanks dropped."""
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
 def json_option(what: str) -> Any:
     """The `--json FILE` option of a command that writes `what` as JSON (`-`: stdout, for pipes);
     one definition, so every command spells and explains it the same way (written by `emit_json`)."""

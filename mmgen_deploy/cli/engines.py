@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option
+from mmgen_deploy.cli.common import console, emit_json, json_option, split_list
 from mmgen_deploy.errors import UsageError
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -79,8 +79,9 @@ def register(app: typer.Typer) -> None:
             help="TensorRT-RTX target GPUs, repeatable: sm75, sm80, sm86, sm89, sm120... (default: Ampere and "
                  "later, i.e. sm80/sm86/sm89/sm120; Turing needs sm75)."),
         component: list[str] = typer.Option(
-            [], "--component", "-c", help="Build only these components (repeatable: encoder, quantizer for VQ runs, "
-                                        "decoder, denoiser, text_encoder for text models); others keep their plans."),
+            [], "--components", "--component", "-c",
+            help="Build only these components (repeat or comma-separate, as in export: encoder, quantizer for VQ "
+                 "runs, decoder, denoiser, text_encoder for text models); others keep their plans."),
         precision: str = typer.Option(
             "fp16", "--precision",
             help="Which ONNX set to build from: fp16, int8, fp8 (Q/DQ sets of `mmgen export --precision int8,fp8`; "
@@ -110,7 +111,7 @@ def register(app: typer.Typer) -> None:
             workspace_bytes=parse_size(workspace) if workspace else None,
             opt_level=opt_level,
             compute_capabilities=tuple(compute_capability),
-            components=tuple(component) or component_names(config),
+            components=tuple(split_list(component)) or component_names(config),
             force=force,
             verbose=verbose,
         )

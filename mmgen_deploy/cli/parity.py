@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
+from mmgen_deploy.cli.common import console, emit_json, json_option, split_list, stdout_console
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
@@ -127,9 +127,10 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
         steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
         cfg_scale: float = typer.Option(4.0, help="Guidance scale (> 1 doubles the denoiser batch)."),
-        components: str | None = typer.Option(None, "--components", "-c", help="Comma-separated components to "
-                                              "time one by one (default all; e.g. denoiser,quantizer,decoder skips "
-                                              "the encoder, which generation does not run)."),
+        components: list[str] = typer.Option([], "--components", "-c",
+                                             help="Components to time one by one (repeat or comma-separate; default "
+                                                  "all; e.g. denoiser,quantizer,decoder skips the encoder, which "
+                                                  "generation does not run)."),
         json_out: str | None = json_option("the results"),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
     ) -> None:
@@ -145,7 +146,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
         from mmgen_deploy.specs import COMPONENTS
 
-        component_list = [c.strip() for c in components.split(",") if c.strip()] if components else None
+        component_list = split_list(components) or None
         unknown = [c for c in component_list or () if c not in COMPONENTS]
         if unknown:
             raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(COMPONENTS)}")

@@ -59,7 +59,7 @@ _PRECISION_OPT = typer.Option("auto", "--precision",
 _THREADS_OPT = typer.Option(None, "--threads", help="CPU threads per instance, as in generate (default: the "
                                                    "backend's).")
 _STEPS_OPT = typer.Option(50, "--steps", help="Default sampling steps when a request sends none.")
-_CFG_SCALE_OPT = typer.Option(4.0, "--cfg-scale", "--guidance",
+_CFG_SCALE_OPT = typer.Option(4.0, "--cfg-scale",
                               help="Default guidance scale when a request sends none.")
 _SAMPLER_OPT = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP)
 _SAMPLERS_OPT = typer.Option("all", "--samplers", help=_SAMPLERS_HELP)
