@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,17 +30,6 @@ from pathlib import Path
 from typing import Any
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
-
-
-def _ports(count: int) -> list[int]:
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _env() -> dict[str, str]:
@@ -160,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
               "--perf-analyzer PATH", file=sys.stderr)
         return 2
     from mmgen_deploy.rundir import RunDir
+    from mmgen_deploy.serve.server import free_loopback_ports
 
     results: dict[str, Any] = {"steps": args.steps, "threads": args.threads, "backend": args.backend,
                                "load_before": os.getloadavg(), "levels": []}
@@ -169,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         config = RunDir(run_dir).load_config()
         data = scratch / "data.json"
         data.write_text(json.dumps(input_data(config, args.steps)))
-        http, grpc = _ports(2)
+        http, grpc = free_loopback_ports(2)
         endpoints = scratch / "endpoints.json"
         serve = subprocess.Popen(
             [sys.executable, "-m", "mmgen_deploy", "serve", str(run_dir), "--port", str(http), "--grpc-port",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import sys
 import tempfile
@@ -21,12 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tiny_run(root: Path) -> Path:
@@ -136,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.serve.client import GenerateClient, batch_sizes_executed
     from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
-    from mmgen_deploy.serve.server import running_server
+    from mmgen_deploy.serve.server import free_loopback_ports, running_server
 
     package_root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="mmgen-serve-bench-") as scratch:
@@ -151,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         results: dict[str, Any] = {"backend": args.backend, "steps": args.steps, "threads": args.threads,
                                    "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us,
                                    "instances": args.instances, "levels": []}
-        with running_server(repo, http_port=_free_port(), grpc_port=_free_port(), metrics_port=None,
+        http_port, grpc_port = free_loopback_ports(2)
+        with running_server(repo, http_port=http_port, grpc_port=grpc_port, metrics_port=None,
                             python_paths=[package_root]) as server:
             warm = GenerateClient(server.http_url)
             from mmgen_deploy.serve.client import ImageRequest

@@ -1,11 +1,10 @@
-"""What the Triton tests share: finding a usable server, free ports, and starting `mmgen serve` as a
+"""What the Triton tests share: finding a usable server, and starting `mmgen serve` as a
 user would (its own process, Ctrl-C acting)."""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import tempfile
 from pathlib import Path
 
@@ -31,20 +30,6 @@ def _triton_missing_reason() -> str | None:
 
 TRITON_MISSING = _triton_missing_reason()
 needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=TRITON_MISSING or "")
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct loopback ports free right now (all sockets held open together, so none is
-    handed out twice). Another process may take one before a server binds it: callers that must
-    not flake retry on "already in use"."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def child_env() -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, free_ports, needs_triton
+from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, needs_triton
 from text_helpers import PROMPT, make_text_run
 
 from mmgen_deploy.cli.app import main
@@ -27,7 +27,7 @@ from mmgen_deploy.config import preset
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.serve import MODEL_NAME
-from mmgen_deploy.serve.server import LONGEST_STOP_S
+from mmgen_deploy.serve.server import LONGEST_STOP_S, free_loopback_ports
 
 CLASS_NAMES = ("red circle", *(f"shape {i}" for i in range(1, 18)))
 
@@ -65,7 +65,7 @@ class Served:
 @contextlib.contextmanager
 def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
     """`mmgen serve RUN` as a user runs it (ONNX Runtime fp32, 1 thread); stopped with SIGINT afterwards."""
-    http, grpc, metrics = free_ports(3)
+    http, grpc, metrics = free_loopback_ports(3)
     endpoints_file = tmp_path / f"endpoints-{http}.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(http), "--grpc-port", str(grpc),
@@ -140,7 +140,7 @@ def test_text_repository_declares_prompt_and_ships_the_tokenizer(tmp_path: Path)
 
 
 def test_client_refuses_bad_input_before_any_request(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    port = free_ports(1)[0]  # nothing listens there: each of these must fail before connecting
+    port = free_loopback_ports(1)[0]  # nothing listens there: each of these must fail before connecting
     for argv, expected in ((["--n", "0"], "--n must be >= 1"), (["--steps", "0"], "--steps must be >= 1"),
                            (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"), (["--sampler", "euler"], "euler"),
                            (["--seed", "-2"], "--seed must be >= 0"),
@@ -265,7 +265,7 @@ def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> 
     _export(run)
     repo = tmp_path / "repo"
     write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python", threads=1))
-    http, grpc = free_ports(2)
+    http, grpc = free_loopback_ports(2)
     prompts = [PROMPT, "a small red circle", PROMPT]
     with running_server(repo, http_port=http, grpc_port=grpc, metrics_port=None, python_paths=[REPO_ROOT]) as server:
         remote = GenerateClient(server.http_url, timeout_s=120)

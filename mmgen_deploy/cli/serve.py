@@ -21,22 +21,21 @@ if TYPE_CHECKING:
     from mmgen_deploy.serve.client import GenerateClient, ServedModel
     from mmgen_deploy.serve.repository import RepositoryOptions
 
-_BACKENDS = ("auto", "tensorrt", "onnxruntime", "openvino", "torch")
 _PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
 def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", samplers: str = "all",
-                  **fields: object) -> RepositoryOptions:
+                  threads: int | None = None, **fields: object) -> RepositoryOptions:
+    from mmgen_deploy.runtime.select import check_backend_name
     from mmgen_deploy.sampling.schedulers import SAMPLERS
     from mmgen_deploy.serve.repository import RepositoryOptions
 
-    if backend not in _BACKENDS:
-        raise UsageError(f"--backend must be one of {', '.join(_BACKENDS)}, got {backend!r}")
+    check_backend_name(backend)
     if precision not in _PRECISIONS:
         raise UsageError(f"--precision must be one of {', '.join(_PRECISIONS)}, got {precision!r}")
     allowed = SAMPLERS if samplers == "all" else tuple(s.strip() for s in samplers.split(",") if s.strip())
     options = RepositoryOptions(backend=backend, precision=precision, sampler=sampler, samplers=allowed,
-                                **fields)  # type: ignore[arg-type]
+                                threads=_threads(threads), **fields)  # type: ignore[arg-type]
     options.validate()
     return options
 
@@ -122,7 +121,7 @@ def register(app: typer.Typer) -> None:
         options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
                                 max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
                                 max_queue_delay_us=queue_delay_us, default_steps=steps, default_cfg_scale=cfg_scale,
-                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=_threads(threads),
+                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=threads,
                                 component_backend=component_backend)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
@@ -178,7 +177,7 @@ def register(app: typer.Typer) -> None:
                 options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
                                         max_batch_size=max_batch, instances=instances,
                                         max_queue_delay_us=queue_delay_us, default_steps=steps,
-                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=_threads(threads),
+                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=threads,
                                         vendor_source=False)
                 repository = Path(scratch) / "repository"
                 write_repository(target, repository, options)

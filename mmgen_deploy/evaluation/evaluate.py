@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.data import DataSpec, load_split
-from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.metrics import first_stage_metrics
 from mmgen_deploy.numerics import save_grid
@@ -38,13 +38,9 @@ class EvalSettings:
     def __post_init__(self) -> None:
         # Checked before any work: a misspelt backend would otherwise fail only after the
         # first-stage metrics have run.
-        from mmgen_deploy.runtime.base import BACKENDS
-        from mmgen_deploy.specs import RUN_PRECISIONS
+        from mmgen_deploy.runtime.select import check_backend_name
 
-        if self.backend not in BACKENDS:
-            raise UsageError(f"unknown backend {self.backend!r}", f"choose one of {', '.join(BACKENDS)}")
-        if self.precision not in RUN_PRECISIONS:
-            raise UsageError(f"unknown precision {self.precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
+        check_backend_name(self.backend, self.precision)
 
 
 def conditional_accuracy(images: np.ndarray, class_ids: list[int]) -> dict[str, Any]:

@@ -131,10 +131,18 @@ def _openvino_check(run: RunDir, needed: tuple[str, ...]) -> str | None:
     return None
 
 
+def check_backend_name(backend: str, precision: str | None = None) -> None:
+    """A UsageError for a backend or precision name that no runner has (checked before any work)."""
+    if backend not in BACKENDS:
+        raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
+    if precision is not None and precision not in RUN_PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
+
+
 # Device names: cpu and cuda[:N] (torch, ONNX Runtime, TensorRT), and OpenVINO's own gpu[.N] / npu
-# (Intel GPUs and NPUs) and auto (its device plugin picks).
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|gpu(\.\d+)?|npu|auto)$")
-_OPENVINO_ONLY = re.compile(r"^(gpu(\.\d+)?|npu|auto)$")
+# (Intel GPUs and NPUs).
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|gpu(\.\d+)?|npu)$")
+_OPENVINO_ONLY = re.compile(r"^(gpu(\.\d+)?|npu)$")
 
 
 def check_device(backend: str, device: str | None) -> str | None:
@@ -165,10 +173,7 @@ def resolve_backend(backend: str, run_dir: RunLike, precision: str | None = None
     BF16, OpenVINO installed, FP32 set exported), ONNX Runtime CPU, PyTorch. `--precision fp32`
     keeps ONNX Runtime, the FP32-exact path.
     """
-    if backend not in BACKENDS:
-        raise UsageError(f"unknown backend {backend!r}", f"choose one of {', '.join(BACKENDS)}")
-    if precision is not None and precision not in RUN_PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}", f"choose one of {', '.join(RUN_PRECISIONS)}")
+    check_backend_name(backend, precision)
     device = check_device(backend, device)
     run = RunDir.of(run_dir)
     if backend == "auto" and device is not None and _OPENVINO_ONLY.match(device):

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -283,6 +284,20 @@ def summarize_failure(lines: list[str]) -> str:
                     if line[:1] == "E" and line[1:5].isdigit()]
         found = [m for m in messages if not any(noise in m for noise in _NOISE)][-2:]
     return "; ".join(dict.fromkeys(found)) or "tritonserver exited without an error message"
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    """`count` distinct loopback ports free right now, for a server started on them next (tests,
+    benchmarks). All sockets are held open together, so none is handed out twice; another process
+    may still take one before the server binds it, which the server then reports as "already in use"."""
+    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 # How long `TritonServer.stop` waits: for tritonserver after SIGTERM (it has --exit-timeout-secs to
