@@ -33,7 +33,7 @@ def _prepare_run(workdir: Path) -> Path:
 
     config = preset("tiny")
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(workdir / "run", config, vq.eval(), dit.eval())

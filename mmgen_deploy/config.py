@@ -288,10 +288,12 @@ class ModelConfig(_JsonConfig):
     """The whole latent model: first stage (VQ or KL autoencoder) + DiT + noise schedule + label
     names, and the text encoder when the DiT is conditioned on text.
 
-    `vq` holds the first stage of either kind (the field kept its historical name; new code reads
-    `first_stage` and `first_stage_kind`)."""
+    `first_stage` is the autoencoder of either kind (`first_stage_kind`). As a dict (`to_dict`, the
+    Triton repository's metadata, `mmgen import --json`) its settings sit under the key "vq" and its
+    kind under "first_stage", the form every reader of these dicts knows; `from_dict` also accepts
+    the settings under "first_stage" with their kind in "first_stage_kind"."""
 
-    vq: FirstStageConfig = field(default_factory=VQConfig)
+    first_stage: FirstStageConfig = field(default_factory=VQConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     class_names: tuple[str, ...] = ()
@@ -302,30 +304,30 @@ class ModelConfig(_JsonConfig):
         return self.dit.uses_text
 
     @property
-    def first_stage(self) -> FirstStageConfig:
-        return self.vq
-
-    @property
     def first_stage_kind(self) -> str:
         """"vq" (encoder, quantizer, decoder) or "kl" (encoder, decoder): what the specs build on."""
-        return self.vq.kind
+        return self.first_stage.kind
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["first_stage"] = self.first_stage_kind
-        return data
+        settings = data.pop("first_stage")
+        return {"vq": settings, **data, "first_stage": self.first_stage_kind}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
-        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text", "first_stage"})
+        unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text", "first_stage",
+                                      "first_stage_kind"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
-        kind = data.get("first_stage", "vq")
+        if isinstance(data.get("first_stage"), dict):  # settings under "first_stage", kind beside them
+            kind, settings = data.get("first_stage_kind", "vq"), data["first_stage"]
+        else:  # the form `to_dict` writes
+            kind, settings = data.get("first_stage", "vq"), data.get("vq", {})
         if kind not in FIRST_STAGE_KINDS:
             raise ConfigError(f"ModelConfig: first_stage {kind!r} is not one of {', '.join(FIRST_STAGE_KINDS)}")
         stage_cls: type[VQConfig] | type[KLConfig] = KLConfig if kind == "kl" else VQConfig
         obj = cls(
-            vq=stage_cls.from_dict(data.get("vq", {})),
+            first_stage=stage_cls.from_dict(settings),
             dit=DiTConfig.from_dict(data.get("dit", {})),
             diffusion=DiffusionConfig.from_dict(data.get("diffusion", {})),
             class_names=tuple(data.get("class_names", ())),
@@ -335,7 +337,7 @@ class ModelConfig(_JsonConfig):
         return obj
 
     def validate(self) -> None:
-        self.vq.validate()
+        self.first_stage.validate()
         self.dit.validate()
         self.diffusion.validate()
         if self.dit.uses_text:
@@ -351,11 +353,12 @@ class ModelConfig(_JsonConfig):
             _require(self.text is None, "a text encoder configuration needs a text-conditioned DiT "
                                         "(dit.conditioning other than 'class')")
         stage = self.first_stage_kind
-        _require(self.dit.input_size == self.vq.latent_size,
+        _require(self.dit.input_size == self.first_stage.latent_size,
                  f"dit.input_size {self.dit.input_size} must equal the {stage.upper()} latent size "
-                 f"{self.vq.latent_size} (image_size / downsampling factor)")
-        _require(self.dit.in_channels == self.vq.embed_dim,
-                 f"dit.in_channels {self.dit.in_channels} must equal {stage}.embed_dim {self.vq.embed_dim}")
+                 f"{self.first_stage.latent_size} (image_size / downsampling factor)")
+        _require(self.dit.in_channels == self.first_stage.embed_dim,
+                 f"dit.in_channels {self.dit.in_channels} must equal {stage}.embed_dim "
+                 f"{self.first_stage.embed_dim}")
         if self.class_names:
             _require(len(self.class_names) == self.dit.num_classes,
                      f"{len(self.class_names)} class names for dit.num_classes={self.dit.num_classes}")
@@ -374,7 +377,8 @@ def with_text(config: ModelConfig, *, conditioning: str = "pooled+cross_attentio
     heads = next(h for h in (4, 2, 1) if width % h == 0)
     text = TextConfig(vocab_size=vocab_size, max_length=max_length, hidden_size=width, num_heads=heads)
     dit = config.dit.replace(conditioning=conditioning, text_dim=width, text_length=max_length)
-    out = ModelConfig(vq=config.vq, dit=dit, diffusion=config.diffusion, class_names=config.class_names, text=text)
+    out = ModelConfig(first_stage=config.first_stage, dit=dit, diffusion=config.diffusion,
+                      class_names=config.class_names, text=text)
     out.validate()
     return out
 
@@ -405,7 +409,7 @@ def preset(name: str, *, image_size: int = 32, num_classes: int = 18) -> ModelCo
         vq = VQConfig(image_size=image_size, channel_mult=mult, base_channels=64)
     dit = DiTConfig(input_size=vq.latent_size, in_channels=vq.embed_dim, patch_size=patch,
                     hidden_size=hidden, depth=depth, num_heads=heads, num_classes=num_classes)
-    cfg = ModelConfig(vq=vq, dit=dit)
+    cfg = ModelConfig(first_stage=vq, dit=dit)
     cfg.validate()
     return cfg
 

@@ -94,7 +94,7 @@ class DeployableModels:
     (plus, for a text-to-image model, its text encoder and tokenizer)."""
 
     config: ModelConfig
-    vq: VQModel | AutoencoderKL  # the first stage, of either kind
+    first_stage: VQModel | AutoencoderKL  # of either kind
     dit: DiT
     text_encoder: TextEncoder | None = None
     tokenizer: WordTokenizer | None = None
@@ -353,7 +353,7 @@ class RunDir:
             dit = DiTConfig.from_dict(self._read_part_config("dit"))
             diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
             text = TextConfig.from_dict(self._read_part_config(TEXT_PART)) if dit.uses_text else None
-            cfg = ModelConfig(vq=stage, dit=dit, diffusion=diffusion,
+            cfg = ModelConfig(first_stage=stage, dit=dit, diffusion=diffusion,
                               class_names=tuple(meta.get("class_names", ())), text=text)
             cfg.validate()
         except ConfigError as exc:
@@ -387,7 +387,7 @@ class RunDir:
             "data": data or {},
         }
         meta.update(extra or {})
-        write_json(self.config_path(first_stage_part(config)), config.vq.to_dict())
+        write_json(self.config_path(first_stage_part(config)), config.first_stage.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())
         if config.text is not None:
             write_json(self.config_path(TEXT_PART), config.text.to_dict())
@@ -438,11 +438,11 @@ class RunDir:
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
-        if not isinstance(config.vq, VQConfig):
+        if not isinstance(config.first_stage, VQConfig):
             raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
                               "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
         with skip_weight_init():  # every parameter is loaded next
-            model = VQModel(config.vq)
+            model = VQModel(config.first_stage)
         self._load_into("vqvae", model)
         return model.eval()
 
@@ -451,11 +451,11 @@ class RunDir:
         from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
-        if not isinstance(config.vq, KLConfig):
+        if not isinstance(config.first_stage, KLConfig):
             raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
         part = FIRST_STAGE_PARTS["kl"]
         with skip_weight_init():  # every parameter is loaded next
-            model = AutoencoderKL(config.vq)
+            model = AutoencoderKL(config.first_stage)
         self._load_into(part, model)
         return model.eval()
 

@@ -412,7 +412,7 @@ def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
 def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
     """The specs of the components of a model with this configuration, in pipeline order
     (`component_names`: they follow its first stage, and a text model adds its text encoder)."""
-    vq, dit = config.vq, config.dit
+    vq, dit = config.first_stage, config.dit
     N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
     lat = (BATCH, vq.embed_dim, vq.latent_size, vq.latent_size)

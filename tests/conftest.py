@@ -70,7 +70,7 @@ def tiny_config() -> ModelConfig:
 def random_models(tiny_config: ModelConfig) -> tuple[ModelConfig, VQModel, DiT]:
     """Tiny models with re-randomised weights (a fresh DiT outputs exactly zero)."""
     torch.manual_seed(0)
-    vq, dit = VQModel(tiny_config.vq), DiT(tiny_config.dit)
+    vq, dit = VQModel(tiny_config.first_stage), DiT(tiny_config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     return tiny_config, vq.eval(), dit.eval()
@@ -87,7 +87,7 @@ def exported_tiny_run(tmp_path_factory: pytest.TempPathFactory):
 
     config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(tmp_path_factory.mktemp("exported") / "run", config, vq.eval(), dit.eval())

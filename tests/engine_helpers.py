@@ -45,7 +45,7 @@ def make_tiny_run(root: Path, real_export: bool = False) -> RunDir:
     """A re-randomised tiny model (a fresh DiT outputs exactly zero) saved as a run with its ONNX set."""
     config = preset("tiny")
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(root, config, vq.eval(), dit.eval())

@@ -41,7 +41,7 @@ def class_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
 
     config = preset("tiny").replace(class_names=CLASS_NAMES)
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(tmp_path_factory.mktemp("batch") / "run", config, vq.eval(), dit.eval())

@@ -149,7 +149,8 @@ def test_full_generate_loop_matches_pytorch(engine_run) -> None:
     betas = np.linspace(d.beta_start, d.beta_end, d.num_train_timesteps, dtype=np.float64)
     alphas_cumprod = np.cumprod(1 - betas)
     rng = np.random.default_rng(3)
-    noise = rng.standard_normal((4, config.vq.embed_dim, config.vq.latent_size, config.vq.latent_size))
+    stage = config.first_stage
+    noise = rng.standard_normal((4, stage.embed_dim, stage.latent_size, stage.latent_size))
     class_ids = np.array([0, 3, 7, 11], np.int32)
     kwargs = {"noise": noise, "class_ids": class_ids, "steps": 10, "guidance": 4.0,
               "alphas_cumprod": alphas_cumprod, "null_class": config.dit.num_classes}

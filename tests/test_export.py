@@ -41,7 +41,7 @@ def _rel_l2(ref: np.ndarray, got: np.ndarray) -> float:
 
 def _models(config: ModelConfig, seed: int = 0) -> tuple[VQModel, DiT]:
     torch.manual_seed(seed)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=seed + 1)
     rerandomize_(dit, seed=seed + 2)
     return vq.eval(), dit.eval()
@@ -50,8 +50,8 @@ def _models(config: ModelConfig, seed: int = 0) -> tuple[VQModel, DiT]:
 def _images(config: ModelConfig, n: int = 8, seed: int = 5) -> np.ndarray:
     """Smooth image-like inputs (not white noise): blurred random fields in [-1, 1]."""
     rng = np.random.default_rng(seed)
-    size = config.vq.image_size
-    coarse = rng.uniform(-1, 1, (n, config.vq.in_channels, size // 4, size // 4))
+    size = config.first_stage.image_size
+    coarse = rng.uniform(-1, 1, (n, config.first_stage.in_channels, size // 4, size // 4))
     return np.clip(np.kron(coarse, np.ones((1, 1, 4, 4))), -1, 1).astype(np.float32)
 
 

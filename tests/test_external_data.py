@@ -35,7 +35,7 @@ def _external_tensors(path) -> int:
 def external_run(tmp_path_factory):
     config = preset("tiny")
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(tmp_path_factory.mktemp("external") / "run", config, vq.eval(), dit.eval())
@@ -213,7 +213,7 @@ def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, cap
 
     config = preset("tiny")
     torch.manual_seed(0)
-    run = save_run(tmp_path / "run", config, VQModel(config.vq).eval(), DiT(config.dit).eval())
+    run = save_run(tmp_path / "run", config, VQModel(config.first_stage).eval(), DiT(config.dit).eval())
     monkeypatch.setattr(memory, "available_bytes", lambda: 0)
     monkeypatch.setattr(memory, "rss_bytes", lambda: 10**8)
     with pytest.raises(SystemExit) as info:
@@ -262,7 +262,7 @@ def test_torch_per_tensor_external_layout_is_finished_graph_only(tmp_path) -> No
     torch.manual_seed(0)
     dit = DiT(config.dit)
     rerandomize_(dit, seed=2)
-    vq = VQModel(config.vq)
+    vq = VQModel(config.first_stage)
     module = build_components(vq.eval(), dit.eval())["denoiser"]
     spec = component_specs(config)["denoiser"]
     example = spec.make_inputs(2, np.random.default_rng(0))

@@ -121,7 +121,7 @@ def test_diffusers_pipeline_import_matches_diffusers(tmp_path: Path, capsys: pyt
     run = RunDir(tmp_path / "run")
     config = run.load_config()
     assert config.dit.timestep_freq_shift == 1.0 and config.dit.mlp_norm_eps == 1e-5
-    assert config.dit.learn_sigma and config.vq.attn_resolutions == (8,)
+    assert config.dit.learn_sigma and config.first_stage.attn_resolutions == (8,)
     assert config.class_names == tuple(f"class {i}" for i in range(NUM_CLASSES))
     # The scheduler next to the transformer was read (these betas are not the defaults).
     assert (config.diffusion.beta_start, config.diffusion.beta_end) == (2e-4, 0.03)
@@ -300,7 +300,7 @@ def test_taming_ckpt_round_trips_and_pairs_with_official_dit(tmp_path: Path,
                          "--class-names", str(names), "--num-heads", "12", "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
     config, vq2, _ = RunDir(tmp_path / "run").load_models()
-    assert config.vq == TAMING_CFG  # architecture (incl. attention placement) read back from shapes
+    assert config.first_stage == TAMING_CFG  # architecture (incl. attention placement) read back from shapes
     assert config.class_names[-1] == f"thing {NUM_CLASSES - 1}"
     assert "dropped 2 loss.* tensors" in output
     image = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -572,7 +572,7 @@ def test_ldm_vq_checkpoints_import_with_their_architecture(tmp_path: Path, layou
     assert code == 0, output
     assert "dropped 2 loss.* tensors" in output
     config, native, _ = RunDir(tmp_path / "run").load_models()
-    assert config.vq == cfg and config.vq.downsample_factor == (8 if layout == "f8" else 4)
+    assert config.first_stage == cfg and config.first_stage.downsample_factor == (8 if layout == "f8" else 4)
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         h = native.encode(image)

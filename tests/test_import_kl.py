@@ -50,7 +50,8 @@ def test_official_dit_with_a_diffusers_vae_folder(tmp_path: Path, capsys: pytest
     assert code == 0, output
     run = RunDir(tmp_path / "run")
     config = run.load_config()
-    assert config.first_stage_kind == "kl" and config.vq.image_size == 32 and config.dit.num_classes == NUM_CLASSES
+    assert config.first_stage_kind == "kl" and config.first_stage.image_size == 32
+    assert config.dit.num_classes == NUM_CLASSES
     assert "VQ model" not in output  # no warning about pairing an official DiT with a VQ model
     errors = _kl_errors(run, vae)
     print("diffusers AutoencoderKL vs native rel L2:", errors)

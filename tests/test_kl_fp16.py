@@ -30,7 +30,7 @@ FP16_MAX = 65504.0
 
 def _overflowing_model() -> tuple[ModelConfig, AutoencoderKL, DiT]:
     kl_cfg = KLConfig(image_size=16, base_channels=32, channel_mult=(1, 2), num_res_blocks=1, norm_groups=8)
-    config = ModelConfig(vq=kl_cfg, dit=DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1,
+    config = ModelConfig(first_stage=kl_cfg, dit=DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1,
                                                    num_heads=2, num_classes=4))
     torch.manual_seed(0)
     kl, dit = AutoencoderKL(kl_cfg).eval(), DiT(config.dit).eval()

@@ -121,7 +121,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, dict[str
 def test_import_reads_the_pipeline_as_published(imported: tuple[RunDir, dict[str, Any]]) -> None:
     run, _ = imported
     config = run.load_config()
-    assert config.first_stage_kind == "kl" and config.vq.scaling_factor == pytest.approx(0.18215)
+    assert config.first_stage_kind == "kl" and config.first_stage.scaling_factor == pytest.approx(0.18215)
     assert run.has_part("vae") and not run.has_part("vqvae")
     assert config.dit.learn_sigma and config.dit.timestep_freq_shift == 1.0
     assert config.class_names[0] == "tench, Tinca tinca" and len(config.class_names) == NUM_CLASSES

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmgen_deploy.config import ModelConfig, preset
+from mmgen_deploy.config import DiTConfig, KLConfig, ModelConfig, preset
 from mmgen_deploy.errors import ConfigError
 from mmgen_deploy.models import DiT, VQModel, build_components
 from mmgen_deploy.models.vqvae import VectorQuantizer
@@ -56,7 +56,7 @@ def test_fresh_dit_outputs_zero_and_rerandomised_does_not(tiny_config, random_mo
 
 
 def test_quantizer_training_path_updates_codebook_and_gives_straight_through_grad(tiny_config) -> None:
-    vq = VQModel(tiny_config.vq).train()
+    vq = VQModel(tiny_config.first_stage).train()
     before = vq.quantize.embedding.weight.clone()
     image = torch.rand(4, 3, 32, 32) * 2 - 1
     recon, q_loss, indices = vq(image)
@@ -94,20 +94,32 @@ def test_diffusers_variant_changes_timestep_frequencies(tiny_config) -> None:
 def test_presets_and_validation() -> None:
     for name in ("tiny", "S/2", "B/2"):
         cfg = preset(name)
-        assert cfg.dit.input_size == cfg.vq.latent_size
+        assert cfg.dit.input_size == cfg.first_stage.latent_size
     with pytest.raises(ConfigError, match="divisible"):
-        preset("tiny").vq.replace(image_size=30)
+        preset("tiny").first_stage.replace(image_size=30)
     with pytest.raises(ConfigError, match="patch_size"):
         preset("tiny").dit.replace(patch_size=3)
     with pytest.raises(ConfigError, match="unknown preset"):
         preset("Q/2")
     bad = preset("tiny")
     with pytest.raises(ConfigError, match="in_channels"):
-        ModelConfig(vq=bad.vq, dit=bad.dit.replace(in_channels=8)).validate()
+        ModelConfig(first_stage=bad.first_stage, dit=bad.dit.replace(in_channels=8)).validate()
+
+
+def test_model_config_dict_keeps_its_on_disk_keys_and_reads_both_forms() -> None:
+    kl = ModelConfig(first_stage=KLConfig(image_size=32, base_channels=32, channel_mult=(1, 2, 2)),
+                     dit=DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2))
+    data = kl.to_dict()
+    assert list(data) == ["vq", "dit", "diffusion", "class_names", "text", "first_stage"]
+    assert data["first_stage"] == "kl" and data["vq"]["scaling_factor"] == kl.first_stage.scaling_factor
+    assert ModelConfig.from_dict(data) == kl
+    renamed = {**{k: v for k, v in data.items() if k != "vq"}, "first_stage": data["vq"], "first_stage_kind": "kl"}
+    assert ModelConfig.from_dict(renamed) == kl
+    assert ModelConfig.from_dict(preset("tiny").to_dict()) == preset("tiny")
 
 
 def test_state_dict_keys_follow_public_layouts(tiny_config) -> None:
-    vq_keys = set(VQModel(tiny_config.vq).state_dict())
+    vq_keys = set(VQModel(tiny_config.first_stage).state_dict())
     for key in ("encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight",
                 "encoder.down.0.downsample.conv.weight", "encoder.mid.attn_1.q.weight",
                 "decoder.up.1.upsample.conv.weight", "quantize.embedding.weight",

@@ -95,7 +95,8 @@ def test_parity_fails_when_one_weight_is_perturbed(trained_run, tmp_path, capsys
 def test_parity_fails_when_decoder_comes_from_another_model(trained_run, tmp_path, capsys) -> None:
     run = _copy_run(trained_run, tmp_path / "run")
     cfg = preset("tiny")
-    other = save_run(tmp_path / "other", cfg, rerandomize_(VQModel(cfg.vq), seed=7), rerandomize_(DiT(cfg.dit), 8))
+    other = save_run(tmp_path / "other", cfg, rerandomize_(VQModel(cfg.first_stage), seed=7),
+                     rerandomize_(DiT(cfg.dit), 8))
     export_run(other.root, precisions=("fp32",), components=["decoder"])
     shutil.copy(onnx_path(other.root, "fp32", "decoder"), onnx_path(run, "fp32", "decoder"))
     code, text = _cli(["parity", str(run), "--steps", "4", "--images", "2", "--batch", "1"], capsys)
@@ -119,7 +120,7 @@ def test_parity_fails_on_nan_from_backend(trained_run, tmp_path, capsys) -> None
 
 def test_parity_refuses_untrained_model(tmp_path, capsys) -> None:
     cfg = preset("tiny")
-    run = save_run(tmp_path / "fresh", cfg, VQModel(cfg.vq), DiT(cfg.dit))
+    run = save_run(tmp_path / "fresh", cfg, VQModel(cfg.first_stage), DiT(cfg.dit))
     code, text = _cli(["parity", str(run.root)], capsys)
     assert code == 1 and "outputs exactly zero" in text and "--allow-untrained" in text
     assert len(text.strip().splitlines()) == 1
@@ -137,7 +138,8 @@ def _barely_trained_dit(cfg) -> DiT:
 
 def test_parity_refuses_a_negligible_output_and_marks_an_override_not_meaningful(tmp_path, capsys) -> None:
     cfg = preset("tiny")
-    run = save_run(tmp_path / "barely", cfg, rerandomize_(VQModel(cfg.vq), seed=1).eval(), _barely_trained_dit(cfg))
+    run = save_run(tmp_path / "barely", cfg, rerandomize_(VQModel(cfg.first_stage), seed=1).eval(),
+                   _barely_trained_dit(cfg))
     code, text = _cli(["parity", str(run.root), "--backend", "torch"], capsys)
     assert code == 1 and "negligible next to its input" in text and "--allow-untrained" in text
     assert "ratio 0.000" in text and len(text.strip().splitlines()) == 1

@@ -114,7 +114,7 @@ def quantized_run(tmp_path_factory: pytest.TempPathFactory):
 
     config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     run = save_run(tmp_path_factory.mktemp("quant") / "run", config, vq.eval(), dit.eval(),

@@ -42,7 +42,7 @@ def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]
 def make_class_run(root: Path) -> RunDir:
     config = preset("tiny").replace(class_names=CLASS_NAMES)
     torch.manual_seed(0)
-    vq, dit = VQModel(config.vq), DiT(config.dit)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     return save_run(root, config, vq.eval(), dit.eval())

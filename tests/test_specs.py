@@ -75,7 +75,7 @@ def test_component_and_precision_lists_come_from_the_specs_module() -> None:
         for spec in specs.values():
             assert set(spec.tolerances) == set(RUN_PRECISIONS)
         text = TextEncoder(cfg.text) if cfg.text is not None else None
-        assert tuple(build_components(VQModel(cfg.vq), DiT(cfg.dit), text)) == component_names(cfg)
+        assert tuple(build_components(VQModel(cfg.first_stage), DiT(cfg.dit), text)) == component_names(cfg)
     assert "text_encoder" not in component_names(class_cfg) and "text_encoder" in sampling_components(text_cfg)
     assert set(PIPELINE_TOLERANCES) == set(RUN_PRECISIONS) and set(PRECISIONS) < set(RUN_PRECISIONS)
     # The denoiser's engine profile covers guidance's doubled batch, the one the sampling loop sends.

@@ -52,7 +52,7 @@ def test_text_config_round_trips_and_is_cross_checked() -> None:
     with pytest.raises(ConfigError, match="text_dim"):
         cfg.replace(dit=cfg.dit.replace(text_dim=64))
     with pytest.raises(ConfigError, match="needs a text encoder"):
-        ModelConfig(vq=cfg.vq, dit=cfg.dit).validate()
+        ModelConfig(first_stage=cfg.first_stage, dit=cfg.dit).validate()
     with pytest.raises(ConfigError, match="conditioning"):
         cfg.dit.replace(conditioning="telepathy")
 
@@ -60,7 +60,7 @@ def test_text_config_round_trips_and_is_cross_checked() -> None:
 @pytest.mark.parametrize("mode", TEXT_MODES)
 def test_text_components_match_their_specs(mode: str) -> None:
     cfg = with_text(preset("tiny"), conditioning=mode)
-    comps = build_components(VQModel(cfg.vq), rerandomize_(DiT(cfg.dit)), rerandomize_(TextEncoder(cfg.text)))
+    comps = build_components(VQModel(cfg.first_stage), rerandomize_(DiT(cfg.dit)), rerandomize_(TextEncoder(cfg.text)))
     specs = component_specs(cfg)
     assert set(specs) == set(comps) == {"encoder", "quantizer", "decoder", "denoiser", "text_encoder"}
     rng = np.random.default_rng(0)
@@ -106,7 +106,7 @@ def test_text_encoder_ignores_padding_and_the_dit_uses_the_prompt() -> None:
 
 def test_text_run_directory_round_trip(tmp_path) -> None:
     cfg = with_text(preset("tiny"))
-    vq, dit, text = VQModel(cfg.vq), rerandomize_(DiT(cfg.dit)), rerandomize_(TextEncoder(cfg.text))
+    vq, dit, text = VQModel(cfg.first_stage), rerandomize_(DiT(cfg.dit)), rerandomize_(TextEncoder(cfg.text))
     tok = WordTokenizer.build(CAPTIONS, max_length=cfg.text.max_length)
     with pytest.raises(ValueError, match="text encoder and tokenizer"):
         save_run(tmp_path / "bad", cfg, vq, dit)
@@ -143,7 +143,7 @@ class CountingRunner:
 def test_prompts_are_encoded_once_and_images_do_not_depend_on_batching() -> None:
     cfg = with_text(preset("tiny"), conditioning="pooled+cross_attention")
     tok = WordTokenizer.build(CAPTIONS, max_length=cfg.text.max_length)
-    runner = CountingRunner(TorchRunner(VQModel(cfg.vq), rerandomize_(DiT(cfg.dit)), config=cfg,
+    runner = CountingRunner(TorchRunner(VQModel(cfg.first_stage), rerandomize_(DiT(cfg.dit)), config=cfg,
                                         text_encoder=rerandomize_(TextEncoder(cfg.text))))
     prompts = ["a red circle", "a blue square", "a red circle"]
     cond = text_conditioning(runner, cfg, tok, prompts)
@@ -163,11 +163,11 @@ def test_prompts_are_encoded_once_and_images_do_not_depend_on_batching() -> None
 def test_prompts_and_class_ids_are_refused_by_the_wrong_model() -> None:
     cfg_text = with_text(preset("tiny"))
     tok = WordTokenizer.build(CAPTIONS)
-    text_runner = TorchRunner(VQModel(cfg_text.vq), DiT(cfg_text.dit), config=cfg_text,
+    text_runner = TorchRunner(VQModel(cfg_text.first_stage), DiT(cfg_text.dit), config=cfg_text,
                               text_encoder=TextEncoder(cfg_text.text))
     with pytest.raises(UsageError, match="conditioned on text"):
         sample(text_runner, cfg_text, [0, 1], steps=2)
     cfg = preset("tiny")
-    runner = TorchRunner(VQModel(cfg.vq), DiT(cfg.dit), config=cfg)
+    runner = TorchRunner(VQModel(cfg.first_stage), DiT(cfg.dit), config=cfg)
     with pytest.raises(UsageError, match="class-conditioned"):
         text_conditioning(runner, cfg, tok, ["a red circle"])

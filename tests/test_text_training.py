@@ -114,7 +114,7 @@ def test_checker_judges_size_and_position_on_real_images() -> None:
 def _small_text_config(vocab_size: int) -> ModelConfig:
     vq = VQConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, n_embed=32)
     dit = DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=18)
-    return with_text(ModelConfig(vq=vq, dit=dit), vocab_size=vocab_size, hidden_size=32)
+    return with_text(ModelConfig(first_stage=vq, dit=dit), vocab_size=vocab_size, hidden_size=32)
 
 
 def _dit(steps: int, **kw) -> DiTTrainSettings:

@@ -22,7 +22,7 @@ from mmgen_deploy.training.vqvae import VQTrainSettings, standardize_latents_, t
 def _small_config() -> ModelConfig:
     vq = VQConfig(base_channels=8, channel_mult=(1, 2, 2), norm_groups=4, n_embed=32)
     dit = DiTConfig(input_size=8, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=18)
-    return ModelConfig(vq=vq, dit=dit, class_names=CLASS_NAMES)
+    return ModelConfig(first_stage=vq, dit=dit, class_names=CLASS_NAMES)
 
 
 @pytest.fixture(autouse=True)
@@ -135,7 +135,7 @@ def test_dit_resume_is_exact(tmp_path, small_data) -> None:
 def test_latent_standardization_keeps_the_model_function(small_data) -> None:
     train, _ = small_data
     torch.manual_seed(0)
-    vq = VQModel(_small_config().vq).eval()
+    vq = VQModel(_small_config().first_stage).eval()
     images = torch.from_numpy(train.images).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
         vq.quantize.embedding.weight.copy_(vq.encode(images[:8]).permute(0, 2, 3, 1).reshape(-1, 4)[:32])

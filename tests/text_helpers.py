@@ -22,7 +22,7 @@ def make_text_run(root: Path) -> RunDir:
     tokenizer = WordTokenizer.build(load_split(TEXT_DATA, "val").captions, max_length=16)
     config = with_text(preset("tiny"), conditioning="pooled+cross_attention", vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)
-    vq, dit, text_encoder = VQModel(config.vq), DiT(config.dit), TextEncoder(config.text)
+    vq, dit, text_encoder = VQModel(config.first_stage), DiT(config.dit), TextEncoder(config.text)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
     rerandomize_(text_encoder, seed=3)

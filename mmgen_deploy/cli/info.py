@@ -24,12 +24,12 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.rundir import first_stage_part
 
         parts = run.load_deployable()
-        config, vq, dit = parts.config, parts.vq, parts.dit
+        config, vq, dit = parts.config, parts.first_stage, parts.dit
         stage_part = first_stage_part(config)
         report: dict[str, Any] = {
             "run_dir": str(run.root),
             "first_stage": config.first_stage_kind,
-            stage_part: {"params": sum(p.numel() for p in vq.parameters()), "config": config.vq.to_dict()},
+            stage_part: {"params": sum(p.numel() for p in vq.parameters()), "config": config.first_stage.to_dict()},
             "dit": {"params": sum(p.numel() for p in dit.parameters() if p.requires_grad),
                     "config": config.dit.to_dict()},
             "class_names": list(config.class_names),
@@ -43,16 +43,16 @@ def register(app: typer.Typer) -> None:
         table = Table(title=f"run {run.root}")
         table.add_column("item")
         table.add_column("value")
-        stage_label = "VQ-VAE" if isinstance(config.vq, VQConfig) else "KL autoencoder"
+        stage_label = "VQ-VAE" if isinstance(config.first_stage, VQConfig) else "KL autoencoder"
         table.add_row(f"{stage_label} params", f"{report[stage_part]['params']:,}")
         table.add_row("DiT params", f"{report['dit']['params']:,}")
-        table.add_row("image / latent", f"{config.vq.image_size}px / {config.vq.embed_dim}x"
-                      f"{config.vq.latent_size}x{config.vq.latent_size}")
-        if isinstance(config.vq, VQConfig):
-            table.add_row("codebook", f"{config.vq.n_embed} x {config.vq.embed_dim}")
+        table.add_row("image / latent", f"{config.first_stage.image_size}px / {config.first_stage.embed_dim}x"
+                      f"{config.first_stage.latent_size}x{config.first_stage.latent_size}")
+        if isinstance(config.first_stage, VQConfig):
+            table.add_row("codebook", f"{config.first_stage.n_embed} x {config.first_stage.embed_dim}")
         else:
-            table.add_row("latent scale", f"x{config.vq.scaling_factor}"
-                          + (f", shift {config.vq.shift_factor}" if config.vq.shift_factor else ""))
+            table.add_row("latent scale", f"x{config.first_stage.scaling_factor}"
+                          + (f", shift {config.first_stage.shift_factor}" if config.first_stage.shift_factor else ""))
         condition = (f"text ({config.dit.conditioning})" if config.uses_text
                      else f"{config.dit.num_classes} classes")
         table.add_row("DiT", f"depth {config.dit.depth}, width {config.dit.hidden_size}, "

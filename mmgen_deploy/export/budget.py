@@ -65,7 +65,7 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
     from mmgen_deploy.specs import component_specs
 
     with torch.device("meta"):
-        first = config.vq
+        first = config.first_stage
         vq: VQModel | AutoencoderKL = AutoencoderKL(first) if isinstance(first, KLConfig) else VQModel(first)
         dit = DiT(config.dit)
         text = TextEncoder(config.text) if config.uses_text and config.text is not None else None

@@ -82,7 +82,7 @@ def load_calibration(source: CalibrationSource, config: ModelConfig,
                                        captions=captions)
         except (OSError, ValueError) as exc:
             raise UsageError(f"cannot read calibration file {path}: {exc}", "pass a NumPy .npz file") from None
-    vq = config.vq
+    vq = config.first_stage
     expected = (vq.in_channels, vq.image_size, vq.image_size)
     images = data.images
     if images.ndim != 4 or tuple(images.shape[1:]) != expected or images.shape[0] == 0:

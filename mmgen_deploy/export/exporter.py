@@ -124,7 +124,7 @@ class _Models:
     its last graph is exported and its reference outputs are computed (one live copy of the weights
     per stage; a DiT-XL/2 is 2.7 GB)."""
 
-    vq: VQModel | AutoencoderKL | None
+    first_stage: VQModel | AutoencoderKL | None
     dit: DiT | None
     text_encoder: TextEncoder | None = None
 
@@ -180,8 +180,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
     specs = component_specs(config)
     costs = budget.component_costs(config)
-    assert models.vq is not None and models.dit is not None
-    modules = build_components(models.vq.eval(), models.dit.eval(),
+    assert models.first_stage is not None and models.dit is not None
+    modules = build_components(models.first_stage.eval(), models.dit.eval(),
                                None if models.text_encoder is None else models.text_encoder.eval())
     limit = min(CALIBRATION_SAMPLES, calibration_images or CALIBRATION_SAMPLES)
     quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
@@ -319,7 +319,7 @@ def _release(models: _Models, modules: dict[str, Any], specs: dict[str, Componen
         if name not in remaining and name not in upstream:
             modules.pop(name)
     if not any(c in FIRST_STAGE_NAMES for c in remaining):  # no first-stage component (VQ or KL) left
-        models.vq = None
+        models.first_stage = None
     if "denoiser" not in remaining:
         models.dit = None
     if "text_encoder" not in remaining and "text_encoder" not in upstream:
@@ -411,7 +411,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     if progress is not None:
         progress("loading the PyTorch models", 0, 0)
     parts = run.load_deployable()
-    models = _Models(parts.vq, parts.dit, parts.text_encoder)
+    models = _Models(parts.first_stage, parts.dit, parts.text_encoder)
     tokenizer = parts.tokenizer
     del parts  # the models live in `models` only, so the exporter can free them
     weights_sha = run.weights_sha256()

@@ -182,7 +182,7 @@ def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: st
     else:
         class_names = tuple(f"class {i}" for i in range(dit.config.num_classes))
     try:
-        config = ModelConfig(vq=stage_config, dit=dit.config, diffusion=diffusion, class_names=class_names)
+        config = ModelConfig(first_stage=stage_config, dit=dit.config, diffusion=diffusion, class_names=class_names)
         config.validate()
     except ConfigError as exc:
         raise UsageError(f"cannot pair the {kind} and the DiT: {exc.message}") from None

@@ -99,9 +99,9 @@ def component_flops(config: ModelConfig, component: str) -> float:
             if config.first_stage_kind == "kl":
                 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 
-                first_stage: Any = AutoencoderKL(config.vq)  # type: ignore[arg-type]
+                first_stage: Any = AutoencoderKL(config.first_stage)  # type: ignore[arg-type]
             else:
-                first_stage = VQModel(config.vq)  # type: ignore[arg-type]
+                first_stage = VQModel(config.first_stage)  # type: ignore[arg-type]
             dit = DiT(config.dit)
             text = TextEncoder(config.text) if config.text is not None else None
             module = build_components(first_stage, dit, text)[component]

@@ -279,7 +279,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     parts = run.load_deployable()
-    config, vq, dit, text_encoder, tokenizer = parts.config, parts.vq, parts.dit, parts.text_encoder, parts.tokenizer
+    config, vq, dit = parts.config, parts.first_stage, parts.dit
+    text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
         raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
                          "leave out --prompt")

@@ -42,7 +42,7 @@ class TorchRunner(BaseRunner):
                                     "use --device cpu")
         if not (device == "cpu" or device.startswith("cuda")):
             raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
-        super().__init__(config or ModelConfig(vq=vq.config, dit=dit.config,
+        super().__init__(config or ModelConfig(first_stage=vq.config, dit=dit.config,
                                                text=text_encoder.config if text_encoder is not None else None),
                          precision, device)
         self._torch = torch
@@ -57,7 +57,7 @@ class TorchRunner(BaseRunner):
 
             torch.set_num_threads(threads)
         parts = run.load_deployable()
-        return cls(parts.vq, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder,
+        return cls(parts.first_stage, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder,
                    precision=precision)
 
     def _run(self, spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -270,8 +270,8 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "mmgen_repository.json").is_file())):
         raise UsageError(f"--out {out} exists and is not an mmgen Triton repository",
                          "pick a new or empty directory (an old mmgen repository is replaced)")
-    size = config.vq.image_size
-    image_shape = (size, size, config.vq.in_channels)
+    size = config.first_stage.image_size
+    image_shape = (size, size, config.first_stage.in_channels)
     with atomic_dir(out) as tmp:
         version_dir = tmp / MODEL_NAME / "1"
         version_dir.mkdir(parents=True)

@@ -110,7 +110,7 @@ def adopt_data(run: RunDir, data: str, seed: int) -> None:
     config = run.load_config()
     if config.uses_text:
         raise UsageError("--data: text-to-image runs are made by `mmgen train --text`, not imported")
-    spec = DataSpec.parse(data, image_size=config.vq.image_size, seed=seed)
+    spec = DataSpec.parse(data, image_size=config.first_stage.image_size, seed=seed)
     names = tuple(load_split(spec, "train").class_names)
     dit = config.dit if len(names) == config.dit.num_classes else config.dit.replace(num_classes=len(names))
     new = config.replace(dit=dit, class_names=names)

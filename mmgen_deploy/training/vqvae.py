@@ -130,12 +130,12 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
     Returns the validation metrics (PSNR, codebook usage, perplexity) and timings.
     """
     config = run.load_config()
-    if not isinstance(config.vq, VQConfig):
+    if not isinstance(config.first_stage, VQConfig):
         raise RunDirError(f"{run.root} has a KL autoencoder as its first stage: there is no VQ-VAE to train",
                           "train the DiT on it with `mmgen train dit`")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
-    vq = VQModel(config.vq)
+    vq = VQModel(config.first_stage)
     trainable = [p for p in vq.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=settings.lr, betas=(0.5, 0.9))
     disc = PatchDiscriminator() if settings.gan else None
@@ -145,7 +145,7 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
     start = 0
     if resume:
         state = load_checkpoint(checkpoint)
-        if state.get("config") != config.vq.to_dict():
+        if state.get("config") != config.first_stage.to_dict():
             raise RunDirError(f"{checkpoint} belongs to a different VQ configuration",
                               "train without --resume (add --overwrite to replace the run)")
         saved = dict(state.get("settings", {}))
@@ -171,7 +171,7 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
 
     def _save(step: int) -> None:
         state = {"step": step, "model": vq.state_dict(), "optimizer": optimizer.state_dict(),
-                 "rng": rng_state(generator), "config": config.vq.to_dict(), "settings": settings.to_dict()}
+                 "rng": rng_state(generator), "config": config.first_stage.to_dict(), "settings": settings.to_dict()}
         if disc is not None and disc_opt is not None:
             state["discriminator"] = disc.state_dict()
             state["discriminator_optimizer"] = disc_opt.state_dict()
