@@ -12,7 +12,7 @@ would make it output exactly zero) is given small random values, the VQ codebook
 well separated (like a trained one), and every transformer block's copy of the timestep/class
 embedder is set equal to block 0's, as in converted published checkpoints.
 
-The XL/2 + f8 pair is the one of issue 16:
+The XL/2 + f8 pair is the published DiT-XL/2 with a 256 px VQ-f8:
   VQModel(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
           num_vq_embeddings=16384, vq_embed_dim=4, norm_num_groups=32, sample_size=256)
   DiTTransformer2DModel(sample_size=32, patch_size=2, in_channels=4, out_channels=8, num_layers=28,

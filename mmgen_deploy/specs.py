@@ -263,7 +263,6 @@ def _tol(names: tuple[str, ...], **limits: float) -> dict[str, dict[str, Toleran
 
 # End-to-end parity thresholds per precision (whole sampling runs, same seed, against PyTorch
 # FP32): errors compound over steps, so latents get looser limits than single calls.
-# PSNR limits are the ones the generate issue sets.
 PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     # `latent_rel_l2` is over all the images together, `median_latent_rel_l2` the median of each
     # image's own. Guided sampling amplifies a small per-step difference at an image that sits near a
@@ -278,13 +277,13 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     # BF16 has 3 mantissa bits fewer than FP16 (8x the rounding), and the denoiser's rounding compounds
     # over the steps. Measured on a trained quickstart model (20 DDIM steps, 8 images, guidance 4,
     # seeds 0-3), OpenVINO bf16 / torch autocast: final latent rel. L2 0.016-0.23 / 0.008-0.056,
-    # median image 0.016-0.047 / 0.008-0.015; the largest single images 0.44 and 1.29 / 0.14. An
-    # earlier model and seed gave agreement 0.62-0.77, PSNR 23.4-26.4 dB, SSIM 0.906-0.943 (torch
-    # autocast 0.88, 37.2 dB). Single denoiser calls are 1.25-1.46x further from FP32 under OpenVINO
-    # than under torch (OpenVINO keeps the residual stream and the normalisations' tensors in BF16). So
-    # the aggregate limits bound gross failures, as for the 8-bit sets; the median image is held to
-    # ~3x the worst measured; the component checks catch a 1.08x scaled patch embedding; whether the
-    # content stays the same is `mmgen eval`'s accuracy.
+    # median image 0.016-0.047 / 0.008-0.015; the largest single images 0.44 and 1.29 / 0.14; another
+    # trained model gave agreement 0.62-0.77, PSNR 23.4-26.4 dB, SSIM 0.906-0.943. Single denoiser
+    # calls are 1.25-1.46x further from FP32 under OpenVINO than under torch (OpenVINO keeps the
+    # residual stream and the normalisations' tensors in BF16). So the aggregate limits bound gross
+    # failures, as for the 8-bit sets; the median image is held to ~3x the worst measured; the
+    # component checks catch a 1.08x scaled patch embedding; whether the content stays the same is
+    # `mmgen eval`'s accuracy.
     "bf16": {"latent_rel_l2": 0.5, "median_latent_rel_l2": 0.15, "min_index_agreement": 0.50,
              "min_psnr": 20.0, "min_ssim": 0.85},
     # 8-bit sets, from measurement on the trained quickstart model (ONNX Runtime CPU, 8 images, DDIM 20,

@@ -68,8 +68,7 @@ def test_the_cli_never_calls_itself_back() -> None:
 
 
 def test_component_and_precision_lists_are_spelled_out_once() -> None:
-    """No module but specs.py writes the component list or the precision list as a literal.
-    (It fails on the tree before issue 17: models/components.py and cli/export.py spelled the list out.)"""
+    """No module but specs.py writes the component list or the precision list as a literal."""
     offenders = []
     for path in PACKAGE.rglob("*.py"):
         if path.name == "specs.py":

@@ -134,7 +134,7 @@ def test_tiny_export_fp32_and_fp16_match_pytorch(tiny_export) -> None:
     assert "dataset images" in result["calibration"]["source"]
 
 
-@pytest.mark.slow  # ~40-70 s on 2 cores; part of the default suite (the issue asks for a larger preset)
+@pytest.mark.slow  # ~40-70 s on 2 cores; part of the default suite: a preset larger than tiny
 def test_larger_preset_fp32_and_fp16_match_pytorch(tmp_path) -> None:
     """S/2 (depth 12, width 384, 33 M parameters): same tolerances at batch 1, 3 and 16."""
     config = preset("S/2")

@@ -27,7 +27,7 @@ from mmgen_deploy.rundir import RunDir
 
 diffusers = pytest.importorskip("diffusers")
 
-# Acceptance threshold from the issue: native vs the layout's own forward pass.
+# Acceptance threshold: native vs the layout's own forward pass, both in FP32.
 REL_L2 = 1e-5
 
 
@@ -508,7 +508,7 @@ def test_truncated_checkpoint_is_reported_in_one_line(tmp_path: Path, capsys: py
     assert code == 1 and "not a readable PyTorch checkpoint" in output and len(output.strip().splitlines()) == 1
 
 
-# -- the layouts real-size models come in, in miniature (issue 16, item 6) ------------------------------------
+# -- the layouts real-size models come in, in miniature --------------------------------------------------
 
 def test_sharded_diffusers_folders_import_and_match_diffusers(tmp_path: Path) -> None:
     """save_pretrained(max_shard_size=...) writes *-0000i-of-0000n.safetensors + an index: same model as one file."""

@@ -1,4 +1,4 @@
-"""Crash leftovers and the run directory's writer lock (issue 16, item 4).
+"""Crash leftovers and the run directory's writer lock.
 
 A killed export leaves `RUN/.onnx.<random>.tmp/` behind; the next writer on that run removes
 it and says so. Two writers on one run at once: the second is refused in one line naming the

@@ -66,7 +66,7 @@ def test_open_runner_returns_the_runner_and_the_choice_it_made(exported_tiny_run
 
 def test_device_names_are_checked_against_the_backend(exported_tiny_run) -> None:
     """A device no backend knows, or one the chosen backend does not run on, is refused in one line
-    (`--device tpu` used to fall through to ONNX Runtime on the CPU); OpenVINO's gpu / npu under
+    (rather than falling through to ONNX Runtime on the CPU); OpenVINO's gpu / npu under
     auto go to OpenVINO, and names are case-insensitive."""
     from mmgen_deploy.runtime import resolve_backend
 

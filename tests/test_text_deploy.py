@@ -74,7 +74,7 @@ def test_export_writes_five_components_and_the_text_encoder_meets_the_fp32_targe
     assert fp16["fp16_nodes"] > len(kept)
     assert fp16["converter"]["arguments"]["op_types_to_exclude"] == ["LayerNormalization", "Softmax"]
 
-    # The target, measured independently of the exporter: FP32 ONNX vs PyTorch on real
+    # The FP32 target, measured independently of the exporter: FP32 ONNX vs PyTorch on real
     # captions (and the empty prompt) at batch 1, 3 and the profile max.
     import onnxruntime as ort
 

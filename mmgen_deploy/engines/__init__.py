@@ -1,7 +1,7 @@
-"""TensorRT / TensorRT-RTX engines: build, manifest and staleness checks, runner.
+"""TensorRT / TensorRT-RTX engines: build, manifest and staleness checks.
 
-Importing this package does not import TensorRT or touch CUDA; the submodules
-`builder` and `runner` do so only when called.
+Importing this package does not import TensorRT or touch CUDA; the submodule `builder`
+does so only when called. Engines are run by `runtime.tensorrt_runner`.
 """
 
 from mmgen_deploy.engines.flavour import RUNTIMES, Flavour, install_hint, installed_flavours, load_flavour

@@ -94,11 +94,6 @@ def _blob(image: np.ndarray) -> _Blob | None:
     return _Blob(cover, area, float((cover * xs).sum() / area), float((cover * ys).sum() / area))
 
 
-def judge_shape(image: np.ndarray) -> str | None:
-    blob = _blob(image)
-    return None if blob is None else _shape_of(blob)
-
-
 def _shape_of(blob: _Blob) -> str:
     cover, area, cx, cy = blob.cover, blob.area, blob.cx, blob.cy
     size = cover.shape[0]
@@ -130,16 +125,6 @@ def _position_of(blob: _Blob, shape: str) -> str:
     if abs(dx) >= abs(dy):
         return "left" if dx < 0 else "right"
     return "top" if dy < 0 else "bottom"
-
-
-def judge_size(image: np.ndarray) -> str | None:
-    blob = _blob(image)
-    return None if blob is None else _size_of(blob, _shape_of(blob))
-
-
-def judge_position(image: np.ndarray) -> str | None:
-    blob = _blob(image)
-    return None if blob is None else _position_of(blob, _shape_of(blob))
 
 
 def judge(image: np.ndarray) -> Verdict:

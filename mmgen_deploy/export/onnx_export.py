@@ -260,7 +260,3 @@ def file_opset(path: Path) -> int:
     model = onnx.load(str(path), load_external_data=False)
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
-
-def node_count(path: Path) -> int:
-    return len(onnx.load(str(path), load_external_data=False).graph.node)
-

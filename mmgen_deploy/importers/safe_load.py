@@ -27,7 +27,6 @@ from mmgen_deploy.errors import MMGenError
 ALLOWED_GLOBALS: tuple[type, ...] = (argparse.Namespace,)
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
-PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
 class CheckpointError(MMGenError):

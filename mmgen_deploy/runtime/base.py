@@ -33,7 +33,7 @@ BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensor
 @runtime_checkable
 class Runner(Protocol):
     """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "openvino", "tensorrt";
-    `precision` "fp32", "fp16" or "bf16"; `device` e.g. "cpu", "cuda", "cuda:0"."""
+    `precision` one of `specs.RUN_PRECISIONS`; `device` e.g. "cpu", "cuda", "cuda:0"."""
 
     @property
     def backend(self) -> str: ...
@@ -45,7 +45,7 @@ class Runner(Protocol):
     def device(self) -> str: ...
 
     def run(self, component: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run `component` ("encoder", "quantizer", "decoder", "denoiser") on `feeds`.
+        """Run `component` (a name in `specs.COMPONENTS`) on `feeds`.
 
         The returned arrays may be buffers the runner reuses on the next call of the same
         component (preallocated outputs): copy them if they must outlive that call.

@@ -13,14 +13,11 @@ alpha of the last step is 1 (the clean sample).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from mmgen_deploy.config import DiffusionConfig
 from mmgen_deploy.errors import UsageError
 
-SamplerName = Literal["ddpm", "ddim", "dpmpp-2m"]
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp-2m")
 
 

@@ -30,7 +30,7 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.rundir import DEPLOY_ENTRIES, TEXT_PART, RunDir
 from mmgen_deploy.serve import MODEL_NAME
-from mmgen_deploy.specs import SAMPLING_COMPONENTS, sampling_components
+from mmgen_deploy.specs import sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -43,7 +43,6 @@ INSTANCE_KINDS = ("cpu", "gpu")
 ARTIFACT_MODES = ("copy", "reference")
 LAYOUTS = ("python", "ensemble")
 COMPONENT_BACKENDS = ("onnxruntime", "python")
-ENSEMBLE_COMPONENTS = SAMPLING_COMPONENTS  # what sample() calls (specs.sampling_components adds the text encoder)
 COMPONENT_PREFIX = "mmgen_"
 _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE_INT32", "int64": "TYPE_INT64"}
 
