@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.sampling.requests import ImageSpec
 
@@ -49,13 +50,13 @@ _FIELDS = {"class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler"}
 class BatchSettings:
     """Defaults for request lines that leave a setting out, and how the images are computed."""
 
-    steps: int = 50
-    cfg_scale: float = 4.0
-    sampler: str = "ddim"
+    steps: int = SAMPLING.steps
+    cfg_scale: float = SAMPLING.cfg_scale
+    sampler: str = SAMPLING.sampler
     backend: str = "auto"
     precision: str | None = None
     threads: int | None = None
-    batch_size: int = 16
+    batch_size: int = SAMPLING.batch_size
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.numerics import compare_output, make_grid, take_batch
 from mmgen_deploy.specs import COMPONENTS, PRECISIONS
 
@@ -87,6 +88,62 @@ def test_component_and_precision_lists_are_spelled_out_once() -> None:
                 # of its own such as "the VQ model's components".
                 if (len(values) >= len(COMPONENTS) - 1 and values <= set(COMPONENTS)) or values == set(PRECISIONS):
                     offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {sorted(values)}")
+    assert not offenders, offenders
+
+
+def _sampling_default_key(name: str) -> str | None:
+    """The `SAMPLING` field a parameter, field, option or Triton parameter named `name` takes its default
+    from ("default_steps", "_STEPS_OPT" and "max_batch_size" included), or None."""
+    key = name.lower().strip("_").removesuffix("_opt").removeprefix("default_")
+    key = {"max_batch": "batch_size", "max_batch_size": "batch_size"}.get(key, key)
+    return key if key in SAMPLING.__dataclass_fields__ else None
+
+
+def _literal(node: ast.AST | None) -> object:
+    """The constant `node` spells (also the default of a `typer.Option(...)`), else None."""
+    called = getattr(node, "func", None)
+    if isinstance(node, ast.Call) and node.args and getattr(called, "attr", getattr(called, "id", "")) == "Option":
+        node = node.args[0]
+    return node.value if isinstance(node, ast.Constant) and not isinstance(node.value, bool) else None
+
+
+def _same_value(literal: object, default: object) -> bool:
+    if isinstance(default, str):
+        return literal == default
+    try:
+        return float(literal) == float(default)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def test_sampling_defaults_are_written_once() -> None:
+    """No module but defaults.py gives a sampling setting (steps, cfg scale, sampler, eta, batch size, the
+    server's limits) its default value as a literal: signatures, dataclass fields, CLI options, keyword
+    arguments and `params.get(name, fallback)` all read `SAMPLING`."""
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "defaults.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            pairs: list[tuple[str, ast.AST | None]] = []
+            if isinstance(node, ast.arguments):
+                positional = [*node.posonlyargs, *node.args]
+                pairs += [(a.arg, d) for a, d in zip(positional[len(positional) - len(node.defaults):], node.defaults,
+                                                     strict=True)]
+                pairs += [(a.arg, d) for a, d in zip(node.kwonlyargs, node.kw_defaults, strict=True)]
+            elif isinstance(node, ast.AnnAssign | ast.Assign):
+                targets = [node.target] if isinstance(node, ast.AnnAssign) else node.targets
+                pairs += [(getattr(t, "id", getattr(t, "attr", "")), node.value) for t in targets]
+            elif isinstance(node, ast.keyword) and node.arg:
+                pairs.append((node.arg, node.value))
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "get" and len(node.args) == 2
+                  and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str)):
+                pairs.append((node.args[0].value, node.args[1]))
+            for name, value in pairs:
+                key = _sampling_default_key(name)
+                literal = _literal(value)
+                if key and literal is not None and _same_value(literal, getattr(SAMPLING, key)):
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{getattr(value, 'lineno', '?')} {name}={literal!r}")
     assert not offenders, offenders
 
 

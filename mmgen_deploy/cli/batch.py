@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from mmgen_deploy.cli.common import BACKEND_OPTION, PRECISION_OPTION, console, emit_json, json_option
+from mmgen_deploy.defaults import SAMPLING
 
 
 def register(app: typer.Typer) -> None:
@@ -27,10 +28,12 @@ def batch(
     workers: int | None = typer.Option(None, "--workers",
                                        help="Ray actors, each holding one runner (default: one per GPU, else "
                                             "CPUs / --threads)."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps for lines that name none."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Guidance scale for lines that name none."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpmpp-2m, for lines that name none."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", help="Images per denoiser call (per worker)."),
+    steps: int = typer.Option(SAMPLING.steps, "--steps", help="Denoising steps for lines that name none."),
+    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale", help="Guidance scale for lines that name none."),
+    sampler: str = typer.Option(SAMPLING.sampler, "--sampler",
+                                help="ddim, ddpm or dpmpp-2m, for lines that name none."),
+    batch_size: int = typer.Option(SAMPLING.batch_size, "--batch-size", "-b",
+                                   help="Images per denoiser call (per worker)."),
     backend: str = BACKEND_OPTION,
     precision: str | None = PRECISION_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
@@ -48,7 +51,7 @@ def batch(
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=0.0,
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=SAMPLING.eta,
                            names=CLI_NAMES)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")

@@ -9,6 +9,7 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
 from mmgen_deploy.cli.train import _positive
+from mmgen_deploy.defaults import SAMPLING
 
 if TYPE_CHECKING:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
@@ -68,8 +69,8 @@ def eval_cmd(
     num_prompts: int = typer.Option(200, "--num-prompts",
                                     help="Text-to-image runs: prompts drawn from the held-out attribute "
                                          "combinations (one image each)."),
-    steps: int = typer.Option(50, "--steps", help="DDIM steps."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale", help="Classifier-free guidance scale."),
+    steps: int = typer.Option(SAMPLING.steps, "--steps", help="DDIM steps."),
+    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale", help="Classifier-free guidance scale."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
     backend: str = typer.Option("torch", "--backend",

@@ -19,6 +19,7 @@ from mmgen_deploy.cli.common import (
     json_option,
     stdout_console,
 )
+from mmgen_deploy.defaults import SAMPLING
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunLike
@@ -36,13 +37,13 @@ def generate(
     prompts_file: Path | None = PROMPTS_FILE_OPTION,
     n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt (18 classes with --n 10 give 180 "
                                                "images)."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b",
+    batch_size: int = typer.Option(SAMPLING.batch_size, "--batch-size", "-b",
                                    help="Images per denoiser call (guidance doubles the model batch)."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps (respaced from the training schedule)."),
-    sampler: str = typer.Option("ddim", "--sampler", help="ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M)."),
-    cfg_scale: float = typer.Option(4.0, "--cfg-scale",
+    steps: int = typer.Option(SAMPLING.steps, "--steps", help="Denoising steps (respaced from the training schedule)."),
+    sampler: str = typer.Option(SAMPLING.sampler, "--sampler", help="ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M)."),
+    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale",
                                     help="Classifier-free guidance scale; 1 disables guidance, 0 is unconditional."),
-    eta: float = typer.Option(0.0, "--eta", help="DDIM noise (0 = deterministic, 1 = DDPM-like)."),
+    eta: float = typer.Option(SAMPLING.eta, "--eta", help="DDIM noise (0 = deterministic, 1 = DDPM-like)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: same seed, same noise on every backend."),
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from mmgen_deploy.cli.common import console, emit_json, json_option, split_list, stdout_console
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
@@ -63,8 +64,8 @@ def register(app: typer.Typer) -> None:
                                        "bf16 (OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
         batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
-        sampler: str = typer.Option("ddim", help="Sampler of the end-to-end check."),
-        cfg_scale: float = typer.Option(4.0, help="Guidance scale of the end-to-end check."),
+        sampler: str = typer.Option(SAMPLING.sampler, help="Sampler of the end-to-end check."),
+        cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale of the end-to-end check."),
         num_images: int = typer.Option(8, "--images", help="Images in the end-to-end check (classes or prompts "
                                        "cycle)."),
         prompt: list[str] = typer.Option([], "--prompt", help="Text-to-image runs: a prompt of the end-to-end "
@@ -126,7 +127,7 @@ def register(app: typer.Typer) -> None:
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
         steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
-        cfg_scale: float = typer.Option(4.0, help="Guidance scale (> 1 doubles the denoiser batch)."),
+        cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale (> 1 doubles the denoiser batch)."),
         components: list[str] = typer.Option([], "--components", "-c",
                                              help="Components to time one by one (repeat or comma-separate; default "
                                                   "all; e.g. denoiser,quantizer,decoder skips the encoder, which "

@@ -28,6 +28,7 @@ from mmgen_deploy.cli.train import (
     _threads_opt,
     _vq_settings,
 )
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.specs import DEFAULT_EXPORT_PRECISIONS
 
@@ -85,14 +86,14 @@ def export_stage(ctx: QuickstartContext) -> str:
 
 
 def _generate(ctx: QuickstartContext, *, classes: list[str] | None = None, prompts: list[str] | None = None) -> str:
-    """Two images per class or prompt, DDIM 50 steps, guidance 4, on ONNX Runtime CPU FP32."""
+    """Two images per class or prompt with generate's sampling defaults, on ONNX Runtime CPU FP32."""
     from mmgen_deploy.cli.generate import run_generate
     from mmgen_deploy.sampling.generate import GenerateRequest
 
     out = ctx.run.samples_dir / f"{QUICKSTART_BACKEND}-fp32"
-    request = GenerateRequest(classes=classes or [], prompts=prompts or [], n=2, steps=50, sampler="ddim",
-                              cfg_scale=4.0, seed=ctx.seed, backend=QUICKSTART_BACKEND, precision="fp32",
-                              batch_size=18, out=out)
+    # The sampling defaults (steps, sampler, guidance) are generate's.
+    request = GenerateRequest(classes=classes or [], prompts=prompts or [], n=2, seed=ctx.seed,
+                              backend=QUICKSTART_BACKEND, precision="fp32", batch_size=18, out=out)
     run_generate(ctx.run, request)
     return str(out / "grid.png")
 
@@ -139,7 +140,7 @@ def parity_stage(ctx: QuickstartContext) -> str:
 
 def _qs_eval(ctx: QuickstartContext) -> str:
     # Judged on the deployed path (ONNX Runtime, FP32 graphs), not on PyTorch.
-    report = _run_eval(ctx.run, _eval_settings(10, 50, 4.0, ctx.seed, True,
+    report = _run_eval(ctx.run, _eval_settings(10, SAMPLING.steps, SAMPLING.cfg_scale, ctx.seed, True,
                                                  QUICKSTART_BACKEND, "fp32"))
     ctx.results["eval"] = report
     return str(ctx.run.reports_dir / "eval.json")
@@ -158,8 +159,8 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
 
 def _qs_eval_prompts(ctx: QuickstartContext) -> str:
     # 200 prompts from the held-out combinations, judged on the deployed path (ONNX Runtime FP32).
-    report = _run_eval(ctx.run, _eval_settings(1, 50, 4.0, ctx.seed, True, QUICKSTART_BACKEND,
-                                                 "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
+    report = _run_eval(ctx.run, _eval_settings(1, SAMPLING.steps, SAMPLING.cfg_scale, ctx.seed, True,
+                                               QUICKSTART_BACKEND, "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
     ctx.results["eval"] = report
     return str(ctx.run.reports_dir / "eval.json")
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 import typer
 
 from mmgen_deploy.cli.common import CLASS_OPTION, PROMPT_OPTION, PROMPTS_FILE_OPTION, console, emit_json, json_option
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import RUN_PRECISIONS
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 _PRECISIONS = ("auto", *RUN_PRECISIONS)
 
 
-def _repo_options(*, backend: str, precision: str, sampler: str = "ddim", samplers: str = "all",
+def _repo_options(*, backend: str, precision: str, sampler: str = SAMPLING.sampler, samplers: str = "all",
                   threads: int | None = None, **fields: object) -> RepositoryOptions:
     from mmgen_deploy.runtime.select import check_backend_name
     from mmgen_deploy.sampling.schedulers import SAMPLERS
@@ -44,7 +45,8 @@ _SAMPLER_HELP = "Sampler when a request names none: ddim, ddpm or dpmpp-2m."
 _SAMPLERS_HELP = "Samplers requests may ask for: all, or a comma list such as ddim,dpmpp-2m."
 
 # The options `triton-repo` and `serve` share: one definition each, so both say the same.
-_MAX_BATCH_OPT = typer.Option(16, "--max-batch", help="Most images Triton merges into one sampling batch.")
+_MAX_BATCH_OPT = typer.Option(SAMPLING.batch_size, "--max-batch",
+                              help="Most images Triton merges into one sampling batch.")
 _INSTANCES_OPT = typer.Option(1, "--instances", help="Model instances (parallel sampling loops) per server.")
 _QUEUE_DELAY_OPT = typer.Option(20000, "--max-queue-delay-us",
                                 help="How long the dynamic batcher waits to fill a batch (microseconds).")
@@ -57,10 +59,10 @@ _PRECISION_OPT = typer.Option("auto", "--precision",
                                    "exported models, or bf16 (on the fp32 set).")
 _THREADS_OPT = typer.Option(None, "--threads", help="CPU threads per instance, as in generate (default: the "
                                                    "backend's).")
-_STEPS_OPT = typer.Option(50, "--steps", help="Default sampling steps when a request sends none.")
-_CFG_SCALE_OPT = typer.Option(4.0, "--cfg-scale",
+_STEPS_OPT = typer.Option(SAMPLING.steps, "--steps", help="Default sampling steps when a request sends none.")
+_CFG_SCALE_OPT = typer.Option(SAMPLING.cfg_scale, "--cfg-scale",
                               help="Default guidance scale when a request sends none.")
-_SAMPLER_OPT = typer.Option("ddim", "--sampler", help=_SAMPLER_HELP)
+_SAMPLER_OPT = typer.Option(SAMPLING.sampler, "--sampler", help=_SAMPLER_HELP)
 _SAMPLERS_OPT = typer.Option("all", "--samplers", help=_SAMPLERS_HELP)
 
 
@@ -102,7 +104,8 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = _CFG_SCALE_OPT,
         sampler: str = _SAMPLER_OPT,
         samplers: str = _SAMPLERS_OPT,
-        max_steps: int = typer.Option(250, "--max-steps", help="Requests asking for more steps are refused."),
+        max_steps: int = typer.Option(SAMPLING.max_steps, "--max-steps",
+                                      help="Requests asking for more steps are refused."),
         artifacts: str = typer.Option("copy", "--artifacts",
                                       help="copy: the run's weights/ONNX/engines go into the repository "
                                            "(self-contained, for containers); reference: absolute path to RUN_DIR."),
@@ -229,9 +232,11 @@ def register(app: typer.Typer) -> None:
         prompts: list[str] = PROMPT_OPTION,
         prompts_file: Path | None = PROMPTS_FILE_OPTION,
         n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt."),
-        steps: int | None = typer.Option(None, "--steps", help="Denoising steps (default: the server's, 50)."),
+        steps: int | None = typer.Option(None, "--steps",
+                                         help=f"Denoising steps (default: the server's, {SAMPLING.steps})."),
         cfg_scale: float | None = typer.Option(None, "--cfg-scale",
-                                               help="Classifier-free guidance scale (default: the server's, 4.0)."),
+                                               help="Classifier-free guidance scale (default: the server's, "
+                                                    f"{SAMPLING.cfg_scale})."),
         sampler: str | None = typer.Option(None, "--sampler",
                                            help="ddim, ddpm or dpmpp-2m, where the server allows it (default: "
                                                 "the server's)."),
@@ -251,8 +256,8 @@ def register(app: typer.Typer) -> None:
         # generate's checks and messages, before any request (None: the server's default, checked there)
         if n < 1:
             raise UsageError(f"--n must be >= 1, got {n}")
-        check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or "ddim",
-                               cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=0.0,
+        check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or SAMPLING.sampler,
+                               cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=SAMPLING.eta,
                                names=CLI_NAMES)
         if seed < 0:
             raise UsageError(f"--seed must be >= 0, got {seed}")

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.data import DataSpec, load_split
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.metrics import first_stage_metrics
@@ -25,9 +26,9 @@ from mmgen_deploy.rundir import RunDir
 @dataclass(frozen=True)
 class EvalSettings:
     samples_per_class: int = 10
-    steps: int = 50
-    sampler: str = "ddim"
-    cfg_scale: float = 4.0
+    steps: int = SAMPLING.steps
+    sampler: str = SAMPLING.sampler
+    cfg_scale: float = SAMPLING.cfg_scale
     seed: int = 0
     batch_size: int = 90
     backend: str = "torch"

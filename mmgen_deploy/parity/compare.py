@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.numerics import compare_output, index_agreement, psnr, ssim, take_batch, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
@@ -215,8 +216,8 @@ class ParityOptions:
     precision: str = "fp32"
     batches: Sequence[int] = (1, 3)
     steps: int = 20
-    sampler: str = "ddim"
-    cfg_scale: float = 4.0
+    sampler: str = SAMPLING.sampler
+    cfg_scale: float = SAMPLING.cfg_scale
     num_images: int = 8
     seed: int = 0
     rel_l2: dict[str, float] = field(default_factory=dict)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import Tensors, denoiser_condition_names
 
@@ -95,7 +96,7 @@ def class_conditioning(config: ModelConfig, class_ids: Sequence[int]) -> Conditi
 
 
 def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokenizer,
-                      prompts: Sequence[str], *, max_batch: int = 16) -> Conditioning:
+                      prompts: Sequence[str], *, max_batch: int = SAMPLING.batch_size) -> Conditioning:
     """Encode each distinct prompt (and "") once with `runner`'s text encoder."""
     if not config.uses_text:
         raise UsageError("this model is class-conditioned: it takes class ids, not prompts",

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning
@@ -30,11 +31,11 @@ class GenerateRequest:
     classes: Sequence[str] = ()  # class models: names ("red circle") or ids ("3"); empty: every class
     prompts: Sequence[str] = ()  # text-to-image models
     n: int = 4  # images per class or prompt
-    batch_size: int = 16
-    steps: int = 50
-    sampler: str = "ddim"
-    cfg_scale: float = 4.0
-    eta: float = 0.0
+    batch_size: int = SAMPLING.batch_size
+    steps: int = SAMPLING.steps
+    sampler: str = SAMPLING.sampler
+    cfg_scale: float = SAMPLING.cfg_scale
+    eta: float = SAMPLING.eta
     seed: int = 0
     backend: str = "auto"
     precision: str | None = None

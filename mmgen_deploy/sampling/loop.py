@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
@@ -116,9 +117,9 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, 
                          "training timesteps")
 
 
-def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *, steps: int = 50,
-           sampler: str = "ddim",
-           cfg_scale: float = 4.0, seed: int = 0, batch_size: int = 16, eta: float = 0.0,
+def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *,
+           steps: int = SAMPLING.steps, sampler: str = SAMPLING.sampler, cfg_scale: float = SAMPLING.cfg_scale,
+           seed: int = 0, batch_size: int = SAMPLING.batch_size, eta: float = SAMPLING.eta,
            progress: ProgressCallback | None = None, seeds: Sequence[int] | None = None,
            image_indices: Sequence[int] | None = None, return_trajectory: bool = False) -> SampleResult:
     """Generate one image per entry of `condition` with `runner`: class ids, or a

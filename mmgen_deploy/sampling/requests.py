@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning, text_conditioning
 from mmgen_deploy.sampling.loop import SampleResult, sample, validate_sampling_args
@@ -39,9 +40,9 @@ class ImageSpec:
     index: int = 0
     class_id: int | None = None
     prompt: str | None = None
-    steps: int = 50
-    cfg_scale: float = 4.0
-    sampler: str = "ddim"
+    steps: int = SAMPLING.steps
+    cfg_scale: float = SAMPLING.cfg_scale
+    sampler: str = SAMPLING.sampler
 
     @property
     def settings(self) -> tuple[int, float, str]:
@@ -111,7 +112,7 @@ def check_specs(config: ModelConfig, specs: Sequence[ImageSpec]) -> None:
         if spec.seed < 0 or spec.index < 0:
             raise UsageError(f"seed {spec.seed} / index {spec.index}: both must be >= 0")
         validate_sampling_args(config, None if spec.class_id is None else [spec.class_id], steps=spec.steps,
-                               sampler=spec.sampler, cfg_scale=spec.cfg_scale, batch_size=1, eta=0.0)
+                               sampler=spec.sampler, cfg_scale=spec.cfg_scale, batch_size=1, eta=SAMPLING.eta)
 
 
 def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
@@ -123,7 +124,7 @@ def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
 
 
 def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec], *,
-                    tokenizer: WordTokenizer | None = None, batch_size: int = 16) -> GeneratedImages:
+                    tokenizer: WordTokenizer | None = None, batch_size: int = SAMPLING.batch_size) -> GeneratedImages:
     """Images for `specs` (in their order): prompts encoded once each, one `sample()` per settings group."""
     check_specs(config, specs)
     if config.uses_text:

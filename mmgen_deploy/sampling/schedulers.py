@@ -16,6 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from mmgen_deploy.config import DiffusionConfig
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 
 SAMPLERS: tuple[str, ...] = ("ddim", "ddpm", "dpmpp-2m")
@@ -178,7 +179,7 @@ class DDIMScheduler(Scheduler):
 
     name = "ddim"
 
-    def __init__(self, diffusion: DiffusionConfig, steps: int, *, eta: float = 0.0,
+    def __init__(self, diffusion: DiffusionConfig, steps: int, *, eta: float = SAMPLING.eta,
                  timesteps: np.ndarray | None = None) -> None:
         super().__init__(diffusion, steps, timesteps=timesteps)
         if eta < 0:
@@ -347,7 +348,7 @@ class DPMSolverPP2MScheduler(Scheduler):
         return x
 
 
-def make_scheduler(name: str, diffusion: DiffusionConfig, steps: int, *, eta: float = 0.0,
+def make_scheduler(name: str, diffusion: DiffusionConfig, steps: int, *, eta: float = SAMPLING.eta,
                    timesteps: np.ndarray | None = None) -> Scheduler:
     """Build a sampler by CLI name: "ddim", "ddpm" or "dpmpp-2m"."""
     kind = sampler_kind(name)

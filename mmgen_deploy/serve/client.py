@@ -9,6 +9,7 @@ from urllib.parse import urlparse
 
 import numpy as np
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.serve import MODEL_NAME
 
@@ -99,12 +100,13 @@ class ServedModel:
                               "mmgen triton-repo)", "rewrite the repository with this version's `mmgen triton-repo`")
         config = ModelConfig.from_dict(json.loads(params["run_config"]))
         tokenizer = WordTokenizer.from_dict(json.loads(params["tokenizer"])) if params.get("tokenizer") else None
-        samplers = tuple(s for s in params.get("samplers", "ddim").split(",") if s)
+        samplers = tuple(s for s in params.get("samplers", SAMPLING.sampler).split(",") if s)
         return cls(config=config, tokenizer=tokenizer, max_batch_size=int(model_config.get("max_batch_size", 1)),
                    samplers=samplers, default_sampler=params.get("default_sampler", samplers[0]),
-                   default_steps=int(params.get("default_steps", 50)),
-                   default_cfg_scale=float(params.get("default_cfg_scale", 4.0)),
-                   max_steps=int(params.get("max_steps", 250)), max_cfg_scale=float(params.get("max_cfg_scale", 50)),
+                   default_steps=int(params.get("default_steps", SAMPLING.steps)),
+                   default_cfg_scale=float(params.get("default_cfg_scale", SAMPLING.cfg_scale)),
+                   max_steps=int(params.get("max_steps", SAMPLING.max_steps)),
+                   max_cfg_scale=float(params.get("max_cfg_scale", SAMPLING.max_cfg_scale)),
                    backend=params.get("backend", "auto"), precision=params.get("precision", "auto"))
 
 

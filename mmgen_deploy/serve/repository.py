@@ -26,9 +26,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.rundir import DEPLOY_ENTRIES, TEXT_PART, RunDir
+from mmgen_deploy.sampling.schedulers import SAMPLERS
 from mmgen_deploy.serve import MODEL_NAME
 from mmgen_deploy.specs import sampling_components
 
@@ -49,19 +51,19 @@ _TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int32": "TYPE
 
 @dataclass(frozen=True)
 class RepositoryOptions:
-    max_batch_size: int = 16
+    max_batch_size: int = SAMPLING.batch_size
     instances: int = 1
     instance_kind: str = "cpu"
     max_queue_delay_us: int = 20_000
     backend: str = "auto"
     precision: str = "auto"
     threads: int = 0
-    sampler: str = "ddim"  # the default sampler
-    samplers: tuple[str, ...] = ("ddim", "ddpm", "dpmpp-2m")  # what requests may ask for
-    default_steps: int = 50
-    default_cfg_scale: float = 4.0
-    max_steps: int = 250
-    max_cfg_scale: float = 50.0
+    sampler: str = SAMPLING.sampler  # the default sampler
+    samplers: tuple[str, ...] = SAMPLERS  # what requests may ask for
+    default_steps: int = SAMPLING.steps
+    default_cfg_scale: float = SAMPLING.cfg_scale
+    max_steps: int = SAMPLING.max_steps
+    max_cfg_scale: float = SAMPLING.max_cfg_scale
     artifacts: str = "copy"
     layout: str = "python"
     component_backend: str = "onnxruntime"
@@ -85,8 +87,6 @@ class RepositoryOptions:
         for ok, message in checks:
             if not ok:
                 raise UsageError(message, "see `mmgen triton-repo --help`")
-        from mmgen_deploy.sampling.schedulers import SAMPLERS
-
         unknown = [s for s in (self.sampler, *self.samplers) if s not in SAMPLERS]
         if unknown or not self.samplers:
             raise UsageError(f"unknown sampler {unknown[0]!r}" if unknown else "--samplers is empty",

@@ -41,6 +41,8 @@ for _entry in reversed(os.environ.get("MMGEN_PYTHONPATH", "").split(os.pathsep))
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402  (provided by the Python backend)
 
+from mmgen_deploy.defaults import SAMPLING  # noqa: E402
+
 
 class RequestError(ValueError):
     """A request the model refuses; its message goes back to the client as a Triton error."""
@@ -112,13 +114,13 @@ class TritonPythonModel:
         from mmgen_deploy.runtime import open_runner
         from mmgen_deploy.sampling.requests import sample_specs
 
-        self.samplers = [s for s in params.get("samplers", "ddim").split(",") if s]
+        self.samplers = [s for s in params.get("samplers", SAMPLING.sampler).split(",") if s]
         self.default_sampler = params.get("default_sampler", self.samplers[0])
-        self.default_steps = int(params.get("default_steps", "50"))
-        self.default_cfg_scale = float(params.get("default_cfg_scale", "4.0"))
-        self.max_steps = int(params.get("max_steps", "250"))
-        self.max_cfg_scale = float(params.get("max_cfg_scale", "50"))
-        self.batch_size = max(1, int(model_config.get("max_batch_size", 16)))
+        self.default_steps = int(params.get("default_steps", SAMPLING.steps))
+        self.default_cfg_scale = float(params.get("default_cfg_scale", SAMPLING.cfg_scale))
+        self.max_steps = int(params.get("max_steps", SAMPLING.max_steps))
+        self.max_cfg_scale = float(params.get("max_cfg_scale", SAMPLING.max_cfg_scale))
+        self.batch_size = max(1, int(model_config.get("max_batch_size", SAMPLING.batch_size)))
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
         self.runner: Any

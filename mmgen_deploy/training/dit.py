@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.data.dataset import ImageData
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
@@ -287,9 +288,10 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     return result
 
 
-def sample_grid(vq: VQModel | AutoencoderKL, dit: DiT, config: ModelConfig, path: Path, *, steps: int = 50,
-                per_class: int = 2, cfg_scale: float = 4.0, text_encoder: TextEncoder | None = None,
-                tokenizer: WordTokenizer | None = None, prompts: list[str] | None = None) -> Path | None:
+def sample_grid(vq: VQModel | AutoencoderKL, dit: DiT, config: ModelConfig, path: Path, *,
+                steps: int = SAMPLING.steps, per_class: int = 2, cfg_scale: float = SAMPLING.cfg_scale,
+                text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
+                prompts: list[str] | None = None) -> Path | None:
     """A grid with `per_class` samples of every class (one column per class), or for a text
     model of every prompt in `prompts` (one column per prompt; None without them)."""
     from mmgen_deploy.runtime.torch_runner import TorchRunner
@@ -302,7 +304,7 @@ def sample_grid(vq: VQModel | AutoencoderKL, dit: DiT, config: ModelConfig, path
     grid_prompts_ = [p for _ in range(per_class) for p in prompts] if config.uses_text and prompts else []
     classes = [] if config.uses_text else [k for _ in range(per_class) for k in range(config.dit.num_classes)]
     condition = make_conditioning(runner, config, class_ids=classes, prompts=grid_prompts_, tokenizer=tokenizer)
-    result = sample(runner, config, condition, steps=steps, sampler="ddim", cfg_scale=cfg_scale, seed=0,
+    result = sample(runner, config, condition, steps=steps, sampler=SAMPLING.sampler, cfg_scale=cfg_scale, seed=0,
                     batch_size=64)
     columns = len(prompts or ()) if config.uses_text else config.dit.num_classes
     return save_grid(np.asarray(result.images), path, columns=columns)
