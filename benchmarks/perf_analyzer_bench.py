@@ -11,7 +11,7 @@ Not a test: it prints figures and asserts nothing about speed. One request = one
     PYTHONPATH=$PWD python benchmarks/perf_analyzer_bench.py --run RUN_DIR --steps 10 --json pa.json
 
 perf_analyzer: `pip install perf-analyzer` (its wheel needs glibc >= 2.38); elsewhere pass
---perf-analyzer PATH, e.g. the binary inside the tritonclient 2.41 wheel (see README).
+--perf-analyzer PATH, e.g. the binary inside the tritonclient 2.41 wheel (see docs/serving.md).
 """
 
 from __future__ import annotations

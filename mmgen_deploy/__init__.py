@@ -1,3 +1,3 @@
-"""mmgen-deploy: VQ-VAE + DiT from PyTorch to FP16 TensorRT engines, with parity at every step."""
+"""mmgen-deploy: VQ / KL autoencoder + DiT from PyTorch to ONNX Runtime, OpenVINO and TensorRT, with parity."""
 
 __version__ = "0.1.0"

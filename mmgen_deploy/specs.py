@@ -238,7 +238,7 @@ GROUP_NORM_OP_TYPES = ("InstanceNormalization",)
 
 
 # The relative-L2 tolerance of every float output against PyTorch FP32, per precision. The 8-bit
-# ones are set from measurement on the trained quickstart models (README, "INT8 and FP8"), with
+# ones are set from measurement on the trained quickstart models (benchmarks/RESULTS.md), with
 # headroom; random inputs lie outside an 8-bit graph's calibrated activation ranges and get
 # RANDOM_REL_L2_8BIT instead.
 #
@@ -291,7 +291,7 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     # 23.2 dB, 0.90. A few per cent of error per denoiser call (the component checks) makes the
     # guided trajectory end on a nearby but different image, so same-seed pixels only bound gross
     # failures here (NaN, a wrong scale, noise); whether the images still show what was asked is
-    # `mmgen eval`'s accuracy (README "INT8 and FP8": within 5 points of FP32).
+    # `mmgen eval`'s accuracy (docs/quantization.md: within 5 points of FP32).
     "int8": {"latent_rel_l2": 1.0, "median_latent_rel_l2": 1.0, "min_index_agreement": 0.10,
              "min_psnr": 14.0, "min_ssim": 0.65},
     "fp8": {"latent_rel_l2": 0.5, "median_latent_rel_l2": 0.5, "min_index_agreement": 0.30,
@@ -472,7 +472,7 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             # No Q/DQ on the final layer (its adaLN and the projection to epsilon: an error there lands
             # in the output unattenuated) nor on the blocks' adaLN modulation (it scales every
             # activation of its block; small GEMMs at batch x width, so keeping them costs little).
-            # Measured on a trained tiny DiT (benchmarks/quant_sensitivity.py, README "INT8 and FP8"):
+            # Measured on a trained tiny DiT (benchmarks/quant_sensitivity.py, docs/design/quantization-scopes.md):
             # real-input rel. L2 INT8 3.75e-2 -> 3.16e-2, FP8 2.98e-2 -> 1.71e-2.
             quant_exclude_scopes=("dit.final_layer", r"^/dit/blocks\.\d+/adaLN_modulation/"),
             upstream="text_encoder" if dit.uses_text else None,

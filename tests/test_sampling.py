@@ -205,7 +205,7 @@ def test_ort_runner_components_match_torch(exported_tiny_run) -> None:
 
 
 def test_torch_and_ort_fp32_images_agree(exported_tiny_run) -> None:
-    """Same seed on both backends: PSNR >= 40 dB (re-randomised tiny model; the trained figure is in the README)."""
+    """Same seed on both backends: PSNR >= 40 dB (re-randomised tiny model; trained figures: benchmarks/RESULTS.md)."""
     from mmgen_deploy.runtime import open_runner
 
     config = exported_tiny_run.load_config()

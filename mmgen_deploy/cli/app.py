@@ -35,10 +35,11 @@ from mmgen_deploy.errors import MMGenError
 app = typer.Typer(
     name="mmgen",
     help=(
-        "Deploy a VQ-VAE + DiT latent generative model from PyTorch to FP16 TensorRT engines, "
-        "proving at every step that the deployed model computes what PyTorch computes.\n\n"
-        "Pipeline: train/import -> export (ONNX FP32, FP16) -> build-engine -> generate, "
-        "with parity and bench at every arrow."
+        "Deploy a VQ or KL autoencoder + DiT latent generative model (class- or text-conditioned) "
+        "from PyTorch to ONNX Runtime, OpenVINO and TensorRT, proving at every step that the "
+        "deployed model computes what PyTorch computes.\n\n"
+        "Pipeline: train/import -> export (ONNX FP32, FP16, INT8, FP8) -> build-engine -> generate, "
+        "with parity and bench at every arrow; serve and batch for many images."
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,

@@ -170,7 +170,7 @@ QUICKSTART_TEXT_EVAL_PROMPTS = 200
 QUICKSTART_TEXT_HOLDOUT = 0.2
 # Pooled (adaLN) only: its steps cost ~0.8x those with cross-attention too, so 5000 fit in the
 # 12 minutes. With the recipe's text encoder rate, held-out prompts got 89.5/87/93.5% shape and
-# 100/98.5/99% position for seeds 0/1/2 (README, Text-to-image); pooled+cross_attention got
+# 100/98.5/99% position for seeds 0/1/2 (benchmarks/RESULTS.md); pooled+cross_attention got
 # 87%/100% (seed 0) but trained for 12.1 minutes.
 QUICKSTART_TEXT_CONDITIONING = "pooled"
 

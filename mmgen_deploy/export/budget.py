@@ -6,7 +6,7 @@ of the architecture alone and the same on every machine: validation batch sizes 
 calibration sample counts (by FLOPs), and the memory check before a stage (by bytes).
 
 Memory estimates are peaks of the whole process, measured on the 2-core 24 GB machine
-with a DiT-XL/2 + 256 px VQ-f8 pair (see the README's "Large models" section) and written
+with a DiT-XL/2 + 256 px VQ-f8 pair (docs/design/export-memory.md) and written
 as multiples of the component's FP32 weight bytes plus a fixed base; they are meant to be
 pessimistic by ~15 %, so that a refusal comes before the kernel's OOM killer and not
 instead of a run that would have fit.
@@ -142,8 +142,8 @@ def threads_for(cost: ComponentCost) -> int:
 
 
 # Stage peaks as multiples of the component's FP32 weights, on top of BASE_BYTES. Fitted on the
-# DiT-XL/2 + VQ-f8 export (2.7 GB denoiser; per-stage peaks sampled once a second, README "Large
-# models") and rounded up by ~15 %, so a refusal comes before the OOM killer, not instead of a fit.
+# DiT-XL/2 + VQ-f8 export (2.7 GB denoiser; per-stage peaks sampled once a second; benchmarks/RESULTS.md,
+# "DiT-XL/2 + VQ-f8 pair") and rounded up by ~15 %, so a refusal comes before the OOM killer, not instead of a fit.
 # torch export: the module plus the exporter's copy of the weights during constant folding
 # (XL denoiser: 4.4 GB with the VQ still loaded, i.e. ~1.3x).
 EXPORT_WEIGHT_FACTOR = 1.6

@@ -9,7 +9,7 @@ stay FP32 before compiling (`openvino_graphs`).
 
 One compiled model per (component, batch): the graph is reshaped to the static batch and
 compiled on first use of that batch (`batch_mode="static"`, the default; measured faster
-than one dynamic-batch compilation at every batch), and each gets one
+than one dynamic-batch compilation at every batch, see docs/design/openvino-process-start.md), and each gets one
 infer request whose output tensors wrap preallocated NumPy buffers, so a sampling step
 allocates nothing new. No torch import here.
 

@@ -19,7 +19,7 @@ class TrainRecipe:
 
     The tiny numbers fit the quickstart's 8-minute CPU budget: on a budget of wall-clock time, a
     small DiT learns more from many small-batch steps at a high learning rate than from fewer large
-    ones (measured: see the README's training section).
+    ones (measured: docs/design/dit-recipe.md).
     """
 
     vq_steps: int
