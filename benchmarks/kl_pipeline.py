@@ -98,16 +98,16 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     run, steps = str(work / "run"), str(args.steps)
     stages = [
-        ("import", ["import", str(work / "pipe"), "--out", run, "--force"]),
+        ("import", ["import", str(work / "pipe"), "--out", run, "--overwrite"]),
         ("export-fp32", ["export", run, "--precision", "fp32", "--overwrite",
                          "--json", str(work / "export-fp32.json")]),
         ("export-fp16", ["export", run, "--precision", "fp16", "--json", str(work / "export.json")]),
         ("build", ["build-engine", run, "--runtime", "tensorrt-rtx", "--opt-level", "0"]),
         ("generate", ["generate", run, "--backend", "onnxruntime", "--precision", "fp32", "--class", "207",
                       "--n", "1", "--steps", steps, "--out", str(work / "samples")]),
-        ("parity-fp32", ["parity", run, "--backend", "onnxruntime", "--precision", "fp32", "--batch", "1",
+        ("parity-fp32", ["parity", run, "--backend", "onnxruntime", "--precision", "fp32", "--batch-sizes", "1",
                          "--images", "1", "--steps", steps, "--json", str(work / "parity-fp32.json")]),
-        ("parity-fp16", ["parity", run, "--backend", "onnxruntime", "--precision", "fp16", "--batch", "1",
+        ("parity-fp16", ["parity", run, "--backend", "onnxruntime", "--precision", "fp16", "--batch-sizes", "1",
                          "--images", "1", "--steps", steps, "--json", str(work / "parity-fp16.json")]),
     ]
     records = []

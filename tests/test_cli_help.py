@@ -44,3 +44,37 @@ def test_list_options_take_repeats_and_comma_lists_alike() -> None:
 
     assert split_list(["denoiser,decoder", " quantizer ", "", "a,,b"]) == ["denoiser", "decoder", "quantizer", "a", "b"]
     assert split_list(None) == [] and split_list([]) == []
+
+
+def _parsed(argv: list[str]) -> dict:
+    """The parameters Click parses from `mmgen ARGV` (nothing runs)."""
+    root = command()
+    cmd = root.commands[argv[0]]
+    return cmd.make_context(argv[0], argv[1:], parent=root.make_context("mmgen", [argv[0]])).params
+
+
+@pytest.mark.parametrize(("old", "new"), [
+    (["parity", "R", "--batch", "2"], ["parity", "R", "--batch-sizes", "2"]),
+    (["bench", "R", "--backends", "onnxruntime", "--precisions", "fp32", "--batch", "2", "-c", "decoder"],
+     ["bench", "R", "--backend", "onnxruntime", "--precision", "fp32", "--batch-sizes", "2", "--components",
+      "decoder"]),
+    (["build-engine", "R", "--batch", "1:2:4", "--force", "--component", "decoder", "-c", "encoder"],
+     ["build-engine", "R", "--batch-profile", "1:2:4", "--rebuild", "--components", "decoder", "--components",
+      "encoder"]),
+    (["export", "R", "-p", "fp32", "-c", "decoder"], ["export", "R", "--precision", "fp32", "--components", "decoder"]),
+    (["import", "S", "-o", "R", "--force"], ["import", "S", "-o", "R", "--overwrite"]),
+], ids=lambda argv: argv[0] if isinstance(argv, list) else "")
+def test_old_spellings_still_parse_to_the_same_values(old: list[str], new: list[str]) -> None:
+    assert _parsed(old) == _parsed(new)
+
+
+def test_old_spellings_are_hidden_from_help(capsys, monkeypatch) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    for argv, hidden in ((["bench"], ("--backends", "--precisions", "--batch ", "-c,")),
+                         (["build-engine"], ("--batch ", "--force", "--component ", "-c,")),
+                         (["export"], ("-p,", "-c,")), (["import"], ("--force",)), (["parity"], ("--batch ",
+                                                                                                 "--torch-threads"))):
+        with pytest.raises(SystemExit):
+            main([*argv, "--help"])
+        text = capsys.readouterr().out
+        assert not [h for h in hidden if h in text], (argv, text)

@@ -114,7 +114,7 @@ def test_rebuild_reuses_unchanged_plans_and_rebuilds_a_changed_one(run_copy: Run
     check_engine_dir(run_copy, _rtx())
     # Different options (a static batch) must not reuse plans built for another profile.
     code, out, _ = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
-                         "--batch", "4", "-c", "encoder", "--json", "-"], capsys)
+                         "--batch-profile", "4", "--components", "encoder", "--json", "-"], capsys)
     assert code == 0 and not json.loads(out)["components"]["encoder"]["reused"]
     manifest = read_json(run_copy.engines_dir / RTX_DIR / MANIFEST_NAME)
     assert manifest["components"]["encoder"]["profile"]["image"]["min"][0] == 4
@@ -196,7 +196,7 @@ def test_unsupported_op_reports_the_node_and_keeps_old_engines(run_copy: RunDir,
 
 def test_cli_input_errors_are_one_line(run_copy: RunDir, tmp_path: Path, capsys) -> None:
     cases = [
-        (["--batch", "3:2:1"], 2, "invalid --batch"),
+        (["--batch-profile", "3:2:1"], 2, "invalid --batch-profile"),
         (["--workspace", "lots"], 2, "invalid --workspace"),
         (["--compute-capability", "sm90"], 2, "unknown compute capability 'sm90'"),
         (["-c", "vae"], 2, "unknown component(s) vae"),

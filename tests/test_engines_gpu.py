@@ -76,7 +76,7 @@ def test_build_with_classic_tensorrt_targets_this_gpu_and_keeps_a_timing_cache(t
     assert manifest["build_machine"]["gpu"]["compute_capability"] == gpu.compute_capability
     assert manifest["options"]["workspace_bytes"] == 512 * 2**20
     assert (directory / TIMING_CACHE_NAME).stat().st_size > 0
-    second = _build(run, "tensorrt", "--workspace", "512MiB", "--force")
+    second = _build(run, "tensorrt", "--workspace", "512MiB", "--rebuild")
     assert not any(c["reused"] for c in second["components"].values())
     from mmgen_deploy.engines.flavour import load_flavour
 

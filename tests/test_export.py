@@ -168,10 +168,11 @@ def test_export_run_writes_manifest_and_refuses_foreign_checkpoint(tmp_path, ran
     vq2, dit2 = _models(config, seed=9)
     save_run(run.root, config, vq2, dit2)
     before = onnx_path(run.root, "fp32", "decoder").read_bytes()
-    code, text = _cli(["export", str(run.root), "-p", "fp32", "-c", "decoder"], capsys)
+    code, text = _cli(["export", str(run.root), "--precision", "fp32", "--components", "decoder"], capsys)
     assert code == 1 and "different checkpoint" in text and "--overwrite" in text and "Traceback" not in text
     assert onnx_path(run.root, "fp32", "decoder").read_bytes() == before
-    code, text = _cli(["export", str(run.root), "-p", "fp32", "-c", "decoder", "--overwrite"], capsys)
+    code, text = _cli(["export", str(run.root), "--precision", "fp32", "--components", "decoder", "--overwrite"],
+                      capsys)
     assert code == 0, text
     manifest = read_manifest(run.root)
     # An overwrite from another checkpoint starts clean: only what was just exported is there.
@@ -179,7 +180,7 @@ def test_export_run_writes_manifest_and_refuses_foreign_checkpoint(tmp_path, ran
     assert not onnx_path(run.root, "fp32", "encoder").exists()
 
     # Same checkpoint, a subset: the rest of the export is kept.
-    code, text = _cli(["export", str(run.root), "-p", "fp32", "-c", "encoder"], capsys)
+    code, text = _cli(["export", str(run.root), "--precision", "fp32", "--components", "encoder"], capsys)
     assert code == 0, text
     assert list(read_manifest(run.root)["files"]["fp32"]) == ["encoder", "decoder"]
 
@@ -211,7 +212,7 @@ def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models
         return external
 
     monkeypatch.setattr("mmgen_deploy.export.exporter.export_fp32", export_then_perturb)
-    code, text = _cli(["export", str(run.root), "-p", "fp32", "-c", "denoiser"], capsys)
+    code, text = _cli(["export", str(run.root), "--precision", "fp32", "--components", "denoiser"], capsys)
     assert code == 1
     assert "denoiser fp32" in text and "model_output" in text and "relative L2 error" in text
     assert "max abs error" in text and "Traceback" not in text

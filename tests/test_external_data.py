@@ -217,7 +217,7 @@ def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, cap
     monkeypatch.setattr(memory, "available_bytes", lambda: 0)
     monkeypatch.setattr(memory, "rss_bytes", lambda: 10**8)
     with pytest.raises(SystemExit) as info:
-        main(["export", str(run.root), "-p", "fp32", "-c", "denoiser"])
+        main(["export", str(run.root), "--precision", "fp32", "--components", "denoiser"])
     text = capsys.readouterr().err
     assert info.value.code == 1
     assert "needs about" in text and "GB available" in text and "--components" in text

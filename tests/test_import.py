@@ -344,16 +344,16 @@ def test_pairing_mismatch_is_refused_without_damage(tmp_path: Path, capsys: pyte
                          "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and "4-channel latents" in output and "3-channel" in output
     assert len(output.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
-    # An existing run survives a failed --force import untouched.
+    # An existing run survives a failed --overwrite import untouched.
     _diffusers_vq().save_pretrained(tmp_path / "vq4")
     assert _cli(["import", "--vq", str(tmp_path / "vq4"), "--dit", str(tmp_path / "dit"),
                  "--out", str(tmp_path / "run")], capsys)[0] == 0
     before = RunDir(tmp_path / "run").weights_sha256()
     code, output = _cli(["import", "--vq", str(tmp_path / "vq3"), "--dit", str(tmp_path / "dit"),
-                         "--out", str(tmp_path / "run"), "--force"], capsys)
+                         "--out", str(tmp_path / "run"), "--overwrite"], capsys)
     assert code == 2 and RunDir(tmp_path / "run").weights_sha256() == before
     code, output = _cli(["import", "--vq", str(tmp_path / "vq4"), "--dit", str(tmp_path / "dit"),
-                         "--out", str(tmp_path / "run"), "--image-size", "64", "--force"], capsys)
+                         "--out", str(tmp_path / "run"), "--image-size", "64", "--overwrite"], capsys)
     assert code == 2 and "--image-size 16" in output
 
 

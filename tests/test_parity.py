@@ -85,7 +85,7 @@ def test_parity_passes_on_trained_model(trained_run, precision, capsys, tmp_path
 def test_parity_fails_when_one_weight_is_perturbed(trained_run, tmp_path, capsys) -> None:
     run = _copy_run(trained_run, tmp_path / "run")
     _perturb_initializer(onnx_path(run, "fp32", "denoiser"), "denoiser", lambda a: a * 1.05)
-    code, report = _cli_json(["parity", str(run), "--components-only", "--batch", "2"], capsys)
+    code, report = _cli_json(["parity", str(run), "--components-only", "--batch-sizes", "2"], capsys)
     assert code == 1 and not report["passed"]
     failed = {c["group"] for c in report["checks"] if not c["passed"]}
     assert failed == {"denoiser"}
@@ -99,7 +99,7 @@ def test_parity_fails_when_decoder_comes_from_another_model(trained_run, tmp_pat
                      rerandomize_(DiT(cfg.dit), 8))
     export_run(other.root, precisions=("fp32",), components=["decoder"])
     shutil.copy(onnx_path(other.root, "fp32", "decoder"), onnx_path(run, "fp32", "decoder"))
-    code, text = _cli(["parity", str(run), "--steps", "4", "--images", "2", "--batch", "1"], capsys)
+    code, text = _cli(["parity", str(run), "--steps", "4", "--images", "2", "--batch-sizes", "1"], capsys)
     assert code == 1
     assert "FAILED" in text and "decoder" in text.split("FAILED:")[-1]
 
@@ -112,7 +112,7 @@ def test_parity_fails_on_nan_from_backend(trained_run, tmp_path, capsys) -> None
         return a
 
     _perturb_initializer(onnx_path(run, "fp32", "decoder"), "decoder", poison)
-    code, report = _cli_json(["parity", str(run), "--components-only", "--batch", "1"], capsys)
+    code, report = _cli_json(["parity", str(run), "--components-only", "--batch-sizes", "1"], capsys)
     assert code == 1
     nan_checks = [c for c in report["checks"] if c["group"] == "decoder" and not c["passed"]]
     assert nan_checks and all(c["details"]["nonfinite"] > 0 for c in nan_checks)
@@ -146,7 +146,7 @@ def test_parity_refuses_a_negligible_output_and_marks_an_override_not_meaningful
     assert not (run.root / "reports").exists()  # refused before any comparison
     # The override compares anyway, and the report says the comparison proves nothing.
     code, report = _cli_json(["parity", str(run.root), "--backend", "torch", "--allow-untrained",
-                              "--components-only", "--batch", "1"], capsys)
+                              "--components-only", "--batch-sizes", "1"], capsys)
     assert code == 0 and report["passed"] and not report["meaningful"]
     assert "NOT MEANINGFUL" in report["verdict"] and any("NOT MEANINGFUL" in n for n in report["notes"])
     scale = report["info"]["denoiser_output_scale"]

@@ -80,7 +80,7 @@ def test_lock_is_reentrant_in_a_process_and_gone_with_an_empty_created_folder(tm
     with fresh.writing("import", create=True):
         assert (fresh.root / LOCK_NAME).is_file()
     assert not fresh.root.exists()
-    # A non-empty folder that is not a run directory gets no lock file (train refuses it, import --force replaces).
+    # A non-empty folder that is not a run directory gets no lock file (train refuses it, import --overwrite replaces).
     _write(tmp_path / "photos" / "cat.png", 3)
     with RunDir(tmp_path / "photos").writing("train", create=True):
         pass
@@ -110,7 +110,7 @@ def test_second_writer_in_another_process_is_refused_in_one_line(tmp_path: Path,
         with pytest.raises(RunDirBusyError, match="cannot export"):  # the library function locks by itself
             export_run(run, precisions=("fp32",), components=("denoiser",))
         assert not run.onnx_dir.exists()
-        code, output = _cli(["import", "--vq", "x", "--dit", "y", "--out", str(run.root), "--force"], capsys)
+        code, output = _cli(["import", "--vq", "x", "--dit", "y", "--out", str(run.root), "--overwrite"], capsys)
         lines = output.strip().splitlines()
         assert code == 75 and len(lines) == 1, output
         assert f"pid {holder.pid}" in lines[0] and "cannot import" in lines[0] and f"kill {holder.pid}" in lines[0]
@@ -127,7 +127,7 @@ def test_killed_export_leaves_a_temp_folder_that_the_next_export_removes(tmp_pat
     """A real `mmgen export` subprocess: refused company while it runs, SIGKILLed mid-export, cleaned up after."""
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
-    argv = ["export", str(run.root), "-p", "fp32", "-c", "denoiser"]
+    argv = ["export", str(run.root), "--precision", "fp32", "--components", "denoiser"]
     proc = subprocess.Popen([sys.executable, "-m", "mmgen_deploy", *argv], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

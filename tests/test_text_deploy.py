@@ -168,7 +168,7 @@ def test_parity_with_prompts_passes_on_onnxruntime(text_run: RunDir, precision: 
 
 
 def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
-    code = _main(["parity", str(text_run.root), "--components-only", "--batch", "1", "--prompt", "a zebra",
+    code = _main(["parity", str(text_run.root), "--components-only", "--batch-sizes", "1", "--prompt", "a zebra",
                   "--json", "-"])
     text = capsys.readouterr().out
     assert code == 0, text
@@ -179,8 +179,9 @@ def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
     assert {c["group"] for c in report["checks"]} == {"encoder", "quantizer", "decoder", "denoiser", "text_encoder"}
     assert {c["name"] for c in report["checks"] if c["group"] == "text_encoder"} >= {
         "text_embeddings rel_l2 (random, batch 1)", "text_embeddings rel_l2 (real, batch 1)"}
-    code, text = _cli(["parity", str(text_run.root), "--steps", "2", "--images", "2", "--batch", "1",
-                       "--prompt", "a large red circle at the top", "--json", str(tmp_path / "p.json")], capsys)
+    code, text = _cli(["parity", str(text_run.root), "--steps", "2", "--images", "2", "--batch-sizes", "1",
+                       "--prompt", "a large red circle at the top", "--threads", "1",
+                       "--json", str(tmp_path / "p.json")], capsys)
     assert code == 0, text
     info = json.loads((tmp_path / "p.json").read_text())["info"]
     assert info["end_to_end"]["prompts"] == ["a large red circle at the top"] * 2
@@ -192,8 +193,8 @@ def test_parity_prompt_option(text_run: RunDir, tmp_path: Path, capsys) -> None:
 
 
 def test_bench_samples_prompts_and_triton_takes_text_runs(text_run: RunDir, tmp_path: Path, capsys) -> None:
-    code, text = _cli(["bench", str(text_run.root), "--backends", "onnxruntime", "--precisions", "fp32",
-                       "--batch", "2", "--runs", "1", "--warmup", "0", "--steps", "2",
+    code, text = _cli(["bench", str(text_run.root), "--backend", "onnxruntime", "--precision", "fp32",
+                       "--batch-sizes", "2", "--runs", "1", "--warmup", "0", "--steps", "2",
                        "--json", str(tmp_path / "bench.json"), "--markdown", str(tmp_path / "bench.md")], capsys)
     assert code == 0, text
     result = json.loads((tmp_path / "bench.json").read_text())
@@ -210,7 +211,7 @@ def test_bench_samples_prompts_and_triton_takes_text_runs(text_run: RunDir, tmp_
 def test_class_runs_have_no_text_encoder_to_export(tmp_path: Path, random_models, capsys) -> None:
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
-    code, text = _cli(["export", str(run.root), "-c", "text_encoder"], capsys)
+    code, text = _cli(["export", str(run.root), "--components", "text_encoder"], capsys)
     assert code == 2 and "class-conditioned model has no text encoder" in text
     assert len(text.strip().splitlines()) == 1 and not run.onnx_dir.exists()
 
@@ -224,7 +225,8 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     shutil.copytree(text_run.root, tmp_path / "run")
     run = RunDir(tmp_path / "run")
     code, text = _cli(["build-engine", str(run.root), "-r", "tensorrt-rtx", "--opt-level", "0",
-                       "-c", "text_encoder", "-c", "denoiser", "--json", str(tmp_path / "build.json")], capsys)
+                       "--components", "text_encoder", "--components", "denoiser",
+                       "--json", str(tmp_path / "build.json")], capsys)
     assert code == 0, text
     built = json.loads((tmp_path / "build.json").read_text())
     assert set(built["components"]) == {"text_encoder", "denoiser"}

@@ -29,7 +29,7 @@ from mmgen_deploy.cli import (
     serve,
     train,
 )
-from mmgen_deploy.cli.common import console, install_log_handler, state
+from mmgen_deploy.cli.common import console, hide_old_spellings, install_log_handler, state
 from mmgen_deploy.errors import MMGenError
 
 app = typer.Typer(
@@ -90,8 +90,10 @@ def _name_values(command: Any) -> Any:
             # Click lists an argument by its name alone ("RUN_DIR"), not "RUN_DIR <path>".
             param.display_type_rich = _no_type
             param.metavar = param.metavar or (param.name or "value").upper()
-        elif param.metavar is None and param.param_type_name == "option" and not param.is_flag and not param.count:
-            param.metavar = _type_name(param.bare_type())
+        else:
+            hide_old_spellings(param)
+            if param.metavar is None and not param.is_flag and not param.count:
+                param.metavar = _type_name(param.bare_type())
     subcommands = getattr(command, "commands", None)
     if subcommands:
         for sub in subcommands.values():

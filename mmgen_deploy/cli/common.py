@@ -40,6 +40,48 @@ def install_log_handler() -> None:
         logger.propagate = False
 
 
+# Old spellings that still parse, for one release, but no longer show in `--help`: the option's
+# canonical (first long) name -> the spellings it hides. Keyed by the canonical name, so `-c` stays
+# visible as `--class` and hidden only where it still means `--components`.
+OLD_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "--batch-sizes": ("--batch",),          # bench, parity: the batch sizes measured
+    "--batch-profile": ("--batch",),        # build-engine: MIN:OPT:MAX
+    "--backend": ("--backends",),           # bench took a plural
+    "--precision": ("--precisions", "-p"),  # bench took a plural; export's -p (-p is --prompt)
+    "--components": ("--component", "-c"),  # build-engine's singular; -c is --class
+    "--overwrite": ("--force",),            # import
+    "--rebuild": ("--force",),              # build-engine
+}
+
+
+def hide_old_spellings(param: Any) -> None:
+    """Keep `OLD_SPELLINGS` of a Click option parsing, but out of its help line."""
+    names = [*param.opts, *param.secondary_opts]
+    canonical = next((n for n in names if n.startswith("--")), None)
+    hidden = set(OLD_SPELLINGS.get(canonical or "", ())) & set(names)
+    if not hidden:
+        return
+    visible_help = type(param).get_help_record
+
+    def help_record(ctx: Any) -> Any:
+        opts, secondary = param.opts, param.secondary_opts
+        param.opts = [n for n in opts if n not in hidden]
+        param.secondary_opts = [n for n in secondary if n not in hidden]
+        try:
+            return visible_help(param, ctx)
+        finally:
+            param.opts, param.secondary_opts = opts, secondary
+
+    param.get_help_record = help_record
+
+
+def visible_names(param: Any) -> list[str]:
+    """An option's spellings as `--help` shows them (old spellings left out)."""
+    names = [*param.opts, *param.secondary_opts]
+    canonical = next((n for n in names if n.startswith("--")), "")
+    return [n for n in names if n not in OLD_SPELLINGS.get(canonical, ())]
+
+
 def split_list(values: list[str] | None) -> list[str]:
     """A repeatable option's values with comma lists split (`-c a,b -c d` = `-c a -c b -c d`), blanks dropped."""
     return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
@@ -76,6 +118,11 @@ PROMPT_OPTION = typer.Option(
 PROMPTS_FILE_OPTION = typer.Option(
     None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
                                  "skipped); adds to --prompt.")
+
+
+# CPU threads of the backend a command runs on, as in `generate` (>= 1; left out: the backend's default).
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime / OpenVINO / torch "
+                                                             "(default: the backend's own).")
 
 
 # How a command that samples picks its backend and precision (`generate`, `batch`; `open_runner`

@@ -38,7 +38,7 @@ def parse_batch(text: str) -> Any:
             raise ValueError
         return BatchProfile(*numbers)
     except ValueError:
-        raise UsageError(f"invalid --batch {text!r}",
+        raise UsageError(f"invalid --batch-profile {text!r}",
                          "give MIN:OPT:MAX with 1 <= MIN <= OPT <= MAX (per sample; the denoiser's is doubled "
                          "for guidance), or one number for a static batch") from None
 
@@ -66,9 +66,10 @@ def register(app: typer.Typer) -> None:
             "auto", "--runtime", "-r",
             help="tensorrt (TensorRT 10.x/11.x, needs the target GPU), tensorrt-rtx (ahead of time, no GPU "
                  "needed), or auto (tensorrt when it and a GPU are present, else tensorrt-rtx)."),
-        batch: str | None = typer.Option(
-            None, "--batch", help="Per-sample batch range MIN:OPT:MAX overriding the component specs "
-                                  "(the denoiser's is doubled for classifier-free guidance); one number = static."),
+        batch_profile: str | None = typer.Option(
+            None, "--batch-profile", "--batch", metavar="MIN:OPT:MAX",
+            help="Per-sample batch range overriding the component specs (the denoiser's is doubled for "
+                 "classifier-free guidance); one number = static."),
         workspace: str | None = typer.Option(
             None, "--workspace", help="Cap the builder's scratch memory, e.g. 512MiB on small edge devices."),
         opt_level: int | None = typer.Option(
@@ -87,7 +88,8 @@ def register(app: typer.Typer) -> None:
             help="Which ONNX set to build from: fp16, int8, fp8 (Q/DQ sets of `mmgen export --precision int8,fp8`; "
                  "FP8 needs SM 8.9+: with tensorrt-rtx name --cc sm89/sm120) or fp32. Each precision gets its own "
                  "engine folder."),
-        force: bool = typer.Option(False, "--force", help="Rebuild every engine even when its plan could be reused."),
+        rebuild: bool = typer.Option(False, "--rebuild", "--force",
+                                     help="Rebuild every engine even when its plan could be reused."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo TensorRT's log."),
         json_out: str | None = json_option("build times and sizes"),
     ) -> None:
@@ -107,12 +109,12 @@ def register(app: typer.Typer) -> None:
         options = BuildOptions(
             runtime=_pick_runtime(runtime),
             precision=precision,
-            batch=parse_batch(batch) if batch else None,
+            batch=parse_batch(batch_profile) if batch_profile else None,
             workspace_bytes=parse_size(workspace) if workspace else None,
             opt_level=opt_level,
             compute_capabilities=tuple(compute_capability),
             components=tuple(split_list(component)) or component_names(config),
-            force=force,
+            force=rebuild,
             verbose=verbose,
         )
         # The run's writer lock before the progress bar: a busy run is refused in one line.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option, stdout_console
+from mmgen_deploy.cli.common import THREADS_OPTION, console, emit_json, json_option, stdout_console
 from mmgen_deploy.cli.train import _positive
 from mmgen_deploy.defaults import SAMPLING
 
@@ -17,14 +17,15 @@ if TYPE_CHECKING:
 
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                   precision: str, num_prompts: int = 200) -> Any:
+                   precision: str, num_prompts: int = 200, threads: int | None = None) -> Any:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
 
     _positive("number of samples per class", per_class)
     _positive("number of sampling steps", steps)
     _positive("number of prompts", num_prompts)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
-                        generate=generate, backend=backend, precision=precision, num_prompts=num_prompts)
+                        generate=generate, backend=backend, precision=precision, num_prompts=num_prompts,
+                        threads=threads)
 
 
 def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
@@ -79,6 +80,7 @@ def eval_cmd(
     precision: str = typer.Option("fp32", "--precision",
                                   help="fp32, fp16, int8, fp8 or bf16, as in `mmgen generate` (which exported set, "
                                        "or the FP32 set in BF16)."),
+    threads: int | None = THREADS_OPTION,
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
@@ -89,7 +91,7 @@ def eval_cmd(
     from mmgen_deploy.rundir import RunDir
 
     report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
-                                                       backend, precision, num_prompts))
+                                                       backend, precision, num_prompts, threads))
     if json_out == "-":
         emit_json(report, "-")
     else:

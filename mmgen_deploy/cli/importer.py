@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
         norm_groups: int | None = typer.Option(None, "--norm-groups", min=1,
                                                help="GroupNorm groups of a taming VQ checkpoint (default 32).",
                                                show_default=False),
-        force: bool = typer.Option(False, "--force", help="Replace an existing non-empty --out directory."),
+        force: bool = typer.Option(False, "--overwrite", "--force", help="Replace an existing non-empty --out "
+                                   "directory."),
         json_out: str | None = json_option("the import report"),
     ) -> None:
         """Turn an existing PyTorch model into a run directory that export, build-engine, generate and parity accept.

@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option, split_list, stdout_console
+from mmgen_deploy.cli.common import THREADS_OPTION, console, emit_json, json_option, split_list, stdout_console
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
                                      "torch."),
         precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set), or "
                                        "bf16 (OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
-        batch: str = typer.Option("1,3", help="Comma-separated batch sizes for the per-component checks."),
+        batch_sizes: str = typer.Option("1,3", "--batch-sizes", "--batch",
+                                        help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
         sampler: str = typer.Option(SAMPLING.sampler, help="Sampler of the end-to-end check."),
         cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale of the end-to-end check."),
@@ -83,8 +84,12 @@ def register(app: typer.Typer) -> None:
         allow_untrained: bool = typer.Option(False, help="Compare even a model whose denoiser output is zero or "
                                              "negligible next to its input (RMS ratio below 0.05); the report "
                                              "is then marked NOT MEANINGFUL."),
-        torch_threads: int = typer.Option(1, "--torch-threads", min=0, help="PyTorch threads for the reference "
-                                          "side (0 = torch's default; 1 is fastest for small models on busy CPUs)."),
+        threads: int | None = typer.Option(None, "--threads", min=1,
+                                           help="CPU threads of the backend under test and of the PyTorch "
+                                                "reference (default: the backend's own; the reference 1, fastest "
+                                                "for small models on busy CPUs)."),
+        torch_threads: int = typer.Option(1, "--torch-threads", min=0, hidden=True,
+                                          help="PyTorch threads of the reference side only (0 = torch's default)."),
         json_out: str | None = json_option("every number"),
     ) -> None:
         """Compare a backend with PyTorch FP32: every component on random and real inputs (max/mean abs,
@@ -103,11 +108,11 @@ def register(app: typer.Typer) -> None:
         if steps < 1 or num_images < 1:
             raise UsageError("--steps and --images must be >= 1")
         options = ParityOptions(
-            backend=backend, precision=precision, batches=_parse_ints(batch, "--batch"), steps=steps,
+            backend=backend, precision=precision, batches=_parse_ints(batch_sizes, "--batch-sizes"), steps=steps,
             sampler=sampler, cfg_scale=cfg_scale, num_images=num_images, seed=seed,
             rel_l2=_parse_per_output(rtol, "--rtol"), max_abs=_parse_per_output(atol, "--atol"),
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
-            torch_threads=torch_threads or None,
+            torch_threads=threads or torch_threads or None, threads=threads,
         )
         if not run_parity_report(run_dir, options, json_out).passed:
             raise typer.Exit(1)
@@ -115,15 +120,19 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
-        backends: str = typer.Option("torch,onnxruntime,openvino", help="Comma-separated: torch, onnxruntime, "
-                                     "openvino, tensorrt."),
-        precisions: str = typer.Option("auto", help="Comma-separated precisions (fp32, fp16, bf16, int8, fp8); "
+        backends: list[str] = typer.Option(["torch,onnxruntime,openvino"], "--backend", "--backends",
+                                           help="Backends to measure (repeat or comma-separate): torch, "
+                                                "onnxruntime, openvino, tensorrt."),
+        precisions: list[str] = typer.Option(["auto"], "--precision", "--precisions",
+                                             help="Precisions to measure (repeat or comma-separate: fp32, fp16, "
+                                                  "bf16, int8, fp8); "
                                        "each backend runs those it has (torch fp32/bf16, onnxruntime its exported "
                                        "sets, openvino fp32/bf16/int8, tensorrt its engine sets) and the table lists "
                                        "the others as not run. auto: every one a backend has here (bf16 on CPUs "
                                        "with BF16 units)."),
-        batch: str = typer.Option("1,16", help="Comma-separated batch sizes (images; the denoiser runs 2x "
-                                  "with guidance)."),
+        batch_sizes: str = typer.Option("1,16", "--batch-sizes", "--batch",
+                                        help="Comma-separated batch sizes (images; the denoiser runs 2x with "
+                                             "guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
         steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
@@ -134,6 +143,7 @@ def register(app: typer.Typer) -> None:
                                                   "generation does not run)."),
         json_out: str | None = json_option("the results"),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
+        threads: int | None = THREADS_OPTION,
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by
         side in one run, with peak host memory, where the time of a generation goes, and the denoiser's and
@@ -141,8 +151,8 @@ def register(app: typer.Typer) -> None:
         (FP32, BF16 and INT8 peaks are measured at the start of the same run)."""
         from mmgen_deploy.parity.bench import run_bench
 
-        backend_list = [b.strip() for b in backends.split(",") if b.strip()]
-        precision_list = [p.strip() for p in precisions.split(",") if p.strip()]
+        backend_list = split_list(backends)
+        precision_list = split_list(precisions)
         if runs < 1 or warmup < 0 or steps < 1:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
         from mmgen_deploy.specs import COMPONENTS
@@ -151,9 +161,10 @@ def register(app: typer.Typer) -> None:
         unknown = [c for c in component_list or () if c not in COMPONENTS]
         if unknown:
             raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(COMPONENTS)}")
-        result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch, "--batch"), runs=runs,
+        result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch_sizes, "--batch-sizes"), runs=runs,
                            warmup=warmup, steps=steps, cfg_scale=cfg_scale,
-                           progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list)
+                           progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list,
+                           threads=threads)
         if json_out != "-":
             stdout_console.print(result.table())
         emit_json(result.to_dict(), json_out)

@@ -150,7 +150,8 @@ def _oom_hint(messages: list[str], workspace_bytes: int | None) -> str | None:
                 "raise it or leave it out")
     if any(k in text for k in ("out of memory", "outofmemory", "memoryallocation", "failed to allocate",
                                "insufficient memory")):
-        return "the build ran out of memory: cap it with a smaller --workspace (e.g. 512MiB) or a smaller --batch"
+        return ("the build ran out of memory: cap it with a smaller --workspace (e.g. 512MiB) or a smaller "
+                "--batch-profile")
     return None
 
 
@@ -160,7 +161,7 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     trt_mod = flavour.trt
     # The parser keeps the ONNX weights, the network and the builder make their own: ~3x the file.
     check_extra(f"building the {spec.name} engine", BUILD_BYTES_FACTOR * onnx_bytes(onnx),
-                "build fewer components at a time (--component NAME) or on a machine with more memory")
+                "build fewer components at a time (--components NAME) or on a machine with more memory")
     logger, messages = _make_logger(flavour, options.verbose)
     builder: trt.Builder = trt_mod.Builder(logger)
     if builder is None:

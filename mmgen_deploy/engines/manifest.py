@@ -128,7 +128,7 @@ def rebuild_command(run: RunDir, manifest: dict[str, Any] | None, runtime: str, 
     options = (manifest or {}).get("options", {})
     if options.get("batch"):
         b = options["batch"]
-        parts += ["--batch", f"{b['min']}:{b['opt']}:{b['max']}"]
+        parts += ["--batch-profile", f"{b['min']}:{b['opt']}:{b['max']}"]
     if options.get("workspace_bytes"):
         parts += ["--workspace", f"{options['workspace_bytes'] // 2**20}MiB"]
     for cc in options.get("compute_capabilities") or []:

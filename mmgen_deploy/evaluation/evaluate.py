@@ -35,6 +35,7 @@ class EvalSettings:
     precision: str = "fp32"
     generate: bool = True
     num_prompts: int = 200  # text-to-image models: prompts from the held-out combinations
+    threads: int | None = None  # CPU threads of the sampling backend (None: its default)
 
     def __post_init__(self) -> None:
         # Checked before any work: a misspelt backend would otherwise fail only after the
@@ -96,7 +97,8 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
     from mmgen_deploy.sampling import make_conditioning, sample
 
     tokenizer = run.load_tokenizer() if config.uses_text else None
-    runner, choice = open_runner(run, backend=settings.backend, precision=settings.precision)
+    runner, choice = open_runner(run, backend=settings.backend, precision=settings.precision,
+                                 threads=settings.threads)
     ran_on = {"backend": choice.backend, "precision": choice.precision, "device": choice.device}
     try:
         started = time.perf_counter()

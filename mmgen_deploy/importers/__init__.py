@@ -101,7 +101,8 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} is a file", "give a directory path for the run")
     if not RunDir(out).is_empty() and not force:
-        raise UsageError(f"{out} already exists and is not empty", "choose a new --out or pass --force to replace it")
+        raise UsageError(f"{out} already exists and is not empty",
+                         "choose a new --out or pass --overwrite to replace it")
     with RunDir(out).writing("import", create=True):
         return _import_run(out, source=source, vq_path=vq_path, vae_path=vae_path, dit_path=dit_path,
                            scheduler_path=scheduler_path, class_names_file=class_names_file, image_size=image_size,

@@ -385,7 +385,9 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
-              components: Sequence[str] | None = None) -> BenchResult:
+              components: Sequence[str] | None = None, threads: int | None = None) -> BenchResult:
+    """Measure every backend x precision of `run_dir` at `batches`; `threads`: CPU threads of each
+    backend (None: its default)."""
     from mmgen_deploy.errors import MMGenError, UsageError
     from mmgen_deploy.runtime import BACKENDS, open_runner
 
@@ -414,7 +416,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
                 continue
             say(f"benchmarking {backend} {precision}")
             try:
-                runner, _choice = open_runner(run, backend, precision)
+                runner, _choice = open_runner(run, backend, precision, threads=threads)
             except MMGenError as exc:  # e.g. TensorRT absent: report it in the table, keep going
                 result.backends.append(BackendResult(backend, precision, error=str(exc)))
                 continue

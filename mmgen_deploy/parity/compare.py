@@ -232,6 +232,8 @@ class ParityOptions:
     # exporter uses too: tiny models on a shared 2-core machine run ~7x faster than on two
     # spinning threads (measured: 2.3 s vs 16 s for a tiny text run's parity).
     torch_threads: int | None = 1
+    # CPU threads of the backend under test (None: the backend's default).
+    threads: int | None = None
 
 
 def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
@@ -288,7 +290,7 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     scale = denoiser_output_scale(reference, config) if options.allow_untrained else ensure_trained(reference,
                                                                                                      config)
-    backend, _choice = open_runner(run, options.backend, options.precision)
+    backend, _choice = open_runner(run, options.backend, options.precision, threads=options.threads)
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed,

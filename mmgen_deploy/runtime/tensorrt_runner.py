@@ -106,7 +106,7 @@ class TensorRTRunner(BaseRunner):
             except torch.cuda.OutOfMemoryError:
                 raise NotAvailableError(f"not enough GPU memory for the engines' {block_size / 2**20:.0f} MiB "
                                         "activation block",
-                                        "rebuild with a smaller --batch range, or close other GPU programs") from None
+                                        "rebuild with a smaller --batch-profile, or close other GPU programs") from None
         for name, engine in loaded.items():
             context, keepalive = flavour.create_context(engine, user_managed_memory=share_memory,
                                                         runtime_cache=self._runtime_cache)
@@ -169,7 +169,8 @@ class TensorRTRunner(BaseRunner):
         low, high = recorded[first]["min"][0], recorded[first]["max"][0]
         if not low <= batch <= high:
             raise UsageError(f"batch {batch} is outside the {item.spec.name} engine's profile {low}..{high}",
-                             f"rebuild with a wider --batch (spec default {profile.min}:{profile.opt}:{profile.max})")
+                             f"rebuild with a wider --batch-profile (spec default "
+                             f"{profile.min}:{profile.opt}:{profile.max})")
 
     def _torch_dtype(self, engine: trt.ICudaEngine, name: str) -> torch.dtype:
         import torch
@@ -212,7 +213,7 @@ class TensorRTRunner(BaseRunner):
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise UsageError(f"the {item.spec.name} engine rejects input {name} of shape {tuple(tensor.shape)}",
-                                 "rebuild with a --batch range that covers it")
+                                 "rebuild with a --batch-profile that covers it")
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for tensor_spec in item.spec.outputs:
