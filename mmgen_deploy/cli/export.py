@@ -102,7 +102,8 @@ def register(app: typer.Typer) -> None:
             None, "--calibration",
             help=".npz with `images` (N, C, H, W) in [-1, 1] or uint8, optional `labels` and `captions` (text "
                  "models): real data for the "
-                 "FP16 range analysis and the real-data validation. Default: spec dummy inputs."),
+                 "FP16 range analysis and the real-data validation. Default: the run's own validation images "
+                 "(the spec's dummy inputs when the run has no dataset)."),
         calibration_size: int = typer.Option(
             256, "--calibration-size", min=2,
             help="INT8/FP8: denoiser calibration samples (conditional and null halves together)."),
@@ -111,8 +112,8 @@ def register(app: typer.Typer) -> None:
             help="INT8/FP8: noise levels spread over the training schedule, both ends included."),
         calibration_images: int = typer.Option(
             64, "--calibration-images", min=1,
-            help="Calibration images. INT8/FP8: real images (picked round-robin over classes) for the "
-                 "encoder/decoder and the denoiser's latents. FP16 range analysis and real-data validation: "
+            help="Calibration images. INT8/FP8 use N: real images (picked round-robin over classes) for the "
+                 "encoder/decoder and the denoiser's latents. FP16 range analysis and real-data validation use "
                  "at most min(N, 16), fewer for components over ~125 GFLOP per sample; fewer = less time."),
         calibration_method: str = typer.Option("max", "--calibration-method",
                                                help="INT8/FP8 activation ranges: max or entropy."),
