@@ -5,6 +5,7 @@
                      {"prompt": "a small red circle", "n": 2, "seed": 4, "steps": 20, "cfg_scale": 3.0}
                      optional: n (1), seed (0), steps, cfg_scale, sampler (the command's defaults)
     OUT/
+      .mmgen.lock      held (flock) by the batch writing into OUT: a second one into the same OUT is refused
       batch.json       the run (path, weights hash) and settings the images were made with
       manifest.jsonl   one line per image written: file, request line, index, seed, condition, settings
       images/          LLLLL_KKKK_<class-or-prompt>.png: image KKKK of request line LLLLL
@@ -25,6 +26,8 @@ directory and OUT must be visible at the same path on every node (a shared file 
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
 import logging
 import os
@@ -32,17 +35,21 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from mmgen_deploy.defaults import SAMPLING
-from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
+from mmgen_deploy.errors import MMGenError, NotAvailableError, OutputBusyError, UsageError
 from mmgen_deploy.sampling.requests import ImageSpec
+
+if TYPE_CHECKING:
+    from mmgen_deploy.rundir import RunDir
 
 MANIFEST = "manifest.jsonl"
 BATCH_INFO = "batch.json"
 IMAGES = "images"
+LOCK = ".mmgen.lock"
 _FIELDS = {"class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler"}
 
 
@@ -231,12 +238,11 @@ def pending_jobs(jobs: list[BatchJob], out: Path) -> list[BatchJob]:
 
 def prepare_out(out: Path, run_root: Path, weights_sha256: str, settings: BatchSettings) -> None:
     """Create OUT (or check that it holds a batch of this same run) and record what it is made of."""
-    from mmgen_deploy.io_utils import read_json, write_json
+    from mmgen_deploy.io_utils import check_write_target, read_json, write_json
 
     info_path = out / BATCH_INFO
-    if out.is_file():
-        raise UsageError(f"--out {out} is a file", "give a folder path")
-    if out.is_dir() and any(out.iterdir()):
+    check_write_target(out, folder=True, label="--out")
+    if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         if not info_path.is_file():
             raise UsageError(f"--out {out} exists and was not written by `mmgen batch`",
                              "choose a new --out folder (batch resumes only its own folders)")
@@ -329,6 +335,41 @@ def run_batch(run_dir: Path, requests: Path, out: Path, settings: BatchSettings,
     run = RunDir(run_dir)
     config = run.load_config()
     jobs = read_requests(requests, config, settings)
+    with writing_out(out):
+        return _run_batch(run, jobs, out, settings, ray_address=ray_address, workers=workers, progress=progress)
+
+
+@contextlib.contextmanager
+def writing_out(out: Path) -> Iterator[None]:
+    """Hold OUT's writer lock (created with OUT when missing): two batches into one folder would both
+    make every image and list it twice in the manifest, so the second is refused in one line."""
+    from mmgen_deploy.io_utils import LockBusy, check_write_target, exclusive_lock
+
+    check_write_target(out, folder=True, label="--out")
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    holder = {"pid": os.getpid(), "purpose": "batch",
+              "since": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+    try:
+        with exclusive_lock(out / LOCK, holder):
+            yield
+    except LockBusy as busy:
+        pid = busy.holder.get("pid")
+        who = f" (pid {pid}, since {str(busy.holder.get('since', '?'))[11:19]})" if pid else ""
+        raise OutputBusyError(f"--out {out} is being written by another `mmgen batch`{who}",
+                              "wait until it finishes" + (f", or stop it (kill {pid})" if pid else "")
+                              + "; or write to another --out folder") from None
+    finally:
+        if created and [p.name for p in out.iterdir()] in ([], [LOCK]):
+            with contextlib.suppress(OSError):
+                (out / LOCK).unlink(missing_ok=True)
+                out.rmdir()
+
+
+def _run_batch(run: RunDir, jobs: list[BatchJob], out: Path, settings: BatchSettings, *, ray_address: str | None,
+               workers: int | None, progress: Callable[[int, int], None] | None) -> BatchReport:
+    from mmgen_deploy.io_utils import check_write_target, disk_full_as_error
+
     prepare_out(out, run.root.resolve(), run.weights_sha256(), settings)
     todo = pending_jobs(jobs, out)
     report = BatchReport(total=len(jobs), skipped=len(jobs) - len(todo), out=str(out), ray=ray_address)
@@ -336,7 +377,8 @@ def run_batch(run_dir: Path, requests: Path, out: Path, settings: BatchSettings,
         return report  # nothing to do: no runner, no Ray
     started = time.perf_counter()
     path = out / MANIFEST
-    with open(path, "a", encoding="utf-8") as manifest:
+    check_write_target(path)
+    with disk_full_as_error(path), open(path, "a", encoding="utf-8") as manifest:
         if path.stat().st_size and not path.read_bytes().endswith(b"\n"):
             manifest.write("\n")  # a line cut short by a crash stays alone on its (ignored) line
         if ray_address is None:

@@ -34,6 +34,12 @@ class RunDirBusyError(RunDirError):
     exit_code = 75
 
 
+class OutputBusyError(MMGenError):
+    """Another process is writing into the same output folder. Exit code 75 (EX_TEMPFAIL): retrying later can work."""
+
+    exit_code = 75
+
+
 class UsageError(MMGenError):
     """Invalid command-line input (bad numbers, unknown names)."""
 
@@ -42,3 +48,12 @@ class UsageError(MMGenError):
 
 class NotAvailableError(MMGenError):
     """A feature that this version or this machine does not provide."""
+
+
+class UnsafePathError(MMGenError):
+    """A path mmgen would write to (or through) that is not a regular file or folder: a symbolic link,
+    a device node, a FIFO or a socket. mmgen never replaces, truncates or follows into those."""
+
+
+class DiskFullError(MMGenError):
+    """The disk (or the user's quota) ran out while writing; what was being written was removed."""

@@ -1,13 +1,24 @@
-"""Small file helpers: atomic writes, hashing, JSON, leftovers of killed writers, an exclusive lock."""
+"""Small file helpers: safe write targets, atomic writes, hashing, JSON, leftovers of killed writers, an
+exclusive lock.
+
+Every file or folder mmgen writes goes through `check_write_target` (directly, or through
+`atomic_path` / `atomic_dir` / `exclusive_lock`): mmgen writes only regular files and real folders,
+and never replaces, truncates or writes through a symbolic link, a device node, a FIFO or a socket.
+A run folder received from someone else, or a mistyped `/dev/...`, so can never make it overwrite
+something outside what it writes.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -16,46 +27,141 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mmgen_deploy.errors import DiskFullError, UnsafePathError
+
+# -- what may be written ----------------------------------------------------------------------------------------
+
+_SAFE_HINT = "choose another path: mmgen writes only regular files and folders, never through a link or into a " \
+             "device, FIFO or socket"
+
+
+def describe_file_type(mode: int) -> str:
+    """What `mode` (an lstat st_mode) is, in words."""
+    for test, name in ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"), (stat.S_ISREG, "a file")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def check_write_target(path: str | os.PathLike[str], *, folder: bool = False, label: str = "",
+                       hint: str = _SAFE_HINT) -> None:
+    """Refuse (`UnsafePathError`, one line) to write `path` unless it is absent or, not followed as a
+    link, a regular file (`folder=True`: a real folder), and its nearest existing parent is a folder.
+
+    `label` prefixes the message (e.g. the option that named the path). Links above `path` (a
+    symlinked home or /tmp) are the user's own layout and are followed; the run directory checks
+    its own entries (`RunDir.writing`).
+    """
+    path = Path(path)
+    name = f"{label} {path}" if label else str(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except NotADirectoryError:  # a parent is a file or device
+        mode = None
+    if mode is not None:
+        if stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode):
+            return
+        raise UnsafePathError(f"{name} is {describe_file_type(mode)}, not a "
+                              f"{'folder' if folder else 'regular file'} mmgen may write", hint)
+    parent = path.parent
+    while True:
+        try:
+            parent_mode = os.stat(parent).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            if os.path.lexists(parent):  # a link to nothing: mkdir would fail on it, or make its target
+                raise UnsafePathError(f"{name}: {parent} is a symbolic link to nothing, not a folder", hint) from None
+            if parent == parent.parent:
+                return
+            parent = parent.parent
+            continue
+        if not stat.S_ISDIR(parent_mode):
+            raise UnsafePathError(f"{name}: {parent} is {describe_file_type(parent_mode)}, not a folder", hint)
+        return
+
+
+@contextlib.contextmanager
+def disk_full_as_error(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn running out of space (ENOSPC, or EDQUOT: the user's quota) while writing `path` into one
+    `DiskFullError` line; the caller's cleanup (temp files) still runs as the error passes through."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFullError(f"no space left on device while writing {path}",
+                                "free space on that disk or choose another output folder") from None
+        raise
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree without following links (a link is removed, not its target)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _temp_prefix(target: Path) -> str:
+    # The writer's pid in the name tells a later command whether the writer is still alive.
+    return f".{target.name}.p{os.getpid()}."
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to `target`; rename it over `target` only on success.
 
-    A failure (or Ctrl-C) leaves `target` exactly as it was and removes the temp file.
+    A failure (or Ctrl-C) leaves `target` exactly as it was and removes the temp file; running
+    out of space is one `DiskFullError` line. `target` must be absent or a regular file
+    (`check_write_target`); stale temporaries of killed writers beside it are removed first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    check_write_target(target)
+    with disk_full_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            check_write_target(target)  # nothing was put in its place meanwhile
+            os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
 
 @contextlib.contextmanager
 def atomic_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces `target` (an old one is removed)."""
+    """Yield a temporary directory; on success it replaces `target` (an old one is removed).
+
+    `target` must be absent or a real folder (`check_write_target`); out of space is one
+    `DiskFullError` line, and the temporary folder is removed.
+    """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield tmp
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            if old.exists():
+    check_write_target(target, folder=True)
+    with disk_full_as_error(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(target), suffix=".tmp", dir=target.parent))
+        try:
+            yield tmp
+            check_write_target(target, folder=True)
+            if target.exists():
+                old = target.with_name(f".{target.name}.old")
+                if old.exists() or old.is_symlink():
+                    remove_path(old)
+                os.replace(target, old)
+                os.replace(tmp, target)
                 shutil.rmtree(old)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            else:
+                os.replace(tmp, target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:
@@ -152,11 +258,77 @@ def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
 
 # -- leftovers of interrupted writers -------------------------------------------------------------------------
 
-# `atomic_path` / `atomic_dir` name their temporaries `.<target>.<8 random chars>.tmp` (tempfile's
-# alphabet) and `atomic_dir` parks the replaced target as `.<target>.old` during the swap.
-_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
+# `atomic_path` / `atomic_dir` name their temporaries `.<target>.p<writer pid>.<8 random chars>.tmp`
+# (tempfile's alphabet; older versions wrote no pid) and `atomic_dir` parks the replaced target as
+# `.<target>.old` during the swap.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+?)(?:\.p(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp$")
 _OLD_NAME = re.compile(r"^\.(?P<target>.+)\.old$")
+# A temporary whose writer (the pid in its name) is gone and that nobody touched for this long is a
+# leftover; one without a live-looking writer (no pid, or a pid that may have been reused, or a
+# writer in another pid namespace sharing the folder) only after a day untouched.
+STALE_DEAD_WRITER_S = 60.0
+STALE_ANY_WRITER_S = 24 * 3600.0
 
+log = logging.getLogger("mmgen_deploy.io_utils")
+_swept_folders: set[str] = set()
+
+
+def _writer_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Path) -> list[Leftover]:
+    """Remove the temporaries killed writers of `atomic_path` / `atomic_dir` left in `folder` (not below).
+
+    Only names of mmgen's own pattern, only regular files and real folders (never links, devices
+    or FIFOs), and only when not in use: the writer named in the temp name is dead and the entry has
+    been left alone for `STALE_DEAD_WRITER_S`, or anyone's entry untouched for a day. Writers outside
+    a run directory hold no lock, so this is how the folder of `generate --out` or `batch --out`
+    gets rid of what a SIGKILL left. Once per folder and process; errors are ignored (a leftover
+    that stays costs disk space only).
+    """
+    key = str(folder.absolute())
+    if key in _swept_folders:
+        return []
+    _swept_folders.add(key)
+    found: list[Leftover] = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return found
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
+            continue
+        idle = now - info.st_mtime
+        pid = match.group("pid")
+        writer_gone = pid is not None and not _writer_alive(int(pid))
+        if not ((writer_gone and idle > STALE_DEAD_WRITER_S) or idle > STALE_ANY_WRITER_S):
+            continue
+        path = Path(entry.path)
+        size = tree_bytes(path)
+        try:
+            remove_path(path)
+        except OSError:
+            continue
+        found.append(Leftover(path, size, "removed"))
+        log.warning("%s", found[-1].describe())
+    return found
 
 @dataclass(frozen=True)
 class Leftover:
@@ -216,15 +388,18 @@ def sweep_leftovers(folder: Path, *, recurse: bool = True, only_target: str | No
         match = temp or old
         if match is not None and (only_target is None or match.group("target") == only_target):
             target = entry.with_name(match.group("target"))
-            if old is not None and entry.is_dir() and _is_absent(target, ignore):
-                if target.exists():
-                    shutil.rmtree(target)
+            mode = entry.lstat().st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                continue  # not something mmgen made: a link, device or FIFO is left alone
+            if old is not None and stat.S_ISDIR(mode) and _is_absent(target, ignore):
+                if target.exists() or target.is_symlink():
+                    remove_path(target)
                 os.replace(entry, target)
                 found.append(Leftover(entry, 0, "restored"))
                 subfolders.append(target)
                 continue
             size = tree_bytes(entry)
-            if entry.is_dir() and not entry.is_symlink():
+            if stat.S_ISDIR(mode):
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
@@ -266,6 +441,27 @@ def read_lock_holder(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def open_lock_file(path: Path) -> int:
+    """Open (creating it) the lock file `path` for reading and writing, never through a link and only
+    when it is a regular file: a lock planted as a link to another file (or a device, a FIFO) in a
+    folder received from someone else must not make the holder overwrite that file."""
+    hint = f"remove it (`rm {path}`): mmgen makes a new lock file"
+    check_write_target(path, label="lock file", hint=hint)
+    try:
+        # O_NONBLOCK: opening a FIFO planted since the check must not hang (it is refused below).
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # a link appeared since the check
+            check_write_target(path, label="lock file", hint=hint)
+        raise
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise UnsafePathError(f"lock file {path} is {describe_file_type(mode)}, not a regular file", hint)
+    os.set_blocking(fd, True)
+    return fd
+
+
 @contextlib.contextmanager
 def exclusive_lock(path: Path, holder: dict[str, Any]) -> Iterator[bool]:
     """Hold an exclusive `flock` on `path` (created if missing) without waiting for it.
@@ -278,11 +474,11 @@ def exclusive_lock(path: Path, holder: dict[str, Any]) -> Iterator[bool]:
     """
     import fcntl
 
-    key = str(path.resolve())
+    key = str(path.parent.resolve() / path.name)  # the folder's links resolved, never the lock's own
     with _held_guard:
         held = _held.get(key)
         if held is None:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

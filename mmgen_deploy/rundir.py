@@ -43,6 +43,7 @@ from mmgen_deploy.io_utils import (
     Leftover,
     LockBusy,
     atomic_path,
+    check_write_target,
     exclusive_lock,
     read_json,
     sha256_file_remembered,
@@ -248,6 +249,7 @@ class RunDir:
                 return
         else:
             self._require_run()
+        self.check_entries()
         holder = {"pid": os.getpid(), "purpose": purpose, "command": _command_line(),
                   "since": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
         try:
@@ -268,6 +270,14 @@ class RunDir:
                 with contextlib.suppress(OSError):
                     self.lock_path.unlink(missing_ok=True)
                     self.root.rmdir()
+
+    def check_entries(self) -> None:
+        """Refuse (one line) a run whose own entries (`RUN_ENTRIES`, the lock) are links, devices, FIFOs or
+        sockets: a writer would follow them out of the run (a run folder received from someone else
+        could point `reports/` at a system folder). Their contents are checked where each file is written."""
+        hint = "replace it with a real folder or file (copy the linked content in, e.g. with `cp -rL`)"
+        for name in RUN_ENTRIES:
+            check_write_target(self.root / name, folder=name != "run.json", label="run entry", hint=hint)
 
     def writing_into(self, target: Path | None, purpose: str) -> contextlib.AbstractContextManager[Any]:
         """`writing(purpose)` when `target` (None: the run's default place) lies inside the run directory;

@@ -6,6 +6,7 @@ Each command lives in its own module with a `register(app)` function; heavy impo
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -141,6 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # anything unexpected: still one line unless --debug
         if state.debug:
             raise
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = f" while writing {exc.filename}" if exc.filename else ""
+            console.print(f"[bold red]error:[/] no space left on device{escape(where)} (free space on that disk "
+                          "or write elsewhere)", soft_wrap=True)
+            sys.exit(1)
         console.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))} "
                       "(run with --debug for a traceback)",
                       soft_wrap=True)

@@ -90,7 +90,21 @@ def split_list(values: list[str] | None) -> list[str]:
 def json_option(what: str) -> Any:
     """The `--json FILE` option of a command that writes `what` as JSON (`-`: stdout, for pipes);
     one definition, so every command spells and explains it the same way (written by `emit_json`)."""
-    return typer.Option(None, "--json", metavar="FILE", help=f"Write {what} as JSON to FILE ('-' = stdout).")
+    return typer.Option(None, "--json", metavar="FILE", help=f"Write {what} as JSON to FILE ('-' = stdout).",
+                        callback=checked_json_destination)
+
+
+_JSON_HINT = "give a new or regular file ('-' writes to stdout)"
+
+
+def checked_json_destination(destination: str | None) -> str | None:
+    """Refuse a --json FILE that is a link, device, FIFO or socket before the command does any work
+    (`/dev/stdout` is a link: '-' says stdout)."""
+    if destination is not None and destination != "-":
+        from mmgen_deploy.io_utils import check_write_target
+
+        check_write_target(destination, label="--json", hint=_JSON_HINT)
+    return destination
 
 
 def emit_json(data: Any, destination: str | None) -> None:
@@ -103,6 +117,7 @@ def emit_json(data: Any, destination: str | None) -> None:
     else:
         from mmgen_deploy.io_utils import atomic_path
 
+        checked_json_destination(destination)
         with atomic_path(destination) as tmp:
             tmp.write_text(text + "\n")
 

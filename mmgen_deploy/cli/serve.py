@@ -12,7 +12,15 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from mmgen_deploy.cli.common import CLASS_OPTION, PROMPT_OPTION, PROMPTS_FILE_OPTION, console, emit_json, json_option
+from mmgen_deploy.cli.common import (
+    CLASS_OPTION,
+    PROMPT_OPTION,
+    PROMPTS_FILE_OPTION,
+    checked_json_destination,
+    console,
+    emit_json,
+    json_option,
+)
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import RUN_PRECISIONS
@@ -159,7 +167,7 @@ def register(app: typer.Typer) -> None:
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", help="Seconds to wait for the models to load."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo the server log."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
-        json_out: str | None = typer.Option(None, "--json", metavar="FILE",
+        json_out: str | None = typer.Option(None, "--json", metavar="FILE", callback=checked_json_destination,
                                             help="Once ready, write endpoints and the server pid as JSON."),
     ) -> None:
         from mmgen_deploy.serve import MODEL_NAME

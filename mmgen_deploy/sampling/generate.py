@@ -65,9 +65,12 @@ class Generated:
 
 def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
     """Replace only folders that `generate` (or `client`, which writes the same) wrote; never swallow
-    someone's other files."""
-    if target.is_file():
+    someone's other files, and never a link, a device or anything else that is not a folder."""
+    from mmgen_deploy.io_utils import check_write_target
+
+    if target.is_file() and not target.is_symlink():
         raise UsageError(f"--out {target} is a file", "give a folder path")
+    check_write_target(target, folder=True, label="--out")
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
         raise UsageError(f"--out {target} exists and was not written by `{command}`",
                          f"choose another --out folder ({command} replaces only its own output folders)")

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mmgen_deploy.errors import MMGenError, NotAvailableError
+from mmgen_deploy.io_utils import check_write_target
 
 _PR_SET_PDEATHSIG = 1
 _PYTHON_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
@@ -372,6 +373,8 @@ class TritonServer:
 
     def _read_output(self) -> None:
         assert self.process is not None and self.process.stdout is not None
+        if self.log_file:
+            check_write_target(self.log_file, label="log file")
         log = open(self.log_file, "a", encoding="utf-8") if self.log_file else None  # noqa: SIM115
         try:
             for raw in self.process.stdout:
