@@ -1,0 +1,94 @@
+"""The user docs stay true to the CLI: every option a command shows is on its docs page, links resolve."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import click
+import pytest
+
+from mmgen_deploy.cli.app import command
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+
+# The page that documents each command (its options table or text).
+COMMAND_PAGES = {
+    "quickstart": ["training.md"], "train": ["training.md"], "eval": ["training.md"],
+    "import": ["import.md"], "export": ["export.md", "quantization.md"], "build-engine": ["tensorrt.md"],
+    "generate": ["generate.md"], "parity": ["parity-and-bench.md"], "bench": ["parity-and-bench.md"],
+    "serve": ["serving.md"], "client": ["serving.md"], "triton-repo": ["serving.md"], "batch": ["batch.md"],
+    "info": ["run-directory.md"], "doctor": ["backends.md"],
+}
+
+
+def _leaf_commands() -> list[tuple[str, click.Command]]:
+    def walk(cmd: click.Command, path: list[str]):
+        subs = getattr(cmd, "commands", None)
+        if subs:
+            for name, sub in subs.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    return list(walk(command(), []))
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md")), *sorted((ROOT / "benchmarks").glob("*.md"))]
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-")
+            for m in re.finditer(r"^#+\s+(.*)$", page.read_text(), re.M)}
+
+
+def test_every_command_has_a_page() -> None:
+    top = {name.split()[0] for name, _ in _leaf_commands()}
+    assert top == set(COMMAND_PAGES), top ^ set(COMMAND_PAGES)
+
+
+@pytest.mark.parametrize("name,cmd", _leaf_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_visible_option_is_on_the_command_page(name: str, cmd: click.Command) -> None:
+    text = "".join((DOCS / page).read_text() for page in COMMAND_PAGES[name.split()[0]])
+    missing = []
+    for param in cmd.params:
+        if param.param_type_name == "argument" or getattr(param, "hidden", False):
+            continue
+        long_names = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("--") and o != "--help"]
+        if long_names and not any(f"`{o}" in text or f" {o}" in text for o in long_names):
+            missing.append(long_names[0])
+    assert not missing, f"mmgen {name}: {missing} not on {COMMAND_PAGES[name.split()[0]]}"
+
+
+def test_readme_lists_every_command_and_stays_short() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    for top in COMMAND_PAGES:
+        assert f"`mmgen {top}" in readme or f"`{top}`" in readme, top
+    assert "make demo" in readme and "make test" in readme
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    broken = []
+    for page in _markdown_files():
+        for link in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if re.match(r"[a-z]+:", link):
+                continue
+            path, _, anchor = link.partition("#")
+            target = (page.parent / path).resolve() if path else page
+            if not target.exists():
+                broken.append(f"{page.relative_to(ROOT)}: {link}")
+            elif anchor and target.suffix == ".md" and anchor not in _anchors(target):
+                broken.append(f"{page.relative_to(ROOT)}: {link} (no such heading)")
+    assert not broken, broken
+
+
+def test_docs_say_why_not_when() -> None:
+    """History belongs in git: no work sessions or issue numbers in the user docs."""
+    pattern = re.compile(r"\b(this|later|previous|earlier|next) session\b|\bissues? #?\d+", re.I)
+    found = [f"{page.relative_to(ROOT)}: {m.group(0)}" for page in _markdown_files()
+             for m in pattern.finditer(page.read_text())]
+    assert not found, found
