@@ -10,7 +10,7 @@ allocation and parity all read it; nothing else repeats these facts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,13 +53,45 @@ RUN_PRECISIONS: tuple[str, ...] = (*PRECISIONS, *RUNTIME_PRECISIONS)
 # Classifier-free guidance runs [cond; uncond] in one denoiser call: the denoiser's batch is doubled.
 GUIDANCE_BATCH_MULTIPLIER = 2
 
+# The denoiser in three parts, for step caching (`sampling.cache`): the head (embeddings and the
+# first CACHE_HEAD_BLOCKS blocks) runs every step, the body (the middle blocks) only on the steps a
+# cache policy recomputes, the tail (the last CACHE_TAIL_BLOCKS blocks and the final layer) every
+# step, on the head's tokens plus the body's residual (body output - body input), fresh or cached.
+# The whole denoiser stays a component of its own; the parts are extra graphs, exported when asked
+# (`mmgen export --components denoiser_parts`), since they hold a second copy of the DiT's weights.
+# One head block and no tail block (first-block caching, as ParaAttention's FBCache for Flux): every
+# block but the first is cached, which saves the most per reused step; the head block's output is
+# the cheap indicator the adaptive policy watches.
+DENOISER_PARTS: tuple[str, ...] = ("denoiser_head", "denoiser_body", "denoiser_tail")
+PARTS_WORD = "denoiser_parts"  # what `--components` takes for all three
+CACHE_HEAD_BLOCKS = 1
+CACHE_TAIL_BLOCKS = 0
+# Every component a run may hold graphs of, in pipeline order (the parts follow the whole denoiser).
+ALL_COMPONENTS: tuple[str, ...] = (*COMPONENTS[:COMPONENTS.index("denoiser") + 1], *DENOISER_PARTS,
+                                   *COMPONENTS[COMPONENTS.index("denoiser") + 1:])
 
-def component_names(config: ModelConfig) -> tuple[str, ...]:
+
+def expand_parts(names: Iterable[str]) -> tuple[str, ...]:
+    """Component names as given, PARTS_WORD replaced by the three denoiser parts (repeats dropped)."""
+    return tuple(dict.fromkeys(n for name in names for n in (DENOISER_PARTS if name == PARTS_WORD else (name,))))
+
+
+def denoiser_split(dit: DiTConfig) -> dict[str, range]:
+    """Which blocks each denoiser part runs (the head also embeds, the tail also runs the final layer)."""
+    if dit.depth < CACHE_HEAD_BLOCKS + CACHE_TAIL_BLOCKS + 1:
+        raise ValueError(f"a DiT of depth {dit.depth} is too shallow to split into head, body and tail")
+    body_stop = dit.depth - CACHE_TAIL_BLOCKS
+    return {"denoiser_head": range(0, CACHE_HEAD_BLOCKS), "denoiser_body": range(CACHE_HEAD_BLOCKS, body_stop),
+            "denoiser_tail": range(body_stop, dit.depth)}
+
+
+def component_names(config: ModelConfig, *, parts: bool = False) -> tuple[str, ...]:
     """The deployable components of a model, in pipeline order: its first stage's (VQ: encoder,
-    quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model."""
+    quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model.
+    `parts`: with the denoiser's parts after the denoiser (what a run can hold; not exported by default)."""
     have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
-            *(TEXT_ONLY_COMPONENTS if config.uses_text else ())}
-    return tuple(c for c in COMPONENTS if c in have)
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ()), *(DENOISER_PARTS if parts else ())}
+    return tuple(c for c in ALL_COMPONENTS if c in have)
 
 
 def decode_components(config: ModelConfig) -> tuple[str, ...]:
@@ -95,6 +127,9 @@ class Tensors:
     T = "t"
     CLASS_IDS = "class_ids"
     MODEL_OUTPUT = "model_output"  # denoiser output: epsilon (and variance channels with learned sigma)
+    HIDDEN = "hidden"  # denoiser parts: the tokens (B, N, D) after the head's blocks
+    EMBEDDING = "embedding"  # denoiser parts: the adaLN input (B, D), timestep + condition embedding
+    BODY_RESIDUAL = "body_residual"  # denoiser body output: its blocks' output minus their input tokens
     INPUT_IDS = "input_ids"  # text encoder input: token ids
     TEXT_EMBEDDINGS = "text_embeddings"  # text encoder outputs = text denoiser inputs
     TEXT_MASK = "text_mask"
@@ -408,9 +443,10 @@ def _kl_specs(img: Shape, lat: Shape, idx: Shape, image_inputs: InputMaker,
     }
 
 
-def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
+def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, ComponentSpec]:
     """The specs of the components of a model with this configuration, in pipeline order
-    (`component_names`: they follow its first stage, and a text model adds its text encoder)."""
+    (`component_names`: they follow its first stage, and a text model adds its text encoder);
+    `parts`: the denoiser's parts too (`DENOISER_PARTS`)."""
     vq, dit = config.first_stage, config.dit
     N = Tensors
     img = (BATCH, vq.in_channels, vq.image_size, vq.image_size)
@@ -514,5 +550,52 @@ def component_specs(config: ModelConfig) -> dict[str, ComponentSpec]:
             # text encoder: rel. L2 0.11 on real captions, over the 8-bit tolerance).
             quant_fallback={"int8": "fp16", "fp8": "fp16"},
         )
-    assert tuple(specs) == component_names(config), "component_specs must follow COMPONENTS"
+    if parts:
+        specs.update(_denoiser_part_specs(config, specs["denoiser"], conditions))
+        specs = {name: specs[name] for name in ALL_COMPONENTS if name in specs}
+    assert tuple(specs) == component_names(config, parts=parts), "component_specs must follow ALL_COMPONENTS"
     return specs
+
+
+def _denoiser_part_specs(config: ModelConfig, denoiser: ComponentSpec,
+                         conditions: tuple[TensorSpec, ...]) -> dict[str, ComponentSpec]:
+    """Head, body and tail (see DENOISER_PARTS): the head takes the denoiser's inputs; the body and the
+    tail take the head's tokens and embedding, and a cross-attention DiT's prompt tokens and mask.
+    Tolerances, batch profile and what stays out of 8-bit are the whole denoiser's; the timestep
+    embedding (the FP32 scope) is in the head."""
+    dit, N = config.dit, Tensors
+    tokens = (dit.input_size // dit.patch_size) ** 2
+    hidden = TensorSpec(N.HIDDEN, "float32", (BATCH, tokens, dit.hidden_size))
+    embedding = TensorSpec(N.EMBEDDING, "float32", (BATCH, dit.hidden_size))
+    residual = TensorSpec(N.BODY_RESIDUAL, "float32", (BATCH, tokens, dit.hidden_size))
+    context = tuple(t for t in conditions if t.name in (N.TEXT_EMBEDDINGS, N.TEXT_MASK)) \
+        if dit.uses_cross_attention else ()
+
+    def token_inputs(*names: str) -> InputMaker:
+        def make(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+            # Unit-scale stand-ins; validation and parity feed the head's real outputs (`upstream`).
+            feeds = {name: rng.standard_normal((b, tokens, dit.hidden_size)).astype(np.float32) for name in names}
+            feeds[N.EMBEDDING] = rng.standard_normal((b, dit.hidden_size)).astype(np.float32)
+            made = denoiser.make_inputs(b, rng)
+            feeds.update({t.name: made[t.name] for t in context})
+            return feeds
+        return make
+
+    def part(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], make: InputMaker,
+             upstream: str | None, fp32_scopes: tuple[str, ...] = ()) -> ComponentSpec:
+        return ComponentSpec(name=name, inputs=inputs, outputs=outputs, make_inputs=make,
+                             batch_multiplier=denoiser.batch_multiplier,
+                             tolerances={p: {t.name: limits[N.MODEL_OUTPUT] for t in outputs}
+                                         for p, limits in denoiser.tolerances.items()},
+                             fp32_scopes=fp32_scopes, quant_exclude_scopes=denoiser.quant_exclude_scopes,
+                             upstream=upstream)
+
+    return {
+        "denoiser_head": part("denoiser_head", denoiser.inputs, (hidden, embedding), denoiser.make_inputs,
+                              denoiser.upstream, denoiser.fp32_scopes),
+        "denoiser_body": part("denoiser_body", (hidden, embedding, *context), (residual,),
+                              token_inputs(N.HIDDEN), "denoiser_head"),
+        "denoiser_tail": part("denoiser_tail", (hidden, residual, embedding, *context),
+                              (TensorSpec(N.MODEL_OUTPUT, "float32", denoiser.outputs[0].shape),),
+                              token_inputs(N.HIDDEN, N.BODY_RESIDUAL), "denoiser_head"),
+    }

@@ -10,7 +10,14 @@ import typer
 
 from mmgen_deploy.cli.common import console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import COMPONENTS, DEFAULT_EXPORT_PRECISIONS, DEFAULT_REL_L2, PRECISIONS
+from mmgen_deploy.specs import (
+    ALL_COMPONENTS,
+    DEFAULT_EXPORT_PRECISIONS,
+    DEFAULT_REL_L2,
+    PARTS_WORD,
+    PRECISIONS,
+    expand_parts,
+)
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunLike
@@ -72,7 +79,7 @@ def _component_precisions(values: list[str] | None) -> dict[str, str]:
     for value in values or []:
         for item in value.split(","):
             name, sep, choice = item.strip().partition("=")
-            if not sep or name not in COMPONENTS or choice not in ("fp32", "fp16", "quantize"):
+            if not sep or name not in ALL_COMPONENTS or choice not in ("fp32", "fp16", "quantize"):
                 raise UsageError(f"--component-precision {item!r} is not COMPONENT=fp32|fp16|quantize",
                                  "e.g. --component-precision decoder=fp16")
             out[name] = choice
@@ -91,7 +98,8 @@ def register(app: typer.Typer) -> None:
         components: list[str] = typer.Option(
             None, "--components", "-c",
             help="Export only these: encoder, quantizer (VQ runs), decoder, denoiser, text_encoder "
-                 "(text-to-image runs) (repeat or comma-separate). "
+                 "(text-to-image runs) (repeat or comma-separate); denoiser_parts adds the denoiser's head, body "
+                 "and tail graphs that --cache runs (not part of all: they repeat the denoiser's weights). "
                  "Other components of an existing export of the same checkpoint are kept."),
         opset: int = typer.Option(18, "--opset", help="ONNX opset (17..20); >= 17 gives TensorRT native LayerNorm."),
         overwrite: bool = typer.Option(
@@ -152,13 +160,14 @@ def register(app: typer.Typer) -> None:
                                      high_precision=high_precision,
                                      component_precisions=_component_precisions(component_precision))
         # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
-        chosen = _split(components, COMPONENTS, "--components")
+        chosen = _split(components, (*ALL_COMPONENTS, PARTS_WORD), "--components")
         if chosen:  # before the progress bar: a class model has no text encoder to export
             from mmgen_deploy.export.exporter import normalize_selection
             from mmgen_deploy.rundir import RunDir
             from mmgen_deploy.specs import component_names
 
-            normalize_selection(precisions, chosen, component_names(RunDir(run_dir).load_config()))
+            config = RunDir(run_dir).load_config()
+            normalize_selection(precisions, chosen, component_names(config, parts=True), component_names(config))
         manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
                               calibration=calibration, quantization=quantization,
                               external_data=True if external_data else None, calibration_images=calibration_images)
@@ -197,7 +206,8 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
         manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
                               calibration=calibration, progress=progress, quantization=quantization,
                               external_data=external_data, calibration_images=calibration_images, **options)
-    _print_summary(manifest, precisions, components or list(manifest.get("components", COMPONENTS)))
+    shown = list(expand_parts(components)) if components else list(manifest.get("components", ALL_COMPONENTS))
+    _print_summary(manifest, precisions, shown)
     console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
                   f"(calibration: {manifest['calibration']['source']})")
     quant = manifest["calibration"].get("quantization")

@@ -37,7 +37,14 @@ from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.memory import check_extra
 from mmgen_deploy.onnx_files import onnx_bytes, onnx_sha256
 from mmgen_deploy.rundir import RunDir, writes_run
-from mmgen_deploy.specs import PRECISIONS, BatchProfile, ComponentSpec, component_names, component_specs
+from mmgen_deploy.specs import (
+    PRECISIONS,
+    BatchProfile,
+    ComponentSpec,
+    component_names,
+    component_specs,
+    expand_parts,
+)
 
 if TYPE_CHECKING:
     import tensorrt as trt
@@ -259,14 +266,15 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
         raise UsageError(f"unknown precision {options.precision!r}",
                          "use fp16, int8 or fp8 (or fp32 for debugging)")
     config = run.load_config()
-    available = component_names(config)
+    available = component_names(config, parts=True)  # the denoiser's parts when asked (PARTS_WORD)
+    options = replace(options, components=expand_parts(options.components))
     unknown = [c for c in options.components if c not in available]
     if unknown:
         why = " (a class-conditioned model has no text encoder)" if "text_encoder" in unknown else ""
         raise UsageError(f"unknown component(s) {', '.join(unknown)}{why}", f"choose from {', '.join(available)}")
     if not options.components:
-        options = replace(options, components=available)
-    specs = component_specs(config)
+        options = replace(options, components=component_names(config))
+    specs = component_specs(config, parts=True)
     gpu = current_gpu() if flavour.needs_gpu_to_build else None
     if flavour.needs_gpu_to_build and gpu is None:
         raise NotAvailableError(f"{flavour.label} needs a CUDA GPU to build engines and none is visible",

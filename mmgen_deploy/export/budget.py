@@ -56,7 +56,8 @@ class ComponentCost:
 
 
 def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
-    """Per component of `config`: GFLOP per sample and FP32 weight bytes, counted on meta tensors."""
+    """Per component of `config` (the denoiser's parts too): GFLOP per sample and FP32 weight bytes,
+    counted on meta tensors."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -73,8 +74,8 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
     vq, dit = vq.to("meta").eval(), dit.to("meta").eval()
     if text is not None:
         text = text.to("meta").eval()
-    modules = build_components(vq, dit, text)
-    specs = component_specs(config)
+    modules = build_components(vq, dit, text, parts=True)
+    specs = component_specs(config, parts=True)
     costs = {}
     for name, module in modules.items():
         spec = specs[name]

@@ -29,6 +29,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 from mmgen_deploy.specs import (
+    DENOISER_PARTS,
     FIRST_STAGE_COMPONENTS,
     TEXT_OUTPUTS,
     ComponentSpec,
@@ -304,3 +305,26 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         inputs["text_encoder"] = specs["text_encoder"].make_inputs(n, rng)
     inputs["denoiser"] = denoiser
     return inputs, source
+
+
+@torch.no_grad()
+def denoiser_part_inputs(denoiser_inputs: dict[str, np.ndarray], specs: dict[str, ComponentSpec],
+                         modules: dict[str, nn.Module], batch: int = 8) -> dict[str, dict[str, np.ndarray]]:
+    """Real inputs of the denoiser's parts from the whole denoiser's real inputs: the head gets them as
+    they are, the body the head's outputs, the tail the head's outputs and the body's residual
+    (and each its prompt tokens and mask, when it has cross-attention)."""
+    head, body = specs["denoiser_head"], specs["denoiser_body"]
+    n = next(iter(denoiser_inputs.values())).shape[0]
+    produced: dict[str, list[np.ndarray]] = {}
+    for start in range(0, n, batch):
+        args = [torch.from_numpy(denoiser_inputs[name][start:start + batch]) for name in head.input_names]
+        hidden, embedding = modules["denoiser_head"](*args)
+        given = {Tensors.HIDDEN: hidden, Tensors.EMBEDDING: embedding,
+                 **{k: torch.from_numpy(v[start:start + batch]) for k, v in denoiser_inputs.items()}}
+        residual = modules["denoiser_body"](*[given[name] for name in body.input_names])
+        for name, value in ((Tensors.HIDDEN, hidden), (Tensors.EMBEDDING, embedding),
+                            (Tensors.BODY_RESIDUAL, residual)):
+            produced.setdefault(name, []).append(value.numpy().astype(np.float32))
+    everything = {**denoiser_inputs, **{k: np.concatenate(v) for k, v in produced.items()}}
+    return {name: {t: everything[t] for t in specs[name].input_names}
+            for name in DENOISER_PARTS}

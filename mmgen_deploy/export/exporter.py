@@ -28,6 +28,7 @@ from mmgen_deploy.export.calibration import (
     FirstStageCache,
     component_inputs,
     dataset_calibration,
+    denoiser_part_inputs,
     load_calibration,
 )
 from mmgen_deploy.export.manifest import (
@@ -58,15 +59,18 @@ from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
 from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
-    COMPONENTS,
+    ALL_COMPONENTS,
     DEFAULT_EXPORT_PRECISIONS,
+    DENOISER_PARTS,
     FIRST_STAGE_COMPONENTS,
+    PARTS_WORD,
     PRECISIONS,
     QUANTIZED_PRECISIONS,
     TEXT_ONLY_COMPONENTS,
     ComponentSpec,
     component_names,
     component_specs,
+    expand_parts,
 )
 
 if TYPE_CHECKING:
@@ -100,20 +104,27 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
 
 
 def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
-                        available: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Check and order the requested precisions and components; `available` is the
-    model's components (`component_names(config)`: five for a text model)."""
+                        available: Sequence[str], default: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """Check and order the requested precisions and components; `available` is what may be asked for
+    (`component_names(config, parts=True)`: with the denoiser's parts), `default` what None means
+    (every one of `available` when not given). PARTS_WORD stands for the three denoiser parts."""
     chosen_precisions = list(dict.fromkeys(precisions))
     bad = [p for p in chosen_precisions if p not in PRECISIONS]
     if bad or not chosen_precisions:
         raise UsageError(f"unknown precision(s) {', '.join(bad) or '(none)'}", f"choose from {', '.join(PRECISIONS)}")
-    chosen = list(dict.fromkeys(components)) if components is not None else list(available)
+    if components is None:
+        chosen = list(default if default is not None else available)
+    else:
+        chosen = list(expand_parts(components))
     bad = [c for c in chosen if c not in available]
     if bad or not chosen:
         why = (" (a class-conditioned model has no text encoder)" if "text_encoder" in bad
                else " (this model's first stage has no quantizer)" if "quantizer" in bad else "")
+        listed = [c for c in available if c not in DENOISER_PARTS]
+        if any(c in DENOISER_PARTS for c in available):
+            listed.append(f"{PARTS_WORD} (or one of {', '.join(DENOISER_PARTS)})")
         raise UsageError(f"unknown component(s) {', '.join(bad) or '(none)'}{why}",
-                         f"choose from {', '.join(available)}")
+                         f"choose from {', '.join(listed)}")
     # Always in pipeline order, whatever order the user typed.
     return [p for p in PRECISIONS if p in chosen_precisions], [c for c in available if c in chosen]
 
@@ -177,12 +188,13 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     check_opset(opset)
     if config.uses_text and (models.text_encoder is None or tokenizer is None):
         raise ValueError("exporting a text-to-image model needs its text encoder and tokenizer")
-    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
-    specs = component_specs(config)
+    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
+                                                    component_names(config))
+    specs = component_specs(config, parts=True)
     costs = budget.component_costs(config)
     assert models.first_stage is not None and models.dit is not None
     modules = build_components(models.first_stage.eval(), models.dit.eval(),
-                               None if models.text_encoder is None else models.text_encoder.eval())
+                               None if models.text_encoder is None else models.text_encoder.eval(), parts=True)
     limit = min(CALIBRATION_SAMPLES, calibration_images or CALIBRATION_SAMPLES)
     quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
     steps_per = 3 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)
@@ -219,6 +231,11 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     real_kind = "real" if data is not None else "dummy"
     quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration,
                        progress=lambda line: detail(f"8-bit calibration {line}"), cache=first_stage)
+    if any(c in DENOISER_PARTS for c in chosen):  # the parts see what the whole denoiser's inputs make of them
+        with torch_threads(budget.threads_for(costs["denoiser"])):
+            real_inputs.update(denoiser_part_inputs(real_inputs["denoiser"], specs, modules))
+            if quant is not None:
+                quant.inputs.update(denoiser_part_inputs(quant.inputs["denoiser"], specs, modules))
     del first_stage
     del data
     files: dict[str, dict[str, Any]] = {p: {} for p in chosen_precisions}
@@ -320,7 +337,7 @@ def _release(models: _Models, modules: dict[str, Any], specs: dict[str, Componen
             modules.pop(name)
     if not any(c in FIRST_STAGE_NAMES for c in remaining):  # no first-stage component (VQ or KL) left
         models.first_stage = None
-    if "denoiser" not in remaining:
+    if not any(c == "denoiser" or c in DENOISER_PARTS for c in remaining):
         models.dit = None
     if "text_encoder" not in remaining and "text_encoder" not in upstream:
         models.text_encoder = None
@@ -406,7 +423,8 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     if calibration_images is not None and calibration_images < 1:
         raise UsageError(f"--calibration-images {calibration_images}: need at least 1")
     config = run.load_config()
-    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config))
+    chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
+                                                    component_names(config))
     _check_memory_for_models(config, chosen)
     if progress is not None:
         progress("loading the PyTorch models", 0, 0)
@@ -456,7 +474,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                       "(TensorRT has no useful int64)",
             "first_stage": config.first_stage_kind,  # vq or kl: which components there are
             "components": list(component_names(config)),
-            "files": {p: {c: files[p][c] for c in COMPONENTS if c in files[p]}
+            "files": {p: {c: files[p][c] for c in ALL_COMPONENTS if c in files[p]}
                       for p in PRECISIONS if files[p]},
             "calibration": result["calibration"],
             "last_export": {"precisions": chosen_precisions, "components": chosen,

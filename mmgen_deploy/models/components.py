@@ -14,7 +14,7 @@ from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
-from mmgen_deploy.specs import Tensors, denoiser_condition_names
+from mmgen_deploy.specs import Tensors, denoiser_condition_names, denoiser_split
 
 
 class EncoderComponent(nn.Module):
@@ -99,6 +99,64 @@ class TextDenoiserComponent(nn.Module):
                         text_pooled=given.get(Tensors.TEXT_POOLED))
 
 
+class _DenoiserPart(nn.Module):
+    """Shared by the parts: the DiT, which blocks this part runs, and how the conditions are named."""
+
+    def __init__(self, dit: DiT, part: str) -> None:
+        super().__init__()
+        self.dit = dit
+        self.blocks = denoiser_split(dit.config)[part]
+        self.condition_names = denoiser_condition_names(dit.config)
+
+    def context(self, conditions: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The prompt tokens and key bias of a cross-attention DiT (its text_embeddings and text_mask)."""
+        if not self.dit.config.uses_cross_attention:
+            return None, None
+        return self.dit.cross_context(*conditions[:2])
+
+
+class DenoiserHeadComponent(_DenoiserPart):
+    """(x_t, t, *conditions as the whole denoiser takes them) -> (hidden (B, N, D): the tokens after the
+    head's blocks, embedding (B, D): the adaLN input every later block and the final layer read)."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__(dit, "denoiser_head")
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor,
+                *conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        given = dict(zip(self.condition_names, conditions, strict=True))
+        h, c = self.dit.embed(x_t, t, given.get(Tensors.CLASS_IDS), text_pooled=given.get(Tensors.TEXT_POOLED))
+        context, bias = self.context(conditions)  # text_embeddings, text_mask come first
+        return self.dit.run_blocks(h, c, self.blocks.start, self.blocks.stop, context, bias), c
+
+
+class DenoiserBodyComponent(_DenoiserPart):
+    """(hidden, embedding[, text_embeddings, text_mask]) -> body_residual (B, N, D): what the middle
+    blocks add to the tokens (the part a cache policy reuses)."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__(dit, "denoiser_body")
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor, *context: torch.Tensor) -> torch.Tensor:
+        tokens, bias = self.context(context)
+        out = self.dit.run_blocks(hidden, embedding, self.blocks.start, self.blocks.stop, tokens, bias)
+        return out - hidden
+
+
+class DenoiserTailComponent(_DenoiserPart):
+    """(hidden, body_residual, embedding[, text_embeddings, text_mask]) -> model_output: the tail's
+    blocks and the final layer on hidden + body_residual."""
+
+    def __init__(self, dit: DiT) -> None:
+        super().__init__(dit, "denoiser_tail")
+
+    def forward(self, hidden: torch.Tensor, body_residual: torch.Tensor, embedding: torch.Tensor,
+                *context: torch.Tensor) -> torch.Tensor:
+        tokens, bias = self.context(context)
+        h = self.dit.run_blocks(hidden + body_residual, embedding, self.blocks.start, self.blocks.stop, tokens, bias)
+        return self.dit.finish(h, embedding)
+
+
 class TextEncoderComponent(nn.Module):
     """input_ids (B, L) int32 -> (text_embeddings (B, L, D), text_mask (B, L), text_pooled (B, D))."""
 
@@ -111,9 +169,10 @@ class TextEncoderComponent(nn.Module):
 
 
 def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
-                     text_encoder: TextEncoder | None = None) -> dict[str, nn.Module]:
+                     text_encoder: TextEncoder | None = None, *, parts: bool = False) -> dict[str, nn.Module]:
     """All deployable components in eval mode, sharing weights with the models: the first
-    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder."""
+    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder;
+    with `parts`, the denoiser's parts after the denoiser (`specs.component_names(config, parts=True)`)."""
     if dit.config.uses_text and text_encoder is None:
         raise ValueError("a text-conditioned DiT needs its text encoder")
     comps: dict[str, nn.Module]
@@ -123,6 +182,9 @@ def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
         comps = {"encoder": EncoderComponent(first_stage), "quantizer": QuantizerComponent(first_stage),
                  "decoder": DecoderComponent(first_stage)}
     comps["denoiser"] = TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit)
+    if parts:
+        comps.update({"denoiser_head": DenoiserHeadComponent(dit), "denoiser_body": DenoiserBodyComponent(dit),
+                      "denoiser_tail": DenoiserTailComponent(dit)})
     if text_encoder is not None:
         comps["text_encoder"] = TextEncoderComponent(text_encoder)
     return {name: module.eval() for name, module in comps.items()}

@@ -235,6 +235,17 @@ class DiT(nn.Module):
         (num_classes = null) for a class DiT; for a text DiT the text encoder's outputs:
         text (B, L, D) and text_mask (B, L) for cross-attention, text_pooled (B, D) for adaLN.
         """
+        h, c = self.embed(x, t, y, drop_labels, text_pooled=text_pooled)
+        context, bias = self.cross_context(text, text_mask)
+        h = self.run_blocks(h, c, 0, len(self.blocks), context, bias)
+        return self.finish(h, c)
+
+    # The stages of `forward`, which the denoiser parts (models.components) run separately: the
+    # embeddings, any contiguous range of blocks, and the final layer.
+    def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+              drop_labels: torch.Tensor | None = None, *,
+              text_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch tokens h (B, N, D) and the adaLN input c (B, D): timestep + condition embedding."""
         cfg = self.config
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t)
@@ -246,13 +257,27 @@ class DiT(nn.Module):
             if text_pooled is None:
                 raise ValueError("this DiT needs text_pooled")
             c = c + self.text_pool_embedder(text_pooled)
-        bias = None
-        if cfg.uses_cross_attention:
-            if text is None or text_mask is None:
-                raise ValueError("this DiT needs text and text_mask for cross-attention")
-            bias = key_bias(text_mask)
-        for block in self.blocks:
-            h = block(h, c, text if bias is not None else None, bias)
+        return h, c
+
+    def cross_context(self, text: torch.Tensor | None,
+                      text_mask: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What the cross-attention blocks read: the prompt tokens and their key bias (None, None
+        for a DiT without cross-attention)."""
+        if not self.config.uses_cross_attention:
+            return None, None
+        if text is None or text_mask is None:
+            raise ValueError("this DiT needs text and text_mask for cross-attention")
+        return text, key_bias(text_mask)
+
+    def run_blocks(self, h: torch.Tensor, c: torch.Tensor, start: int, stop: int,
+                   context: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Blocks start..stop-1 on the tokens h."""
+        for block in self.blocks[start:stop]:
+            h = block(h, c, context, bias)
+        return h
+
+    def finish(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The final layer and unpatchify: tokens -> model output (B, C or 2C, H, W)."""
         return self.unpatchify(self.final_layer(h, c))
 
 

@@ -95,7 +95,7 @@ class BaseRunner(ABC):
     def __init__(self, config: ModelConfig, precision: str, device: str) -> None:
         self.check_precision(precision)
         self.config = config
-        self.specs: dict[str, ComponentSpec] = component_specs(config)
+        self.specs: dict[str, ComponentSpec] = component_specs(config, parts=True)
         self.precision = precision
         self.device = device
 

@@ -47,7 +47,7 @@ class TorchRunner(BaseRunner):
                          precision, device)
         self._torch = torch
         self.modules = {name: module.to(device)
-                        for name, module in build_components(vq, dit, text_encoder).items()}
+                        for name, module in build_components(vq, dit, text_encoder, parts=True).items()}
 
     @classmethod
     def _open(cls, run: RunDir, precision: str, device: str, *, threads: int | None = None,
