@@ -9,6 +9,7 @@ import tempfile
 
 import pytest
 import torch
+from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # noqa: F401  (hooks)
 
 from mmgen_deploy.config import ModelConfig, preset
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
