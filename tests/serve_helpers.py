@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -44,3 +46,22 @@ def ctrl_c_acts() -> None:
     SIGINT ignored and Python keeps it so; the suite run that way (`.ci/run &`) had `mmgen serve`
     ignore the tests' Ctrl-C until it was killed."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+T = TypeVar("T")
+# What a server says when another process took its port between `free_loopback_ports` and its bind.
+PORT_TAKEN = "already in use"
+
+
+def with_free_loopback_ports(count: int, start: Callable[[list[int]], T], attempts: int = 3) -> T:
+    """`start(ports)` with `count` distinct free loopback ports; again with new ones when a port was
+    taken meanwhile (`start` raised an error whose text says a port is already in use)."""
+    from mmgen_deploy.serve.server import free_loopback_ports
+
+    for attempt in range(attempts):
+        try:
+            return start(free_loopback_ports(count))
+        except Exception as exc:
+            if PORT_TAKEN not in str(exc) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import pytest
-from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, needs_triton
+from serve_helpers import PORT_TAKEN, REPO_ROOT, child_env, ctrl_c_acts, needs_triton, with_free_loopback_ports
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.errors import UsageError
@@ -33,30 +33,12 @@ from mmgen_deploy.serve.server import LONGEST_STOP_S, free_loopback_ports, summa
 
 
 def _free_port() -> int:
-    """A port free right now; servers started here go through `_with_free_ports`, which retries
-    when another process took it before the server bound it."""
+    """A port free right now, for commands that fail before binding it; servers started here go
+    through `with_free_loopback_ports`, which retries when another process took a port first."""
     return free_loopback_ports(1)[0]
 
 
 T = TypeVar("T")
-PORT_TAKEN = "already in use"
-
-
-def _with_free_loopback_ports(count: int, start: Callable[[list[int]], T], attempts: int = 3) -> T:
-    """`start(ports)` with `count` distinct free ports; again with new ones when a port was taken
-    meanwhile (`start` raised an error whose text says a port is already in use)."""
-    for attempt in range(attempts):
-        ports: list[int] = []
-        while len(ports) < count:
-            port = _free_port()
-            if port not in ports:
-                ports.append(port)
-        try:
-            return start(ports)
-        except Exception as exc:
-            if PORT_TAKEN not in str(exc) or attempt == attempts - 1:
-                raise
-    raise AssertionError("unreachable")
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -215,13 +197,13 @@ def test_server_serves_tensors_intact_and_dies_with_its_parent(tmp_path) -> None
         child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True, env=child_env())
         line = child.stdout.readline() if child.stdout else ""
-        if not line:  # the server did not start: say why (a taken port makes _with_free_ports retry)
+        if not line:  # the server did not start: say why (a taken port makes with_free_loopback_ports retry)
             child.kill()
             _, err = child.communicate(timeout=30)
             raise AssertionError(f"the launcher child printed nothing: {err[-2000:]}")
         return child, line
 
-    child, line = _with_free_loopback_ports(2, launch)
+    child, line = with_free_loopback_ports(2, launch)
     server_pid = None
     try:
         info = json.loads(line)
@@ -257,7 +239,7 @@ def test_serve_exits_with_the_servers_error_when_the_repository_fails_to_load(tm
             raise AssertionError(result.stderr)
         return result
 
-    result = _with_free_loopback_ports(3, serve)
+    result = with_free_loopback_ports(3, serve)
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert lines and "missing weight file" in result.stderr and "mmgen_generate" in lines[0], result.stderr
@@ -281,7 +263,7 @@ def test_serve_reports_a_busy_port_in_one_line(tmp_path, random_models) -> None:
                 raise AssertionError(result.stderr)
             return result
 
-        result = _with_free_loopback_ports(1, serve)
+        result = with_free_loopback_ports(1, serve)
     assert result.returncode == 1, result.stderr
     assert f"127.0.0.1:{port}' already in use" in result.stderr and "CudaDriverHelper" not in result.stderr
 
@@ -369,7 +351,7 @@ def test_serve_end_to_end_concurrent_clients_match_generate(tmp_path, random_mod
     export_run(run.root, precisions=["fp32"], components=["denoiser", "quantizer", "decoder"])
     steps = 4
     endpoints_file = tmp_path / "endpoints.json"
-    serve = _with_free_loopback_ports(3, lambda ports: _start_serve(run.root, endpoints_file, ports))
+    serve = with_free_loopback_ports(3, lambda ports: _start_serve(run.root, endpoints_file, ports))
     server_pid = None
     try:
         endpoints = json.loads(endpoints_file.read_text())
@@ -510,7 +492,7 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
             finally:
                 client.close()
 
-    served, denoiser_stats = _with_free_loopback_ports(2, generate)
+    served, denoiser_stats = with_free_loopback_ports(2, generate)
     # 3 steps -> 3 denoiser executions of batch 2 (conditional + unconditional), all through Triton.
     assert batch_sizes_executed(denoiser_stats) == {2: 3}
     runner, _choice = open_runner(run.root, "onnxruntime", "fp32", threads=1)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, needs_triton
+from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, needs_triton, with_free_loopback_ports
 from text_helpers import PROMPT, make_text_run
 
 from mmgen_deploy.cli.app import main
@@ -62,10 +62,10 @@ class Served:
         self.pid = int(endpoints["pid"])  # type: ignore[call-overload]
 
 
-@contextlib.contextmanager
-def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
-    """`mmgen serve RUN` as a user runs it (ONNX Runtime fp32, 1 thread); stopped with SIGINT afterwards."""
-    http, grpc, metrics = free_loopback_ports(3)
+def _start_serve(run_root: Path, tmp_path: Path, extra: tuple[str, ...], ports: list[int]) -> Served:
+    """`mmgen serve RUN` on `ports`, returned once it wrote its endpoints (ready); an early exit raises
+    with the server's error (a taken port makes `with_free_loopback_ports` try new ones)."""
+    http, grpc, metrics = ports
     endpoints_file = tmp_path / f"endpoints-{http}.json"
     process = subprocess.Popen(
         [sys.executable, "-m", "mmgen_deploy", "serve", str(run_root), "--port", str(http), "--grpc-port", str(grpc),
@@ -73,28 +73,41 @@ def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
          "--max-queue-delay-us", "1000", "--json", str(endpoints_file), *extra],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=child_env(),
         preexec_fn=ctrl_c_acts)
-    served = None
     try:
         deadline = time.monotonic() + 180
         while not endpoints_file.is_file():
             if process.poll() is not None:
-                pytest.fail(f"mmgen serve exited early: {process.communicate()[1]}")
+                raise AssertionError(f"mmgen serve exited early: {process.communicate()[1]}")
             assert time.monotonic() < deadline, "mmgen serve not ready within 180 s"
             time.sleep(0.2)
         time.sleep(0.1)  # the JSON file is renamed into place complete; give the writer a moment anyway
-        served = Served(process, json.loads(endpoints_file.read_text()))
+        return Served(process, json.loads(endpoints_file.read_text()))
+    except BaseException:
+        _stop(process, None)
+        raise
+
+
+def _stop(process: subprocess.Popen[str], served: Served | None) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=LONGEST_STOP_S + 30)  # + the interpreter's exit
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if served is not None:  # the server's process group must be gone with `mmgen serve`
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(served.pid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _serve(run_root: Path, tmp_path: Path, *extra: str) -> Iterator[Served]:
+    """`mmgen serve RUN` as a user runs it (ONNX Runtime fp32, 1 thread); stopped with SIGINT afterwards."""
+    served = with_free_loopback_ports(3, lambda ports: _start_serve(run_root, tmp_path, extra, ports))
+    try:
         yield served
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=LONGEST_STOP_S + 30)  # + the interpreter's exit
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if served is not None:  # the server's process group must be gone with `mmgen serve`
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(served.pid, signal.SIGKILL)
+        _stop(served.process, served)
 
 
 def _pngs(folder: Path) -> list[Path]:
@@ -265,15 +278,19 @@ def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> 
     _export(run)
     repo = tmp_path / "repo"
     write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python", threads=1))
-    http, grpc = free_loopback_ports(2)
     prompts = [PROMPT, "a small red circle", PROMPT]
-    with running_server(repo, http_port=http, grpc_port=grpc, metrics_port=None, python_paths=[REPO_ROOT]) as server:
-        remote = GenerateClient(server.http_url, timeout_s=120)
-        try:
-            served = remote.generate(ImageRequest(seeds=[1, 2, 3], prompts=prompts, steps=2))
-            encoder_stats = dict(remote.client.get_inference_statistics("mmgen_text_encoder"))
-        finally:
-            remote.close()
+
+    def generate(ports: list[int]) -> tuple[np.ndarray, dict]:
+        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
+                            python_paths=[REPO_ROOT]) as server:
+            remote = GenerateClient(server.http_url, timeout_s=120)
+            try:
+                images = remote.generate(ImageRequest(seeds=[1, 2, 3], prompts=prompts, steps=2))
+                return images, dict(remote.client.get_inference_statistics("mmgen_text_encoder"))
+            finally:
+                remote.close()
+
+    served, encoder_stats = with_free_loopback_ports(2, generate)
     # One text encoder execution for the request: the two distinct prompts and the empty one.
     assert batch_sizes_executed(encoder_stats) == {3: 1}
     runner, _ = open_runner(run.root, "onnxruntime", "fp32", threads=1)
