@@ -224,6 +224,45 @@ def test_perturbed_graph_fails_export_and_keeps_previous(tmp_path, random_models
         export_run(run, precisions=("fp32",), components=("denoiser",))
 
 
+def _scale_final_projection(path, factor: float) -> None:
+    """Multiply the weight matrix of the denoiser's final projection (FP32 or FP16) by `factor`."""
+    model = onnx.load(str(path))
+    node = next(n for n in model.graph.node if n.name.startswith("/dit/final_layer/linear/MatMul"))
+    init = next(i for i in model.graph.initializer if i.name in node.input)
+    weights = onnx.numpy_helper.to_array(init)
+    init.CopyFrom(onnx.numpy_helper.from_array((weights * factor).astype(weights.dtype), init.name))
+    onnx.save(model, str(path))
+
+
+def test_perturbed_fp16_graph_fails_export_and_keeps_previous(tmp_path, random_models, capsys,
+                                                              monkeypatch) -> None:
+    """The FP16 graph is validated against PyTorch FP32 on its own tolerance: a converter whose output
+    is 10 % off in the final projection is refused, and the previous export stays as it was."""
+    from mmgen_deploy.data import DataSpec
+    from mmgen_deploy.export import fp16 as fp16_module
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit, data=DataSpec(name="shapes").to_dict())
+    export_run(run, precisions=("fp32", "fp16"), components=("denoiser",))
+    manifest_before = (run.onnx_dir / "manifest.json").read_bytes()
+    graph_before = onnx_path(run, "fp16", "denoiser").read_bytes()
+    real_convert = fp16_module.convert_fp16
+
+    def convert_then_perturb(fp32_path, spec, out_path, calibration, **options):
+        record = real_convert(fp32_path, spec, out_path, calibration, **options)
+        _scale_final_projection(out_path, 1.1)
+        return record
+
+    monkeypatch.setattr(fp16_module, "convert_fp16", convert_then_perturb)
+    code, text = _cli(["export", str(run.root), "-p", "fp16", "-c", "denoiser"], capsys)
+    assert code == 1, text
+    assert "denoiser fp16" in text and "model_output" in text and "relative L2 error" in text
+    assert "Traceback" not in text
+    assert (run.onnx_dir / "manifest.json").read_bytes() == manifest_before
+    assert onnx_path(run, "fp16", "denoiser").read_bytes() == graph_before
+    assert not [p for p in run.root.iterdir() if p.name.startswith(".onnx")]  # no temp dirs left
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, random_models, capsys) -> None:
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
