@@ -237,6 +237,8 @@ class RunDir:
         created = False
         if create:
             if self.root.exists() and not self.root.is_dir():
+                if not self.root.is_file():  # a device, FIFO or socket: never replaced by a run
+                    check_write_target(self.root, folder=True, label="run directory")
                 yield []
                 return
             if not self.root.exists():

@@ -339,3 +339,15 @@ def test_a_second_batch_into_the_same_out_is_refused(exported_tiny_run: RunDir, 
     assert code == 0, output
     keys = [json.loads(line)["key"] for line in (out / "manifest.jsonl").read_text().splitlines() if line]
     assert len(keys) == 2 and len(set(keys)) == 2
+
+
+@needs_root
+@pytest.mark.parametrize("argv", [["train", "vqvae", "--steps", "1", "--out"], ["quickstart", "--out"],
+                                  ["import", "--vq", "x", "--dit", "y", "--out"]])
+def test_a_run_directory_that_is_a_device_is_refused(tmp_path: Path, argv: list[str],
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    device = _null_device(tmp_path / "null")
+    before = _identity(device)
+    code, output = _cli([*argv, str(device)], capsys)
+    assert code != 0 and "character device" in _one_line_error(output)
+    assert _identity(device) == before and [p.name for p in tmp_path.iterdir()] == ["null"]

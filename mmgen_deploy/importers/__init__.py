@@ -21,7 +21,7 @@ from mmgen_deploy.importers.kl import KLArchitecture, import_diffusers_kl, impor
 from mmgen_deploy.importers.safe_load import ALLOWED_GLOBALS, CheckpointError, load_checkpoint
 from mmgen_deploy.importers.sources import Found, read_scheduler, read_source
 from mmgen_deploy.importers.vq import VQArchitecture, import_diffusers_vq, import_taming_vq
-from mmgen_deploy.io_utils import atomic_dir, sha256_file
+from mmgen_deploy.io_utils import atomic_dir, check_write_target, sha256_file
 
 FirstStage = VQArchitecture | KLArchitecture
 
@@ -98,8 +98,10 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
     from mmgen_deploy.rundir import RunDir
 
     out = Path(out)
-    if out.exists() and not out.is_dir():
+    if out.is_file():
         raise UsageError(f"--out {out} is a file", "give a directory path for the run")
+    if out.exists() and not out.is_dir():  # a device, FIFO or socket
+        check_write_target(out, folder=True, label="--out")
     if not RunDir(out).is_empty() and not force:
         raise UsageError(f"{out} already exists and is not empty",
                          "choose a new --out or pass --overwrite to replace it")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.io_utils import remove_path
 from mmgen_deploy.rundir import RUN_ENTRIES as _RUN_ENTRIES
 from mmgen_deploy.rundir import RunDir
 
@@ -93,11 +93,7 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
         if resume:
             raise UsageError("--resume and --overwrite contradict each other", "use one of them")
         for name in _RUN_ENTRIES:
-            path = out / name
-            if path.is_dir():
-                shutil.rmtree(path)
-            elif path.exists():
-                path.unlink()
+            remove_path(out / name)  # a link is removed, never followed
     elif out.is_dir() and not run.is_empty():
         raise RunDirError(f"{out} is a non-empty folder that is not an mmgen run directory",
                           "choose an empty or new folder for --out")
