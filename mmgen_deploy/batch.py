@@ -3,7 +3,9 @@
     REQUESTS.jsonl   one JSON object per line:
                      {"class": "red circle", "n": 3, "seed": 11}         (class models: a name or an id)
                      {"prompt": "a small red circle", "n": 2, "seed": 4, "steps": 20, "cfg_scale": 3.0}
-                     optional: n (1), seed (0), steps, cfg_scale, sampler (the command's defaults)
+                     optional: n (1), seed (0), steps, cfg_scale, sampler (the command's defaults);
+                     n is at most SAMPLING.max_images_per_line, the file at most SAMPLING.max_batch_images
+                     images (`defaults`): each image is one job held in memory until it is written
     OUT/
       .mmgen.lock      held (flock) by the batch writing into OUT: a second one into the same OUT is refused
       batch.json       the run (path, weights hash) and settings the images were made with
@@ -121,6 +123,7 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
     """Expand REQUESTS.jsonl into one job per image; a bad line is refused naming its number."""
     from mmgen_deploy.sampling.conditioning import class_name
     from mmgen_deploy.sampling.files import image_entry
+    from mmgen_deploy.sampling.loop import check_sampling_numbers
     from mmgen_deploy.sampling.requests import check_specs, expand_conditions
 
     try:
@@ -155,8 +158,11 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                 raise UsageError(f"sampler must be a string, got {sampler!r}")
             if ("class" in request) == ("prompt" in request):
                 raise UsageError('give "class" (class models) or "prompt" (text models), one of the two')
-            if seed < 0:
-                raise UsageError(f"seed must be >= 0, got {seed}")
+            check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1,
+                                   seed=seed)
+            if len(jobs) + n > SAMPLING.max_batch_images:
+                raise UsageError(f"the requests add up to more than {SAMPLING.max_batch_images} images",
+                                 "split them into several requests files, each with its own --out")
             classes = [str(request["class"])] if "class" in request else []
             prompts = [str(request["prompt"])] if "prompt" in request else []
             class_ids, prompt_rows = expand_conditions(config, classes, prompts, n)
@@ -186,6 +192,9 @@ def _integer(request: dict[str, Any], key: str, default: int) -> int:
         raise UsageError(f"{key} must be an integer, got {value!r}")
     if key in ("n", "steps") and value < 1:
         raise UsageError(f"{key} must be >= 1, got {value}")
+    if key == "n" and value > SAMPLING.max_images_per_line:
+        raise UsageError(f"n must be at most {SAMPLING.max_images_per_line} per line, got {value}",
+                         "split it over several lines with different seeds")
     return value
 
 

@@ -14,6 +14,7 @@ import torch
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.config import preset
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
 from mmgen_deploy.rundir import RunDir, save_run
 
@@ -80,6 +81,12 @@ def test_bad_request_lines_are_refused_by_number(class_run: RunDir, tmp_path: Pa
         ('{"class": "blue moon"}\n', "line 1: unknown class 'blue moon'"),
         ('{"class": 0, "n": 0}\n', "line 1: n must be >= 1"),
         ('{"class": 0, "sampler": "euler"}\n', "line 1: unknown sampler 'euler'"),
+        ('{"class": 0, "n": 1000000000}\n', "line 1: n must be at most 10000 per line"),
+        ('{"class": 0, "cfg_scale": 1e30}\n', "line 1: cfg scale must be in 0..50"),
+        ('{"class": 0, "cfg_scale": NaN}\n', "line 1: cfg scale must be in 0..50"),
+        ('{"class": 0, "seed": -1}\n', "line 1: seed must be an integer in 0..9223372036854775807"),
+        ('{"class": 0, "seed": 9223372036854775808}\n', "line 1: seed must be an integer in 0.."),
+        ('{"class": 0, "steps": 100000}\n', "line 1: steps 100000 exceeds the 1000 training timesteps"),
         ('\n\n', "holds no requests"),
     ]
     for text, expected in cases:
@@ -186,3 +193,22 @@ def test_batch_in_process_takes_prompts_for_a_text_run(tmp_path: Path, capsys: p
         assert psnr(image, ours[f"00001_{name}"]) >= 40.0
     entry = json.loads((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()[0])
     assert entry["prompt"] == PROMPT and "class" not in entry
+
+
+def test_requests_adding_up_past_the_limit_are_refused_before_expanding(
+        class_run: RunDir, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    import mmgen_deploy.batch
+
+    # REQUESTS describe 10 images
+    monkeypatch.setattr(mmgen_deploy.batch, "SAMPLING", dataclasses.replace(SAMPLING, max_batch_images=9))
+    requests = _write_requests(tmp_path / "r.jsonl", REQUESTS)
+    code, output = _cli(["batch", str(class_run.root), str(requests), "--out", str(tmp_path / "out")], capsys)
+    assert code == 2 and "line 5: the requests add up to more than 9 images" in output, output
+    assert "Traceback" not in output and not (tmp_path / "out").exists()
+    code, output = _cli(["batch", str(class_run.root), str(requests), "--out", str(tmp_path / "out"),
+                         "--batch-size", "100000"], capsys)
+    assert code == 2 and "--batch-size must be in 1..1024" in output, output
+    assert "n is at most 10000 per line" in " ".join(_cli(["batch", "--help"], capsys)[1].split())

@@ -73,10 +73,19 @@ def test_auto_backend_says_what_it_chose(exported_tiny_run, tmp_path, capsys) ->
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--steps", "0"], "--steps must be >= 1"),
-    (["--n", "0"], "--n must be >= 1"),
-    (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"),
-    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--n", "0"], "--n must be in 1..2048"),
+    (["--cfg-scale", "-1"], "--cfg-scale must be in 0..50"),
+    (["--batch-size", "0"], "--batch-size must be in 1..1024"),
     (["--sampler", "euler"], "unknown --sampler"),
+    (["--cfg-scale", "1e30"], "--cfg-scale must be in 0..50"),
+    (["--cfg-scale", "nan"], "--cfg-scale must be in 0..50"),
+    (["--eta", "nan"], "--eta must be in 0..1"),
+    (["--eta", "1.5"], "--eta must be in 0..1"),
+    (["--eta", "0.5", "--sampler", "ddpm"], "--eta applies to the ddim sampler only"),
+    (["--seed", "-1"], "--seed must be an integer in 0..9223372036854775807"),
+    (["--seed", str(2**63)], "--seed must be an integer in 0.."),
+    (["--n", "1000000000"], "--n must be in 1..2048"),
+    (["--batch-size", "100000"], "--batch-size must be in 1..1024"),
 ])
 def test_bad_numbers_are_refused_up_front(tmp_path, capsys, args: list[str], message: str) -> None:
     # The run directory does not even exist: the numbers are checked before anything is read.
@@ -84,6 +93,15 @@ def test_bad_numbers_are_refused_up_front(tmp_path, capsys, args: list[str], mes
     assert code == 2
     assert message in stderr and "Traceback" not in stderr
     assert len(stderr.strip().splitlines()) == 1
+
+
+def test_more_images_than_one_generate_holds_are_refused_before_loading(exported_tiny_run, tmp_path,
+                                                                        capsys) -> None:
+    # 18 classes x 200: within --n's bound, but more images than generate keeps in memory.
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "--n", "200", "--out", str(tmp_path / "o")],
+                           capsys)
+    assert code == 2 and "3600 images (--n 200 for each of 18 classes)" in stderr and "mmgen batch" in stderr
+    assert "backend:" not in stderr and "Traceback" not in stderr and not (tmp_path / "o").exists()
 
 
 def test_unknown_class_lists_valid_ones(exported_tiny_run, capsys) -> None:

@@ -154,9 +154,9 @@ def test_text_repository_declares_prompt_and_ships_the_tokenizer(tmp_path: Path)
 
 def test_client_refuses_bad_input_before_any_request(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     port = free_loopback_ports(1)[0]  # nothing listens there: each of these must fail before connecting
-    for argv, expected in ((["--n", "0"], "--n must be >= 1"), (["--steps", "0"], "--steps must be >= 1"),
-                           (["--cfg-scale", "-1"], "--cfg-scale must be >= 0"), (["--sampler", "euler"], "euler"),
-                           (["--seed", "-2"], "--seed must be >= 0"),
+    for argv, expected in ((["--n", "0"], "--n must be in 1..2048"), (["--steps", "0"], "--steps must be >= 1"),
+                           (["--cfg-scale", "-1"], "--cfg-scale must be in 0..50"), (["--sampler", "euler"], "euler"),
+                           (["--seed", "-2"], "--seed must be an integer in 0.."),
                            (["--prompts-file", str(tmp_path / "none.txt")], "does not exist")):
         code, text = _cli(["client", f"http://127.0.0.1:{port}", *argv], capsys)
         assert code == 2 and expected in text and "Traceback" not in text, text

@@ -18,7 +18,9 @@ def batch(
     run_dir: Path = typer.Argument(..., help="Run directory (from `mmgen train`, `quickstart` or `import`)."),
     requests: Path = typer.Argument(..., metavar="REQUESTS.jsonl",
                                     help='One JSON object per line: {"class": "red circle", "n": 3, "seed": 11} or '
-                                         '{"prompt": "...", "n": 2}; optional steps, cfg_scale, sampler.'),
+                                         '{"prompt": "...", "n": 2}; optional steps, cfg_scale, sampler. '
+                                         f'n is at most {SAMPLING.max_images_per_line} per line, '
+                                         f'{SAMPLING.max_batch_images} images per file.'),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: images/, manifest.jsonl, batch.json. "
                                                       "Rerunning on it skips what is done."),
     ray_address: str | None = typer.Option(None, "--ray", metavar="ADDRESS|local",

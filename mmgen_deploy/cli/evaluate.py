@@ -18,11 +18,21 @@ if TYPE_CHECKING:
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
                    precision: str, num_prompts: int = 200, threads: int | None = None) -> Any:
+    from mmgen_deploy.cli.generate import CLI_NAMES
+    from mmgen_deploy.defaults import SAMPLING
+    from mmgen_deploy.errors import UsageError
     from mmgen_deploy.evaluation.evaluate import EvalSettings
+    from mmgen_deploy.sampling.loop import check_sampling_numbers
 
     _positive("number of samples per class", per_class)
     _positive("number of sampling steps", steps)
     _positive("number of prompts", num_prompts)
+    for option, value in (("--samples-per-class", per_class), ("--num-prompts", num_prompts)):
+        if value > SAMPLING.max_generate_images:
+            raise UsageError(f"{option} must be at most {SAMPLING.max_generate_images}, got {value}",
+                             "eval keeps every generated image in memory")
+    check_sampling_numbers(steps=steps, sampler=EvalSettings.sampler, cfg_scale=cfg_scale, batch_size=1,
+                           seed=seed, names=CLI_NAMES)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts,
                         threads=threads)

@@ -36,14 +36,18 @@ def generate(
     prompts: list[str] = PROMPT_OPTION,
     prompts_file: Path | None = PROMPTS_FILE_OPTION,
     n: int = typer.Option(4, "--n", "-n", help="Images per class or prompt (18 classes with --n 10 give 180 "
-                                               "images)."),
+                                               f"images); at most {SAMPLING.max_generate_images} images in all "
+                                               "(generate keeps them in memory; `mmgen batch` writes any number)."),
     batch_size: int = typer.Option(SAMPLING.batch_size, "--batch-size", "-b",
                                    help="Images per denoiser call (guidance doubles the model batch)."),
     steps: int = typer.Option(SAMPLING.steps, "--steps", help="Denoising steps (respaced from the training schedule)."),
     sampler: str = typer.Option(SAMPLING.sampler, "--sampler", help="ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M)."),
     cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale",
-                                    help="Classifier-free guidance scale; 1 disables guidance, 0 is unconditional."),
-    eta: float = typer.Option(SAMPLING.eta, "--eta", help="DDIM noise (0 = deterministic, 1 = DDPM-like)."),
+                                    help=f"Classifier-free guidance scale in 0..{SAMPLING.max_cfg_scale:g}; 1 "
+                                         "disables guidance, 0 is unconditional."),
+    eta: float = typer.Option(SAMPLING.eta, "--eta",
+                              help=f"DDIM noise in 0..{SAMPLING.max_eta:g} (0 = deterministic, 1 = DDPM-like); "
+                                   "ddim only."),
     seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: same seed, same noise on every backend."),
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"
@@ -82,7 +86,7 @@ def generate(
 
 # How `mmgen generate` names the sampling arguments in its messages.
 CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale",
-             "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads"}
+             "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads", "seed": "--seed"}
 
 
 def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:

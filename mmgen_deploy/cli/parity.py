@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,8 +22,8 @@ def _parse_ints(text: str, option: str) -> list[int]:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise UsageError(f"{option} takes comma-separated integers, got {text!r}", f"e.g. {option} 1,3") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"{option} values must be >= 1, got {text!r}")
+    if not values or any(not 1 <= v <= SAMPLING.max_batch_size for v in values):
+        raise UsageError(f"{option} values must be in 1..{SAMPLING.max_batch_size}, got {text!r}")
     return values
 
 
@@ -98,15 +99,19 @@ def register(app: typer.Typer) -> None:
         drift). Exit code 1 on any FAILED check.
 
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
+        from mmgen_deploy.cli.generate import CLI_NAMES
         from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import BACKENDS
+        from mmgen_deploy.sampling.loop import check_sampling_numbers
 
         if backend not in BACKENDS or backend == "auto":
             raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
         if precision not in RUN_PRECISIONS:
             raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
-        if steps < 1 or num_images < 1:
-            raise UsageError("--steps and --images must be >= 1")
+        if not 1 <= num_images <= SAMPLING.max_generate_images:
+            raise UsageError(f"--images must be in 1..{SAMPLING.max_generate_images}, got {num_images}")
+        check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1, seed=seed,
+                               names=CLI_NAMES)
         options = ParityOptions(
             backend=backend, precision=precision, batches=_parse_ints(batch_sizes, "--batch-sizes"), steps=steps,
             sampler=sampler, cfg_scale=cfg_scale, num_images=num_images, seed=seed,
@@ -155,6 +160,8 @@ def register(app: typer.Typer) -> None:
         precision_list = split_list(precisions)
         if runs < 1 or warmup < 0 or steps < 1:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
+        if not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
+            raise UsageError(f"--cfg-scale must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}")
         from mmgen_deploy.specs import COMPONENTS
 
         component_list = split_list(components) or None

@@ -262,13 +262,11 @@ def register(app: typer.Typer) -> None:
         from mmgen_deploy.serve.client import GenerateClient
 
         # generate's checks and messages, before any request (None: the server's default, checked there)
-        if n < 1:
-            raise UsageError(f"--n must be >= 1, got {n}")
+        if not 1 <= n <= SAMPLING.max_generate_images:
+            raise UsageError(f"--n must be in 1..{SAMPLING.max_generate_images}, got {n}")
         check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or SAMPLING.sampler,
                                cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=SAMPLING.eta,
-                               names=CLI_NAMES)
-        if seed < 0:
-            raise UsageError(f"--seed must be >= 0, got {seed}")
+                               seed=seed, names=CLI_NAMES)
         all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
         check_output_dir(out, "mmgen client")
         remote = GenerateClient(url, timeout_s=timeout)

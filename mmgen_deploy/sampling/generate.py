@@ -46,10 +46,11 @@ class GenerateRequest:
 
     def check(self, names: dict[str, str] = API_NAMES) -> None:
         """The checks that need no run directory (`names`: how messages name the arguments)."""
-        if self.n < 1:
-            raise UsageError(f"{names.get('n', 'n')} must be >= 1, got {self.n}")
+        if not 1 <= self.n <= SAMPLING.max_generate_images:
+            raise UsageError(f"{names.get('n', 'n')} must be in 1..{SAMPLING.max_generate_images}, got {self.n}",
+                             "generate keeps every image in memory; `mmgen batch` writes any number")
         check_sampling_numbers(steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
-                               batch_size=self.batch_size, eta=self.eta, names=names)
+                               batch_size=self.batch_size, eta=self.eta, seed=self.seed, names=names)
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{names.get('threads', 'threads')} must be >= 1, got {self.threads}")
 
@@ -105,6 +106,12 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
     run = RunDir.of(run_dir)
     config = run.load_config()
     class_ids, prompt_rows = expand_conditions(config, request.classes, request.prompts, request.n)
+    count = len(class_ids or prompt_rows or ())
+    if count > SAMPLING.max_generate_images:
+        raise UsageError(f"{count} images ({names.get('n', 'n')} {request.n} for each of {count // request.n} "
+                         f"{'prompts' if prompt_rows else 'classes'}) is more than one generate makes "
+                         f"({SAMPLING.max_generate_images})",
+                         f"lower {names.get('n', 'n')}, or use `mmgen batch` (it writes images as they are made)")
     per_image: list[int] = class_ids or []
     per_prompt: list[str] = prompt_rows or []
     tokenizer = run.load_tokenizer() if config.uses_text else None

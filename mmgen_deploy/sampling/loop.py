@@ -27,7 +27,7 @@ from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.numerics import to_uint8
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
-from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler
+from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler, sampler_kind
 from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors, component_specs, decode_components, latent_name
 
 if TYPE_CHECKING:
@@ -82,25 +82,37 @@ class SampleResult:
 # How the sampling arguments are named in messages: as keywords of `sample` (the default) or,
 # from the command line, as its options (`CLI_NAMES`).
 API_NAMES = {"steps": "steps", "sampler": "sampler", "cfg_scale": "cfg scale", "batch_size": "batch size",
-             "eta": "eta"}
+             "eta": "eta", "seed": "seed"}
 CLI_NAMES = {"steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "batch_size": "--batch-size",
              "eta": "--eta"}
 
 
-def check_sampling_numbers(*, steps: int, sampler: str, cfg_scale: float, batch_size: int, eta: float,
-                           names: dict[str, str] = API_NAMES) -> None:
-    """The model-independent checks of the sampling arguments (the CLI runs them before reading a run)."""
+def check_seed(seed: int, name: str = "seed") -> None:
+    """A seed NumPy's default_rng and the Triton server (INT64) both take: an integer in 0..max_seed."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SAMPLING.max_seed:
+        raise UsageError(f"{name} must be an integer in 0..{SAMPLING.max_seed} (2^63 - 1), got {seed!r}")
+
+
+def check_sampling_numbers(*, steps: int, sampler: str, cfg_scale: float, batch_size: int,
+                           eta: float = SAMPLING.eta, seed: int = 0, names: dict[str, str] = API_NAMES) -> None:
+    """The model-independent checks of the sampling arguments, against the bounds in `defaults.SAMPLING`
+    (the CLI runs them before reading a run)."""
     if steps < 1:
         raise UsageError(f"{names['steps']} must be >= 1, got {steps}")
     if sampler not in SAMPLERS:
         raise UsageError(f"unknown {names['sampler']} {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
-    if not np.isfinite(cfg_scale) or cfg_scale < 0:
-        raise UsageError(f"{names['cfg_scale']} must be >= 0 (a finite number), got {cfg_scale}",
+    if not (np.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
+        raise UsageError(f"{names['cfg_scale']} must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}",
                          "1 disables guidance; DiT uses 4.0 for pictures")
-    if batch_size < 1:
-        raise UsageError(f"{names['batch_size']} must be >= 1, got {batch_size}")
-    if eta < 0:
-        raise UsageError(f"{names['eta']} must be >= 0, got {eta}")
+    if not 1 <= batch_size <= SAMPLING.max_batch_size:
+        raise UsageError(f"{names['batch_size']} must be in 1..{SAMPLING.max_batch_size}, got {batch_size}")
+    if not (np.isfinite(eta) and 0 <= eta <= SAMPLING.max_eta):
+        raise UsageError(f"{names['eta']} must be in 0..{SAMPLING.max_eta:g}, got {eta}",
+                         "0 is deterministic DDIM, 1 adds as much noise as DDPM")
+    if eta != 0 and sampler_kind(sampler) != "ddim":
+        raise UsageError(f"{names['eta']} applies to the ddim sampler only, not {sampler}",
+                         f"leave {names['eta']} out or use {names['sampler']} ddim")
+    check_seed(seed, names.get("seed", "seed"))
 
 
 def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, steps: int, sampler: str,
@@ -145,6 +157,9 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     cfg = float(cfg_scale)
 
     n = len(conditioning)
+    check_seed(seed)
+    for image_seed in seeds or ():
+        check_seed(int(image_seed))
     if seeds is not None and len(seeds) != n:
         raise UsageError(f"{len(seeds)} seeds for {n} images", "give one seed per image")
     if image_indices is not None and (seeds is None or len(image_indices) != n):
@@ -163,7 +178,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     chain = [(name, specs[name].input_names) for name in decode_components(config)]
     first_input = latent_name(config)
     indices: np.ndarray | None = None
-    images_f: np.ndarray | None = None
+    images: np.ndarray | None = None  # uint8 as each batch is decoded: a quarter of the float images' memory
     num_batches = (n + batch_size - 1) // batch_size
     total_steps = num_batches * len(scheduler)
     done = 0
@@ -223,17 +238,17 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
             produced.update(runner.run(component, {name: produced[name] for name in inputs}))
         decoded = produced[Tensors.IMAGE]
         model_s += time.perf_counter() - call_start
-        if images_f is None:
-            images_f = np.empty((n, *decoded.shape[1:]), dtype=np.float32)
+        decoded_uint8 = to_uint8(decoded)
+        if images is None:
+            images = np.empty((n, *decoded_uint8.shape[1:]), dtype=np.uint8)
         if Tensors.INDICES in produced:
             if indices is None:
                 indices = np.empty((n, *produced[Tensors.INDICES].shape[1:]), dtype=np.int32)
             indices[start:stop] = produced[Tensors.INDICES]
         latents[start:stop] = x
-        images_f[start:stop] = decoded
+        images[start:stop] = decoded_uint8
 
-    assert images_f is not None
-    images = to_uint8(images_f)
+    assert images is not None
     total_s = time.perf_counter() - start_total
     return SampleResult(
         images=images, latents=latents, indices=indices, class_ids=list(conditioning.class_ids), seed=seed,

@@ -24,7 +24,7 @@ import numpy as np
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning, text_conditioning
-from mmgen_deploy.sampling.loop import SampleResult, sample, validate_sampling_args
+from mmgen_deploy.sampling.loop import SampleResult, check_seed, sample, validate_sampling_args
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -109,8 +109,8 @@ def check_specs(config: ModelConfig, specs: Sequence[ImageSpec]) -> None:
             raise UsageError("this model is conditioned on text: it takes prompts, not classes")
         if not config.uses_text and spec.class_id is None:
             raise UsageError("this model is class-conditioned: it takes classes, not prompts")
-        if spec.seed < 0 or spec.index < 0:
-            raise UsageError(f"seed {spec.seed} / index {spec.index}: both must be >= 0")
+        check_seed(spec.seed)
+        check_seed(spec.index, "index")
         validate_sampling_args(config, None if spec.class_id is None else [spec.class_id], steps=spec.steps,
                                sampler=spec.sampler, cfg_scale=spec.cfg_scale, batch_size=1, eta=SAMPLING.eta)
 

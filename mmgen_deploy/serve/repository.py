@@ -81,6 +81,8 @@ class RepositoryOptions:
              f"--artifacts must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
             (1 <= self.default_steps <= self.max_steps,
              f"--steps {self.default_steps} must be in 1..{self.max_steps} (--max-steps)"),
+            (0 <= self.max_cfg_scale <= SAMPLING.max_cfg_scale,
+             f"max cfg scale must be in 0..{SAMPLING.max_cfg_scale:g}"),
             (0 <= self.default_cfg_scale <= self.max_cfg_scale,
              f"--cfg-scale {self.default_cfg_scale} must be in 0..{self.max_cfg_scale}"),
         ]
