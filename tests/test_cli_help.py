@@ -78,3 +78,101 @@ def test_old_spellings_are_hidden_from_help(capsys, monkeypatch) -> None:
             main([*argv, "--help"])
         text = capsys.readouterr().out
         assert not [h for h in hidden if h in text], (argv, text)
+
+
+def _commands():
+    """(`mmgen` subcommand path, Click command) for every command."""
+    def walk(cmd, path):
+        subcommands = getattr(cmd, "commands", None)
+        if subcommands:
+            for name, sub in subcommands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield " ".join(path), cmd
+
+    yield from walk(command(), [])
+
+
+def _visible_options():
+    """(command, long name, short flags, metavar or None for a flag) of every option `--help` shows."""
+    from mmgen_deploy.cli.common import visible_names
+
+    for path, cmd in _commands():
+        for param in cmd.params:
+            if param.param_type_name != "option" or param.hidden:
+                continue
+            names = visible_names(param)
+            long_names = [n for n in names if n.startswith("--")]
+            shorts = tuple(n for n in names if not n.startswith("--"))
+            yield path, long_names[0], long_names[1:], shorts, None if param.is_flag else param.metavar
+
+
+def _uses() -> dict[str, list[str]]:
+    uses: dict[str, list[str]] = {}
+    for path, name, *_ in _visible_options():
+        uses.setdefault(name, []).append(path)
+    return uses
+
+
+def test_every_shared_option_has_one_name_value_and_short_flag() -> None:
+    """An option two commands take is in SHARED_OPTIONS, and takes the same kind of value and the same
+    short flag in each; a short flag means one option everywhere; no command shows an old spelling."""
+    from mmgen_deploy.cli.common import OLD_SPELLINGS, SHARED_OPTIONS
+
+    uses = _uses()
+    shared = {name for name, commands in uses.items() if len(commands) > 1}
+    assert shared == set(SHARED_OPTIONS), (shared ^ set(SHARED_OPTIONS))
+    short_meaning: dict[str, set[str]] = {}
+    old = {spelling for spellings in OLD_SPELLINGS.values() for spelling in spellings if spelling.startswith("--")}
+    for path, name, other_long, shorts, metavar in _visible_options():
+        for short in shorts:
+            short_meaning.setdefault(short, set()).add(name)
+        assert not (set(other_long) | set(shorts) | {name}) & old, (path, name)
+        if name in SHARED_OPTIONS:
+            want = SHARED_OPTIONS[name]
+            assert (metavar, shorts) == (want.value, (want.short,) if want.short else ()), (path, name)
+    assert {s: names for s, names in short_meaning.items() if len(names) > 1} == {}
+
+
+def test_docs_table_of_shared_options_is_the_code_s() -> None:
+    from pathlib import Path
+
+    from mmgen_deploy.cli.common import shared_options_markdown
+
+    table = shared_options_markdown({name: commands for name, commands in _uses().items()})
+    docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text()
+    assert table in docs, "docs/cli.md: replace the shared-options table with\n" + table
+
+
+@pytest.mark.parametrize("argv", [["generate", "R", "--stepz", "3"], ["generate", "R", "--steps", "q"], ["nothing"],
+                                  ["generate"], ["bench", "R", "--precision"]], ids=" ".join)
+def test_parser_errors_look_like_mmgen_errors(argv: list[str], capsys) -> None:
+    """A mistyped option or value: one `error: ...` line on stderr and exit code 2, as mmgen's own
+    usage errors, not Click's usage block with `Error:`."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert info.value.code == 2 and captured.out == ""
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Usage" not in captured.err, captured.err
+
+
+def test_success_help_and_no_arguments_exit_as_before(capsys) -> None:
+    for argv, code in ((["--version"], 0), (["info", "--help"], 0), ([], 2), (["train"], 2)):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == code, argv
+        captured = capsys.readouterr()
+        assert "Usage" in captured.out + captured.err or argv == ["--version"]
+
+
+def test_docs_list_every_old_spelling() -> None:
+    from pathlib import Path
+
+    from mmgen_deploy.cli.common import OLD_SPELLINGS
+
+    docs = (Path(__file__).parent.parent / "docs" / "cli.md").read_text().split("## Old spellings", 1)[1]
+    rows = [line for line in docs.splitlines() if line.startswith("| ")]
+    for new, olds in OLD_SPELLINGS.items():
+        for old in olds:
+            assert any(f"`{old}`" in row and f"`{new}`" in row for row in rows), (old, new)

@@ -73,7 +73,7 @@ def test_cli_version_help_doctor(capsys) -> None:
     assert code == 0 and "onnxruntime" in text and "torch" in text
     # A command called without its required argument: usage error (exit 2), no traceback.
     code, text = _cli(["serve"], capsys)
-    assert code == 2 and "Missing argument" in text and "Traceback" not in text
+    assert code == 2 and "error: missing argument" in text and "Traceback" not in text
 
 
 def test_rundir_owns_the_layout_and_one_loader(tmp_path, random_models) -> None:

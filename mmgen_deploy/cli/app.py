@@ -15,6 +15,9 @@ from typing import Any
 import typer
 from rich.markup import escape
 
+# Typer vendors Click; its exceptions are only importable from there.
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
 from mmgen_deploy import __version__
 from mmgen_deploy.cli import (
     batch,
@@ -129,7 +132,24 @@ def main(argv: list[str] | None = None) -> None:
     state.debug = "--debug" in args or os.environ.get("MMGEN_DEBUG") == "1"
     install_log_handler()
     try:
-        command().main(args=args, prog_name="mmgen")
+        # standalone_mode=False: the parser's errors come here, to be said the way mmgen says its own.
+        exit_code = command().main(args=args, prog_name="mmgen", standalone_mode=False)
+        sys.exit(exit_code if isinstance(exit_code, int) else 0)  # typer.Exit(code) comes back as its code
+    except NoArgsIsHelpError as exc:  # `mmgen` or `mmgen train` alone: the help, as before
+        exc.show()
+        sys.exit(exc.exit_code)
+    except ClickException as exc:  # a mistyped option, a missing argument, a value of the wrong type
+        if state.debug:
+            raise
+        where = getattr(exc, "ctx", None)
+        hint = f" (see '{where.command_path} --help')" if where is not None else ""
+        message = exc.format_message().rstrip(".")
+        message = message[:1].lower() + message[1:]  # "No such option" -> "no such option", as mmgen's own
+        console.print(f"[bold red]error:[/] {escape(message)}{escape(hint)}", soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        console.print("Aborted!")
+        sys.exit(1)
     except MMGenError as exc:
         if state.debug:
             raise

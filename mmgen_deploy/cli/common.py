@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import typer
@@ -52,6 +53,70 @@ OLD_SPELLINGS: dict[str, tuple[str, ...]] = {
     "--overwrite": ("--force",),            # import
     "--rebuild": ("--force",),              # build-engine
 }
+
+
+@dataclass(frozen=True)
+class SharedOption:
+    """What an option that several commands take means, in every one of them."""
+
+    meaning: str
+    value: str | None  # the metavar `--help` shows; None for a flag
+    short: str | None = None
+
+
+# Every option that more than one command takes: one name, one kind of value, one short flag, one
+# meaning (tests/test_cli_help.py walks every command against this table; docs/cli.md prints it).
+SHARED_OPTIONS: dict[str, SharedOption] = {
+    "--json": SharedOption("write the command's results as JSON to FILE ('-' = stdout)", "FILE"),
+    "--out": SharedOption("where the command writes: a run directory, an image folder or a repository",
+                          "PATH", "-o"),
+    "--overwrite": SharedOption("replace what is already at the destination instead of refusing", None),
+    "--backend": SharedOption("the inference backend: auto, torch, onnxruntime, openvino or tensorrt "
+                              "(bench: a list)", "TEXT"),
+    "--precision": SharedOption("which precision runs: an exported ONNX / engine set (fp32, fp16, int8, fp8) "
+                                "or bf16 on the FP32 set (export, bench: a list)", "TEXT"),
+    "--components": SharedOption("only these components (repeat or comma-separate): encoder, quantizer, "
+                                 "decoder, denoiser, text_encoder", "TEXT"),
+    "--threads": SharedOption("CPU threads of the work (left out: the backend's or torch's default)", "INTEGER"),
+    "--batch-size": SharedOption("images per model call: per denoiser call when sampling, per optimisation "
+                                 "step when training", "INTEGER", "-b"),
+    "--batch-sizes": SharedOption("the batch sizes measured, comma-separated", "TEXT"),
+    "--steps": SharedOption("how many steps: denoising steps when sampling, optimisation steps in train",
+                            "INTEGER"),
+    "--sampler": SharedOption("the sampler: ddim, ddpm or dpmpp-2m", "TEXT"),
+    "--samplers": SharedOption("the samplers requests may ask for: all, or a comma list", "TEXT"),
+    "--cfg-scale": SharedOption("classifier-free guidance scale (1 = off, 0 = unconditional)", "FLOAT"),
+    "--seed": SharedOption("the seed: same seed, same result", "INTEGER"),
+    "--class": SharedOption("a class to sample, by name or id (repeatable)", "TEXT", "-c"),
+    "--prompt": SharedOption("text-to-image runs: a prompt (repeatable)", "TEXT", "-p"),
+    "--prompts-file": SharedOption("text-to-image runs: a file of prompts, one per line", "PATH"),
+    "--n": SharedOption("images per class or prompt", "INTEGER", "-n"),
+    "--verbose": SharedOption("echo the underlying tool's log (TensorRT, Triton)", None, "-v"),
+    "--data": SharedOption("training data: shapes, or a folder of images", "TEXT"),
+    "--preset": SharedOption("the model preset and its training recipe (tiny, S/2, B/2, ...)", "TEXT"),
+    "--image-size": SharedOption("image side in pixels", "INTEGER"),
+    "--resume": SharedOption("continue from the run's last checkpoint", None),
+    "--lr": SharedOption("peak learning rate", "FLOAT"),
+    "--gan": SharedOption("add a VQGAN-style adversarial patch discriminator", None),
+    "--num-train": SharedOption("number of generated shapes training images", "INTEGER"),
+    "--text": SharedOption("a text-to-image model instead of a class-conditioned one", None),
+    "--text-conditioning": SharedOption("how the DiT sees the prompt: pooled, cross_attention or both", "TEXT"),
+    "--holdout-fraction": SharedOption("fraction of shapes' attribute combinations kept out of training",
+                                       "FLOAT"),
+    "--max-batch": SharedOption("most images Triton merges into one sampling batch", "INTEGER"),
+    "--instances": SharedOption("model instances (parallel sampling loops) per server", "INTEGER"),
+    "--max-queue-delay-us": SharedOption("how long the dynamic batcher waits to fill a batch", "INTEGER"),
+}
+
+
+def shared_options_markdown(uses: dict[str, list[str]]) -> str:
+    """The docs table of `SHARED_OPTIONS`; `uses`: option -> the commands that take it."""
+    lines = ["| option | value | meaning | commands |", "|---|---|---|---|"]
+    for name, option in SHARED_OPTIONS.items():
+        spelled = f"`{option.short}`, `{name}`" if option.short else f"`{name}`"
+        lines.append(f"| {spelled} | {option.value or '(flag)'} | {option.meaning} | "
+                     f"{', '.join(uses.get(name, []))} |")
+    return "\n".join(lines) + "\n"
 
 
 def hide_old_spellings(param: Any) -> None:

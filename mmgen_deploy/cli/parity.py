@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale of the end-to-end check."),
         num_images: int = typer.Option(8, "--images", help="Images in the end-to-end check (classes or prompts "
                                        "cycle)."),
-        prompt: list[str] = typer.Option([], "--prompt", help="Text-to-image runs: a prompt of the end-to-end "
+        prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text-to-image runs: a prompt of the end-to-end "
                                          "check (repeatable). Default: captions of the run's validation images, or "
                                          "prompts made of its tokenizer's words."),
         seed: int = typer.Option(0, help="Seed for inputs and noise (identical on both sides)."),

@@ -185,7 +185,7 @@ def train_vqvae_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
     data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
-    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 64)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per step (default 64)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
     gan: bool = _gan_opt,
     num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
@@ -214,7 +214,7 @@ def train_vqvae_cmd(
 def train_dit_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run directory with a trained VQ-VAE."),
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
-    batch_size: int | None = typer.Option(None, "--batch-size",
+    batch_size: int | None = typer.Option(None, "--batch-size", "-b",
                                           help="Latents per step (default: the preset's recipe; tiny 64, others 128)."),
     lr: float | None = typer.Option(None, "--lr",
                                     help="Peak AdamW learning rate (default: the preset's recipe; tiny 6e-3, "
