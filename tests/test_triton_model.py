@@ -1,0 +1,213 @@
+"""The Triton model `mmgen_generate` (serve/triton_model.py) in this process: request validation,
+good and bad requests in one dynamic batch, and the per-request fallback when a merged batch fails.
+
+Inside `tritonserver` the model gets its tensors from the Python backend's C module. Here a small
+stand-in (`_PbUtils`) carries the same data (named numpy tensors, responses, errors) so `execute` can
+be handed any mix of requests directly; the runner under it is the real ONNX Runtime one. What only a
+server shows (dynamic batching, the stub, the HTTP client) is tested against the real server in
+test_serve.py and test_serve_text.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from mmgen_deploy.rundir import RunDir
+
+MODEL_FILE = Path(__file__).resolve().parents[1] / "mmgen_deploy" / "serve" / "triton_model.py"
+STEPS = 2
+
+
+class _Tensor:
+    def __init__(self, name: str, array: Any) -> None:
+        self._name, self._array = name, np.asarray(array)
+
+    def name(self) -> str:
+        return self._name
+
+    def as_numpy(self) -> np.ndarray:
+        return self._array
+
+
+class _Error:
+    def __init__(self, message: str) -> None:
+        self._message = message
+
+    def message(self) -> str:
+        return self._message
+
+
+class _Response:
+    def __init__(self, output_tensors: list[_Tensor] | None = None, error: _Error | None = None) -> None:
+        self.tensors = {t.name(): t for t in output_tensors or []}
+        self._error = error
+
+    def has_error(self) -> bool:
+        return self._error is not None
+
+    def error(self) -> _Error | None:
+        return self._error
+
+
+class _Request:
+    """What Triton hands `execute`: named inputs of shape [rows, 1] (declared dims [1], batched)."""
+
+    def __init__(self, **inputs: Any) -> None:
+        self.inputs = {name: _Tensor(name, value) for name, value in inputs.items()}
+
+
+def _pb_utils() -> types.ModuleType:
+    module = types.ModuleType("triton_python_backend_utils")
+    module.Tensor = _Tensor  # type: ignore[attr-defined]
+    module.TritonError = _Error  # type: ignore[attr-defined]
+    module.InferenceResponse = _Response  # type: ignore[attr-defined]
+    module.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)  # type: ignore[attr-defined]
+    module.get_output_tensor_by_name = lambda response, name: response.tensors.get(name)  # type: ignore[attr-defined]
+    module.Logger = types.SimpleNamespace(log_info=lambda message: None)  # type: ignore[attr-defined]
+    return module
+
+
+def _load_model(run: RunDir, monkeypatch: pytest.MonkeyPatch, **params: str) -> Any:
+    """`TritonPythonModel` initialised on `run` (ONNX Runtime fp32, 1 thread) as the server would."""
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", _pb_utils())
+    spec = importlib.util.spec_from_file_location("mmgen_triton_model_under_test", MODEL_FILE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    parameters = {"run_dir": str(run.root), "backend": "onnxruntime", "precision": "fp32", "threads": "1",
+                  "samplers": "ddim,ddpm", **params}
+    model = module.TritonPythonModel()
+    model.initialize({"model_config": json.dumps({"max_batch_size": 8, "parameters": {
+        k: {"string_value": v} for k, v in parameters.items()}}), "model_repository": str(run.root),
+        "model_version": "1"})
+    return model
+
+
+def _rows(values: list[Any], dtype: Any) -> np.ndarray:
+    return np.asarray(values, dtype=dtype).reshape(-1, 1)
+
+
+def _class_request(class_ids: list[int], seeds: list[int], **extra: Any) -> _Request:
+    return _Request(CLASS_ID=_rows(class_ids, np.int32), SEED=_rows(seeds, np.int64),
+                    STEPS=_rows([STEPS] * len(class_ids), np.int32), **extra)
+
+
+def _reference(run: RunDir, rows: list[tuple[int, int]]) -> np.ndarray:
+    """The images of (class id, seed) rows sampled together by the library, as `mmgen generate` does."""
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+
+    runner, _ = open_runner(run.root, "onnxruntime", "fp32", threads=1)
+    try:
+        specs = [ImageSpec(seed=seed, class_id=class_id, steps=STEPS) for class_id, seed in rows]
+        return np.asarray(sample_specs(runner, run.load_config(), specs, batch_size=8).images)
+    finally:
+        runner.close()
+
+
+def _error(response: _Response) -> str:
+    assert response.has_error(), "expected an error response, got images"
+    error = response.error()
+    assert error is not None
+    return error.message()
+
+
+def _images(response: _Response) -> np.ndarray:
+    assert not response.has_error(), response.error().message()  # type: ignore[union-attr]
+    return response.tensors["IMAGE"].as_numpy()
+
+
+@pytest.fixture(scope="module")
+def class_model(exported_tiny_run: RunDir) -> Any:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        model = _load_model(exported_tiny_run, monkeypatch)
+        yield model
+        model.finalize()
+
+
+def test_bad_requests_in_a_batch_get_their_own_errors_and_good_ones_their_images(
+        class_model: Any, exported_tiny_run: RunDir) -> None:
+    """One `execute` call (one dynamic batch) mixing good requests with every kind of bad one: each bad
+    request gets an error naming its problem, each good one the images the library makes for it."""
+    bad = {
+        "no condition": (_Request(SEED=_rows([0], np.int64)), "send CLASS (a class name or id) or CLASS_ID"),
+        "empty": (_Request(CLASS_ID=np.zeros((0, 1), np.int32)), "the request has no images (empty batch)"),
+        "column length": (_class_request([1], [0], INDEX=_rows([0, 1], np.int64)), "INDEX has 2 values for 1 images"),
+        "negative seed": (_class_request([1], [-3]), "seed -3 is negative"),
+        "negative index": (_class_request([1], [0], INDEX=_rows([-1], np.int64)), "index -1 is negative"),
+        "nan guidance": (_class_request([1], [0], CFG_SCALE=_rows([np.nan], np.float32)),
+                         "cfg_scale nan is out of range"),
+        "guidance too large": (_class_request([1], [0], CFG_SCALE=_rows([1e30], np.float32)),
+                               "is out of range: use 0..50"),
+        "steps too many": (_Request(CLASS_ID=_rows([1], np.int32), STEPS=_rows([100000], np.int32)),
+                           "steps 100000 is out of range: use 1..250"),
+        "unknown class name": (_Request(CLASS=_rows([b"blue moon"], np.object_)), "unknown class 'blue moon'"),
+        "class id out of range": (_class_request([99], [0]), "class id 99 is out of range"),
+        "prompt to a class model": (_Request(PROMPT=_rows([b"a red circle"], np.object_)),
+                                    "this model is class-conditioned: it takes CLASS"),
+        "class and id together": (_Request(CLASS=_rows([b"shape 1"], np.object_), CLASS_ID=_rows([1], np.int32)),
+                                  "the request mixes CLASS and CLASS_ID"),
+        "sampler not served": (_class_request([1], [0], SAMPLER=_rows([b"dpmpp-2m"], np.object_)),
+                               "sampler 'dpmpp-2m' is not served here: use one of ddim, ddpm"),
+    }
+    good = [_class_request([3], [11]), _class_request([5, 7], [12, 13]),
+            _Request(CLASS=_rows([b"shape 2"], np.object_), SEED=_rows([14], np.int64), STEPS=_rows([STEPS], np.int32))]
+    requests: list[_Request] = []
+    for k, (request, _message) in enumerate(bad.values()):  # a good request between bad ones
+        requests.append(request)
+        if k < len(good):
+            requests.append(good[k])
+    responses = class_model.execute(requests)
+    assert len(responses) == len(requests)
+    by_request = {id(r): response for r, response in zip(requests, responses, strict=True)}
+    for name, (request, message) in bad.items():
+        assert message in _error(by_request[id(request)]), name
+    served = np.concatenate([_images(by_request[id(r)]) for r in good])
+    expected = _reference(exported_tiny_run, [(3, 11), (5, 12), (7, 13), (2, 14)])
+    assert served.shape == expected.shape == (4, 32, 32, 3) and served.dtype == np.uint8
+    assert np.array_equal(served, expected)  # the good requests sampled together, as the library does
+
+
+def test_a_failing_merged_batch_is_retried_request_by_request(class_model: Any, exported_tiny_run: RunDir,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """When sampling the merged batch raises (one request's generation fails at run time), every request
+    is sampled alone: the others still get their images and only the failing one gets the error."""
+    real_sample_specs = class_model._sample_specs
+    calls: list[list[int]] = []
+
+    def fails_with_seed_666(runner: Any, config: Any, specs: list[Any], **kwargs: Any) -> Any:
+        calls.append([s.seed for s in specs])
+        if any(s.seed == 666 for s in specs):
+            raise RuntimeError("the runtime ran out of memory")
+        return real_sample_specs(runner, config, specs, **kwargs)
+
+    monkeypatch.setattr(class_model, "_sample_specs", fails_with_seed_666)
+    requests = [_class_request([3], [11]), _class_request([4], [666]), _class_request([5, 7], [12, 13])]
+    responses = class_model.execute(requests)
+    assert calls == [[11, 666, 12, 13], [11], [666], [12, 13]]  # merged first, then each request alone
+    assert _error(responses[1]) == "generation failed: RuntimeError: the runtime ran out of memory"
+    for response, rows in ((responses[0], [(3, 11)]), (responses[2], [(5, 12), (7, 13)])):
+        assert np.array_equal(_images(response), _reference(exported_tiny_run, rows))
+
+
+def test_a_text_model_refuses_classes_and_missing_prompts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Validation needs no sampling: the model on the ensemble layout's runner (BLS calls, never made
+    here) parses the requests of a text run."""
+    from text_helpers import make_text_run
+
+    run = make_text_run(tmp_path / "run")
+    model = _load_model(run, monkeypatch, runner="bls")
+    requests = [_Request(CLASS_ID=_rows([1], np.int32)), _Request(SEED=_rows([0], np.int64)),
+                _Request(PROMPT=_rows([b"a red circle"], np.object_), CLASS=_rows([b"red circle"], np.object_))]
+    messages = [_error(r) for r in model.execute(requests)]
+    assert "this model is text-to-image: send PROMPT (a text prompt), not CLASS_ID" in messages[0]
+    assert "send PROMPT (a text prompt): this model is text-to-image" in messages[1]
+    assert "the request mixes CLASS and PROMPT" in messages[2]
