@@ -9,6 +9,7 @@ import click
 import pytest
 
 from mmgen_deploy.cli.app import command
+from mmgen_deploy.cli.common import OLD_SPELLINGS, visible_names
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -57,8 +58,8 @@ def test_every_visible_option_is_on_the_command_page(name: str, cmd: click.Comma
     for param in cmd.params:
         if param.param_type_name == "argument" or getattr(param, "hidden", False):
             continue
-        long_names = [o for o in (*param.opts, *param.secondary_opts) if o.startswith("--") and o != "--help"]
-        if long_names and not any(f"`{o}" in text or f" {o}" in text for o in long_names):
+        long_names = [o for o in visible_names(param) if o.startswith("--") and o != "--help"]
+        if long_names and not any(re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text) for o in long_names):
             missing.append(long_names[0])
     assert not missing, f"mmgen {name}: {missing} not on {COMMAND_PAGES[name.split()[0]]}"
 
@@ -91,4 +92,20 @@ def test_docs_say_why_not_when() -> None:
     pattern = re.compile(r"\b(this|later|previous|earlier|next) session\b|\bissues? #?\d+", re.I)
     found = [f"{page.relative_to(ROOT)}: {m.group(0)}" for page in _markdown_files()
              for m in pattern.finditer(page.read_text())]
+    assert not found, found
+
+
+def test_docs_teach_the_current_spellings() -> None:
+    """Examples in the docs use the names `--help` shows, not the old spellings kept for scripts."""
+    old = {name for names in OLD_SPELLINGS.values() for name in names if name.startswith("--")}
+    # --batch is old only where --batch-sizes / --batch-profile replaced it; no command shows it now.
+    found = []
+    for page in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:
+        if page.name == "cli.md":  # the table of old spellings
+            continue
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", page.read_text(), re.S):
+            for line in block.splitlines():
+                if line.lstrip().startswith("mmgen "):
+                    found += [f"{page.name}: {o} in {line.strip()[:60]}" for o in old
+                              if re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", line)]
     assert not found, found
