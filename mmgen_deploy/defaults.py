@@ -18,6 +18,7 @@ class SamplingDefaults:
     sampler: str = "ddim"
     eta: float = 0.0  # DDIM's noise: 0 is deterministic DDIM, 1 is DDPM-like
     batch_size: int = 16  # images per denoiser call (the Triton model's largest merged batch too)
+    cache: str = "none"  # step-caching policy (sampling.cache): none, every:N or adaptive:T
     # What a server accepts from one request by default (`triton-repo --max-steps` changes it):
     # larger values are refused, not clipped.
     max_steps: int = 250

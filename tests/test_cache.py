@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -108,3 +110,123 @@ def test_exporting_parts_leaves_the_whole_denoiser_byte_for_byte(parts_run: RunD
     assert set(DENOISER_PARTS) <= set(with_parts) and not set(DENOISER_PARTS) & set(without)
     assert with_parts["denoiser"]["sha256"] == without["denoiser"]["sha256"]
     assert read_json(parts_run.onnx_manifest_path)["components"] == list(component_names(parts_run.load_config()))
+
+
+# -- policies -------------------------------------------------------------------------------------
+
+def _schedule(policy: str, steps: int, hidden: list[np.ndarray] | None = None) -> list[int]:
+    from mmgen_deploy.sampling.cache import parse_cache_policy
+
+    decider = parse_cache_policy(policy).decider(steps)
+    frames = hidden or [np.ones((2, 4, 8), np.float32)] * steps
+    return [i for i in range(steps) if decider.recompute(i, frames[i])]
+
+
+def test_every_n_recomputes_every_nth_and_the_first_and_last_steps() -> None:
+    assert _schedule("every:1", 5) == [0, 1, 2, 3, 4]
+    assert _schedule("every:2", 6) == [0, 2, 4, 5]
+    assert _schedule("every:3", 10) == [0, 3, 6, 9]
+    assert _schedule("every:3", 11) == [0, 3, 6, 9, 10]
+    assert _schedule("EVERY:4", 1) == [0]
+
+
+def test_adaptive_recomputes_when_the_accumulated_change_reaches_the_threshold() -> None:
+    base = np.ones((2, 4, 8), np.float32)
+    # Relative L1 changes from the previous step: 0.1 at every step after the first.
+    frames = [base * (1.1 ** i) for i in range(8)]
+    assert _schedule("adaptive:0.25", 8, frames) == [0, 3, 6, 7]  # 0.1 + 0.1 + 0.1 >= 0.25
+    assert _schedule("adaptive:0.05", 8, frames) == list(range(8))
+    assert _schedule("adaptive:5", 8, frames) == [0, 7]
+    assert _schedule("adaptive:0.25", 8, [base] * 8) == [0, 7]  # no change: only the first and the last
+
+
+@pytest.mark.parametrize("text", ["sometimes", "every", "every:0", "every:1.5", "every:x", "adaptive:0",
+                                  "adaptive:-1", "adaptive:nan", "none:2", "adaptive:"])
+def test_bad_policies_are_refused_in_one_line(text: str) -> None:
+    from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.cache import parse_cache_policy
+
+    with pytest.raises(UsageError) as caught:
+        parse_cache_policy(text)
+    assert "\n" not in str(caught.value)
+
+
+def test_policy_specs_round_trip() -> None:
+    from mmgen_deploy.sampling.cache import parse_cache_policy
+
+    for text in ("none", "every:2", "adaptive:0.1"):
+        assert parse_cache_policy(parse_cache_policy(text).spec).spec == text == parse_cache_policy(text).spec
+    assert not parse_cache_policy(None).enabled and parse_cache_policy("every:1").enabled
+
+
+# -- the cached sampling loop ---------------------------------------------------------------------
+
+def test_cached_sampling_every_step_matches_the_whole_denoiser(parts_run: RunDir) -> None:
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+    from mmgen_deploy.sampling import sample
+
+    config = parts_run.load_config()
+    with OrtRunner(parts_run, "fp32") as runner:
+        whole = sample(runner, config, [0, 5, 9], steps=6, seed=3, batch_size=2)
+        parts = sample(runner, config, [0, 5, 9], steps=6, seed=3, batch_size=2, cache="every:1")
+        cached = sample(runner, config, [0, 5, 9], steps=6, seed=3, batch_size=2, cache="every:2")
+    assert tensor_diff(whole.latents, parts.latents).rel_l2 < 1e-5
+    assert whole.cache.policy == "none" and whole.cache.saved_fraction == 0.0
+    assert whole.cache.blocks_total == config.dit.depth * 3 * 6 == parts.cache.blocks_evaluated
+    depth, body = config.dit.depth, len(denoiser_split(config.dit)["denoiser_body"])
+    # every:2 over 6 steps computes the body at steps 0, 2, 4, 5: 2 of 6 steps skip it, for each image.
+    assert cached.cache.recompute_steps == [[0, 2, 4, 5], [0, 2, 4, 5]]
+    assert cached.cache.blocks_evaluated == 3 * (6 * depth - 2 * body)
+    assert 0 < tensor_diff(whole.latents, cached.latents).rel_l2 < 0.5  # reuse changes the result, a little
+
+
+def test_torch_and_onnxruntime_make_the_same_adaptive_decisions(parts_run: RunDir) -> None:
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+    from mmgen_deploy.sampling import sample
+
+    config = parts_run.load_config()
+    results = {}
+    for cls in (TorchRunner, OrtRunner):
+        with cls.from_run_dir(parts_run, "fp32") as runner:
+            results[cls.backend] = sample(runner, config, [1, 2, 3, 4], steps=10, seed=0, batch_size=4,
+                                          cache="adaptive:1.5")  # random weights: large changes
+    torch_run, ort_run = results["torch"].cache, results["onnxruntime"].cache
+    assert torch_run.recompute_steps == ort_run.recompute_steps
+    assert torch_run.recompute_steps == [[0, 2, 4, 7, 9]]  # the threshold decides something
+    assert np.allclose(torch_run.signals[0][1:], ort_run.signals[0][1:], rtol=1e-4)
+
+
+def test_a_run_without_parts_says_how_to_export_them(exported_tiny_run: RunDir) -> None:
+    from mmgen_deploy.errors import NotAvailableError
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+    from mmgen_deploy.sampling import sample
+
+    with OrtRunner(exported_tiny_run, "fp32") as runner, pytest.raises(NotAvailableError) as caught:
+        sample(runner, RunDir.of(exported_tiny_run).load_config(), [0], steps=2, cache="every:2")
+    assert "denoiser_parts" in (caught.value.hint or "")
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from mmgen_deploy.cli.app import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+def test_generate_with_a_cache_policy_reports_it(parts_run: RunDir, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    from mmgen_deploy.io_utils import read_json
+
+    out = tmp_path / "samples"
+    code, text = _cli(["generate", str(parts_run.root), "--backend", "onnxruntime", "--precision", "fp32",
+                       "--steps", "4", "--n", "1", "--class", "0", "--cache", "every:2", "--out", str(out)], capsys)
+    assert code == 0, text
+    assert "every:2: " in text and "block evaluations" in text
+    cache = read_json(out / "samples.json")["cache"]
+    assert cache["policy"] == "every:2" and cache["recompute_steps"] == [[0, 2, 3]]
+    assert cache["block_evaluations"] < cache["block_evaluations_total"]
+    code, text = _cli(["generate", str(parts_run.root), "--cache", "sometimes"], capsys)
+    assert code == 2 and "unknown cache policy" in text and "Traceback" not in text

@@ -11,6 +11,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from mmgen_deploy.defaults import SAMPLING
+
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
 # Tables to a pipe or a log file: rich would fall back to 80 columns and squeeze them unreadably.
@@ -203,6 +205,16 @@ PROMPTS_FILE_OPTION = typer.Option(
 # CPU threads of the backend a command runs on, as in `generate` (>= 1; left out: the backend's default).
 THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime / OpenVINO / torch "
                                                              "(default: the backend's own).")
+
+
+# The step-caching policy of every command that samples (generate, eval, parity, bench, batch), one word
+# everywhere (`sampling.cache`); any policy but none needs the run's denoiser parts.
+CACHE_OPTION = typer.Option(
+    SAMPLING.cache, "--cache", metavar="POLICY",
+    help="Step caching: none; every:N (compute the denoiser's middle blocks on every N-th step and the first "
+         "and last, reuse their contribution in between); adaptive:T (recompute when the first block's output "
+         "has changed by a relative L1 of T since the last recompute). Needs `mmgen export --components "
+         "denoiser_parts`.")
 
 
 # How a command that samples picks its backend and precision (`generate`, `batch`; `open_runner`

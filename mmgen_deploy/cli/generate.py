@@ -10,6 +10,7 @@ import typer
 
 from mmgen_deploy.cli.common import (
     BACKEND_OPTION,
+    CACHE_OPTION,
     CLASS_OPTION,
     PRECISION_OPTION,
     PROMPT_OPTION,
@@ -58,6 +59,7 @@ def generate(
                                       help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
                                            "prefers)."),
     threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / OpenVINO / torch."),
+    cache: str = CACHE_OPTION,
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "
                                          "replay it every step."),
@@ -76,7 +78,8 @@ def generate(
 
     request = GenerateRequest(classes=list(classes), prompts=list(prompts), n=n, batch_size=batch_size, steps=steps,
                               sampler=sampler, cfg_scale=cfg_scale, eta=eta, seed=seed, backend=backend,
-                              precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out)
+                              precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out,
+                              cache=cache)
     request.check(CLI_NAMES)  # bad numbers are refused before any file or model is touched
     if prompts_file is not None:
         request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
@@ -126,6 +129,7 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
                   f"[bold]{timing['images_per_second']:.2f} images/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
                   f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")
+    console.print(f"denoising loop {result.denoise_seconds:.2f} s; cache {result.cache.describe()}")
     stdout_console.print(f"grid: {target / 'grid.png'}", soft_wrap=True)
     return generated.sidecar
 

@@ -69,6 +69,7 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
                      "images_per_class": images_per_class, "timesteps": result.timesteps},
         "backend": {"backend": result.backend, "precision": result.precision, "device": result.device},
         "timing": result.timing(),
+        "cache": result.cache.to_dict(),
         "images": entries,
         "grid": "grid.png",
     }

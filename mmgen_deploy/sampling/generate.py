@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
+from mmgen_deploy.sampling.cache import parse_cache_policy
 from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning
 from mmgen_deploy.sampling.loop import API_NAMES, ProgressCallback, SampleResult, check_sampling_numbers, sample
 from mmgen_deploy.sampling.loop import validate_sampling_args as _validate
@@ -36,6 +37,7 @@ class GenerateRequest:
     sampler: str = SAMPLING.sampler
     cfg_scale: float = SAMPLING.cfg_scale
     eta: float = SAMPLING.eta
+    cache: str = SAMPLING.cache  # step-caching policy (sampling.cache)
     seed: int = 0
     backend: str = "auto"
     precision: str | None = None
@@ -51,6 +53,7 @@ class GenerateRequest:
                              "generate keeps every image in memory; `mmgen batch` writes any number")
         check_sampling_numbers(steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
                                batch_size=self.batch_size, eta=self.eta, seed=self.seed, names=names)
+        parse_cache_policy(self.cache)
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{names.get('threads', 'threads')} must be >= 1, got {self.threads}")
 
@@ -124,8 +127,10 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
                                  threads=request.threads, **({"cuda_graph": True} if request.cuda_graph else {}))
     try:
         # Named after the backend that actually runs (with auto, a TensorRT load failure falls back).
+        policy = parse_cache_policy(request.cache)
+        cached = f"-cache-{policy.spec.replace(':', '')}" if policy.enabled else ""
         target = request.out or run.samples_dir / (f"{choice.backend}-{choice.precision}-{request.sampler}-"
-                                                   f"{request.steps}steps-seed{request.seed}")
+                                                   f"{request.steps}steps-seed{request.seed}{cached}")
         check_output_dir(target)
         if on_backend is not None:
             on_backend(choice)
@@ -134,7 +139,7 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
             on_conditioning(condition)
         result = sample(runner, config, condition, steps=request.steps, sampler=request.sampler,
                         cfg_scale=request.cfg_scale, seed=request.seed, batch_size=request.batch_size,
-                        eta=request.eta, progress=progress)
+                        eta=request.eta, progress=progress, cache=policy)
     finally:
         runner.close()
 

@@ -26,6 +26,7 @@ import numpy as np
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.numerics import to_uint8
+from mmgen_deploy.sampling.cache import CachedDenoiser, CachePolicy, CacheStats, parse_cache_policy
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning
 from mmgen_deploy.sampling.schedulers import SAMPLERS, make_scheduler, sampler_kind
 from mmgen_deploy.specs import GUIDANCE_BATCH_MULTIPLIER, Tensors, component_specs, decode_components, latent_name
@@ -60,6 +61,8 @@ class SampleResult:
     trajectory: np.ndarray | None = None
     prompts: list[str] = field(default_factory=list)  # text models (empty for class models)
     text_encoder_seconds: float = 0.0  # encoding the prompts (once each), before the loops
+    # The step-caching policy that ran, its recompute steps and the DiT block evaluations it kept.
+    cache: CacheStats = field(default_factory=CacheStats)
 
     @property
     def images_per_second(self) -> float:
@@ -133,7 +136,8 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
            steps: int = SAMPLING.steps, sampler: str = SAMPLING.sampler, cfg_scale: float = SAMPLING.cfg_scale,
            seed: int = 0, batch_size: int = SAMPLING.batch_size, eta: float = SAMPLING.eta,
            progress: ProgressCallback | None = None, seeds: Sequence[int] | None = None,
-           image_indices: Sequence[int] | None = None, return_trajectory: bool = False) -> SampleResult:
+           image_indices: Sequence[int] | None = None, return_trajectory: bool = False,
+           cache: str | CachePolicy = SAMPLING.cache) -> SampleResult:
     """Generate one image per entry of `condition` with `runner`: class ids, or a
     `Conditioning` (`text_conditioning(...)` for prompts).
 
@@ -145,11 +149,15 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     in the batch, on every backend alike.
     `cfg_scale` 1 skips the unconditional half (plain conditional sampling).
     `return_trajectory` keeps the latent after every step (for parity drift reports).
+    `cache`: a step-caching policy (`sampling.cache`: none, every:N, adaptive:T); any but none runs the
+    denoiser's parts, which the runner must have (`mmgen export --components denoiser_parts`).
     """
     start_total = time.perf_counter()
     conditioning = condition if isinstance(condition, Conditioning) else class_conditioning(config, condition)
     validate_sampling_args(config, None, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                            batch_size=batch_size, eta=eta)
+    policy = parse_cache_policy(cache)
+    cache_stats = CacheStats(policy=policy.spec)
     scheduler = make_scheduler(sampler, config.diffusion, steps, eta=eta)
     channels, size = config.dit.in_channels, config.dit.input_size
     learned_sigma = config.dit.learn_sigma
@@ -174,7 +182,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         rng.standard_normal(dtype=np.float32, out=noise[i])
     trajectory = np.empty((len(scheduler), *noise.shape), dtype=np.float32) if return_trajectory else None
     latents = np.empty_like(noise)
-    specs = component_specs(config)
+    specs = component_specs(config, parts=policy.enabled)
     chain = [(name, specs[name].input_names) for name in decode_components(config)]
     first_input = latent_name(config)
     indices: np.ndarray | None = None
@@ -202,6 +210,10 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         eps = np.empty_like(x)
         step_noise = np.empty_like(x) if scheduler.needs_noise else None
         scheduler.reset()
+        if policy.enabled:
+            denoise = CachedDenoiser(runner, specs, config.dit, policy, len(scheduler), b, cache_stats)
+        else:
+            cache_stats.count_whole(config.dit, b, len(scheduler))
 
         loop_start = time.perf_counter()
         for i in range(len(scheduler)):
@@ -210,7 +222,10 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
                 x_in[b:] = x
             t_in.fill(scheduler.model_timesteps[i])
             call_start = time.perf_counter()
-            out = runner.run("denoiser", feeds)[Tensors.MODEL_OUTPUT]
+            if policy.enabled:
+                out = denoise(i, feeds)
+            else:
+                out = runner.run("denoiser", feeds)[Tensors.MODEL_OUTPUT]
             denoise_model_s += time.perf_counter() - call_start
             if guided:
                 # eps = eps_uncond + s (eps_cond - eps_uncond), on the noise channels only.
@@ -231,6 +246,8 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
             if progress is not None:
                 progress(done, total_steps)
         denoise_s += time.perf_counter() - loop_start
+        if policy.enabled:
+            denoise.finish()
 
         call_start = time.perf_counter()
         produced: dict[str, np.ndarray] = {first_input: x}
@@ -258,5 +275,5 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         device=getattr(runner, "device", ""), model_seconds=model_s + denoise_model_s,
         denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
         timesteps=[int(t) for t in scheduler.timesteps], trajectory=trajectory,
-        prompts=list(conditioning.prompts), text_encoder_seconds=conditioning.encode_seconds,
+        prompts=list(conditioning.prompts), text_encoder_seconds=conditioning.encode_seconds, cache=cache_stats,
     )
