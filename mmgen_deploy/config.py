@@ -7,36 +7,84 @@ Every config is a frozen dataclass that round-trips through JSON (`to_dict` /
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from mmgen_deploy.errors import ConfigError
 
 T = TypeVar("T", bound="_JsonConfig")
 
 
+# What a config.json value must be, by the field's declared type: (test, how messages say it).
+_FIELD_TYPES: dict[str, tuple[Any, str]] = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v),
+              "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+}
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 class _JsonConfig:
+    # How config.json files and messages name this section ("dit", "text", ...).
+    SECTION = ""
+    # Upper bounds of the size fields: far above any real model of this kind, low enough that
+    # nothing built from a config within them can exhaust the memory before its weights are checked.
+    _MAX: ClassVar[dict[str, float]] = {}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{cls.SECTION} must be a JSON object, got {_shown(data)}")
         fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ConfigError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
+            raise ConfigError(f"{cls.SECTION}: unknown field(s) {', '.join(unknown)}")
         kwargs: dict[str, Any] = {}
         for name, value in data.items():
-            # JSON has no tuples; fields declared as tuples get them back.
-            if isinstance(value, list) and "tuple" in str(fields[name].type):
-                value = tuple(value)
-            kwargs[name] = value
+            kwargs[name] = cls._typed(name, str(fields[name].type), value)
         try:
             obj = cls(**kwargs)
         except TypeError as exc:
             raise ConfigError(f"{cls.__name__}: {exc}") from None
         obj.validate()  # type: ignore[attr-defined]
         return obj
+
+    @classmethod
+    def _typed(cls, name: str, annotation: str, value: Any) -> Any:
+        """`value` checked against the field's declared type (JSON lists become the declared tuples)."""
+        where = f"{cls.SECTION}.{name}"
+        if annotation.startswith("tuple[") and annotation.endswith(", ...]"):
+            test, kind = _FIELD_TYPES[annotation[len("tuple["):-len(", ...]")]]
+            if not isinstance(value, list | tuple) or not all(test(item) for item in value):
+                raise ConfigError(f"{where} must be a list of {kind.removeprefix('an ').removeprefix('a ')}s, "
+                                  f"got {_shown(value)}", "fix the value in the config file")
+            return tuple(value)
+        optional = annotation.endswith(" | None")
+        if optional and value is None:
+            return value
+        check = _FIELD_TYPES.get(annotation.removesuffix(" | None"))
+        if check is not None and not check[0](value):
+            raise ConfigError(f"{where} must be {check[1]}, got {_shown(value)} ({type(value).__name__})",
+                              "fix the value in the config file")
+        return value
+
+    def _check_bounds(self) -> None:
+        for name, limit in self._MAX.items():
+            value = getattr(self, name)
+            values = value if isinstance(value, tuple) else (value,)
+            _require(all(v <= limit for v in values),
+                     f"{self.SECTION}.{name} {_shown(value)} is larger than any model this tool runs "
+                     f"(at most {limit:g})")
 
     def replace(self: T, **changes: Any) -> T:
         obj = dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -69,7 +117,9 @@ class _FirstStageTrunk:
         return self.image_size // self.downsample_factor
 
     def _validate_trunk(self) -> None:
-        _require(len(self.channel_mult) >= 1, f"{self.kind}.channel_mult must have at least one level")
+        self._check_bounds()  # type: ignore[attr-defined]
+        _require(len(self.channel_mult) in range(1, 9), f"{self.kind}.channel_mult must have 1 to 8 levels")
+        _require(all(m > 0 for m in self.channel_mult), f"{self.kind}.channel_mult entries must be positive")
         _require(self.image_size > 0 and self.image_size % self.downsample_factor == 0,
                  f"{self.kind}.image_size {self.image_size} must be divisible by the downsampling factor "
                  f"{self.downsample_factor} (2 ** (len(channel_mult) - 1))")
@@ -82,6 +132,10 @@ class VQConfig(_FirstStageTrunk, _JsonConfig):
     """taming/LDM-style VQ autoencoder."""
 
     kind = "vq"  # class attribute (not a field): which first stage this configures
+    SECTION = "vq"
+    _MAX: ClassVar[dict[str, float]] = {
+        "image_size": 16384, "in_channels": 64, "base_channels": 4096, "channel_mult": 64,
+        "num_res_blocks": 64, "z_channels": 1024, "embed_dim": 1024, "n_embed": 1 << 20, "norm_groups": 4096}
 
     image_size: int = 32
     in_channels: int = 3
@@ -132,6 +186,10 @@ class KLConfig(_FirstStageTrunk, _JsonConfig):
     mid_attention: bool = True
 
     kind = "kl"  # class attribute (not a field): which first stage this configures
+    SECTION = "kl"
+    _MAX: ClassVar[dict[str, float]] = {
+        "image_size": 16384, "in_channels": 64, "base_channels": 4096, "channel_mult": 64,
+        "num_res_blocks": 64, "z_channels": 1024, "embed_dim": 1024, "norm_groups": 4096}
 
     def validate(self) -> None:
         self._validate_trunk()
@@ -149,6 +207,12 @@ FIRST_STAGE_KINDS = ("vq", "kl")
 @dataclass(frozen=True)
 class DiTConfig(_JsonConfig):
     """facebookresearch/DiT, with flags for the diffusers numerical variant."""
+
+    SECTION = "dit"
+    _MAX: ClassVar[dict[str, float]] = {
+        "input_size": 1024, "in_channels": 1024, "patch_size": 64, "hidden_size": 16384, "depth": 512,
+        "num_heads": 1024, "mlp_ratio": 16.0, "num_classes": 1 << 20, "text_dim": 16384,
+        "text_length": 4096}
 
     input_size: int = 8
     in_channels: int = 4
@@ -193,6 +257,8 @@ class DiTConfig(_JsonConfig):
         return (self.input_size // self.patch_size) ** 2
 
     def validate(self) -> None:
+        self._check_bounds()
+        _require(self.num_heads > 0 and self.mlp_ratio > 0, "dit.num_heads and dit.mlp_ratio must be positive")
         _require(self.patch_size > 0 and self.input_size % self.patch_size == 0,
                  f"dit.input_size {self.input_size} (the latent size) must be divisible by "
                  f"dit.patch_size {self.patch_size}")
@@ -218,6 +284,11 @@ DIT_CONDITIONINGS = ("class", "pooled", "cross_attention", "pooled+cross_attenti
 class TextConfig(_JsonConfig):
     """A small transformer text encoder over a word-level tokenizer (see mmgen_deploy.text)."""
 
+    SECTION = "text"
+    _MAX: ClassVar[dict[str, float]] = {
+        "vocab_size": 1 << 20, "max_length": 4096, "hidden_size": 16384, "depth": 512, "num_heads": 1024,
+        "mlp_ratio": 16.0}
+
     vocab_size: int = 64
     max_length: int = 16  # tokens per prompt, [BOS] and [EOS] included; longer prompts are truncated
     hidden_size: int = 128
@@ -227,6 +298,8 @@ class TextConfig(_JsonConfig):
     caption_dropout_prob: float = 0.1  # training: replace the caption by "" (the unconditional prompt)
 
     def validate(self) -> None:
+        self._check_bounds()
+        _require(self.num_heads > 0 and self.mlp_ratio > 0, "text.num_heads and text.mlp_ratio must be positive")
         _require(self.vocab_size >= 5, "text.vocab_size must be >= 5 (4 special tokens and a word)")
         _require(self.max_length >= 3, "text.max_length must be >= 3 ([BOS], a word, [EOS])")
         _require(self.hidden_size > 0 and self.hidden_size % self.num_heads == 0,
@@ -238,6 +311,10 @@ class TextConfig(_JsonConfig):
 @dataclass(frozen=True)
 class DiffusionConfig(_JsonConfig):
     """Training noise schedule (DiT: 1000 linear betas 1e-4..0.02, epsilon prediction)."""
+
+    SECTION = "diffusion"
+    _MAX: ClassVar[dict[str, float]] = {
+        "num_train_timesteps": 100_000}
 
     num_train_timesteps: int = 1000
     beta_start: float = 1e-4
@@ -261,6 +338,7 @@ class DiffusionConfig(_JsonConfig):
     variance_type: str = "learned_range"
 
     def validate(self) -> None:
+        self._check_bounds()
         _require(self.num_train_timesteps >= 2, "diffusion.num_train_timesteps must be >= 2")
         _require(0 < self.beta_start < self.beta_end < 1, "need 0 < beta_start < beta_end < 1")
         _require(self.beta_schedule in BETA_SCHEDULES, f"unsupported beta_schedule {self.beta_schedule!r} "
@@ -359,6 +437,7 @@ class ModelConfig(_JsonConfig):
         _require(self.dit.in_channels == self.first_stage.embed_dim,
                  f"dit.in_channels {self.dit.in_channels} must equal {stage}.embed_dim "
                  f"{self.first_stage.embed_dim}")
+        _require(all(isinstance(name, str) for name in self.class_names), "class_names must be a list of strings")
         if self.class_names:
             _require(len(self.class_names) == self.dit.num_classes,
                      f"{len(self.class_names)} class names for dit.num_classes={self.dit.num_classes}")

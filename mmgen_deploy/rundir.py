@@ -76,6 +76,53 @@ RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onn
 DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, "onnx", "engines")
 
 
+# A safetensors header larger than this is not one this tool wrote or imported (DiT-XL/2's is ~60 kB).
+_MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+
+
+def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, from a safetensors file's header alone (no tensor is read).
+
+    A file whose header is not a safetensors header, or whose length is not what its header
+    describes (a copy cut short, a download that stopped), is refused as corrupt in one line.
+    """
+    def corrupt(why: str) -> RunDirError:
+        return RunDirError(f"corrupt weight file {path}: truncated or damaged ({why})",
+                           "restore it from a backup, or re-train / re-import the run")
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as file:
+            prefix = file.read(8)
+            if len(prefix) < 8:
+                raise corrupt(f"{size} bytes, shorter than a safetensors header")
+            length = int.from_bytes(prefix, "little")
+            if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+                raise corrupt(f"its header claims {length} bytes of a {size}-byte file")
+            header = json.loads(file.read(length))
+    except OSError as exc:
+        raise RunDirError(f"cannot read weight file {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise corrupt("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise corrupt("its header is not a JSON object")
+    shapes: dict[str, tuple[int, ...]] = {}
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, stop = (int(o) for o in entry["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise corrupt(f"its header entry {name!r} has no shape / data_offsets") from None
+        shapes[name] = shape
+        end = max(end, stop, begin)
+    if 8 + length + end != size:
+        raise corrupt(f"{size} bytes, its header describes {8 + length + end}")
+    return shapes
+
+
 def first_stage_part(config: ModelConfig) -> str:
     """The run-directory part of the model's first stage: vqvae/ or vae/."""
     return FIRST_STAGE_PARTS[config.first_stage_kind]
@@ -355,21 +402,32 @@ class RunDir:
 
     def _parse_config(self) -> ModelConfig:
         meta = self._require_run()
+
+        def parse(kind: Any, part: str | None) -> Any:
+            """One section, named by the file it came from when it is wrong."""
+            where = self.config_path(part) if part else self.run_json
+            try:
+                return kind.from_dict(self._read_part_config(part) if part else meta.get("diffusion", {}))
+            except ConfigError as exc:
+                raise RunDirError(f"invalid configuration in {where}: {exc.message}",
+                                  exc.hint or "fix the value, or re-create the run") from None
+
+        # A KL first stage lives in vae/ (never beside a vqvae/: import writes one or the other).
+        kl_part = FIRST_STAGE_PARTS["kl"]
+        stage: VQConfig | KLConfig = (parse(KLConfig, kl_part) if self.config_path(kl_part).is_file()
+                                      else parse(VQConfig, "vqvae"))
+        dit: DiTConfig = parse(DiTConfig, "dit")
+        diffusion: DiffusionConfig = parse(DiffusionConfig, None)
+        text: TextConfig | None = parse(TextConfig, TEXT_PART) if dit.uses_text else None
+        class_names = meta.get("class_names", ())
         try:
-            # A KL first stage lives in vae/ (never beside a vqvae/: import writes one or the other).
-            stage: VQConfig | KLConfig
-            if self.config_path(FIRST_STAGE_PARTS["kl"]).is_file():
-                stage = KLConfig.from_dict(self._read_part_config(FIRST_STAGE_PARTS["kl"]))
-            else:
-                stage = VQConfig.from_dict(self._read_part_config("vqvae"))
-            dit = DiTConfig.from_dict(self._read_part_config("dit"))
-            diffusion = DiffusionConfig.from_dict(meta.get("diffusion", {}))
-            text = TextConfig.from_dict(self._read_part_config(TEXT_PART)) if dit.uses_text else None
-            cfg = ModelConfig(first_stage=stage, dit=dit, diffusion=diffusion,
-                              class_names=tuple(meta.get("class_names", ())), text=text)
+            if not isinstance(class_names, list | tuple):
+                raise ConfigError(f"class_names must be a list of strings, got {type(class_names).__name__}")
+            cfg = ModelConfig(first_stage=stage, dit=dit, diffusion=diffusion, class_names=tuple(class_names),
+                              text=text)
             cfg.validate()
         except ConfigError as exc:
-            raise RunDirError(f"invalid configuration in {self.root}: {exc.message}") from None
+            raise RunDirError(f"invalid configuration in {self.root}: {exc.message}", exc.hint) from None
         return cfg
 
     def _read_part_config(self, part: str) -> dict[str, Any]:
@@ -429,6 +487,47 @@ class RunDir:
             raise RunDirError(f"corrupt weight file {path}: {str(exc).splitlines()[0]}",
                               "re-train or restore the file from a backup") from None
 
+    def check_weight_files(self) -> None:
+        """Refuse a weight file that is truncated or corrupt (from its header and length; nothing is loaded)."""
+        for part in self.model_parts():
+            path = self.weights_path(part)
+            if not path.is_file():
+                raise RunDirError(f"missing weight file {path}", "restore the file, or re-train / re-import the run")
+            safetensors_shapes(path)
+
+    def _build_loaded(self, part: str, build: Callable[[], torch.nn.Module], *, skip_init: bool = True) -> Any:
+        """`build()` with the part's weights loaded, after checking, from the file's header alone, that the
+        config makes tensors of the shapes the file holds: a wrong or hostile config.json is refused before
+        it can allocate anything (a model is first built on the meta device, which holds no memory)."""
+        import torch
+
+        from mmgen_deploy.models.fast_init import skip_weight_init
+
+        path = self.weights_path(part)
+        if not path.is_file():
+            raise RunDirError(f"missing weight file {path}",
+                              f"train it (`mmgen train {'vqvae' if part == 'vqvae' else 'dit'}`) "
+                              "or restore the file")
+        stored = safetensors_shapes(path)
+        with torch.device("meta"), skip_weight_init():
+            wanted = {name: tuple(t.shape) for name, t in build().state_dict().items()}
+        wrong = [f"{name} is {list(stored[name])} in the file, the config makes it {list(shape)}"
+                 for name, shape in wanted.items() if name in stored and stored[name] != shape]
+        missing = [name for name in wanted if name not in stored]
+        unexpected = [name for name in stored if name not in wanted]
+        problems = ([wrong[0]] if wrong else []) + ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
+            ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
+        if problems:
+            raise RunDirError(f"{path} does not match its config.json: {'; '.join(problems)}",
+                              "restore the config.json that came with these weights, or weights made for this config")
+        if skip_init:
+            with skip_weight_init():  # every parameter is loaded next
+                model = build()
+        else:
+            model = build()
+        self._load_into(part, model)
+        return model
+
     def _load_into(self, part: str, model: torch.nn.Module) -> None:
         state = self.load_state(part)
         try:
@@ -446,29 +545,24 @@ class RunDir:
                               + "; ".join(problems))
 
     def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
-        from mmgen_deploy.models.fast_init import skip_weight_init
         from mmgen_deploy.models.vqvae import VQModel
 
         config = config or self.load_config()
         if not isinstance(config.first_stage, VQConfig):
             raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
                               "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
-        with skip_weight_init():  # every parameter is loaded next
-            model = VQModel(config.first_stage)
-        self._load_into("vqvae", model)
+        stage = config.first_stage
+        model: VQModel = self._build_loaded("vqvae", lambda: VQModel(stage))
         return model.eval()
 
     def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
         from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
-        from mmgen_deploy.models.fast_init import skip_weight_init
 
         config = config or self.load_config()
         if not isinstance(config.first_stage, KLConfig):
             raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
-        part = FIRST_STAGE_PARTS["kl"]
-        with skip_weight_init():  # every parameter is loaded next
-            model = AutoencoderKL(config.first_stage)
-        self._load_into(part, model)
+        stage = config.first_stage
+        model: AutoencoderKL = self._build_loaded(FIRST_STAGE_PARTS["kl"], lambda: AutoencoderKL(stage))
         return model.eval()
 
     def load_first_stage(self, config: ModelConfig | None = None) -> VQModel | AutoencoderKL:
@@ -478,13 +572,9 @@ class RunDir:
 
     def load_dit(self, config: ModelConfig | None = None) -> DiT:
         from mmgen_deploy.models.dit import DiT
-        from mmgen_deploy.models.fast_init import skip_weight_init
 
-        config = config or self.load_config()
-
-        with skip_weight_init():  # every parameter is loaded next
-            model = DiT(config.dit)
-        self._load_into("dit", model)
+        dit_config = (config or self.load_config()).dit
+        model: DiT = self._build_loaded("dit", lambda: DiT(dit_config))
         return model.eval()
 
     def load_text_encoder(self, config: ModelConfig | None = None) -> TextEncoder:
@@ -494,8 +584,8 @@ class RunDir:
         if config.text is None:
             raise RunDirError(f"{self.root} holds a class-conditioned model: it has no text encoder",
                               "use class names (--class) instead of prompts")
-        model = TextEncoder(config.text)
-        self._load_into(TEXT_PART, model)
+        text_config = config.text
+        model: TextEncoder = self._build_loaded(TEXT_PART, lambda: TextEncoder(text_config), skip_init=False)
         return model.eval()
 
     def save_tokenizer(self, tokenizer: WordTokenizer) -> None:

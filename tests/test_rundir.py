@@ -156,3 +156,73 @@ def test_remembered_hashes_follow_every_change_of_the_file(tmp_path, monkeypatch
     # The cache turned off: still the right hash.
     monkeypatch.setenv("MMGEN_CACHE_DIR", "")
     assert sha256_file_remembered(weights) == sha256_file(weights)
+
+
+def _edit_config(run: RunDir, part: str, **values: object) -> None:
+    import json
+
+    path = run.config_path(part)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+@pytest.mark.parametrize(("part", "values", "message"), [
+    ("dit", {"hidden_size": "128"}, "dit.hidden_size must be an integer, got '128' (str)"),
+    ("dit", {"depth": 4.5}, "dit.depth must be an integer, got 4.5 (float)"),
+    ("dit", {"mlp_ratio": "4"}, "dit.mlp_ratio must be a finite number, got '4' (str)"),
+    ("dit", {"num_heads": None}, "dit.num_heads must be an integer, got None"),
+    ("dit", {"learn_sigma": "no"}, "dit.learn_sigma must be true or false"),
+    ("vqvae", {"channel_mult": [1, "2"]}, "vq.channel_mult must be a list of integers"),
+    ("dit", {"hidden_size": 1_000_000_000}, "dit.hidden_size 1000000000 is larger than any model"),
+    ("vqvae", {"base_channels": 10**12}, "vq.base_channels 1000000000000 is larger than any model"),
+])
+def test_hostile_config_values_are_refused_in_one_line(tmp_path, random_models, capsys, part: str,
+                                                      values: dict[str, object], message: str) -> None:
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    _edit_config(run, part, **values)
+    code, text = _cli(["info", str(run.root)], capsys)
+    assert code == 1 and message in text and f"{part}/config.json" in text, text
+    assert "Traceback" not in text and len(text.strip().splitlines()) == 1
+
+
+def test_config_sizes_are_checked_against_the_weight_shapes_before_building(tmp_path, random_models,
+                                                                           monkeypatch) -> None:
+    """A config within the bounds but far larger than its weights: refused from the file's header,
+    before any real model is built (building one would allocate ~100 GB for these sizes)."""
+    import mmgen_deploy.models.dit as dit_module
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    built_for_real = []
+    original_init = dit_module.DiT.__init__
+
+    def watch(self, cfg) -> None:  # type: ignore[no-untyped-def]
+        original_init(self, cfg)
+        if not self.x_embedder.proj.weight.is_meta:
+            built_for_real.append(cfg)
+
+    monkeypatch.setattr(dit_module.DiT, "__init__", watch)
+    _edit_config(run, "dit", hidden_size=16384, depth=256, num_heads=128)
+    with pytest.raises(RunDirError, match=r"does not match its config.json: pos_embed is \[1, 16, 128\] in the "
+                                          r"file, the config makes it \[1, 16, 16384\]"):
+        run.load_dit()
+    assert not built_for_real
+    _edit_config(run, "dit", hidden_size=128, depth=5, num_heads=4)
+    with pytest.raises(RunDirError, match=r"missing blocks\.4"):
+        run.load_dit()
+    _edit_config(run, "dit", depth=4)
+    assert run.load_dit().config.depth == 4 and len(built_for_real) == 1
+
+
+def test_truncated_weights_are_named_as_such_before_the_export_is_blamed(exported_tiny_run, tmp_path,
+                                                                         capsys) -> None:
+    import shutil
+
+    run = RunDir(shutil.copytree(exported_tiny_run.root, tmp_path / "run"))
+    weights = run.weights_path("dit")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 100])
+    code, text = _cli(["generate", str(run.root), "-c", "0", "--n", "1", "--steps", "1", "--backend",
+                       "onnxruntime", "--out", str(tmp_path / "out")], capsys)
+    assert code == 1 and "corrupt weight file" in text and "truncated or damaged" in text, text
+    assert "exported from other weights" not in text and "Traceback" not in text
+    assert not (tmp_path / "out").exists()

@@ -176,7 +176,10 @@ class DiT(nn.Module):
         else:
             self.y_embedder = LabelEmbedder(cfg.num_classes, cfg.hidden_size)
         grid = cfg.input_size // cfg.patch_size
-        pos = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
+        if self.x_embedder.proj.weight.is_meta:  # built for its shapes only (RunDir checks weights against them)
+            pos = torch.empty(1, grid * grid, cfg.hidden_size)
+        else:
+            pos = torch.from_numpy(sincos_pos_embed_2d(cfg.hidden_size, grid)).float().unsqueeze(0)
         # A fixed table, kept as a (frozen) parameter so the official key `pos_embed` exists.
         self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList(

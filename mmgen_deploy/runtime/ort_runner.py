@@ -48,6 +48,7 @@ def check_not_stale(run: RunDir) -> dict[str, Any]:
         raise RunDirError(f"{path} is unreadable",
                           f"re-export: `mmgen export {run.root} --overwrite`") from None
     if exported_from and exported_from != run.weights_sha256():
+        run.check_weight_files()  # a damaged weight file is what to fix then, not the export
         raise RunDirError(f"the ONNX files in {run.onnx_dir} were exported from other weights "
                           f"({str(exported_from)[:12]}) than the run's current ones",
                           f"re-export: `mmgen export {run.root} --overwrite`")
