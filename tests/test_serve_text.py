@@ -241,6 +241,7 @@ def test_class_model_takes_class_names_and_refuses_prompts(tmp_path: Path,
             by_name = remote.generate(ImageRequest(seeds=[9], indices=[1], classes=["Red Circle"], steps=3))
         finally:
             remote.close()
+        _bad_requests_in_a_burst_leave_the_good_ones_right(served.url, run)
     files = _pngs(tmp_path / "served")
     assert [p.name for p in files] == ["0000_red-circle.png", "0001_red-circle.png", "0002_shape-2.png",
                                        "0003_shape-2.png"]
@@ -252,6 +253,74 @@ def test_class_model_takes_class_names_and_refuses_prompts(tmp_path: Path,
     assert code == 0, text
     for ref, got in zip(_pngs(tmp_path / "generated"), files, strict=True):
         assert ref.name == got.name and psnr(_pixels(ref), _pixels(got)) >= 40.0
+
+
+def _bad_requests_in_a_burst_leave_the_good_ones_right(url: str, run: RunDir) -> None:
+    """Good and bad requests sent together while a long request holds the model's one instance, so
+    they wait together and the dynamic batcher hands them to the model in one batch: each bad request
+    gets its own error and each good one the image the library makes for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mmgen_deploy.numerics import psnr
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, RemoteError, batch_sizes_executed
+
+    good = [ImageRequest(seeds=[20 + i], class_ids=[i], steps=3) for i in range(3)]
+    bad = [(ImageRequest(seeds=[-1], class_ids=[0], steps=3), "seed -1 is negative"),
+           (ImageRequest(seeds=[0], classes=["blue moon"], steps=3), "unknown class 'blue moon'"),
+           (ImageRequest(seeds=[0], class_ids=[0], steps=3, cfg_scale=float("nan")), "cfg_scale nan is out of range"),
+           (ImageRequest(seeds=[0], prompts=[PROMPT], steps=3), "this model is class-conditioned")]
+    jobs = [good[0], bad[0][0], bad[1][0], good[1], bad[2][0], bad[3][0], good[2]]
+
+    def send(client: GenerateClient, job: ImageRequest) -> np.ndarray | RemoteError:
+        try:
+            return client.generate(job)
+        except RemoteError as exc:
+            return exc
+
+    def executions() -> dict[int, int]:
+        client = GenerateClient(url, timeout_s=60)
+        try:
+            return batch_sizes_executed(client.statistics())
+        finally:
+            client.close()
+
+    merged = 0
+    for _round in range(3):  # on a very busy machine the long request may end before the burst queued
+        before = executions()
+        clients = [GenerateClient(url, timeout_s=180) for _ in range(len(jobs) + 1)]  # connected beforehand
+        try:
+            with ThreadPoolExecutor(len(clients)) as pool:
+                long_request = pool.submit(send, clients[-1], ImageRequest(seeds=[9] * 5, class_ids=[4] * 5,
+                                                                           steps=250))
+                time.sleep(0.5)
+                results = list(pool.map(send, clients[:-1], jobs))
+                assert isinstance(long_request.result(), np.ndarray)
+        finally:
+            for client in clients:
+                client.close()
+        after = executions()
+        new = {size: count - before.get(size, 0) for size, count in after.items()}
+        new[5] -= 1  # the long request's own execution
+        merged = max((size for size, count in new.items() if count > 0), default=0)
+        if merged >= 3:
+            break
+    assert merged >= 3, f"the burst was never merged: executions {after}"
+    outcome = dict(zip(map(id, jobs), results, strict=True))
+    for job, message in bad:
+        error = outcome[id(job)]
+        assert isinstance(error, RemoteError) and message in str(error), (message, error)
+    runner, _ = open_runner(run.root, "onnxruntime", "fp32", threads=1)
+    try:
+        reference = sample_specs(runner, run.load_config(), [ImageSpec(seed=20 + i, class_id=i, steps=3)
+                                                             for i in range(3)]).images
+    finally:
+        runner.close()
+    for i, job in enumerate(good):
+        served = outcome[id(job)]
+        assert isinstance(served, np.ndarray) and served.shape == (1, 32, 32, 3), served
+        assert psnr(reference[i], served[0]) >= 40.0
 
 
 def _mixed_inputs() -> list[object]:
