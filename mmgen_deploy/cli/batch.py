@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from mmgen_deploy.cli.common import BACKEND_OPTION, PRECISION_OPTION, console, emit_json, json_option
+from mmgen_deploy.cli.common import (
+    BACKEND_OPTION,
+    PRECISION_OPTION,
+    console,
+    count_column,
+    emit_json,
+    json_option,
+    plural,
+)
 from mmgen_deploy.defaults import SAMPLING
 
 
@@ -64,9 +72,9 @@ def batch(
     settings = BatchSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, backend=backend, precision=precision,
                              threads=threads, batch_size=batch_size)
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), count_column(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("writing images", total=None)
 
@@ -75,11 +83,11 @@ def batch(
 
         report = run_batch(run_dir, requests, out, settings, ray_address=ray_address, workers=workers,
                            progress=advance)
-    where = f"Ray ({ray_address}, {report.workers} worker(s))" if ray_address else "in-process"
+    where = f"Ray ({ray_address}, {plural(report.workers, 'worker')})" if ray_address else "in-process"
     if report.written == 0:
-        console.print(f"nothing to do: all {report.total} images are already in {out / 'manifest.jsonl'}")
+        console.print(f"nothing to do: all {plural(report.total, 'image')} are already in {out / 'manifest.jsonl'}")
     else:
-        console.print(f"wrote {report.written} image(s) to {out} in {report.seconds:.2f} s "
+        console.print(f"wrote {plural(report.written, 'image')} to {out} in {report.seconds:.2f} s "
                       f"([bold]{report.images_per_second:.2f} images/s[/], {where}; "
                       f"{report.steady_images_per_second:.2f} images/s after the first batch, which came back "
                       f"after {report.first_batch_seconds:.1f} s); {report.skipped} already done")

@@ -15,8 +15,9 @@ from mmgen_deploy.defaults import SAMPLING
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
-# Tables to a pipe or a log file: rich would fall back to 80 columns and squeeze them unreadably.
-stdout_console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+# Tables and results: the terminal's width, 80 columns in a pipe or a log file (the tables are laid
+# out to fit 80; `--json` has every number in full).
+stdout_console = Console(highlight=False)
 
 
 class _State:
@@ -147,6 +148,23 @@ def visible_names(param: Any) -> list[str]:
     names = [*param.opts, *param.secondary_opts]
     canonical = next((n for n in names if n.startswith("--")), "")
     return [n for n in names if n not in OLD_SPELLINGS.get(canonical, ())]
+
+
+def plural(count: int, noun: str) -> str:
+    """`1 image`, `2 images`, `0 images`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def count_column() -> Any:
+    """A progress bar's `done/total` column that stays empty while the total is unknown (not `0/None`)."""
+    from rich.progress import ProgressColumn, Task
+    from rich.text import Text
+
+    class _Count(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text("" if task.total is None else f"{int(task.completed)}/{int(task.total)}")
+
+    return _Count()
 
 
 def split_list(values: list[str] | None) -> list[str]:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -22,11 +23,17 @@ def register(app: typer.Typer) -> None:
         if json_out == "-":
             emit_json(as_dicts(checks), "-")
             return
-        table = Table(title="mmgen doctor", show_lines=False)
-        for col in ("component", "status", "version", "detail"):
-            table.add_column(col)
+        # The version and the detail share a column (the detail on its own line), so that the
+        # long details (paths, CPU flags, providers) fit an 80-column terminal whole.
+        table = Table(title="mmgen doctor", box=box.SIMPLE_HEAD)
+        table.add_column("component", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        table.add_column("version / detail", overflow="fold")
         for c in checks:
             # Details hold pip extras like 'mmgen-deploy[openvino]': not rich markup.
-            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", escape(c.version), escape(c.detail))
+            version = "" if c.version in ("", "-") else escape(c.version)
+            detail = f"[dim]{escape(c.detail)}[/]" if c.detail else ""
+            table.add_row(c.name, f"[{_STYLE[c.status]}]{c.status}[/]", "\n".join(p for p in (version, detail) if p)
+                          or "-")
         stdout_console.print(table)
         emit_json(as_dicts(checks), json_out)

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option
+from mmgen_deploy.cli.common import console, count_column, emit_json, json_option, plural
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import (
     ALL_COMPONENTS,
@@ -190,7 +190,7 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
     options: dict[str, Any] = {} if opset is None else {"opset": opset}
     # The run's writer lock before the progress bar: a busy run is refused in one line.
     with run.writing("export"), \
-            Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+            Progress(TextColumn("{task.description}"), BarColumn(), count_column(),
                      TimeElapsedColumn(), console=console, transient=False) as bar:
         task = bar.add_task("export", total=None)
         current: dict[str, Any] = {"step": None, "stage": "", "start": time.perf_counter()}
@@ -214,6 +214,6 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
     if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
         den = quant["denoiser"]
         console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
-                      f"timesteps {den['timesteps']}, {quant['encoder']['samples']} images "
+                      f"timesteps {den['timesteps']}, {plural(quant['encoder']['samples'], 'image')} "
                       f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
     return manifest

@@ -16,8 +16,10 @@ from mmgen_deploy.cli.common import (
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
     console,
+    count_column,
     emit_json,
     json_option,
+    plural,
     stdout_console,
 )
 from mmgen_deploy.defaults import SAMPLING
@@ -95,7 +97,7 @@ CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale"
 def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
     """Generate with a progress bar and the backend, warning and timing lines; return the sidecar.
     What `mmgen generate` and the quickstart's generate stage print."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.sampling.generate import generate_to_folder
@@ -113,19 +115,19 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
         if condition.prompts:
             warn_about_prompts(condition.unknown_words, condition.truncated_prompts, run.load_config())
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    columns = (TextColumn("{task.description}"), BarColumn(), count_column(), TimeRemainingColumn())
     # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
     with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
         task = bar.add_task("sampling images", total=None)
 
         def advance(done: int, total: int) -> None:
-            bar.update(task, description=f"sampling {count[0]} images", completed=done, total=total)
+            bar.update(task, description=f"sampling {plural(count[0], 'image')}", completed=done, total=total)
 
         generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()
-    console.print(f"{len(result.images)} images in {result.total_seconds:.2f} s: "
+    console.print(f"{plural(len(result.images), 'image')} in {result.total_seconds:.2f} s: "
                   f"[bold]{timing['images_per_second']:.2f} images/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
                   f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")

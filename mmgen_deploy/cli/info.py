@@ -8,6 +8,9 @@ from rich.table import Table
 
 from mmgen_deploy.cli.common import emit_json, json_option, stdout_console
 
+# Runs with more classes (ImageNet's 1000) show the first half of this many; --json has them all.
+_CLASSES_SHOWN = 60
+
 
 def register(app: typer.Typer) -> None:
     @app.command()
@@ -57,6 +60,13 @@ def register(app: typer.Typer) -> None:
                      else f"{config.dit.num_classes} classes")
         table.add_row("DiT", f"depth {config.dit.depth}, width {config.dit.hidden_size}, "
                       f"patch {config.dit.patch_size}, {condition}")
+        if not config.uses_text:
+            # What `generate --class` takes (its errors send users here): names with their ids.
+            names = [f"{i} {name}" for i, name in enumerate(config.class_names)]
+            shown = names if len(names) <= _CLASSES_SHOWN else [*names[:_CLASSES_SHOWN // 2],
+                                                                 f"... ({len(names)} in all; --json lists every one)"]
+            table.add_row("classes (--class)", ", ".join(shown) if names else
+                          f"ids 0..{config.dit.num_classes - 1} (the run has no class names)")
         if config.text is not None:
             table.add_row("text encoder", f"depth {config.text.depth}, width {config.text.hidden_size}, "
                           f"vocabulary {config.text.vocab_size}, {config.text.max_length} tokens")

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from rich.markup import escape
 
 from mmgen_deploy.cli.common import THREADS_OPTION, console, emit_json, json_option, split_list, stdout_console
 from mmgen_deploy.defaults import SAMPLING
@@ -173,7 +174,10 @@ def register(app: typer.Typer) -> None:
                            progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list,
                            threads=threads)
         if json_out != "-":
-            stdout_console.print(result.table())
+            for table in result.tables():
+                stdout_console.print(table)
+            for note in result.notes():
+                stdout_console.print(escape(note))  # errors name pip extras such as mmgen-deploy[tensorrt]
         emit_json(result.to_dict(), json_out)
         if markdown is not None:
             from mmgen_deploy.io_utils import atomic_path

@@ -328,16 +328,46 @@ class BenchResult:
         return (f"matmul peaks measured in this run (GFLOP/s; INT8 in GOP/s): {peaks}; each backend's "
                 "GFLOP/s is against the peak of the precision it ran")
 
-    def table(self) -> Any:
+    def tables(self) -> list[Any]:
+        """The side-by-side view as two tables that fit an 80-column terminal: each component's
+        median latency, then throughput and where the time goes. The p90 latencies are in `to_dict`
+        and `markdown` (one wide table); a backend that failed to open is in `notes` instead."""
+        from rich import box
         from rich.table import Table
 
-        table = Table(title=f"mmgen bench ({self.steps} steps, cfg {self.cfg_scale}; latencies median / p90; "
-                      f"{self.peaks_line()})")
-        for col in self.header:
-            table.add_column(col)
-        for row in self.rows():
-            table.add_row(*row[: len(self.header)])
-        return table
+        keys, latencies = 3, len(self.component_columns)
+        def compact(title: str) -> Table:
+            return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+
+        latency = compact(f"mmgen bench: median latency in ms ({self.steps} steps, cfg {self.cfg_scale}; "
+                          "the denoiser's speed-up over the backend's first precision)")
+        throughput = compact("mmgen bench: throughput and where the time goes")
+        for table in (latency, throughput):
+            table.add_column("backend", no_wrap=True)
+            table.add_column("batch", no_wrap=True, justify="right")
+        for col in self.header[keys:keys + latencies]:
+            latency.add_column(col.removesuffix(" ms"), justify="right")
+        short = {"time % denoiser / decode / other": "time % in den. dec. other", "peak host MiB": "host MiB"}
+        for col in self.header[keys + latencies:]:
+            throughput.add_column(short.get(col, col), justify="right")
+        rows = iter(self.rows())
+        for res in self.backends:
+            for _batch in self.batches:
+                row = next(rows)
+                if res.error:
+                    continue
+                key = (f"{row[0]} {row[1]}", row[2])
+                medians = [cell.split(" / ")[0] + (f" ({cell.split(' (')[1]}" if " (" in cell else "")
+                           for cell in row[keys:keys + latencies]]
+                latency.add_row(*key, *medians)
+                throughput.add_row(*key, *(cell.replace(" / ", "/") for cell in row[keys + latencies:len(self.header)]))
+        return [latency, throughput]
+
+    def notes(self) -> list[str]:
+        """What the tables leave out: backends that failed to open, pairs not run, the peaks."""
+        failed = [f"{res.backend} {res.precision} failed: {res.error}" for res in self.backends if res.error]
+        skipped = ["not run: " + "; ".join(self.skipped)] if self.skipped else []
+        return [*failed, *skipped, self.peaks_line()]
 
     def markdown(self) -> str:
         peaks = self.peaks_line()

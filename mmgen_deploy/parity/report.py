@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -71,12 +72,14 @@ class ParityReport:
                 "notes": list(self.notes), "info": self.info, "checks": [c.to_dict() for c in self.checks]}
 
     def render(self, console: Console) -> None:
-        table = Table(title=self.title)
+        # No vertical rules and short tolerances: the table fits an 80-column terminal with the
+        # longest check names whole (the JSON report has every digit).
+        table = Table(title=self.title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for col in ("component", "check", "value", "tolerance", "result"):
             table.add_column(col, justify="right" if col in ("value", "tolerance") else "left")
         for c in self.checks:
             result = "[green]PASSED[/]" if c.passed else "[bold red]FAILED[/]"
-            table.add_row(c.group, c.name, _fmt(c.value), f"{c.direction} {_fmt(c.threshold)}", result)
+            table.add_row(c.group, c.name, _fmt(c.value), f"{c.direction} {c.threshold:.4g}", result)
         console.print(table)
         for note in self.notes:
             console.print(note if self.meaningful else f"[bold yellow]{note}[/]", highlight=False)
