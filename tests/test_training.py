@@ -28,7 +28,7 @@ def _small_config() -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _one_thread():
     """These models are far too small to gain from a second thread, and on a busy machine a second
-    thread makes every op wait for a free core; restore the session's setting afterwards."""
+    thread makes every op wait for a free core; restore the process's setting afterwards."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
