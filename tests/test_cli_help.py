@@ -176,3 +176,18 @@ def test_docs_list_every_old_spelling() -> None:
     for new, olds in OLD_SPELLINGS.items():
         for old in olds:
             assert any(f"`{old}`" in row and f"`{new}`" in row for row in rows), (old, new)
+
+
+def test_an_old_spelling_gets_a_note_naming_the_new_one(tmp_path, capsys) -> None:
+    from mmgen_deploy.cli.common import old_spellings_in
+
+    root = command()
+    assert old_spellings_in(root, ["parity", "R", "--batch=2", "--steps", "3"]) == [("--batch", "--batch-sizes")]
+    assert old_spellings_in(root, ["--debug", "export", "R", "-c", "decoder", "-p", "fp32"]) == [
+        ("-p", "--precision"), ("-c", "--components")]
+    assert old_spellings_in(root, ["generate", "R", "-c", "1", "-p", "x"]) == []  # -c/-p are --class/--prompt
+    assert old_spellings_in(root, ["nothing", "--batch"]) == []
+    with pytest.raises(SystemExit) as info:
+        main(["build-engine", str(tmp_path / "missing"), "--force"])
+    err = capsys.readouterr().err
+    assert info.value.code != 0 and "note: --force is now --rebuild" in err and "error:" in err

@@ -33,7 +33,7 @@ from mmgen_deploy.cli import (
     serve,
     train,
 )
-from mmgen_deploy.cli.common import console, hide_old_spellings, install_log_handler, state
+from mmgen_deploy.cli.common import console, hide_old_spellings, install_log_handler, old_spellings_in, state
 from mmgen_deploy.errors import MMGenError
 
 app = typer.Typer(
@@ -133,7 +133,11 @@ def main(argv: list[str] | None = None) -> None:
     install_log_handler()
     try:
         # standalone_mode=False: the parser's errors come here, to be said the way mmgen says its own.
-        exit_code = command().main(args=args, prog_name="mmgen", standalone_mode=False)
+        root = command()
+        for old, new in old_spellings_in(root, args):
+            console.print(f"[yellow]note:[/] {old} is now {new}; the old spelling still works for this release",
+                          soft_wrap=True)
+        exit_code = root.main(args=args, prog_name="mmgen", standalone_mode=False)
         sys.exit(exit_code if isinstance(exit_code, int) else 0)  # typer.Exit(code) comes back as its code
     except NoArgsIsHelpError as exc:  # `mmgen` or `mmgen train` alone: the help, as before
         exc.show()

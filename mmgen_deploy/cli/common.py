@@ -143,6 +143,26 @@ def hide_old_spellings(param: Any) -> None:
     param.get_help_record = help_record
 
 
+def old_spellings_in(command: Any, args: list[str]) -> list[tuple[str, str]]:
+    """(old, new) for each old spelling `args` use with the subcommand of `command` they invoke,
+    so that the CLI can say what to write instead while the old one still works."""
+    position = 0
+    while getattr(command, "commands", None):  # descend to the subcommand the arguments name
+        names = [a for a in args[position:] if not a.startswith("-")]
+        sub = command.commands.get(names[0]) if names else None
+        if sub is None:
+            return []
+        position = args.index(names[0], position) + 1
+        command = sub
+    used = {arg.split("=", 1)[0] for arg in args[position:]}
+    found = []
+    for param in command.params:
+        names = [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
+        canonical = next((n for n in names if n.startswith("--")), "")
+        found += [(old, canonical) for old in OLD_SPELLINGS.get(canonical, ()) if old in names and old in used]
+    return found
+
+
 def visible_names(param: Any) -> list[str]:
     """An option's spellings as `--help` shows them (old spellings left out)."""
     names = [*param.opts, *param.secondary_opts]
