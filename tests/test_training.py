@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -196,46 +198,67 @@ def test_cli_errors_are_one_line(tmp_path, capsys) -> None:
 
 @pytest.mark.slow
 def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> None:
-    """The real quickstart loop with a 2-step recipe, a cheap evaluation stage and 4 generation steps.
-    The 2-step DiT's near-zero tensors are re-randomised after its stage, so the parity stage compares
-    real outputs (it refuses a negligible one)."""
-    from quickstart_helpers import fewer_generate_steps, with_meaningful_dit
+    """The real quickstart loop, every stage as written, with a 2-step recipe, a small evaluation (on
+    ONNX Runtime, as the quickstart evaluates) and 4 generation steps. The 2-step DiT's near-zero
+    tensors are re-randomised after its stage, so the parity stage compares real outputs (it refuses a
+    negligible one)."""
+    from quickstart_helpers import (
+        assert_evaluated_on_the_deployed_path,
+        assert_parity_within_spec,
+        fewer_generate_steps,
+        small_real_evaluation,
+        with_meaningful_dit,
+    )
 
-    from mmgen_deploy.cli import evaluate as eval_cli
     from mmgen_deploy.cli import quickstart as qs_cli
     from mmgen_deploy.training import recipes
 
     monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
-
-    def cheap_eval(ctx) -> str:
-        ctx.results["eval"] = eval_cli._run_eval(ctx.run, eval_cli._eval_settings(1, 2, 4.0, 0, True, "torch",
-                                                                                     "fp32"))
-        return str(ctx.run.reports_dir / "eval.json")
-
     real_new_run = qs_cli._new_run
     monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
-    replaced = {"evaluate": cheap_eval, "train DiT": with_meaningful_dit(dict(qs_cli.QUICKSTART_STAGES)["train DiT"])}
+    replaced = {"train DiT": with_meaningful_dit(dict(qs_cli.QUICKSTART_STAGES)["train DiT"])}
     stages = [(name, replaced.get(name, fn)) for name, fn in qs_cli.QUICKSTART_STAGES]
     monkeypatch.setattr(qs_cli, "QUICKSTART_STAGES", stages)
+    small_real_evaluation(monkeypatch)
     fewer_generate_steps(monkeypatch)
     out = tmp_path / "qs"
     code, text = _cli(["quickstart", "--out", str(out), "--threads", "1"], capsys)
     assert code == 0, text
     assert "1/6 train VQ-VAE" in text and "6/6 parity vs PyTorch" in text and str(out) in text
-    summary = __import__("json").loads((out / "reports" / "quickstart.json").read_text())
+    summary = json.loads((out / "reports" / "quickstart.json").read_text())
     assert list(summary["stage_seconds"]) == ["train VQ-VAE", "train DiT", "export ONNX FP32 + FP16",
                                               "generate (ONNX Runtime CPU)", "evaluate", "parity vs PyTorch"]
+    run = RunDir(out)
+    for stage in ("vqvae", "dit"):  # the thread count the weights were trained on is recorded
+        assert json.loads((run.reports_dir / f"train_{stage}.json").read_text())["threads"] == 1
     # The deployment half of the main job really ran on ONNX Runtime CPU.
     assert (out / "samples" / "onnxruntime-fp32" / "grid.png").is_file()
+    generation = assert_evaluated_on_the_deployed_path(run, summary)
+    assert generation["num_samples"] == 18 and set(generation["per_class"]) == set(CLASS_NAMES)
     for precision in ("fp32", "fp16"):
-        report = __import__("json").loads((out / "reports" / f"parity-onnxruntime-{precision}.json").read_text())
-        assert report["passed"] and report["meaningful"]
-        # ...on a denoiser whose output is not negligible next to its input.
-        assert report["info"]["denoiser_output_scale"]["ratio"] >= 0.05
-    assert "accuracy" in summary["eval"]["generation"]
+        report = json.loads((out / "reports" / f"parity-onnxruntime-{precision}.json").read_text())
+        assert_parity_within_spec(report, run.load_config(), precision)
     code, text = _cli(["quickstart", "--out", str(out)], capsys)
     assert code != 0 and "--overwrite" in text
+
+
+def test_default_thread_count_is_the_cpus_not_the_load(monkeypatch) -> None:
+    """Training's default thread count is fixed for a machine: a busy or idle machine trains on the
+    same count (it changes the weights), and `--threads` wins."""
+    import os
+
+    from mmgen_deploy.training.common import default_threads, set_threads
+
+    cpus = len(os.sched_getaffinity(0))
+    before = torch.get_num_threads()
+    try:
+        for load in (0.0, 1.0, 50.0):
+            monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+            assert default_threads() == cpus and set_threads() == cpus and torch.get_num_threads() == cpus
+        assert set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_recipe_sets_dit_batch_and_lr_unless_overridden() -> None:

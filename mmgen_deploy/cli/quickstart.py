@@ -138,10 +138,24 @@ def parity_stage(ctx: QuickstartContext) -> str:
     return ", ".join(f"{p} {v}" for p, v in verdicts.items()) + f" ({ctx.run.reports_dir})"
 
 
-def _qs_eval(ctx: QuickstartContext) -> str:
-    # Judged on the deployed path (ONNX Runtime, FP32 graphs), not on PyTorch.
-    report = _run_eval(ctx.run, _eval_settings(10, SAMPLING.steps, SAMPLING.cfg_scale, ctx.seed, True,
-                                                 QUICKSTART_BACKEND, "fp32"))
+@dataclass(frozen=True)
+class QuickstartEval:
+    """How much the quickstart's evaluation samples: a class run `samples_per_class` images of each
+    class, a text run one image for each of `num_prompts` held-out prompts."""
+
+    samples_per_class: int = 10
+    num_prompts: int = 200
+    steps: int = SAMPLING.steps
+
+
+QUICKSTART_EVAL = QuickstartEval()
+
+
+def _qs_eval_on_deployed_path(ctx: QuickstartContext) -> str:
+    """Judged on the deployed path (ONNX Runtime, FP32 graphs), not on PyTorch."""
+    sizes = QUICKSTART_EVAL
+    report = _run_eval(ctx.run, _eval_settings(sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale, ctx.seed,
+                                               True, QUICKSTART_BACKEND, "fp32", sizes.num_prompts))
     ctx.results["eval"] = report
     return str(ctx.run.reports_dir / "eval.json")
 
@@ -152,20 +166,11 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
     ("train DiT", _qs_dit),
     ("export ONNX FP32 + FP16", export_stage),
     ("generate (ONNX Runtime CPU)", generate_stage),
-    ("evaluate", _qs_eval),
+    ("evaluate", _qs_eval_on_deployed_path),
     ("parity vs PyTorch", parity_stage),
 ]
 
 
-def _qs_eval_prompts(ctx: QuickstartContext) -> str:
-    # 200 prompts from the held-out combinations, judged on the deployed path (ONNX Runtime FP32).
-    report = _run_eval(ctx.run, _eval_settings(1, SAMPLING.steps, SAMPLING.cfg_scale, ctx.seed, True,
-                                               QUICKSTART_BACKEND, "fp32", QUICKSTART_TEXT_EVAL_PROMPTS))
-    ctx.results["eval"] = report
-    return str(ctx.run.reports_dir / "eval.json")
-
-
-QUICKSTART_TEXT_EVAL_PROMPTS = 200
 # `shapes` attribute combinations kept out of the text quickstart's training data.
 QUICKSTART_TEXT_HOLDOUT = 0.2
 # Pooled (adaLN) only: its steps cost ~0.8x those with cross-attention too, so 5000 fit in the
@@ -181,7 +186,7 @@ QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
     ("train DiT + text encoder", _qs_dit),
     ("export ONNX FP32 + FP16", export_stage),
     ("generate from prompts (ONNX Runtime CPU)", generate_prompts_stage),
-    ("evaluate (held-out prompts)", _qs_eval_prompts),
+    ("evaluate (held-out prompts)", _qs_eval_on_deployed_path),
     ("parity vs PyTorch", parity_stage),
 ]
 

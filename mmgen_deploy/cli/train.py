@@ -176,8 +176,9 @@ _holdout_opt = typer.Option(None, "--holdout-fraction",
                                  "combinations kept out of training (default 0); `mmgen eval` prompts come "
                                  "from them.")
 _gan_opt = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator.")
-_threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: the cores idle right now; "
-                            "on a busy machine fewer threads train faster).")
+_threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: one per CPU this process may "
+                            "use, whatever the load; the count changes the trained weights' last bits and is "
+                            "recorded in reports/train_*.json; on a busy machine fewer threads train faster).")
 
 
 @train_app.command("vqvae")

@@ -21,20 +21,23 @@ from mmgen_deploy.io_utils import atomic_path
 StepCallback = Callable[[int, dict[str, float]], None]
 
 
-def set_threads(threads: int | None = None) -> int:
-    """Pick the number of torch threads (`threads` when given) and return it.
+def default_threads() -> int:
+    """One torch thread per CPU this process may run on: fixed for a machine, whatever its load.
 
-    Default: one per core that is idle right now. On a busy machine a thread that has to
-    wait for a core stalls all the others at every parallel op (OpenMP barriers); measured
-    on a loaded 2-core box, 2 threads ran a VQ-VAE step 6x slower than 1 thread.
+    The thread count changes the order in which sums are taken, so the same seed trains different
+    weights on one and two threads; a default read from the load average made results depend on
+    what else was running. `--threads N` trades speed on a busy machine for the same count anywhere.
     """
-    cores = os.cpu_count() or 1
-    if threads is None:
-        try:
-            busy = os.getloadavg()[0]
-        except OSError:  # not available on every platform
-            busy = 0.0
-        threads = max(1, min(cores, round(cores - busy)))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not available on every platform
+        return max(1, os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Set the number of torch threads (`threads`, or `default_threads()`) and return it; the
+    training reports record it (`threads` in reports/train_*.json)."""
+    threads = default_threads() if threads is None else threads
     torch.set_num_threads(threads)
     return threads
 
