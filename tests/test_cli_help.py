@@ -187,6 +187,7 @@ def test_an_old_spelling_gets_a_note_naming_the_new_one(tmp_path, capsys) -> Non
         ("-p", "--precision"), ("-c", "--components")]
     assert old_spellings_in(root, ["generate", "R", "-c", "1", "-p", "x"]) == []  # -c/-p are --class/--prompt
     assert old_spellings_in(root, ["nothing", "--batch"]) == []
+    assert old_spellings_in(root, ["parity", "R", "--torch-threads", "2"]) == [("--torch-threads", "--threads")]
     with pytest.raises(SystemExit) as info:
         main(["build-engine", str(tmp_path / "missing"), "--force"])
     err = capsys.readouterr().err

@@ -122,6 +122,12 @@ def shared_options_markdown(uses: dict[str, list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Hidden options kept for old scripts whose meaning a visible option took over (with more): old -> new.
+SUPERSEDED_OPTIONS: dict[str, str] = {
+    "--torch-threads": "--threads",  # parity: the reference's threads; --threads sets the backend's too
+}
+
+
 def hide_old_spellings(param: Any) -> None:
     """Keep `OLD_SPELLINGS` of a Click option parsing, but out of its help line."""
     names = [*param.opts, *param.secondary_opts]
@@ -160,6 +166,7 @@ def old_spellings_in(command: Any, args: list[str]) -> list[tuple[str, str]]:
         names = [*getattr(param, "opts", ()), *getattr(param, "secondary_opts", ())]
         canonical = next((n for n in names if n.startswith("--")), "")
         found += [(old, canonical) for old in OLD_SPELLINGS.get(canonical, ()) if old in names and old in used]
+        found += [(name, SUPERSEDED_OPTIONS[name]) for name in names if name in SUPERSEDED_OPTIONS and name in used]
     return found
 
 
