@@ -18,6 +18,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 
 def _sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -54,27 +55,51 @@ def external_locations(path: str | os.PathLike[str]) -> list[str]:
         model = onnx.load(str(path), load_external_data=False)
     except Exception:  # a damaged graph (DecodeError): it names no data file anyone can rely on
         return []
-    locations: dict[str, None] = {}
-
-    def visit(graph: onnx.GraphProto) -> None:
-        tensors = list(graph.initializer)
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    tensors.append(attr.t)
-                elif attr.type == onnx.AttributeProto.GRAPH:
-                    visit(attr.g)
-                elif attr.type == onnx.AttributeProto.GRAPHS:
-                    for sub in attr.graphs:
-                        visit(sub)
-        for tensor in tensors:
-            if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                for entry in tensor.external_data:
-                    if entry.key == "location":
-                        locations[entry.value] = None
-
-    visit(model.graph)
+    locations = {entry["location"]: None for entry in _external_entries(model.graph) if "location" in entry}
     return list(locations)
+
+
+def _external_entries(graph: Any) -> list[dict[str, str]]:
+    """The external-data entries (location, offset, length) of every tensor of `graph` and its subgraphs."""
+    import onnx
+
+    tensors = list(graph.initializer)
+    entries = []
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                tensors.append(attr.t)
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                entries += _external_entries(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    entries += _external_entries(sub)
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            entries.append({entry.key: entry.value for entry in tensor.external_data})
+    return entries
+
+
+def damage(path: str | os.PathLike[str]) -> str | None:
+    """Why the ONNX set at `path` is not whole (its graph does not parse, or an external-data file is
+    missing or shorter than the graph reads), or None. Reads the graph only, never the weights; what
+    a runtime that fails to parse a file calls first, so a truncated copy is not blamed on an op."""
+    import onnx
+
+    path = Path(path)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # DecodeError and friends: the protobuf itself is cut short or damaged
+        return f"{path.name} is truncated or damaged: ONNX cannot read it either"
+    for entry in _external_entries(model.graph):
+        file = path.parent / entry.get("location", "")
+        if not file.is_file():
+            return f"{path.name} keeps its weights in {entry.get('location')}, which is missing beside it"
+        end = int(entry.get("offset", 0) or 0) + int(entry.get("length", 0) or 0)
+        if end > file.stat().st_size:
+            return (f"{file.name} is truncated: {file.stat().st_size} bytes, and {path.name} reads up to byte "
+                    f"{end}")
+    return None
 
 
 def data_files(path: str | os.PathLike[str]) -> list[Path]:

@@ -352,6 +352,11 @@ class RunDir:
         return self.config_path(part).is_file() and self.weights_path(part).is_file()
 
     def _require_run(self) -> dict[str, Any]:
+        if self.root.exists() and not self.root.is_dir():
+            inside = (self.root.parent / "run.json").is_file()
+            raise RunDirError(f"{self.root} is a file, not a run directory",
+                              f"give its folder, {self.root.parent}" if inside else
+                              "give the run's folder, the one that holds run.json")
         if not self.root.is_dir():
             raise RunDirError(f"run directory {self.root} does not exist",
                               "create one with `mmgen train` or `mmgen quickstart`")

@@ -311,3 +311,16 @@ def test_a_build_failing_for_lack_of_workspace_says_so_and_keeps_old_engines(run
     assert code == 1 and "Traceback" not in err
     assert "failed to build denoiser" in err and "--workspace cap of 1 MiB is too small" in err
     assert {p.name: p.read_bytes() for p in directory.iterdir()} == before
+
+
+def test_a_truncated_onnx_is_named_as_such_not_as_an_unsupported_op(run_copy: RunDir, capsys) -> None:
+    directory = run_copy.engines_dir / RTX_DIR
+    before = (directory / MANIFEST_NAME).read_bytes()
+    graph = run_copy.onnx_dir / "fp16" / "decoder.onnx"
+    graph.write_bytes(graph.read_bytes()[: graph.stat().st_size * 2 // 3])
+    code, _, err = _cli(["build-engine", str(run_copy.root), "-r", "tensorrt-rtx", "--opt-level", "0",
+                         "--components", "decoder"], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "decoder.onnx is truncated or damaged" in err and "mmgen export RUN_DIR --overwrite" in err, err
+    assert "does not support" not in err
+    assert (directory / MANIFEST_NAME).read_bytes() == before  # the failed build changed nothing

@@ -36,6 +36,11 @@ def test_missing_and_corrupt_runs_raise_clear_errors(tmp_path, random_models) ->
     with pytest.raises(RunDirError, match="not an mmgen run directory"):
         RunDir(tmp_path / "empty").load_config()
     run = save_run(tmp_path / "run", config, vq, dit)
+    with pytest.raises(RunDirError, match=r"run\.json is a file, not a run directory \(give its folder, "):
+        RunDir(run.run_json).load_config()
+    (tmp_path / "notes.txt").write_text("")
+    with pytest.raises(RunDirError, match=r"notes\.txt is a file, not a run directory \(give the run's folder, "):
+        RunDir(tmp_path / "notes.txt").load_models()
     weights = run.weights_path("dit")
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(RunDirError, match="corrupt weight file"):

@@ -35,7 +35,7 @@ from mmgen_deploy.engines.manifest import (
 from mmgen_deploy.errors import MMGenError, NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.io_utils import atomic_dir, sha256_file, write_json
 from mmgen_deploy.memory import check_extra
-from mmgen_deploy.onnx_files import onnx_bytes, onnx_sha256
+from mmgen_deploy.onnx_files import damage, onnx_bytes, onnx_sha256
 from mmgen_deploy.rundir import RunDir, writes_run
 from mmgen_deploy.specs import (
     PRECISIONS,
@@ -177,6 +177,10 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     network = builder.create_network(flavour.network_flags())
     parser: trt.OnnxParser = trt_mod.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
+        damaged = damage(onnx)
+        if damaged is not None:
+            raise EngineBuildError(f"TensorRT cannot parse {onnx}: {damaged}",
+                                   "re-export the run: `mmgen export RUN_DIR --overwrite`")
         raise EngineBuildError(f"TensorRT cannot parse {onnx.name}: {_parser_errors(parser)}",
                                "an op the runtime does not support; re-export with a different opset "
                                "or report the node above")
