@@ -74,19 +74,18 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--out": SharedOption("where the command writes: a run directory, an image folder or a repository",
                           "PATH", "-o"),
     "--overwrite": SharedOption("replace what is already at the destination instead of refusing", None),
-    "--backend": SharedOption("the inference backend: auto, torch, onnxruntime, openvino or tensorrt "
-                              "(bench: a list)", "TEXT"),
-    "--precision": SharedOption("which precision runs: an exported ONNX / engine set (fp32, fp16, int8, fp8) "
-                                "or bf16 on the FP32 set (export, bench: a list)", "TEXT"),
-    "--components": SharedOption("only these components (repeat or comma-separate): encoder, quantizer, "
-                                 "decoder, denoiser, text_encoder", "TEXT"),
+    # The names each option takes come from their owners (specs, the runtime), in each command's --help.
+    "--backend": SharedOption("the inference backend, or auto: the fastest available (bench: a list)", "TEXT"),
+    "--precision": SharedOption("which precision runs: an exported ONNX / engine set, or bf16 on the FP32 set "
+                                "(export, bench: a list)", "TEXT"),
+    "--components": SharedOption("only these components (repeat or comma-separate)", "TEXT"),
     "--threads": SharedOption("CPU threads of the work (left out: the backend's or torch's default)", "INTEGER"),
     "--batch-size": SharedOption("images per model call: per denoiser call when sampling, per optimisation "
                                  "step when training", "INTEGER", "-b"),
     "--batch-sizes": SharedOption("the batch sizes measured, comma-separated", "TEXT"),
     "--steps": SharedOption("how many steps: denoising steps when sampling, optimisation steps in train",
                             "INTEGER"),
-    "--sampler": SharedOption("the sampler: ddim, ddpm or dpmpp-2m", "TEXT"),
+    "--sampler": SharedOption("the sampler", "TEXT"),
     "--samplers": SharedOption("the samplers requests may ask for: all, or a comma list", "TEXT"),
     "--cfg-scale": SharedOption("classifier-free guidance scale (1 = off, 0 = unconditional)", "FLOAT"),
     "--seed": SharedOption("the seed: same seed, same result", "INTEGER"),
