@@ -282,24 +282,26 @@ class ImageWriter:
         self.out = Path(out)
         self.settings = settings
         self.runner, choice = open_runner(run, settings.backend, settings.precision, threads=settings.threads)
-        self.backend, self.precision = choice.backend, choice.precision
+        self.backend, self.precision, self.device = choice.backend, choice.precision, choice.device
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mmgen_deploy.io_utils import atomic_path
-        from mmgen_deploy.sampling.files import save_png
+        from mmgen_deploy.sampling.files import image_settings, save_png
         from mmgen_deploy.sampling.requests import sample_specs
 
         jobs = columns_to_jobs(batch)
         result = sample_specs(self.runner, self.config, [job.spec() for job in jobs], tokenizer=self.tokenizer,
                                  batch_size=self.settings.batch_size)
         entries = []
+        cache = result.results[0].cache.policy if result.results else SAMPLING.cache
         for job, image in zip(jobs, result.images, strict=True):
             entry = manifest_entry(job, self.backend, self.precision)
             condition = (("class", job.class_name), ("class_id", job.class_id)) if job.class_id >= 0 else \
                 (("prompt", job.prompt),)
-            chunks = (*condition, ("index", job.index), ("seed", job.seed), ("steps", job.steps),
-                      ("sampler", job.sampler), ("cfg_scale", job.cfg_scale), ("backend", self.backend),
-                      ("precision", self.precision))
+            chunks = (*condition, ("index", job.index),
+                      *image_settings(seed=job.seed, steps=job.steps, sampler=job.sampler, cfg_scale=job.cfg_scale,
+                                      eta=SAMPLING.eta, cache=cache, backend=self.backend,
+                                      precision=self.precision, device=self.device))
             with atomic_path(self.out / job.file) as tmp:
                 save_png(image, tmp, chunks)
             entries.append(json.dumps(entry))

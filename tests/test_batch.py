@@ -151,6 +151,8 @@ def test_batch_with_ray_local_writes_generates_images_and_resumes(class_run: Run
         chunks = dict(image.text)  # type: ignore[attr-defined]
     assert {k: chunks[k] for k in ("class", "class_id", "index", "seed", "steps", "sampler")} == \
         {"class": "shape 7", "class_id": "7", "index": "2", "seed": "7", "steps": str(STEPS), "sampler": "dpmpp-2m"}
+    with Image.open(tmp_path / "generate-4" / "0002_shape-7.png") as image:
+        assert dict(image.text) == chunks  # type: ignore[attr-defined]  # every setting, eta and device included
 
     # A rerun writes nothing (and starts no Ray).
     before = _snapshot(out)

@@ -49,6 +49,39 @@ def test_generate_writes_pngs_grid_and_sidecar(exported_tiny_run, tmp_path, caps
     assert sorted(p.name for p in out.glob("0*.png")) == ["0000_shape-0.png"]
 
 
+def test_every_setting_that_changes_the_images_is_recorded(exported_tiny_run, tmp_path, capsys) -> None:
+    """eta, the cache policy, the device and the thread count too: an image can be made again from its files."""
+    out = tmp_path / "eta"
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "4", "--n", "1", "--steps", "3",
+                            "--eta", "0.5", "--seed", "3", "--backend", "onnxruntime", "--precision", "fp32",
+                            "--threads", "1", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    with Image.open(out / "0000_shape-4.png") as image:
+        chunks = dict(image.text)
+    assert {k: chunks[k] for k in ("seed", "steps", "sampler", "cfg_scale", "eta", "cache", "backend", "precision",
+                                   "device")} == {"seed": "3", "steps": "3", "sampler": "ddim", "cfg_scale": "4.0",
+                                                  "eta": "0.5", "cache": "none", "backend": "onnxruntime",
+                                                  "precision": "fp32", "device": "cpu"}
+    sidecar = json.loads((out / "samples.json").read_text())
+    assert sidecar["settings"]["eta"] == 0.5 and sidecar["settings"]["cache"] == "none"
+    assert sidecar["backend"] == {"backend": "onnxruntime", "precision": "fp32", "device": "cpu", "threads": 1}
+    # Made again from what the PNG says: the same pixels (eta > 0 draws per-step noise from the same seeds).
+    again = tmp_path / "again"
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", chunks["class_id"], "--n", "1",
+                            "--steps", chunks["steps"], "--eta", chunks["eta"], "--seed", chunks["seed"],
+                            "--sampler", chunks["sampler"], "--cfg-scale", chunks["cfg_scale"],
+                            "--backend", chunks["backend"], "--precision", chunks["precision"],
+                            "--device", chunks["device"], "--threads", "1", "--out", str(again)], capsys)
+    assert code == 0, stderr
+    first = np.asarray(Image.open(out / "0000_shape-4.png"))
+    assert np.array_equal(first, np.asarray(Image.open(again / "0000_shape-4.png")))
+    code, _, stderr = _cli(["generate", str(exported_tiny_run.root), "-c", "4", "--n", "1", "--steps", "3",
+                            "--seed", "3", "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1",
+                            "--out", str(tmp_path / "eta0")], capsys)
+    assert code == 0, stderr
+    assert not np.array_equal(first, np.asarray(Image.open(tmp_path / "eta0" / "0000_shape-4.png")))
+
+
 def test_same_seed_same_pictures_on_torch_and_ort(exported_tiny_run, tmp_path, capsys) -> None:
     common = ["-c", "2", "--n", "2", "--steps", "3", "--seed", "1"]
     for backend in ("torch", "onnxruntime"):

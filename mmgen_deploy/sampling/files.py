@@ -33,6 +33,23 @@ def image_entry(config: ModelConfig, k: int, *, class_id: int | None = None, pro
             (("class", name), ("class_id", class_id)))
 
 
+def image_settings(*, seed: int, steps: int, sampler: str, cfg_scale: float, eta: float, cache: str, backend: str,
+                   precision: str, device: str) -> tuple[tuple[str, Any], ...]:
+    """Every setting that changes an image besides its condition and index, as (name, value) pairs: the
+    PNG text chunks `generate`, `batch` and `client` write (and the settings samples.json records), so an
+    image can be made again from what it carries. The pixels are bit-identical only on the same backend,
+    precision, device and thread count (see the --seed help)."""
+    return (("seed", seed), ("steps", steps), ("sampler", sampler), ("cfg_scale", cfg_scale), ("eta", eta),
+            ("cache", cache), ("backend", backend), ("precision", precision), ("device", device))
+
+
+def result_settings(result: SampleResult) -> tuple[tuple[str, Any], ...]:
+    """`image_settings` of the images of one `sample` result."""
+    return image_settings(seed=result.seed, steps=result.steps, sampler=result.sampler, cfg_scale=result.cfg_scale,
+                          eta=result.eta, cache=result.cache.policy, backend=result.backend,
+                          precision=result.precision, device=result.device)
+
+
 def save_png(image: np.ndarray, path: Path, chunks: Sequence[tuple[str, Any]]) -> None:
     """One image as PNG with `generate`'s text chunks (class or prompt, index, seed, steps, ...)."""
     from PIL.PngImagePlugin import PngInfo
@@ -53,8 +70,7 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
     """
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
-    settings = (("seed", result.seed), ("steps", result.steps), ("sampler", result.sampler),
-                ("cfg_scale", result.cfg_scale), ("backend", result.backend), ("precision", result.precision))
+    settings = result_settings(result)
     for k, image in enumerate(result.images):
         entry, condition = image_entry(config, k, prompt=result.prompts[k] if result.prompts else None,
                                        class_id=None if result.prompts else result.class_ids[k])
@@ -65,8 +81,9 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
     to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
     sidecar: dict[str, Any] = {
         "settings": {"seed": result.seed, "steps": result.steps, "sampler": result.sampler,
-                     "cfg_scale": result.cfg_scale, "batch_size": result.batch_size,
-                     "images_per_class": images_per_class, "timesteps": result.timesteps},
+                     "cfg_scale": result.cfg_scale, "eta": result.eta, "cache": result.cache.policy,
+                     "batch_size": result.batch_size, "images_per_class": images_per_class,
+                     "timesteps": result.timesteps},
         "backend": {"backend": result.backend, "precision": result.precision, "device": result.device},
         "timing": result.timing(),
         "cache": result.cache.to_dict(),

@@ -147,6 +147,7 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
         sidecar = write_samples(result, config, tmp, images_per_class=request.n,
                                 extra={"run_dir": str(run.root), "backend_choice": choice.describe(),
                                        "skipped_backends": choice.skipped})
+        sidecar["backend"]["threads"] = request.threads  # None: the backend's default
         write_json(tmp / "samples.json", sidecar)
     sidecar["out"] = str(target)
     return Generated(out=target, sidecar=sidecar, result=result, choice=choice, conditioning=condition)

@@ -49,6 +49,7 @@ class SampleResult:
     sampler: str
     cfg_scale: float
     batch_size: int
+    eta: float = SAMPLING.eta  # DDIM's noise (ddim only)
     backend: str = ""
     precision: str = ""
     device: str = ""
@@ -270,7 +271,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     return SampleResult(
         images=images, latents=latents, indices=indices, class_ids=list(conditioning.class_ids), seed=seed,
         steps=steps,
-        sampler=sampler, cfg_scale=cfg, batch_size=batch_size,
+        sampler=sampler, cfg_scale=cfg, batch_size=batch_size, eta=float(eta),
         backend=getattr(runner, "backend", ""), precision=getattr(runner, "precision", ""),
         device=getattr(runner, "device", ""), model_seconds=model_s + denoise_model_s,
         denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
