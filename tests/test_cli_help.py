@@ -192,3 +192,22 @@ def test_an_old_spelling_gets_a_note_naming_the_new_one(tmp_path, capsys) -> Non
         main(["build-engine", str(tmp_path / "missing"), "--force"])
     err = capsys.readouterr().err
     assert info.value.code != 0 and "note: --force is now --rebuild" in err and "error:" in err
+
+
+def test_every_seed_says_the_same_thing_about_what_it_repeats() -> None:
+    """One definition per kind of seed: sampling commands promise the same images, training the same model,
+    each with the conditions that promise needs (order, backend, precision, device, thread count)."""
+    from mmgen_deploy.cli.common import SAMPLING_SEED_HELP, TRAINING_SEED_HELP
+
+    seen: dict[str, str] = {}
+    for path, cmd in _commands():
+        for param in cmd.params:
+            if "--seed" in getattr(param, "opts", ()):
+                help_text = str(param.help)
+                kind = "training" if help_text.startswith(TRAINING_SEED_HELP) else "sampling"
+                assert help_text.startswith(SAMPLING_SEED_HELP if kind == "sampling" else TRAINING_SEED_HELP), path
+                seen[path] = kind
+    assert {name for name, kind in seen.items() if kind == "training"} >= {"train all", "train dit", "quickstart"}
+    assert {name for name, kind in seen.items() if kind == "sampling"} >= {"generate", "client", "eval", "parity"}
+    assert "thread count" in SAMPLING_SEED_HELP and "order" in SAMPLING_SEED_HELP
+    assert "thread count" in TRAINING_SEED_HELP

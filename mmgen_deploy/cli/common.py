@@ -88,7 +88,7 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--sampler": SharedOption("the sampler", "TEXT"),
     "--samplers": SharedOption("the samplers requests may ask for: all, or a comma list", "TEXT"),
     "--cfg-scale": SharedOption("classifier-free guidance scale (1 = off, 0 = unconditional)", "FLOAT"),
-    "--seed": SharedOption("the seed: same seed, same result", "INTEGER"),
+    "--seed": SharedOption("the seed; its --help says exactly what it makes repeatable", "INTEGER"),
     "--class": SharedOption("a class to sample, by name or id (repeatable)", "TEXT", "-c"),
     "--prompt": SharedOption("text-to-image runs: a prompt (repeatable)", "TEXT", "-p"),
     "--prompts-file": SharedOption("text-to-image runs: a file of prompts, one per line", "PATH"),
@@ -244,6 +244,27 @@ PROMPT_OPTION = typer.Option(
 PROMPTS_FILE_OPTION = typer.Option(
     None, "--prompts-file", help="Text-to-image models: a UTF-8 file with one prompt per line (blank lines "
                                  "skipped); adds to --prompt.")
+
+
+# What --seed makes repeatable, said once for the commands that sample and once for training, so that
+# every command promises exactly the same thing.
+SAMPLING_SEED_HELP = (
+    "Seed of the noise, 0..2^63-1: image k (counting the classes or prompts in the order given, --n each) "
+    "draws its initial noise, and the per-step noise of ddpm or --eta > 0, from (SEED, k), whatever the "
+    "batch size. The same seed, conditions in the same order and settings give the same images: "
+    "bit-identical on the same backend, precision, device and thread count; within rounding on another.")
+TRAINING_SEED_HELP = (
+    "Seed of the training data, the initial weights and the batch order. The same seed trains the same model "
+    "on the same machine, torch version and thread count (--threads): another thread count rounds the sums "
+    "differently and so trains other weights.")
+
+
+def sampling_seed_option(also: str = "") -> Any:
+    """The `--seed` of a command that samples (`also`: what else that command draws from it)."""
+    return typer.Option(0, "--seed", help=f"{SAMPLING_SEED_HELP} {also}".strip())
+
+
+TRAINING_SEED_OPTION = typer.Option(0, "--seed", help=TRAINING_SEED_HELP)
 
 
 # CPU threads of the backend a command runs on, as in `generate` (>= 1; left out: the backend's default).

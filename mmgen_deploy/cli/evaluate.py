@@ -7,7 +7,14 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import THREADS_OPTION, console, emit_json, json_option, stdout_console
+from mmgen_deploy.cli.common import (
+    THREADS_OPTION,
+    console,
+    emit_json,
+    json_option,
+    sampling_seed_option,
+    stdout_console,
+)
 from mmgen_deploy.cli.train import _positive
 from mmgen_deploy.defaults import SAMPLING
 
@@ -82,7 +89,7 @@ def eval_cmd(
                                          "combinations (one image each)."),
     steps: int = typer.Option(SAMPLING.steps, "--steps", help="DDIM steps."),
     cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale", help="Classifier-free guidance scale."),
-    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    seed: int = sampling_seed_option(),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
     backend: str = typer.Option("torch", "--backend",
                                 help="Sampling backend: torch, onnxruntime, openvino, tensorrt or auto (as in "

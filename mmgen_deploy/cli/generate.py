@@ -20,6 +20,7 @@ from mmgen_deploy.cli.common import (
     emit_json,
     json_option,
     plural,
+    sampling_seed_option,
     stdout_console,
 )
 from mmgen_deploy.defaults import SAMPLING
@@ -51,7 +52,7 @@ def generate(
     eta: float = typer.Option(SAMPLING.eta, "--eta",
                               help=f"DDIM noise in 0..{SAMPLING.max_eta:g} (0 = deterministic, 1 = DDPM-like); "
                                    "ddim only."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: same seed, same noise on every backend."),
+    seed: int = sampling_seed_option(),
     out: Path | None = typer.Option(None, "--out", "-o",
                                     help="Output folder (default RUN_DIR/samples/<backend>-<precision>-<sampler>-"
                                          "<steps>steps-seed<seed>). A previous `generate` folder is replaced."),

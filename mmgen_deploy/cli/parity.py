@@ -7,7 +7,15 @@ from typing import TYPE_CHECKING
 import typer
 from rich.markup import escape
 
-from mmgen_deploy.cli.common import THREADS_OPTION, console, emit_json, json_option, split_list, stdout_console
+from mmgen_deploy.cli.common import (
+    THREADS_OPTION,
+    console,
+    emit_json,
+    json_option,
+    sampling_seed_option,
+    split_list,
+    stdout_console,
+)
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
@@ -74,7 +82,8 @@ def register(app: typer.Typer) -> None:
         prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text-to-image runs: a prompt of the end-to-end "
                                          "check (repeatable). Default: captions of the run's validation images, or "
                                          "prompts made of its tokenizer's words."),
-        seed: int = typer.Option(0, help="Seed for inputs and noise (identical on both sides)."),
+        seed: int = sampling_seed_option("Parity also draws the per-component test inputs from it, the same on "
+                                         "both sides."),
         rtol: list[str] = typer.Option([], "--rtol", help="Relative-L2 tolerance, for all outputs (0.02) or one "
                                        "(model_output=0.02); repeatable. Defaults come from the component specs."),
         atol: list[str] = typer.Option([], "--atol", help="Add a max-abs-error check, for all outputs or NAME=X."),

@@ -15,14 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option
+from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option
 from mmgen_deploy.cli.evaluate import _eval_settings, _run_eval
 from mmgen_deploy.cli.train import (
     TextOptions,
     _dit_settings,
     _new_run,
     _overwrite_opt,
-    _seed_opt,
     _stage_dit,
     _stage_vq,
     _threads_opt,
@@ -193,7 +192,7 @@ QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
 
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
-    seed: int = _seed_opt, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
+    seed: int = TRAINING_SEED_OPTION, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
     text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
                               "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
                               "`shapes` captions with 20% of the attribute combinations held out, evaluated on "

@@ -20,6 +20,7 @@ from mmgen_deploy.cli.common import (
     console,
     emit_json,
     json_option,
+    sampling_seed_option,
 )
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
@@ -248,7 +249,7 @@ def register(app: typer.Typer) -> None:
         sampler: str | None = typer.Option(None, "--sampler",
                                            help="ddim, ddpm or dpmpp-2m, where the server allows it (default: "
                                                 "the server's)."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the NumPy noise: image i uses (SEED, i), as in generate."),
+        seed: int = sampling_seed_option("The server makes the image generate makes for the same seed."),
         out: Path = typer.Option(Path("samples"), "--out", "-o",
                                  help="Output folder (a previous `generate` / `client` folder is replaced)."),
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the server."),

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import console, emit_json, json_option
+from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option
 from mmgen_deploy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -162,7 +162,6 @@ _data_opt = typer.Option("shapes", "--data", help="`shapes` (built in, procedura
                          "sub-folders and/or a metadata.jsonl with file_name/text.")
 _preset_opt = typer.Option("tiny", "--preset", help="Model preset (tiny, S/2, B/2, ...).")
 _size_opt = typer.Option(32, "--image-size", help="Image side in pixels (images are resized and centre-cropped).")
-_seed_opt = typer.Option(0, "--seed", help="Seed for data, initialisation and batches: same seed, same model.")
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
 _overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
@@ -184,7 +183,8 @@ _threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default:
 @train_app.command("vqvae")
 def train_vqvae_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
-    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt,
+    seed: int = TRAINING_SEED_OPTION,
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per step (default 64)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
@@ -220,7 +220,7 @@ def train_dit_cmd(
     lr: float | None = typer.Option(None, "--lr",
                                     help="Peak AdamW learning rate (default: the preset's recipe; tiny 6e-3, "
                                          "others 1e-3). A tiny text run trains its text encoder at 1/6 of it."),
-    seed: int = _seed_opt, resume: bool = _resume_opt,
+    seed: int = TRAINING_SEED_OPTION, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
     threads: int | None = _threads_opt,
     data: str | None = typer.Option(None, "--data", help="Imported runs only (`mmgen import`, e.g. a KL "
@@ -263,7 +263,8 @@ def train_dit_cmd(
 @train_app.command("all")
 def train_all_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
-    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt, seed: int = _seed_opt,
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt,
+    seed: int = TRAINING_SEED_OPTION,
     vq_steps: int | None = typer.Option(None, "--vq-steps", help="VQ-VAE steps (default: the preset's recipe)."),
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
     gan: bool = _gan_opt,
