@@ -66,6 +66,7 @@ class BatchSettings:
     precision: str | None = None
     threads: int | None = None
     batch_size: int = SAMPLING.batch_size
+    cache: str = SAMPLING.cache  # step-caching policy of every image (sampling.cache)
 
 
 @dataclass(frozen=True)
@@ -83,11 +84,12 @@ class BatchJob:
     class_id: int = -1  # class models
     class_name: str = ""
     prompt: str = ""  # text models
+    cache: str = SAMPLING.cache
 
     def spec(self) -> ImageSpec:
         return ImageSpec(seed=self.seed, index=self.index, class_id=None if self.class_id < 0 else self.class_id,
                          prompt=self.prompt if self.class_id < 0 else None, steps=self.steps,
-                         cfg_scale=self.cfg_scale, sampler=self.sampler)
+                         cfg_scale=self.cfg_scale, sampler=self.sampler, cache=self.cache)
 
 
 @dataclass
@@ -174,7 +176,7 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                                        prompt=prompt if class_id < 0 else None, prefix=f"{number:05d}_")
                 line_jobs.append(BatchJob(key=f"{number}:{k}", line=number, file=f"{IMAGES}/{entry['file']}",
                                           seed=seed, index=k, steps=steps, cfg_scale=float(cfg_scale),
-                                          sampler=sampler, class_id=class_id, prompt=prompt,
+                                          sampler=sampler, class_id=class_id, prompt=prompt, cache=settings.cache,
                                           class_name=class_name(config, class_id) if class_id >= 0 else ""))
             check_specs(config, [job.spec() for job in line_jobs[:1]])
         except MMGenError as exc:
@@ -293,14 +295,13 @@ class ImageWriter:
         result = sample_specs(self.runner, self.config, [job.spec() for job in jobs], tokenizer=self.tokenizer,
                                  batch_size=self.settings.batch_size)
         entries = []
-        cache = result.results[0].cache.policy if result.results else SAMPLING.cache
         for job, image in zip(jobs, result.images, strict=True):
             entry = manifest_entry(job, self.backend, self.precision)
             condition = (("class", job.class_name), ("class_id", job.class_id)) if job.class_id >= 0 else \
                 (("prompt", job.prompt),)
             chunks = (*condition, ("index", job.index),
                       *image_settings(seed=job.seed, steps=job.steps, sampler=job.sampler, cfg_scale=job.cfg_scale,
-                                      eta=SAMPLING.eta, cache=cache, backend=self.backend,
+                                      eta=SAMPLING.eta, cache=job.cache, backend=self.backend,
                                       precision=self.precision, device=self.device))
             with atomic_path(self.out / job.file) as tmp:
                 save_png(image, tmp, chunks)

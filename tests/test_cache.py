@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -230,3 +231,70 @@ def test_generate_with_a_cache_policy_reports_it(parts_run: RunDir, tmp_path: Pa
     assert cache["block_evaluations"] < cache["block_evaluations_total"]
     code, text = _cli(["generate", str(parts_run.root), "--cache", "sometimes"], capsys)
     assert code == 2 and "unknown cache policy" in text and "Traceback" not in text
+
+
+# -- parity of a cached run -----------------------------------------------------------------------
+
+def _parity(run: RunDir | Path, cache: str) -> Any:
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    options = ParityOptions(backend="onnxruntime", precision="fp32", batches=(2,), steps=4, num_images=2,
+                            allow_untrained=True, cache=cache, components=("denoiser", "quantizer", "decoder"))
+    return run_parity(run, options)
+
+
+def test_parity_of_a_cached_run_passes_and_a_perturbed_body_fails(parts_run: RunDir, tmp_path: Path) -> None:
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    report = _parity(parts_run, "every:2")
+    assert report.passed, [c for c in report.checks if not c.passed]
+    groups = {c.group for c in report.checks}
+    assert set(DENOISER_PARTS) <= groups
+    assert any(c.name.startswith("steps recomputed differently") for c in report.checks)
+    assert (parts_run.reports_dir / "parity-onnxruntime-fp32-cache-every2.json").is_file()
+
+    copy = RunDir(shutil.copytree(parts_run.root, tmp_path / "perturbed"))
+    body = copy.onnx_path("fp32", "denoiser_body")
+    model = onnx.load(str(body))
+    biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
+    biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.5, biggest.name))
+    onnx.save(model, str(body))
+    perturbed = _parity(copy, "every:2")
+    assert not perturbed.passed and "denoiser_body" in {c.group for c in perturbed.checks if not c.passed}
+
+    def latent_error(r: Any) -> float:
+        return next(c.value for c in r.checks if c.name == "final latent rel_l2")
+
+    assert latent_error(perturbed) > 100 * latent_error(report)  # the sampled images move too
+    assert _parity(copy, "none").passed  # without caching the parts are not used
+
+
+def test_images_with_different_policies_in_one_call_are_those_made_alone(parts_run: RunDir) -> None:
+    """What a server's dynamic batch and `mmgen batch` do: the policy is part of an image's settings."""
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+
+    config = parts_run.load_config()
+    specs = [ImageSpec(seed=1, class_id=0, steps=4, cache="every:2"), ImageSpec(seed=2, class_id=1, steps=4),
+             ImageSpec(seed=3, class_id=2, steps=4, cache="every:3")]
+    with OrtRunner(parts_run, "fp32") as runner:
+        together = sample_specs(runner, config, specs)
+        alone = [sample_specs(runner, config, [spec]).images[0] for spec in specs]
+    assert [r.cache.policy for r in together.results] == ["every:2", "none", "every:3"]
+    for image, single in zip(together.images, alone, strict=True):
+        assert np.array_equal(image, single)
+
+
+def test_batch_with_a_cache_policy(parts_run: RunDir, tmp_path: Path) -> None:
+    from mmgen_deploy.batch import BatchSettings, run_batch
+    from mmgen_deploy.io_utils import read_json
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"class": 0, "n": 2, "seed": 5, "steps": 4}\n')
+    settings = BatchSettings(backend="onnxruntime", precision="fp32", cache="every:2")
+    report = run_batch(parts_run.root, requests, tmp_path / "out", settings)
+    assert report.written == 2
+    assert read_json(tmp_path / "out" / "batch.json")["settings"]["cache"] == "every:2"

@@ -8,6 +8,7 @@ import typer
 
 from mmgen_deploy.cli.common import (
     BACKEND_OPTION,
+    CACHE_OPTION,
     PRECISION_OPTION,
     console,
     count_column,
@@ -47,6 +48,7 @@ def batch(
     backend: str = BACKEND_OPTION,
     precision: str | None = PRECISION_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
+    cache: str = CACHE_OPTION,
     json_out: str | None = json_option("counts, files and timing"),
 ) -> None:
     """Generate every image a JSONL file of requests asks for, as `mmgen generate` would make it.
@@ -59,10 +61,12 @@ def batch(
     from mmgen_deploy.batch import BatchSettings, run_batch
     from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.sampling.cache import parse_cache_policy
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
     check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=SAMPLING.eta,
                            names=CLI_NAMES)
+    parse_cache_policy(cache)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
     if workers is not None and workers < 1:
@@ -70,7 +74,7 @@ def batch(
     if workers is not None and ray_address is None:
         raise UsageError("--workers needs --ray", "add --ray local (or --ray HOST:PORT)")
     settings = BatchSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, backend=backend, precision=precision,
-                             threads=threads, batch_size=batch_size)
+                             threads=threads, batch_size=batch_size, cache=parse_cache_policy(cache).spec)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

@@ -89,6 +89,7 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--samplers": SharedOption("the samplers requests may ask for: all, or a comma list", "TEXT"),
     "--cfg-scale": SharedOption("classifier-free guidance scale (1 = off, 0 = unconditional)", "FLOAT"),
     "--seed": SharedOption("the seed; its --help says exactly what it makes repeatable", "INTEGER"),
+    "--cache": SharedOption("step caching: none, every:N or adaptive:T (needs the denoiser's parts)", "POLICY"),
     "--class": SharedOption("a class to sample, by name or id (repeatable)", "TEXT", "-c"),
     "--prompt": SharedOption("text-to-image runs: a prompt (repeatable)", "TEXT", "-p"),
     "--prompts-file": SharedOption("text-to-image runs: a file of prompts, one per line", "PATH"),

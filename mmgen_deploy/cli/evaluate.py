@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from mmgen_deploy.cli.common import (
+    CACHE_OPTION,
     THREADS_OPTION,
     console,
     emit_json,
@@ -24,7 +25,8 @@ if TYPE_CHECKING:
 
 
 def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                   precision: str, num_prompts: int = 200, threads: int | None = None) -> Any:
+                   precision: str, num_prompts: int = 200, threads: int | None = None,
+                   cache: str = SAMPLING.cache) -> Any:
     from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.defaults import SAMPLING
     from mmgen_deploy.errors import UsageError
@@ -42,7 +44,7 @@ def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gene
                            seed=seed, names=CLI_NAMES)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts,
-                        threads=threads)
+                        threads=threads, cache=cache)
 
 
 def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
@@ -78,6 +80,11 @@ def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
                       f"{100 * gen['shape_accuracy']:.1f}%); grid in {gen['grid']}")
     elif gen:
         console.print(f"generation: {gen['skipped']}")
+    if gen and "cache" in gen:
+        from mmgen_deploy.sampling.cache import CacheStats
+
+        console.print(f"denoising loops {gen['denoise_seconds']:.1f} s; cache "
+                      f"{CacheStats.from_dict(gen['cache']).describe()}")
     return report
 
 
@@ -98,6 +105,7 @@ def eval_cmd(
                                   help="fp32, fp16, int8, fp8 or bf16, as in `mmgen generate` (which exported set, "
                                        "or the FP32 set in BF16)."),
     threads: int | None = THREADS_OPTION,
+    cache: str = CACHE_OPTION,
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Measure a run: VQ reconstruction PSNR and codebook usage on the validation split and, on
@@ -108,7 +116,7 @@ def eval_cmd(
     from mmgen_deploy.rundir import RunDir
 
     report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
-                                                       backend, precision, num_prompts, threads))
+                                                       backend, precision, num_prompts, threads, cache))
     if json_out == "-":
         emit_json(report, "-")
     else:

@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from mmgen_deploy.cli.common import (
+    CACHE_OPTION,
     THREADS_OPTION,
     console,
     emit_json,
@@ -101,6 +102,7 @@ def register(app: typer.Typer) -> None:
                                                 "for small models on busy CPUs)."),
         torch_threads: int = typer.Option(1, "--torch-threads", min=0, hidden=True,
                                           help="PyTorch threads of the reference side only (0 = torch's default)."),
+        cache: str = CACHE_OPTION,
         json_out: str | None = json_option("every number"),
     ) -> None:
         """Compare a backend with PyTorch FP32: every component on random and real inputs (max/mean abs,
@@ -108,10 +110,15 @@ def register(app: typer.Typer) -> None:
         runs (final latent over all images and for the median image, code indices, image PSNR/SSIM, per-step
         drift). Exit code 1 on any FAILED check.
 
-        A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json."""
+        With --cache, the end-to-end check samples with that policy on both sides (the steps each side
+        recomputed must agree) and the denoiser's parts are compared too.
+
+        A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json
+        (-cache-POLICY appended with --cache)."""
         from mmgen_deploy.cli.generate import CLI_NAMES
         from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import BACKENDS
+        from mmgen_deploy.sampling.cache import parse_cache_policy
         from mmgen_deploy.sampling.loop import check_sampling_numbers
 
         if backend not in BACKENDS or backend == "auto":
@@ -122,12 +129,13 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--images must be in 1..{SAMPLING.max_generate_images}, got {num_images}")
         check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1, seed=seed,
                                names=CLI_NAMES)
+        parse_cache_policy(cache)
         options = ParityOptions(
             backend=backend, precision=precision, batches=_parse_ints(batch_sizes, "--batch-sizes"), steps=steps,
             sampler=sampler, cfg_scale=cfg_scale, num_images=num_images, seed=seed,
             rel_l2=_parse_per_output(rtol, "--rtol"), max_abs=_parse_per_output(atol, "--atol"),
             min_psnr=min_psnr, end_to_end=end_to_end, allow_untrained=allow_untrained, prompts=prompt or None,
-            torch_threads=threads or torch_threads or None, threads=threads,
+            torch_threads=threads or torch_threads or None, threads=threads, cache=cache,
         )
         if not run_parity_report(run_dir, options, json_out).passed:
             raise typer.Exit(1)
@@ -159,6 +167,7 @@ def register(app: typer.Typer) -> None:
         json_out: str | None = json_option("the results"),
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
         threads: int | None = THREADS_OPTION,
+        cache: str = CACHE_OPTION,
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by
         side in one run, with peak host memory, where the time of a generation goes, and the denoiser's and
@@ -172,16 +181,18 @@ def register(app: typer.Typer) -> None:
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
         if not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
             raise UsageError(f"--cfg-scale must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}")
-        from mmgen_deploy.specs import COMPONENTS
+        from mmgen_deploy.sampling.cache import parse_cache_policy
+        from mmgen_deploy.specs import ALL_COMPONENTS, expand_parts
 
-        component_list = split_list(components) or None
-        unknown = [c for c in component_list or () if c not in COMPONENTS]
+        parse_cache_policy(cache)
+        component_list = list(expand_parts(split_list(components))) or None
+        unknown = [c for c in component_list or () if c not in ALL_COMPONENTS]
         if unknown:
-            raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(COMPONENTS)}")
+            raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(ALL_COMPONENTS)}")
         result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch_sizes, "--batch-sizes"), runs=runs,
                            warmup=warmup, steps=steps, cfg_scale=cfg_scale,
                            progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list,
-                           threads=threads)
+                           threads=threads, cache=cache)
         if json_out != "-":
             for table in result.tables():
                 stdout_console.print(table)

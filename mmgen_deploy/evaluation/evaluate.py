@@ -36,6 +36,7 @@ class EvalSettings:
     generate: bool = True
     num_prompts: int = 200  # text-to-image models: prompts from the held-out combinations
     threads: int | None = None  # CPU threads of the sampling backend (None: its default)
+    cache: str = SAMPLING.cache  # step-caching policy (sampling.cache)
 
     def __post_init__(self) -> None:
         # Checked before any work: a misspelt backend would otherwise fail only after the
@@ -43,6 +44,9 @@ class EvalSettings:
         from mmgen_deploy.runtime.select import check_backend_name
 
         check_backend_name(self.backend, self.precision)
+        from mmgen_deploy.sampling.cache import parse_cache_policy
+
+        parse_cache_policy(self.cache)
 
 
 def conditional_accuracy(images: np.ndarray, class_ids: list[int]) -> dict[str, Any]:
@@ -90,24 +94,26 @@ def prompt_accuracy(images: np.ndarray, specs: list[Any]) -> dict[str, Any]:
 
 
 def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, class_ids: list[int] | None = None,
-            prompts: list[str] | None = None) -> tuple[np.ndarray, float, dict[str, str]]:
+            prompts: list[str] | None = None) -> tuple[np.ndarray, float, dict[str, Any]]:
     """The images to judge (one per class id or prompt) on the settings' backend, the seconds taken,
-    and what ran them (`auto` resolved: backend, precision, device)."""
+    and what ran them (`auto` resolved: backend, precision, device; the cache policy, the block
+    evaluations it kept and the denoising loops' seconds)."""
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling import make_conditioning, sample
 
     tokenizer = run.load_tokenizer() if config.uses_text else None
     runner, choice = open_runner(run, backend=settings.backend, precision=settings.precision,
                                  threads=settings.threads)
-    ran_on = {"backend": choice.backend, "precision": choice.precision, "device": choice.device}
+    ran_on: dict[str, Any] = {"backend": choice.backend, "precision": choice.precision, "device": choice.device}
     try:
         started = time.perf_counter()
         condition = make_conditioning(runner, config, class_ids=class_ids or [], prompts=prompts or [],
                                       tokenizer=tokenizer)
         result = sample(runner, config, condition, steps=settings.steps, sampler=settings.sampler,
                         cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,
-                        progress=progress)
+                        progress=progress, cache=settings.cache)
         seconds = time.perf_counter() - started
+        ran_on.update(cache=result.cache.to_dict(), denoise_seconds=round(result.denoise_seconds, 2))
     finally:
         runner.close()
     return np.asarray(result.images), seconds, ran_on

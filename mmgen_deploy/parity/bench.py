@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 from mmgen_deploy.config import ModelConfig
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS, component_specs
+from mmgen_deploy.sampling.cache import parse_cache_policy
+from mmgen_deploy.specs import COMPONENTS, DENOISER_PARTS, PRECISIONS, component_specs
 
 
 @dataclass
@@ -44,6 +46,8 @@ class BackendResult:
     time_split: dict[int, dict[str, float]] = field(default_factory=dict)
     device: str = "cpu"
     error: str | None = None
+    # batch -> the step-caching record of the end-to-end run (policy, block evaluations kept)
+    cache: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
 def time_call(fn: Callable[[], Any], *, warmup: int, runs: int) -> Latency:
@@ -179,15 +183,17 @@ def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
 
 def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
                   steps: int, cfg_scale: float, tokenizer: Any = None,
-                  prompts: Sequence[str] | None = None, components: Sequence[str] | None = None) -> BackendResult:
+                  prompts: Sequence[str] | None = None, components: Sequence[str] | None = None,
+                  cache: str = SAMPLING.cache) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
     the prompts (once per distinct prompt and once for the empty one, as `mmgen generate` does).
-    `components`: time only these per component (default all; sampling always runs what it needs)."""
+    `components`: time only these per component (default all; sampling always runs what it needs;
+    the denoiser's parts only when named). `cache`: the step-caching policy of the end-to-end runs."""
     from mmgen_deploy.sampling import make_conditioning, sample
 
     result = BackendResult(backend=runner.backend, precision=runner.precision,
                            device=str(getattr(runner, "device", "cpu")))
-    specs = component_specs(config)
+    specs = component_specs(config, parts=components is not None and any(c in DENOISER_PARTS for c in components))
     rng = np.random.default_rng(0)
     guided = cfg_scale != 1.0
     reset_peak_rss()
@@ -212,7 +218,9 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
         class_ids = [] if config.uses_text else [i % config.dit.num_classes for i in range(batch)]
         for run_steps in (2, steps):  # a warm-up, then the measured run
             condition = make_conditioning(runner, config, class_ids=class_ids, prompts=chosen, tokenizer=tokenizer)
-            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch)
+            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch,
+                         cache=cache)
+        result.cache[batch] = res.cache.to_dict()
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
         total = res.total_seconds
@@ -266,6 +274,7 @@ class BenchResult:
     matmul_peaks: dict[str, float] = field(default_factory=dict)  # precision -> GFLOP/s, measured this run
     machine: str = ""
     skipped: list[str] = field(default_factory=list)  # backend/precision pairs not run, and why
+    cache: str = SAMPLING.cache  # the step-caching policy of the end-to-end runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -323,6 +332,16 @@ class BenchResult:
         columns = tuple(f"{c.replace('_', ' ')} ms" for c in self.component_columns)
         return (*self.HEADER[:3], *columns, *self.HEADER[3:])
 
+    def cache_line(self) -> str:
+        """The policy, and the share of block evaluations it kept in the end-to-end runs (the same on
+        every backend for every:N; adaptive decisions may differ)."""
+        records = [r for res in self.backends for r in res.cache.values()]
+        if self.cache == "none" or not records:
+            return self.cache
+        kept = sum(int(r["block_evaluations"]) for r in records) / max(1, sum(
+            int(r["block_evaluations_total"]) for r in records))
+        return f"{self.cache}: {100 * (1 - kept):.1f} % of block evaluations saved"
+
     def peaks_line(self) -> str:
         peaks = ", ".join(f"{name.upper()} {value:.0f}" for name, value in self.matmul_peaks.items())
         return (f"matmul peaks measured in this run (GFLOP/s; INT8 in GOP/s): {peaks}; each backend's "
@@ -339,7 +358,8 @@ class BenchResult:
         def compact(title: str) -> Table:
             return Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
 
-        latency = compact(f"mmgen bench: median latency in ms ({self.steps} steps, cfg {self.cfg_scale}; "
+        latency = compact(f"mmgen bench: median latency in ms ({self.steps} steps, cfg {self.cfg_scale}, "
+                          f"cache {self.cache_line()}; "
                           "the denoiser's speed-up over the backend's first precision)")
         throughput = compact("mmgen bench: throughput and where the time goes")
         for table in (latency, throughput):
@@ -372,7 +392,8 @@ class BenchResult:
     def markdown(self) -> str:
         peaks = self.peaks_line()
         lines = [f"Machine: {self.machine}. {peaks[0].upper()}{peaks[1:]}. {self.steps} steps, cfg "
-                 f"{self.cfg_scale}; latencies median / p90 in ms; the denoiser's (x) is its speed-up over the same "
+                 f"{self.cfg_scale}, cache {self.cache_line()}; latencies median / p90 in ms; the denoiser's (x) is "
+                 "its speed-up over the same "
                  "backend's first precision.", "",
                  "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
         lines += ["| " + " | ".join(row[: len(self.header)]) + " |" for row in self.rows()]
@@ -415,7 +436,8 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
-              components: Sequence[str] | None = None, threads: int | None = None) -> BenchResult:
+              components: Sequence[str] | None = None, threads: int | None = None,
+              cache: str = SAMPLING.cache) -> BenchResult:
     """Measure every backend x precision of `run_dir` at `batches`; `threads`: CPU threads of each
     backend (None: its default)."""
     from mmgen_deploy.errors import MMGenError, UsageError
@@ -437,7 +459,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say("measuring this machine's matrix-multiply peaks (FP32, BF16, INT8)")
     peaks = matmul_peaks()
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, peaks.get("fp32", 0.0), [],
-                         matmul_peaks=peaks, machine=machine_description())
+                         matmul_peaks=peaks, machine=machine_description(), cache=parse_cache_policy(cache).spec)
     for backend in backends:
         known = backend_precisions(backend)
         for precision in available_precisions(run, backend, precisions):
@@ -453,7 +475,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
             try:
                 result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
                                                      steps=steps, cfg_scale=cfg_scale, tokenizer=tokenizer,
-                                                     prompts=prompts, components=components))
+                                                     prompts=prompts, components=components, cache=cache))
             finally:
                 runner.close()
     return result

@@ -18,7 +18,15 @@ from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.numerics import compare_output, index_agreement, psnr, ssim, take_batch, tensor_diff
 from mmgen_deploy.parity.report import Check, ParityReport
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.specs import PIPELINE_TOLERANCES, ComponentSpec, Tensors, component_specs, random_feeds
+from mmgen_deploy.sampling.cache import parse_cache_policy
+from mmgen_deploy.specs import (
+    DENOISER_PARTS,
+    PIPELINE_TOLERANCES,
+    ComponentSpec,
+    Tensors,
+    component_specs,
+    random_feeds,
+)
 
 
 @dataclass
@@ -130,21 +138,22 @@ def component_parity(report: ParityReport, config: ModelConfig, reference: Any, 
                      *, batches: Sequence[int], seed: int, real: dict[str, dict[str, np.ndarray]] | None,
                      overrides: ToleranceOverrides, codebook: np.ndarray | None,
                      components: Sequence[str] | None = None,
-                     component_precisions: dict[str, str] | None = None) -> None:
+                     component_precisions: dict[str, str] | None = None, parts: bool = False) -> None:
     """`component_precisions` maps a component to the precision its graph has in the set (from the
-    export manifest, `shipped_precisions`); missing ones are taken to be `precision`."""
-    specs = component_specs(config)
+    export manifest, `shipped_precisions`); missing ones are taken to be `precision`. `parts`: the
+    denoiser's parts too (what a cached run samples with)."""
+    specs = component_specs(config, parts=parts)
     rng = np.random.default_rng(seed)
     shipped = component_precisions or {}
     for name, spec in specs.items():
-        if components and name not in components:
+        if components and name not in components and name not in DENOISER_PARTS:
             continue
         own = shipped.get(name, spec.shipped_precision(precision))
         for batch in batches:
             feeds = random_feeds(spec, specs, batch, rng, reference.run)
             compare_component(report, spec, reference, backend, feeds, f"random, batch {batch}", own,
                               overrides, codebook)
-            if real is not None:
+            if real is not None and name in real:
                 compare_component(report, spec, reference, backend, take_batch(real[name], batch),
                                   f"real, batch {batch}", own, overrides, codebook)
 
@@ -165,20 +174,28 @@ def shipped_precisions(run: Any, precision: str) -> dict[str, str]:
 def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
                       *, class_ids: Sequence[int] = (), steps: int, sampler: str, cfg_scale: float, seed: int,
                       batch_size: int, overrides: ToleranceOverrides, codebook: np.ndarray | None,
-                      prompts: Sequence[str] | None = None, tokenizer: Any = None) -> dict[str, Any]:
+                      prompts: Sequence[str] | None = None, tokenizer: Any = None,
+                      cache: str = SAMPLING.cache) -> dict[str, Any]:
     """Sample the same images on both sides and compare them. A text model samples
     `prompts`, each side encoding them with its own text encoder (so the comparison covers
-    the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder)."""
+    the whole deployed path: tokenizer -> text encoder -> denoising loop -> decoder).
+    With a `cache` policy both sides sample with it, and the steps each recomputed must agree
+    (an adaptive decision that differs is a failed check, not averaged away)."""
     from mmgen_deploy.sampling import make_conditioning, sample
 
     kwargs: dict[str, Any] = dict(steps=steps, sampler=sampler, cfg_scale=cfg_scale, seed=seed,
-                                  batch_size=batch_size, return_trajectory=True)
+                                  batch_size=batch_size, return_trajectory=True, cache=cache)
     if config.uses_text and (not prompts or tokenizer is None):
         raise ValueError("end-to-end parity of a text model needs prompts and the run's tokenizer")
     ref, test = (sample(runner, config, make_conditioning(runner, config, class_ids=list(class_ids),
                                                           prompts=list(prompts or ()), tokenizer=tokenizer), **kwargs)
                  for runner in (reference, backend))
     limits = PIPELINE_TOLERANCES[precision]
+    if ref.cache.policy != "none":
+        differing = sum(len(set(r) ^ set(t))
+                        for r, t in zip(ref.cache.recompute_steps, test.cache.recompute_steps, strict=True))
+        report.add(Check("end-to-end", f"steps recomputed differently ({ref.cache.policy})", differing, 0, "<=",
+                         {"torch": ref.cache.recompute_steps, "backend": test.cache.recompute_steps}))
     latent = tensor_diff(ref.latents, test.latents)
     report.add(Check("end-to-end", "final latent rel_l2", latent.rel_l2, limits["latent_rel_l2"], "<=",
                      latent.to_dict()))
@@ -204,7 +221,8 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
         for i in shown:
             d = tensor_diff(ref.trajectory[i], test.trajectory[i])
             drift.append({"step": i, "rel_l2": d.rel_l2, "max_abs": d.max_abs})
-    result: dict[str, Any] = {"drift": drift, "psnr": image_psnr, "ssim": image_ssim}
+    result: dict[str, Any] = {"drift": drift, "psnr": image_psnr, "ssim": image_ssim,
+                              "cache": {"torch": ref.cache.to_dict(), "backend": test.cache.to_dict()}}
     if config.uses_text:
         result["prompts"] = list(prompts or ())
     return result
@@ -234,21 +252,31 @@ class ParityOptions:
     torch_threads: int | None = 1
     # CPU threads of the backend under test (None: the backend's default).
     threads: int | None = None
+    # Step-caching policy of the end-to-end check (both sides); any but none also compares the parts.
+    cache: str = SAMPLING.cache
 
 
 def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
-                tokenizer: Any = None) -> dict[str, dict[str, np.ndarray]] | None:
+                tokenizer: Any = None, parts: bool = False) -> dict[str, dict[str, np.ndarray]] | None:
     """Inputs drawn from the run's validation images (their latents, codes and noised latents;
     for a text model their tokenized captions and the text encoder's outputs for them),
     built exactly as the export's calibration builds them; None when the run has no dataset."""
-    from mmgen_deploy.export.calibration import component_inputs, dataset_calibration, load_calibration
+    from mmgen_deploy.export.calibration import (
+        component_inputs,
+        dataset_calibration,
+        denoiser_part_inputs,
+        load_calibration,
+    )
     from mmgen_deploy.models import build_components
 
     data, _why = dataset_calibration(run.read_meta())
     if data is None:
         return None  # e.g. an imported model: random inputs still run
+    modules = build_components(vq, dit, text_encoder, parts=parts)
     inputs, _source = component_inputs(load_calibration(data, config), config, component_specs(config),
-                                       build_components(vq, dit, text_encoder), seed=seed, tokenizer=tokenizer)
+                                       modules, seed=seed, tokenizer=tokenizer)
+    if parts:  # the parts see what the whole denoiser's inputs make of them, as at export
+        inputs.update(denoiser_part_inputs(inputs["denoiser"], component_specs(config, parts=True), modules))
     return inputs
 
 
@@ -290,11 +318,13 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     scale = denoiser_output_scale(reference, config) if options.allow_untrained else ensure_trained(reference,
                                                                                                      config)
+    policy = parse_cache_policy(options.cache)
     backend, _choice = open_runner(run, options.backend, options.precision, threads=options.threads)
-    report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32 ({run.root})")
+    cached = f", cache {policy.spec}" if policy.enabled else ""
+    report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32{cached} ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed,
-                   "denoiser_output_scale": scale.to_dict()}
+                   "denoiser_output_scale": scale.to_dict(), "cache": policy.spec}
     report.notes.append(f"compared at {scale.describe()}")
     if not scale.meaningful:
         report.meaningful = False
@@ -307,7 +337,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     # A VQ first stage's codebook explains index disagreements (near ties); a KL one has none.
     codebook = vq.quantize.embedding.weight.detach().numpy().copy() if isinstance(vq, VQModel) else None
     try:
-        real = real_inputs(run, config, vq, dit, options.seed, text_encoder=text_encoder, tokenizer=tokenizer)
+        real = real_inputs(run, config, vq, dit, options.seed, text_encoder=text_encoder, tokenizer=tokenizer,
+                           parts=policy.enabled)
         report.info["real_inputs"] = real is not None
         say("comparing components" + (" on random and real inputs" if real is not None else " on random inputs"))
         shipped = shipped_precisions(run, options.precision)
@@ -315,7 +346,7 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
             report.info["component_precisions"] = shipped
         component_parity(report, config, reference, backend, options.precision, batches=options.batches,
                          seed=options.seed, real=real, overrides=overrides, codebook=codebook,
-                         components=options.components, component_precisions=shipped)
+                         components=options.components, component_precisions=shipped, parts=policy.enabled)
         if options.end_to_end:
             say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
             class_ids = [i % config.dit.num_classes for i in range(options.num_images)]
@@ -329,8 +360,9 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
                 class_ids=[] if prompts is not None else class_ids, steps=options.steps,
                 sampler=options.sampler, cfg_scale=options.cfg_scale, seed=options.seed,
                 batch_size=options.num_images, overrides=overrides, codebook=codebook, prompts=prompts,
-                tokenizer=tokenizer)
+                tokenizer=tokenizer, cache=policy.spec)
     finally:
         backend.close()
-    write_json(run.reports_dir / f"parity-{options.backend}-{options.precision}.json", report.to_dict())
+    suffix = f"-cache-{policy.spec.replace(':', '')}" if policy.enabled else ""
+    write_json(run.reports_dir / f"parity-{options.backend}-{options.precision}{suffix}.json", report.to_dict())
     return report

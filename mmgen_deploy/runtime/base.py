@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 import numpy as np
 
 from mmgen_deploy.errors import MMGenError, UsageError
-from mmgen_deploy.specs import ComponentSpec, component_specs
+from mmgen_deploy.specs import DENOISER_PARTS, PARTS_WORD, ComponentSpec, component_specs
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -77,6 +77,13 @@ def check_feeds(spec: ComponentSpec, feeds: dict[str, np.ndarray]) -> int:
         if tuple(array.shape) != expected:
             raise MMGenError(f"{spec.name}.{tensor.name}: shape {tuple(array.shape)}, expected {expected}")
     return batch
+
+
+def missing_graph_hint(run_root: object, component: str) -> str:
+    """How to get a component's missing graph: the denoiser's parts are exported only when asked."""
+    if component in DENOISER_PARTS:
+        return f"step caching needs them: `mmgen export {run_root} --components {PARTS_WORD}`"
+    return f"re-export: `mmgen export {run_root}`"
 
 
 class BaseRunner(ABC):

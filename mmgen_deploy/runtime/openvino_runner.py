@@ -44,7 +44,7 @@ import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
-from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
 from mmgen_deploy.specs import RUN_PRECISIONS, RUNTIME_PRECISIONS, ComponentSpec
 
 # precision -> OpenVINO's INFERENCE_PRECISION_HINT. The graph is the FP32 set for fp32 and the
@@ -329,7 +329,7 @@ class OpenVinoRunner(BaseRunner):
             return item
         path = self.directory / f"{component}.onnx"
         if not path.is_file():
-            raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
+            raise NotAvailableError(f"missing {path}", missing_graph_hint(self.run_dir.root, spec.name))
         # The quantizer (keep_fp32) stays FP32 at every precision.
         item = _Component(spec, path, self._recorded.get(component), "f32" if spec.keep_fp32 else self.hint)
         self._components[component] = item

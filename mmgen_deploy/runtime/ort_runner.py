@@ -15,7 +15,7 @@ import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
-from mmgen_deploy.runtime.base import BaseRunner
+from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
 from mmgen_deploy.specs import PRECISIONS, ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
@@ -118,7 +118,7 @@ class OrtRunner(BaseRunner):
             return item
         path = self.run_dir.onnx_path(self.precision, component)
         if not path.is_file():
-            raise NotAvailableError(f"missing {path}", f"re-export: `mmgen export {self.run_dir.root}`")
+            raise NotAvailableError(f"missing {path}", missing_graph_hint(self.run_dir.root, spec.name))
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads is not None:

@@ -217,6 +217,14 @@ class CacheStats:
                 "block_evaluations_total": self.blocks_total, "saved_fraction": round(self.saved_fraction, 4),
                 "recompute_steps": self.recompute_steps}
 
+    @classmethod
+    def from_dict(cls, record: dict[str, object]) -> CacheStats:
+        """The record `to_dict` wrote (as reports keep it)."""
+        steps = record.get("recompute_steps")
+        return cls(policy=str(record["policy"]), blocks_evaluated=int(str(record["block_evaluations"])),
+                   blocks_total=int(str(record["block_evaluations_total"])),
+                   recompute_steps=steps if isinstance(steps, list) else [])
+
     def count_whole(self, dit: DiTConfig, images: int, steps: int) -> None:
         """A batch run with the whole denoiser: every block, every step."""
         self.blocks_evaluated += dit.depth * images * steps
@@ -245,7 +253,7 @@ class CachedDenoiser:
             raise NotAvailableError(
                 f"step caching needs the denoiser's parts, and the {getattr(self.runner, 'backend', '')} "
                 f"{getattr(self.runner, 'precision', '')} set cannot run {component} ({exc.args[0]})",
-                f"export them: mmgen export RUN_DIR --components {PARTS_WORD} (or sample without a cache policy)",
+                exc.hint or f"export them: `mmgen export RUN_DIR --components {PARTS_WORD}`",
             ) from None
 
     def __call__(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:

@@ -4,7 +4,7 @@ An `ImageSpec` is one image: its condition (a class id or a prompt), its seed an
 image draws its noise from `default_rng([seed, index])`, so image k of `mmgen generate --seed S`
 is `ImageSpec(seed=S, index=k, ...)`), and its sampler settings. `sample_specs` takes any
 mix of specs of one model, encodes each distinct prompt once, groups the images by
-(steps, cfg_scale, sampler) and samples each group with `sample(..., seeds=, indices=)`: an
+(steps, cfg_scale, sampler, cache policy) and samples each group with `sample(..., seeds=, indices=)`: an
 image depends on its own spec only, never on what it was generated with.
 
 `expand_conditions` turns `generate`'s words (`--class NAME|ID` repeated, prompts, `--n`) into
@@ -23,6 +23,7 @@ import numpy as np
 
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.sampling.cache import parse_cache_policy
 from mmgen_deploy.sampling.conditioning import Conditioning, class_conditioning, text_conditioning
 from mmgen_deploy.sampling.loop import SampleResult, check_seed, sample, validate_sampling_args
 
@@ -43,16 +44,17 @@ class ImageSpec:
     steps: int = SAMPLING.steps
     cfg_scale: float = SAMPLING.cfg_scale
     sampler: str = SAMPLING.sampler
+    cache: str = SAMPLING.cache  # step-caching policy (sampling.cache)
 
     @property
-    def settings(self) -> tuple[int, float, str]:
-        return (self.steps, self.cfg_scale, self.sampler)
+    def settings(self) -> tuple[int, float, str, str]:
+        return (self.steps, self.cfg_scale, self.sampler, self.cache)
 
 
 @dataclass
 class GeneratedImages:
     images: np.ndarray  # uint8 (N, H, W, C), in the order of the specs
-    results: list[SampleResult] = field(default_factory=list)  # one per (steps, cfg_scale, sampler) group
+    results: list[SampleResult] = field(default_factory=list)  # one per (steps, cfg_scale, sampler, cache) group
     text_encoder_seconds: float = 0.0
 
     @property
@@ -113,6 +115,7 @@ def check_specs(config: ModelConfig, specs: Sequence[ImageSpec]) -> None:
         check_seed(spec.index, "index")
         validate_sampling_args(config, None if spec.class_id is None else [spec.class_id], steps=spec.steps,
                                sampler=spec.sampler, cfg_scale=spec.cfg_scale, batch_size=1, eta=SAMPLING.eta)
+        parse_cache_policy(spec.cache)
 
 
 def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
@@ -133,15 +136,15 @@ def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec]
         condition = text_conditioning(runner, config, tokenizer, [str(s.prompt) for s in specs], max_batch=batch_size)
     else:
         condition = class_conditioning(config, [int(s.class_id) for s in specs])  # type: ignore[arg-type]
-    groups: dict[tuple[int, float, str], list[int]] = defaultdict(list)
+    groups: dict[tuple[int, float, str, str], list[int]] = defaultdict(list)
     for row, spec in enumerate(specs):
         groups[spec.settings].append(row)
     images: np.ndarray | None = None
     results = []
-    for (steps, cfg_scale, sampler), rows in groups.items():
+    for (steps, cfg_scale, sampler, cache), rows in groups.items():
         result = sample(runner, config, _subset(condition, rows), steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         batch_size=batch_size, seeds=[specs[r].seed for r in rows],
-                        image_indices=[specs[r].index for r in rows])
+                        image_indices=[specs[r].index for r in rows], cache=cache)
         if images is None:
             images = np.empty((len(specs), *result.images.shape[1:]), dtype=np.uint8)
         images[rows] = result.images
