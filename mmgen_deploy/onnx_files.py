@@ -20,13 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+from mmgen_deploy.io_utils import sha256_file_remembered
 
 
 def data_path(path: str | os.PathLike[str]) -> Path:
@@ -122,17 +116,35 @@ def onnx_files(path: str | os.PathLike[str]) -> list[Path]:
     return [Path(path), *data_files(path)]
 
 
-def onnx_sha256(path: str | os.PathLike[str]) -> str:
-    """The identity of an ONNX model on disk: graph plus external data (see the module doc)."""
+def onnx_sha256(path: str | os.PathLike[str], *, data: list[Path] | None = None) -> str:
+    """The identity of an ONNX model on disk: graph plus external data (see the module doc).
+
+    `data`: the external-data files, when the caller knows them (else read from the graph). Each
+    file's hash is remembered across processes while the file is provably unchanged
+    (`io_utils.sha256_file_remembered`), so a 2.7 GB graph set is read once, not on every open.
+    """
     path = Path(path)
-    extra = data_files(path)
-    graph = _sha256(path)
+    extra = data_files(path) if data is None else data
+    graph = sha256_file_remembered(path)
     if not extra:
         return graph
     digest = hashlib.sha256(f"graph {graph}\n".encode())
     for file in extra:
-        digest.update(f"data {file.relative_to(path.parent).as_posix()} {_sha256(file)}\n".encode())
+        digest.update(f"data {file.relative_to(path.parent).as_posix()} {sha256_file_remembered(file)}\n".encode())
     return digest.hexdigest()
+
+
+def matches_sha256(path: str | os.PathLike[str], recorded: str) -> bool:
+    """Whether the graph set at `path` is the one whose `onnx_sha256` was `recorded`.
+
+    Tries mmgen's own layout first (the data file, if any, is `<name>.onnx.data` beside the graph):
+    when the graph bytes are the recorded ones, so are the data locations they name, and nothing
+    has to be parsed. Only a mismatch reads the graph for the locations it names. Raises
+    FileNotFoundError for a data file the graph names that is missing.
+    """
+    path = Path(path)
+    guess = [data_path(path)] if data_path(path).is_file() else []
+    return onnx_sha256(path, data=guess) == recorded or onnx_sha256(path) == recorded
 
 
 def onnx_bytes(path: str | os.PathLike[str]) -> int:

@@ -230,6 +230,31 @@ class RunDir:
         """The graphs of `components` at `precision` that are not exported."""
         return [path for path in (self.onnx_path(precision, c) for c in components) if not path.is_file()]
 
+    def check_onnx_intact(self, manifest: dict[str, Any], onnx_set: str, component: str) -> None:
+        """Refuse (one line) a graph, or its external data, whose sha256 differs from what the export
+        manifest (`manifest`, as read from `onnx_manifest_path`) records for it: a graph replaced or
+        edited after the export (another precision's copied over it, a scaled weight) would otherwise
+        run without a word. Every backend that reads the ONNX set, and the engine builder, call this
+        before reading a graph. The hashes are remembered while the files are provably unchanged
+        (`onnx_files.onnx_sha256`), so only the first open after an export reads the files. A graph
+        without a manifest entry (hand-made ONNX files) is not checked."""
+        from mmgen_deploy.onnx_files import matches_sha256
+
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        entry = files.get(onnx_set, {}).get(component) if isinstance(files, dict) else None
+        recorded = entry.get("sha256") if isinstance(entry, dict) else None
+        if not isinstance(recorded, str):
+            return
+        path = self.onnx_path(onnx_set, component)
+        hint = f"re-export: `mmgen export {self.root} --overwrite`"
+        try:
+            intact = matches_sha256(path, recorded)
+        except FileNotFoundError as exc:
+            raise RunDirError(str(exc), hint) from None
+        if not intact:
+            raise RunDirError(f"{path} (or its external data) is not the graph `mmgen export` wrote: its sha256 "
+                              f"differs from the export manifest's ({recorded[:12]}...)", hint)
+
     @property
     def engines_dir(self) -> Path:
         return self.root / "engines"

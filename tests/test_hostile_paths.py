@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from mmgen_deploy.cli.app import main
-from mmgen_deploy.errors import DiskFullError, UnsafePathError
+from mmgen_deploy.errors import DiskFullError, RunDirError, UnsafePathError
 from mmgen_deploy.io_utils import (
     STALE_DEAD_WRITER_S,
     atomic_dir,
@@ -351,3 +351,76 @@ def test_a_run_directory_that_is_a_device_is_refused(tmp_path: Path, argv: list[
     code, output = _cli([*argv, str(device)], capsys)
     assert code != 0 and "character device" in _one_line_error(output)
     assert _identity(device) == before and [p.name for p in tmp_path.iterdir()] == ["null"]
+
+
+# -- exported graphs are the ones the export wrote ----------------------------------------------------------------
+
+def _scale_first_weight(path: Path) -> None:
+    """Edit the graph the way a tampering would: one weight tensor times 1.5, saved in place."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    tensor = next(t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims) >= 2)
+    tensor.CopyFrom(numpy_helper.from_array(np.asarray(numpy_helper.to_array(tensor) * 1.5), tensor.name))
+    onnx.save(model, str(path))
+
+
+def _backends() -> list[str]:
+    import importlib.util
+
+    return ["onnxruntime", *(["openvino"] if importlib.util.find_spec("openvino") else [])]
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_generate_refuses_a_graph_edited_after_the_export(exported_tiny_run: RunDir, tmp_path: Path, backend: str,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMGEN_CACHE_DIR", str(tmp_path / "cache"))
+    run = RunDir(tmp_path / "run")
+    _copy_run(exported_tiny_run, run.root)
+    argv = ["generate", str(run.root), "-c", "1", "--n", "1", "--steps", "1", "--backend", backend,
+            "--precision", "fp32", "--out", str(tmp_path / "images")]
+    code, output = _cli(argv, capsys)
+    assert code == 0, output
+    _scale_first_weight(run.onnx_path("fp32", "denoiser"))
+    code, output = _cli([*argv[:-1], str(tmp_path / "again")], capsys)
+    line = _one_line_error(output)
+    assert code == 1 and "denoiser.onnx (or its external data) is not the graph `mmgen export` wrote" in line
+    assert f"mmgen export {run.root} --overwrite" in line and not (tmp_path / "again").exists()
+
+
+def test_a_remembered_hash_does_not_hide_external_data_changed_in_place(exported_tiny_run: RunDir, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hash of a large data file is remembered (keyed by inode, size, mtime and ctime) so opens after the
+    first do not re-read it; a change that even restores the old mtime still changes the ctime."""
+    from mmgen_deploy.export import export_run, read_manifest
+    from mmgen_deploy.io_utils import SETTLED_NS
+    from mmgen_deploy.onnx_files import data_path
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MMGEN_CACHE_DIR", str(cache))
+    run = RunDir(tmp_path / "run")
+    _copy_run(exported_tiny_run, run.root)
+    export_run(run, precisions=("fp32",), components=("denoiser",), external_data=True)
+    data = data_path(run.onnx_path("fp32", "denoiser"))
+    assert data.is_file()
+    time.sleep(SETTLED_NS / 1e9 + 0.2)  # only files left alone for a moment are remembered
+    run.check_onnx_intact(read_manifest(run), "fp32", "denoiser")
+    assert len(list((cache / "sha256").glob("*.json"))) == 2  # the graph and its data file
+    before = os.stat(data)
+    with open(data, "r+b") as f:
+        f.seek(before.st_size // 2)
+        byte = f.read(1)
+        f.seek(before.st_size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(data, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(data).st_mtime_ns == before.st_mtime_ns and os.stat(data).st_size == before.st_size
+    code, output = _cli(["generate", str(run.root), "-c", "1", "--n", "1", "--steps", "1", "--backend",
+                         "onnxruntime", "--precision", "fp32", "--out", str(tmp_path / "images")], capsys)
+    assert code == 1 and "is not the graph `mmgen export` wrote" in _one_line_error(output)
+    data.unlink()
+    with pytest.raises(RunDirError, match="missing beside it"):
+        run.check_onnx_intact(read_manifest(run), "fp32", "denoiser")

@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_helpers import record_as_exported
 from onnx import numpy_helper
 
 from mmgen_deploy.cli.app import main
@@ -59,6 +60,7 @@ def _perturb_initializer(path, component_hint: str, fn) -> str:
     array = numpy_helper.to_array(init).copy()
     init.CopyFrom(numpy_helper.from_array(fn(array), init.name))
     onnx.save(model, str(path))
+    record_as_exported(path)
     return init.name
 
 

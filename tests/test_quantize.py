@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from export_helpers import record_as_exported
 
 from mmgen_deploy.config import preset
 from mmgen_deploy.data import DataSpec
@@ -196,6 +197,7 @@ def test_a_wrong_scale_fails_parity(quantized_run, tmp_path) -> None:
     model.graph.initializer.append(wrong)
     node.input[1] = wrong.name  # only this DQ: Q and DQ of an activation share one scale
     onnx.save(model, str(path))
+    record_as_exported(path)
     report = run_parity(broken, ParityOptions(backend="onnxruntime", precision="int8", batches=(2,),
                                               end_to_end=False, components=("denoiser",)))
     assert not report.passed

@@ -10,6 +10,7 @@ import sys
 
 import numpy as np
 import pytest
+from export_helpers import record_as_exported
 
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.runtime import Runner, open_runner, resolve_backend
@@ -244,6 +245,10 @@ def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
     (copy / "onnx" / "fp32" / "decoder.onnx").write_bytes(b"not an onnx file")
     runner = OpenVinoRunner(copy, "fp32")
     spec = runner.specs["decoder"]
+    with pytest.raises(MMGenError, match=r"decoder\.onnx \(or its external data\) is not the graph"):
+        runner.run("decoder", spec.make_inputs(1, np.random.default_rng(0)))
+    (copy / "onnx" / "manifest.json").unlink()  # hand-made ONNX files: no hashes, OpenVINO's reader refuses
+    runner = OpenVinoRunner(copy, "fp32")
     with pytest.raises(MMGenError, match=r"OpenVINO cannot read .*decoder\.onnx"):
         runner.run("decoder", spec.make_inputs(1, np.random.default_rng(0)))
 
@@ -333,6 +338,7 @@ def _perturb(onnx_path, initializer: str, scale: float) -> None:
     (init,) = [i for i in model.graph.initializer if i.name == initializer]
     init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * np.float32(scale), initializer))
     onnx.save(model, str(onnx_path))
+    record_as_exported(onnx_path)
 
 
 @pytest.mark.parametrize("perturbed", [False, True], ids=["exported", "perturbed"])

@@ -224,6 +224,15 @@ def _build_key(flavour: Flavour, options: BuildOptions, onnx_sha: str, shapes: d
             "options": {k: v for k, v in options.recorded().items() if k != "batch"}}
 
 
+def _export_manifest(run: RunDir) -> dict[str, Any]:
+    """The run's export manifest; empty for hand-made ONNX files (no manifest)."""
+    from mmgen_deploy.export import read_manifest as read_export_manifest
+
+    if not run.onnx_manifest_path.is_file():
+        return {}
+    return read_export_manifest(run)
+
+
 def _export_records(run: RunDir, precision: str) -> dict[str, Any]:
     """Per component, how its ONNX was made (exporter, opset, FP16 converter and arguments), as the
     export step recorded it; empty when there is no readable export manifest (hand-made ONNX files)."""
@@ -289,6 +298,9 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
         if not path.is_file():
             raise RunDirError(f"missing ONNX file {path} for the {name} engine",
                               f"export first: `mmgen export {run.root}`")
+    export_manifest = _export_manifest(run)
+    for name in onnx_files:
+        run.check_onnx_intact(export_manifest, options.precision, name)  # never build from a replaced graph
 
     directory = engine_dir(run, flavour, gpu, options.precision)
     old = _old_manifest(directory)

@@ -288,6 +288,8 @@ class OpenVinoRunner(BaseRunner):
             except OSError:
                 self.cache_dir = None  # a read-only home: compile every time rather than fail
         self.blobs = CompiledBlobs(self.cache_dir, ov, self.core) if self.cache_dir is not None else None
+        self._manifest = manifest
+        self.onnx_set = onnx_set
         self._recorded = _recorded_sha256(manifest, onnx_set)
         self._components: dict[str, _Component] = {}
 
@@ -330,6 +332,7 @@ class OpenVinoRunner(BaseRunner):
         path = self.directory / f"{component}.onnx"
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", missing_graph_hint(self.run_dir.root, spec.name))
+        self.run_dir.check_onnx_intact(self._manifest, self.onnx_set, component)
         # The quantizer (keep_fp32) stays FP32 at every precision.
         item = _Component(spec, path, self._recorded.get(component), "f32" if spec.keep_fp32 else self.hint)
         self._components[component] = item

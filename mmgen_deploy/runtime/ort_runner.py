@@ -92,7 +92,7 @@ class OrtRunner(BaseRunner):
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {precision} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")
-        check_not_stale(self.run_dir)
+        self._manifest = check_not_stale(self.run_dir)
         if providers is None:
             if device.startswith("cuda"):
                 if not cuda_provider_usable():
@@ -119,6 +119,7 @@ class OrtRunner(BaseRunner):
         path = self.run_dir.onnx_path(self.precision, component)
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", missing_graph_hint(self.run_dir.root, spec.name))
+        self.run_dir.check_onnx_intact(self._manifest, self.precision, component)
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads is not None:
