@@ -263,10 +263,11 @@ def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
 # `.<target>.old` during the swap.
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+?)(?:\.p(?P<pid>\d+))?\.[a-z0-9_]{8}\.tmp$")
 _OLD_NAME = re.compile(r"^\.(?P<target>.+)\.old$")
-# A temporary whose writer (the pid in its name) is gone and that nobody touched for this long is a
-# leftover; one without a live-looking writer (no pid, or a pid that may have been reused, or a
-# writer in another pid namespace sharing the folder) only after a day untouched.
-STALE_DEAD_WRITER_S = 60.0
+# A temporary whose writer (the pid in its name) is gone and in which nothing was written for this
+# long is a leftover; any other (no pid, or a pid that may have been reused) only after a day
+# untouched. The wait covers a writer in another container sharing the folder, whose pid means
+# nothing here, while it computes between writes.
+STALE_DEAD_WRITER_S = 600.0
 STALE_ANY_WRITER_S = 24 * 3600.0
 
 log = logging.getLogger("mmgen_deploy.io_utils")
@@ -285,12 +286,23 @@ def _writer_alive(pid: int) -> bool:
     return True
 
 
+def _newest_mtime(path: str, info: os.stat_result) -> float:
+    """The latest modification time of a file, or of a folder and everything in it (links not followed)."""
+    newest = info.st_mtime
+    if stat.S_ISDIR(info.st_mode):
+        for root, dirs, files in os.walk(path):
+            for name in (*dirs, *files):
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
+
+
 def remove_stale_temps(folder: Path) -> list[Leftover]:
     """Remove the temporaries killed writers of `atomic_path` / `atomic_dir` left in `folder` (not below).
 
     Only names of mmgen's own pattern, only regular files and real folders (never links, devices
-    or FIFOs), and only when not in use: the writer named in the temp name is dead and the entry has
-    been left alone for `STALE_DEAD_WRITER_S`, or anyone's entry untouched for a day. Writers outside
+    or FIFOs), and only when not in use: the writer named in the temp name is dead and nothing in the
+    entry changed for `STALE_DEAD_WRITER_S`, or anyone's entry untouched for a day. Writers outside
     a run directory hold no lock, so this is how the folder of `generate --out` or `batch --out`
     gets rid of what a SIGKILL left. Once per folder and process; errors are ignored (a leftover
     that stays costs disk space only).
@@ -315,7 +327,7 @@ def remove_stale_temps(folder: Path) -> list[Leftover]:
             continue
         if not (stat.S_ISREG(info.st_mode) or stat.S_ISDIR(info.st_mode)):
             continue
-        idle = now - info.st_mtime
+        idle = now - _newest_mtime(entry.path, info)
         pid = match.group("pid")
         writer_gone = pid is not None and not _writer_alive(int(pid))
         if not ((writer_gone and idle > STALE_DEAD_WRITER_S) or idle > STALE_ANY_WRITER_S):

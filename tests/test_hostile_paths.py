@@ -275,8 +275,8 @@ with atomic_dir(folder / "images") as tmp:
 
 def test_temporaries_of_a_killed_writer_are_removed_by_the_next_writer(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env)
-    assert killed.returncode == -9
+    killed = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(tmp_path)], env=env)
+    assert killed.wait() == -9
     leftovers = sorted(p.name for p in tmp_path.iterdir())
     assert len(leftovers) == 2 and all(name.endswith(".tmp") for name in leftovers), leftovers
     live = tmp_path / f".images.p{os.getpid()}.abcd1234.tmp"  # this process's own: in use
@@ -285,11 +285,15 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_writer(tmp_path:
     os.mkfifo(fifo)
     link = tmp_path / ".x.p999999.abcd1234.tmp"
     link.symlink_to(tmp_path / "images")
+    busy = tmp_path / f".busy.p{killed.pid}.abcd1234.tmp"  # a dead writer's, still being written (another
+    busy.mkdir()                                            # container's writer, whose pid means nothing here)
+    (busy / "weights.bin").write_bytes(b"w")
     write_json(tmp_path / "fresh.json", {})  # a killed writer seconds ago may still be being looked at
     assert all((tmp_path / name).exists() for name in leftovers)
     past = time.time() - STALE_DEAD_WRITER_S - 5
-    for path in tmp_path.iterdir():
+    for path in [*tmp_path.rglob("*")]:  # as if the writer died that long ago
         os.utime(path, (past, past), follow_symlinks=False)
+    os.utime(busy / "weights.bin")  # written just now
     later = tmp_path / "later"
     later.mkdir()
     write_json(tmp_path / "later.json", {})  # a folder is swept once per process: use a new one
@@ -301,7 +305,7 @@ def test_temporaries_of_a_killed_writer_are_removed_by_the_next_writer(tmp_path:
     assert code == 0
     remaining = {p.name for p in tmp_path.iterdir()}
     assert not remaining & set(leftovers)
-    assert {live.name, fifo.name, link.name, "fresh.json", "later.json", "next.json", "later"} == remaining
+    assert {live.name, busy.name, fifo.name, link.name, "fresh.json", "later.json", "next.json", "later"} == remaining
 
 
 # -- two batches, one folder ------------------------------------------------------------------------------------
