@@ -428,3 +428,14 @@ def test_a_remembered_hash_does_not_hide_external_data_changed_in_place(exported
     data.unlink()
     with pytest.raises(RunDirError, match="missing beside it"):
         run.check_onnx_intact(read_manifest(run), "fp32", "denoiser")
+
+
+def test_triton_repository_ships_only_the_graphs_the_export_wrote(exported_tiny_run: RunDir, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    run = RunDir(tmp_path / "run")
+    _copy_run(exported_tiny_run, run.root)
+    _scale_first_weight(run.onnx_path("fp32", "decoder"))
+    code, output = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "repo"), "--layout", "ensemble"],
+                        capsys)
+    assert code == 1 and "decoder.onnx (or its external data) is not the graph" in _one_line_error(output)
+    assert not (tmp_path / "repo").exists()

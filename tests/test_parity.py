@@ -101,6 +101,7 @@ def test_parity_fails_when_decoder_comes_from_another_model(trained_run, tmp_pat
                      rerandomize_(DiT(cfg.dit), 8))
     export_run(other.root, precisions=("fp32",), components=["decoder"])
     shutil.copy(onnx_path(other.root, "fp32", "decoder"), onnx_path(run, "fp32", "decoder"))
+    record_as_exported(onnx_path(run, "fp32", "decoder"))
     code, text = _cli(["parity", str(run), "--steps", "4", "--images", "2", "--batch-sizes", "1"], capsys)
     assert code == 1
     assert "FAILED" in text and "decoder" in text.split("FAILED:")[-1]

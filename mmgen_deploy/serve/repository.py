@@ -210,7 +210,7 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
 
 
 def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
-    from mmgen_deploy.export import onnx_path
+    from mmgen_deploy.export import onnx_path, read_manifest
     from mmgen_deploy.onnx_files import copy_onnx
     from mmgen_deploy.ort_graphs import ort_cpu_model
     from mmgen_deploy.specs import component_specs
@@ -218,11 +218,14 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
     components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
     precision = _ensemble_precision(run_root, options, components)
     specs = component_specs(config)
+    run = RunDir(run_root)
+    export_manifest = read_manifest(run) if run.onnx_manifest_path.is_file() else {}
     written = {}
     for name in components:
         spec = specs[name]
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
+        run.check_onnx_intact(export_manifest, precision, name)  # ship only the graphs the export wrote
         source = onnx_path(run_root, precision, name)
         on_ort_cpu = options.component_backend == "python" or options.instance_kind == "cpu"
         model = ort_cpu_model(source, has_group_norms=spec.has_group_norms, cache_dir=None) if on_ort_cpu \
