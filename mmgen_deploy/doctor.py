@@ -6,6 +6,10 @@ import importlib
 import platform
 import sys
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mmgen_deploy.cpuinfo import CpuFeatures
 
 
 @dataclass
@@ -58,6 +62,7 @@ def collect() -> list[Check]:
         checks.append(Check(label, "ok", version, detail))
     checks += cpu_checks(torch)
     checks.append(cache_check())
+    checks += backend_checks()
     for mod, label, hint in (
         ("tensorrt", "tensorrt", "pip install 'mmgen-deploy[tensorrt]' (x86) or JetPack's python3-libnvinfer"),
         ("tensorrt_rtx", "tensorrt-rtx", "pip install 'mmgen-deploy[rtx]' (RTX PCs; builds engines without a GPU)"),
@@ -115,24 +120,13 @@ def cpu_checks(torch: object | None) -> list[Check]:
     else:
         checks.append(Check("openvino", "missing", "-", "pip install 'mmgen-deploy[openvino]' (BF16 on AMX / "
                             "AVX-512 BF16 CPUs, Intel GPUs and NPUs)"))
-    units = [name for name, flag in (("AMX-BF16", "amx_bf16"), ("AVX-512 BF16", "avx512_bf16"))
-             if flag in features.flags]
-    users = []
-    if "BF16" in ov_caps:
-        users.append("openvino (--precision bf16, what --backend auto picks)")
     torch_bf16 = False
     if torch is not None:
         try:
             torch_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # type: ignore[attr-defined]
         except Exception:
             torch_bf16 = False
-    if torch_bf16:
-        users.append("torch autocast (oneDNN; --backend torch --precision bf16)")
-    if units:
-        checks.append(Check("cpu bf16", "ok" if users else "warn", " + ".join(units),
-                            "used by: " + ("; ".join(users) if users else "nothing installed (install OpenVINO)")))
-    else:
-        checks.append(Check("cpu bf16", "warn", "-", "no BF16 units: FP32 is this CPU's fastest exact path"))
+    checks.append(cpu_bf16_check(features, openvino_bf16="BF16" in ov_caps, torch_bf16=torch_bf16))
     int8 = [name for name, flag in (("AMX-INT8", "amx_int8"), ("AVX-512 VNNI", "avx512_vnni"),
                                     ("AVX VNNI", "avx_vnni")) if flag in features.flags]
     if int8:
@@ -141,6 +135,39 @@ def cpu_checks(torch: object | None) -> list[Check]:
     else:
         checks.append(Check("cpu int8", "warn", "-", "no VNNI / AMX-INT8: INT8 graphs gain little here"))
     return checks
+
+
+def cpu_bf16_check(features: CpuFeatures, *, openvino_bf16: bool, torch_bf16: bool) -> Check:
+    """The `cpu bf16` row: AMX (BF16 pays: `auto` picks OpenVINO BF16 for large models), AVX-512 BF16
+    without AMX (BF16 runs, but no faster than FP32: `auto` keeps FP32), or no BF16 units at all."""
+    from mmgen_deploy.runtime.backends import OPENVINO_BF16_MIN_GFLOP, bf16_units
+
+    users = (["openvino (--precision bf16)"] if openvino_bf16 else []) + \
+        (["torch autocast (oneDNN; --backend torch --precision bf16)"] if torch_bf16 else [])
+    used_by = "used by: " + ("; ".join(users) if users else "nothing installed (install OpenVINO)")
+    if features.amx:
+        auto = (f"auto picks OpenVINO BF16 for denoisers of {OPENVINO_BF16_MIN_GFLOP:g}+ GFLOP per evaluation"
+                if openvino_bf16 else "auto would pick OpenVINO BF16 for large models once OpenVINO is installed")
+        return Check("cpu bf16", "ok" if users else "warn", bf16_units(features),
+                     f"AMX: BF16 matrix multiplies several times faster than FP32; {auto}; {used_by}")
+    if features.native_bf16:
+        return Check("cpu bf16", "warn", bf16_units(features),
+                     "AVX-512 BF16 without AMX: BF16 runs but is no faster than FP32 here, so auto keeps "
+                     f"ONNX Runtime FP32; {used_by}")
+    return Check("cpu bf16", "warn", "-", "no BF16 units: FP32 is this CPU's fastest exact path")
+
+
+def backend_checks() -> list[Check]:
+    """One row per registry backend (installed or not, what it runs where) and one for the auto order."""
+    from mmgen_deploy.runtime.backends import REGISTRY, capabilities, describe_auto_order
+
+    rows = []
+    for name, runs in capabilities():
+        missing = REGISTRY[name].missing()
+        rows.append(Check(f"backend {name}", "missing" if missing else "ok", "-" if missing else "installed",
+                          missing or runs))
+    rows.append(Check("backend auto", "ok", "order", describe_auto_order()))
+    return rows
 
 
 def as_dicts(checks: list[Check]) -> list[dict[str, str]]:

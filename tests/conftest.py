@@ -50,16 +50,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip_trt)
 
 
-def cpu_auto_choice() -> tuple[str, str]:
-    """What `--backend auto` picks on this CPU for an exported run with no GPU: OpenVINO BF16 where
-    the CPU has AMX / AVX-512 BF16 and OpenVINO is installed, else ONNX Runtime FP32."""
+def cpu_auto_choice(config: ModelConfig | None = None) -> tuple[str, str]:
+    """What `--backend auto` picks on this CPU for an exported run of `config` (default: the tiny
+    preset) with no GPU: OpenVINO BF16 where the registry's rule says it beats ONNX Runtime FP32 here
+    (an AMX CPU and a large enough denoiser) and OpenVINO is installed, else ONNX Runtime FP32."""
     from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.runtime.backends import REGISTRY, denoiser_gflop, openvino_bf16_verdict
 
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return ("onnxruntime", "fp32")
-    return ("openvino", "bf16") if cpu_features().native_bf16 else ("onnxruntime", "fp32")
+    gflop = denoiser_gflop((config or preset("tiny")).dit)
+    if REGISTRY["openvino"].missing() is None and openvino_bf16_verdict(cpu_features(), gflop) is None:
+        return ("openvino", "bf16")
+    return ("onnxruntime", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import numpy as np
 
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.numerics import compare_output, make_grid, take_batch
-from mmgen_deploy.specs import COMPONENTS, PRECISIONS
+from mmgen_deploy.runtime.backends import REGISTRY
+from mmgen_deploy.specs import COMPONENTS, PRECISIONS, RUN_PRECISIONS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mmgen_deploy"
 
@@ -167,3 +169,48 @@ def test_shared_batch_and_grid_helpers() -> None:
     grid = make_grid(tiles, 2, pad=1, fill=40)
     assert grid.shape == (2 * 3 + 1, 2 * 3 + 1, 3)
     assert grid[1, 1, 0] == 7 and grid[0, 0, 0] == 40 and grid[4, 4, 0] == 40  # the empty fourth tile stays fill
+
+
+# What backends are, run and in which order `auto` tries them is owned by the registry (and the
+# precision names by specs.py); export/ owns which sets an export step writes.
+_BACKEND_OWNERS = ("specs.py", "runtime/backends.py")
+_BACKEND_WORDS = re.compile(r"\b(torch|onnxruntime|openvino|tensorrt|PyTorch|ONNX Runtime|OpenVINO|TensorRT)\b")
+# Modules that decide or report per backend by asking the registry: no backend name in them at all.
+_ASKS_THE_REGISTRY = ("runtime/select.py", "runtime/base.py", "parity/bench.py")
+# Where help texts and selection errors are written (elsewhere, prose may name packages to install).
+_HELP_AND_ERRORS = ("cli/", "runtime/", "parity/", "sampling/", "doctor.py")
+
+
+def _docstring_ids(tree: ast.AST) -> set[int]:
+    return {id(node.body[0].value) for node in ast.walk(tree)  # type: ignore[attr-defined]
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+
+
+def test_backend_names_precisions_and_the_auto_order_have_one_owner() -> None:
+    """Outside the registry and specs.py no module writes a list of backend names or of precisions,
+    nor a text naming three or more backends (a backend list or the auto order in help or errors);
+    the selection policy, the runners and bench do not spell a backend name at all."""
+    backends = set(REGISTRY)
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = str(path.relative_to(PACKAGE))
+        if relative in _BACKEND_OWNERS:
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = _docstring_ids(tree)
+        preferences = {id(n) for node in ast.walk(tree) if isinstance(node, ast.IfExp)
+                       for n in (node.body, node.orelse)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Tuple | ast.List | ast.Set) and id(node) not in preferences and node.elts \
+                    and all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in node.elts):
+                values = {e.value for e in node.elts}  # type: ignore[attr-defined]
+                if len(values) >= 2 and (values <= backends | {"auto"} or
+                                         (values <= set(RUN_PRECISIONS) and not relative.startswith("export/"))):
+                    offenders.append(f"{relative}:{node.lineno} {sorted(values)}")
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                named = {m.lower().replace(" ", "") for m in _BACKEND_WORDS.findall(node.value)}
+                if (len(named) >= 3 and relative.startswith(_HELP_AND_ERRORS)) or \
+                        (relative in _ASKS_THE_REGISTRY and node.value in backends):
+                    offenders.append(f"{relative}:{node.lineno} {node.value[:60]!r}")
+    assert not offenders, offenders

@@ -115,6 +115,7 @@ def test_class_run_eval_reports_consistent_figures(shapes_run: RunDir, capsys: p
     assert 1.0 <= vq["perplexity"] <= vq["codes_used"] + 1e-6  # exp(entropy) of the codes used
     gen = report["generation"]
     assert (gen["backend"], gen["precision"], gen["device"]) == ("torch", "fp32", "cpu")
+    assert gen["backend_reason"] == "requested"  # why this backend ran (auto says what decided)
     assert (gen["sampler"], gen["steps"], gen["cfg_scale"], gen["seed"]) == ("ddim", 2, 4.0, 3)
     assert gen["num_samples"] == 2 * len(CLASS_NAMES) and set(gen["per_class"]) == set(CLASS_NAMES)
     assert all(value in (0.0, 0.5, 1.0) for value in gen["per_class"].values())  # 2 images per class

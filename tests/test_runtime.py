@@ -73,9 +73,9 @@ def test_device_names_are_checked_against_the_backend(exported_tiny_run) -> None
     run = exported_tiny_run.root
     with pytest.raises(UsageError, match="unknown device 'tpu'"):
         resolve_backend("auto", run, device="tpu")
-    with pytest.raises(UsageError, match="OpenVINO device"):
+    with pytest.raises(UsageError, match="ONNX Runtime runs on cpu, cuda, not gpu"):
         resolve_backend("onnxruntime", run, device="gpu")
-    with pytest.raises(UsageError, match="OpenVINO device"):
+    with pytest.raises(UsageError, match="PyTorch runs on cpu, cuda, not npu"):
         resolve_backend("torch", run, device="npu")
     with pytest.raises(UsageError, match="not cuda"):
         resolve_backend("openvino", run, device="cuda:0")

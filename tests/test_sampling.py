@@ -232,7 +232,7 @@ def test_auto_backend_prefers_onnx_runtime_when_exported(exported_tiny_run, tmp_
     bare = save_run(tmp_path / "bare", config, vq, dit)
     fallback = resolve_backend("auto", bare.root)
     assert fallback.backend == "torch" and "nothing exported" in fallback.reason
-    with pytest.raises(UsageError, match="runs FP32 or BF16"):
+    with pytest.raises(UsageError, match=r"torch backend runs fp32 or bf16, not 'fp16'"):
         resolve_backend("torch", bare.root, "fp16")
     with pytest.raises(UsageError, match="unknown backend"):
         resolve_backend("tvm", bare.root)

@@ -250,9 +250,10 @@ def test_tensorrt_rtx_builds_the_text_encoder_ahead_of_time(text_run: RunDir, tm
     engine_set = check_engine_dir(run, load_flavour("tensorrt-rtx"))  # ONNX hashes and plans match the manifest
     assert set(engine_set.components) == {"text_encoder", "denoiser"}
     # `auto` does not pick a set that cannot sample (no quantizer / decoder engines here).
-    from mmgen_deploy.runtime.select import _tensorrt_check
+    from mmgen_deploy.runtime.backends import tensorrt_problem
+    from mmgen_deploy.specs import sampling_components
 
-    assert "no quantizer, decoder engine" in str(_tensorrt_check(run.root))
+    assert "no quantizer, decoder engine" in str(tensorrt_problem(run, sampling_components(run.load_config()), "fp16"))
 
 
 def test_random_denoiser_inputs_of_a_text_run_come_from_its_text_encoder(tmp_path: Path) -> None:

@@ -35,12 +35,13 @@ from mmgen_deploy.cli import (
 )
 from mmgen_deploy.cli.common import console, hide_old_spellings, install_log_handler, old_spellings_in, state
 from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.runtime.backends import deployment_targets
 
 app = typer.Typer(
     name="mmgen",
     help=(
         "Deploy a VQ or KL autoencoder + DiT latent generative model (class- or text-conditioned) "
-        "from PyTorch to ONNX Runtime, OpenVINO and TensorRT, proving at every step that the "
+        f"from PyTorch to {deployment_targets()}, proving at every step that the "
         "deployed model computes what PyTorch computes.\n\n"
         "Pipeline: train/import -> export (ONNX FP32, FP16, INT8, FP8) -> build-engine -> generate, "
         "with parity and bench at every arrow; serve and batch for many images."

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mmgen_deploy.defaults import SAMPLING
+from mmgen_deploy.runtime.backends import backend_help, backend_labels, precision_help
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 console = Console(stderr=True, highlight=False)
@@ -269,7 +270,7 @@ TRAINING_SEED_OPTION = typer.Option(0, "--seed", help=TRAINING_SEED_HELP)
 
 
 # CPU threads of the backend a command runs on, as in `generate` (>= 1; left out: the backend's default).
-THREADS_OPTION = typer.Option(None, "--threads", min=1, help="CPU threads for ONNX Runtime / OpenVINO / torch "
+THREADS_OPTION = typer.Option(None, "--threads", min=1, help=f"CPU threads for {backend_labels('cpu')} "
                                                              "(default: the backend's own).")
 
 
@@ -285,11 +286,5 @@ CACHE_OPTION = typer.Option(
 
 # How a command that samples picks its backend and precision (`generate`, `batch`; `open_runner`
 # resolves both), defined once so that both accept and explain the same values.
-BACKEND_OPTION = typer.Option(
-    "auto", "--backend",
-    help="auto, torch, onnxruntime, openvino or tensorrt. auto picks the fastest available: TensorRT engines, "
-         "then ONNX Runtime CUDA, then OpenVINO BF16 (CPU with AMX / AVX-512 BF16), then ONNX Runtime CPU.")
-PRECISION_OPTION = typer.Option(
-    None, "--precision",
-    help="fp32, fp16, int8 or fp8: which exported ONNX set (or engine set) to run; bf16: the FP32 set in BF16 "
-         "(openvino, torch autocast). Default: fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32.")
+BACKEND_OPTION = typer.Option("auto", "--backend", help=backend_help())
+PRECISION_OPTION = typer.Option(None, "--precision", help=precision_help())

@@ -18,6 +18,7 @@ from mmgen_deploy.cli.common import (
 )
 from mmgen_deploy.cli.train import _positive
 from mmgen_deploy.defaults import SAMPLING
+from mmgen_deploy.runtime.backends import backend_list, precision_help
 
 if TYPE_CHECKING:
     from mmgen_deploy.evaluation.evaluate import EvalSettings
@@ -64,6 +65,8 @@ def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
         console.print(f"KL autoencoder on {kl['num_images']} validation images: PSNR [bold]{kl['psnr_db']:.2f} dB[/] "
                       f"(min {kl['psnr_db_min']:.1f})")
     gen = report.get("generation")
+    if gen and "backend_reason" in gen:
+        console.print(f"backend: {gen['backend']} {gen['precision']} on {gen['device']} ({gen['backend_reason']})")
     if gen and "position_accuracy" in gen:
         console.print(f"generation ({gen['backend']} {gen['precision']}, {gen['sampler']} {gen['steps']} steps, "
                       f"guidance {gen['cfg_scale']}, "
@@ -99,11 +102,9 @@ def eval_cmd(
     seed: int = sampling_seed_option(),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
     backend: str = typer.Option("torch", "--backend",
-                                help="Sampling backend: torch, onnxruntime, openvino, tensorrt or auto (as in "
-                                     "`mmgen generate`)."),
+                                help=f"Sampling backend: {backend_list(with_auto=True)} (as in `mmgen generate`)."),
     precision: str = typer.Option("fp32", "--precision",
-                                  help="fp32, fp16, int8, fp8 or bf16, as in `mmgen generate` (which exported set, "
-                                       "or the FP32 set in BF16)."),
+                                  help=f"{precision_help(backend_default=False)} As in `mmgen generate`."),
     threads: int | None = THREADS_OPTION,
     cache: str = CACHE_OPTION,
     json_out: str | None = json_option("the results"),

@@ -16,6 +16,7 @@ from mmgen_deploy.specs import (
     DEFAULT_REL_L2,
     PARTS_WORD,
     PRECISIONS,
+    QUANTIZED_PRECISIONS,
     expand_parts,
 )
 
@@ -211,7 +212,7 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
     console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
                   f"(calibration: {manifest['calibration']['source']})")
     quant = manifest["calibration"].get("quantization")
-    if quant is not None and any(p in manifest["last_export"]["precisions"] for p in ("int8", "fp8")):
+    if quant is not None and any(p in manifest["last_export"]["precisions"] for p in QUANTIZED_PRECISIONS):
         den = quant["denoiser"]
         console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
                       f"timesteps {den['timesteps']}, {plural(quant['encoder']['samples'], 'image')} "

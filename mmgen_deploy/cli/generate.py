@@ -24,6 +24,7 @@ from mmgen_deploy.cli.common import (
     stdout_console,
 )
 from mmgen_deploy.defaults import SAMPLING
+from mmgen_deploy.runtime.backends import backend_labels
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunLike
@@ -61,7 +62,7 @@ def generate(
     device: str | None = typer.Option(None, "--device",
                                       help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
                                            "prefers)."),
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads for ONNX Runtime / OpenVINO / torch."),
+    threads: int | None = typer.Option(None, "--threads", help=f"CPU threads for {backend_labels('cpu')}."),
     cache: str = CACHE_OPTION,
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "

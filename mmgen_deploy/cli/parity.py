@@ -19,6 +19,7 @@ from mmgen_deploy.cli.common import (
 )
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.runtime.backends import backend_list, backends_on, capabilities, precision_help, precision_list
 from mmgen_deploy.specs import PIPELINE_TOLERANCES, RUN_PRECISIONS
 
 if TYPE_CHECKING:
@@ -69,10 +70,8 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def parity(
         run_dir: Path = typer.Argument(..., help="Run directory (trained or imported, with an ONNX export)."),
-        backend: str = typer.Option("onnxruntime", help="Backend to check: onnxruntime, openvino, tensorrt or "
-                                     "torch."),
-        precision: str = typer.Option("fp32", help="fp32, fp16, int8 or fp8 (which ONNX set / engine set), or "
-                                       "bf16 (OpenVINO's bf16 hint or torch autocast on the FP32 set)."),
+        backend: str = typer.Option("onnxruntime", help=f"Backend to check: {backend_list()}."),
+        precision: str = typer.Option("fp32", help=precision_help(backend_default=False)),
         batch_sizes: str = typer.Option("1,3", "--batch-sizes", "--batch",
                                         help="Comma-separated batch sizes for the per-component checks."),
         steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
@@ -117,12 +116,12 @@ def register(app: typer.Typer) -> None:
         (-cache-POLICY appended with --cache)."""
         from mmgen_deploy.cli.generate import CLI_NAMES
         from mmgen_deploy.parity.compare import ParityOptions
-        from mmgen_deploy.runtime import BACKENDS
+        from mmgen_deploy.runtime import REGISTRY
         from mmgen_deploy.sampling.cache import parse_cache_policy
         from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-        if backend not in BACKENDS or backend == "auto":
-            raise UsageError(f"unknown backend {backend!r}", "choose onnxruntime, openvino, tensorrt or torch")
+        if backend not in REGISTRY:
+            raise UsageError(f"unknown backend {backend!r}", f"choose {backend_list()}")
         if precision not in RUN_PRECISIONS:
             raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
         if not 1 <= num_images <= SAMPLING.max_generate_images:
@@ -143,16 +142,15 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def bench(
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
-        backends: list[str] = typer.Option(["torch,onnxruntime,openvino"], "--backend", "--backends",
-                                           help="Backends to measure (repeat or comma-separate): torch, "
-                                                "onnxruntime, openvino, tensorrt."),
+        backends: list[str] = typer.Option([",".join(backends_on("cpu"))], "--backend", "--backends",
+                                           help=f"Backends to measure (repeat or comma-separate): {backend_list()}."),
         precisions: list[str] = typer.Option(["auto"], "--precision", "--precisions",
-                                             help="Precisions to measure (repeat or comma-separate: fp32, fp16, "
-                                                  "bf16, int8, fp8); "
-                                       "each backend runs those it has (torch fp32/bf16, onnxruntime its exported "
-                                       "sets, openvino fp32/bf16/int8, tensorrt its engine sets) and the table lists "
-                                       "the others as not run. auto: every one a backend has here (bf16 on CPUs "
-                                       "with BF16 units)."),
+                                             help=f"Precisions to measure (repeat or comma-separate: "
+                                                  f"{precision_list()}); each backend runs those it has ("
+                                                  + "; ".join(f"{name}: {runs}" for name, runs in capabilities())
+                                                  + ") and the table lists the others as not run. auto: every one "
+                                                  "a backend has here (its exported or built sets; bf16 on CPUs "
+                                                  "with BF16 units)."),
         batch_sizes: str = typer.Option("1,16", "--batch-sizes", "--batch",
                                         help="Comma-separated batch sizes (images; the denoiser runs 2x with "
                                              "guidance)."),

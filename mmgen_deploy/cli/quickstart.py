@@ -29,13 +29,14 @@ from mmgen_deploy.cli.train import (
 )
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.runtime.backends import DEFAULT_BACKEND
 from mmgen_deploy.specs import DEFAULT_EXPORT_PRECISIONS
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
 
-# The backend the main job runs on: ONNX Runtime on the CPU, the embedded default.
-QUICKSTART_BACKEND = "onnxruntime"
+# The backend the main job runs on: the embedded default (ONNX Runtime on the CPU).
+QUICKSTART_BACKEND = DEFAULT_BACKEND
 
 
 @dataclass
@@ -108,24 +109,19 @@ def generate_prompts_stage(ctx: QuickstartContext) -> str:
     return _generate(ctx, prompts=grid_prompts(ctx.train.captions))
 
 
-def _cpu_bf16_path() -> bool:
-    """OpenVINO installed on a CPU with BF16 units: what `--backend auto` runs here."""
-    from mmgen_deploy.cpuinfo import cpu_features
-    from mmgen_deploy.runtime.openvino_runner import openvino_available
-
-    return cpu_features().native_bf16 and openvino_available()
-
-
 def parity_stage(ctx: QuickstartContext) -> str:
-    """Parity of the backend the quickstart used, FP32 and FP16, and of OpenVINO BF16 where auto would
-    pick it (a CPU with AMX / AVX-512 BF16 and OpenVINO installed); a failure fails the quickstart."""
+    """Parity of the backend the quickstart used, FP32 and FP16, and of what `--backend auto` picks
+    here when that is something else (OpenVINO BF16 on an AMX CPU for a large enough model); a failure
+    fails the quickstart."""
     from mmgen_deploy.cli.parity import run_parity_report
     from mmgen_deploy.parity.compare import ParityOptions
+    from mmgen_deploy.runtime import resolve_backend
 
     verdicts = {}
     checks = [(QUICKSTART_BACKEND, precision) for precision in DEFAULT_EXPORT_PRECISIONS]
-    if _cpu_bf16_path():
-        checks.append(("openvino", "bf16"))
+    auto = resolve_backend("auto", ctx.run, device="cpu")
+    if (auto.backend, auto.precision) not in checks:
+        checks.append((auto.backend, auto.precision))
     for backend, precision in checks:
         label = precision if backend == QUICKSTART_BACKEND else f"{backend} {precision}"
         report = ctx.run.reports_dir / f"parity-{backend}-{precision}.json"

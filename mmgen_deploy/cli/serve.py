@@ -24,6 +24,7 @@ from mmgen_deploy.cli.common import (
 )
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
+from mmgen_deploy.runtime.backends import backend_help, precision_help
 from mmgen_deploy.specs import RUN_PRECISIONS
 
 if TYPE_CHECKING:
@@ -59,13 +60,9 @@ _MAX_BATCH_OPT = typer.Option(SAMPLING.batch_size, "--max-batch",
 _INSTANCES_OPT = typer.Option(1, "--instances", help="Model instances (parallel sampling loops) per server.")
 _QUEUE_DELAY_OPT = typer.Option(20000, "--max-queue-delay-us",
                                 help="How long the dynamic batcher waits to fill a batch (microseconds).")
-_BACKEND_OPT = typer.Option("auto", "--backend",
-                            help="Inference backend inside the server: auto (TensorRT engines, else ONNX Runtime "
-                                 "CUDA, else OpenVINO BF16 on BF16 CPUs, else ONNX Runtime CPU), tensorrt, "
-                                 "onnxruntime, openvino, torch.")
+_BACKEND_OPT = typer.Option("auto", "--backend", help=f"Inference backend inside the server: {backend_help()}")
 _PRECISION_OPT = typer.Option("auto", "--precision",
-                              help="auto (fp16 on GPUs, bf16 with OpenVINO on BF16 CPUs, else fp32), fp32 or fp16 "
-                                   "exported models, or bf16 (on the fp32 set).")
+                              help=f"auto (the backend's own) or {precision_help(backend_default=False)}")
 _THREADS_OPT = typer.Option(None, "--threads", help="CPU threads per instance, as in generate (default: the "
                                                    "backend's).")
 _STEPS_OPT = typer.Option(SAMPLING.steps, "--steps", help="Default sampling steps when a request sends none.")

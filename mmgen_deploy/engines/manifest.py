@@ -152,6 +152,20 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
+def built_engine_precisions(run: RunDir) -> list[str]:
+    """The precisions of the engine sets built for this run (read from their manifests, unchecked:
+    `check_engine_dir` says whether one is current)."""
+    found = []
+    for directory in sorted(run.engines_dir.iterdir()) if run.engines_dir.is_dir() else ():
+        try:
+            precision = str(read_manifest(directory).get("precision", "fp16"))
+        except RunDirError:
+            continue
+        if precision not in found:
+            found.append(precision)
+    return found
+
+
 @dataclass(frozen=True)
 class EngineSet:
     """A checked engine directory: every plan matches the manifest, the runtime and the ONNX files."""

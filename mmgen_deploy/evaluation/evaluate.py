@@ -104,7 +104,8 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
     tokenizer = run.load_tokenizer() if config.uses_text else None
     runner, choice = open_runner(run, backend=settings.backend, precision=settings.precision,
                                  threads=settings.threads)
-    ran_on: dict[str, Any] = {"backend": choice.backend, "precision": choice.precision, "device": choice.device}
+    ran_on: dict[str, Any] = {"backend": choice.backend, "precision": choice.precision, "device": choice.device,
+                              "backend_reason": choice.reason}
     try:
         started = time.perf_counter()
         condition = make_conditioning(runner, config, class_ids=class_ids or [], prompts=prompts or [],

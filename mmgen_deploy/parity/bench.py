@@ -21,7 +21,7 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.sampling.cache import parse_cache_policy
-from mmgen_deploy.specs import COMPONENTS, DENOISER_PARTS, PRECISIONS, component_specs
+from mmgen_deploy.specs import COMPONENTS, DENOISER_PARTS, component_specs
 
 
 @dataclass
@@ -173,7 +173,7 @@ def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
         import torch  # noqa: F401
     except ImportError:
         return {"fp32": matmul_peak_gflops()}
-    for name in ("fp32", "bf16", "int8"):
+    for name in dict.fromkeys(PEAK_OF_PRECISION.values()):  # fp32, bf16, int8
         try:
             peaks[name] = _torch_matmul_rate(name, size, seconds)
         except (RuntimeError, NotImplementedError):
@@ -245,16 +245,12 @@ def _peak_device_mib(runner: Any) -> float | None:
 
 
 def backend_precisions(backend: str) -> tuple[str, ...] | None:
-    """The precisions a backend runs (its runner class says), or None when the backend cannot be
-    imported here (then opening it reports why, in the table). `mmgen bench` runs every requested
-    precision a backend has and lists the others as not run."""
-    from mmgen_deploy.errors import MMGenError
-    from mmgen_deploy.runtime import runner_class
+    """The precisions a backend runs (its registry entry says), or None for a name the registry does
+    not know. `mmgen bench` runs every requested precision a backend has and lists the others as not run."""
+    from mmgen_deploy.runtime.backends import REGISTRY
 
-    try:
-        return runner_class(backend).precisions
-    except MMGenError:
-        return None
+    spec = REGISTRY.get(backend)
+    return spec.precisions if spec is not None else None
 
 
 def _fraction(gflops: float | None, peak: float | None) -> str:
@@ -413,25 +409,14 @@ def machine_description() -> str:
 
 
 def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> list[str]:
-    """`precisions`, or with ["auto"] every precision this backend has here: the exported ONNX sets
-    (ONNX Runtime), the built engine sets (TensorRT, which has no fp32 set), FP32 and, on a CPU with
-    BF16 units, BF16 (torch autocast; OpenVINO on the FP32 set, plus an exported int8 set)."""
+    """`precisions`, or with ["auto"] every precision this backend has here (the registry's
+    `runnable_precisions`: exported ONNX sets, built engine sets, bf16 on CPUs with BF16 units)."""
     from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.runtime.backends import runnable_precisions
 
     if list(precisions) != ["auto"]:
         return list(precisions)
-    bf16 = ["bf16"] if cpu_features().native_bf16 else []
-    if backend == "torch":
-        return ["fp32", *bf16]
-    if backend == "openvino":
-        return ["fp32", *bf16, *(["int8"] if (run.onnx_dir / "int8").is_dir() else [])]
-    if backend == "tensorrt":
-        names = [p.name for p in run.engines_dir.glob("*") if (p / "manifest.json").is_file()] \
-            if run.engines_dir.is_dir() else []
-        found = [p for p in PRECISIONS if p != "fp32"
-                 and any(n.endswith(f"-{p}") if p != "fp16" else not n.endswith(("-int8", "-fp8")) for n in names)]
-        return found or ["fp16"]
-    return [p for p in PRECISIONS if (run.onnx_dir / p).is_dir()] or ["fp32"]
+    return runnable_precisions(RunDir.of(run), backend, cpu_features())
 
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
@@ -441,12 +426,12 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     """Measure every backend x precision of `run_dir` at `batches`; `threads`: CPU threads of each
     backend (None: its default)."""
     from mmgen_deploy.errors import MMGenError, UsageError
-    from mmgen_deploy.runtime import BACKENDS, open_runner
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.runtime.backends import BACKEND_NAMES
 
-    concrete = [b for b in BACKENDS if b != "auto"]
-    unknown = [b for b in backends if b not in concrete]
+    unknown = [b for b in backends if b not in BACKEND_NAMES]
     if unknown:
-        raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(concrete)}")
+        raise UsageError(f"unknown backend {unknown[0]!r} for bench", f"choose from {', '.join(BACKEND_NAMES)}")
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     config = run.load_config()

@@ -27,13 +27,10 @@ if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.rundir import RunDir
 
-BACKENDS: tuple[str, ...] = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
-
-
 @runtime_checkable
 class Runner(Protocol):
-    """Runs deployable components. `backend` is e.g. "torch", "onnxruntime", "openvino", "tensorrt";
-    `precision` one of `specs.RUN_PRECISIONS`; `device` e.g. "cpu", "cuda", "cuda:0"."""
+    """Runs deployable components. `backend` is a `runtime.backends.REGISTRY` name, `precision` one of
+    that backend's precisions, `device` e.g. "cpu", "cuda:0", "gpu.1"."""
 
     @property
     def backend(self) -> str: ...
@@ -87,7 +84,9 @@ def missing_graph_hint(run_root: object, component: str) -> str:
 
 
 class BaseRunner(ABC):
-    """A backend: subclass it, set the class attributes, implement `_open`, `_run` and `close`.
+    """A backend: subclass it, implement `_open`, `_run` and `close`, and name the class in its
+    `runtime.backends.REGISTRY` entry, from which it takes `backend`, `precisions`, `precision_hint`
+    and `default_device` (one owner: the registry).
 
     Every backend is opened the same way, `Backend.from_run_dir(run, precision, device, **options)`;
     options a backend does not take are ignored, so one call can carry `threads=` and
@@ -98,6 +97,15 @@ class BaseRunner(ABC):
     precisions: ClassVar[tuple[str, ...]]  # what this backend runs; the first is its default
     precision_hint: ClassVar[str] = ""  # how to fix a precision it does not run
     default_device: ClassVar[str] = "cpu"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        from mmgen_deploy.runtime.backends import spec_of_runner
+
+        spec = spec_of_runner(f"{cls.__module__}:{cls.__qualname__}")
+        if spec is not None:
+            cls.backend, cls.precisions, cls.default_device = spec.name, spec.precisions, spec.default_device
+            cls.precision_hint = spec.precision_hint
 
     def __init__(self, config: ModelConfig, precision: str, device: str) -> None:
         self.check_precision(precision)

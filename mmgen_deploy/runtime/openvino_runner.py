@@ -44,18 +44,14 @@ import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.runtime.backends import backend_spec
 from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
-from mmgen_deploy.specs import RUN_PRECISIONS, RUNTIME_PRECISIONS, ComponentSpec
+from mmgen_deploy.specs import ComponentSpec
 
-# precision -> OpenVINO's INFERENCE_PRECISION_HINT. The graph is the FP32 set for fp32 and the
-# runtime precisions (bf16; fp16 too: OpenVINO lowers it itself, on GPUs and NPUs), else the set of
-# that name (a quantized Q/DQ int8 set: OpenVINO runs its quantized ops in INT8, the rest in f32).
+# precision -> OpenVINO's INFERENCE_PRECISION_HINT, for every precision the registry gives OpenVINO.
+# The graph is the set the registry's `reads` names: the FP32 set for fp32, bf16 and fp16 (OpenVINO
+# lowers it itself), the quantized Q/DQ set for int8 (its quantized ops run in INT8, the rest in f32).
 HINTS: dict[str, str] = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}
-
-
-def onnx_set_of(precision: str) -> str:
-    """The exported ONNX set OpenVINO reads for `precision`."""
-    return "fp32" if precision == "fp16" else RUNTIME_PRECISIONS.get(precision, precision)
 
 
 BATCH_MODES = ("static", "dynamic")
@@ -239,10 +235,6 @@ class OpenVinoRunner(BaseRunner):
     import instead of compiling (default `default_cache_dir()`; "" turns it off).
     """
 
-    backend = "openvino"
-    precisions = tuple(p for p in RUN_PRECISIONS if p in HINTS)
-    precision_hint = "use --precision bf16 (CPUs with AMX / AVX-512 BF16) or fp32"
-
     def __init__(self, run_dir: str | os.PathLike[str] | RunDir, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, streams: int | None = None, batch_mode: str = "static",
                  cache_dir: str | os.PathLike[str] | None = None) -> None:
@@ -268,7 +260,7 @@ class OpenVinoRunner(BaseRunner):
                                     "use --device cpu, or install the device's OpenVINO driver")
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         super().__init__(self.run_dir.load_config(), precision, self.ov_device.lower())
-        onnx_set, self.hint = onnx_set_of(precision), HINTS[precision]
+        onnx_set, self.hint = backend_spec(self.backend).reads[precision], HINTS[precision]
         self._check_hint_supported()
         self.directory: Path = self.run_dir.onnx_dir / onnx_set
         if not self.directory.is_dir():

@@ -16,7 +16,7 @@ import numpy as np
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
-from mmgen_deploy.specs import PRECISIONS, ComponentSpec
+from mmgen_deploy.specs import ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
@@ -73,10 +73,6 @@ class OrtRunner(BaseRunner):
     "cuda" uses the CUDA provider when onnxruntime-gpu and a GPU are present.
     Sessions are created on first use of each component.
     """
-
-    backend = "onnxruntime"
-    precisions = PRECISIONS
-    precision_hint = "for BF16 use --backend openvino --precision bf16 (or --backend torch --precision bf16)"
 
     def __init__(self, run_dir: RunLike, precision: str = "fp32", *, device: str = "cpu",
                  threads: int | None = None, providers: list[str] | None = None) -> None:

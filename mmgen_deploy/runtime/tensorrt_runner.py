@@ -60,11 +60,6 @@ class _Engine:
 class TensorRTRunner(BaseRunner):
     """Runs components on their TensorRT / TensorRT-RTX engines; numpy in, numpy out (plus a torch fast path)."""
 
-    backend = "tensorrt"
-    precisions = ("fp16", "int8", "fp8")  # the sets engines are built from (resolve_backend agrees)
-    precision_hint = "TensorRT engines are built from the fp16, int8 or fp8 ONNX set: use one of those precisions"
-    default_device = "cuda"
-
     def __init__(self, run: RunDir, flavour: Flavour, engine_set: EngineSet, *, precision: str = "fp16",
                  cuda_graph: bool = False, share_memory: bool = True, device_index: int = 0,
                  verbose: bool = False) -> None:

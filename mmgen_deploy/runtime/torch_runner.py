@@ -26,10 +26,6 @@ class TorchRunner(BaseRunner):
     `from_run_dir(run, precision, device, threads=...)`.
     """
 
-    backend = "torch"
-    precisions = ("fp32", "bf16")
-    precision_hint = "for FP16 use --backend onnxruntime --precision fp16 or --backend tensorrt"
-
     def __init__(self, vq: VQModel | AutoencoderKL, dit: DiT, device: str = "cpu", *, config: ModelConfig | None = None,
                  text_encoder: TextEncoder | None = None, precision: str = "fp32") -> None:
         import torch

@@ -347,6 +347,8 @@ def _client_example(summary: dict[str, Any]) -> str:
 
 
 def repository_readme(summary: dict[str, Any]) -> str:
+    from mmgen_deploy.runtime.backends import describe_auto_order
+
     opts = summary["options"]
     return f"""# Triton model repository for an mmgen run
 
@@ -364,8 +366,8 @@ One model, `{MODEL_NAME}` (Python backend): each request row is one image.
 
 Dynamic batching merges requests arriving within {opts["max_queue_delay_us"]} us into one sampling
 batch (max {opts["max_batch_size"]} images); {opts["instances"]} instance(s) of kind
-{opts["instance_kind"]}; backend `{opts["backend"]}` (auto = TensorRT engines, else ONNX Runtime CUDA,
-else ONNX Runtime CPU), precision {opts["precision"]}.
+{opts["instance_kind"]}; backend `{opts["backend"]}` (auto = {describe_auto_order()}), precision
+{opts["precision"]}.
 
 {_layout_note(summary)}
 ## Serve on a GPU host with the official Triton container
