@@ -159,3 +159,30 @@ def test_runnable_precisions_come_from_the_registry_and_the_run(tmp_path) -> Non
     (engine_set / "manifest.json").write_text('{"format": "mmgen-engines", "format_version": 1, '
                                               '"precision": "int8"}')
     assert runnable_precisions(run, "tensorrt", AMX) == ["int8"]  # read from the manifest, not the name
+
+
+def test_a_step_that_fails_to_load_continues_the_same_walk(tmp_path) -> None:
+    """open_runner sends why a choice failed to load into the walk, which goes on from that step (no
+    second walk): the next choice keeps the earlier skips and names the failure."""
+    from mmgen_deploy.runtime.select import auto_choices
+
+    if not _openvino_installed():
+        pytest.skip("OpenVINO is not installed")
+    walk = auto_choices(_fake_exported(tmp_path, preset("B/2", image_size=256)), device="cpu", features=AMX)
+    step, first = next(walk)
+    assert (step.backend, first.precision, step.fall_through) == ("openvino", "bf16", True)
+    step, second = walk.send("graph unreadable")
+    assert (second.backend, second.precision) == ("onnxruntime", "fp32")
+    assert second.skipped[-1] == "openvino bf16: failed to load (graph unreadable)"
+    assert second.skipped[:-1] == first.skipped and first.skipped[0].startswith("tensorrt: ")
+
+
+def test_openvino_asked_without_a_precision_says_why_it_runs_what_it_runs(exported_tiny_run) -> None:
+    from mmgen_deploy.cpuinfo import cpu_features
+    from mmgen_deploy.runtime import resolve_backend
+
+    choice = resolve_backend("openvino", exported_tiny_run.root)
+    expected, why = openvino_default_precision(cpu_features(), None)
+    assert choice.precision == expected and choice.reason == f"requested; {why}"
+    assert ("AMX" in why) and choice.reason != "requested"
+    assert resolve_backend("openvino", exported_tiny_run.root, "fp32").reason == "requested"
