@@ -346,9 +346,11 @@ class RunDir:
                     self.root.rmdir()
 
     def check_entries(self) -> None:
-        """Refuse (one line) a run whose own entries (`RUN_ENTRIES`, the lock) are links, devices, FIFOs or
-        sockets: a writer would follow them out of the run (a run folder received from someone else
-        could point `reports/` at a system folder). Their contents are checked where each file is written."""
+        """Refuse (one line) a run whose own entries (`RUN_ENTRIES`) are links, devices, FIFOs or sockets:
+        a writer would follow them out of the run (a run folder received from someone else could point
+        `reports/` at a system folder). Every writer calls this: through `writing`, or directly for
+        the commands that add a report without the lock (parity, eval). The entries' contents are
+        checked where each file is written (`io_utils.atomic_path`)."""
         hint = "replace it with a real folder or file (copy the linked content in, e.g. with `cp -rL`)"
         for name in RUN_ENTRIES:
             check_write_target(self.root / name, folder=name != "run.json", label="run entry", hint=hint)

@@ -440,3 +440,18 @@ def test_triton_repository_ships_only_the_graphs_the_export_wrote(exported_tiny_
                         capsys)
     assert code == 1 and "decoder.onnx (or its external data) is not the graph" in _one_line_error(output)
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("command", [["parity", "--steps", "1", "--images", "1", "--batch-sizes", "1"],
+                                     ["eval", "--samples-per-class", "1", "--steps", "1"]])
+def test_reports_that_are_links_are_refused_before_the_work(exported_tiny_run: RunDir, tmp_path: Path,
+                                                            command: list[str],
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    run = RunDir(tmp_path / "run")
+    _copy_run(exported_tiny_run, run.root)
+    system = tmp_path / "etc"
+    system.mkdir()
+    (run.root / "reports").symlink_to(system)
+    code, output = _cli([command[0], str(run.root), *command[1:]], capsys)
+    assert code != 0 and f"run entry {run.root / 'reports'} is a symbolic link" in _one_line_error(output)
+    assert list(system.iterdir()) == []

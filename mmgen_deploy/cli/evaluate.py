@@ -52,6 +52,7 @@ def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
     from mmgen_deploy.evaluation.evaluate import evaluate_run
     from mmgen_deploy.io_utils import write_json
 
+    run.check_entries()  # the report goes into reports/: refuse a linked one before the work, not after
     with console.status("evaluating"):
         report = evaluate_run(run, settings)
     write_json(run.reports_dir / "eval.json", report)

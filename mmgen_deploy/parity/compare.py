@@ -309,6 +309,7 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
 
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
+    run.check_entries()  # the report goes into reports/: refuse a linked one before the work, not after
     parts = run.load_deployable()
     config, vq, dit = parts.config, parts.first_stage, parts.dit
     text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
