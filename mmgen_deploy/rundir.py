@@ -527,10 +527,33 @@ class RunDir:
                 raise RunDirError(f"missing weight file {path}", "restore the file, or re-train / re-import the run")
             safetensors_shapes(path)
 
-    def _build_loaded(self, part: str, build: Callable[[], torch.nn.Module], *, skip_init: bool = True) -> Any:
-        """`build()` with the part's weights loaded, after checking, from the file's header alone, that the
-        config makes tensors of the shapes the file holds: a wrong or hostile config.json is refused before
-        it can allocate anything (a model is first built on the meta device, which holds no memory)."""
+    def check_weights_match_config(self, config: ModelConfig | None = None) -> None:
+        """Refuse, from the weight files' headers alone, a config.json that makes tensors of other shapes
+        than its weights hold (what a command that allocates by the config calls before it does)."""
+        config = config or self.load_config()
+        for part in self.model_parts(config):
+            self._check_fits(part, self._builder(part, config))
+
+    @staticmethod
+    def _builder(part: str, config: ModelConfig) -> Callable[[], torch.nn.Module]:
+        """The (untrained) model of a weight-holding part, as its config makes it."""
+        from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
+        from mmgen_deploy.models.dit import DiT
+        from mmgen_deploy.models.text_encoder import TextEncoder
+        from mmgen_deploy.models.vqvae import VQModel
+
+        stage, text = config.first_stage, config.text
+        builders: dict[str, Callable[[], torch.nn.Module]] = {
+            "vqvae": lambda: VQModel(stage),  # type: ignore[arg-type]
+            FIRST_STAGE_PARTS["kl"]: lambda: AutoencoderKL(stage),  # type: ignore[arg-type]
+            "dit": lambda: DiT(config.dit),
+            TEXT_PART: lambda: TextEncoder(text),  # type: ignore[arg-type]
+        }
+        return builders[part]
+
+    def _check_fits(self, part: str, build: Callable[[], torch.nn.Module]) -> None:
+        """The part's weight file against the shapes its config makes: read from the file's safetensors
+        header and from the model built on the meta device, which holds no memory."""
         import torch
 
         from mmgen_deploy.models.fast_init import skip_weight_init
@@ -552,6 +575,13 @@ class RunDir:
         if problems:
             raise RunDirError(f"{path} does not match its config.json: {'; '.join(problems)}",
                               "restore the config.json that came with these weights, or weights made for this config")
+
+    def _build_loaded(self, part: str, build: Callable[[], torch.nn.Module], *, skip_init: bool = True) -> Any:
+        """`build()` with the part's weights loaded, after `_check_fits`: a wrong or hostile config.json is
+        refused before it can allocate anything."""
+        from mmgen_deploy.models.fast_init import skip_weight_init
+
+        self._check_fits(part, build)
         if skip_init:
             with skip_weight_init():  # every parameter is loaded next
                 model = build()

@@ -211,7 +211,11 @@ def test_config_sizes_are_checked_against_the_weight_shapes_before_building(tmp_
     with pytest.raises(RunDirError, match=r"does not match its config.json: pos_embed is \[1, 16, 128\] in the "
                                           r"file, the config makes it \[1, 16, 16384\]"):
         run.load_dit()
-    assert not built_for_real
+    from mmgen_deploy.export import export_run
+
+    with pytest.raises(RunDirError, match=r"does not match its config\.json: pos_embed"):
+        export_run(run, precisions=("fp32",))  # before its memory estimate, which trusts the config's sizes
+    assert not built_for_real and not run.onnx_dir.exists()
     _edit_config(run, "dit", hidden_size=128, depth=5, num_heads=4)
     with pytest.raises(RunDirError, match=r"missing blocks\.4"):
         run.load_dit()

@@ -425,6 +425,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     config = run.load_config()
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
                                                     component_names(config))
+    run.check_weights_match_config(config)  # the estimate below trusts the config's sizes
     _check_memory_for_models(config, chosen)
     if progress is not None:
         progress("loading the PyTorch models", 0, 0)
