@@ -254,7 +254,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from mmgen_deploy.cli.generate import CLI_NAMES, read_prompts_file, warn_about_prompts
         from mmgen_deploy.io_utils import atomic_dir, write_json
-        from mmgen_deploy.sampling.generate import check_output_dir
+        from mmgen_deploy.sampling.generate import check_image_count, check_output_dir
         from mmgen_deploy.sampling.loop import check_sampling_numbers
         from mmgen_deploy.sampling.requests import expand_conditions
         from mmgen_deploy.serve.client import GenerateClient
@@ -271,6 +271,7 @@ def register(app: typer.Typer) -> None:
         try:
             served = remote.model()
             class_ids, prompt_rows = expand_conditions(served.config, classes, all_prompts, n)
+            check_image_count(class_ids, prompt_rows, n, "--n")
             settings = (steps or served.default_steps,
                         served.default_cfg_scale if cfg_scale is None else cfg_scale,
                         sampler or served.default_sampler)

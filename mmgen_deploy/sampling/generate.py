@@ -67,6 +67,17 @@ class Generated:
     conditioning: Conditioning
 
 
+def check_image_count(class_ids: Sequence[int] | None, prompts: Sequence[str] | None, n: int,
+                      n_name: str = "n") -> None:
+    """Refuse more images than one generate (or client) holds in memory: --n times the conditions."""
+    count = len(class_ids or prompts or ())
+    if count > SAMPLING.max_generate_images:
+        raise UsageError(f"{count} images ({n_name} {n} for each of {count // n} "
+                         f"{'prompts' if prompts else 'classes'}) is more than one generate makes "
+                         f"({SAMPLING.max_generate_images})",
+                         f"lower {n_name}, or use `mmgen batch` (it writes images as they are made)")
+
+
 def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
     """Replace only folders that `generate` (or `client`, which writes the same) wrote; never swallow
     someone's other files, and never a link, a device or anything else that is not a folder."""
@@ -109,12 +120,7 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
     run = RunDir.of(run_dir)
     config = run.load_config()
     class_ids, prompt_rows = expand_conditions(config, request.classes, request.prompts, request.n)
-    count = len(class_ids or prompt_rows or ())
-    if count > SAMPLING.max_generate_images:
-        raise UsageError(f"{count} images ({names.get('n', 'n')} {request.n} for each of {count // request.n} "
-                         f"{'prompts' if prompt_rows else 'classes'}) is more than one generate makes "
-                         f"({SAMPLING.max_generate_images})",
-                         f"lower {names.get('n', 'n')}, or use `mmgen batch` (it writes images as they are made)")
+    check_image_count(class_ids, prompt_rows, request.n, names.get("n", "n"))
     per_image: list[int] = class_ids or []
     per_prompt: list[str] = prompt_rows or []
     tokenizer = run.load_tokenizer() if config.uses_text else None
