@@ -277,3 +277,15 @@ def test_recipe_sets_dit_batch_and_lr_unless_overridden() -> None:
     # Text runs of the tiny preset train their text encoder at a sixth of the DiT's rate.
     assert _dit_settings(recipe_for("tiny", text=True), None, None, None, 0).text_lr_scale == pytest.approx(1 / 6)
     assert tiny.text_lr_scale == other.text_lr_scale == 1.0
+
+
+@pytest.mark.parametrize("argv", [["train", "vqvae"], ["train", "dit"], ["train", "all"], ["quickstart"]],
+                         ids=" ".join)
+@pytest.mark.parametrize("seed", ["-1", str(2**63)])
+def test_a_seed_out_of_range_is_refused_before_any_training(argv: list[str], seed: str, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--out", str(tmp_path / "run"), "--seed", seed])
+    text = capsys.readouterr().err
+    assert info.value.code == 2 and f"--seed must be an integer in 0..9223372036854775807 (2^63 - 1), got {seed}" \
+        in text and "Traceback" not in text, text
+    assert not (tmp_path / "run").exists()

@@ -67,6 +67,13 @@ def _text_options(text: bool, conditioning: str, holdout_fraction: float | None)
     return TextOptions(conditioning=conditioning, holdout_fraction=fraction)
 
 
+def _check_seed(seed: int) -> None:
+    """The training seed in the range every seed is held to (it also seeds NumPy and the data)."""
+    from mmgen_deploy.sampling.loop import check_seed
+
+    check_seed(seed, "--seed")
+
+
 def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
              overwrite: bool, resume: bool, text: TextOptions | None = None) -> tuple[Any, Any, Any]:
     """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model.
@@ -78,6 +85,7 @@ def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int,
     from mmgen_deploy.data import DataSpec
     from mmgen_deploy.training import prepare_run
 
+    _check_seed(seed)
     spec = DataSpec.parse(data, image_size=image_size, seed=seed)
     if num_train is not None:
         if spec.name != "shapes":
@@ -104,6 +112,7 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
                  gan: bool) -> Any:
     from mmgen_deploy.training.vqvae import VQTrainSettings
 
+    _check_seed(seed)
     _positive("number of VQ-VAE steps", steps)
     _positive("VQ-VAE batch size", batch_size)
     defaults = VQTrainSettings()
@@ -115,6 +124,7 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
 def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int) -> Any:
     from mmgen_deploy.training.dit import DiTTrainSettings
 
+    _check_seed(seed)
     _positive("number of DiT steps", steps)
     _positive("DiT batch size", batch_size)
     defaults = DiTTrainSettings()
