@@ -166,3 +166,21 @@ def test_quickstart_stage_generates_a_grid(exported_tiny_run, capsys) -> None:
     sidecar = json.loads((exported_tiny_run.samples_dir / "onnxruntime-fp32" / "samples.json").read_text())
     assert sidecar["backend"]["backend"] == "onnxruntime"
     assert len(list((exported_tiny_run.samples_dir / "onnxruntime-fp32").glob("0*.png"))) == 36  # 18 classes x 2
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["eval", "--cfg-scale", "1e30"], "--cfg-scale must be in 0..50"),
+    (["eval", "--seed", "-1"], "--seed must be an integer in 0.."),
+    (["eval", "--samples-per-class", "100000"], "--samples-per-class must be at most 2048"),
+    (["parity", "--cfg-scale", "nan"], "--cfg-scale must be in 0..50"),
+    (["parity", "--seed", "-1"], "--seed must be an integer in 0.."),
+    (["parity", "--images", "1000000"], "--images must be in 1..2048"),
+    (["parity", "--batch-sizes", "1,100000"], "--batch-sizes values must be in 1..1024"),
+    (["bench", "--cfg-scale", "1e30"], "--cfg-scale must be in 0..50"),
+])
+def test_every_sampling_command_holds_its_numbers_to_the_same_bounds(tmp_path, capsys, argv: list[str],
+                                                                     message: str) -> None:
+    # The run directory does not exist: the numbers are checked before anything is read.
+    code, _, stderr = _cli([argv[0], str(tmp_path / "no-such-run"), *argv[1:]], capsys)
+    assert code == 2 and message in stderr and "Traceback" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
