@@ -17,6 +17,7 @@ from mmgen_deploy.config import preset
 from mmgen_deploy.export import export_run, onnx_path
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
 from mmgen_deploy.rundir import save_run
+from mmgen_deploy.specs import DEFAULT_REL_L2
 
 pytestmark = pytest.mark.slow
 
@@ -41,7 +42,7 @@ def trained_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("parity") / "run"
     with pytest.raises(SystemExit) as info:
         main(["train", "all", "--out", str(root), "--vq-steps", "60", "--dit-steps", "120",
-              "--num-train", "512"])
+              "--num-train", "512", "--threads", "1"])
     assert info.value.code in (0, None)
     export_run(root, precisions=("fp32", "fp16"))
     return root
@@ -52,10 +53,10 @@ def _copy_run(src, dst):
     return dst
 
 
-def _perturb_initializer(path, component_hint: str, fn) -> str:
-    """Apply `fn` to the largest float initializer of an ONNX file; return its name."""
+def _perturb_initializer(path, component_hint: str, fn, data_type: int = onnx.TensorProto.FLOAT) -> str:
+    """Apply `fn` to the largest initializer of `data_type` in an ONNX file; return its name."""
     model = onnx.load(str(path))
-    init = max((i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT),
+    init = max((i for i in model.graph.initializer if i.data_type == data_type),
                key=lambda i: int(np.prod(i.dims)))
     array = numpy_helper.to_array(init).copy()
     init.CopyFrom(numpy_helper.from_array(fn(array), init.name))
@@ -92,6 +93,54 @@ def test_parity_fails_when_one_weight_is_perturbed(trained_run, tmp_path, capsys
     failed = {c["group"] for c in report["checks"] if not c["passed"]}
     assert failed == {"denoiser"}
     assert "FAILED" in report["verdict"] and "denoiser" in report["verdict"]
+
+
+def test_parity_fails_when_one_fp16_weight_is_perturbed(trained_run, tmp_path, capsys) -> None:
+    """The FP16 set is judged on its own (looser) tolerances, and those still catch a wrong graph:
+    one FP16 weight matrix of the denoiser 10 % too large."""
+    run = _copy_run(trained_run, tmp_path / "run")
+    _perturb_initializer(onnx_path(run, "fp16", "denoiser"), "denoiser", lambda a: a * np.float16(1.1),
+                         data_type=onnx.TensorProto.FLOAT16)
+    fp16_components = ["parity", "--precision", "fp16", "--components-only", "--batch-sizes", "2"]
+    code, report = _cli_json([*fp16_components, str(run)], capsys)
+    assert code == 1 and not report["passed"]
+    failed = [c for c in report["checks"] if not c["passed"]]
+    assert {c["group"] for c in failed} == {"denoiser"}
+    assert all(c["threshold"] == DEFAULT_REL_L2["fp16"] for c in failed)  # judged as FP16, not as FP32
+    # The unperturbed FP16 set passes the same checks (the failure is the weight, not the tolerance).
+    code, report = _cli_json([*fp16_components, str(trained_run)], capsys)
+    assert code == 0 and report["passed"], report["verdict"]
+
+
+def test_int8_parity_fails_on_a_wrong_scale_inside_a_dit_block(trained_run, tmp_path) -> None:
+    """A trained DiT's INT8 denoiser whose attention projection in block 1 is dequantized with twice the
+    scale it was quantized with: its output moves by about as much as INT8's own error, so the
+    comparisons cannot tell (docs/design/int8-block-scale.md); the graph check must."""
+    from mmgen_deploy.export.quantize import QuantSettings
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    run = _copy_run(trained_run, tmp_path / "run")
+    export_run(run, precisions=("int8",), components=("denoiser",),
+               quantization=QuantSettings(calibration_size=32, timesteps=4, images=18, batch=16))
+    options = ParityOptions(backend="onnxruntime", precision="int8", batches=(2,), end_to_end=False,
+                            components=("denoiser",))
+    honest = run_parity(run, options)
+    assert honest.passed, honest.verdict()
+    graph_check = next(c for c in honest.checks if c.name.startswith("dequantize scales"))
+    assert graph_check.group == "denoiser" and graph_check.value == 0
+    path = onnx_path(run, "int8", "denoiser")
+    model = onnx.load(str(path))
+    inits = {i.name: i for i in model.graph.initializer}
+    matmul = next(n for n in model.graph.node if n.name == "/dit/blocks.1/attn/proj/MatMul")
+    node = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and matmul.input[1] in n.output)
+    scale = numpy_helper.to_array(inits[node.input[1]])
+    model.graph.initializer.append(numpy_helper.from_array((scale * 2).astype(scale.dtype), node.input[1] + "_wrong"))
+    node.input[1] += "_wrong"  # this DQ only: its QuantizeLinear keeps the calibrated scale
+    onnx.save(model, str(path))
+    report = run_parity(run, options)
+    assert not report.passed
+    graph_check = next(c for c in report.checks if c.name.startswith("dequantize scales"))
+    assert not graph_check.passed and graph_check.details["mismatched"] == [node.name]
 
 
 def test_parity_fails_when_decoder_comes_from_another_model(trained_run, tmp_path, capsys) -> None:

@@ -177,7 +177,8 @@ def test_a_wrong_scale_fails_parity(quantized_run, tmp_path) -> None:
     """Dequantize one weight of the INT8 denoiser with twice its scale (a calibration / export bug that
     leaves a valid graph): parity must fail on the denoiser. (The patch embedding: in a re-randomised
     DiT the blocks' contributions are small, so a wrong scale inside one block moves the output by
-    only ~1-3%, within the INT8 tolerance; this one moves it by ~30%.)"""
+    only ~1-3%, within the INT8 tolerance; this one moves it by ~30%. A wrong scale inside a block is
+    the graph check's: test_parity.py.)"""
     import shutil
 
     from mmgen_deploy.parity.compare import ParityOptions, run_parity
@@ -202,6 +203,8 @@ def test_a_wrong_scale_fails_parity(quantized_run, tmp_path) -> None:
                                               end_to_end=False, components=("denoiser",)))
     assert not report.passed
     assert any(not c.passed and c.group == "denoiser" for c in report.checks)
+    graph_check = next(c for c in report.checks if c.name.startswith("dequantize scales"))
+    assert not graph_check.passed and graph_check.details["mismatched"] == [node.name]
 
 
 @pytest.mark.tensorrt

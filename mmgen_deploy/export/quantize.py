@@ -307,6 +307,50 @@ def qdq_summary(model: onnx.ModelProto) -> dict[str, Any]:
             "quantized_types": q_types}
 
 
+def mismatched_dequantize_scales(path: Path) -> list[str]:
+    """The DequantizeLinear nodes of an ONNX file that undo a QuantizeLinear with another scale or zero
+    point than it used. A Q/DQ pair rounds one tensor (a weight, an activation) to 8 bits and back, so
+    both halves must use one scale: a DQ with twice the scale doubles that tensor and leaves a valid
+    graph. Numerical parity misses such a scale inside a trained DiT's block at the 8-bit tolerances
+    (docs/design/int8-block-scale.md); this reads only the graph and its small constants."""
+    model = onnx.load(str(path), load_external_data=False)
+    constants: dict[str, onnx.TensorProto] = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t
+    produced_by = {out: node for node in model.graph.node for out in node.output}
+
+    def value(name: str) -> np.ndarray | None:
+        tensor = constants.get(name) if name else None
+        if tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            return None
+        return onnx.numpy_helper.to_array(tensor)
+
+    mismatched = []
+    for node in model.graph.node:
+        quantize = produced_by.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if quantize is None or quantize.op_type != "QuantizeLinear":
+            continue
+        for slot in (1, 2):  # scale, zero point (absent: zero)
+            ours = node.input[slot] if len(node.input) > slot else ""
+            theirs = quantize.input[slot] if len(quantize.input) > slot else ""
+            if ours == theirs:
+                continue
+            a, b = value(ours), value(theirs)
+            if (ours and a is None) or (theirs and b is None):
+                continue  # not a constant here (stored externally): nothing to compare
+            first = np.zeros(1) if a is None else a.astype(np.float64)
+            second = np.zeros(1) if b is None else b.astype(np.float64)
+            try:
+                same = bool(np.all(first == second))  # broadcast: a scalar against a per-channel value
+            except ValueError:
+                same = False
+            if not same:
+                mismatched.append(node.name or node.output[0])
+                break
+    return mismatched
+
+
 def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mode: str,
                        calibration: dict[str, np.ndarray], settings: QuantSettings, *,
                        batch_limit: int | None = None) -> dict[str, Any]:
