@@ -122,6 +122,9 @@ def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, ca
     # --threads as generate takes it: >= 1, or left out for the backend's default (the repository's 0).
     code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--threads", "0"], capsys)
     assert code == 2 and "--threads must be >= 1" in text and not (tmp_path / "r").exists()
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--max-batch", "1000000000"],
+                      capsys)
+    assert code == 2 and "--max-batch must be in 1..1024" in text and not (tmp_path / "r").exists()
     # A second write replaces an old repository atomically.
     code, _ = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r")], capsys)
     assert code == 0

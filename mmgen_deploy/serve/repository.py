@@ -71,7 +71,8 @@ class RepositoryOptions:
 
     def validate(self) -> None:
         checks = [
-            (self.max_batch_size >= 1, f"--max-batch must be >= 1, got {self.max_batch_size}"),
+            (1 <= self.max_batch_size <= SAMPLING.max_batch_size,
+             f"--max-batch must be in 1..{SAMPLING.max_batch_size}, got {self.max_batch_size}"),
             (self.instances >= 1, f"--instances must be >= 1, got {self.instances}"),
             (self.instance_kind in INSTANCE_KINDS,
              f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}"),
