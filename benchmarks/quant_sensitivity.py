@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from mmgen_deploy.models.load import load_models, load_text_encoder
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,8 +54,8 @@ def main() -> None:
 
     torch.set_num_threads(1)
     run = RunDir(args.run_dir)
-    config, vq, dit = run.load_models()
-    text_encoder = run.load_text_encoder(config) if config.uses_text else None
+    config, vq, dit = load_models(run)
+    text_encoder = load_text_encoder(run, config) if config.uses_text else None
     tokenizer = run.load_tokenizer() if config.uses_text else None
     modules = build_components(vq.eval(), dit.eval(), None if text_encoder is None else text_encoder.eval())
     specs = component_specs(config)

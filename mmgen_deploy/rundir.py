@@ -14,12 +14,14 @@
       onnx/manifest.json          the export manifest
       onnx/<precision>/<component>.onnx
       engines/<runtime>-<version>-<target>/   one engine set (plans + manifest.json)
-      samples/  reports/
+      samples/
+      reports/<kind>[-<what>][-<settings>].json   eval, parity and training reports (`report_path`)
       .mmgen.lock                 held (flock) by the command writing into the run, if any
 
 Everything that reads a run directory goes through `RunDir`, which owns this layout (no other
 module joins these names) and refuses missing or corrupt pieces with a message naming the file
-and how to fix it. `load_deployable()` is the one loader of what a deployment derives from.
+and how to fix it. It reads and writes the weight files; building the models they fill is
+`mmgen_deploy.models.load`'s.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -56,10 +58,6 @@ if TYPE_CHECKING:
     # (what the ONNX Runtime / TensorRT backends need) must work on a machine without torch.
     import torch
 
-    from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
-    from mmgen_deploy.models.dit import DiT
-    from mmgen_deploy.models.text_encoder import TextEncoder
-    from mmgen_deploy.models.vqvae import VQModel
     from mmgen_deploy.text.tokenizer import WordTokenizer
 
 RUN_FORMAT = "mmgen-run"
@@ -123,6 +121,24 @@ def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9.+_-]")
+
+
+def _setting_word(key: str, value: object) -> str:
+    """One setting as a word of a report's file name (see `RunDir.report_path`)."""
+    if isinstance(value, bool):
+        return key if value else f"no-{key}"
+    if isinstance(value, int | float):
+        return f"{key}{value:g}"
+    if isinstance(value, str) and len(value) <= 24:
+        return value
+    if (isinstance(value, list | tuple) and value and len(value) <= 8
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)):
+        return key + "+".join(f"{v:g}" for v in value)
+    text = json.dumps(value, sort_keys=True, default=str)
+    return f"{key}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+
 def first_stage_part(config: ModelConfig) -> str:
     """The run-directory part of the model's first stage: vqvae/ or vae/."""
     return FIRST_STAGE_PARTS[config.first_stage_kind]
@@ -135,17 +151,6 @@ def _checked_precision(precision: str) -> str:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return precision
 
-
-@dataclass
-class DeployableModels:
-    """What every deployed artifact derives from: the config and the inference weights
-    (plus, for a text-to-image model, its text encoder and tokenizer)."""
-
-    config: ModelConfig
-    first_stage: VQModel | AutoencoderKL  # of either kind
-    dit: DiT
-    text_encoder: TextEncoder | None = None
-    tokenizer: WordTokenizer | None = None
 
 LOCK_NAME = ".mmgen.lock"
 
@@ -271,9 +276,34 @@ class RunDir:
     def reports_dir(self) -> Path:
         return self.root / "reports"
 
+    def report_path(self, kind: str, *labels: str, **settings: object) -> Path:
+        """RUN_DIR/reports/<kind>[-<label>...][-<setting>...].json.
+
+        A report is named by what it measured (`labels`: a backend, a precision) and by the
+        `settings` it was made with that differ from its command's defaults, so a report made with
+        other settings sits beside it instead of replacing its verdict; the same settings replace it.
+        A setting reads <key><number> ("steps4", "cfg7.5"; a list of numbers "batches1+3"), its value
+        for a string ("ddpm"), <key> / no-<key> for a flag, and <key>-<8 hex digits of its sha256>
+        for anything longer (prompts, per-output tolerances)."""
+        words = [kind, *labels, *(_setting_word(key, value) for key, value in settings.items())]
+        name = "-".join(_SAFE_NAME.sub("_", word) for word in words)
+        return self.reports_dir / f"{name}.json"
+
+    def train_report_path(self, part: str) -> Path:
+        """RUN_DIR/reports/train_<part>.json: the result of training that part."""
+        return self.reports_dir / f"train_{part}.json"
+
     @property
     def checkpoints_dir(self) -> Path:
         return self.root / "checkpoints"
+
+    def checkpoint_path(self, name: str) -> Path:
+        """RUN_DIR/checkpoints/<name>.pt: training state for --resume (`vqvae`, `dit`) and caches (`dit_latents`)."""
+        return self.checkpoints_dir / f"{name}.pt"
+
+    def onnx_entry_path(self, relpath: str) -> Path:
+        """A file the export manifest lists, by its path inside RUN_DIR/onnx/."""
+        return self.onnx_dir / relpath
 
     @property
     def lock_path(self) -> Path:
@@ -527,70 +557,8 @@ class RunDir:
                 raise RunDirError(f"missing weight file {path}", "restore the file, or re-train / re-import the run")
             safetensors_shapes(path)
 
-    def check_weights_match_config(self, config: ModelConfig | None = None) -> None:
-        """Refuse, from the weight files' headers alone, a config.json that makes tensors of other shapes
-        than its weights hold (what a command that allocates by the config calls before it does)."""
-        config = config or self.load_config()
-        for part in self.model_parts(config):
-            self._check_fits(part, self._builder(part, config))
-
-    @staticmethod
-    def _builder(part: str, config: ModelConfig) -> Callable[[], torch.nn.Module]:
-        """The (untrained) model of a weight-holding part, as its config makes it."""
-        from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
-        from mmgen_deploy.models.dit import DiT
-        from mmgen_deploy.models.text_encoder import TextEncoder
-        from mmgen_deploy.models.vqvae import VQModel
-
-        stage, text = config.first_stage, config.text
-        builders: dict[str, Callable[[], torch.nn.Module]] = {
-            "vqvae": lambda: VQModel(stage),  # type: ignore[arg-type]
-            FIRST_STAGE_PARTS["kl"]: lambda: AutoencoderKL(stage),  # type: ignore[arg-type]
-            "dit": lambda: DiT(config.dit),
-            TEXT_PART: lambda: TextEncoder(text),  # type: ignore[arg-type]
-        }
-        return builders[part]
-
-    def _check_fits(self, part: str, build: Callable[[], torch.nn.Module]) -> None:
-        """The part's weight file against the shapes its config makes: read from the file's safetensors
-        header and from the model built on the meta device, which holds no memory."""
-        import torch
-
-        from mmgen_deploy.models.fast_init import skip_weight_init
-
-        path = self.weights_path(part)
-        if not path.is_file():
-            raise RunDirError(f"missing weight file {path}",
-                              f"train it (`mmgen train {'vqvae' if part == 'vqvae' else 'dit'}`) "
-                              "or restore the file")
-        stored = safetensors_shapes(path)
-        with torch.device("meta"), skip_weight_init():
-            wanted = {name: tuple(t.shape) for name, t in build().state_dict().items()}
-        wrong = [f"{name} is {list(stored[name])} in the file, the config makes it {list(shape)}"
-                 for name, shape in wanted.items() if name in stored and stored[name] != shape]
-        missing = [name for name in wanted if name not in stored]
-        unexpected = [name for name in stored if name not in wanted]
-        problems = ([wrong[0]] if wrong else []) + ([f"missing {', '.join(missing[:5])}"] if missing else []) + \
-            ([f"unexpected {', '.join(unexpected[:5])}"] if unexpected else [])
-        if problems:
-            raise RunDirError(f"{path} does not match its config.json: {'; '.join(problems)}",
-                              "restore the config.json that came with these weights, or weights made for this config")
-
-    def _build_loaded(self, part: str, build: Callable[[], torch.nn.Module], *, skip_init: bool = True) -> Any:
-        """`build()` with the part's weights loaded, after `_check_fits`: a wrong or hostile config.json is
-        refused before it can allocate anything."""
-        from mmgen_deploy.models.fast_init import skip_weight_init
-
-        self._check_fits(part, build)
-        if skip_init:
-            with skip_weight_init():  # every parameter is loaded next
-                model = build()
-        else:
-            model = build()
-        self._load_into(part, model)
-        return model
-
-    def _load_into(self, part: str, model: torch.nn.Module) -> None:
+    def load_weights_into(self, part: str, model: torch.nn.Module) -> None:
+        """Fill `model` from the part's weight file, refusing one that does not fit it."""
         state = self.load_state(part)
         try:
             result = model.load_state_dict(state, strict=False)
@@ -606,50 +574,6 @@ class RunDir:
             raise RunDirError(f"{self.weights_path(part)} does not match its config.json: "
                               + "; ".join(problems))
 
-    def load_vqvae(self, config: ModelConfig | None = None) -> VQModel:
-        from mmgen_deploy.models.vqvae import VQModel
-
-        config = config or self.load_config()
-        if not isinstance(config.first_stage, VQConfig):
-            raise RunDirError(f"{self.root} has a KL autoencoder (vae/) as its first stage, not a VQ-VAE",
-                              "VQ-only steps (train vqvae, codebook evaluation) do not apply to it")
-        stage = config.first_stage
-        model: VQModel = self._build_loaded("vqvae", lambda: VQModel(stage))
-        return model.eval()
-
-    def load_kl(self, config: ModelConfig | None = None) -> AutoencoderKL:
-        from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
-
-        config = config or self.load_config()
-        if not isinstance(config.first_stage, KLConfig):
-            raise RunDirError(f"{self.root} has a VQ-VAE as its first stage, not a KL autoencoder")
-        stage = config.first_stage
-        model: AutoencoderKL = self._build_loaded(FIRST_STAGE_PARTS["kl"], lambda: AutoencoderKL(stage))
-        return model.eval()
-
-    def load_first_stage(self, config: ModelConfig | None = None) -> VQModel | AutoencoderKL:
-        """The first stage of either kind (VQ-VAE or KL autoencoder)."""
-        config = config or self.load_config()
-        return self.load_kl(config) if config.first_stage_kind == "kl" else self.load_vqvae(config)
-
-    def load_dit(self, config: ModelConfig | None = None) -> DiT:
-        from mmgen_deploy.models.dit import DiT
-
-        dit_config = (config or self.load_config()).dit
-        model: DiT = self._build_loaded("dit", lambda: DiT(dit_config))
-        return model.eval()
-
-    def load_text_encoder(self, config: ModelConfig | None = None) -> TextEncoder:
-        from mmgen_deploy.models.text_encoder import TextEncoder
-
-        config = config or self.load_config()
-        if config.text is None:
-            raise RunDirError(f"{self.root} holds a class-conditioned model: it has no text encoder",
-                              "use class names (--class) instead of prompts")
-        text_config = config.text
-        model: TextEncoder = self._build_loaded(TEXT_PART, lambda: TextEncoder(text_config), skip_init=False)
-        return model.eval()
-
     def save_tokenizer(self, tokenizer: WordTokenizer) -> None:
         tokenizer.save(self.tokenizer_path)
 
@@ -663,20 +587,6 @@ class RunDir:
         config = config or self.load_config()
         parts = (first_stage_part(config), "dit")
         return (*parts, TEXT_PART) if config.uses_text else parts
-
-    def load_models(self) -> tuple[ModelConfig, VQModel | AutoencoderKL, DiT]:
-        """The config, the first stage (of either kind) and the DiT (see `load_deployable` for everything)."""
-        config = self.load_config()
-        return config, self.load_first_stage(config), self.load_dit(config)
-
-    def load_deployable(self) -> DeployableModels:
-        """Load (and so verify) every part a deployment derives from: config, first stage (VQ-VAE
-        or KL autoencoder), DiT and, for a text-to-image model, the text encoder and its tokenizer."""
-        config = self.load_config()
-        text = config.uses_text
-        return DeployableModels(config, self.load_first_stage(config), self.load_dit(config),
-                                self.load_text_encoder(config) if text else None,
-                                self.load_tokenizer() if text else None)
 
     def weights_sha256(self) -> str:
         """One hash over the weight files (and tokenizer): identifies the checkpoint artifacts derive from."""
@@ -695,10 +605,11 @@ class RunDir:
         return digest.hexdigest()
 
 
-def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT,
-             data: dict[str, Any] | None = None, *, text_encoder: TextEncoder | None = None,
+def save_run(root: str | os.PathLike[str], config: ModelConfig, vq: torch.nn.Module, dit: torch.nn.Module,
+             data: dict[str, Any] | None = None, *, text_encoder: torch.nn.Module | None = None,
              tokenizer: WordTokenizer | None = None) -> RunDir:
-    """Create (or refresh) a complete run directory from in-memory models."""
+    """Create (or refresh) a complete run directory from in-memory models (the first stage `vq` of either
+    kind, the DiT and, for a text-to-image model, the text encoder and tokenizer)."""
     if config.uses_text and (text_encoder is None or tokenizer is None):
         raise ValueError("a text-conditioned model needs its text encoder and tokenizer")
     run = RunDir(root)

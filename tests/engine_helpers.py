@@ -10,6 +10,7 @@ import torch
 
 from mmgen_deploy.config import preset
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
+from mmgen_deploy.models.load import load_dit, load_vqvae
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.specs import component_specs
 
@@ -28,7 +29,7 @@ def export_onnx_set(run: RunDir, precision: str = "fp16", real: bool = False) ->
         export_run(run, precisions=(precision,))
         return
     config = run.load_config()
-    components = build_components(run.load_vqvae(config), run.load_dit(config))
+    components = build_components(load_vqvae(run, config), load_dit(run, config))
     target = run.onnx_dir / precision
     target.mkdir(parents=True, exist_ok=True)
     for name, spec in component_specs(config).items():

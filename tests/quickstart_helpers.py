@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from mmgen_deploy.models.load import load_dit
+
 # Parameters of a 2-step DiT that have hardly left their zero initialisation (measured: their
 # largest entry is < 2e-4; the xavier-initialised weights are ~0.1).
 NEAR_ZERO = 1e-3
@@ -37,7 +39,7 @@ def with_meaningful_dit(train_stage: Callable[[Any], str]) -> Callable[[Any], st
 
     def stage(ctx: Any) -> str:
         where = train_stage(ctx)
-        dit = ctx.run.load_dit()
+        dit = load_dit(ctx.run)
         redrawn = rerandomize_near_zero_(dit, seed=2)
         assert any("adaLN_modulation" in n for n in redrawn), redrawn  # the layers adaLN-Zero zeroed
         ctx.run.save_weights("dit", dit.eval())
@@ -59,7 +61,9 @@ def assert_evaluated_on_the_deployed_path(run: Any, summary: dict[str, Any]) -> 
     settings `small_real_evaluation` passed; returns its generation part."""
     from mmgen_deploy.io_utils import read_json
 
-    saved = read_json(run.reports_dir / "eval.json")
+    # Named by its settings (ONNX Runtime FP32, fewer samples and steps than `mmgen eval`'s defaults).
+    (path,) = run.reports_dir.glob("eval-onnxruntime-fp32-*steps2.json")
+    saved = read_json(path)
     assert saved == summary["eval"]
     generation = saved["generation"]
     assert (generation["backend"], generation["precision"], generation["device"]) == ("onnxruntime", "fp32", "cpu")

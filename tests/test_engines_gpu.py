@@ -21,6 +21,7 @@ from mmgen_deploy.engines.flavour import installed_flavours
 from mmgen_deploy.engines.manifest import MANIFEST_NAME, TIMING_CACHE_NAME, check_engine_dir, current_gpu
 from mmgen_deploy.io_utils import read_json
 from mmgen_deploy.models import build_components
+from mmgen_deploy.models.load import load_models
 from mmgen_deploy.numerics import psnr, tensor_diff
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.specs import component_specs
@@ -87,7 +88,7 @@ def test_every_engine_matches_pytorch_within_fp16_tolerances(engine_run) -> None
     from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     runtime, run = engine_run
-    config, vq, dit = run.load_models()
+    config, vq, dit = load_models(run)
     modules = build_components(vq, dit)
     specs = component_specs(config)
     rng = np.random.default_rng(0)
@@ -143,7 +144,7 @@ def test_full_generate_loop_matches_pytorch(engine_run) -> None:
     from mmgen_deploy.runtime.tensorrt_runner import TensorRTRunner
 
     runtime, run = engine_run
-    config, vq, dit = run.load_models()
+    config, vq, dit = load_models(run)
     modules = build_components(vq, dit)
     d = config.diffusion
     betas = np.linspace(d.beta_start, d.beta_end, d.num_train_timesteps, dtype=np.float64)

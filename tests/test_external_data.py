@@ -20,6 +20,7 @@ from mmgen_deploy.cli.app import main
 from mmgen_deploy.config import preset
 from mmgen_deploy.export import export_run, onnx_path, read_manifest
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
+from mmgen_deploy.models.load import load_models
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.specs import component_specs
 
@@ -65,7 +66,7 @@ def test_forced_external_data_export_writes_graph_plus_data(external_run) -> Non
 def test_external_data_graph_runs_in_onnx_runtime_like_pytorch(external_run) -> None:
     run, _ = external_run
     config = run.load_config()
-    _, vq, dit = run.load_models()
+    _, vq, dit = load_models(run)
     module = build_components(vq, dit)["denoiser"]
     spec = component_specs(config)["denoiser"]
     feeds = spec.make_inputs(3, np.random.default_rng(7))

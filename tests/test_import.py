@@ -23,6 +23,7 @@ from mmgen_deploy.config import DiTConfig, VQConfig
 from mmgen_deploy.importers import CheckpointError, import_official_dit, import_run, official_dit_keys, read_source
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
 from mmgen_deploy.models.dit import sincos_pos_embed_2d
+from mmgen_deploy.models.load import load_models
 from mmgen_deploy.rundir import RunDir
 
 diffusers = pytest.importorskip("diffusers")
@@ -92,7 +93,7 @@ def _diffusers_pipeline(root: Path) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 @torch.no_grad()
 def _compare_with_diffusers(run: RunDir, vq: torch.nn.Module, dit: torch.nn.Module) -> dict[str, float]:
-    _, native_vq, native_dit = run.load_models()
+    _, native_vq, native_dit = load_models(run)
     comps = build_components(native_vq, native_dit)
     gen = torch.Generator().manual_seed(3)
     image = torch.rand(4, 3, 16, 16, generator=gen) * 2 - 1
@@ -299,7 +300,7 @@ def test_taming_ckpt_round_trips_and_pairs_with_official_dit(tmp_path: Path,
     code, output = _cli(["import", "--vq", str(tmp_path / "vq-f4.ckpt"), "--dit", str(tmp_path / "DiT.pt"),
                          "--class-names", str(names), "--num-heads", "12", "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
-    config, vq2, _ = RunDir(tmp_path / "run").load_models()
+    config, vq2, _ = load_models(RunDir(tmp_path / "run"))
     assert config.first_stage == TAMING_CFG  # architecture (incl. attention placement) read back from shapes
     assert config.class_names[-1] == f"thing {NUM_CLASSES - 1}"
     assert "dropped 2 loss.* tensors" in output
@@ -579,7 +580,7 @@ def test_ldm_vq_checkpoints_import_with_their_architecture(tmp_path: Path, layou
                          "--num-heads", "12", "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
     assert "dropped 2 loss.* tensors" in output
-    config, native, _ = RunDir(tmp_path / "run").load_models()
+    config, native, _ = load_models(RunDir(tmp_path / "run"))
     assert config.first_stage == cfg and config.first_stage.downsample_factor == (8 if layout == "f8" else 4)
     image = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -603,7 +604,7 @@ def test_official_xl_raw_state_dict_imports_exports_and_builds(tmp_path: Path,
                          "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
     run = RunDir(tmp_path / "run")
-    config, _, native = run.load_models()
+    config, _, native = load_models(run)
     assert config.dit == xl and config.dit.hidden_size // config.dit.num_heads == 72
     assert "16 heads (from the paper's configuration for width 1152)" in output
     x, t, y = torch.randn(2, 4, 4, 4), torch.tensor([7.0, 901.0]), torch.tensor([1, 4])

@@ -12,6 +12,7 @@ from test_import import NUM_CLASSES, OFFICIAL_CFG, REL_L2, _cli, _official_state
 
 from mmgen_deploy.importers import CheckpointError, read_source
 from mmgen_deploy.models import build_components
+from mmgen_deploy.models.load import load_models
 from mmgen_deploy.rundir import RunDir
 
 diffusers = pytest.importorskip("diffusers")
@@ -31,7 +32,7 @@ def _diffusers_kl(seed: int = 0, **options: object) -> torch.nn.Module:
 
 @torch.no_grad()
 def _kl_errors(run: RunDir, vae: torch.nn.Module) -> dict[str, float]:
-    _, kl, dit = run.load_models()
+    _, kl, dit = load_models(run)
     comps = build_components(kl, dit)
     image = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     latent = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))

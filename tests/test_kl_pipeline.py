@@ -20,6 +20,7 @@ import torch
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.io_utils import read_json
+from mmgen_deploy.models.load import load_models
 from mmgen_deploy.numerics import psnr, to_uint8
 from mmgen_deploy.rundir import RunDir
 
@@ -186,7 +187,7 @@ def test_the_scheduler_flags_matter(imported: tuple[RunDir, dict[str, Any]]) -> 
     from mmgen_deploy.sampling import sample
 
     run, parts = imported
-    config, kl, dit = run.load_models()
+    config, kl, dit = load_models(run)
     respaced = config.replace(diffusion=config.diffusion.replace(timestep_spacing="respaced", steps_offset=0,
                                                                  set_alpha_to_one=True))
     kwargs: dict[str, Any] = dict(steps=STEPS, cfg_scale=CFG, seed=SEED, batch_size=len(CLASSES))
@@ -240,7 +241,7 @@ def test_train_dit_on_an_imported_kl_autoencoder(tmp_path: Path, capsys: pytest.
                       "--batch-size", "8", "--threads", "1"], capsys)
     assert code == 0, out
     run = RunDir(tmp_path / "run")
-    config, _, _ = run.load_models()  # the trained DiT loads with its resized label table
+    config, _, _ = load_models(run)  # the trained DiT loads with its resized label table
     assert config.first_stage_kind == "kl" and config.dit.num_classes == 2 and config.class_names == ("cats", "dogs")
     assert config.dit.timestep_freq_shift == 1.0 and config.diffusion.steps_offset == 1  # architecture, schedule kept
     assert (tmp_path / "run" / "dit" / "imported.safetensors").is_file()

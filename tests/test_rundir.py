@@ -6,13 +6,14 @@ import torch
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.models import build_components
+from mmgen_deploy.models.load import load_deployable, load_dit, load_models, load_vqvae
 from mmgen_deploy.rundir import RunDir, save_run
 
 
 def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, random_models) -> None:
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
-    config2, vq2, dit2 = run.load_models()
+    config2, vq2, dit2 = load_models(run)
     assert config2 == config
     image = torch.rand(3, 3, 32, 32) * 2 - 1
     t = torch.tensor([1.0, 400.0, 999.0])
@@ -31,7 +32,7 @@ def test_round_trip_reproduces_outputs_bit_for_bit(tmp_path, random_models) -> N
 def test_missing_and_corrupt_runs_raise_clear_errors(tmp_path, random_models) -> None:
     config, vq, dit = random_models
     with pytest.raises(RunDirError, match="does not exist"):
-        RunDir(tmp_path / "nope").load_models()
+        load_models(RunDir(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(RunDirError, match="not an mmgen run directory"):
         RunDir(tmp_path / "empty").load_config()
@@ -40,14 +41,14 @@ def test_missing_and_corrupt_runs_raise_clear_errors(tmp_path, random_models) ->
         RunDir(run.run_json).load_config()
     (tmp_path / "notes.txt").write_text("")
     with pytest.raises(RunDirError, match=r"notes\.txt is a file, not a run directory \(give the run's folder, "):
-        RunDir(tmp_path / "notes.txt").load_models()
+        load_models(RunDir(tmp_path / "notes.txt"))
     weights = run.weights_path("dit")
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(RunDirError, match="corrupt weight file"):
-        run.load_dit()
+        load_dit(run)
     run.weights_path("vqvae").unlink()
     with pytest.raises(RunDirError, match="missing weight file"):
-        run.load_vqvae()
+        load_vqvae(run)
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -96,7 +97,7 @@ def test_rundir_owns_the_layout_and_one_loader(tmp_path, random_models) -> None:
     with pytest.raises(ValueError, match="precision must be one of"):
         run.onnx_path("fp64", "decoder")
     assert {p.name for p in run.root.iterdir()} <= set(RUN_ENTRIES)
-    parts = run.load_deployable()
+    parts = load_deployable(run)
     assert parts.config == config and parts.text_encoder is None and parts.tokenizer is None
     # The config is parsed once per RunDir while its files are unchanged, and re-read when one is rewritten.
     assert run.load_config() is run.load_config()
@@ -210,7 +211,7 @@ def test_config_sizes_are_checked_against_the_weight_shapes_before_building(tmp_
     _edit_config(run, "dit", hidden_size=16384, depth=256, num_heads=128)
     with pytest.raises(RunDirError, match=r"does not match its config.json: pos_embed is \[1, 16, 128\] in the "
                                           r"file, the config makes it \[1, 16, 16384\]"):
-        run.load_dit()
+        load_dit(run)
     from mmgen_deploy.export import export_run
 
     with pytest.raises(RunDirError, match=r"does not match its config\.json: pos_embed"):
@@ -218,9 +219,9 @@ def test_config_sizes_are_checked_against_the_weight_shapes_before_building(tmp_
     assert not built_for_real and not run.onnx_dir.exists()
     _edit_config(run, "dit", hidden_size=128, depth=5, num_heads=4)
     with pytest.raises(RunDirError, match=r"missing blocks\.4"):
-        run.load_dit()
+        load_dit(run)
     _edit_config(run, "dit", depth=4)
-    assert run.load_dit().config.depth == 4 and len(built_for_real) == 1
+    assert load_dit(run).config.depth == 4 and len(built_for_real) == 1
 
 
 def test_truncated_weights_are_named_as_such_before_the_export_is_blamed(exported_tiny_run, tmp_path,
@@ -235,3 +236,22 @@ def test_truncated_weights_are_named_as_such_before_the_export_is_blamed(exporte
     assert code == 1 and "corrupt weight file" in text and "truncated or damaged" in text, text
     assert "exported from other weights" not in text and "Traceback" not in text
     assert not (tmp_path / "out").exists()
+
+
+def test_reports_are_named_by_the_settings_that_differ_from_the_defaults(tmp_path) -> None:
+    from mmgen_deploy.parity.compare import ParityOptions, parity_report_path
+
+    run = RunDir(tmp_path / "run")
+    reports = run.root / "reports"
+    assert parity_report_path(run, ParityOptions()) == reports / "parity-onnxruntime-fp32.json"
+    assert parity_report_path(run, ParityOptions(backend="openvino", precision="bf16")) \
+        == reports / "parity-openvino-bf16.json"
+    quick = ParityOptions(steps=4, num_images=2, batches=(1,), cfg_scale=7.5, sampler="ddpm", end_to_end=True)
+    assert parity_report_path(run, quick).name == "parity-onnxruntime-fp32-batches1-steps4-ddpm-cfg7.5-images2.json"
+    prompts = parity_report_path(run, ParityOptions(prompts=["a red circle"], rel_l2={"model_output": 0.1}))
+    assert prompts.name.startswith("parity-onnxruntime-fp32-rel-l2-") and "-prompts-" in prompts.name
+    assert parity_report_path(run, ParityOptions(end_to_end=False)).name == "parity-onnxruntime-fp32-no-end-to-end.json"
+    assert run.report_path("quickstart") == reports / "quickstart.json"
+    assert run.report_path("x", "a/b", note="../up").parent == reports  # no path separators in names
+    assert run.train_report_path("dit") == reports / "train_dit.json"
+    assert run.checkpoint_path("vqvae") == run.root / "checkpoints" / "vqvae.pt"

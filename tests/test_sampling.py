@@ -8,6 +8,7 @@ import torch
 
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.models import DiT, rerandomize_
+from mmgen_deploy.models.load import load_dit
 from mmgen_deploy.runtime import Runner
 from mmgen_deploy.runtime.torch_runner import TorchRunner
 from mmgen_deploy.sampling import sample
@@ -264,7 +265,7 @@ def test_stale_onnx_is_refused(exported_tiny_run, tmp_path) -> None:
     weights = copy / "dit" / "model.safetensors"
     from mmgen_deploy.rundir import RunDir
 
-    dit = RunDir(copy).load_dit()
+    dit = load_dit(RunDir(copy))
     with torch.no_grad():
         dit.final_layer.linear.bias.add_(1.0)
     RunDir(copy).save_weights("dit", dit)

@@ -11,6 +11,7 @@ import torch
 from mmgen_deploy.config import DIT_CONDITIONINGS, ModelConfig, preset, with_text
 from mmgen_deploy.errors import ConfigError, RunDirError, UsageError
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components, rerandomize_
+from mmgen_deploy.models.load import load_text_encoder
 from mmgen_deploy.rundir import RunDir, save_run
 from mmgen_deploy.runtime.torch_runner import TorchRunner
 from mmgen_deploy.sampling import sample, text_conditioning
@@ -112,7 +113,7 @@ def test_text_run_directory_round_trip(tmp_path) -> None:
         save_run(tmp_path / "bad", cfg, vq, dit)
     run = save_run(tmp_path / "run", cfg, vq, dit, text_encoder=text, tokenizer=tok)
     assert run.load_config() == cfg
-    loaded = run.load_text_encoder()
+    loaded = load_text_encoder(run)
     for key, value in text.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value)
     assert run.load_tokenizer().words == tok.words
@@ -122,7 +123,7 @@ def test_text_run_directory_round_trip(tmp_path) -> None:
     assert run.weights_sha256() != digest  # artifacts made with the old vocabulary become stale
     (run.root / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(RunDirError, match="missing weight file"):
-        RunDir(run.root).load_text_encoder()
+        load_text_encoder(RunDir(run.root))
 
 
 class CountingRunner:

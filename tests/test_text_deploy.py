@@ -28,6 +28,7 @@ from mmgen_deploy.export.calibration import (
 )
 from mmgen_deploy.io_utils import sha256_file
 from mmgen_deploy.models import build_components
+from mmgen_deploy.models.load import load_models, load_text_encoder
 from mmgen_deploy.numerics import tensor_diff
 from mmgen_deploy.parity.compare import default_prompts
 from mmgen_deploy.rundir import RunDir, save_run
@@ -79,7 +80,7 @@ def test_export_writes_five_components_and_the_text_encoder_meets_the_fp32_targe
     import onnxruntime as ort
 
     config = text_run.load_config()
-    module = build_components(*text_run.load_models()[1:], text_run.load_text_encoder(config))["text_encoder"]
+    module = build_components(*load_models(text_run)[1:], load_text_encoder(text_run, config))["text_encoder"]
     tokenizer = text_run.load_tokenizer()
     captions = ["", *load_split(TEXT_DATA, "val").captions]
     session = ort.InferenceSession(str(text_run.onnx_dir / "fp32" / "text_encoder.onnx"),
@@ -94,8 +95,8 @@ def test_export_writes_five_components_and_the_text_encoder_meets_the_fp32_targe
 
 
 def test_calibration_feeds_real_captions_and_the_encoders_outputs_to_the_denoiser(text_run: RunDir) -> None:
-    config, vq, dit = text_run.load_models()
-    text_encoder = text_run.load_text_encoder(config)
+    config, vq, dit = load_models(text_run)
+    text_encoder = load_text_encoder(text_run, config)
     tokenizer = text_run.load_tokenizer()
     data = load_calibration(dataset_calibration(text_run.read_meta())[0], config)
     assert data is not None and data.captions is not None and len(data.captions) == 16

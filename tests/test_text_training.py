@@ -26,6 +26,7 @@ from mmgen_deploy.data.shapes import (
 from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.evaluation.checker import judge
 from mmgen_deploy.evaluation.evaluate import prompt_accuracy
+from mmgen_deploy.models.load import load_dit, load_text_encoder
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.training import prepare_run
 from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint, lr_at, save_checkpoint
@@ -187,7 +188,7 @@ def test_text_training_saves_tokenizer_and_text_encoder_and_trains_both(trained_
     dit_moved = moved(state["model"], initial["dit"])
     assert {"final_layer.linear.weight", "blocks.0.adaLN_modulation.1.weight"} <= set(dit_moved)
     # What was saved for inference is the EMA copy of each (moved too, not the raw last step).
-    loaded_dit, loaded_text = run.load_dit().state_dict(), run.load_text_encoder().state_dict()
+    loaded_dit, loaded_text = load_dit(run).state_dict(), load_text_encoder(run).state_dict()
     assert "final_layer.linear.weight" in moved(loaded_dit, initial["dit"])
     assert moved(loaded_text, initial["text_encoder"])
     for key, value in state["text_ema"].items():
@@ -224,7 +225,7 @@ def test_text_encoder_trains_at_its_own_fraction_of_the_rate(tmp_path, text_data
     expected = lr_at(2, base_lr=settings.lr, warmup=settings.warmup, total=settings.steps)  # the last step's rate
     assert dit_group["lr"] == pytest.approx(expected)
     assert text_group["lr"] == pytest.approx(0.25 * expected)
-    assert len(text_group["params"]) == len(list(run.load_text_encoder().parameters()))
+    assert len(text_group["params"]) == len(list(load_text_encoder(run).parameters()))
 
 
 def test_resume_refuses_an_optimizer_state_with_one_group_in_one_line(tmp_path, text_data) -> None:

@@ -14,6 +14,7 @@ from mmgen_deploy.data import DataSpec
 from mmgen_deploy.data.shapes import CLASS_NAMES, make_shapes
 from mmgen_deploy.errors import RunDirError
 from mmgen_deploy.models import VQModel
+from mmgen_deploy.models.load import load_dit, load_models, load_vqvae
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.training import prepare_run
 from mmgen_deploy.training.common import TrainingInterrupted, load_checkpoint
@@ -76,7 +77,7 @@ def test_both_stages_learn_and_write_their_outputs(tmp_path, small_data) -> None
     dit_losses, record = _losses()
     train_dit(run, train, _dit(40), callback=record, show_progress=False)
     assert np.mean(dit_losses[-5:]) < 0.8 * np.mean(dit_losses[:5])
-    config, _, dit = run.load_models()
+    config, _, dit = load_models(run)
     assert config.class_names == CLASS_NAMES
     # The saved DiT is the EMA copy, not the raw weights of the last step.
     raw = load_checkpoint(run.checkpoints_dir / "dit.pt")["model"]
@@ -102,7 +103,7 @@ def test_vq_resume_after_ctrl_c_is_exact_and_seed_determines(tmp_path, small_dat
     a = load_checkpoint(straight.checkpoints_dir / "vqvae.pt")["model"]
     b = load_checkpoint(resumed.checkpoints_dir / "vqvae.pt")["model"]
     assert _same_state(a, b)
-    assert _same_state(straight.load_vqvae().state_dict(), resumed.load_vqvae().state_dict())
+    assert _same_state(load_vqvae(straight).state_dict(), load_vqvae(resumed).state_dict())
 
     other = _new_run(tmp_path / "other", seed=0)
     train_vqvae(other, train, val, _vq(6, seed=1), show_progress=False)
@@ -131,7 +132,7 @@ def test_dit_resume_is_exact(tmp_path, small_data) -> None:
     a = load_checkpoint(straight.checkpoints_dir / "dit.pt")
     b = load_checkpoint(resumed.checkpoints_dir / "dit.pt")
     assert _same_state(a["model"], b["model"]) and _same_state(a["ema"], b["ema"])
-    assert _same_state(straight.load_dit().state_dict(), resumed.load_dit().state_dict())
+    assert _same_state(load_dit(straight).state_dict(), load_dit(resumed).state_dict())
 
 
 def test_latent_standardization_keeps_the_model_function(small_data) -> None:
@@ -171,11 +172,14 @@ def test_cli_train_all_refuses_other_models_and_evaluates(tmp_path, capsys) -> N
     assert RunDir(out).has_part("dit")  # refused without damage
     code, text = _cli(["eval", str(out), "--backend", "onnxrt", "--no-generate"], capsys)
     assert code == 2 and "unknown backend 'onnxrt'" in text and "Traceback" not in text
-    assert not (out / "reports" / "eval.json").exists()  # refused before any work
+    assert not list((out / "reports").glob("eval*"))  # refused before any work
     code, text = _cli(["eval", str(out), "--no-generate", "--json", "-"], capsys)
-    assert code == 0 and '"psnr_db"' in text and (out / "reports" / "eval.json").is_file()
-    code, text = _cli(["eval", str(out), "--samples-per-class", "1", "--steps", "2", "--json", "-"], capsys)
-    assert code == 0 and '"colour_accuracy"' in text and (out / "samples" / "eval_grid.png").is_file()
+    assert code == 0 and '"psnr_db"' in text and (out / "reports" / "eval-no-generate.json").is_file()
+    code, text = _cli(["eval", str(out), "--samples-per-class", "1", "--steps", "2"], capsys)
+    small = out / "reports" / "eval-torch-fp32-samples1-steps2.json"
+    assert code == 0 and f"report: {small}" in text and (out / "samples" / "eval_grid.png").is_file()
+    assert "colour_accuracy" in json.loads(small.read_text())["generation"]
+    assert (out / "reports" / "eval-no-generate.json").is_file()  # the other settings' report is kept
     code, text = _cli(["train", "all", *common, "--seed", "5", "--overwrite"], capsys)
     assert code == 0, text
 

@@ -195,6 +195,14 @@ def count_column() -> Any:
     return _Count()
 
 
+def positive(what: str, value: int | None) -> None:
+    """Refuse a count that must be >= 1 (None: left out, the library's default)."""
+    if value is not None and value <= 0:
+        from mmgen_deploy.errors import UsageError
+
+        raise UsageError(f"the {what} must be positive, got {value}", "pass a number >= 1")
+
+
 def split_list(values: list[str] | None) -> list[str]:
     """A repeatable option's values with comma lists split (`-c a,b -c d` = `-c a -c b -c d`), blanks dropped."""
     return [item.strip() for value in values or () for item in value.split(",") if item.strip()]

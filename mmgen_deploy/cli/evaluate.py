@@ -13,10 +13,10 @@ from mmgen_deploy.cli.common import (
     console,
     emit_json,
     json_option,
+    positive,
     sampling_seed_option,
     stdout_console,
 )
-from mmgen_deploy.cli.train import _positive
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.runtime.backends import backend_list, precision_help
 
@@ -25,18 +25,18 @@ if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
 
 
-def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                   precision: str, num_prompts: int = 200, threads: int | None = None,
-                   cache: str = SAMPLING.cache) -> Any:
+def eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
+                  precision: str, num_prompts: int = 200, threads: int | None = None,
+                  cache: str = SAMPLING.cache) -> Any:
     from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.defaults import SAMPLING
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.evaluation.evaluate import EvalSettings
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-    _positive("number of samples per class", per_class)
-    _positive("number of sampling steps", steps)
-    _positive("number of prompts", num_prompts)
+    positive("number of samples per class", per_class)
+    positive("number of sampling steps", steps)
+    positive("number of prompts", num_prompts)
     for option, value in (("--samples-per-class", per_class), ("--num-prompts", num_prompts)):
         if value > SAMPLING.max_generate_images:
             raise UsageError(f"{option} must be at most {SAMPLING.max_generate_images}, got {value}",
@@ -48,14 +48,13 @@ def _eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gene
                         threads=threads, cache=cache)
 
 
-def _run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
+def run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
+    """`evaluate_run` (which writes the report) with the summary lines `mmgen eval` and the quickstart print."""
     from mmgen_deploy.evaluation.evaluate import evaluate_run
-    from mmgen_deploy.io_utils import write_json
 
     run.check_entries()  # the report goes into reports/: refuse a linked one before the work, not after
     with console.status("evaluating"):
         report = evaluate_run(run, settings)
-    write_json(run.reports_dir / "eval.json", report)
     if "vqvae" in report:
         vq = report["vqvae"]
         console.print(f"VQ-VAE on {vq['num_images']} validation images: PSNR [bold]{vq['psnr_db']:.2f} dB[/] "
@@ -114,16 +113,21 @@ def eval_cmd(
     `shapes`, how often generated images show the requested colour and shape (judged by a checker
     that reads pixels). For a text-to-image run: --num-prompts prompts from the attribute combinations
     held out of training, and the accuracy of colour, shape, size and position separately and
-    together. Writes RUN_DIR/reports/eval.json."""
+    together. Writes RUN_DIR/reports/eval-BACKEND-PRECISION.json, with the settings that differ from the
+    defaults added to the name (eval-torch-fp32-samples2.json; eval-no-generate.json with --no-generate),
+    so a smaller evaluation never replaces a larger one."""
+    from mmgen_deploy.evaluation.evaluate import eval_report_path
     from mmgen_deploy.rundir import RunDir
 
-    report = _run_eval(RunDir(run_dir), _eval_settings(samples_per_class, steps, cfg_scale, seed, generate,
-                                                       backend, precision, num_prompts, threads, cache))
+    run = RunDir(run_dir)
+    settings = eval_settings(samples_per_class, steps, cfg_scale, seed, generate, backend, precision,
+                             num_prompts, threads, cache)
+    report = run_eval(run, settings)
     if json_out == "-":
         emit_json(report, "-")
     else:
         emit_json(report, json_out)
-        stdout_console.print(f"report: {Path(run_dir) / 'reports' / 'eval.json'}")
+        stdout_console.print(f"report: {eval_report_path(run, settings)}")
 
 
 def register(app: typer.Typer) -> None:

@@ -24,9 +24,10 @@ def register(app: typer.Typer) -> None:
 
         run = RunDir(run_dir)
         from mmgen_deploy.config import VQConfig
+        from mmgen_deploy.models.load import load_deployable
         from mmgen_deploy.rundir import first_stage_part
 
-        parts = run.load_deployable()
+        parts = load_deployable(run)
         config, vq, dit = parts.config, parts.first_stage, parts.dit
         stage_part = first_stage_part(config)
         report: dict[str, Any] = {

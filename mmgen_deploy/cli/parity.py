@@ -112,8 +112,9 @@ def register(app: typer.Typer) -> None:
         With --cache, the end-to-end check samples with that policy on both sides (the steps each side
         recomputed must agree) and the denoiser's parts are compared too.
 
-        A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json
-        (-cache-POLICY appended with --cache)."""
+        A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json, with the
+        settings that differ from the defaults added to the name (parity-onnxruntime-fp32-steps4.json,
+        -cache-POLICY with --cache), so a quick check never replaces the verdict of a full one."""
         from mmgen_deploy.cli.generate import CLI_NAMES
         from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import REGISTRY

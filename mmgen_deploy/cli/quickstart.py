@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option
-from mmgen_deploy.cli.evaluate import _eval_settings, _run_eval
+from mmgen_deploy.cli.evaluate import eval_settings, run_eval
 from mmgen_deploy.cli.train import (
     TextOptions,
     _dit_settings,
@@ -81,7 +81,7 @@ def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
     manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))  # what `mmgen export` makes
-    emit_json(manifest, str(ctx.run.reports_dir / "export.json"))
+    emit_json(manifest, str(ctx.run.report_path("export")))
     return str(ctx.run.onnx_dir)
 
 
@@ -114,7 +114,7 @@ def parity_stage(ctx: QuickstartContext) -> str:
     here when that is something else (OpenVINO BF16 on an AMX CPU for a large enough model); a failure
     fails the quickstart."""
     from mmgen_deploy.cli.parity import run_parity_report
-    from mmgen_deploy.parity.compare import ParityOptions
+    from mmgen_deploy.parity.compare import ParityOptions, parity_report_path
     from mmgen_deploy.runtime import resolve_backend
 
     verdicts = {}
@@ -124,8 +124,9 @@ def parity_stage(ctx: QuickstartContext) -> str:
         checks.append((auto.backend, auto.precision))
     for backend, precision in checks:
         label = precision if backend == QUICKSTART_BACKEND else f"{backend} {precision}"
-        report = ctx.run.reports_dir / f"parity-{backend}-{precision}.json"
-        passed = run_parity_report(ctx.run, ParityOptions(backend=backend, precision=precision)).passed
+        options = ParityOptions(backend=backend, precision=precision)
+        report = parity_report_path(ctx.run, options)
+        passed = run_parity_report(ctx.run, options).passed
         verdicts[label] = "PASSED" if passed else "FAILED"
         ctx.results.setdefault("parity", {})[label] = str(report)
     if any(v == "FAILED" for v in verdicts.values()):
@@ -148,11 +149,13 @@ QUICKSTART_EVAL = QuickstartEval()
 
 def _qs_eval_on_deployed_path(ctx: QuickstartContext) -> str:
     """Judged on the deployed path (ONNX Runtime, FP32 graphs), not on PyTorch."""
+    from mmgen_deploy.evaluation.evaluate import eval_report_path
+
     sizes = QUICKSTART_EVAL
-    report = _run_eval(ctx.run, _eval_settings(sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale, ctx.seed,
-                                               True, QUICKSTART_BACKEND, "fp32", sizes.num_prompts))
-    ctx.results["eval"] = report
-    return str(ctx.run.reports_dir / "eval.json")
+    settings = eval_settings(sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale, ctx.seed, True,
+                             QUICKSTART_BACKEND, "fp32", sizes.num_prompts)
+    ctx.results["eval"] = run_eval(ctx.run, settings)
+    return str(eval_report_path(ctx.run, settings))
 
 
 # Ordered: training, then the deployment path on the embedded default backend.
@@ -219,9 +222,9 @@ def quickstart_cmd(
             console.print(f"[green]done[/] {name} in {timings[name]:.0f} s -> {where}")
         summary = {"run_dir": str(run.root), "stage_seconds": timings,
                    "total_seconds": round(time.perf_counter() - started, 1), **ctx.results}
-        write_json(run.reports_dir / "quickstart.json", summary)
+        write_json(run.report_path("quickstart"), summary)
         console.print(f"quickstart finished in {summary['total_seconds']:.0f} s; everything is in {run.root} "
-                      f"(summary: {run.reports_dir / 'quickstart.json'})")
+                      f"(summary: {run.report_path('quickstart')})")
         emit_json(summary, json_out)
 
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option
+from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option, positive
 from mmgen_deploy.errors import UsageError
 
 if TYPE_CHECKING:
@@ -25,11 +25,6 @@ train_app = typer.Typer(
 )
 
 _OUT_HELP = "Run directory to create or continue."
-
-
-def _positive(what: str, value: int | None) -> None:
-    if value is not None and value <= 0:
-        raise UsageError(f"the {what} must be positive, got {value}", "pass a number >= 1")
 
 
 def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData)
@@ -113,8 +108,8 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
     from mmgen_deploy.training.vqvae import VQTrainSettings
 
     _check_seed(seed)
-    _positive("number of VQ-VAE steps", steps)
-    _positive("VQ-VAE batch size", batch_size)
+    positive("number of VQ-VAE steps", steps)
+    positive("VQ-VAE batch size", batch_size)
     defaults = VQTrainSettings()
     return VQTrainSettings(steps=steps or recipe.vq_steps, batch_size=batch_size or defaults.batch_size,
                            lr=lr or defaults.lr, seed=seed, gan=gan,
@@ -125,8 +120,8 @@ def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: fl
     from mmgen_deploy.training.dit import DiTTrainSettings
 
     _check_seed(seed)
-    _positive("number of DiT steps", steps)
-    _positive("DiT batch size", batch_size)
+    positive("number of DiT steps", steps)
+    positive("DiT batch size", batch_size)
     defaults = DiTTrainSettings()
     return DiTTrainSettings(steps=steps or recipe.dit_steps,
                             batch_size=batch_size or recipe.dit_batch_size or defaults.batch_size,
@@ -217,7 +212,7 @@ def train_vqvae_cmd(
         run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
                                    text_options)
         result = _stage_vq(run, train, val, settings, resume, threads)
-    console.print(f"weights: {run.weights_path('vqvae')}; report: {run.reports_dir / 'train_vqvae.json'}")
+    console.print(f"weights: {run.weights_path('vqvae')}; report: {run.train_report_path('vqvae')}")
     emit_json(result, json_out)
 
 
@@ -256,7 +251,9 @@ def train_dit_cmd(
 
         adopt_data(run, data, seed)
     meta = run.read_meta()
-    run.load_first_stage()  # fails early, with a hint, when stage 1 is missing
+    from mmgen_deploy.models.load import load_first_stage
+
+    load_first_stage(run)  # fails early, with a hint, when stage 1 is missing
     if run.load_config().uses_text:  # a text-to-image run may have its own default length
         settings = _dit_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
     if not meta.get("data") or meta["data"].get("source") == "import":
@@ -266,7 +263,7 @@ def train_dit_cmd(
     with console.status("loading data"):
         train = load_split(DataSpec.from_dict(meta["data"]), "train")
     result = _stage_dit(run, train, settings, resume, threads)
-    console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.reports_dir / 'train_dit.json'}")
+    console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.train_report_path('dit')}")
     emit_json(result, json_out)
 
 
@@ -303,7 +300,7 @@ def train_all_cmd(
 
 
 def _stage_done(run: RunDir, part: str, steps: int) -> bool:
-    report = run.reports_dir / f"train_{part}.json"
+    report = run.train_report_path(part)
     if not (run.has_part(part) and report.is_file()):
         return False
     from mmgen_deploy.io_utils import read_json
@@ -316,14 +313,14 @@ def _train_both(run: RunDir, train: Any, val: Any, vq_settings: Any, dit_setting
     from mmgen_deploy.io_utils import read_json
 
     results: dict[str, Any] = {}
-    vq_checkpoint = run.checkpoints_dir / "vqvae.pt"
+    vq_checkpoint = run.checkpoint_path("vqvae")
     if resume and _stage_done(run, "vqvae", vq_settings.steps):
         console.print("VQ-VAE already trained; skipping to the DiT")
-        results["vqvae"] = read_json(run.reports_dir / "train_vqvae.json")
+        results["vqvae"] = read_json(run.train_report_path("vqvae"))
     else:
         results["vqvae"] = _stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file(), threads)
         resume = False  # a new VQ-VAE makes any DiT checkpoint stale
-    dit_checkpoint = run.checkpoints_dir / "dit.pt"
+    dit_checkpoint = run.checkpoint_path("dit")
     results["dit"] = _stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file(), threads)
     return results
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -135,17 +136,48 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
         "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
 
 
+def eval_report_path(run: RunDir, settings: EvalSettings) -> Path:
+    """RUN_DIR/reports/eval-<backend>-<precision>[-<settings that differ from the defaults>].json, or
+    eval-no-generate.json for the first-stage metrics alone: a small evaluation never replaces the
+    result of a larger one. Only the settings that apply to the run count (samples per class for a
+    class model, the number of prompts for a text-to-image one)."""
+    from mmgen_deploy.sampling.cache import parse_cache_policy
+
+    if not settings.generate:
+        return run.report_path("eval", "no-generate")
+    defaults = EvalSettings()
+    per_model = "num_prompts" if run.load_config().uses_text else "samples_per_class"
+    words = {per_model: "prompts" if per_model == "num_prompts" else "samples", "steps": "steps",
+             "sampler": "sampler", "cfg_scale": "cfg", "seed": "seed"}
+    changed = {word: getattr(settings, key) for key, word in words.items()
+               if getattr(settings, key) != getattr(defaults, key)}
+    policy = parse_cache_policy(settings.cache).spec
+    if policy != parse_cache_policy(defaults.cache).spec:  # a policy such as fora:3 reads -cache-fora3
+        changed["cache"] = "cache-" + policy.replace(":", "")
+    return run.report_path("eval", settings.backend, settings.precision, **changed)
+
+
 def evaluate_run(run: RunDir, settings: EvalSettings, progress: Any = None) -> dict[str, Any]:
-    """Reconstruction metrics on the run's validation split and, for `shapes`, conditional accuracy."""
+    """Reconstruction metrics on the run's validation split and, for `shapes`, conditional accuracy;
+    the report is also written to `eval_report_path(run, settings)`."""
+    from mmgen_deploy.io_utils import write_json
+
+    report = _evaluate(run, settings, progress)
+    write_json(eval_report_path(run, settings), report)
+    return report
+
+
+def _evaluate(run: RunDir, settings: EvalSettings, progress: Any) -> dict[str, Any]:
     meta = run.read_meta()
     if not meta.get("data"):
         raise RunDirError(f"{run.run_json} does not describe its training data",
                           "evaluate a run made by `mmgen train` or `mmgen quickstart`")
     spec = DataSpec.from_dict(meta["data"])
     config = run.load_config()
+    from mmgen_deploy.models.load import load_first_stage
     from mmgen_deploy.rundir import first_stage_part
 
-    first_stage = run.load_first_stage(config)
+    first_stage = load_first_stage(run, config)
     val = load_split(spec, "val")
     report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(),
                               first_stage_part(config): first_stage_metrics(first_stage, val.images)}

@@ -57,6 +57,7 @@ from mmgen_deploy.export.validate import (
 )
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.models import AutoencoderKL, DiT, TextEncoder, VQModel, build_components
+from mmgen_deploy.models.load import check_weights_match_config, load_deployable
 from mmgen_deploy.rundir import RunDir, RunLike, writes_run
 from mmgen_deploy.specs import (
     ALL_COMPONENTS,
@@ -425,11 +426,11 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     config = run.load_config()
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
                                                     component_names(config))
-    run.check_weights_match_config(config)  # the estimate below trusts the config's sizes
+    check_weights_match_config(run, config)  # the estimate below trusts the config's sizes
     _check_memory_for_models(config, chosen)
     if progress is not None:
         progress("loading the PyTorch models", 0, 0)
-    parts = run.load_deployable()
+    parts = load_deployable(run)
     models = _Models(parts.first_stage, parts.dit, parts.text_encoder)
     tokenizer = parts.tokenizer
     del parts  # the models live in `models` only, so the exporter can free them
@@ -452,7 +453,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                 for component, entry in entries.items():
                     if precision in chosen_precisions and component in chosen:
                         continue
-                    source = run.onnx_dir / entry["path"]
+                    source = run.onnx_entry_path(entry["path"])
                     if _unchanged(source, entry["sha256"]):
                         onnx_files.copy_onnx(source, tmp / entry["path"], link=True)
                         files.setdefault(precision, {})[component] = entry

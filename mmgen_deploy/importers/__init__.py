@@ -204,7 +204,9 @@ def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: st
         run.initialize(config, data={"source": "import"}, extra={"imported": imported})
         run.save_weights(part_name, stage_model)
         run.save_weights("dit", dit.model)
-        run.load_deployable()  # read back through the normal path (what export etc. will see) before the rename
+        from mmgen_deploy.models.load import load_deployable
+
+        load_deployable(run)  # read back through the normal path (what export etc. will see) before the rename
     return {"run_dir": str(out), "config": config.to_dict(), "imported": imported,
             "params": {part_name: sum(p.numel() for p in stage_model.parameters()),
                        "dit": sum(p.numel() for p in dit.model.parameters() if p.requires_grad)}}

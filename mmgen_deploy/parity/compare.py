@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -183,7 +184,7 @@ def shipped_precisions(run: Any, precision: str) -> dict[str, str]:
     from mmgen_deploy.io_utils import read_json
 
     try:
-        files = read_json(run.onnx_dir / "manifest.json")["files"][precision]
+        files = read_json(run.onnx_manifest_path)["files"][precision]
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     return {name: str(entry.get("component_precision", precision)) for name, entry in files.items()
@@ -274,6 +275,33 @@ class ParityOptions:
     # Step-caching policy of the end-to-end check (both sides); any but none also compares the parts.
     cache: str = SAMPLING.cache
 
+    def settings(self) -> dict[str, Any]:
+        """What the verdict depends on besides the backend and precision (not the thread count)."""
+        return {"batches": list(self.batches), "steps": self.steps, "sampler": self.sampler,
+                "cfg_scale": self.cfg_scale, "num_images": self.num_images, "seed": self.seed,
+                "rel_l2": dict(self.rel_l2), "max_abs": dict(self.max_abs), "min_psnr": self.min_psnr,
+                "end_to_end": self.end_to_end, "allow_untrained": self.allow_untrained,
+                "components": None if self.components is None else list(self.components),
+                "prompts": None if self.prompts is None else list(self.prompts),
+                "cache": parse_cache_policy(self.cache).spec}
+
+
+# How the settings read in a report's file name (see `RunDir.report_path`).
+_NAME_WORDS = {"batches": "batches", "steps": "steps", "sampler": "sampler", "cfg_scale": "cfg",
+               "num_images": "images", "seed": "seed", "rel_l2": "rel-l2", "max_abs": "max-abs",
+               "min_psnr": "psnr", "end_to_end": "end-to-end", "allow_untrained": "allow-untrained",
+               "components": "components", "prompts": "prompts", "cache": "cache"}
+
+
+def parity_report_path(run: RunDir, options: ParityOptions) -> Path:
+    """RUN_DIR/reports/parity-<backend>-<precision>[-<settings that differ from the defaults>].json: a quick
+    check (fewer steps or images) never replaces the verdict of a check with the defaults."""
+    defaults = ParityOptions().settings()
+    changed = {_NAME_WORDS[key]: value for key, value in options.settings().items() if value != defaults[key]}
+    if "cache" in changed:  # a policy such as fora:3 reads -cache-fora3
+        changed["cache"] = "cache-" + str(changed["cache"]).replace(":", "")
+    return run.report_path("parity", options.backend, options.precision, **changed)
+
 
 def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, *, text_encoder: Any = None,
                 tokenizer: Any = None, parts: bool = False) -> dict[str, dict[str, np.ndarray]] | None:
@@ -329,7 +357,9 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     run.check_entries()  # the report goes into reports/: refuse a linked one before the work, not after
-    parts = run.load_deployable()
+    from mmgen_deploy.models.load import load_deployable
+
+    parts = load_deployable(run)
     config, vq, dit = parts.config, parts.first_stage, parts.dit
     text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
@@ -344,7 +374,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     report = ParityReport(f"parity: {options.backend} {options.precision} vs torch fp32{cached} ({run.root})")
     report.info = {"run_dir": str(run.root), "backend": options.backend, "precision": options.precision,
                    "device": getattr(backend, "device", ""), "seed": options.seed,
-                   "denoiser_output_scale": scale.to_dict(), "cache": policy.spec}
+                   "denoiser_output_scale": scale.to_dict(), "cache": policy.spec,
+                   "settings": options.settings()}
     report.notes.append(f"compared at {scale.describe()}")
     if not scale.meaningful:
         report.meaningful = False
@@ -384,6 +415,5 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
                 tokenizer=tokenizer, cache=policy.spec)
     finally:
         backend.close()
-    suffix = f"-cache-{policy.spec.replace(':', '')}" if policy.enabled else ""
-    write_json(run.reports_dir / f"parity-{options.backend}-{options.precision}{suffix}.json", report.to_dict())
+    write_json(parity_report_path(run, options), report.to_dict())
     return report

@@ -262,7 +262,7 @@ class OpenVinoRunner(BaseRunner):
         super().__init__(self.run_dir.load_config(), precision, self.ov_device.lower())
         onnx_set, self.hint = backend_spec(self.backend).reads[precision], HINTS[precision]
         self._check_hint_supported()
-        self.directory: Path = self.run_dir.onnx_dir / onnx_set
+        self.directory: Path = self.run_dir.onnx_set_dir(onnx_set)
         if not self.directory.is_dir():
             raise NotAvailableError(f"no {onnx_set} ONNX set in {self.directory}",
                                     f"export it first: `mmgen export {self.run_dir.root}`")

@@ -52,7 +52,9 @@ class TorchRunner(BaseRunner):
             import torch
 
             torch.set_num_threads(threads)
-        parts = run.load_deployable()
+        from mmgen_deploy.models.load import load_deployable
+
+        parts = load_deployable(run)
         return cls(parts.first_stage, parts.dit, device, config=parts.config, text_encoder=parts.text_encoder,
                    precision=precision)
 

@@ -265,7 +265,9 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
     config = run.load_config()  # refuses a missing or foreign run directory with a clear message
     for part in run.model_parts(config):
         if not run.has_part(part):
-            run.load_deployable()  # raises the precise missing/corrupt-weights error
+            from mmgen_deploy.models.load import load_deployable
+
+            load_deployable(run)  # raises the precise missing/corrupt-weights error
     if config.uses_text:
         run.load_tokenizer()  # a text run without its tokenizer cannot encode prompts
     run_root = run.root.resolve()

@@ -107,7 +107,9 @@ class TritonPythonModel:
         self.config = run.load_config()
         use_bls = params.get("runner", "local") == "bls"
         if not use_bls:
-            run.load_deployable()
+            from mmgen_deploy.models.load import load_deployable
+
+            load_deployable(run)
         self.tokenizer = run.load_tokenizer() if self.config.uses_text else None
         self.num_classes = self.config.dit.num_classes
 

@@ -25,6 +25,7 @@ from mmgen_deploy.errors import RunDirError, UsageError
 from mmgen_deploy.io_utils import write_json
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
+from mmgen_deploy.models.load import load_first_stage
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VQModel
 from mmgen_deploy.numerics import save_grid
@@ -80,7 +81,7 @@ def cached_latents(run: RunDir, vq: VQModel | AutoencoderKL, data: ImageData) ->
     from mmgen_deploy.io_utils import sha256_file
     from mmgen_deploy.rundir import first_stage_part
 
-    path = run.checkpoints_dir / "dit_latents.pt"
+    path = run.checkpoint_path("dit_latents")
     key = f"{sha256_file(run.weights_path(first_stage_part(run.load_config())))}:{len(data)}:" \
           f"{int(data.images[:64].sum())}"
     if path.is_file():
@@ -153,7 +154,7 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     For a text-to-image run, also builds and saves the tokenizer and trains the text encoder.
     """
     config = run.load_config()
-    vq = run.load_first_stage(config)
+    vq = load_first_stage(run, config)
     latents = cached_latents(run, vq, train)
     labels = torch.from_numpy(train.labels).long()
     tokenizer: WordTokenizer | None = None
@@ -185,7 +186,7 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
                        "lr_scale": settings.text_lr_scale})
     # Fused: one kernel per step instead of a dozen per parameter (~10% of a tiny DiT step on CPU).
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, fused=True)
-    checkpoint = run.checkpoints_dir / "dit.pt"
+    checkpoint = run.checkpoint_path("dit")
     start = 0
     if resume:
         state = load_checkpoint(checkpoint)
@@ -281,7 +282,7 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
     if tokenizer is not None:
         result.update(vocab_size=tokenizer.vocab_size, max_length=tokenizer.max_length,
                       conditioning=config.dit.conditioning, grid_prompts=grid_prompts(train.captions))
-    write_json(run.reports_dir / "train_dit.json", result)
+    write_json(run.train_report_path("dit"), result)
     training = dict(run.read_meta().get("training", {}))
     training["dit"] = {k: result[k] for k in ("steps", "train_seconds", "final_loss")}
     run.update_meta(training=training)

@@ -118,7 +118,7 @@ def standardize_latents_(vq: VQModel, images: torch.Tensor) -> dict[str, Any]:
 
 
 def _checkpoint_path(run: RunDir) -> Path:
-    return run.checkpoints_dir / "vqvae.pt"
+    return run.checkpoint_path("vqvae")
 
 
 @writes_run("train the VQ-VAE")
@@ -226,7 +226,7 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
               "train_seconds": round(train_seconds, 1), "threads": torch.get_num_threads(),
               "final_loss": metrics.get("loss"), **vq_metrics(deploy, val.images), **latent_stats,
               "settings": settings.to_dict(), "reconstruction_grid": str(grid)}
-    write_json(run.reports_dir / "train_vqvae.json", result)
+    write_json(run.train_report_path("vqvae"), result)
     training = dict(run.read_meta().get("training", {}))
     training["vqvae"] = {k: result[k] for k in ("steps", "train_seconds", "psnr_db", "codebook_usage", "perplexity")}
     run.update_meta(training=training)
