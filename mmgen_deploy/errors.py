@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 
 class MMGenError(Exception):
     """An error the CLI reports as one line (no traceback unless --debug).
 
-    `hint` says how to fix it; `exit_code` is what the process exits with.
+    `hint` says how to fix it; `exit_code` is what the process exits with. An error about arguments
+    names each one in `params` as `{name}` in its message and hint (`UsageError("{steps} must be >= 1",
+    params=["steps"])`): `str()` and `message` show the library's parameter names, `describe(words)`
+    the caller's words for them (the CLI passes its option names), so the library never spells a flag.
     """
 
     exit_code = 1
 
-    def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+    def __init__(self, message: str, hint: str | None = None, *, params: Sequence[str] = ()) -> None:
+        self.params = tuple(params)
+        self._templates = (message, hint)
+        self.message = self._fill(message, {})
+        self.hint = None if hint is None else self._fill(hint, {})
+        super().__init__(self.message)
+
+    def _fill(self, template: str, words: Mapping[str, str]) -> str:
+        for name in self.params:
+            template = template.replace("{" + name + "}", words.get(name, name))
+        return template
+
+    def describe(self, words: Mapping[str, str]) -> str:
+        """The one line, with the parameters named by `words` (parameter name -> what the caller calls it)."""
+        message, hint = (None if t is None else self._fill(t, words) for t in self._templates)
+        return f"{message} ({hint})" if hint else str(message)
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

@@ -161,8 +161,8 @@ def test_cfg_scale_one_runs_a_single_batch(random_models, torch_runner: TorchRun
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"steps": 0}, "steps must be >= 1"),
-    ({"cfg_scale": -1.0}, "cfg scale"),
-    ({"batch_size": 0}, "batch size"),
+    ({"cfg_scale": -1.0}, "cfg_scale must be in 0..50"),
+    ({"batch_size": 0}, "batch_size must be in 1.."),
     ({"sampler": "euler"}, "unknown sampler"),
 ])
 def test_bad_numbers_are_refused(random_models, torch_runner: TorchRunner, kwargs, message: str) -> None:

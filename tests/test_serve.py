@@ -25,6 +25,7 @@ import pytest
 from serve_helpers import PORT_TAKEN, REPO_ROOT, child_env, ctrl_c_acts, needs_triton, with_free_loopback_ports
 
 from mmgen_deploy.cli.app import main
+from mmgen_deploy.cli.common import describe_error
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import save_run
 from mmgen_deploy.serve import MODEL_NAME
@@ -102,8 +103,12 @@ def test_repository_layout_config_and_readme(tmp_path, random_models) -> None:
 def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, capsys) -> None:
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
-    with pytest.raises(UsageError, match="--max-batch"):
+    with pytest.raises(UsageError, match=r"max_batch_size must be in 1\.\.1024") as refused:
         RepositoryOptions(max_batch_size=0).validate()
+    assert describe_error(refused.value).startswith("--max-batch must be in 1..1024")  # the CLI's words for it
+    with pytest.raises(UsageError) as refused:
+        RepositoryOptions(default_steps=300).validate()
+    assert describe_error(refused.value).startswith("--steps 300 must be in 1..250 (--max-steps)")
     with pytest.raises(UsageError, match="mmgen export"):  # the ensemble layout needs exported ONNX
         write_repository(run.root, tmp_path / "ens", RepositoryOptions(layout="ensemble"))
     assert not (tmp_path / "ens").exists()

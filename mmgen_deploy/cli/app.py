@@ -33,7 +33,14 @@ from mmgen_deploy.cli import (
     serve,
     train,
 )
-from mmgen_deploy.cli.common import console, hide_old_spellings, install_log_handler, old_spellings_in, state
+from mmgen_deploy.cli.common import (
+    console,
+    describe_error,
+    hide_old_spellings,
+    install_log_handler,
+    old_spellings_in,
+    state,
+)
 from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.runtime.backends import deployment_targets
 
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         if state.debug:
             raise
         # escape(): messages hold things like `mmgen-deploy[fp16]` that rich would eat as markup.
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(describe_error(exc))}", soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")

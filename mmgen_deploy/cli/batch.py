@@ -59,13 +59,11 @@ def batch(
     each. A rerun skips every image already in the manifest, so an interrupted batch resumes.
     """
     from mmgen_deploy.batch import BatchSettings, run_batch
-    from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.sampling.cache import parse_cache_policy
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=SAMPLING.eta,
-                           names=CLI_NAMES)
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=SAMPLING.eta)
     parse_cache_policy(cache)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from mmgen_deploy.defaults import SAMPLING
+from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.runtime.backends import backend_help, backend_labels, precision_help
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
@@ -201,6 +202,24 @@ def positive(what: str, value: int | None) -> None:
         from mmgen_deploy.errors import UsageError
 
         raise UsageError(f"the {what} must be positive, got {value}", "pass a number >= 1")
+
+
+# The command-line words for the library's argument names: an error about an argument names it by
+# parameter (`MMGenError.params`), and the CLI shows the option a user typed instead (`describe_error`).
+OPTION_NAMES: dict[str, str] = {
+    "n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "eta": "--eta",
+    "batch_size": "--batch-size", "seed": "--seed", "threads": "--threads", "out": "--out", "prompts": "--prompt",
+    # triton-repo / serve (RepositoryOptions)
+    "max_batch_size": "--max-batch", "instances": "--instances", "instance_kind": "--instance-kind",
+    "max_queue_delay_us": "--max-queue-delay-us", "artifacts": "--artifacts", "default_steps": "--steps",
+    "max_steps": "--max-steps", "default_cfg_scale": "--cfg-scale", "max_cfg_scale": "max cfg scale",
+    "samplers": "--samplers", "layout": "--layout", "component_backend": "--component-backend",
+}
+
+
+def describe_error(exc: MMGenError) -> str:
+    """The one line the CLI prints for `exc`, in the CLI's words."""
+    return exc.describe(OPTION_NAMES)
 
 
 def split_list(values: list[str] | None) -> list[str]:

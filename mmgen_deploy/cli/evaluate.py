@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 def eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
                   precision: str, num_prompts: int = 200, threads: int | None = None,
                   cache: str = SAMPLING.cache) -> Any:
-    from mmgen_deploy.cli.generate import CLI_NAMES
     from mmgen_deploy.defaults import SAMPLING
     from mmgen_deploy.errors import UsageError
     from mmgen_deploy.evaluation.evaluate import EvalSettings
@@ -42,7 +41,7 @@ def eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gener
             raise UsageError(f"{option} must be at most {SAMPLING.max_generate_images}, got {value}",
                              "eval keeps every generated image in memory")
     check_sampling_numbers(steps=steps, sampler=EvalSettings.sampler, cfg_scale=cfg_scale, batch_size=1,
-                           seed=seed, names=CLI_NAMES)
+                           seed=seed)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts,
                         threads=threads, cache=cache)

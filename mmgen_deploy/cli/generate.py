@@ -84,16 +84,11 @@ def generate(
                               sampler=sampler, cfg_scale=cfg_scale, eta=eta, seed=seed, backend=backend,
                               precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out,
                               cache=cache)
-    request.check(CLI_NAMES)  # bad numbers are refused before any file or model is touched
+    request.check()  # bad numbers are refused before any file or model is touched
     if prompts_file is not None:
         request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
     sidecar = run_generate(run_dir, request)
     emit_json(sidecar, json_out)
-
-
-# How `mmgen generate` names the sampling arguments in its messages.
-CLI_NAMES = {"n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale",
-             "batch_size": "--batch-size", "eta": "--eta", "threads": "--threads", "seed": "--seed"}
 
 
 def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
@@ -125,7 +120,7 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
         def advance(done: int, total: int) -> None:
             bar.update(task, description=f"sampling {plural(count[0], 'image')}", completed=done, total=total)
 
-        generated = generate_to_folder(run, request, names=CLI_NAMES, progress=advance, on_backend=say_backend,
+        generated = generate_to_folder(run, request, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()

@@ -115,7 +115,6 @@ def register(app: typer.Typer) -> None:
         A copy of the JSON report is always written to RUN_DIR/reports/parity-BACKEND-PRECISION.json, with the
         settings that differ from the defaults added to the name (parity-onnxruntime-fp32-steps4.json,
         -cache-POLICY with --cache), so a quick check never replaces the verdict of a full one."""
-        from mmgen_deploy.cli.generate import CLI_NAMES
         from mmgen_deploy.parity.compare import ParityOptions
         from mmgen_deploy.runtime import REGISTRY
         from mmgen_deploy.sampling.cache import parse_cache_policy
@@ -127,8 +126,7 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
         if not 1 <= num_images <= SAMPLING.max_generate_images:
             raise UsageError(f"--images must be in 1..{SAMPLING.max_generate_images}, got {num_images}")
-        check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1, seed=seed,
-                               names=CLI_NAMES)
+        check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1, seed=seed)
         parse_cache_policy(cache)
         options = ParityOptions(
             backend=backend, precision=precision, batches=_parse_ints(batch_sizes, "--batch-sizes"), steps=steps,

@@ -252,7 +252,7 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(300.0, "--timeout", help="Seconds to wait for the server."),
         json_out: str | None = json_option("settings and files"),
     ) -> None:
-        from mmgen_deploy.cli.generate import CLI_NAMES, read_prompts_file, warn_about_prompts
+        from mmgen_deploy.cli.generate import read_prompts_file, warn_about_prompts
         from mmgen_deploy.io_utils import atomic_dir, write_json
         from mmgen_deploy.sampling.generate import check_image_count, check_output_dir
         from mmgen_deploy.sampling.loop import check_sampling_numbers
@@ -264,14 +264,14 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"--n must be in 1..{SAMPLING.max_generate_images}, got {n}")
         check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or SAMPLING.sampler,
                                cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=SAMPLING.eta,
-                               seed=seed, names=CLI_NAMES)
+                               seed=seed)
         all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
         check_output_dir(out, "mmgen client")
         remote = GenerateClient(url, timeout_s=timeout)
         try:
             served = remote.model()
             class_ids, prompt_rows = expand_conditions(served.config, classes, all_prompts, n)
-            check_image_count(class_ids, prompt_rows, n, "--n")
+            check_image_count(class_ids, prompt_rows, n)
             settings = (steps or served.default_steps,
                         served.default_cfg_scale if cfg_scale is None else cfg_scale,
                         sampler or served.default_sampler)

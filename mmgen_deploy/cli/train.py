@@ -66,7 +66,7 @@ def _check_seed(seed: int) -> None:
     """The training seed in the range every seed is held to (it also seeds NumPy and the data)."""
     from mmgen_deploy.sampling.loop import check_seed
 
-    check_seed(seed, "--seed")
+    check_seed(seed)  # the CLI names it --seed (OPTION_NAMES)
 
 
 def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,

@@ -363,8 +363,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     config, vq, dit = parts.config, parts.first_stage, parts.dit
     text_encoder, tokenizer = parts.text_encoder, parts.tokenizer
     if options.prompts and not config.uses_text:
-        raise UsageError("--prompt: this run is class-conditioned; its end-to-end check samples classes",
-                         "leave out --prompt")
+        raise UsageError("{prompts}: this run is class-conditioned; its end-to-end check samples classes",
+                         "leave out {prompts}", params=["prompts"])
     reference = TorchRunner(vq, dit, config=config, text_encoder=text_encoder)
     scale = denoiser_output_scale(reference, config) if options.allow_untrained else ensure_trained(reference,
                                                                                                      config)

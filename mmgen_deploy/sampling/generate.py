@@ -18,7 +18,7 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.sampling.cache import parse_cache_policy
 from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning
-from mmgen_deploy.sampling.loop import API_NAMES, ProgressCallback, SampleResult, check_sampling_numbers, sample
+from mmgen_deploy.sampling.loop import ProgressCallback, SampleResult, check_sampling_numbers, sample
 from mmgen_deploy.sampling.loop import validate_sampling_args as _validate
 
 if TYPE_CHECKING:
@@ -46,16 +46,16 @@ class GenerateRequest:
     cuda_graph: bool = False
     out: Path | None = None  # None: a folder under RUN_DIR/samples named after the backend that ran
 
-    def check(self, names: dict[str, str] = API_NAMES) -> None:
-        """The checks that need no run directory (`names`: how messages name the arguments)."""
+    def check(self) -> None:
+        """The checks that need no run directory (messages name the fields: `MMGenError.params`)."""
         if not 1 <= self.n <= SAMPLING.max_generate_images:
-            raise UsageError(f"{names.get('n', 'n')} must be in 1..{SAMPLING.max_generate_images}, got {self.n}",
-                             "generate keeps every image in memory; `mmgen batch` writes any number")
+            raise UsageError(f"{{n}} must be in 1..{SAMPLING.max_generate_images}, got {self.n}",
+                             "generate keeps every image in memory; `mmgen batch` writes any number", params=["n"])
         check_sampling_numbers(steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
-                               batch_size=self.batch_size, eta=self.eta, seed=self.seed, names=names)
+                               batch_size=self.batch_size, eta=self.eta, seed=self.seed)
         parse_cache_policy(self.cache)
         if self.threads is not None and self.threads < 1:
-            raise UsageError(f"{names.get('threads', 'threads')} must be >= 1, got {self.threads}")
+            raise UsageError(f"{{threads}} must be >= 1, got {self.threads}", params=["threads"])
 
 
 @dataclass
@@ -67,15 +67,14 @@ class Generated:
     conditioning: Conditioning
 
 
-def check_image_count(class_ids: Sequence[int] | None, prompts: Sequence[str] | None, n: int,
-                      n_name: str = "n") -> None:
-    """Refuse more images than one generate (or client) holds in memory: --n times the conditions."""
+def check_image_count(class_ids: Sequence[int] | None, prompts: Sequence[str] | None, n: int) -> None:
+    """Refuse more images than one generate (or client) holds in memory: n times the conditions."""
     count = len(class_ids or prompts or ())
     if count > SAMPLING.max_generate_images:
-        raise UsageError(f"{count} images ({n_name} {n} for each of {count // n} "
+        raise UsageError(f"{count} images ({{n}} {n} for each of {count // n} "
                          f"{'prompts' if prompts else 'classes'}) is more than one generate makes "
                          f"({SAMPLING.max_generate_images})",
-                         f"lower {n_name}, or use `mmgen batch` (it writes images as they are made)")
+                         "lower {n}, or use `mmgen batch` (it writes images as they are made)", params=["n"])
 
 
 def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
@@ -84,15 +83,15 @@ def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
     from mmgen_deploy.io_utils import check_write_target
 
     if target.is_file() and not target.is_symlink():
-        raise UsageError(f"--out {target} is a file", "give a folder path")
+        raise UsageError(f"{{out}} {target} is a file", "give a folder path", params=["out"])
     check_write_target(target, folder=True, label="--out")
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
-        raise UsageError(f"--out {target} exists and was not written by `{command}`",
-                         f"choose another --out folder ({command} replaces only its own output folders)")
+        raise UsageError(f"{{out}} {target} exists and was not written by `{command}`",
+                         f"choose another {{out}} folder ({command} replaces only its own output folders)",
+                         params=["out"])
 
 
-def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str] = API_NAMES,
-                    progress: ProgressCallback | None = None,
+def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, progress: ProgressCallback | None = None,
                     on_backend: Callable[[BackendChoice], None] | None = None,
                     on_conditioning: Callable[[Conditioning], None] | None = None) -> Generated:
     """Sample `request.n` images per class or prompt and write them (atomically) into a folder.
@@ -103,12 +102,11 @@ def generate_to_folder(run_dir: RunLike, request: GenerateRequest, *, names: dic
     """
     run = RunDir.of(run_dir)
     with run.writing_into(request.out, "write samples"):
-        return _generate_images(run, request, names=names, progress=progress, on_backend=on_backend,
+        return _generate_images(run, request, progress=progress, on_backend=on_backend,
                                 on_conditioning=on_conditioning)
 
 
-def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[str, str],
-                     progress: ProgressCallback | None,
+def _generate_images(run_dir: RunLike, request: GenerateRequest, *, progress: ProgressCallback | None,
                      on_backend: Callable[[BackendChoice], None] | None,
                      on_conditioning: Callable[[Conditioning], None] | None) -> Generated:
     from mmgen_deploy.io_utils import atomic_dir, write_json
@@ -116,16 +114,16 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, names: dict[
     from mmgen_deploy.sampling.files import write_samples
     from mmgen_deploy.sampling.requests import expand_conditions
 
-    request.check(names)
+    request.check()
     run = RunDir.of(run_dir)
     config = run.load_config()
     class_ids, prompt_rows = expand_conditions(config, request.classes, request.prompts, request.n)
-    check_image_count(class_ids, prompt_rows, request.n, names.get("n", "n"))
+    check_image_count(class_ids, prompt_rows, request.n)
     per_image: list[int] = class_ids or []
     per_prompt: list[str] = prompt_rows or []
     tokenizer = run.load_tokenizer() if config.uses_text else None
     _validate(config, per_image if not config.uses_text else None, steps=request.steps, sampler=request.sampler,
-              cfg_scale=request.cfg_scale, batch_size=request.batch_size, eta=request.eta, names=names)
+              cfg_scale=request.cfg_scale, batch_size=request.batch_size, eta=request.eta)
     if request.out is not None:
         check_output_dir(request.out)
 

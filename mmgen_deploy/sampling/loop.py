@@ -83,54 +83,48 @@ class SampleResult:
                 "images_per_second": self.images_per_second}
 
 
-# How the sampling arguments are named in messages: as keywords of `sample` (the default) or,
-# from the command line, as its options (`CLI_NAMES`).
-API_NAMES = {"steps": "steps", "sampler": "sampler", "cfg_scale": "cfg scale", "batch_size": "batch size",
-             "eta": "eta", "seed": "seed"}
-CLI_NAMES = {"steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "batch_size": "--batch-size",
-             "eta": "--eta"}
-
-
 def check_seed(seed: int, name: str = "seed") -> None:
     """A seed NumPy's default_rng and the Triton server (INT64) both take: an integer in 0..max_seed."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= SAMPLING.max_seed:
-        raise UsageError(f"{name} must be an integer in 0..{SAMPLING.max_seed} (2^63 - 1), got {seed!r}")
+        raise UsageError(f"{{{name}}} must be an integer in 0..{SAMPLING.max_seed} (2^63 - 1), got {seed!r}",
+                         params=[name])
 
 
 def check_sampling_numbers(*, steps: int, sampler: str, cfg_scale: float, batch_size: int,
-                           eta: float = SAMPLING.eta, seed: int = 0, names: dict[str, str] = API_NAMES) -> None:
+                           eta: float = SAMPLING.eta, seed: int = 0) -> None:
     """The model-independent checks of the sampling arguments, against the bounds in `defaults.SAMPLING`
-    (the CLI runs them before reading a run)."""
+    (the CLI runs them before reading a run). Messages name the arguments by their parameter names,
+    which a caller can word its own way (`MMGenError.describe`)."""
     if steps < 1:
-        raise UsageError(f"{names['steps']} must be >= 1, got {steps}")
+        raise UsageError(f"{{steps}} must be >= 1, got {steps}", params=["steps"])
     if sampler not in SAMPLERS:
-        raise UsageError(f"unknown {names['sampler']} {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}")
+        raise UsageError(f"unknown {{sampler}} {sampler!r}", f"choose one of: {', '.join(SAMPLERS)}",
+                         params=["sampler"])
     if not (np.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
-        raise UsageError(f"{names['cfg_scale']} must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}",
-                         "1 disables guidance; DiT uses 4.0 for pictures")
+        raise UsageError(f"{{cfg_scale}} must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}",
+                         "1 disables guidance; DiT uses 4.0 for pictures", params=["cfg_scale"])
     if not 1 <= batch_size <= SAMPLING.max_batch_size:
-        raise UsageError(f"{names['batch_size']} must be in 1..{SAMPLING.max_batch_size}, got {batch_size}")
+        raise UsageError(f"{{batch_size}} must be in 1..{SAMPLING.max_batch_size}, got {batch_size}",
+                         params=["batch_size"])
     if not (np.isfinite(eta) and 0 <= eta <= SAMPLING.max_eta):
-        raise UsageError(f"{names['eta']} must be in 0..{SAMPLING.max_eta:g}, got {eta}",
-                         "0 is deterministic DDIM, 1 adds as much noise as DDPM")
+        raise UsageError(f"{{eta}} must be in 0..{SAMPLING.max_eta:g}, got {eta}",
+                         "0 is deterministic DDIM, 1 adds as much noise as DDPM", params=["eta"])
     if eta != 0 and sampler_kind(sampler) != "ddim":
-        raise UsageError(f"{names['eta']} applies to the ddim sampler only, not {sampler}",
-                         f"leave {names['eta']} out or use {names['sampler']} ddim")
-    check_seed(seed, names.get("seed", "seed"))
+        raise UsageError(f"{{eta}} applies to the ddim sampler only, not {sampler}",
+                         "leave {eta} out or use {sampler} ddim", params=["eta", "sampler"])
+    check_seed(seed)
 
 
 def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, steps: int, sampler: str,
-                           cfg_scale: float, batch_size: int, eta: float,
-                           names: dict[str, str] = API_NAMES) -> None:
+                           cfg_scale: float, batch_size: int, eta: float) -> None:
     """Refuse bad arguments up front, before any model is loaded or run (class ids: None for prompts).
     The one validation of sampling arguments: `sample` runs it, and so does `generate` before loading."""
     if class_ids is not None:
         class_conditioning(config, class_ids)
-    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=eta,
-                           names=names)
+    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=eta)
     if steps > config.diffusion.num_train_timesteps:
-        raise UsageError(f"{names['steps']} {steps} exceeds the {config.diffusion.num_train_timesteps} "
-                         "training timesteps")
+        raise UsageError(f"{{steps}} {steps} exceeds the {config.diffusion.num_train_timesteps} "
+                         "training timesteps", params=["steps"])
 
 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *,

@@ -20,6 +20,7 @@ complete, so a failure never leaves a half-written repository (or damages an old
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from dataclasses import asdict, dataclass
@@ -70,38 +71,40 @@ class RepositoryOptions:
     vendor_source: bool = True
 
     def validate(self) -> None:
+        """Refuse bad options; messages name them by field (see `MMGenError.describe`)."""
         checks = [
             (1 <= self.max_batch_size <= SAMPLING.max_batch_size,
-             f"--max-batch must be in 1..{SAMPLING.max_batch_size}, got {self.max_batch_size}"),
-            (self.instances >= 1, f"--instances must be >= 1, got {self.instances}"),
+             f"{{max_batch_size}} must be in 1..{SAMPLING.max_batch_size}, got {self.max_batch_size}"),
+            (self.instances >= 1, f"{{instances}} must be >= 1, got {self.instances}"),
             (self.instance_kind in INSTANCE_KINDS,
-             f"--instance-kind must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}"),
-            (self.max_queue_delay_us >= 0, "--max-queue-delay-us must be >= 0"),
-            (self.threads >= 0, f"--threads must be >= 0 (0 = the backend's default), got {self.threads}"),
+             f"{{instance_kind}} must be one of {', '.join(INSTANCE_KINDS)}, got {self.instance_kind!r}"),
+            (self.max_queue_delay_us >= 0, "{max_queue_delay_us} must be >= 0"),
+            (self.threads >= 0, f"{{threads}} must be >= 0 (0 = the backend's default), got {self.threads}"),
             (self.artifacts in ARTIFACT_MODES,
-             f"--artifacts must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
+             f"{{artifacts}} must be one of {', '.join(ARTIFACT_MODES)}, got {self.artifacts!r}"),
             (1 <= self.default_steps <= self.max_steps,
-             f"--steps {self.default_steps} must be in 1..{self.max_steps} (--max-steps)"),
+             f"{{default_steps}} {self.default_steps} must be in 1..{self.max_steps} ({{max_steps}})"),
             (0 <= self.max_cfg_scale <= SAMPLING.max_cfg_scale,
-             f"max cfg scale must be in 0..{SAMPLING.max_cfg_scale:g}"),
+             f"{{max_cfg_scale}} must be in 0..{SAMPLING.max_cfg_scale:g}"),
             (0 <= self.default_cfg_scale <= self.max_cfg_scale,
-             f"--cfg-scale {self.default_cfg_scale} must be in 0..{self.max_cfg_scale}"),
+             f"{{default_cfg_scale}} {self.default_cfg_scale} must be in 0..{self.max_cfg_scale}"),
         ]
+        fields = [f.name for f in dataclasses.fields(self)]
         for ok, message in checks:
             if not ok:
-                raise UsageError(message, "see `mmgen triton-repo --help`")
+                raise UsageError(message, "see `mmgen triton-repo --help`", params=fields)
         unknown = [s for s in (self.sampler, *self.samplers) if s not in SAMPLERS]
         if unknown or not self.samplers:
-            raise UsageError(f"unknown sampler {unknown[0]!r}" if unknown else "--samplers is empty",
-                             f"choose from {', '.join(SAMPLERS)}")
+            raise UsageError(f"unknown sampler {unknown[0]!r}" if unknown else "{samplers} is empty",
+                             f"choose from {', '.join(SAMPLERS)}", params=fields)
         if self.sampler not in self.samplers:
-            raise UsageError(f"--sampler {self.sampler} is not in --samplers {','.join(self.samplers)}",
-                             "allow the default sampler too")
+            raise UsageError(f"{{sampler}} {self.sampler} is not in {{samplers}} {','.join(self.samplers)}",
+                             "allow the default sampler too", params=fields)
         if self.layout not in LAYOUTS:
-            raise UsageError(f"--layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+            raise UsageError(f"{{layout}} must be one of {', '.join(LAYOUTS)}, got {self.layout!r}", params=fields)
         if self.component_backend not in COMPONENT_BACKENDS:
-            raise UsageError(f"--component-backend must be one of {', '.join(COMPONENT_BACKENDS)}, "
-                             f"got {self.component_backend!r}")
+            raise UsageError(f"{{component_backend}} must be one of {', '.join(COMPONENT_BACKENDS)}, "
+                             f"got {self.component_backend!r}", params=fields)
 
 
 def _pbtxt_string(value: str) -> str:
@@ -197,17 +200,17 @@ def _ensemble_precision(run_root: Path, options: RepositoryOptions, components: 
 
     if options.precision != "auto":
         if not complete(options.precision):
-            raise UsageError(f"--layout ensemble needs the {options.precision} ONNX set of "
+            raise UsageError(f"{{layout}} ensemble needs the {options.precision} ONNX set of "
                              f"{', '.join(components)} in {RunDir(run_root).onnx_dir}",
-                             f"run `mmgen export {run_root}` first")
+                             f"run `mmgen export {run_root}` first", params=["layout"])
         return options.precision
     # fp16 graphs are for GPUs; the CPU-only Python wrapper runs the fp32 set.
     order = ("fp32", "fp16") if options.component_backend == "python" else ("fp16", "fp32")
     for precision in order:
         if complete(precision):
             return precision
-    raise UsageError(f"--layout ensemble needs an exported ONNX set in {RunDir(run_root).onnx_dir}",
-                     f"run `mmgen export {run_root}` first")
+    raise UsageError(f"{{layout}} ensemble needs an exported ONNX set in {RunDir(run_root).onnx_dir}",
+                     f"run `mmgen export {run_root}` first", params=["layout"])
 
 
 def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: RepositoryOptions) -> dict[str, str]:
@@ -272,11 +275,12 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
         run.load_tokenizer()  # a text run without its tokenizer cannot encode prompts
     run_root = run.root.resolve()
     if out.resolve() == run_root or run_root in out.resolve().parents:
-        raise UsageError(f"--out {out} is inside the run directory", "write the repository somewhere else")
+        raise UsageError(f"{{out}} {out} is inside the run directory", "write the repository somewhere else",
+                         params=["out"])
 
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "mmgen_repository.json").is_file())):
-        raise UsageError(f"--out {out} exists and is not an mmgen Triton repository",
-                         "pick a new or empty directory (an old mmgen repository is replaced)")
+        raise UsageError(f"{{out}} {out} exists and is not an mmgen Triton repository",
+                         "pick a new or empty directory (an old mmgen repository is replaced)", params=["out"])
     size = config.first_stage.image_size
     image_shape = (size, size, config.first_stage.in_channels)
     with atomic_dir(out) as tmp:
