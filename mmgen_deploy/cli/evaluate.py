@@ -126,7 +126,7 @@ def eval_cmd(
         emit_json(report, "-")
     else:
         emit_json(report, json_out)
-        stdout_console.print(f"report: {eval_report_path(run, settings)}")
+        stdout_console.print(f"report: {eval_report_path(run, settings)}", soft_wrap=True)
 
 
 def register(app: typer.Typer) -> None:
