@@ -70,6 +70,16 @@ def test_the_cli_never_calls_itself_back() -> None:
             assert not {m for m in _imports(path) if m.startswith("mmgen_deploy.cli.app")}, path.name
 
 
+def test_cli_modules_never_import_each_others_private_helpers() -> None:
+    """What two commands share is public: in cli/common.py, or a public name of the command that owns it."""
+    offenders = []
+    for path in (PACKAGE / "cli").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("mmgen_deploy.cli."):
+                offenders += [f"{path.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not offenders, offenders
+
+
 def test_component_and_precision_lists_are_spelled_out_once() -> None:
     """No module but specs.py writes the component list or the precision list as a literal."""
     offenders = []

@@ -362,8 +362,8 @@ def test_text_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch)
     assert [name for name, _ in qs_cli.QUICKSTART_TEXT_STAGES] == names
     monkeypatch.setitem(recipes._RECIPES, "tiny+text", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
 
-    real_new_run = qs_cli._new_run
-    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli.new_run
+    monkeypatch.setattr(qs_cli, "new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
     stages = dict(qs_cli.QUICKSTART_TEXT_STAGES)
     stages["train DiT + text encoder"] = with_meaningful_dit(stages["train DiT + text encoder"])

@@ -43,7 +43,7 @@ def small_data():
     return make_shapes(96, seed=0), make_shapes(16, seed=0, split="val")
 
 
-def _new_run(path, seed: int = 0) -> RunDir:
+def new_run(path, seed: int = 0) -> RunDir:
     spec = DataSpec(num_train=96, num_val=16, seed=seed)
     return prepare_run(path, _small_config(), spec.to_dict(), overwrite=False)
 
@@ -68,7 +68,7 @@ def _same_state(a: dict, b: dict) -> bool:
 @pytest.mark.slow
 def test_both_stages_learn_and_write_their_outputs(tmp_path, small_data) -> None:
     train, val = small_data
-    run = _new_run(tmp_path / "run")
+    run = new_run(tmp_path / "run")
     vq_losses, record = _losses()
     result = train_vqvae(run, train, val, _vq(40), callback=record, show_progress=False)
     assert np.mean(vq_losses[-5:]) < 0.7 * np.mean(vq_losses[:5])
@@ -88,14 +88,14 @@ def test_both_stages_learn_and_write_their_outputs(tmp_path, small_data) -> None
 
 def test_vq_resume_after_ctrl_c_is_exact_and_seed_determines(tmp_path, small_data) -> None:
     train, val = small_data
-    straight = _new_run(tmp_path / "straight")
+    straight = new_run(tmp_path / "straight")
     train_vqvae(straight, train, val, _vq(6), show_progress=False)
 
     def ctrl_c_at_3(step: int, metrics: dict) -> None:
         if step == 3:
             raise KeyboardInterrupt
 
-    resumed = _new_run(tmp_path / "resumed")
+    resumed = new_run(tmp_path / "resumed")
     with pytest.raises(TrainingInterrupted, match="step 3"):
         train_vqvae(resumed, train, val, _vq(6), callback=ctrl_c_at_3, show_progress=False)
     assert load_checkpoint(resumed.checkpoints_dir / "vqvae.pt")["step"] == 3  # intact after Ctrl-C
@@ -105,7 +105,7 @@ def test_vq_resume_after_ctrl_c_is_exact_and_seed_determines(tmp_path, small_dat
     assert _same_state(a, b)
     assert _same_state(load_vqvae(straight).state_dict(), load_vqvae(resumed).state_dict())
 
-    other = _new_run(tmp_path / "other", seed=0)
+    other = new_run(tmp_path / "other", seed=0)
     train_vqvae(other, train, val, _vq(6, seed=1), show_progress=False)
     assert not _same_state(a, load_checkpoint(other.checkpoints_dir / "vqvae.pt")["model"])
     with pytest.raises(RunDirError, match="other settings"):
@@ -116,7 +116,7 @@ def test_dit_resume_is_exact(tmp_path, small_data) -> None:
     train, val = small_data
     runs = []
     for name in ("straight", "resumed"):
-        run = _new_run(tmp_path / name)
+        run = new_run(tmp_path / name)
         train_vqvae(run, train, val, _vq(2), show_progress=False)
         runs.append(run)
     straight, resumed = runs
@@ -218,8 +218,8 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     from mmgen_deploy.training import recipes
 
     monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
-    real_new_run = qs_cli._new_run
-    monkeypatch.setattr(qs_cli, "_new_run", lambda out, preset, data, size, seed, num_train, *rest:
+    real_new_run = qs_cli.new_run
+    monkeypatch.setattr(qs_cli, "new_run", lambda out, preset, data, size, seed, num_train, *rest:
                         real_new_run(out, preset, data, size, seed, 128, *rest))
     replaced = {"train DiT": with_meaningful_dit(dict(qs_cli.QUICKSTART_STAGES)["train DiT"])}
     stages = [(name, replaced.get(name, fn)) for name, fn in qs_cli.QUICKSTART_STAGES]
@@ -268,18 +268,18 @@ def test_default_thread_count_is_the_cpus_not_the_load(monkeypatch) -> None:
 def test_recipe_sets_dit_batch_and_lr_unless_overridden() -> None:
     """The tiny recipe's DiT batch size and learning rate (what reached the accuracy target) are the
     defaults of `mmgen train dit`; command-line values win; presets without them keep the settings' defaults."""
-    from mmgen_deploy.cli.train import _dit_settings
+    from mmgen_deploy.cli.train import dit_train_settings
     from mmgen_deploy.training import recipe_for
     from mmgen_deploy.training.dit import DiTTrainSettings
 
-    tiny = _dit_settings(recipe_for("tiny"), None, None, None, 0)
+    tiny = dit_train_settings(recipe_for("tiny"), None, None, None, 0)
     assert (tiny.batch_size, tiny.lr, tiny.steps) == (64, 6e-3, recipe_for("tiny").dit_steps)
-    overridden = _dit_settings(recipe_for("tiny"), 10, 32, 1e-4, 0)
+    overridden = dit_train_settings(recipe_for("tiny"), 10, 32, 1e-4, 0)
     assert (overridden.batch_size, overridden.lr, overridden.steps) == (32, 1e-4, 10)
-    other = _dit_settings(recipe_for("S/2"), None, None, None, 0)
+    other = dit_train_settings(recipe_for("S/2"), None, None, None, 0)
     assert (other.batch_size, other.lr) == (DiTTrainSettings().batch_size, DiTTrainSettings().lr)
     # Text runs of the tiny preset train their text encoder at a sixth of the DiT's rate.
-    assert _dit_settings(recipe_for("tiny", text=True), None, None, None, 0).text_lr_scale == pytest.approx(1 / 6)
+    assert dit_train_settings(recipe_for("tiny", text=True), None, None, None, 0).text_lr_scale == pytest.approx(1 / 6)
     assert tiny.text_lr_scale == other.text_lr_scale == 1.0
 
 

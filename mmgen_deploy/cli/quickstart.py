@@ -18,14 +18,14 @@ import typer
 from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, json_option
 from mmgen_deploy.cli.evaluate import eval_settings, run_eval
 from mmgen_deploy.cli.train import (
+    OVERWRITE_OPTION,
+    TRAIN_THREADS_OPTION,
     TextOptions,
-    _dit_settings,
-    _new_run,
-    _overwrite_opt,
-    _stage_dit,
-    _stage_vq,
-    _threads_opt,
-    _vq_settings,
+    dit_train_settings,
+    new_run,
+    stage_dit,
+    stage_vq,
+    vq_train_settings,
 )
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError, UsageError
@@ -59,9 +59,8 @@ QuickstartStage = tuple[str, Callable[[QuickstartContext], str]]
 def _qs_vqvae(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_vq(ctx.run, ctx.train, ctx.val, _vq_settings(recipe_for("tiny", text=ctx.text), None, None, None,
-                                                                  ctx.seed,
-                                                                  False), False, ctx.threads)
+    settings = vq_train_settings(recipe_for("tiny", text=ctx.text), None, None, None, ctx.seed, False)
+    result = stage_vq(ctx.run, ctx.train, ctx.val, settings, False, ctx.threads)
     ctx.results["vqvae"] = result
     return f"{ctx.run.weights_path('vqvae')}, reconstructions in {result['reconstruction_grid']}"
 
@@ -69,9 +68,8 @@ def _qs_vqvae(ctx: QuickstartContext) -> str:
 def _qs_dit(ctx: QuickstartContext) -> str:
     from mmgen_deploy.training import recipe_for
 
-    result = _stage_dit(ctx.run, ctx.train, _dit_settings(recipe_for("tiny", text=ctx.text), None, None, None,
-                                                                   ctx.seed), False,
-                        ctx.threads)
+    settings = dit_train_settings(recipe_for("tiny", text=ctx.text), None, None, None, ctx.seed)
+    result = stage_dit(ctx.run, ctx.train, settings, False, ctx.threads)
     ctx.results["dit"] = result
     return f"{ctx.run.weights_path('dit')}" + (f", samples in {result['sample_grid']}"
                                                if result.get("sample_grid") else "")
@@ -191,7 +189,7 @@ QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
 
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
-    seed: int = TRAINING_SEED_OPTION, overwrite: bool = _overwrite_opt, threads: int | None = _threads_opt,
+    seed: int = TRAINING_SEED_OPTION, overwrite: bool = OVERWRITE_OPTION, threads: int | None = TRAIN_THREADS_OPTION,
     text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
                               "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
                               "`shapes` captions with 20% of the attribute combinations held out, evaluated on "
@@ -210,7 +208,7 @@ def quickstart_cmd(
     text_options = TextOptions(conditioning=QUICKSTART_TEXT_CONDITIONING,
                                holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
     with RunDir(out).writing("run the quickstart", create=True):  # one writer; nested stages share the lock
-        run, train, val = _new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
+        run, train, val = new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
         ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
         timings: dict[str, float] = {}
         stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES

@@ -69,7 +69,7 @@ def _check_seed(seed: int) -> None:
     check_seed(seed)  # the CLI names it --seed (OPTION_NAMES)
 
 
-def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
+def new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
              overwrite: bool, resume: bool, text: TextOptions | None = None) -> tuple[Any, Any, Any]:
     """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model.
 
@@ -103,8 +103,9 @@ def _new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int,
     return run, train, val
 
 
-def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int,
-                 gan: bool) -> Any:
+def vq_train_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int,
+                      gan: bool) -> Any:
+    """The VQ-VAE stage's settings: the options given, the recipe's values for those left out (None)."""
     from mmgen_deploy.training.vqvae import VQTrainSettings
 
     _check_seed(seed)
@@ -116,7 +117,8 @@ def _vq_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: flo
                            checkpoint_every=min(defaults.checkpoint_every, steps or recipe.vq_steps))
 
 
-def _dit_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int) -> Any:
+def dit_train_settings(recipe: Any, steps: int | None, batch_size: int | None, lr: float | None, seed: int) -> Any:
+    """The DiT stage's settings: the options given, the recipe's values for those left out (None)."""
     from mmgen_deploy.training.dit import DiTTrainSettings
 
     _check_seed(seed)
@@ -142,7 +144,8 @@ def _print_dit(result: dict[str, Any]) -> None:
                                                    if result.get("sample_grid") else ""))
 
 
-def _stage_dit(run: RunDir, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def stage_dit(run: RunDir, train: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+    """Train the DiT with the lines `train dit`, `train all` and the quickstart print; returns its report."""
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.dit import train_dit
 
@@ -152,7 +155,8 @@ def _stage_dit(run: RunDir, train: Any, settings: Any, resume: bool, threads: in
     return result
 
 
-def _stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+def stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, threads: int | None) -> dict[str, Any]:
+    """Train the VQ-VAE with the lines `train vqvae`, `train all` and the quickstart print; returns its report."""
     from mmgen_deploy.training.common import set_threads
     from mmgen_deploy.training.vqvae import train_vqvae
 
@@ -162,13 +166,13 @@ def _stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, th
     return result
 
 
-# -- options shared by several commands -------------------------------------------------
+# -- options shared by several commands (and the quickstart: the public ones) ---------------
 _data_opt = typer.Option("shapes", "--data", help="`shapes` (built in, procedural) or a folder of images: class "
                          "sub-folders and/or a metadata.jsonl with file_name/text.")
 _preset_opt = typer.Option("tiny", "--preset", help="Model preset (tiny, S/2, B/2, ...).")
 _size_opt = typer.Option(32, "--image-size", help="Image side in pixels (images are resized and centre-cropped).")
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
-_overwrite_opt = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
+OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
 _text_opt = typer.Option(False, "--text", help="Train a text-to-image model: a word tokenizer built from the "
                          "captions and a text encoder trained jointly with the DiT (prompts instead of classes).")
@@ -180,7 +184,7 @@ _holdout_opt = typer.Option(None, "--holdout-fraction",
                                  "combinations kept out of training (default 0); `mmgen eval` prompts come "
                                  "from them.")
 _gan_opt = typer.Option(False, "--gan", help="Add a VQGAN-style adversarial patch discriminator.")
-_threads_opt = typer.Option(None, "--threads", help="torch CPU threads (default: one per CPU this process may "
+TRAIN_THREADS_OPTION = typer.Option(None, "--threads", help="torch CPU threads (default: one per CPU this process may "
                             "use, whatever the load; the count changes the trained weights' last bits and is "
                             "recorded in reports/train_*.json; on a busy machine fewer threads train faster).")
 
@@ -194,9 +198,9 @@ def train_vqvae_cmd(
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per step (default 64)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3, cosine decay)."),
     gan: bool = _gan_opt,
-    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = OVERWRITE_OPTION,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
-    threads: int | None = _threads_opt,
+    threads: int | None = TRAIN_THREADS_OPTION,
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Stage 1: train the VQ-VAE (reconstruction + commitment loss, EMA codebook with dead-code restart).
@@ -204,14 +208,14 @@ def train_vqvae_cmd(
     text-to-image model (the DiT stage then trains the text encoder too)."""
     from mmgen_deploy.training import recipe_for
 
-    settings = _vq_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
+    settings = vq_train_settings(recipe_for(preset_name, text=text), steps, batch_size, lr, seed, gan)  # checked first
     text_options = _text_options(text, text_conditioning, holdout_fraction)
     from mmgen_deploy.rundir import RunDir
 
     with RunDir(out).writing("train the VQ-VAE", create=True):
-        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+        run, train, val = new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
                                    text_options)
-        result = _stage_vq(run, train, val, settings, resume, threads)
+        result = stage_vq(run, train, val, settings, resume, threads)
     console.print(f"weights: {run.weights_path('vqvae')}; report: {run.train_report_path('vqvae')}")
     emit_json(result, json_out)
 
@@ -227,7 +231,7 @@ def train_dit_cmd(
                                          "others 1e-3). A tiny text run trains its text encoder at 1/6 of it."),
     seed: int = TRAINING_SEED_OPTION, resume: bool = _resume_opt,
     preset_name: str = typer.Option("tiny", "--preset", help="Recipe for the default step count."),
-    threads: int | None = _threads_opt,
+    threads: int | None = TRAIN_THREADS_OPTION,
     data: str | None = typer.Option(None, "--data", help="Imported runs only (`mmgen import`, e.g. a KL "
                                     "autoencoder such as SD's VAE): `shapes` or an image folder to train the "
                                     "run's DiT on, at the autoencoder's image size.", show_default=False),
@@ -244,7 +248,7 @@ def train_dit_cmd(
     from mmgen_deploy.rundir import RunDir
     from mmgen_deploy.training import recipe_for
 
-    settings = _dit_settings(recipe_for(preset_name), steps, batch_size, lr, seed)
+    settings = dit_train_settings(recipe_for(preset_name), steps, batch_size, lr, seed)
     run = RunDir(out)
     if data is not None:
         from mmgen_deploy.training.dit import adopt_data
@@ -255,14 +259,14 @@ def train_dit_cmd(
 
     load_first_stage(run)  # fails early, with a hint, when stage 1 is missing
     if run.load_config().uses_text:  # a text-to-image run may have its own default length
-        settings = _dit_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
+        settings = dit_train_settings(recipe_for(preset_name, text=True), steps, batch_size, lr, seed)
     if not meta.get("data") or meta["data"].get("source") == "import":
         hint = ("an imported run: give the data to train its DiT on with --data (shapes or a folder)"
                 if meta.get("data") else "train the VQ-VAE of this run with `mmgen train vqvae` first")
         raise UsageError(f"{run.run_json} does not describe its training data", hint)
     with console.status("loading data"):
         train = load_split(DataSpec.from_dict(meta["data"]), "train")
-    result = _stage_dit(run, train, settings, resume, threads)
+    result = stage_dit(run, train, settings, resume, threads)
     console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.train_report_path('dit')}")
     emit_json(result, json_out)
 
@@ -275,9 +279,9 @@ def train_all_cmd(
     vq_steps: int | None = typer.Option(None, "--vq-steps", help="VQ-VAE steps (default: the preset's recipe)."),
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),
     gan: bool = _gan_opt,
-    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = _overwrite_opt,
+    num_train: int | None = _num_train_opt, resume: bool = _resume_opt, overwrite: bool = OVERWRITE_OPTION,
     text: bool = _text_opt, text_conditioning: str = _text_cond_opt, holdout_fraction: float | None = _holdout_opt,
-    threads: int | None = _threads_opt,
+    threads: int | None = TRAIN_THREADS_OPTION,
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Both stages: the VQ-VAE, then the DiT on its latents (with --text: the DiT and a text encoder,
@@ -286,13 +290,13 @@ def train_all_cmd(
     from mmgen_deploy.training import recipe_for
 
     recipe = recipe_for(preset_name, text=text)
-    vq_settings = _vq_settings(recipe, vq_steps, None, None, seed, gan)
-    dit_settings = _dit_settings(recipe, dit_steps, None, None, seed)
+    vq_settings = vq_train_settings(recipe, vq_steps, None, None, seed, gan)
+    dit_settings = dit_train_settings(recipe, dit_steps, None, None, seed)
     text_options = _text_options(text, text_conditioning, holdout_fraction)
     from mmgen_deploy.rundir import RunDir
 
     with RunDir(out).writing("train", create=True):
-        run, train, val = _new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
+        run, train, val = new_run(out, preset_name, data, image_size, seed, num_train, overwrite, resume,
                                    text_options)
         results = _train_both(run, train, val, vq_settings, dit_settings, resume, threads)
     console.print(f"run directory: {run.root}")
@@ -318,10 +322,10 @@ def _train_both(run: RunDir, train: Any, val: Any, vq_settings: Any, dit_setting
         console.print("VQ-VAE already trained; skipping to the DiT")
         results["vqvae"] = read_json(run.train_report_path("vqvae"))
     else:
-        results["vqvae"] = _stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file(), threads)
+        results["vqvae"] = stage_vq(run, train, val, vq_settings, resume and vq_checkpoint.is_file(), threads)
         resume = False  # a new VQ-VAE makes any DiT checkpoint stale
     dit_checkpoint = run.checkpoint_path("dit")
-    results["dit"] = _stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file(), threads)
+    results["dit"] = stage_dit(run, train, dit_settings, resume and dit_checkpoint.is_file(), threads)
     return results
 
 
