@@ -52,6 +52,8 @@ MANIFEST = "manifest.jsonl"
 BATCH_INFO = "batch.json"
 IMAGES = "images"
 LOCK = ".mmgen.lock"
+# How a request line names the sampling arguments (errors about them quote its keys).
+REQUEST_KEYS = {"classes": '"class"', "prompts": '"prompt"', "prompts_file": '"prompt" lines in'}
 _FIELDS = {"class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler"}
 
 
@@ -180,7 +182,8 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                                           class_name=class_name(config, class_id) if class_id >= 0 else ""))
             check_specs(config, [job.spec() for job in line_jobs[:1]])
         except MMGenError as exc:
-            raise UsageError(f"{where}: {exc.message}", exc.hint) from None
+            said = exc.reworded(REQUEST_KEYS)
+            raise UsageError(f"{where}: {said.message}", said.hint) from None
         jobs.extend(line_jobs)
     if not jobs:
         raise UsageError(f"requests file {path} holds no requests",

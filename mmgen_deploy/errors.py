@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 
 
@@ -28,10 +29,18 @@ class MMGenError(Exception):
             template = template.replace("{" + name + "}", words.get(name, name))
         return template
 
+    def reworded(self, words: Mapping[str, str]) -> MMGenError:
+        """This error with its parameters named by `words` (parameter name -> what the caller calls it)."""
+        message, hint = self._templates
+        other = copy.copy(self)
+        other.message = self._fill(message, words)
+        other.hint = None if hint is None else self._fill(hint, words)
+        other.args = (other.message,)
+        return other
+
     def describe(self, words: Mapping[str, str]) -> str:
-        """The one line, with the parameters named by `words` (parameter name -> what the caller calls it)."""
-        message, hint = (None if t is None else self._fill(t, words) for t in self._templates)
-        return f"{message} ({hint})" if hint else str(message)
+        """The one line, with the parameters named by `words`."""
+        return str(self.reworded(words))
 
     def __str__(self) -> str:
         return f"{self.message} ({self.hint})" if self.hint else self.message

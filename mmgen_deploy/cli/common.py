@@ -208,7 +208,8 @@ def positive(what: str, value: int | None) -> None:
 # parameter (`MMGenError.params`), and the CLI shows the option a user typed instead (`describe_error`).
 OPTION_NAMES: dict[str, str] = {
     "n": "--n", "steps": "--steps", "sampler": "--sampler", "cfg_scale": "--cfg-scale", "eta": "--eta",
-    "batch_size": "--batch-size", "seed": "--seed", "threads": "--threads", "out": "--out", "prompts": "--prompt",
+    "batch_size": "--batch-size", "seed": "--seed", "threads": "--threads", "out": "--out",
+    "classes": "--class", "prompts": "--prompt", "prompts_file": "--prompts-file",
     # triton-repo / serve (RepositoryOptions)
     "max_batch_size": "--max-batch", "instances": "--instances", "instance_kind": "--instance-kind",
     "max_queue_delay_us": "--max-queue-delay-us", "artifacts": "--artifacts", "default_steps": "--steps",

@@ -83,7 +83,8 @@ def resolve_class(config: ModelConfig, value: str) -> int:
 
 def class_conditioning(config: ModelConfig, class_ids: Sequence[int]) -> Conditioning:
     if config.uses_text:
-        raise UsageError("this model is conditioned on text, not on class ids", "give prompts (--prompt)")
+        raise UsageError("this model is conditioned on text, not on class ids", "give prompts ({prompts})",
+                         params=["prompts"])
     ids = [int(c) for c in class_ids]
     if not ids:
         raise UsageError("no classes to sample", "give at least one class")
@@ -100,7 +101,7 @@ def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokeni
     """Encode each distinct prompt (and "") once with `runner`'s text encoder."""
     if not config.uses_text:
         raise UsageError("this model is class-conditioned: it takes class ids, not prompts",
-                         "use --class (see `mmgen info RUN_DIR` for the class names)")
+                         "use {classes} (see `mmgen info RUN_DIR` for the class names)", params=["classes"])
     prompts = [str(p) for p in prompts]
     if not prompts:
         raise UsageError("no prompts to sample", "give at least one prompt")
@@ -138,5 +139,5 @@ def make_conditioning(runner: Runner, config: ModelConfig, *, class_ids: Sequenc
         return text_conditioning(runner, config, tokenizer, prompts)
     if prompts:
         raise UsageError("this model is class-conditioned: it takes class ids, not prompts",
-                         "use --class (see `mmgen info RUN_DIR` for the class names)")
+                         "use {classes} (see `mmgen info RUN_DIR` for the class names)", params=["classes"])
     return class_conditioning(config, class_ids)

@@ -73,18 +73,20 @@ def expand_conditions(config: ModelConfig, classes: Sequence[str | int], prompts
     from mmgen_deploy.sampling.conditioning import resolve_class
 
     if n < 1:
-        raise UsageError(f"n must be >= 1, got {n}")
+        raise UsageError(f"{{n}} must be >= 1, got {n}", params=["n"])
     if config.uses_text:
         if classes:
-            raise UsageError("this model is conditioned on text: it takes prompts, not --class",
-                             'use --prompt "a large blue triangle at the top" (or --prompts-file FILE)')
+            raise UsageError("this model is conditioned on text: it takes prompts, not {classes}",
+                             'use {prompts} "a large blue triangle at the top" (or {prompts_file} FILE)',
+                             params=["classes", "prompts", "prompts_file"])
         if not prompts:
             raise UsageError("this text-to-image model needs prompts",
-                             'pass --prompt "a large blue triangle at the top" (repeatable) or --prompts-file FILE')
+                             'pass {prompts} "a large blue triangle at the top" (repeatable) or {prompts_file} FILE',
+                             params=["prompts", "prompts_file"])
         return None, [str(p) for p in prompts for _ in range(n)]
     if prompts:
-        raise UsageError("this model is class-conditioned: it takes --class, not prompts",
-                         "see `mmgen info RUN_DIR` for the class names")
+        raise UsageError("this model is class-conditioned: it takes {classes}, not prompts",
+                         "see `mmgen info RUN_DIR` for the class names", params=["classes"])
     class_ids = [resolve_class(config, str(c)) for c in classes] if classes else list(range(config.dit.num_classes))
     return [c for c in class_ids for _ in range(n)], None
 

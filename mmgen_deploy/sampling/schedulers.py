@@ -66,9 +66,10 @@ def sampler_schedule(sampler: str, diffusion: DiffusionConfig, steps: int) -> tu
     """
     T = diffusion.num_train_timesteps
     if steps < 1:
-        raise UsageError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"{{steps}} must be >= 1, got {steps}", params=["steps"])
     if steps > T:
-        raise UsageError(f"steps {steps} exceeds the {T} training timesteps", f"use --steps <= {T}")
+        raise UsageError(f"{{steps}} {steps} exceeds the {T} training timesteps", f"use {{steps}} <= {T}",
+                         params=["steps"])
     abar = training_alphas_cumprod(diffusion)
     spacing, kind = diffusion.timestep_spacing, sampler_kind(sampler)
     if spacing == "respaced":
@@ -101,10 +102,10 @@ def respaced_timesteps(num_train_timesteps: int, steps: int) -> np.ndarray:
     t_i = round(i * (T - 1) / (N - 1)); N = 1 means a single step from t = T - 1.
     """
     if steps < 1:
-        raise UsageError(f"steps must be >= 1, got {steps}")
+        raise UsageError(f"{{steps}} must be >= 1, got {steps}", params=["steps"])
     if steps > num_train_timesteps:
-        raise UsageError(f"steps {steps} exceeds the {num_train_timesteps} training timesteps",
-                         f"use --steps <= {num_train_timesteps}")
+        raise UsageError(f"{{steps}} {steps} exceeds the {num_train_timesteps} training timesteps",
+                         f"use {{steps}} <= {num_train_timesteps}", params=["steps"])
     if steps == 1:
         return np.array([num_train_timesteps - 1], dtype=np.int64)
     return np.linspace(0, num_train_timesteps - 1, steps).round()[::-1].astype(np.int64)
