@@ -139,6 +139,7 @@ def test_int8_parity_fails_on_a_wrong_scale_inside_a_dit_block(trained_run, tmp_
     model.graph.initializer.append(numpy_helper.from_array((scale * 2).astype(scale.dtype), node.input[1] + "_wrong"))
     node.input[1] += "_wrong"  # this DQ only: its QuantizeLinear keeps the calibrated scale
     onnx.save(model, str(path))
+    record_as_exported(path)  # a faulty export step, not a graph replaced afterwards
     report = run_parity(run, options)
     assert not report.passed
     graph_check = next(c for c in report.checks if c.name.startswith("dequantize scales"))
