@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from export_helpers import record_as_exported
 
 from mmgen_deploy.config import DIT_CONDITIONINGS, preset, with_text
 from mmgen_deploy.models import DiT, TextEncoder, VQModel, build_components
@@ -262,6 +263,7 @@ def test_parity_of_a_cached_run_passes_and_a_perturbed_body_fails(parts_run: Run
     biggest = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)))
     biggest.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(biggest) * 1.5, biggest.name))
     onnx.save(model, str(body))
+    record_as_exported(body)
     perturbed = _parity(copy, "every:2")
     assert not perturbed.passed and "denoiser_body" in {c.group for c in perturbed.checks if not c.passed}
 
