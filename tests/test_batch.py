@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmgen_deploy.batch import LOCK
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.config import preset
 from mmgen_deploy.defaults import SAMPLING
@@ -68,7 +69,9 @@ def _images(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _snapshot(out: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+    """Every output file's mtime and size; the writer lock is left out, since each batch records itself in it."""
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*")
+            if p.is_file() and p.name != LOCK}
 
 
 def test_bad_request_lines_are_refused_by_number(class_run: RunDir, tmp_path: Path,
