@@ -109,3 +109,16 @@ def test_docs_teach_the_current_spellings() -> None:
                     found += [f"{page.name}: {o} in {line.strip()[:60]}" for o in old
                               if re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", line)]
     assert not found, found
+
+
+def test_the_generate_page_states_the_sampling_defaults_and_bounds() -> None:
+    """The docs say what `defaults.SAMPLING` holds (the CLI's options and the library read it)."""
+    from mmgen_deploy.defaults import SAMPLING
+
+    rows = {line.split("|")[1].strip(): line for line in (DOCS / "generate.md").read_text().splitlines()
+            if line.startswith("| `")}
+    assert f"({SAMPLING.batch_size}, at most {SAMPLING.max_batch_size})" in rows["`-b, --batch-size`"]
+    assert f"({SAMPLING.steps})" in rows["`--steps`"]
+    assert f"`{SAMPLING.sampler}` (default)" in rows["`--sampler`"]
+    assert f"in 0..{SAMPLING.max_cfg_scale:g} ({SAMPLING.cfg_scale})" in rows["`--cfg-scale`"]
+    assert f"in 0..{SAMPLING.max_eta:g}" in rows["`--eta`"]
