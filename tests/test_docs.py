@@ -64,6 +64,19 @@ def test_every_visible_option_is_on_the_command_page(name: str, cmd: click.Comma
     assert not missing, f"mmgen {name}: {missing} not on {COMMAND_PAGES[name.split()[0]]}"
 
 
+@pytest.mark.parametrize("name,cmd", _leaf_commands(), ids=lambda v: v if isinstance(v, str) else "")
+def test_short_flags_are_given_with_their_option(name: str, cmd: click.Command) -> None:
+    """A page names an option's short flag the way --help does: `-n, --n`."""
+    text = "".join((DOCS / page).read_text() for page in COMMAND_PAGES[name.split()[0]])
+    missing = []
+    for param in cmd.params:
+        names = visible_names(param) if param.param_type_name != "argument" else []
+        long_names = [n for n in names if n.startswith("--")]
+        missing += [f"{short}, {long_names[0]}" for short in names
+                    if not short.startswith("--") and long_names and f"`{short}, {long_names[0]}" not in text]
+    assert not missing, f"mmgen {name}: {missing} not on {COMMAND_PAGES[name.split()[0]]}"
+
+
 def test_readme_lists_every_command_and_stays_short() -> None:
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
