@@ -76,9 +76,15 @@ def expand_parts(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for name in names for n in (DENOISER_PARTS if name == PARTS_WORD else (name,))))
 
 
+def has_denoiser_parts(dit: DiTConfig) -> bool:
+    """Whether the DiT is deep enough to split: a body of at least one block left for a policy to reuse.
+    A shallower one has no parts (`component_names`, `component_specs` and `build_components` leave them out)."""
+    return dit.depth >= CACHE_HEAD_BLOCKS + CACHE_TAIL_BLOCKS + 1
+
+
 def denoiser_split(dit: DiTConfig) -> dict[str, range]:
     """Which blocks each denoiser part runs (the head also embeds, the tail also runs the final layer)."""
-    if dit.depth < CACHE_HEAD_BLOCKS + CACHE_TAIL_BLOCKS + 1:
+    if not has_denoiser_parts(dit):
         raise ValueError(f"a DiT of depth {dit.depth} is too shallow to split into head, body and tail")
     body_stop = dit.depth - CACHE_TAIL_BLOCKS
     return {"denoiser_head": range(0, CACHE_HEAD_BLOCKS), "denoiser_body": range(CACHE_HEAD_BLOCKS, body_stop),
@@ -88,9 +94,11 @@ def denoiser_split(dit: DiTConfig) -> dict[str, range]:
 def component_names(config: ModelConfig, *, parts: bool = False) -> tuple[str, ...]:
     """The deployable components of a model, in pipeline order: its first stage's (VQ: encoder,
     quantizer, decoder; KL: encoder, decoder), the denoiser, and the text encoder of a text model.
-    `parts`: with the denoiser's parts after the denoiser (what a run can hold; not exported by default)."""
+    `parts`: with the denoiser's parts after the denoiser (what a run can hold; not exported by default),
+    when the DiT has them (`has_denoiser_parts`)."""
+    with_parts = parts and has_denoiser_parts(config.dit)
     have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
-            *(TEXT_ONLY_COMPONENTS if config.uses_text else ()), *(DENOISER_PARTS if parts else ())}
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ()), *(DENOISER_PARTS if with_parts else ())}
     return tuple(c for c in ALL_COMPONENTS if c in have)
 
 
@@ -550,7 +558,7 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
             # text encoder: rel. L2 0.11 on real captions, over the 8-bit tolerance).
             quant_fallback={"int8": "fp16", "fp8": "fp16"},
         )
-    if parts:
+    if parts and has_denoiser_parts(config.dit):
         specs.update(_denoiser_part_specs(config, specs["denoiser"], conditions))
         specs = {name: specs[name] for name in ALL_COMPONENTS if name in specs}
     assert tuple(specs) == component_names(config, parts=parts), "component_specs must follow ALL_COMPONENTS"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,24 @@ def test_parts_are_not_exported_by_default() -> None:
     assert not set(DENOISER_PARTS) & set(component_names(config))
     assert not set(DENOISER_PARTS) & set(component_specs(config))
 
+
+
+def test_a_one_block_dit_has_no_parts_and_exports_without_them() -> None:
+    """Nothing is left for a policy to reuse, so the parts are left out (the export's cost count and
+    models build every component a run may hold) and asking for them is refused in one line."""
+    from mmgen_deploy.errors import UsageError
+    from mmgen_deploy.export.budget import component_costs
+    from mmgen_deploy.export.exporter import normalize_selection
+
+    config = preset("tiny")
+    config = config.replace(dit=dataclasses.replace(config.dit, depth=1))
+    assert not set(DENOISER_PARTS) & set(component_names(config, parts=True))
+    assert not set(DENOISER_PARTS) & set(component_costs(config))
+    with torch.device("meta"):
+        vq, dit = VQModel(config.first_stage), DiT(config.dit)
+    assert not set(DENOISER_PARTS) & set(build_components(vq, dit, parts=True))
+    with pytest.raises(UsageError, match="too few blocks"):
+        normalize_selection(["fp32"], ["denoiser_parts"], component_names(config, parts=True))
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_exported_parts_compose_to_the_whole_denoiser(parts_run: RunDir, backend: str) -> None:

@@ -120,7 +120,9 @@ def normalize_selection(precisions: Iterable[str], components: Iterable[str] | N
     bad = [c for c in chosen if c not in available]
     if bad or not chosen:
         why = (" (a class-conditioned model has no text encoder)" if "text_encoder" in bad
-               else " (this model's first stage has no quantizer)" if "quantizer" in bad else "")
+               else " (this model's first stage has no quantizer)" if "quantizer" in bad
+               else " (this model's DiT has too few blocks to split into parts)" if set(bad) & set(DENOISER_PARTS)
+               else "")
         listed = [c for c in available if c not in DENOISER_PARTS]
         if any(c in DENOISER_PARTS for c in available):
             listed.append(f"{PARTS_WORD} (or one of {', '.join(DENOISER_PARTS)})")

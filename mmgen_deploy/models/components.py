@@ -14,7 +14,7 @@ from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
 from mmgen_deploy.models.vqvae import VectorQuantizer, VQModel
-from mmgen_deploy.specs import Tensors, denoiser_condition_names, denoiser_split
+from mmgen_deploy.specs import Tensors, denoiser_condition_names, denoiser_split, has_denoiser_parts
 
 
 class EncoderComponent(nn.Module):
@@ -172,7 +172,8 @@ def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
                      text_encoder: TextEncoder | None = None, *, parts: bool = False) -> dict[str, nn.Module]:
     """All deployable components in eval mode, sharing weights with the models: the first
     stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder;
-    with `parts`, the denoiser's parts after the denoiser (`specs.component_names(config, parts=True)`)."""
+    with `parts`, the denoiser's parts after the denoiser when the DiT has them
+    (`specs.component_names(config, parts=True)`)."""
     if dit.config.uses_text and text_encoder is None:
         raise ValueError("a text-conditioned DiT needs its text encoder")
     comps: dict[str, nn.Module]
@@ -182,7 +183,7 @@ def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
         comps = {"encoder": EncoderComponent(first_stage), "quantizer": QuantizerComponent(first_stage),
                  "decoder": DecoderComponent(first_stage)}
     comps["denoiser"] = TextDenoiserComponent(dit) if dit.config.uses_text else DenoiserComponent(dit)
-    if parts:
+    if parts and has_denoiser_parts(dit.config):
         comps.update({"denoiser_head": DenoiserHeadComponent(dit), "denoiser_body": DenoiserBodyComponent(dit),
                       "denoiser_tail": DenoiserTailComponent(dit)})
     if text_encoder is not None:
