@@ -208,11 +208,16 @@ def evict_least_recent(folder: Path, pattern: str, max_bytes: int, keep: Path) -
             total -= size
 
 
+# What writing a cache entry raises when the cache cannot take it: a read-only folder (OSError), a full
+# disk (DiskFullError) or a cache path that is a file, link or device (UnsafePathError).
+CACHE_WRITE_ERRORS: tuple[type[Exception], ...] = (OSError, DiskFullError, UnsafePathError)
+
+
 def store_in_cache(target: Path, write: Callable[[Path], object], replaces: str, max_bytes: int) -> None:
     """Write a cache entry atomically (`write(tmp)`, then rename to `target`), remove the older
     entries it replaces (the files of its folder matching `replaces`), and keep the folder's files
-    of its suffix under `max_bytes`. OSError propagates: callers decide what a full or read-only
-    cache costs them."""
+    of its suffix under `max_bytes`. CACHE_WRITE_ERRORS propagate: callers decide what a full,
+    read-only or unusable cache costs them."""
     with atomic_path(target) as tmp:
         write(tmp)
     for old in target.parent.glob(replaces):
@@ -251,7 +256,7 @@ def sha256_file_remembered(path: str | os.PathLike[str]) -> str:
     # timestamps have a coarse clock, and a rewrite within the same tick could keep all of them.
     settled = time.time_ns() - max(stat.st_mtime_ns, stat.st_ctime_ns) > SETTLED_NS
     if entry is not None and settled and path.stat().st_ctime_ns == stat.st_ctime_ns:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(*CACHE_WRITE_ERRORS):
             write_json(entry, {"path": str(path), "stat": stamp, "sha256": digest})
     return digest
 

@@ -89,11 +89,11 @@ def ort_cpu_model(path: Path, *, has_group_norms: bool, cache_dir: Path | str | 
     data = model.SerializeToString()
     if target is None:
         return data
-    from mmgen_deploy.io_utils import store_in_cache
+    from mmgen_deploy.io_utils import CACHE_WRITE_ERRORS, store_in_cache
 
     try:  # replaces the entry of an earlier export of the same file
         store_in_cache(target, lambda tmp: tmp.write_bytes(data), f"{source}-{path.stem}-*.onnx", CACHE_LIMIT_BYTES)
-    except OSError:  # a read-only or full cache: this process uses the bytes
+    except CACHE_WRITE_ERRORS:  # a read-only, full or unusable cache: this process uses the bytes
         return data
     return str(target)
 

@@ -185,7 +185,7 @@ class CompiledBlobs:
     def store(self, path: Path, compiled: Any) -> None:
         """Write `compiled` to `path` and drop the older blobs it replaces; a read-only or full
         cache folder only costs the next process a compilation."""
-        from mmgen_deploy.io_utils import store_in_cache
+        from mmgen_deploy.io_utils import CACHE_WRITE_ERRORS, store_in_cache
 
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -195,7 +195,7 @@ class CompiledBlobs:
             store_in_cache(path, functools.partial(Path.write_bytes, data=stream.getbuffer()), prefix + "*.blob",
                            self.max_bytes)
             del stream
-        except OSError:
+        except CACHE_WRITE_ERRORS:
             pass
 
 
