@@ -106,6 +106,13 @@ def test_a_one_block_dit_has_no_parts_and_exports_without_them() -> None:
     assert not set(DENOISER_PARTS) & set(build_components(vq, dit, parts=True))
     with pytest.raises(UsageError, match="too few blocks"):
         normalize_selection(["fp32"], ["denoiser_parts"], component_names(config, parts=True))
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+    from mmgen_deploy.sampling import sample
+
+    torch.manual_seed(0)
+    runner = TorchRunner(VQModel(config.first_stage).eval(), DiT(config.dit).eval(), config=config)
+    with pytest.raises(UsageError, match="too few to split"):
+        sample(runner, config, [0], steps=2, cache="every:2")
 
 @pytest.mark.parametrize("backend", ["torch", "onnxruntime", "openvino"])
 def test_exported_parts_compose_to_the_whole_denoiser(parts_run: RunDir, backend: str) -> None:

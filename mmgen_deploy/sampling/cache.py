@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from mmgen_deploy.errors import NotAvailableError, UsageError
-from mmgen_deploy.specs import PARTS_WORD, ComponentSpec, Tensors, denoiser_split
+from mmgen_deploy.specs import PARTS_WORD, ComponentSpec, Tensors, denoiser_split, has_denoiser_parts
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import DiTConfig
@@ -237,6 +237,9 @@ class CachedDenoiser:
     def __init__(self, runner: Runner, specs: dict[str, ComponentSpec], dit: DiTConfig, policy: CachePolicy,
                  steps: int, images: int, stats: CacheStats) -> None:
         self.runner, self.specs, self.images = runner, specs, images
+        if not has_denoiser_parts(dit):
+            raise UsageError(f"cache policy {policy.spec}: this model's DiT has {dit.depth} block(s), too few to split "
+                             "into the parts step caching reuses", "sample without a cache policy")
         self.decider = policy.decider(steps)
         split = denoiser_split(dit)
         self.always_blocks = len(split["denoiser_head"]) + len(split["denoiser_tail"])
