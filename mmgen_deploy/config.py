@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
+from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import ConfigError
 
 T = TypeVar("T", bound="_JsonConfig")
@@ -235,6 +236,15 @@ class DiTConfig(_JsonConfig):
     conditioning: str = "class"
     text_dim: int = 0  # width of the text encoder's embeddings (text conditioning only)
     text_length: int = 0  # tokens per prompt (text conditioning only)
+    # A guidance-distilled student takes the guidance scale as an input (its embedding is added to
+    # the timestep embedding, as in Meng et al.), so one evaluation replaces the [cond; uncond] pair.
+    guidance_embed: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if not self.guidance_embed:  # only students carry the flag: a teacher's config file stays as it was
+            del data["guidance_embed"]
+        return data
 
     @property
     def uses_text(self) -> bool:
@@ -361,6 +371,40 @@ TIMESTEP_SPACINGS = ("respaced", "linspace", "leading", "trailing")
 VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
 
+# The sampler a distilled student steps with: deterministic DDIM, whose steps are linear in the predicted
+# noise (what `training.distill` solves its targets with).
+DISTILLED_SAMPLER = "ddim"
+
+
+@dataclass(frozen=True)
+class StudentConfig(_JsonConfig):
+    """What a distilled student was trained for (`mmgen distill`): its own few-step schedule and the
+    guidance scales its guidance input covers. Sampling refuses anything else."""
+
+    SECTION = "student"
+
+    method: str = "trajectory"
+    steps: int = 4
+    # The timesteps the student visits, largest first; its last step lands on the clean sample.
+    timesteps: tuple[int, ...] = (999, 749, 500, 250)
+    sampler: str = DISTILLED_SAMPLER
+    guidance_min: float = 1.0
+    guidance_max: float = 6.0
+    default_cfg_scale: float = SAMPLING.cfg_scale
+    teacher_steps: int = 48  # the teacher's DDIM steps whose end points the student learned
+
+    def validate(self) -> None:
+        _require(self.steps == len(self.timesteps) and self.steps >= 1,
+                 f"student.steps {self.steps} does not match its {len(self.timesteps)} timesteps")
+        _require(all(a > b for a, b in zip(self.timesteps, self.timesteps[1:], strict=False)),
+                 "student.timesteps must be strictly decreasing")
+        _require(0 <= self.guidance_min <= self.default_cfg_scale <= self.guidance_max,
+                 "student guidance range must hold its default scale")
+
+    def accepts_cfg_scale(self, cfg_scale: float) -> bool:
+        return self.guidance_min - 1e-9 <= cfg_scale <= self.guidance_max + 1e-9
+
+
 @dataclass(frozen=True)
 class ModelConfig(_JsonConfig):
     """The whole latent model: first stage (VQ or KL autoencoder) + DiT + noise schedule + label
@@ -376,6 +420,7 @@ class ModelConfig(_JsonConfig):
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     class_names: tuple[str, ...] = ()
     text: TextConfig | None = None
+    student: StudentConfig | None = None  # set on runs made by `mmgen distill`
 
     @property
     def uses_text(self) -> bool:
@@ -389,12 +434,14 @@ class ModelConfig(_JsonConfig):
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         settings = data.pop("first_stage")
+        if data["student"] is None:  # only distilled runs carry the section: teachers' dicts stay as they were
+            del data["student"]
         return {"vq": settings, **data, "first_stage": self.first_stage_kind}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text", "first_stage",
-                                      "first_stage_kind"})
+                                      "first_stage_kind", "student"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
         if isinstance(data.get("first_stage"), dict):  # settings under "first_stage", kind beside them
@@ -410,6 +457,7 @@ class ModelConfig(_JsonConfig):
             diffusion=DiffusionConfig.from_dict(data.get("diffusion", {})),
             class_names=tuple(data.get("class_names", ())),
             text=TextConfig.from_dict(data["text"]) if data.get("text") is not None else None,
+            student=StudentConfig.from_dict(data["student"]) if data.get("student") is not None else None,
         )
         obj.validate()
         return obj
@@ -418,6 +466,10 @@ class ModelConfig(_JsonConfig):
         self.first_stage.validate()
         self.dit.validate()
         self.diffusion.validate()
+        _require((self.student is not None) == self.dit.guidance_embed,
+                 "dit.guidance_embed and the student section go together (a distilled student has both)")
+        if self.student is not None:
+            self.student.validate()
         if self.dit.uses_text:
             _require(self.text is not None,
                      f"dit.conditioning {self.dit.conditioning!r} needs a text encoder configuration")

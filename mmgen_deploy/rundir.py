@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from mmgen_deploy.config import DiffusionConfig, DiTConfig, KLConfig, ModelConfig, TextConfig, VQConfig
+from mmgen_deploy.config import DiffusionConfig, DiTConfig, KLConfig, ModelConfig, StudentConfig, TextConfig, VQConfig
 from mmgen_deploy.errors import ConfigError, RunDirBusyError, RunDirError
 from mmgen_deploy.io_utils import (
     Leftover,
@@ -485,8 +485,10 @@ class RunDir:
         try:
             if not isinstance(class_names, list | tuple):
                 raise ConfigError(f"class_names must be a list of strings, got {type(class_names).__name__}")
+            student_section = meta.get("student")
+            student = StudentConfig.from_dict(student_section) if student_section is not None else None
             cfg = ModelConfig(first_stage=stage, dit=dit, diffusion=diffusion, class_names=tuple(class_names),
-                              text=text)
+                              text=text, student=student)
             cfg.validate()
         except ConfigError as exc:
             raise RunDirError(f"invalid configuration in {self.root}: {exc.message}", exc.hint) from None
@@ -518,6 +520,8 @@ class RunDir:
             "class_names": list(config.class_names),
             "data": data or {},
         }
+        if config.student is not None:
+            meta["student"] = config.student.to_dict()
         meta.update(extra or {})
         write_json(self.config_path(first_stage_part(config)), config.first_stage.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())

@@ -142,6 +142,7 @@ class Tensors:
     TEXT_EMBEDDINGS = "text_embeddings"  # text encoder outputs = text denoiser inputs
     TEXT_MASK = "text_mask"
     TEXT_POOLED = "text_pooled"
+    GUIDANCE_SCALE = "guidance_scale"  # a guidance-distilled student's input: the guidance scale per sample
 
 
 @dataclass(frozen=True)
@@ -349,10 +350,11 @@ TEXT_OUTPUTS = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK, Tensors.TEXT_POOLED)
 
 def denoiser_condition_names(dit: DiTConfig) -> tuple[str, ...]:
     """The denoiser's inputs after x_t and t, which depend on how the DiT is conditioned."""
+    guidance = (Tensors.GUIDANCE_SCALE,) if dit.guidance_embed else ()
     if not dit.uses_text:
-        return (Tensors.CLASS_IDS,)
+        return (Tensors.CLASS_IDS, *guidance)
     names = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK) if dit.uses_cross_attention else ()
-    return (*names, Tensors.TEXT_POOLED) if dit.uses_pooled_text else names
+    return (*names, Tensors.TEXT_POOLED, *guidance) if dit.uses_pooled_text else (*names, *guidance)
 
 
 def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
@@ -482,6 +484,8 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
             N.TEXT_MASK: TensorSpec(N.TEXT_MASK, "float32", (BATCH, length)),
             N.TEXT_POOLED: TensorSpec(N.TEXT_POOLED, "float32", (BATCH, width)),
         }
+    condition_specs[N.GUIDANCE_SCALE] = TensorSpec(N.GUIDANCE_SCALE, "float32", (BATCH,))
+    student = config.student
     conditions = tuple(condition_specs[n] for n in denoiser_condition_names(dit))
 
     def denoiser_inputs(b: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -494,6 +498,9 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
                 feeds[N.CLASS_IDS] = rng.integers(0, num_classes + 1, (b,)).astype(np.int32)
             elif tensor.name == N.TEXT_MASK:
                 feeds[N.TEXT_MASK] = _text_masks(b, dit.text_length, rng)
+            elif tensor.name == N.GUIDANCE_SCALE and student is not None:  # the scales it was distilled for
+                feeds[N.GUIDANCE_SCALE] = rng.uniform(student.guidance_min, student.guidance_max,
+                                                      (b,)).astype(np.float32)
             else:  # text encoder outputs end in a LayerNorm: unit-scale values
                 feeds[tensor.name] = rng.standard_normal(tensor.concrete_shape(b)).astype(np.float32)
         return feeds
@@ -506,13 +513,14 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
             inputs=(TensorSpec(N.X_T, "float32", lat), TensorSpec(N.T, "float32", (BATCH,)), *conditions),
             outputs=(TensorSpec(N.MODEL_OUTPUT, "float32", out),),
             make_inputs=denoiser_inputs,
-            batch_multiplier=GUIDANCE_BATCH_MULTIPLIER,
+            # A guidance-distilled student runs one evaluation per image: no [cond; uncond] pair.
+            batch_multiplier=1 if dit.guidance_embed else GUIDANCE_BATCH_MULTIPLIER,
             # 8-bit: per-tensor activation ranges calibrated over all timesteps are coarse at some of
             # them; measured on the trained quickstart DiT (ONNX Runtime CPU, real inputs, worst batch):
             # INT8 up to 0.11 (batch 32), 0.045 (batches 1, 3). Whether that matters is what the
             # end-to-end check and `mmgen eval` measure.
             tolerances=_tol((N.MODEL_OUTPUT,), int8=0.2, fp8=0.2),
-            fp32_scopes=("dit.t_embedder",),
+            fp32_scopes=("dit.t_embedder", "dit.g_embedder") if dit.guidance_embed else ("dit.t_embedder",),
             # No Q/DQ on the final layer (its adaLN and the projection to epsilon: an error there lands
             # in the output unattenuated) nor on the blocks' adaLN modulation (it scales every
             # activation of its block; small GEMMs at batch x width, so keeping them costs little).

@@ -20,7 +20,7 @@ COMMAND_PAGES = {
     "import": ["import.md"], "export": ["export.md", "quantization.md"], "build-engine": ["tensorrt.md"],
     "generate": ["generate.md"], "parity": ["parity-and-bench.md"], "bench": ["parity-and-bench.md"],
     "serve": ["serving.md"], "client": ["serving.md"], "triton-repo": ["serving.md"], "batch": ["batch.md"],
-    "info": ["run-directory.md"], "doctor": ["backends.md"],
+    "info": ["run-directory.md"], "doctor": ["backends.md"], "distill": ["distill.md"],
 }
 
 

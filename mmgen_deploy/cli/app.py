@@ -21,6 +21,7 @@ from typer._click.exceptions import ClickException, NoArgsIsHelpError
 from mmgen_deploy import __version__
 from mmgen_deploy.cli import (
     batch,
+    distill,
     doctor,
     engines,
     evaluate,
@@ -79,7 +80,8 @@ def _root(
     state.debug = debug or os.environ.get("MMGEN_DEBUG") == "1"
 
 
-for _module in (doctor, info, train, quickstart, evaluate, export, engines, generate, batch, parity, importer, serve):
+for _module in (doctor, info, train, distill, quickstart, evaluate, export, engines, generate, batch, parity, importer,
+                serve):
     _module.register(app)
 
 

@@ -304,6 +304,20 @@ THREADS_OPTION = typer.Option(None, "--threads", min=1, help=f"CPU threads for {
 
 # The step-caching policy of every command that samples (generate, eval, parity, bench, batch), one word
 # everywhere (`sampling.cache`); any policy but none needs the run's denoiser parts.
+# Left out, the sampling settings are the run's own: `defaults.SAMPLING`, or a distilled student's
+# steps, sampler and default guidance scale (`mmgen distill`).
+STEPS_OPTION = typer.Option(
+    None, "--steps", show_default=False,
+    help=f"Denoising steps (respaced from the training schedule). Default: {SAMPLING.steps}, or a distilled "
+         "student's own.")
+SAMPLER_OPTION = typer.Option(
+    None, "--sampler", show_default=False,
+    help=f"ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M). Default: {SAMPLING.sampler}, or a distilled student's own.")
+CFG_SCALE_OPTION = typer.Option(
+    None, "--cfg-scale", show_default=False,
+    help=f"Classifier-free guidance scale in 0..{SAMPLING.max_cfg_scale:g}; 1 disables guidance, 0 is "
+         f"unconditional. Default: {SAMPLING.cfg_scale:g} (a distilled student takes it as an input, within "
+         "its distilled range).")
 CACHE_OPTION = typer.Option(
     SAMPLING.cache, "--cache", metavar="POLICY",
     help="Step caching: none; every:N (compute the denoiser's middle blocks on every N-th step and the first "

@@ -9,6 +9,8 @@ import typer
 
 from mmgen_deploy.cli.common import (
     CACHE_OPTION,
+    CFG_SCALE_OPTION,
+    STEPS_OPTION,
     THREADS_OPTION,
     console,
     emit_json,
@@ -25,8 +27,8 @@ if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunDir
 
 
-def eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, generate: bool, backend: str,
-                  precision: str, num_prompts: int = 200, threads: int | None = None,
+def eval_settings(per_class: int, steps: int | None, cfg_scale: float | None, seed: int, generate: bool,
+                  backend: str, precision: str, num_prompts: int = 200, threads: int | None = None,
                   cache: str = SAMPLING.cache) -> Any:
     from mmgen_deploy.defaults import SAMPLING
     from mmgen_deploy.errors import UsageError
@@ -34,13 +36,13 @@ def eval_settings(per_class: int, steps: int, cfg_scale: float, seed: int, gener
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
     positive("number of samples per class", per_class)
-    positive("number of sampling steps", steps)
     positive("number of prompts", num_prompts)
     for option, value in (("--samples-per-class", per_class), ("--num-prompts", num_prompts)):
         if value > SAMPLING.max_generate_images:
             raise UsageError(f"{option} must be at most {SAMPLING.max_generate_images}, got {value}",
                              "eval keeps every generated image in memory")
-    check_sampling_numbers(steps=steps, sampler=EvalSettings.sampler, cfg_scale=cfg_scale, batch_size=1,
+    check_sampling_numbers(steps=SAMPLING.steps if steps is None else steps, sampler=SAMPLING.sampler,
+                           cfg_scale=SAMPLING.cfg_scale if cfg_scale is None else cfg_scale, batch_size=1,
                            seed=seed)
     return EvalSettings(samples_per_class=per_class, steps=steps, cfg_scale=cfg_scale, seed=seed,
                         generate=generate, backend=backend, precision=precision, num_prompts=num_prompts,
@@ -96,8 +98,8 @@ def eval_cmd(
     num_prompts: int = typer.Option(200, "--num-prompts",
                                     help="Text-to-image runs: prompts drawn from the held-out attribute "
                                          "combinations (one image each)."),
-    steps: int = typer.Option(SAMPLING.steps, "--steps", help="DDIM steps."),
-    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale", help="Classifier-free guidance scale."),
+    steps: int | None = STEPS_OPTION,
+    cfg_scale: float | None = CFG_SCALE_OPTION,
     seed: int = sampling_seed_option(),
     generate: bool = typer.Option(True, "--generate/--no-generate", help="Also generate and judge images."),
     backend: str = typer.Option("torch", "--backend",

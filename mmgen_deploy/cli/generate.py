@@ -11,10 +11,13 @@ import typer
 from mmgen_deploy.cli.common import (
     BACKEND_OPTION,
     CACHE_OPTION,
+    CFG_SCALE_OPTION,
     CLASS_OPTION,
     PRECISION_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
+    SAMPLER_OPTION,
+    STEPS_OPTION,
     console,
     count_column,
     emit_json,
@@ -45,11 +48,9 @@ def generate(
                                                "(generate keeps them in memory; `mmgen batch` writes any number)."),
     batch_size: int = typer.Option(SAMPLING.batch_size, "--batch-size", "-b",
                                    help="Images per denoiser call (guidance doubles the model batch)."),
-    steps: int = typer.Option(SAMPLING.steps, "--steps", help="Denoising steps (respaced from the training schedule)."),
-    sampler: str = typer.Option(SAMPLING.sampler, "--sampler", help="ddim, ddpm or dpmpp-2m (DPM-Solver++ 2M)."),
-    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale",
-                                    help=f"Classifier-free guidance scale in 0..{SAMPLING.max_cfg_scale:g}; 1 "
-                                         "disables guidance, 0 is unconditional."),
+    steps: int | None = STEPS_OPTION,
+    sampler: str | None = SAMPLER_OPTION,
+    cfg_scale: float | None = CFG_SCALE_OPTION,
     eta: float = typer.Option(SAMPLING.eta, "--eta",
                               help=f"DDIM noise in 0..{SAMPLING.max_eta:g} (0 = deterministic, 1 = DDPM-like); "
                                    "ddim only."),

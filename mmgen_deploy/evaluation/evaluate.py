@@ -8,6 +8,7 @@ and all four together. Both are judged from pixels by `evaluation.checker`.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +28,10 @@ from mmgen_deploy.rundir import RunDir
 @dataclass(frozen=True)
 class EvalSettings:
     samples_per_class: int = 10
-    steps: int = SAMPLING.steps
-    sampler: str = SAMPLING.sampler
-    cfg_scale: float = SAMPLING.cfg_scale
+    # None: the run's own (`sampling.loop.run_sampling_defaults`: a distilled student's, or the defaults).
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_scale: float | None = None
     seed: int = 0
     batch_size: int = 90
     backend: str = "torch"
@@ -111,6 +113,7 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
         started = time.perf_counter()
         condition = make_conditioning(runner, config, class_ids=class_ids or [], prompts=prompts or [],
                                       tokenizer=tokenizer)
+        assert settings.steps is not None and settings.sampler is not None and settings.cfg_scale is not None
         result = sample(runner, config, condition, steps=settings.steps, sampler=settings.sampler,
                         cfg_scale=settings.cfg_scale, seed=settings.seed, batch_size=settings.batch_size,
                         progress=progress, cache=settings.cache)
@@ -136,6 +139,18 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
         "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
 
 
+def settings_for_run(settings: EvalSettings, config: Any) -> EvalSettings:
+    """`settings` with the sampling settings left out filled in from the run (a distilled student's own
+    steps, sampler and guidance scale; otherwise `defaults.SAMPLING`)."""
+    from mmgen_deploy.sampling.loop import run_sampling_defaults
+
+    own = run_sampling_defaults(config)
+    return dataclasses.replace(
+        settings, steps=int(own["steps"]) if settings.steps is None else settings.steps,
+        sampler=str(own["sampler"]) if settings.sampler is None else settings.sampler,
+        cfg_scale=float(own["cfg_scale"]) if settings.cfg_scale is None else settings.cfg_scale)
+
+
 def eval_report_path(run: RunDir, settings: EvalSettings) -> Path:
     """RUN_DIR/reports/eval-<backend>-<precision>[-<settings that differ from the defaults>].json, or
     eval-no-generate.json for the first-stage metrics alone: a small evaluation never replaces the
@@ -145,8 +160,9 @@ def eval_report_path(run: RunDir, settings: EvalSettings) -> Path:
 
     if not settings.generate:
         return run.report_path("eval", "no-generate")
-    defaults = EvalSettings()
-    per_model = "num_prompts" if run.load_config().uses_text else "samples_per_class"
+    config = run.load_config()
+    settings, defaults = settings_for_run(settings, config), settings_for_run(EvalSettings(), config)
+    per_model = "num_prompts" if config.uses_text else "samples_per_class"
     words = {per_model: "prompts" if per_model == "num_prompts" else "samples", "steps": "steps",
              "sampler": "sampler", "cfg_scale": "cfg", "seed": "seed"}
     changed = {word: getattr(settings, key) for key, word in words.items()
@@ -175,6 +191,7 @@ def _evaluate(run: RunDir, settings: EvalSettings, progress: Any) -> dict[str, A
     spec = DataSpec.from_dict(meta["data"])
     config = run.load_config()
     from mmgen_deploy.models.load import load_first_stage
+    settings = settings_for_run(settings, config)
     from mmgen_deploy.rundir import first_stage_part
 
     first_stage = load_first_stage(run, config)

@@ -286,8 +286,9 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     if not config.uses_text:
         labels = np.asarray(data.labels if data.labels is not None
                             else rng.integers(0, config.dit.num_classes + 1, size=n))
-        inputs["denoiser"] = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32),
-                              Tensors.CLASS_IDS: labels.astype(np.int32)}
+        inputs["denoiser"] = with_spec_inputs({Tensors.X_T: x_t, Tensors.T: t.astype(np.float32),
+                                               Tensors.CLASS_IDS: labels.astype(np.int32)},
+                                              specs["denoiser"], rng)
         return inputs, source
     denoiser = {Tensors.X_T: x_t, Tensors.T: t.astype(np.float32)}
     if use_text:
@@ -303,8 +304,20 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
         dummy = specs["denoiser"].make_inputs(n, rng)
         denoiser.update({k: v for k, v in dummy.items() if k not in denoiser})
         inputs["text_encoder"] = specs["text_encoder"].make_inputs(n, rng)
-    inputs["denoiser"] = denoiser
+    inputs["denoiser"] = with_spec_inputs(denoiser, specs["denoiser"], rng)
     return inputs, source
+
+
+def with_spec_inputs(feeds: dict[str, np.ndarray], spec: ComponentSpec,
+                     rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """`feeds` completed with the spec's own inputs for the names real data does not give (a
+    distilled student's guidance scale: drawn from its distilled range)."""
+    missing = [name for name in spec.input_names if name not in feeds]
+    if not missing:
+        return feeds
+    n = len(next(iter(feeds.values())))
+    dummy = spec.make_inputs(n, rng)
+    return {**feeds, **{name: dummy[name] for name in missing}}
 
 
 @torch.no_grad()

@@ -74,14 +74,17 @@ class KLDecoderComponent(nn.Module):
 
 
 class DenoiserComponent(nn.Module):
-    """(x_t (B, C, h, w), t (B,) float32, class_ids (B,) int32) -> model output (B, C or 2C, h, w)."""
+    """(x_t (B, C, h, w), t (B,) float32, class_ids (B,) int32[, guidance_scale (B,) float32 for a
+    guidance-distilled student]) -> model output (B, C or 2C, h, w)."""
 
     def __init__(self, dit: DiT) -> None:
         super().__init__()
         self.dit = dit
+        self.condition_names = denoiser_condition_names(dit.config)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_ids: torch.Tensor) -> torch.Tensor:
-        return self.dit(x_t, t, class_ids)
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
+        given = dict(zip(self.condition_names, conditions, strict=True))
+        return self.dit(x_t, t, given[Tensors.CLASS_IDS], guidance=given.get(Tensors.GUIDANCE_SCALE))
 
 
 class TextDenoiserComponent(nn.Module):
@@ -96,7 +99,7 @@ class TextDenoiserComponent(nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, *conditions: torch.Tensor) -> torch.Tensor:
         given = dict(zip(self.condition_names, conditions, strict=True))
         return self.dit(x_t, t, text=given.get(Tensors.TEXT_EMBEDDINGS), text_mask=given.get(Tensors.TEXT_MASK),
-                        text_pooled=given.get(Tensors.TEXT_POOLED))
+                        text_pooled=given.get(Tensors.TEXT_POOLED), guidance=given.get(Tensors.GUIDANCE_SCALE))
 
 
 class _DenoiserPart(nn.Module):
@@ -125,7 +128,8 @@ class DenoiserHeadComponent(_DenoiserPart):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor,
                 *conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         given = dict(zip(self.condition_names, conditions, strict=True))
-        h, c = self.dit.embed(x_t, t, given.get(Tensors.CLASS_IDS), text_pooled=given.get(Tensors.TEXT_POOLED))
+        h, c = self.dit.embed(x_t, t, given.get(Tensors.CLASS_IDS), text_pooled=given.get(Tensors.TEXT_POOLED),
+                              guidance=given.get(Tensors.GUIDANCE_SCALE))
         context, bias = self.context(conditions)  # text_embeddings, text_mask come first
         return self.dit.run_blocks(h, c, self.blocks.start, self.blocks.stop, context, bias), c
 

@@ -42,6 +42,11 @@ def timestep_embedding(t: torch.Tensor, dim: int, freq_shift: float = 0.0,
     return emb
 
 
+# Guidance scales (about 1..10) are stretched to the timesteps' range before their sinusoidal
+# embedding, so neighbouring scales get distinguishable embeddings.
+GUIDANCE_EMBED_SCALE = 100.0
+
+
 class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, freq_shift: float = 0.0) -> None:
         super().__init__()
@@ -169,6 +174,8 @@ class DiT(nn.Module):
         self.config = cfg
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, cfg.hidden_size)
         self.t_embedder = TimestepEmbedder(cfg.hidden_size, freq_shift=cfg.timestep_freq_shift)
+        if cfg.guidance_embed:
+            self.g_embedder = TimestepEmbedder(cfg.hidden_size)
         if cfg.uses_text:
             if cfg.uses_pooled_text:
                 self.text_pool_embedder = nn.Sequential(
@@ -222,6 +229,10 @@ class DiT(nn.Module):
                 nn.init.zeros_(cross.proj.bias)
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
+        if self.config.guidance_embed:
+            # A student starts as its teacher's conditional model: the guidance embedding adds 0.
+            nn.init.zeros_(cast(nn.Linear, self.g_embedder.mlp[2]).weight)
+            nn.init.zeros_(cast(nn.Linear, self.g_embedder.mlp[2]).bias)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C) -> (B, C, H, W) with reshape + permute (no Einsum)."""
@@ -233,12 +244,14 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 drop_labels: torch.Tensor | None = None, *, text: torch.Tensor | None = None,
-                text_mask: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None) -> torch.Tensor:
+                text_mask: torch.Tensor | None = None, text_pooled: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, C, H, W) latents, t (B,) float timesteps, and the condition: y (B,) class ids
         (num_classes = null) for a class DiT; for a text DiT the text encoder's outputs:
         text (B, L, D) and text_mask (B, L) for cross-attention, text_pooled (B, D) for adaLN.
+        A guidance-distilled student also takes guidance (B,), the classifier-free guidance scale.
         """
-        h, c = self.embed(x, t, y, drop_labels, text_pooled=text_pooled)
+        h, c = self.embed(x, t, y, drop_labels, text_pooled=text_pooled, guidance=guidance)
         context, bias = self.cross_context(text, text_mask)
         h = self.run_blocks(h, c, 0, len(self.blocks), context, bias)
         return self.finish(h, c)
@@ -247,11 +260,17 @@ class DiT(nn.Module):
     # embeddings, any contiguous range of blocks, and the final layer.
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
               drop_labels: torch.Tensor | None = None, *,
-              text_pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The patch tokens h (B, N, D) and the adaLN input c (B, D): timestep + condition embedding."""
+              text_pooled: torch.Tensor | None = None,
+              guidance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The patch tokens h (B, N, D) and the adaLN input c (B, D): timestep + condition embedding
+        (+ the guidance scale's embedding for a guidance-distilled student)."""
         cfg = self.config
         h = self.x_embedder(x) + self.pos_embed
         c = self.t_embedder(t)
+        if cfg.guidance_embed:
+            if guidance is None:
+                raise ValueError("a guidance-distilled DiT needs the guidance scale")
+            c = c + self.g_embedder(guidance * GUIDANCE_EMBED_SCALE)
         if not cfg.uses_text:
             if y is None:
                 raise ValueError("a class-conditioned DiT needs class ids y")

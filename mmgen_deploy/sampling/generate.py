@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,17 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.sampling.cache import parse_cache_policy
 from mmgen_deploy.sampling.conditioning import Conditioning, make_conditioning
-from mmgen_deploy.sampling.loop import ProgressCallback, SampleResult, check_sampling_numbers, sample
+from mmgen_deploy.sampling.loop import (
+    ProgressCallback,
+    SampleResult,
+    check_sampling_numbers,
+    run_sampling_defaults,
+    sample,
+)
 from mmgen_deploy.sampling.loop import validate_sampling_args as _validate
 
 if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
     from mmgen_deploy.runtime.select import BackendChoice
 
 
@@ -33,9 +41,10 @@ class GenerateRequest:
     prompts: Sequence[str] = ()  # text-to-image models
     n: int = 4  # images per class or prompt
     batch_size: int = SAMPLING.batch_size
-    steps: int = SAMPLING.steps
-    sampler: str = SAMPLING.sampler
-    cfg_scale: float = SAMPLING.cfg_scale
+    # None: the run's own (`run_sampling_defaults`: a distilled student's, otherwise `defaults.SAMPLING`).
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_scale: float | None = None
     eta: float = SAMPLING.eta
     cache: str = SAMPLING.cache  # step-caching policy (sampling.cache)
     seed: int = 0
@@ -51,11 +60,21 @@ class GenerateRequest:
         if not 1 <= self.n <= SAMPLING.max_generate_images:
             raise UsageError(f"{{n}} must be in 1..{SAMPLING.max_generate_images}, got {self.n}",
                              "generate keeps every image in memory; `mmgen batch` writes any number", params=["n"])
-        check_sampling_numbers(steps=self.steps, sampler=self.sampler, cfg_scale=self.cfg_scale,
+        check_sampling_numbers(steps=SAMPLING.steps if self.steps is None else self.steps,
+                               sampler=self.sampler or SAMPLING.sampler,
+                               cfg_scale=SAMPLING.cfg_scale if self.cfg_scale is None else self.cfg_scale,
                                batch_size=self.batch_size, eta=self.eta, seed=self.seed)
         parse_cache_policy(self.cache)
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"{{threads}} must be >= 1, got {self.threads}", params=["threads"])
+
+    def for_run(self, config: ModelConfig) -> GenerateRequest:
+        """This request with the settings left out filled in from the run (`run_sampling_defaults`)."""
+        own = run_sampling_defaults(config)
+        return dataclasses.replace(
+            self, steps=int(own["steps"]) if self.steps is None else self.steps,
+            sampler=str(own["sampler"]) if self.sampler is None else self.sampler,
+            cfg_scale=float(own["cfg_scale"]) if self.cfg_scale is None else self.cfg_scale)
 
 
 @dataclass
@@ -117,6 +136,8 @@ def _generate_images(run_dir: RunLike, request: GenerateRequest, *, progress: Pr
     request.check()
     run = RunDir.of(run_dir)
     config = run.load_config()
+    request = request.for_run(config)
+    assert request.steps is not None and request.sampler is not None and request.cfg_scale is not None
     class_ids, prompt_rows = expand_conditions(config, request.classes, request.prompts, request.n)
     check_image_count(class_ids, prompt_rows, request.n)
     per_image: list[int] = class_ids or []

@@ -125,6 +125,38 @@ def validate_sampling_args(config: ModelConfig, class_ids: list[int] | None, *, 
     if steps > config.diffusion.num_train_timesteps:
         raise UsageError(f"{{steps}} {steps} exceeds the {config.diffusion.num_train_timesteps} "
                          "training timesteps", params=["steps"])
+    check_student_settings(config, steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=eta)
+
+
+def check_student_settings(config: ModelConfig, *, steps: int, sampler: str, cfg_scale: float, eta: float) -> None:
+    """A distilled student samples only as it was trained: its own steps, DDIM without noise, and
+    guidance scales within its distilled range."""
+    student = config.student
+    if student is None:
+        return
+    if steps != student.steps:
+        raise UsageError(f"this student was distilled for {student.steps} steps, not {{steps}} {steps}",
+                         f"use {{steps}} {student.steps} (or leave it out)", params=["steps"])
+    if sampler_kind(sampler) != student.sampler:
+        raise UsageError(f"this student samples with {student.sampler}, not {{sampler}} {sampler}",
+                         f"use {{sampler}} {student.sampler} (or leave it out)", params=["sampler"])
+    if eta != 0:
+        raise UsageError(f"this student was distilled for deterministic steps, not {{eta}} {eta:g}",
+                         "leave {eta} out", params=["eta"])
+    if not student.accepts_cfg_scale(cfg_scale):
+        raise UsageError(f"this student was distilled for guidance scales {student.guidance_min:g}.."
+                         f"{student.guidance_max:g}, not {{cfg_scale}} {cfg_scale:g}",
+                         f"choose {{cfg_scale}} in that range (default {student.default_cfg_scale:g})",
+                         params=["cfg_scale"])
+
+
+def run_sampling_defaults(config: ModelConfig) -> dict[str, int | float | str]:
+    """The steps, sampler and guidance scale a run samples with when none are given: a distilled
+    student's own, otherwise `defaults.SAMPLING`."""
+    student = config.student
+    if student is not None:
+        return {"steps": student.steps, "sampler": student.sampler, "cfg_scale": student.default_cfg_scale}
+    return {"steps": SAMPLING.steps, "sampler": SAMPLING.sampler, "cfg_scale": SAMPLING.cfg_scale}
 
 
 def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Conditioning, *,
@@ -153,10 +185,14 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
                            batch_size=batch_size, eta=eta)
     policy = parse_cache_policy(cache)
     cache_stats = CacheStats(policy=policy.spec)
-    scheduler = make_scheduler(sampler, config.diffusion, steps, eta=eta)
+    student = config.student
+    scheduler = make_scheduler(sampler, config.diffusion, steps, eta=eta,
+                               timesteps=None if student is None else np.asarray(student.timesteps))
     channels, size = config.dit.in_channels, config.dit.input_size
     learned_sigma = config.dit.learn_sigma
-    guided = cfg_scale != 1.0
+    # A guidance-distilled student takes the scale as an input: one evaluation per image, no pair.
+    guidance_input = config.dit.guidance_embed
+    guided = cfg_scale != 1.0 and not guidance_input
     cfg = float(cfg_scale)
 
     n = len(conditioning)
@@ -202,6 +238,8 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
             if guided:
                 both[b:] = conditioning.null_feeds[name]
             feeds[name] = both
+        if guidance_input:
+            feeds[Tensors.GUIDANCE_SCALE] = np.full((b,), cfg, dtype=np.float32)
         eps = np.empty_like(x)
         step_noise = np.empty_like(x) if scheduler.needs_noise else None
         scheduler.reset()

@@ -1,0 +1,151 @@
+"""`mmgen distill`: the guidance-embedded student, its run directory, its sampler on every CPU backend,
+resume and the refusals. A re-randomised tiny teacher stands in for a trained one (a fresh DiT
+outputs zeros); the quality of a real student is measured by benchmarks/distill_front.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.config import preset
+from mmgen_deploy.errors import MMGenError
+from mmgen_deploy.models import DiT, VQModel, rerandomize_
+from mmgen_deploy.models.load import load_dit
+from mmgen_deploy.rundir import RunDir, save_run
+from mmgen_deploy.training.distill import DistillSettings, distill_into, student_timesteps
+
+
+def _cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out + captured.err
+
+
+SMALL = DistillSettings(steps=2, trajectories=24, train_steps=12, batch_size=16, checkpoint_every=6, warmup=2)
+
+
+def _teacher(root: Path, *, trained: bool = True) -> RunDir:
+    config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    if trained:
+        rerandomize_(dit, seed=2)
+    return save_run(root, config, vq.eval(), dit.eval(), data={"name": "shapes", "seed": 0})
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunDir, RunDir, dict]:
+    root = tmp_path_factory.mktemp("distill")
+    teacher = _teacher(root / "teacher")
+    torch.set_num_threads(1)
+    result = distill_into(root / "student", teacher, SMALL, show_progress=False)
+    return teacher, RunDir(root / "student"), result
+
+
+def test_student_starts_as_the_teachers_conditional_model() -> None:
+    config = preset("tiny")
+    torch.manual_seed(0)
+    teacher = rerandomize_(DiT(config.dit), seed=2).eval()
+    student = DiT(config.dit.replace(guidance_embed=True))
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("g_embedder.") for k in missing)
+    x, t, y = torch.randn(3, 4, 8, 8), torch.tensor([10.0, 500.0, 990.0]), torch.tensor([0, 5, 17])
+    with torch.no_grad():
+        reference = teacher(x, t, y)
+        for w in (1.0, 4.0):
+            assert torch.equal(student(x, t, y, guidance=torch.full((3,), w)), reference)
+
+
+def test_student_run_records_its_lineage_and_schedule(student: tuple[RunDir, RunDir, dict]) -> None:
+    teacher, run, result = student
+    config = run.load_config()
+    assert config.dit.guidance_embed and config.student is not None
+    assert config.student.steps == 2 and config.student.timesteps == student_timesteps(1000, 2) == (999, 500)
+    meta = run.read_meta()
+    assert meta["distilled_from"]["teacher_sha256"] == teacher.weights_sha256()
+    assert meta["distilled_from"]["method"] == "trajectory"
+    assert result["final_loss"] is not None and np.isfinite(result["final_loss"])
+    # The guidance input has been trained: two scales now give different predictions.
+    dit = load_dit(run, config).eval()
+    x, t, y = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 500.0]), torch.tensor([1, 2])
+    with torch.no_grad():
+        low, high = (dit(x, t, y, guidance=torch.full((2,), w)) for w in (1.0, 6.0))
+    assert not torch.equal(low, high)
+    # The teacher's own config file is untouched by the student's new fields.
+    assert "guidance_embed" not in json.loads(teacher.config_path("dit").read_text())
+
+
+def test_student_samples_alike_on_torch_and_onnxruntime(student: tuple[RunDir, RunDir, dict]) -> None:
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling import sample
+
+    _, run, _ = student
+    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
+    config = run.load_config()
+    results = {}
+    for backend in ("torch", "onnxruntime"):
+        runner, _ = open_runner(run, backend, "fp32")
+        try:
+            results[backend] = sample(runner, config, [0, 7, 17], steps=2, cfg_scale=4.0, seed=3)
+        finally:
+            runner.close()
+    torch_result, ort_result = results["torch"], results["onnxruntime"]
+    assert torch_result.timesteps == [999, 500]
+    np.testing.assert_allclose(ort_result.latents, torch_result.latents, rtol=0, atol=1e-4)
+    assert np.abs(ort_result.images.astype(int) - torch_result.images.astype(int)).max() <= 1
+
+
+def test_generate_uses_the_students_settings_and_refuses_others(student: tuple[RunDir, RunDir, dict],
+                                                               tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    _, run, _ = student
+    out = tmp_path / "samples"
+    code, output = _cli(["generate", str(run.root), "-c", "3", "--n", "1", "--backend", "torch",
+                         "--out", str(out)], capsys)
+    assert code == 0, output
+    sidecar = json.loads((out / "samples.json").read_text())
+    assert json.dumps(sidecar).count('"steps": 2') >= 1
+    for args, words in ((["--steps", "50"], "distilled for 2 steps"),
+                        (["--cfg-scale", "9"], "guidance scales 1..6"),
+                        (["--sampler", "ddpm"], "samples with ddim")):
+        code, output = _cli(["generate", str(run.root), "-c", "3", "--n", "1", "--backend", "torch",
+                             "--out", str(tmp_path / "refused"), *args], capsys)
+        assert code != 0 and words in output, output
+        assert "Traceback" not in output
+        assert not (tmp_path / "refused").exists()
+
+
+def test_distill_resumes_and_refuses_a_changed_teacher(tmp_path: Path) -> None:
+    teacher = _teacher(tmp_path / "teacher")
+    torch.set_num_threads(1)
+    first = DistillSettings(**{**SMALL.to_dict(), "train_steps": 6})
+    distill_into(tmp_path / "student", teacher, first, show_progress=False)
+    resumed = distill_into(tmp_path / "student", teacher, SMALL, resume=True, show_progress=False)
+    assert resumed["resumed_from"] == 6
+    # A teacher whose weights changed since: the student's checkpoint no longer belongs to it.
+    dit = load_dit(teacher).eval()
+    with torch.no_grad():
+        dit.final_layer.linear.weight.mul_(1.5)
+    teacher.save_weights("dit", dit)
+    with pytest.raises(MMGenError, match="changed since"):
+        distill_into(tmp_path / "student", teacher, SMALL, resume=True, show_progress=False)
+
+
+def test_distill_refuses_bad_input_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    untrained = _teacher(tmp_path / "fresh", trained=False)
+    for args, words in (([str(untrained.root)], "untrained"),
+                        ([str(untrained.root), "--steps", "3"], "not a supported student step count"),
+                        ([str(untrained.root), "--guidance-range", "5:6"], "must hold the default")):
+        out = tmp_path / "student"
+        code, output = _cli(["distill", *args, "--out", str(out)], capsys)
+        assert code != 0 and words in output, output
+        assert "Traceback" not in output
+        assert not out.exists()
