@@ -149,3 +149,16 @@ def test_distill_refuses_bad_input_before_writing(tmp_path: Path, capsys: pytest
         assert code != 0 and words in output, output
         assert "Traceback" not in output
         assert not out.exists()
+
+
+def test_parity_checks_a_student_with_its_own_steps(student: tuple[RunDir, RunDir, dict]) -> None:
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    _, run, _ = student
+    if not run.onnx_manifest_path.is_file():
+        export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
+    report = run_parity(run, ParityOptions(batches=(1,), num_images=2, allow_untrained=True,
+                                           components=("denoiser", "quantizer", "decoder")))
+    assert report.passed
+    assert report.info["end_to_end"]["steps"] == 2

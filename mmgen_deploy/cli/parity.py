@@ -74,9 +74,15 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help=precision_help(backend_default=False)),
         batch_sizes: str = typer.Option("1,3", "--batch-sizes", "--batch",
                                         help="Comma-separated batch sizes for the per-component checks."),
-        steps: int = typer.Option(20, help="Sampling steps of the end-to-end check."),
-        sampler: str = typer.Option(SAMPLING.sampler, help="Sampler of the end-to-end check."),
-        cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale of the end-to-end check."),
+        steps: int | None = typer.Option(None, show_default=False,
+                                         help="Sampling steps of the end-to-end check. Default: 20, or a distilled "
+                                              "student's own."),
+        sampler: str | None = typer.Option(None, show_default=False,
+                                           help=f"Sampler of the end-to-end check. Default: {SAMPLING.sampler}, "
+                                                "or a distilled student's own."),
+        cfg_scale: float | None = typer.Option(None, show_default=False,
+                                               help=f"Guidance scale of the end-to-end check. Default: "
+                                                    f"{SAMPLING.cfg_scale:g}."),
         num_images: int = typer.Option(8, "--images", help="Images in the end-to-end check (classes or prompts "
                                        "cycle)."),
         prompt: list[str] = typer.Option([], "--prompt", "-p", help="Text-to-image runs: a prompt of the end-to-end "
@@ -126,7 +132,9 @@ def register(app: typer.Typer) -> None:
             raise UsageError(f"unknown precision {precision!r}", f"choose {', '.join(RUN_PRECISIONS)}")
         if not 1 <= num_images <= SAMPLING.max_generate_images:
             raise UsageError(f"--images must be in 1..{SAMPLING.max_generate_images}, got {num_images}")
-        check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1, seed=seed)
+        check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or SAMPLING.sampler,
+                               cfg_scale=SAMPLING.cfg_scale if cfg_scale is None else cfg_scale, batch_size=1,
+                               seed=seed)
         parse_cache_policy(cache)
         options = ParityOptions(
             backend=backend, precision=precision, batches=_parse_ints(batch_sizes, "--batch-sizes"), steps=steps,

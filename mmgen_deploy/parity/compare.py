@@ -241,7 +241,8 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
         for i in shown:
             d = tensor_diff(ref.trajectory[i], test.trajectory[i])
             drift.append({"step": i, "rel_l2": d.rel_l2, "max_abs": d.max_abs})
-    result: dict[str, Any] = {"drift": drift, "psnr": image_psnr, "ssim": image_ssim,
+    result: dict[str, Any] = {"steps": steps, "sampler": sampler, "cfg_scale": cfg_scale,
+                              "drift": drift, "psnr": image_psnr, "ssim": image_ssim,
                               "cache": {"torch": ref.cache.to_dict(), "backend": test.cache.to_dict()}}
     if config.uses_text:
         result["prompts"] = list(prompts or ())
@@ -253,9 +254,11 @@ class ParityOptions:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     batches: Sequence[int] = (1, 3)
-    steps: int = 20
-    sampler: str = SAMPLING.sampler
-    cfg_scale: float = SAMPLING.cfg_scale
+    # None: the run's own (a distilled student's steps, sampler and guidance; otherwise PARITY_STEPS and
+    # `defaults.SAMPLING`).
+    steps: int | None = None
+    sampler: str | None = None
+    cfg_scale: float | None = None
     num_images: int = 8
     seed: int = 0
     rel_l2: dict[str, float] = field(default_factory=dict)
@@ -291,6 +294,23 @@ _NAME_WORDS = {"batches": "batches", "steps": "steps", "sampler": "sampler", "cf
                "num_images": "images", "seed": "seed", "rel_l2": "rel-l2", "max_abs": "max-abs",
                "min_psnr": "psnr", "end_to_end": "end-to-end", "allow_untrained": "allow-untrained",
                "components": "components", "prompts": "prompts", "cache": "cache"}
+
+
+# Steps of the end-to-end check of a run that is not a distilled student: enough for the per-step
+# differences to compound as they do in real sampling, few enough for a quick check.
+PARITY_STEPS = 20
+
+
+def end_to_end_sampling(config: ModelConfig, options: ParityOptions) -> tuple[int, str, float]:
+    """(steps, sampler, guidance scale) of the end-to-end check: the options', or the run's own."""
+    from mmgen_deploy.sampling.loop import run_sampling_defaults
+
+    own = run_sampling_defaults(config)
+    steps = options.steps if options.steps is not None else (
+        int(own["steps"]) if config.student is not None else PARITY_STEPS)
+    sampler = options.sampler if options.sampler is not None else str(own["sampler"])
+    cfg_scale = options.cfg_scale if options.cfg_scale is not None else float(own["cfg_scale"])
+    return steps, sampler, cfg_scale
 
 
 def parity_report_path(run: RunDir, options: ParityOptions) -> Path:
@@ -400,7 +420,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
                          components=options.components, component_precisions=shipped, parts=policy.enabled)
         quantized_graph_checks(report, run, options.precision, shipped, options.components)
         if options.end_to_end:
-            say(f"sampling {options.num_images} images on both sides ({options.sampler}, {options.steps} steps)")
+            steps, sampler, cfg_scale = end_to_end_sampling(config, options)
+            say(f"sampling {options.num_images} images on both sides ({sampler}, {steps} steps)")
             class_ids = [i % config.dit.num_classes for i in range(options.num_images)]
             prompts: list[str] | None = None
             if tokenizer is not None:
@@ -409,8 +430,8 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
                            else default_prompts(run, tokenizer, options.num_images))
             report.info["end_to_end"] = end_to_end_parity(
                 report, config, reference, backend, options.precision,
-                class_ids=[] if prompts is not None else class_ids, steps=options.steps,
-                sampler=options.sampler, cfg_scale=options.cfg_scale, seed=options.seed,
+                class_ids=[] if prompts is not None else class_ids, steps=steps,
+                sampler=sampler, cfg_scale=cfg_scale, seed=options.seed,
                 batch_size=options.num_images, overrides=overrides, codebook=codebook, prompts=prompts,
                 tokenizer=tokenizer, cache=policy.spec)
     finally:
