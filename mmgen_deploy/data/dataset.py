@@ -32,3 +32,23 @@ class ImageData:
         import torch
 
         return torch.from_numpy(self.images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+@dataclass
+class AudioData:
+    """Mono clips (N, samples) float32 in [-1, 1] at `sample_rate`, class ids (N,), one caption per
+    clip, and the class names: what the audio sources produce, before any transform to the
+    spectrogram images the first stage trains on."""
+
+    clips: np.ndarray
+    labels: np.ndarray
+    captions: list[str]
+    class_names: tuple[str, ...]
+    sample_rate: int
+
+    def __len__(self) -> int:
+        return int(self.clips.shape[0])
+
+    def subset(self, indices: np.ndarray) -> AudioData:
+        return AudioData(self.clips[indices], self.labels[indices], [self.captions[int(i)] for i in indices],
+                         self.class_names, self.sample_rate)

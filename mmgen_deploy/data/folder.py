@@ -24,8 +24,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".ti
 METADATA_FILE = "metadata.jsonl"
 
 
-def _is_image(path: Path) -> bool:
-    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+def _is_image(path: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> bool:
+    return path.is_file() and path.suffix.lower() in suffixes and not path.name.startswith(".")
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
@@ -70,21 +70,23 @@ def _read_metadata(root: Path) -> dict[str, str]:
     return captions
 
 
-def scan_folder(root: str | Path) -> tuple[list[Path], list[int], list[str], tuple[str, ...]]:
-    """Find the images: (paths, class ids, captions, class names), sorted for determinism."""
+def scan_folder(root: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, *, kind: str = "images",
+                builtin: str = "shapes") -> tuple[list[Path], list[int], list[str], tuple[str, ...]]:
+    """Find the files (images, or the `kind` named by `suffixes`): (paths, class ids, captions, class
+    names), sorted for determinism."""
     root = Path(root)
     if not root.is_dir():
-        raise UsageError(f"data folder {root} does not exist", "pass a folder of images, or use --data shapes")
+        raise UsageError(f"data folder {root} does not exist", f"pass a folder of {kind}, or use --data {builtin}")
     captions = _read_metadata(root) if (root / METADATA_FILE).is_file() else {}
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_dirs = [d for d in class_dirs if any(_is_image(f) for f in d.rglob("*"))]
+    class_dirs = [d for d in class_dirs if any(_is_image(f, suffixes) for f in d.rglob("*"))]
     paths: list[Path] = []
     labels: list[int] = []
     if class_dirs:
         # With class folders, metadata.jsonl only adds captions to the images it names.
         class_names = tuple(d.name for d in class_dirs)
         for index, folder in enumerate(class_dirs):
-            found = sorted(f for f in folder.rglob("*") if _is_image(f))
+            found = sorted(f for f in folder.rglob("*") if _is_image(f, suffixes))
             paths.extend(found)
             labels.extend([index] * len(found))
     else:
@@ -92,11 +94,11 @@ def scan_folder(root: str | Path) -> tuple[list[Path], list[int], list[str], tup
         if captions:
             paths = [root / name for name in sorted(captions)]
         else:
-            paths = sorted(f for f in root.iterdir() if _is_image(f))
+            paths = sorted(f for f in root.iterdir() if _is_image(f, suffixes))
         labels = [0] * len(paths)
     if not paths:
-        raise UsageError(f"no images found in {root}",
-                         f"put images ({', '.join(IMAGE_SUFFIXES)}) in class sub-folders or list them in "
+        raise UsageError(f"no {kind} found in {root}",
+                         f"put {kind} ({', '.join(suffixes)}) in class sub-folders or list them in "
                          f"{METADATA_FILE}")
     texts = [captions.get(p.relative_to(root).as_posix(), "") for p in paths]
     return paths, labels, texts, class_names

@@ -1,0 +1,154 @@
+from __future__ import annotations
+
+import json
+import struct
+import wave
+
+import numpy as np
+import pytest
+
+from mmgen_deploy.data.audio_folder import load_audio_folder
+from mmgen_deploy.data.tones import (
+    CLASS_NAMES,
+    CLIP_SAMPLES,
+    F0_MAX,
+    F0_MIN,
+    SAMPLE_RATE,
+    ToneSpec,
+    class_parts,
+    make_tones,
+    render,
+    sample_specs,
+)
+from mmgen_deploy.data.wav import decode_wav, encode_wav, read_wav, write_wav
+from mmgen_deploy.errors import MMGenError, UsageError
+from mmgen_deploy.evaluation.tone_judge import judge_clip
+
+
+def test_tones_are_deterministic_and_split() -> None:
+    a, b = make_tones(12, seed=3), make_tones(12, seed=3)
+    assert np.array_equal(a.clips, b.clips) and np.array_equal(a.labels, b.labels) and a.captions == b.captions
+    assert not np.array_equal(a.clips, make_tones(12, seed=4).clips)
+    assert not np.array_equal(a.clips, make_tones(12, seed=3, split="val").clips)
+    assert a.clips.shape == (12, CLIP_SAMPLES) and a.clips.dtype == np.float32 and a.sample_rate == SAMPLE_RATE
+    assert np.abs(a.clips).max() <= 1.0
+
+
+def test_tone_settings_follow_the_class() -> None:
+    assert len(CLASS_NAMES) == 9 and CLASS_NAMES[3] == "square rising"
+    specs = sample_specs(600, np.random.default_rng(0))
+    assert {s.label for s in specs} == set(range(9))
+    for spec in specs:
+        start, end = spec.f0(np.array([0.0, 1.0]))
+        assert min(start, end) >= F0_MIN - 1e-6 and max(start, end) <= F0_MAX + 1e-6
+        if spec.contour == "steady":
+            assert abs(end / start - 1) <= 0.02
+        else:
+            assert abs(np.log2(end / start)) >= 0.5 and (end > start) == (spec.contour == "rising")
+        assert spec.waveform in spec.caption and spec.caption.startswith(("a loud ", "a soft "))
+    assert ToneSpec("square", "rising", 300, 1.2, 0.8, 0.01, 0.1).caption == "a loud square tone rising quickly"
+    assert ToneSpec("sine", "steady", 300, 0.0, 0.4, 0.01, 0.1).caption == "a soft sine tone holding steady"
+
+
+@pytest.mark.parametrize("waveform, odd_only", [("square", True), ("sawtooth", False)])
+def test_rendered_harmonics_match_the_waveform(waveform: str, odd_only: bool) -> None:
+    spectrum = np.abs(np.fft.rfft(render(ToneSpec(waveform, "steady", 400, 0.0, 0.8, 0.01, 0.05))[4000:12000]))
+    # 8000 samples at 16 kHz: 2 Hz per bin, harmonic k of 400 Hz at bin 200 k.
+    level = [spectrum[200 * k - 3:200 * k + 4].max() / spectrum[197:204].max() for k in range(1, 6)]
+    assert level[2] == pytest.approx(1 / 3, rel=0.05) and level[4] == pytest.approx(1 / 5, rel=0.05)
+    if odd_only:
+        assert level[1] < 1e-3 and level[3] < 1e-3
+    else:
+        assert level[1] == pytest.approx(1 / 2, rel=0.05)
+    # Band-limited: nothing above the Nyquist frequency folded back between the harmonics.
+    between = spectrum[300:4000].copy()
+    for k in range(2, 21):
+        between[max(0, 200 * k - 300 - 5):200 * k - 300 + 6] = 0
+    assert between.max() < 1e-3 * spectrum.max()
+
+
+def test_judge_is_right_on_real_clips() -> None:
+    data = make_tones(90, seed=5, split="val")
+    right = 0
+    for clip, label in zip(data.clips, data.labels, strict=True):
+        right += judge_clip(clip, SAMPLE_RATE).matches(*class_parts(int(label)))
+    assert right >= 89
+
+
+def test_judge_on_silence_and_noise() -> None:
+    assert judge_clip(np.zeros(CLIP_SAMPLES, np.float32), SAMPLE_RATE).waveform is None
+    noise = np.random.default_rng(0).standard_normal(CLIP_SAMPLES).astype(np.float32) * 0.3
+    verdict = judge_clip(noise, SAMPLE_RATE)
+    assert verdict.waveform is None or not verdict.matches("sine", "steady")
+
+
+def test_wav_round_trip_with_settings(tmp_path) -> None:
+    clip = make_tones(1, seed=0).clips[0]
+    settings = {"class": "sine rising", "seed": 7, "steps": 50}
+    path = write_wav(tmp_path / "a.wav", clip, SAMPLE_RATE, settings=settings)
+    back = read_wav(path)
+    assert back.sample_rate == SAMPLE_RATE and back.samples.shape == (CLIP_SAMPLES, 1)
+    assert np.abs(back.samples[:, 0] - clip).max() <= 0.5 / 32768 + 1e-7
+    assert back.settings == settings and back.info["ISFT"] == "mmgen-deploy"
+    # Any WAV reader reads the samples (the INFO chunk is a chunk it skips).
+    with wave.open(str(path)) as reader:
+        assert (reader.getnchannels(), reader.getsampwidth(), reader.getframerate()) == (1, 2, SAMPLE_RATE)
+        assert reader.getnframes() == CLIP_SAMPLES
+    # An odd-length INFO string is padded: the RIFF size still matches the file.
+    raw = encode_wav(clip[:11], SAMPLE_RATE, settings={"a": "b"})
+    assert struct.unpack("<I", raw[4:8])[0] == len(raw) - 8 and len(raw) % 2 == 0
+
+
+def test_wav_reader_accepts_other_layouts_and_refuses_bad_files(tmp_path) -> None:
+    stereo = np.stack([np.linspace(-0.5, 0.5, 100), np.zeros(100)], axis=1)
+    with wave.open(str(tmp_path / "s.wav"), "wb") as writer:
+        writer.setnchannels(2)
+        writer.setsampwidth(2)
+        writer.setframerate(8000)
+        writer.writeframes((stereo * 32767).astype("<i2").tobytes())
+    read = read_wav(tmp_path / "s.wav")
+    assert read.samples.shape == (100, 2) and read.sample_rate == 8000 and read.settings is None
+    raw = encode_wav(stereo, 8000)
+    with pytest.raises(MMGenError, match="truncated"):
+        decode_wav(raw[:-50], "cut.wav")
+    with pytest.raises(MMGenError, match="not a RIFF/WAVE"):
+        decode_wav(b"hello world, not audio", "x.wav")
+    with pytest.raises(MMGenError, match="holds no samples"):
+        decode_wav(encode_wav(np.zeros((0, 1)), 8000), "empty.wav")
+
+
+def _write_class(root, name: str, clips: np.ndarray, rate: int = SAMPLE_RATE) -> None:
+    (root / name).mkdir(parents=True)
+    for k, clip in enumerate(clips):
+        write_wav(root / name / f"{k}.wav", clip, rate)
+
+
+def test_audio_folder_layouts_and_conversions(tmp_path) -> None:
+    tones = make_tones(4, seed=0)
+    _write_class(tmp_path / "data", "low", tones.clips[:2])
+    _write_class(tmp_path / "data", "high", tones.clips[2:, :8000])  # half a second: padded
+    write_wav(tmp_path / "data" / "high" / "stereo.wav", np.stack([tones.clips[0]] * 2, axis=1), SAMPLE_RATE)
+    (tmp_path / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "low/0.wav", "text": "a hum"}) + "\n")
+    data = load_audio_folder(tmp_path / "data")
+    assert data.class_names == ("high", "low") and data.labels.tolist() == [0, 0, 0, 1, 1]
+    assert data.clips.shape == (5, CLIP_SAMPLES) and not data.clips[0, 8000:].any()
+    assert data.captions[3] == "a hum"
+    assert np.abs(data.clips[2] - tones.clips[0]).max() < 1e-4  # two equal channels average to themselves
+
+
+def test_audio_folder_bad_input_is_one_line(tmp_path) -> None:
+    clip = make_tones(1, seed=0).clips
+    _write_class(tmp_path / "rate", "a", clip[:, :8000], rate=8000)
+    with pytest.raises(MMGenError, match="8000 Hz, not 16000 Hz"):
+        load_audio_folder(tmp_path / "rate")
+    _write_class(tmp_path / "quiet", "a", np.zeros((1, 100)))
+    with pytest.raises(MMGenError, match="is silent"):
+        load_audio_folder(tmp_path / "quiet")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(UsageError, match="no WAV files found"):
+        load_audio_folder(tmp_path / "none")
+    _write_class(tmp_path / "cut", "a", clip)
+    path = tmp_path / "cut" / "a" / "0.wav"
+    path.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(MMGenError, match="truncated"):
+        load_audio_folder(tmp_path / "cut")
