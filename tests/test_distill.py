@@ -162,3 +162,30 @@ def test_parity_checks_a_student_with_its_own_steps(student: tuple[RunDir, RunDi
                                            components=("denoiser", "quantizer", "decoder")))
     assert report.passed
     assert report.info["end_to_end"]["steps"] == 2
+
+
+@pytest.mark.parametrize("precision", ["int8", "fp8"])
+def test_student_exports_8_bit_calibrated_on_its_own_steps_and_passes_parity(
+        student: tuple[RunDir, RunDir, dict], precision: str) -> None:
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.export.quantize import QuantSettings
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    _, run, _ = student
+    sampling = ("denoiser", "quantizer", "decoder")
+    # The decoder ships FP16: a re-randomised VQ decoder quantizes badly (see test_quantize.py).
+    settings = QuantSettings(calibration_size=32, timesteps=4, images=18, batch=16,
+                             component_precisions={"decoder": "fp16"})
+    manifest = export_run(run, precisions=(precision,), components=sampling, quantization=settings)
+    calibration = manifest["calibration"]["quantization"]["denoiser"]
+    # The student's sampler visits only its own timesteps, conditionally, at scales in its range.
+    assert calibration["timesteps"] == [999, 500]
+    assert calibration["halves"] == {"conditional": 32, "null": 0}
+    assert calibration["guidance_scales"] == [1.0, 6.0]
+    denoiser = manifest["files"][precision]["denoiser"]
+    assert denoiser["component_precision"] == precision and denoiser["quantization"]["quantized_nodes"] > 0
+    assert denoiser["validation"]["passed"]
+    report = run_parity(run, ParityOptions(backend="onnxruntime", precision=precision, batches=(2,),
+                                           num_images=2, allow_untrained=True, components=sampling))
+    assert report.passed, [c for c in report.checks if not c.passed]
+    assert report.info["end_to_end"]["steps"] == 2

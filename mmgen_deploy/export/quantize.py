@@ -17,8 +17,9 @@ Two steps per component:
 Calibration (`trajectory_calibration`): a DiT's activations change a lot across timesteps
 (Q-DiT, PTQ4DiT), so the denoiser is calibrated on real latents of the run's data noised at
 timesteps spread over the whole schedule, each once with its class (or caption) and once with
-the null condition, as classifier-free guidance feeds it. Encoder and decoder: real images and
-their codes. The quantizer is never quantized (its distances decide code indices): its graph
+the null condition, as classifier-free guidance feeds it. A distilled student is calibrated at its
+own K timesteps, conditional only, with guidance scales spread over its distilled range. Encoder and
+decoder: real images and their codes. The quantizer is never quantized (its distances decide code indices): its graph
 in an 8-bit set is the FP32 one.
 """
 
@@ -40,7 +41,14 @@ from mmgen_deploy import onnx_files
 from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.errors import NotAvailableError, UsageError
 from mmgen_deploy.export.onnx_export import check_model, save_model
-from mmgen_deploy.specs import PRECISIONS, QUANTIZED_PRECISIONS, TEXT_OUTPUTS, ComponentSpec, scope_regex
+from mmgen_deploy.specs import (
+    PRECISIONS,
+    QUANTIZED_PRECISIONS,
+    TEXT_OUTPUTS,
+    ComponentSpec,
+    Tensors,
+    scope_regex,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -159,8 +167,11 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     timestep t_k, latent h_j of a real image becomes x_t = sqrt(a_k) h_j + sqrt(1 - a_k) eps and
     appears twice, with its class id (or caption) and with the null label (or empty prompt): the
     doubled batch classifier-free guidance runs. Latents are taken round-robin over the classes,
-    and each timestep gets the next ones, so every class is seen. Encoder: the images; decoder:
-    their codes z_q; text encoder: their captions' token ids, plus the empty prompt."""
+    and each timestep gets the next ones, so every class is seen. A distilled student (one
+    evaluation per image, the guidance scale an input): its own timesteps, each latent once with its
+    class (or caption), and guidance scales from the bottom to the top of its distilled range.
+    Encoder: the images; decoder: their codes z_q; text encoder: their captions' token ids, plus the
+    empty prompt."""
     from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 
     rng = np.random.default_rng(settings.seed)
@@ -175,8 +186,16 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     # z_q; KL: image -> latent); h_np is the latent the DiT denoises.
     inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules, progress=progress,
                                       cache=cache)
-    timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
-    per_step = max(1, settings.calibration_size // (2 * len(timesteps)))
+    student = config.student
+    if student is None:
+        timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
+        halves = 2  # conditional half, then the null half on the same noisy latents
+    else:
+        # A distilled student's sampler visits only its own K timesteps, and takes the guidance scale
+        # as an input: one conditional evaluation per image, never the null condition.
+        timesteps = np.asarray(student.timesteps, dtype=np.int64)
+        halves = 1
+    per_step = max(1, settings.calibration_size // (halves * len(timesteps)))
     alphas = training_alphas_cumprod(config.diffusion)
     picks = (np.arange(len(timesteps) * per_step) % len(h_np)).reshape(len(timesteps), per_step)
     x_parts, t_parts, which = [], [], []
@@ -184,15 +203,16 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
         lat = h_np[picks[k]]
         a = float(alphas[t])
         x_t = (math.sqrt(a) * lat + math.sqrt(1.0 - a) * rng.standard_normal(lat.shape)).astype(np.float32)
-        x_parts += [x_t, x_t]  # conditional half, then the null half on the same noisy latents
-        t_parts += [np.full(2 * per_step, t, dtype=np.float32)]
-        which += [picks[k], picks[k]]
+        x_parts += [x_t] * halves
+        t_parts += [np.full(halves * per_step, t, dtype=np.float32)]
+        which += [picks[k]] * halves
     idx = np.concatenate(which)
-    cond_rows = np.concatenate([np.r_[np.ones(per_step, bool), np.zeros(per_step, bool)]] * len(timesteps))
+    cond_rows = np.concatenate([np.r_[np.ones(per_step, bool), np.zeros((halves - 1) * per_step, bool)]]
+                               * len(timesteps))
     denoiser: dict[str, np.ndarray] = {"x_t": np.concatenate(x_parts), "t": np.concatenate(t_parts)}
     description: dict[str, Any] = {
         "denoiser": {
-            "samples": len(idx), "timesteps": [int(t) for t in timesteps], "per_timestep": 2 * per_step,
+            "samples": len(idx), "timesteps": [int(t) for t in timesteps], "per_timestep": halves * per_step,
             "halves": {"conditional": int(cond_rows.sum()), "null": int((~cond_rows).sum())},
             "noised": "x_t = sqrt(a_t) h + sqrt(1 - a_t) eps, h = encoder latents of real images",
         },
@@ -227,6 +247,11 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
         description["denoiser"]["null_condition"] = "the empty prompt"
         description["text_encoder"] = {"samples": len(inputs["text_encoder"]["input_ids"]),
                                        "inputs": "token ids of the images' captions and of the empty prompt"}
+    if student is not None:
+        # Both ends of the distilled range at every timestep: max calibration keeps the extremes.
+        scales = np.linspace(student.guidance_min, student.guidance_max, per_step)
+        denoiser[Tensors.GUIDANCE_SCALE] = np.tile(scales, len(timesteps)).astype(np.float32)
+        description["denoiser"]["guidance_scales"] = [student.guidance_min, student.guidance_max]
     inputs["denoiser"] = denoiser
     return inputs, {"source": data.source, **description}
 
