@@ -3,7 +3,7 @@
     REQUESTS.jsonl   one JSON object per line:
                      {"class": "red circle", "n": 3, "seed": 11}         (class models: a name or an id)
                      {"prompt": "a small red circle", "n": 2, "seed": 4, "steps": 20, "cfg_scale": 3.0}
-                     optional: n (1), seed (0), steps, cfg_scale, sampler (the command's defaults);
+                     optional: n (1), seed (0), steps, cfg_scale, sampler (the command's, else the run's own);
                      n is at most SAMPLING.max_images_per_line, the file at most SAMPLING.max_batch_images
                      images (`defaults`): each image is one job held in memory until it is written
     OUT/
@@ -35,7 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -61,14 +61,30 @@ _FIELDS = {"class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler"}
 class BatchSettings:
     """Defaults for request lines that leave a setting out, and how the images are computed."""
 
-    steps: int = SAMPLING.steps
-    cfg_scale: float = SAMPLING.cfg_scale
-    sampler: str = SAMPLING.sampler
+    # None: the run's own (`sampling.loop.run_sampling_defaults`: a distilled student's, otherwise
+    # `defaults.SAMPLING`); `for_run` fills them in.
+    steps: int | None = None
+    cfg_scale: float | None = None
+    sampler: str | None = None
     backend: str = "auto"
     precision: str | None = None
     threads: int | None = None
     batch_size: int = SAMPLING.batch_size
     cache: str = SAMPLING.cache  # step-caching policy of every image (sampling.cache)
+
+    def for_run(self, config: Any) -> BatchSettings:
+        """These settings with the sampling settings left out taken from the run; a distilled student
+        refuses given ones it was not trained for (naming them as settings, not as a request's keys)."""
+        from mmgen_deploy.sampling.loop import check_student_settings, run_sampling_defaults
+
+        own = run_sampling_defaults(config)
+        filled = replace(self, steps=int(own["steps"]) if self.steps is None else self.steps,
+                         cfg_scale=float(own["cfg_scale"]) if self.cfg_scale is None else self.cfg_scale,
+                         sampler=str(own["sampler"]) if self.sampler is None else self.sampler)
+        assert filled.steps is not None and filled.cfg_scale is not None and filled.sampler is not None
+        check_student_settings(config, steps=filled.steps, sampler=filled.sampler, cfg_scale=filled.cfg_scale,
+                               eta=SAMPLING.eta)
+        return filled
 
 
 @dataclass(frozen=True)
@@ -137,6 +153,8 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                          'write one JSON object per line, e.g. {"class": "red circle", "n": 3, "seed": 11}') from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"cannot read requests file {path}: {exc}") from None
+    settings = settings.for_run(config)
+    assert settings.steps is not None and settings.cfg_scale is not None and settings.sampler is not None
     jobs: list[BatchJob] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
@@ -349,6 +367,7 @@ def run_batch(run_dir: Path, requests: Path, out: Path, settings: BatchSettings,
 
     run = RunDir(run_dir)
     config = run.load_config()
+    settings = settings.for_run(config)
     jobs = read_requests(requests, config, settings)
     with writing_out(out):
         return _run_batch(run, jobs, out, settings, ray_address=ray_address, workers=workers, progress=progress)

@@ -189,3 +189,41 @@ def test_student_exports_8_bit_calibrated_on_its_own_steps_and_passes_parity(
                                            num_images=2, allow_untrained=True, components=sampling))
     assert report.passed, [c for c in report.checks if not c.passed]
     assert report.info["end_to_end"]["steps"] == 2
+
+
+def test_bench_uses_the_students_settings_and_refuses_others(student: tuple[RunDir, RunDir, dict], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _, run, _ = student
+    code, output = _cli(["bench", str(run.root), "--backend", "torch", "--precision", "fp32", "--batch-sizes", "1",
+                         "--runs", "1", "--warmup", "0", "--components", "denoiser", "--threads", "1",
+                         "--json", str(tmp_path / "bench.json")], capsys)
+    assert code == 0, output
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["steps"] == 2 and result["cfg_scale"] == 4.0
+    assert result["backends"][0]["error"] is None and result["backends"][0]["images_per_s"]["1"] > 0
+    for args, words in ((["--steps", "10"], "distilled for 2 steps, not --steps 10"),
+                        (["--cfg-scale", "9"], "guidance scales 1..6, not --cfg-scale 9")):
+        code, output = _cli(["bench", str(run.root), "--backend", "torch", "--precision", "fp32", *args], capsys)
+        assert code != 0 and words in output, output
+        assert "Traceback" not in output and len(output.strip().splitlines()) == 1
+
+
+def test_batch_uses_the_students_settings_and_refuses_others(student: tuple[RunDir, RunDir, dict], tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    _, run, _ = student
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"class": 3, "n": 2, "seed": 1}\n')
+    out = tmp_path / "out"
+    code, output = _cli(["batch", str(run.root), str(requests), "--out", str(out), "--backend", "torch",
+                         "--threads", "1"], capsys)
+    assert code == 0, output
+    entries = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(entries) == 2 and {(e["steps"], e["sampler"], e["cfg_scale"]) for e in entries} == {(2, "ddim", 4.0)}
+    # The command's settings are refused as options, a request line's as that line's keys.
+    refused = tmp_path / "refused"
+    code, output = _cli(["batch", str(run.root), str(requests), "--out", str(refused), "--steps", "50"], capsys)
+    assert code != 0 and "distilled for 2 steps, not --steps 50" in output, output
+    requests.write_text('{"class": 3, "n": 1, "sampler": "ddpm"}\n')
+    code, output = _cli(["batch", str(run.root), str(requests), "--out", str(refused)], capsys)
+    assert code != 0 and "line 1" in output and "samples with ddim, not sampler ddpm" in output, output
+    assert "Traceback" not in output and not refused.exists()

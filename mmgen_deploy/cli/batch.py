@@ -39,10 +39,15 @@ def batch(
     workers: int | None = typer.Option(None, "--workers",
                                        help="Ray actors, each holding one runner (default: one per GPU, else "
                                             "CPUs / --threads)."),
-    steps: int = typer.Option(SAMPLING.steps, "--steps", help="Denoising steps for lines that name none."),
-    cfg_scale: float = typer.Option(SAMPLING.cfg_scale, "--cfg-scale", help="Guidance scale for lines that name none."),
-    sampler: str = typer.Option(SAMPLING.sampler, "--sampler",
-                                help="ddim, ddpm or dpmpp-2m, for lines that name none."),
+    steps: int | None = typer.Option(None, "--steps", show_default=False,
+                                     help=f"Denoising steps for lines that name none. Default: {SAMPLING.steps}, or "
+                                          "a distilled student's own."),
+    cfg_scale: float | None = typer.Option(None, "--cfg-scale", show_default=False,
+                                           help=f"Guidance scale for lines that name none. Default: "
+                                                f"{SAMPLING.cfg_scale:g}, or a distilled student's own."),
+    sampler: str | None = typer.Option(None, "--sampler", show_default=False,
+                                       help=f"ddim, ddpm or dpmpp-2m, for lines that name none. Default: "
+                                            f"{SAMPLING.sampler}, or a distilled student's own."),
     batch_size: int = typer.Option(SAMPLING.batch_size, "--batch-size", "-b",
                                    help="Images per denoiser call (per worker)."),
     backend: str = BACKEND_OPTION,
@@ -63,7 +68,9 @@ def batch(
     from mmgen_deploy.sampling.cache import parse_cache_policy
     from mmgen_deploy.sampling.loop import check_sampling_numbers
 
-    check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=batch_size, eta=SAMPLING.eta)
+    check_sampling_numbers(steps=SAMPLING.steps if steps is None else steps, sampler=sampler or SAMPLING.sampler,
+                           cfg_scale=SAMPLING.cfg_scale if cfg_scale is None else cfg_scale, batch_size=batch_size,
+                           eta=SAMPLING.eta)
     parse_cache_policy(cache)
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")

@@ -163,8 +163,13 @@ def register(app: typer.Typer) -> None:
                                              "guidance)."),
         runs: int = typer.Option(10, help="Timed runs per component and batch (after warm-up)."),
         warmup: int = typer.Option(3, help="Untimed warm-up runs."),
-        steps: int = typer.Option(10, help="Sampling steps of the end-to-end measurement."),
-        cfg_scale: float = typer.Option(SAMPLING.cfg_scale, help="Guidance scale (> 1 doubles the denoiser batch)."),
+        steps: int | None = typer.Option(None, show_default=False,
+                                         help="Sampling steps of the end-to-end measurement. Default: 10, or a "
+                                              "distilled student's own."),
+        cfg_scale: float | None = typer.Option(None, show_default=False,
+                                               help=f"Guidance scale (> 1 doubles the denoiser batch, except a "
+                                                    f"distilled student's). Default: {SAMPLING.cfg_scale:g}, or a "
+                                                    "distilled student's own."),
         components: list[str] = typer.Option([], "--components", "-c",
                                              help="Components to time one by one (repeat or comma-separate; default "
                                                   "all; e.g. denoiser,quantizer,decoder skips the encoder, which "
@@ -182,9 +187,9 @@ def register(app: typer.Typer) -> None:
 
         backend_list = split_list(backends)
         precision_list = split_list(precisions)
-        if runs < 1 or warmup < 0 or steps < 1:
+        if runs < 1 or warmup < 0 or (steps is not None and steps < 1):
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
-        if not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
+        if cfg_scale is not None and not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
             raise UsageError(f"--cfg-scale must be in 0..{SAMPLING.max_cfg_scale:g}, got {cfg_scale}")
         from mmgen_deploy.sampling.cache import parse_cache_policy
         from mmgen_deploy.specs import ALL_COMPONENTS, expand_parts

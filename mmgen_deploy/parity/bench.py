@@ -181,8 +181,26 @@ def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
     return peaks
 
 
+# Steps of the end-to-end measurement of a run that is not a distilled student.
+BENCH_STEPS = 10
+
+
+def bench_sampling(config: ModelConfig, steps: int | None, cfg_scale: float | None) -> tuple[int, str, float]:
+    """(steps, sampler, guidance scale) of the end-to-end measurement: the ones given, else the run's own
+    (a distilled student's; otherwise BENCH_STEPS and `defaults.SAMPLING`). A student refuses settings
+    it was not trained for."""
+    from mmgen_deploy.sampling.loop import check_student_settings, run_sampling_defaults
+
+    own = run_sampling_defaults(config)
+    steps = steps if steps is not None else (int(own["steps"]) if config.student is not None else BENCH_STEPS)
+    cfg_scale = float(own["cfg_scale"]) if cfg_scale is None else cfg_scale
+    sampler = str(own["sampler"])
+    check_student_settings(config, steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=SAMPLING.eta)
+    return steps, sampler, cfg_scale
+
+
 def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, warmup: int, runs: int,
-                  steps: int, cfg_scale: float, tokenizer: Any = None,
+                  steps: int, cfg_scale: float, sampler: str = SAMPLING.sampler, tokenizer: Any = None,
                   prompts: Sequence[str] | None = None, components: Sequence[str] | None = None,
                   cache: str = SAMPLING.cache) -> BackendResult:
     """A text model needs `tokenizer` and `prompts`: its end-to-end images/s include encoding
@@ -216,10 +234,11 @@ def bench_backend(runner: Any, config: ModelConfig, batches: Sequence[int], *, w
     for batch in batches:
         chosen = [prompts[i % len(prompts)] for i in range(batch)] if config.uses_text and prompts else []
         class_ids = [] if config.uses_text else [i % config.dit.num_classes for i in range(batch)]
-        for run_steps in (2, steps):  # a warm-up, then the measured run
+        # A warm-up, then the measured run (a student samples only with its own steps).
+        for run_steps in (steps if config.student is not None else 2, steps):
             condition = make_conditioning(runner, config, class_ids=class_ids, prompts=chosen, tokenizer=tokenizer)
-            res = sample(runner, config, condition, steps=run_steps, cfg_scale=cfg_scale, seed=0, batch_size=batch,
-                         cache=cache)
+            res = sample(runner, config, condition, steps=run_steps, sampler=sampler, cfg_scale=cfg_scale, seed=0,
+                         batch_size=batch, cache=cache)
         result.cache[batch] = res.cache.to_dict()
         result.images_per_s[batch] = len(res.images) / (res.total_seconds + res.text_encoder_seconds)
         result.loop_overhead[batch] = res.loop_overhead_fraction
@@ -420,11 +439,11 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
 
 
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
-              runs: int, warmup: int, steps: int, cfg_scale: float, progress: Any = None,
-              components: Sequence[str] | None = None, threads: int | None = None,
+              runs: int, warmup: int, steps: int | None = None, cfg_scale: float | None = None,
+              progress: Any = None, components: Sequence[str] | None = None, threads: int | None = None,
               cache: str = SAMPLING.cache) -> BenchResult:
     """Measure every backend x precision of `run_dir` at `batches`; `threads`: CPU threads of each
-    backend (None: its default)."""
+    backend (None: its default); `steps` / `cfg_scale` None: the run's own (`bench_sampling`)."""
     from mmgen_deploy.errors import MMGenError, UsageError
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.runtime.backends import BACKEND_NAMES
@@ -435,6 +454,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     config = run.load_config()
+    steps, sampler, cfg_scale = bench_sampling(config, steps, cfg_scale)
     tokenizer, prompts = None, None
     if config.uses_text:
         from mmgen_deploy.parity.compare import default_prompts
@@ -459,7 +479,8 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
                 continue
             try:
                 result.backends.append(bench_backend(runner, config, batches, warmup=warmup, runs=runs,
-                                                     steps=steps, cfg_scale=cfg_scale, tokenizer=tokenizer,
+                                                     steps=steps, cfg_scale=cfg_scale, sampler=sampler,
+                                                     tokenizer=tokenizer,
                                                      prompts=prompts, components=components, cache=cache))
             finally:
                 runner.close()
