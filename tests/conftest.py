@@ -95,3 +95,22 @@ def exported_tiny_run(tmp_path_factory: pytest.TempPathFactory):
     run = save_run(tmp_path_factory.mktemp("exported") / "run", config, vq.eval(), dit.eval())
     export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
     return run
+
+
+@pytest.fixture(scope="session")
+def parts_run(tmp_path_factory: pytest.TempPathFactory):
+    """A re-randomised tiny class run with its FP32 sampling set and the denoiser's parts (step caching).
+
+    Session-scoped: shared by the caching tests and the Triton model's."""
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.rundir import save_run
+
+    config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    run = save_run(tmp_path_factory.mktemp("cache") / "run", config, vq.eval(), dit.eval())
+    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
+    export_run(run, precisions=("fp32",), components=("denoiser_parts",))
+    return run

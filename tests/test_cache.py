@@ -30,23 +30,6 @@ def _compose(run: Runner, feeds: dict[str, np.ndarray], specs: dict) -> np.ndarr
         Tensors.MODEL_OUTPUT].copy()
 
 
-@pytest.fixture(scope="module")
-def parts_run(tmp_path_factory: pytest.TempPathFactory) -> RunDir:
-    """A re-randomised tiny class run with its FP32 sampling set and the denoiser's parts."""
-    from mmgen_deploy.export import export_run
-    from mmgen_deploy.rundir import save_run
-
-    config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
-    torch.manual_seed(0)
-    vq, dit = VQModel(config.first_stage), DiT(config.dit)
-    rerandomize_(vq, seed=1)
-    rerandomize_(dit, seed=2)
-    run = save_run(tmp_path_factory.mktemp("cache") / "run", config, vq.eval(), dit.eval())
-    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
-    export_run(run, precisions=("fp32",), components=("denoiser_parts",))
-    return run
-
-
 @pytest.mark.parametrize("conditioning", ["class", *DIT_CONDITIONINGS[1:]])
 def test_parts_compose_to_the_whole_denoiser_in_torch(conditioning: str) -> None:
     config = preset("tiny") if conditioning == "class" else with_text(preset("tiny"), conditioning=conditioning)
@@ -315,6 +298,30 @@ def test_images_with_different_policies_in_one_call_are_those_made_alone(parts_r
     assert [r.cache.policy for r in together.results] == ["every:2", "none", "every:3"]
     for image, single in zip(together.images, alone, strict=True):
         assert np.array_equal(image, single)
+
+
+def test_an_adaptive_policy_groups_images_by_request_when_requests_are_served_together(parts_run: RunDir) -> None:
+    """The adaptive signal is taken over a batch, so a server batching two requests under the same adaptive
+    policy samples each request's images apart (`request_ids`): each gets the recompute steps it gets alone,
+    which here differ from those of the two sampled as one batch. Other policies still share a batch."""
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+
+    config = parts_run.load_config()
+    adaptive = [ImageSpec(seed=s, class_id=c, steps=12, cache="adaptive:0.8") for c, s in ((6, 24), (7, 25), (8, 26))]
+    every = [ImageSpec(seed=s, class_id=c, steps=12, cache="every:2") for c, s in ((1, 1), (2, 2))]
+    with OrtRunner(parts_run, "fp32", threads=1) as runner:
+        served = sample_specs(runner, config, [*adaptive, *every], request_ids=[0, 0, 1, 0, 1])
+        first_alone = sample_specs(runner, config, adaptive[:2])
+        second_alone = sample_specs(runner, config, adaptive[2:])
+        one_batch = sample_specs(runner, config, adaptive)
+    steps = {(r.cache.policy, len(r.images)): r.cache.recompute_steps for r in served.results}
+    assert list(steps) == [("adaptive:0.8", 2), ("adaptive:0.8", 1), ("every:2", 2)]
+    assert steps["adaptive:0.8", 2] == first_alone.results[0].cache.recompute_steps
+    assert steps["adaptive:0.8", 1] == second_alone.results[0].cache.recompute_steps
+    assert second_alone.results[0].cache.recompute_steps != one_batch.results[0].cache.recompute_steps
+    assert np.array_equal(served.images[:2], first_alone.images)
+    assert np.array_equal(served.images[2:3], second_alone.images)
 
 
 def test_batch_with_a_cache_policy(parts_run: RunDir, tmp_path: Path) -> None:

@@ -130,6 +130,18 @@ def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, ca
     code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--max-batch", "1000000000"],
                       capsys)
     assert code == 2 and "--max-batch must be in 1..1024" in text and not (tmp_path / "r").exists()
+    # --cache as generate takes it; a default policy needs the denoiser's parts, which this run lacks
+    # (the torch backend builds them from the weights).
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--cache", "every:0"], capsys)
+    assert code == 2 and "every:0: N must be a whole number >= 1" in text and not (tmp_path / "r").exists()
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--cache", "every:2"], capsys)
+    assert code == 2 and "--cache every:2 needs the denoiser's parts" in text and "--components denoiser_parts" in text
+    assert len(text.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "t"), "--cache", "every:2",
+                       "--backend", "torch"], capsys)
+    assert code == 0, text
+    assert 'key: "default_cache" value: { string_value: "every:2" }' in \
+        (tmp_path / "t" / MODEL_NAME / "config.pbtxt").read_text()
     # A second write replaces an old repository atomically.
     code, _ = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r")], capsys)
     assert code == 0
@@ -509,6 +521,66 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
     finally:
         runner.close()
     assert np.array_equal(served, reference)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_a_cached_run_is_served_through_the_parts_and_matches_generate(tmp_path, random_models, capsys) -> None:
+    """An ensemble repository of a run with the denoiser's parts serves them as component models too: a
+    request under every:2 (here the repository's default) runs the head and tail every step and the body
+    on steps 0, 2, 3 only, one under none the whole denoiser; `mmgen client --cache every:2` writes the
+    image `mmgen generate --cache every:2` writes and records the policy."""
+    from PIL import Image
+
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.io_utils import read_json
+    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
+    from mmgen_deploy.serve.server import running_server
+
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    export_run(run.root, precisions=["fp32"], components=["denoiser", "quantizer", "decoder"])
+    export_run(run.root, precisions=["fp32"], components=["denoiser_parts"])
+    repo = tmp_path / "repo"
+    summary = write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python",
+                                                                 threads=1, cache="every:2"))
+    assert set(summary["components"]) == {"denoiser", "quantizer", "decoder", "denoiser_head", "denoiser_body",
+                                          "denoiser_tail"}
+    steps = 4
+
+    def serve(ports: list[int]) -> dict[str, dict[int, int]]:
+        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
+                            python_paths=[REPO_ROOT]) as server:
+            client = GenerateClient(server.http_url, timeout_s=120)
+            try:
+                client.generate(ImageRequest(seeds=[5], class_ids=[3], steps=steps))  # the default: every:2
+                client.generate(ImageRequest(seeds=[5], class_ids=[3], steps=steps, cache="none"))
+                executed = {name: batch_sizes_executed(dict(client.client.get_inference_statistics(
+                    f"mmgen_{name}"))) for name in ("denoiser", "denoiser_head", "denoiser_body", "denoiser_tail")}
+            finally:
+                client.close()
+            code, text = _cli(["client", server.http_url, "--class", "3", "--n", "1", "--seed", "5", "--steps",
+                               str(steps), "--cache", "every:2", "--out", str(tmp_path / "served")], capsys)
+            assert code == 0, text
+            return executed
+
+    executed = with_free_loopback_ports(2, serve)
+    # Batch 2: the conditional and unconditional halves; one more execution of each part: the server's check,
+    # on first use, that it can run them (at the smallest batch an engine takes, 2).
+    assert executed == {"denoiser": {2: steps}, "denoiser_head": {2: steps + 1}, "denoiser_body": {2: 3 + 1},
+                        "denoiser_tail": {2: steps + 1}}
+    assert read_json(tmp_path / "served" / "samples.json")["cache"]["policy"] == "every:2"
+    code, text = _cli(["generate", str(run.root), "--class", "3", "--n", "1", "--seed", "5", "--steps", str(steps),
+                       "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1", "--cache", "every:2",
+                       "--out", str(tmp_path / "generated")], capsys)
+    assert code == 0, text
+
+    def image(folder: Path) -> np.ndarray:
+        pngs = sorted(p for p in folder.glob("*.png") if p.name != "grid.png")
+        assert len(pngs) == 1, pngs
+        return np.asarray(Image.open(pngs[0]).convert("RGB"))
+
+    assert np.array_equal(image(tmp_path / "served"), image(tmp_path / "generated"))
 
 
 @needs_triton

@@ -211,3 +211,91 @@ def test_a_text_model_refuses_classes_and_missing_prompts(tmp_path: Path, monkey
     assert "this model is text-to-image: send PROMPT (a text prompt), not CLASS_ID" in messages[0]
     assert "send PROMPT (a text prompt): this model is text-to-image" in messages[1]
     assert "the request mixes CLASS and PROMPT" in messages[2]
+
+
+CACHED_STEPS = 6  # enough steps for every:2 and every:3 to skip the body on some
+
+
+def _cached_request(class_ids: list[int], seeds: list[int], cache: str | None) -> _Request:
+    extra = {} if cache is None else {"CACHE": _rows([cache.encode()] * len(class_ids), np.object_)}
+    return _Request(CLASS_ID=_rows(class_ids, np.int32), SEED=_rows(seeds, np.int64),
+                    STEPS=_rows([CACHED_STEPS] * len(class_ids), np.int32), **extra)
+
+
+@pytest.fixture(scope="module")
+def cached_model(parts_run: RunDir) -> Any:
+    """The model on a run with the denoiser's parts; requests that send no policy get every:3."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        model = _load_model(parts_run, monkeypatch, default_cache="every:3")
+        yield model
+        model.finalize()
+
+
+def test_requests_with_different_cache_policies_in_one_batch_get_the_images_served_alone(
+        cached_model: Any, parts_run: RunDir, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One dynamic batch mixing policies (and two requests under the same adaptive policy, whose decisions
+    are taken over a batch): each request gets exactly the images it gets alone, which are the library's
+    for the same settings; a request that sends no policy gets the server's default. The tiny random
+    model's uint8 images hardly depend on the policy, so what ran is read from the sampling results too."""
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+
+    real_sample_specs = cached_model._sample_specs
+    generated: list[Any] = []
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        generated.append(real_sample_specs(*args, **kwargs))
+        return generated[-1]
+
+    monkeypatch.setattr(cached_model, "_sample_specs", recording)
+
+    requests = {
+        "every:2": _cached_request([3, 4], [21, 22], "every:2"),
+        "none": _cached_request([5], [23], "none"),
+        "adaptive:0.3 (a)": _cached_request([6, 7], [24, 25], "adaptive:0.3"),
+        "adaptive:0.3 (b)": _cached_request([8], [26], "ADAPTIVE:0.30"),  # the same policy, spelled otherwise
+        "default every:3": _cached_request([9], [27], None),
+    }
+    merged = cached_model.execute(list(requests.values()))
+    # Sampled in one call, in groups: a policy's images together, an adaptive policy's per request.
+    assert len(generated) == 1
+    groups = [(r.cache.policy, len(r.images), r.cache.recompute_steps) for r in generated[0].results]
+    assert groups == [("every:2", 2, [[0, 2, 4, 5]]), ("none", 1, []),
+                      ("adaptive:0.3", 2, groups[2][2]), ("adaptive:0.3", 1, groups[3][2]),
+                      ("every:3", 1, [[0, 3, 5]])]
+    alone = [cached_model.execute([request])[0] for request in requests.values()]
+    runner, _ = open_runner(parts_run.root, "onnxruntime", "fp32", threads=1)
+    try:
+        for (name, request), together, single in zip(requests.items(), merged, alone, strict=True):
+            served = _images(together)
+            assert np.array_equal(served, _images(single)), name
+            policy = name.split(" ")[-1] if name.startswith("default") else name.split(" ")[0]
+            specs = [ImageSpec(seed=int(seed), class_id=int(c), steps=CACHED_STEPS, cache=policy)
+                     for c, seed in zip(request.inputs["CLASS_ID"].as_numpy().ravel(),
+                                        request.inputs["SEED"].as_numpy().ravel(), strict=True)]
+            library = sample_specs(runner, parts_run.load_config(), specs, batch_size=8)
+            assert [r.cache.policy for r in library.results] == [policy]
+            assert np.array_equal(served, library.images), name
+    finally:
+        runner.close()
+
+
+def test_bad_cache_policies_and_a_server_without_parts_are_refused_in_one_line(
+        cached_model: Any, class_model: Any) -> None:
+    """A malformed policy is refused like any bad field, next to a good request that is served; a server
+    whose run has no denoiser parts refuses every policy but none, saying how to export them."""
+    bad = {"sometimes": "unknown cache policy 'sometimes'", "every:0": "every:0: N must be a whole number >= 1",
+           "adaptive:-1": "adaptive:-1: T must be a number > 0", "none:2": "cache policy none takes no value"}
+    requests = [_cached_request([1], [0], policy) for policy in bad]
+    good = _cached_request([2], [5], "every:2")
+    responses = cached_model.execute([*requests, good])
+    for (policy, message), response in zip(bad.items(), responses, strict=False):
+        assert message in _error(response), policy
+        assert "\n" not in _error(response)
+    assert _images(responses[-1]).shape == (1, 32, 32, 3)
+
+    no_parts = class_model.execute([_cached_request([1], [0], "every:2"), _cached_request([1], [0], "none")])
+    message = _error(no_parts[0])
+    assert message.startswith("cache every:2 is not served here: missing ") and "denoiser_head" in message
+    assert "--components denoiser_parts" in message and "\n" not in message
+    assert _images(no_parts[1]).shape == (1, 32, 32, 3)  # the whole denoiser is still served

@@ -215,6 +215,7 @@ OPTION_NAMES: dict[str, str] = {
     "max_queue_delay_us": "--max-queue-delay-us", "artifacts": "--artifacts", "default_steps": "--steps",
     "max_steps": "--max-steps", "default_cfg_scale": "--cfg-scale", "max_cfg_scale": "max cfg scale",
     "samplers": "--samplers", "layout": "--layout", "component_backend": "--component-backend",
+    "cache": "--cache",
 }
 
 
@@ -318,12 +319,24 @@ CFG_SCALE_OPTION = typer.Option(
     help=f"Classifier-free guidance scale in 0..{SAMPLING.max_cfg_scale:g}; 1 disables guidance, 0 is "
          f"unconditional. Default: {SAMPLING.cfg_scale:g} (a distilled student takes it as an input, within "
          "its distilled range).")
+_CACHE_POLICIES_HELP = (
+    "none; every:N (compute the denoiser's middle blocks on every N-th step and the first and last, reuse their "
+    "contribution in between); adaptive:T (recompute when the first block's output has changed by a relative L1 "
+    "of T since the last recompute)")
+_CACHE_PARTS_HELP = "Any policy but none needs `mmgen export --components denoiser_parts`."
 CACHE_OPTION = typer.Option(
     SAMPLING.cache, "--cache", metavar="POLICY",
-    help="Step caching: none; every:N (compute the denoiser's middle blocks on every N-th step and the first "
-         "and last, reuse their contribution in between); adaptive:T (recompute when the first block's output "
-         "has changed by a relative L1 of T since the last recompute). Needs `mmgen export --components "
-         "denoiser_parts`.")
+    help=f"Step caching: {_CACHE_POLICIES_HELP}. {_CACHE_PARTS_HELP}")
+# triton-repo and serve: the policy of requests that send none (requests may ask for any policy the
+# served run's parts allow); client: what its requests ask for.
+SERVED_CACHE_OPTION = typer.Option(
+    SAMPLING.cache, "--cache", metavar="POLICY",
+    help=f"Step caching of requests that send no policy: {_CACHE_POLICIES_HELP}. Requests may ask for any "
+         f"policy when the run has the denoiser's parts. {_CACHE_PARTS_HELP}")
+CLIENT_CACHE_OPTION = typer.Option(
+    None, "--cache", metavar="POLICY", show_default=False,
+    help=f"Step caching the server runs for these images: {_CACHE_POLICIES_HELP}. Default: the server's. "
+         "The server needs the run's denoiser parts for any policy but none.")
 
 
 # How a command that samples picks its backend and precision (`generate`, `batch`; `open_runner`

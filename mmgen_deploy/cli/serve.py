@@ -14,8 +14,10 @@ import typer
 
 from mmgen_deploy.cli.common import (
     CLASS_OPTION,
+    CLIENT_CACHE_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
+    SERVED_CACHE_OPTION,
     checked_json_destination,
     console,
     emit_json,
@@ -110,6 +112,7 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = _CFG_SCALE_OPT,
         sampler: str = _SAMPLER_OPT,
         samplers: str = _SAMPLERS_OPT,
+        cache: str = SERVED_CACHE_OPTION,
         max_steps: int = typer.Option(SAMPLING.max_steps, "--max-steps",
                                       help="Requests asking for more steps are refused."),
         artifacts: str = typer.Option("copy", "--artifacts",
@@ -131,7 +134,7 @@ def register(app: typer.Typer) -> None:
                                 max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
                                 max_queue_delay_us=queue_delay_us, default_steps=steps, default_cfg_scale=cfg_scale,
                                 max_steps=max_steps, artifacts=artifacts, layout=layout, threads=threads,
-                                component_backend=component_backend)
+                                component_backend=component_backend, cache=cache)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
                       f"artifacts {summary['artifacts']}); serve it with `mmgen serve {out}` "
@@ -162,6 +165,7 @@ def register(app: typer.Typer) -> None:
         cfg_scale: float = _CFG_SCALE_OPT,
         sampler: str = _SAMPLER_OPT,
         samplers: str = _SAMPLERS_OPT,
+        cache: str = SERVED_CACHE_OPTION,
         ready_timeout: float = typer.Option(180.0, "--ready-timeout", help="Seconds to wait for the models to load."),
         verbose: bool = typer.Option(False, "--verbose", "-v", help="Echo the server log."),
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
@@ -187,7 +191,7 @@ def register(app: typer.Typer) -> None:
                                         max_batch_size=max_batch, instances=instances,
                                         max_queue_delay_us=queue_delay_us, default_steps=steps,
                                         default_cfg_scale=cfg_scale, artifacts="reference", threads=threads,
-                                        vendor_source=False)
+                                        vendor_source=False, cache=cache)
                 repository = Path(scratch) / "repository"
                 write_repository(target, repository, options)
             server = TritonServer(repository, host=host, http_port=port, grpc_port=grpc_port,
@@ -230,7 +234,7 @@ def register(app: typer.Typer) -> None:
         "Request images from a running `mmgen serve` (or any Triton serving an `mmgen triton-repo` repository), "
         "in `mmgen generate`'s words: --class NAME|ID (repeatable; default every class) or --prompt / "
         "--prompts-file, --n per class or prompt, --seed (image i draws its noise from (SEED, i), as in generate), "
-        "--steps, --cfg-scale, --sampler. Writes the same PNGs (with generate's text chunks), grid.png and "
+        "--steps, --cfg-scale, --sampler, --cache. Writes the same PNGs (with generate's text chunks), grid.png and "
         "samples.json as `mmgen generate`; a served image equals the in-process one for the same arguments."))
     def client(
         url: str = typer.Argument("http://127.0.0.1:8000", help="HTTP endpoint of `mmgen serve` / Triton."),
@@ -246,6 +250,7 @@ def register(app: typer.Typer) -> None:
         sampler: str | None = typer.Option(None, "--sampler",
                                            help="ddim, ddpm or dpmpp-2m, where the server allows it (default: "
                                                 "the server's)."),
+        cache: str | None = CLIENT_CACHE_OPTION,
         seed: int = sampling_seed_option("The server makes the image generate makes for the same seed."),
         out: Path = typer.Option(Path("samples"), "--out", "-o",
                                  help="Output folder (a previous `generate` / `client` folder is replaced)."),
@@ -254,6 +259,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from mmgen_deploy.cli.generate import read_prompts_file, warn_about_prompts
         from mmgen_deploy.io_utils import atomic_dir, write_json
+        from mmgen_deploy.sampling.cache import parse_cache_policy
         from mmgen_deploy.sampling.generate import check_image_count, check_output_dir
         from mmgen_deploy.sampling.loop import check_sampling_numbers
         from mmgen_deploy.sampling.requests import expand_conditions
@@ -265,6 +271,7 @@ def register(app: typer.Typer) -> None:
         check_sampling_numbers(steps=1 if steps is None else steps, sampler=sampler or SAMPLING.sampler,
                                cfg_scale=0.0 if cfg_scale is None else cfg_scale, batch_size=1, eta=SAMPLING.eta,
                                seed=seed)
+        policy = None if cache is None else parse_cache_policy(cache).spec
         all_prompts = [*prompts, *(read_prompts_file(prompts_file) if prompts_file is not None else [])]
         check_output_dir(out, "mmgen client")
         remote = GenerateClient(url, timeout_s=timeout)
@@ -287,7 +294,7 @@ def register(app: typer.Typer) -> None:
                 encoding = served.tokenizer.encode(distinct)
                 warn_about_prompts(encoding.unknown_words, [distinct[i] for i in encoding.truncated], served.config)
             result = _request_images(remote, served, class_ids, prompt_rows, seed=seed, steps=settings[0],
-                                     cfg_scale=settings[1], sampler=settings[2])
+                                     cfg_scale=settings[1], sampler=settings[2], cache=policy or served.default_cache)
         finally:
             remote.close()
         with atomic_dir(out) as tmp:
@@ -304,10 +311,11 @@ def register(app: typer.Typer) -> None:
 
 def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list[int] | None,
                     prompts: list[str] | None, *, seed: int, steps: int, cfg_scale: float,
-                    sampler: str) -> SampleResult:
+                    sampler: str, cache: str) -> SampleResult:
     """All images, in requests of at most the server's max batch; returns a SampleResult like generate's."""
     import numpy as np
 
+    from mmgen_deploy.sampling.cache import CacheStats
     from mmgen_deploy.sampling.loop import SampleResult
     from mmgen_deploy.serve.client import ImageRequest
 
@@ -318,7 +326,7 @@ def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list
     for first in range(0, len(labels), chunk):
         rows = list(range(first, min(first + chunk, len(labels))))
         request = ImageRequest(seeds=[seed] * len(rows), indices=rows, steps=steps, cfg_scale=cfg_scale,
-                               sampler=sampler,
+                               sampler=sampler, cache=cache,
                                class_ids=[int(labels[r]) for r in rows] if class_ids is not None else None,
                                prompts=[str(labels[r]) for r in rows] if class_ids is None else None)
         parts.append(remote.generate(request))
@@ -327,4 +335,5 @@ def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list
     return SampleResult(images=images, latents=np.empty((0,), np.float32), indices=np.empty((0,), np.int32),
                         class_ids=list(class_ids or []), seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         batch_size=chunk, backend="triton", precision=served.precision, device=remote.url,
-                        total_seconds=elapsed, prompts=list(prompts or []))
+                        total_seconds=elapsed, prompts=list(prompts or []),
+                        cache=CacheStats(policy=cache))  # the server keeps the block evaluations it saved

@@ -60,6 +60,12 @@ class CachePolicy(ABC):
         """Whether sampling runs the denoiser's parts (every policy but `none`)."""
         return True
 
+    @property
+    def couples_batch(self) -> bool:
+        """Whether an image's recompute steps depend on the other images of its batch (a decision taken
+        over the whole batch); a server must then not batch one request's images with another's."""
+        return False
+
     @abstractmethod
     def decider(self, steps: int) -> StepDecider: ...
 
@@ -138,6 +144,10 @@ class Adaptive(CachePolicy):
     @property
     def spec(self) -> str:
         return f"adaptive:{self.threshold:g}"
+
+    @property
+    def couples_batch(self) -> bool:
+        return True  # the signal is the change of the whole batch's head output
 
     def decider(self, steps: int) -> StepDecider:
         return _Adaptive(steps, self.threshold)

@@ -5,7 +5,8 @@ image draws its noise from `default_rng([seed, index])`, so image k of `mmgen ge
 is `ImageSpec(seed=S, index=k, ...)`), and its sampler settings. `sample_specs` takes any
 mix of specs of one model, encodes each distinct prompt once, groups the images by
 (steps, cfg_scale, sampler, cache policy) and samples each group with `sample(..., seeds=, indices=)`: an
-image depends on its own spec only, never on what it was generated with.
+image depends on its own spec only, never on what it was generated with (under an adaptive cache policy,
+whose decisions are taken per batch, on the images of its own request: `request_ids`).
 
 `expand_conditions` turns `generate`'s words (`--class NAME|ID` repeated, prompts, `--n`) into
 one condition per image, in generate's order; `specs_for` adds the seeds and indices.
@@ -129,21 +130,33 @@ def _subset(condition: Conditioning, rows: list[int]) -> Conditioning:
 
 
 def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec], *,
-                    tokenizer: WordTokenizer | None = None, batch_size: int = SAMPLING.batch_size) -> GeneratedImages:
-    """Images for `specs` (in their order): prompts encoded once each, one `sample()` per settings group."""
+                 tokenizer: WordTokenizer | None = None, batch_size: int = SAMPLING.batch_size,
+                 request_ids: Sequence[int] | None = None) -> GeneratedImages:
+    """Images for `specs` (in their order): prompts encoded once each, one `sample()` per settings group.
+
+    `request_ids` (one per spec) say which request each image came from, when several requests are
+    served together: images under a policy that couples a batch (`CachePolicy.couples_batch`,
+    adaptive caching) are then grouped with their own request's images only, so each request gets
+    the images it would get alone.
+    """
     check_specs(config, specs)
+    if request_ids is not None and len(request_ids) != len(specs):
+        raise UsageError(f"{len(request_ids)} request ids for {len(specs)} images", "give one per image")
     if config.uses_text:
         if tokenizer is None:
             raise UsageError("a text-to-image model needs its tokenizer to encode prompts")
         condition = text_conditioning(runner, config, tokenizer, [str(s.prompt) for s in specs], max_batch=batch_size)
     else:
         condition = class_conditioning(config, [int(s.class_id) for s in specs])  # type: ignore[arg-type]
-    groups: dict[tuple[int, float, str, str], list[int]] = defaultdict(list)
+    groups: dict[tuple[tuple[int, float, str, str], int | None], list[int]] = defaultdict(list)
     for row, spec in enumerate(specs):
-        groups[spec.settings].append(row)
+        request = None
+        if request_ids is not None and parse_cache_policy(spec.cache).couples_batch:
+            request = int(request_ids[row])
+        groups[spec.settings, request].append(row)
     images: np.ndarray | None = None
     results = []
-    for (steps, cfg_scale, sampler, cache), rows in groups.items():
+    for ((steps, cfg_scale, sampler, cache), _request), rows in groups.items():
         result = sample(runner, config, _subset(condition, rows), steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         batch_size=batch_size, seeds=[specs[r].seed for r in rows],
                         image_indices=[specs[r].index for r in rows], cache=cache)

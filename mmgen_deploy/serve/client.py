@@ -48,7 +48,7 @@ def normalize_url(url: str) -> str:
 @dataclass(frozen=True)
 class ImageRequest:
     """One request: row i = (class_ids[i], classes[i] or prompts[i]; seeds[i], indices[i]) at one
-    steps / cfg_scale / sampler (None: the server's default).
+    steps / cfg_scale / sampler / cache policy (None: the server's default).
 
     `classes` are class names or ids as text (the CLASS input); `class_ids` integers (CLASS_ID).
     Row i draws its noise from default_rng([seeds[i], indices[i]]) (indices default to 0).
@@ -62,6 +62,7 @@ class ImageRequest:
     steps: int | None = None
     cfg_scale: float | None = None
     sampler: str | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         given = [labels for labels in (self.class_ids, self.classes, self.prompts) if labels is not None]
@@ -86,6 +87,7 @@ class ServedModel:
     default_cfg_scale: float
     max_steps: int
     max_cfg_scale: float
+    default_cache: str
     backend: str
     precision: str
 
@@ -107,6 +109,7 @@ class ServedModel:
                    default_cfg_scale=float(params.get("default_cfg_scale", SAMPLING.cfg_scale)),
                    max_steps=int(params.get("max_steps", SAMPLING.max_steps)),
                    max_cfg_scale=float(params.get("max_cfg_scale", SAMPLING.max_cfg_scale)),
+                   default_cache=params.get("default_cache", SAMPLING.cache),
                    backend=params.get("backend", "auto"), precision=params.get("precision", "auto"))
 
 
@@ -164,6 +167,8 @@ class GenerateClient:
             inputs.append(self._input("CFG_SCALE", np.full((n, 1), request.cfg_scale, np.float32), "FP32"))
         if request.sampler is not None:
             inputs.append(self._input("SAMPLER", strings([request.sampler] * n), "BYTES"))
+        if request.cache is not None:
+            inputs.append(self._input("CACHE", strings([request.cache] * n), "BYTES"))
         outputs = [self._http.InferRequestedOutput("IMAGE", binary_data=True)]
         try:
             result = self.client.infer(self.model_name, inputs, outputs=outputs)

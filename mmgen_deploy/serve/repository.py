@@ -31,9 +31,10 @@ from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.io_utils import atomic_dir, write_json
 from mmgen_deploy.rundir import DEPLOY_ENTRIES, TEXT_PART, RunDir
+from mmgen_deploy.sampling.cache import parse_cache_policy
 from mmgen_deploy.sampling.schedulers import SAMPLERS
 from mmgen_deploy.serve import MODEL_NAME
-from mmgen_deploy.specs import sampling_components
+from mmgen_deploy.specs import DENOISER_PARTS, PARTS_WORD, has_denoiser_parts, sampling_components
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -65,6 +66,9 @@ class RepositoryOptions:
     default_cfg_scale: float = SAMPLING.cfg_scale
     max_steps: int = SAMPLING.max_steps
     max_cfg_scale: float = SAMPLING.max_cfg_scale
+    # The step-caching policy of requests that send none. Requests may ask for any policy whenever the
+    # run has the denoiser's parts (they travel with the run); a default other than none needs them.
+    cache: str = SAMPLING.cache
     artifacts: str = "copy"
     layout: str = "python"
     component_backend: str = "onnxruntime"
@@ -105,6 +109,7 @@ class RepositoryOptions:
         if self.component_backend not in COMPONENT_BACKENDS:
             raise UsageError(f"{{component_backend}} must be one of {', '.join(COMPONENT_BACKENDS)}, "
                              f"got {self.component_backend!r}", params=fields)
+        parse_cache_policy(self.cache)
 
 
 def _pbtxt_string(value: str) -> str:
@@ -131,6 +136,7 @@ def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOpt
         "default_cfg_scale": repr(float(options.default_cfg_scale)),
         "max_steps": str(options.max_steps),
         "max_cfg_scale": repr(float(options.max_cfg_scale)),
+        "default_cache": parse_cache_policy(options.cache).spec,
         "runner": "bls" if options.layout == "ensemble" else "local",
         "component_prefix": COMPONENT_PREFIX,
         **(metadata or {}),
@@ -149,7 +155,8 @@ input [
   {{ name: "INDEX" data_type: TYPE_INT64 dims: [ 1 ] optional: true }},
   {{ name: "STEPS" data_type: TYPE_INT32 dims: [ 1 ] optional: true }},
   {{ name: "CFG_SCALE" data_type: TYPE_FP32 dims: [ 1 ] optional: true }},
-  {{ name: "SAMPLER" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
+  {{ name: "SAMPLER" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "CACHE" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
 ]
 output [
   {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {height}, {width}, {channels} ] }}
@@ -221,8 +228,15 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
 
     components = sampling_components(config)  # they follow the first stage (a KL one has no quantizer)
     precision = _ensemble_precision(run_root, options, components)
-    specs = component_specs(config)
+    specs = component_specs(config, parts=True)
     run = RunDir(run_root)
+    # The denoiser's parts become component models too where they were exported: step caching is served.
+    if has_denoiser_parts(config.dit) and all(onnx_path(run_root, precision, p).is_file() for p in DENOISER_PARTS):
+        components = (*components, *DENOISER_PARTS)
+    elif parse_cache_policy(options.cache).enabled:
+        raise UsageError(f"{{cache}} {parse_cache_policy(options.cache).spec} needs the denoiser's parts in the "
+                         f"{precision} ONNX set the ensemble serves", f"export them: `mmgen export {run_root} "
+                         f"--components {PARTS_WORD} --precision {precision}`", params=["cache"])
     export_manifest = read_manifest(run) if run.onnx_manifest_path.is_file() else {}
     written = {}
     for name in components:
@@ -244,6 +258,26 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
         (version_dir.parent / "config.pbtxt").write_text(component_config_pbtxt(spec, max_batch, options))
         written[name] = RunDir.onnx_relpath(precision, name)
     return written
+
+
+def _check_cache_default(run: RunDir, config: ModelConfig, options: RepositoryOptions) -> None:
+    """A default cache policy other than none needs the denoiser's parts: refuse a run that cannot have
+    them or has exported none (the torch backend builds them from the weights). Which set a server's
+    backend reads is decided when it loads; a request it cannot serve gets a one-line error then."""
+    from mmgen_deploy.specs import PRECISIONS
+
+    policy = parse_cache_policy(options.cache)
+    if not policy.enabled:
+        return
+    if not has_denoiser_parts(config.dit):
+        raise UsageError(f"{{cache}} {policy.spec}: this model's DiT has {config.dit.depth} block(s), too few to "
+                         "split into the parts step caching reuses", "serve it without a default cache policy",
+                         params=["cache"])
+    if options.backend == "torch" and options.layout == "python":
+        return
+    if not any(all(run.onnx_path(p, part).is_file() for part in DENOISER_PARTS) for p in PRECISIONS):
+        raise UsageError(f"{{cache}} {policy.spec} needs the denoiser's parts, and {run.onnx_dir} has none",
+                         f"export them: `mmgen export {run.root} --components {PARTS_WORD}`", params=["cache"])
 
 
 def _copy_run(run_root: Path, dest: Path, names: tuple[str, ...] = RUN_ARTIFACTS) -> list[str]:
@@ -273,6 +307,7 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             load_deployable(run)  # raises the precise missing/corrupt-weights error
     if config.uses_text:
         run.load_tokenizer()  # a text run without its tokenizer cannot encode prompts
+    _check_cache_default(run, config, options)
     run_root = run.root.resolve()
     if out.resolve() == run_root or run_root in out.resolve().parents:
         raise UsageError(f"{{out}} {out} is inside the run directory", "write the repository somewhere else",
@@ -369,6 +404,7 @@ One model, `{MODEL_NAME}` (Python backend): each request row is one image.
 | STEPS | INT32 [1] | 1..{opts["max_steps"]} (default {opts["default_steps"]}) |
 | CFG_SCALE | FP32 [1] | 0..{opts["max_cfg_scale"]:g} (default {opts["default_cfg_scale"]:g}) |
 | SAMPLER | BYTES [1] | {", ".join(opts["samplers"])} (default {opts["sampler"]}) |
+| CACHE | BYTES [1] | step caching: none, every:N or adaptive:T (default {opts["cache"]}; see docs/caching.md) |
 | IMAGE (output) | UINT8 {summary["image_shape"]} | RGB |
 
 Dynamic batching merges requests arriving within {opts["max_queue_delay_us"]} us into one sampling

@@ -10,12 +10,16 @@ Request semantics (one row of a request = one image; a request may carry several
   STEPS      INT32 [1]  sampling steps in [1, max_steps]                (default: parameter default_steps)
   CFG_SCALE  FP32  [1]  classifier-free guidance scale in [0, max_cfg_scale] (default_cfg_scale)
   SAMPLER    BYTES [1]  one of the parameter `samplers`                   (default_sampler)
+  CACHE      BYTES [1]  step-caching policy: none, every:N or adaptive:T  (default_cache); any but
+                        none needs the denoiser's parts, which the server checks once, on first use
   -> IMAGE   UINT8 [H, W, 3]
 
 Triton's dynamic batcher hands `execute` several requests at once. All their rows go to one
 `sample_specs` call: every distinct prompt is encoded once, rows are grouped by
-(steps, cfg_scale, sampler), and each group is sampled in one call with one (seed, index) per
-image, so an image depends only on its own row, never on what it was batched with.
+(steps, cfg_scale, sampler, cache policy), and each group is sampled in one call with one (seed, index)
+per image, so an image depends only on its own row, never on what it was batched with. An adaptive
+cache policy decides over a whole batch, so its rows are grouped with their own request's only: each
+request gets the images it gets alone.
 A malformed request (a prompt sent to a class model, a class and a prompt together, a value out
 of range) gets its own error response naming the problem; the others in the batch are served.
 
@@ -122,6 +126,12 @@ class TritonPythonModel:
         self.default_cfg_scale = float(params.get("default_cfg_scale", SAMPLING.cfg_scale))
         self.max_steps = int(params.get("max_steps", SAMPLING.max_steps))
         self.max_cfg_scale = float(params.get("max_cfg_scale", SAMPLING.max_cfg_scale))
+        from mmgen_deploy.sampling.cache import parse_cache_policy
+
+        self._parse_cache_policy: Any = parse_cache_policy
+        self.default_cache = parse_cache_policy(params.get("default_cache", SAMPLING.cache)).spec
+        self._caching_checked = False  # whether this server can run the denoiser's parts: found on first use
+        self._caching_problem: str | None = None
         self.batch_size = max(1, int(model_config.get("max_batch_size", SAMPLING.batch_size)))
         precision = params.get("precision", "auto")
         threads = int(params.get("threads", "0"))
@@ -130,7 +140,8 @@ class TritonPythonModel:
         if use_bls:
             from mmgen_deploy.specs import component_specs
 
-            self.runner = TritonComponentRunner(component_specs(self.config), params.get("component_prefix", "mmgen_"))
+            self.runner = TritonComponentRunner(component_specs(self.config, parts=True),
+                                                params.get("component_prefix", "mmgen_"))
         else:
             self.runner, choice = open_runner(run_dir, params.get("backend", "auto"),
                                               None if precision == "auto" else precision, threads=threads or None)
@@ -202,6 +213,7 @@ class TritonPythonModel:
         steps = column("STEPS", self.default_steps, int)
         cfg_scales = column("CFG_SCALE", self.default_cfg_scale, float)
         samplers = column("SAMPLER", self.default_sampler, str)
+        caches = [self._cache_policy(text) for text in column("CACHE", self.default_cache, str)]
         for name, values in (("seed", seeds), ("index", indices)):
             for v in values:
                 if v < 0:
@@ -216,9 +228,52 @@ class TritonPythonModel:
             if s not in self.samplers:
                 raise RequestError(f"sampler {s!r} is not served here: use one of {', '.join(self.samplers)}")
         return [ImageSpec(seed=seed, index=index, class_id=None if class_ids is None else label,
-                          prompt=None if prompts is None else label, steps=st, cfg_scale=g, sampler=sm)
-                for label, seed, index, st, g, sm in zip(labels, seeds, indices, steps, cfg_scales, samplers,
-                                                         strict=True)]
+                          prompt=None if prompts is None else label, steps=st, cfg_scale=g, sampler=sm, cache=c)
+                for label, seed, index, st, g, sm, c in zip(labels, seeds, indices, steps, cfg_scales, samplers,
+                                                            caches, strict=True)]
+
+    def _cache_policy(self, text: str) -> str:
+        """A request's cache policy, normalised (`EVERY:2` -> `every:2`), or the reason it cannot be served."""
+        from mmgen_deploy.errors import UsageError
+
+        try:
+            policy = self._parse_cache_policy(text)
+        except UsageError as exc:
+            raise RequestError(str(exc)) from None
+        if policy.enabled:
+            problem = self._caching_unavailable()
+            if problem is not None:
+                raise RequestError(f"cache {policy.spec} is not served here: {problem}")
+        return str(policy.spec)
+
+    def _caching_unavailable(self) -> str | None:
+        """Why this server cannot run a cache policy (None: it can). Found once, by running each of the
+        denoiser's parts on random inputs of the smallest batch an engine takes: this loads them where they
+        are and names what is missing."""
+        if self._caching_checked:
+            return self._caching_problem
+        from mmgen_deploy.errors import MMGenError
+        from mmgen_deploy.specs import DENOISER_PARTS, component_specs, has_denoiser_parts
+
+        problem = None
+        if not has_denoiser_parts(self.config.dit):
+            problem = (f"this model's DiT has {self.config.dit.depth} block(s), too few to split into the parts "
+                       "step caching reuses")
+        else:
+            specs = component_specs(self.config, parts=True)
+            rng = np.random.default_rng(0)
+            try:
+                for part in DENOISER_PARTS:
+                    self.runner.run(part, specs[part].make_inputs(specs[part].engine_profile.min, rng))
+            except MMGenError as exc:
+                problem = str(exc)
+            except Exception as exc:  # a BLS request to a part model the repository does not have
+                problem = (f"{type(exc).__name__}: {exc} (write the repository after `mmgen export RUN_DIR "
+                           "--components denoiser_parts`)")
+        self._caching_checked, self._caching_problem = True, problem
+        if problem is not None:
+            pb_utils.Logger.log_info(f"mmgen_generate: step caching is not served: {problem}")
+        return problem
 
     # -- serving ----------------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any]:
@@ -234,7 +289,8 @@ class TritonPythonModel:
         try:
             # One call for the whole dynamic batch: prompts encoded once, one sample() per settings group.
             everything = [spec for specs in parsed.values() for spec in specs]
-            images = self._generate(everything)
+            request_ids = [index for index, specs in parsed.items() for _ in specs]
+            images = self._generate(everything, request_ids)
             offset = 0
             for index, specs in parsed.items():
                 responses[index] = self._images_response(images[offset:offset + len(specs)])
@@ -249,9 +305,9 @@ class TritonPythonModel:
                         error=pb_utils.TritonError(f"generation failed: {type(exc).__name__}: {exc}"))
         return responses
 
-    def _generate(self, specs: list[Any]) -> np.ndarray:
+    def _generate(self, specs: list[Any], request_ids: list[int] | None = None) -> np.ndarray:
         result = self._sample_specs(self.runner, self.config, specs, tokenizer=self.tokenizer,
-                                       batch_size=self.batch_size)
+                                    batch_size=self.batch_size, request_ids=request_ids)
         if len(result.images) != len(specs):
             raise RuntimeError(f"sample_specs returned {len(result.images)} images for {len(specs)}")
         return np.asarray(result.images, dtype=np.uint8)
