@@ -357,6 +357,12 @@ def denoiser_condition_names(dit: DiTConfig) -> tuple[str, ...]:
     return (*names, Tensors.TEXT_POOLED, *guidance) if dit.uses_pooled_text else (*names, *guidance)
 
 
+def text_condition_names(dit: DiTConfig) -> tuple[str, ...]:
+    """The denoiser's conditions that come from the text encoder (a distilled student's guidance
+    scale does not)."""
+    return tuple(name for name in denoiser_condition_names(dit) if name in TEXT_OUTPUTS)
+
+
 def _text_masks(b: int, length: int, rng: np.random.Generator) -> np.ndarray:
     """(b, length) 1/0 masks of prompts with 2..length tokens ([BOS] + words + [EOS])."""
     lengths = rng.integers(2, length + 1, (b,))

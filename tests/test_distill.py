@@ -227,3 +227,39 @@ def test_batch_uses_the_students_settings_and_refuses_others(student: tuple[RunD
     code, output = _cli(["batch", str(run.root), str(requests), "--out", str(refused)], capsys)
     assert code != 0 and "line 1" in output and "samples with ddim, not sampler ddpm" in output, output
     assert "Traceback" not in output and not refused.exists()
+
+
+def test_a_text_run_distills_into_a_text_student(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The text encoder and tokenizer are shared; guidance is distilled against the empty prompt."""
+    from text_helpers import PROMPT, make_text_run
+
+    from mmgen_deploy.models.load import load_text_encoder
+
+    teacher = make_text_run(tmp_path / "teacher")
+    torch.set_num_threads(1)
+    distill_into(tmp_path / "student", teacher, SMALL, show_progress=False)
+    run = RunDir(tmp_path / "student")
+    config = run.load_config()
+    assert config.uses_text and config.dit.guidance_embed and config.student is not None
+    assert run.load_tokenizer().words == teacher.load_tokenizer().words
+    shared, own = load_text_encoder(teacher).state_dict(), load_text_encoder(run).state_dict()
+    assert all(torch.equal(shared[k], own[k]) for k in shared)
+    out = tmp_path / "samples"
+    code, output = _cli(["generate", str(run.root), "--prompt", PROMPT, "--n", "1", "--backend", "torch",
+                         "--out", str(out)], capsys)
+    assert code == 0, output
+    assert json.dumps(json.loads((out / "samples.json").read_text())).count('"steps": 2') >= 1
+    # It exports (the 8-bit calibration pairs each caption's encoding with a guidance scale) and passes parity.
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.export.quantize import QuantSettings
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    sampling = ("denoiser", "quantizer", "decoder", "text_encoder")
+    manifest = export_run(run, precisions=("fp32", "int8"), components=sampling,
+                          quantization=QuantSettings(calibration_size=32, timesteps=4, images=18, batch=16,
+                                                     component_precisions={"decoder": "fp16"}))
+    assert manifest["calibration"]["quantization"]["denoiser"]["halves"] == {"conditional": 32, "null": 0}
+    assert manifest["files"]["int8"]["denoiser"]["validation"]["passed"]
+    report = run_parity(run, ParityOptions(backend="onnxruntime", precision="fp32", batches=(2,), num_images=2,
+                                           allow_untrained=True, components=sampling))
+    assert report.passed, [c for c in report.checks if not c.passed]

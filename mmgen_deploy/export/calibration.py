@@ -34,8 +34,8 @@ from mmgen_deploy.specs import (
     TEXT_OUTPUTS,
     ComponentSpec,
     Tensors,
-    denoiser_condition_names,
     latent_name,
+    text_condition_names,
 )
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def text_component_inputs(modules: dict[str, nn.Module], config: ModelConfig, to
     with torch.no_grad():
         outputs = modules["text_encoder"](torch.from_numpy(input_ids))
     named = dict(zip(TEXT_OUTPUTS, outputs, strict=True))
-    conditions = {name: named[name].numpy().astype(np.float32) for name in denoiser_condition_names(config.dit)}
+    conditions = {name: named[name].numpy().astype(np.float32) for name in text_condition_names(config.dit)}
     return {"text_encoder": {Tensors.INPUT_IDS: input_ids}, "denoiser": conditions}
 
 

@@ -149,12 +149,12 @@ def _text_conditions(modules: dict[str, nn.Module], config: ModelConfig, tokeniz
     """Token ids of `prompts` and the text encoder's outputs for them (the denoiser's conditions)."""
     import torch
 
-    from mmgen_deploy.specs import denoiser_condition_names
+    from mmgen_deploy.specs import text_condition_names
 
     ids = tokenizer.encode(prompts).input_ids
     with torch.no_grad():
         outputs = dict(zip(TEXT_OUTPUTS, modules["text_encoder"](torch.from_numpy(ids)), strict=True))
-    return ids, {n: outputs[n].numpy().astype(np.float32) for n in denoiser_condition_names(config.dit)}
+    return ids, {n: outputs[n].numpy().astype(np.float32) for n in text_condition_names(config.dit)}
 
 
 def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: dict[str, nn.Module],

@@ -22,7 +22,7 @@ import numpy as np
 
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import UsageError
-from mmgen_deploy.specs import Tensors, denoiser_condition_names
+from mmgen_deploy.specs import Tensors, text_condition_names
 
 if TYPE_CHECKING:
     from mmgen_deploy.config import ModelConfig
@@ -107,7 +107,7 @@ def text_conditioning(runner: Runner, config: ModelConfig, tokenizer: WordTokeni
         raise UsageError("no prompts to sample", "give at least one prompt")
     distinct = list(dict.fromkeys(["", *prompts]))  # "" first: the unconditional input
     encoding = tokenizer.encode(distinct)
-    names = denoiser_condition_names(config.dit)
+    names = text_condition_names(config.dit)
     started = time.perf_counter()
     parts: dict[str, list[np.ndarray]] = {name: [] for name in names}
     for start in range(0, len(distinct), max_batch):
