@@ -132,8 +132,8 @@ def test_repository_refuses_bad_input_without_damage(tmp_path, random_models, ca
     assert code == 2 and "--max-batch must be in 1..1024" in text and not (tmp_path / "r").exists()
     # --cache as generate takes it; a default policy needs the denoiser's parts, which this run lacks
     # (the torch backend builds them from the weights).
-    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--cache", "every:0"], capsys)
-    assert code == 2 and "every:0: N must be a whole number >= 1" in text and not (tmp_path / "r").exists()
+    code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--cache", "every:x"], capsys)
+    assert code == 2 and "every:x: N must be a whole number >= 1" in text and not (tmp_path / "r").exists()
     code, text = _cli(["triton-repo", str(run.root), "--out", str(tmp_path / "r"), "--cache", "every:2"], capsys)
     assert code == 2 and "--cache every:2 needs the denoiser's parts" in text and "--components denoiser_parts" in text
     assert len(text.strip().splitlines()) == 1 and not (tmp_path / "r").exists()

@@ -16,10 +16,11 @@ from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.runtime.backends import backend_help, backend_labels, precision_help
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
-console = Console(stderr=True, highlight=False)
+# No emoji codes: user text such as the cache policy `every:x:` or a path `a:smile:b` is printed as written.
+console = Console(stderr=True, highlight=False, emoji=False)
 # Tables and results: the terminal's width, 80 columns in a pipe or a log file (the tables are laid
 # out to fit 80; `--json` has every number in full).
-stdout_console = Console(highlight=False)
+stdout_console = Console(highlight=False, emoji=False)
 
 
 class _State:
