@@ -15,7 +15,9 @@
       onnx/<precision>/<component>.onnx
       engines/<runtime>-<version>-<target>/   one engine set (plans + manifest.json)
       samples/
-      reports/<kind>[-<what>][-<settings>].json   eval, parity and training reports (`report_path`)
+      reports/<kind>[-<what>][-<settings>].json   eval, parity, tune and training reports (`report_path`)
+      reports/tune-front.png      the front `mmgen tune` measured, as a plot
+      recipe.json                 the configuration `mmgen tune` chose for this machine
       .mmgen.lock                 held (flock) by the command writing into the run, if any
 
 Everything that reads a run directory goes through `RunDir`, which owns this layout (no other
@@ -69,7 +71,10 @@ KL_PART = FIRST_STAGE_PARTS["kl"]
 TEXT_PART = "text_encoder"
 ONNX_MANIFEST_NAME = "manifest.json"
 # Every top-level entry a run directory may hold (`train --overwrite` removes exactly these).
-RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports")
+# The run's own files; every other entry is a folder.
+RUN_FILES = ("run.json", "recipe.json")
+RUN_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, TEXT_PART, "checkpoints", "onnx", "engines", "samples", "reports",
+               "recipe.json")
 # What of a run a deployment needs: configs, inference weights, exported models and engines.
 DEPLOY_ENTRIES = ("run.json", *MODEL_PARTS, KL_PART, "onnx", "engines")
 
@@ -301,6 +306,21 @@ class RunDir:
         """RUN_DIR/checkpoints/<name>.pt: training state for --resume (`vqvae`, `dit`) and caches (`dit_latents`)."""
         return self.checkpoints_dir / f"{name}.pt"
 
+    def tune_reference_path(self, key: str) -> Path:
+        """RUN_DIR/checkpoints/tune-reference-<key>.npz: the reference images `mmgen tune` compares with,
+        computed once (`key` names what they depend on)."""
+        return self.checkpoints_dir / f"tune-reference-{key}.npz"
+
+    @property
+    def recipe_path(self) -> Path:
+        """RUN_DIR/recipe.json: the configuration `mmgen tune` chose for this machine."""
+        return self.root / "recipe.json"
+
+    @property
+    def tune_plot_path(self) -> Path:
+        """RUN_DIR/reports/tune-front.png: the measured front, plotted."""
+        return self.reports_dir / "tune-front.png"
+
     def onnx_entry_path(self, relpath: str) -> Path:
         """A file the export manifest lists, by its path inside RUN_DIR/onnx/."""
         return self.onnx_dir / relpath
@@ -383,7 +403,7 @@ class RunDir:
         checked where each file is written (`io_utils.atomic_path`)."""
         hint = "replace it with a real folder or file (copy the linked content in, e.g. with `cp -rL`)"
         for name in RUN_ENTRIES:
-            check_write_target(self.root / name, folder=name != "run.json", label="run entry", hint=hint)
+            check_write_target(self.root / name, folder=name not in RUN_FILES, label="run entry", hint=hint)
 
     def writing_into(self, target: Path | None, purpose: str) -> contextlib.AbstractContextManager[Any]:
         """`writing(purpose)` when `target` (None: the run's default place) lies inside the run directory;

@@ -21,6 +21,7 @@ COMMAND_PAGES = {
     "generate": ["generate.md"], "parity": ["parity-and-bench.md"], "bench": ["parity-and-bench.md"],
     "serve": ["serving.md"], "client": ["serving.md"], "triton-repo": ["serving.md"], "batch": ["batch.md"],
     "info": ["run-directory.md"], "doctor": ["backends.md"], "distill": ["distill.md"],
+    "tune": ["tune.md"],
 }
 
 

@@ -33,6 +33,7 @@ from mmgen_deploy.cli import (
     quickstart,
     serve,
     train,
+    tune,
 )
 from mmgen_deploy.cli.common import (
     console,
@@ -81,7 +82,7 @@ def _root(
 
 
 for _module in (doctor, info, train, distill, quickstart, evaluate, export, engines, generate, batch, parity, importer,
-                serve):
+                serve, tune):
     _module.register(app)
 
 

@@ -10,11 +10,13 @@ from mmgen_deploy.cli.common import (
     BACKEND_OPTION,
     CACHE_OPTION,
     PRECISION_OPTION,
+    RECIPE_OPTION,
     console,
     count_column,
     emit_json,
     json_option,
     plural,
+    refuse_recipe_conflicts,
 )
 from mmgen_deploy.defaults import SAMPLING
 
@@ -24,6 +26,7 @@ def register(app: typer.Typer) -> None:
 
 
 def batch(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Run directory (from `mmgen train`, `quickstart` or `import`)."),
     requests: Path = typer.Argument(..., metavar="REQUESTS.jsonl",
                                     help='One JSON object per line: {"class": "red circle", "n": 3, "seed": 11} or '
@@ -54,6 +57,7 @@ def batch(
     precision: str | None = PRECISION_OPTION,
     threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
     cache: str = CACHE_OPTION,
+    recipe: bool = RECIPE_OPTION,
     json_out: str | None = json_option("counts, files and timing"),
 ) -> None:
     """Generate every image a JSONL file of requests asks for, as `mmgen generate` would make it.
@@ -80,6 +84,19 @@ def batch(
         raise UsageError("--workers needs --ray", "add --ray local (or --ray HOST:PORT)")
     settings = BatchSettings(steps=steps, cfg_scale=cfg_scale, sampler=sampler, backend=backend, precision=precision,
                              threads=threads, batch_size=batch_size, cache=parse_cache_policy(cache).spec)
+    if recipe:
+        from mmgen_deploy.tuning.recipe import load_recipe
+
+        refuse_recipe_conflicts(ctx, {"steps": "--steps", "cfg_scale": "--cfg-scale", "sampler": "--sampler",
+                                      "batch_size": "--batch-size", "backend": "--backend",
+                                      "precision": "--precision", "threads": "--threads", "cache": "--cache"})
+        chosen = load_recipe(run_dir)
+        engine, sampled = chosen.candidate.engine, chosen.candidate.settings
+        console.print(f"recipe: {chosen.candidate.label()} ({chosen.path}); request lines' own settings still apply")
+        run_dir = chosen.model_dir
+        settings = BatchSettings(steps=sampled.steps, cfg_scale=sampled.cfg_scale, sampler=sampled.sampler,
+                                 backend=engine.backend, precision=engine.precision, threads=chosen.threads,
+                                 batch_size=engine.batch_size, cache=sampled.cache)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 

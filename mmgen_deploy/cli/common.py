@@ -78,9 +78,10 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
                           "PATH", "-o"),
     "--overwrite": SharedOption("replace what is already at the destination instead of refusing", None),
     # The names each option takes come from their owners (specs, the runtime), in each command's --help.
-    "--backend": SharedOption("the inference backend, or auto: the fastest available (bench: a list)", "TEXT"),
+    "--backend": SharedOption("the inference backend, or auto: the fastest available (bench, tune: a list)",
+                              "TEXT"),
     "--precision": SharedOption("which precision runs: an exported ONNX / engine set, or bf16 on the FP32 set "
-                                "(export, bench: a list)", "TEXT"),
+                                "(export, bench, tune: a list)", "TEXT"),
     "--components": SharedOption("only these components (repeat or comma-separate)", "TEXT"),
     "--threads": SharedOption("CPU threads of the work (left out: the backend's or torch's default)", "INTEGER"),
     "--batch-size": SharedOption("images per model call: per denoiser call when sampling, per optimisation "
@@ -92,6 +93,8 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--samplers": SharedOption("the samplers requests may ask for: all, or a comma list", "TEXT"),
     "--cfg-scale": SharedOption("classifier-free guidance scale (1 = off, 0 = unconditional)", "FLOAT"),
     "--seed": SharedOption("the seed; its --help says exactly what it makes repeatable", "INTEGER"),
+    "--recipe": SharedOption("take the backend and sampling settings from RUN_DIR/recipe.json (`mmgen tune`)",
+                             None),
     "--cache": SharedOption("step caching: none, every:N or adaptive:T (needs the denoiser's parts)", "POLICY"),
     "--class": SharedOption("a class to sample, by name or id (repeatable)", "TEXT", "-c"),
     "--prompt": SharedOption("text-to-image runs: a prompt (repeatable)", "TEXT", "-p"),
@@ -217,6 +220,9 @@ OPTION_NAMES: dict[str, str] = {
     "max_steps": "--max-steps", "default_cfg_scale": "--cfg-scale", "max_cfg_scale": "max cfg scale",
     "samplers": "--samplers", "layout": "--layout", "component_backend": "--component-backend",
     "cache": "--cache",
+    # tune
+    "max_quality_drop": "--max-quality-drop", "budget_minutes": "--budget-minutes", "samples": "--samples",
+    "student": "--student", "batch_sizes": "--batch-sizes",
 }
 
 
@@ -344,3 +350,26 @@ CLIENT_CACHE_OPTION = typer.Option(
 # resolves both), defined once so that both accept and explain the same values.
 BACKEND_OPTION = typer.Option("auto", "--backend", help=backend_help())
 PRECISION_OPTION = typer.Option(None, "--precision", help=precision_help())
+
+
+# `--recipe`: the settings come from RUN_DIR/recipe.json (`mmgen tune`). An option the recipe sets, given
+# on the command line as well, is refused rather than merged: a recipe's timing and quality hold only for
+# the configuration it measured, so a silent override would keep the recipe's name on something else.
+RECIPE_OPTION = typer.Option(
+    False, "--recipe",
+    help="Take the backend, precision, sampler, steps, guidance, cache, batch size and threads from "
+         "RUN_DIR/recipe.json (`mmgen tune`); refused when measured on another machine or for changed "
+         "artifacts, and when one of those options is given too.")
+
+
+def refuse_recipe_conflicts(ctx: typer.Context, params: dict[str, str]) -> None:
+    """With --recipe, refuse every option in `params` (parameter name -> option) given on the command line."""
+    from typer._click.core import ParameterSource
+
+    given = [option for name, option in params.items()
+             if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)]
+    if given:
+        from mmgen_deploy.errors import UsageError
+
+        raise UsageError(f"--recipe sets {', '.join(given)}: give either the recipe or the option",
+                         "drop --recipe, or leave those options out (re-run `mmgen tune` to change the recipe)")

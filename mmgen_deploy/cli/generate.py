@@ -16,6 +16,7 @@ from mmgen_deploy.cli.common import (
     PRECISION_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
+    RECIPE_OPTION,
     SAMPLER_OPTION,
     STEPS_OPTION,
     console,
@@ -23,6 +24,7 @@ from mmgen_deploy.cli.common import (
     emit_json,
     json_option,
     plural,
+    refuse_recipe_conflicts,
     sampling_seed_option,
     stdout_console,
 )
@@ -39,6 +41,7 @@ def register(app: typer.Typer) -> None:
 
 
 def generate(
+    ctx: typer.Context,
     run_dir: Path = typer.Argument(..., help="Run directory (from `mmgen train`, `quickstart` or `import`)."),
     classes: list[str] = CLASS_OPTION,
     prompts: list[str] = PROMPT_OPTION,
@@ -65,6 +68,7 @@ def generate(
                                            "prefers)."),
     threads: int | None = typer.Option(None, "--threads", help=f"CPU threads for {backend_labels('cpu')}."),
     cache: str = CACHE_OPTION,
+    recipe: bool = RECIPE_OPTION,
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
                                     help="TensorRT: capture the denoiser step in a CUDA graph per batch size and "
                                          "replay it every step."),
@@ -85,11 +89,36 @@ def generate(
                               sampler=sampler, cfg_scale=cfg_scale, eta=eta, seed=seed, backend=backend,
                               precision=precision, device=device, threads=threads, cuda_graph=cuda_graph, out=out,
                               cache=cache)
+    if recipe:
+        run_dir, request = apply_recipe(ctx, run_dir, request)
     request.check()  # bad numbers are refused before any file or model is touched
     if prompts_file is not None:
         request.prompts = [*request.prompts, *read_prompts_file(prompts_file)]
     sidecar = run_generate(run_dir, request)
     emit_json(sidecar, json_out)
+
+
+# The generate options a recipe sets (parameter name -> option).
+RECIPE_SETS = {"backend": "--backend", "precision": "--precision", "device": "--device", "steps": "--steps",
+               "sampler": "--sampler", "cfg_scale": "--cfg-scale", "eta": "--eta", "cache": "--cache",
+               "batch_size": "--batch-size", "threads": "--threads"}
+
+
+def apply_recipe(ctx: typer.Context, run_dir: Path, request: GenerateRequest) -> tuple[Path, GenerateRequest]:
+    """The run that samples (the tuned run, or the distilled student the recipe chose) and `request` with the
+    recipe's settings; an option the recipe sets given as well is refused."""
+    import dataclasses
+
+    from mmgen_deploy.tuning.recipe import load_recipe
+
+    refuse_recipe_conflicts(ctx, RECIPE_SETS)
+    chosen = load_recipe(run_dir)
+    engine, settings = chosen.candidate.engine, chosen.candidate.settings
+    console.print(f"recipe: {chosen.candidate.label()} ({chosen.path})")
+    return chosen.model_dir, dataclasses.replace(
+        request, backend=engine.backend, precision=engine.precision, device=engine.device,
+        batch_size=engine.batch_size, steps=settings.steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
+        cache=settings.cache, threads=chosen.threads)
 
 
 def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:

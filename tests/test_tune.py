@@ -1,0 +1,186 @@
+"""`mmgen tune`: the front, the recipe's staleness checks, and a tiny end-to-end tune (real runners)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmgen_deploy.cli.app import main
+from mmgen_deploy.errors import RunDirError, UsageError
+from mmgen_deploy.rundir import RunDir
+from mmgen_deploy.tuning.front import Point, dominates, fastest_within, pareto_front
+from mmgen_deploy.tuning.recipe import load_recipe
+from mmgen_deploy.tuning.search import TuneOptions, rung_sizes
+from mmgen_deploy.tuning.tune import tune_run
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    captured = capsys.readouterr()
+    return int(info.value.code or 0), captured.out, captured.err
+
+
+# -- the front -------------------------------------------------------------------------------
+
+def test_dominance_needs_no_worse_on_both_and_better_on_one() -> None:
+    fast_good, slow_good, fast_bad = Point(90, 10), Point(90, 20), Point(80, 10)
+    assert dominates(fast_good, slow_good) and dominates(fast_good, fast_bad)
+    assert not dominates(slow_good, fast_bad) and not dominates(fast_bad, slow_good)  # a trade-off
+    assert not dominates(fast_good, Point(90, 10))  # equal points do not dominate each other
+
+
+def test_the_front_keeps_the_trade_offs_fastest_first() -> None:
+    points = [Point(93, 100), Point(92, 40), Point(91, 50), Point(85, 10), Point(85, 12), Point(60, 10),
+              Point(92, 40)]
+    front = pareto_front(points)
+    assert [(p.quality, p.ms_per_image) for p in front] == [(85, 10), (92, 40), (92, 40), (93, 100)]
+    assert fastest_within(points, 93, 2) == Point(92, 40)
+    assert fastest_within(points, 93, 0) == Point(93, 100)
+    assert fastest_within(points, 99, 1) is None
+
+
+def test_rungs_grow_threefold_in_whole_units() -> None:
+    assert rung_sizes(360, 18) == [54, 126, 360]
+    assert rung_sizes(16, 1) == [2, 6, 16]
+    assert rung_sizes(18, 18) == [18]
+
+
+# -- a tiny end-to-end tune -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tuned(exported_tiny_run, tmp_path_factory):
+    """A copy of the tiny random-weight run (no judge: fidelity), tuned on a few configurations."""
+    from mmgen_deploy.tuning.search import Measurement
+
+    root = tmp_path_factory.mktemp("tune") / "run"
+    shutil.copytree(exported_tiny_run.root, root)
+    said: list[str] = []
+    options = TuneOptions(samples=4, budget_seconds=120, max_quality_drop=5.0, backends=("torch", "onnxruntime"),
+                          precisions=("fp32",), batch_sizes=(4,), threads=1, samplers=("ddim",), steps=(50, 10, 4),
+                          caches=("none",))
+    result = tune_run(root, options, said.append)
+    assert isinstance(result.chosen, Measurement)
+    return RunDir(root), result, said
+
+
+def test_a_tiny_tune_measures_fidelity_and_writes_report_plot_and_recipe(tuned) -> None:
+    run, tuned_run, said = tuned
+    result = tuned_run.result
+    assert result.measure.kind == "fidelity" and "SSIM" in result.measure.description
+    assert any("reference images" in line for line in said) and any("images 1-" in line for line in said)
+    # PyTorch FP32 and ONNX Runtime FP32 at the reference settings agree with the reference images.
+    assert result.reference.candidate.engine.precision == "fp32" and result.reference.quality > 99.9
+    assert result.reference.images == result.rungs[-1] == 4
+    front = result.front()
+    assert front and all(not any(other.quality > m.quality and other.ms_per_image < m.ms_per_image
+                                 for other in front) for m in front)
+    chosen = tuned_run.chosen
+    assert chosen.quality >= result.reference.quality - 5.0 and chosen.images == 4
+    assert chosen.ms_per_image <= result.reference.ms_per_image
+    report = json.loads(tuned_run.report_path.read_text())
+    assert report["measure"]["kind"] == "fidelity" and report["chosen"]["label"] == chosen.candidate.label()
+    assert {c["status"] for c in report["configurations"]} <= {"measured", "pruned", "skipped", "cut", "failed",
+                                                               "budget"}
+    assert all("psnr_db" in c for c in report["configurations"] if c["images"])
+    with Image.open(tuned_run.plot_path) as plot:
+        assert plot.format == "PNG" and plot.size[0] > 300
+    recipe = json.loads(run.recipe_path.read_text())
+    assert recipe["chosen"]["config"] == chosen.candidate.to_dict()
+    assert recipe["machine"]["fingerprint"] and recipe["artifacts"]["weights_sha256"] == run.weights_sha256()
+    assert load_recipe(run).candidate == chosen.candidate
+    # The reference images are kept in the run and reused.
+    assert list(run.checkpoints_dir.glob("tune-reference-*.npz"))
+
+
+def test_generate_takes_its_settings_from_the_recipe_and_refuses_overrides(tuned, tmp_path, capsys) -> None:
+    run, tuned_run, _ = tuned
+    chosen = tuned_run.chosen.candidate
+    out = tmp_path / "recipe-samples"
+    code, _, stderr = _cli(["generate", str(run.root), "--recipe", "-c", "1", "--n", "2", "--out", str(out)], capsys)
+    assert code == 0, stderr
+    sidecar = json.loads((out / "samples.json").read_text())
+    assert sidecar["settings"]["steps"] == chosen.settings.steps
+    assert sidecar["backend"]["backend"] == chosen.engine.backend
+    code, _, stderr = _cli(["generate", str(run.root), "--recipe", "--steps", "3", "--out", str(tmp_path / "x")],
+                           capsys)
+    assert code != 0 and "--recipe sets --steps" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_recipe_from_another_machine_is_refused(tuned, tmp_path) -> None:
+    run, _, _ = tuned
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root)
+    recipe = json.loads(copy.recipe_path.read_text())
+    recipe["machine"]["fingerprint"] = "0" * 64
+    recipe["machine"]["cpu"] = "Some Other CPU"
+    copy.recipe_path.write_text(json.dumps(recipe))
+    with pytest.raises(RunDirError, match=r"measured on another machine \(Some Other CPU") as info:
+        load_recipe(copy)
+    assert "mmgen tune" in str(info.value.hint) and "\n" not in info.value.message
+
+
+def test_a_recipe_for_changed_weights_is_refused(tuned, tmp_path, capsys) -> None:
+    from safetensors.torch import save_file
+
+    run, _, _ = tuned
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run.root, copy.root)
+    assert load_recipe(copy)  # a copy of the same artifacts on the same machine is valid
+    state = copy.load_state("dit")
+    name = next(iter(state))
+    state[name] = state[name] + 0.01
+    save_file(state, str(copy.weights_path("dit")), metadata={"mmgen": "mmgen-run/dit"})
+    with pytest.raises(RunDirError, match="stale: weights_sha256"):
+        load_recipe(copy)
+    code, _, stderr = _cli(["generate", str(copy.root), "--recipe", "--n", "1", "-c", "0"], capsys)
+    assert code != 0 and "stale" in stderr and "mmgen tune" in stderr and "Traceback" not in stderr
+
+
+def test_no_recipe_is_refused_in_one_line(exported_tiny_run, capsys) -> None:
+    with pytest.raises(RunDirError, match="has no recipe"):
+        load_recipe(exported_tiny_run)
+
+
+def test_an_interrupted_tune_leaves_no_recipe(exported_tiny_run, tmp_path) -> None:
+    root = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, root)
+
+    def interrupt(text: str) -> None:
+        if "images 1-" in text:
+            raise KeyboardInterrupt
+
+    options = TuneOptions(samples=2, max_quality_drop=1.0, backends=("onnxruntime",), precisions=("fp32",),
+                          batch_sizes=(2,), threads=1, steps=(50, 4), samplers=("ddim",), caches=("none",))
+    with pytest.raises(KeyboardInterrupt):
+        tune_run(root, options, interrupt)
+    assert not RunDir(root).recipe_path.exists()
+    assert not [p for p in root.iterdir() if "recipe" in p.name]
+
+
+def test_a_student_must_name_the_run_as_its_teacher(exported_tiny_run, tmp_path) -> None:
+    from mmgen_deploy.tuning.space import student_teacher_check
+
+    with pytest.raises(UsageError, match="not a distilled student"):
+        student_teacher_check(exported_tiny_run, exported_tiny_run)
+
+
+def test_shapes_runs_are_judged_and_others_compared_with_the_reference(exported_tiny_run, tmp_path) -> None:
+    from mmgen_deploy.tuning.quality import ClassJudge, has_judge
+
+    root = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, root)
+    run = RunDir(root)
+    assert not has_judge(run)
+    run.update_meta(data={"name": "shapes", "image_size": 32, "seed": 0, "num_train": 10, "num_val": 4})
+    assert has_judge(run)
+    judge = ClassJudge(run, 0)
+    assert judge.conditions(17, 20) == ([17, 0, 1], []) and judge.unit == 18
+    # An all-hit measurement on few images is not taken as certain.
+    assert judge.noise([100.0] * 4) > 10
+    assert np.isfinite(judge.noise([0.0, 100.0]))
