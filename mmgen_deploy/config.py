@@ -371,6 +371,55 @@ TIMESTEP_SPACINGS = ("respaced", "linspace", "leading", "trailing")
 VARIANCE_TYPES = ("learned_range", "fixed_small", "fixed_large")
 
 
+@dataclass(frozen=True)
+class AudioConfig(_JsonConfig):
+    """How an audio run's clips become the one-channel images its first stage and DiT work on, and
+    how the vocoder turns them back into sound (`data.spectrogram`, `models.vocoder`).
+
+    A clip of `clip_samples` at `sample_rate` -> STFT (periodic Hann window of `n_fft`, every `hop`
+    samples) -> magnitudes resampled to `image_size` bands from 0 to `f_max` Hz (`freq_scale`:
+    "linear" or "mel") x `image_size` columns -> dB in [-`db_range`, 0] mapped to [-1, 1]. The
+    vocoder inverts the resampling and runs `griffin_lim_iters` iterations of fast Griffin-Lim
+    (momentum `griffin_lim_momentum`) from a fixed random phase (`phase_seed`)."""
+
+    SECTION = "audio"
+    _MAX: ClassVar[dict[str, float]] = {
+        "sample_rate": 384_000, "clip_samples": 1 << 22, "image_size": 4096, "n_fft": 16384, "hop": 16384,
+        "griffin_lim_iters": 4096}
+
+    sample_rate: int = 16000
+    clip_samples: int = 16000
+    image_size: int = 64
+    n_fft: int = 400
+    hop: int = 100
+    freq_scale: str = "linear"
+    f_max: float = 2560.0
+    db_range: float = 80.0
+    griffin_lim_iters: int = 32
+    griffin_lim_momentum: float = 0.99
+    phase_seed: int = 0
+
+    def validate(self) -> None:
+        self._check_bounds()
+        for name in ("sample_rate", "clip_samples", "image_size", "n_fft", "hop", "griffin_lim_iters"):
+            _require(getattr(self, name) > 0, f"audio.{name} must be positive, got {getattr(self, name)}")
+        _require(self.image_size >= 2, "audio.image_size must be >= 2")
+        _require(self.freq_scale in AUDIO_FREQ_SCALES,
+                 f"audio.freq_scale {self.freq_scale!r} is not one of {', '.join(AUDIO_FREQ_SCALES)}")
+        _require(0 < self.f_max <= self.sample_rate / 2,
+                 f"audio.f_max {self.f_max} must be in (0, sample_rate / 2 = {self.sample_rate / 2:g}]")
+        _require(self.hop <= self.n_fft, "audio.hop must be at most audio.n_fft (frames must overlap or touch)")
+        _require(self.db_range > 0, "audio.db_range must be positive")
+        _require(0.0 <= self.griffin_lim_momentum < 1.0, "audio.griffin_lim_momentum must be in [0, 1)")
+
+    @property
+    def seconds(self) -> float:
+        return self.clip_samples / self.sample_rate
+
+
+AUDIO_FREQ_SCALES = ("linear", "mel")
+
+
 # The sampler a distilled student steps with: deterministic DDIM, whose steps are linear in the predicted
 # noise (what `training.distill` solves its targets with).
 DISTILLED_SAMPLER = "ddim"
@@ -421,10 +470,18 @@ class ModelConfig(_JsonConfig):
     class_names: tuple[str, ...] = ()
     text: TextConfig | None = None
     student: StudentConfig | None = None  # set on runs made by `mmgen distill`
+    # Set on audio runs: the first stage and the DiT work on spectrogram images, a vocoder makes sound.
+    audio: AudioConfig | None = None
 
     @property
     def uses_text(self) -> bool:
         return self.dit.uses_text
+
+    @property
+    def modality(self) -> str:
+        """"audio" (spectrogram images, a vocoder after the decoder) or "image": the one place that says
+        which a run is."""
+        return "audio" if self.audio is not None else "image"
 
     @property
     def first_stage_kind(self) -> str:
@@ -436,12 +493,14 @@ class ModelConfig(_JsonConfig):
         settings = data.pop("first_stage")
         if data["student"] is None:  # only distilled runs carry the section: teachers' dicts stay as they were
             del data["student"]
+        if data["audio"] is None:  # only audio runs carry the section
+            del data["audio"]
         return {"vq": settings, **data, "first_stage": self.first_stage_kind}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         unknown = sorted(set(data) - {"vq", "dit", "diffusion", "class_names", "text", "first_stage",
-                                      "first_stage_kind", "student"})
+                                      "first_stage_kind", "student", "audio"})
         if unknown:
             raise ConfigError(f"ModelConfig: unknown field(s) {', '.join(unknown)}")
         if isinstance(data.get("first_stage"), dict):  # settings under "first_stage", kind beside them
@@ -458,6 +517,7 @@ class ModelConfig(_JsonConfig):
             class_names=tuple(data.get("class_names", ())),
             text=TextConfig.from_dict(data["text"]) if data.get("text") is not None else None,
             student=StudentConfig.from_dict(data["student"]) if data.get("student") is not None else None,
+            audio=AudioConfig.from_dict(data["audio"]) if data.get("audio") is not None else None,
         )
         obj.validate()
         return obj
@@ -470,6 +530,12 @@ class ModelConfig(_JsonConfig):
                  "dit.guidance_embed and the student section go together (a distilled student has both)")
         if self.student is not None:
             self.student.validate()
+        if self.audio is not None:
+            self.audio.validate()
+            _require(self.first_stage.image_size == self.audio.image_size and self.first_stage.in_channels == 1,
+                     f"an audio run's first stage takes one-channel {self.audio.image_size}x{self.audio.image_size} "
+                     f"spectrograms (audio.image_size), not {self.first_stage.in_channels}-channel "
+                     f"{self.first_stage.image_size}x{self.first_stage.image_size} images")
         if self.dit.uses_text:
             _require(self.text is not None,
                      f"dit.conditioning {self.dit.conditioning!r} needs a text encoder configuration")
@@ -543,6 +609,35 @@ def preset(name: str, *, image_size: int = 32, num_classes: int = 18) -> ModelCo
     cfg = ModelConfig(first_stage=vq, dit=dit)
     cfg.validate()
     return cfg
+
+
+# The image side of new runs: pictures, and the spectrograms of audio data.
+DEFAULT_IMAGE_SIZE = 32
+DEFAULT_SPECTROGRAM_SIZE = 32
+# The spectrogram layout of audio runs, by the image side (measured: docs/design/audio-first-stage.md).
+_AUDIO_LAYOUTS = {
+    64: AudioConfig(image_size=64, n_fft=400, hop=100, freq_scale="linear", f_max=2520.0),
+    32: AudioConfig(image_size=32, n_fft=400, hop=100, freq_scale="mel", f_max=4000.0),
+}
+
+
+def audio_layout(image_size: int) -> AudioConfig:
+    """The spectrogram transform for `image_size` x `image_size` images."""
+    if image_size not in _AUDIO_LAYOUTS:
+        raise ConfigError(f"no spectrogram layout for {image_size}x{image_size} images",
+                          f"use an image size of {' or '.join(str(k) for k in sorted(_AUDIO_LAYOUTS))} for audio")
+    return _AUDIO_LAYOUTS[image_size]
+
+
+def with_audio(config: ModelConfig, audio: AudioConfig) -> ModelConfig:
+    """`config` turned into an audio model: its first stage takes one-channel `audio.image_size`
+    spectrograms, its DiT the latents of those, and a vocoder follows the decoder."""
+    stage = config.first_stage.replace(image_size=audio.image_size, in_channels=1)
+    dit = config.dit.replace(input_size=stage.latent_size)
+    out = ModelConfig(first_stage=stage, dit=dit, diffusion=config.diffusion, class_names=config.class_names,
+                      text=config.text, student=config.student, audio=audio)
+    out.validate()
+    return out
 
 
 def preset_names() -> list[str]:

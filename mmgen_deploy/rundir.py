@@ -41,7 +41,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-from mmgen_deploy.config import DiffusionConfig, DiTConfig, KLConfig, ModelConfig, StudentConfig, TextConfig, VQConfig
+from mmgen_deploy.config import (
+    AudioConfig,
+    DiffusionConfig,
+    DiTConfig,
+    KLConfig,
+    ModelConfig,
+    StudentConfig,
+    TextConfig,
+    VQConfig,
+)
 from mmgen_deploy.errors import ConfigError, RunDirBusyError, RunDirError
 from mmgen_deploy.io_utils import (
     Leftover,
@@ -507,8 +516,10 @@ class RunDir:
                 raise ConfigError(f"class_names must be a list of strings, got {type(class_names).__name__}")
             student_section = meta.get("student")
             student = StudentConfig.from_dict(student_section) if student_section is not None else None
+            audio_section = meta.get("audio")
+            audio = AudioConfig.from_dict(audio_section) if audio_section is not None else None
             cfg = ModelConfig(first_stage=stage, dit=dit, diffusion=diffusion, class_names=tuple(class_names),
-                              text=text, student=student)
+                              text=text, student=student, audio=audio)
             cfg.validate()
         except ConfigError as exc:
             raise RunDirError(f"invalid configuration in {self.root}: {exc.message}", exc.hint) from None
@@ -542,6 +553,8 @@ class RunDir:
         }
         if config.student is not None:
             meta["student"] = config.student.to_dict()
+        if config.audio is not None:
+            meta["audio"] = config.audio.to_dict()
         meta.update(extra or {})
         write_json(self.config_path(first_stage_part(config)), config.first_stage.to_dict())
         write_json(self.config_path("dit"), config.dit.to_dict())

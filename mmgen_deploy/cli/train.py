@@ -27,11 +27,11 @@ train_app = typer.Typer(
 _OUT_HELP = "Run directory to create or continue."
 
 
-def _load_data(spec: Any) -> tuple[Any, Any]:  # (train ImageData, val ImageData)
+def _load_data(spec: Any, audio: Any = None) -> tuple[Any, Any]:  # (train ImageData, val ImageData)
     from mmgen_deploy.data import load_split
 
     with console.status(f"loading data ({spec.name})"):
-        return load_split(spec, "train"), load_split(spec, "val")
+        return load_split(spec, "train", audio=audio), load_split(spec, "val", audio=audio)
 
 
 @dataclass(frozen=True)
@@ -69,30 +69,44 @@ def _check_seed(seed: int) -> None:
     check_seed(seed)  # the CLI names it --seed (OPTION_NAMES)
 
 
-def new_run(out: Path, preset_name: str, data: str, image_size: int, seed: int, num_train: int | None,
+def new_run(out: Path, preset_name: str, data: str, image_size: int | None, seed: int, num_train: int | None,
              overwrite: bool, resume: bool, text: TextOptions | None = None) -> tuple[Any, Any, Any]:
     """(RunDir, train data, val data) for a stage-1 run; refuses a run of another model.
 
     A text-to-image model's tokenizer is built from the training captions first, so the
     run's config gets the vocabulary size it will have.
     """
-    from mmgen_deploy.config import TextConfig, preset, with_text
+    from mmgen_deploy.config import (
+        DEFAULT_IMAGE_SIZE,
+        DEFAULT_SPECTROGRAM_SIZE,
+        TextConfig,
+        audio_layout,
+        preset,
+        with_audio,
+        with_text,
+    )
     from mmgen_deploy.data import DataSpec
     from mmgen_deploy.training import prepare_run
 
     _check_seed(seed)
-    spec = DataSpec.parse(data, image_size=image_size, seed=seed)
+    spec = DataSpec.parse(data, image_size=image_size or DEFAULT_IMAGE_SIZE, seed=seed)
+    if spec.is_audio and image_size is None:
+        spec = DataSpec(**{**spec.to_dict(), "image_size": DEFAULT_SPECTROGRAM_SIZE})
+    image_size = spec.image_size
+    audio = audio_layout(image_size) if spec.is_audio else None  # checked before the data is made
     if num_train is not None:
-        if spec.name != "shapes":
-            raise UsageError("--num-train applies to `shapes` only (a folder has the images it has)")
+        if spec.name not in ("shapes", "tones"):
+            raise UsageError("--num-train applies to `shapes` and `tones` only (a folder has the files it has)")
         spec = DataSpec(**{**spec.to_dict(), "num_train": num_train})
     if text is not None and text.holdout_fraction:
         if spec.name != "shapes":
             raise UsageError("--holdout-fraction applies to `shapes` only (it holds out attribute combinations)")
         spec = DataSpec(**{**spec.to_dict(), "holdout_fraction": text.holdout_fraction})
-    train, val = _load_data(spec)
+    train, val = _load_data(spec, audio)
     config = preset(preset_name, image_size=image_size, num_classes=len(train.class_names))
     config = config.replace(class_names=tuple(train.class_names))
+    if audio is not None:
+        config = with_audio(config, audio)
     if text is not None:
         from mmgen_deploy.training.dit import build_tokenizer
 
@@ -170,7 +184,9 @@ def stage_vq(run: RunDir, train: Any, val: Any, settings: Any, resume: bool, thr
 _data_opt = typer.Option("shapes", "--data", help="`shapes` (built in, procedural) or a folder of images: class "
                          "sub-folders and/or a metadata.jsonl with file_name/text.")
 _preset_opt = typer.Option("tiny", "--preset", help="Model preset (tiny, S/2, B/2, ...).")
-_size_opt = typer.Option(32, "--image-size", help="Image side in pixels (images are resized and centre-cropped).")
+_size_opt = typer.Option(None, "--image-size", help="Image side in pixels (images are resized and centre-cropped; "
+                         "default 32); for audio data the spectrogram's side (32 or 64, default 32).",
+                         show_default=False)
 _resume_opt = typer.Option(False, "--resume", help="Continue from the last checkpoint in RUN_DIR/checkpoints.")
 OVERWRITE_OPTION = typer.Option(False, "--overwrite", help="Replace a run directory that holds a different model.")
 _num_train_opt = typer.Option(None, "--num-train", help="Number of generated `shapes` training images.")
@@ -192,7 +208,7 @@ TRAIN_THREADS_OPTION = typer.Option(None, "--threads", help="torch CPU threads (
 @train_app.command("vqvae")
 def train_vqvae_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
-    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt,
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int | None = _size_opt,
     seed: int = TRAINING_SEED_OPTION,
     steps: int | None = typer.Option(None, "--steps", help="Optimisation steps (default: the preset's recipe)."),
     batch_size: int | None = typer.Option(None, "--batch-size", "-b", help="Images per step (default 64)."),
@@ -265,7 +281,7 @@ def train_dit_cmd(
                 if meta.get("data") else "train the VQ-VAE of this run with `mmgen train vqvae` first")
         raise UsageError(f"{run.run_json} does not describe its training data", hint)
     with console.status("loading data"):
-        train = load_split(DataSpec.from_dict(meta["data"]), "train")
+        train = load_split(DataSpec.from_dict(meta["data"]), "train", audio=run.load_config().audio)
     result = stage_dit(run, train, settings, resume, threads)
     console.print(f"weights (EMA): {run.weights_path('dit')}; report: {run.train_report_path('dit')}")
     emit_json(result, json_out)
@@ -274,7 +290,7 @@ def train_dit_cmd(
 @train_app.command("all")
 def train_all_cmd(
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help=_OUT_HELP),
-    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int = _size_opt,
+    data: str = _data_opt, preset_name: str = _preset_opt, image_size: int | None = _size_opt,
     seed: int = TRAINING_SEED_OPTION,
     vq_steps: int | None = typer.Option(None, "--vq-steps", help="VQ-VAE steps (default: the preset's recipe)."),
     dit_steps: int | None = typer.Option(None, "--dit-steps", help="DiT steps (default: the preset's recipe)."),

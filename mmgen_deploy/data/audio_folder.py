@@ -25,6 +25,12 @@ AUDIO_SUFFIXES = (".wav",)
 SILENCE_PEAK = 1e-4
 
 
+def holds_audio(root: Path) -> bool:
+    """Whether a folder is one of WAV files (it holds some, in it or its sub-folders)."""
+    return any(path.suffix.lower() in AUDIO_SUFFIXES and path.is_file() and not path.name.startswith(".")
+               for path in root.rglob("*"))
+
+
 def load_clip(path: Path, sample_rate: int = SAMPLE_RATE, num_samples: int = CLIP_SAMPLES) -> np.ndarray:
     """One WAV file as a mono (num_samples,) float32 clip (see the module doc for the conversions)."""
     wav = read_wav(path)

@@ -113,6 +113,9 @@ def adopt_data(run: RunDir, data: str, seed: int) -> None:
     if config.uses_text:
         raise UsageError("--data: text-to-image runs are made by `mmgen train --text`, not imported")
     spec = DataSpec.parse(data, image_size=config.first_stage.image_size, seed=seed)
+    if spec.is_audio:
+        raise UsageError("--data: an imported run's first stage works on images, not on audio",
+                         "train an audio run from scratch: `mmgen train all --data tones`")
     names = tuple(load_split(spec, "train").class_names)
     dit = config.dit if len(names) == config.dit.num_classes else config.dit.replace(num_classes=len(names))
     new = config.replace(dit=dit, class_names=names)
