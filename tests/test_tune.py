@@ -75,12 +75,15 @@ def test_a_tiny_tune_measures_fidelity_and_writes_report_plot_and_recipe(tuned) 
     assert any("reference images" in line for line in said) and any("images 1-" in line for line in said)
     # PyTorch FP32 and ONNX Runtime FP32 at the reference settings agree with the reference images.
     assert result.reference.candidate.engine.precision == "fp32" and result.reference.quality > 99.9
-    assert result.reference.images == result.rungs[-1] == 4
+    # The reference and the default configuration are measured on every rung, whatever dominates them.
+    assert result.reference.images == result.default.images == result.rungs[-1] == 4
     front = result.front()
     assert front and all(not any(other.quality > m.quality and other.ms_per_image < m.ms_per_image
                                  for other in front) for m in front)
     chosen = tuned_run.chosen
-    assert chosen.quality >= result.reference.quality - 5.0 and chosen.images == 4
+    drop, stderr = result.drop(chosen)
+    assert chosen is result.reference or drop + stderr <= 5.0
+    assert chosen.images == 4
     assert chosen.ms_per_image <= result.reference.ms_per_image
     report = json.loads(tuned_run.report_path.read_text())
     assert report["measure"]["kind"] == "fidelity" and report["chosen"]["label"] == chosen.candidate.label()

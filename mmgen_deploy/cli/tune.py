@@ -112,9 +112,10 @@ def show(tuned: Any) -> None:
     if tuned.chosen is not None:
         chosen = tuned.chosen
         speedup = default.ms_per_image / chosen.ms_per_image if chosen.ms_per_image > 0 else float("nan")
+        drop, stderr = result.drop(chosen)
         console.print(f"chosen: [bold]{chosen.candidate.label()}[/]: {chosen.quality:.1f} "
-                      f"(reference {ref.quality:.1f}) at {chosen.ms_per_image:.2f} ms/image, "
-                      f"{speedup:.2f}x the default's speed")
+                      f"(reference {ref.quality:.1f}; drop {drop:.1f} +-{stderr:.1f} on the same images) at "
+                      f"{chosen.ms_per_image:.2f} ms/image, {speedup:.2f}x the default's speed")
         stdout_console.print(f"recipe: {tuned.recipe_path}", soft_wrap=True)
     stdout_console.print(f"report: {tuned.report_path}", soft_wrap=True)
     stdout_console.print(f"plot: {tuned.plot_path}", soft_wrap=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -76,7 +77,8 @@ def build_recipe(result: TuneResult, run: RunLike, max_quality_drop: float) -> d
         "model_dir": str(model_run.root.resolve()),  # read back for a student only
         "measure": result.measure.describe(),
         "max_quality_drop": max_quality_drop,
-        "chosen": {**chosen.to_dict(), "threads": result.options.threads},
+        "chosen": {**chosen.to_dict(), "threads": result.options.threads,
+                   "drop": _rounded(result.drop(chosen)[0]), "drop_stderr": _rounded(result.drop(chosen)[1])},
         "speedup_over_default": _ratio(default, chosen),
         "reference": result.reference.to_dict(),
         "default": default.to_dict(),
@@ -85,6 +87,10 @@ def build_recipe(result: TuneResult, run: RunLike, max_quality_drop: float) -> d
         "artifacts": artifact_hashes(model_run, chosen.candidate),
         "search": search_summary(result),
     }
+
+
+def _rounded(value: float) -> float | None:
+    return round(value, 3) if math.isfinite(value) else None
 
 
 def _ratio(slow: Measurement, fast: Measurement) -> float | None:

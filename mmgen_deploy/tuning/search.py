@@ -127,10 +127,29 @@ class TuneResult:
     def front(self) -> list[Measurement]:
         return pareto_front([m for m in self.measurements if m.scores])
 
+    def drop(self, m: Measurement) -> tuple[float, float]:
+        """How many points `m` is below the reference, and the standard error of that difference. Both were
+        measured on the same images (same seeds, conditions and noise), so the difference is taken image
+        by image, which is far less noisy than the difference of two accuracies."""
+        n = min(m.images, self.reference.images)
+        if n == 0:
+            return float("nan"), float("inf")
+        differences = np.asarray(self.reference.scores[:n], dtype=np.float64) - np.asarray(m.scores[:n])
+        stderr = float(np.std(differences, ddof=1) / math.sqrt(n)) if n > 1 else float("inf")
+        return float(differences.mean()), stderr
+
+    def within(self, m: Measurement, max_drop: float) -> bool:
+        """Whether `m` is within `max_drop` points of the reference with some confidence: its measured drop
+        plus one standard error of it is at most `max_drop` (the fastest configuration that merely measures
+        within the budget on a few hundred images is, more often than not, one that measured lucky)."""
+        drop, stderr = self.drop(m)
+        return m is self.reference or drop + _finite(stderr) <= max_drop
+
     def choose(self, max_drop: float) -> Measurement:
-        """The fastest configuration within `max_drop` points of the reference's quality (measured on the
-        same images as the reference); the reference itself when none is faster."""
-        chosen = fastest_within(self.comparable(), self.reference.quality, max_drop)
+        """The fastest configuration `within` `max_drop` points of the reference (measured on the same
+        images as the reference); the reference itself when none is faster."""
+        eligible = [m for m in self.comparable() if self.within(m, max_drop)]
+        chosen = fastest_within(eligible, float("-inf"), 0.0)
         return chosen if chosen is not None else self.reference
 
     def pruned_counts(self) -> dict[str, int]:
@@ -426,6 +445,9 @@ class _Search:
         """Who goes on to the next rung."""
         survivors = []
         for m in alive:
+            if m.candidate in self.pinned:
+                survivors.append(m)
+                continue
             if self.hopeless(m, reference):
                 self._prune(m, f"hopeless on {m.images} images: {m.quality:.1f} (+-{m.noise:.1f})")
                 continue
