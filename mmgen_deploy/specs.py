@@ -24,10 +24,12 @@ Dim = int | str
 
 # -- the lists every other module derives from -------------------------------------------
 # Every deployable component in pipeline order: the first stage's encoder -> quantizer -> decoder,
-# the denoiser that works in its latent space, then the text encoder (text-to-image models only).
-# A model has the subset its configuration says (`component_names`).
-COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder")
+# the denoiser that works in its latent space, then the text encoder (text-to-image models only) and
+# the vocoder (audio models only: the decoded spectrogram -> a waveform). A model has the subset its
+# configuration says (`component_names`).
+COMPONENTS: tuple[str, ...] = ("encoder", "quantizer", "decoder", "denoiser", "text_encoder", "vocoder")
 TEXT_ONLY_COMPONENTS: tuple[str, ...] = ("text_encoder",)
+AUDIO_ONLY_COMPONENTS: tuple[str, ...] = ("vocoder",)
 # The first stage's components per kind (`ModelConfig.first_stage_kind`), in pipeline order:
 # image -> encoder -> (quantizer) -> the latent the DiT denoises; the ones after the encoder turn
 # a denoised latent back into an image (`decode_components`), each taking its predecessor's
@@ -98,14 +100,17 @@ def component_names(config: ModelConfig, *, parts: bool = False) -> tuple[str, .
     when the DiT has them (`has_denoiser_parts`)."""
     with_parts = parts and has_denoiser_parts(config.dit)
     have = {*FIRST_STAGE_COMPONENTS[config.first_stage_kind], "denoiser",
-            *(TEXT_ONLY_COMPONENTS if config.uses_text else ()), *(DENOISER_PARTS if with_parts else ())}
+            *(TEXT_ONLY_COMPONENTS if config.uses_text else ()), *(DENOISER_PARTS if with_parts else ()),
+            *(AUDIO_ONLY_COMPONENTS if config.audio is not None else ())}
     return tuple(c for c in ALL_COMPONENTS if c in have)
 
 
 def decode_components(config: ModelConfig) -> tuple[str, ...]:
-    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder).
-    The first takes the latent under `latent_name(config)`; each next one its predecessor's outputs."""
-    return FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:]
+    """What turns a denoised latent into an image, in order (VQ: quantizer, decoder; KL: decoder), and
+    for an audio model the image into sound (the vocoder). The first takes the latent under
+    `latent_name(config)`; each next one its predecessor's outputs."""
+    audio = AUDIO_ONLY_COMPONENTS if config.audio is not None else ()
+    return (*FIRST_STAGE_COMPONENTS[config.first_stage_kind][1:], *audio)
 
 
 def latent_name(config: ModelConfig) -> str:
@@ -126,7 +131,8 @@ def sampling_components(config: ModelConfig | None) -> tuple[str, ...]:
 class Tensors:
     """The tensor names of the component graphs (inputs and outputs), as the specs below use them."""
 
-    IMAGE = "image"  # encoder input, decoder output
+    IMAGE = "image"  # encoder input, decoder output, vocoder input (an audio model's spectrogram)
+    AUDIO = "audio"  # vocoder output: (B, samples) waveforms, 1.0 = full scale
     H = "h"  # encoder output, quantizer input: the pre-quantization latent
     Z_Q = "z_q"  # quantizer output, decoder input
     INDICES = "indices"  # quantizer output: code indices
@@ -572,11 +578,35 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
             # text encoder: rel. L2 0.11 on real captions, over the 8-bit tolerance).
             quant_fallback={"int8": "fp16", "fp8": "fp16"},
         )
+    if config.audio is not None:
+        specs["vocoder"] = _vocoder_spec(img, config.audio.clip_samples, image_inputs)
     if parts and has_denoiser_parts(config.dit):
         specs.update(_denoiser_part_specs(config, specs["denoiser"], conditions))
         specs = {name: specs[name] for name in ALL_COMPONENTS if name in specs}
     assert tuple(specs) == component_names(config, parts=parts), "component_specs must follow ALL_COMPONENTS"
     return specs
+
+
+# The vocoder against PyTorch FP32: its Griffin-Lim iterations repeat an STFT and an inverse STFT, and
+# a phase is its coefficient divided by its magnitude, so rounding in bins of near-zero magnitude
+# turns their phase freely; those bins carry almost nothing into the waveform, which is what is
+# compared.
+VOCODER_REL_L2: dict[str, float] = {"fp32": 1e-4}
+
+
+def _vocoder_spec(img: Shape, samples: int, image_inputs: InputMaker) -> ComponentSpec:
+    """Spectrogram image -> waveform (`models.vocoder`). It has no weights, only fixed DFT bases, and
+    runs FP32 in every set: its magnitudes span the spectrogram's 80 dB, and the phase it iterates on
+    is a ratio of small coefficients wherever a bin is quiet."""
+    N = Tensors
+    return ComponentSpec(
+        name="vocoder",
+        inputs=(TensorSpec(N.IMAGE, "float32", img),),
+        outputs=(TensorSpec(N.AUDIO, "float32", (BATCH, samples)),),
+        make_inputs=image_inputs,
+        tolerances={p: {N.AUDIO: Tolerance(rel_l2=VOCODER_REL_L2["fp32"])} for p in RUN_PRECISIONS},
+        keep_fp32=True,
+    )
 
 
 def _denoiser_part_specs(config: ModelConfig, denoiser: ComponentSpec,

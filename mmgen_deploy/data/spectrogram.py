@@ -101,7 +101,7 @@ def clips_to_images(clips: np.ndarray, config: AudioConfig, batch: int = 256) ->
     out = np.empty((len(clips), config.image_size, config.image_size), dtype=np.float32)
     for start in range(0, len(clips), batch):
         magnitude = stft_magnitude(clips[start:start + batch], config) / magnitude_scale(config)
-        resampled = np.einsum("fb,nbt,ct->nfc", bands, magnitude, columns)
+        resampled = np.matmul(np.matmul(bands, magnitude), columns.T)
         out[start:start + batch] = level_to_image(resampled, config)[:, ::-1]
     return out
 

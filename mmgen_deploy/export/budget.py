@@ -74,7 +74,7 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
     vq, dit = vq.to("meta").eval(), dit.to("meta").eval()
     if text is not None:
         text = text.to("meta").eval()
-    modules = build_components(vq, dit, text, parts=True)
+    modules = build_components(vq, dit, text, parts=True, audio=config.audio)
     specs = component_specs(config, parts=True)
     costs = {}
     for name, module in modules.items():

@@ -116,10 +116,13 @@ def dataset_calibration(meta: dict[str, Any], count: int = CALIBRATION_SAMPLES) 
     from mmgen_deploy.data import DataSpec, load_split
 
     spec = DataSpec.from_dict(described)
-    if spec.name == "shapes":  # generated: ask for just the samples needed (same deterministic stream)
+    if spec.name in ("shapes", "tones"):  # generated: ask for just the samples needed (same deterministic stream)
         spec = replace(spec, num_val=count)
+    from mmgen_deploy.config import AudioConfig
+
+    audio = AudioConfig.from_dict(meta["audio"]) if isinstance(meta.get("audio"), dict) else None
     try:
-        data = load_split(spec, "val")
+        data = load_split(spec, "val", audio=audio)
     except (MMGenError, OSError, ValueError) as exc:
         return None, f"dataset unavailable: {exc}"
     if len(data) == 0:
@@ -277,6 +280,8 @@ def component_inputs(data: CalibrationData | None, config: ModelConfig, specs: d
     images = data.images
     n = images.shape[0]
     inputs, h_np = first_stage_inputs(images, config, specs, modules, progress=progress, cache=cache)
+    if "vocoder" in specs:  # an audio model's vocoder hears the real spectrograms
+        inputs["vocoder"] = {Tensors.IMAGE: inputs["encoder"][Tensors.IMAGE]}
     a = training_alphas_cumprod(config.diffusion)
     t = np.asarray(rng.integers(0, config.diffusion.num_train_timesteps, size=n))
     noise = rng.standard_normal(h_np.shape)

@@ -197,7 +197,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     costs = budget.component_costs(config)
     assert models.first_stage is not None and models.dit is not None
     modules = build_components(models.first_stage.eval(), models.dit.eval(),
-                               None if models.text_encoder is None else models.text_encoder.eval(), parts=True)
+                               None if models.text_encoder is None else models.text_encoder.eval(), parts=True,
+                               audio=config.audio)
     limit = min(CALIBRATION_SAMPLES, calibration_images or CALIBRATION_SAMPLES)
     quantized = [p for p in chosen_precisions if p in QUANTIZED_PRECISIONS]
     steps_per = 3 + (2 if "fp16" in chosen_precisions else 0) + 2 * len(quantized)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmgen_deploy.config import AudioConfig
 from mmgen_deploy.models.autoencoder_kl import AutoencoderKL
 from mmgen_deploy.models.dit import DiT
 from mmgen_deploy.models.text_encoder import TextEncoder
@@ -173,9 +174,11 @@ class TextEncoderComponent(nn.Module):
 
 
 def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
-                     text_encoder: TextEncoder | None = None, *, parts: bool = False) -> dict[str, nn.Module]:
+                     text_encoder: TextEncoder | None = None, *, parts: bool = False,
+                     audio: AudioConfig | None = None) -> dict[str, nn.Module]:
     """All deployable components in eval mode, sharing weights with the models: the first
-    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder;
+    stage's (VQ: encoder, quantizer, decoder; KL: encoder, decoder), the denoiser, the text encoder,
+    the vocoder of an audio model (`audio`: its transform, `ModelConfig.audio`);
     with `parts`, the denoiser's parts after the denoiser when the DiT has them
     (`specs.component_names(config, parts=True)`)."""
     if dit.config.uses_text and text_encoder is None:
@@ -192,6 +195,10 @@ def build_components(first_stage: VQModel | AutoencoderKL, dit: DiT,
                       "denoiser_tail": DenoiserTailComponent(dit)})
     if text_encoder is not None:
         comps["text_encoder"] = TextEncoderComponent(text_encoder)
+    if audio is not None:
+        from mmgen_deploy.models.vocoder import GriffinLimVocoder
+
+        comps["vocoder"] = GriffinLimVocoder(audio)
     return {name: module.eval() for name, module in comps.items()}
 
 

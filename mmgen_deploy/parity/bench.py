@@ -108,7 +108,7 @@ def component_flops(config: ModelConfig, component: str) -> float:
                 first_stage = VQModel(config.first_stage)  # type: ignore[arg-type]
             dit = DiT(config.dit)
             text = TextEncoder(config.text) if config.text is not None else None
-            module = build_components(first_stage, dit, text)[component]
+            module = build_components(first_stage, dit, text, audio=config.audio)[component]
     module.eval()
     spec = component_specs(config)[component]
     feeds = spec.make_inputs(1, np.random.default_rng(0))

@@ -339,7 +339,7 @@ def real_inputs(run: RunDir, config: ModelConfig, vq: Any, dit: Any, seed: int, 
     data, _why = dataset_calibration(run.read_meta())
     if data is None:
         return None  # e.g. an imported model: random inputs still run
-    modules = build_components(vq, dit, text_encoder, parts=parts)
+    modules = build_components(vq, dit, text_encoder, parts=parts, audio=config.audio)
     inputs, _source = component_inputs(load_calibration(data, config), config, component_specs(config),
                                        modules, seed=seed, tokenizer=tokenizer)
     if parts:  # the parts see what the whole denoiser's inputs make of them, as at export

@@ -43,7 +43,8 @@ class TorchRunner(BaseRunner):
                          precision, device)
         self._torch = torch
         self.modules = {name: module.to(device)
-                        for name, module in build_components(vq, dit, text_encoder, parts=True).items()}
+                        for name, module in build_components(vq, dit, text_encoder, parts=True,
+                                                             audio=self.config.audio).items()}
 
     @classmethod
     def _open(cls, run: RunDir, precision: str, device: str, *, threads: int | None = None,

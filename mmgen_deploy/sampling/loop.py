@@ -64,6 +64,9 @@ class SampleResult:
     text_encoder_seconds: float = 0.0  # encoding the prompts (once each), before the loops
     # The step-caching policy that ran, its recompute steps and the DiT block evaluations it kept.
     cache: CacheStats = field(default_factory=CacheStats)
+    # An audio model's waveforms, float32 (N, samples) at `ModelConfig.audio.sample_rate` (the vocoder's
+    # output; `images` then holds the spectrograms it heard). None for image models.
+    audio: np.ndarray | None = None
 
     @property
     def images_per_second(self) -> float:
@@ -218,6 +221,7 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
     first_input = latent_name(config)
     indices: np.ndarray | None = None
     images: np.ndarray | None = None  # uint8 as each batch is decoded: a quarter of the float images' memory
+    audio: np.ndarray | None = None
     num_batches = (n + batch_size - 1) // batch_size
     total_steps = num_batches * len(scheduler)
     done = 0
@@ -297,6 +301,10 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
             indices[start:stop] = produced[Tensors.INDICES]
         latents[start:stop] = x
         images[start:stop] = decoded_uint8
+        if Tensors.AUDIO in produced:
+            if audio is None:
+                audio = np.empty((n, *produced[Tensors.AUDIO].shape[1:]), dtype=np.float32)
+            audio[start:stop] = produced[Tensors.AUDIO]
 
     assert images is not None
     total_s = time.perf_counter() - start_total
@@ -309,4 +317,5 @@ def sample(runner: Runner, config: ModelConfig, condition: Sequence[int] | Condi
         denoise_seconds=denoise_s, denoise_model_seconds=denoise_model_s, total_seconds=total_s,
         timesteps=[int(t) for t in scheduler.timesteps], trajectory=trajectory,
         prompts=list(conditioning.prompts), text_encoder_seconds=conditioning.encode_seconds, cache=cache_stats,
+        audio=audio,
     )
