@@ -54,7 +54,7 @@ def test_fp32_scopes_become_node_name_regexes() -> None:
 
 
 def test_component_and_precision_lists_come_from_the_specs_module() -> None:
-    from mmgen_deploy.config import with_text
+    from mmgen_deploy.config import audio_layout, with_audio, with_text
     from mmgen_deploy.models import DiT, TextEncoder, VQModel
     from mmgen_deploy.specs import (
         COMPONENTS,
@@ -67,15 +67,18 @@ def test_component_and_precision_lists_come_from_the_specs_module() -> None:
     )
 
     class_cfg, text_cfg = preset("tiny"), with_text(preset("tiny"))
-    assert component_names(text_cfg) == COMPONENTS and set(SAMPLING_COMPONENTS) < set(COMPONENTS)
-    for cfg in (class_cfg, text_cfg):
+    audio_text_cfg = with_audio(text_cfg, audio_layout(32))  # a model with every kind of component
+    assert component_names(audio_text_cfg) == COMPONENTS and set(SAMPLING_COMPONENTS) < set(COMPONENTS)
+    for cfg in (class_cfg, text_cfg, audio_text_cfg):
         specs = component_specs(cfg)
         assert tuple(specs) == component_names(cfg)  # in pipeline order
         assert set(sampling_components(cfg)) <= set(specs)
         for spec in specs.values():
             assert set(spec.tolerances) == set(RUN_PRECISIONS)
         text = TextEncoder(cfg.text) if cfg.text is not None else None
-        assert tuple(build_components(VQModel(cfg.first_stage), DiT(cfg.dit), text)) == component_names(cfg)
+        built = build_components(VQModel(cfg.first_stage), DiT(cfg.dit), text, audio=cfg.audio)
+        assert tuple(built) == component_names(cfg)
+    assert "vocoder" not in component_names(text_cfg) and "vocoder" in sampling_components(audio_text_cfg)
     assert "text_encoder" not in component_names(class_cfg) and "text_encoder" in sampling_components(text_cfg)
     assert set(PIPELINE_TOLERANCES) == set(RUN_PRECISIONS) and set(PRECISIONS) < set(RUN_PRECISIONS)
     # The denoiser's engine profile covers guidance's doubled batch, the one the sampling loop sends.

@@ -86,13 +86,17 @@ def magnitude_scale(config: AudioConfig) -> float:
 
 
 def stft_magnitude(clips: np.ndarray, config: AudioConfig) -> np.ndarray:
-    """(N, samples) -> (N, n_fft // 2 + 1, num_frames) magnitudes (the transform in the module doc)."""
-    pad = config.n_fft // 2
-    padded = np.pad(np.asarray(clips, dtype=np.float64)[:, :config.clip_samples],
-                    ((0, 0), (pad, pad + max(0, config.clip_samples - clips.shape[1]))))
-    index = np.arange(config.n_fft)[None, :] + config.hop * np.arange(num_frames(config))[:, None]
-    frames = padded[:, index] * hann_window(config.n_fft)
-    return np.abs(np.fft.rfft(frames, axis=-1)).transpose(0, 2, 1)
+    """(N, samples) -> (N, n_fft // 2 + 1, num_frames) float32 magnitudes (the transform in the module
+    doc; torch's FFT, several times NumPy's speed on the training set)."""
+    import torch
+
+    signal = np.zeros((len(clips), config.clip_samples), dtype=np.float32)
+    kept = np.asarray(clips, dtype=np.float32)[:, :config.clip_samples]
+    signal[:, :kept.shape[1]] = kept
+    spectrum = torch.stft(torch.from_numpy(signal), n_fft=config.n_fft, hop_length=config.hop,
+                          window=torch.from_numpy(hann_window(config.n_fft).astype(np.float32)),
+                          center=True, pad_mode="constant", return_complex=True)
+    return spectrum.abs().numpy()
 
 
 def clips_to_images(clips: np.ndarray, config: AudioConfig, batch: int = 256) -> np.ndarray:
@@ -101,7 +105,7 @@ def clips_to_images(clips: np.ndarray, config: AudioConfig, batch: int = 256) ->
     out = np.empty((len(clips), config.image_size, config.image_size), dtype=np.float32)
     for start in range(0, len(clips), batch):
         magnitude = stft_magnitude(clips[start:start + batch], config) / magnitude_scale(config)
-        resampled = np.matmul(np.matmul(bands, magnitude), columns.T)
+        resampled = np.matmul(np.matmul(bands.astype(np.float32), magnitude), columns.T.astype(np.float32))
         out[start:start + batch] = level_to_image(resampled, config)[:, ::-1]
     return out
 

@@ -74,7 +74,9 @@ def component_costs(config: ModelConfig) -> dict[str, ComponentCost]:
     vq, dit = vq.to("meta").eval(), dit.to("meta").eval()
     if text is not None:
         text = text.to("meta").eval()
-    modules = build_components(vq, dit, text, parts=True, audio=config.audio)
+    # The vocoder's DFT bases are made on the CPU when it is built: to meta with the rest.
+    modules = {name: module.to("meta") for name, module in
+               build_components(vq, dit, text, parts=True, audio=config.audio).items()}
     specs = component_specs(config, parts=True)
     costs = {}
     for name, module in modules.items():
