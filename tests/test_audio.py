@@ -248,3 +248,15 @@ def test_sampling_an_audio_run_returns_waveforms(audio_run) -> None:
         result = sample(runner, config, condition, steps=2, sampler="ddim", cfg_scale=2.0, seed=0, batch_size=2)
     assert result.audio is not None and result.audio.shape == (2, CLIP_SAMPLES)
     assert result.images.shape == (2, 32, 32, 1) and np.isfinite(result.audio).all()
+
+
+def test_eval_judges_generated_clips(audio_run) -> None:
+    from mmgen_deploy.evaluation.evaluate import EvalSettings, evaluate_run
+
+    report = evaluate_run(audio_run, EvalSettings(samples_per_class=1, steps=2, backend="onnxruntime"))
+    generation = report["generation"]
+    assert generation["num_samples"] == 9 and 0.0 <= generation["accuracy"] <= 1.0
+    assert set(generation) >= {"waveform_accuracy", "contour_accuracy", "per_class", "judge_on_real_clips"}
+    # The judge on the run's real validation clips (16 of them here) is what its verdicts are worth.
+    assert generation["judge_on_real_clips"]["accuracy"] == 1.0
+    assert report["vqvae"]["psnr_db"] > 0

@@ -1,6 +1,7 @@
 """`mmgen eval`: everything measured about one run directory, as one JSON-able report.
 
-Class models on `shapes`: how often images show their class's colour and shape. Text-to-image
+Class models on `shapes`: how often images show their class's colour and shape; on `tones`: how
+often clips sound like their class's waveform and pitch contour (`evaluation.tone_judge`). Text-to-image
 models on `shapes`: prompts drawn from the held-out attribute combinations (never seen in
 training), and how often each attribute (colour, shape, size, position) is right, separately
 and all four together. Both are judged from pixels by `evaluation.checker`.
@@ -97,10 +98,10 @@ def prompt_accuracy(images: np.ndarray, specs: list[Any]) -> dict[str, Any]:
 
 
 def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, class_ids: list[int] | None = None,
-            prompts: list[str] | None = None) -> tuple[np.ndarray, float, dict[str, Any]]:
-    """The images to judge (one per class id or prompt) on the settings' backend, the seconds taken,
-    and what ran them (`auto` resolved: backend, precision, device; the cache policy, the block
-    evaluations it kept and the denoising loops' seconds)."""
+            prompts: list[str] | None = None) -> tuple[Any, float, dict[str, Any]]:
+    """The sampling result to judge (one image, and for an audio model one clip, per class id or
+    prompt) on the settings' backend, the seconds taken, and what ran them (`auto` resolved: backend,
+    precision, device; the cache policy, the block evaluations it kept and the denoising loops' seconds)."""
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling import make_conditioning, sample
 
@@ -121,7 +122,7 @@ def _sample(run: RunDir, config: Any, settings: EvalSettings, progress: Any, *, 
         ran_on.update(cache=result.cache.to_dict(), denoise_seconds=round(result.denoise_seconds, 2))
     finally:
         runner.close()
-    return np.asarray(result.images), seconds, ran_on
+    return result, seconds, ran_on
 
 
 def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
@@ -129,7 +130,8 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
     from mmgen_deploy.data.shapes import heldout_prompt_specs, holdout_combinations
     heldout = holdout_combinations(spec.holdout_fraction, spec.seed)
     specs = heldout_prompt_specs(settings.num_prompts, fraction=spec.holdout_fraction, seed=spec.seed)
-    images, seconds, ran_on = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
+    result, seconds, ran_on = _sample(run, config, settings, progress, prompts=[s.caption for s in specs])
+    images = np.asarray(result.images)
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=10)
     return {
         **prompt_accuracy(images, specs),
@@ -137,6 +139,28 @@ def _evaluate_prompts(run: RunDir, spec: DataSpec, config: Any, settings: EvalSe
         "num_heldout_combinations": len(heldout), "num_distinct_prompts": len({s.caption for s in specs}),
         "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
         "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
+
+
+def _evaluate_tones(run: RunDir, spec: DataSpec, config: Any, settings: EvalSettings,
+                    progress: Any) -> dict[str, Any]:
+    """A `tones` class model: `samples_per_class` clips of each class through the whole pipeline
+    (vocoder included), judged from the waveform; beside them, the judge on the real validation clips
+    (how far its verdicts can be trusted)."""
+    from mmgen_deploy.data import load_audio_split
+    from mmgen_deploy.evaluation.tone_judge import tone_accuracy
+
+    assert config.audio is not None
+    real = load_audio_split(spec, "val")
+    judge_on_real = tone_accuracy(real.clips, [int(k) for k in real.labels], real.sample_rate)
+    class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
+    result, seconds, ran_on = _sample(run, config, settings, progress, class_ids=class_ids)
+    if result.audio is None:
+        raise RunDirError(f"{run.root} made no sound: its ONNX set has no vocoder", "export it again: `mmgen export`")
+    grid = save_grid(np.asarray(result.images), run.samples_dir / "eval_grid.png", columns=settings.samples_per_class)
+    return {**tone_accuracy(result.audio, class_ids, config.audio.sample_rate),
+            "judge_on_real_clips": {k: v for k, v in judge_on_real.items() if k != "per_class"},
+            "sampler": settings.sampler, "steps": settings.steps, "cfg_scale": settings.cfg_scale,
+            "seed": settings.seed, **ran_on, "sampling_seconds": round(seconds, 1), "grid": str(grid)}
 
 
 def settings_for_run(settings: EvalSettings, config: Any) -> EvalSettings:
@@ -195,21 +219,25 @@ def _evaluate(run: RunDir, settings: EvalSettings, progress: Any) -> dict[str, A
     from mmgen_deploy.rundir import first_stage_part
 
     first_stage = load_first_stage(run, config)
-    val = load_split(spec, "val")
+    val = load_split(spec, "val", audio=config.audio)
     report: dict[str, Any] = {"run_dir": str(run.root), "data": spec.to_dict(),
                               first_stage_part(config): first_stage_metrics(first_stage, val.images)}
     if not settings.generate:
         return report
-    if spec.name != "shapes":
-        report["generation"] = {"skipped": "conditional accuracy needs the built-in `shapes` data"}
+    if spec.name not in ("shapes", "tones"):
+        report["generation"] = {"skipped": "conditional accuracy needs the built-in `shapes` or `tones` data"}
         return report
     if not run.has_part("dit"):
         raise RunDirError(f"{run.root} has no trained DiT", "run `mmgen train dit` first, or pass --no-generate")
+    if spec.name == "tones":
+        report["generation"] = _evaluate_tones(run, spec, config, settings, progress)
+        return report
     if config.uses_text:
         report["generation"] = _evaluate_prompts(run, spec, config, settings, progress)
         return report
     class_ids = [k for k in range(config.dit.num_classes) for _ in range(settings.samples_per_class)]
-    images, seconds, ran_on = _sample(run, config, settings, progress, class_ids=class_ids)
+    result, seconds, ran_on = _sample(run, config, settings, progress, class_ids=class_ids)
+    images = np.asarray(result.images)
     grid = save_grid(images, run.samples_dir / "eval_grid.png", columns=settings.samples_per_class)
     report["generation"] = {
         **conditional_accuracy(images, class_ids), "sampler": settings.sampler, "steps": settings.steps,

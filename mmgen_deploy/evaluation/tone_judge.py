@@ -137,3 +137,25 @@ def judge_clip(clip: np.ndarray, sample_rate: int) -> ToneVerdict:
     even, odd = _harmonic_ratios(frames[usable], f0[usable], sample_rate)
     waveform = "sawtooth" if even > _EVEN_SPLIT else ("square" if odd > _ODD_SPLIT else "sine")
     return ToneVerdict(waveform, contour, slope, even, odd)
+
+
+def tone_accuracy(clips: np.ndarray, class_ids: list[int], sample_rate: int) -> dict[str, object]:
+    """How often `tones` clips sound like their class: waveform, contour, and both, judged from the
+    waveform alone; per class too."""
+    from mmgen_deploy.data.tones import CLASS_NAMES, class_parts
+
+    per_class: dict[str, list[int]] = {name: [0, 0] for name in CLASS_NAMES}
+    waveform_hits = contour_hits = both = 0
+    for clip, class_index in zip(clips, class_ids, strict=True):
+        waveform, contour = class_parts(class_index)
+        verdict = judge_clip(np.asarray(clip, dtype=np.float64), sample_rate)
+        waveform_hits += verdict.waveform == waveform
+        contour_hits += verdict.contour == contour
+        hit = verdict.matches(waveform, contour)
+        both += hit
+        per_class[CLASS_NAMES[class_index]][0] += hit
+        per_class[CLASS_NAMES[class_index]][1] += 1
+    n = max(len(class_ids), 1)
+    return {"accuracy": both / n, "waveform_accuracy": waveform_hits / n, "contour_accuracy": contour_hits / n,
+            "num_samples": len(class_ids),
+            "per_class": {name: hits / total for name, (hits, total) in per_class.items() if total}}
