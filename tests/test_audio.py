@@ -260,3 +260,23 @@ def test_eval_judges_generated_clips(audio_run) -> None:
     # The judge on the run's real validation clips (16 of them here) is what its verdicts are worth.
     assert generation["judge_on_real_clips"]["accuracy"] == 1.0
     assert report["vqvae"]["psnr_db"] > 0
+
+
+def test_generate_writes_wavs_with_their_settings(audio_run, tmp_path) -> None:
+    from PIL import Image
+
+    from mmgen_deploy.sampling.generate import GenerateRequest, generate_to_folder
+
+    request = GenerateRequest(classes=["square rising", "1"], n=1, steps=2, seed=3, backend="onnxruntime",
+                              precision="fp32", out=tmp_path / "out")
+    generated = generate_to_folder(audio_run, request)
+    files = [entry["file"] for entry in generated.sidecar["images"]]
+    assert files == ["0000_square-rising.wav", "0001_sine-falling.wav"]
+    clip = read_wav(tmp_path / "out" / files[0])
+    assert clip.sample_rate == SAMPLE_RATE and clip.samples.shape == (CLIP_SAMPLES, 1)
+    assert clip.settings is not None and clip.settings["class"] == "square rising" and clip.settings["seed"] == 3
+    expected = np.clip(generated.result.audio[0], -1.0, 32767 / 32768)  # the WAV holds full scale at most
+    assert np.abs(clip.samples[:, 0] - expected).max() <= 0.5 / 32768 + 1e-6
+    assert generated.sidecar["audio"]["sample_rate"] == SAMPLE_RATE
+    with Image.open(tmp_path / "out" / "grid.png") as grid:
+        assert grid.mode == "L" and grid.width >= 2 * 32 * 4

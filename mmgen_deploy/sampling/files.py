@@ -1,4 +1,5 @@
-"""From a SampleResult to files: PNGs with metadata, a grid, a JSON sidecar."""
+"""From a SampleResult to files: PNGs with metadata (an audio run: 16-bit WAVs with the settings in
+their INFO chunk), a grid (of spectrograms, for audio), a JSON sidecar."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from mmgen_deploy.config import ModelConfig
 from mmgen_deploy.numerics import make_grid, to_pil
 from mmgen_deploy.sampling.conditioning import class_name
 from mmgen_deploy.sampling.loop import SampleResult
+
+# The spectrogram grid of an audio run is drawn this many times larger (nearest neighbour).
+AUDIO_GRID_UPSCALE = 4
 
 
 def _slug(text: str) -> str:
@@ -74,11 +78,21 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
     for k, image in enumerate(result.images):
         entry, condition = image_entry(config, k, prompt=result.prompts[k] if result.prompts else None,
                                        class_id=None if result.prompts else result.class_ids[k])
-        save_png(image, directory / entry["file"], (*condition, ("index", k), *settings))
+        if result.audio is not None and config.audio is not None:  # the clip, its settings in the INFO chunk
+            from mmgen_deploy.data.wav import write_wav
+
+            entry["file"] = entry["file"].removesuffix(".png") + ".wav"
+            write_wav(directory / entry["file"], result.audio[k], config.audio.sample_rate,
+                      settings={key: value for key, value in (*condition, ("index", k), *settings)})
+        else:
+            save_png(image, directory / entry["file"], (*condition, ("index", k), *settings))
         entries.append(entry)
     columns = images_per_class if 1 < images_per_class <= 16 else math.ceil(math.sqrt(len(result.images)))
     columns = max(1, min(columns, len(result.images)))
-    to_pil(make_grid(result.images, columns)).save(directory / "grid.png")
+    grid = to_pil(make_grid(result.images, columns))
+    if result.audio is not None:  # spectrograms are small: each pixel a block people can see
+        grid = grid.resize((grid.width * AUDIO_GRID_UPSCALE, grid.height * AUDIO_GRID_UPSCALE), 0)
+    grid.save(directory / "grid.png")
     sidecar: dict[str, Any] = {
         "settings": {"seed": result.seed, "steps": result.steps, "sampler": result.sampler,
                      "cfg_scale": result.cfg_scale, "eta": result.eta, "cache": result.cache.policy,
@@ -90,6 +104,9 @@ def write_samples(result: SampleResult, config: ModelConfig, directory: Path, *,
         "images": entries,
         "grid": "grid.png",
     }
+    if result.audio is not None and config.audio is not None:
+        sidecar["audio"] = {"sample_rate": config.audio.sample_rate, "samples": int(result.audio.shape[1]),
+                            "format": "16-bit PCM WAV, mono", "grid": "spectrograms, high frequencies at the top"}
     if result.prompts:
         sidecar["prompts"] = list(dict.fromkeys(result.prompts))
         sidecar["settings"]["images_per_prompt"] = sidecar["settings"].pop("images_per_class")
