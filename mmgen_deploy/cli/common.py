@@ -101,7 +101,7 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--prompts-file": SharedOption("text-to-image runs: a file of prompts, one per line", "PATH"),
     "--n": SharedOption("images per class or prompt", "INTEGER", "-n"),
     "--verbose": SharedOption("echo the underlying tool's log (TensorRT, Triton)", None, "-v"),
-    "--data": SharedOption("training data: shapes, or a folder of images", "TEXT"),
+    "--data": SharedOption("training data: shapes, tones, or a folder of images or WAV files", "TEXT"),
     "--preset": SharedOption("the model preset and its training recipe (tiny, S/2, B/2, ...)", "TEXT"),
     "--image-size": SharedOption("image side in pixels", "INTEGER"),
     "--resume": SharedOption("continue from the run's last checkpoint", None),

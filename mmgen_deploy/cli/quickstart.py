@@ -1,4 +1,4 @@
-"""`mmgen quickstart`: train the tiny preset on `shapes`, then every later pipeline stage.
+"""`mmgen quickstart`: train the tiny preset on `shapes` (or `tones`), then every later pipeline stage.
 
 Every stage calls the library (training, `export_run`, `generate_to_folder`, `evaluate_run`,
 `run_parity`) through the same printing helpers its own command uses, so the quickstart shows
@@ -50,6 +50,7 @@ class QuickstartContext:
     threads: int | None = None
     results: dict[str, Any] = field(default_factory=dict)
     text: bool = False  # `quickstart --text`: a text-to-image model
+    samples_per_class: int | None = None  # the evaluation's, for a class model (None: QUICKSTART_EVAL's)
 
 
 # A stage does its work and returns one line saying where its outputs went.
@@ -150,8 +151,8 @@ def _qs_eval_on_deployed_path(ctx: QuickstartContext) -> str:
     from mmgen_deploy.evaluation.evaluate import eval_report_path
 
     sizes = QUICKSTART_EVAL
-    settings = eval_settings(sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale, ctx.seed, True,
-                             QUICKSTART_BACKEND, "fp32", sizes.num_prompts)
+    settings = eval_settings(ctx.samples_per_class or sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale,
+                             ctx.seed, True, QUICKSTART_BACKEND, "fp32", sizes.num_prompts)
     ctx.results["eval"] = run_eval(ctx.run, settings)
     return str(eval_report_path(ctx.run, settings))
 
@@ -166,6 +167,9 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
     ("parity vs PyTorch", parity_stage),
 ]
 
+
+# The quickstart's data sets, and how many samples of each class its evaluation judges.
+QUICKSTART_DATA = {"shapes": QUICKSTART_EVAL.samples_per_class, "tones": 20}
 
 # `shapes` attribute combinations kept out of the text quickstart's training data.
 QUICKSTART_TEXT_HOLDOUT = 0.2
@@ -194,22 +198,30 @@ def quickstart_cmd(
                               "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
                               "`shapes` captions with 20% of the attribute combinations held out, evaluated on "
                               "prompts from those."),
+    data: str = typer.Option("shapes", "--data", help="`shapes` (pictures) or `tones` (sound: 1 s clips as "
+                             "spectrograms, a Griffin-Lim vocoder after the decoder, WAV files out, judged "
+                             "from the waveform with 20 clips per class)."),
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
-    a text-to-image model, about 11), evaluate it, then run every later pipeline stage that exists
-    (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
+    a text-to-image model, about 11; --data tones: sound), evaluate it, then run every later pipeline
+    stage that exists (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
     from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
 
     started = time.perf_counter()
+    if data not in QUICKSTART_DATA:
+        raise UsageError(f"--data {data!r} is not one of the quickstart's data sets", "use shapes or tones")
+    if text and data != "shapes":
+        raise UsageError("--text trains on `shapes` captions", "leave out --data, or --text")
     if RunDir(out).exists() and not overwrite:  # checked before the data is generated
         raise UsageError(f"{out} already holds a run", "pass --overwrite to train it again")
     text_options = TextOptions(conditioning=QUICKSTART_TEXT_CONDITIONING,
                                holdout_fraction=QUICKSTART_TEXT_HOLDOUT) if text else None
     with RunDir(out).writing("run the quickstart", create=True):  # one writer; nested stages share the lock
-        run, train, val = new_run(out, "tiny", "shapes", 32, seed, None, overwrite, False, text_options)
-        ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text)
+        run, train, val = new_run(out, "tiny", data, None, seed, None, overwrite, False, text_options)
+        ctx = QuickstartContext(run=run, train=train, val=val, seed=seed, threads=threads, text=text,
+                                samples_per_class=QUICKSTART_DATA[data])
         timings: dict[str, float] = {}
         stages = QUICKSTART_TEXT_STAGES if text else QUICKSTART_STAGES
         for index, (name, stage) in enumerate(stages, start=1):
