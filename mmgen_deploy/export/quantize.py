@@ -227,7 +227,8 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
         own = labels if labels is not None else (np.arange(len(h_np)) % num_classes).astype(np.int32)
         denoiser["class_ids"] = np.where(cond_rows, own[idx], num_classes).astype(np.int32)
         description["denoiser"]["classes"] = sorted({int(c) for c in own[idx]})
-        description["denoiser"]["null_label"] = num_classes
+        if student is None:  # a student is never fed the null label
+            description["denoiser"]["null_label"] = num_classes
     else:
         if tokenizer is None or "text_encoder" not in modules:
             raise ValueError("calibrating a text model needs its tokenizer and text encoder")
@@ -244,7 +245,8 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
         empty_ids, _ = _text_conditions(modules, config, tokenizer, [""] * max(1, len(pool) // 4))
         inputs["text_encoder"] = {"input_ids": np.concatenate([ids, empty_ids]).astype(np.int32)}
         description["denoiser"]["prompts"] = len(set(pool))
-        description["denoiser"]["null_condition"] = "the empty prompt"
+        if student is None:
+            description["denoiser"]["null_condition"] = "the empty prompt"
         description["text_encoder"] = {"samples": len(inputs["text_encoder"]["input_ids"]),
                                        "inputs": "token ids of the images' captions and of the empty prompt"}
     if student is not None:
