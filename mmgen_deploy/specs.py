@@ -349,6 +349,19 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
 }
 
 
+# End-to-end checks of an audio model's waveforms (the vocoder's output) on top of the image checks:
+# the relative L2 of all the clips together, and the fraction of clips the waveform judge
+# (`evaluation.tone_judge`) hears the same way on both sides (waveform and contour; `tones` runs).
+# The waveform follows the spectrogram the decoder made, so it is held to that image's precision.
+AUDIO_PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"audio_rel_l2": 1e-2, "min_judge_agreement": 1.0},
+    "fp16": {"audio_rel_l2": 0.2, "min_judge_agreement": 0.9},
+    "bf16": {"audio_rel_l2": 1.0, "min_judge_agreement": 0.75},
+    "int8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
+    "fp8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
+}
+
+
 # The text encoder's outputs, named as the text denoiser's inputs: the sampling loop
 # forwards them without knowing what they are.
 TEXT_OUTPUTS = (Tensors.TEXT_EMBEDDINGS, Tensors.TEXT_MASK, Tensors.TEXT_POOLED)

@@ -280,3 +280,14 @@ def test_generate_writes_wavs_with_their_settings(audio_run, tmp_path) -> None:
     assert generated.sidecar["audio"]["sample_rate"] == SAMPLE_RATE
     with Image.open(tmp_path / "out" / "grid.png") as grid:
         assert grid.mode == "L" and grid.width >= 2 * 32 * 4
+
+
+def test_end_to_end_parity_compares_the_waveforms(audio_run) -> None:
+    from mmgen_deploy.parity.compare import ParityOptions, run_parity
+
+    report = run_parity(audio_run, ParityOptions(components=("vocoder",), steps=2, num_images=3,
+                                                 allow_untrained=True))
+    checks = {c.name: c for c in report.checks if c.group == "end-to-end"}
+    assert checks["waveform rel_l2"].value < 1e-2
+    agreement = checks["judge agreement (waveform and contour)"]
+    assert agreement.value == 1.0 and len(agreement.details["torch"]) == 3

@@ -191,6 +191,29 @@ def shipped_precisions(run: Any, precision: str) -> dict[str, str]:
             if isinstance(entry, dict)}
 
 
+def _audio_checks(report: ParityReport, config: ModelConfig, ref: np.ndarray, test: np.ndarray,
+                  class_ids: list[int], precision: str) -> None:
+    """An audio model's waveforms: their error, and (for the `tones` classes) whether the waveform
+    judge hears each clip the same way on both sides."""
+    from mmgen_deploy.data.tones import CLASS_NAMES
+    from mmgen_deploy.evaluation.tone_judge import judge_clip
+    from mmgen_deploy.specs import AUDIO_PIPELINE_TOLERANCES
+
+    assert config.audio is not None
+    limits = AUDIO_PIPELINE_TOLERANCES[precision]
+    diff = tensor_diff(ref, test)
+    report.add(Check("end-to-end", "waveform rel_l2", diff.rel_l2, limits["audio_rel_l2"], "<=", diff.to_dict()))
+    if tuple(config.class_names) == CLASS_NAMES:
+        rate = config.audio.sample_rate
+        verdicts = [(judge_clip(r.astype(np.float64), rate), judge_clip(t.astype(np.float64), rate))
+                    for r, t in zip(ref, test, strict=True)]
+        same = [(a.waveform, a.contour) == (b.waveform, b.contour) for a, b in verdicts]
+        report.add(Check("end-to-end", "judge agreement (waveform and contour)", sum(same) / max(len(same), 1),
+                         limits["min_judge_agreement"], ">=",
+                         {"torch": [f"{a.waveform} {a.contour}" for a, _ in verdicts],
+                          "backend": [f"{b.waveform} {b.contour}" for _, b in verdicts]}))
+
+
 def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any, backend: Any, precision: str,
                       *, class_ids: Sequence[int] = (), steps: int, sampler: str, cfg_scale: float, seed: int,
                       batch_size: int, overrides: ToleranceOverrides, codebook: np.ndarray | None,
@@ -234,6 +257,8 @@ def end_to_end_parity(report: ParityReport, config: ModelConfig, reference: Any,
                      overrides.min_psnr if overrides.min_psnr is not None else limits["min_psnr"], ">="))
     image_ssim = ssim(ref.images, test.images)
     report.add(Check("end-to-end", "image SSIM", image_ssim, limits["min_ssim"], ">="))
+    if ref.audio is not None and test.audio is not None and config.audio is not None:
+        _audio_checks(report, config, ref.audio, test.audio, list(class_ids), precision)
     drift: list[dict[str, Any]] = []
     if ref.trajectory is not None and test.trajectory is not None:
         n = len(ref.trajectory)
