@@ -29,10 +29,11 @@ def distill_cmd(
     guidance_range: str = typer.Option("1:6", "--guidance-range", metavar="MIN:MAX",
                                        help="Guidance scales the student learns (its --cfg-scale input); must "
                                             "hold the default scale."),
-    trajectories: int = typer.Option(2048, "--trajectories",
-                                     help="Teacher samples the student learns from (drawn from noise: no "
-                                          "training images are read)."),
-    train_steps: int = typer.Option(1500, "--train-steps", help="Student optimisation steps."),
+    trajectories: int | None = typer.Option(None, "--trajectories", show_default=False,
+                                            help="Teacher samples the student learns from (drawn from noise: no "
+                                                 "training images are read). Default: 4096."),
+    train_steps: int | None = typer.Option(None, "--train-steps", show_default=False,
+                                           help="Student optimisation steps. Default: 1500."),
     seed: int = TRAINING_SEED_OPTION,
     threads: int | None = typer.Option(None, "--threads",
                                        help="torch CPU threads (default: one per CPU this process may use; the "
@@ -57,8 +58,9 @@ def distill_cmd(
     from mmgen_deploy.training.distill import DistillSettings, distill_into
 
     low, high = _guidance_range(guidance_range)
-    settings = DistillSettings(steps=steps, guidance_min=low, guidance_max=high, trajectories=trajectories,
-                               train_steps=train_steps, seed=seed)
+    given = {"trajectories": trajectories, "train_steps": train_steps}
+    settings = DistillSettings(steps=steps, guidance_min=low, guidance_max=high, seed=seed,
+                               **{name: value for name, value in given.items() if value is not None})
     settings.check()
     if threads is not None and threads < 1:
         raise UsageError(f"--threads must be >= 1, got {threads}")
