@@ -601,10 +601,10 @@ def component_specs(config: ModelConfig, *, parts: bool = False) -> dict[str, Co
 
 
 # The vocoder against PyTorch FP32: its Griffin-Lim iterations repeat an STFT and an inverse STFT, and
-# a phase is its coefficient divided by its magnitude, so rounding in bins of near-zero magnitude
-# turns their phase freely; those bins carry almost nothing into the waveform, which is what is
-# compared.
-VOCODER_REL_L2: dict[str, float] = {"fp32": 1e-4}
+# a phase is its coefficient divided by its magnitude, so rounding in quiet bins turns their phase
+# freely and the iterations carry it on. Measured on ONNX Runtime CPU: 2-3e-6 on random images with 8
+# iterations, 3.5e-4 on real `tones` spectrograms with the layouts' 32; the limit leaves ~6x headroom.
+VOCODER_REL_L2: dict[str, float] = {"fp32": 2e-3}
 
 
 def _vocoder_spec(img: Shape, samples: int, image_inputs: InputMaker) -> ComponentSpec:

@@ -291,3 +291,50 @@ def test_end_to_end_parity_compares_the_waveforms(audio_run) -> None:
     assert checks["waveform rel_l2"].value < 1e-2
     agreement = checks["judge agreement (waveform and contour)"]
     assert agreement.value == 1.0 and len(agreement.details["torch"]) == 3
+
+
+@pytest.mark.slow
+def test_quickstart_on_tones_runs_every_stage(tmp_path, capsys, monkeypatch) -> None:
+    """`mmgen quickstart --data tones` as written, with a 2-step recipe, 1 evaluated clip per class and
+    2-step sampling (CI time); the 2-step DiT's near-zero tensors are re-randomised so parity compares
+    real outputs."""
+    from quickstart_helpers import fewer_generate_steps, small_real_evaluation, with_meaningful_dit
+
+    from mmgen_deploy.cli import quickstart as qs_cli
+    from mmgen_deploy.cli.app import main
+    from mmgen_deploy.io_utils import read_json
+    from mmgen_deploy.training import recipes
+
+    monkeypatch.setitem(recipes._RECIPES, "tiny", recipes.TrainRecipe(vq_steps=2, dit_steps=2))
+    real_new_run = qs_cli.new_run
+    monkeypatch.setattr(qs_cli, "new_run", lambda out, preset, data, size, seed, num_train, *rest:
+                        real_new_run(out, preset, data, size, seed, 64, *rest))
+    replaced = {"train DiT": with_meaningful_dit(dict(qs_cli.QUICKSTART_STAGES)["train DiT"])}
+    monkeypatch.setattr(qs_cli, "QUICKSTART_STAGES", [(name, replaced.get(name, fn))
+                                                      for name, fn in qs_cli.QUICKSTART_STAGES])
+    monkeypatch.setitem(qs_cli.QUICKSTART_DATA, "tones", 1)
+    small_real_evaluation(monkeypatch)
+    fewer_generate_steps(monkeypatch, steps=2)
+    out = tmp_path / "qs"
+    with pytest.raises(SystemExit) as info:
+        main(["quickstart", "--data", "tones", "--out", str(out), "--threads", "1"])
+    captured = capsys.readouterr()
+    text = captured.out + captured.err
+    assert int(info.value.code or 0) == 0, text
+    run_json = read_json(out / "run.json")
+    assert run_json["data"]["name"] == "tones" and run_json["audio"]["image_size"] == 32
+    wavs = sorted((out / "samples" / "onnxruntime-fp32").glob("*.wav"))
+    assert len(wavs) == 18 and read_wav(wavs[0]).settings is not None
+    summary = read_json(out / "reports" / "quickstart.json")
+    generation = summary["eval"]["generation"]
+    assert generation["num_samples"] == 9 and set(generation["per_class"]) == set(CLASS_NAMES)
+    assert generation["judge_on_real_clips"]["accuracy"] >= 0.98
+    for precision in ("fp32", "fp16"):
+        report = read_json(out / "reports" / f"parity-onnxruntime-{precision}.json")
+        assert report["passed"], report["verdict"]
+        names = {(c["group"], c["name"].split(" ")[0]) for c in report["checks"]}
+        assert ("vocoder", "audio") in names and ("end-to-end", "waveform") in names
+    with pytest.raises(SystemExit) as info:
+        main(["quickstart", "--data", "noise", "--out", str(tmp_path / "other")])
+    captured = capsys.readouterr()
+    assert int(info.value.code or 0) != 0 and "--data" in captured.out + captured.err

@@ -76,6 +76,14 @@ def run_eval(run: RunDir, settings: EvalSettings) -> dict[str, Any]:
                       f"size [bold]{100 * gen['size_accuracy']:.1f}%[/], position [bold]"
                       f"{100 * gen['position_accuracy']:.1f}%[/], all four {100 * gen['accuracy']:.1f}%; "
                       f"grid in {gen['grid']}")
+    elif gen and "waveform_accuracy" in gen:
+        real = gen["judge_on_real_clips"]
+        console.print(f"generation ({gen['backend']} {gen['precision']}, {gen['sampler']} {gen['steps']} steps, "
+                      f"guidance {gen['cfg_scale']}, {gen['num_samples']} clips): requested waveform AND contour "
+                      f"in [bold]{100 * gen['accuracy']:.1f}%[/] (waveform {100 * gen['waveform_accuracy']:.1f}%, "
+                      f"contour {100 * gen['contour_accuracy']:.1f}%; the judge is right on "
+                      f"{100 * real['accuracy']:.1f}% of {real['num_samples']} real clips); spectrograms in "
+                      f"{gen['grid']}")
     elif gen and "accuracy" in gen:
         console.print(f"generation ({gen['backend']} {gen['precision']}, {gen['sampler']} {gen['steps']} steps, "
                       f"guidance {gen['cfg_scale']}, "

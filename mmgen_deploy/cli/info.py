@@ -41,6 +41,8 @@ def register(app: typer.Typer) -> None:
                                                                 run.samples_dir, run.reports_dir)},
             "weights_sha256": run.weights_sha256(),
         }
+        if config.audio is not None:
+            report["audio"] = config.audio.to_dict()
         if json_out == "-":
             emit_json(report, "-")
             return
@@ -52,6 +54,10 @@ def register(app: typer.Typer) -> None:
         table.add_row("DiT params", f"{report['dit']['params']:,}")
         table.add_row("image / latent", f"{config.first_stage.image_size}px / {config.first_stage.embed_dim}x"
                       f"{config.first_stage.latent_size}x{config.first_stage.latent_size}")
+        if config.audio is not None:
+            audio = config.audio
+            table.add_row("audio", f"{audio.seconds:g} s at {audio.sample_rate} Hz as {audio.freq_scale} spectrograms "
+                          f"0-{audio.f_max:g} Hz; vocoder: {audio.griffin_lim_iters} Griffin-Lim iterations")
         if isinstance(config.first_stage, VQConfig):
             table.add_row("codebook", f"{config.first_stage.n_embed} x {config.first_stage.embed_dim}")
         else:
