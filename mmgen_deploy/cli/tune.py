@@ -111,7 +111,7 @@ def show(tuned: Any) -> None:
     console.print(f"{plural(len(result.measurements), 'configuration')} in {result.seconds:.0f} s{budget}: {counts}")
     if tuned.chosen is not None:
         chosen = tuned.chosen
-        speedup = default.ms_per_image / chosen.ms_per_image if chosen.ms_per_image > 0 else float("nan")
+        speedup = default.ms_per_image / chosen.ms_per_image if default.scores and chosen.scores else float("nan")
         drop, stderr = result.drop(chosen)
         console.print(f"chosen: [bold]{chosen.candidate.label()}[/]: {chosen.quality:.1f} "
                       f"(reference {ref.quality:.1f}; drop {drop:.1f} +-{stderr:.1f} on the same images) at "

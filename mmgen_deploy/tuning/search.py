@@ -147,7 +147,8 @@ class TuneResult:
         `CONFIDENCE` standard errors of it is at most `max_drop`. The fastest configuration that merely
         measures within the budget is, more often than not, one that measured lucky."""
         drop, stderr = self.drop(m)
-        return m is self.reference or drop + CONFIDENCE * _finite(stderr) <= max_drop
+        # One image has no standard error: it says nothing about the drop.
+        return m is self.reference or (math.isfinite(stderr) and drop + CONFIDENCE * stderr <= max_drop)
 
     def choose(self, max_drop: float) -> Measurement:
         """The fastest configuration `within` `max_drop` points of the reference (measured on the same
@@ -256,7 +257,9 @@ class _Search:
             return m
         if time.monotonic() + self._predicted_seconds(m, images - start) > self.deadline:
             self.out_of_time = True
-            m.status, m.reason = "budget", f"not measured on {images} images: the time budget ran out"
+            m.reason = f"not measured on {images} images: the time budget ran out"
+            if not m.scores:
+                m.status = "budget"
             return m
         self.say(f"{what}: {candidate.label()}, images {start + 1}-{images}")
         config = self.configs[candidate.model]
@@ -424,8 +427,9 @@ class _Search:
                                                     -c.settings.steps))
         for index, candidate in enumerate(ordered):
             if self.out_of_time:
-                self._record(candidate).status = "budget"
-                self._record(candidate).reason = "not measured: the time budget ran out"
+                m = self._record(candidate)
+                if not m.scores:
+                    m.status, m.reason = "budget", "not measured: the time budget ran out"
                 continue
             s, e = candidate.settings, candidate.engine
             chain = (candidate.model, e, s.sampler, s.cfg_scale, s.cache)
