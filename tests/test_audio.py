@@ -338,3 +338,18 @@ def test_quickstart_on_tones_runs_every_stage(tmp_path, capsys, monkeypatch) -> 
         main(["quickstart", "--data", "noise", "--out", str(tmp_path / "other")])
     captured = capsys.readouterr()
     assert int(info.value.code or 0) != 0 and "--data" in captured.out + captured.err
+
+
+def test_a_wav_folder_is_audio_data(tmp_path) -> None:
+    from mmgen_deploy.config import audio_layout
+    from mmgen_deploy.data import DataSpec, load_audio_split, load_split
+
+    tones = make_tones(10, seed=0)
+    _write_class(tmp_path / "wavs", "a", tones.clips[:5])
+    _write_class(tmp_path / "wavs", "b", tones.clips[5:])
+    spec = DataSpec.parse(str(tmp_path / "wavs"), image_size=32, seed=0)
+    assert spec.name == "wav_folder" and spec.is_audio
+    val = load_audio_split(spec, "val")
+    train = load_split(spec, "train", audio=audio_layout(32))
+    assert len(val) == 1 and train.images.shape == (9, 32, 32, 1) and train.class_names == ("a", "b")
+    assert not DataSpec.parse("shapes", image_size=32, seed=0).is_audio
