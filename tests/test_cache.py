@@ -170,6 +170,20 @@ def test_policy_specs_round_trip() -> None:
     assert not parse_cache_policy(None).enabled and parse_cache_policy("every:1").enabled
 
 
+def test_cache_records_round_trip_and_uncounted_ones_carry_no_counts() -> None:
+    from mmgen_deploy.sampling.cache import CacheStats
+
+    counted = CacheStats(policy="every:2", blocks_evaluated=30, blocks_total=48, recompute_steps=[[0, 2, 3]])
+    again = CacheStats.from_dict(counted.to_dict())
+    assert (again.blocks_evaluated, again.blocks_total, again.recompute_steps) == (30, 48, [[0, 2, 3]])
+    assert "30 / 48" in again.describe()
+    remote = CacheStats(policy="every:2", counted=False)  # sampled by a server that kept its counts
+    record = remote.to_dict()
+    assert record["policy"] == "every:2" and record["block_evaluations"] is None
+    assert record["saved_fraction"] is None
+    assert not CacheStats.from_dict(record).counted and "server" in CacheStats.from_dict(record).describe()
+
+
 # -- the cached sampling loop ---------------------------------------------------------------------
 
 def test_cached_sampling_every_step_matches_the_whole_denoiser(parts_run: RunDir) -> None:

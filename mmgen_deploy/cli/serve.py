@@ -336,4 +336,4 @@ def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list
                         class_ids=list(class_ids or []), seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         batch_size=chunk, backend="triton", precision=served.precision, device=remote.url,
                         total_seconds=elapsed, prompts=list(prompts or []),
-                        cache=CacheStats(policy=cache))  # the server keeps the block evaluations it saved
+                        cache=CacheStats(policy=cache, counted=False))

@@ -212,6 +212,9 @@ class CacheStats:
     blocks_total: int = 0
     recompute_steps: list[list[int]] = field(default_factory=list)
     signals: list[list[float]] = field(default_factory=list)
+    # False where the sampling ran elsewhere (a Triton client): the server made the policy's decisions
+    # and kept their counts, so the record names the policy and no counts rather than zeros.
+    counted: bool = True
 
     @property
     def saved_fraction(self) -> float:
@@ -219,10 +222,15 @@ class CacheStats:
 
     def describe(self) -> str:
         """One line for reports: `every:2: 3624 / 7200 block evaluations (49.7 % saved)`."""
+        if not self.counted:
+            return f"{self.policy} (block evaluations counted by the server)"
         return (f"{self.policy}: {self.blocks_evaluated} / {self.blocks_total} block evaluations "
                 f"({100 * self.saved_fraction:.1f} % saved)")
 
     def to_dict(self) -> dict[str, object]:
+        if not self.counted:
+            return {"policy": self.policy, "block_evaluations": None, "block_evaluations_total": None,
+                    "saved_fraction": None, "recompute_steps": None}
         return {"policy": self.policy, "block_evaluations": self.blocks_evaluated,
                 "block_evaluations_total": self.blocks_total, "saved_fraction": round(self.saved_fraction, 4),
                 "recompute_steps": self.recompute_steps}
@@ -231,6 +239,8 @@ class CacheStats:
     def from_dict(cls, record: dict[str, object]) -> CacheStats:
         """The record `to_dict` wrote (as reports keep it)."""
         steps = record.get("recompute_steps")
+        if record.get("block_evaluations") is None:
+            return cls(policy=str(record["policy"]), counted=False)
         return cls(policy=str(record["policy"]), blocks_evaluated=int(str(record["block_evaluations"])),
                    blocks_total=int(str(record["block_evaluations_total"])),
                    recompute_steps=steps if isinstance(steps, list) else [])
