@@ -10,7 +10,8 @@
       .mmgen.lock      held (flock) by the batch writing into OUT: a second one into the same OUT is refused
       batch.json       the run (path, weights hash) and settings the images were made with
       manifest.jsonl   one line per image written: file, request line, index, seed, condition, settings
-      images/          LLLLL_KKKK_<class-or-prompt>.png: image KKKK of request line LLLLL
+      images/          LLLLL_KKKK_<class-or-prompt>.png: image KKKK of request line LLLLL (an audio
+                       run: .wav, the settings in its INFO chunk)
 
 Line L expands into the images `mmgen generate RUN --class C --n N --seed S` (or `--prompt`) writes:
 image k draws its noise from default_rng([S, k]), so it is the same image whichever worker makes it
@@ -194,6 +195,8 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                 prompt = prompt_rows[k] if prompt_rows is not None else ""
                 entry, _ = image_entry(config, k, class_id=None if class_id < 0 else class_id,
                                        prompt=prompt if class_id < 0 else None, prefix=f"{number:05d}_")
+                if config.audio is not None:  # an audio model's clips are WAV files
+                    entry["file"] = entry["file"].removesuffix(".png") + ".wav"
                 line_jobs.append(BatchJob(key=f"{number}:{k}", line=number, file=f"{IMAGES}/{entry['file']}",
                                           seed=seed, index=k, steps=steps, cfg_scale=float(cfg_scale),
                                           sampler=sampler, class_id=class_id, prompt=prompt, cache=settings.cache,
@@ -316,7 +319,7 @@ class ImageWriter:
         result = sample_specs(self.runner, self.config, [job.spec() for job in jobs], tokenizer=self.tokenizer,
                                  batch_size=self.settings.batch_size)
         entries = []
-        for job, image in zip(jobs, result.images, strict=True):
+        for row, (job, image) in enumerate(zip(jobs, result.images, strict=True)):
             entry = manifest_entry(job, self.backend, self.precision)
             condition = (("class", job.class_name), ("class_id", job.class_id)) if job.class_id >= 0 else \
                 (("prompt", job.prompt),)
@@ -324,8 +327,14 @@ class ImageWriter:
                       *image_settings(seed=job.seed, steps=job.steps, sampler=job.sampler, cfg_scale=job.cfg_scale,
                                       eta=SAMPLING.eta, cache=job.cache, backend=self.backend,
                                       precision=self.precision, device=self.device))
-            with atomic_path(self.out / job.file) as tmp:
-                save_png(image, tmp, chunks)
+            if result.audio is not None and self.config.audio is not None:
+                from mmgen_deploy.data.wav import write_wav
+
+                write_wav(self.out / job.file, result.audio[row], self.config.audio.sample_rate,
+                          settings=dict(chunks))
+            else:
+                with atomic_path(self.out / job.file) as tmp:
+                    save_png(image, tmp, chunks)
             entries.append(json.dumps(entry))
         return {"entry": np.asarray(entries, dtype=object)}
 

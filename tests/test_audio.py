@@ -353,3 +353,20 @@ def test_a_wav_folder_is_audio_data(tmp_path) -> None:
     train = load_split(spec, "train", audio=audio_layout(32))
     assert len(val) == 1 and train.images.shape == (9, 32, 32, 1) and train.class_names == ("a", "b")
     assert not DataSpec.parse("shapes", image_size=32, seed=0).is_audio
+
+
+def test_batch_writes_the_clips_generate_writes(audio_run, tmp_path) -> None:
+    from mmgen_deploy.batch import BatchSettings, run_batch
+    from mmgen_deploy.sampling.generate import GenerateRequest, generate_to_folder
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"class": "sawtooth falling", "n": 2, "seed": 4, "steps": 2}) + "\n")
+    run_batch(audio_run.root, requests, tmp_path / "out", BatchSettings(backend="onnxruntime", precision="fp32"))
+    generate_to_folder(audio_run, GenerateRequest(classes=["sawtooth falling"], n=2, seed=4, steps=2,
+                                                  backend="onnxruntime", precision="fp32", out=tmp_path / "gen"))
+    ours = sorted((tmp_path / "out" / "images").glob("*.wav"))
+    assert [p.name for p in ours] == ["00001_0000_sawtooth-falling.wav", "00001_0001_sawtooth-falling.wav"]
+    for path in ours:
+        theirs = read_wav(tmp_path / "gen" / path.name.removeprefix("00001_"))
+        batch = read_wav(path)
+        assert np.array_equal(batch.samples, theirs.samples) and batch.settings == theirs.settings

@@ -57,6 +57,7 @@ class GeneratedImages:
     images: np.ndarray  # uint8 (N, H, W, C), in the order of the specs
     results: list[SampleResult] = field(default_factory=list)  # one per (steps, cfg_scale, sampler, cache) group
     text_encoder_seconds: float = 0.0
+    audio: np.ndarray | None = None  # an audio model's float32 (N, samples) waveforms, in the order of the specs
 
     @property
     def seconds(self) -> float:
@@ -155,6 +156,7 @@ def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec]
             request = int(request_ids[row])
         groups[spec.settings, request].append(row)
     images: np.ndarray | None = None
+    audio: np.ndarray | None = None
     results = []
     for ((steps, cfg_scale, sampler, cache), _request), rows in groups.items():
         result = sample(runner, config, _subset(condition, rows), steps=steps, sampler=sampler, cfg_scale=cfg_scale,
@@ -163,6 +165,11 @@ def sample_specs(runner: Runner, config: ModelConfig, specs: Sequence[ImageSpec]
         if images is None:
             images = np.empty((len(specs), *result.images.shape[1:]), dtype=np.uint8)
         images[rows] = result.images
+        if result.audio is not None:
+            if audio is None:
+                audio = np.empty((len(specs), *result.audio.shape[1:]), dtype=np.float32)
+            audio[rows] = result.audio
         results.append(result)
     assert images is not None
-    return GeneratedImages(images=images, results=results, text_encoder_seconds=condition.encode_seconds)
+    return GeneratedImages(images=images, results=results, text_encoder_seconds=condition.encode_seconds,
+                           audio=audio)
