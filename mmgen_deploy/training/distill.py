@@ -174,7 +174,8 @@ def _call(dit: DiT, x: torch.Tensor, t: torch.Tensor, conditions: dict[str, torc
 def trajectory_pairs(teacher_dit: DiT, config: ModelConfig, settings: DistillSettings,
                      conditions: dict[str, torch.Tensor], null: dict[str, torch.Tensor],
                      guidance: torch.Tensor, noise: torch.Tensor, *, student: DiT | None = None,
-                     batch: int = 512, show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     first_targets: torch.Tensor | None = None, batch: int = 512,
+                     show_progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(inputs, targets), each (trajectories, K, C, h, w): for each of the student's K steps, the latent
     it starts from and where the teacher's guided DDIM steps (deterministic, on a `teacher_steps` grid
     that contains the student's timesteps) take that latent by the next of the student's timesteps (the
@@ -182,7 +183,9 @@ def trajectory_pairs(teacher_dit: DiT, config: ModelConfig, settings: DistillSet
 
     Without `student`, each step starts where the teacher's previous steps ended: the teacher's own
     trajectory. With `student`, each step starts where the student's own previous steps ended, so the
-    student learns to correct the drift its own steps cause (exposure bias)."""
+    student learns to correct the drift its own steps cause (exposure bias). The first step starts from
+    the noise either way: `first_targets` (an earlier call's targets[:, 0] for the same noise) saves the
+    teacher's steps of it, a 1 / K share of the work."""
     T = config.diffusion.num_train_timesteps
     grid = respaced_timesteps(T, settings.teacher_steps + 1)[:-1]  # the teacher visits these
     teacher_x, teacher_eps = _step_coefficients(config, tuple(int(t) for t in grid))
@@ -202,12 +205,14 @@ def trajectory_pairs(teacher_dit: DiT, config: ModelConfig, settings: DistillSet
             w = guidance[start:stop].view(-1, 1, 1, 1)
             for k in range(k_steps):
                 inputs[start:stop, k] = x
-                y = x.clone()
+                reuse = k == 0 and first_targets is not None
+                y = first_targets[start:stop].clone() if reuse and first_targets is not None else x.clone()
                 for j in range(k * stride, (k + 1) * stride):
-                    t_in = torch.full((2 * (stop - start),), float(grid[j]))
-                    cond, uncond = _call(teacher_dit, torch.cat([y, y]), t_in, both).chunk(2)
-                    eps = uncond + w * (cond - uncond)
-                    y = teacher_x[j] * y + teacher_eps[j] * eps
+                    if not reuse:
+                        t_in = torch.full((2 * (stop - start),), float(grid[j]))
+                        cond, uncond = _call(teacher_dit, torch.cat([y, y]), t_in, both).chunk(2)
+                        eps = uncond + w * (cond - uncond)
+                        y = teacher_x[j] * y + teacher_eps[j] * eps
                     advance()
                 targets[start:stop, k] = y
                 if student is None:
@@ -294,7 +299,7 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
                         step != start or not resume):
                     round_started = time.perf_counter()
                     pairs = trajectory_pairs(teacher_dit, config, settings, conditions, null, guidance, noise,
-                                             student=ema, show_progress=False)
+                                             student=ema, first_targets=pairs[1][:, 0], show_progress=False)
                     teacher_seconds += time.perf_counter() - round_started
                 dit.train()
                 set_lr(optimizer, lr_at(step, base_lr=settings.lr, warmup=settings.warmup,
