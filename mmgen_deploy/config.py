@@ -575,7 +575,7 @@ def with_text(config: ModelConfig, *, conditioning: str = "pooled+cross_attentio
     text = TextConfig(vocab_size=vocab_size, max_length=max_length, hidden_size=width, num_heads=heads)
     dit = config.dit.replace(conditioning=conditioning, text_dim=width, text_length=max_length)
     out = ModelConfig(first_stage=config.first_stage, dit=dit, diffusion=config.diffusion,
-                      class_names=config.class_names, text=text)
+                      class_names=config.class_names, text=text, audio=config.audio)
     out.validate()
     return out
 

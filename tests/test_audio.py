@@ -370,3 +370,14 @@ def test_batch_writes_the_clips_generate_writes(audio_run, tmp_path) -> None:
         theirs = read_wav(tmp_path / "gen" / path.name.removeprefix("00001_"))
         batch = read_wav(path)
         assert np.array_equal(batch.samples, theirs.samples) and batch.settings == theirs.settings
+
+
+def test_audio_options_that_do_not_apply_are_refused_before_any_work(tmp_path, capsys) -> None:
+    from mmgen_deploy.cli.app import main
+
+    for argv, words in ((["--image-size", "48"], "no spectrogram layout for 48x48"), (["--text"], "--text")):
+        with pytest.raises(SystemExit) as info:
+            main(["train", "all", "--data", "tones", "--out", str(tmp_path / "run"), *argv])
+        captured = capsys.readouterr()
+        assert int(info.value.code or 0) != 0 and words in captured.out + captured.err
+        assert not (tmp_path / "run").exists()

@@ -94,6 +94,9 @@ def new_run(out: Path, preset_name: str, data: str, image_size: int | None, seed
         spec = DataSpec(**{**spec.to_dict(), "image_size": DEFAULT_SPECTROGRAM_SIZE})
     image_size = spec.image_size
     audio = audio_layout(image_size) if spec.is_audio else None  # checked before the data is made
+    if audio is not None and text is not None:
+        raise UsageError("--text: audio runs are class-conditioned (their evaluation judges classes)",
+                         "leave out --text for audio data")
     if num_train is not None:
         if spec.name not in ("shapes", "tones"):
             raise UsageError("--num-train applies to `shapes` and `tones` only (a folder has the files it has)")
