@@ -353,13 +353,14 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
 # the relative L2 of all the clips together, and the fraction of clips the waveform judge
 # (`evaluation.tone_judge`) hears the same way on both sides (waveform and contour; `tones` runs).
 # The waveform follows the spectrogram the decoder made, so it is held to that image's precision.
-# Measured on the trained `tones` model (8 clips, DDIM 20, guidance 4): waveform rel. L2 2.5e-4 (ONNX
-# Runtime FP32), 5.3e-2 (FP16), 0.56 (OpenVINO BF16: Griffin-Lim from the same start phase lands on
-# other phases when the spectrogram moves a little; the judge heard 8 of 8 the same), judge agreement
-# 1.0 on each. The 8-bit limits are not measured yet: they bound gross failures, as the image ones do.
+# Measured on two trained `tones` models (8 clips, DDIM 20, guidance 4): waveform rel. L2 2.5e-4 (ONNX
+# Runtime FP32), 5.3e-2 and 0.16 (FP16), 0.56 (OpenVINO BF16: Griffin-Lim from the same start phase lands
+# on other phases when the spectrogram moves a little; the judge heard 8 of 8 the same), judge agreement
+# 1.0 on each. BF16's limit only bounds gross failures (uncorrelated clips give ~1.4); the judge's
+# agreement is what says the clips still sound the same. The 8-bit limits are not measured yet.
 AUDIO_PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"audio_rel_l2": 1e-2, "min_judge_agreement": 1.0},
-    "fp16": {"audio_rel_l2": 0.2, "min_judge_agreement": 0.9},
+    "fp16": {"audio_rel_l2": 0.5, "min_judge_agreement": 0.9},
     "bf16": {"audio_rel_l2": 1.0, "min_judge_agreement": 0.75},
     "int8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
     "fp8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
