@@ -114,3 +114,28 @@ def parts_run(tmp_path_factory: pytest.TempPathFactory):
     export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
     export_run(run, precisions=("fp32",), components=("denoiser_parts",))
     return run
+
+
+@pytest.fixture(scope="session")
+def audio_run(tmp_path_factory: pytest.TempPathFactory):
+    """A saved audio run of re-randomised tiny models (8 Griffin-Lim iterations: a fast vocoder) with its
+    FP32 sampling set."""
+    import torch
+
+    from mmgen_deploy.config import audio_layout, preset, with_audio
+    from mmgen_deploy.data.tones import CLASS_NAMES
+    from mmgen_deploy.export import export_run
+    from mmgen_deploy.models import DiT, VQModel
+    from mmgen_deploy.models.components import rerandomize_
+    from mmgen_deploy.rundir import save_run
+
+    config = with_audio(preset("tiny", num_classes=9), audio_layout(32).replace(griffin_lim_iters=8))
+    config = config.replace(class_names=CLASS_NAMES)
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    run = save_run(tmp_path_factory.mktemp("audio") / "run", config, vq.eval(), dit.eval(),
+                   data={"name": "tones", "image_size": 32, "num_val": 16})
+    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder", "vocoder"))
+    return run

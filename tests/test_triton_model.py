@@ -299,3 +299,93 @@ def test_bad_cache_policies_and_a_server_without_parts_are_refused_in_one_line(
     assert message.startswith("cache every:2 is not served here: missing ") and "denoiser_head" in message
     assert "--components denoiser_parts" in message and "\n" not in message
     assert _images(no_parts[1]).shape == (1, 32, 32, 3)  # the whole denoiser is still served
+
+
+def test_an_audio_run_serves_the_waveforms_generate_writes(audio_run: RunDir, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served AUDIO of a row is the float32 waveform `mmgen generate` writes for the same seed, index
+    and class (ONNX Runtime FP32, one thread), so its WAV has the same bytes; IMAGE is the spectrogram."""
+    from mmgen_deploy.data.wav import decode_wav, encode_wav
+    from mmgen_deploy.sampling.generate import GenerateRequest, generate_to_folder
+
+    generated = generate_to_folder(audio_run, GenerateRequest(
+        classes=["square rising", "1"], n=1, steps=STEPS, seed=3, backend="onnxruntime", precision="fp32",
+        threads=1, out=tmp_path / "generated"))
+    model = _load_model(audio_run, monkeypatch)
+    try:
+        [response] = model.execute([_Request(CLASS=np.asarray([[b"square rising"], [b"1"]], dtype=np.object_),
+                                             SEED=_rows([3, 3], np.int64), INDEX=_rows([0, 1], np.int64),
+                                             STEPS=_rows([STEPS, STEPS], np.int32))])
+        client_files = _client_files(model, audio_run, tmp_path / "client", class_ids=[3, 1], seed=3)
+    finally:
+        model.finalize()
+    images = _images(response)
+    waveforms = response.tensors["AUDIO"].as_numpy()
+    config = audio_run.load_config()
+    assert config.audio is not None and generated.result.audio is not None
+    assert waveforms.dtype == np.float32 and waveforms.shape == (2, config.audio.clip_samples)
+    np.testing.assert_array_equal(images, generated.result.images)
+    np.testing.assert_array_equal(waveforms, generated.result.audio)
+    for k, entry in enumerate(generated.sidecar["images"]):
+        written = (tmp_path / "generated" / entry["file"]).read_bytes()
+        settings = decode_wav(written).settings
+        assert settings is not None
+        assert encode_wav(waveforms[k], config.audio.sample_rate, settings=settings) == written
+        # `mmgen client`'s files: the same names, the same sample data (its INFO chunk names backend triton)
+        served = decode_wav(client_files[entry["file"]])
+        np.testing.assert_array_equal(served.samples, decode_wav(written).samples)
+        assert served.settings is not None and served.settings["backend"] == "triton"
+    assert sorted(client_files) == [*sorted(e["file"] for e in generated.sidecar["images"]), "samples.json"]
+    assert json.loads(client_files["samples.json"])["audio"]["sample_rate"] == config.audio.sample_rate
+
+
+class _InProcessRemote:
+    """What `mmgen client` asks of its server (`GenerateClient.generate_outputs`), answered by the model
+    in this process: the client's own request assembly and file writing run unchanged."""
+
+    url = "in-process"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def generate_outputs(self, request: Any, *, audio: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        [response] = self.model.execute([_Request(
+            CLASS_ID=_rows(request.class_ids, np.int32), SEED=_rows(request.seeds, np.int64),
+            INDEX=_rows(request.indices, np.int64), STEPS=_rows([request.steps] * len(request.seeds), np.int32),
+            CFG_SCALE=_rows([request.cfg_scale] * len(request.seeds), np.float32),
+            SAMPLER=np.asarray([[request.sampler.encode()]] * len(request.seeds), dtype=np.object_))])
+        return _images(response), response.tensors["AUDIO"].as_numpy() if audio else None
+
+
+def _client_files(model: Any, run: RunDir, out: Path, *, class_ids: list[int], seed: int) -> dict[str, bytes]:
+    """The files `mmgen client` writes for these classes (one clip each) from `model`, by name."""
+    from mmgen_deploy.cli.serve import _request_images
+    from mmgen_deploy.io_utils import write_json
+    from mmgen_deploy.sampling.files import write_samples
+    from mmgen_deploy.serve.client import ServedModel
+
+    config = run.load_config()
+    served = ServedModel.from_model_config({"max_batch_size": 8, "parameters": {
+        "run_config": {"string_value": json.dumps(config.to_dict())}}})
+    result = _request_images(_InProcessRemote(model), served, class_ids, None, seed=seed,  # type: ignore[arg-type]
+                             steps=STEPS, cfg_scale=served.default_cfg_scale, sampler=served.default_sampler,
+                             cache="none")
+    sidecar = write_samples(result, config, out, images_per_class=1)
+    write_json(out / "samples.json", sidecar)
+    return {path.name: path.read_bytes() for path in out.iterdir() if path.name != "grid.png"}
+
+
+def test_an_audio_repository_declares_the_waveform_and_serves_the_vocoder(audio_run: RunDir,
+                                                                           tmp_path: Path) -> None:
+    from mmgen_deploy.serve import MODEL_NAME
+    from mmgen_deploy.serve.repository import RepositoryOptions, model_config_pbtxt, write_repository
+
+    assert "AUDIO" not in model_config_pbtxt((32, 32, 1), RepositoryOptions(), "run")
+    config = audio_run.load_config()
+    assert config.audio is not None
+    summary = write_repository(audio_run.root, tmp_path / "repo", RepositoryOptions(
+        layout="ensemble", component_backend="python", artifacts="reference", vendor_source=False))
+    text = (tmp_path / "repo" / MODEL_NAME / "config.pbtxt").read_text()
+    assert f'{{ name: "AUDIO" data_type: TYPE_FP32 dims: [ {config.audio.clip_samples} ] }}' in text
+    assert "vocoder" in summary["components"] and (tmp_path / "repo" / "mmgen_vocoder" / "config.pbtxt").is_file()
+    assert "| AUDIO (output) | FP32" in (tmp_path / "repo" / "README.md").read_text()

@@ -234,8 +234,9 @@ def register(app: typer.Typer) -> None:
         "Request images from a running `mmgen serve` (or any Triton serving an `mmgen triton-repo` repository), "
         "in `mmgen generate`'s words: --class NAME|ID (repeatable; default every class) or --prompt / "
         "--prompts-file, --n per class or prompt, --seed (image i draws its noise from (SEED, i), as in generate), "
-        "--steps, --cfg-scale, --sampler, --cache. Writes the same PNGs (with generate's text chunks), grid.png and "
-        "samples.json as `mmgen generate`; a served image equals the in-process one for the same arguments."))
+        "--steps, --cfg-scale, --sampler, --cache. Writes the same PNGs (with generate's text chunks; an audio run: "
+        "WAVs), grid.png and samples.json as `mmgen generate`; a served image or clip equals the in-process one for "
+        "the same arguments."))
     def client(
         url: str = typer.Argument("http://127.0.0.1:8000", help="HTTP endpoint of `mmgen serve` / Triton."),
         classes: list[str] = CLASS_OPTION,
@@ -329,11 +330,13 @@ def _request_images(remote: GenerateClient, served: ServedModel, class_ids: list
                                sampler=sampler, cache=cache,
                                class_ids=[int(labels[r]) for r in rows] if class_ids is not None else None,
                                prompts=[str(labels[r]) for r in rows] if class_ids is None else None)
-        parts.append(remote.generate(request))
+        parts.append(remote.generate_outputs(request, audio=served.config.audio is not None))
     elapsed = time.perf_counter() - started
-    images = np.concatenate(parts)
+    images = np.concatenate([images for images, _ in parts])
+    audio = None if served.config.audio is None else np.concatenate([clips for _, clips in parts
+                                                                     if clips is not None])
     return SampleResult(images=images, latents=np.empty((0,), np.float32), indices=np.empty((0,), np.int32),
                         class_ids=list(class_ids or []), seed=seed, steps=steps, sampler=sampler, cfg_scale=cfg_scale,
                         batch_size=chunk, backend="triton", precision=served.precision, device=remote.url,
                         total_seconds=elapsed, prompts=list(prompts or []),
-                        cache=CacheStats(policy=cache, counted=False))
+                        cache=CacheStats(policy=cache, counted=False), audio=audio)

@@ -144,7 +144,12 @@ class GenerateClient:
         return ServedModel.from_model_config(dict(model_config))
 
     def generate(self, request: ImageRequest) -> np.ndarray:
-        """uint8 images (N, H, W, 3) for one request; RemoteError with the server's message otherwise."""
+        """uint8 images (N, H, W, C) for one request; RemoteError with the server's message otherwise."""
+        return self.generate_outputs(request, audio=False)[0]
+
+    def generate_outputs(self, request: ImageRequest, *, audio: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(images, waveforms) for one request. `audio` (an audio run: `ServedModel.config.audio` is set)
+        also asks for the float32 (N, samples) waveforms; otherwise they are None."""
         n = len(request.seeds)
 
         def strings(values: list[str]) -> np.ndarray:
@@ -169,7 +174,8 @@ class GenerateClient:
             inputs.append(self._input("SAMPLER", strings([request.sampler] * n), "BYTES"))
         if request.cache is not None:
             inputs.append(self._input("CACHE", strings([request.cache] * n), "BYTES"))
-        outputs = [self._http.InferRequestedOutput("IMAGE", binary_data=True)]
+        outputs = [self._http.InferRequestedOutput(name, binary_data=True)
+                   for name in ("IMAGE", *(("AUDIO",) if audio else ()))]
         try:
             result = self.client.infer(self.model_name, inputs, outputs=outputs)
         except Exception as exc:  # InferenceServerException, connection errors
@@ -179,7 +185,13 @@ class GenerateClient:
         if images is None or images.shape[0] != n:
             raise RemoteError(f"server {self.url} returned {None if images is None else images.shape[0]} "
                               f"images for {n} requested")
-        return images
+        if not audio:
+            return images, None
+        waveforms = result.as_numpy("AUDIO")
+        if waveforms is None or waveforms.shape[0] != n:
+            raise RemoteError(f"server {self.url} returned no waveforms for an audio run",
+                              "rewrite the repository with this version's `mmgen triton-repo`")
+        return images, waveforms
 
     def statistics(self) -> dict[str, Any]:
         return dict(self.client.get_inference_statistics(self.model_name))

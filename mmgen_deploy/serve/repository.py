@@ -117,11 +117,12 @@ def _pbtxt_string(value: str) -> str:
 
 
 def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOptions, run_dir: str,
-                       metadata: dict[str, str] | None = None) -> str:
+                       metadata: dict[str, str] | None = None, *, audio_samples: int | None = None) -> str:
     """config.pbtxt of `mmgen_generate` (protobuf text format, read by Triton).
 
     `metadata` (the run's config and tokenizer as JSON) becomes parameters too: `mmgen client`
     reads them from the server to resolve class names, warn about prompts and label its PNGs.
+    `audio_samples` (an audio run's clip length) adds the AUDIO output: each row's float32 waveform.
     """
     height, width, channels = image_shape
     kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
@@ -141,6 +142,8 @@ def model_config_pbtxt(image_shape: tuple[int, int, int], options: RepositoryOpt
         "component_prefix": COMPONENT_PREFIX,
         **(metadata or {}),
     }
+    audio_output = ("" if audio_samples is None else
+                    f',\n  {{ name: "AUDIO" data_type: TYPE_FP32 dims: [ {audio_samples} ] }}')
     params = "\n".join(f"parameters: {{ key: {_pbtxt_string(k)} value: {{ string_value: {_pbtxt_string(v)} }} }}"
                        for k, v in parameters.items())
     return f"""# Written by `mmgen triton-repo`. One request row = one image; see 1/model.py for the semantics.
@@ -159,7 +162,7 @@ input [
   {{ name: "CACHE" data_type: TYPE_STRING dims: [ 1 ] optional: true }}
 ]
 output [
-  {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {height}, {width}, {channels} ] }}
+  {{ name: "IMAGE" data_type: TYPE_UINT8 dims: [ {height}, {width}, {channels} ] }}{audio_output}
 ]
 # Requests that arrive within the delay are merged into one execute() call (one sampling batch).
 dynamic_batching {{ max_queue_delay_microseconds: {options.max_queue_delay_us} }}
@@ -339,7 +342,9 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
                     "run_config": json.dumps(config.to_dict(), separators=(",", ":"))}
         if config.uses_text:
             metadata["tokenizer"] = json.dumps(run.load_tokenizer().to_dict(), separators=(",", ":"))
-        (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config_pbtxt(image_shape, options, run_ref, metadata))
+        audio_samples = config.audio.clip_samples if config.audio is not None else None
+        (tmp / MODEL_NAME / "config.pbtxt").write_text(model_config_pbtxt(image_shape, options, run_ref, metadata,
+                                                                          audio_samples=audio_samples))
         shutil.copy2(Path(__file__).with_name("triton_model.py"), version_dir / "model.py")
         if options.vendor_source:
             # The stub appends the version directory to sys.path: an installed mmgen_deploy wins,
@@ -356,6 +361,8 @@ def write_repository(run_dir: Path, out: Path, options: RepositoryOptions | None
             "layout": options.layout,
             "components": components,
             "image_shape": list(image_shape),
+            "audio": None if config.audio is None else {"samples": config.audio.clip_samples,
+                                                        "sample_rate": config.audio.sample_rate},
             "conditioning": metadata["conditioning"],
             "num_classes": config.dit.num_classes,
             "class_names": list(config.class_names),
@@ -382,6 +389,16 @@ def _condition_rows(summary: dict[str, Any]) -> str:
             f"| CLASS_ID | INT32 [1] | a class id 0..{summary['num_classes'] - 1} (instead of CLASS) |\n")
 
 
+def _output_rows(summary: dict[str, Any]) -> str:
+    audio = summary.get("audio")
+    if audio is None:
+        return f"| IMAGE (output) | UINT8 {summary['image_shape']} | the image |\n"
+    return (f"| IMAGE (output) | UINT8 {summary['image_shape']} | the clip's spectrogram (high frequencies at the "
+            "top) |\n"
+            f"| AUDIO (output) | FP32 [{audio['samples']}] | the vocoder's waveform, {audio['sample_rate']} Hz mono, "
+            "1.0 = full scale (`mmgen client` writes it as generate's 16-bit WAV) |\n")
+
+
 def _client_example(summary: dict[str, Any]) -> str:
     if summary.get("conditioning") == "text":
         return '--prompt "a large blue triangle at the top" --n 4'
@@ -405,8 +422,7 @@ One model, `{MODEL_NAME}` (Python backend): each request row is one image.
 | CFG_SCALE | FP32 [1] | 0..{opts["max_cfg_scale"]:g} (default {opts["default_cfg_scale"]:g}) |
 | SAMPLER | BYTES [1] | {", ".join(opts["samplers"])} (default {opts["sampler"]}) |
 | CACHE | BYTES [1] | step caching: none, every:N or adaptive:T (default {opts["cache"]}; see docs/caching.md) |
-| IMAGE (output) | UINT8 {summary["image_shape"]} | RGB |
-
+{_output_rows(summary)}
 Dynamic batching merges requests arriving within {opts["max_queue_delay_us"]} us into one sampling
 batch (max {opts["max_batch_size"]} images); {opts["instances"]} instance(s) of kind
 {opts["instance_kind"]}; backend `{opts["backend"]}` (auto = {describe_auto_order()}), precision

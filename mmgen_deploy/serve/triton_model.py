@@ -12,7 +12,11 @@ Request semantics (one row of a request = one image; a request may carry several
   SAMPLER    BYTES [1]  one of the parameter `samplers`                   (default_sampler)
   CACHE      BYTES [1]  step-caching policy: none, every:N or adaptive:T  (default_cache); any but
                         none needs the denoiser's parts, which the server checks once, on first use
-  -> IMAGE   UINT8 [H, W, 3]
+  -> IMAGE   UINT8 [H, W, C]
+  -> AUDIO   FP32  [samples]  audio runs only: the vocoder's waveform of the row's spectrogram IMAGE
+                        (1.0 = full scale, at the run's sample rate): the float32 samples `mmgen generate`
+                        writes into its 16-bit WAV, so a client that quantises them the same way writes the
+                        same WAV data
 
 Triton's dynamic batcher hands `execute` several requests at once. All their rows go to one
 `sample_specs` call: every distinct prompt is encoded once, rows are grouped by
@@ -290,31 +294,40 @@ class TritonPythonModel:
             # One call for the whole dynamic batch: prompts encoded once, one sample() per settings group.
             everything = [spec for specs in parsed.values() for spec in specs]
             request_ids = [index for index, specs in parsed.items() for _ in specs]
-            images = self._generate(everything, request_ids)
+            outputs = self._generate(everything, request_ids)
             offset = 0
             for index, specs in parsed.items():
-                responses[index] = self._images_response(images[offset:offset + len(specs)])
+                responses[index] = self._response({name: array[offset:offset + len(specs)]
+                                                   for name, array in outputs.items()})
                 offset += len(specs)
         except Exception:
             # Something failed in the merged batch: each request alone, so a failure stays with its request.
             for index, specs in parsed.items():
                 try:
-                    responses[index] = self._images_response(self._generate(specs))
+                    responses[index] = self._response(self._generate(specs))
                 except Exception as exc:
                     responses[index] = pb_utils.InferenceResponse(
                         error=pb_utils.TritonError(f"generation failed: {type(exc).__name__}: {exc}"))
         return responses
 
-    def _generate(self, specs: list[Any], request_ids: list[int] | None = None) -> np.ndarray:
+    def _generate(self, specs: list[Any], request_ids: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The output tensors of these rows: IMAGE, and AUDIO for an audio run (the sampling loop runs
+        its vocoder)."""
         result = self._sample_specs(self.runner, self.config, specs, tokenizer=self.tokenizer,
                                     batch_size=self.batch_size, request_ids=request_ids)
         if len(result.images) != len(specs):
             raise RuntimeError(f"sample_specs returned {len(result.images)} images for {len(specs)}")
-        return np.asarray(result.images, dtype=np.uint8)
+        outputs = {"IMAGE": np.asarray(result.images, dtype=np.uint8)}
+        if self.config.audio is not None:
+            if result.audio is None or len(result.audio) != len(specs):
+                raise RuntimeError("the sampling loop returned no waveform for this audio run")
+            outputs["AUDIO"] = np.asarray(result.audio, dtype=np.float32)
+        return outputs
 
     @staticmethod
-    def _images_response(images: np.ndarray) -> Any:
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("IMAGE", np.ascontiguousarray(images))])
+    def _response(outputs: dict[str, np.ndarray]) -> Any:
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(name, np.ascontiguousarray(array))
+                                                          for name, array in outputs.items()])
 
     def finalize(self) -> None:
         close = getattr(getattr(self, "runner", None), "close", None)
