@@ -597,3 +597,35 @@ def test_missing_numpy1_for_the_wheels_stub_is_one_clear_line(tmp_path, random_m
     code, text = _cli(["serve", str(run.root), "--port", str(_free_port()), "--grpc-port", str(_free_port()),
                        "--metrics-port", "0"], capsys)
     assert code == 1 and "needs numpy<2" in text and "pip install --target" in text and "Traceback" not in text
+
+
+@pytest.mark.slow
+@needs_triton
+def test_mmgen_client_on_an_audio_server_writes_the_wavs_generate_writes(tmp_path, audio_run, capsys) -> None:
+    """A real server of an audio run: `mmgen client` writes generate's WAV file names with generate's
+    sample data (ONNX Runtime FP32, one thread on both sides)."""
+    from mmgen_deploy.data.wav import decode_wav
+    from mmgen_deploy.sampling.generate import GenerateRequest, generate_to_folder
+    from mmgen_deploy.serve.server import running_server
+
+    generated = generate_to_folder(audio_run, GenerateRequest(
+        classes=["square rising", "1"], n=1, steps=2, seed=3, backend="onnxruntime", precision="fp32", threads=1,
+        out=tmp_path / "generated"))
+    repo = tmp_path / "repo"
+    write_repository(audio_run.root, repo, RepositoryOptions(backend="onnxruntime", precision="fp32", threads=1,
+                                                             artifacts="reference", vendor_source=False))
+
+    def client(ports: list[int]) -> tuple[int, str]:
+        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
+                            python_paths=[REPO_ROOT]) as server:
+            return _cli(["client", server.http_url, "--class", "square rising", "--class", "1", "--n", "1",
+                         "--steps", "2", "--seed", "3", "--out", str(tmp_path / "served")], capsys)
+
+    code, output = with_free_loopback_ports(2, client)
+    assert code == 0, output
+    sidecar = json.loads((tmp_path / "served" / "samples.json").read_text())
+    assert [e["file"] for e in sidecar["images"]] == [e["file"] for e in generated.sidecar["images"]]
+    for entry in sidecar["images"]:
+        served = decode_wav((tmp_path / "served" / entry["file"]).read_bytes())
+        expected = decode_wav((tmp_path / "generated" / entry["file"]).read_bytes())
+        np.testing.assert_array_equal(served.samples, expected.samples)
