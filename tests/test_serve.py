@@ -629,3 +629,39 @@ def test_mmgen_client_on_an_audio_server_writes_the_wavs_generate_writes(tmp_pat
         served = decode_wav((tmp_path / "served" / entry["file"]).read_bytes())
         expected = decode_wav((tmp_path / "generated" / entry["file"]).read_bytes())
         np.testing.assert_array_equal(served.samples, expected.samples)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_an_audio_ensemble_runs_the_vocoder_as_a_component_model(tmp_path, audio_run) -> None:
+    """--layout ensemble of an audio run: the vocoder is `mmgen_vocoder`, and the waveform the BLS loop
+    returns equals the in-process ONNX Runtime loop's."""
+    from mmgen_deploy.runtime import open_runner
+    from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
+    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
+    from mmgen_deploy.serve.server import running_server
+
+    repo = tmp_path / "repo"
+    summary = write_repository(audio_run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python",
+                                                                       threads=1))
+    assert "vocoder" in summary["components"]
+
+    def generate(ports: list[int]) -> tuple[np.ndarray | None, dict]:
+        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
+                            python_paths=[REPO_ROOT]) as server:
+            client = GenerateClient(server.http_url, timeout_s=120)
+            try:
+                _images, audio = client.generate_outputs(ImageRequest(seeds=[5], class_ids=[3], steps=2), audio=True)
+                return audio, dict(client.client.get_inference_statistics("mmgen_vocoder"))
+            finally:
+                client.close()
+
+    served, vocoder_stats = with_free_loopback_ports(2, generate)
+    assert batch_sizes_executed(vocoder_stats) == {1: 1}
+    runner, _choice = open_runner(audio_run.root, "onnxruntime", "fp32", threads=1)
+    try:
+        reference = sample_specs(runner, audio_run.load_config(), [ImageSpec(seed=5, class_id=3, steps=2)]).audio
+    finally:
+        runner.close()
+    assert served is not None and reference is not None
+    np.testing.assert_array_equal(served, reference)
