@@ -22,9 +22,9 @@ from mmgen_deploy.export import (
 from mmgen_deploy.export import onnx_export as onnx_export_module
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
 from mmgen_deploy.rundir import save_run
-from mmgen_deploy.specs import COMPONENTS, TEXT_ONLY_COMPONENTS, component_specs
+from mmgen_deploy.specs import AUDIO_ONLY_COMPONENTS, COMPONENTS, TEXT_ONLY_COMPONENTS, component_specs
 
-CLASS_COMPONENTS = tuple(c for c in COMPONENTS if c not in TEXT_ONLY_COMPONENTS)
+CLASS_COMPONENTS = tuple(c for c in COMPONENTS if c not in (*TEXT_ONLY_COMPONENTS, *AUDIO_ONLY_COMPONENTS))
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
