@@ -168,8 +168,9 @@ QUICKSTART_STAGES: list[QuickstartStage] = [
 ]
 
 
-# The quickstart's data sets, and how many samples of each class its evaluation judges.
-QUICKSTART_DATA = {"shapes": QUICKSTART_EVAL.samples_per_class, "tones": 20}
+# The quickstart's data sets, and how many samples of each class its evaluation judges (None:
+# QUICKSTART_EVAL's, read when the stage runs).
+QUICKSTART_DATA: dict[str, int | None] = {"shapes": None, "tones": 20}
 
 # `shapes` attribute combinations kept out of the text quickstart's training data.
 QUICKSTART_TEXT_HOLDOUT = 0.2
