@@ -115,6 +115,23 @@ def test_generate_takes_its_settings_from_the_recipe_and_refuses_overrides(tuned
     assert not (tmp_path / "x").exists()
 
 
+def test_bench_measures_the_recipe_and_refuses_overrides(tuned, tmp_path, capsys) -> None:
+    run, tuned_run, _ = tuned
+    chosen = tuned_run.chosen.candidate
+    report = tmp_path / "bench.json"
+    code, _, stderr = _cli(["bench", str(run.root), "--recipe", "--runs", "1", "--warmup", "0", "-c", "decoder",
+                            "--json", str(report)], capsys)
+    assert code == 0, stderr
+    result = json.loads(report.read_text())
+    assert [(b["backend"], b["precision"]) for b in result["backends"]] == [(chosen.engine.backend,
+                                                                             chosen.engine.precision)]
+    assert result["batches"] == [chosen.engine.batch_size]
+    assert (result["steps"], result["sampler"], result["cache"]) == (chosen.settings.steps, chosen.settings.sampler,
+                                                                     chosen.settings.cache)
+    code, _, stderr = _cli(["bench", str(run.root), "--recipe", "--backend", "onnxruntime"], capsys)
+    assert code != 0 and "--recipe sets --backend" in stderr and "Traceback" not in stderr
+
+
 def test_a_recipe_from_another_machine_is_refused(tuned, tmp_path) -> None:
     run, _, _ = tuned
     copy = RunDir(tmp_path / "run")

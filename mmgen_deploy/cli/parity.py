@@ -9,10 +9,12 @@ from rich.markup import escape
 
 from mmgen_deploy.cli.common import (
     CACHE_OPTION,
+    RECIPE_OPTION,
     THREADS_OPTION,
     console,
     emit_json,
     json_option,
+    refuse_recipe_conflicts,
     sampling_seed_option,
     split_list,
     stdout_console,
@@ -64,6 +66,11 @@ def run_parity_report(run_dir: RunLike, options: ParityOptions, json_out: str | 
         report.render(stdout_console)
     emit_json(report.to_dict(), json_out)
     return report
+
+
+# The bench options a recipe sets (parameter name -> option).
+BENCH_RECIPE_SETS = {"backends": "--backend", "precisions": "--precision", "batch_sizes": "--batch-sizes",
+                     "steps": "--steps", "cfg_scale": "--cfg-scale", "threads": "--threads", "cache": "--cache"}
 
 
 def register(app: typer.Typer) -> None:
@@ -148,6 +155,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def bench(
+        ctx: typer.Context,
         run_dir: Path = typer.Argument(..., help="Run directory with an ONNX export."),
         backends: list[str] = typer.Option([",".join(backends_on("cpu"))], "--backend", "--backends",
                                            help=f"Backends to measure (repeat or comma-separate): {backend_list()}."),
@@ -178,6 +186,7 @@ def register(app: typer.Typer) -> None:
         markdown: Path | None = typer.Option(None, help="Also write the table as Markdown to this file."),
         threads: int | None = THREADS_OPTION,
         cache: str = CACHE_OPTION,
+        recipe: bool = RECIPE_OPTION,
     ) -> None:
         """Per-component latency (median, p90) and end-to-end images/s for each backend and precision, side by
         side in one run, with peak host memory, where the time of a generation goes, and the denoiser's and
@@ -187,6 +196,19 @@ def register(app: typer.Typer) -> None:
 
         backend_list = split_list(backends)
         precision_list = split_list(precisions)
+        batch_list = _parse_ints(batch_sizes, "--batch-sizes")
+        sampler = None
+        if recipe:  # the one configuration `mmgen tune` chose, on the run (or student) it measured
+            from mmgen_deploy.tuning.recipe import load_recipe
+
+            refuse_recipe_conflicts(ctx, BENCH_RECIPE_SETS)
+            chosen = load_recipe(run_dir)
+            engine, sampled = chosen.candidate.engine, chosen.candidate.settings
+            console.print(f"recipe: {chosen.candidate.label()} ({chosen.path})")
+            run_dir = chosen.model_dir
+            backend_list, precision_list, batch_list = [engine.backend], [engine.precision], [engine.batch_size]
+            steps, cfg_scale, sampler, cache, threads = (sampled.steps, sampled.cfg_scale, sampled.sampler,
+                                                         sampled.cache, chosen.threads)
         if runs < 1 or warmup < 0 or (steps is not None and steps < 1):
             raise UsageError("--runs and --steps must be >= 1 and --warmup >= 0")
         if cfg_scale is not None and not (math.isfinite(cfg_scale) and 0 <= cfg_scale <= SAMPLING.max_cfg_scale):
@@ -199,10 +221,10 @@ def register(app: typer.Typer) -> None:
         unknown = [c for c in component_list or () if c not in ALL_COMPONENTS]
         if unknown:
             raise UsageError(f"unknown component {unknown[0]!r}", f"choose from {', '.join(ALL_COMPONENTS)}")
-        result = run_bench(run_dir, backend_list, precision_list, _parse_ints(batch_sizes, "--batch-sizes"), runs=runs,
+        result = run_bench(run_dir, backend_list, precision_list, batch_list, runs=runs,
                            warmup=warmup, steps=steps, cfg_scale=cfg_scale,
                            progress=lambda msg: console.print(f"[dim]{msg}[/]"), components=component_list,
-                           threads=threads, cache=cache)
+                           threads=threads, cache=cache, sampler=sampler)
         if json_out != "-":
             for table in result.tables():
                 stdout_console.print(table)

@@ -185,7 +185,8 @@ def matmul_peaks(size: int = 2048, seconds: float = 1.0) -> dict[str, float]:
 BENCH_STEPS = 10
 
 
-def bench_sampling(config: ModelConfig, steps: int | None, cfg_scale: float | None) -> tuple[int, str, float]:
+def bench_sampling(config: ModelConfig, steps: int | None, cfg_scale: float | None,
+                   sampler: str | None = None) -> tuple[int, str, float]:
     """(steps, sampler, guidance scale) of the end-to-end measurement: the ones given, else the run's own
     (a distilled student's; otherwise BENCH_STEPS and `defaults.SAMPLING`). A student refuses settings
     it was not trained for."""
@@ -194,7 +195,7 @@ def bench_sampling(config: ModelConfig, steps: int | None, cfg_scale: float | No
     own = run_sampling_defaults(config)
     steps = steps if steps is not None else (int(own["steps"]) if config.student is not None else BENCH_STEPS)
     cfg_scale = float(own["cfg_scale"]) if cfg_scale is None else cfg_scale
-    sampler = str(own["sampler"])
+    sampler = str(own["sampler"]) if sampler is None else sampler
     check_student_settings(config, steps=steps, sampler=sampler, cfg_scale=cfg_scale, eta=SAMPLING.eta)
     return steps, sampler, cfg_scale
 
@@ -290,6 +291,7 @@ class BenchResult:
     machine: str = ""
     skipped: list[str] = field(default_factory=list)  # backend/precision pairs not run, and why
     cache: str = SAMPLING.cache  # the step-caching policy of the end-to-end runs
+    sampler: str = SAMPLING.sampler  # the sampler of the end-to-end runs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -441,9 +443,9 @@ def available_precisions(run: Any, backend: str, precisions: Sequence[str]) -> l
 def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[str], batches: Sequence[int], *,
               runs: int, warmup: int, steps: int | None = None, cfg_scale: float | None = None,
               progress: Any = None, components: Sequence[str] | None = None, threads: int | None = None,
-              cache: str = SAMPLING.cache) -> BenchResult:
+              cache: str = SAMPLING.cache, sampler: str | None = None) -> BenchResult:
     """Measure every backend x precision of `run_dir` at `batches`; `threads`: CPU threads of each
-    backend (None: its default); `steps` / `cfg_scale` None: the run's own (`bench_sampling`)."""
+    backend (None: its default); `steps` / `cfg_scale` / `sampler` None: the run's own (`bench_sampling`)."""
     from mmgen_deploy.errors import MMGenError, UsageError
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.runtime.backends import BACKEND_NAMES
@@ -454,7 +456,7 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say = progress or (lambda _msg: None)
     run = RunDir.of(run_dir)
     config = run.load_config()
-    steps, sampler, cfg_scale = bench_sampling(config, steps, cfg_scale)
+    steps, sampler, cfg_scale = bench_sampling(config, steps, cfg_scale, sampler)
     tokenizer, prompts = None, None
     if config.uses_text:
         from mmgen_deploy.parity.compare import default_prompts
@@ -464,7 +466,8 @@ def run_bench(run_dir: RunLike, backends: Sequence[str], precisions: Sequence[st
     say("measuring this machine's matrix-multiply peaks (FP32, BF16, INT8)")
     peaks = matmul_peaks()
     result = BenchResult(str(run.root), list(batches), steps, cfg_scale, peaks.get("fp32", 0.0), [],
-                         matmul_peaks=peaks, machine=machine_description(), cache=parse_cache_policy(cache).spec)
+                         matmul_peaks=peaks, machine=machine_description(), cache=parse_cache_policy(cache).spec,
+                         sampler=sampler)
     for backend in backends:
         known = backend_precisions(backend)
         for precision in available_precisions(run, backend, precisions):
