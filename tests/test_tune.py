@@ -132,6 +132,25 @@ def test_bench_measures_the_recipe_and_refuses_overrides(tuned, tmp_path, capsys
     assert code != 0 and "--recipe sets --backend" in stderr and "Traceback" not in stderr
 
 
+def test_triton_repo_serves_the_recipe_and_refuses_overrides(tuned, tmp_path, capsys) -> None:
+    run, tuned_run, _ = tuned
+    chosen = tuned_run.chosen
+    repo = tmp_path / "repo"
+    code, _, stderr = _cli(["triton-repo", str(run.root), "--recipe", "--out", str(repo)], capsys)
+    assert code == 0, stderr
+    pbtxt = (repo / "mmgen_generate" / "config.pbtxt").read_text()
+    engine, settings = chosen.candidate.engine, chosen.candidate.settings
+    for key, value in (("backend", engine.backend), ("precision", engine.precision),
+                       ("default_sampler", settings.sampler), ("default_steps", str(settings.steps)),
+                       ("default_cfg_scale", repr(float(settings.cfg_scale))), ("default_cache", settings.cache),
+                       ("threads", str(load_recipe(run).threads))):
+        assert f'key: "{key}" value: {{ string_value: "{value}" }}' in pbtxt, key
+    code, _, stderr = _cli(["triton-repo", str(run.root), "--recipe", "--steps", "5", "--out",
+                            str(tmp_path / "other")], capsys)
+    assert code != 0 and "--recipe sets --steps" in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "other").exists()
+
+
 def test_a_recipe_from_another_machine_is_refused(tuned, tmp_path) -> None:
     run, _, _ = tuned
     copy = RunDir(tmp_path / "run")

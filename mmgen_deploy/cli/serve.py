@@ -6,6 +6,7 @@ import signal
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -17,11 +18,13 @@ from mmgen_deploy.cli.common import (
     CLIENT_CACHE_OPTION,
     PROMPT_OPTION,
     PROMPTS_FILE_OPTION,
+    RECIPE_OPTION,
     SERVED_CACHE_OPTION,
     checked_json_destination,
     console,
     emit_json,
     json_option,
+    refuse_recipe_conflicts,
     sampling_seed_option,
 )
 from mmgen_deploy.defaults import SAMPLING
@@ -51,6 +54,38 @@ def _repo_options(*, backend: str, precision: str, sampler: str = SAMPLING.sampl
                                 threads=_threads(threads), **fields)  # type: ignore[arg-type]
     options.validate()
     return options
+
+
+# The served options a recipe sets (parameter name -> option): the engine, and the defaults of requests that
+# send no settings of their own (a request's own steps, guidance, sampler or cache still apply to it).
+SERVED_RECIPE_SETS = {"backend": "--backend", "precision": "--precision", "threads": "--threads",
+                      "steps": "--steps", "cfg_scale": "--cfg-scale", "sampler": "--sampler", "cache": "--cache"}
+
+
+@dataclass(frozen=True)
+class ServedSettings:
+    """The engine a server samples on and the defaults of requests that send no settings of their own."""
+
+    backend: str
+    precision: str
+    threads: int | None
+    steps: int
+    cfg_scale: float
+    sampler: str
+    cache: str
+
+
+def _with_recipe(ctx: typer.Context, run_dir: Path) -> tuple[Path, ServedSettings]:
+    """The run to serve (the tuned run, or the student the recipe chose) and the served settings from its
+    recipe.json; an option the recipe sets given as well is refused."""
+    from mmgen_deploy.tuning.recipe import load_recipe
+
+    refuse_recipe_conflicts(ctx, SERVED_RECIPE_SETS)
+    chosen = load_recipe(run_dir)
+    engine, settings = chosen.candidate.engine, chosen.candidate.settings
+    console.print(f"recipe: {chosen.candidate.label()} ({chosen.path}); requests' own settings still apply")
+    return chosen.model_dir, ServedSettings(engine.backend, engine.precision, chosen.threads, settings.steps,
+                                            settings.cfg_scale, settings.sampler, settings.cache)
 
 
 _SAMPLER_HELP = "Sampler when a request names none: ddim, ddpm or dpmpp-2m."
@@ -97,6 +132,7 @@ def register(app: typer.Typer) -> None:
         "max batch), the run's artifacts, and a README saying how to serve it with the official Triton container "
         "on a GPU host."))
     def triton_repo(
+        ctx: typer.Context,
         run_dir: Path = typer.Argument(..., help="Run directory to serve."),
         out: Path = typer.Option(..., "--out", "-o", help="Repository directory to write (replaced atomically)."),
         max_batch: int = _MAX_BATCH_OPT,
@@ -127,14 +163,19 @@ def register(app: typer.Typer) -> None:
                                                    "container), or python: an ONNX Runtime wrapper for servers "
                                                    "without it (the nvidia-pytriton wheel)."),
         json_out: str | None = json_option("a summary"),
+        recipe: bool = RECIPE_OPTION,
     ) -> None:
         from mmgen_deploy.serve.repository import write_repository
 
-        options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
-                                max_batch_size=max_batch, instances=instances, instance_kind=instance_kind,
-                                max_queue_delay_us=queue_delay_us, default_steps=steps, default_cfg_scale=cfg_scale,
-                                max_steps=max_steps, artifacts=artifacts, layout=layout, threads=threads,
-                                component_backend=component_backend, cache=cache)
+        served = ServedSettings(backend, precision, threads, steps, cfg_scale, sampler, cache)
+        if recipe:
+            run_dir, served = _with_recipe(ctx, run_dir)
+        options = _repo_options(backend=served.backend, precision=served.precision, sampler=served.sampler,
+                                samplers=samplers, max_batch_size=max_batch, instances=instances,
+                                instance_kind=instance_kind, max_queue_delay_us=queue_delay_us,
+                                default_steps=served.steps, default_cfg_scale=served.cfg_scale, max_steps=max_steps,
+                                artifacts=artifacts, layout=layout, threads=served.threads,
+                                component_backend=component_backend, cache=served.cache)
         summary = write_repository(run_dir, out, options)
         console.print(f"wrote Triton repository [bold]{out}[/] (model {summary['model']}, "
                       f"artifacts {summary['artifacts']}); serve it with `mmgen serve {out}` "
@@ -148,6 +189,7 @@ def register(app: typer.Typer) -> None:
         "non-zero with the server's own error line if the repository does not load. The server is stopped on "
         "Ctrl-C, SIGTERM, or when this process dies."))
     def serve(
+        ctx: typer.Context,
         target: Path = typer.Argument(..., metavar="RUN_DIR",
                                       help="Run directory (a repository is written to a temp dir) or a "
                                            "repository written by `mmgen triton-repo`."),
@@ -171,6 +213,7 @@ def register(app: typer.Typer) -> None:
         log_file: Path | None = typer.Option(None, "--log-file", help="Append the server log to this file."),
         json_out: str | None = typer.Option(None, "--json", metavar="FILE", callback=checked_json_destination,
                                             help="Once ready, write endpoints and the server pid as JSON."),
+        recipe: bool = RECIPE_OPTION,
     ) -> None:
         from mmgen_deploy.serve import MODEL_NAME
         from mmgen_deploy.serve.repository import write_repository
@@ -185,13 +228,19 @@ def register(app: typer.Typer) -> None:
         package_root = Path(__file__).resolve().parents[2]
         with tempfile.TemporaryDirectory(prefix="mmgen-serve-") as scratch:
             if (target / MODEL_NAME / "config.pbtxt").is_file():
+                if recipe:
+                    raise UsageError(f"{target} is a Triton repository: its settings were fixed when it was written",
+                                     "pass --recipe to `mmgen triton-repo RUN_DIR`, or serve RUN_DIR --recipe")
                 repository = target
             else:
-                options = _repo_options(backend=backend, precision=precision, sampler=sampler, samplers=samplers,
-                                        max_batch_size=max_batch, instances=instances,
-                                        max_queue_delay_us=queue_delay_us, default_steps=steps,
-                                        default_cfg_scale=cfg_scale, artifacts="reference", threads=threads,
-                                        vendor_source=False, cache=cache)
+                served = ServedSettings(backend, precision, threads, steps, cfg_scale, sampler, cache)
+                if recipe:
+                    target, served = _with_recipe(ctx, target)
+                options = _repo_options(backend=served.backend, precision=served.precision, sampler=served.sampler,
+                                        samplers=samplers, max_batch_size=max_batch, instances=instances,
+                                        max_queue_delay_us=queue_delay_us, default_steps=served.steps,
+                                        default_cfg_scale=served.cfg_scale, artifacts="reference",
+                                        threads=served.threads, vendor_source=False, cache=served.cache)
                 repository = Path(scratch) / "repository"
                 write_repository(target, repository, options)
             server = TritonServer(repository, host=host, http_port=port, grpc_port=grpc_port,
