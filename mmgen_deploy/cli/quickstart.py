@@ -205,7 +205,7 @@ def quickstart_cmd(
     json_out: str | None = json_option("the results"),
 ) -> None:
     """Train the tiny preset on the built-in `shapes` data (about 8 minutes on 2 CPU cores; --text:
-    a text-to-image model, about 11; --data tones: sound), evaluate it, then run every later pipeline
+    a text-to-image model, about 11; --data tones: sound, about 6), evaluate it, then run every later pipeline
     stage that exists (export, generate on ONNX Runtime CPU, parity), printing where each output went."""
     from mmgen_deploy.io_utils import write_json
     from mmgen_deploy.rundir import RunDir
