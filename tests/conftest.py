@@ -6,6 +6,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from ci_skips import pytest_make_collect_report, pytest_runtest_makereport  # no
 
 from mmgen_deploy.config import ModelConfig, preset
 from mmgen_deploy.models import DiT, VQModel, rerandomize_
+from mmgen_deploy.rundir import RunDir
 
 # OpenVINO's compiled models, the graphs rewritten for ONNX Runtime and remembered hashes go to a
 # temporary folder, not ~/.cache, removed when the session ends (~120 MB per run of the suite).
@@ -84,6 +86,11 @@ def exported_tiny_run(tmp_path_factory: pytest.TempPathFactory):
 
     Session-scoped: the export takes ~10 s on two busy cores, shared by the sampling and CLI tests.
     """
+    return _exported_random_tiny_run(tmp_path_factory.mktemp("exported") / "run")
+
+
+def _exported_random_tiny_run(root: Path, *, parts: bool = False) -> RunDir:
+    """A re-randomised tiny class run saved at `root` with its FP32 sampling set (and the denoiser's parts)."""
     from mmgen_deploy.export import export_run
     from mmgen_deploy.rundir import save_run
 
@@ -92,8 +99,10 @@ def exported_tiny_run(tmp_path_factory: pytest.TempPathFactory):
     vq, dit = VQModel(config.first_stage), DiT(config.dit)
     rerandomize_(vq, seed=1)
     rerandomize_(dit, seed=2)
-    run = save_run(tmp_path_factory.mktemp("exported") / "run", config, vq.eval(), dit.eval())
+    run = save_run(root, config, vq.eval(), dit.eval())
     export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
+    if parts:
+        export_run(run, precisions=("fp32",), components=("denoiser_parts",))
     return run
 
 
@@ -102,18 +111,7 @@ def parts_run(tmp_path_factory: pytest.TempPathFactory):
     """A re-randomised tiny class run with its FP32 sampling set and the denoiser's parts (step caching).
 
     Session-scoped: shared by the caching tests and the Triton model's."""
-    from mmgen_deploy.export import export_run
-    from mmgen_deploy.rundir import save_run
-
-    config = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
-    torch.manual_seed(0)
-    vq, dit = VQModel(config.first_stage), DiT(config.dit)
-    rerandomize_(vq, seed=1)
-    rerandomize_(dit, seed=2)
-    run = save_run(tmp_path_factory.mktemp("cache") / "run", config, vq.eval(), dit.eval())
-    export_run(run, precisions=("fp32",), components=("denoiser", "quantizer", "decoder"))
-    export_run(run, precisions=("fp32",), components=("denoiser_parts",))
-    return run
+    return _exported_random_tiny_run(tmp_path_factory.mktemp("cache") / "run", parts=True)
 
 
 @pytest.fixture(scope="session")

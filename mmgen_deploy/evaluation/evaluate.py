@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,25 +54,34 @@ class EvalSettings:
         parse_cache_policy(self.cache)
 
 
+def class_attribute_accuracy(samples: Iterable[Any], class_ids: list[int], class_names: Sequence[str],
+                             class_parts: Callable[[int], tuple[str, str]], judge_one: Callable[[Any], Any],
+                             attributes: tuple[str, str]) -> dict[str, Any]:
+    """How often samples show both attributes of their class (a class is a pair such as colour x shape), by
+    a judge whose verdict names both and `matches` them; per attribute and per class too."""
+    per_class: dict[str, list[int]] = {name: [0, 0] for name in class_names}
+    hits = [0, 0]
+    both = 0
+    for sample, class_index in zip(samples, class_ids, strict=True):
+        wanted = class_parts(class_index)
+        verdict = judge_one(sample)
+        for k, attribute in enumerate(attributes):
+            hits[k] += getattr(verdict, attribute) == wanted[k]
+        hit = verdict.matches(*wanted)
+        both += hit
+        per_class[class_names[class_index]][0] += hit
+        per_class[class_names[class_index]][1] += 1
+    n = max(len(class_ids), 1)
+    return {"accuracy": both / n, **{f"{a}_accuracy": h / n for a, h in zip(attributes, hits, strict=True)},
+            "num_samples": len(class_ids),
+            "per_class": {name: hit / total for name, (hit, total) in per_class.items() if total}}
+
+
 def conditional_accuracy(images: np.ndarray, class_ids: list[int]) -> dict[str, Any]:
     """How often `shapes` images show the colour AND shape of their class, judged from pixels."""
     from mmgen_deploy.data.shapes import CLASS_NAMES, class_parts
 
-    per_class: dict[str, list[int]] = {name: [0, 0] for name in CLASS_NAMES}
-    colour_hits = shape_hits = both = 0
-    for image, class_index in zip(images, class_ids, strict=True):
-        colour, shape = class_parts(class_index)
-        verdict = judge(image)
-        colour_hits += verdict.colour == colour
-        shape_hits += verdict.shape == shape
-        hit = verdict.matches(colour, shape)
-        both += hit
-        per_class[CLASS_NAMES[class_index]][0] += hit
-        per_class[CLASS_NAMES[class_index]][1] += 1
-    n = max(len(class_ids), 1)
-    return {"accuracy": both / n, "colour_accuracy": colour_hits / n, "shape_accuracy": shape_hits / n,
-            "num_samples": len(class_ids),
-            "per_class": {name: hits / total for name, (hits, total) in per_class.items() if total}}
+    return class_attribute_accuracy(images, class_ids, CLASS_NAMES, class_parts, judge, ("colour", "shape"))
 
 
 ATTRIBUTES = ("colour", "shape", "size", "position")

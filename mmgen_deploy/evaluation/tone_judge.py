@@ -143,19 +143,8 @@ def tone_accuracy(clips: np.ndarray, class_ids: list[int], sample_rate: int) -> 
     """How often `tones` clips sound like their class: waveform, contour, and both, judged from the
     waveform alone; per class too."""
     from mmgen_deploy.data.tones import CLASS_NAMES, class_parts
+    from mmgen_deploy.evaluation.evaluate import class_attribute_accuracy
 
-    per_class: dict[str, list[int]] = {name: [0, 0] for name in CLASS_NAMES}
-    waveform_hits = contour_hits = both = 0
-    for clip, class_index in zip(clips, class_ids, strict=True):
-        waveform, contour = class_parts(class_index)
-        verdict = judge_clip(np.asarray(clip, dtype=np.float64), sample_rate)
-        waveform_hits += verdict.waveform == waveform
-        contour_hits += verdict.contour == contour
-        hit = verdict.matches(waveform, contour)
-        both += hit
-        per_class[CLASS_NAMES[class_index]][0] += hit
-        per_class[CLASS_NAMES[class_index]][1] += 1
-    n = max(len(class_ids), 1)
-    return {"accuracy": both / n, "waveform_accuracy": waveform_hits / n, "contour_accuracy": contour_hits / n,
-            "num_samples": len(class_ids),
-            "per_class": {name: hits / total for name, (hits, total) in per_class.items() if total}}
+    return class_attribute_accuracy(
+        clips, class_ids, CLASS_NAMES, class_parts,
+        lambda clip: judge_clip(np.asarray(clip, dtype=np.float64), sample_rate), ("waveform", "contour"))
