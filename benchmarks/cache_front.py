@@ -9,7 +9,7 @@ of every class, seed 0, batch 90, guidance 4), judges them with eval's pixel che
 (`conditional_accuracy`: colour AND shape) and prints accuracy, the DiT block evaluations the
 policy kept (evaluated / total, counted per image) and the denoising loops' wall time, all in one
 process, side by side, on the same runner. `--signals` first prints the adaptive policy's signal
-(the relative L1 change of the head block's output from one step to the next, over the first
+(the relative L1 change of the first block's modulated input from one step to the next, over the first
 batch) at each step, from which a threshold can be chosen.
 
 The run needs its denoiser parts (`mmgen export RUN --components denoiser_parts`). A benchmark,

@@ -115,7 +115,7 @@ def time_calls(runner: object, config: object, args: argparse.Namespace) -> None
         if not parse_cache_policy(policy).enabled:
             loop = args.steps * ms["denoiser"]
         else:
-            recomputed = sum(decider.recompute(i, given["hidden"]) for i in range(args.steps))
+            recomputed = sum(decider.recompute(i, given["modulated_input"]) for i in range(args.steps))
             loop = args.steps * (ms["denoiser_head"] + ms["denoiser_tail"]) + recomputed * ms["denoiser_body"]
         print(f"{policy}: {args.steps} steps imply {loop / 1e3:.2f} s of model calls, "
               f"{args.steps * ms['denoiser'] / loop:.2f}x")

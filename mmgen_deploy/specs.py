@@ -61,12 +61,14 @@ GUIDANCE_BATCH_MULTIPLIER = 2
 # step, on the head's tokens plus the body's residual (body output - body input), fresh or cached.
 # The whole denoiser stays a component of its own; the parts are extra graphs, exported when asked
 # (`mmgen export --components denoiser_parts`), since they hold a second copy of the DiT's weights.
-# One head block and no tail block (first-block caching, as ParaAttention's FBCache for Flux): every
-# block but the first is cached, which saves the most per reused step; the head block's output is
-# the cheap indicator the adaptive policy watches.
+# No block in the head and none in the tail: every block is cached (FORA / TeaCache), so a reused
+# step costs only the embeddings and the final layer. On the trained quickstart model this lost less
+# accuracy than caching every block but the first (docs/design/cache-split.md), and it removes a
+# block per step from what runs every step. The head also returns the body's first block's
+# timestep-modulated input, the cheap indicator the adaptive policy watches (TeaCache's signal).
 DENOISER_PARTS: tuple[str, ...] = ("denoiser_head", "denoiser_body", "denoiser_tail")
 PARTS_WORD = "denoiser_parts"  # what `--components` takes for all three
-CACHE_HEAD_BLOCKS = 1
+CACHE_HEAD_BLOCKS = 0
 CACHE_TAIL_BLOCKS = 0
 # Every component a run may hold graphs of, in pipeline order (the parts follow the whole denoiser).
 ALL_COMPONENTS: tuple[str, ...] = (*COMPONENTS[:COMPONENTS.index("denoiser") + 1], *DENOISER_PARTS,
@@ -142,6 +144,9 @@ class Tensors:
     CLASS_IDS = "class_ids"
     MODEL_OUTPUT = "model_output"  # denoiser output: epsilon (and variance channels with learned sigma)
     HIDDEN = "hidden"  # denoiser parts: the tokens (B, N, D) after the head's blocks
+    # denoiser head output: the body's first block's attention input, LayerNorm(hidden) shifted and
+    # scaled by the embedding (B, N, D); the adaptive cache policy's signal, read by no other part
+    MODULATED_INPUT = "modulated_input"
     EMBEDDING = "embedding"  # denoiser parts: the adaLN input (B, D), timestep + condition embedding
     BODY_RESIDUAL = "body_residual"  # denoiser body output: its blocks' output minus their input tokens
     INPUT_IDS = "input_ids"  # text encoder input: token ids
@@ -661,7 +666,9 @@ def _denoiser_part_specs(config: ModelConfig, denoiser: ComponentSpec,
                              upstream=upstream)
 
     return {
-        "denoiser_head": part("denoiser_head", denoiser.inputs, (hidden, embedding), denoiser.make_inputs,
+        "denoiser_head": part("denoiser_head", denoiser.inputs,
+                              (hidden, embedding, TensorSpec(N.MODULATED_INPUT, "float32", hidden.shape)),
+                              denoiser.make_inputs,
                               denoiser.upstream, denoiser.fp32_scopes),
         "denoiser_body": part("denoiser_body", (hidden, embedding, *context), (residual,),
                               token_inputs(N.HIDDEN), "denoiser_head"),

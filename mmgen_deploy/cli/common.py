@@ -327,9 +327,9 @@ CFG_SCALE_OPTION = typer.Option(
          f"unconditional. Default: {SAMPLING.cfg_scale:g} (a distilled student takes it as an input, within "
          "its distilled range).")
 _CACHE_POLICIES_HELP = (
-    "none; every:N (compute the denoiser's middle blocks on every N-th step and the first and last, reuse their "
-    "contribution in between); adaptive:T (recompute when the first block's output has changed by a relative L1 "
-    "of T since the last recompute)")
+    "none; every:N (compute the denoiser's blocks on every N-th step and the first and last, reuse their "
+    "contribution in between); adaptive:T (recompute when the first block's timestep-modulated input has changed "
+    "by a relative L1 of T since the last recompute)")
 _CACHE_PARTS_HELP = "Any policy but none needs `mmgen export --components denoiser_parts`."
 CACHE_OPTION = typer.Option(
     SAMPLING.cache, "--cache", metavar="POLICY",

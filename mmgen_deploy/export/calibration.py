@@ -336,7 +336,7 @@ def denoiser_part_inputs(denoiser_inputs: dict[str, np.ndarray], specs: dict[str
     produced: dict[str, list[np.ndarray]] = {}
     for start in range(0, n, batch):
         args = [torch.from_numpy(denoiser_inputs[name][start:start + batch]) for name in head.input_names]
-        hidden, embedding = modules["denoiser_head"](*args)
+        hidden, embedding, _ = modules["denoiser_head"](*args)
         given = {Tensors.HIDDEN: hidden, Tensors.EMBEDDING: embedding,
                  **{k: torch.from_numpy(v[start:start + batch]) for k, v in denoiser_inputs.items()}}
         residual = modules["denoiser_body"](*[given[name] for name in body.input_names])

@@ -121,18 +121,21 @@ class _DenoiserPart(nn.Module):
 
 class DenoiserHeadComponent(_DenoiserPart):
     """(x_t, t, *conditions as the whole denoiser takes them) -> (hidden (B, N, D): the tokens after the
-    head's blocks, embedding (B, D): the adaLN input every later block and the final layer read)."""
+    head's blocks, embedding (B, D): the adaLN input every later block and the final layer read,
+    modulated_input (B, N, D): the body's first block's attention input, the adaptive cache signal)."""
 
     def __init__(self, dit: DiT) -> None:
         super().__init__(dit, "denoiser_head")
+        self.body_start = denoiser_split(dit.config)["denoiser_body"].start
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor,
-                *conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                *conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         given = dict(zip(self.condition_names, conditions, strict=True))
         h, c = self.dit.embed(x_t, t, given.get(Tensors.CLASS_IDS), text_pooled=given.get(Tensors.TEXT_POOLED),
                               guidance=given.get(Tensors.GUIDANCE_SCALE))
         context, bias = self.context(conditions)  # text_embeddings, text_mask come first
-        return self.dit.run_blocks(h, c, self.blocks.start, self.blocks.stop, context, bias), c
+        h = self.dit.run_blocks(h, c, self.blocks.start, self.blocks.stop, context, bias)
+        return h, c, self.dit.modulated_input(h, c, self.body_start)
 
 
 class DenoiserBodyComponent(_DenoiserPart):

@@ -298,6 +298,13 @@ class DiT(nn.Module):
             h = block(h, c, context, bias)
         return h
 
+    def modulated_input(self, h: torch.Tensor, c: torch.Tensor, index: int) -> torch.Tensor:
+        """What block `index` feeds its self-attention: LayerNorm(h) shifted and scaled by its adaLN
+        modulation of c (TeaCache's indicator of how much the blocks' output will change)."""
+        block = cast(DiTBlock, self.blocks[index])
+        shift, scale = block.adaLN_modulation(c).chunk(6, dim=1)[:2]
+        return modulate(block.norm1(h), shift, scale)
+
     def finish(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """The final layer and unpatchify: tokens -> model output (B, C or 2C, H, W)."""
         return self.unpatchify(self.final_layer(h, c))

@@ -1,12 +1,12 @@
 """Step caching: which denoising steps recompute the denoiser's body, and the cached step itself.
 
 With a policy other than `none`, the sampling loop runs the denoiser in its parts
-(`specs.DENOISER_PARTS`): the head (embeddings + first block) and the tail (final layer) every step,
-the body (every other block) only on the steps the policy recomputes; on the others the tail gets the
-body's residual (body output - body input) from the last step that computed it. With classifier-free
+(`specs.DENOISER_PARTS`): the head (the embeddings) and the tail (the final layer) every step, the body
+(every block) only on the steps the policy recomputes; on the others the tail gets the body's residual
+(body output - body input) from the last step that computed it. With classifier-free
 guidance the cached residual is the whole doubled batch, both halves.
 
-The decision is made here, on the host, from the step index and the head's output the backend
+The decision is made here, on the host, from the step index and the head's outputs the backend
 returned: the same arithmetic on every backend, so a backend's recompute steps can be compared with
 PyTorch's (`CacheStats.recompute_steps`).
 
@@ -14,9 +14,9 @@ Policies (`parse_cache_policy`, the registry `CACHE_POLICIES`):
 
 - `none`: the whole denoiser, every step (the default: no parts needed, nothing changes);
 - `every:N`: recompute on every N-th step and on the first and the last step (FORA / DeepCache style);
-- `adaptive:T`: recompute on the first and last step, and whenever the relative L1 change of the head's
-  output from one step to the next, summed since the last recompute, reaches T (TeaCache's
-  accumulation on the first-block-cache signal).
+- `adaptive:T`: recompute on the first and last step, and whenever the relative L1 change of the first
+  block's timestep-modulated input (the head's `modulated_input`) from one step to the next, summed
+  since the last recompute, reaches T (TeaCache's signal and accumulation, without its rescaling).
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 
 
 class StepDecider(ABC):
-    """One batch's decisions: `recompute(step, hidden)` is asked once per step, in order."""
+    """One batch's decisions: `recompute(step, signal)` is asked once per step, in order, with the
+    head's `modulated_input` of that step."""
 
     def __init__(self, steps: int) -> None:
         self.steps = steps
 
     @abstractmethod
-    def recompute(self, step: int, hidden: np.ndarray) -> bool:
+    def recompute(self, step: int, signal: np.ndarray) -> bool:
         """Whether step `step` computes the body (True) or reuses the cached residual."""
 
 
@@ -89,7 +90,7 @@ class _Every(StepDecider):
         super().__init__(steps)
         self.period = period
 
-    def recompute(self, step: int, hidden: np.ndarray) -> bool:
+    def recompute(self, step: int, signal: np.ndarray) -> bool:
         return step % self.period == 0 or step == self.steps - 1
 
 
@@ -120,13 +121,13 @@ class _Adaptive(StepDecider):
         self.accumulated = 0.0
         self.signals: list[float] = []  # the relative L1 change at each step (NaN at the first)
 
-    def recompute(self, step: int, hidden: np.ndarray) -> bool:
-        change = float("nan") if self.previous is None else relative_l1(hidden, self.previous)
+    def recompute(self, step: int, signal: np.ndarray) -> bool:
+        change = float("nan") if self.previous is None else relative_l1(signal, self.previous)
         self.signals.append(change)
         if self.previous is None:
-            self.previous = np.array(hidden, dtype=np.float32, copy=True)
+            self.previous = np.array(signal, dtype=np.float32, copy=True)
         else:
-            np.copyto(self.previous, hidden)
+            np.copyto(self.previous, signal)
         if step == 0 or step == self.steps - 1:
             self.accumulated = 0.0
             return True
@@ -147,7 +148,7 @@ class Adaptive(CachePolicy):
 
     @property
     def couples_batch(self) -> bool:
-        return True  # the signal is the change of the whole batch's head output
+        return True  # the signal is the change of the whole batch's modulated input
 
     def decider(self, steps: int) -> StepDecider:
         return _Adaptive(steps, self.threshold)
@@ -282,7 +283,7 @@ class CachedDenoiser:
     def __call__(self, step: int, feeds: dict[str, np.ndarray]) -> np.ndarray:
         given = dict(feeds)
         given.update(self._run("denoiser_head", given))  # buffers valid until the next head call
-        recompute = self.decider.recompute(step, given[Tensors.HIDDEN]) or self.residual is None
+        recompute = self.decider.recompute(step, given[Tensors.MODULATED_INPUT]) or self.residual is None
         blocks = self.always_blocks
         if recompute:
             residual = self._run("denoiser_body", given)[Tensors.BODY_RESIDUAL]
