@@ -100,6 +100,42 @@ def test_a_tiny_tune_measures_fidelity_and_writes_report_plot_and_recipe(tuned) 
     assert list(run.checkpoints_dir.glob("tune-reference-*.npz"))
 
 
+def test_the_search_closes_runners_as_soon_as_nothing_left_can_use_them(exported_tiny_run, tmp_path,
+                                                                         monkeypatch) -> None:
+    """Each measurement records the runners open as it starts. Once the engines are chosen, and on the last
+    rung after each measurement, a runner stays open only while a later measurement uses it."""
+    from mmgen_deploy.tuning import search as search_module
+    from mmgen_deploy.tuning.search import runner_key
+
+    root = tmp_path / "run"
+    shutil.copytree(exported_tiny_run.root, root)
+    measured: list[tuple[object, str, frozenset, frozenset]] = []  # candidate, what, runners open, warm runners
+    measure_to = search_module._Search.measure_to
+
+    def recording(self, candidate, images, rung, what):
+        open_before = frozenset(self.runners.open)
+        warm_before = frozenset((key[0], key[1].backend, key[1].precision, key[1].device) for key in self.warm)
+        m = measure_to(self, candidate, images, rung, what)
+        if m.images == images and m.rung == rung and (not measured or measured[-1][0] != candidate
+                                                      or measured[-1][1] != what):
+            measured.append((candidate, what, open_before, warm_before))
+        return m
+
+    monkeypatch.setattr(search_module._Search, "measure_to", recording)
+    options = TuneOptions(samples=4, budget_seconds=600, max_quality_drop=5.0, backends=("torch", "onnxruntime"),
+                          precisions=("fp32",), batch_sizes=(4,), threads=1, samplers=("ddim",), steps=(50, 4),
+                          caches=("none",))
+    result = tune_run(root, options).result
+    assert result.rungs == [1, 2, 4] and not result.budget_exhausted
+    used_later = [{runner_key(c) for c, *_ in measured[i:]} for i in range(len(measured))]
+    assert len(used_later[0]) >= 2  # PyTorch and ONNX Runtime both ran
+    for i, (_candidate, what, open_before, warm_before) in enumerate(measured):
+        assert warm_before <= open_before  # warm call shapes are forgotten with their runner
+        if what.startswith(f"rung {len(result.rungs)}/") or i == next(
+                j for j, (_c, w, *_) in enumerate(measured) if w.startswith("rung 1 ")):
+            assert open_before <= used_later[i], (what, open_before, used_later[i])
+
+
 def test_generate_takes_its_settings_from_the_recipe_and_refuses_overrides(tuned, tmp_path, capsys) -> None:
     run, tuned_run, _ = tuned
     chosen = tuned_run.chosen.candidate

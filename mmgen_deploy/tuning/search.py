@@ -18,14 +18,17 @@ It measures in three passes, each cheaper than measuring everything:
    FP32 engine) and the default one (what `generate` runs without options) are measured on every rung.
 
 A time budget bounds the whole: a measurement that would not finish in the time left is not started,
-and the front is computed from what was measured. Opened runners are reused across measurements.
+and the front is computed from what was measured. Opened runners are reused across measurements, and
+each is closed as soon as no configuration left to measure can use it (its engines pruned or cut, or
+its last measurement done): a search over many backends and precisions holds only the runners it
+still needs.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,26 +190,41 @@ def rung_sizes(final: int, unit: int) -> list[int]:
     return sizes
 
 
+RunnerKey = tuple[str, str, str, str]  # (model, backend, precision, device): what one runner serves
+
+
+def runner_key(candidate: Candidate) -> RunnerKey:
+    """The runner a candidate samples with: every batch size of one model, backend, precision and device
+    shares it."""
+    engine = candidate.engine
+    return (candidate.model, engine.backend, engine.precision, engine.device)
+
+
 class _Runners:
-    """Opened runners, one per (model, backend, precision, device), reused by every measurement."""
+    """Opened runners, one per `RunnerKey`, reused by every measurement until `close_unneeded` closes it."""
 
     def __init__(self, runs: dict[str, RunDir], threads: int | None) -> None:
         self.runs, self.threads = runs, threads
-        self.open: dict[tuple[str, str, str, str], Any] = {}
+        self.open: dict[RunnerKey, Any] = {}
 
-    def get(self, model: str, engine: Engine) -> Any:
+    def get(self, candidate: Candidate) -> Any:
         from mmgen_deploy.runtime.select import runner_class
 
-        key = (model, engine.backend, engine.precision, engine.device)
+        key, engine = runner_key(candidate), candidate.engine
         if key not in self.open:
             self.open[key] = runner_class(engine.backend).from_run_dir(
-                self.runs[model], engine.precision, engine.device, threads=self.threads)
+                self.runs[candidate.model], engine.precision, engine.device, threads=self.threads)
         return self.open[key]
 
+    def close_unneeded(self, needed: set[RunnerKey]) -> list[RunnerKey]:
+        """Close every open runner not in `needed` (its sessions and weights go); return their keys."""
+        closed = [key for key in self.open if key not in needed]
+        for key in closed:
+            self.open.pop(key).close()
+        return closed
+
     def close(self) -> None:
-        for runner in self.open.values():
-            runner.close()
-        self.open.clear()
+        self.close_unneeded(set())
 
 
 class _Search:
@@ -265,7 +283,7 @@ class _Search:
         config = self.configs[candidate.model]
         settings = candidate.settings
         try:
-            runner = self.runners.get(candidate.model, candidate.engine)
+            runner = self.runners.get(candidate)
             class_ids, prompts = self.measure.conditions(start, images)
             condition = make_conditioning(runner, config, class_ids=class_ids, prompts=prompts,
                                           tokenizer=self.tokenizers[candidate.model])
@@ -308,6 +326,14 @@ class _Search:
         sample(runner, config, condition, steps=steps, sampler=settings.sampler, cfg_scale=settings.cfg_scale,
                seed=self.options.seed, batch_size=engine.batch_size, cache=settings.cache)
 
+    def release(self, still_to_measure: Iterable[Candidate]) -> None:
+        """Close the runners no candidate in `still_to_measure` samples with, and forget their warm call
+        shapes (a runner opened again compiles again). Memory then holds only the runners the search can
+        still use, not every backend and precision it tried."""
+        closed = set(self.runners.close_unneeded({runner_key(c) for c in still_to_measure}))
+        if closed:
+            self.warm = {key for key in self.warm if (key[0], *_engine_key(key[1])) not in closed}
+
     def hopeless(self, m: Measurement, reference: Measurement) -> bool:
         drop = self.options.max_quality_drop
         if drop is None or not m.scores or m is reference:
@@ -330,9 +356,14 @@ class _Search:
         default_engine = self._default_engine()
         if default_engine not in engines:
             engines.append(default_engine)
-        for engine in engines:
-            self.measure_to(Candidate("run", engine, own), rungs[0], 0, "engines")
-        own_points = [self.measurements[Candidate("run", e, own)] for e in engines]
+        default_candidate = Candidate("run", default_engine, own)
+        engine_candidates = [Candidate("run", e, own) for e in engines]
+        for index, candidate in enumerate(engine_candidates):
+            done = [self.measurements[c] for c in engine_candidates[:index]]
+            self.release([*engine_candidates[index:], default_candidate,
+                          *(m.candidate for m in done if not _engine_pruned(m, done))])
+            self.measure_to(candidate, rungs[0], 0, "engines")
+        own_points = [self.measurements[c] for c in engine_candidates]
         measured = [m for m in own_points if m.scores]
         if not measured:
             reasons = "; ".join(f"{m.candidate.engine.label()}: {m.reason}" for m in own_points)
@@ -346,16 +377,21 @@ class _Search:
 
         # 2. settings, first rung
         candidates = self._settings_candidates(kept, own)
-        self._first_rung(candidates, rungs[0], reference)
+        self._first_rung(candidates, rungs[0], reference, more_rungs=len(rungs) > 1)
 
         # 3. successive halving
-        alive = [m for m in self.measurements.values() if m.status == "measured" and m.scores]
+        alive = self._alive()
         for rung, size in enumerate(rungs[1:], start=1):
             if self.out_of_time:
                 break
             alive = self._select(alive, reference, rung - 1)
             order = sorted(alive, key=lambda m: (m.candidate not in self.pinned, m.ms_per_image))
+            last_rung = rung == len(rungs) - 1
             for index, m in enumerate(order):
+                # Every one measured to this rung may go on to the next; on the last, none goes on.
+                going_on = [] if last_rung else [o.candidate for o in order[:index]
+                                                 if o.status == "measured" and o.images == size]
+                self.release([*(o.candidate for o in order[index:]), *going_on])
                 self.measure_to(m.candidate, size, rung, f"rung {rung + 1}/{len(rungs)} [{index + 1}/{len(order)}]")
             alive = [m for m in alive if m.status == "measured" and m.images == size]
         self.runners.close()
@@ -364,6 +400,10 @@ class _Search:
                 m.reason = f"measured on {m.images} of {rungs[-1]} images"
         return TuneResult(self.measure, list(self.measurements.values()), reference, default, rungs,
                           time.monotonic() - self.started, self.out_of_time, self.student, options)
+
+    def _alive(self) -> list[Measurement]:
+        """The measured configurations that have not stopped: the ones the next rung selects from."""
+        return [m for m in self.measurements.values() if m.status == "measured" and m.scores]
 
     def _default_engine(self) -> Engine:
         from mmgen_deploy.runtime.select import resolve_backend
@@ -419,13 +459,16 @@ class _Search:
             candidates += [Candidate("student", e, student_own) for e in student_engines]
         return candidates
 
-    def _first_rung(self, candidates: list[Candidate], size: int, reference: Measurement) -> None:
+    def _first_rung(self, candidates: list[Candidate], size: int, reference: Measurement, *,
+                    more_rungs: bool) -> None:
         hopeless: set[tuple[Any, ...]] = set()
         # Chains of fewer steps: most steps first; densest cache first.
         ordered = sorted(candidates, key=lambda c: (c.model, c.engine.label(), c.settings.sampler,
                                                     -c.settings.cfg_scale, _cache_rank(c.settings.cache),
                                                     -c.settings.steps))
         for index, candidate in enumerate(ordered):
+            # What may still be measured: the rest of this rung, and (when a rung follows) whoever is alive.
+            self.release([*ordered[index:], *(m.candidate for m in self._alive() if more_rungs)])
             if self.out_of_time:
                 m = self._record(candidate)
                 if not m.scores:
@@ -471,6 +514,29 @@ class _Search:
         for m in others[keep:]:
             self._prune(m, f"not among the fastest {keep} after rung {rung + 1}", status="cut")
         return pinned + others[:keep]
+
+
+def _engine_pruned(m: Measurement, measured: Sequence[Measurement]) -> bool:
+    """Whether `_keep_engines` will surely prune the engine of `m` (the run's own settings on it), judged
+    from the engines `measured` so far: it was not measured, or another engine of its precision is
+    faster, or one of a more exact precision is at least as fast. Such an engine is not the reference
+    either (the fastest engine of the most exact precision)."""
+    if not m.scores:
+        return True
+    rank = EXACTNESS.get(m.candidate.engine.precision, 9)
+    for other in measured:
+        if other is m or not other.scores:
+            continue
+        other_rank = EXACTNESS.get(other.candidate.engine.precision, 9)
+        if other.candidate.engine.precision == m.candidate.engine.precision and other.ms_per_image < m.ms_per_image:
+            return True
+        if other_rank < rank and other.ms_per_image <= m.ms_per_image:
+            return True
+    return False
+
+
+def _engine_key(engine: Engine) -> tuple[str, str, str]:
+    return (engine.backend, engine.precision, engine.device)
 
 
 def _finite(value: float) -> float:
