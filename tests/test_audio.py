@@ -357,3 +357,21 @@ def test_audio_options_that_do_not_apply_are_refused_before_any_work(tmp_path, c
         captured = capsys.readouterr()
         assert int(info.value.code or 0) != 0 and words in captured.out + captured.err
         assert not (tmp_path / "run").exists()
+
+
+def test_generate_and_batch_count_clips(audio_run, tmp_path, capsys) -> None:
+    """An audio run's summary lines count what it writes, WAV clips, in clips per second."""
+    from mmgen_deploy.cli.app import main
+
+    common = ["--steps", "2", "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"class": "sine falling", "n": 2, "seed": 4}) + "\n")
+    for argv, said in ((["generate", str(audio_run.root), "--class", "1", "--n", "2", *common, "--out",
+                         str(tmp_path / "gen")], "2 clips in "),
+                       (["batch", str(audio_run.root), str(requests), *common, "--out", str(tmp_path / "batch")],
+                        "wrote 2 clips to ")):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        output = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+        assert int(info.value.code or 0) == 0, output
+        assert said in output and "clips/s" in output and "images" not in output, output

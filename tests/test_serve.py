@@ -623,6 +623,7 @@ def test_mmgen_client_on_an_audio_server_writes_the_wavs_generate_writes(tmp_pat
 
     code, output = with_free_loopback_ports(2, client)
     assert code == 0, output
+    assert "wrote 2 clips to" in " ".join(output.split()), output  # the console wraps long lines
     sidecar = json.loads((tmp_path / "served" / "samples.json").read_text())
     assert [e["file"] for e in sidecar["images"]] == [e["file"] for e in generated.sidecar["images"]]
     for entry in sidecar["images"]:

@@ -17,6 +17,7 @@ from mmgen_deploy.cli.common import (
     json_option,
     plural,
     refuse_recipe_conflicts,
+    sample_noun,
 )
 from mmgen_deploy.defaults import SAMPLING
 
@@ -110,11 +111,14 @@ def batch(
         report = run_batch(run_dir, requests, out, settings, ray_address=ray_address, workers=workers,
                            progress=advance)
     where = f"Ray ({ray_address}, {plural(report.workers, 'worker')})" if ray_address else "in-process"
+    from mmgen_deploy.rundir import RunDir
+
+    noun = sample_noun(RunDir(run_dir).load_config())
     if report.written == 0:
-        console.print(f"nothing to do: all {plural(report.total, 'image')} are already in {out / 'manifest.jsonl'}")
+        console.print(f"nothing to do: all {plural(report.total, noun)} are already in {out / 'manifest.jsonl'}")
     else:
-        console.print(f"wrote {plural(report.written, 'image')} to {out} in {report.seconds:.2f} s "
-                      f"([bold]{report.images_per_second:.2f} images/s[/], {where}; "
-                      f"{report.steady_images_per_second:.2f} images/s after the first batch, which came back "
+        console.print(f"wrote {plural(report.written, noun)} to {out} in {report.seconds:.2f} s "
+                      f"([bold]{report.images_per_second:.2f} {noun}s/s[/], {where}; "
+                      f"{report.steady_images_per_second:.2f} {noun}s/s after the first batch, which came back "
                       f"after {report.first_batch_seconds:.1f} s); {report.skipped} already done")
     emit_json(report.to_dict(), json_out)

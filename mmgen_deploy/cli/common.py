@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.console import Console
 from mmgen_deploy.defaults import SAMPLING
 from mmgen_deploy.errors import MMGenError
 from mmgen_deploy.runtime.backends import backend_help, backend_labels, precision_help
+
+if TYPE_CHECKING:
+    from mmgen_deploy.config import ModelConfig
 
 # Human-readable output goes to stderr so that `--json -` style output on stdout stays clean.
 # No emoji codes: user text such as the cache policy `every:x:` or a path `a:smile:b` is printed as written.
@@ -186,6 +189,12 @@ def visible_names(param: Any) -> list[str]:
 def plural(count: int, noun: str) -> str:
     """`1 image`, `2 images`, `0 images`."""
     return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def sample_noun(config: ModelConfig) -> str:
+    """What the CLI calls one sample of a run in its lines: a clip for an audio run (its files are WAVs),
+    an image otherwise."""
+    return {"audio": "clip", "image": "image"}[config.modality]
 
 
 def count_column() -> Any:

@@ -25,6 +25,7 @@ from mmgen_deploy.cli.common import (
     json_option,
     plural,
     refuse_recipe_conflicts,
+    sample_noun,
     sampling_seed_option,
     stdout_console,
 )
@@ -154,8 +155,9 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()
-    console.print(f"{plural(len(result.images), 'image')} in {result.total_seconds:.2f} s: "
-                  f"[bold]{timing['images_per_second']:.2f} images/s[/] "
+    noun = sample_noun(run.load_config())
+    console.print(f"{plural(len(result.images), noun)} in {result.total_seconds:.2f} s: "
+                  f"[bold]{timing['images_per_second']:.2f} {noun}s/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
                   f"{100 * result.loop_overhead_fraction:.1f}% of the denoising loop)")
     console.print(f"denoising loop {result.denoise_seconds:.2f} s; cache {result.cache.describe()}")

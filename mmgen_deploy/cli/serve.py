@@ -24,7 +24,9 @@ from mmgen_deploy.cli.common import (
     console,
     emit_json,
     json_option,
+    plural,
     refuse_recipe_conflicts,
+    sample_noun,
     sampling_seed_option,
 )
 from mmgen_deploy.defaults import SAMPLING
@@ -353,8 +355,9 @@ def register(app: typer.Typer) -> None:
             sidecar = write_samples(result, served.config, tmp, images_per_class=n,
                                     extra={"server": url, "server_backend": served.backend})
             write_json(tmp / "samples.json", sidecar)
-        console.print(f"wrote {len(result.images)} image(s) to {out} in {result.total_seconds:.2f} s from {url} "
-                      f"({result.images_per_second:.2f} images/s)")
+        noun = sample_noun(served.config)
+        console.print(f"wrote {plural(len(result.images), noun)} to {out} in {result.total_seconds:.2f} s from {url} "
+                      f"({result.images_per_second:.2f} {noun}s/s)")
         sidecar["out"] = str(out)
         emit_json(sidecar, json_out)
 
