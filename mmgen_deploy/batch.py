@@ -53,9 +53,18 @@ MANIFEST = "manifest.jsonl"
 BATCH_INFO = "batch.json"
 IMAGES = "images"
 LOCK = ".mmgen.lock"
-# How a request line names the sampling arguments (errors about them quote its keys).
-REQUEST_KEYS = {"classes": '"class"', "prompts": '"prompt"', "prompts_file": '"prompt" lines in'}
-_FIELDS = {"class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler"}
+_FIELDS = ("class", "prompt", "n", "seed", "steps", "cfg_scale", "sampler")
+
+
+def _quoted(key: str) -> str:
+    """A request line's key as its JSON spells it: every error about a line quotes the keys it names."""
+    return json.dumps(key)
+
+
+# How a request line names the sampling arguments that errors name by their parameter names.
+REQUEST_KEYS = {"classes": _quoted("class"), "prompts": _quoted("prompt"),
+                "prompts_file": f"{_quoted('prompt')} lines in",
+                **{name: _quoted(name) for name in ("n", "seed", "steps", "cfg_scale", "sampler")}}
 
 
 @dataclass(frozen=True)
@@ -167,20 +176,22 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
             raise UsageError(f"{where} is not JSON ({exc.msg})", 'e.g. {"class": "red circle", "n": 3}') from None
         if not isinstance(request, dict):
             raise UsageError(f"{where} is not a JSON object", 'e.g. {"prompt": "a small red circle", "n": 2}')
-        unknown = sorted(set(request) - _FIELDS)
+        unknown = sorted(set(request) - set(_FIELDS))
         if unknown:
-            raise UsageError(f"{where}: unknown key(s) {', '.join(unknown)}", f"use {', '.join(sorted(_FIELDS))}")
+            raise UsageError(f"{where}: unknown key{'' if len(unknown) == 1 else 's'} "
+                             f"{', '.join(map(_quoted, unknown))}", f"use {', '.join(map(_quoted, _FIELDS))}")
         try:
             n, seed = _integer(request, "n", 1), _integer(request, "seed", 0)
             steps = _integer(request, "steps", settings.steps)
             cfg_scale = request.get("cfg_scale", settings.cfg_scale)
             sampler = request.get("sampler", settings.sampler)
             if not isinstance(cfg_scale, (int, float)) or isinstance(cfg_scale, bool):
-                raise UsageError(f"cfg_scale must be a number, got {cfg_scale!r}")
+                raise UsageError(f"{{cfg_scale}} must be a number, got {cfg_scale!r}", params=["cfg_scale"])
             if not isinstance(sampler, str):
-                raise UsageError(f"sampler must be a string, got {sampler!r}")
+                raise UsageError(f"{{sampler}} must be a string, got {sampler!r}", params=["sampler"])
             if ("class" in request) == ("prompt" in request):
-                raise UsageError('give "class" (class models) or "prompt" (text models), one of the two')
+                raise UsageError("give {classes} (class models) or {prompts} (text models), one of the two",
+                                 params=["classes", "prompts"])
             check_sampling_numbers(steps=steps, sampler=sampler, cfg_scale=cfg_scale, batch_size=1,
                                    seed=seed)
             if len(jobs) + n > SAMPLING.max_batch_images:
@@ -213,14 +224,15 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
 
 
 def _integer(request: dict[str, Any], key: str, default: int) -> int:
+    """`request[key]` (or `default`) as an integer; errors name the key as a parameter (`REQUEST_KEYS`)."""
     value = request.get(key, default)
     if not isinstance(value, int) or isinstance(value, bool):
-        raise UsageError(f"{key} must be an integer, got {value!r}")
+        raise UsageError(f"{{{key}}} must be an integer, got {value!r}", params=[key])
     if key in ("n", "steps") and value < 1:
-        raise UsageError(f"{key} must be >= 1, got {value}")
+        raise UsageError(f"{{{key}}} must be >= 1, got {value}", params=[key])
     if key == "n" and value > SAMPLING.max_images_per_line:
-        raise UsageError(f"n must be at most {SAMPLING.max_images_per_line} per line, got {value}",
-                         "split it over several lines with different seeds")
+        raise UsageError(f"{{n}} must be at most {SAMPLING.max_images_per_line} per line, got {value}",
+                         "split it over several lines with different seeds", params=["n"])
     return value
 
 

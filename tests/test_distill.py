@@ -225,7 +225,7 @@ def test_batch_uses_the_students_settings_and_refuses_others(student: tuple[RunD
     assert code != 0 and "distilled for 2 steps, not --steps 50" in output, output
     requests.write_text('{"class": 3, "n": 1, "sampler": "ddpm"}\n')
     code, output = _cli(["batch", str(run.root), str(requests), "--out", str(refused)], capsys)
-    assert code != 0 and "line 1" in output and "samples with ddim, not sampler ddpm" in output, output
+    assert code != 0 and "line 1" in output and 'samples with ddim, not "sampler" ddpm' in output, output
     assert "Traceback" not in output and not refused.exists()
 
 
