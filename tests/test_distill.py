@@ -191,6 +191,24 @@ def test_student_exports_8_bit_calibrated_on_its_own_steps_and_passes_parity(
     assert report.info["end_to_end"]["steps"] == 2
 
 
+def test_export_checks_the_calibration_size_against_the_students_own_steps(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 4-step student calibrates at its 4 steps, once each: --calibration-size 3 is refused in one line naming
+    those numbers, before anything is loaded or written (its weights need not be trained for that)."""
+    from mmgen_deploy.config import StudentConfig
+
+    teacher = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
+    config = teacher.replace(dit=teacher.dit.replace(guidance_embed=True),
+                             student=StudentConfig(steps=4, timesteps=student_timesteps(1000, 4)))
+    run = save_run(tmp_path / "student4", config, VQModel(config.first_stage).eval(), DiT(config.dit).eval(),
+                   data={"name": "shapes", "seed": 0})
+    code, output = _cli(["export", str(run.root), "--precision", "int8", "--calibration-size", "3"], capsys)
+    assert code == 2 and "Traceback" not in output, output
+    assert " ".join(output.split()) == ("error: --calibration-size 3 is too small for the 4 timesteps this distilled "
+                                        "student calibrates at (give at least 4, one sample per timestep)")
+    assert not run.onnx_dir.exists()
+
+
 def test_bench_uses_the_students_settings_and_refuses_others(student: tuple[RunDir, RunDir, dict], tmp_path: Path,
                                                             capsys: pytest.CaptureFixture[str]) -> None:
     _, run, _ = student

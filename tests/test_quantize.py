@@ -11,7 +11,8 @@ import pytest
 import torch
 from export_helpers import record_as_exported
 
-from mmgen_deploy.config import preset
+from mmgen_deploy.cli.common import describe_error
+from mmgen_deploy.config import StudentConfig, preset
 from mmgen_deploy.data import DataSpec
 from mmgen_deploy.errors import UsageError
 from mmgen_deploy.export.calibration import CalibrationData
@@ -101,10 +102,30 @@ def test_quantizer_is_never_quantized_whatever_is_asked() -> None:
         assert forced.shipped_precision(specs["quantizer"], precision) == "fp32"
         assert forced.shipped_precision(specs["decoder"], precision) == "fp16"
         assert forced.shipped_precision(specs["denoiser"], precision) == precision
-    with pytest.raises(UsageError, match="component-precision"):
+    with pytest.raises(UsageError) as refused:
         QuantSettings(component_precisions={"decoder": "int4"})
-    with pytest.raises(UsageError, match="too small"):
-        QuantSettings(calibration_size=4, timesteps=8)
+    assert describe_error(refused.value).startswith("--component-precision: unknown value(s) {'decoder': 'int4'}")
+
+
+def test_calibration_size_is_checked_against_the_timesteps_the_calibration_uses() -> None:
+    teacher = preset("tiny")
+    student = teacher.replace(dit=teacher.dit.replace(guidance_embed=True),
+                              student=StudentConfig(steps=4, timesteps=(999, 749, 500, 250)))
+    # A teacher: a conditional and a null sample at each of --calibration-timesteps.
+    QuantSettings(calibration_size=16, timesteps=8).check_for(teacher)
+    with pytest.raises(UsageError) as refused:
+        QuantSettings(calibration_size=15, timesteps=8).check_for(teacher)
+    assert describe_error(refused.value) == ("--calibration-size 15 is too small for 8 calibration timesteps (give "
+                                             "at least 16, one conditional and one null sample per timestep, or "
+                                             "fewer --calibration-timesteps)")
+    # A student: one sample at each of its own 4 steps, whatever --calibration-timesteps says.
+    for settings in (QuantSettings(calibration_size=4, timesteps=8), QuantSettings(calibration_size=8, timesteps=100)):
+        settings.check_for(student)
+        assert len(settings.denoiser_timesteps(student)[0]) == 4
+    with pytest.raises(UsageError) as refused:
+        QuantSettings(calibration_size=3).check_for(student)
+    assert describe_error(refused.value) == ("--calibration-size 3 is too small for the 4 timesteps this distilled "
+                                             "student calibrates at (give at least 4, one sample per timestep)")
 
 
 @pytest.fixture(scope="module")

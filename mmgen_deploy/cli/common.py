@@ -229,6 +229,9 @@ OPTION_NAMES: dict[str, str] = {
     "max_steps": "--max-steps", "default_cfg_scale": "--cfg-scale", "max_cfg_scale": "max cfg scale",
     "samplers": "--samplers", "layout": "--layout", "component_backend": "--component-backend",
     "cache": "--cache",
+    # export (QuantSettings)
+    "calibration_size": "--calibration-size", "calibration_timesteps": "--calibration-timesteps",
+    "component_precisions": "--component-precision",
     # tune
     "max_quality_drop": "--max-quality-drop", "budget_minutes": "--budget-minutes", "samples": "--samples",
     "student": "--student", "batch_sizes": "--batch-sizes",

@@ -115,10 +115,12 @@ def register(app: typer.Typer) -> None:
                  "(the spec's dummy inputs when the run has no dataset)."),
         calibration_size: int = typer.Option(
             256, "--calibration-size", min=2,
-            help="INT8/FP8: denoiser calibration samples (conditional and null halves together)."),
+            help="INT8/FP8: denoiser calibration samples (conditional and null halves together): at least two "
+                 "per calibration timestep, one per step for a distilled student."),
         calibration_timesteps: int = typer.Option(
             8, "--calibration-timesteps", min=1,
-            help="INT8/FP8: noise levels spread over the training schedule, both ends included."),
+            help="INT8/FP8: noise levels spread over the training schedule, both ends included (a distilled "
+                 "student calibrates at its own steps instead)."),
         calibration_images: int = typer.Option(
             64, "--calibration-images", min=1,
             help="Calibration images. INT8/FP8 use N: real images (picked round-robin over classes) for the "
@@ -162,13 +164,17 @@ def register(app: typer.Typer) -> None:
                                      component_precisions=_component_precisions(component_precision))
         # The text encoder exists only in text-to-image runs; the exporter refuses it for class models.
         chosen = _split(components, (*ALL_COMPONENTS, PARTS_WORD), "--components")
-        if chosen:  # before the progress bar: a class model has no text encoder to export
+        quantized = any(p in QUANTIZED_PRECISIONS for p in precisions)
+        if chosen or quantized:  # before the progress bar: what the run cannot export is refused at once
             from mmgen_deploy.export.exporter import normalize_selection
             from mmgen_deploy.rundir import RunDir
             from mmgen_deploy.specs import component_names
 
             config = RunDir(run_dir).load_config()
-            normalize_selection(precisions, chosen, component_names(config, parts=True), component_names(config))
+            if chosen:  # a class model has no text encoder to export
+                normalize_selection(precisions, chosen, component_names(config, parts=True), component_names(config))
+            if quantized:  # a distilled student calibrates at its own timesteps
+                quantization.check_for(config)
         manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
                               calibration=calibration, quantization=quantization,
                               external_data=True if external_data else None, calibration_images=calibration_images)

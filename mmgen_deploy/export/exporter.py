@@ -429,6 +429,8 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     config = run.load_config()
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
                                                     component_names(config))
+    if any(p in QUANTIZED_PRECISIONS for p in chosen_precisions):
+        (quantization or QuantSettings()).check_for(config)
     check_weights_match_config(run, config)  # the estimate below trusts the config's sizes
     _check_memory_for_models(config, chosen)
     if progress is not None:

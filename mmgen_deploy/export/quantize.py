@@ -85,11 +85,8 @@ class QuantSettings:
             raise UsageError("calibration size, timesteps, images and batch must be positive "
                              f"(got size {self.calibration_size}, timesteps {self.timesteps}, "
                              f"images {self.images}, batch {self.batch})",
-                             "e.g. --calibration-size 256 --calibration-timesteps 8")
-        if self.calibration_size < 2 * self.timesteps:
-            raise UsageError(f"--calibration-size {self.calibration_size} is too small for "
-                             f"{self.timesteps} timesteps", f"give at least {2 * self.timesteps} "
-                             "(one conditional and one null sample per timestep)")
+                             "e.g. {calibration_size} 256 {calibration_timesteps} 8",
+                             params=["calibration_size", "calibration_timesteps"])
         if self.method not in CALIBRATION_METHODS:
             raise UsageError(f"unknown calibration method {self.method!r}",
                              f"choose from {', '.join(CALIBRATION_METHODS)}")
@@ -98,8 +95,34 @@ class QuantSettings:
                              f"choose from {', '.join(HIGH_PRECISIONS)}")
         bad = {c: p for c, p in self.component_precisions.items() if p not in ("fp32", "fp16", "quantize")}
         if bad:
-            raise UsageError(f"--component-precision: unknown value(s) {bad}",
-                             "give COMPONENT=fp32, COMPONENT=fp16 or COMPONENT=quantize")
+            raise UsageError(f"{{component_precisions}}: unknown value(s) {bad}",
+                             "give COMPONENT=fp32, COMPONENT=fp16 or COMPONENT=quantize",
+                             params=["component_precisions"])
+
+    def denoiser_timesteps(self, config: ModelConfig) -> tuple[np.ndarray, int]:
+        """The timesteps the denoiser is calibrated at, and how many samples each latent gives at each: a
+        teacher's `timesteps` spread over the training schedule, twice (the conditional and the null half
+        guidance feeds); a distilled student's own K timesteps, once (its sampler visits only those, and
+        takes the guidance scale as an input), whatever `timesteps` says."""
+        if config.student is None:
+            return calibration_timesteps(config.diffusion.num_train_timesteps, self.timesteps), 2
+        return np.asarray(config.student.timesteps, dtype=np.int64), 1
+
+    def check_for(self, config: ModelConfig) -> None:
+        """Refuse a calibration size that cannot give every timestep the denoiser is calibrated at one
+        sample per half (`denoiser_timesteps`), before any work."""
+        timesteps, halves = self.denoiser_timesteps(config)
+        least = halves * len(timesteps)
+        if self.calibration_size >= least:
+            return
+        if config.student is None:
+            raise UsageError(f"{{calibration_size}} {self.calibration_size} is too small for {len(timesteps)} "
+                             "calibration timesteps", f"give at least {least}, one conditional and one null sample "
+                             "per timestep, or fewer {calibration_timesteps}",
+                             params=["calibration_size", "calibration_timesteps"])
+        raise UsageError(f"{{calibration_size}} {self.calibration_size} is too small for the {len(timesteps)} "
+                         "timesteps this distilled student calibrates at",
+                         f"give at least {least}, one sample per timestep", params=["calibration_size"])
 
     def shipped_precision(self, spec: ComponentSpec, precision: str) -> str:
         """The spec's choice for `spec` in the `precision` set, unless the user overrode it.
@@ -174,6 +197,7 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     empty prompt."""
     from mmgen_deploy.sampling.schedulers import training_alphas_cumprod
 
+    settings.check_for(config)
     rng = np.random.default_rng(settings.seed)
     order = spread_over_classes(data.labels, min(settings.images, len(data.images)))
     images = np.ascontiguousarray(data.images[order])
@@ -187,14 +211,9 @@ def trajectory_calibration(data: CalibrationData, config: ModelConfig, modules: 
     inputs, h_np = first_stage_inputs(images, config, component_specs(config), modules, progress=progress,
                                       cache=cache)
     student = config.student
-    if student is None:
-        timesteps = calibration_timesteps(config.diffusion.num_train_timesteps, settings.timesteps)
-        halves = 2  # conditional half, then the null half on the same noisy latents
-    else:
-        # A distilled student's sampler visits only its own K timesteps, and takes the guidance scale
-        # as an input: one conditional evaluation per image, never the null condition.
-        timesteps = np.asarray(student.timesteps, dtype=np.int64)
-        halves = 1
+    # A teacher: the conditional half, then the null half on the same noisy latents. A student: one
+    # conditional evaluation per image at each of its own timesteps, never the null condition.
+    timesteps, halves = settings.denoiser_timesteps(config)
     per_step = max(1, settings.calibration_size // (halves * len(timesteps)))
     alphas = training_alphas_cumprod(config.diffusion)
     picks = (np.arange(len(timesteps) * per_step) % len(h_np)).reshape(len(timesteps), per_step)
