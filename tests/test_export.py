@@ -263,6 +263,31 @@ def test_perturbed_fp16_graph_fails_export_and_keeps_previous(tmp_path, random_m
     assert not [p for p in run.root.iterdir() if p.name.startswith(".onnx")]  # no temp dirs left
 
 
+def test_export_threads_set_every_component_s_pytorch_threads(tmp_path, random_models, capsys) -> None:
+    """`threads` (`mmgen export --threads N`) replaces the exporter's own choice per component (one for
+    these tiny ones) in the PyTorch passes, and the process's setting is restored afterwards."""
+    config, vq, dit = random_models
+    run = save_run(tmp_path / "run", config, vq, dit)
+    before = torch.get_num_threads()
+    seen: dict[str, int] = {}  # progress message -> torch's threads when it came
+
+    def record(message: str, done: int, total: int) -> None:
+        seen[message] = torch.get_num_threads()
+
+    for threads, expected in ((None, {1}), (3, {3})):
+        seen.clear()
+        export_run(run, precisions=("fp32",), components=("decoder",), calibration=_images(config), threads=threads,
+                   overwrite=True, progress=record)
+        inside = {count for message, count in seen.items() if message.startswith("calibration inputs: validation")}
+        assert inside == expected, seen
+        assert torch.get_num_threads() == before
+    code, text = _cli(["export", str(run.root), "--precision", "fp32", "--components", "decoder", "--threads", "2"],
+                      capsys)
+    assert code == 0, text
+    code, text = _cli(["export", str(run.root), "--components", "decoder", "--threads", "0"], capsys)
+    assert code == 2 and "--threads" in text and "Traceback" not in text
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, random_models, capsys) -> None:
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)

@@ -86,7 +86,8 @@ SHARED_OPTIONS: dict[str, SharedOption] = {
     "--precision": SharedOption("which precision runs: an exported ONNX / engine set, or bf16 on the FP32 set "
                                 "(export, bench, tune: a list)", "TEXT"),
     "--components": SharedOption("only these components (repeat or comma-separate)", "TEXT"),
-    "--threads": SharedOption("CPU threads of the work (left out: the backend's or torch's default)", "INTEGER"),
+    "--threads": SharedOption("CPU threads of the work (left out: the backend's or torch's default; export: "
+                              "its own per component)", "INTEGER"),
     "--batch-size": SharedOption("images per model call: per denoiser call when sampling, per optimisation "
                                  "step when training", "INTEGER", "-b"),
     "--batch-sizes": SharedOption("the batch sizes measured, comma-separated", "TEXT"),

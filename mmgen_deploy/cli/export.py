@@ -139,6 +139,10 @@ def register(app: typer.Typer) -> None:
         external_data: bool = typer.Option(
             False, "--external-data",
             help="Write every graph's weights to <component>.onnx.data beside it (graphs over 2 GB always are)."),
+        threads: int | None = typer.Option(
+            None, "--threads", min=1,
+            help="CPU threads of PyTorch and ONNX Runtime for the export, the FP16 range analysis, the 8-bit "
+                 "calibration and the validation (default: 1 for small components, up to 8 for large ones)."),
         json_out: str = json_option("the manifest"),
     ) -> None:
         """Export every component to ONNX (FP32, mixed-precision FP16, INT8/FP8 Q/DQ), validated against PyTorch.
@@ -177,14 +181,15 @@ def register(app: typer.Typer) -> None:
                 quantization.check_for(config)
         manifest = run_export(run_dir, precisions=precisions, components=chosen, opset=opset, overwrite=overwrite,
                               calibration=calibration, quantization=quantization,
-                              external_data=True if external_data else None, calibration_images=calibration_images)
+                              external_data=True if external_data else None, calibration_images=calibration_images,
+                              threads=threads)
         emit_json(manifest, json_out)
 
 
 def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str] | None = None,
                opset: int | None = None, overwrite: bool = False, calibration: Any = None,
                quantization: Any = None, external_data: bool | None = None,
-               calibration_images: int | None = None) -> dict[str, Any]:
+               calibration_images: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """`export_run` with a progress bar, the validation table and where it went (what `mmgen export`
     and the quickstart's export stage print); returns the manifest. Each finished stage prints a
     line with its time."""
@@ -212,7 +217,8 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
 
         manifest = export_run(run, precisions=precisions, components=components, overwrite=overwrite,
                               calibration=calibration, progress=progress, quantization=quantization,
-                              external_data=external_data, calibration_images=calibration_images, **options)
+                              external_data=external_data, calibration_images=calibration_images, threads=threads,
+                              **options)
     shown = list(expand_parts(components)) if components else list(manifest.get("components", ALL_COMPONENTS))
     _print_summary(manifest, precisions, shown)
     console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "

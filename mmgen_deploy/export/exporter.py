@@ -150,14 +150,16 @@ def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, ou
                   text_encoder: TextEncoder | None = None, tokenizer: WordTokenizer | None = None,
                   quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
                   external_data: bool | None = None, calibration_images: int | None = None,
-                  ) -> dict[str, Any]:
+                  threads: int | None = None) -> dict[str, Any]:
     """Export, convert and validate into `out_dir/{fp32,fp16}/<component>.onnx`.
 
     A text-to-image model needs its `text_encoder` (a fifth component) and `tokenizer`
     (which turns the calibration captions into the text encoder's real inputs).
     `external_data`: True writes every graph's weights to `<name>.onnx.data` (what graphs over
     2 GB need), None decides by size. `calibration_images`: at most this many calibration
-    samples (default CALIBRATION_SAMPLES; expensive components use fewer, see budget.py).
+    samples (default CALIBRATION_SAMPLES; expensive components use fewer, see budget.py). `threads`:
+    the CPU threads of PyTorch and ONNX Runtime for every component (default: `budget.threads_for`
+    each, one for small components, up to eight for large ones).
 
     INT8 / FP8 sets (`precisions` with "int8" / "fp8") are calibrated on `quant_data` (default: the
     `calibration` images) along the sampling trajectory, as `quantization` says (see
@@ -170,7 +172,8 @@ def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, ou
     return _export_models(config, _Models(vq, dit, text_encoder), Path(out_dir), precisions=precisions,
                           components=components, opset=opset, calibration=calibration, progress=progress,
                           why_no_calibration=why_no_calibration, tokenizer=tokenizer, external_data=external_data,
-                          calibration_images=calibration_images, quantization=quantization, quant_data=quant_data)
+                          calibration_images=calibration_images, quantization=quantization, quant_data=quant_data,
+                          threads=threads)
 
 
 def _memory_hint(name: str) -> str:
@@ -183,10 +186,16 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
                    progress: ProgressCallback | None, why_no_calibration: str, tokenizer: WordTokenizer | None,
                    external_data: bool | None = None, calibration_images: int | None = None,
                    quantization: QuantSettings | None = None, quant_data: CalibrationData | None = None,
-                   ) -> dict[str, Any]:
+                   threads: int | None = None) -> dict[str, Any]:
     import gc
 
     from mmgen_deploy.export import budget
+
+    if threads is not None and threads < 1:
+        raise UsageError(f"{{threads}} must be >= 1, got {threads}", params=["threads"])
+
+    def threads_for(cost: budget.ComponentCost) -> int:
+        return budget.threads_for(cost) if threads is None else threads
 
     check_opset(opset)
     if config.uses_text and (models.text_encoder is None or tokenizer is None):
@@ -227,16 +236,19 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     step("calibration inputs")
     data = load_calibration(calibration, config, limit=limit)
     first_stage = FirstStageCache()  # validation and 8-bit calibration share images: encode each once
-    with torch_threads(budget.threads_for(costs["encoder"])):
+    with torch_threads(threads_for(costs["encoder"])):
         real_inputs, real_source = component_inputs(data, config, specs, modules, why_no_data=why_no_calibration,
                                                     tokenizer=tokenizer, samples=limit,
                                                     progress=lambda line: detail(f"validation {line}"),
                                                     cache=first_stage)
     real_kind = "real" if data is not None else "dummy"
-    quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer, why_no_calibration,
-                       progress=lambda line: detail(f"8-bit calibration {line}"), cache=first_stage)
+    # The 8-bit calibration's PyTorch passes run at torch's default unless threads are given.
+    with torch_threads(threads) if threads is not None else contextlib.nullcontext():
+        quant = quant_plan(quantized, quantization, quant_data or data, config, modules, tokenizer,
+                           why_no_calibration, progress=lambda line: detail(f"8-bit calibration {line}"),
+                           cache=first_stage)
     if any(c in DENOISER_PARTS for c in chosen):  # the parts see what the whole denoiser's inputs make of them
-        with torch_threads(budget.threads_for(costs["denoiser"])):
+        with torch_threads(threads_for(costs["denoiser"])):
             real_inputs.update(denoiser_part_inputs(real_inputs["denoiser"], specs, modules))
             if quant is not None:
                 quant.inputs.update(denoiser_part_inputs(quant.inputs["denoiser"], specs, modules))
@@ -248,13 +260,13 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
     for name in chosen:
         spec, cost = specs[name], costs[name]
         module = modules[name]
-        threads = budget.threads_for(cost)
+        component_threads = threads_for(cost)
         batches = validation_batches(spec, cost.cost_gflop)
         step(f"{name}: exporting FP32")
         budget.check_memory(f"exporting the {name}", budget.BASE_BYTES + int(budget.EXPORT_WEIGHT_FACTOR
                                                                              * cost.weight_bytes),
                             _memory_hint(name))
-        with torch_threads(threads):
+        with torch_threads(component_threads):
             input_sets = (random_input_sets(spec, specs, modules, batches=batches["random"])
                           + real_input_sets(spec, real_inputs[name], real_kind, batches=batches["real"]))
             fp32_file = scratch / f"{name}.onnx"
@@ -270,7 +282,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
         budget.check_memory(f"validating the {name} in ONNX Runtime",
                             budget.BASE_BYTES + int(budget.SESSION_WEIGHT_FACTOR * cost.weight_bytes),
                             _memory_hint(name))
-        checks = validate_graph(fp32_file, None, spec, "fp32", input_sets, threads=threads, progress=detail)
+        checks = validate_graph(fp32_file, None, spec, "fp32", input_sets, threads=component_threads,
+                                progress=detail)
         if "fp32" in chosen_precisions:
             files["fp32"][name] = {
                 "path": relative_onnx_path("fp32", name), **_file_record(fp32_file, scratch.parent),
@@ -292,12 +305,13 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             converter = convert_fp16(fp32_file, spec, fp16_file, calib,
                                      external_data=True if (external_data or external) else external_data,
                                      batch_size=budget.calibration_batch(cost, spec.profile.max),
-                                     threads=threads, progress=detail)
+                                     threads=component_threads, progress=detail)
             convert_seconds = time.perf_counter() - started
             del calib
             gc.collect()
             step(f"{name}: validating FP16 against PyTorch FP32")
-            checks16 = validate_graph(fp16_file, None, spec, "fp16", input_sets, threads=threads, progress=detail)
+            checks16 = validate_graph(fp16_file, None, spec, "fp16", input_sets, threads=component_threads,
+                                      progress=detail)
             kept = converter.pop("kept_fp32_nodes")
             fp16_nodes = converter.pop("fp16_nodes")
             files["fp16"][name] = {
@@ -310,7 +324,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             assert quant is not None
             files[precision][name] = export_quantized(
                 quant, precision, spec, modules[name], fp32_file, out, input_sets, real_inputs[name], step,
-                fp32_checks=checks, batch_limit=budget.calibration_batch(cost, quant.settings.batch))
+                fp32_checks=checks, batch_limit=budget.calibration_batch(cost, quant.settings.batch),
+                threads=component_threads)
         if quantized:
             _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         del input_sets
@@ -414,12 +429,12 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                components: Sequence[str] | None = None, opset: int = DEFAULT_OPSET, overwrite: bool = False,
                calibration: CalibrationSource = None, progress: ProgressCallback | None = None,
                quantization: QuantSettings | None = None, external_data: bool | None = None,
-               calibration_images: int | None = None) -> dict[str, Any]:
+               calibration_images: int | None = None, threads: int | None = None) -> dict[str, Any]:
     """Export a run's components to `RUN_DIR/onnx/` atomically; returns the manifest.
 
     Exporting a subset (`components`, `precisions`) of a run that already has an export of
     the same checkpoint keeps the other files and their manifest entries. `external_data` and
-    `calibration_images`: see `export_models`. The run's torch models are dropped as soon as
+    `calibration_images` and `threads`: see `export_models`. The run's torch models are dropped as soon as
     the export no longer needs them (their memory goes to ONNX Runtime and the FP16 converter).
     """
     run = RunDir.of(run_dir)
@@ -466,7 +481,7 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
                                 opset=opset, calibration=calibration, progress=progress,
                                 why_no_calibration=why_no_calibration, tokenizer=tokenizer,
                                 external_data=external_data, calibration_images=calibration_images,
-                                quantization=quantization, quant_data=quant_data)
+                                quantization=quantization, quant_data=quant_data, threads=threads)
         for precision, entries in result["files"].items():
             files[precision].update(entries)
         manifest: dict[str, Any] = {

@@ -399,7 +399,7 @@ def mismatched_dequantize_scales(path: Path) -> list[str]:
 
 def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mode: str,
                        calibration: dict[str, np.ndarray], settings: QuantSettings, *,
-                       batch_limit: int | None = None) -> dict[str, Any]:
+                       batch_limit: int | None = None, threads: int = 1) -> dict[str, Any]:
     """Write the `mode` ("int8" / "fp8") Q/DQ graph of one component; return its manifest record.
 
     The quantizer (spec.keep_fp32) is copied as its FP32 graph, never quantized. `batch_limit` caps
@@ -435,7 +435,8 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
         model = onnx.load(str(qdq))
         converter: dict[str, Any] | None = None
         if settings.high_precision == "fp16":
-            model, converter = _to_fp16(qdq, spec, arrays, Path(work), settings.batch, range_batch=batch)
+            model, converter = _to_fp16(qdq, spec, arrays, Path(work), settings.batch, range_batch=batch,
+                                        threads=threads)
     model.producer_name = "mmgen-deploy"
     model.doc_string = (f"mmgen-deploy {spec.name}, {mode.upper()} Q/DQ (ModelOpt PTQ, {settings.method} "
                         f"calibration), high precision {settings.high_precision}")
@@ -448,7 +449,7 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
 
 
 def _to_fp16(qdq: Path, spec: ComponentSpec, arrays: dict[str, np.ndarray], work: Path,
-             batch: int, *, range_batch: int) -> tuple[onnx.ModelProto, dict[str, Any]]:
+             batch: int, *, range_batch: int, threads: int = 1) -> tuple[onnx.ModelProto, dict[str, Any]]:
     """AutoCast the non-quantized part of a Q/DQ graph to FP16, keeping the spec's FP32 scopes, on
     the ranges of its first `batch` calibration samples measured `range_batch` at a time (the FP16
     export's bounded range analysis; AutoCast's own reference run holds every tensor at once)."""
@@ -456,7 +457,7 @@ def _to_fp16(qdq: Path, spec: ComponentSpec, arrays: dict[str, np.ndarray], work
 
     first = {k: v[:batch] for k, v in arrays.items()}
     target = work / "high-precision-fp16" / qdq.name
-    converter = convert_fp16(qdq, spec, target, first, batch_size=range_batch)
+    converter = convert_fp16(qdq, spec, target, first, batch_size=range_batch, threads=threads)
     converter.pop("kept_fp32_nodes", None)
     converter.pop("fp16_nodes", None)
     return onnx.load(str(target)), converter

@@ -98,9 +98,11 @@ def _io_record(spec: ComponentSpec) -> dict[str, Any]:
 def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, module: nn.Module, fp32_file: Path,
                      out: Path, input_sets: list[InputSet], real: dict[str, np.ndarray],
                      step: Callable[[str], None], fp32_checks: list[OutputCheck] | None = None,
-                     *, batch_limit: int | None = None) -> dict[str, Any]:
+                     *, batch_limit: int | None = None, threads: int = 1) -> dict[str, Any]:
     """Write and validate `out/<precision>/<component>.onnx`; return its manifest entry. A component
-    shipped as its FP32 graph reuses that graph's validation (`fp32_checks`, same file, same inputs)."""
+    shipped as its FP32 graph reuses that graph's validation (`fp32_checks`, same file, same inputs).
+    `threads`: ONNX Runtime's, for the FP16 range analysis and the validation (ModelOpt's calibration
+    session picks its own)."""
     shipped = plan.settings.shipped_precision(spec, precision)
     target = out / precision / f"{spec.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -108,12 +110,12 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
     if shipped == precision:
         step(f"{spec.name}: quantizing to {precision.upper()} ({plan.settings.method} calibration)")
         record = quantize_component(fp32_file, spec, target, precision, plan.inputs[spec.name], plan.settings,
-                                    batch_limit=batch_limit)
+                                    batch_limit=batch_limit, threads=threads)
     elif shipped == "fp16":
         from mmgen_deploy.export.fp16 import convert_fp16
 
         step(f"{spec.name}: kept FP16 in the {precision} set")
-        converted = convert_fp16(fp32_file, spec, target, real)
+        converted = convert_fp16(fp32_file, spec, target, real, threads=threads)
         record = {"name": "none (component kept FP16: spec or --component-precision)", "fp16_converter": converted,
                   "qdq_pairs": 0, "quantized_nodes": 0}
     else:
@@ -126,7 +128,7 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
     if shipped == "fp32" and fp32_checks is not None:
         checks = fp32_checks
     else:
-        checks = validate_graph(target, module, spec, shipped, input_sets)
+        checks = validate_graph(target, module, spec, shipped, input_sets, threads=threads)
     return {
         "path": relative_onnx_path(precision, spec.name), "sha256": onnx_sha256(target), "bytes": file_size(target),
         "precision": precision, "component_precision": shipped, "opset": file_opset(target), **_io_record(spec),
