@@ -57,6 +57,28 @@ def test_parts_compose_to_the_whole_denoiser_in_torch(conditioning: str) -> None
     assert np.abs(whole).max() > 0.1  # re-randomised: the comparison is not of zeros
 
 
+def test_the_head_signal_is_what_the_first_body_block_feeds_its_attention() -> None:
+    """The adaptive policy's `modulated_input` is the timestep-modulated input the body's first block
+    computes for itself, captured here from inside the whole denoiser."""
+    config = preset("tiny")
+    torch.manual_seed(0)
+    dit = rerandomize_(DiT(config.dit), seed=3).eval()
+    modules = build_components(VQModel(config.first_stage), dit, parts=True)
+    specs = component_specs(config, parts=True)
+    feeds = specs["denoiser"].make_inputs(2, np.random.default_rng(1))
+    seen: list[torch.Tensor] = []
+    first = dit.blocks[denoiser_split(config.dit)["denoiser_body"].start]
+    hook = first.attn.register_forward_pre_hook(lambda _module, args: seen.append(args[0].detach().clone()))
+    with torch.no_grad():
+        modules["denoiser"](*[torch.from_numpy(feeds[n]) for n in specs["denoiser"].input_names])
+        hook.remove()
+        head_inputs = [torch.from_numpy(feeds[n]) for n in specs["denoiser_head"].input_names]
+        _, _, signal = modules["denoiser_head"](*head_inputs)
+    assert len(seen) == 1 and signal.shape == seen[0].shape
+    assert torch.allclose(signal, seen[0], atol=1e-6)
+    assert signal.abs().max() > 0.1
+
+
 def test_split_covers_every_block_once() -> None:
     for name in ("tiny", "B/2"):
         dit = preset(name).dit
