@@ -194,19 +194,28 @@ def test_student_exports_8_bit_calibrated_on_its_own_steps_and_passes_parity(
 def test_export_checks_the_calibration_size_against_the_students_own_steps(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A 4-step student calibrates at its 4 steps, once each: --calibration-size 3 is refused in one line naming
-    those numbers, before anything is loaded or written (its weights need not be trained for that)."""
+    those numbers, before anything is loaded or written; 4 exports (a teacher would need 16 for the default 8
+    calibration timesteps)."""
     from mmgen_deploy.config import StudentConfig
 
     teacher = preset("tiny").replace(class_names=tuple(f"shape {i}" for i in range(18)))
     config = teacher.replace(dit=teacher.dit.replace(guidance_embed=True),
                              student=StudentConfig(steps=4, timesteps=student_timesteps(1000, 4)))
-    run = save_run(tmp_path / "student4", config, VQModel(config.first_stage).eval(), DiT(config.dit).eval(),
-                   data={"name": "shapes", "seed": 0})
+    torch.manual_seed(0)
+    vq, dit = VQModel(config.first_stage), DiT(config.dit)
+    rerandomize_(vq, seed=1)
+    rerandomize_(dit, seed=2)
+    run = save_run(tmp_path / "student4", config, vq.eval(), dit.eval(), data={"name": "shapes", "seed": 0})
     code, output = _cli(["export", str(run.root), "--precision", "int8", "--calibration-size", "3"], capsys)
     assert code == 2 and "Traceback" not in output, output
     assert " ".join(output.split()) == ("error: --calibration-size 3 is too small for the 4 timesteps this distilled "
                                         "student calibrates at (give at least 4, one sample per timestep)")
     assert not run.onnx_dir.exists()
+    code, output = _cli(["export", str(run.root), "--precision", "int8", "--calibration-size", "4", "--components",
+                         "denoiser", "--threads", "1"], capsys)
+    assert code == 0, output
+    assert ("8-bit calibration: 4 denoiser samples (conditional only: a distilled student) at timesteps "
+            f"{list(config.student.timesteps)}") in " ".join(output.split())
 
 
 def test_bench_uses_the_students_settings_and_refuses_others(student: tuple[RunDir, RunDir, dict], tmp_path: Path,

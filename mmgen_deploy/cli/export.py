@@ -226,7 +226,8 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
     quant = manifest["calibration"].get("quantization")
     if quant is not None and any(p in manifest["last_export"]["precisions"] for p in QUANTIZED_PRECISIONS):
         den = quant["denoiser"]
-        console.print(f"8-bit calibration: {den['samples']} denoiser samples (conditional + null halves) at "
+        halves = "conditional + null halves" if den["halves"]["null"] else "conditional only: a distilled student"
+        console.print(f"8-bit calibration: {den['samples']} denoiser samples ({halves}) at "
                       f"timesteps {den['timesteps']}, {plural(quant['encoder']['samples'], 'image')} "
                       f"({quant['source']}; {quant['settings']['method']} ranges)", soft_wrap=True)
     return manifest
