@@ -315,6 +315,16 @@ class RunDir:
         """RUN_DIR/checkpoints/<name>.pt: training state for --resume (`vqvae`, `dit`) and caches (`dit_latents`)."""
         return self.checkpoints_dir / f"{name}.pt"
 
+    def distill_pairs_path(self, round_index: int) -> Path:
+        """RUN_DIR/checkpoints/distill-pairs-<round>.safetensors: the trajectory pairs of one round of
+        `mmgen distill` and the noise, conditions and guidance scales they start from, written once per
+        round; the distillation checkpoint names them by round and sha256."""
+        return self.checkpoints_dir / f"distill-pairs-{round_index}.safetensors"
+
+    def distill_pairs_files(self) -> list[Path]:
+        """Every `distill_pairs_path` present."""
+        return sorted(self.checkpoints_dir.glob("distill-pairs-*.safetensors"))
+
     def tune_reference_path(self, key: str) -> Path:
         """RUN_DIR/checkpoints/tune-reference-<key>.npz: the reference images `mmgen tune` compares with,
         computed once (`key` names what they depend on)."""

@@ -139,6 +139,63 @@ def test_distill_resumes_and_refuses_a_changed_teacher(tmp_path: Path) -> None:
         distill_into(tmp_path / "student", teacher, SMALL, resume=True, show_progress=False)
 
 
+def test_an_interrupted_distillation_resumes_to_the_same_student(student: tuple[RunDir, RunDir, dict],
+                                                                 tmp_path: Path) -> None:
+    """Interrupted after the checkpoint that precedes the second round, then resumed: the same student, bit
+    for bit, as the module's uninterrupted one. The checkpoint holds the training state; each round's pairs
+    are one file beside it, checked by sha256 on resume."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, uninterrupted, _ = student
+    teacher = _teacher(tmp_path / "teacher")
+    torch.set_num_threads(1)
+
+    def stop(step: int, _metrics: dict[str, float]) -> None:
+        if step == 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(MMGenError, match="interrupted"):
+        distill_into(tmp_path / "student", teacher, SMALL, callback=stop, show_progress=False)
+    run = RunDir(tmp_path / "student")
+    state = torch.load(run.checkpoint_path("distill"), map_location="cpu", weights_only=True)
+    assert state["step"] == 6 and "inputs" not in state and "targets" not in state and state["pairs_round"] == 0
+    assert run.distill_pairs_files() == [run.distill_pairs_path(0)]
+    # The same state with the pairs inside the checkpoint, as distill once wrote it, resumes too.
+    legacy = RunDir(tmp_path / "legacy")
+    shutil.copytree(run.root, legacy.root)
+    pairs = load_file(str(legacy.distill_pairs_path(0)))
+    legacy.distill_pairs_path(0).unlink()
+    torch.save({**{k: v for k, v in state.items() if not k.startswith("pairs_")},
+                "inputs": pairs["inputs"], "targets": pairs["targets"], "guidance": pairs["guidance"],
+                "noise": pairs["noise"], "conditions": {"y": pairs["conditions.y"]}, "null": {"y": pairs["null.y"]}},
+               legacy.checkpoint_path("distill"))
+
+    expected = uninterrupted.load_state("dit")
+    for resumed_run in (run, legacy):
+        resumed = distill_into(resumed_run.root, teacher, SMALL, resume=True, show_progress=False)
+        assert resumed["resumed_from"] == 6
+        weights = resumed_run.load_state("dit")
+        assert weights.keys() == expected.keys() and all(torch.equal(weights[k], expected[k]) for k in expected)
+        assert resumed_run.distill_pairs_files() == [resumed_run.distill_pairs_path(1)]  # the second round's
+
+    # Pairs that are not the ones the checkpoint trained on, or none: one line, and nothing written.
+    longer = DistillSettings(**{**SMALL.to_dict(), "train_steps": 18})
+    pairs_file = run.distill_pairs_path(1)
+    data = bytearray(pairs_file.read_bytes())
+    data[-1] ^= 1
+    pairs_file.write_bytes(bytes(data))
+    checkpoint = run.checkpoint_path("distill").read_bytes()
+    with pytest.raises(MMGenError, match="sha256 differs") as info:
+        distill_into(run.root, teacher, longer, resume=True, show_progress=False)
+    assert "\n" not in info.value.message and "--resume" in str(info.value.hint)
+    pairs_file.unlink()
+    with pytest.raises(MMGenError, match="which are missing"):
+        distill_into(run.root, teacher, longer, resume=True, show_progress=False)
+    assert run.checkpoint_path("distill").read_bytes() == checkpoint
+
+
 def test_distill_refuses_bad_input_before_writing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     untrained = _teacher(tmp_path / "fresh", trained=False)
     for args, words in (([str(untrained.root)], "untrained"),

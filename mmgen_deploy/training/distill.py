@@ -235,12 +235,13 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
             callback: StepCallback | None = None, show_progress: bool = True) -> dict[str, Any]:
     """Train a `settings.steps`-step guidance-embedded student of `teacher` into the run `student` (a
     new run directory sharing the teacher's first stage and text encoder). Resumable from the
-    student's checkpoint (the trajectories are saved with it). `distill_into` checks the teacher and the
+    student's checkpoint, which holds the training state and names the round's trajectory pairs, saved
+    once per round beside it (`RunDir.distill_pairs_path`). `distill_into` checks the teacher and the
     settings first."""
     config = teacher.load_config()
     new_config = student_config(config, settings)
     fingerprint = teacher.weights_sha256()
-    checkpoint = student.checkpoints_dir / "distill.pt"
+    checkpoint = student.checkpoint_path("distill")
     torch.manual_seed(settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     teacher_dit = load_dit(teacher, config).eval().requires_grad_(False)
@@ -253,6 +254,8 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
                                   weight_decay=0.0, fused=True)
     start = 0
     pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    pairs_round = 0  # regenerations so far: 0 while training on the teacher's own trajectories
+    pairs_sha256: str | None = None  # of the round's pairs file, once written
     if resume:
         if not checkpoint.is_file():
             raise RunDirError(f"{student.root} has no distillation checkpoint to resume",
@@ -270,8 +273,13 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"], generator)
-        pairs = (state["inputs"], state["targets"])
-        guidance, conditions, null, noise = state["guidance"], state["conditions"], state["null"], state["noise"]
+        if "pairs_sha256" in state:
+            pairs_round, pairs_sha256 = int(state["pairs_round"]), str(state["pairs_sha256"])
+            pairs, guidance, conditions, null, noise = _load_pairs(
+                student.distill_pairs_path(pairs_round), pairs_sha256, checkpoint)
+        else:  # a checkpoint that holds its pairs itself
+            pairs = (state["inputs"], state["targets"])
+            guidance, conditions, null, noise = state["guidance"], state["conditions"], state["null"], state["noise"]
         start = int(state["step"])
     started = time.perf_counter()
     teacher_seconds = 0.0
@@ -295,11 +303,13 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
     try:
         with progress_bar("student", settings.train_steps, start, show_progress) as advance:
             for step in range(start, settings.train_steps):
-                if step > 0 and step % round_length == 0 and step // round_length < settings.rounds and (
-                        step != start or not resume):
+                # A checkpoint is written before the round that starts at its step: resuming there
+                # makes that round's pairs as the uninterrupted run did.
+                if step > 0 and step % round_length == 0 and step // round_length < settings.rounds:
                     round_started = time.perf_counter()
                     pairs = trajectory_pairs(teacher_dit, config, settings, conditions, null, guidance, noise,
                                              student=ema, first_targets=pairs[1][:, 0], show_progress=False)
+                    pairs_round, pairs_sha256 = pairs_round + 1, None
                     teacher_seconds += time.perf_counter() - round_started
                 dit.train()
                 set_lr(optimizer, lr_at(step, base_lr=settings.lr, warmup=settings.warmup,
@@ -318,12 +328,17 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
                 metrics = {"loss": loss.item()}
                 done = step + 1
                 if done % settings.checkpoint_every == 0 or done == settings.train_steps:
+                    pairs_path = student.distill_pairs_path(pairs_round)
+                    if pairs_sha256 is None:  # the round's pairs, once: they cost trajectories x K latents
+                        pairs_sha256 = _save_pairs(pairs_path, pairs, guidance, conditions, null, noise)
                     save_checkpoint(checkpoint, {
                         "step": done, "model": dit.state_dict(), "ema": ema.state_dict(),
                         "optimizer": optimizer.state_dict(), "rng": rng_state(generator),
                         "settings": settings.to_dict(), "teacher_sha256": fingerprint,
-                        "inputs": pairs[0], "targets": pairs[1], "guidance": guidance,
-                        "conditions": conditions, "null": null, "noise": noise})
+                        "pairs_round": pairs_round, "pairs_sha256": pairs_sha256})
+                    for stale in student.distill_pairs_files():
+                        if stale != pairs_path:
+                            stale.unlink(missing_ok=True)
                     last_saved = done
                 advance(loss=metrics["loss"])
                 if callback is not None:
@@ -345,6 +360,43 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
     write_json(student.reports_dir / "distill.json", result)
     student.update_meta(distilled_from=lineage)
     return result
+
+
+def _save_pairs(path: Path, pairs: tuple[torch.Tensor, torch.Tensor], guidance: torch.Tensor,
+                conditions: dict[str, torch.Tensor], null: dict[str, torch.Tensor], noise: torch.Tensor) -> str:
+    """Write one round's pairs and what they start from to `path` atomically; return the file's sha256."""
+    from safetensors.torch import save_file
+
+    from mmgen_deploy.io_utils import atomic_path, sha256_file
+
+    tensors = {"inputs": pairs[0], "targets": pairs[1], "guidance": guidance, "noise": noise,
+               # Copies: a text encoder's outputs (and the expanded empty prompt) may share memory.
+               **{f"conditions.{k}": v.clone() for k, v in conditions.items()},
+               **{f"null.{k}": v.clone() for k, v in null.items()}}
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                  metadata={"mmgen": "mmgen-run/distill-pairs"})
+        return sha256_file(tmp)
+
+
+def _load_pairs(path: Path, sha256: str, checkpoint: Path) -> tuple[
+        tuple[torch.Tensor, torch.Tensor], torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor],
+        torch.Tensor]:
+    """The pairs `checkpoint` trained on, refused in one line unless `path` holds exactly them (`sha256`):
+    (inputs, targets), guidance scales, conditions, null conditions, noise."""
+    from safetensors.torch import load_file
+
+    from mmgen_deploy.io_utils import sha256_file
+
+    hint = "distill again without --resume (add --overwrite)"
+    if not path.is_file():
+        raise RunDirError(f"{checkpoint} trains on the trajectory pairs {path}, which are missing", hint)
+    if sha256_file(path) != sha256:
+        raise RunDirError(f"{path} is not the trajectory pairs {checkpoint} trained on (its sha256 differs)", hint)
+    tensors = load_file(str(path))
+    conditions = {k.removeprefix("conditions."): v for k, v in tensors.items() if k.startswith("conditions.")}
+    null = {k.removeprefix("null."): v for k, v in tensors.items() if k.startswith("null.")}
+    return (tensors["inputs"], tensors["targets"]), tensors["guidance"], conditions, null, tensors["noise"]
 
 
 @writes_run("distill", create=True)
