@@ -79,6 +79,39 @@ def test_bench_tables_fit_80_columns_and_keep_every_row() -> None:
     assert "| backend | precision | batch |" in result.markdown()  # the file keeps the wide table
 
 
+def _validated(worst: list[tuple[str, str, str, float, float]]) -> dict:
+    """A manifest entry's validation: (output, inputs, metric, value, tolerance) per worst row."""
+    return {"passed": True, "batches": [1, 3], "worst": [
+        {"output": o, "inputs": i, "metric": m, "value": v, "tolerance": t, "max_abs": 0.0, "batch": 3}
+        for o, i, m, v, t in worst]}
+
+
+def test_export_summary_shows_each_outputs_own_limit_and_fits_80_columns() -> None:
+    """Each row is read against the limit its output was checked against (the component spec's, as the
+    manifest records it): an INT8 denoiser at 0.14 shows its own 0.2, not a precision-wide 5e-2."""
+    from mmgen_deploy.cli.export import summary_table
+
+    quantized = {"quantized_nodes": 25, "high_precision_compute_nodes": ["a"] * 8}
+    manifest = {"files": {
+        "fp32": {"encoder": {"bytes": 4e5, "validation": _validated([("h", "random", "rel_l2", 3.3e-7, 1e-5),
+                                                                    ("h", "real", "rel_l2", 5.8e-7, 1e-5)])}},
+        "int8": {
+            "quantizer": {"bytes": 1e4, "component_precision": "fp32", "quantization": quantized,
+                          "validation": _validated([("indices", "random", "agreement", 1.0, 1.0),
+                                                    ("indices", "real", "agreement", 0.999994, 1.0)])},
+            "denoiser": {"bytes": 3.1e6, "component_precision": "int8", "quantization": quantized,
+                         "validation": _validated([("model_output", "random", "rel_l2", 0.09, 0.25),
+                                                   ("model_output", "real", "rel_l2", 0.14, 0.2)])}}}}
+    lines = _lines([summary_table(manifest, ["fp32", "int8"], ["encoder", "quantizer", "denoiser"])])
+    text = "\n".join(lines)
+    assert max(len(line) for line in lines) <= 80 and "…" not in text
+    row = {words[0]: words[1:] for words in map(str.split, lines) if words and "/" in words[0]}
+    assert row["int8/denoiser"][:4] == ["model_output", "9.0e-2", "1.4e-1", "0.25/0.2"]
+    assert row["fp32/encoder"][:4] == ["h", "3.3e-7", "5.8e-7", "1e-5"]
+    assert row["int8/quantizer"][:5] == ["indices", "100", "%", "99.999", "%"]  # never rounded up to 100 %
+    assert "5e-2" not in text and "tolerance" not in text
+
+
 def test_plural_and_the_progress_count_before_a_total_is_known() -> None:
     from rich.progress import Progress
 

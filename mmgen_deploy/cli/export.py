@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +14,6 @@ from mmgen_deploy.errors import UsageError
 from mmgen_deploy.specs import (
     ALL_COMPONENTS,
     DEFAULT_EXPORT_PRECISIONS,
-    DEFAULT_REL_L2,
     PARTS_WORD,
     PRECISIONS,
     QUANTIZED_PRECISIONS,
@@ -21,6 +21,8 @@ from mmgen_deploy.specs import (
 )
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from mmgen_deploy.rundir import RunLike
 
 
@@ -38,12 +40,38 @@ def _split(values: list[str] | None, allowed: tuple[str, ...], option: str) -> l
     return items
 
 
-def _print_summary(manifest: dict[str, Any], precisions: list[str], components: list[str]) -> None:
+def _exponent(text: str) -> str:
+    """`8.9e-02` -> `8.9e-2`, `1e-05` -> `1e-5`: narrower columns, the same number."""
+    mantissa, sep, exponent = text.partition("e")
+    return f"{mantissa}e{int(exponent)}" if sep else text
+
+
+def _error_text(metric: str, value: float) -> str:
+    """A validation value as the summary shows it: relative L2, or the share of equal indices (never
+    rounded up to 100 %: any flipped index matters)."""
+    if metric == "rel_l2":
+        return "0" if value == 0 else _exponent(f"{value:.1e}")
+    return "100 %" if value == 1.0 else f"{math.floor(value * 1e5) / 1e3:.3f} %"
+
+
+def _limit_text(metric: str, limit: float) -> str:
+    return _exponent(f"{limit:g}") if metric == "rel_l2" else _error_text(metric, limit)
+
+
+def summary_table(manifest: dict[str, Any], precisions: list[str], components: list[str]) -> Table:
+    """The validation of each exported graph: its worst error over the batches on random and on real
+    inputs, next to the limit that output was checked against (the component spec's for its precision,
+    as the manifest records it: random/real where they differ)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="vs PyTorch FP32 in ONNX Runtime CPU (worst over batches)")
-    for column in ("graph", "output", "random", "real", "MB", "FP32 kept / 8-bit"):
+    table = Table(title="vs PyTorch FP32 in ONNX Runtime CPU (worst over batches)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, collapse_padding=True, caption_justify="left",
+                  caption="random, real: the relative L2 error (indices: the share equal); limit: the component "
+                          "spec's for that output and precision, random/real where they differ")
+    for column in ("graph", "output", "random", "real", "limit", "MB"):
         table.add_column(column, no_wrap=True)
+    table.add_column("FP32 kept / 8-bit")
     for precision in precisions:
         for component in components:
             entry = manifest["files"].get(precision, {}).get(component)
@@ -51,28 +79,23 @@ def _print_summary(manifest: dict[str, Any], precisions: list[str], components: 
                 continue
             if "quantization" in entry:  # an 8-bit set: what got Q/DQ, or which precision it ships at
                 record = entry["quantization"]
-                kept = (f"{entry['component_precision']} (not quantized)" if entry["component_precision"] != precision
+                kept = (f"{entry['component_precision']}, unquantized" if entry["component_precision"] != precision
                         else f"{record['quantized_nodes']} Q/DQ, {len(record['high_precision_compute_nodes'])} high")
             else:
                 kept = "-" if precision == "fp32" else (
                     "all" if entry.get("keep_fp32") else
                     f"{len(entry['kept_fp32_nodes'])}/{len(entry['kept_fp32_nodes']) + entry['fp16_nodes']}")
-            by_output: dict[str, dict[str, str]] = {}
+            by_output: dict[str, dict[str, dict[str, Any]]] = {}
             for row in entry["validation"]["worst"]:
-                if row["metric"] == "rel_l2":
-                    text = f"{row['value']:.1e}"
-                else:  # never round 99.9 % up to "100 %": any flipped index matters
-                    text = "all equal" if row["value"] == 1.0 else f"{row['value']:.3%} equal"
-                by_output.setdefault(row["output"], {})[row["inputs"]] = text
-            for output, values in by_output.items():
-                real = values.get("real", values.get("dummy", "-"))
-                table.add_row(f"{precision}/{component}", output, values.get("random", "-"), real,
+                by_output.setdefault(row["output"], {})[row["inputs"]] = row
+            for output, rows in by_output.items():
+                real = rows.get("real", rows.get("dummy"))
+                random = rows.get("random")
+                limits = dict.fromkeys(_limit_text(row["metric"], row["tolerance"]) for row in (random, real) if row)
+                errors = ("-" if row is None else _error_text(row["metric"], row["value"]) for row in (random, real))
+                table.add_row(f"{precision}/{component}", output, *errors, "/".join(limits),
                               f"{entry['bytes'] / 1e6:.1f}", kept)
-    console.print(table)
-    shown = [p for p in PRECISIONS if p in precisions or p in DEFAULT_EXPORT_PRECISIONS]  # the table's, at least
-    limits = ", ".join(f"{p.upper()} {DEFAULT_REL_L2[p]:.0e}".replace("e-0", "e-") for p in shown
-                       if p in DEFAULT_REL_L2)
-    console.print(f"errors are relative L2 (tolerance: {limits}); indices must all be the same")
+    return table
 
 
 def _component_precisions(values: list[str] | None) -> dict[str, str]:
@@ -220,7 +243,7 @@ def run_export(run_dir: RunLike, *, precisions: list[str], components: list[str]
                               external_data=external_data, calibration_images=calibration_images, threads=threads,
                               **options)
     shown = list(expand_parts(components)) if components else list(manifest.get("components", ALL_COMPONENTS))
-    _print_summary(manifest, precisions, shown)
+    console.print(summary_table(manifest, precisions, shown))
     console.print(f"[green]exported[/] to {run.onnx_dir} in {manifest['last_export']['seconds']:.1f} s "
                   f"(calibration: {manifest['calibration']['source']})")
     quant = manifest["calibration"].get("quantization")
