@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     # (what the ONNX Runtime / TensorRT backends need) must work on a machine without torch.
     import torch
 
+    from mmgen_deploy.specs import ComponentSpec
     from mmgen_deploy.text.tokenizer import WordTokenizer
 
 RUN_FORMAT = "mmgen-run"
@@ -248,6 +249,24 @@ class RunDir:
     def missing_onnx(self, precision: str, components: tuple[str, ...]) -> list[Path]:
         """The graphs of `components` at `precision` that are not exported."""
         return [path for path in (self.onnx_path(precision, c) for c in components) if not path.is_file()]
+
+    def check_onnx_current(self, manifest: dict[str, Any], onnx_set: str, spec: ComponentSpec) -> None:
+        """Refuse (one line) a graph the code cannot use as it stands: one whose manifest entry records
+        another interface than its spec (`ComponentSpec.stale_interface`: other tensors, a denoiser part
+        cut at another split, as an older mmgen exported them), or whose bytes changed since the export
+        (`check_onnx_intact`). Checked before anything is loaded. A graph without a manifest entry
+        (hand-made ONNX files) is checked by the backends' own input checks only."""
+        from mmgen_deploy.specs import export_word
+
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        entry = files.get(onnx_set, {}).get(spec.name) if isinstance(files, dict) else None
+        if isinstance(entry, dict):
+            difference = spec.stale_interface(entry)
+            if difference is not None:
+                raise RunDirError(f"{self.onnx_path(onnx_set, spec.name)} {difference}: it was exported by a "
+                                  "version of mmgen with another interface",
+                                  f"re-export it: `mmgen export {self.root} --components {export_word(spec.name)}`")
+        self.check_onnx_intact(manifest, onnx_set, spec.name)
 
     def check_onnx_intact(self, manifest: dict[str, Any], onnx_set: str, component: str) -> None:
         """Refuse (one line) a graph, or its external data, whose sha256 differs from what the export

@@ -80,6 +80,12 @@ def expand_parts(names: Iterable[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(n for name in names for n in (DENOISER_PARTS if name == PARTS_WORD else (name,))))
 
 
+def export_word(component: str) -> str:
+    """What `--components` takes to re-export `component`: a denoiser part only with the other two
+    (the three are cut at one split), any other component by its name."""
+    return PARTS_WORD if component in DENOISER_PARTS else component
+
+
 def has_denoiser_parts(dit: DiTConfig) -> bool:
     """Whether the DiT is deep enough to split: a body of at least one block left for a policy to reuse.
     A shallower one has no parts (`component_names`, `component_specs` and `build_components` leave them out)."""
@@ -248,6 +254,9 @@ class ComponentSpec:
     quant_exclude_scopes: tuple[str, ...] = ()
     quant_exclude_op_types: tuple[str, ...] = ()
     quant_fallback: dict[str, str] = field(default_factory=dict)
+    # A denoiser part: the DiT blocks its graph runs, [start, stop) (`denoiser_split`). Recorded by the
+    # export, so a graph cut at another split is refused rather than composed with the others.
+    blocks: tuple[int, int] | None = None
 
     def shipped_precision(self, precision: str) -> str:
         """The precision of this component's graph in the `precision` set: the FP16 and 8-bit sets
@@ -278,6 +287,40 @@ class ComponentSpec:
 
     def tolerance(self, precision: str, output: str) -> Tolerance:
         return self.tolerances.get(precision, {}).get(output, Tolerance())
+
+    def interface_record(self) -> dict[str, Any]:
+        """What the export manifest records of the graph's interface (and a runner compares with the
+        spec before loading it, `stale_interface`): tensors, the engine batch profile, a part's blocks."""
+        profile = self.engine_profile
+        record: dict[str, Any] = {"inputs": [t.to_dict() for t in self.inputs],
+                                  "outputs": [t.to_dict() for t in self.outputs],
+                                  "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max}}
+        if self.blocks is not None:
+            record["blocks"] = list(self.blocks)
+        return record
+
+    def stale_interface(self, recorded: dict[str, Any]) -> str | None:
+        """How a graph's manifest entry (`interface_record` as an export wrote it) differs from this
+        spec's interface, in words (None when it does not): other tensor names, or other blocks."""
+        for key in ("inputs", "outputs"):
+            names = [t.get("name") for t in recorded.get(key, []) if isinstance(t, dict)]
+            expected = [t.name for t in getattr(self, key)]
+            if sorted(map(str, names)) != sorted(expected):
+                return f"has {key} {names}, expected {expected}"
+        if self.blocks is not None and recorded.get("blocks") != list(self.blocks):
+            found = recorded.get("blocks")
+            found_words = _blocks_words(found) if isinstance(found, list) and len(found) == 2 \
+                else "DiT blocks its manifest entry does not name"
+            return f"runs {found_words}, expected {_blocks_words(list(self.blocks))}"
+        return None
+
+
+def _blocks_words(blocks: list[int]) -> str:
+    """[start, stop) of DiT blocks in words: `no DiT block`, `DiT block 0`, `DiT blocks 1-3`."""
+    start, stop = blocks
+    if stop <= start:
+        return "no DiT block"
+    return f"DiT block {start}" if stop == start + 1 else f"DiT blocks {start}-{stop - 1}"
 
     def io(self, name: str) -> TensorSpec:
         for tensor in (*self.inputs, *self.outputs):
@@ -656,9 +699,12 @@ def _denoiser_part_specs(config: ModelConfig, denoiser: ComponentSpec,
             return feeds
         return make
 
+    split = denoiser_split(dit)
+
     def part(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], make: InputMaker,
              upstream: str | None, fp32_scopes: tuple[str, ...] = ()) -> ComponentSpec:
         return ComponentSpec(name=name, inputs=inputs, outputs=outputs, make_inputs=make,
+                             blocks=(split[name].start, split[name].stop),
                              batch_multiplier=denoiser.batch_multiplier,
                              tolerances={p: {t.name: limits[N.MODEL_OUTPUT] for t in outputs}
                                          for p, limits in denoiser.tolerances.items()},

@@ -144,6 +144,32 @@ def test_exported_parts_compose_to_the_whole_denoiser(parts_run: RunDir, backend
             assert tensor_diff(whole, _compose(runner, feeds, specs)).rel_l2 < 1e-5
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_part_cut_at_another_split_is_refused_before_loading(parts_run: RunDir, tmp_path: Path,
+                                                               backend: str) -> None:
+    """A body whose manifest entry names other blocks (a split an older export cut) would compose into
+    a wrong denoiser without a word: every backend refuses it in one line that says how to re-export."""
+    import shutil
+
+    from mmgen_deploy.errors import RunDirError
+    from mmgen_deploy.io_utils import read_json, write_json
+    from mmgen_deploy.runtime.select import runner_class
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    copy = RunDir(shutil.copytree(parts_run.root, tmp_path / "run"))
+    manifest = read_json(copy.onnx_manifest_path)
+    assert manifest["files"]["fp32"]["denoiser_body"]["blocks"] == [0, copy.load_config().dit.depth]
+    manifest["files"]["fp32"]["denoiser_body"]["blocks"] = [1, copy.load_config().dit.depth]
+    write_json(copy.onnx_manifest_path, manifest)
+    specs = component_specs(copy.load_config(), parts=True)
+    feeds = specs["denoiser_body"].make_inputs(1, np.random.default_rng(0))
+    with runner_class(backend).from_run_dir(copy, "fp32") as runner, \
+            pytest.raises(RunDirError, match=r"runs DiT blocks 1-\d+, expected DiT blocks 0-\d+") as caught:
+        runner.run("denoiser_body", feeds)
+    assert "--components denoiser_parts" in str(caught.value.hint) and "\n" not in str(caught.value)
+
+
 def test_exporting_parts_leaves_the_whole_denoiser_byte_for_byte(parts_run: RunDir,
                                                                  exported_tiny_run: RunDir) -> None:
     """Same weights (the same seeds as `exported_tiny_run`): the same denoiser graph, with or without parts."""

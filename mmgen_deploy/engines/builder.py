@@ -300,7 +300,7 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
                               f"export first: `mmgen export {run.root}`")
     export_manifest = _export_manifest(run)
     for name in onnx_files:
-        run.check_onnx_intact(export_manifest, options.precision, name)  # never build from a replaced graph
+        run.check_onnx_current(export_manifest, options.precision, specs[name])  # never build from a replaced graph
 
     directory = engine_dir(run, flavour, gpu, options.precision)
     old = _old_manifest(directory)

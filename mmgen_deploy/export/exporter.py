@@ -95,15 +95,6 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _io_record(spec: ComponentSpec) -> dict[str, Any]:
-    profile = spec.engine_profile
-    return {
-        "inputs": [t.to_dict() for t in spec.inputs],
-        "outputs": [t.to_dict() for t in spec.outputs],
-        "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max},
-    }
-
-
 def normalize_selection(precisions: Iterable[str], components: Iterable[str] | None,
                         available: Sequence[str], default: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """Check and order the requested precisions and components; `available` is what may be asked for
@@ -287,7 +278,7 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
         if "fp32" in chosen_precisions:
             files["fp32"][name] = {
                 "path": relative_onnx_path("fp32", name), **_file_record(fp32_file, scratch.parent),
-                "precision": "fp32", "opset": file_opset(fp32_file), **_io_record(spec),
+                "precision": "fp32", "opset": file_opset(fp32_file), **spec.interface_record(),
                 "export_seconds": round(export_seconds, 3), "validation": summarize(checks),
             }
         if "fp16" in chosen_precisions:
@@ -316,7 +307,7 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             fp16_nodes = converter.pop("fp16_nodes")
             files["fp16"][name] = {
                 "path": relative_onnx_path("fp16", name), **_file_record(fp16_file, out),
-                "precision": "fp16", "opset": file_opset(fp16_file), **_io_record(spec),
+                "precision": "fp16", "opset": file_opset(fp16_file), **spec.interface_record(),
                 "keep_fp32": spec.keep_fp32, "converter": converter, "convert_seconds": round(convert_seconds, 3),
                 "fp16_nodes": fp16_nodes, "kept_fp32_nodes": kept, "validation": summarize(checks16),
             }

@@ -33,7 +33,7 @@ from mmgen_deploy.export.onnx_export import file_opset, file_size
 from mmgen_deploy.export.quantize import QuantSettings, quantize_component, trajectory_calibration
 from mmgen_deploy.export.validate import InputSet, OutputCheck, summarize, validate_graph
 from mmgen_deploy.onnx_files import onnx_sha256
-from mmgen_deploy.specs import ComponentSpec, TensorSpec
+from mmgen_deploy.specs import ComponentSpec
 
 if TYPE_CHECKING:
     from torch import nn
@@ -86,15 +86,6 @@ def quant_plan(quantized: list[str], settings: QuantSettings | None, data: Calib
     return QuantPlan(settings, inputs, description)
 
 
-def _io_record(spec: ComponentSpec) -> dict[str, Any]:
-    def tensor(t: TensorSpec) -> dict[str, Any]:
-        return {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-
-    profile = spec.engine_profile
-    return {"inputs": [tensor(t) for t in spec.inputs], "outputs": [tensor(t) for t in spec.outputs],
-            "engine_profile": {"min": profile.min, "opt": profile.opt, "max": profile.max}}
-
-
 def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, module: nn.Module, fp32_file: Path,
                      out: Path, input_sets: list[InputSet], real: dict[str, np.ndarray],
                      step: Callable[[str], None], fp32_checks: list[OutputCheck] | None = None,
@@ -131,7 +122,7 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
         checks = validate_graph(target, module, spec, shipped, input_sets, threads=threads)
     return {
         "path": relative_onnx_path(precision, spec.name), "sha256": onnx_sha256(target), "bytes": file_size(target),
-        "precision": precision, "component_precision": shipped, "opset": file_opset(target), **_io_record(spec),
+        "precision": precision, "component_precision": shipped, "opset": file_opset(target), **spec.interface_record(),
         "keep_fp32": spec.keep_fp32, "quantization": record, "convert_seconds": round(seconds, 3),
         # Self-contained: a later export of other precisions replaces the manifest's top-level record.
         "calibration": {"source": plan.description.get("source"), "settings": plan.settings.recorded(),

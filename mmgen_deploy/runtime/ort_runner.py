@@ -16,7 +16,7 @@ import numpy as np
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
-from mmgen_deploy.specs import ComponentSpec
+from mmgen_deploy.specs import ComponentSpec, export_word
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
@@ -115,7 +115,7 @@ class OrtRunner(BaseRunner):
         path = self.run_dir.onnx_path(self.precision, component)
         if not path.is_file():
             raise NotAvailableError(f"missing {path}", missing_graph_hint(self.run_dir.root, spec.name))
-        self.run_dir.check_onnx_intact(self._manifest, self.precision, component)
+        self.run_dir.check_onnx_current(self._manifest, self.precision, spec)
         options = self._ort.SessionOptions()
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if self.threads is not None:
@@ -142,6 +142,11 @@ class OrtRunner(BaseRunner):
         if sorted(names) != sorted(spec.input_names):
             raise RunDirError(f"{path} has inputs {names}, expected {spec.input_names}",
                               f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
+        outputs = [o.name for o in session.get_outputs()]
+        if sorted(outputs) != sorted(spec.output_names):
+            raise RunDirError(f"{path} has outputs {outputs}, expected {spec.output_names}",
+                              "it was exported by a version of mmgen with another interface; re-export it: "
+                              f"`mmgen export {self.run_dir.root} --components {export_word(component)}`")
         item = _Session(session, spec, on_cuda=self.device == "cuda")
         self._sessions[component] = item
         return item

@@ -246,7 +246,7 @@ def _write_components(run_root: Path, repo: Path, config: ModelConfig, options: 
         spec = specs[name]
         version_dir = repo / f"{COMPONENT_PREFIX}{name}" / "1"
         version_dir.mkdir(parents=True)
-        run.check_onnx_intact(export_manifest, precision, name)  # ship only the graphs the export wrote
+        run.check_onnx_current(export_manifest, precision, spec)  # ship only the graphs the export wrote
         source = onnx_path(run_root, precision, name)
         on_ort_cpu = options.component_backend == "python" or options.instance_kind == "cpu"
         model = ort_cpu_model(source, has_group_norms=spec.has_group_norms, cache_dir=None) if on_ort_cpu \
