@@ -314,6 +314,12 @@ class ComponentSpec:
             return f"runs {found_words}, expected {_blocks_words(list(self.blocks))}"
         return None
 
+    def io(self, name: str) -> TensorSpec:
+        for tensor in (*self.inputs, *self.outputs):
+            if tensor.name == name:
+                return tensor
+        raise KeyError(f"{self.name} has no tensor named {name!r}")
+
 
 def _blocks_words(blocks: list[int]) -> str:
     """[start, stop) of DiT blocks in words: `no DiT block`, `DiT block 0`, `DiT blocks 1-3`."""
@@ -321,12 +327,6 @@ def _blocks_words(blocks: list[int]) -> str:
     if stop <= start:
         return "no DiT block"
     return f"DiT block {start}" if stop == start + 1 else f"DiT blocks {start}-{stop - 1}"
-
-    def io(self, name: str) -> TensorSpec:
-        for tensor in (*self.inputs, *self.outputs):
-            if tensor.name == name:
-                return tensor
-        raise KeyError(f"{self.name} has no tensor named {name!r}")
 
 
 # GroupNorm exports as InstanceNormalization (see the export notes); its mean/variance
