@@ -196,7 +196,8 @@ def read_requests(path: Path, config: Any, settings: BatchSettings) -> list[Batc
                                    seed=seed)
             if len(jobs) + n > SAMPLING.max_batch_images:
                 raise UsageError(f"the requests add up to more than {SAMPLING.max_batch_images} images",
-                                 "split them into several requests files, each with its own --out")
+                                 "split them into several requests files, each with its own {out}",
+                                 params=["out"])
             classes = [str(request["class"])] if "class" in request else []
             prompts = [str(request["prompt"])] if "prompt" in request else []
             class_ids, prompt_rows = expand_conditions(config, classes, prompts, n)
@@ -279,7 +280,8 @@ def pending_jobs(jobs: list[BatchJob], out: Path) -> list[BatchJob]:
         if changed:
             raise UsageError(f"{out / MANIFEST} has image {job.index} of request line {job.line} with another "
                              f"{', '.join(changed)} than the requests file asks for now",
-                             "use a new --out folder for changed requests (or restore the old requests file)")
+                             "use a new {out} folder for changed requests (or restore the old requests file)",
+                             params=["out"])
     return todo
 
 
@@ -288,15 +290,15 @@ def prepare_out(out: Path, run_root: Path, weights_sha256: str, settings: BatchS
     from mmgen_deploy.io_utils import check_write_target, read_json, write_json
 
     info_path = out / BATCH_INFO
-    check_write_target(out, folder=True, label="--out")
+    check_write_target(out, folder=True, param="out")
     if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
         if not info_path.is_file():
-            raise UsageError(f"--out {out} exists and was not written by `mmgen batch`",
-                             "choose a new --out folder (batch resumes only its own folders)")
+            raise UsageError(f"{{out}} {out} exists and was not written by `mmgen batch`",
+                             "choose a new {out} folder (batch resumes only its own folders)", params=["out"])
         info = read_json(info_path)
         if info.get("weights_sha256") != weights_sha256:
-            raise UsageError(f"--out {out} holds images of another model (run {info.get('run_dir')})",
-                             "use a new --out folder for this run")
+            raise UsageError(f"{{out}} {out} holds images of another model (run {info.get('run_dir')})",
+                             "use a new {out} folder for this run", params=["out"])
         return
     (out / IMAGES).mkdir(parents=True, exist_ok=True)
     write_json(info_path, {"format": "mmgen-batch", "run_dir": str(run_root), "weights_sha256": weights_sha256,
@@ -400,7 +402,7 @@ def writing_out(out: Path) -> Iterator[None]:
     make every image and list it twice in the manifest, so the second is refused in one line."""
     from mmgen_deploy.io_utils import LockBusy, check_write_target, exclusive_lock
 
-    check_write_target(out, folder=True, label="--out")
+    check_write_target(out, folder=True, param="out")
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     holder = {"pid": os.getpid(), "purpose": "batch",
@@ -411,9 +413,9 @@ def writing_out(out: Path) -> Iterator[None]:
     except LockBusy as busy:
         pid = busy.holder.get("pid")
         who = f" (pid {pid}, since {str(busy.holder.get('since', '?'))[11:19]})" if pid else ""
-        raise OutputBusyError(f"--out {out} is being written by another `mmgen batch`{who}",
+        raise OutputBusyError(f"{{out}} {out} is being written by another `mmgen batch`{who}",
                               "wait until it finishes" + (f", or stop it (kill {pid})" if pid else "")
-                              + "; or write to another --out folder") from None
+                              + "; or write to another {out} folder", params=["out"]) from None
     finally:
         if created and [p.name for p in out.iterdir()] in ([], [LOCK]):
             with contextlib.suppress(OSError):

@@ -46,15 +46,18 @@ def describe_file_type(mode: int) -> str:
 
 
 def check_write_target(path: str | os.PathLike[str], *, folder: bool = False, label: str = "",
-                       hint: str = _SAFE_HINT) -> None:
+                       param: str | None = None, hint: str = _SAFE_HINT) -> None:
     """Refuse (`UnsafePathError`, one line) to write `path` unless it is absent or, not followed as a
     link, a regular file (`folder=True`: a real folder), and its nearest existing parent is a folder.
 
-    `label` prefixes the message (e.g. the option that named the path). Links above `path` (a
-    symlinked home or /tmp) are the user's own layout and are followed; the run directory checks
+    `label` prefixes the message (what the path is: "run directory"); `param`, the argument that named
+    the path, prefixes it by name (`MMGenError.params`: the CLI prints its option). Links above `path`
+    (a symlinked home or /tmp) are the user's own layout and are followed; the run directory checks
     its own entries (`RunDir.writing`).
     """
     path = Path(path)
+    label = "{" + param + "}" if param else label
+    params = [param] if param else []
     name = f"{label} {path}" if label else str(path)
     try:
         mode = os.lstat(path).st_mode
@@ -66,20 +69,22 @@ def check_write_target(path: str | os.PathLike[str], *, folder: bool = False, la
         if stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode):
             return
         raise UnsafePathError(f"{name} is {describe_file_type(mode)}, not a "
-                              f"{'folder' if folder else 'regular file'} mmgen may write", hint)
+                              f"{'folder' if folder else 'regular file'} mmgen may write", hint, params=params)
     parent = path.parent
     while True:
         try:
             parent_mode = os.stat(parent).st_mode
         except (FileNotFoundError, NotADirectoryError):
             if os.path.lexists(parent):  # a link to nothing: mkdir would fail on it, or make its target
-                raise UnsafePathError(f"{name}: {parent} is a symbolic link to nothing, not a folder", hint) from None
+                raise UnsafePathError(f"{name}: {parent} is a symbolic link to nothing, not a folder", hint,
+                                      params=params) from None
             if parent == parent.parent:
                 return
             parent = parent.parent
             continue
         if not stat.S_ISDIR(parent_mode):
-            raise UnsafePathError(f"{name}: {parent} is {describe_file_type(parent_mode)}, not a folder", hint)
+            raise UnsafePathError(f"{name}: {parent} is {describe_file_type(parent_mode)}, not a folder", hint,
+                                  params=params)
         return
 
 

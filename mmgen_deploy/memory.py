@@ -5,6 +5,7 @@ No torch, no onnx: the ONNX Runtime runner and the engine builder use it too.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from mmgen_deploy.errors import MMGenError
@@ -52,16 +53,17 @@ def rss_bytes() -> int:
     return 0
 
 
-def check_memory(stage: str, need_bytes: int, hint: str) -> None:
+def check_memory(stage: str, need_bytes: int, hint: str, *, params: Sequence[str] = ()) -> None:
     """Refuse in one line when a stage's estimated peak (whole process) exceeds what this process
-    has now plus what the machine has available. `need_bytes` is the estimated process peak."""
+    has now plus what the machine has available. `need_bytes` is the estimated process peak; `params`:
+    the settings `hint` names (`MMGenError.params`)."""
     have = rss_bytes() + available_bytes()
     if need_bytes > have:
         raise InsufficientMemoryError(
             f"{stage} needs about {need_bytes / GB:.1f} GB, this machine has {have / GB:.1f} GB available",
-            hint)
+            hint, params=params)
 
 
-def check_extra(stage: str, extra_bytes: int, hint: str) -> None:
+def check_extra(stage: str, extra_bytes: int, hint: str, *, params: Sequence[str] = ()) -> None:
     """`check_memory` for a stage that adds `extra_bytes` to what this process holds now."""
-    check_memory(stage, rss_bytes() + extra_bytes, hint)
+    check_memory(stage, rss_bytes() + extra_bytes, hint, params=params)

@@ -224,3 +224,37 @@ def test_backend_names_precisions_and_the_auto_order_have_one_owner() -> None:
                         (relative in _ASKS_THE_REGISTRY and node.value in backends):
                     offenders.append(f"{relative}:{node.lineno} {node.value[:60]!r}")
     assert not offenders, offenders
+
+
+def _texts(tree: ast.AST) -> list[tuple[int, str]]:
+    """The string literals of a module outside its docstrings, an f-string as one text (`{}` for each value)."""
+    docstrings = _docstring_ids(tree)
+    parts = {id(v) for node in ast.walk(tree) if isinstance(node, ast.JoinedStr) for v in node.values}
+    texts = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.JoinedStr):
+            texts.append((node.lineno, "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings | parts:
+            texts.append((node.lineno, node.value))
+    return texts
+
+
+def test_the_library_names_settings_by_parameter_not_by_cli_flag() -> None:
+    """Outside the CLI no text spells an option the CLI maps a parameter to (`OPTION_NAMES`): an error or
+    hint names the parameter (`{calibration_images}`, `MMGenError.params`) and the CLI prints its flag, so
+    a library caller reads its own argument names. A whole command in backticks (`mmgen export RUN
+    --components ...`) is a command to run, and may."""
+    from mmgen_deploy.cli.common import OPTION_NAMES
+
+    flag = re.compile("(" + "|".join(re.escape(f) for f in sorted(set(OPTION_NAMES.values()), key=len,
+                                                                    reverse=True)
+                                     if f.startswith("--")) + r")(?![\w-])")
+    offenders = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = str(path.relative_to(PACKAGE))
+        if relative.startswith("cli/"):
+            continue
+        for line, text in _texts(ast.parse(path.read_text())):
+            prose = re.sub(r"`[^`]*`", "", text)
+            offenders += [f"{relative}:{line} {found!r} in {text[:70]!r}" for found in flag.findall(prose)]
+    assert not offenders, "\n".join(offenders)

@@ -17,7 +17,9 @@ import torch
 
 from mmgen_deploy import onnx_files
 from mmgen_deploy.cli.app import main
+from mmgen_deploy.cli.common import describe_error
 from mmgen_deploy.config import preset
+from mmgen_deploy.errors import MMGenError, UsageError
 from mmgen_deploy.export import export_run, onnx_path, read_manifest
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
 from mmgen_deploy.models.load import load_models
@@ -221,9 +223,17 @@ def test_stage_that_cannot_fit_is_refused_in_one_line(tmp_path, monkeypatch, cap
         main(["export", str(run.root), "--precision", "fp32", "--components", "denoiser"])
     text = capsys.readouterr().err
     assert info.value.code == 1
-    assert "needs about" in text and "GB available" in text and "--components" in text
-    assert "Traceback" not in text
+    assert "needs about" in text and "GB available" in text and "(--components denoiser)" in text
+    assert "(--calibration-images 4)" in " ".join(text.split()) and "Traceback" not in text
     assert not run.onnx_dir.exists()
+    # The library names the settings by parameter (its caller's words); the CLI printed its flags above.
+    with pytest.raises(MMGenError) as refused:
+        export_run(run, precisions=("fp32",), components=("denoiser",))
+    assert "(components denoiser)" in str(refused.value) and "(calibration_images 4)" in str(refused.value)
+    with pytest.raises(UsageError) as refused:
+        export_run(run, precisions=("fp32",), calibration_images=0)
+    assert str(refused.value) == "calibration_images 0: need at least 1 (give 1 or more)"
+    assert describe_error(refused.value) == "--calibration-images 0: need at least 1 (give 1 or more)"
 
 
 def test_validation_and_calibration_sizes_follow_the_cost() -> None:

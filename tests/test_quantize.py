@@ -173,6 +173,9 @@ def test_int8_fp8_sets_have_manifest_records_and_keep_the_quantizer_fp32(quantiz
         # The per-component choice: the decoder ships FP16 inside the 8-bit set.
         assert files["decoder"]["component_precision"] == "fp16"
         assert files["decoder"]["quantization"]["qdq_pairs"] == 0
+        # Who kept each unquantized, by the setting's name: the user's override, or the spec.
+        assert files["decoder"]["quantization"]["name"] == "none (component kept FP16: component_precisions)"
+        assert q["quantization"]["name"] == "none (component kept FP32: spec.keep_fp32, distances decide code indices)"
     calibration = manifest["calibration"]["quantization"]
     assert calibration["denoiser"]["timesteps"] == [0, 333, 666, 999]
     assert calibration["settings"]["calibration_size"] == 32

@@ -233,6 +233,10 @@ OPTION_NAMES: dict[str, str] = {
     # export (QuantSettings)
     "calibration_size": "--calibration-size", "calibration_timesteps": "--calibration-timesteps",
     "component_precisions": "--component-precision",
+    "calibration": "--calibration", "calibration_images": "--calibration-images", "components": "--components",
+    # train, distill, import
+    "resume": "--resume", "overwrite": "--overwrite", "guidance_range": "--guidance-range",
+    "trajectories": "--trajectories", "train_steps": "--train-steps",
     # tune
     "max_quality_drop": "--max-quality-drop", "budget_minutes": "--budget-minutes", "samples": "--samples",
     "student": "--student", "batch_sizes": "--batch-sizes",

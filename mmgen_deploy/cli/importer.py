@@ -62,7 +62,7 @@ def register(app: typer.Typer) -> None:
         with console.status("importing..."):
             report = import_run(out, source=source, vq_path=vq, vae_path=vae, dit_path=dit, scheduler_path=scheduler,
                                 class_names_file=class_names, image_size=image_size, num_heads=num_heads,
-                                norm_groups=norm_groups, force=force)
+                                norm_groups=norm_groups, overwrite=force)
         if json_out == "-":
             emit_json(report, "-")
             return

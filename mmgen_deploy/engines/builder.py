@@ -168,7 +168,8 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     trt_mod = flavour.trt
     # The parser keeps the ONNX weights, the network and the builder make their own: ~3x the file.
     check_extra(f"building the {spec.name} engine", BUILD_BYTES_FACTOR * onnx_bytes(onnx),
-                "build fewer components at a time (--components NAME) or on a machine with more memory")
+                "build fewer components at a time ({components} NAME) or on a machine with more memory",
+                params=["components"])
     logger, messages = _make_logger(flavour, options.verbose)
     builder: trt.Builder = trt_mod.Builder(logger)
     if builder is None:

@@ -167,9 +167,13 @@ def export_models(config: ModelConfig, vq: VQModel | AutoencoderKL, dit: DiT, ou
                           threads=threads)
 
 
-def _memory_hint(name: str) -> str:
-    return (f"export fewer components at a time (--components {name}), use fewer calibration images "
-            "(--calibration-images 4), or a machine with more memory")
+def _check_memory(stage: str, need_bytes: int, name: str) -> None:
+    """`budget.check_memory` for a stage of component `name`, with how to make it fit."""
+    from mmgen_deploy.export import budget
+
+    budget.check_memory(stage, need_bytes, f"export fewer components at a time ({{components}} {name}), use "
+                        "fewer calibration images ({calibration_images} 4), or a machine with more memory",
+                        params=["components", "calibration_images"])
 
 
 def _export_models(config: ModelConfig, models: _Models, out: Path, *, precisions: Sequence[str],
@@ -254,9 +258,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
         component_threads = threads_for(cost)
         batches = validation_batches(spec, cost.cost_gflop)
         step(f"{name}: exporting FP32")
-        budget.check_memory(f"exporting the {name}", budget.BASE_BYTES + int(budget.EXPORT_WEIGHT_FACTOR
-                                                                             * cost.weight_bytes),
-                            _memory_hint(name))
+        _check_memory(f"exporting the {name}", budget.BASE_BYTES + int(budget.EXPORT_WEIGHT_FACTOR
+                                                                       * cost.weight_bytes), name)
         with torch_threads(component_threads):
             input_sets = (random_input_sets(spec, specs, modules, batches=batches["random"])
                           + real_input_sets(spec, real_inputs[name], real_kind, batches=batches["real"]))
@@ -270,9 +273,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
             del module
             _release(models, modules, specs, chosen[chosen.index(name) + 1:])
         step(f"{name}: validating FP32 in ONNX Runtime")
-        budget.check_memory(f"validating the {name} in ONNX Runtime",
-                            budget.BASE_BYTES + int(budget.SESSION_WEIGHT_FACTOR * cost.weight_bytes),
-                            _memory_hint(name))
+        _check_memory(f"validating the {name} in ONNX Runtime",
+                      budget.BASE_BYTES + int(budget.SESSION_WEIGHT_FACTOR * cost.weight_bytes), name)
         checks = validate_graph(fp32_file, None, spec, "fp32", input_sets, threads=component_threads,
                                 progress=detail)
         if "fp32" in chosen_precisions:
@@ -286,9 +288,8 @@ def _export_models(config: ModelConfig, models: _Models, out: Path, *, precision
 
             fp16_file = out / "fp16" / f"{name}.onnx"
             step(f"{name}: converting to mixed FP16" if not spec.keep_fp32 else f"{name}: kept FP32 (spec)")
-            budget.check_memory(f"converting the {name} to FP16",
-                                budget.BASE_BYTES + int(budget.AUTOCAST_WEIGHT_FACTOR * cost.weight_bytes),
-                                _memory_hint(name))
+            _check_memory(f"converting the {name} to FP16",
+                          budget.BASE_BYTES + int(budget.AUTOCAST_WEIGHT_FACTOR * cost.weight_bytes), name)
             samples = budget.calibration_samples(cost, next(iter(real_inputs[name].values())).shape[0])
             calib = {k: v[:samples] for k, v in real_inputs[name].items()}
             started = time.perf_counter()
@@ -390,7 +391,7 @@ def _check_memory_for_models(config: ModelConfig, chosen: Sequence[str]) -> None
         cost = costs[name]
         # The run's models stay loaded until their last component is exported.
         need = budget.BASE_BYTES + models + int((budget.EXPORT_WEIGHT_FACTOR - 1) * cost.weight_bytes)
-        budget.check_memory(f"exporting the {name} (with the run's models loaded)", need, _memory_hint(name))
+        _check_memory(f"exporting the {name} (with the run's models loaded)", need, name)
 
 
 def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str, Any] | None:
@@ -404,14 +405,14 @@ def _check_existing(run: RunDir, weights_sha: str, overwrite: bool) -> dict[str,
         if overwrite:
             return None
         raise RunDirError(f"{onnx_root} exists but holds no readable export manifest",
-                          "pass --overwrite to replace it") from None
+                          "pass {overwrite} to replace it", params=["overwrite"]) from None
     if manifest.get("source_weights_sha256") != weights_sha:
         if overwrite:
             return None
         raise RunDirError(
             f"{onnx_root} holds an export of a different checkpoint "
             f"(weights {str(manifest.get('source_weights_sha256'))[:12]}, this run's are {weights_sha[:12]})",
-            "pass --overwrite to replace it")
+            "pass {overwrite} to replace it", params=["overwrite"])
     return None if overwrite else manifest
 
 
@@ -431,7 +432,8 @@ def export_run(run_dir: RunLike, *, precisions: Sequence[str] = DEFAULT_EXPORT_P
     run = RunDir.of(run_dir)
     check_opset(opset)
     if calibration_images is not None and calibration_images < 1:
-        raise UsageError(f"--calibration-images {calibration_images}: need at least 1")
+        raise UsageError(f"{{calibration_images}} {calibration_images}: need at least 1", "give 1 or more",
+                         params=["calibration_images"])
     config = run.load_config()
     chosen_precisions, chosen = normalize_selection(precisions, components, component_names(config, parts=True),
                                                     component_names(config))

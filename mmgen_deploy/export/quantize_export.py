@@ -64,7 +64,8 @@ def quantization_data(calibration: CalibrationSource, meta: dict[str, Any], conf
     data, why = dataset_calibration(meta, count=3 * settings.images)
     if data is None:
         raise UsageError(f"INT8/FP8 calibration needs real images and {why}",
-                         "pass --calibration FILE.npz with `images` (and `labels` / `captions`)")
+                         "pass {calibration} FILE.npz with `images` (and `labels` / `captions`)",
+                         params=["calibration"])
     loaded = load_calibration(data, config, limit=1 << 30)
     assert loaded is not None
     return loaded
@@ -79,11 +80,18 @@ def quant_plan(quantized: list[str], settings: QuantSettings | None, data: Calib
         return None
     if data is None:
         raise UsageError(f"INT8/FP8 calibration needs real images ({why_no_data})",
-                         "pass --calibration FILE.npz with `images` (and `labels` / `captions`)")
+                         "pass {calibration} FILE.npz with `images` (and `labels` / `captions`)",
+                         params=["calibration"])
     settings = settings or QuantSettings()
     inputs, description = trajectory_calibration(data, config, modules, settings, tokenizer=tokenizer,
                                                  progress=progress, cache=cache)
     return QuantPlan(settings, inputs, description)
+
+
+def _kept_by(settings: QuantSettings, spec: ComponentSpec) -> str:
+    """Who kept a component of an 8-bit set unquantized, as its manifest record says: the user's setting
+    (`QuantSettings.component_precisions`) or the spec."""
+    return "component_precisions" if spec.name in settings.component_precisions else "spec.shipped_precision"
 
 
 def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, module: nn.Module, fp32_file: Path,
@@ -107,12 +115,12 @@ def export_quantized(plan: QuantPlan, precision: str, spec: ComponentSpec, modul
 
         step(f"{spec.name}: kept FP16 in the {precision} set")
         converted = convert_fp16(fp32_file, spec, target, real, threads=threads)
-        record = {"name": "none (component kept FP16: spec or --component-precision)", "fp16_converter": converted,
+        record = {"name": f"none (component kept FP16: {_kept_by(plan.settings, spec)})", "fp16_converter": converted,
                   "qdq_pairs": 0, "quantized_nodes": 0}
     else:
         step(f"{spec.name}: kept FP32 in the {precision} set")
         onnx_files.copy_onnx(fp32_file, target)
-        reason = "spec.keep_fp32, distances decide code indices" if spec.keep_fp32 else "--component-precision"
+        reason = "spec.keep_fp32, distances decide code indices" if spec.keep_fp32 else _kept_by(plan.settings, spec)
         record = {"name": f"none (component kept FP32: {reason})", "qdq_pairs": 0, "quantized_nodes": 0}
     seconds = time.perf_counter() - started
     step(f"{spec.name}: validating {precision} against PyTorch FP32")

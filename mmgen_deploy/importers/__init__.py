@@ -90,7 +90,7 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
                vq_path: str | os.PathLike[str] | None = None, dit_path: str | os.PathLike[str] | None = None,
                scheduler_path: str | os.PathLike[str] | None = None,
                class_names_file: str | os.PathLike[str] | None = None, image_size: int | None = None,
-               num_heads: int | None = None, norm_groups: int | None = None, force: bool = False,
+               num_heads: int | None = None, norm_groups: int | None = None, overwrite: bool = False,
                vae_path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
     """Import a first stage (VQ model or KL autoencoder) and a DiT into the run directory `out`;
     return a report (JSON-ready). `vq_path` and `vae_path` both name the first stage (`--vq` for a
@@ -99,12 +99,12 @@ def import_run(out: str | os.PathLike[str], *, source: str | os.PathLike[str] | 
 
     out = Path(out)
     if out.is_file():
-        raise UsageError(f"--out {out} is a file", "give a directory path for the run")
+        raise UsageError(f"{{out}} {out} is a file", "give a directory path for the run", params=["out"])
     if out.exists() and not out.is_dir():  # a device, FIFO or socket
-        check_write_target(out, folder=True, label="--out")
-    if not RunDir(out).is_empty() and not force:
+        check_write_target(out, folder=True, param="out")
+    if not RunDir(out).is_empty() and not overwrite:
         raise UsageError(f"{out} already exists and is not empty",
-                         "choose a new --out or pass --overwrite to replace it")
+                         "choose a new {out} or pass {overwrite} to replace it", params=["out", "overwrite"])
     with RunDir(out).writing("import", create=True):
         return _import_run(out, source=source, vq_path=vq_path, vae_path=vae_path, dit_path=dit_path,
                            scheduler_path=scheduler_path, class_names_file=class_names_file, image_size=image_size,

@@ -120,7 +120,8 @@ def load_text_encoder(run: RunDir, config: ModelConfig | None = None) -> TextEnc
     config = config or run.load_config()
     if config.text is None:
         raise RunDirError(f"{run.root} holds a class-conditioned model: it has no text encoder",
-                          "use class names (--class) instead of prompts")
+                          "use class names ({classes}) instead of prompts",
+                          params=["classes"])
     text_config = config.text
     return _build_loaded(run, TEXT_PART, lambda: TextEncoder(text_config), skip_init=False).eval()
 

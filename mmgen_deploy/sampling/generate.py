@@ -103,7 +103,7 @@ def check_output_dir(target: Path, command: str = "mmgen generate") -> None:
 
     if target.is_file() and not target.is_symlink():
         raise UsageError(f"{{out}} {target} is a file", "give a folder path", params=["out"])
-    check_write_target(target, folder=True, label="--out")
+    check_write_target(target, folder=True, param="out")
     if target.is_dir() and any(target.iterdir()) and not (target / "samples.json").is_file():
         raise UsageError(f"{{out}} {target} exists and was not written by `{command}`",
                          f"choose another {{out}} folder ({command} replaces only its own output folders)",

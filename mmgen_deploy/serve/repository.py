@@ -399,10 +399,12 @@ def _output_rows(summary: dict[str, Any]) -> str:
             "1.0 = full scale (`mmgen client` writes it as generate's 16-bit WAV) |\n")
 
 
-def _client_example(summary: dict[str, Any]) -> str:
+def _client_command(summary: dict[str, Any]) -> str:
+    """An `mmgen client` command line for the served model, in backticks."""
     if summary.get("conditioning") == "text":
-        return '--prompt "a large blue triangle at the top" --n 4'
-    return f'--class "{summary["class_names"][0]}" --n 4' if summary["class_names"] else "--class 3 --n 4"
+        return '`mmgen client http://HOST:8000 --prompt "a large blue triangle at the top" --n 4`'
+    name = f'"{summary["class_names"][0]}"' if summary["class_names"] else "3"
+    return f"`mmgen client http://HOST:8000 --class {name} --n 4`"
 
 
 def repository_readme(summary: dict[str, Any]) -> str:
@@ -444,7 +446,7 @@ docker run --rm --gpus all --shm-size 1g -p 8000:8000 -p 8001:8001 -p 8002:8002 
            tritonserver --model-repository=/models"
 ```
 
-Then `curl localhost:8000/v2/health/ready` and `mmgen client http://HOST:8000 {_client_example(summary)}`.
+Then `curl localhost:8000/v2/health/ready` and {_client_command(summary)}.
 Without the container: `mmgen serve {summary["repository"]}` (tritonserver from the nvidia-pytriton wheel).
 
 ## Scale out

@@ -80,14 +80,16 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Tensors and plain containers only (weights_only): a checkpoint cannot run code."""
     if not path.is_file():
-        raise RunDirError(f"no checkpoint to resume from at {path}", "train without --resume first")
+        raise RunDirError(f"no checkpoint to resume from at {path}", "train without {resume} first",
+                          params=["resume"])
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for damaged or foreign files
         raise RunDirError(f"cannot load checkpoint {path}: {str(exc).splitlines()[0]}",
-                          "delete it and train again without --resume") from None
+                          "delete it and train again without {resume}", params=["resume"]) from None
     if not isinstance(state, dict) or "step" not in state:
-        raise RunDirError(f"{path} is not an mmgen training checkpoint", "delete it and train without --resume")
+        raise RunDirError(f"{path} is not an mmgen training checkpoint", "delete it and train without {resume}",
+                          params=["resume"])
     return state
 
 
@@ -160,4 +162,4 @@ class TrainingInterrupted(MMGenError):
 def interrupted(stage: str, checkpoint: Path, step: int | None) -> TrainingInterrupted:
     where = f"the last complete checkpoint (step {step}) is {checkpoint}" if step else "no checkpoint was written yet"
     return TrainingInterrupted(f"{stage} training interrupted; {where}",
-                               "continue with the same command plus --resume" if step else None)
+                               "continue with the same command plus {resume}" if step else None, params=["resume"])

@@ -85,17 +85,17 @@ class DistillSettings:
 
     def check(self) -> None:
         if self.steps not in STUDENT_STEPS:
-            raise UsageError(f"--steps {self.steps} is not a supported student step count",
-                             f"choose one of {', '.join(map(str, STUDENT_STEPS))}")
+            raise UsageError(f"{{steps}} {self.steps} is not a supported student step count",
+                             f"choose one of {', '.join(map(str, STUDENT_STEPS))}", params=["steps"])
         if self.teacher_steps % self.steps:
             raise UsageError(f"the teacher's {self.teacher_steps} steps are not a multiple of {self.steps}")
         if not 0 < self.guidance_min <= SAMPLING.cfg_scale <= self.guidance_max <= SAMPLING.max_cfg_scale:
             raise UsageError(f"guidance range {self.guidance_min:g}..{self.guidance_max:g} must hold the default "
                              f"scale {SAMPLING.cfg_scale:g} and lie in 0..{SAMPLING.max_cfg_scale:g}",
-                             "e.g. --guidance-range 1:6")
+                             "e.g. {guidance_range} 1:6", params=["guidance_range"])
         for name in ("trajectories", "train_steps", "batch_size", "checkpoint_every", "rounds"):
             if getattr(self, name) < 1:
-                raise UsageError(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{{{name}}} must be >= 1, got {getattr(self, name)}", params=[name])
 
 
 def student_timesteps(num_train_timesteps: int, steps: int) -> tuple[int, ...]:
@@ -259,16 +259,16 @@ def distill(teacher: RunDir, student: RunDir, settings: DistillSettings, *, resu
     if resume:
         if not checkpoint.is_file():
             raise RunDirError(f"{student.root} has no distillation checkpoint to resume",
-                              "start without --resume")
+                              "start without {resume}", params=["resume"])
         state = load_checkpoint(checkpoint)
         if state.get("teacher_sha256") != fingerprint:
             raise RunDirError(f"{teacher.root} changed since this distillation started (its weights hash differs)",
-                              "distill again without --resume (add --overwrite)")
+                              "distill again without {resume} (add {overwrite})", params=["resume", "overwrite"])
         saved = {**settings.to_dict(), **state.get("settings", {})}
         if {k: v for k, v in saved.items() if k != "train_steps"} != {
                 k: v for k, v in settings.to_dict().items() if k != "train_steps"}:
             raise RunDirError(f"{checkpoint} was made with other settings ({saved})",
-                              "resume with the same options (only --train-steps may grow)")
+                              "resume with the same options (only {train_steps} may grow)", params=["train_steps"])
         dit.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
@@ -388,11 +388,12 @@ def _load_pairs(path: Path, sha256: str, checkpoint: Path) -> tuple[
 
     from mmgen_deploy.io_utils import sha256_file
 
-    hint = "distill again without --resume (add --overwrite)"
+    hint, params = "distill again without {resume} (add {overwrite})", ["resume", "overwrite"]
     if not path.is_file():
-        raise RunDirError(f"{checkpoint} trains on the trajectory pairs {path}, which are missing", hint)
+        raise RunDirError(f"{checkpoint} trains on the trajectory pairs {path}, which are missing", hint, params=params)
     if sha256_file(path) != sha256:
-        raise RunDirError(f"{path} is not the trajectory pairs {checkpoint} trained on (its sha256 differs)", hint)
+        raise RunDirError(f"{path} is not the trajectory pairs {checkpoint} trained on (its sha256 differs)", hint,
+                          params=params)
     tensors = load_file(str(path))
     conditions = {k.removeprefix("conditions."): v for k, v in tensors.items() if k.startswith("conditions.")}
     null = {k.removeprefix("null."): v for k, v in tensors.items() if k.startswith("null.")}
@@ -409,7 +410,8 @@ def distill_into(student_dir: Path, teacher: RunDir, settings: DistillSettings, 
     config = teacher.load_config()
     check_teacher(teacher, config)
     if Path(student_dir).resolve() == teacher.root.resolve():
-        raise UsageError("the student must go to its own run directory, not the teacher's", "choose another --out")
+        raise UsageError("the student must go to its own run directory, not the teacher's", "choose another {out}",
+                         params=["out"])
     data = teacher.read_meta().get("data", {})
     if data:  # in the normalised form prepare_run compares with
         from mmgen_deploy.data import DataSpec

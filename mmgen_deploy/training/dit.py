@@ -195,26 +195,29 @@ def train_dit(run: RunDir, train: ImageData, settings: DiTTrainSettings, *, resu
         state = load_checkpoint(checkpoint)
         if state.get("config") != config.dit.to_dict():
             raise RunDirError(f"{checkpoint} belongs to a different DiT configuration",
-                              "train without --resume (add --overwrite to replace the run)")
+                              "train without {resume} (add {overwrite} to replace the run)",
+                              params=["resume", "overwrite"])
         # Settings added since the checkpoint was written compare at their defaults.
         saved = {**DiTTrainSettings().to_dict(), **state.get("settings", {})}
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in settings.to_dict().items()
                                                                if k != "steps"}:
             raise RunDirError(f"{checkpoint} was trained with other settings ({saved})",
-                              "resume with the same options (only --steps may grow)")
+                              "resume with the same options (only {steps} may grow)", params=["steps"])
         dit.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         if text_encoder is not None and text_ema is not None and config.text is not None:
             if "text_encoder" not in state or state.get("text_config") != config.text.to_dict():
                 raise RunDirError(f"{checkpoint} has no matching text encoder",
-                                  "train without --resume (add --overwrite to replace the run)")
+                                  "train without {resume} (add {overwrite} to replace the run)",
+                                  params=["resume", "overwrite"])
             text_encoder.load_state_dict(state["text_encoder"])
             text_ema.load_state_dict(state["text_ema"])
         try:
             optimizer.load_state_dict(state["optimizer"])
         except ValueError:  # parameter groups differ: a text checkpoint from before the text encoder had its own
             raise RunDirError(f"{checkpoint} has an optimizer state of an older mmgen-deploy",
-                              "train without --resume (add --overwrite to replace the run)") from None
+                              "train without {resume} (add {overwrite} to replace the run)",
+                              params=["resume", "overwrite"]) from None
         restore_rng(state["rng"], generator)
         start = int(state["step"])
     last_saved = start if resume else None

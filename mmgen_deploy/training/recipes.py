@@ -74,7 +74,7 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
     """
     run = RunDir(out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"{out} exists and is not a folder", "choose another --out")
+        raise UsageError(f"{out} exists and is not a folder", "choose another {out}", params=["out"])
     if run.exists():
         existing_config = run.load_config() if not overwrite else None
         existing_data = run.read_meta().get("data", {})
@@ -89,15 +89,17 @@ def prepare_run(out: Path, config: ModelConfig, data: dict[str, Any], *, overwri
             if difference is None:
                 return run
             raise RunDirError(f"{out} already holds a different model ({difference})",
-                              "pass --overwrite to replace it, or choose another --out")
+                              "pass {overwrite} to replace it, or choose another {out}",
+                              params=["overwrite", "out"])
         if resume:
-            raise UsageError("--resume and --overwrite contradict each other", "use one of them")
+            raise UsageError("{resume} and {overwrite} contradict each other", "use one of them",
+                             params=["resume", "overwrite"])
         for name in _RUN_ENTRIES:
             remove_path(out / name)  # a link is removed, never followed
     elif out.is_dir() and not run.is_empty():
         raise RunDirError(f"{out} is a non-empty folder that is not an mmgen run directory",
-                          "choose an empty or new folder for --out")
+                          "choose an empty or new folder for {out}", params=["out"])
     elif resume:
-        raise RunDirError(f"nothing to resume in {out}", "train without --resume first")
+        raise RunDirError(f"nothing to resume in {out}", "train without {resume} first", params=["resume"])
     run.initialize(config, data=data)
     return run

@@ -147,12 +147,13 @@ def train_vqvae(run: RunDir, train: ImageData, val: ImageData, settings: VQTrain
         state = load_checkpoint(checkpoint)
         if state.get("config") != config.first_stage.to_dict():
             raise RunDirError(f"{checkpoint} belongs to a different VQ configuration",
-                              "train without --resume (add --overwrite to replace the run)")
+                              "train without {resume} (add {overwrite} to replace the run)",
+                              params=["resume", "overwrite"])
         saved = dict(state.get("settings", {}))
         if {k: v for k, v in saved.items() if k != "steps"} != {k: v for k, v in settings.to_dict().items()
                                                                if k != "steps"}:
             raise RunDirError(f"{checkpoint} was trained with other settings ({saved})",
-                              "resume with the same options (only --steps may grow)")
+                              "resume with the same options (only {steps} may grow)", params=["steps"])
         vq.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if disc is not None and disc_opt is not None:
