@@ -359,22 +359,32 @@ def test_audio_options_that_do_not_apply_are_refused_before_any_work(tmp_path, c
         assert not (tmp_path / "run").exists()
 
 
-def test_generate_and_batch_count_clips(audio_run, tmp_path, capsys) -> None:
-    """An audio run's summary lines count what it writes, WAV clips, in clips per second."""
+def test_generate_and_batch_count_clips(audio_run, tmp_path, monkeypatch) -> None:
+    """An audio run's progress bars and summary lines count what it writes, WAV clips, in clips per second
+    (on a terminal, where the progress bars show)."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from mmgen_deploy.cli import batch, generate
     from mmgen_deploy.cli.app import main
 
     common = ["--steps", "2", "--backend", "onnxruntime", "--precision", "fp32", "--threads", "1"]
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"class": "sine falling", "n": 2, "seed": 4}) + "\n")
-    for argv, said in ((["generate", str(audio_run.root), "--class", "1", "--n", "2", *common, "--out",
-                         str(tmp_path / "gen")], "2 clips in "),
-                       (["batch", str(audio_run.root), str(requests), *common, "--out", str(tmp_path / "batch")],
-                        "wrote 2 clips to ")):
+    for module, argv, bar, said in (
+            (generate, ["generate", str(audio_run.root), "--class", "1", "--n", "2", *common, "--out",
+                        str(tmp_path / "gen")], "sampling 2 clips", "2 clips in "),
+            (batch, ["batch", str(audio_run.root), str(requests), *common, "--out", str(tmp_path / "batch")],
+             "writing clips", "wrote 2 clips to ")):
+        terminal = io.StringIO()
+        monkeypatch.setattr(module, "console", Console(file=terminal, force_terminal=True, width=200))
         with pytest.raises(SystemExit) as info:
             main(argv)
-        output = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+        output = " ".join(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", " ", terminal.getvalue()).split())
         assert int(info.value.code or 0) == 0, output
-        assert said in output and "clips/s" in output and "images" not in output, output
+        assert bar in output and said in output and "clips/s" in output and "image" not in output, output
 
 
 def test_a_cached_audio_run_generates_clips_and_passes_parity(audio_run, tmp_path) -> None:

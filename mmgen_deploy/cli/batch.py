@@ -101,9 +101,12 @@ def batch(
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+    from mmgen_deploy.rundir import RunDir
+
+    noun = sample_noun(RunDir(run_dir).load_config())
     columns = (TextColumn("{task.description}"), BarColumn(), count_column(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("writing images", total=None)
+        task = bar.add_task(f"writing {noun}s", total=None)
 
         def advance(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -111,9 +114,6 @@ def batch(
         report = run_batch(run_dir, requests, out, settings, ray_address=ray_address, workers=workers,
                            progress=advance)
     where = f"Ray ({ray_address}, {plural(report.workers, 'worker')})" if ray_address else "in-process"
-    from mmgen_deploy.rundir import RunDir
-
-    noun = sample_noun(RunDir(run_dir).load_config())
     if report.written == 0:
         console.print(f"nothing to do: all {plural(report.total, noun)} are already in {out / 'manifest.jsonl'}")
     else:

@@ -131,6 +131,7 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
     from mmgen_deploy.sampling.generate import generate_to_folder
 
     run = RunDir.of(run_dir)
+    noun = sample_noun(run.load_config())
     count = [0]
 
     def say_backend(choice: Any) -> None:
@@ -146,16 +147,15 @@ def run_generate(run_dir: RunLike, request: GenerateRequest) -> dict[str, Any]:
     columns = (TextColumn("{task.description}"), BarColumn(), count_column(), TimeRemainingColumn())
     # The run's writer lock (when the samples go inside it) before the progress bar and minutes of sampling.
     with run.writing_into(request.out, "write samples"), Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("sampling images", total=None)
+        task = bar.add_task(f"sampling {noun}s", total=None)
 
         def advance(done: int, total: int) -> None:
-            bar.update(task, description=f"sampling {plural(count[0], 'image')}", completed=done, total=total)
+            bar.update(task, description=f"sampling {plural(count[0], noun)}", completed=done, total=total)
 
         generated = generate_to_folder(run, request, progress=advance, on_backend=say_backend,
                                     on_conditioning=warn)
     result, target = generated.result, generated.out
     timing = result.timing()
-    noun = sample_noun(run.load_config())
     console.print(f"{plural(len(result.images), noun)} in {result.total_seconds:.2f} s: "
                   f"[bold]{timing['images_per_second']:.2f} {noun}s/s[/] "
                   f"(model calls {result.model_seconds:.2f} s, loop overhead "
