@@ -247,6 +247,38 @@ def test_quickstart_runs_its_stages_in_order(tmp_path, capsys, monkeypatch) -> N
     assert code != 0 and "--overwrite" in text
 
 
+def test_quickstart_passes_its_threads_to_every_later_stage(exported_tiny_run, monkeypatch) -> None:
+    """`quickstart --threads N`: export, generate, eval and parity run with N threads, as their own
+    commands' --threads would (parity: the backend and the PyTorch reference); left out, each keeps its
+    own default. What each stage hands its command's printing helper is recorded, not run."""
+    from mmgen_deploy.cli import export, generate, parity
+    from mmgen_deploy.cli import quickstart as qs_cli
+
+    seen: dict[str, list] = {}
+    monkeypatch.setattr(export, "run_export", lambda run, **kw: seen.setdefault("export", []).append(kw["threads"])
+                        or {})
+    monkeypatch.setattr(qs_cli, "emit_json", lambda *a: None)
+    monkeypatch.setattr(generate, "run_generate", lambda run, request: seen.setdefault("generate", []).append(
+        request.threads))
+    monkeypatch.setattr(qs_cli, "run_eval", lambda run, settings: seen.setdefault("eval", []).append(
+        settings.threads))
+
+    class Verdict:
+        passed = True
+
+    monkeypatch.setattr(parity, "run_parity_report", lambda run, options: seen.setdefault("parity", []).append(
+        (options.threads, options.torch_threads)) or Verdict())
+    for threads, expected in ((3, {"export": 3, "generate": 3, "eval": 3, "parity": (3, 3)}),
+                              (None, {"export": None, "generate": None, "eval": None, "parity": (None, 1)})):
+        seen.clear()
+        ctx = qs_cli.QuickstartContext(run=exported_tiny_run, train=None, val=None, seed=0, threads=threads)
+        for stage in (qs_cli.export_stage, qs_cli.generate_stage, qs_cli._qs_eval_on_deployed_path,
+                      qs_cli.parity_stage):
+            stage(ctx)
+        assert {name: values[0] for name, values in seen.items()} == expected
+        assert len(set(seen["parity"])) == 1  # every backend and precision it checks
+
+
 def test_default_thread_count_is_the_cpus_not_the_load(monkeypatch) -> None:
     """Training's default thread count is fixed for a machine: a busy or idle machine trains on the
     same count (it changes the weights), and `--threads` wins."""

@@ -19,7 +19,6 @@ from mmgen_deploy.cli.common import TRAINING_SEED_OPTION, console, emit_json, js
 from mmgen_deploy.cli.evaluate import eval_settings, run_eval
 from mmgen_deploy.cli.train import (
     OVERWRITE_OPTION,
-    TRAIN_THREADS_OPTION,
     TextOptions,
     dit_train_settings,
     new_run,
@@ -47,7 +46,7 @@ class QuickstartContext:
     train: Any
     val: Any
     seed: int
-    threads: int | None = None
+    threads: int | None = None  # every stage's CPU threads (None: each stage's default, as its command's)
     results: dict[str, Any] = field(default_factory=dict)
     text: bool = False  # `quickstart --text`: a text-to-image model
     samples_per_class: int | None = None  # the evaluation's, for a class model (None: QUICKSTART_EVAL's)
@@ -79,7 +78,8 @@ def _qs_dit(ctx: QuickstartContext) -> str:
 def export_stage(ctx: QuickstartContext) -> str:
     from mmgen_deploy.cli.export import run_export
 
-    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS))  # what `mmgen export` makes
+    # What `mmgen export` makes.
+    manifest = run_export(ctx.run, precisions=list(DEFAULT_EXPORT_PRECISIONS), threads=ctx.threads)
     emit_json(manifest, str(ctx.run.report_path("export")))
     return str(ctx.run.onnx_dir)
 
@@ -92,7 +92,8 @@ def _generate(ctx: QuickstartContext, *, classes: list[str] | None = None, promp
     out = ctx.run.samples_dir / f"{QUICKSTART_BACKEND}-fp32"
     # The sampling defaults (steps, sampler, guidance) are generate's.
     request = GenerateRequest(classes=classes or [], prompts=prompts or [], n=2, seed=ctx.seed,
-                              backend=QUICKSTART_BACKEND, precision="fp32", batch_size=18, out=out)
+                              backend=QUICKSTART_BACKEND, precision="fp32", batch_size=18, out=out,
+                              threads=ctx.threads)
     run_generate(ctx.run, request)
     return str(out / "grid.png")
 
@@ -123,7 +124,9 @@ def parity_stage(ctx: QuickstartContext) -> str:
         checks.append((auto.backend, auto.precision))
     for backend, precision in checks:
         label = precision if backend == QUICKSTART_BACKEND else f"{backend} {precision}"
-        options = ParityOptions(backend=backend, precision=precision)
+        # As `mmgen parity --threads`: the backend's threads and the PyTorch reference's.
+        options = ParityOptions(backend=backend, precision=precision, threads=ctx.threads,
+                                torch_threads=ctx.threads or ParityOptions.torch_threads)
         report = parity_report_path(ctx.run, options)
         passed = run_parity_report(ctx.run, options).passed
         verdicts[label] = "PASSED" if passed else "FAILED"
@@ -152,7 +155,7 @@ def _qs_eval_on_deployed_path(ctx: QuickstartContext) -> str:
 
     sizes = QUICKSTART_EVAL
     settings = eval_settings(ctx.samples_per_class or sizes.samples_per_class, sizes.steps, SAMPLING.cfg_scale,
-                             ctx.seed, True, QUICKSTART_BACKEND, "fp32", sizes.num_prompts)
+                             ctx.seed, True, QUICKSTART_BACKEND, "fp32", sizes.num_prompts, threads=ctx.threads)
     ctx.results["eval"] = run_eval(ctx.run, settings)
     return str(eval_report_path(ctx.run, settings))
 
@@ -194,7 +197,12 @@ QUICKSTART_TEXT_STAGES: list[QuickstartStage] = [
 
 def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Run directory to create."),
-    seed: int = TRAINING_SEED_OPTION, overwrite: bool = OVERWRITE_OPTION, threads: int | None = TRAIN_THREADS_OPTION,
+    seed: int = TRAINING_SEED_OPTION, overwrite: bool = OVERWRITE_OPTION,
+    threads: int | None = typer.Option(
+        None, "--threads", min=1,
+        help="CPU threads of every stage: training (the count changes the trained weights' last bits), export, "
+             "generate, eval and parity (the backend and the reference), as each command's --threads. Default: "
+             "each stage's own (training: one per CPU this process may use)."),
     text: bool = typer.Option(False, "--text", help="Text-to-image instead: the tiny preset with a text encoder "
                               "(pooled conditioning: the prompt's mean embedding drives adaLN), trained on "
                               "`shapes` captions with 20% of the attribute combinations held out, evaluated on "
