@@ -211,3 +211,17 @@ def test_every_seed_says_the_same_thing_about_what_it_repeats() -> None:
     assert {name for name, kind in seen.items() if kind == "sampling"} >= {"generate", "client", "eval", "parity"}
     assert "thread count" in SAMPLING_SEED_HELP and "order" in SAMPLING_SEED_HELP
     assert "thread count" in TRAINING_SEED_HELP
+
+
+def test_commands_that_run_one_backend_share_its_threads_option() -> None:
+    """generate, batch, eval, bench and tune set the same thing with --threads, the backend's CPU threads, in
+    the words of the one shared option; batch only adds what it also means under Ray."""
+    from mmgen_deploy.cli.common import THREADS_OPTION
+
+    shared = str(THREADS_OPTION.help)
+    helps = {path: (str(param.help), param.min) for path, cmd in _commands() for param in cmd.params
+             if "--threads" in getattr(param, "opts", ())}
+    for path in ("generate", "eval", "bench", "tune"):
+        assert helps[path] == (shared, 1), path
+    batch_help, batch_min = helps["batch"]
+    assert batch_help.startswith(shared) and "--ray" in batch_help and batch_min == 1

@@ -18,6 +18,7 @@ from mmgen_deploy.cli.common import (
     plural,
     refuse_recipe_conflicts,
     sample_noun,
+    threads_option,
 )
 from mmgen_deploy.defaults import SAMPLING
 
@@ -56,7 +57,9 @@ def batch(
                                    help="Images per denoiser call (per worker)."),
     backend: str = BACKEND_OPTION,
     precision: str | None = PRECISION_OPTION,
-    threads: int | None = typer.Option(None, "--threads", help="CPU threads per runner."),
+    threads: int | None = threads_option(
+        "With --ray, each worker's: Ray reserves that many CPUs per worker (default 1), so a CPU cluster runs "
+        "its CPUs / N workers."),
     cache: str = CACHE_OPTION,
     recipe: bool = RECIPE_OPTION,
     json_out: str | None = json_option("counts, files and timing"),

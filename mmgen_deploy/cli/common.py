@@ -322,9 +322,15 @@ def sampling_seed_option(also: str = "") -> Any:
 TRAINING_SEED_OPTION = typer.Option(0, "--seed", help=TRAINING_SEED_HELP)
 
 
-# CPU threads of the backend a command runs on, as in `generate` (>= 1; left out: the backend's default).
-THREADS_OPTION = typer.Option(None, "--threads", min=1, help=f"CPU threads for {backend_labels('cpu')} "
-                                                             "(default: the backend's own).")
+def threads_option(also: str = "") -> Any:
+    """The `--threads` of a command that runs a backend (>= 1; left out: the backend's default); `also`:
+    what else it sets in that command."""
+    return typer.Option(None, "--threads", min=1, help=f"CPU threads for {backend_labels('cpu')} (default: the "
+                                                        f"backend's own). {also}".strip())
+
+
+# CPU threads of the backend a command runs on (generate, eval, bench, tune).
+THREADS_OPTION = threads_option()
 
 
 # The step-caching policy of every command that samples (generate, eval, parity, bench, batch), one word

@@ -19,6 +19,7 @@ from mmgen_deploy.cli.common import (
     RECIPE_OPTION,
     SAMPLER_OPTION,
     STEPS_OPTION,
+    THREADS_OPTION,
     console,
     count_column,
     emit_json,
@@ -30,7 +31,6 @@ from mmgen_deploy.cli.common import (
     stdout_console,
 )
 from mmgen_deploy.defaults import SAMPLING
-from mmgen_deploy.runtime.backends import backend_labels
 
 if TYPE_CHECKING:
     from mmgen_deploy.rundir import RunLike
@@ -67,7 +67,7 @@ def generate(
     device: str | None = typer.Option(None, "--device",
                                       help="cpu or cuda; OpenVINO: cpu, gpu or npu (default: what the backend "
                                            "prefers)."),
-    threads: int | None = typer.Option(None, "--threads", help=f"CPU threads for {backend_labels('cpu')}."),
+    threads: int | None = THREADS_OPTION,
     cache: str = CACHE_OPTION,
     recipe: bool = RECIPE_OPTION,
     cuda_graph: bool = typer.Option(False, "--cuda-graph",
