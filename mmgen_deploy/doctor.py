@@ -142,8 +142,8 @@ def cpu_bf16_check(features: CpuFeatures, *, openvino_bf16: bool, torch_bf16: bo
     without AMX (BF16 runs, but no faster than FP32: `auto` keeps FP32), or no BF16 units at all."""
     from mmgen_deploy.runtime.backends import OPENVINO_BF16_MIN_GFLOP, bf16_units
 
-    users = (["openvino (--precision bf16)"] if openvino_bf16 else []) + \
-        (["torch autocast (oneDNN; --backend torch --precision bf16)"] if torch_bf16 else [])
+    users = (["openvino (precision bf16)"] if openvino_bf16 else []) + \
+        (["torch autocast (oneDNN; backend torch, precision bf16)"] if torch_bf16 else [])
     used_by = "used by: " + ("; ".join(users) if users else "nothing installed (install OpenVINO)")
     if features.amx:
         auto = (f"auto picks OpenVINO BF16 for denoisers of {OPENVINO_BF16_MIN_GFLOP:g}+ GFLOP per evaluation"

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from export_helpers import record_as_exported
 
+from mmgen_deploy.cli.common import describe_error
 from mmgen_deploy.errors import MMGenError, NotAvailableError, UsageError
 from mmgen_deploy.runtime import Runner, open_runner, resolve_backend
 from mmgen_deploy.specs import component_specs
@@ -235,8 +236,11 @@ def test_openvino_refusals_are_one_line(exported_tiny_run, tmp_path) -> None:
         OpenVinoRunner(exported_tiny_run.root, "int4")
     with pytest.raises(NotAvailableError, match="no int8 ONNX set"):  # quant's INT8 set, not exported here
         OpenVinoRunner(exported_tiny_run.root, "int8")
-    with pytest.raises(UsageError, match=r"onnxruntime backend runs fp32.*not 'bf16'.*--backend openvino"):
+    with pytest.raises(UsageError, match=r"onnxruntime backend runs fp32.*not 'bf16'") as refused:
         open_runner(exported_tiny_run.root, "onnxruntime", "bf16")
+    # The library names the settings; the CLI its options.
+    assert "use backend openvino precision bf16" in str(refused.value)
+    assert "use --backend openvino --precision bf16" in describe_error(refused.value)
     # A corrupt graph: refused when the component is first used, naming the file.
     import shutil
 
@@ -269,7 +273,7 @@ def test_openvino_says_so_when_it_cannot_keep_the_fp32_scopes(exported_tiny_run,
     with OpenVinoRunner(exported_tiny_run.root, "bf16", cache_dir=tmp_path / "cache") as runner:
         feeds = runner.specs["denoiser"].make_inputs(2, np.random.default_rng(0))
         expected = (r"cannot keep denoiser's dit\.t_embedder FP32 under the bf16 hint: "
-                    r"Exception from src/core/src/pass/serialize\.cpp:1 \(use --precision fp32")
+                    r"Exception from src/core/src/pass/serialize\.cpp:1 \(use precision fp32")
         with pytest.raises(NotAvailableError, match=expected):
             runner.run("denoiser", feeds)
 

@@ -234,6 +234,11 @@ OPTION_NAMES: dict[str, str] = {
     "calibration_size": "--calibration-size", "calibration_timesteps": "--calibration-timesteps",
     "component_precisions": "--component-precision",
     "calibration": "--calibration", "calibration_images": "--calibration-images", "components": "--components",
+    # backends, runners and engines
+    "backend": "--backend", "precision": "--precision", "device": "--device", "debug": "--debug",
+    "batch_profile": "--batch-profile", "workspace_bytes": "--workspace", "runtime": "--runtime",
+    "compute_capabilities": "--compute-capability", "verbose": "--verbose",
+    "opset": "--opset", "ready_timeout_s": "--ready-timeout",
     # train, distill, import
     "resume": "--resume", "overwrite": "--overwrite", "guidance_range": "--guidance-range",
     "trajectories": "--trajectories", "train_steps": "--train-steps",

@@ -151,15 +151,19 @@ def _profile_shapes(spec: ComponentSpec, batch: BatchProfile | None) -> dict[str
 
 
 def _oom_hint(messages: list[str], workspace_bytes: int | None) -> str | None:
+    """How to fix a build that ran out of memory, naming the settings `BUILD_HINT_PARAMS` lists."""
     text = " ".join(messages).lower()
     if workspace_bytes and "workspace" in text:
-        return (f"the --workspace cap of {workspace_bytes / 2**20:.0f} MiB is too small for this component: "
+        return (f"the {{workspace_bytes}} cap of {workspace_bytes / 2**20:.0f} MiB is too small for this component: "
                 "raise it or leave it out")
     if any(k in text for k in ("out of memory", "outofmemory", "memoryallocation", "failed to allocate",
                                "insufficient memory")):
-        return ("the build ran out of memory: cap it with a smaller --workspace (e.g. 512MiB) or a smaller "
-                "--batch-profile")
+        return ("the build ran out of memory: cap it with a smaller {workspace_bytes} (e.g. 512MiB) or a smaller "
+                "{batch_profile}")
     return None
+
+
+BUILD_HINT_PARAMS = ("workspace_bytes", "batch_profile", "verbose")
 
 
 def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: BuildOptions,
@@ -174,7 +178,8 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
     builder: trt.Builder = trt_mod.Builder(logger)
     if builder is None:
         raise NotAvailableError(f"{flavour.label} could not create a builder",
-                                "check the CUDA driver (`nvidia-smi`) or use --runtime tensorrt-rtx")
+                                "check the CUDA driver (`nvidia-smi`) or use {runtime} tensorrt-rtx",
+                                params=["runtime"])
     network = builder.create_network(flavour.network_flags())
     parser: trt.OnnxParser = trt_mod.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx)):
@@ -213,7 +218,7 @@ def build_component(flavour: Flavour, spec: ComponentSpec, onnx: Path, options: 
         errors = [m for m in messages if not m.startswith("[WARNING]")] or messages
         raise EngineBuildError(f"TensorRT failed to build {spec.name}: {' | '.join(errors[-3:]) or 'no message'}",
                                _oom_hint(messages, options.workspace_bytes)
-                               or "run with --verbose for the full TensorRT log")
+                               or "run with {verbose} for the full TensorRT log", params=BUILD_HINT_PARAMS)
     return bytes(memoryview(plan)), flavour.serialized_timing_cache(config)
 
 
@@ -292,7 +297,8 @@ def build_engines(run: RunDir, options: BuildOptions, progress: ProgressFn | Non
     gpu = current_gpu() if flavour.needs_gpu_to_build else None
     if flavour.needs_gpu_to_build and gpu is None:
         raise NotAvailableError(f"{flavour.label} needs a CUDA GPU to build engines and none is visible",
-                                "build on the target device, or build ahead of time with --runtime tensorrt-rtx")
+                                "build on the target device, or build ahead of time with {runtime} tensorrt-rtx",
+                                params=["runtime"])
     check_quantized_target(flavour, options, gpu)
     onnx_files = {name: source_onnx(run, options.precision, name) for name in options.components}
     for name, path in onnx_files.items():
@@ -403,16 +409,19 @@ def check_quantized_target(flavour: Flavour, options: BuildOptions, gpu: Any) ->
         if gpu is not None and int(gpu.sm[2:]) < FP8_MIN_SM:
             raise UsageError(f"FP8 engines need compute capability 8.9 or newer (Ada, Hopper, Blackwell); this GPU "
                              f"is {gpu.name} ({gpu.sm})",
-                             "build --precision int8 (Jetson Orin, Ampere) or fp16 instead")
+                             "build {precision} int8 (Jetson Orin, Ampere) or fp16 instead", params=["precision"])
         return
     targets = list(options.compute_capabilities)
     if not targets:
         raise UsageError("FP8 engines need compute capability 8.9 or newer and TensorRT-RTX's default targets "
-                         "include Ampere (sm80, sm86)", "name FP8 targets: --cc sm89 and/or --cc sm120")
+                         "include Ampere (sm80, sm86)",
+                         "name FP8 targets: {compute_capabilities} sm89 and/or {compute_capabilities} sm120",
+                         params=["compute_capabilities"])
     old = [cc for cc in targets if int(cc.upper().removeprefix("SM").replace(".", "")) < FP8_MIN_SM]
     if old:
         raise UsageError(f"FP8 engines need compute capability 8.9 or newer; {', '.join(old)} cannot run them",
-                         "drop those targets (--cc sm89 / sm120), or build --precision int8 or fp16 for them")
+                         "drop those targets ({compute_capabilities} sm89 / sm120), or build {precision} int8 or "
+                         "fp16 for them", params=["compute_capabilities", "precision"])
 
 
 def _weights_sha(run: RunDir) -> str | None:

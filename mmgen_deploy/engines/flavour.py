@@ -112,9 +112,9 @@ class Flavour:
     def compute_capability(self, name: str) -> Any:
         """`"86"`, `"sm86"` or `"SM86"` -> trt.ComputeCapability.SM86 (RTX only)."""
         if not self.has_compute_capability_targets:
-            raise UsageError("--compute-capability is a TensorRT-RTX option",
+            raise UsageError("{compute_capabilities} is a TensorRT-RTX option",
                              "classic TensorRT builds for the GPU it runs on; drop the option or use "
-                             "--runtime tensorrt-rtx")
+                             "{runtime} tensorrt-rtx", params=["compute_capabilities", "runtime"])
         key = "SM" + name.upper().removeprefix("SM").replace(".", "")
         known = [n for n in dir(self.trt.ComputeCapability) if n.startswith("SM")]
         if key not in known:

@@ -34,7 +34,8 @@ def _autocast() -> Any:
         from modelopt.onnx.autocast import convert_to_mixed_precision
     except ImportError as exc:
         raise NotAvailableError(f"FP16 export needs NVIDIA ModelOpt AutoCast ({exc})",
-                                "pip install 'mmgen-deploy[fp16]', or export with --precision fp32") from None
+                                "pip install 'mmgen-deploy[fp16]', or export with {precision} fp32",
+                                params=["precision"]) from None
     return convert_to_mixed_precision
 
 

@@ -41,9 +41,9 @@ _ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "int32": onnx.TensorProto.INT
 
 def check_opset(opset: int) -> int:
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"--opset {opset} is not supported",
+        raise UsageError(f"{{opset}} {opset} is not supported",
                          f"use {MIN_OPSET}..{MAX_OPSET} (>= 17 gives TensorRT a native LayerNormalization; "
-                         f"{MAX_OPSET} is the exporter's maximum)")
+                         f"{MAX_OPSET} is the exporter's maximum)", params=["opset"])
     return opset
 
 
@@ -201,7 +201,7 @@ def check_model(path: Path) -> onnx.ModelProto:
         return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True, data_prop=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise MMGenError(f"{path.name} fails the ONNX checker: {str(exc).splitlines()[0]}",
-                         "report this as a bug with `--debug` output") from None
+                         "report this as a bug with the {debug} output", params=["debug"]) from None
 
 
 def export_fp32(module: nn.Module, spec: ComponentSpec, path: Path, *, opset: int = DEFAULT_OPSET,

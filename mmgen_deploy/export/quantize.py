@@ -304,7 +304,8 @@ def _modelopt_quantize() -> Any:
         from modelopt.onnx.quantization import quantize
     except ImportError as exc:
         raise NotAvailableError(f"INT8/FP8 export needs NVIDIA ModelOpt ({exc})",
-                                "pip install 'mmgen-deploy[fp16]', or export with --precision fp32,fp16") from None
+                                "pip install 'mmgen-deploy[fp16]', or export with {precision} fp32,fp16",
+                                params=["precision"]) from None
     # `tensorrt-stubs` (a dev dependency) leaves an importable, empty `tensorrt` namespace package;
     # ModelOpt then takes TensorRT for installed and calls trt.Logger, which does not exist.
     if trt_utils.TRT_PYTHON_AVAILABLE and not hasattr(trt_utils.trt, "Logger"):
@@ -431,7 +432,7 @@ def quantize_component(fp32_path: Path, spec: ComponentSpec, out_path: Path, mod
                      log_level="CRITICAL", use_external_data_format=external, **arguments)
         if not qdq.is_file():
             raise NotAvailableError(f"ModelOpt wrote no quantized graph for {spec.name}",
-                                    "rerun with --debug and report it")
+                                    "rerun with {debug} and report it", params=["debug"])
         model = onnx.load(str(qdq))
         converter: dict[str, Any] | None = None
         if settings.high_precision == "fp16":

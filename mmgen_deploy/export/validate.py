@@ -176,7 +176,8 @@ def validate_graph(path: Path, module: nn.Module | None, spec: ComponentSpec, pr
         if failed:
             raise ExportValidationError(
                 "validation failed, nothing was written: " + "; ".join(c.describe() for c in failed),
-                "the exported graph does not compute what PyTorch computes; rerun with --debug and report it")
+                "the exported graph does not compute what PyTorch computes; rerun with {debug} and report it",
+                params=["debug"])
     return checks
 
 

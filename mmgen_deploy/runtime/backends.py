@@ -59,7 +59,8 @@ class BackendSpec:
     reads: Mapping[str, str]  # precision -> the exported ONNX set it reads (empty: the torch weights)
     engine_sets: bool = False  # runs engine sets built from `reads` (checked by mmgen_deploy.engines)
     precision_devices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # precisions limited to some
-    precision_hint: str = ""  # how to fix a precision it does not run
+    # How to fix a precision it does not run; {backend} and {precision} name those settings (MMGenError.params).
+    precision_hint: str = ""
 
     def onnx_set(self, precision: str) -> str | None:
         """The exported ONNX set this backend reads for `precision` (None: none, or not its precision)."""
@@ -85,7 +86,7 @@ class BackendSpec:
             module = importlib.import_module(module_name)
         except ImportError as exc:
             raise NotAvailableError(f"the {self.label} backend is not available ({exc})",
-                                    f"{self.install_hint}, or use another --backend") from None
+                                    f"{self.install_hint}, or use another {{backend}}", params=["backend"]) from None
         cls: type[BaseRunner] = getattr(module, class_name)
         return cls
 
@@ -97,12 +98,12 @@ REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
         name="torch", label="PyTorch", runner="mmgen_deploy.runtime.torch_runner:TorchRunner",
         modules=("torch",), install_hint="pip install torch",
         precisions=("fp32", "bf16"), devices=("cpu", "cuda"), default_device="cpu", reads={},
-        precision_hint="for FP16 use --backend onnxruntime --precision fp16 or --backend tensorrt"),
+        precision_hint="for FP16 use {backend} onnxruntime {precision} fp16 or {backend} tensorrt"),
     BackendSpec(
         name="onnxruntime", label="ONNX Runtime", runner="mmgen_deploy.runtime.ort_runner:OrtRunner",
         modules=("onnxruntime",), install_hint="pip install onnxruntime (onnxruntime-gpu for CUDA)",
         precisions=PRECISIONS, devices=("cpu", "cuda"), default_device="cpu", reads={p: p for p in PRECISIONS},
-        precision_hint="for BF16 use --backend openvino --precision bf16 (or --backend torch --precision bf16)"),
+        precision_hint="for BF16 use {backend} openvino {precision} bf16 (or {backend} torch {precision} bf16)"),
     BackendSpec(
         name="openvino", label="OpenVINO", runner="mmgen_deploy.runtime.openvino_runner:OpenVinoRunner",
         modules=("openvino",), install_hint="pip install 'mmgen-deploy[openvino]'",
@@ -110,7 +111,7 @@ REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
         precisions=("fp32", "bf16", "fp16", "int8"), devices=("cpu", "gpu", "npu"), default_device="cpu",
         reads={"fp32": "fp32", "int8": "int8", "fp16": "fp32", **RUNTIME_PRECISIONS},
         precision_devices={"fp16": ("gpu", "npu")},
-        precision_hint="use --precision bf16 (CPUs with AMX / AVX-512 BF16) or fp32"),
+        precision_hint="use {precision} bf16 (CPUs with AMX / AVX-512 BF16) or fp32"),
     BackendSpec(
         name="tensorrt", label="TensorRT", runner="mmgen_deploy.runtime.tensorrt_runner:TensorRTRunner",
         modules=("tensorrt", "tensorrt_rtx"), install_hint="pip install 'mmgen-deploy[tensorrt]'",
@@ -206,7 +207,7 @@ def openvino_default_precision(features: CpuFeatures, device: str | None) -> tup
     if kind in ("gpu", "npu"):
         return "fp16", f"fp16 is OpenVINO's precision on {kind.upper()}s"
     if features.amx:
-        return "bf16", "bf16 because this CPU has AMX (pass --precision fp32 for FP32-exact)"
+        return "bf16", "bf16 because this CPU has AMX (precision fp32 is FP32-exact)"
     return "fp32", "fp32 because this CPU has no AMX, where BF16 is no faster"
 
 
@@ -218,7 +219,7 @@ def named_choice(backend: str, run: RunDir, precision: str | None, device: str |
     spec = backend_spec(backend)
     if precision is not None and precision not in spec.precisions:
         raise UsageError(f"the {backend} backend runs {' or '.join(spec.precisions)}, not {precision!r}",
-                         spec.precision_hint)
+                         spec.precision_hint, params=["backend", "precision"])
     reason = "requested"
     if backend == "openvino" and precision is None:
         precision, why = openvino_default_precision(features, device)
@@ -283,7 +284,7 @@ def _tensorrt_step(req: AutoRequest) -> StepAnswer:
     if req.precision is not None and req.precision not in REGISTRY["tensorrt"].precisions:
         return f"engines are {' / '.join(REGISTRY['tensorrt'].precisions)} and {req.precision} was asked for"
     if not req.wants_device("cuda"):
-        return f"needs a GPU and --device {req.device} was asked for"
+        return f"needs a GPU and device {req.device} was asked for"
     precision = req.precision or REGISTRY["tensorrt"].precisions[0]
     problem = tensorrt_problem(req.run, req.needed, precision)
     if problem is not None:
@@ -313,7 +314,7 @@ def _openvino_step(req: AutoRequest) -> StepAnswer:
         problem = openvino_bf16_verdict(req.features, gflop)
         why = (f"this CPU has AMX and the denoiser is {gflop or 0:.3g} GFLOP per evaluation (>= "
                f"{OPENVINO_BF16_MIN_GFLOP:g}), where OpenVINO BF16 measured faster than ONNX Runtime FP32; "
-               "pass --precision fp32 for FP32-exact")
+               "precision fp32 is FP32-exact")
     else:
         problem = None if req.features.native_bf16 else "this CPU has no AMX or AVX-512 BF16"
         why = f"{runtime_precision} asked for and this CPU has {bf16_units(req.features)}"
@@ -367,10 +368,10 @@ def nothing_runs(precision: str | None, features: CpuFeatures) -> MMGenError:
     """The error at the end of a walk that found no backend for `precision`."""
     if precision in RUNTIME_PRECISIONS:
         return NotAvailableError(f"{precision} was asked for but this CPU has no AMX or AVX-512 BF16",
-                                 "use --precision fp32")
+                                 "use {precision} fp32", params=["precision"])
     export = "`mmgen export RUN_DIR`" if precision == "fp16" else f"`mmgen export RUN_DIR --precision {precision}`"
     return NotAvailableError(f"no backend can run {precision} here (no engines, no {precision} ONNX set)",
-                             f"run {export} or use --precision fp32")
+                             f"run {export} or use {{precision}} fp32", params=["precision"])
 
 
 # -- checks the steps use (each imports its library only when called) ---------------------------------

@@ -119,7 +119,8 @@ class BaseRunner(ABC):
     def check_precision(cls, precision: str) -> None:
         if precision not in cls.precisions:
             raise UsageError(f"the {cls.backend} backend runs {' or '.join(cls.precisions)}, not {precision!r}",
-                             cls.precision_hint or f"use --precision {cls.precisions[0]}")
+                             cls.precision_hint or f"use {{precision}} {cls.precisions[0]}",
+                             params=["backend", "precision"])
 
     @classmethod
     def from_run_dir(cls, run: RunDir | str | os.PathLike[str], precision: str | None = None,

@@ -257,7 +257,7 @@ class OpenVinoRunner(BaseRunner):
         if self.ov_device != "AUTO" and self.ov_device not in available \
                 and not (self.ov_device == "GPU" and any(d.startswith("GPU") for d in available)):
             raise NotAvailableError(f"OpenVINO finds no {self.ov_device} device here (it finds {', '.join(available)})",
-                                    "use --device cpu, or install the device's OpenVINO driver")
+                                    "use {device} cpu, or install the device's OpenVINO driver", params=["device"])
         self.run_dir = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
         super().__init__(self.run_dir.load_config(), precision, self.ov_device.lower())
         onnx_set, self.hint = backend_spec(self.backend).reads[precision], HINTS[precision]
@@ -304,7 +304,8 @@ class OpenVinoRunner(BaseRunner):
         if wanted not in capabilities:
             raise NotAvailableError(f"OpenVINO's {device} plugin has no {wanted} support on this machine "
                                     f"(it offers {', '.join(capabilities)})",
-                                    "use --precision fp32" + (" or fp16" if "FP16" in capabilities else ""))
+                                    "use {precision} fp32" + (" or fp16" if "FP16" in capabilities else ""),
+                                    params=["precision"])
 
     def _compile_config(self, hint: str, streams: int = 1) -> dict[str, Any]:
         config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": hint}
@@ -373,7 +374,7 @@ class OpenVinoRunner(BaseRunner):
                 raise NotAvailableError(
                     f"OpenVINO {self._ov.get_version()} cannot keep {item.spec.name}'s "
                     f"{', '.join(item.spec.fp32_scopes)} FP32 under the {item.hint} hint: {reason}",
-                    "use --precision fp32; this was built against OpenVINO 2026.4") from None
+                    "use {precision} fp32; this was built against OpenVINO 2026.4", params=["precision"]) from None
         what = "dynamic batch"
         if batch is not None:
             model.reshape({t.name: list(t.concrete_shape(batch)) for t in item.spec.inputs})
@@ -383,7 +384,7 @@ class OpenVinoRunner(BaseRunner):
         except Exception as exc:
             raise RunDirError(f"OpenVINO cannot compile {item.spec.name} ({what}) for {self.ov_device}: "
                               f"{str(exc).strip().splitlines()[0]}",
-                              "try --precision fp32, or another --device") from None
+                              "try {precision} fp32, or another {device}", params=["precision", "device"]) from None
         del model  # compiled: the FP32 graph is not needed any more
         if blob is not None and self.blobs is not None:
             self.blobs.store(blob, compiled)

@@ -93,7 +93,8 @@ class OrtRunner(BaseRunner):
             if device.startswith("cuda"):
                 if not cuda_provider_usable():
                     raise NotAvailableError("ONNX Runtime's CUDA provider is not usable here",
-                                            "install onnxruntime-gpu on a machine with a GPU, or use --device cpu")
+                                            "install onnxruntime-gpu on a machine with a GPU, or use {device} cpu",
+                                            params=["device"])
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
             else:
                 providers = ["CPUExecutionProvider"]

@@ -75,16 +75,16 @@ def check_device(backend: str, device: str | None) -> str | None:
     separator = "." if kind == "gpu" else ":"
     if kind not in DEVICE_KINDS or not (index == "" or (kind in ("cuda", "gpu") and index[:1] == separator
                                                            and index[1:].isdigit())):
-        raise UsageError(f"unknown device {device!r}", "use cpu or cuda (cuda:N); with --backend openvino also "
-                                                       "gpu, gpu.N or npu")
+        raise UsageError(f"unknown device {device!r}", "use cpu or cuda (cuda:N); with {backend} openvino also "
+                                                       "gpu, gpu.N or npu", params=["backend"])
     if backend == AUTO:
         return name
     spec = backend_spec(backend)
     if kind not in spec.devices:
         owners = [n for n, s in REGISTRY.items() if kind in s.devices]
         raise UsageError(f"{spec.label} runs on {', '.join(spec.devices)}, not {kind}",
-                         f"use --backend {' or '.join(owners)} for {kind}, or --device "
-                         f"{' or '.join(spec.devices)}")
+                         f"use {{backend}} {' or '.join(owners)} for {kind}, or {{device}} "
+                         f"{' or '.join(spec.devices)}", params=["backend", "device"])
     return name
 
 

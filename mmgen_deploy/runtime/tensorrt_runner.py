@@ -101,7 +101,8 @@ class TensorRTRunner(BaseRunner):
             except torch.cuda.OutOfMemoryError:
                 raise NotAvailableError(f"not enough GPU memory for the engines' {block_size / 2**20:.0f} MiB "
                                         "activation block",
-                                        "rebuild with a smaller --batch-profile, or close other GPU programs") from None
+                                        "rebuild with a smaller {batch_profile}, or close other GPU programs",
+                                        params=["batch_profile"]) from None
         for name, engine in loaded.items():
             context, keepalive = flavour.create_context(engine, user_managed_memory=share_memory,
                                                         runtime_cache=self._runtime_cache)
@@ -123,7 +124,8 @@ class TensorRTRunner(BaseRunner):
         if gpu is None:
             raise NotAvailableError(f"the engines in {engine_set.directory} are up to date, but running them "
                                     "needs a CUDA device and none is visible",
-                                    "run on the target GPU, or use --backend onnxruntime / torch here")
+                                    "run on the target GPU, or use {backend} onnxruntime / torch here",
+                                    params=["backend"])
         device_index = int(device.split(":", 1)[1]) if ":" in device else 0
         return cls(run, flavour, engine_set, precision=precision, cuda_graph=cuda_graph,
                    share_memory=share_memory, device_index=device_index, verbose=verbose)
@@ -164,8 +166,8 @@ class TensorRTRunner(BaseRunner):
         low, high = recorded[first]["min"][0], recorded[first]["max"][0]
         if not low <= batch <= high:
             raise UsageError(f"batch {batch} is outside the {item.spec.name} engine's profile {low}..{high}",
-                             f"rebuild with a wider --batch-profile (spec default "
-                             f"{profile.min}:{profile.opt}:{profile.max})")
+                             f"rebuild with a wider {{batch_profile}} (spec default "
+                             f"{profile.min}:{profile.opt}:{profile.max})", params=["batch_profile"])
 
     def _torch_dtype(self, engine: trt.ICudaEngine, name: str) -> torch.dtype:
         import torch
@@ -208,7 +210,7 @@ class TensorRTRunner(BaseRunner):
         for name, tensor in inputs.items():
             if not context.set_input_shape(name, tuple(tensor.shape)):
                 raise UsageError(f"the {item.spec.name} engine rejects input {name} of shape {tuple(tensor.shape)}",
-                                 "rebuild with a --batch-profile that covers it")
+                                 "rebuild with a {batch_profile} that covers it", params=["batch_profile"])
             context.set_tensor_address(name, tensor.data_ptr())
         outputs = {}
         for tensor_spec in item.spec.outputs:
@@ -219,7 +221,7 @@ class TensorRTRunner(BaseRunner):
             outputs[tensor_spec.name] = out
         if not context.execute_async_v3(self._stream.cuda_stream):
             raise MMGenError(f"TensorRT failed to run the {item.spec.name} engine",
-                             "run with --debug and check the TensorRT log above")
+                             "run with {debug} and check the TensorRT log above", params=["debug"])
         return outputs
 
     def _run_graph(self, item: _Engine, batch: int, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

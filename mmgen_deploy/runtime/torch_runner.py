@@ -35,7 +35,7 @@ class TorchRunner(BaseRunner):
 
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise NotAvailableError(f"device {device!r} requested but torch sees no CUDA device",
-                                    "use --device cpu")
+                                    "use {device} cpu", params=["device"])
         if not (device == "cpu" or device.startswith("cuda")):
             raise UsageError(f"unknown torch device {device!r}", "use cpu, cuda or cuda:N")
         super().__init__(config or ModelConfig(first_stage=vq.config, dit=dit.config,

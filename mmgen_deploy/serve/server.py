@@ -396,10 +396,10 @@ class TritonServer:
         except (urllib.error.URLError, OSError):
             return False
 
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
+    def wait_ready(self, ready_timeout_s: float = 120.0) -> None:
         """Block until Triton says ready (every model loaded); raise with the server's error otherwise."""
         assert self.process is not None, "start() first"
-        deadline = time.monotonic() + timeout_s
+        deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 self._join_reader()
@@ -412,8 +412,9 @@ class TritonServer:
             time.sleep(0.25)
         summary = summarize_failure(list(self.log_tail))
         self.stop()
-        raise ServerError(f"tritonserver not ready after {timeout_s:.0f} s ({summary})",
-                          "raise --ready-timeout, or check the log with --verbose")
+        raise ServerError(f"tritonserver not ready after {ready_timeout_s:.0f} s ({summary})",
+                          "raise {ready_timeout_s}, or check the log with {verbose}",
+                          params=["ready_timeout_s", "verbose"])
 
     def _join_reader(self) -> None:
         if self._reader is not None:
