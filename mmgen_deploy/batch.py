@@ -468,7 +468,8 @@ def _ray() -> Any:
         import ray.data
     except ImportError as exc:
         raise NotAvailableError(f"Ray Data is not installed ({exc.name or exc})",
-                                "pip install 'mmgen-deploy[batch]' (or run without --ray, in-process)") from None
+                                "pip install 'mmgen-deploy[batch]' (or run without {ray_address}, in-process)",
+                                params=["ray_address"]) from None
     return ray
 
 
@@ -492,8 +493,8 @@ def _with_ray(address: str, run_root: Path, out: Path, settings: BatchSettings, 
                 ray.init(address=address, runtime_env={"py_modules": [str(package)]}, **common)
             except Exception as exc:  # ConnectionError and friends: one line, not Ray's traceback
                 raise UsageError(f"cannot connect to the Ray cluster at {address!r}: {exc}",
-                                 "give --ray HOST:PORT of a running cluster (`ray start --head`), or --ray local") \
-                    from None
+                                 "give {ray_address} HOST:PORT of a running cluster (`ray start --head`), or "
+                                 "{ray_address} local", params=["ray_address"]) from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # `mmgen batch` shows its own progress
     logging.getLogger("ray.data").setLevel(logging.WARNING)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from mmgen_deploy.cli.app import main
+from mmgen_deploy.cli.common import describe_error
 from mmgen_deploy.config import DiTConfig, VQConfig
 from mmgen_deploy.importers import CheckpointError, import_official_dit, import_run, official_dit_keys, read_source
 from mmgen_deploy.models import DiT, VQModel, build_components, rerandomize_
@@ -253,8 +254,9 @@ def test_official_train_checkpoint_matches_reference_forward(tmp_path: Path) -> 
 def test_official_raw_state_dict_needs_heads_when_width_is_unusual(tmp_path: Path) -> None:
     cfg = OFFICIAL_CFG.replace(hidden_size=64, num_heads=4)
     torch.save(_official_state(cfg), tmp_path / "DiT-custom.pt")
-    with pytest.raises(CheckpointError, match="--num-heads"):
+    with pytest.raises(CheckpointError, match="pass num_heads N") as refused:
         read_source(tmp_path / "DiT-custom.pt")
+    assert describe_error(refused.value).endswith("(pass --num-heads N)")
     found = read_source(tmp_path / "DiT-custom.pt", num_heads=4)
     assert found.dit is not None and found.dit.config == cfg
 
@@ -490,7 +492,7 @@ def test_dit_pipeline_with_kl_vae_pairs_with_given_vq(tmp_path: Path, capsys: py
     _diffusers_vq().save_pretrained(tmp_path / "vq")
     code, output = _cli(["import", str(pipe), "--vq", str(tmp_path / "vq"), "--out", str(tmp_path / "run")], capsys)
     assert code == 0, output
-    assert "replaced by the one given with --vq/--vae" in output
+    assert "replaced by the one given explicitly" in output
     config = RunDir(tmp_path / "run").load_config()
     assert config.dit.timestep_freq_shift == 1.0 and config.first_stage_kind == "vq"
 

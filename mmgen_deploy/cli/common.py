@@ -240,6 +240,9 @@ OPTION_NAMES: dict[str, str] = {
     "compute_capabilities": "--compute-capability", "verbose": "--verbose",
     "opset": "--opset", "ready_timeout_s": "--ready-timeout",
     # train, distill, import
+    "data": "--data", "allow_untrained": "--allow-untrained", "ray_address": "--ray",
+    "vq_path": "--vq", "vae_path": "--vae", "dit_path": "--dit", "image_size": "--image-size",
+    "class_names_file": "--class-names", "num_heads": "--num-heads",
     "resume": "--resume", "overwrite": "--overwrite", "guidance_range": "--guidance-range",
     "trajectories": "--trajectories", "train_steps": "--train-steps",
     # tune

@@ -63,9 +63,9 @@ class DataSpec:
             return cls(name=text, image_size=image_size, seed=seed)
         path = Path(text).expanduser()
         if not path.is_dir():
-            raise UsageError(f"--data {text!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
+            raise UsageError(f"{{data}} {text!r} is neither a built-in dataset ({', '.join(BUILTIN_DATASETS)}) "
                              "nor an existing folder",
-                             "pass `shapes`, `tones` or the path of a folder of images or WAV files")
+                             "pass `shapes`, `tones` or the path of a folder of images or WAV files", params=["data"])
         from mmgen_deploy.data.audio_folder import holds_audio
 
         name = "wav_folder" if holds_audio(path) else "folder"
@@ -91,7 +91,7 @@ def load_audio_split(spec: DataSpec, split: str, progress=None) -> AudioData:
         from mmgen_deploy.data.audio_folder import load_audio_folder
 
         if spec.path is None:
-            raise UsageError("folder dataset without a path", "pass --data PATH")
+            raise UsageError("folder dataset without a path", "pass {data} PATH", params=["data"])
         data = load_audio_folder(spec.path, progress=progress)
         chosen = _held_out(len(data), spec, split)
         return data if chosen is None else data.subset(chosen)
@@ -122,7 +122,7 @@ def load_split(spec: DataSpec, split: str, progress=None, *, audio: AudioConfig 
         from mmgen_deploy.data.folder import load_folder
 
         if spec.path is None:
-            raise UsageError("folder dataset without a path", "pass --data PATH")
+            raise UsageError("folder dataset without a path", "pass {data} PATH", params=["data"])
         data = load_folder(spec.path, spec.image_size, progress=progress)
         chosen = _held_out(len(data), spec, split)
         return data if chosen is None else data.subset(chosen)

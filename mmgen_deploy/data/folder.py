@@ -76,7 +76,8 @@ def scan_folder(root: str | Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES, *,
     names), sorted for determinism."""
     root = Path(root)
     if not root.is_dir():
-        raise UsageError(f"data folder {root} does not exist", f"pass a folder of {kind}, or use --data {builtin}")
+        raise UsageError(f"data folder {root} does not exist", f"pass a folder of {kind}, or use {{data}} {builtin}",
+                         params=["data"])
     captions = _read_metadata(root) if (root / METADATA_FILE).is_file() else {}
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     class_dirs = [d for d in class_dirs if any(_is_image(f, suffixes) for f in d.rglob("*"))]

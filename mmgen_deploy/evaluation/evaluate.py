@@ -238,7 +238,9 @@ def _evaluate(run: RunDir, settings: EvalSettings, progress: Any) -> dict[str, A
         report["generation"] = {"skipped": "conditional accuracy needs the built-in `shapes` or `tones` data"}
         return report
     if not run.has_part("dit"):
-        raise RunDirError(f"{run.root} has no trained DiT", "run `mmgen train dit` first, or pass --no-generate")
+        raise RunDirError(f"{run.root} has no trained DiT",
+                          f"run `mmgen train dit` first, or evaluate the first stage alone: `mmgen eval {run.root} "
+                          "--no-generate`")
     if spec.name == "tones":
         report["generation"] = _evaluate_tones(run, spec, config, settings, progress)
         return report

@@ -62,25 +62,33 @@ def _fingerprint(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def _merge(found: list[tuple[str, Found]]) -> tuple[FirstStage | None, ImportedDiT | None, Path | None, str, str]:
+# The import's path arguments: an error that names where a part came from (`origin`: "{vq_path} PATH",
+# or "SOURCE PATH" for the positional source) names them by parameter (`MMGenError.params`).
+PATH_PARAMS = ("vq_path", "vae_path", "dit_path")
+
+
+def _merge(found: list[tuple[str, str, Found]]) -> tuple[FirstStage | None, ImportedDiT | None, Path | None, str,
+                                                       str]:
+    """`found`: (parameter, origin, what it holds) per path given."""
     stage: FirstStage | None = None
     dit: ImportedDiT | None = None
     scheduler = None
     stage_from = dit_from = ""
-    # An autoencoder given with --vq / --vae replaces the one a SOURCE pipeline ships.
-    explicit = any(part.first_stage is not None for origin, part in found if origin.startswith(("--vq ", "--vae ")))
-    for origin, part in found:
-        if part.first_stage is not None and origin.startswith("SOURCE") and explicit:
+    # An autoencoder given explicitly (vq_path / vae_path) replaces the one a SOURCE pipeline ships.
+    explicit = any(part.first_stage is not None for param, _, part in found if param in ("vq_path", "vae_path"))
+    for param, origin, part in found:
+        if part.first_stage is not None and param == "source" and explicit:
             part.notes.append(f"the autoencoder of {origin[len('SOURCE '):]} is replaced by the one given "
-                              "with --vq/--vae")
+                              "explicitly")
         elif part.first_stage is not None:
             if stage is not None:
                 raise UsageError(f"two first-stage autoencoders given ({stage_from} and {origin})",
-                                 "give exactly one VQ model or KL autoencoder")
+                                 "give exactly one VQ model or KL autoencoder", params=PATH_PARAMS)
             stage, stage_from = part.first_stage, origin
         if part.dit is not None:
             if dit is not None:
-                raise UsageError(f"two DiT models given ({dit_from} and {origin})", "give exactly one DiT")
+                raise UsageError(f"two DiT models given ({dit_from} and {origin})", "give exactly one DiT",
+                                 params=PATH_PARAMS)
             dit, dit_from = part.dit, origin
         scheduler = scheduler or part.scheduler
     return stage, dit, scheduler, stage_from, dit_from
@@ -117,44 +125,49 @@ def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: st
                 image_size: int | None, num_heads: int | None, norm_groups: int | None) -> dict[str, Any]:
     from mmgen_deploy.rundir import RunDir, first_stage_part
 
-    paths = [(label, Path(p)) for label, p in (("SOURCE", source), ("--vq", vq_path), ("--vae", vae_path),
-                                               ("--dit", dit_path)) if p is not None]
+    paths = [(param, Path(p)) for param, p in (("source", source), ("vq_path", vq_path), ("vae_path", vae_path),
+                                               ("dit_path", dit_path)) if p is not None]
     if not paths:
-        raise UsageError("nothing to import", "give SOURCE, or --vq/--vae PATH and --dit PATH")
-    found = [(f"{label} {p}", read_source(p, num_heads=num_heads, norm_groups=norm_groups)) for label, p in paths]
-    for label, part in found:
-        if label.startswith("--vq ") and part.vq is None:
-            hint = ("it is a KL autoencoder: pass it as --vae PATH" if part.kl is not None
-                    else "point --vq at a VQModel directory or taming/LDM VQ .ckpt")
-            raise UsageError(f"{label} holds no VQ model", hint)
-        if label.startswith("--vae ") and part.first_stage is None:
-            raise UsageError(f"{label} holds no autoencoder",
-                             "point --vae at an AutoencoderKL/VQModel directory or an LDM first-stage .ckpt")
-        if label.startswith("--dit") and part.dit is None:
-            raise UsageError(f"{label} holds no DiT", "point --dit at a DiT directory or official DiT checkpoint")
+        raise UsageError("nothing to import", "give SOURCE, or {vq_path}/{vae_path} PATH and {dit_path} PATH",
+                         params=PATH_PARAMS)
+    found = [(param, f"SOURCE {p}" if param == "source" else f"{{{param}}} {p}",
+              read_source(p, num_heads=num_heads, norm_groups=norm_groups)) for param, p in paths]
+    for param, origin, part in found:
+        if param == "vq_path" and part.vq is None:
+            hint = ("it is a KL autoencoder: pass it as {vae_path} PATH" if part.kl is not None
+                    else "point {vq_path} at a VQModel directory or taming/LDM VQ .ckpt")
+            raise UsageError(f"{origin} holds no VQ model", hint, params=PATH_PARAMS)
+        if param == "vae_path" and part.first_stage is None:
+            raise UsageError(f"{origin} holds no autoencoder",
+                             "point {vae_path} at an AutoencoderKL/VQModel directory or an LDM first-stage .ckpt",
+                             params=PATH_PARAMS)
+        if param == "dit_path" and part.dit is None:
+            raise UsageError(f"{origin} holds no DiT", "point {dit_path} at a DiT directory or official DiT checkpoint",
+                             params=PATH_PARAMS)
     stage, dit, found_scheduler, stage_from, dit_from = _merge(found)
-    source_notes = [note for _, part in found for note in part.notes]
+    source_notes = [note for _, _, part in found for note in part.notes]
     if dit is None:
-        raise UsageError("a run directory needs a DiT as well as the autoencoder", "add --dit PATH")
+        raise UsageError("a run directory needs a DiT as well as the autoencoder", "add {dit_path} PATH",
+                         params=PATH_PARAMS)
     if stage is None:
         why = (" (official DiT checkpoints were trained on Stable Diffusion's KL-f8 VAE latents: give a diffusers "
                "AutoencoderKL folder such as sd-vae-ft-ema)" if dit.layout.startswith("official") else "")
         skipped = "".join(f"; {note}" for note in source_notes)
         raise UsageError(f"a run directory needs a first-stage autoencoder to pair with the DiT{why}{skipped}",
-                         "add --vae PATH (a KL autoencoder or VQ model) or --vq PATH")
+                         "add {vae_path} PATH (a KL autoencoder or VQ model) or {vq_path} PATH", params=PATH_PARAMS)
     kind = "KL autoencoder" if isinstance(stage, KLArchitecture) else "VQ model"
 
     # The image size is not stored in autoencoder weights: the DiT's latent size fixes it.
     factor = 2 ** (len(stage.channel_mult) - 1)
     paired_size = dit.config.input_size * factor
     if image_size is not None and image_size != paired_size:
-        raise UsageError(f"--image-size {image_size} gives {image_size // factor}x{image_size // factor} latents, "
+        raise UsageError(f"{{image_size}} {image_size} gives {image_size // factor}x{image_size // factor} latents, "
                          f"but the DiT works on {dit.config.input_size}x{dit.config.input_size}",
-                         f"use --image-size {paired_size} or leave it out")
+                         f"use {{image_size}} {paired_size} or leave it out", params=["image_size"])
     if dit.config.in_channels != stage.embed_dim:
         raise UsageError(f"cannot pair them: the DiT ({dit_from}) takes {dit.config.in_channels}-channel latents but "
                          f"the {kind} ({stage_from}) makes {stage.embed_dim}-channel ones",
-                         f"pair a DiT trained on this {kind}'s latents")
+                         f"pair a DiT trained on this {kind}'s latents", params=PATH_PARAMS)
     stage_config, stage_model = stage.build(paired_size)
 
     notes = [*source_notes, *stage.notes, *dit.notes]
@@ -173,13 +186,14 @@ def _import_run(out: Path, *, source: str | os.PathLike[str] | None, vq_path: st
     if dit.layout.startswith("official") and kind == "VQ model":
         notes.append("official DiT weights were trained on Stable Diffusion KL-f8 latents (x0.18215); paired "
                      "with a VQ model they only produce sensible images if trained on its latents")
-    pipeline_names = next((part.class_names for _, part in found if part.class_names is not None), None)
+    pipeline_names = next((part.class_names for _, _, part in found if part.class_names is not None), None)
     if class_names_file is not None:
         class_names = read_class_names(class_names_file, dit.config.num_classes)
     elif pipeline_names is not None:
         if len(pipeline_names) != dit.config.num_classes:
             raise UsageError(f"the pipeline's id2label names {len(pipeline_names)} classes but the DiT has "
-                             f"{dit.config.num_classes}", "give --class-names FILE with one name per class")
+                             f"{dit.config.num_classes}", "give {class_names_file} FILE with one name per class",
+                             params=["class_names_file"])
         class_names = pipeline_names
         notes.append(f"class names from the pipeline's id2label ({len(class_names)})")
     else:

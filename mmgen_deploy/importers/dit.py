@@ -59,7 +59,7 @@ def official_dit_keys(depth: int) -> list[str]:
 
 def _heads(hidden: int, num_heads: int | None, args: Namespace | None, source: str) -> tuple[int, str]:
     if num_heads is not None:
-        return num_heads, "given with --num-heads"
+        return num_heads, "num_heads as given"
     model_name = str(getattr(args, "model", "") or "")
     match = re.fullmatch(r"DiT-(S|B|L|XL)/\d+", model_name)
     if match:
@@ -68,7 +68,7 @@ def _heads(hidden: int, num_heads: int | None, args: Namespace | None, source: s
         return _HEADS_BY_WIDTH[hidden], f"from the paper's configuration for width {hidden}"
     raise CheckpointError(f"{source}: cannot tell the number of attention heads of a width-{hidden} DiT "
                           "from its tensors (only the paper's widths 384/768/1024/1152 are known)",
-                          "pass --num-heads N")
+                          "pass {num_heads} N", params=["num_heads"])
 
 
 def import_official_dit(state: StateDict, source: str, *, num_heads: int | None = None,

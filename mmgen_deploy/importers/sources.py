@@ -149,7 +149,7 @@ def _pipeline_folder(folder: Path) -> Found:
             found.scheduler = sub
     if found.vq is not None and found.kl is not None:
         raise CheckpointError(f"pipeline {folder} holds both a VQModel and an AutoencoderKL",
-                              "import the DiT with the one it was trained on (--vae PATH)")
+                              "import the DiT with the one it was trained on ({vae_path} PATH)", params=["vae_path"])
     if found.first_stage is None and found.dit is None:
         raise CheckpointError(f"pipeline {folder} holds no VQModel, AutoencoderKL or DiT transformer"
                               + (f" ({'; '.join(found.notes)})" if found.notes else ""))

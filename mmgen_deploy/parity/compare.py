@@ -105,13 +105,13 @@ def ensure_trained(reference: Any, config: ModelConfig) -> OutputScale:
     if scale.output_rms == 0.0:
         raise UntrainedModelError(
             "the denoiser outputs exactly zero (a freshly initialised DiT): parity on it proves nothing",
-            "train the model first, or pass --allow-untrained")
+            "train the model first, or pass {allow_untrained}", params=["allow_untrained"])
     if not scale.meaningful:
         raise UntrainedModelError(
             f"the denoiser's output is negligible next to its input ({scale.describe()}): a barely trained "
             "DiT matches any backend trivially, so parity on it proves nothing",
-            "train the model longer, or pass --allow-untrained to compare anyway; the report is then marked "
-            "NOT MEANINGFUL")
+            "train the model longer, or pass {allow_untrained} to compare anyway; the report is then marked "
+            "NOT MEANINGFUL", params=["allow_untrained"])
     return scale
 
 
@@ -425,7 +425,7 @@ def _run_parity(run_dir: RunLike, options: ParityOptions, progress: Any = None) 
     if not scale.meaningful:
         report.meaningful = False
         report.notes.append("NOT MEANINGFUL: the denoiser's output is negligible next to its input (an untrained "
-                            "model, compared because of --allow-untrained); any backend would match it")
+                            "model, compared because untrained models were allowed); any backend would match it")
     overrides = ToleranceOverrides(rel_l2=dict(options.rel_l2), max_abs=dict(options.max_abs),
                                    min_psnr=options.min_psnr)
     from mmgen_deploy.models import VQModel

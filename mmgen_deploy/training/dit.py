@@ -108,14 +108,15 @@ def adopt_data(run: RunDir, data: str, seed: int) -> None:
     meta = run.read_meta()
     if meta.get("data") and meta["data"].get("source") != "import":
         raise UsageError(f"{run.root} already trains on its own data (run.json: data)",
-                         "leave out --data (it is for runs made by `mmgen import`)")
+                         "leave out {data} (it is for runs made by `mmgen import`)", params=["data"])
     config = run.load_config()
     if config.uses_text:
-        raise UsageError("--data: text-to-image runs are made by `mmgen train --text`, not imported")
+        raise UsageError("{data}: text-to-image runs are made by `mmgen train --text`, not imported",
+                         params=["data"])
     spec = DataSpec.parse(data, image_size=config.first_stage.image_size, seed=seed)
     if spec.is_audio:
-        raise UsageError("--data: an imported run's first stage works on images, not on audio",
-                         "train an audio run from scratch: `mmgen train all --data tones`")
+        raise UsageError("{data}: an imported run's first stage works on images, not on audio",
+                         "train an audio run from scratch: `mmgen train all --data tones`", params=["data"])
     names = tuple(load_split(spec, "train").class_names)
     dit = config.dit if len(names) == config.dit.num_classes else config.dit.replace(num_classes=len(names))
     new = config.replace(dit=dit, class_names=names)
@@ -138,8 +139,8 @@ def build_tokenizer(captions: list[str], max_length: int) -> WordTokenizer:
     """The word tokenizer of a text-to-image run: the vocabulary of its training captions."""
     if not any(caption.strip() for caption in captions):
         raise UsageError("a text-to-image model needs captions, and this data has none",
-                         'use --data shapes, or a folder with a metadata.jsonl of {"file_name": ..., '
-                         '"text": "a caption"} lines')
+                         'use {data} shapes, or a folder with a metadata.jsonl of {"file_name": ..., '
+                         '"text": "a caption"} lines', params=["data"])
     return WordTokenizer.build(captions, max_length=max_length)
 
 
