@@ -405,13 +405,20 @@ PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
 # Runtime FP32), 5.3e-2 and 0.16 (FP16), 0.56 (OpenVINO BF16: Griffin-Lim from the same start phase lands
 # on other phases when the spectrogram moves a little; the judge heard 8 of 8 the same), judge agreement
 # 1.0 on each. BF16's limit only bounds gross failures (uncorrelated clips give ~1.4); the judge's
-# agreement is what says the clips still sound the same. The 8-bit limits are not measured yet.
+# agreement is what says the clips still sound the same.
+# 8-bit sets, measured on a trained `tones` model (ONNX Runtime CPU, 8 clips, DDIM 20, guidance 4, seeds
+# 0-3): INT8 waveform rel. L2 1.04-1.24, judge agreement 7/8 on two seeds and 8/8 on two; FP8 0.80-0.88,
+# 8/8 on each. The 8-bit denoiser moves the spectrograms (PSNR 20.6-26.9 dB INT8, 31.2-33.0 dB FP8) and
+# Griffin-Lim turns that into other phases, so INT8 clips are about as far apart sample by sample as
+# unrelated clips of the same loudness (~1.41): the waveform limits bound only gross failures (NaN, a
+# larger wrong scale), and the judge's agreement, held to three clips in four as for BF16, is the check
+# that says the clips still sound the same.
 AUDIO_PIPELINE_TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"audio_rel_l2": 1e-2, "min_judge_agreement": 1.0},
     "fp16": {"audio_rel_l2": 0.5, "min_judge_agreement": 0.9},
     "bf16": {"audio_rel_l2": 1.0, "min_judge_agreement": 0.75},
-    "int8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
-    "fp8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.5},
+    "int8": {"audio_rel_l2": 1.5, "min_judge_agreement": 0.75},
+    "fp8": {"audio_rel_l2": 1.2, "min_judge_agreement": 0.75},
 }
 
 
