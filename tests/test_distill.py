@@ -348,3 +348,22 @@ def test_a_text_run_distills_into_a_text_student(tmp_path: Path, capsys: pytest.
     report = run_parity(run, ParityOptions(backend="onnxruntime", precision="fp32", batches=(2,), num_images=2,
                                            allow_untrained=True, components=sampling))
     assert report.passed, [c for c in report.checks if not c.passed]
+
+
+def test_an_audio_run_distills_into_an_audio_student(audio_run: RunDir, tmp_path: Path) -> None:
+    """The student keeps the teacher's spectrogram transform, so it has a vocoder and samples waveforms."""
+    from mmgen_deploy.runtime.torch_runner import TorchRunner
+    from mmgen_deploy.sampling import sample
+    from mmgen_deploy.specs import component_names
+
+    torch.set_num_threads(1)
+    distill_into(tmp_path / "student", audio_run, SMALL, show_progress=False)
+    run = RunDir(tmp_path / "student")
+    config = run.load_config()
+    assert config.modality == "audio" and config.student is not None
+    assert run.read_meta()["audio"] == audio_run.read_meta()["audio"]
+    assert component_names(config)[-1] == "vocoder"
+    with TorchRunner.from_run_dir(run, "fp32") as runner:
+        result = sample(runner, config, [0, 8], steps=config.student.steps, seed=0, batch_size=2)
+    assert result.audio is not None and result.audio.shape == (2, config.audio.clip_samples)
+    assert np.isfinite(result.audio).all()

@@ -132,9 +132,8 @@ def student_config(config: ModelConfig, settings: DistillSettings) -> ModelConfi
         timesteps=student_timesteps(config.diffusion.num_train_timesteps, settings.steps),
         sampler=DISTILLED_SAMPLER, guidance_min=settings.guidance_min, guidance_max=settings.guidance_max,
         default_cfg_scale=SAMPLING.cfg_scale, teacher_steps=settings.teacher_steps)
-    return ModelConfig(first_stage=config.first_stage, dit=config.dit.replace(guidance_embed=True),
-                       diffusion=config.diffusion, class_names=config.class_names, text=config.text,
-                       student=student)
+    # Everything else is the teacher's: first stage, schedule, labels, text encoder, an audio run's transform.
+    return config.replace(dit=config.dit.replace(guidance_embed=True), student=student)
 
 
 def _condition_batch(config: ModelConfig, teacher: RunDir, count: int,
