@@ -257,6 +257,11 @@ class ComponentSpec:
     # A denoiser part: the DiT blocks its graph runs, [start, stop) (`denoiser_split`). Recorded by the
     # export, so a graph cut at another split is refused rather than composed with the others.
     blocks: tuple[int, int] | None = None
+    # False for a graph that runs for milliseconds between the calls of a heavy one in the same loop (the
+    # denoiser's head and tail under step caching): a backend whose idle worker threads spin-wait after a
+    # call (ONNX Runtime) must not let them, or they take the cores the heavy graph needs next (the DiT-B/2
+    # body ran 12 % slower on 2 ONNX Runtime threads beside a spinning head and tail).
+    idle_spin: bool = True
 
     def shipped_precision(self, precision: str) -> str:
         """The precision of this component's graph in the `precision` set: the FP16 and 8-bit sets
@@ -711,7 +716,7 @@ def _denoiser_part_specs(config: ModelConfig, denoiser: ComponentSpec,
     def part(name: str, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...], make: InputMaker,
              upstream: str | None, fp32_scopes: tuple[str, ...] = ()) -> ComponentSpec:
         return ComponentSpec(name=name, inputs=inputs, outputs=outputs, make_inputs=make,
-                             blocks=(split[name].start, split[name].stop),
+                             blocks=(split[name].start, split[name].stop), idle_spin=name == "denoiser_body",
                              batch_multiplier=denoiser.batch_multiplier,
                              tolerances={p: {t.name: limits[N.MODEL_OUTPUT] for t in outputs}
                                          for p, limits in denoiser.tolerances.items()},

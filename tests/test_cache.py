@@ -170,6 +170,24 @@ def test_a_part_cut_at_another_split_is_refused_before_loading(parts_run: RunDir
     assert "--components denoiser_parts" in str(caught.value.hint) and "\n" not in str(caught.value)
 
 
+def test_the_head_and_tail_sessions_do_not_spin_between_calls(parts_run: RunDir) -> None:
+    """The head and the tail run for milliseconds between the body's calls: their ONNX Runtime worker
+    threads must sleep after a call instead of spin-waiting on the cores the body needs next."""
+    from mmgen_deploy.runtime.ort_runner import OrtRunner
+
+    specs = component_specs(parts_run.load_config(), parts=True)
+    with OrtRunner.from_run_dir(parts_run, "fp32", threads=2) as runner:
+        spinning = {}
+        for name in ("denoiser", *DENOISER_PARTS):
+            options = runner._session(specs[name]).session.get_session_options()
+            try:
+                spinning[name] = options.get_session_config_entry("session.intra_op.allow_spinning")
+            except RuntimeError:  # not set: ONNX Runtime's default, spinning
+                spinning[name] = "default"
+    assert spinning == {"denoiser": "default", "denoiser_head": "0", "denoiser_body": "default",
+                        "denoiser_tail": "0"}
+
+
 def test_exporting_parts_leaves_the_whole_denoiser_byte_for_byte(parts_run: RunDir,
                                                                  exported_tiny_run: RunDir) -> None:
     """Same weights (the same seeds as `exported_tiny_run`): the same denoiser graph, with or without parts."""

@@ -123,6 +123,8 @@ class OrtRunner(BaseRunner):
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: the FP16 sets trigger harmless optimizer warnings
+        if not spec.idle_spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         from mmgen_deploy.memory import check_extra
         from mmgen_deploy.onnx_files import onnx_bytes
 
