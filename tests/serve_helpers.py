@@ -8,7 +8,7 @@ import signal
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -65,3 +65,21 @@ def with_free_loopback_ports(count: int, start: Callable[[list[int]], T], attemp
             if PORT_TAKEN not in str(exc) or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def ask_a_served_repository(repository: Path, ask: Callable[[Any], T], statistics_of: str) -> tuple[T, dict[str, Any]]:
+    """Start Triton on `repository` (free loopback ports), call `ask(client)` with a `GenerateClient`
+    of it, and return what `ask` returned with the inference statistics of the model `statistics_of`."""
+    from mmgen_deploy.serve.client import GenerateClient
+    from mmgen_deploy.serve.server import running_server
+
+    def start(ports: list[int]) -> tuple[T, dict[str, Any]]:
+        with running_server(repository, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
+                            python_paths=[REPO_ROOT]) as server:
+            client = GenerateClient(server.http_url, timeout_s=120)
+            try:
+                return ask(client), dict(client.client.get_inference_statistics(statistics_of))
+            finally:
+                client.close()
+
+    return with_free_loopback_ports(2, start)

@@ -22,7 +22,15 @@ from typing import TypeVar
 import numpy as np
 import onnx
 import pytest
-from serve_helpers import PORT_TAKEN, REPO_ROOT, child_env, ctrl_c_acts, needs_triton, with_free_loopback_ports
+from serve_helpers import (
+    PORT_TAKEN,
+    REPO_ROOT,
+    ask_a_served_repository,
+    child_env,
+    ctrl_c_acts,
+    needs_triton,
+    with_free_loopback_ports,
+)
 
 from mmgen_deploy.cli.app import main
 from mmgen_deploy.cli.common import describe_error
@@ -484,8 +492,7 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
     from mmgen_deploy.export import export_run
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling import sample
-    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
-    from mmgen_deploy.serve.server import running_server
+    from mmgen_deploy.serve.client import ImageRequest, batch_sizes_executed
 
     config, vq, dit = random_models
     run = save_run(tmp_path / "run", config, vq, dit)
@@ -502,17 +509,8 @@ def test_ensemble_layout_runs_the_loop_through_component_models(tmp_path, random
     pbtxt = (repo / "mmgen_denoiser" / "config.pbtxt").read_text()
     assert "max_batch_size: 32" in pbtxt and 'name: "t" data_type: TYPE_FP32 dims: [ 1 ] reshape' in pbtxt
 
-    def generate(ports: list[int]) -> tuple[np.ndarray, dict]:
-        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
-                            python_paths=[REPO_ROOT]) as server:
-            client = GenerateClient(server.http_url, timeout_s=120)
-            try:
-                served = client.generate(ImageRequest(seeds=[5], class_ids=[3], steps=3))
-                return served, dict(client.client.get_inference_statistics("mmgen_denoiser"))
-            finally:
-                client.close()
-
-    served, denoiser_stats = with_free_loopback_ports(2, generate)
+    served, denoiser_stats = ask_a_served_repository(
+        repo, lambda client: client.generate(ImageRequest(seeds=[5], class_ids=[3], steps=3)), "mmgen_denoiser")
     # 3 steps -> 3 denoiser executions of batch 2 (conditional + unconditional), all through Triton.
     assert batch_sizes_executed(denoiser_stats) == {2: 3}
     runner, _choice = open_runner(run.root, "onnxruntime", "fp32", threads=1)
@@ -639,25 +637,16 @@ def test_an_audio_ensemble_runs_the_vocoder_as_a_component_model(tmp_path, audio
     returns equals the in-process ONNX Runtime loop's."""
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
-    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
-    from mmgen_deploy.serve.server import running_server
+    from mmgen_deploy.serve.client import ImageRequest, batch_sizes_executed
 
     repo = tmp_path / "repo"
     summary = write_repository(audio_run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python",
                                                                        threads=1))
     assert "vocoder" in summary["components"]
 
-    def generate(ports: list[int]) -> tuple[np.ndarray | None, dict]:
-        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
-                            python_paths=[REPO_ROOT]) as server:
-            client = GenerateClient(server.http_url, timeout_s=120)
-            try:
-                _images, audio = client.generate_outputs(ImageRequest(seeds=[5], class_ids=[3], steps=2), audio=True)
-                return audio, dict(client.client.get_inference_statistics("mmgen_vocoder"))
-            finally:
-                client.close()
-
-    served, vocoder_stats = with_free_loopback_ports(2, generate)
+    served, vocoder_stats = ask_a_served_repository(
+        repo, lambda client: client.generate_outputs(ImageRequest(seeds=[5], class_ids=[3], steps=2), audio=True)[1],
+        "mmgen_vocoder")
     assert batch_sizes_executed(vocoder_stats) == {1: 1}
     runner, _choice = open_runner(audio_run.root, "onnxruntime", "fp32", threads=1)
     try:

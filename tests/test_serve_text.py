@@ -19,7 +19,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from serve_helpers import REPO_ROOT, child_env, ctrl_c_acts, needs_triton, with_free_loopback_ports
+from serve_helpers import (
+    ask_a_served_repository,
+    child_env,
+    ctrl_c_acts,
+    needs_triton,
+    with_free_loopback_ports,
+)
 from text_helpers import PROMPT, make_text_run
 
 from mmgen_deploy.cli.app import main
@@ -345,9 +351,8 @@ def _mixed_inputs() -> list[object]:
 def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> None:
     from mmgen_deploy.runtime import open_runner
     from mmgen_deploy.sampling.requests import ImageSpec, sample_specs
-    from mmgen_deploy.serve.client import GenerateClient, ImageRequest, batch_sizes_executed
+    from mmgen_deploy.serve.client import ImageRequest, batch_sizes_executed
     from mmgen_deploy.serve.repository import RepositoryOptions, write_repository
-    from mmgen_deploy.serve.server import running_server
 
     run = make_text_run(tmp_path / "run")
     _export(run)
@@ -355,17 +360,9 @@ def test_ensemble_text_encoder_runs_once_per_distinct_prompt(tmp_path: Path) -> 
     write_repository(run.root, repo, RepositoryOptions(layout="ensemble", component_backend="python", threads=1))
     prompts = [PROMPT, "a small red circle", PROMPT]
 
-    def generate(ports: list[int]) -> tuple[np.ndarray, dict]:
-        with running_server(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=None,
-                            python_paths=[REPO_ROOT]) as server:
-            remote = GenerateClient(server.http_url, timeout_s=120)
-            try:
-                images = remote.generate(ImageRequest(seeds=[1, 2, 3], prompts=prompts, steps=2))
-                return images, dict(remote.client.get_inference_statistics("mmgen_text_encoder"))
-            finally:
-                remote.close()
-
-    served, encoder_stats = with_free_loopback_ports(2, generate)
+    served, encoder_stats = ask_a_served_repository(
+        repo, lambda client: client.generate(ImageRequest(seeds=[1, 2, 3], prompts=prompts, steps=2)),
+        "mmgen_text_encoder")
     # One text encoder execution for the request: the two distinct prompts and the empty one.
     assert batch_sizes_executed(encoder_stats) == {3: 1}
     runner, _ = open_runner(run.root, "onnxruntime", "fp32", threads=1)
