@@ -106,10 +106,17 @@ class EveryN(CachePolicy):
         return _Every(steps, self.period)
 
 
-def relative_l1(current: np.ndarray, previous: np.ndarray) -> float:
-    """sum |current - previous| / sum |previous|, in float64 (the adaptive policy's signal)."""
-    denominator = float(np.abs(previous).sum(dtype=np.float64))
-    difference = float(np.abs(current.astype(np.float64) - previous).sum())
+def relative_l1(current: np.ndarray, previous: np.ndarray, scratch: np.ndarray | None = None) -> float:
+    """sum |current - previous| / sum |previous|, summed in float64 (the adaptive policy's signal).
+    `scratch` (float32, the shape of `current`) takes the difference, so a step allocates nothing: the
+    signal is as large as the tokens, (2 x batch, tokens, width), hundreds of MB for a large batch."""
+    if scratch is None:
+        scratch = np.empty(current.shape, dtype=np.float32)
+    np.abs(previous, out=scratch)
+    denominator = float(scratch.sum(dtype=np.float64))
+    np.subtract(current, previous, out=scratch)
+    np.abs(scratch, out=scratch)
+    difference = float(scratch.sum(dtype=np.float64))
     return difference / denominator if denominator > 0 else float("inf")
 
 
@@ -118,16 +125,19 @@ class _Adaptive(StepDecider):
         super().__init__(steps)
         self.threshold = threshold
         self.previous: np.ndarray | None = None
+        self.scratch: np.ndarray | None = None
         self.accumulated = 0.0
         self.signals: list[float] = []  # the relative L1 change at each step (NaN at the first)
 
     def recompute(self, step: int, signal: np.ndarray) -> bool:
-        change = float("nan") if self.previous is None else relative_l1(signal, self.previous)
-        self.signals.append(change)
         if self.previous is None:
+            change = float("nan")
             self.previous = np.array(signal, dtype=np.float32, copy=True)
+            self.scratch = np.empty_like(self.previous)
         else:
+            change = relative_l1(signal, self.previous, self.scratch)
             np.copyto(self.previous, signal)
+        self.signals.append(change)
         if step == 0 or step == self.steps - 1:
             self.accumulated = 0.0
             return True
