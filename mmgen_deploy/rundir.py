@@ -256,17 +256,22 @@ class RunDir:
         cut at another split, as an older mmgen exported them), or whose bytes changed since the export
         (`check_onnx_intact`). Checked before anything is loaded. A graph without a manifest entry
         (hand-made ONNX files) is checked by the backends' own input checks only."""
-        from mmgen_deploy.specs import export_word
-
         files = manifest.get("files") if isinstance(manifest, dict) else None
         entry = files.get(onnx_set, {}).get(spec.name) if isinstance(files, dict) else None
         if isinstance(entry, dict):
             difference = spec.stale_interface(entry)
             if difference is not None:
-                raise RunDirError(f"{self.onnx_path(onnx_set, spec.name)} {difference}: it was exported by a "
-                                  "version of mmgen with another interface",
-                                  f"re-export it: `mmgen export {self.root} --components {export_word(spec.name)}`")
+                raise RunDirError(f"{self.onnx_path(onnx_set, spec.name)} {difference}",
+                                  self.stale_graph_hint(spec.name))
         self.check_onnx_intact(manifest, onnx_set, spec.name)
+
+    def stale_graph_hint(self, component: str) -> str:
+        """What to do about a graph whose interface is not its spec's (`ComponentSpec.tensor_mismatch`,
+        `stale_interface`): export it again, a denoiser part with the other two."""
+        from mmgen_deploy.specs import export_word
+
+        return ("it was exported for another model or by an mmgen with another interface; re-export it: "
+                f"`mmgen export {self.root} --components {export_word(component)}`")
 
     def check_onnx_intact(self, manifest: dict[str, Any], onnx_set: str, component: str) -> None:
         """Refuse (one line) a graph, or its external data, whose sha256 differs from what the export

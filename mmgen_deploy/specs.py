@@ -10,7 +10,7 @@ allocation and parity all read it; nothing else repeats these facts.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -304,14 +304,24 @@ class ComponentSpec:
             record["blocks"] = list(self.blocks)
         return record
 
+    def tensor_mismatch(self, inputs: Sequence[Collection[str]], outputs: Sequence[Collection[str]]) -> str | None:
+        """How a graph's inputs and outputs, each given as the names of one port (a backend may give a
+        port several), differ from this spec's, in words (None when they do not)."""
+        for key, ports, expected in (("inputs", inputs, self.input_names), ("outputs", outputs, self.output_names)):
+            names = [next((n for n in sorted(port) if n in expected), min(port, default="?")) for port in ports]
+            if sorted(names) != sorted(expected):
+                return f"has {key} {names}, expected {expected}"
+        return None
+
     def stale_interface(self, recorded: dict[str, Any]) -> str | None:
         """How a graph's manifest entry (`interface_record` as an export wrote it) differs from this
         spec's interface, in words (None when it does not): other tensor names, or other blocks."""
-        for key in ("inputs", "outputs"):
-            names = [t.get("name") for t in recorded.get(key, []) if isinstance(t, dict)]
-            expected = [t.name for t in getattr(self, key)]
-            if sorted(map(str, names)) != sorted(expected):
-                return f"has {key} {names}, expected {expected}"
+        def ports(key: str) -> list[set[str]]:
+            return [{str(t.get("name"))} for t in recorded.get(key, []) if isinstance(t, dict)]
+
+        mismatch = self.tensor_mismatch(ports("inputs"), ports("outputs"))
+        if mismatch is not None:
+            return mismatch
         if self.blocks is not None and recorded.get("blocks") != list(self.blocks):
             found = recorded.get("blocks")
             found_words = _blocks_words(found) if isinstance(found, list) and len(found) == 2 \

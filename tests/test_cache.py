@@ -170,6 +170,32 @@ def test_a_part_cut_at_another_split_is_refused_before_loading(parts_run: RunDir
     assert "--components denoiser_parts" in str(caught.value.hint) and "\n" not in str(caught.value)
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_graph_without_a_manifest_entry_is_checked_against_its_spec(parts_run: RunDir, tmp_path: Path,
+                                                                       backend: str) -> None:
+    """A hand-placed graph (no manifest entry to compare) is checked by its backend once loaded: the tail's
+    graph where the head's belongs has other tensors, refused in one line."""
+    import shutil
+
+    from mmgen_deploy.errors import RunDirError
+    from mmgen_deploy.io_utils import read_json, write_json
+    from mmgen_deploy.runtime.select import runner_class
+
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+    copy = RunDir(shutil.copytree(parts_run.root, tmp_path / "run"))
+    manifest = read_json(copy.onnx_manifest_path)
+    del manifest["files"]["fp32"]["denoiser_head"]
+    write_json(copy.onnx_manifest_path, manifest)
+    shutil.copyfile(copy.onnx_path("fp32", "denoiser_tail"), copy.onnx_path("fp32", "denoiser_head"))
+    specs = component_specs(copy.load_config(), parts=True)
+    feeds = specs["denoiser_head"].make_inputs(1, np.random.default_rng(0))
+    with runner_class(backend).from_run_dir(copy, "fp32") as runner, \
+            pytest.raises(RunDirError, match=r"denoiser_head.onnx has inputs .*expected") as caught:
+        runner.run("denoiser_head", feeds)
+    assert "--components denoiser_parts" in str(caught.value.hint) and "\n" not in str(caught.value)
+
+
 def test_the_head_and_tail_sessions_do_not_spin_between_calls(parts_run: RunDir) -> None:
     """The head and the tail run for milliseconds between the body's calls: their ONNX Runtime worker
     threads must sleep after a call instead of spin-waiting on the cores the body needs next."""

@@ -46,7 +46,7 @@ from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir
 from mmgen_deploy.runtime.backends import backend_spec
 from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
-from mmgen_deploy.specs import ComponentSpec, export_word
+from mmgen_deploy.specs import ComponentSpec
 
 # precision -> OpenVINO's INFERENCE_PRECISION_HINT, for every precision the registry gives OpenVINO.
 # The graph is the set the registry's `reads` names: the FP32 set for fp32, bf16 and fp16 (OpenVINO
@@ -351,19 +351,12 @@ class OpenVinoRunner(BaseRunner):
             blob = self.blobs.path(item.path, item.sha256, item.spec.name, item.hint, self.ov_device, batch,
                                    streams, config, rewrite)
             loaded = self.blobs.load(blob, self.ov_device, config)
-            if loaded is not None and self._inputs_match(loaded[0], item.spec) \
-                    and self._outputs_match(loaded[0], item.spec):
+            if loaded is not None and self._tensor_mismatch(loaded[0], item.spec) is None:
                 return loaded[0], "cache", loaded[1]
         model = self._read(item)
-        if not self._inputs_match(model, item.spec):
-            found = [sorted(p.get_names()) for p in model.inputs]
-            raise RunDirError(f"{item.path} has inputs {found}, expected {item.spec.input_names}",
-                              f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
-        if not self._outputs_match(model, item.spec):
-            found = [sorted(p.get_names()) for p in model.outputs]
-            raise RunDirError(f"{item.path} has outputs {found}, expected {item.spec.output_names}",
-                              "it was exported by a version of mmgen with another interface; re-export it: "
-                              f"`mmgen export {self.run_dir.root} --components {export_word(item.spec.name)}`")
+        mismatch = self._tensor_mismatch(model, item.spec)
+        if mismatch is not None:
+            raise RunDirError(f"{item.path} {mismatch}", self.run_dir.stale_graph_hint(item.spec.name))
         if rewrite:
             from mmgen_deploy.runtime.openvino_graphs import keep_scopes_fp32
 
@@ -402,14 +395,9 @@ class OpenVinoRunner(BaseRunner):
         return f"fp32_scopes:{','.join(item.spec.fp32_scopes)}:v{REWRITE_VERSION}"
 
     @staticmethod
-    def _outputs_match(model: Any, spec: ComponentSpec) -> bool:
-        names = sorted(name for p in model.outputs for name in p.get_names() if name in spec.output_names)
-        return len(model.outputs) == len(spec.outputs) and names == sorted(spec.output_names)
-
-    @staticmethod
-    def _inputs_match(model: Any, spec: ComponentSpec) -> bool:
-        names = sorted(name for p in model.inputs for name in p.get_names() if name in spec.input_names)
-        return len(model.inputs) == len(spec.inputs) and names == sorted(spec.input_names)
+    def _tensor_mismatch(model: Any, spec: ComponentSpec) -> str | None:
+        """`ComponentSpec.tensor_mismatch` of an OpenVINO model, whose ports may carry several names."""
+        return spec.tensor_mismatch([p.get_names() for p in model.inputs], [p.get_names() for p in model.outputs])
 
     def _compiled(self, item: _Component, batch: int) -> _Compiled:
         cached = item.batches.get(batch)

@@ -16,7 +16,7 @@ import numpy as np
 from mmgen_deploy.errors import NotAvailableError, RunDirError, UsageError
 from mmgen_deploy.rundir import RunDir, RunLike
 from mmgen_deploy.runtime.base import BaseRunner, missing_graph_hint
-from mmgen_deploy.specs import ComponentSpec, export_word
+from mmgen_deploy.specs import ComponentSpec
 
 _ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int32)": np.int32,
                     "tensor(int64)": np.int64}
@@ -141,15 +141,10 @@ class OrtRunner(BaseRunner):
         except Exception as exc:
             raise RunDirError(f"ONNX Runtime cannot load {path}: {str(exc).splitlines()[0]}",
                               f"re-export: `mmgen export {self.run_dir.root}`") from None
-        names = [i.name for i in session.get_inputs()]
-        if sorted(names) != sorted(spec.input_names):
-            raise RunDirError(f"{path} has inputs {names}, expected {spec.input_names}",
-                              f"it was exported for another model; re-export: `mmgen export {self.run_dir.root}`")
-        outputs = [o.name for o in session.get_outputs()]
-        if sorted(outputs) != sorted(spec.output_names):
-            raise RunDirError(f"{path} has outputs {outputs}, expected {spec.output_names}",
-                              "it was exported by a version of mmgen with another interface; re-export it: "
-                              f"`mmgen export {self.run_dir.root} --components {export_word(component)}`")
+        mismatch = spec.tensor_mismatch([{i.name} for i in session.get_inputs()],
+                                        [{o.name} for o in session.get_outputs()])
+        if mismatch is not None:
+            raise RunDirError(f"{path} {mismatch}", self.run_dir.stale_graph_hint(component))
         item = _Session(session, spec, on_cuda=self.device == "cuda")
         self._sessions[component] = item
         return item
